@@ -1,0 +1,15 @@
+"""fxprune: structural pruning of any PyTorch model on torch.fx graphs (DepGraph's axis algebra)."""
+
+from fxprune.api import analyze, apply, prune
+from fxprune.capture import capture
+from fxprune.depgraph import DependencyGraph, Group, Member
+from fxprune.errors import CaptureError, DuplicateRuleError, FxPruneError, PlanError, ShapeError
+from fxprune.rules.registry import family as register_family
+from fxprune.rules.registry import register as register_rule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CaptureError", "DependencyGraph", "DuplicateRuleError", "FxPruneError", "Group", "Member", "PlanError",
+    "ShapeError", "analyze", "apply", "capture", "prune", "register_family", "register_rule",
+]

@@ -1,0 +1,160 @@
+"""The public entry points and the pipeline they run: one flat list of named passes.
+
+::
+
+    capture -> propagate -> decompose -> relate -> solve     (analyze)
+            -> score -> plan -> rewrite -> verify             (prune)
+
+Each pass reads and writes a :class:`Job`; analysis results live in
+``node.meta`` (``"val"``: FakeTensor; ``"fxprune_rule"``: the rule that
+related the node) and in the :class:`~fxprune.depgraph.DependencyGraph`.
+
+Example::
+
+    >>> pruned = fxprune.prune(torchvision.models.resnet18(), 0.5,
+    ...                        example_inputs=(torch.randn(1, 3, 224, 224),))
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from fxprune.capture import capture
+from fxprune.decompose import decompose
+from fxprune.depgraph import DependencyGraph
+from fxprune.importance import named_tensors, resolve_importance
+from fxprune.plan import local_plan
+from fxprune.propagate import propagate
+from fxprune.relate import relate
+from fxprune.rewrite import rewrite
+from fxprune.verify import output_shapes, verify
+
+
+@dataclass
+class Job:
+    model: object
+    example_inputs: object = None
+    ratio: float = 0.0
+    importance: object = "l2"
+    ignore: tuple = ()
+    round_to: int | None = None
+    inplace: bool = False
+    gm: fx.GraphModule | None = None
+    state: object = None
+    dg: DependencyGraph | None = None
+    scores: dict = field(default_factory=dict)
+    removal: dict = field(default_factory=dict)
+    expected_shapes: list | None = None
+    result: fx.GraphModule | None = None
+
+
+def _capture(job: Job) -> None:
+    gm = capture(job.model)
+    if gm is job.model:  # never edit the caller's graph: a fresh graph over the same modules
+        gm = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
+    job.gm = gm
+
+
+def _propagate(job: Job) -> None:
+    propagate(job.gm, job.example_inputs)
+    job.expected_shapes = output_shapes(job.gm)
+
+
+def _decompose(job: Job) -> None:
+    if decompose(job.gm):
+        propagate(job.gm, job.example_inputs)
+
+
+def _relate(job: Job) -> None:
+    job.state = relate(job.gm)
+
+
+def _solve(job: Job) -> None:
+    ignore = _ignored_keys(job.gm, job.state, job.ignore)
+    job.dg = DependencyGraph(job.gm, job.state, job.example_inputs, ignore)
+    job.dg.expected_shapes = job.expected_shapes
+
+
+def _score(job: Job) -> None:
+    criterion = resolve_importance(job.importance)
+    tensors = named_tensors(job.gm)
+    job.scores = {g: criterion(job.dg, g, tensors) for g in job.dg.prunable_groups}
+
+
+def _plan(job: Job) -> None:
+    job.removal = local_plan(job.dg.prunable_groups, job.scores, job.ratio, job.round_to)
+
+
+def _rewrite(job: Job) -> None:
+    job.result = rewrite(job.dg, job.removal, inplace=job.inplace)
+
+
+def _verify(job: Job) -> None:
+    verify(job.result, job.dg.example_inputs, job.dg.expected_shapes)
+
+
+ANALYSIS = [("capture", _capture), ("propagate", _propagate), ("decompose", _decompose), ("relate", _relate),
+            ("solve", _solve)]
+PRUNING = [("score", _score), ("plan", _plan), ("rewrite", _rewrite), ("verify", _verify)]
+PIPELINE = ANALYSIS + PRUNING
+
+
+def run(job: Job, passes) -> Job:
+    for _name, fn in passes:
+        fn(job)
+    return job
+
+
+def analyze(model, example_inputs=None, *, ignore=()) -> DependencyGraph:
+    """Capture ``model`` and build its dependency graph (groups, members, frozen reasons)."""
+    return run(Job(model, example_inputs, ignore=tuple(ignore)), ANALYSIS).dg
+
+
+def apply(dg: DependencyGraph, removal: dict, *, inplace: bool = False) -> fx.GraphModule:
+    """Remove exactly the given units ``{group (or its id): unit indices}``; verified before returning."""
+    gm = rewrite(dg, removal, inplace=inplace)
+    verify(gm, dg.example_inputs, dg.expected_shapes)
+    return gm
+
+
+def prune(model, ratio: float = 0.3, *, example_inputs=None, importance="l2", ignore=(), round_to=None,
+          inplace: bool = False) -> fx.GraphModule:
+    """Remove ``ratio`` of the units of every prunable group; returns a verified GraphModule.
+
+    ``model`` is an ``nn.Module`` (traced here) or a ``torch.fx.GraphModule``.
+    ``ignore`` lists modules, module names or parameter names whose axes must not
+    change. Without ``inplace=True`` the caller's model is left untouched.
+    """
+    if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise ValueError(f"round_to must be a positive int, got {round_to!r}")
+    job = Job(model, example_inputs, ratio=float(ratio), importance=importance, ignore=tuple(ignore),
+              round_to=round_to, inplace=inplace)
+    return run(job, PIPELINE).result
+
+
+def _ignored_keys(gm: fx.GraphModule, state, ignore) -> list[tuple]:
+    """(tensor key, reason) for every parameter or buffer named by ``ignore``."""
+    module_names = {id(m): name for name, m in gm.named_modules()}
+    tensors = named_tensors(gm)
+    out = []
+    for item in ignore:
+        if isinstance(item, torch.nn.Module):
+            if id(item) not in module_names:
+                raise ValueError(f"ignore: module {type(item).__name__} is not part of the model")
+            prefix = module_names[id(item)]
+        elif isinstance(item, str):
+            prefix = item
+        else:
+            raise TypeError(f"ignore takes modules, module names or parameter names, got {type(item).__name__}")
+        names = [n for n in tensors if n == prefix or n.startswith(prefix + ".") or prefix == ""]
+        if not names:
+            raise ValueError(f"ignore: no parameter or buffer named {prefix!r} (or inside a module of that name)")
+        out.extend((state.param_key(n), f"ignored by the caller ({item if isinstance(item, str) else prefix})")
+                   for n in names)
+    return out

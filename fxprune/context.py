@@ -1,0 +1,264 @@
+"""What a rule sees: tensors as lists of axes, and the relations it may state.
+
+A rule gets a :class:`RuleContext` for one node. Tensors are :class:`TensorRef`;
+indexing one gives the layout of that axis, which is what relations take::
+
+    @register(torch.nn.Linear, torch.nn.functional.linear)
+    def linear(r):
+        a = r.bind(_linear_signature)          # module params bound like function args
+        x, w, b, out = a["input"], a["weight"], a.get("bias"), r.out
+        r.same(x[-1], w[1])                    # contraction axis
+        r.same(out[-1], w[0])
+        ...
+
+Keys of tensors: ``("p", "layer.weight")`` for parameters, buffers and other
+attributes (``get_attr``), ``("v", node_name, path)`` for activations, where
+``path`` indexes into tuple outputs (``()`` for a plain tensor).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from fxprune.errors import describe_node
+from fxprune.layout import Atom, Cat, Prod, Solver
+
+
+class TensorRef:
+    """A tensor in the graph: its key, its shape, and its axes as layouts."""
+
+    def __init__(self, state: "AnalysisState", key: tuple, shape: tuple[int, ...]):
+        self.state, self.key, self.shape = state, key, tuple(int(s) for s in shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def __getitem__(self, dim: int) -> Atom:
+        dim = dim + self.ndim if dim < 0 else dim
+        if not 0 <= dim < self.ndim:
+            raise IndexError(f"axis {dim} of a {self.ndim}-d tensor {self.key}")
+        return self.state.axis(self.key, dim, self.shape[dim])
+
+    @property
+    def axes(self) -> list[Atom]:
+        return [self[d] for d in range(self.ndim)]
+
+    @property
+    def is_param(self) -> bool:
+        return self.key[0] == "p"
+
+    def __repr__(self) -> str:
+        return f"TensorRef({self.key}, {self.shape})"
+
+
+@dataclass
+class ShapeConstant:
+    """An argument or module attribute that equals sizes of layouts and must follow them."""
+
+    node: fx.Node
+    source: tuple  # ("args", i) | ("star", i) | ("kwargs", name) | ("attr", name)
+    layouts: object  # a layout, or a list of layouts / None (keep) for sequence values
+    index: int | None = None  # descend into element `index` of the value first
+
+
+@dataclass
+class AnalysisState:
+    """Everything the relate pass accumulates; owned by the dependency graph afterwards."""
+
+    gm: fx.GraphModule
+    solver: Solver = field(default_factory=Solver)
+    axis_atoms: dict = field(default_factory=dict)  # (key, dim) -> atom id
+    shapes: dict = field(default_factory=dict)  # key -> shape
+    freezes: list = field(default_factory=list)  # (layout, reason)
+    broadcasts: list = field(default_factory=list)  # layouts with no data of their own
+    constants: list = field(default_factory=list)  # ShapeConstant
+    hooks: list = field(default_factory=list)  # (node, fn(node, sizes))
+    unsupported: list = field(default_factory=list)  # (node, message)
+    canonical: dict = field(default_factory=dict)  # alias name of a shared tensor -> first name
+
+    def __post_init__(self) -> None:
+        first: dict[int, str] = {}
+        named = list(self.gm.named_parameters(remove_duplicate=False)) + list(self.gm.named_buffers(remove_duplicate=False))
+        for name, t in named:
+            self.canonical[name] = first.setdefault(id(t), name)
+
+    def param_key(self, name: str) -> tuple:
+        """Tied tensors (one tensor under two names) share one key, so their axes are one."""
+        return ("p", self.canonical.get(name, name))
+
+    def axis(self, key: tuple, dim: int, size: int) -> Atom:
+        if (key, dim) not in self.axis_atoms:
+            self.axis_atoms[(key, dim)] = self.solver.new_atom(size, f"{key}[{dim}]")
+            self.shapes.setdefault(key, None)
+        return Atom(self.axis_atoms[(key, dim)])
+
+
+def tensor_value(node) -> torch.Tensor | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+class RuleContext:
+    """The view of one node that a rule works through."""
+
+    def __init__(self, state: AnalysisState, node: fx.Node, module: torch.nn.Module | None):
+        self.state, self.node, self.module = state, node, module
+        self.where = describe_node(node)
+        self.sources: dict[str, tuple] = {}
+
+    # -- tensors ---------------------------------------------------------
+    def tensor(self, value) -> TensorRef | None:
+        """A TensorRef for a node argument whose value is a tensor, else None."""
+        if isinstance(value, TensorRef):
+            return value
+        val = tensor_value(value)
+        if val is None:
+            return None
+        key = self.state.param_key(value.target) if value.op == "get_attr" else ("v", value.name, ())
+        return TensorRef(self.state, key, val.shape)
+
+    def input(self, i: int = 0) -> TensorRef | None:
+        return self.tensor(self.node.args[i]) if i < len(self.node.args) else None
+
+    def output(self, *path: int) -> TensorRef | None:
+        val = self.node.meta.get("val")
+        for p in path:
+            if not isinstance(val, (tuple, list)) or p >= len(val):
+                return None
+            val = val[p]
+        if not isinstance(val, torch.Tensor):
+            return None
+        return TensorRef(self.state, ("v", self.node.name, tuple(path)), val.shape)
+
+    @property
+    def out(self) -> TensorRef | None:
+        return self.output()
+
+    def param(self, name: str) -> TensorRef | None:
+        """A parameter or buffer of the called module (``call_module`` nodes only)."""
+        if self.module is None:
+            return None
+        val = getattr(self.module, name, None)
+        if not isinstance(val, torch.Tensor):
+            return None
+        return TensorRef(self.state, self.state.param_key(f"{self.node.target}.{name}"), val.shape)
+
+    def tensors_in(self) -> list[TensorRef]:
+        found: list[TensorRef] = []
+        fx.node.map_arg((self.node.args, self.node.kwargs), lambda n: found.append(self.tensor(n)) or n)
+        return [t for t in found if t is not None]
+
+    def tensors_out(self) -> list[TensorRef]:
+        out: list[TensorRef] = []
+
+        def walk(val, path):
+            if isinstance(val, torch.Tensor):
+                out.append(TensorRef(self.state, ("v", self.node.name, path), val.shape))
+            elif isinstance(val, (tuple, list)):
+                for i, v in enumerate(val):
+                    walk(v, path + (i,))
+
+        walk(self.node.meta.get("val"), ())
+        return out
+
+    def module_tensors(self) -> list[TensorRef]:
+        if self.module is None:
+            return []
+        named = list(self.module.named_parameters()) + list(self.module.named_buffers())
+        return [TensorRef(self.state, self.state.param_key(f"{self.node.target}.{n}"), t.shape) for n, t in named]
+
+    # -- arguments -------------------------------------------------------
+    def bind(self, signature) -> dict:
+        """Bind the node's arguments to a Python signature.
+
+        For ``call_module`` nodes, parameters the call does not pass are taken
+        from the module's attributes of the same name (``weight``, ``groups``,
+        ``normalized_shape`` ...), so a module and its functional form share a rule.
+        Tensor values come back as :class:`TensorRef`; defaults are filled in.
+        """
+        sig = inspect.signature(signature)
+        bound = sig.bind_partial(*self.node.args, **self.node.kwargs)
+        position, count = 0, len(self.node.args)
+        for name, param in sig.parameters.items():
+            positional = param.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            if positional and position < count:
+                self.sources[name] = ("args", position)
+                position += 1
+            elif param.kind == inspect.Parameter.VAR_POSITIONAL and position < count:
+                self.sources[name] = ("star", position)
+                position = count
+            elif name in self.node.kwargs:
+                self.sources[name] = ("kwargs", name)
+        result = {}
+        for name, param in sig.parameters.items():
+            if name in bound.arguments:
+                value = bound.arguments[name]
+            elif self.module is not None and hasattr(self.module, name):
+                value = getattr(self.module, name)
+                self.sources[name] = ("attr", name)
+                if isinstance(value, torch.Tensor):
+                    value = TensorRef(self.state, self.state.param_key(f"{self.node.target}.{name}"), value.shape)
+            elif param.default is not inspect.Parameter.empty:
+                value = param.default
+            elif param.kind == inspect.Parameter.VAR_POSITIONAL:
+                value = ()
+            else:
+                value = None
+            ref = self.tensor(value) if isinstance(value, fx.Node) else None
+            result[name] = ref if ref is not None else value
+        return result
+
+    # -- relations -------------------------------------------------------
+    def fresh(self, size: int, why: str = "") -> Atom:
+        """A new atom that belongs to no tensor yet (a factor or segment of one)."""
+        return Atom(self.state.solver.new_atom(size, why or self.where))
+
+    def same(self, a, b) -> None:
+        """Index i of ``a`` is index i of ``b``."""
+        if not self.state.solver.unify(a, b, self.where):
+            self.freeze(a, "no common refinement")
+            self.freeze(b, "no common refinement")
+
+    def concat(self, whole, parts) -> None:
+        self.same(whole, Cat(tuple(parts)))
+
+    def product(self, flat, factors) -> None:
+        self.same(flat, Prod(tuple(factors)))
+
+    def broadcast(self, axis) -> None:
+        """The axis has no data of its own (an expand copy): pruning it only changes a shape constant."""
+        self.state.broadcasts.append(axis)
+
+    def freeze(self, what, why: str) -> None:
+        """Every atom of ``what`` (a layout or a whole TensorRef) keeps all its units."""
+        layouts = what.axes if isinstance(what, TensorRef) else [what]
+        for layout in layouts:
+            self.state.freezes.append((layout, f"{why}: {self.where}"))
+
+    def freeze_all(self, why: str) -> None:
+        for t in self.tensors_in() + self.tensors_out() + self.module_tensors():
+            self.freeze(t, why)
+
+    # -- shape constants -------------------------------------------------
+    def const(self, name: str, layouts, index: int | None = None) -> None:
+        """Bound argument ``name`` equals the size(s) of ``layouts``; rewrite it after pruning.
+
+        ``layouts`` is one layout for an int value, or a list (``None`` entries are
+        kept as they are, e.g. ``-1``) for a sequence value.
+        """
+        if name in self.sources:
+            self.state.constants.append(ShapeConstant(self.node, self.sources[name], layouts, index))
+
+    def module_attr(self, name: str, layouts) -> None:
+        """Module attribute ``name`` (``in_channels``, ``num_features`` ...) follows ``layouts``."""
+        if self.module is not None and hasattr(self.module, name):
+            self.state.constants.append(ShapeConstant(self.node, ("attr", name), layouts))
+
+    def on_rewrite(self, fn) -> None:
+        """Run ``fn(node, sizes)`` during rewrite, for rewrites that are not plain size constants."""
+        self.state.hooks.append((self.node, fn))

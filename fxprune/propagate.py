@@ -1,0 +1,85 @@
+"""Propagate: FakeTensor shapes into ``node.meta["val"]``; no real compute, no real memory.
+
+Example::
+
+    >>> gm = fxprune.capture(model)
+    >>> propagate(gm, (torch.randn(1, 3, 32, 32),))
+    >>> gm.graph.find_nodes(op="output")[0].args[0].meta["val"].shape
+    torch.Size([1, 10])
+
+Inputs may be real tensors, meta tensors or ``torch.Size``/tuples (a shape:
+a float32 tensor of that shape is assumed). A model whose parameters live on
+the meta device is analysed with meta inputs, so nothing is allocated.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from fxprune.errors import ShapeError, describe_node
+
+
+def example_from_meta(gm: fx.GraphModule) -> tuple | None:
+    """Inputs rebuilt from placeholder metadata left by an earlier propagation or by torch.export."""
+    vals = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val", node.meta.get("tensor_meta"))
+        if val is None:
+            return None
+        vals.append(val)
+    return tuple(vals)
+
+
+def propagate(gm: fx.GraphModule, example_inputs) -> None:
+    """Fill ``node.meta["val"]`` for every node; raise :class:`ShapeError` naming the failing node."""
+    if example_inputs is None:
+        example_inputs = example_from_meta(gm)
+        if example_inputs is None:
+            raise ShapeError(
+                "fxprune needs example_inputs to learn the graph's shapes, e.g. "
+                "example_inputs=(torch.randn(1, 3, 224, 224),)"
+            )
+    for node in gm.graph.nodes:
+        node.meta.pop("val", None)
+    device = _device_of(gm)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes = tuple(_fake(mode, x, device) for x in example_inputs)
+    try:
+        FakeTensorProp(gm, mode).propagate(*fakes)
+    except Exception as exc:  # report the node, not FakeTensorProp's internals
+        node = _failing_node(gm)
+        where = describe_node(node) if node is not None else "the graph"
+        raise ShapeError(f"shape propagation failed at {where}: {type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+def _device_of(gm: fx.GraphModule) -> torch.device:
+    for t in list(gm.parameters()) + list(gm.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _fake(mode: FakeTensorMode, x, device: torch.device):
+    if isinstance(x, (torch.Size, list)) or (isinstance(x, tuple) and all(isinstance(s, int) for s in x)):
+        x = torch.empty(tuple(x), device="meta")
+    if isinstance(x, torch.Tensor):
+        if device.type == "meta" and x.device.type != "meta":
+            x = x.to("meta")
+        if x.device.type == "meta" and device.type != "meta":
+            x = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=device)
+        return mode.from_tensor(x, static_shapes=True)
+    return x
+
+
+def _failing_node(gm: fx.GraphModule):
+    for node in gm.graph.nodes:
+        if node.op not in ("placeholder", "output") and "val" not in node.meta:
+            return node
+    return None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

@@ -1,0 +1,144 @@
+"""Rewrite: slice parameters and buffers, resize module attributes, recompute shape constants.
+
+Everything is driven by the solved layouts: a tensor axis keeps the flat
+indices :func:`fxprune.layout.kept_indices` returns; a shape constant (a view
+size, a split list, ``in_channels``, ``num_groups`` ...) becomes the new size of
+its layout. A constant whose size does not change is left exactly as written,
+so ``-1``, ``x.size(0)`` and other symbolic sizes survive.
+
+Example: pruning 2 of 8 heads of a ``view(B, N, 8, 64)`` rewrites it to
+``view(B, N, 6, 64)`` and slices 128 rows out of the q/k/v projections.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from fxprune.errors import PlanError
+from fxprune.layout import kept_indices, new_size
+
+
+class Sizes:
+    """Old and new sizes of any layout under a pruning plan (what rewrite hooks receive)."""
+
+    def __init__(self, solver, kept: dict[int, np.ndarray]):
+        self.solver, self.kept = solver, kept
+
+    def new(self, layout) -> int:
+        return new_size(self.solver.resolve(layout), self.kept, self.solver)
+
+    def old(self, layout) -> int:
+        return self.solver.resolve(layout).size(self.solver)
+
+    def indices(self, layout) -> np.ndarray:
+        return kept_indices(self.solver.resolve(layout), self.kept, self.solver)
+
+
+def kept_units(dg, removal: dict) -> dict[int, np.ndarray]:
+    """Validate a removal plan ``{group or group id: units}`` and turn it into kept units per atom."""
+    by_id = {g.id: g for g in dg.groups}
+    kept = {}
+    for group, units in removal.items():
+        group = by_id[group] if isinstance(group, int) else group
+        units = np.unique(np.asarray(list(units), dtype=np.int64))
+        if units.size == 0:
+            continue
+        if group.frozen:
+            raise PlanError(f"group G{group.id} is frozen and cannot lose units: {group.frozen[0]}")
+        if units.min() < 0 or units.max() >= group.units:
+            raise PlanError(f"group G{group.id} has units 0..{group.units - 1}; got {units.tolist()}")
+        if units.size >= group.units:
+            raise PlanError(f"group G{group.id} would lose all {group.units} units; at least one must stay")
+        kept[group.atom] = np.setdiff1d(np.arange(group.units), units)
+    return kept
+
+
+def rewrite(dg, removal: dict, inplace: bool = False) -> fx.GraphModule:
+    """A new GraphModule (or ``dg.gm`` itself with ``inplace``) with the units removed."""
+    sizes = Sizes(dg.solver, kept_units(dg, removal))
+    gm = dg.gm if inplace else copy.deepcopy(dg.gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    with torch.no_grad():
+        _slice_tensors(gm, dg, sizes)
+    modules = dict(gm.named_modules())
+    for c in dg.state.constants:
+        _rewrite_constant(nodes[c.node.name], modules.get(c.node.target), c, sizes)
+    for node, hook in dg.state.hooks:
+        hook(nodes[node.name], sizes)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _slice_tensors(gm: fx.GraphModule, dg, sizes: Sizes) -> None:
+    aliases: dict[str, list[str]] = {}
+    for alias, name in dg.state.canonical.items():
+        aliases.setdefault(name, []).append(alias)
+    by_key: dict[str, dict[int, object]] = {}
+    for (key, dim), layout in dg.layouts.items():
+        if key[0] == "p":
+            by_key.setdefault(key[1], {})[dim] = layout
+    for name, dims in by_key.items():
+        changed = {d: layout for d, layout in dims.items() if sizes.new(layout) != sizes.old(layout)}
+        if not changed:
+            continue
+        old = _get(gm, name)
+        new = old.detach()
+        for d, layout in sorted(changed.items()):
+            index = torch.as_tensor(sizes.indices(layout), dtype=torch.long, device=new.device)
+            new = new.index_select(d, index)
+        if isinstance(old, torch.nn.Parameter):
+            new = torch.nn.Parameter(new.contiguous(), requires_grad=old.requires_grad)
+        else:
+            new = new.contiguous()
+        for alias in aliases.get(name, [name]):
+            _set(gm, alias, new)
+
+
+def _get(gm: fx.GraphModule, name: str) -> torch.Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr)
+
+
+def _set(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
+    owner, _, attr = name.rpartition(".")
+    module = gm.get_submodule(owner) if owner else gm
+    if attr in module._buffers:
+        module._buffers[attr] = value
+    else:
+        setattr(module, attr, value)  # RNN modules refresh their flat weights on setattr
+
+
+def _rewrite_constant(node: fx.Node, module, c, sizes: Sizes) -> None:
+    kind, where = c.source
+    if kind == "attr":
+        if module is not None:
+            setattr(module, where, _updated(getattr(module, where), c.layouts, c.index, sizes))
+        return
+    if kind == "kwargs":
+        node.kwargs = {**node.kwargs, where: _updated(node.kwargs[where], c.layouts, c.index, sizes)}
+        return
+    args = list(node.args)
+    if kind == "star":
+        args[where:] = list(_updated(tuple(args[where:]), c.layouts, c.index, sizes))
+    else:
+        args[where] = _updated(args[where], c.layouts, c.index, sizes)
+    node.args = tuple(args)
+
+
+def _updated(value, layouts, index, sizes: Sizes):
+    """``value`` with each entry whose layout changed size replaced by the new size."""
+    if index is not None:
+        items = list(value)
+        items[index] = _updated(items[index], layouts, None, sizes)
+        return type(value)(items) if isinstance(value, (tuple, list)) else tuple(items)
+    if isinstance(layouts, list):
+        items = [v if layout is None else _updated(v, layout, None, sizes) for v, layout in zip(value, layouts)]
+        return list(items) if isinstance(value, list) else tuple(items)
+    new = sizes.new(layouts)
+    return value if new == sizes.old(layouts) else new

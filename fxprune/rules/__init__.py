@@ -1,0 +1,18 @@
+"""Per-op rules, one table (:data:`fxprune.rules.registry.RULES`); importing this package fills it."""
+
+from fxprune.rules import (  # noqa: F401 - imported for their registrations
+    attention,
+    conv,
+    elementwise,
+    linear,
+    misc,
+    norm,
+    recurrent,
+    reduction,
+    segments,
+    shape,
+    spatial,
+)
+from fxprune.rules.registry import RULES, family, lookup, register
+
+__all__ = ["RULES", "family", "lookup", "register"]

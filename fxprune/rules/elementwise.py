@@ -1,0 +1,78 @@
+"""Elementwise ops: every input axis that is not broadcast is the output axis.
+
+Example: ``x (B, C, H, W) + bias (1, C, 1, 1)`` ties ``bias[1]`` to ``x[1]`` and
+``out[1]``; the size-1 axes of ``bias`` broadcast and stay unrelated.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxprune.rules.registry import family, register
+
+
+def tie_broadcast(r, out, tensors) -> None:
+    """Align every tensor with ``out`` from the right; equal sizes are the same axis."""
+    for t in tensors:
+        for i in range(1, min(t.ndim, out.ndim) + 1):
+            if t.shape[-i] == out.shape[-i]:
+                r.same(t[-i], out[-i])
+
+
+def elementwise(r) -> None:
+    outs = r.tensors_out()
+    if not outs:
+        return
+    for out in outs:
+        tie_broadcast(r, out, r.tensors_in() + r.module_tensors())
+
+
+family(
+    elementwise,
+    # arithmetic, as operators, functions and methods (in-place forms too)
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.neg, operator.pow,
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.mod,
+    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.rsqrt, torch.sqrt, torch.exp,
+    torch.log, torch.abs, torch.square, torch.reciprocal, torch.sign, torch.erf, torch.clamp, torch.clip,
+    torch.where, torch.maximum, torch.minimum, torch.lerp, torch.addcmul, torch.addcdiv, torch.masked_fill,
+    torch.cos, torch.sin, torch.floor, torch.ceil, torch.round, torch.true_divide, torch.rsub,
+    "add", "sub", "mul", "div", "neg", "pow", "rsqrt", "sqrt", "exp", "log", "abs", "square", "reciprocal",
+    "sign", "erf", "clamp", "clip", "clamp_min", "clamp_max", "masked_fill", "where", "lerp", "cos", "sin",
+    "add_", "sub_", "mul_", "div_", "clamp_", "masked_fill_", "neg_", "floor", "ceil", "round", "fill_", "zero_",
+    # activations (module, function and method forms share this rule)
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.Threshold, nn.Hardtanh,
+    nn.LogSigmoid, nn.Hardshrink, nn.Softshrink, nn.Softmax, nn.LogSoftmax, nn.Softmin,
+    F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
+    F.sigmoid, F.tanh, F.softplus, F.softsign, F.hardtanh, F.logsigmoid, F.softmax, F.log_softmax, F.softmin,
+    F.relu_, F.threshold, F.hardshrink, F.softshrink, F.tanhshrink,
+    torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.softmax, torch.log_softmax, torch.nn.functional.normalize,
+    "relu", "relu_", "sigmoid", "tanh", "softmax", "log_softmax", "sigmoid_", "tanh_",
+    # regularisation and identity-like ops
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+    torch.clone, torch.detach, torch.nn.functional.hardtanh_,
+    "contiguous", "clone", "detach", "float", "half", "double", "bfloat16", "to", "type", "type_as", "cpu",
+    "cuda", "requires_grad_",
+    # *_like factories follow the shape of their input
+    torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, torch.rand_like, torch.randn_like,
+)
+
+
+def _glu_signature(input, dim=-1):  # noqa: A002 - the name torch uses
+    pass
+
+
+@register(nn.GLU, F.glu)
+def glu(r) -> None:
+    """GLU halves an axis: ``out = a * sigmoid(b)`` where ``x = cat(a, b)``; a and b are one axis."""
+    a = r.bind(_glu_signature)
+    x, out, dim = a["input"], r.out, a["dim"]
+    for d in range(x.ndim):
+        if d != dim % x.ndim:
+            r.same(x[d], out[d])
+    r.concat(x[dim], [out[dim], out[dim]])

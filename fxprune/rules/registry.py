@@ -1,0 +1,73 @@
+"""The one rule table: op -> function that states axis relations for a node.
+
+Keys are module classes (``call_module``, looked up along the class's MRO),
+callables (``call_function``: Python functions, builtins, aten overloads) and
+strings (``call_method``: the method name). A rule receives a
+:class:`fxprune.context.RuleContext` and emits relations on it.
+
+Worked example (a user rule for a custom module)::
+
+    import fxprune
+
+    @fxprune.register_rule(MyScale)
+    def my_scale(r):
+        x, out = r.input(0), r.out
+        for d in range(x.ndim):
+            r.same(x[d], out[d])
+        r.same(r.param("gain")[0], out[1])
+
+Registering the same key twice raises :class:`DuplicateRuleError`; pass
+``replace=True`` to override a built-in rule deliberately.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.nn as nn
+
+from fxprune.errors import DuplicateRuleError
+
+RULES: dict[object, Callable] = {}
+
+
+def register(*targets, replace: bool = False):
+    """Decorator registering one rule for every target (module class, callable or method name)."""
+
+    def decorate(rule: Callable) -> Callable:
+        for target in dict.fromkeys(targets):  # aliases such as F.conv1d is torch.conv1d count once
+            if target in RULES and not replace:
+                raise DuplicateRuleError(
+                    f"a rule for {_name(target)} is already registered ({RULES[target].__qualname__}); "
+                    "pass replace=True to override it"
+                )
+            RULES[target] = rule
+        return rule
+
+    return decorate
+
+
+def family(rule: Callable, *targets, replace: bool = False) -> None:
+    """Register a shared rule for an op family in one line: ``family(elementwise, torch.tanh, "tanh")``."""
+    register(*targets, replace=replace)(rule)
+
+
+def lookup(node, module: nn.Module | None = None) -> Callable | None:
+    """The rule for an fx node, or None when the op has none."""
+    if node.op == "call_module":
+        for cls in type(module).__mro__:
+            if cls in RULES:
+                return RULES[cls]
+        return None
+    if node.op == "call_method":
+        return RULES.get(node.target)
+    if node.op == "call_function":
+        try:
+            return RULES.get(node.target)
+        except TypeError:  # unhashable callables have no rule
+            return None
+    return None
+
+
+def _name(target) -> str:
+    return getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or repr(target)

@@ -1,0 +1,213 @@
+"""Ops that join or cut an axis into segments: cat, stack, split, chunk, unbind, narrow, slicing.
+
+Example: ``a, b = x.chunk(2, dim=1)`` states ``x[1] = concat(a[1], b[1])``, so
+``a`` and ``b`` are separate groups; after pruning the chunk becomes a
+``split`` with the new segment sizes, whatever they are.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from fxprune.context import TensorRef, tensor_value
+from fxprune.rules.registry import register
+
+
+def _cat_signature(tensors, dim=0, **kwargs):
+    pass
+
+
+@register(torch.cat, torch.concat, torch.concatenate)
+def cat(r) -> None:
+    a = r.bind(_cat_signature)
+    parts = [r.tensor(t) for t in a["tensors"]]
+    out = r.out
+    dim = a["dim"] % out.ndim
+    parts = [p for p in parts if p is not None and p.ndim == out.ndim]
+    for p in parts:
+        for d in range(out.ndim):
+            if d != dim:
+                r.same(p[d], out[d])
+    r.concat(out[dim], [p[dim] for p in parts])
+
+
+@register(torch.stack)
+def stack(r) -> None:
+    a = r.bind(_cat_signature)
+    out = r.out
+    dim = a["dim"] % out.ndim
+    for t in a["tensors"]:
+        p = r.tensor(t)
+        for d in range(p.ndim):
+            r.same(p[d], out[d if d < dim else d + 1])
+    r.freeze(out[dim], "stacked tensors")
+
+
+def _segments(r, x: TensorRef, dim: int) -> list[TensorRef]:
+    outs = []
+    for i in range(len(r.node.meta["val"])):
+        piece = r.output(i)
+        outs.append(piece)
+        for d in range(x.ndim):
+            if d != dim:
+                r.same(piece[d], x[d])
+    r.concat(x[dim], [p[dim] for p in outs])
+    return outs
+
+
+def _split_hook(segments: list, dim: int):
+    """Pass the new segment sizes as a list: ``split`` accepts any sizes, ``chunk`` does not."""
+
+    def hook(node: fx.Node, sizes) -> None:
+        old = [int(v.shape[dim]) for v in node.meta["val"]]
+        new = [sizes.new(layout) for layout in segments]
+        if new != old:
+            node.target = "split" if node.op == "call_method" else torch.split
+            node.args, node.kwargs = (node.args[0], new), {"dim": dim}
+
+    return hook
+
+
+@register(torch.split, "split", torch.chunk, "chunk", "split_with_sizes")
+def split(r) -> None:
+    """split and chunk: the input axis is the concatenation of the output segments."""
+    args = list(r.node.args) + [r.node.kwargs[k] for k in ("split_size_or_sections", "split_size", "chunks",
+                                                           "split_sizes", "sections") if k in r.node.kwargs]
+    dim = r.node.kwargs.get("dim", args[2] if len(args) > 2 else 0)
+    x = r.input(0)
+    dim %= x.ndim
+    outs = _segments(r, x, dim)
+    r.on_rewrite(_split_hook([o[dim] for o in outs], dim))
+
+
+def _unbind_signature(input, dim=0):  # noqa: A002
+    pass
+
+
+@register(torch.unbind, "unbind")
+def unbind(r) -> None:
+    a = r.bind(_unbind_signature)
+    x = a["input"]
+    dim = a["dim"] % x.ndim
+    r.freeze(x[dim], "unbind index")
+    for i in range(len(r.node.meta["val"])):
+        piece = r.output(i)
+        for d in range(x.ndim):
+            if d != dim:
+                r.same(piece[d if d < dim else d - 1], x[d])
+
+
+def _narrow_signature(input, dim, start, length):  # noqa: A002
+    pass
+
+
+@register(torch.narrow, "narrow")
+def narrow(r) -> None:
+    a = r.bind(_narrow_signature)
+    x, out = a["input"], r.out
+    dim = a["dim"] % x.ndim
+    if not isinstance(a["start"], int):
+        r.freeze_all("narrow with a computed start")
+        return
+    for d in range(x.ndim):
+        if d != dim:
+            r.same(x[d], out[d])
+    start, length = a["start"] % x.shape[dim], out.shape[dim]
+    pre, post = r.fresh(start), r.fresh(x.shape[dim] - start - length)
+    r.concat(x[dim], [pre, out[dim], post])
+    r.const("start", pre)
+    r.const("length", out[dim])
+
+
+@register(operator.getitem)
+def getitem(r) -> None:
+    source, index = r.node.args
+    if isinstance(source, fx.Node) and isinstance(source.meta.get("val"), (tuple, list)):
+        _tuple_item(r, source, index)
+    elif tensor_value(source) is not None:
+        _tensor_index(r, r.tensor(source), index)
+
+
+def _tuple_item(r, source: fx.Node, index) -> None:
+    """``out = t[i]`` of a tuple-valued node: the output's tensors are that element's."""
+    if not isinstance(index, int):
+        r.freeze_all("tuple slicing")
+        return
+    base = ("v", source.name, ()) if source.op != "get_attr" else None
+    for out in r.tensors_out():
+        if base is None:
+            r.freeze(out, "tuple attribute")
+            continue
+        element = TensorRef(r.state, ("v", source.name, (index,) + out.key[2]), out.shape)
+        for d in range(out.ndim):
+            r.same(element[d], out[d])
+
+
+def _tensor_index(r, x: TensorRef, index) -> None:
+    """Basic indexing: slices with step 1 cut segments, ints freeze, None adds an axis."""
+    out = r.out
+    entries = list(index) if isinstance(index, tuple) else [index]
+    if any(not isinstance(e, (int, slice, type(None), type(Ellipsis))) for e in entries):
+        r.freeze_all("advanced indexing")
+        return
+    if Ellipsis in entries:
+        at = entries.index(Ellipsis)
+        used = sum(isinstance(e, (int, slice)) for e in entries)
+        entries = entries[:at] + [slice(None)] * (x.ndim - used) + entries[at + 1:]
+    entries += [slice(None)] * (x.ndim - sum(isinstance(e, (int, slice)) for e in entries))
+    din = dout = 0
+    for position, e in enumerate(entries):
+        if e is None:
+            dout += 1
+        elif isinstance(e, int):
+            r.freeze(x[din], "integer index")
+            din += 1
+        else:
+            _slice(r, x, din, out, dout, e, position, isinstance(index, tuple))
+            din += 1
+            dout += 1
+
+
+def _slice(r, x, din: int, out, dout: int, s: slice, position: int, in_tuple: bool) -> None:
+    size = x.shape[din]
+    if not all(isinstance(v, (int, type(None))) for v in (s.start, s.stop, s.step)):
+        r.freeze(x[din], "slice with computed bounds")
+        r.freeze(out[dout], "slice with computed bounds")
+        return
+    start, stop, step = s.indices(size)
+    if step != 1:
+        r.freeze(x[din], "strided slice")
+        r.freeze(out[dout], "strided slice")
+        return
+    if out.shape[dout] == size:
+        r.same(x[din], out[dout])
+        return
+    stop = max(stop, start)
+    pre, post = r.fresh(start), r.fresh(size - stop)
+    r.concat(x[din], [pre, out[dout], post])
+    r.on_rewrite(_slice_hook(position, in_tuple, pre, out[dout], post))
+
+
+def _slice_hook(position: int, in_tuple: bool, pre, mid, post):
+    def hook(node: fx.Node, sizes) -> None:
+        old = node.args[1][position] if in_tuple else node.args[1]
+        n_pre, n_mid, n_post = sizes.new(pre), sizes.new(mid), sizes.new(post)
+        start = None if old.start is None else n_pre
+        if old.stop is None:
+            stop = None
+        elif old.stop < 0:
+            stop = -n_post if n_post else None
+        else:
+            stop = n_pre + n_mid
+        new = slice(start, stop, old.step)
+        if in_tuple:
+            entries = list(node.args[1])
+            entries[position] = new
+            node.args = (node.args[0], tuple(entries))
+        else:
+            node.args = (node.args[0], new)
+
+    return hook

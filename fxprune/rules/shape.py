@@ -1,0 +1,275 @@
+"""Shape ops: reshape-like ops become products of axes, permutes map axes, expand adds broadcast axes.
+
+Example: ``qkv.reshape(B, N, 3, H, D)`` from ``(B, N, 3*H*D)`` states
+``qkv[2] = product(out[2], out[3], out[4])``; the reshape's ``H`` and ``D``
+arguments are recorded as shape constants and rewritten after pruning.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from fxprune.layout import Prod
+from fxprune.rules.registry import family, register
+
+
+def tie_reshape(r, x, out) -> None:
+    """Group dims of equal running product and relate each group as a product."""
+    if 0 in x.shape or 0 in out.shape:
+        r.freeze_all("reshape of an empty tensor")
+        return
+    i = j = 0
+    while i < x.ndim or j < out.ndim:
+        if i < x.ndim and x.shape[i] == 1:
+            i += 1
+            continue
+        if j < out.ndim and out.shape[j] == 1:
+            j += 1
+            continue
+        if i >= x.ndim or j >= out.ndim:
+            break
+        gi, gj = [i], [j]
+        pi, pj = x.shape[i], out.shape[j]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj:
+                gi.append(i)
+                pi *= x.shape[i]
+                i += 1
+            else:
+                gj.append(j)
+                pj *= out.shape[j]
+                j += 1
+        r.same(Prod(tuple(x[d] for d in gi)), Prod(tuple(out[d] for d in gj)))
+
+
+def _shape_layouts(r, out, shape) -> list:
+    """Layouts for the entries of a shape argument; -1 entries are kept as they are."""
+    return [None if (isinstance(s, int) and s == -1) else out[d] for d, s in enumerate(shape)]
+
+
+def _view_signature(self, *shape):
+    pass
+
+
+@register("view", "reshape")
+def view(r) -> None:
+    a = r.bind(_view_signature)
+    tie_reshape(r, a["self"], r.out)
+    shape = a["shape"]
+    nested = len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size))
+    r.const("shape", _shape_layouts(r, r.out, shape[0] if nested else shape), index=0 if nested else None)
+
+
+def _reshape_signature(input, shape):  # noqa: A002
+    pass
+
+
+@register(torch.reshape)
+def reshape(r) -> None:
+    a = r.bind(_reshape_signature)
+    tie_reshape(r, a["input"], r.out)
+    r.const("shape", _shape_layouts(r, r.out, a["shape"]))
+
+
+def _view_as_signature(self, other):
+    pass
+
+
+@register("view_as", "reshape_as")
+def view_as(r) -> None:
+    a = r.bind(_view_as_signature)
+    tie_reshape(r, a["self"], r.out)
+    for d in range(r.out.ndim):
+        r.same(a["other"][d], r.out[d])
+
+
+def reshape_family(r) -> None:
+    """flatten / squeeze / unsqueeze / nn.Flatten: no size constants, only a reshape."""
+    tie_reshape(r, r.input(0), r.out)
+
+
+family(reshape_family, torch.flatten, "flatten", nn.Flatten, torch.squeeze, "squeeze", torch.unsqueeze, "unsqueeze",
+       torch.ravel, "ravel")
+
+
+def _unflatten_signature(input, dim, sizes):  # noqa: A002
+    pass
+
+
+def _unflatten_module_signature(input, dim, unflattened_size):  # noqa: A002
+    pass
+
+
+@register(torch.unflatten, "unflatten")
+def unflatten(r) -> None:
+    a = r.bind(_unflatten_signature)
+    x, out = a["input"], r.out
+    tie_reshape(r, x, out)
+    dim = a["dim"] % x.ndim
+    r.const("sizes", _shape_layouts(r, out, [None] * dim + list(a["sizes"]))[dim:])
+
+
+@register(nn.Unflatten)
+def unflatten_module(r) -> None:
+    a = r.bind(_unflatten_module_signature)
+    x, out = a["input"], r.out
+    tie_reshape(r, x, out)
+    dim = a["dim"] % x.ndim
+    r.const("unflattened_size", _shape_layouts(r, out, [None] * dim + list(a["unflattened_size"]))[dim:])
+
+
+def _permute_signature(self, *dims):
+    pass
+
+
+@register("permute", torch.permute)
+def permute(r) -> None:
+    a = r.bind(_permute_signature)
+    dims = a["dims"]
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = dims[0]
+    x, out = a["self"], r.out
+    for i, d in enumerate(dims):
+        r.same(out[i], x[d % x.ndim])
+
+
+def _transpose_signature(self, dim0, dim1):
+    pass
+
+
+@register("transpose", torch.transpose, "swapaxes", torch.swapaxes, "swapdims", torch.swapdims)
+def transpose(r) -> None:
+    a = r.bind(_transpose_signature)
+    x, out = a["self"], r.out
+    d0, d1 = a["dim0"] % x.ndim, a["dim1"] % x.ndim
+    order = list(range(x.ndim))
+    order[d0], order[d1] = order[d1], order[d0]
+    for i, d in enumerate(order):
+        r.same(out[i], x[d])
+
+
+@register("t", torch.t)
+def matrix_transpose(r) -> None:
+    x, out = r.input(0), r.out
+    for i in range(x.ndim):
+        r.same(out[i], x[x.ndim - 1 - i])
+
+
+def _movedim_signature(input, source, destination):  # noqa: A002
+    pass
+
+
+@register("movedim", torch.movedim, "moveaxis", torch.moveaxis)
+def movedim(r) -> None:
+    a = r.bind(_movedim_signature)
+    x, out = a["input"], r.out
+    src = [a["source"]] if isinstance(a["source"], int) else list(a["source"])
+    dst = [a["destination"]] if isinstance(a["destination"], int) else list(a["destination"])
+    order = [None] * x.ndim
+    for s, d in zip(src, dst):
+        order[d % x.ndim] = s % x.ndim
+    rest = iter(d for d in range(x.ndim) if d not in {s % x.ndim for s in src})
+    order = [o if o is not None else next(rest) for o in order]
+    for i, d in enumerate(order):
+        r.same(out[i], x[d])
+
+
+def _expand_signature(self, *sizes):
+    pass
+
+
+@register("expand")
+def expand(r) -> None:
+    """New or size-1 axes of an expand hold no data: they are broadcast atoms with a shape constant."""
+    a = r.bind(_expand_signature)
+    x, out = a["self"], r.out
+    sizes = a["sizes"]
+    nested = len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size))
+    sizes = sizes[0] if nested else sizes
+    lead = out.ndim - x.ndim
+    for d in range(out.ndim):
+        if d >= lead and x.shape[d - lead] == out.shape[d]:
+            r.same(x[d - lead], out[d])
+        else:
+            r.broadcast(out[d])
+    r.const("sizes", _shape_layouts(r, out, sizes), index=0 if nested else None)
+
+
+def _expand_as_signature(self, other):
+    pass
+
+
+@register("expand_as")
+def expand_as(r) -> None:
+    a = r.bind(_expand_as_signature)
+    x, other, out = a["self"], a["other"], r.out
+    for d in range(out.ndim):
+        r.same(other[d], out[d])
+    lead = out.ndim - x.ndim
+    for d in range(x.ndim):
+        if x.shape[d] == out.shape[d + lead]:
+            r.same(x[d], out[d + lead])
+
+
+def _repeat_signature(self, *sizes):
+    pass
+
+
+@register("repeat")
+def repeat(r) -> None:
+    """``x.repeat(k)`` tiles: out index = copy * n + i, a product of a fresh copy atom and x's axis."""
+    a = r.bind(_repeat_signature)
+    x, out = a["self"], r.out
+    sizes = a["sizes"]
+    nested = len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size))
+    sizes = list(sizes[0] if nested else sizes)
+    lead = out.ndim - x.ndim
+    copies = []
+    for d in range(out.ndim):
+        copy = r.fresh(int(out.shape[d] // (x.shape[d - lead] if d >= lead else 1)), f"repeat copies {r.where}")
+        copies.append(copy)
+        r.product(out[d], [copy, x[d - lead]] if d >= lead else [copy])
+    r.const("sizes", copies, index=0 if nested else None)
+
+
+def _new_factory_signature(self, *size, **kwargs):
+    pass
+
+
+@register("new_zeros", "new_ones", "new_empty")
+def new_factory(r) -> None:
+    a = r.bind(_new_factory_signature)
+    size = a["size"]
+    nested = len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size))
+    r.const("size", list(r.out.axes), index=0 if nested else None)
+
+
+def _factory_signature(*size, **kwargs):
+    pass
+
+
+@register(torch.zeros, torch.ones, torch.empty, torch.rand, torch.randn)
+def factory(r) -> None:
+    """``torch.zeros(B, C)``: fresh axes whose sizes are shape constants."""
+    a = r.bind(_factory_signature)
+    size = a["size"]
+    nested = len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size))
+    r.const("size", list(r.out.axes), index=0 if nested else None)
+
+
+def _full_signature(size, fill_value, **kwargs):
+    pass
+
+
+@register(torch.full)
+def full(r) -> None:
+    r.bind(_full_signature)
+    r.const("size", list(r.out.axes))
+
+
+@register(torch.arange)
+def arange(r) -> None:
+    r.freeze(r.out, "positions from torch.arange")
+

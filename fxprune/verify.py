@@ -1,0 +1,39 @@
+"""Verify: re-propagate shapes through the pruned graph; a model that fails is never returned.
+
+Example: a rewrite that left a hard-coded ``view(-1, 256, 4, 4)`` unchanged
+after pruning its input would fail here with the node and source line, instead
+of failing later in the user's hands.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from fxprune.errors import ShapeError
+from fxprune.propagate import propagate
+
+
+def output_shapes(gm: fx.GraphModule) -> list:
+    out = gm.graph.find_nodes(op="output")[0]
+    shapes = []
+    fx.node.map_arg(out.args, lambda n: shapes.append(_shape(n.meta.get("val"))) or n)
+    return shapes
+
+
+def _shape(val):
+    if isinstance(val, torch.Tensor):
+        return tuple(val.shape)
+    if isinstance(val, (tuple, list)):
+        return tuple(_shape(v) for v in val)
+    return None
+
+
+def verify(gm: fx.GraphModule, example_inputs, expected_shapes: list) -> None:
+    try:
+        propagate(gm, example_inputs)
+    except ShapeError as exc:
+        raise ShapeError(f"the pruned graph is inconsistent (a bug in fxprune, please report it): {exc}") from exc
+    got = output_shapes(gm)
+    if got != expected_shapes:
+        raise ShapeError(f"pruning changed the output shapes from {expected_shapes} to {got}")
