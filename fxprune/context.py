@@ -76,6 +76,7 @@ class AnalysisState:
     shapes: dict = field(default_factory=dict)  # key -> shape
     freezes: list = field(default_factory=list)  # (layout, reason)
     broadcasts: list = field(default_factory=list)  # layouts with no data of their own
+    normalized: list = field(default_factory=list)  # layouts some op normalises over (LayerNorm, softmax, mean)
     constants: list = field(default_factory=list)  # ShapeConstant
     hooks: list = field(default_factory=list)  # (node, fn(node, sizes))
     unsupported: list = field(default_factory=list)  # (node, message)
@@ -233,6 +234,10 @@ class RuleContext:
     def broadcast(self, axis) -> None:
         """The axis has no data of its own (an expand copy): pruning it only changes a shape constant."""
         self.state.broadcasts.append(axis)
+
+    def normalizes(self, axis) -> None:
+        """An op computes statistics over this axis (LayerNorm, softmax, mean): pruning it is not exact."""
+        self.state.normalized.append(axis)
 
     def freeze(self, what, why: str) -> None:
         """Every atom of ``what`` (a layout or a whole TensorRef) keeps all its units."""

@@ -55,6 +55,7 @@ class Group:
     members: list = field(default_factory=list)
     frozen: list = field(default_factory=list)  # reasons, each naming op and source line
     broadcast: bool = False
+    normalized: bool = False  # some op normalises over it: removing even dead units changes outputs
 
     @property
     def has_parameters(self) -> bool:
@@ -107,6 +108,9 @@ class DependencyGraph:
         for layout in state.broadcasts:
             for a in self.solver.final_atoms(layout):
                 by_atom[a].broadcast = True
+        for layout in state.normalized:
+            for a in self.solver.final_atoms(layout):
+                by_atom[a].normalized = True
         for group in by_atom.values():
             if group.has_parameters and not any(m.kind == "activation" for m in group.members):
                 group.frozen.append("appears in no activation (kernel, gate or vocabulary axis)")

@@ -12,6 +12,7 @@ from fxprune.rules import (  # noqa: F401 - imported for their registrations
     segments,
     shape,
     spatial,
+    torchvision_ops,
 )
 from fxprune.rules.registry import RULES, family, lookup, register
 

@@ -46,12 +46,12 @@ family(
     # activations (module, function and method forms share this rule)
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
     nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.Threshold, nn.Hardtanh,
-    nn.LogSigmoid, nn.Hardshrink, nn.Softshrink, nn.Softmax, nn.LogSoftmax, nn.Softmin,
+    nn.LogSigmoid, nn.Hardshrink, nn.Softshrink,
     F.relu, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
-    F.sigmoid, F.tanh, F.softplus, F.softsign, F.hardtanh, F.logsigmoid, F.softmax, F.log_softmax, F.softmin,
+    F.sigmoid, F.tanh, F.softplus, F.softsign, F.hardtanh, F.logsigmoid,
     F.relu_, F.threshold, F.hardshrink, F.softshrink, F.tanhshrink,
-    torch.relu, torch.relu_, torch.sigmoid, torch.tanh, torch.softmax, torch.log_softmax, torch.nn.functional.normalize,
-    "relu", "relu_", "sigmoid", "tanh", "softmax", "log_softmax", "sigmoid_", "tanh_",
+    torch.relu, torch.relu_, torch.sigmoid, torch.tanh,
+    "relu", "relu_", "sigmoid", "tanh", "sigmoid_", "tanh_",
     # regularisation and identity-like ops
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity,
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
@@ -76,3 +76,29 @@ def glu(r) -> None:
         if d != dim % x.ndim:
             r.same(x[d], out[d])
     r.concat(x[dim], [out[dim], out[dim]])
+
+
+def _softmax_signature(input, dim=None, *args, **kwargs):  # noqa: A002
+    pass
+
+
+@register(nn.Softmax, nn.LogSoftmax, nn.Softmin, F.softmax, F.log_softmax, F.softmin, torch.softmax,
+          torch.log_softmax, "softmax", "log_softmax")
+def softmax(r) -> None:
+    """Elementwise in shape, but normalised over ``dim``: pruning that axis is not exact."""
+    elementwise(r)
+    a = r.bind(_softmax_signature)
+    x = a["input"]
+    if isinstance(a["dim"], int) and x.ndim:
+        r.normalizes(x[a["dim"]])
+
+
+def _normalize_signature(input, p=2.0, dim=1, eps=1e-12, out=None):  # noqa: A002
+    pass
+
+
+@register(F.normalize)
+def normalize(r) -> None:
+    elementwise(r)
+    a = r.bind(_normalize_signature)
+    r.normalizes(a["input"][a["dim"]])

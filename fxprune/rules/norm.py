@@ -67,6 +67,8 @@ def layer_norm(r) -> None:
         if isinstance(t, TensorRef):
             for i in range(t.ndim):
                 r.same(t[i], x[x.ndim - t.ndim + i])
+    for i in range(k):
+        r.normalizes(x[x.ndim - k + i])
     r.const("normalized_shape", x[-1] if isinstance(shape, int) else [x[x.ndim - k + i] for i in range(k)])
 
 
@@ -81,7 +83,9 @@ def group_norm(r) -> None:
     _same_shape(r, x, out)
     groups = int(a["num_groups"])
     ng = r.fresh(groups, f"norm groups {r.where}")
-    r.product(x[1], [ng, r.fresh(x.shape[1] // groups, f"channels per norm group {r.where}")])
+    per_group = r.fresh(x.shape[1] // groups, f"channels per norm group {r.where}")
+    r.product(x[1], [ng, per_group])
+    r.normalizes(per_group)
     for name in ("weight", "bias"):
         t = a.get(name)
         if isinstance(t, TensorRef):

@@ -13,6 +13,9 @@ from fxprune.rules.elementwise import elementwise
 from fxprune.rules.registry import family, register
 
 
+_AVERAGES = {"mean", "std", "var", "nanmean", "logsumexp", "norm"}
+
+
 def _reduction_signature(input, dim=None, keepdim=False, *args, **kwargs):  # noqa: A002
     pass
 
@@ -27,6 +30,9 @@ def reduction(r) -> None:
     if dims is None or not isinstance(dims, (int, tuple, list)):
         return  # a full reduction: the output has no axis of x
     dims = {d % x.ndim for d in ([dims] if isinstance(dims, int) else dims)} if x.ndim else set()
+    if getattr(r.node.target, "__name__", r.node.target) in _AVERAGES:
+        for d in dims:
+            r.normalizes(x[d])
     for out in r.tensors_out():
         kept = [d for d in range(x.ndim) if d not in dims] if out.ndim < x.ndim else list(range(x.ndim))
         for i, d in enumerate(kept):

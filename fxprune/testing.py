@@ -1,0 +1,52 @@
+"""The dead-unit oracle: plant units whose every slice is zero, prune exactly them, compare outputs.
+
+A unit whose producer weights, bias, norm scale and shift and consumer weights
+are all zero contributes nothing, so removing it must leave the output
+unchanged (up to float rounding) — unless some op normalises over its axis
+(LayerNorm, softmax, mean), which ``Group.normalized`` flags.
+
+Example::
+
+    >>> dg = fxprune.analyze(model, (x,))
+    >>> removal = plant_dead_units(dg, seed=0)      # zeroes slices in the model itself
+    >>> before = model(x)
+    >>> pruned = fxprune.apply(dg, removal)
+    >>> torch.testing.assert_close(pruned(x), before, atol=1e-5, rtol=0)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fxprune.importance import named_tensors
+
+
+def oracle_groups(dg) -> list:
+    """Prunable groups on which the oracle is exact (no normalisation over the group's axis)."""
+    return [g for g in dg.prunable_groups if not g.normalized]
+
+
+def plant_dead_units(dg, groups=None, fraction: float = 0.34, seed: int = 0) -> dict:
+    """Zero every member slice of some units of each group; return ``{group: units}`` to remove.
+
+    ``groups`` defaults to :func:`oracle_groups`. Each group loses ``fraction`` of
+    its units (at least one, never all), chosen at random with ``seed``.
+    """
+    rng = np.random.default_rng(seed)
+    groups = oracle_groups(dg) if groups is None else list(groups)
+    tensors = named_tensors(dg.gm)
+    removal = {}
+    with torch.no_grad():
+        for group in groups:
+            count = min(group.units - 1, max(1, int(round(fraction * group.units))))
+            if count < 1:
+                continue
+            units = np.sort(rng.choice(group.units, size=count, replace=False))
+            removal[group] = units
+            for member in group.members:
+                if member.kind == "activation" or member.name not in tensors:
+                    continue
+                index = torch.as_tensor(member.indices(group, units), dtype=torch.long)
+                tensors[member.name].index_fill_(member.dim, index, 0.0)
+    return removal
