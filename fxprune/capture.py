@@ -26,6 +26,33 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.record_stack_traces = True
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
+
+    def iter(self, obj):
+        """``list(x.chunk(2, 1))`` (YOLO's C2f): the piece count is in the call, so iterate it statically."""
+        count = _static_length(obj.node)
+        if count is None:
+            return super().iter(obj)
+        return iter([obj[i] for i in range(count)])
+
+
+class _Proxy(fx.Proxy):
+    def __len__(self) -> int:
+        count = _static_length(self.node)
+        return count if count is not None else super().__len__()
+
+
+def _static_length(node: fx.Node) -> int | None:
+    """Number of results of a chunk/split call whose count does not depend on shapes."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    args = list(node.args[1:]) + list(node.kwargs.values())
+    if name == "chunk" and args and isinstance(args[0], int):
+        return args[0]
+    if name in ("split", "split_with_sizes") and args and isinstance(args[0], (list, tuple)):
+        return len(args[0])
+    return None
+
 
 def capture(model: torch.nn.Module) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule; a GraphModule is returned as it is."""

@@ -13,6 +13,7 @@ Example: pruning 2 of 8 heads of a ``view(B, N, 8, 64)`` rewrites it to
 from __future__ import annotations
 
 import copy
+import operator
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ class Sizes:
 
     def __init__(self, solver, kept: dict[int, np.ndarray]):
         self.solver, self.kept = solver, kept
+        self.ints: dict[str, object] = {}  # node name -> its int value in the pruned graph
 
     def new(self, layout) -> int:
         return new_size(self.solver.resolve(layout), self.kept, self.solver)
@@ -65,6 +67,7 @@ def rewrite(dg, removal: dict, inplace: bool = False) -> fx.GraphModule:
     with torch.no_grad():
         _slice_tensors(gm, dg, sizes)
     modules = dict(gm.named_modules())
+    sizes.ints = _new_int_values(dg, sizes)
     for c in dg.state.constants:
         _rewrite_constant(nodes[c.node.name], modules.get(c.node.target), c, sizes)
     for node, hook in dg.state.hooks:
@@ -141,4 +144,58 @@ def _updated(value, layouts, index, sizes: Sizes):
         items = [v if layout is None else _updated(v, layout, None, sizes) for v, layout in zip(value, layouts)]
         return list(items) if isinstance(value, list) else tuple(items)
     new = sizes.new(layouts)
+    if isinstance(value, fx.Node):  # a computed size (x.size(1) // heads): keep it if it still is right
+        return value if sizes.ints.get(value.name) == new else new
     return value if new == sizes.old(layouts) else new
+
+
+_INT_OPS = {
+    operator.add: operator.add, operator.sub: operator.sub, operator.mul: operator.mul,
+    operator.floordiv: operator.floordiv, operator.mod: operator.mod, operator.neg: operator.neg,
+}
+
+
+def _new_int_values(dg, sizes: Sizes) -> dict[str, object]:
+    """Evaluate the graph's size arithmetic (``x.shape``, ``x.size(d)``, ``C // heads`` ...) at the new sizes.
+
+    Only nodes whose value is an int or a tuple of ints are evaluated; anything
+    this does not understand keeps its old value.
+    """
+    values: dict[str, object] = {}
+
+    def new_shape(node):
+        val = node.meta.get("val")
+        key = dg.state.param_key(node.target) if node.op == "get_attr" else ("v", node.name, ())
+        return tuple(sizes.new(dg.layouts[(key, d)]) if (key, d) in dg.layouts else int(val.shape[d])
+                     for d in range(val.ndim))
+
+    def value(arg):
+        if isinstance(arg, fx.Node):
+            return values.get(arg.name, arg.meta.get("val"))
+        return arg
+
+    for node in dg.gm.graph.nodes:
+        val = node.meta.get("val")
+        if node.op not in ("call_function", "call_method"):
+            continue
+        args = node.args
+        if node.target in ("size", getattr) or (node.op == "call_method" and node.target == "size"):
+            src = args[0]
+            if not isinstance(src.meta.get("val"), torch.Tensor):
+                continue
+            if node.target is getattr and args[1] != "shape":
+                continue
+            shape = new_shape(src)
+            dim = args[1] if node.target == "size" and len(args) > 1 else node.kwargs.get("dim")
+            values[node.name] = shape if dim is None else shape[dim]
+        elif node.target is operator.getitem and isinstance(value(args[0]), (tuple, list, torch.Size)) and (
+                isinstance(val, int) or isinstance(val, (tuple, list))):
+            try:
+                values[node.name] = value(args[0])[args[1]]
+            except (TypeError, IndexError):
+                continue
+        elif node.target in _INT_OPS and isinstance(val, int):
+            operands = [value(a) for a in args]
+            if all(isinstance(v, int) for v in operands):
+                values[node.name] = _INT_OPS[node.target](*operands)
+    return values

@@ -1,0 +1,200 @@
+"""Small models that exercise the hard cases of structural pruning (shared by the end-to-end tests)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class WorkedExample(nn.Module):
+    """The worked example of docs/ARCHITECTURE.md: conv1 -> bn1 -> relu -> grouped conv2 + residual -> fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return self.fc(torch.flatten(self.conv2(y) + y, 1))
+
+
+class ResidualCNN(nn.Module):
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(width, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+                                   nn.Conv2d(24, width, 3, padding=1), nn.BatchNorm2d(width))
+        self.down = nn.Conv2d(width, 32, 3, stride=2, padding=1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu(x + self.block(x))
+        x = self.down(x)
+        return self.head(x.mean((2, 3)))
+
+
+class DenseBlock(nn.Module):
+    """DenseNet-style: every layer sees the concatenation of all earlier feature maps."""
+
+    def __init__(self, growth: int = 6):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.BatchNorm2d(8 + i * growth), nn.ReLU(), nn.Conv2d(8 + i * growth, growth, 3, padding=1))
+            for i in range(3))
+        self.head = nn.Conv2d(8 + 3 * growth, 5, 1)
+
+    def forward(self, x):
+        features = [self.stem(x)]
+        for layer in self.layers:
+            features.append(layer(torch.cat(features, 1)))
+        return self.head(torch.cat(features, 1))
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.cv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.cv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.cv2(F.silu(self.cv1(x)))
+
+
+class C2f(nn.Module):
+    """YOLOv8-style: conv -> chunk(2) -> bottlenecks on the second half -> cat of every piece -> conv."""
+
+    def __init__(self, c1: int = 3, c2: int = 12, n: int = 2):
+        super().__init__()
+        self.c = 8
+        self.cv1 = nn.Conv2d(c1, 2 * self.c, 1)
+        self.m = nn.ModuleList(Bottleneck(self.c) for _ in range(n))
+        self.cv2 = nn.Conv2d((2 + n) * self.c, c2, 1)
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+class ChannelShuffle(nn.Module):
+    """ShuffleNet-style: split, branch, concat, then view(B, g, C/g, H, W) -> transpose -> view."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.branch = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                                    nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8))
+        self.head = nn.Conv2d(16, 6, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        a, b = x.chunk(2, dim=1)
+        x = torch.cat((a, self.branch(b)), dim=1)
+        batch, channels, h, w = x.shape
+        x = x.view(batch, 2, channels // 2, h, w).transpose(1, 2).contiguous().view(batch, channels, h, w)
+        return self.head(x)
+
+
+class GroupedConv(nn.Module):
+    """groups=4, neither 1 nor depthwise."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 24, 3, padding=1, groups=4)
+        self.bn = nn.BatchNorm2d(24)
+        self.conv3 = nn.Conv2d(24, 8, 1)
+
+    def forward(self, x):
+        return self.conv3(F.relu(self.bn(self.conv2(F.relu(self.conv1(x))))))
+
+
+class FlattenLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(8 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.conv(x)))
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+class HardCodedDecoder(nn.Module):
+    """A generator head with a hard-coded ``view(-1, 256, 4, 4)`` feeding a ConvTranspose2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 256 * 4 * 4)
+        self.deconv1 = nn.ConvTranspose2d(256, 32, 4, stride=2, padding=1)
+        self.deconv2 = nn.ConvTranspose2d(32, 3, 4, stride=2, padding=1)
+
+    def forward(self, z):
+        x = F.relu(self.fc(z)).view(-1, 256, 4, 4)
+        return self.deconv2(F.relu(self.deconv1(x)))
+
+
+class ViTAttention(nn.Module):
+    """timm-style attention: one qkv linear, ``reshape(B, N, 3, H, D)``, permute, unbind, hard-coded C."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = (q @ k.transpose(-2, -1)) * self.scale
+        x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, N, C)
+        return self.proj(x)
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.embed = nn.Linear(12, dim)
+        self.attn = ViTAttention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, 64), nn.GELU(), nn.Linear(64, dim))
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = x + self.attn(x)
+        x = x + self.mlp(x)
+        return self.head(x)
+
+
+class LSTMHead(nn.Module):
+    def __init__(self, bidirectional: bool = True):
+        super().__init__()
+        self.lstm = nn.LSTM(6, 12, num_layers=2, batch_first=True, bidirectional=bidirectional)
+        self.fc = nn.Linear(12 * (2 if bidirectional else 1), 4)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.fc(out[:, -1])
+
+
+class MHAModel(nn.Module):
+    def __init__(self, batch_first: bool = True, need_weights: bool = False):
+        super().__init__()
+        self.need_weights = need_weights
+        self.embed = nn.Linear(10, 32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+        self.fc = nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        a, _ = self.attn(h, h, h, need_weights=self.need_weights)
+        return self.fc(F.gelu(a))
