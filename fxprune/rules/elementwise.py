@@ -40,9 +40,17 @@ family(
     torch.log, torch.abs, torch.square, torch.reciprocal, torch.sign, torch.erf, torch.clamp, torch.clip,
     torch.where, torch.maximum, torch.minimum, torch.lerp, torch.addcmul, torch.addcdiv, torch.masked_fill,
     torch.cos, torch.sin, torch.floor, torch.ceil, torch.round, torch.true_divide, torch.rsub,
+    torch.log1p, torch.expm1, torch.exp2, torch.log2, torch.trunc, torch.nan_to_num, torch.fmod, torch.remainder,
     "add", "sub", "mul", "div", "neg", "pow", "rsqrt", "sqrt", "exp", "log", "abs", "square", "reciprocal",
     "sign", "erf", "clamp", "clip", "clamp_min", "clamp_max", "masked_fill", "where", "lerp", "cos", "sin",
     "add_", "sub_", "mul_", "div_", "clamp_", "masked_fill_", "neg_", "floor", "ceil", "round", "fill_", "zero_",
+    "log1p", "expm1", "exp2", "log2", "trunc", "nan_to_num", "fmod", "remainder",
+    # comparisons and logic: a mask has its operands' axes (masks feed where / masked_fill)
+    operator.gt, operator.lt, operator.ge, operator.le, operator.eq, operator.ne, operator.and_, operator.or_,
+    operator.xor, operator.invert, torch.gt, torch.lt, torch.ge, torch.le, torch.eq, torch.ne, torch.logical_and,
+    torch.logical_or, torch.logical_xor, torch.logical_not, torch.isnan, torch.isinf, torch.isfinite,
+    "gt", "lt", "ge", "le", "eq", "ne", "logical_and", "logical_or", "logical_xor", "logical_not", "isnan", "isinf",
+    "isfinite",
     # activations (module, function and method forms share this rule)
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
     nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.Threshold, nn.Hardtanh,
@@ -56,11 +64,29 @@ family(
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.Identity,
     F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
     torch.clone, torch.detach, torch.nn.functional.hardtanh_,
-    "contiguous", "clone", "detach", "float", "half", "double", "bfloat16", "to", "type", "type_as", "cpu",
-    "cuda", "requires_grad_",
+    "contiguous", "clone", "detach", "requires_grad_",
     # *_like factories follow the shape of their input
     torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like, torch.rand_like, torch.randn_like,
 )
+
+
+def cast(r) -> None:
+    """Casts and moves keep ``self``'s axes. A tensor argument (``x.to(y)``, ``x.type_as(y)``) lends only its
+    dtype or device, so tying its axes (as ``elementwise`` would, by equal sizes) could merge unrelated groups.
+
+    Example: ``h (B, 8).type_as(ids (B, 8))`` ties ``out[1]`` to ``h[1]`` only; ``ids[1]`` stays its own axis.
+    """
+    x, out = r.input(0), r.out
+    if x is None or out is None:
+        return
+    if x.shape != out.shape:  # never expected; an unrelated output axis must not be pruned on its own
+        r.freeze_all("cast that changes the shape")
+        return
+    for d in range(x.ndim):
+        r.same(x[d], out[d])
+
+
+family(cast, "float", "half", "double", "bfloat16", "bool", "long", "int", "to", "type", "type_as", "cpu", "cuda")
 
 
 def _glu_signature(input, dim=-1):  # noqa: A002 - the name torch uses
