@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from fxprune.capture import capture
+from fxprune.capture import capture, flat_inputs
 from fxprune.decompose import decompose
 from fxprune.depgraph import DependencyGraph
 from fxprune.importance import named_tensors, resolve_importance
@@ -38,6 +38,7 @@ from fxprune.verify import output_shapes, verify
 class Job:
     model: object
     example_inputs: object = None
+    kwargs: dict | None = None
     ratio: float = 0.0
     importance: object = "l2"
     ignore: tuple = ()
@@ -48,25 +49,29 @@ class Job:
     dg: DependencyGraph | None = None
     scores: dict = field(default_factory=dict)
     removal: dict = field(default_factory=dict)
+    flat_inputs: tuple | None = None
     expected_shapes: list | None = None
     result: fx.GraphModule | None = None
 
 
 def _capture(job: Job) -> None:
-    gm = capture(job.model)
+    gm = capture(job.model, job.example_inputs, job.kwargs)
     if gm is job.model:  # never edit the caller's graph: a fresh graph over the same modules
-        gm = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
+        fresh = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
+        fresh.meta.update(gm.meta)
+        gm = fresh
     job.gm = gm
+    job.flat_inputs = flat_inputs(gm, job.example_inputs, job.kwargs)
 
 
 def _propagate(job: Job) -> None:
-    propagate(job.gm, job.example_inputs)
+    propagate(job.gm, job.flat_inputs)
     job.expected_shapes = output_shapes(job.gm)
 
 
 def _decompose(job: Job) -> None:
     if decompose(job.gm):
-        propagate(job.gm, job.example_inputs)
+        propagate(job.gm, job.flat_inputs)
 
 
 def _relate(job: Job) -> None:
@@ -75,7 +80,7 @@ def _relate(job: Job) -> None:
 
 def _solve(job: Job) -> None:
     ignore = _ignored_keys(job.gm, job.state, job.ignore)
-    job.dg = DependencyGraph(job.gm, job.state, job.example_inputs, ignore)
+    job.dg = DependencyGraph(job.gm, job.state, job.flat_inputs, ignore)
     job.dg.expected_shapes = job.expected_shapes
 
 
@@ -109,9 +114,9 @@ def run(job: Job, passes) -> Job:
     return job
 
 
-def analyze(model, example_inputs=None, *, ignore=()) -> DependencyGraph:
+def analyze(model, example_inputs=None, *, kwargs=None, ignore=()) -> DependencyGraph:
     """Capture ``model`` and build its dependency graph (groups, members, frozen reasons)."""
-    return run(Job(model, example_inputs, ignore=tuple(ignore)), ANALYSIS).dg
+    return run(Job(model, example_inputs, kwargs, ignore=tuple(ignore)), ANALYSIS).dg
 
 
 def apply(dg: DependencyGraph, removal: dict, *, inplace: bool = False) -> fx.GraphModule:
@@ -121,8 +126,8 @@ def apply(dg: DependencyGraph, removal: dict, *, inplace: bool = False) -> fx.Gr
     return gm
 
 
-def prune(model, ratio: float = 0.3, *, example_inputs=None, importance="l2", ignore=(), round_to=None,
-          inplace: bool = False) -> fx.GraphModule:
+def prune(model, ratio: float = 0.3, *, example_inputs=None, kwargs=None, importance="l2", ignore=(),
+          round_to=None, inplace: bool = False) -> fx.GraphModule:
     """Remove ``ratio`` of the units of every prunable group; returns a verified GraphModule.
 
     ``model`` is an ``nn.Module`` (traced here) or a ``torch.fx.GraphModule``.
@@ -133,7 +138,7 @@ def prune(model, ratio: float = 0.3, *, example_inputs=None, importance="l2", ig
         raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
     if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
         raise ValueError(f"round_to must be a positive int, got {round_to!r}")
-    job = Job(model, example_inputs, ratio=float(ratio), importance=importance, ignore=tuple(ignore),
+    job = Job(model, example_inputs, kwargs, ratio=float(ratio), importance=importance, ignore=tuple(ignore),
               round_to=round_to, inplace=inplace)
     return run(job, PIPELINE).result
 

@@ -1,4 +1,10 @@
-"""Capture: model -> torch.fx.GraphModule (``symbolic_trace`` with source lines recorded).
+"""Capture: model -> torch.fx.GraphModule: ``symbolic_trace`` first, ``torch.export`` when it fails.
+
+Hugging Face ``PreTrainedModel``s go straight to ``torch.export.export(model,
+args, kwargs, strict=False)`` with ``use_cache=False``; the exported graph is
+made of aten ops whose ``get_attr`` targets are the original parameter names.
+Any other model is traced symbolically; if that fails and example inputs are
+given, capture falls back to ``torch.export`` with a one-line note.
 
 Example::
 
@@ -13,12 +19,18 @@ raises :class:`CaptureError` with the failing source line and a pointer to
 
 from __future__ import annotations
 
+import inspect
 import traceback
+import warnings
 
 import torch
 import torch.fx as fx
+from torch.fx.graph import _PyTreeCodeGen
+from torch.utils._pytree import tree_leaves
 
 from fxprune.errors import CaptureError
+
+EXPORTED = "export"  # value of gm.meta["fxprune_capture"] for graphs captured with torch.export
 
 
 class _Tracer(fx.Tracer):
@@ -54,19 +66,64 @@ def _static_length(node: fx.Node) -> int | None:
     return None
 
 
-def capture(model: torch.nn.Module) -> fx.GraphModule:
+def capture(model: torch.nn.Module, example_inputs=None, kwargs=None) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule; a GraphModule is returned as it is."""
     if isinstance(model, fx.GraphModule):
         return model
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fxprune needs an nn.Module or a torch.fx.GraphModule, got {type(model).__name__}")
+    if is_hf_model(model):
+        if example_inputs is None:
+            raise CaptureError(f"{type(model).__name__} is captured with torch.export, which needs example_inputs")
+        return export_capture(model, example_inputs, {"use_cache": False, **(kwargs or {})})
     tracer = _Tracer()
     try:
         graph = tracer.trace(model)
-    except Exception as exc:  # any tracing failure becomes one clear error
-        raise CaptureError(_explain(model, exc)) from exc
+    except Exception as exc:  # any tracing failure becomes one clear error, or an export fallback
+        explanation = _explain(model, exc)
+        if example_inputs is None:
+            raise CaptureError(explanation) from exc
+        warnings.warn(f"fxprune: symbolic_trace failed ({type(exc).__name__}); captured with torch.export instead",
+                      stacklevel=3)
+        return export_capture(model, example_inputs, kwargs, explanation)
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
+
+
+def export_capture(model: torch.nn.Module, example_inputs, kwargs=None, trace_error: str = "") -> fx.GraphModule:
+    """``torch.export.export(model, args, kwargs, strict=False).module()``, or a CaptureError quoting export."""
+    try:
+        program = torch.export.export(model, tuple(example_inputs), kwargs=dict(kwargs or {}), strict=False)
+    except Exception as exc:  # export's own message is the useful part
+        message = str(exc).strip().splitlines()
+        raise CaptureError(
+            (trace_error + "\n" if trace_error else "")
+            + f"torch.export could not capture {type(model).__name__} either: {type(exc).__name__}: "
+            + (message[0] if message else "")
+        ) from exc
+    gm = program.module(check_guards=False) if "check_guards" in _parameters(program.module) else program.module()
+    gm.meta["fxprune_capture"] = EXPORTED
+    gm.meta["fxprune_kwargs"] = dict(kwargs or {})
+    return gm
+
+
+def flat_inputs(gm: fx.GraphModule, example_inputs, kwargs=None) -> tuple | None:
+    """The values of the graph's placeholders: exported graphs take ``(args, kwargs)`` flattened."""
+    if example_inputs is None:
+        return None
+    if isinstance(gm.graph._codegen, _PyTreeCodeGen):
+        kwargs = gm.meta.get("fxprune_kwargs", {}) if kwargs is None else kwargs
+        return tuple(tree_leaves((tuple(example_inputs), dict(kwargs))))
+    return tuple(example_inputs)
+
+
+def is_hf_model(model) -> bool:
+    return any(cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers")
+               for cls in type(model).__mro__)
+
+
+def _parameters(fn) -> set[str]:
+    return set(inspect.signature(fn).parameters)
 
 
 def _explain(model: torch.nn.Module, exc: Exception) -> str:

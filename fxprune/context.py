@@ -28,6 +28,18 @@ from fxprune.errors import describe_node
 from fxprune.layout import Atom, Cat, Prod, Solver
 
 
+# aten schemas name arguments differently from torch's Python functions
+_SCHEMA_ALIASES = {
+    "input": ("self",),
+    "self": ("input",),
+    "shape": ("size",),
+    "sizes": ("size",),
+    "dims": ("dim",),
+    "split_size_or_sections": ("split_size", "split_sizes"),
+    "tensor": ("self",),
+}
+
+
 class TensorRef:
     """A tensor in the graph: its key, its shape, and its axes as layouts."""
 
@@ -183,22 +195,16 @@ class RuleContext:
         Tensor values come back as :class:`TensorRef`; defaults are filled in.
         """
         sig = inspect.signature(signature)
-        bound = sig.bind_partial(*self.node.args, **self.node.kwargs)
-        position, count = 0, len(self.node.args)
-        for name, param in sig.parameters.items():
-            positional = param.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-            if positional and position < count:
-                self.sources[name] = ("args", position)
-                position += 1
-            elif param.kind == inspect.Parameter.VAR_POSITIONAL and position < count:
-                self.sources[name] = ("star", position)
-                position = count
-            elif name in self.node.kwargs:
-                self.sources[name] = ("kwargs", name)
+        if isinstance(self.node.target, torch._ops.OpOverload):
+            arguments = self._bind_schema(sig)
+        else:
+            arguments = self._bind_python(sig)
         result = {}
         for name, param in sig.parameters.items():
-            if name in bound.arguments:
-                value = bound.arguments[name]
+            if param.kind == inspect.Parameter.VAR_KEYWORD:
+                continue
+            if name in arguments:
+                value = arguments[name]
             elif self.module is not None and hasattr(self.module, name):
                 value = getattr(self.module, name)
                 self.sources[name] = ("attr", name)
@@ -213,6 +219,49 @@ class RuleContext:
             ref = self.tensor(value) if isinstance(value, fx.Node) else None
             result[name] = ref if ref is not None else value
         return result
+
+    def _bind_python(self, sig: inspect.Signature) -> dict:
+        takes_any = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+        kwargs = {k: v for k, v in self.node.kwargs.items() if takes_any or k in sig.parameters}
+        bound = sig.bind_partial(*self.node.args, **kwargs)
+        position, count = 0, len(self.node.args)
+        for name, param in sig.parameters.items():
+            positional = param.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            if positional and position < count:
+                self.sources[name] = ("args", position)
+                position += 1
+            elif param.kind == inspect.Parameter.VAR_POSITIONAL and position < count:
+                self.sources[name] = ("star", position)
+                position = count
+            elif name in kwargs:
+                self.sources[name] = ("kwargs", name)
+        return dict(bound.arguments)
+
+    def _bind_schema(self, sig: inspect.Signature) -> dict:
+        """Bind an aten op's arguments by its schema's names, renamed to the rule's (``self`` -> ``input``).
+
+        A list argument (``size``, ``dims``) meets a rule's ``*shape`` as one nested value,
+        marked ``"wrapped"`` so that shape constants are written back unwrapped.
+        """
+        names = [a.name for a in self.node.target._schema.arguments]
+        given, where = {}, {}
+        for i, value in enumerate(self.node.args):
+            given[names[i]], where[names[i]] = value, ("args", i)
+        for key, value in self.node.kwargs.items():
+            given[key], where[key] = value, ("kwargs", key)
+        arguments = {}
+        for name, param in sig.parameters.items():
+            for candidate in (name,) + _SCHEMA_ALIASES.get(name, ()):
+                if candidate not in given:
+                    continue
+                if param.kind == inspect.Parameter.VAR_POSITIONAL:
+                    arguments[name] = (given[candidate],)
+                    self.sources[name] = where[candidate] + ("wrapped",)
+                else:
+                    arguments[name] = given[candidate]
+                    self.sources[name] = where[candidate]
+                break
+        return arguments
 
     # -- relations -------------------------------------------------------
     def fresh(self, size: int, why: str = "") -> Atom:

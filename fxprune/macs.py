@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxprune.capture import capture
+from fxprune.capture import capture, flat_inputs
 from fxprune.propagate import propagate
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -34,9 +34,10 @@ _RNN_GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}
 
 def count(model, example_inputs) -> tuple[int, int]:
     """``(macs, params)`` of a model or GraphModule for the given inputs."""
-    gm = capture(model)
-    gm = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    propagate(gm, example_inputs)
+    captured = capture(model, example_inputs)
+    gm = fx.GraphModule(captured, copy.deepcopy(captured.graph))
+    gm.meta.update(captured.meta)
+    propagate(gm, flat_inputs(gm, example_inputs))
     params = sum(p.numel() for p in gm.parameters())
     modules = dict(gm.named_modules())
     return sum(_node_macs(n, modules) for n in gm.graph.nodes), params

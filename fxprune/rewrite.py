@@ -118,19 +118,22 @@ def _set(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
 
 
 def _rewrite_constant(node: fx.Node, module, c, sizes: Sizes) -> None:
-    kind, where = c.source
+    kind, where = c.source[:2]
+    index = c.index
+    if c.source[-1] == "wrapped":  # an aten list argument the rule saw as ``*shape``
+        index = None
     if kind == "attr":
         if module is not None:
-            setattr(module, where, _updated(getattr(module, where), c.layouts, c.index, sizes))
+            setattr(module, where, _updated(getattr(module, where), c.layouts, index, sizes))
         return
     if kind == "kwargs":
-        node.kwargs = {**node.kwargs, where: _updated(node.kwargs[where], c.layouts, c.index, sizes)}
+        node.kwargs = {**node.kwargs, where: _updated(node.kwargs[where], c.layouts, index, sizes)}
         return
     args = list(node.args)
     if kind == "star":
-        args[where:] = list(_updated(tuple(args[where:]), c.layouts, c.index, sizes))
+        args[where:] = list(_updated(tuple(args[where:]), c.layouts, index, sizes))
     else:
-        args[where] = _updated(args[where], c.layouts, c.index, sizes)
+        args[where] = _updated(args[where], c.layouts, index, sizes)
     node.args = tuple(args)
 
 

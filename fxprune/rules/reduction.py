@@ -10,7 +10,7 @@ import torch
 
 from fxprune.context import TensorRef
 from fxprune.rules.elementwise import elementwise
-from fxprune.rules.registry import family, register
+from fxprune.rules.registry import family, op_name, register
 
 
 _AVERAGES = {"mean", "std", "var", "nanmean", "logsumexp", "norm"}
@@ -30,7 +30,7 @@ def reduction(r) -> None:
     if dims is None or not isinstance(dims, (int, tuple, list)):
         return  # a full reduction: the output has no axis of x
     dims = {d % x.ndim for d in ([dims] if isinstance(dims, int) else dims)} if x.ndim else set()
-    if getattr(r.node.target, "__name__", r.node.target) in _AVERAGES:
+    if op_name(r.node.target) in _AVERAGES:
         for d in dims:
             r.normalizes(x[d])
     for out in r.tensors_out():

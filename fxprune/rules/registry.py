@@ -71,3 +71,10 @@ def lookup(node, module: nn.Module | None = None) -> Callable | None:
 
 def _name(target) -> str:
     return getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or repr(target)
+
+
+def op_name(target) -> str:
+    """``"mean"`` for torch.mean, ``"mean"`` (a method), and ``aten.mean.dim`` alike."""
+    if isinstance(target, str):
+        return target
+    return getattr(target, "_opname", None) or getattr(target, "__name__", "")
