@@ -192,10 +192,23 @@ def _slice(r, x, din: int, out, dout: int, s: slice, position: int, in_tuple: bo
 
 
 def _slice_hook(position: int, in_tuple: bool, pre, mid, post):
+    """New bounds from the new segment sizes; a bound counted from the end stays counted from the end.
+
+    Example: ``y[:, -2:]`` on a sequence axis of 5 (frozen, so nothing changes) stays ``-2:`` and still
+    takes the last 2 rows of a longer input; ``y[:, 1:4]`` whose 3 units lose 1 becomes ``1:3``.
+    """
+
     def hook(node: fx.Node, sizes) -> None:
+        if all(sizes.new(layout) == sizes.old(layout) for layout in (pre, mid, post)):
+            return  # keep the slice exactly as written: its bounds may be relative to a dynamic size
         old = node.args[1][position] if in_tuple else node.args[1]
         n_pre, n_mid, n_post = sizes.new(pre), sizes.new(mid), sizes.new(post)
-        start = None if old.start is None else n_pre
+        if old.start is None:
+            start = None
+        elif old.start < 0 and n_mid + n_post:
+            start = -(n_mid + n_post)
+        else:
+            start = n_pre
         if old.stop is None:
             stop = None
         elif old.stop < 0:

@@ -1,0 +1,217 @@
+"""Table test for fxprune/rules/shape.py: view/reshape/flatten/unflatten, permutes, expand, repeat, factories."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+from fxprune.testing import plant_dead_units
+
+
+def _oracle(model, *inputs, seed=0, groups=None):
+    """Plant dead units in every oracle group, prune exactly them, compare with the unpruned graph."""
+    model.eval()
+    dg = fxprune.analyze(model, inputs)
+    removal = plant_dead_units(dg, groups, seed=seed)
+    assert removal, "nothing to prune: the test model is too small"
+    before = dg.gm(*inputs)
+    pruned = fxprune.apply(dg, removal)
+    after = pruned(*inputs)
+    assert after.shape == before.shape
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in dg.gm.parameters())
+    return dg, pruned, removal
+
+
+def _ids(dg, name, axis):
+    return [g.id for g in dg.groups_of(name, axis)]
+
+
+class Heads(nn.Module):
+    """q and k projections viewed to (B, N, heads, head_dim) by view, reshape(-1) and unflatten."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+        self.q = nn.Linear(8, 8)
+        self.k = nn.Linear(8, 8)
+        self.o = nn.Linear(8, 8)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        if self.form == "view":
+            q = self.q(x).view(B, N, 2, 4).transpose(1, 2)
+        elif self.form == "unflatten":
+            q = self.q(x).unflatten(-1, (2, 4)).transpose(1, 2)
+        elif self.form == "view_tuple":
+            q = self.q(x).view((B, N, 2, 4)).transpose(1, 2)
+        else:
+            q = torch.reshape(self.q(x), (B, N, 2, 4)).swapaxes(1, 2)
+        k = self.k(x).reshape(B, N, 2, -1).permute(0, 2, 3, 1)  # (B, H, D, N)
+        a = q @ k  # (B, H, N, N)
+        y = (a @ q).transpose(1, 2).reshape(B, N, C)
+        return self.o(y)
+
+
+@pytest.mark.parametrize("form", ["view", "unflatten", "view_tuple", "reshape"])
+def test_view_to_heads_is_a_product_of_heads_and_head_dim(form):
+    dg = fxprune.analyze(Heads(form).eval(), (torch.randn(1, 3, 8),))
+    heads, dim = dg.groups_of("q.weight", 0)
+    assert (heads.units, dim.units) == (2, 4)
+    assert dg.describe(dg.layout_of("q.weight", 0)) == f"(G{heads.id}(2) x G{dim.id}(4))"
+    for name, axis in [("q.bias", 0), ("k.weight", 0), ("k.bias", 0), ("o.weight", 1)]:
+        assert _ids(dg, name, axis) == [heads.id, dim.id], name
+    assert heads.prunable and dim.prunable
+    assert "graph output" in dg.group_of("o.weight", 0).frozen[0]
+    assert "graph input" in dg.group_of("q.weight", 1).frozen[0]
+    assert sorted(g.units for g in dg.prunable_groups) == [2, 4]
+
+
+@pytest.mark.parametrize("form", ["view", "unflatten", "view_tuple", "reshape"])
+def test_view_to_heads_rewrites_shape_constants(form):
+    x = torch.randn(1, 3, 8)
+    dg = fxprune.analyze(Heads(form).eval(), (x,))
+    heads, dim = dg.groups_of("q.weight", 0)
+    removal = plant_dead_units(dg, [heads, dim], fraction=0.5, seed=0)
+    before = dg.gm(x)
+    pruned = fxprune.apply(dg, removal)
+    torch.testing.assert_close(pruned(x), before, atol=1e-5, rtol=0)
+    assert pruned.q.out_features == pruned.k.out_features == pruned.o.in_features == 1 * 2
+    code = pruned.code
+    if form == "view":
+        assert "view(getitem, getitem_1, 1, 2)" in code
+    elif form == "unflatten":
+        assert "unflatten(-1, (1, 2))" in code
+    elif form == "view_tuple":
+        assert "view((getitem, getitem_1, 1, 2))" in code
+    else:
+        assert "reshape(q, (getitem, getitem_1, 1, 2))" in code
+    assert "reshape(getitem, getitem_1, 1, -1)" in code  # -1 is kept as written
+
+
+class ChannelShuffle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 8, 1)
+        self.b = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        y = self.a(x).view(B, 2, 4, H, W).transpose(1, 2).reshape(B, C * 4, H, W)
+        return self.b(y)
+
+
+def test_channel_shuffle_permutes_factors():
+    x = torch.randn(1, 2, 3, 3)
+    dg = fxprune.analyze(ChannelShuffle().eval(), (x,))
+    g, c = dg.groups_of("a.weight", 0)
+    assert (g.units, c.units) == (2, 4)
+    assert _ids(dg, "b.weight", 1) == [c.id, g.id]  # the shuffled order
+    dg, pruned, removal = _oracle(ChannelShuffle(), x)
+    g, c = dg.groups_of("a.weight", 0)
+    assert set(removal) == {g, c}
+    kept = (2 - len(removal[g])) * (4 - len(removal[c]))
+    assert pruned.a.out_channels == pruned.b.in_channels == kept
+    assert f"view(getitem, {2 - len(removal[g])}, {4 - len(removal[c])}, getitem_2, getitem_3)" in pruned.code
+
+
+class FlattenForms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 1)
+        self.flat = nn.Flatten()
+        self.fc1 = nn.Linear(4 * 2 * 2, 3)
+        self.fc2 = nn.Linear(4, 3)
+        self.unflat = nn.Unflatten(1, (3, 1))
+
+    def forward(self, x):
+        y = self.conv(x)
+        a = self.fc1(self.flat(y))
+        b = self.fc2(y.mean((2, 3)).unsqueeze(1).squeeze(1))
+        c = torch.flatten(y, 2).movedim(1, -1)  # (B, HW, C)
+        return self.unflat(a + b + c.sum(1).sum(1, keepdim=True)).squeeze(-1)
+
+
+def test_flatten_unsqueeze_movedim_and_unflatten_module():
+    x = torch.randn(2, 2, 2, 2)
+    dg = fxprune.analyze(FlattenForms().eval(), (x,))
+    ch = dg.group_of("conv.weight", 0)
+    assert ch.units == 4 and ch.prunable
+    fc1 = dg.groups_of("fc1.weight", 1)
+    assert [g.units for g in fc1] == [4, 2, 2] and fc1[0] is ch
+    assert dg.group_of("fc2.weight", 1) is ch
+    assert dg.group_of("movedim", 2) is ch
+    assert dg.group_of("squeeze", 1) is ch
+    assert dg.group_of("unflat", 1) is dg.group_of("fc1.weight", 0)
+    assert not ch.normalized  # the mean is over H and W, the sums over channels are exact
+    assert dg.group_of("x", 2).frozen  # H, W
+    dg, pruned, removal = _oracle(FlattenForms(), x)
+    kept = 4 - len(removal[dg.group_of("conv.weight", 0)])
+    assert pruned.conv.out_channels == pruned.fc2.in_features == kept
+    assert pruned.fc1.in_features == kept * 4
+    assert pruned.unflat.unflattened_size == (3, 1)
+
+
+class RepeatExpandFactories(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(8, 2)
+        self.c = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.a(x)  # (B, 4)
+        r = y.repeat(1, 2)  # (B, 8): copy-major tiling
+        z = y.new_zeros(y.shape[0], 4) + torch.zeros(2, 4)  # a size argument, and a traced constant
+        e = y.unsqueeze(1).expand(-1, 3, -1)  # (B, 3, 4): the new axis has no data
+        f = y.view_as(y) + y.expand_as(y) + z + e.sum(1) + torch.ones_like(y).t().t()
+        return self.b(r) + self.c(f)
+
+
+def test_repeat_expand_and_factories_relations():
+    dg = fxprune.analyze(RepeatExpandFactories().eval(), (torch.randn(2, 3),))
+    ch = dg.group_of("a.weight", 0)
+    copies, inner = dg.groups_of("b.weight", 1)
+    assert inner is ch and copies.units == 2
+    assert dg.describe(dg.layout_of("repeat", 1)) == f"(G{copies.id}(2) x G{ch.id}(4))"
+    # a copy of the tiling is a real unit: b's columns for that copy can go
+    assert copies.prunable and ch.prunable
+    for name in ("new_zeros", "_tensor_constant0", "view_as", "expand_as", "ones_like", "t", "t_1"):
+        assert dg.group_of(name, 1 if name != "t" else 0) is ch, name
+    assert dg.group_of("expand", 2) is ch
+    new_axis = dg.group_of("expand", 1)
+    assert new_axis.units == 3 and new_axis.broadcast and not new_axis.prunable
+    assert dg.group_of("c.weight", 1) is ch
+    kinds = {(m.name, m.kind) for m in ch.members}
+    assert ("_tensor_constant0", "buffer") in kinds  # fx stores traced constants as buffers and ("a.weight", "parameter") in kinds
+
+
+def test_repeat_expand_and_factories_prune_exactly():
+    x = torch.randn(2, 3)
+    dg, pruned, removal = _oracle(RepeatExpandFactories(), x)
+    ch = dg.group_of("a.weight", 0)
+    copies = dg.groups_of("b.weight", 1)[0]
+    kept_c, kept_r = 4 - len(removal[ch]), 2 - len(removal[copies])
+    assert f"repeat(1, {kept_r})" in pruned.code
+    assert f"new_zeros(getitem, {kept_c})" in pruned.code
+    assert tuple(pruned._tensor_constant0.shape) == (2, kept_c)
+    assert "expand(-1, 3, -1)" in pruned.code  # -1 kept, the broadcast axis keeps its size
+    assert pruned.b.in_features == kept_c * kept_r
+
+
+def test_arange_freezes_positions():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x):
+            pos = torch.arange(4, dtype=x.dtype)
+            return self.out(self.fc(x) * pos)
+
+    dg = fxprune.analyze(M().eval(), (torch.randn(2, 4),))
+    g = dg.group_of("fc.weight", 0)
+    assert g is dg.group_of("arange", 0) and g.frozen
+    assert any("torch.arange" in why for why in g.frozen)
+    assert dg.prunable_groups == []
