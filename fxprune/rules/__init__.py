@@ -1,6 +1,7 @@
 """Per-op rules, one table (:data:`fxprune.rules.registry.RULES`); importing this package fills it."""
 
 from fxprune.rules import (  # noqa: F401 - imported for their registrations
+    aten,
     attention,
     conv,
     elementwise,
