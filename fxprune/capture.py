@@ -25,8 +25,8 @@ import warnings
 
 import torch
 import torch.fx as fx
-from torch.fx.graph import _PyTreeCodeGen
-from torch.utils._pytree import tree_leaves
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+from torch.utils._pytree import tree_leaves, tree_structure
 
 from fxprune.errors import CaptureError
 
@@ -75,7 +75,9 @@ def capture(model: torch.nn.Module, example_inputs=None, kwargs=None) -> fx.Grap
     if is_hf_model(model):
         if example_inputs is None:
             raise CaptureError(f"{type(model).__name__} is captured with torch.export, which needs example_inputs")
-        return export_capture(model, example_inputs, {"use_cache": False, **(kwargs or {})})
+        kwargs = dict(kwargs or {})
+        kwargs.setdefault("use_cache", False)  # last, so that it can become a default argument
+        return export_capture(model, example_inputs, kwargs)
     tracer = _Tracer()
     try:
         graph = tracer.trace(model)
@@ -103,8 +105,30 @@ def export_capture(model: torch.nn.Module, example_inputs, kwargs=None, trace_er
         ) from exc
     gm = program.module(check_guards=False) if "check_guards" in _parameters(program.module) else program.module()
     gm.meta["fxprune_capture"] = EXPORTED
-    gm.meta["fxprune_kwargs"] = dict(kwargs or {})
+    gm.meta["fxprune_kwargs"] = _drop_constant_kwargs(gm, example_inputs, dict(kwargs or {}))
     return gm
+
+
+def _drop_constant_kwargs(gm: fx.GraphModule, example_inputs, kwargs: dict) -> dict:
+    """Remove unused constant placeholders (``use_cache=False``) so that ``pruned(ids)`` just works.
+
+    Returns the kwargs the graph still takes.
+    """
+    codegen = gm.graph._codegen
+    if not isinstance(codegen, _PyTreeCodeGen):
+        return kwargs
+    kept = dict(kwargs)
+    for node in gm.graph.find_nodes(op="placeholder"):
+        if node.target in kwargs and not isinstance(kwargs[node.target], torch.Tensor) and not node.users:
+            gm.graph.erase_node(node)
+            del kept[node.target]
+    if kept == kwargs:
+        return kwargs
+    names = [n.target for n in gm.graph.find_nodes(op="placeholder")]
+    in_spec = tree_structure((tuple(example_inputs), kept))
+    gm.graph._codegen = _PyTreeCodeGen(_PyTreeInfo(names, in_spec, codegen.pytree_info.out_spec))
+    gm.recompile()
+    return kept
 
 
 def flat_inputs(gm: fx.GraphModule, example_inputs, kwargs=None) -> tuple | None:
@@ -112,7 +136,7 @@ def flat_inputs(gm: fx.GraphModule, example_inputs, kwargs=None) -> tuple | None
     if example_inputs is None:
         return None
     if isinstance(gm.graph._codegen, _PyTreeCodeGen):
-        kwargs = gm.meta.get("fxprune_kwargs", {}) if kwargs is None else kwargs
+        kwargs = gm.meta.get("fxprune_kwargs", kwargs or {})  # the kwargs the graph was exported with
         return tuple(tree_leaves((tuple(example_inputs), dict(kwargs))))
     return tuple(example_inputs)
 
