@@ -215,3 +215,30 @@ def test_arange_freezes_positions():
     assert g is dg.group_of("arange", 0) and g.frozen
     assert any("torch.arange" in why for why in g.frozen)
     assert dg.prunable_groups == []
+
+
+class ShapeOfAnother(nn.Module):
+    """Size arguments that are a whole shape read at run time: ``view(y.shape)``, ``new_zeros(y.size())``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.a(x)
+        z = torch.relu(y).reshape(y.shape) + torch.reshape(y, y.size()) + y.view(y.shape)
+        return self.b(z + y.new_zeros(y.shape) + torch.zeros_like(y).expand(y.shape))
+
+
+def test_a_whole_shape_argument_follows_its_tensor():
+    x = torch.randn(2, 3)
+    dg = fxprune.analyze(ShapeOfAnother().eval(), (x,))
+    g = dg.group_of("a.weight", 0)
+    for name in ("reshape", "reshape_1", "view", "new_zeros", "expand"):
+        assert dg.group_of(name, 1) is g, name
+    # no shape constant for them: the shape node is re-read from the pruned tensor at run time
+    assert [c.node.name for c in dg.state.constants if c.node.op != "call_module"] == []
+    dg, pruned, removal = _oracle(ShapeOfAnother(), x)
+    assert "new_zeros(getattr_3)" in pruned.code and "view(getattr_2)" in pruned.code
+    assert pruned.a.out_features == 4 - len(removal[dg.group_of("a.weight", 0)])

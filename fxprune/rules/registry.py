@@ -35,12 +35,14 @@ def register(*targets, replace: bool = False):
     """Decorator registering one rule for every target (module class, callable or method name)."""
 
     def decorate(rule: Callable) -> Callable:
-        for target in dict.fromkeys(targets):  # aliases such as F.conv1d is torch.conv1d count once
+        targets_once = list(dict.fromkeys(targets))  # aliases such as F.conv1d is torch.conv1d count once
+        for target in targets_once:  # check every target first: a failed registration registers nothing
             if target in RULES and not replace:
                 raise DuplicateRuleError(
                     f"a rule for {_name(target)} is already registered ({RULES[target].__qualname__}); "
                     "pass replace=True to override it"
                 )
+        for target in targets_once:
             RULES[target] = rule
         return rule
 

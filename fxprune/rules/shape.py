@@ -8,6 +8,7 @@ arguments are recorded as shape constants and rewritten after pruning.
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 
 from fxprune.layout import Prod
@@ -49,6 +50,30 @@ def _shape_layouts(r, out, shape) -> list:
     return [None if (isinstance(s, int) and s == -1) else out[d] for d, s in enumerate(shape)]
 
 
+def _follows_a_shape(r, shape, out) -> bool:
+    """``x.view(y.shape)``: one argument that holds a whole shape, read from ``y`` at run time.
+
+    Such a value follows ``y`` by itself, so there is no constant to rewrite; instead ``out``'s
+    axes are tied to ``y``'s (the algebra has no relation weaker than ``same`` for "equal sizes").
+    A whole shape from anywhere else freezes ``out``. Returns False for ordinary size arguments
+    (ints, int nodes such as ``x.size(0)``, literal tuples), which are shape constants.
+    """
+    value = shape[0] if isinstance(shape, (tuple, list)) and len(shape) == 1 else shape
+    if not (isinstance(value, fx.Node) and isinstance(value.meta.get("val"), (tuple, list, torch.Size))):
+        return False
+    source = None
+    if value.op == "call_function" and value.target is getattr and value.args[1] == "shape":
+        source = r.tensor(value.args[0])
+    elif value.op == "call_method" and value.target == "size" and len(value.args) == 1 and not value.kwargs:
+        source = r.tensor(value.args[0])
+    if source is not None and source.shape == out.shape:
+        for d in range(out.ndim):
+            r.same(out[d], source[d])
+    else:
+        r.freeze(out, "shape computed at run time")
+    return True
+
+
 def _view_signature(self, *shape):
     pass
 
@@ -58,6 +83,8 @@ def view(r) -> None:
     a = r.bind(_view_signature)
     tie_reshape(r, a["self"], r.out)
     shape = a["shape"]
+    if _follows_a_shape(r, shape, r.out):
+        return
     nested = len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size))
     r.const("shape", _shape_layouts(r, r.out, shape[0] if nested else shape), index=0 if nested else None)
 
@@ -70,7 +97,8 @@ def _reshape_signature(input, shape):  # noqa: A002
 def reshape(r) -> None:
     a = r.bind(_reshape_signature)
     tie_reshape(r, a["input"], r.out)
-    r.const("shape", _shape_layouts(r, r.out, a["shape"]))
+    if not _follows_a_shape(r, a["shape"], r.out):
+        r.const("shape", _shape_layouts(r, r.out, a["shape"]))
 
 
 def _view_as_signature(self, other):
@@ -108,7 +136,8 @@ def unflatten(r) -> None:
     x, out = a["input"], r.out
     tie_reshape(r, x, out)
     dim = a["dim"] % x.ndim
-    r.const("sizes", _shape_layouts(r, out, [None] * dim + list(a["sizes"]))[dim:])
+    if not _follows_a_shape(r, a["sizes"], out):
+        r.const("sizes", _shape_layouts(r, out, [None] * dim + list(a["sizes"]))[dim:])
 
 
 @register(nn.Unflatten)
@@ -194,6 +223,8 @@ def expand(r) -> None:
             r.same(x[d - lead], out[d])
         else:
             r.broadcast(out[d])
+    if _follows_a_shape(r, sizes, out):
+        return
     r.const("sizes", _shape_layouts(r, out, sizes), index=0 if nested else None)
 
 
@@ -223,6 +254,10 @@ def repeat(r) -> None:
     a = r.bind(_repeat_signature)
     x, out = a["self"], r.out
     sizes = a["sizes"]
+    if isinstance(sizes, (tuple, list)) and len(sizes) == 1 and isinstance(sizes[0], fx.Node) and isinstance(
+            sizes[0].meta.get("val"), (tuple, list, torch.Size)):
+        r.freeze_all("repeat counts computed at run time")
+        return
     nested = len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size))
     sizes = list(sizes[0] if nested else sizes)
     lead = out.ndim - x.ndim
@@ -242,6 +277,8 @@ def _new_factory_signature(self, *size, **kwargs):
 def new_factory(r) -> None:
     a = r.bind(_new_factory_signature)
     size = a["size"]
+    if _follows_a_shape(r, size, r.out):
+        return
     nested = len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size))
     r.const("size", list(r.out.axes), index=0 if nested else None)
 
@@ -255,6 +292,8 @@ def factory(r) -> None:
     """``torch.zeros(B, C)``: fresh axes whose sizes are shape constants."""
     a = r.bind(_factory_signature)
     size = a["size"]
+    if _follows_a_shape(r, size, r.out):
+        return
     nested = len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size))
     r.const("size", list(r.out.axes), index=0 if nested else None)
 
@@ -265,8 +304,9 @@ def _full_signature(size, fill_value, **kwargs):
 
 @register(torch.full)
 def full(r) -> None:
-    r.bind(_full_signature)
-    r.const("size", list(r.out.axes))
+    a = r.bind(_full_signature)
+    if not _follows_a_shape(r, a["size"], r.out):
+        r.const("size", list(r.out.axes))
 
 
 @register(torch.arange)
