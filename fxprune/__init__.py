@@ -3,6 +3,7 @@
 from fxprune.api import analyze, apply, prune
 from fxprune.capture import capture
 from fxprune.depgraph import DependencyGraph, Group, Member
+from fxprune.hf import load_pretrained
 from fxprune.errors import CaptureError, DuplicateRuleError, FxPruneError, PlanError, ShapeError
 from fxprune.rules.registry import family as register_family
 from fxprune.rules.registry import register as register_rule
@@ -11,5 +12,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CaptureError", "DependencyGraph", "DuplicateRuleError", "FxPruneError", "Group", "Member", "PlanError",
-    "ShapeError", "analyze", "apply", "capture", "prune", "register_family", "register_rule",
+    "ShapeError", "analyze", "apply", "capture", "load_pretrained", "prune", "register_family", "register_rule",
 ]

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from fxprune.capture import capture, flat_inputs
+from fxprune import hf
+from fxprune.capture import capture, flat_inputs, is_hf_model
 from fxprune.decompose import decompose
 from fxprune.depgraph import DependencyGraph
 from fxprune.importance import named_tensors, resolve_importance
@@ -80,8 +81,11 @@ def _relate(job: Job) -> None:
 
 def _solve(job: Job) -> None:
     ignore = _ignored_keys(job.gm, job.state, job.ignore)
-    job.dg = DependencyGraph(job.gm, job.state, job.flat_inputs, ignore)
-    job.dg.expected_shapes = job.expected_shapes
+    dg = job.dg = DependencyGraph(job.gm, job.state, job.flat_inputs, ignore)
+    dg.expected_shapes = job.expected_shapes
+    dg.model, dg.model_inputs, dg.model_kwargs = job.model, job.example_inputs, job.kwargs
+    if job.inplace and is_hf_model(job.model):
+        hf.freeze_head_dims(dg, job.model)
 
 
 def _score(job: Job) -> None:
@@ -95,11 +99,15 @@ def _plan(job: Job) -> None:
 
 
 def _rewrite(job: Job) -> None:
-    job.result = rewrite(job.dg, job.removal, inplace=job.inplace)
+    if job.inplace and is_hf_model(job.model):  # rewritten, verified and written back in one step
+        job.result = hf.prune_in_place(job.dg, job.removal, rewrite, verify)
+    else:
+        job.result = rewrite(job.dg, job.removal, inplace=job.inplace)
 
 
 def _verify(job: Job) -> None:
-    verify(job.result, job.dg.example_inputs, job.dg.expected_shapes)
+    if not (job.inplace and is_hf_model(job.model)):
+        verify(job.result, job.dg.example_inputs, job.dg.expected_shapes)
 
 
 ANALYSIS = [("capture", _capture), ("propagate", _propagate), ("decompose", _decompose), ("relate", _relate),
@@ -114,13 +122,23 @@ def run(job: Job, passes) -> Job:
     return job
 
 
-def analyze(model, example_inputs=None, *, kwargs=None, ignore=()) -> DependencyGraph:
-    """Capture ``model`` and build its dependency graph (groups, members, frozen reasons)."""
-    return run(Job(model, example_inputs, kwargs, ignore=tuple(ignore)), ANALYSIS).dg
+def analyze(model, example_inputs=None, *, kwargs=None, ignore=(), inplace: bool = False) -> DependencyGraph:
+    """Capture ``model`` and build its dependency graph (groups, members, frozen reasons).
+
+    ``inplace=True`` prepares a later ``apply(dg, ..., inplace=True)`` on a Hugging
+    Face model: groups its modules cannot express (head dims) are frozen.
+    """
+    return run(Job(model, example_inputs, kwargs, ignore=tuple(ignore), inplace=inplace), ANALYSIS).dg
 
 
 def apply(dg: DependencyGraph, removal: dict, *, inplace: bool = False) -> fx.GraphModule:
-    """Remove exactly the given units ``{group (or its id): unit indices}``; verified before returning."""
+    """Remove exactly the given units ``{group (or its id): unit indices}``; verified before returning.
+
+    With ``inplace=True`` on a Hugging Face model (analysed with ``inplace=True``
+    so that head dims are kept), the model itself is pruned and returned.
+    """
+    if inplace and is_hf_model(getattr(dg, "model", None)):
+        return hf.prune_in_place(dg, removal, rewrite, verify)
     gm = rewrite(dg, removal, inplace=inplace)
     verify(gm, dg.example_inputs, dg.expected_shapes)
     return gm
@@ -132,7 +150,9 @@ def prune(model, ratio: float = 0.3, *, example_inputs=None, kwargs=None, import
 
     ``model`` is an ``nn.Module`` (traced here) or a ``torch.fx.GraphModule``.
     ``ignore`` lists modules, module names or parameter names whose axes must not
-    change. Without ``inplace=True`` the caller's model is left untouched.
+    change. Without ``inplace=True`` the caller's model is left untouched. With
+    ``inplace=True`` a Hugging Face model is pruned in place and returned (it
+    still generates, saves and reloads; see :mod:`fxprune.hf`).
     """
     if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")

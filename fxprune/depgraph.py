@@ -141,6 +141,9 @@ class DependencyGraph:
         """Groups of one axis, outermost factor / first segment first."""
         return [self._by_atom[a] for a in self.solver.final_atoms(self.layout_of(name, axis))]
 
+    def groups_of_layout(self, layout) -> list[Group]:
+        return [self._by_atom[a] for a in self.solver.final_atoms(layout)]
+
     def group_of(self, name: str, axis: int) -> Group:
         """The single group of an axis; an axis made of several groups raises and lists them."""
         groups = self.groups_of(name, axis)
@@ -159,9 +162,29 @@ class DependencyGraph:
             return "(" + " x ".join(self.describe(f) for f in layout.factors) + ")"
         return str(layout)
 
+    def role(self, group: Group) -> str:
+        """How the group sits in its parameters, from structure alone (no model-specific names).
+
+        ``rotary pairs`` — it fills both halves of a concatenation (RoPE's rotate_half: pruning
+        unit u removes dims u and u + n); ``repeated`` — an expand copies it (GQA's query heads
+        per kv head); ``outer factor`` — heads, kv groups, conv groups; ``inner factor`` — head
+        dims, channels per group; ``whole axis`` — channels, hidden or MLP units.
+        """
+        roles = set()
+        for member in group.members:
+            roles.add(_position(member.layout, group.atom))
+        if "paired" in roles:
+            return "rotary pairs"
+        if group.broadcast:
+            return "repeated"
+        for name in ("outer factor", "inner factor"):
+            if name in roles:
+                return name
+        return "whole axis"
+
     def report(self, limit: int = 6) -> str:
         """A readable table of every group, then the ops that had no rule."""
-        lines = [f"{'group':>5}  {'units':>5}  {'status':<12}  members / reason"]
+        lines = [f"{'group':>5}  {'units':>5}  {'status':<12}  {'role':<13} members / reason"]
         for g in self.groups:
             if not g.has_parameters:
                 continue
@@ -169,9 +192,10 @@ class DependencyGraph:
             params = [f"{m.name}[{m.dim}]" + ("" if isinstance(m.layout, Atom) else f"={self.describe(m.layout)}")
                       for m in g.parameters]
             more = f" (+{len(params) - limit} more)" if len(params) > limit else ""
-            lines.append(f"{'G' + str(g.id):>5}  {g.units:>5}  {status:<12}  {', '.join(params[:limit])}{more}")
+            lines.append(f"{'G' + str(g.id):>5}  {g.units:>5}  {status:<12}  {self.role(g):<13} "
+                         f"{', '.join(params[:limit])}{more}")
             if g.frozen:
-                lines.append(f"{'':>5}  {'':>5}  {'':<12}  why: {g.frozen[0]}")
+                lines.append(f"{'':>5}  {'':>5}  {'':<12}  {'':<13} why: {g.frozen[0]}")
         if self.state.unsupported:
             lines.append("ops without a rule (their axes are frozen):")
             lines.extend(f"  {where}" for _, where in self.state.unsupported)
@@ -180,6 +204,31 @@ class DependencyGraph:
     def __repr__(self) -> str:
         return (f"DependencyGraph({len(self.groups)} groups, {len(self.prunable_groups)} prunable, "
                 f"{len(self.state.unsupported)} unsupported ops)")
+
+
+def _position(layout, atom: int) -> str:
+    """Where ``atom`` sits in a resolved layout: whole, paired (twice in one Cat), outer or inner factor."""
+    if isinstance(layout, Atom):
+        return "whole"
+    if isinstance(layout, Cat):
+        hits = [p for p in layout.parts if atom in _atoms(p)]
+        if len(hits) > 1:
+            return "paired"
+        return _position(hits[0], atom) if hits else "whole"
+    for i, factor in enumerate(layout.factors):
+        if atom in _atoms(factor):
+            inner = _position(factor, atom)
+            if inner == "paired":
+                return inner
+            return "inner factor" if i == len(layout.factors) - 1 else "outer factor"
+    return "whole"
+
+
+def _atoms(layout) -> set[int]:
+    if isinstance(layout, Atom):
+        return {layout.id}
+    children = layout.parts if isinstance(layout, Cat) else layout.factors
+    return set().union(*(_atoms(c) for c in children)) if children else set()
 
 
 def _tensor_kinds(gm: fx.GraphModule) -> dict[str, str]:

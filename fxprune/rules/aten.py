@@ -48,6 +48,8 @@ aten_family(elementwise.elementwise, *_packets(
     "bitwise_and", "bitwise_or", "bitwise_not", "logical_and", "logical_or", "logical_not", "clone", "contiguous",
     "detach", "alias", "lift_fresh_copy", "dropout", "zeros_like", "ones_like", "full_like", "empty_like",
     "fill", "remainder", "floor_divide", "isnan", "isinf", "log1p", "expm1", "addcmul", "addcdiv", "lerp",
+    # in-place forms (shift_tokens_right, position-bias arithmetic)
+    "copy_", "fill_", "masked_fill_", "add_", "sub_", "mul_", "div_", "zero_", "clamp_", "neg_",
 ))
 aten_family(elementwise.cast, *_packets("to", "_to_copy", "type_as"))
 aten_family(elementwise.softmax, *_packets("softmax", "_softmax", "log_softmax", "_log_softmax"))
