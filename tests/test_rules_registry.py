@@ -1,0 +1,179 @@
+"""Table test for fxprune/rules/registry.py: duplicates are errors, users add rules, a missing rule freezes."""
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+import fxprune
+from fxprune.rules.registry import RULES, lookup
+from fxprune.testing import plant_dead_units
+
+
+def gated(x, gate):
+    """A user function that fx keeps as one call (wrapped below); it has a user rule."""
+    return x * torch.sigmoid(gate)
+
+
+def opaque(x):
+    """A wrapped function with no rule: fxprune cannot see inside it."""
+    return x.flip(-1)
+
+
+torch.fx.wrap("gated")
+torch.fx.wrap("opaque")
+
+
+def test_duplicate_registration_is_an_error():
+    with pytest.raises(fxprune.DuplicateRuleError, match="Linear"):
+        fxprune.register_rule(nn.Linear)(lambda r: None)
+    with pytest.raises(fxprune.DuplicateRuleError, match="relu"):
+        fxprune.register_family(lambda r: None, "relu")
+    assert RULES[nn.Linear].__name__ == "linear"
+
+
+def test_a_failed_registration_registers_nothing():
+    def fresh_target(x):
+        return x
+
+    with pytest.raises(fxprune.DuplicateRuleError):
+        fxprune.register_rule(fresh_target, torch.relu)(lambda r: None)
+    assert fresh_target not in RULES
+
+
+def test_replace_overrides_deliberately():
+    def target(x):
+        return x
+
+    def first(r):
+        pass
+
+    def second(r):
+        pass
+
+    fxprune.register_rule(target)(first)
+    with pytest.raises(fxprune.DuplicateRuleError):
+        fxprune.register_rule(target)(second)
+    fxprune.register_rule(target, replace=True)(second)
+    assert RULES[target] is second
+    del RULES[target]
+
+
+@fxprune.register_rule(gated)
+def gated_rule(r):
+    """``gated(x (B, C), gate (C,))``: x, gate and out share the channel axis."""
+    x, gate, out = r.input(0), r.input(1), r.out
+    for d in range(x.ndim):
+        r.same(x[d], out[d])
+    r.same(gate[0], out[-1])
+
+
+class Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(3, 6)
+        self.gate = nn.Parameter(torch.randn(6))
+        self.fc2 = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc2(gated(self.fc1(x), self.gate))
+
+
+def test_user_rule_for_a_wrapped_function():
+    x = torch.randn(2, 3)
+    dg = fxprune.analyze(Gated().eval(), (x,))
+    node = next(n for n in dg.gm.graph.nodes if n.target is gated)
+    assert node.op == "call_function" and node.meta["fxprune_rule"] == "gated_rule"
+    g = dg.group_of("fc1.weight", 0)
+    assert g.units == 6 and g.prunable
+    assert dg.group_of("gate", 0) is g and dg.group_of("fc2.weight", 1) is g and dg.group_of("gated", 1) is g
+    removal = plant_dead_units(dg, seed=0)
+    before = dg.gm(x)
+    pruned = fxprune.apply(dg, removal)
+    torch.testing.assert_close(pruned(x), before, atol=1e-5, rtol=0)
+    assert tuple(pruned.gate.shape) == (6 - len(removal[g]),)
+
+
+class Scale(nn.Module):
+    """A custom module the user's tracer keeps as a leaf (the registry docstring's example)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.gain = nn.Parameter(torch.randn(channels))
+        self.channels = channels
+
+    def forward(self, x):
+        return x * self.gain
+
+
+@fxprune.register_rule(Scale)
+def scale_rule(r):
+    x, out = r.input(0), r.out
+    for d in range(x.ndim):
+        r.same(x[d], out[d])
+    r.same(r.param("gain")[0], out[-1])
+    r.module_attr("channels", out[-1])
+
+
+class LeafTracer(fx.Tracer):
+    def is_leaf_module(self, m, qualname):
+        return isinstance(m, Scale) or super().is_leaf_module(m, qualname)
+
+
+class WithScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(3, 5)
+        self.scale = Scale(5)
+        self.fc2 = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.fc2(self.scale(self.fc1(x)))
+
+
+def test_user_rule_for_a_custom_leaf_module():
+    model = WithScale().eval()
+    gm = fx.GraphModule(model, LeafTracer().trace(model))
+    assert [n.op for n in gm.graph.nodes if n.target == "scale"] == ["call_module"]
+    x = torch.randn(2, 3)
+    dg = fxprune.analyze(gm, (x,))
+    assert lookup(next(n for n in dg.gm.graph.nodes if n.target == "scale"), gm.scale) is scale_rule
+    g = dg.group_of("fc1.weight", 0)
+    assert dg.group_of("scale.gain", 0) is g and dg.group_of("fc2.weight", 1) is g and g.prunable
+    removal = plant_dead_units(dg, seed=1)
+    before = dg.gm(x)
+    pruned = fxprune.apply(dg, removal)
+    torch.testing.assert_close(pruned(x), before, atol=1e-5, rtol=0)
+    assert pruned.scale.channels == 5 - len(removal[g]) == pruned.scale.gain.shape[0]
+
+
+class Opaque(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(3, 4)
+        self.fc2 = nn.Linear(4, 4)
+        self.fc3 = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.fc2(torch.relu(self.fc1(x)))
+        return self.fc3(opaque(y))
+
+
+def test_an_op_without_a_rule_freezes_its_axes_and_is_reported():
+    x = torch.randn(2, 3)
+    dg = fxprune.analyze(Opaque().eval(), (x,))
+    node = next(n for n in dg.gm.graph.nodes if n.target is opaque)
+    assert node.meta["fxprune_rule"] == "<none>"
+    # the op's input and output axes are frozen but unrelated (no rule says how they correspond)
+    into, out_of = dg.group_of("fc2.weight", 0), dg.group_of("fc3.weight", 1)
+    assert into is not out_of and dg.group_of("opaque", 1) is out_of
+    for g in (into, out_of):
+        assert any("no rule for this op" in w and "node 'opaque'" in w for w in g.frozen)
+    # fc1's hidden units do not touch the op: still prunable
+    assert [g.units for g in dg.prunable_groups] == [4] and dg.group_of("fc1.weight", 0).prunable
+    report = dg.report()
+    assert "ops without a rule (their axes are frozen):" in report
+    line = next(ln for ln in report.splitlines() if "node 'opaque'" in ln and ln.startswith("  "))
+    assert "test_rules_registry.py:" in line and "return self.fc3(opaque(y))" in line
+    pruned = fxprune.prune(Opaque().eval(), 0.5, example_inputs=(x,))
+    assert pruned(x).shape == (2, 2) and pruned.fc1.out_features == 2 and pruned.fc2.out_features == 4
