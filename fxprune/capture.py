@@ -76,7 +76,10 @@ def capture(model: torch.nn.Module, example_inputs=None, kwargs=None) -> fx.Grap
         if example_inputs is None:
             raise CaptureError(f"{type(model).__name__} is captured with torch.export, which needs example_inputs")
         kwargs = dict(kwargs or {})
-        kwargs.setdefault("use_cache", False)  # last, so that it can become a default argument
+        if kwargs.pop("use_cache", False):
+            warnings.warn("fxprune: use_cache=True ignored for capture: a cache object is not a graph output; "
+                          "the model keeps its cache when pruned in place", stacklevel=3)
+        kwargs["use_cache"] = False  # last, so that the unused placeholder can be dropped
         return export_capture(model, example_inputs, kwargs)
     tracer = _Tracer()
     try:
@@ -100,7 +103,8 @@ def export_capture(model: torch.nn.Module, example_inputs, kwargs=None, trace_er
         message = str(exc).strip().splitlines()
         raise CaptureError(
             (trace_error + "\n" if trace_error else "")
-            + f"torch.export could not capture {type(model).__name__} either: {type(exc).__name__}: "
+            + f"torch.export could not capture {type(model).__name__}{' either' if trace_error else ''}: "
+            + f"{type(exc).__name__}: "
             + (message[0] if message else "")
         ) from exc
     gm = program.module(check_guards=False) if "check_guards" in _parameters(program.module) else program.module()

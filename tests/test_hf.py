@@ -1,0 +1,201 @@
+"""Hugging Face transformers through torch.export: families, heads/GQA/RoPE, in-place pruning, save/reload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxprune
+from fxprune.testing import plant_dead_units
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+DECODER = dict(vocab_size=100, num_key_value_heads=2, max_position_embeddings=64, **TINY)
+
+
+def _ids(batch=2, length=7, seed=0):
+    return torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _family(name):
+    """(model, args, kwargs) of a tiny random-init model of each family."""
+    T = transformers
+    if name == "bert":
+        return T.BertModel(T.BertConfig(vocab_size=100, **TINY)), (_ids(),), {}
+    if name == "vit":
+        return T.ViTModel(T.ViTConfig(image_size=32, patch_size=8, **TINY)), (torch.randn(2, 3, 32, 32),), {}
+    if name == "gpt2":
+        config = T.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                              eos_token_id=0)
+        return T.GPT2LMHeadModel(config), (_ids(),), {}
+    if name == "llama":
+        return T.LlamaForCausalLM(T.LlamaConfig(**DECODER)), (_ids(),), {}
+    if name == "qwen2":
+        return T.Qwen2ForCausalLM(T.Qwen2Config(**DECODER)), (_ids(),), {}
+    if name == "mistral":
+        return T.MistralForCausalLM(T.MistralConfig(**DECODER)), (_ids(),), {}
+    if name == "t5":
+        config = T.T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+        return T.T5ForConditionalGeneration(config), (_ids(),), {"decoder_input_ids": _ids(2, 5, seed=1)}
+    raise KeyError(name)
+
+
+FAMILIES = ["bert", "vit", "gpt2", "llama", "qwen2", "mistral", "t5"]
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else next(iter(output.values()))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_prunes_and_dead_units_are_exact(name):
+    torch.manual_seed(0)
+    model, args, kwargs = _family(name)
+    model.eval()
+    dg = fxprune.analyze(model, args, kwargs=kwargs)
+    assert not dg.state.unsupported, dg.report()
+    removal = plant_dead_units(dg)
+    assert len(removal) >= 4  # heads / kv groups and MLP units in every layer at least
+    with torch.no_grad():
+        expected = _first(model(*args, **kwargs))
+        pruned = fxprune.apply(dg, removal)
+        got = _first(pruned(*args, **kwargs))
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    smaller = fxprune.prune(model, 0.5, example_inputs=args, kwargs=kwargs)
+    with torch.no_grad():
+        assert _first(smaller(*args, **kwargs)).shape == expected.shape
+    assert sum(p.numel() for p in smaller.parameters()) < 0.8 * sum(p.numel() for p in model.parameters())
+
+
+def test_llama_groups_heads_kv_rope_mlp_hidden():
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER)).eval()
+    dg = fxprune.analyze(model, (_ids(),))
+    q = "model.layers.{}.self_attn.q_proj.weight"
+    kv, rank, rope = dg.groups_of(q.format(0), 0)
+    assert (kv.units, rank.units, rope.units) == (2, 2, 8)
+    assert dg.role(kv) == "outer factor" and dg.role(rank) == "repeated" and dg.role(rope) == "rotary pairs"
+    # one inv_freq feeds every layer's cos/sin: one RoPE pair group across layers, with the buffer in it
+    assert dg.groups_of(q.format(1), 0)[2] is rope
+    assert any(m.name == "model.rotary_emb.inv_freq" for m in rope.members)
+    # v's head dim is its own group; k has no rank factor
+    assert [g.units for g in dg.groups_of("model.layers.0.self_attn.v_proj.weight", 0)] == [2, 16]
+    assert dg.groups_of("model.layers.0.self_attn.k_proj.weight", 0) == [kv, rope]
+    mlp = dg.group_of("model.layers.0.mlp.up_proj.weight", 0)
+    assert mlp.units == 128 and dg.group_of("model.layers.0.mlp.down_proj.weight", 1) is mlp
+    hidden = dg.group_of("model.embed_tokens.weight", 1)
+    assert hidden.units == 64 and hidden.normalized and dg.group_of("lm_head.weight", 1) is hidden
+    assert len(dg.prunable_groups) == 1 + 1 + 2 * 4  # hidden, RoPE pairs, per layer kv/rank/v-dim/MLP
+    text = dg.report()
+    for expected in ("rotary pairs", "repeated", "outer factor", "inner factor", " 128 ", "  64 "):
+        assert expected in text
+
+
+def test_rope_pairs_are_pruned_together_with_inv_freq():
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER)).eval()
+    args = (_ids(),)
+    dg = fxprune.analyze(model, args)
+    rope = dg.groups_of("model.layers.0.self_attn.q_proj.weight", 0)[2]
+    removal = plant_dead_units(dg, groups=[rope], fraction=0.25)
+    with torch.no_grad():
+        expected = model(*args).logits
+        pruned = fxprune.apply(dg, removal)
+        got = pruned(*args).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    units = removal[rope]
+    kept = [u for u in range(8) if u not in units]
+    assert pruned.model.rotary_emb.inv_freq.shape == (len(kept),)
+    torch.testing.assert_close(pruned.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq[kept])
+    assert pruned.get_submodule("model.layers.0.self_attn.k_proj").weight.shape[0] == 2 * 2 * len(kept)
+
+
+def _decoder(cls_name):
+    config_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))
+    return getattr(transformers, cls_name)(config_cls(**DECODER)).eval()
+
+
+@pytest.mark.parametrize("cls_name", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
+def test_inplace_generate_with_dead_units_gives_the_same_tokens(cls_name, tmp_path):
+    torch.manual_seed(0)
+    model = _decoder(cls_name)
+    ids = _ids(1, 6)
+    dg = fxprune.analyze(model, (ids,), inplace=True)
+    removal = plant_dead_units(dg)
+    with torch.no_grad():
+        tokens = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        logits = model(ids).logits
+    result = fxprune.apply(dg, removal, inplace=True)
+    assert result is model and isinstance(model, transformers.PreTrainedModel)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0), tokens)
+        torch.testing.assert_close(model(ids).logits, logits, atol=1e-5, rtol=0)
+    assert model.config.num_key_value_heads == 1 and model.config.num_attention_heads == 1
+    assert model.model.layers[0].self_attn.num_key_value_groups == 1
+    model.save_pretrained(tmp_path)
+    reloaded = getattr(transformers, cls_name).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cls_name", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
+def test_inplace_uniform_ratio_updates_config_and_reloads(cls_name, tmp_path):
+    torch.manual_seed(0)
+    model = _decoder(cls_name)
+    ids = _ids(1, 6)
+    fxprune.prune(model, 0.5, example_inputs=(ids,), inplace=True)
+    c = model.config
+    assert (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == \
+        (32, 64, 1, 1, 16)
+    assert model.model.layers[1].mlp.down_proj.in_features == 64
+    with torch.no_grad():
+        logits = model(ids).logits
+        model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    model.save_pretrained(tmp_path)
+    reloaded = getattr(transformers, cls_name).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, logits)
+
+
+@pytest.mark.parametrize("cls_name", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
+def test_inplace_non_uniform_reloads_with_load_pretrained(cls_name, tmp_path):
+    torch.manual_seed(0)
+    model = _decoder(cls_name)
+    ids = _ids(1, 6)
+    dg = fxprune.analyze(model, (ids,), inplace=True)
+    kv0 = dg.groups_of("model.layers.0.self_attn.k_proj.weight", 0)[0]
+    mlp1 = dg.group_of("model.layers.1.mlp.up_proj.weight", 0)
+    removal = plant_dead_units(dg, groups=[kv0, mlp1], fraction=0.5)
+    with torch.no_grad():
+        logits = model(ids).logits
+    fxprune.apply(dg, removal, inplace=True)
+    assert model.model.layers[0].self_attn.k_proj.out_features == 16
+    assert model.model.layers[1].self_attn.k_proj.out_features == 32
+    assert model.config.fxprune_shapes["model.layers.1.mlp.up_proj.weight"] == [64, 64]
+    model.save_pretrained(tmp_path)
+    reloaded = fxprune.load_pretrained(str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, logits, atol=1e-5, rtol=0)
+        reloaded.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+
+class _NeedsData(torch.nn.Module):
+    def forward(self, x):
+        return x[: int(x.sum().item() > 0) + 1] if x.sum() > 0 else x  # data-dependent on both paths
+
+
+def test_export_failure_shows_exports_message():
+    with pytest.raises(fxprune.CaptureError) as info:
+        fxprune.analyze(_NeedsData(), (torch.randn(3, 4),))
+    assert "torch.export could not capture _NeedsData" in str(info.value)
+
+
+def test_use_cache_true_is_handled():
+    torch.manual_seed(0)
+    model = _decoder("LlamaForCausalLM")
+    model.config.use_cache = True
+    ids = _ids()
+    pruned = fxprune.prune(model, 0.25, example_inputs=(ids,), kwargs={"use_cache": True})
+    with torch.no_grad():
+        assert pruned(ids).logits.shape == (2, 7, 100)
