@@ -182,9 +182,12 @@ def update_config(model: nn.Module, original_shapes: dict) -> None:
         values.setdefault("num_attention_heads", set()).add(query.out_features // head_dim)
         if key is not None:
             values.setdefault("num_key_value_heads", set()).add(key.out_features // head_dim)
-    for _, module in model.named_modules():
-        if isinstance(getattr(module, "intermediate_size", None), int) and _child(module, QUERY) is None:
-            values.setdefault("intermediate_size", set()).add(module.intermediate_size)
+    width = getattr(config, "intermediate_size", None)
+    if isinstance(width, int) and width != getattr(config, "hidden_size", None):
+        for name, module in model.named_modules():  # the MLP's first projections, found by their old width
+            old = original_shapes.get(f"{name}.weight")
+            if isinstance(module, nn.Linear) and old is not None and old[0] == width:
+                values.setdefault("intermediate_size", set()).add(module.out_features)
     uniform = True
     for key, found in values.items():
         if len(found) == 1:
