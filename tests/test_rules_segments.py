@@ -224,3 +224,27 @@ def test_slice_on_a_frozen_axis_is_left_as_written():
     assert "slice(-2, None, None)" in pruned.code
     longer = torch.randn(1, 7, 4)
     assert pruned(longer).shape == model(longer).shape == (1, 2, 4)
+
+
+class TupleItems(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 6, 1)
+        self.b = nn.Conv2d(2, 2, 1)
+        self.c = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        parts = self.a(x).chunk(3, 1)
+        rest = parts[1:]  # a tuple slice
+        return self.b(rest[0]) + self.c(parts[-1])  # and a negative index
+
+
+def test_tuple_slices_and_negative_indices_pick_the_right_elements():
+    x = torch.randn(1, 2, 2, 2)
+    dg = fxprune.analyze(TupleItems().eval(), (x,))
+    first, second, third = dg.groups_of("a.weight", 0)
+    assert dg.group_of("getitem_1", 1) is second and dg.group_of("b.weight", 1) is second
+    assert dg.group_of("getitem_2", 1) is third and dg.group_of("c.weight", 1) is third
+    assert first.prunable and [g.units for g in dg.prunable_groups] == [2, 2, 2]
+    dg, pruned, removal = _oracle(TupleItems(), x)
+    assert pruned.a.out_channels == 3 and pruned.b.in_channels == pruned.c.in_channels == 1

@@ -132,16 +132,29 @@ def getitem(r) -> None:
 
 
 def _tuple_item(r, source: fx.Node, index) -> None:
-    """``out = t[i]`` of a tuple-valued node: the output's tensors are that element's."""
-    if not isinstance(index, int):
-        r.freeze_all("tuple slicing")
+    """``out = t[i]`` or ``t[a:b]`` of a tuple-valued node: the output's tensors are those elements'.
+
+    Example: ``y, state = lstm(x); c = state[-1]`` ties ``c`` to element 1 of ``state`` (a negative
+    index counts from the end, as in Python), and ``rest = parts[1:]`` ties ``rest[0]`` to ``parts[1]``.
+    """
+    count = len(source.meta["val"])
+    if isinstance(index, int) and -count <= index < count:
+        def element_path(path: tuple) -> tuple:
+            return (index % count,) + path
+    elif isinstance(index, slice):
+        chosen = range(count)[index]
+
+        def element_path(path: tuple) -> tuple:
+            return (chosen[path[0]],) + path[1:]
+    else:
+        r.freeze_all("tuple index")
         return
     base = ("v", source.name, ()) if source.op != "get_attr" else None
     for out in r.tensors_out():
         if base is None:
             r.freeze(out, "tuple attribute")
             continue
-        element = TensorRef(r.state, ("v", source.name, (index,) + out.key[2]), out.shape)
+        element = TensorRef(r.state, ("v", source.name, element_path(out.key[2])), out.shape)
         for d in range(out.ndim):
             r.same(element[d], out[d])
 
