@@ -48,6 +48,11 @@ def shifted_window_attention(r) -> None:
     r.same(bias[-3], h)
     if isinstance(a["logit_scale"], TensorRef):
         r.same(a["logit_scale"][0], h)
+    else:
+        # V1 scales q by (C // num_heads) ** -0.5, read from the pruned sizes at run time (there is no
+        # scale argument to pin, as for sdpa): removing head-dim units changes the softmax temperature.
+        # V2's cosine attention normalises q and k instead, where dead units change nothing.
+        r.normalizes(d)
     r.const("num_heads", h)
 
 
