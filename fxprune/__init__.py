@@ -4,6 +4,9 @@ from fxprune.api import analyze, apply, prune
 from fxprune.capture import capture
 from fxprune.depgraph import DependencyGraph, Group, Member
 from fxprune.hf import load_pretrained
+from fxprune.plan_io import PruningPlan, plan_of
+from fxprune.replay import replay
+from fxprune.serialize import load, save
 from fxprune.errors import CaptureError, DuplicateRuleError, FxPruneError, PlanError, ShapeError
 from fxprune.rules.registry import family as register_family
 from fxprune.rules.registry import register as register_rule
@@ -14,3 +17,4 @@ __all__ = [
     "CaptureError", "DependencyGraph", "DuplicateRuleError", "FxPruneError", "Group", "Member", "PlanError",
     "ShapeError", "analyze", "apply", "capture", "load_pretrained", "prune", "register_family", "register_rule",
 ]
+__all__ += ["PruningPlan", "load", "plan_of", "replay", "save"]  # save, load and replay (issue 5)

@@ -29,6 +29,7 @@ from fxprune.decompose import decompose
 from fxprune.depgraph import DependencyGraph
 from fxprune.importance import named_tensors, resolve_importance
 from fxprune.plan import local_plan
+from fxprune.plan_io import PruningPlan, attach_plan
 from fxprune.propagate import propagate
 from fxprune.relate import relate
 from fxprune.rewrite import rewrite
@@ -110,9 +111,15 @@ def _verify(job: Job) -> None:
         verify(job.result, job.dg.example_inputs, job.dg.expected_shapes)
 
 
+def _record_plan(job: Job) -> None:
+    """Keep the removal plan on the result (``gm.meta["fxprune_plan"]``) so that it can be saved and replayed."""
+    settings = {"ratio": job.ratio, "importance": job.importance, "round_to": job.round_to}
+    attach_plan(job.result, PruningPlan.from_removal(job.dg, job.removal, inplace=job.inplace, settings=settings))
+
+
 ANALYSIS = [("capture", _capture), ("propagate", _propagate), ("decompose", _decompose), ("relate", _relate),
             ("solve", _solve)]
-PRUNING = [("score", _score), ("plan", _plan), ("rewrite", _rewrite), ("verify", _verify)]
+PRUNING = [("score", _score), ("plan", _plan), ("rewrite", _rewrite), ("verify", _verify), ("record", _record_plan)]
 PIPELINE = ANALYSIS + PRUNING
 
 
@@ -138,9 +145,11 @@ def apply(dg: DependencyGraph, removal: dict, *, inplace: bool = False) -> fx.Gr
     so that head dims are kept), the model itself is pruned and returned.
     """
     if inplace and is_hf_model(getattr(dg, "model", None)):
-        return hf.prune_in_place(dg, removal, rewrite, verify)
-    gm = rewrite(dg, removal, inplace=inplace)
-    verify(gm, dg.example_inputs, dg.expected_shapes)
+        gm = hf.prune_in_place(dg, removal, rewrite, verify)
+    else:
+        gm = rewrite(dg, removal, inplace=inplace)
+        verify(gm, dg.example_inputs, dg.expected_shapes)
+    attach_plan(gm, PruningPlan.from_removal(dg, removal, inplace=inplace))
     return gm
 
 
