@@ -1,0 +1,305 @@
+"""The ``fxprune`` command: inspect, prune, replay and draw a model's dependency groups.
+
+::
+
+    fxprune inspect torchvision:resnet50                     # the group table
+    fxprune prune torchvision:resnet50 --ratio 0.5 --out resnet50-pruned
+    fxprune prune tests.models:ResidualCNN --ratio 0.5 --input-shape 1,3,32,32 --out pruned.pt
+    fxprune replay resnet50-pruned/plan.json torchvision:resnet50 --out again
+    fxprune graph torchvision:resnet18 --out groups.png
+
+MODEL is ``torchvision:NAME``, ``timm:NAME``, ``hf:PATH``, ``module.path:factory``,
+a folder written by ``fxprune.save`` or a ``torch.save``'d model (see
+:mod:`fxprune.model_spec`). ``prune`` writes a folder (``fxprune.save``: JSON and
+safetensors, no pickle, with ``plan.json``) unless ``--out`` ends in ``.pt``/``.pth``
+(``torch.save`` of the whole module, plus ``NAME.plan.json`` beside it).
+
+Errors are printed as one paragraph; ``--debug`` shows the traceback instead.
+Progress bars go to stderr when it is a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+PT_SUFFIXES = (".pt", ".pth")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except KeyboardInterrupt:
+        print("fxprune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the one place where any error becomes a message instead of a traceback
+        if args.debug:
+            raise
+        print(error_paragraph(exc), file=sys.stderr)
+        return 1
+
+
+def error_paragraph(exc: BaseException) -> str:
+    """``fxprune: error: <message>`` plus a pointer to ``--debug``; the type is named unless it is ours."""
+    from fxprune.errors import FxPruneError
+
+    message = str(exc).strip() or repr(exc)
+    if not isinstance(exc, (FxPruneError, ValueError, FileNotFoundError)):
+        message = f"{type(exc).__name__}: {message}"
+    return f"fxprune: error: {message}\n(run again with --debug to see the traceback)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxprune", description="Structural pruning on torch.fx graphs.")
+    parser.add_argument("--version", action="version", version=f"fxprune {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    inspect_ = commands.add_parser("inspect", help="print the dependency groups of a model")
+    _model_arguments(inspect_)
+    inspect_.add_argument("--limit", type=int, default=6, help="members listed per group (default 6)")
+    inspect_.set_defaults(run=run_inspect)
+
+    prune = commands.add_parser("prune", help="prune a model, compare before/after, save it")
+    _model_arguments(prune)
+    prune.add_argument("--ratio", type=float, help="fraction of every prunable group's units to remove")
+    prune.add_argument("--importance", default="l2", help="unit importance criterion (default l2)")
+    prune.add_argument("--target-macs", type=float, help="fraction of the MACs to keep (instead of --ratio)")
+    prune.add_argument("--round-to", type=int, help="keep a multiple of this many units in every group")
+    prune.add_argument("--ignore", action="append", default=[], metavar="NAME",
+                       help="module or parameter name whose axes must not change (repeatable)")
+    _output_arguments(prune)
+    prune.set_defaults(run=run_prune)
+
+    replay = commands.add_parser("replay", help="apply a saved plan.json to the original model")
+    replay.add_argument("plan", help="a plan.json written by fxprune prune (or PruningPlan.save)")
+    _model_arguments(replay)
+    _output_arguments(replay)
+    replay.set_defaults(run=run_replay)
+
+    graph = commands.add_parser("graph", help="draw the dependency groups (png, svg, pdf or dot)")
+    _model_arguments(graph)
+    graph.add_argument("--out", default="groups.png", help="picture file; the suffix picks the format")
+    graph.add_argument("--engine", choices=("auto", "graphviz", "matplotlib"), default="auto",
+                       help="auto: Graphviz when installed, else networkx + matplotlib")
+    graph.set_defaults(run=run_graph)
+    return parser
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="torchvision:NAME, timm:NAME, hf:PATH, module.path:factory, or a saved model")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="SHAPE",
+                        help="example input shape, e.g. 1,3,224,224 (repeat for several inputs)")
+    parser.add_argument("--input-dtype", help="example input dtype (float32, int64, ...)")
+    parser.add_argument("--model-kwargs", default="{}", metavar="JSON",
+                        help="keyword arguments for the model constructor, as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _output_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", help="output folder (fxprune.save), or a .pt/.pth file (torch.save); "
+                                      "default: MODELNAME-pruned")
+    parser.add_argument("--plan", help="also write the pruning plan to this JSON file")
+    parser.add_argument("--latency-runs", type=int, default=10, help="timed CPU runs (0: skip latency)")
+    parser.add_argument("--threads", type=int, help="CPU threads for the latency runs (default: torch's)")
+
+
+# -- commands ---------------------------------------------------------------
+
+def run_inspect(args) -> int:
+    import fxprune
+
+    with _steps(args, 2) as step:
+        loaded = _load(args, step)
+        step("analyze")
+        start = time.perf_counter()
+        dg = fxprune.analyze(loaded.model, loaded.example_inputs, kwargs=loaded.kwargs or None)
+        elapsed = time.perf_counter() - start
+    print(f"{loaded.name}: {len(dg.groups)} groups, {len(dg.prunable_groups)} prunable, "
+          f"analysis {elapsed:.2f}s, input {_shapes(loaded.example_inputs)}")
+    print(dg.report(limit=args.limit))
+    return 0
+
+
+def run_prune(args) -> int:
+    import fxprune
+
+    options = _prune_options(args)
+    with _steps(args, 5 if args.latency_runs else 4) as step:
+        loaded = _load(args, step)
+        before = _measure(args, loaded, loaded.model, step, "measure original")
+        step("prune")
+        start = time.perf_counter()
+        pruned = fxprune.prune(loaded.model, example_inputs=loaded.example_inputs, kwargs=loaded.kwargs or None,
+                               **options)
+        elapsed = time.perf_counter() - start
+        after = _measure(args, loaded, pruned, step, "measure pruned")
+        step("save")
+        out = _save(args, pruned, loaded.name)
+    _report(loaded, before, after, f"pruned in {elapsed:.2f}s ({_describe(options)})", out)
+    return 0
+
+
+def run_replay(args) -> int:
+    import fxprune
+
+    plan = fxprune.PruningPlan.load(args.plan)
+    with _steps(args, 5 if args.latency_runs else 4) as step:
+        loaded = _load(args, step)
+        recorded, recorded_kwargs = plan.example_inputs()
+        if recorded is not None and not args.input_shape:  # the inputs the plan was made with
+            loaded.example_inputs, loaded.kwargs = tuple(recorded), dict(recorded_kwargs or {})
+        before = _measure(args, loaded, loaded.model, step, "measure original")
+        step("replay")
+        start = time.perf_counter()
+        pruned = fxprune.replay(plan, loaded.model, loaded.example_inputs, kwargs=loaded.kwargs or None)
+        elapsed = time.perf_counter() - start
+        after = _measure(args, loaded, pruned, step, "measure pruned")
+        step("save")
+        out = _save(args, pruned, loaded.name)
+    _report(loaded, before, after, f"replayed {args.plan} in {elapsed:.2f}s", out)
+    return 0
+
+
+def run_graph(args) -> int:
+    import fxprune
+    from fxprune.drawing import draw_groups
+
+    with _steps(args, 3) as step:
+        loaded = _load(args, step)
+        step("analyze")
+        dg = fxprune.analyze(loaded.model, loaded.example_inputs, kwargs=loaded.kwargs or None)
+        step("draw")
+        path = draw_groups(dg, args.out, engine=args.engine, title=f"{loaded.name}: dependency groups")
+    print(f"{loaded.name}: {len(dg.prunable_groups)} prunable groups drawn to {path}")
+    return 0
+
+
+# -- helpers ----------------------------------------------------------------
+
+def _prune_options(args) -> dict:
+    """prune() keyword arguments from the flags; --target-macs only if this fxprune's prune() has it."""
+    import fxprune
+
+    if args.ratio is None and args.target_macs is None:
+        raise ValueError("give --ratio (fraction of units to remove) or --target-macs (fraction of MACs to keep)")
+    options = {"importance": args.importance, "round_to": args.round_to, "ignore": tuple(args.ignore)}
+    if args.ratio is not None:
+        options["ratio"] = args.ratio
+    if args.target_macs is not None:
+        if "target_macs" not in inspect.signature(fxprune.prune).parameters:
+            raise ValueError("--target-macs is not supported by this version of fxprune.prune (it has no "
+                             "target_macs argument yet); use --ratio")
+        options["target_macs"] = args.target_macs
+    return options
+
+
+def _load(args, step):
+    from fxprune.model_spec import load_model, parse_shape
+
+    step(f"load {args.model}")
+    try:
+        model_kwargs = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--model-kwargs is not JSON: {exc}") from None
+    if not isinstance(model_kwargs, dict):
+        raise ValueError("--model-kwargs must be a JSON object, e.g. '{\"num_classes\": 10}'")
+    shapes = [parse_shape(s) for s in args.input_shape]
+    return load_model(args.model, shapes or None, args.input_dtype, model_kwargs)
+
+
+def _measure(args, loaded, model, step, label):
+    from fxprune.measure import measure
+
+    step(label)
+    with _bar(args, args.latency_runs, label) as bar:
+        return measure(model, loaded.example_inputs, loaded.kwargs, runs=args.latency_runs, threads=args.threads,
+                       progress=bar)
+
+
+def _save(args, pruned, name: str) -> Path:
+    import torch
+
+    import fxprune
+
+    out = Path(args.out or f"{name}-pruned")
+    if out.suffix.lower() in PT_SUFFIXES:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(pruned, out)
+        fxprune.plan_of(pruned).save(out.with_suffix(".plan.json"))
+    else:
+        fxprune.save(pruned, out)
+    if args.plan:
+        fxprune.plan_of(pruned).save(args.plan)
+    return out
+
+
+def _report(loaded, before, after, how: str, out: Path) -> None:
+    from fxprune.measure import comparison_table
+
+    print(f"{loaded.name}: {how}, input {_shapes(loaded.example_inputs)}")
+    print(comparison_table(before, after))
+    if out.suffix.lower() in PT_SUFFIXES:
+        print(f"saved to {out} (torch.load(path, weights_only=False)) and {out.with_suffix('.plan.json')}")
+    else:
+        print(f"saved to {out}/ (fxprune.load(path); plan in {out / 'plan.json'})")
+
+
+def _describe(options: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in options.items() if v not in (None, ()))
+
+
+def _shapes(inputs) -> str:
+    return " ".join("x".join(str(s) for s in getattr(x, "shape", ())) or type(x).__name__ for x in inputs)
+
+
+@contextmanager
+def _steps(args, total: int):
+    """A progress bar over a command's steps; ``step(label)`` advances it and names the current step."""
+    with _bar(args, total, "fxprune") as bar:
+        first = [True]
+
+        def step(label: str) -> None:
+            if bar is None:
+                return
+            if not first[0]:
+                bar.update(1)
+            first[0] = False
+            bar.set_description_str(label)
+
+        yield step
+        if bar is not None:
+            bar.update(1)
+
+
+@contextmanager
+def _bar(args, total: int, label: str):
+    if args.quiet or total <= 0:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    # disable=None: bars only when stderr is a terminal, so logs and pipes stay clean
+    with tqdm(total=total, desc=label, file=sys.stderr, leave=False, disable=None,
+              bar_format="{desc}: {n_fmt}/{total_fmt} [{elapsed}]") as bar:
+        yield bar
+
+
+def _version() -> str:
+    from fxprune import __version__
+
+    return __version__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
