@@ -172,7 +172,7 @@ class Frozen(nn.Module):
         elif self.kind == "strided":
             z = torch.cat([ya[:, ::2], yb[:, ::2]], 1)
         else:
-            z = ya[:, torch.tensor([0, 1, 2, 3])] + yb
+            z = ya[torch.tensor([0, 1]), torch.tensor([2, 3])].unsqueeze(-1) * yb + ya  # two tensor indices
         return self.out(z)
 
 
