@@ -183,7 +183,8 @@ def test_repeat_expand_and_factories_relations():
     assert new_axis.units == 3 and new_axis.broadcast and not new_axis.prunable
     assert dg.group_of("c.weight", 1) is ch
     kinds = {(m.name, m.kind) for m in ch.members}
-    assert ("_tensor_constant0", "buffer") in kinds  # fx stores traced constants as buffers and ("a.weight", "parameter") in kinds
+    # fx stores traced constants as buffers
+    assert ("_tensor_constant0", "buffer") in kinds and ("a.weight", "parameter") in kinds
 
 
 def test_repeat_expand_and_factories_prune_exactly():

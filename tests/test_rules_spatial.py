@@ -136,7 +136,10 @@ def test_roll_freezes_rolled_axes(dims, frozen_channel):
             self.b = nn.Conv2d(4, 2, 1)
 
         def forward(self, x):
-            return self.b(torch.roll(self.a(x), (1,) * len(dims) if isinstance(dims, tuple) else 1, dims) if dims is not None else torch.roll(self.a(x), 1))
+            y = self.a(x)
+            if dims is None:
+                return self.b(torch.roll(y, 1))
+            return self.b(torch.roll(y, (1,) * len(dims) if isinstance(dims, tuple) else 1, dims))
 
     dg = fxprune.analyze(M().eval(), (torch.randn(1, 2, 3, 3),))
     g = dg.group_of("a.weight", 0)
