@@ -10,6 +10,10 @@ from fxprune.serialize import load, save
 from fxprune.errors import CaptureError, DuplicateRuleError, FxPruneError, PlanError, ShapeError
 from fxprune.rules.registry import family as register_family
 from fxprune.rules.registry import register as register_rule
+from fxprune import importance
+from fxprune.macs import count
+from fxprune.pruner import Pruner
+from fxprune.report import report
 
 __version__ = "0.1.0"
 
@@ -18,3 +22,4 @@ __all__ = [
     "ShapeError", "analyze", "apply", "capture", "load_pretrained", "prune", "register_family", "register_rule",
 ]
 __all__ += ["PruningPlan", "load", "plan_of", "replay", "save"]  # save, load and replay (issue 5)
+__all__ += ["Pruner", "count", "importance", "report"]  # criteria, targets, iterative pruning, MACs (issue 4)

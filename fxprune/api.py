@@ -18,6 +18,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -27,12 +28,15 @@ from fxprune import hf
 from fxprune.capture import capture, flat_inputs, is_hf_model
 from fxprune.decompose import decompose
 from fxprune.depgraph import DependencyGraph
-from fxprune.importance import named_tensors, resolve_importance
-from fxprune.plan import local_plan
+from fxprune.importance import named_tensors, resolve_importance, score_groups
+from fxprune.macs import count_graph
+from fxprune.plan import make_plan
 from fxprune.plan_io import PruningPlan, attach_plan
 from fxprune.propagate import propagate
+from fxprune.ratios import check_ratio, group_ratios
 from fxprune.relate import relate
 from fxprune.rewrite import rewrite
+from fxprune.target import METRICS, search_ratio
 from fxprune.verify import output_shapes, verify
 
 
@@ -54,6 +58,14 @@ class Job:
     flat_inputs: tuple | None = None
     expected_shapes: list | None = None
     result: fx.GraphModule | None = None
+    global_pruning: bool = False
+    max_ratio: float = 0.9
+    ratios: dict | None = None  # {module name | module | group | group id: ratio}
+    target: tuple | None = None  # ("macs" | "params", fraction of the original kept)
+    calibration: object = None  # batches for gradient criteria
+    loss_fn: object = None
+    search: object = None  # target.SearchResult when a target was searched
+    achieved: dict = field(default_factory=dict)  # {"macs": fraction kept, "params": ...} when a target was set
 
 
 def _capture(job: Job) -> None:
@@ -90,13 +102,22 @@ def _solve(job: Job) -> None:
 
 
 def _score(job: Job) -> None:
-    criterion = resolve_importance(job.importance)
-    tensors = named_tensors(job.gm)
-    job.scores = {g: criterion(job.dg, g, tensors) for g in job.dg.prunable_groups}
+    criterion = resolve_importance(job.importance, job.calibration, job.loss_fn)
+    job.scores = score_groups(criterion, job.dg, job.dg.prunable_groups)
 
 
 def _plan(job: Job) -> None:
-    job.removal = local_plan(job.dg.prunable_groups, job.scores, job.ratio, job.round_to)
+    groups, fixed = job.dg.prunable_groups, group_ratios(job.dg, job.ratios)
+
+    def plan_for(ratio: float) -> dict:
+        return make_plan(groups, job.scores, ratio, round_to=job.round_to, global_pruning=job.global_pruning,
+                         max_ratio=job.max_ratio, fixed=fixed)
+
+    if job.target is None:
+        job.removal = plan_for(job.ratio)
+    else:
+        job.search = search_ratio(job.dg, plan_for, *job.target)
+        job.removal, job.ratio = job.search.removal, job.search.ratio
 
 
 def _rewrite(job: Job) -> None:
@@ -111,6 +132,23 @@ def _verify(job: Job) -> None:
         verify(job.result, job.dg.example_inputs, job.dg.expected_shapes)
 
 
+def _measure(job: Job) -> None:
+    """With a target: count the pruned graph for real and warn when it missed the target by more than 2%."""
+    if job.target is None:
+        return
+    metric, fraction = job.target
+    before = count_graph(job.dg.gm)
+    if isinstance(job.result, fx.GraphModule) and all("val" in n.meta for n in job.result.graph.find_nodes(op="output")):
+        after = count_graph(job.result)
+    else:  # pruned in place (Hugging Face): the plan's count is exact
+        from fxprune.macs import estimate
+        after = estimate(job.dg, job.removal)
+    job.achieved = {m: after[i] / before[i] if before[i] else 1.0 for i, m in enumerate(METRICS)}
+    if abs(job.achieved[metric] - fraction) > 0.02:
+        warnings.warn(f"fxprune: target_{metric}={fraction} reached {job.achieved[metric]:.3f} of the original "
+                      f"{metric} (groups too coarse, or too much of the model frozen)", stacklevel=3)
+
+
 def _record_plan(job: Job) -> None:
     """Keep the removal plan on the result (``gm.meta["fxprune_plan"]``) so that it can be saved and replayed."""
     settings = {"ratio": job.ratio, "importance": job.importance, "round_to": job.round_to}
@@ -119,7 +157,8 @@ def _record_plan(job: Job) -> None:
 
 ANALYSIS = [("capture", _capture), ("propagate", _propagate), ("decompose", _decompose), ("relate", _relate),
             ("solve", _solve)]
-PRUNING = [("score", _score), ("plan", _plan), ("rewrite", _rewrite), ("verify", _verify), ("record", _record_plan)]
+PRUNING = [("score", _score), ("plan", _plan), ("rewrite", _rewrite), ("verify", _verify), ("measure", _measure),
+           ("record", _record_plan)]
 PIPELINE = ANALYSIS + PRUNING
 
 
@@ -153,23 +192,57 @@ def apply(dg: DependencyGraph, removal: dict, *, inplace: bool = False) -> fx.Gr
     return gm
 
 
-def prune(model, ratio: float = 0.3, *, example_inputs=None, kwargs=None, importance="l2", ignore=(),
-          round_to=None, inplace: bool = False) -> fx.GraphModule:
-    """Remove ``ratio`` of the units of every prunable group; returns a verified GraphModule.
+def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None, importance="l2", ignore=(),
+          round_to=None, inplace: bool = False, global_pruning: bool = False, max_ratio: float = 0.9,
+          ratios: dict | None = None, target_macs: float | None = None, target_params: float | None = None,
+          calibration=None, loss_fn=None) -> fx.GraphModule:
+    """Remove ``ratio`` (default 0.3) of the units of every prunable group; returns a verified GraphModule.
 
     ``model`` is an ``nn.Module`` (traced here) or a ``torch.fx.GraphModule``.
     ``ignore`` lists modules, module names or parameter names whose axes must not
     change. Without ``inplace=True`` the caller's model is left untouched. With
     ``inplace=True`` a Hugging Face model is pruned in place and returned (it
     still generates, saves and reloads; see :mod:`fxprune.hf`).
+
+    ``importance``: a name (``"l2"``, ``"l1"``, ``"lamp"``, ``"fpgm"``, ``"bn_scale"``,
+    ``"taylor"``, ``"hessian"``, ``"random"``), a criterion object or a callable (see
+    :mod:`fxprune.importance`); ``"taylor"``/``"hessian"`` need ``calibration`` batches
+    and ``loss_fn(model, batch)`` (default: cross-entropy of ``(inputs, targets)`` batches).
+    ``global_pruning=True`` ranks units of all groups together (at most ``max_ratio``
+    of one group). ``ratios={"layer4": 0.7, model.fc: 0.0}`` sets ratios per module or group.
+    ``target_macs=0.5`` (or ``target_params``) searches the ratio that keeps that fraction.
+
+    Example::
+
+        >>> pruned = fxprune.prune(model, example_inputs=(x,), target_macs=0.5, round_to=8)
     """
-    if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio must be in [0, 1), got {ratio!r}")
-    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
-        raise ValueError(f"round_to must be a positive int, got {round_to!r}")
-    job = Job(model, example_inputs, kwargs, ratio=float(ratio), importance=importance, ignore=tuple(ignore),
-              round_to=round_to, inplace=inplace)
+    job = Job(model, example_inputs, kwargs, importance=importance, ignore=tuple(ignore), round_to=round_to,
+              inplace=inplace, global_pruning=bool(global_pruning), ratios=ratios, calibration=calibration,
+              loss_fn=loss_fn)
+    job.ratio, job.target, job.max_ratio = check_prune_settings(ratio, target_macs, target_params, round_to, max_ratio)
     return run(job, PIPELINE).result
+
+
+def check_prune_settings(ratio, target_macs, target_params, round_to, max_ratio) -> tuple:
+    """``(ratio, target, max_ratio)`` after checking them; errors name the bad argument."""
+    targets = [(m, v) for m, v in (("macs", target_macs), ("params", target_params)) if v is not None]
+    if len(targets) > 1:
+        raise ValueError("give target_macs or target_params, not both")
+    if targets and ratio is not None:
+        raise ValueError(f"give ratio or target_{targets[0][0]}, not both (the ratio is searched for the target)")
+    target = None
+    if targets:
+        metric, fraction = targets[0]
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+            raise ValueError(f"target_{metric} is the fraction of the original {metric} to keep, in (0, 1]; "
+                             f"got {fraction!r}")
+        target = (metric, float(fraction))
+    ratio = check_ratio(0.3 if ratio is None else ratio)
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise ValueError(f"round_to must be a positive int, got {round_to!r}")
+    if isinstance(max_ratio, bool) or not isinstance(max_ratio, (int, float)) or not 0.0 < max_ratio <= 1.0:
+        raise ValueError(f"max_ratio must be in (0, 1], got {max_ratio!r}")
+    return ratio, target, float(max_ratio)
 
 
 def _ignored_keys(gm: fx.GraphModule, state, ignore) -> list[tuple]:

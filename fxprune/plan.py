@@ -1,34 +1,96 @@
-"""Plan: which units of each group to remove.
+"""Plan: which units of each group to remove, from per-unit scores (lowest first).
 
-Local pruning removes ``round(ratio * units)`` units from every prunable group,
-the lowest scoring first, always keeping at least one unit. With
-``round_to=k`` the number of units kept is rounded to a multiple of k (never
-below k, never above the group's size).
+*Local* pruning removes the same fraction of every prunable group:
+``round(ratio * units)`` units. *Global* pruning ranks the units of all groups
+together on normalised scores (each group's scores divided by their mean by
+default, so a group of 2048 small-norm channels and one of 64 large-norm
+channels compete fairly) and removes ``round(ratio * total units)`` of them,
+never more than ``max_ratio`` of one group. In both, ``round_to=k`` rounds the
+number of units a group keeps to a multiple of k (never below k, never above
+the group's size), and at least one unit always stays. ``fixed`` gives some
+groups their own ratio (from ``ratios={...}``); they are planned locally.
 
 Example: a group of 64 units with ``ratio=0.3`` loses 19 units; with
-``round_to=8`` it keeps 48 (45 rounded to the nearest multiple of 8).
+``round_to=8`` it keeps 48 (45 rounded to the nearest multiple of 8)::
+
+    >>> units_to_keep(64, 0.3), units_to_keep(64, 0.3, round_to=8)
+    (45, 48)
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from fxprune.importance.reduce import check_normalizer, normalize
 
-def units_to_keep(units: int, ratio: float, round_to: int | None = None) -> int:
-    keep = units - int(round(ratio * units))
+
+def round_keep(units: int, keep: int, round_to: int | None = None) -> int:
+    """``keep`` rounded to a multiple of ``round_to`` within ``[round_to, units]``, and at least 1."""
     if round_to and round_to > 1 and units >= round_to:
         keep = int(round(keep / round_to)) * round_to
         keep = min(max(keep, round_to), units)
     return max(1, min(units, keep))
 
 
-def local_plan(groups, scores: dict, ratio: float, round_to: int | None = None) -> dict:
-    """``{group: sorted unit indices to remove}`` for every group that loses units."""
+def units_to_keep(units: int, ratio: float, round_to: int | None = None) -> int:
+    return round_keep(units, units - int(round(ratio * units)), round_to)
+
+
+def lowest(scores: np.ndarray, count: int) -> np.ndarray:
+    """Sorted indices of the ``count`` lowest scores (ties: lower index first)."""
+    return np.sort(np.argsort(scores, kind="stable")[:count])
+
+
+def local_plan(groups, scores: dict, ratio: float, round_to: int | None = None, fixed: dict | None = None) -> dict:
+    """``{group: sorted unit indices to remove}`` for every group that loses units.
+
+    Groups missing from ``scores`` (the criterion had no opinion) are left whole.
+    """
+    fixed = fixed or {}
     plan = {}
     for group in groups:
-        keep = units_to_keep(group.units, ratio, round_to)
-        if keep >= group.units:
+        if group not in scores:
             continue
-        order = np.argsort(scores[group], kind="stable")
-        plan[group] = np.sort(order[: group.units - keep])
+        keep = units_to_keep(group.units, fixed.get(group, ratio), round_to)
+        if keep < group.units:
+            plan[group] = lowest(scores[group], group.units - keep)
     return plan
+
+
+def global_plan(groups, scores: dict, ratio: float, round_to: int | None = None, max_ratio: float = 0.9,
+                normalizer="mean", fixed: dict | None = None, caps: dict | None = None) -> dict:
+    """Remove ``ratio`` of all units of the non-fixed groups, lowest normalised scores first.
+
+    A group never loses more than ``max_ratio`` of its units (nor all of them); ``caps``
+    (``{group: most units it may lose}``) overrides that per group.
+    """
+    check_normalizer(normalizer)
+    fixed = fixed or {}
+    plan = local_plan([g for g in groups if g in fixed], scores, 0.0, round_to, fixed)
+    ranked = [g for g in groups if g in scores and g not in fixed]
+    if not ranked:
+        return plan
+    budget = int(round(ratio * sum(g.units for g in ranked)))
+    cap = {g: min(g.units - 1, int(np.floor(max_ratio * g.units + 1e-9))) for g in ranked}
+    cap.update({g: min(g.units - 1, c) for g, c in (caps or {}).items() if g in cap})
+    normalised = [normalize(scores[g], normalizer) for g in ranked]
+    values = np.concatenate(normalised)
+    owner = np.concatenate([np.full(g.units, i) for i, g in enumerate(ranked)])
+    # a unit may go if fewer than cap[g] units of its group score lower: then take the lowest `budget` of those
+    rank_in_group = np.concatenate([np.argsort(np.argsort(v, kind="stable"), kind="stable") for v in normalised])
+    eligible = np.nonzero(rank_in_group < np.array([cap[g] for g in ranked])[owner])[0]
+    chosen = eligible[np.argsort(values[eligible], kind="stable")[:max(budget, 0)]]
+    taken = np.bincount(owner[chosen], minlength=len(ranked))
+    for group, count in zip(ranked, taken):
+        keep = round_keep(group.units, group.units - int(count), round_to)
+        if keep < group.units:
+            plan[group] = lowest(scores[group], group.units - keep)
+    return plan
+
+
+def make_plan(groups, scores: dict, ratio: float, *, round_to: int | None = None, global_pruning: bool = False,
+              max_ratio: float = 0.9, fixed: dict | None = None, caps: dict | None = None) -> dict:
+    """The plan for one ratio, local or global (what ``fxprune.prune`` and the target search call)."""
+    if global_pruning:
+        return global_plan(groups, scores, ratio, round_to, max_ratio, fixed=fixed, caps=caps)
+    return local_plan(groups, scores, ratio, round_to, fixed)

@@ -1,0 +1,119 @@
+"""Score: importance of every unit of a group, estimated over the whole group (DepGraph's group importance).
+
+Criteria by name (``fxprune.prune(..., importance=NAME)``):
+
+============  ===============================================================
+``"l2"``      squared L2 norm of everything a unit's removal deletes, summed
+              over the group's parameters (default); ``"l1"`` the same with |w|
+``"lamp"``    group L2 with LAMP normalisation
+``"fpgm"``    distance to the other units (geometric median, FPGM)
+``"bn_scale"``  |gamma| of the group's BatchNorms (network slimming; alias ``"slimming"``)
+``"taylor"``  first-order Taylor |w * grad| (needs ``calibration`` batches and a ``loss_fn``)
+``"hessian"`` diagonal Hessian / OBD: 0.5 w^2 E[grad^2] (needs ``calibration``)
+``"random"``  a baseline
+============  ===============================================================
+
+or an object (:class:`Magnitude` with ``reduction``/``normalizer``, :class:`Taylor`, ...),
+or any callable ``f(group, weights) -> scores`` where ``weights`` maps ``"name[dim]"`` of every
+parameter member to a ``(units, k)`` matrix whose row u is what removing unit u deletes. The
+form ``f(dg, group, tensors)`` (tensors by name) is accepted too.
+
+Example::
+
+    >>> fxprune.prune(model, 0.5, example_inputs=(x,),
+    ...               importance=lambda group, weights: sum(w.norm(dim=1) for w in weights.values()))
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from fxprune.importance.base import Criterion, as_scores
+from fxprune.importance.bn_scale import BNScale
+from fxprune.importance.calibration import calibrate, classification_loss
+from fxprune.importance.fpgm import FPGM
+from fxprune.importance.gradient import Hessian, Taylor
+from fxprune.importance.magnitude import LAMP, Magnitude, unit_scores
+from fxprune.importance.random_order import Random
+from fxprune.importance.reduce import normalize, reduce_members
+from fxprune.importance.slices import parameter_slices, unit_indices, unit_matrix
+
+_BY_NAME = {
+    "l2": lambda: Magnitude(2), "l1": lambda: Magnitude(1), "lamp": LAMP, "fpgm": FPGM, "random": Random,
+    "bn_scale": BNScale, "slimming": BNScale,
+}
+_NEEDS_DATA = {"taylor": Taylor, "hessian": Hessian}
+CRITERIA = sorted(list(_BY_NAME) + list(_NEEDS_DATA))
+
+
+class UserCriterion(Criterion):
+    """Adapts ``f(group, weights)`` (slice matrices by member) or ``f(dg, group, tensors)``."""
+
+    def __init__(self, fn):
+        self.fn, self.name = fn, getattr(fn, "__name__", type(fn).__name__)
+        self.takes_slices = _positional_count(fn) == 2
+
+    def score(self, dg, group, tensors):
+        if self.takes_slices:
+            return self.fn(group, parameter_slices(group, tensors))
+        return self.fn(dg, group, tensors)
+
+
+def resolve_importance(importance, calibration=None, loss_fn=None, progress=None) -> Criterion:
+    """A :class:`Criterion` from a name, a criterion object or a user callable."""
+    if isinstance(importance, Criterion):
+        return importance
+    if isinstance(importance, str):
+        if importance in _NEEDS_DATA:
+            if calibration is None:
+                raise ValueError(f"importance={importance!r} needs calibration batches: pass calibration=[...] "
+                                 f"(and loss_fn=f(model, batch) unless batches are (inputs, targets))")
+            return _NEEDS_DATA[importance](calibration, loss_fn, progress=progress)
+        if importance in _BY_NAME:
+            return _BY_NAME[importance]()
+        raise ValueError(f"unknown importance {importance!r}; choose one of {CRITERIA}, a Criterion or a callable")
+    if callable(importance):
+        if _positional_count(importance) not in (2, 3):
+            raise TypeError(f"an importance callable takes (group, weights) or (dg, group, tensors); "
+                            f"{getattr(importance, '__name__', importance)!r} takes {_positional_count(importance)}")
+        return UserCriterion(importance)
+    raise TypeError(f"importance must be a name, a Criterion or a callable, got {type(importance).__name__}")
+
+
+def score_groups(criterion: Criterion, dg, groups) -> dict:
+    """``{group: scores}`` for every group the criterion has an opinion on (``None`` results are left out)."""
+    criterion.prepare(dg)
+    tensors = named_tensors(dg.gm)
+    out = {}
+    with torch.no_grad():
+        for group in groups:
+            scores = as_scores(criterion(dg, group, tensors), group, repr(criterion))
+            if scores is not None:
+                out[group] = scores
+    return out
+
+
+def named_tensors(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by every name it has (tied tensors appear under each)."""
+    out = dict(gm.named_buffers(remove_duplicate=False))
+    out.update(dict(gm.named_parameters(remove_duplicate=False)))
+    return out
+
+
+def _positional_count(fn) -> int:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return -1
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(1 for p in params if p.kind in kinds and p.default is inspect.Parameter.empty)
+
+
+__all__ = [
+    "BNScale", "CRITERIA", "Criterion", "FPGM", "Hessian", "LAMP", "Magnitude", "Random", "Taylor", "UserCriterion",
+    "as_scores", "calibrate", "classification_loss", "named_tensors", "normalize", "parameter_slices",
+    "reduce_members", "resolve_importance", "score_groups", "unit_indices", "unit_matrix", "unit_scores",
+]
+

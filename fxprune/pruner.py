@@ -1,0 +1,167 @@
+"""Iterative pruning and sparse training: ``Pruner`` reaches the final ratio (or target) in steps.
+
+Each ``step()`` prunes the *current* model further (the first step the user's
+model, later ones the pruned GraphModule the previous step returned), so the
+model can be fine-tuned between steps. Step k of n reaches ``schedule(k, n)``
+of the way (linear by default: k / n):
+
+- ``ratio=r``: every group keeps ``units_to_keep(original units, r * k / n)``,
+  counted from the group's *original* size (groups are followed across steps
+  by :mod:`fxprune.lineage`), so n steps end exactly where one would;
+- ``target_macs=t`` / ``target_params=t``: the model keeps ``1 - (1 - t) * k / n``
+  of the original MACs / parameters after step k;
+- ``global_pruning=True`` with a ratio: the units of all groups together keep
+  ``1 - r * k / n`` of the original total, at most ``max_ratio`` of any group's
+  original units removed.
+
+Sparse training: with ``regularizer="group_norm"`` (DepGraph) or ``"bn_scale"``
+(network slimming), call ``pruner.regularize(model)`` after ``loss.backward()``
+and ``pruner.update_regularizer()`` once per epoch; ``step()`` then removes the
+units the regulariser drove towards zero.
+
+Example::
+
+    >>> pruner = fxprune.Pruner(model, (x,), ratio=0.5, steps=5)
+    >>> for _ in range(5):
+    ...     model = pruner.step()            # a new GraphModule: build a new optimizer for it
+    ...     fine_tune(model)
+"""
+
+from __future__ import annotations
+
+import math
+
+from fxprune.api import PRUNING, Job, analyze, check_prune_settings, run
+from fxprune.importance import resolve_importance
+from fxprune.lineage import Lineage
+from fxprune.macs import count_graph
+from fxprune.plan import make_plan, units_to_keep
+from fxprune.ratios import group_ratios
+from fxprune.regularize import make_regularizer
+from fxprune.target import METRICS, search_ratio
+
+
+def linear_schedule(step: int, steps: int) -> float:
+    return step / steps
+
+
+SCHEDULES = {"linear": linear_schedule}
+
+
+class Pruner:
+    def __init__(self, model, example_inputs, *, ratio: float | None = None, target_macs: float | None = None,
+                 target_params: float | None = None, steps: int = 1, schedule="linear", importance=None,
+                 global_pruning: bool = False, max_ratio: float = 0.9, ratios: dict | None = None, ignore=(),
+                 round_to: int | None = None, regularizer=None, reg: float = 1e-4, alpha: float = 4.0,
+                 calibration=None, loss_fn=None, kwargs=None):
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        if not callable(schedule) and schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)} or pass f(step, steps)")
+        self.ratio, self.target, self.max_ratio = check_prune_settings(ratio, target_macs, target_params, round_to,
+                                                                       max_ratio)
+        self.steps, self.current_step = steps, 0
+        self.schedule = schedule if callable(schedule) else SCHEDULES[schedule]
+        self.example_inputs, self.kwargs = example_inputs, kwargs
+        self.round_to, self.global_pruning = round_to, bool(global_pruning)
+        self.regularizer = make_regularizer(regularizer, reg, alpha)
+        if importance is None:
+            importance = "bn_scale" if getattr(self.regularizer, "name", None) == "bn_scale" else "l2"
+        self.criterion = resolve_importance(importance, calibration, loss_fn)
+        self.model = model
+        self.dg = analyze(model, example_inputs, kwargs=kwargs, ignore=ignore)
+        self.ignore = _names(self.dg, ignore)  # module objects do not survive the copy a step makes
+        self.lineage = Lineage(self.dg)
+        self.original_ratios = group_ratios(self.dg, ratios)
+        self.original_counts = count_graph(self.dg.gm)
+        self._regularizer_ready = False
+
+    # -- pruning -----------------------------------------------------------
+    def step(self):
+        """Prune the current model one step further; returns (and keeps as ``self.model``) the result."""
+        if self.current_step >= self.steps:
+            raise RuntimeError(f"all {self.steps} steps are done; create a new Pruner to prune further")
+        self.current_step += 1
+        progress = 1.0 if self.current_step == self.steps else \
+            min(1.0, max(0.0, float(self.schedule(self.current_step, self.steps))))
+        job = Job(self.model, self.example_inputs, self.kwargs, importance=self.criterion, round_to=self.round_to,
+                  gm=self.dg.gm, dg=self.dg, global_pruning=self.global_pruning, max_ratio=self.max_ratio)
+        plan = self._planner(progress)
+        run(job, [(name, plan if name == "plan" else fn) for name, fn in PRUNING])
+        self.lineage.record(job.removal)
+        self.model = job.result
+        self.dg = analyze(job.result, self.example_inputs, kwargs=self.kwargs, ignore=self.ignore)
+        self.lineage.match(self.dg)
+        self._regularizer_ready = False
+        return self.model
+
+    def _planner(self, progress: float):
+        """The pipeline's plan pass for one step."""
+        def plan(job: Job) -> None:
+            groups = self.dg.prunable_groups
+            fixed = {g: self._step_ratio(g, self.original_ratios[self.lineage.origin(g)] * progress)
+                     for g in groups if self.lineage.origin(g) in self.original_ratios}
+            caps = self._caps(groups) if self.global_pruning else None
+            if self.target is not None:
+                metric, fraction = self.target
+                index = METRICS.index(metric)
+                now = count_graph(self.dg.gm)[index]
+                wanted = (1.0 - (1.0 - fraction) * progress) * self.original_counts[index] / max(now, 1)
+                job.target = (metric, min(1.0, wanted))
+                job.search = search_ratio(self.dg, lambda r: make_plan(
+                    groups, job.scores, r, round_to=self.round_to, global_pruning=self.global_pruning,
+                    max_ratio=self.max_ratio, fixed=fixed, caps=caps), metric, job.target[1])
+                job.removal, job.ratio = job.search.removal, job.search.ratio
+            elif self.global_pruning:
+                job.ratio = self._global_step_ratio(groups, fixed, progress)
+                job.removal = make_plan(groups, job.scores, job.ratio, round_to=self.round_to, global_pruning=True,
+                                        max_ratio=self.max_ratio, fixed=fixed, caps=caps)
+            else:
+                fixed.update({g: self._step_ratio(g, self.ratio * progress) for g in groups if g not in fixed})
+                job.removal = make_plan(groups, job.scores, 0.0, round_to=self.round_to, fixed=fixed)
+
+        return plan
+
+    def _step_ratio(self, group, ratio: float) -> float:
+        """The ratio of ``group``'s *current* units that leaves it with the units ``ratio`` of its original keeps."""
+        origin = self.lineage.origin(group)
+        if origin is None:  # not recognised across the re-analysis: compound on the current size
+            return ratio
+        keep = units_to_keep(self.lineage.original_units[origin], ratio, self.round_to)
+        return max(0.0, 1.0 - min(group.units, keep) / group.units)
+
+    def _global_step_ratio(self, groups, fixed, progress: float) -> float:
+        ranked = [g for g in groups if g not in fixed]
+        now = sum(g.units for g in ranked)
+        original = sum(self.lineage.original_units.get(self.lineage.origin(g), g.units) for g in ranked)
+        keep = (1.0 - self.ratio * progress) * original
+        return min(0.999, max(0.0, 1.0 - keep / max(now, 1)))
+
+    def _caps(self, groups) -> dict:
+        """Units each group may still lose so that none loses more than ``max_ratio`` of its original units."""
+        caps = {}
+        for group in groups:
+            origin = self.lineage.origin(group)
+            original = self.lineage.original_units[origin] if origin is not None else group.units
+            floor = original - math.floor(self.max_ratio * original + 1e-9)
+            caps[group] = max(0, min(group.units - 1, group.units - floor))
+        return caps
+
+    # -- sparse training ---------------------------------------------------
+    def update_regularizer(self) -> None:
+        """Recompute the regulariser's per-unit strengths from the current weights (once per epoch)."""
+        if self.regularizer is None:
+            raise RuntimeError("this Pruner has no regularizer; pass regularizer='group_norm' or 'bn_scale'")
+        self.regularizer.update(self.dg)
+        self._regularizer_ready = True
+
+    def regularize(self, model=None) -> None:
+        """Add the regulariser's gradient to ``model``'s ``.grad`` (call after ``loss.backward()``)."""
+        if not self._regularizer_ready:
+            self.update_regularizer()
+        self.regularizer.apply(self.model if model is None else model)
+
+
+def _names(dg, items) -> tuple:
+    names = {id(m): name for name, m in dg.gm.named_modules()}
+    return tuple(names.get(id(item), item) if not isinstance(item, str) else item for item in items)

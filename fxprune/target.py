@@ -1,0 +1,63 @@
+"""Targets instead of ratios: find the ratio whose plan keeps a given fraction of the MACs or parameters.
+
+MACs and parameters are monotone (up to rounding) in the ratio, so a bisection
+finds it. Each probe plans with the ratio and counts the plan with
+:func:`fxprune.macs.estimate`, which reads the new sizes off the solved
+layouts: no tensor is sliced and no graph is rewritten until the best plan is
+chosen. The pruned model is then counted for real (``Job.achieved``).
+
+Example::
+
+    >>> plan, ratio, kept = search_ratio(dg, lambda r: make_plan(groups, scores, r), "macs", 0.5)
+    >>> abs(kept - 0.5) < 0.02
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fxprune.macs import estimate
+
+METRICS = ("macs", "params")
+
+
+@dataclass
+class SearchResult:
+    removal: dict
+    ratio: float
+    kept: float  # estimated fraction of the metric kept by ``removal``
+    probes: int
+
+
+def search_ratio(dg, plan_for, metric: str, fraction: float, *, upper: float = 0.999, tolerance: float = 0.002,
+                 max_probes: int = 40) -> SearchResult:
+    """The plan (from ``plan_for(ratio)``) whose ``metric`` is closest to ``fraction`` of the unpruned one."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    index = METRICS.index(metric)
+    base = estimate(dg, {})[index]
+    if base == 0:
+        raise ValueError(f"the model has no {metric} to reduce (counted 0)")
+
+    def kept(ratio: float) -> tuple[float, dict]:
+        removal = plan_for(ratio)
+        return estimate(dg, removal)[index] / base, removal
+
+    best = SearchResult({}, 0.0, 1.0, 0)
+    low, high = 0.0, upper
+    for probe in range(1, max_probes + 1):
+        ratio = high if probe == 1 else (low + high) / 2
+        value, removal = kept(ratio)
+        if abs(value - fraction) < abs(best.kept - fraction):
+            best = SearchResult(removal, ratio, value, probe)
+        if probe == 1 and value > fraction:  # even the largest ratio keeps too much
+            break
+        if abs(value - fraction) <= tolerance * fraction:
+            break
+        if value > fraction:
+            low = ratio
+        else:
+            high = ratio
+    best.probes = probe
+    return best
