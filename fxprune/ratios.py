@@ -1,18 +1,18 @@
 """Per-module and per-group ratios: ``ratios={"layer4": 0.7, model.fc: 0.0, group: 0.2}`` -> ``{group: ratio}``.
 
-Keys are module names or parameter names (a prefix: ``"layer4"`` covers
-``layer4.0.conv1.weight``), module objects of the model, groups, or group ids.
-A name or module applies to every prunable group with a parameter inside it;
-a group covered by several keys takes the *smallest* of their ratios, so a
-module listed with 0.0 never changes shape. Note that a group spans every
-layer that shares its channels: ``"layer4"`` also covers the channels layer4
-reads from layer3, and ``model.fc: 0.0`` keeps the residual stream that feeds
-fc whole.
+Keys are module names, module objects of the model, parameter names, groups or
+group ids. A module covers the groups it *produces*: those in the outputs of the
+ops that run inside it (and that have a parameter inside it) — its output
+channels, hidden units and heads, as in Torch-Pruning's ``pruning_ratio_dict``.
+``"layer4"`` therefore covers layer4's inner channels and its residual stream,
+but not the layer3 channels it reads. A parameter name covers every group of
+that parameter. A group covered by several keys takes the *smallest* of their
+ratios. To keep a module's inputs and outputs whole, use ``ignore``.
 
 Example::
 
-    >>> group_ratios(dg, {"layer4": 0.7, model.fc: 0.0})
-    {Group(#40, units=512, ...): 0.7, ..., Group(#52, units=2048, ...): 0.0}
+    >>> group_ratios(dg, {"layer4": 0.7, "layer4.2": 0.2})
+    {Group(#40, units=512, ...): 0.7, ..., Group(#52, units=2048, ...): 0.2}
 """
 
 from __future__ import annotations
@@ -60,11 +60,31 @@ def _groups_of_key(dg, key, by_id: dict, module_names: dict) -> list:
     inside = [g for g in dg.groups if any(_within(m.name, prefix) for m in g.parameters)]
     if not inside:
         raise ValueError(f"ratios: no parameter named {prefix!r} (or inside a module of that name)")
+    if prefix in dict(dg.gm.named_modules()):
+        produced = _produced_groups(dg, prefix)
+        inside = [g for g in inside if g in produced]
     return [g for g in inside if g.prunable]
 
 
-def _within(name: str, prefix: str) -> bool:
-    return prefix == "" or name == prefix or name.startswith(prefix + ".")
+def _produced_groups(dg, prefix: str) -> set:
+    """Groups in the outputs of the ops that run inside module ``prefix``."""
+    owners = {n.name: _owner(n) for n in dg.gm.graph.nodes}
+    out = set()
+    for (key, _dim), layout in dg.layouts.items():
+        if key[0] == "v" and _within(owners.get(key[1], ""), prefix):
+            out.update(dg.groups_of_layout(layout))
+    return out
+
+
+def _owner(node) -> str:
+    if node.op == "call_module":
+        return node.target
+    stack = node.meta.get("nn_module_stack")
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def _within(name, prefix: str) -> bool:
+    return isinstance(name, str) and (prefix == "" or name == prefix or name.startswith(prefix + "."))
 
 
 def _describe(key) -> str:
