@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.set_defaults(run=run_prune)
 
     replay = commands.add_parser("replay", help="apply a saved plan.json to the original model")
-    replay.add_argument("plan", help="a plan.json written by fxprune prune (or PruningPlan.save)")
+    replay.add_argument("plan_file", metavar="PLAN", help="a plan.json written by fxprune prune (or PruningPlan.save)")
     _model_arguments(replay)
     _output_arguments(replay)
     replay.set_defaults(run=run_replay)
@@ -109,7 +109,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 def _output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output folder (fxprune.save), or a .pt/.pth file (torch.save); "
                                       "default: MODELNAME-pruned")
-    parser.add_argument("--plan", help="also write the pruning plan to this JSON file")
+    parser.add_argument("--plan", dest="plan_out", metavar="PATH", help="also write the pruning plan to this JSON file")
     parser.add_argument("--latency-runs", type=int, default=10, help="timed CPU runs (0: skip latency)")
     parser.add_argument("--threads", type=int, help="CPU threads for the latency runs (default: torch's)")
 
@@ -153,7 +153,7 @@ def run_prune(args) -> int:
 def run_replay(args) -> int:
     import fxprune
 
-    plan = fxprune.PruningPlan.load(args.plan)
+    plan = fxprune.PruningPlan.load(args.plan_file)
     with _steps(args, 5 if args.latency_runs else 4) as step:
         loaded = _load(args, step)
         recorded, recorded_kwargs = plan.example_inputs()
@@ -167,7 +167,7 @@ def run_replay(args) -> int:
         after = _measure(args, loaded, pruned, step, "measure pruned")
         step("save")
         out = _save(args, pruned, loaded.name)
-    _report(loaded, before, after, f"replayed {args.plan} in {elapsed:.2f}s", out)
+    _report(loaded, before, after, f"replayed {args.plan_file} in {elapsed:.2f}s", out)
     return 0
 
 
@@ -239,8 +239,8 @@ def _save(args, pruned, name: str) -> Path:
         fxprune.plan_of(pruned).save(out.with_suffix(".plan.json"))
     else:
         fxprune.save(pruned, out)
-    if args.plan:
-        fxprune.plan_of(pruned).save(args.plan)
+    if args.plan_out:
+        fxprune.plan_of(pruned).save(args.plan_out)
     return out
 
 

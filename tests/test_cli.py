@@ -1,0 +1,169 @@
+"""The ``fxprune`` command, run as subprocesses on a small model (tests.models:ResidualCNN).
+
+Each subprocess spends most of its time importing torch, so independent commands
+run concurrently: one wave for inspect/prune/graph/an error, then replay, which
+needs prune's plan. Argument checks run in-process.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxprune
+from fxprune import cli
+from tests import models
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ["tests.models:ResidualCNN", "--input-shape", "1,3,16,16"]
+
+
+def command() -> list[str]:
+    """The installed console script when there is one (it is what users run), else ``python -m``."""
+    script = shutil.which("fxprune")
+    return [script] if script else [sys.executable, "-m", "fxprune.cli"]
+
+
+def run_all(commands: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
+    running = {name: subprocess.Popen(command() + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True) for name, args in commands.items()}
+    done = {}
+    for name, process in running.items():
+        out, err = process.communicate(timeout=300)
+        done[name] = subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    return done
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    first = run_all({
+        "inspect": ["inspect", *MODEL],
+        "prune": ["prune", *MODEL, "--ratio", "0.5", "--out", str(tmp / "pruned"), "--plan", str(tmp / "plan.json"),
+                  "--latency-runs", "3"],
+        "graph": ["graph", *MODEL, "--out", str(tmp / "groups.png"), "--engine", "matplotlib"],
+        "bad model": ["inspect", "tests.models:NoSuchModel"],
+    })
+    second = run_all({
+        "replay": ["replay", str(tmp / "plan.json"), "tests.models:ResidualCNN", "--out", str(tmp / "replayed.pt"),
+                   "--latency-runs", "0"],
+    })
+    return {**first, **second, "tmp": tmp}
+
+
+def ok(run: subprocess.CompletedProcess) -> str:
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+def test_inspect_prints_the_group_table(runs):
+    out = ok(runs["inspect"])
+    assert "ResidualCNN: " in out and "3 prunable" in out and "input 1x3x16x16" in out
+    assert "G10     16  prunable" in out  # the residual stream: stem, block output and down's input
+    assert "why: graph input" in out and "why: graph output" in out
+
+
+def test_prune_prints_before_and_after_and_saves_model_and_plan(runs):
+    out = ok(runs["prune"])
+    for row in ("params", "MACs", "latency"):
+        assert any(line.startswith(row) and "%" in line for line in out.splitlines()), row
+    tmp = runs["tmp"]
+    assert {p.name for p in (tmp / "pruned").iterdir()} == {"code.py", "model.json", "plan.json",
+                                                          "weights.safetensors"}
+    pruned = fxprune.load(tmp / "pruned")
+    x = torch.randn(1, 3, 16, 16)
+    assert pruned(x).shape == (1, 10)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in models.ResidualCNN().parameters())
+    assert fxprune.PruningPlan.load(tmp / "plan.json").to_dict() == fxprune.plan_of(pruned).to_dict()
+
+
+def test_replay_gives_the_weights_prune_gave(runs):
+    out = ok(runs["replay"])
+    assert "replayed" in out
+    tmp = runs["tmp"]
+    replayed = torch.load(tmp / "replayed.pt", weights_only=False)
+    assert (tmp / "replayed.plan.json").is_file()
+    pruned = fxprune.load(tmp / "pruned")
+    # the factory builds random weights, so compare shapes: the same units were kept in every group
+    assert {k: v.shape for k, v in replayed.state_dict().items()} == {k: v.shape for k, v in
+                                                                      pruned.state_dict().items()}
+
+
+def test_inspect_reads_a_saved_folder_with_its_recorded_input(runs, capsys):
+    assert cli.main(["inspect", str(runs["tmp"] / "pruned"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "pruned: " in out and "input 1x3x16x16" in out and "prunable" in out
+
+
+def test_graph_writes_a_png(runs):
+    out = ok(runs["graph"])
+    assert "3 prunable groups drawn to" in out
+    picture = runs["tmp"] / "groups.png"
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
+
+
+def test_errors_are_one_paragraph_without_a_traceback(runs):
+    run = runs["bad model"]
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr.startswith("fxprune: error: ") and "NoSuchModel" in run.stderr
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) <= 3
+
+
+def test_debug_lets_the_exception_through():
+    from fxprune.model_spec import ModelSpecError
+
+    with pytest.raises(ModelSpecError, match="NoSuchModel"):
+        cli.main(["inspect", "tests.models:NoSuchModel", "--debug"])
+
+
+# in-process: argument checking and model specs, without paying for a subprocess each
+
+def test_prune_needs_ratio_or_target_macs(capsys):
+    assert cli.main(["prune", *MODEL, "--quiet"]) == 1
+    assert "give --ratio" in capsys.readouterr().err
+
+
+def test_target_macs_flag_reaches_prune_or_says_it_is_unsupported(tmp_path, capsys):
+    import inspect
+
+    code = cli.main(["prune", *MODEL, "--target-macs", "0.5", "--quiet", "--latency-runs", "0",
+                     "--out", str(tmp_path / "out")])
+    if "target_macs" in inspect.signature(fxprune.prune).parameters:
+        assert code == 0 and "target_macs=0.5" in capsys.readouterr().out
+    else:
+        assert code == 1 and "--target-macs is not supported" in capsys.readouterr().err
+
+
+def test_bad_input_shape_is_a_clear_error(capsys):
+    assert cli.main(["inspect", "tests.models:ResidualCNN", "--input-shape", "1,three"]) == 1
+    assert "is not a shape like 1,3,224,224" in capsys.readouterr().err
+
+
+def test_unknown_spec_lists_the_accepted_forms(capsys):
+    assert cli.main(["inspect", "resnet50"]) == 1
+    assert "torchvision:NAME, timm:NAME, hf:PATH" in capsys.readouterr().err
+
+
+def test_torchvision_spec_and_model_kwargs():
+    from fxprune.model_spec import load_model
+
+    loaded = load_model("torchvision:resnet18", [(1, 3, 32, 32)], model_kwargs={"num_classes": 7})
+    assert loaded.name == "resnet18" and loaded.model.fc.out_features == 7
+    assert loaded.example_inputs[0].shape == (1, 3, 32, 32) and not loaded.model.training
+
+
+def test_hugging_face_folder_spec(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from fxprune.model_spec import load_model
+
+    config = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, architectures=["BertModel"])
+    transformers.BertModel(config).save_pretrained(tmp_path)
+    loaded = load_model(f"hf:{tmp_path}")
+    assert type(loaded.model).__name__ == "BertModel"
+    assert loaded.example_inputs[0].dtype == torch.int64 and loaded.example_inputs[0].max() < 30
