@@ -133,7 +133,7 @@ def _verify(job: Job) -> None:
 
 
 def _measure(job: Job) -> None:
-    """With a target: count the pruned graph for real and warn when it missed the target by more than 2%."""
+    """With a target: count the pruned graph for real; warn when it is more than 2% (relative) off the target."""
     if job.target is None:
         return
     metric, fraction = job.target
@@ -144,7 +144,7 @@ def _measure(job: Job) -> None:
         from fxprune.macs import estimate
         after = estimate(job.dg, job.removal)
     job.achieved = {m: after[i] / before[i] if before[i] else 1.0 for i, m in enumerate(METRICS)}
-    if abs(job.achieved[metric] - fraction) > 0.02:
+    if abs(job.achieved[metric] - fraction) > 0.02 * fraction:
         warnings.warn(f"fxprune: target_{metric}={fraction} reached {job.achieved[metric]:.3f} of the original "
                       f"{metric} (groups too coarse, or too much of the model frozen)", stacklevel=3)
 
