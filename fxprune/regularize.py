@@ -72,8 +72,9 @@ class GroupNormRegularizer:
                 if p is None or p.grad is None:
                     continue
                 if p.shape[dim] != strength.numel():
-                    raise ValueError(f"regularizer: {name} axis {dim} has {p.shape[dim]} entries but the regulariser "
-                                     f"was built for {strength.numel()}; call update() after pruning")
+                    raise ValueError(f"regularizer: {name} axis {dim} has {p.shape[dim]} entries but the model the "
+                                     f"regulariser was built for has {strength.numel()}: after a pruning step, "
+                                     f"train and regularize the pruned model (pruner.model)")
                 shape = [1] * p.ndim
                 shape[dim] = -1
                 p.grad.add_(p * strength.to(p.device, p.dtype).view(shape), alpha=self.reg)
