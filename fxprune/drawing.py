@@ -188,16 +188,24 @@ def to_dot(graph: nx.Graph, title: str | None = None) -> str:
     ids = {node: f"n{i}" for i, node in enumerate(graph.nodes)}
     for node, data in graph.nodes(data=True):
         label = data["label"].replace("\n", "\\n")
+        ink = "white" if _is_dark(data["colour"]) else "black"
         if data["kind"] == "group":
             lines.append(f'  {ids[node]} [label="{label}", shape=circle, style=filled, fillcolor="{data["colour"]}",'
-                         f' fontsize=10];')
+                         f' fontcolor={ink}, fontsize=10];')
         else:
             lines.append(f'  {ids[node]} [label="{label}", shape=box, style="rounded,filled", '
-                         f'fillcolor="{data["colour"]}", fontsize=8, height=0.2];')
+                         f'fillcolor="{data["colour"]}", fontcolor={ink}, fontsize=8, height=0.2];')
     for u, v, data in graph.edges(data=True):
         lines.append(f'  {ids[u]} -- {ids[v]} [color="{data["colour"]}"];')
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _is_dark(colour: str) -> bool:
+    import matplotlib
+
+    r, g, b = matplotlib.colors.to_rgb(colour)
+    return 0.299 * r + 0.587 * g + 0.114 * b < 0.5
 
 
 def _execution_order(dg) -> dict[str, int]:

@@ -167,3 +167,28 @@ def test_hugging_face_folder_spec(tmp_path):
     loaded = load_model(f"hf:{tmp_path}")
     assert type(loaded.model).__name__ == "BertModel"
     assert loaded.example_inputs[0].dtype == torch.int64 and loaded.example_inputs[0].max() < 30
+
+
+def test_group_picture_as_graphviz_source(tmp_path):
+    from fxprune.drawing import draw_groups, group_graph
+
+    dg = fxprune.analyze(models.ResidualCNN().eval(), (torch.randn(1, 3, 8, 8),))
+    graph = group_graph(dg)
+    groups = {n for n, d in graph.nodes(data=True) if d["kind"] == "group"}
+    # prunable: stream (16), block (24), down (32); frozen and grey: input channels (3) and logits (10)
+    assert sorted(graph.nodes[n]["units"] for n in groups) == [3, 10, 16, 24, 32]
+    assert {graph.nodes[n]["colour"] for n in groups if graph.nodes[n]["status"] != "prunable"} == {"#b8b8b8"}
+    stream = dg.group_of("stem.0.weight", 0).id
+    assert {m[1] for m in graph.neighbors(("group", stream))} == {"stem.0", "stem.1", "block.0", "block.3",
+                                                                  "block.4", "down"}
+    text = draw_groups(dg, tmp_path / "groups.dot").read_text()
+    assert text.startswith("graph groups {") and f'label="G{stream}\\n16"' in text and " -- " in text
+
+
+def test_group_picture_with_graphviz_when_installed(tmp_path):
+    if not shutil.which("neato"):
+        pytest.skip("Graphviz is not installed")
+    from fxprune.drawing import draw_groups
+
+    dg = fxprune.analyze(models.ResidualCNN().eval(), (torch.randn(1, 3, 8, 8),))
+    assert draw_groups(dg, tmp_path / "groups.svg", engine="graphviz").read_text().lstrip().startswith("<?xml")
