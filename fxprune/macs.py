@@ -264,6 +264,13 @@ def _interpolate_fn(node, shapes):
     return _numel(shapes.node(node)) * _UPSAMPLE.get(mode, 0)
 
 
+def _aten_rnn_fn(node, shapes):
+    """aten.lstm/gru/rnn_*(input, hx, params, ...): the gate matmuls of every step, layer and direction."""
+    x = shapes.node(node.args[0])
+    weights = [shapes.node(p) for p in node.args[2]]  # per layer and direction: w_ih, w_hh[, b_ih, b_hh]
+    return _numel(x[:-1]) * sum(_numel(w) for w in weights if w is not None and len(w) == 2)
+
+
 def _swin_attention_fn(node, shapes):
     """torchvision's ``shifted_window_attention`` (a leaf under ``torch.fx.wrap``): its 2 linears and 2 matmuls."""
     from torchvision.models import swin_transformer as swin
@@ -282,7 +289,10 @@ _FUNCTIONS = {
     F.conv1d: _conv_fn, F.conv2d: _conv_fn, F.conv3d: _conv_fn,
     aten.conv1d.default: _conv_fn, aten.conv2d.default: _conv_fn, aten.conv3d.default: _conv_fn,
     F.conv_transpose1d: _conv_t_fn, F.conv_transpose2d: _conv_t_fn, F.conv_transpose3d: _conv_t_fn,
-    aten.convolution.default: _convolution_fn,
+    aten.convolution.default: _convolution_fn, aten.conv_transpose1d.default: _conv_t_fn,
+    aten.conv_transpose2d.input: _conv_t_fn, aten.conv_transpose3d.input: _conv_t_fn,
+    aten.lstm.input: _aten_rnn_fn, aten.gru.input: _aten_rnn_fn, aten.rnn_tanh.input: _aten_rnn_fn,
+    aten.rnn_relu.input: _aten_rnn_fn,
     F.linear: _linear_fn, aten.linear.default: _linear_fn,
     torch.matmul: _matmul_fn, operator.matmul: _matmul_fn, torch.mm: _matmul_fn, torch.bmm: _matmul_fn,
     "matmul": _matmul_fn, "mm": _matmul_fn, "bmm": _matmul_fn, "__matmul__": _matmul_fn,
