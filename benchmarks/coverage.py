@@ -1,0 +1,287 @@
+"""Coverage against Torch-Pruning: which models each library prunes at ratio 0.5 and still runs, same shapes.
+
+For every model (torchvision zoo, timm families, tiny Hugging Face configs; see
+``zoo.py``) one worker process builds the model once and, for each library,
+
+1. prunes a copy at ratio 0.5 (fxprune: ``fxprune.prune``; Torch-Pruning: its README
+   recipe plus the output layers, see ``tp_recipe.py``), timed;
+2. runs the pruned model on the example input and compares every output shape;
+3. counts MACs before and after (one counter for both, see ``measure.py``);
+4. fxprune only: the dead-unit oracle (plant all-zero units, remove exactly them
+   with ``fxprune.apply``, compare outputs; exact means relative difference <= 1e-4).
+
+A library *covers* a model when it prunes without raising, the pruned model runs
+and every output keeps its shape. Each library gets ``--step-timeout`` seconds
+per model (a hang is a failure of that library only); each worker gets ``--timeout``.
+
+Usage::
+
+    python benchmarks/coverage.py --quick                 # CI: a handful of models, < 3 minutes
+    python benchmarks/coverage.py                         # standard list (zoo less its largest variants)
+    python benchmarks/coverage.py --models tv:resnet18,timm:convnext_atto,hf:t5
+    python benchmarks/coverage.py --selection full --out benchmarks/coverage_full.md
+
+The markdown table and the totals ("fxprune N/M, Torch-Pruning K/M") are written
+to ``--out`` after every model, and one JSON line per model to ``--log``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import harness  # noqa: E402
+import zoo  # noqa: E402
+
+RATIO = 0.5
+ORACLE_TOL = 1e-4
+LIBRARIES = ("fxprune", "torch-pruning")
+
+
+# ---------------------------------------------------------------------------------------------- worker side
+
+def _fxprune_step(name, model, args, kwargs, reference, out_shapes) -> dict:
+    import fxprune
+
+    import measure
+
+    start = time.perf_counter()
+    pruned = fxprune.prune(model, RATIO, example_inputs=args, kwargs=kwargs or None)
+    row = {"prune_s": time.perf_counter() - start}
+    return _check(row, model, pruned, args, kwargs, out_shapes, measure)
+
+
+def _tp_step(name, model, args, kwargs, reference, out_shapes) -> dict:
+    import measure
+    import tp_recipe
+
+    victim = copy.deepcopy(model)
+    start = time.perf_counter()
+    tp_recipe.prune(name, victim, args, kwargs, RATIO)
+    row = {"prune_s": time.perf_counter() - start}
+    return _check(row, model, victim, args, kwargs, out_shapes, measure)
+
+
+def _check(row, original, pruned, args, kwargs, out_shapes, measure) -> dict:
+    try:
+        got = measure.run(pruned, args, kwargs)
+    except Exception as exc:  # pruned without complaint, but the model no longer runs
+        return {**row, "status": "forward failed", "reason": harness.first_line(exc)}
+    row["shapes"] = measure.shapes(got)
+    if row["shapes"] != out_shapes:
+        return {**row, "status": "shape changed", "reason": f"{row['shapes']} != {out_shapes}"[:240]}
+    row["params_kept"] = measure.params(pruned) / measure.params(original)
+    row["macs_kept"], row["macs_counter"] = measure.macs_ratio(original, pruned, args, kwargs)
+    row["status"] = "ok"
+    return row
+
+
+def _oracle_step(name, model, args, kwargs, reference, out_shapes) -> dict:
+    import fxprune
+    from fxprune.testing import plant_dead_units
+
+    import measure
+
+    victim = copy.deepcopy(model)
+    dg = fxprune.analyze(victim, args, kwargs=kwargs or None)
+    row = {"groups": len(dg.groups), "prunable": len(dg.prunable_groups),
+           "unsupported": sorted({where for _, where in dg.state.unsupported})[:3]}
+    removal = plant_dead_units(dg, seed=0)
+    row["oracle_groups"] = len(removal)
+    before = measure.run(dg.gm, args, kwargs)
+    after = measure.run(fxprune.apply(dg, removal), args, kwargs)
+    row["oracle_diff"] = measure.relative_diff(after, before)
+    row["status"] = "exact" if row["oracle_diff"] <= ORACLE_TOL else "inexact"
+    return row
+
+
+def measure_model(name: str, libraries, step_timeout: float, oracle: bool) -> dict:
+    """Everything the table reports for one model (runs inside a worker process)."""
+    import torch
+
+    import measure
+    import tp_recipe
+
+    torch.set_grad_enabled(False)
+    start = time.perf_counter()
+    model, args, kwargs = zoo.build(name)
+    row = {"model": name, "input": [list(a.shape) for a in args], "build_s": time.perf_counter() - start,
+           "params": measure.params(model)}
+    reference = measure.run(model, args, kwargs)
+    out_shapes = measure.shapes(reference)
+    steps = []
+    if "fxprune" in libraries:
+        steps.append(("fxprune", _fxprune_step))
+        if oracle:
+            steps.append(("oracle", _oracle_step))
+    if "torch-pruning" in libraries:
+        if tp_recipe.available():
+            steps.append(("torch-pruning", _tp_step))
+        else:
+            row["torch-pruning"] = {"status": "skipped", "reason": "torch-pruning is not installed"}
+    for key, step in steps:
+        t = time.perf_counter()
+        with harness.time_limit(step_timeout):
+            row[key] = harness.guarded(step, name, model, args, kwargs, reference, out_shapes)
+        row[key]["step_s"] = time.perf_counter() - t
+    return row
+
+
+def worker(name: str, libraries, step_timeout: float, oracle: bool) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    row = harness.guarded(measure_model, name, libraries, step_timeout, oracle)
+    row.setdefault("model", name)
+    harness.emit(row)
+
+
+# ---------------------------------------------------------------------------------------------- parent side
+
+def covered(row: dict, library: str) -> bool:
+    return row.get(library, {}).get("status") == "ok"
+
+
+def _pct(v) -> str:
+    return "" if v is None else f"{100 * v:.0f}%"
+
+
+def _cell(row: dict, library: str) -> str:
+    result = row.get(library)
+    if result is None:
+        return f"error: {row.get('reason', '')}" if row.get("status") == "error" else ""
+    return "ok" if result["status"] == "ok" else result["status"]
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | input | fxprune | MACs kept | oracle | s | Torch-Pruning | MACs kept | s |",
+             "| --- | --- | --- | ---: | --- | ---: | --- | ---: | ---: |"]
+    for r in rows:
+        fx, tp, orc = r.get("fxprune", {}), r.get("torch-pruning", {}), r.get("oracle", {})
+        oracle = f"{orc['oracle_diff']:.0e}" if "oracle_diff" in orc else orc.get("status", "")
+        if orc.get("status") == "inexact":
+            oracle += " (inexact)"
+        shape = "x".join(map(str, r["input"][0])) if r.get("input") else ""
+        lines.append(f"| {r['model']} | {shape} | {_cell(r, 'fxprune')} | {_pct(fx.get('macs_kept'))} | {oracle} | "
+                     f"{fx.get('prune_s', 0):.1f} | {_cell(r, 'torch-pruning')} | {_pct(tp.get('macs_kept'))} | "
+                     f"{tp.get('prune_s', 0):.1f} |")
+    return "\n".join(lines)
+
+
+def failures(rows: list[dict]) -> str:
+    """One line per failing (model, library), with the reason."""
+    lines = []
+    for library, key in (("fxprune", "fxprune"), ("dead-unit oracle", "oracle"), ("Torch-Pruning", "torch-pruning")):
+        bad = [r for r in rows if r.get(key, {}).get("status") not in ("ok", "exact", "skipped", None)
+               or (key == "fxprune" and r.get("status") == "error")]
+        lines.append(f"\n**{library}**: {len(bad)} failing" + (":" if bad else "."))
+        for r in bad:
+            res = r.get(key) or {"status": "error", "reason": r.get("reason", "")}
+            reason = res.get("reason", "")
+            if key == "oracle" and "oracle_diff" in res:
+                reason = f"relative difference {res['oracle_diff']:.1e}"
+            lines.append(f"- {r['model']}: {res['status']}: {reason}".replace("|", "/"))
+    return "\n".join(lines)
+
+
+def totals(rows: list[dict]) -> str:
+    n = len(rows)
+    fx = sum(covered(r, "fxprune") for r in rows)
+    tp = sum(covered(r, "torch-pruning") for r in rows)
+    tp_skipped = all(r.get("torch-pruning", {}).get("status") == "skipped" for r in rows) and rows
+    exact = sum(r.get("oracle", {}).get("status") == "exact" for r in rows)
+    both = sum(covered(r, "fxprune") and covered(r, "torch-pruning") for r in rows)
+    lines = [f"**fxprune {fx}/{n}, Torch-Pruning " + ("not installed" if tp_skipped else f"{tp}/{n}") + "**"
+             f" (pruned at ratio {RATIO}, runs, every output shape kept); fxprune exact under the dead-unit oracle "
+             f"on {exact}/{n}."]
+    for source in ("tv", "timm", "hf"):
+        sub = [r for r in rows if r["model"].startswith(source + ":")]
+        if sub:
+            lines.append(f"- {source}: fxprune {sum(covered(r, 'fxprune') for r in sub)}/{len(sub)}, "
+                         f"Torch-Pruning {sum(covered(r, 'torch-pruning') for r in sub)}/{len(sub)}")
+    for library in LIBRARIES:
+        kept = sorted(r[library]["macs_kept"] for r in rows if covered(r, library) and r[library].get("macs_kept"))
+        times = sorted(r[library]["prune_s"] for r in rows if covered(r, library))
+        if kept:
+            unpruned = sum(k > 0.99 for k in kept)
+            lines.append(f"- {library}: median MACs kept {_pct(kept[len(kept) // 2])} over the models it covers "
+                         f"({unpruned} with nothing pruned); median prune time {times[len(times) // 2]:.1f} s")
+    if both:
+        pairs = [(r["fxprune"]["prune_s"], r["torch-pruning"]["prune_s"]) for r in rows
+                 if covered(r, "fxprune") and covered(r, "torch-pruning")]
+        ratio = sorted(f / t for f, t in pairs)[len(pairs) // 2]
+        lines.append(f"- on the {both} models both cover: median prune-time ratio fxprune/Torch-Pruning {ratio:.2f}")
+    return "\n".join(lines)
+
+
+def report(rows: list[dict], command: str) -> str:
+    import platform
+
+    import torch
+
+    versions = f"torch {torch.__version__}"
+    for mod in ("torchvision", "timm", "transformers", "torch_pruning"):
+        try:
+            versions += f", {mod} {__import__(mod).__version__}"
+        except ImportError:
+            pass
+    return (f"# Coverage: fxprune vs Torch-Pruning at ratio {RATIO}\n\n`{command}`\n\n"
+            f"{versions}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs. "
+            f"Times are each library's prune call (s), MACs kept = pruned / original MACs "
+            f"(fxprune's counter, Torch-Pruning's where fxprune's cannot capture the model), "
+            f"oracle = relative output difference after removing planted dead units (fxprune).\n\n"
+            f"{totals(rows)}\n\n{table(rows)}\n\n## Failures\n{failures(rows)}\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CI subset: " + ", ".join(zoo.QUICK))
+    parser.add_argument("--selection", default="standard", choices=["quick", "standard", "full"])
+    parser.add_argument("--models", help="comma-separated source:name list (tv:, timm:, hf:)")
+    parser.add_argument("--skip", default="", help="comma-separated names to leave out")
+    parser.add_argument("--libraries", default=",".join(LIBRARIES), help="fxprune,torch-pruning (default both)")
+    parser.add_argument("--no-oracle", action="store_true")
+    parser.add_argument("--step-timeout", type=float, default=180, help="seconds per library per model")
+    parser.add_argument("--timeout", type=float, default=1200, help="seconds per worker process")
+    parser.add_argument("--out", help="markdown report (default benchmarks/coverage.md; a temp dir with --quick)")
+    parser.add_argument("--log", help="append one JSON line per model")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    libraries = [lib for lib in args.libraries.split(",") if lib]
+    if args.worker:
+        worker(args.worker, libraries, args.step_timeout, not args.no_oracle)
+        return 0
+    names = args.models.split(",") if args.models else zoo.catalogue("quick" if args.quick else args.selection)
+    skip = set(args.skip.split(","))
+    names = [n for n in names if n not in skip]
+    out = Path(args.out) if args.out else harness.default_out(args.quick, "coverage.md")
+    command = "python benchmarks/coverage.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    log = open(args.log, "a") if args.log else None
+    rows = []
+    for i, name in enumerate(names, 1):
+        cmd = [harness.python(), __file__, "--worker", name, "--libraries", ",".join(libraries),
+               "--step-timeout", str(args.step_timeout)] + (["--no-oracle"] if args.no_oracle else [])
+        row = harness.run_worker(cmd, args.timeout, {"model": name})
+        rows.append(row)
+        if log:
+            log.write(json.dumps(row, default=str) + "\n")
+            log.flush()
+        print(f"[{i}/{len(names)}] {name}: fxprune {_cell(row, 'fxprune')}, oracle "
+              f"{row.get('oracle', {}).get('status', '-')}, Torch-Pruning {_cell(row, 'torch-pruning')} "
+              f"({row['seconds']:.0f} s)", flush=True)
+        out.write_text(report(rows, command))
+    print()
+    print(totals(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

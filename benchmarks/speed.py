@@ -1,0 +1,255 @@
+"""Analysis and pruning speed and peak memory, fxprune against Torch-Pruning, on the same models in one run.
+
+For each case and library, one worker process builds the model (not measured) and
+measures, with ``meter.Meter`` (wall time, peak RSS above the start of the step):
+
+* analysis: ``fxprune.analyze`` / Torch-Pruning's ``DependencyGraph().build_dependency``;
+* prune: ``fxprune.prune(model, 0.5, inplace=True)`` / Torch-Pruning's recipe
+  (``tp_recipe.prune``, in place too), then checks that the pruned model runs with
+  every output shape kept;
+
+then rebuilds the model and repeats both steps under tracemalloc for the peak of
+Python allocations (tracemalloc slows Python down, so it never overlaps the timing).
+The ``llama-1b-meta`` case builds the 1B LLaMA on the meta device (no weights) and
+measures analysis only: pruning needs weights to score units.
+
+Usage::
+
+    python benchmarks/speed.py --quick       # CI: small models, < 2 minutes
+    python benchmarks/speed.py               # resnet50, densenet121, vit_b_16, bert-base, llama-1b (+ meta)
+    python benchmarks/speed.py --cases resnet50,llama-1b-meta --libraries fxprune
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import harness  # noqa: E402
+
+RATIO = 0.5
+LIBRARIES = ("fxprune", "torch-pruning")
+FULL = ["resnet50", "densenet121", "vit_b_16", "bert-base", "llama-1b", "llama-1b-meta"]
+QUICK = ["resnet18", "bert-tiny", "llama-tiny-meta"]
+# About 1.1B parameters (TinyLlama's shape): hidden 2048, 22 layers, 32 heads, 4 kv heads, MLP 5632, vocab 32000.
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, use_cache=False)
+LLAMA_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=100, max_position_embeddings=64, use_cache=False)
+
+
+def build(case: str):
+    """``(model, args, kwargs, on_meta)`` for a case; random init, eval mode."""
+    import torch
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (1, 16), generator=torch.Generator().manual_seed(0))
+    image = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    if case in ("resnet18", "resnet50", "densenet121", "vit_b_16"):
+        import torchvision
+
+        return torchvision.models.get_model(case, weights=None).eval(), (image,), {}, False
+    import transformers as T
+
+    if case == "bert-base":  # BertConfig's defaults are bert-base: hidden 768, 12 layers, 12 heads
+        return T.BertModel(T.BertConfig()).eval(), (ids,), {}, False
+    if case == "bert-tiny":
+        config = T.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=128)
+        return T.BertModel(config).eval(), (ids,), {}, False
+    if case.startswith("llama-"):
+        config = T.LlamaConfig(**(LLAMA_1B if case.startswith("llama-1b") else LLAMA_TINY))
+        on_meta = case.endswith("-meta")
+        with torch.device("meta" if on_meta else "cpu"):
+            model = T.LlamaForCausalLM(config)
+        return model.eval(), (ids,), {}, on_meta
+    raise KeyError(f"unknown case {case!r}")
+
+
+def _analyze(library: str, case: str, model, args, kwargs):
+    if library == "fxprune":
+        import fxprune
+
+        return fxprune.analyze(model, args, kwargs=kwargs or None)
+    import tp_recipe
+
+    return tp_recipe.analyze(model, args, kwargs)
+
+
+def _prune(library: str, case: str, model, args, kwargs):
+    if library == "fxprune":
+        import fxprune
+
+        return fxprune.prune(model, RATIO, example_inputs=args, kwargs=kwargs or None, inplace=True)
+    import tp_recipe
+
+    return tp_recipe.prune(f"speed:{case}", model, args, kwargs, RATIO)
+
+
+def _step(row: dict, key: str, limit: float, fn, *args) -> object:
+    """Time ``fn`` with a Meter under a time limit; record seconds and RSS peak, or the failure."""
+    import meter
+
+    try:
+        with harness.time_limit(limit), meter.Meter() as m:
+            result = fn(*args)
+    except Exception as exc:  # a library that fails or hangs on a case is a result of the benchmark
+        row[f"{key}_error"] = harness.first_line(exc)
+        return None
+    row[f"{key}_s"], row[f"{key}_rss_mb"] = m.seconds, m.rss_peak_mb
+    return result
+
+
+def measure_case(case: str, library: str, limit: float, python_memory: bool) -> dict:
+    import torch
+
+    import measure
+    import meter
+
+    torch.set_grad_enabled(False)
+    model, args, kwargs, on_meta = build(case)
+    row = {"case": case, "library": library, "params": measure.params(model), "meta": on_meta}
+    expected = None if on_meta else measure.shapes(measure.run(model, args, kwargs))
+    dg = _step(row, "analysis", limit, _analyze, library, case, model, args, kwargs)
+    del dg
+    gc.collect()
+    if not on_meta and "analysis_error" not in row:
+        pruned = _step(row, "prune", limit, _prune, library, case, model, args, kwargs)
+        if pruned is not None:
+            try:
+                got = measure.shapes(measure.run(pruned, args, kwargs))
+                row["shapes_kept"] = got == expected
+                row["params_kept"] = measure.params(pruned) / row["params"]
+            except Exception as exc:  # pruned, but no longer runs
+                row["prune_error"] = "pruned model fails to run: " + harness.first_line(exc)
+        del pruned
+    del model
+    gc.collect()
+    if python_memory and "analysis_error" not in row:
+        model, args, kwargs, _ = build(case)
+        row["analysis_py_mb"], dg = meter.python_peak(_analyze, library, case, model, args, kwargs)
+        del dg
+        if "prune_s" in row:
+            row["prune_py_mb"], _ = meter.python_peak(_prune, library, case, model, args, kwargs)
+    return row
+
+
+def worker(case: str, library: str, limit: float, python_memory: bool) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    if library == "torch-pruning":
+        import tp_recipe
+
+        if not tp_recipe.available():
+            harness.emit({"case": case, "library": library, "skipped": "torch-pruning is not installed"})
+            return
+    row = harness.guarded(measure_case, case, library, limit, python_memory)
+    row.update(case=case, library=library)
+    harness.emit(row)
+
+
+def _num(row, key, fmt="{:.2f}"):
+    return fmt.format(row[key]) if key in row else ""
+
+
+def _status(row) -> str:
+    if "skipped" in row:
+        return "skipped: " + row["skipped"]
+    for key in ("analysis_error", "prune_error", "reason"):
+        if key in row:
+            return f"{key.split('_')[0]} failed: {row[key]}".replace("|", "/")
+    if row.get("meta"):
+        return "ok (analysis only, meta device)"
+    return "ok" if row.get("shapes_kept") else "output shapes changed"
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| case | params | library | analysis s | analysis RSS MB | analysis Python MB | prune s | "
+             "prune RSS MB | prune Python MB | status |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        params = f"{r['params'] / 1e6:.1f}M" if "params" in r else ""
+        lines.append(f"| {r['case']} | {params} | {r['library']} | {_num(r, 'analysis_s')} | "
+                     f"{_num(r, 'analysis_rss_mb', '{:.0f}')} | {_num(r, 'analysis_py_mb', '{:.0f}')} | "
+                     f"{_num(r, 'prune_s')} | {_num(r, 'prune_rss_mb', '{:.0f}')} | "
+                     f"{_num(r, 'prune_py_mb', '{:.0f}')} | {_status(r)} |")
+    return "\n".join(lines)
+
+
+def ratios(rows: list[dict]) -> str:
+    """fxprune / Torch-Pruning for every quantity both measured on a case."""
+    keys = [("analysis_s", "analysis time"), ("prune_s", "prune time"), ("analysis_rss_mb", "analysis RSS"),
+            ("prune_rss_mb", "prune RSS"), ("analysis_py_mb", "analysis Python"), ("prune_py_mb", "prune Python")]
+    lines = ["| case | " + " | ".join(label for _, label in keys) + " |", "| --- |" + " ---: |" * len(keys)]
+    by = {(r["case"], r["library"]): r for r in rows}
+    for case in dict.fromkeys(r["case"] for r in rows):
+        fx, tp = by.get((case, "fxprune"), {}), by.get((case, "torch-pruning"), {})
+        cells = []
+        for key, _ in keys:
+            if key in fx and key in tp and tp[key] > 0:
+                cells.append(f"{fx[key] / tp[key]:.2f}")
+            else:
+                cells.append("fxprune only" if key in fx and tp else "")
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(rows: list[dict], command: str) -> str:
+    import torch
+
+    return (f"# Speed and memory: fxprune vs Torch-Pruning (ratio {RATIO})\n\n`{command}`\n\n"
+            f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads. "
+            "Both libraries prune in place. RSS = peak resident memory above the start of the step "
+            "(tensors included); Python = tracemalloc peak (Python allocations only, measured in a separate "
+            "pass). Ratios are fxprune / Torch-Pruning (below 1: fxprune is faster or smaller).\n\n"
+            f"{table(rows)}\n\n### Ratios fxprune / Torch-Pruning\n\n{ratios(rows)}\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CI cases: " + ", ".join(QUICK))
+    parser.add_argument("--cases", help="comma-separated cases (default: " + ", ".join(FULL) + ")")
+    parser.add_argument("--libraries", default=",".join(LIBRARIES))
+    parser.add_argument("--no-python-memory", action="store_true", help="skip the tracemalloc pass")
+    parser.add_argument("--step-timeout", type=float, default=900, help="seconds per step (analysis, prune)")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per worker process")
+    parser.add_argument("--out", help="markdown report (default benchmarks/speed.md; a temp dir with --quick)")
+    parser.add_argument("--log", help="append one JSON line per (case, library)")
+    parser.add_argument("--worker", nargs=2, metavar=("CASE", "LIBRARY"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(*args.worker, args.step_timeout, not args.no_python_memory)
+        return 0
+    cases = args.cases.split(",") if args.cases else (QUICK if args.quick else FULL)
+    libraries = [lib for lib in args.libraries.split(",") if lib]
+    out = Path(args.out) if args.out else harness.default_out(args.quick, "speed.md")
+    command = "python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    rows = []
+    log = open(args.log, "a") if args.log else None
+    for case in cases:
+        for library in libraries:
+            cmd = [harness.python(), __file__, "--worker", case, library, "--step-timeout", str(args.step_timeout)]
+            cmd += ["--no-python-memory"] if args.no_python_memory else []
+            row = harness.run_worker(cmd, args.timeout, {"case": case, "library": library})
+            rows.append(row)
+            if log:
+                log.write(json.dumps(row, default=str) + "\n")
+                log.flush()
+            print(f"{case} / {library}: analysis {_num(row, 'analysis_s')} s, prune {_num(row, 'prune_s')} s, "
+                  f"{_status(row)} ({row['seconds']:.0f} s)", flush=True)
+            out.write_text(report(rows, command))
+    print()
+    print(ratios(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

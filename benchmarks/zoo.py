@@ -1,0 +1,187 @@
+"""The benchmark model catalogue: torchvision, timm and Hugging Face models with small example inputs.
+
+A model is named ``source:name`` (``tv:resnet18``, ``timm:convnext_atto``,
+``hf:llama``); :func:`build` returns ``(model, args, kwargs)`` with random
+weights in eval mode, deterministic for a name. Inputs are small (64 px where a
+model takes any size) because coverage is about structure, not accuracy.
+
+Example::
+
+    >>> model, args, kwargs = build("tv:resnet18")
+    >>> args[0].shape, kwargs
+    (torch.Size([1, 3, 64, 64]), {})
+    >>> "timm:vit_tiny_patch16_224" in catalogue("full")
+    True
+"""
+
+from __future__ import annotations
+
+import os
+
+# timm's fused attention hides q/k/v inside F.scaled_dot_product_attention; Torch-Pruning's timm
+# recipe switches it off, and both libraries must see the same model.
+os.environ.setdefault("TIMM_FUSED_ATTN", "0")
+
+IMAGE = 64  # input side for every model that takes any size
+
+# Torchvision detection models are data-dependent end to end (proposals, NMS): their backbones are benchmarked.
+DETECTION = ["fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_resnet50_fpn",
+             "fasterrcnn_resnet50_fpn_v2", "fcos_resnet50_fpn", "keypointrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn",
+             "maskrcnn_resnet50_fpn_v2", "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "ssd300_vgg16",
+             "ssdlite320_mobilenet_v3_large"]
+
+# The largest variants of families that are already in the list at a smaller size: "full" adds them back.
+TV_LARGE = {"vit_h_14", "vit_l_16", "vit_l_32", "regnet_y_128gf", "regnet_y_32gf", "regnet_x_32gf", "regnet_y_16gf",
+            "regnet_x_16gf", "efficientnet_b7", "efficientnet_b6", "efficientnet_b5", "efficientnet_v2_l",
+            "efficientnet_v2_m", "convnext_large", "convnext_base", "swin_b", "swin_v2_b", "swin3d_b",
+            "resnext101_64x4d", "resnext101_32x8d", "wide_resnet101_2", "vgg19", "vgg19_bn", "vgg16", "vgg13",
+            "densenet201", "densenet161", "resnet152", "mvit_v1_b", "raft_large", "deeplabv3_resnet101",
+            "fcn_resnet101", "maskrcnn_resnet50_fpn_v2", "fasterrcnn_resnet50_fpn_v2", "retinanet_resnet50_fpn_v2"}
+
+TIMM = [
+    # ResNet family and relatives
+    "resnet18", "resnet50d", "resnext26ts", "seresnext26d_32x4d", "res2net50_26w_4s", "resnest14d", "nf_resnet26",
+    # EfficientNet / NAS / mobile
+    "efficientnet_b0", "efficientnet_lite0", "tf_efficientnetv2_b0", "mnasnet_small", "mobilenetv2_050",
+    "mobilenetv3_small_050", "mobilenetv3_large_100", "mobilenetv4_conv_small", "ghostnet_100", "ghostnetv2_100",
+    "rexnet_100", "lcnet_050", "hardcorenas_a", "repghostnet_050", "fasternet_t0", "starnet_s1",
+    # ConvNeXt and other modern CNNs
+    "convnext_atto", "convnextv2_atto", "inception_next_tiny", "hgnetv2_b0", "regnetx_002", "regnety_002",
+    "regnetz_005", "densenet121", "dla34", "dpn68", "hrnet_w18_small", "cspdarknet53", "ese_vovnet19b_dw",
+    "repvgg_a0", "mobileone_s0", "inception_v3",
+    # Vision transformers
+    "vit_tiny_patch16_224", "vit_small_patch32_224", "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224",
+    "deit3_small_patch16_224", "eva02_tiny_patch14_224", "cait_xxs24_224", "xcit_nano_12_p16_224", "pit_ti_224",
+    "crossvit_tiny_240", "swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256", "levit_128s", "coat_lite_tiny",
+    "coat_tiny", "pvt_v2_b0", "twins_svt_small", "visformer_tiny", "tiny_vit_5m_224", "efficientvit_b0",
+    "efficientvit_m0", "efficientformer_l1", "efficientformerv2_s0", "mobilevit_xxs", "mobilevitv2_050",
+    "edgenext_xx_small", "fastvit_t8", "coatnet_nano_rw_224",
+    # MLPs, pooling mixers, recurrent mixers
+    "mixer_s32_224", "resmlp_12_224", "gmlp_ti16_224", "poolformer_s12", "poolformerv2_s12", "sequencer2d_s",
+]
+
+HF = ["bert", "vit", "gpt2", "llama", "qwen2", "mistral", "t5"]
+
+# CI: a residual CNN, a mobile net with SE and hardswish, timm ConvNeXt and DeiT, BERT (Torch-Pruning hangs on LLaMA)
+QUICK = ["tv:resnet18", "tv:mobilenet_v3_small", "timm:convnext_atto", "timm:deit_tiny_patch16_224", "hf:bert"]
+
+
+def torchvision_names() -> list[str]:
+    """Every model of the torchvision zoo except the quantized ones, as ``tv:name``."""
+    import torchvision.models as tvm
+
+    names = tvm.list_models(module=tvm)
+    for module in (tvm.segmentation, tvm.detection, tvm.video, tvm.optical_flow):
+        names += tvm.list_models(module=module)
+    return [f"tv:{n}" for n in names]
+
+
+def catalogue(selection: str = "standard") -> list[str]:
+    """Model names for ``"quick"``, ``"standard"`` (the zoo less :data:`TV_LARGE`) or ``"full"``."""
+    if selection == "quick":
+        return list(QUICK)
+    tv = torchvision_names()
+    if selection == "standard":
+        tv = [n for n in tv if n[3:] not in TV_LARGE]
+    elif selection != "full":
+        raise ValueError(f"unknown selection {selection!r}: quick, standard or full")
+    return tv + [f"timm:{n}" for n in TIMM] + [f"hf:{n}" for n in HF]
+
+
+def build(name: str):
+    """``(model, args, kwargs)`` for ``source:name``: random weights, eval mode, seeded."""
+    import torch
+
+    source, _, model_name = name.partition(":")
+    torch.manual_seed(0)
+    builders = {"tv": _torchvision, "timm": _timm, "hf": _hf}
+    if source not in builders:
+        raise KeyError(f"unknown model source {source!r} in {name!r} (tv:, timm: or hf:)")
+    model, args, kwargs = builders[source](model_name)
+    model.eval()
+    return model, args, kwargs
+
+
+def _image(side: int, batch: int = 1, frames: int | None = None):
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    shape = (batch, 3, frames, side, side) if frames else (batch, 3, side, side)
+    return torch.randn(shape, generator=gen)
+
+
+def _torchvision(name: str):
+    """Classification at 64 px (ViTs take ``image_size``), segmentation whole, detection backbones, video, flow."""
+    import torchvision.models as tvm
+
+    if name in tvm.list_models(module=tvm.detection):
+        # the full model needs proposals and NMS; its backbone (with FPN or extra SSD blocks) is the prunable part
+        side = 320 if "ssd" in name else 128
+        full = tvm.get_model(name, weights=None, weights_backbone=None)
+        return full.backbone, (_image(side),), {}
+    if name in tvm.list_models(module=tvm.segmentation):
+        return tvm.get_model(name, weights=None, weights_backbone=None, aux_loss=False), (_image(IMAGE),), {}
+    if name in tvm.list_models(module=tvm.video):
+        # MViT's positional tables and S3D's pooling fix the clip size; the 3-d ResNets and Swin3D take any
+        fixed = {"mvit_v1_b": (16, 224), "mvit_v2_s": (16, 224), "s3d": (16, 112)}
+        frames, side = fixed.get(name, (4, IMAGE))
+        return tvm.get_model(name, weights=None), (_image(side, frames=frames),), {}
+    if name in tvm.list_models(module=tvm.optical_flow):
+        model = tvm.get_model(name, weights=None, num_flow_updates=2)
+        return model, (_image(128), _image(128)), {}
+    kwargs, side = {}, IMAGE
+    if name.startswith("vit_"):
+        kwargs["image_size"] = side
+    elif name in ("inception_v3", "googlenet"):
+        kwargs.update(init_weights=True, aux_logits=False)
+        side = 96 if name == "inception_v3" else IMAGE  # inception_v3 needs at least 75 px
+    elif name == "maxvit_t":
+        side = 224  # its window partitions need a multiple of 224
+    return tvm.get_model(name, weights=None, **kwargs), (_image(side),), {}
+
+
+def _timm(name: str):
+    """``pretrained=False``; models with a fixed input size get it, the others 64 px."""
+    import timm
+
+    model = timm.create_model(name, pretrained=False)
+    cfg = model.pretrained_cfg
+    side = cfg["input_size"][-1] if cfg.get("fixed_input_size") else IMAGE
+    return model, (_image(side),), {}
+
+
+def hf_tiny(family: str):
+    """A tiny random-init model of a Hugging Face family: hidden 64, 2 layers, 4 heads, 2 kv heads, vocab 100."""
+    import transformers as T
+
+    tiny = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    decoder = dict(vocab_size=100, num_key_value_heads=2, max_position_embeddings=64, use_cache=False, **tiny)
+    configs = {
+        "bert": lambda: T.BertModel(T.BertConfig(vocab_size=100, **tiny)),
+        "vit": lambda: T.ViTModel(T.ViTConfig(image_size=32, patch_size=8, **tiny)),
+        "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4,
+                                                       n_positions=64, use_cache=False)),
+        "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**decoder)),
+        "qwen2": lambda: T.Qwen2ForCausalLM(T.Qwen2Config(**decoder)),
+        "mistral": lambda: T.MistralForCausalLM(T.MistralConfig(**decoder)),
+        "t5": lambda: T.T5ForConditionalGeneration(T.T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128,
+                                                              num_layers=2, num_heads=4, use_cache=False)),
+    }
+    if family not in configs:
+        raise KeyError(f"unknown Hugging Face family {family!r}: {', '.join(configs)}")
+    return configs[family]()
+
+
+def _ids(batch: int = 2, length: int = 7, seed: int = 0):
+    import torch
+
+    return torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _hf(family: str):
+    model = hf_tiny(family)
+    if family == "vit":
+        return model, (_image(32, batch=2),), {}
+    if family == "t5":
+        return model, (_ids(),), {"decoder_input_ids": _ids(2, 5, seed=1)}
+    return model, (_ids(),), {}
