@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--importance", default="l2", help="unit importance criterion (default l2)")
     prune.add_argument("--target-macs", type=float, help="fraction of the MACs to keep (instead of --ratio)")
     prune.add_argument("--round-to", type=int, help="keep a multiple of this many units in every group")
+    prune.add_argument("--global", dest="global_pruning", action="store_true",
+                       help="rank the units of all groups together instead of pruning each group by --ratio")
     prune.add_argument("--ignore", action="append", default=[], metavar="NAME",
                        help="module or parameter name whose axes must not change (repeatable)")
     _output_arguments(prune)
@@ -196,11 +198,15 @@ def _prune_options(args) -> dict:
     options = {"importance": args.importance, "round_to": args.round_to, "ignore": tuple(args.ignore)}
     if args.ratio is not None:
         options["ratio"] = args.ratio
-    if args.target_macs is not None:
-        if "target_macs" not in inspect.signature(fxprune.prune).parameters:
-            raise ValueError("--target-macs is not supported by this version of fxprune.prune (it has no "
-                             "target_macs argument yet); use --ratio")
-        options["target_macs"] = args.target_macs
+    supported = inspect.signature(fxprune.prune).parameters
+    for flag, name, value in (("--target-macs", "target_macs", args.target_macs),
+                              ("--global", "global_pruning", args.global_pruning or None)):
+        if value is None:
+            continue
+        if name not in supported:
+            raise ValueError(f"{flag} is not supported by this version of fxprune.prune (it has no {name} "
+                             "argument); use --ratio")
+        options[name] = value
     return options
 
 
