@@ -137,7 +137,7 @@ def run_prune(args) -> int:
     import fxprune
 
     options = _prune_options(args)
-    with _steps(args, 5 if args.latency_runs else 4) as step:
+    with _steps(args, 5) as step:
         loaded = _load(args, step)
         before = _measure(args, loaded, loaded.model, step, "measure original")
         step("prune")
@@ -156,7 +156,7 @@ def run_replay(args) -> int:
     import fxprune
 
     plan = fxprune.PruningPlan.load(args.plan_file)
-    with _steps(args, 5 if args.latency_runs else 4) as step:
+    with _steps(args, 5) as step:
         loaded = _load(args, step)
         recorded, recorded_kwargs = plan.example_inputs()
         if recorded is not None and not args.input_shape:  # the inputs the plan was made with

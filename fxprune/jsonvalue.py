@@ -25,6 +25,7 @@ import importlib
 import math
 import types
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch.fx.node import _get_qualified_name
@@ -42,6 +43,8 @@ def encode(value, where: str = "value", tensor_ref=None):
         return value
     if isinstance(value, enum.Enum):  # before int: IntEnum members are ints
         return {"$": "enum", "class": qualified_name(type(value), where), "v": value.name}
+    if isinstance(value, np.generic):  # numpy scalars in module attributes come back as Python numbers
+        value = value.item()
     if isinstance(value, int):
         return value
     if isinstance(value, float):
