@@ -10,7 +10,8 @@ Specs:
 ``pkg.module:factory``     ``import pkg.module; factory(**model_kwargs)`` (the current folder is importable);
                            the factory may return ``model`` or ``(model, example_inputs)``
 ``pruned/``                a folder written by ``fxprune.save`` (inputs from its plan when it has one)
-``model.pt``               a module saved with ``torch.save`` (unpickled: only load files you trust)
+``model.pt``               a module saved with ``torch.save`` (unpickled: only load files you trust); its
+                           plan (and so its input shapes) from ``model.plan.json`` beside it, if there
 =========================  ==========================================================================
 
 ``input_shapes`` (one shape per positional input) overrides the default inputs.
@@ -168,6 +169,11 @@ def _saved(path: str, model_kwargs: dict) -> LoadedModel:
         if not isinstance(model, torch.nn.Module):
             raise ModelSpecError(f"{path} holds a {type(model).__name__}, not a model (a state dict needs the "
                                  "model's code: use module.path:factory and load the weights there)")
+        plan_file = os.path.splitext(path)[0] + ".plan.json"
+        if os.path.isfile(plan_file):  # pickling a GraphModule drops gm.meta, so fxprune prune writes it beside
+            from fxprune.plan_io import PruningPlan, attach_plan
+
+            attach_plan(model, PruningPlan.load(plan_file))
     try:
         args, kwargs = plan_of(model).example_inputs()
     except FxPruneError:

@@ -100,6 +100,12 @@ def test_inspect_reads_a_saved_folder_with_its_recorded_input(runs, capsys):
     assert "pruned: " in out and "input 1x3x16x16" in out and "prunable" in out
 
 
+def test_inspect_reads_a_torch_saved_file(runs, capsys):
+    assert cli.main(["inspect", str(runs["tmp"] / "replayed.pt"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "replayed: " in out and "input 1x3x16x16" in out  # the plan pickled with the module has the shape
+
+
 def test_graph_writes_a_png(runs):
     out = ok(runs["graph"])
     assert "3 prunable groups drawn to" in out
