@@ -164,7 +164,8 @@ def _tensor_index(r, x: TensorRef, index) -> None:
     out = r.out
     entries = list(index) if isinstance(index, tuple) else [index]
     if any(not isinstance(e, (int, slice, type(None), type(Ellipsis))) for e in entries):
-        r.freeze_all("advanced indexing")
+        if not _gather_index(r, x, out, entries):
+            r.freeze_all("advanced indexing")
         return
     if Ellipsis in entries:
         at = entries.index(Ellipsis)
@@ -182,6 +183,37 @@ def _tensor_index(r, x: TensorRef, index) -> None:
             _slice(r, x, din, out, dout, e, position, isinstance(index, tuple))
             din += 1
             dout += 1
+
+
+def _gather_index(r, x: TensorRef, out: TensorRef, entries: list) -> bool:
+    """``table[idx]`` or ``x[:, idx]``: one integer tensor index among full slices.
+
+    Example (MaxViT's relative position bias): ``table (169, H)[idx (2401,)]`` is
+    ``(2401, H)``; the indexed axis is frozen (its positions are data), the index's
+    axes become the output's axes at that position, and ``H`` carries over, so the
+    heads stay prunable. Returns False for any other advanced index.
+    """
+    if Ellipsis in entries:
+        at = entries.index(Ellipsis)
+        entries = entries[:at] + [slice(None)] * (x.ndim - len(entries) + 1) + entries[at + 1:]
+    tensors = [i for i, e in enumerate(entries) if isinstance(e, fx.Node)]
+    if len(tensors) != 1 or len(entries) > x.ndim:
+        return False
+    p = tensors[0]
+    value = tensor_value(entries[p])
+    if value is None or value.dtype == torch.bool or any(e != slice(None) for e in entries if e is not entries[p]):
+        return False
+    if out.ndim != x.ndim - 1 + value.ndim:
+        return False
+    idx = r.tensor(entries[p])
+    r.freeze(x[p], "indexed by data")
+    for d in range(p):
+        r.same(x[d], out[d])
+    for j in range(idx.ndim):
+        r.same(idx[j], out[p + j])
+    for d in range(p + 1, x.ndim):
+        r.same(x[d], out[d - 1 + idx.ndim])
+    return True
 
 
 def _slice(r, x, din: int, out, dout: int, s: slice, position: int, in_tuple: bool) -> None:

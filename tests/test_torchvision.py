@@ -1,0 +1,116 @@
+"""The CI subset of the torchvision sweep (benchmarks/torchvision_sweep.py runs the whole zoo).
+
+Each model (``weights=None``, eval mode, a small input) must prune at ratio 0.5
+with its 1000 logits kept, run, keep its output shape, keep at most half of its
+MACs, and pass the dead-unit oracle: removing planted all-zero units changes the
+output by at most 1e-5 of its magnitude.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fxprune
+import fxprune.macs
+from fxprune.testing import plant_dead_units
+
+torchvision = pytest.importorskip("torchvision")
+
+# name: (input size, constructor kwargs); each is (about) the smallest size the model accepts cheaply
+CASES = {
+    "resnet18": (64, {}),
+    "mobilenet_v3_small": (64, {}),
+    "densenet121": (64, {}),
+    "shufflenet_v2_x0_5": (64, {}),
+    "regnet_x_400mf": (64, {}),
+    "vit_b_16": (32, {"image_size": 32}),
+    "convnext_tiny": (64, {}),
+    "efficientnet_b0": (64, {}),
+    "squeezenet1_0": (64, {}),
+    "swin_t": (64, {}),
+}
+
+
+def randomize_constant_params(model: torch.nn.Module) -> None:
+    """Random values for parameters initialised to one constant.
+
+    torchvision zero-initialises ViT's ``heads.head`` and starts ConvNeXt's layer
+    scales at 1e-6, which would make the oracle compare near-constant outputs.
+    """
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                c = float(p.flatten()[0])
+                noise = torch.randn(p.shape, generator=gen)
+                p.copy_(0.2 * noise if abs(c) <= 1e-3 else c * (1 + 0.2 * noise))
+
+
+def build(name: str):
+    size, kwargs = CASES[name]
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    randomize_constant_params(model)
+    return model, torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@torch.no_grad()
+def test_prune_half_and_oracle(name):
+    model, x = build(name)
+    expected = model(x)
+
+    pruned = fxprune.prune(model, 0.5, example_inputs=(x,))
+    out = pruned(x)
+    assert out.shape == expected.shape == (1, 1000)
+    assert torch.isfinite(out).all()
+    macs, params = fxprune.macs.count(model, (x,))
+    macs_pruned, params_pruned = fxprune.macs.count(pruned, (x,))
+    assert macs_pruned <= 0.5 * macs, f"{name} keeps {macs_pruned / macs:.1%} of its MACs"
+    assert params_pruned < params
+
+    # the dead-unit oracle, on the same (untouched) model: plant zero units, remove exactly them
+    dg = fxprune.analyze(model, (x,))
+    assert not dg.state.unsupported, [where for _, where in dg.state.unsupported]
+    removal = plant_dead_units(dg, seed=0)
+    assert removal, f"{name}: no group the oracle can check"
+    before = model(x)
+    after = fxprune.apply(dg, removal)(x)
+    scale = before.abs().max()
+    torch.testing.assert_close(after / scale, before / scale, atol=1e-5, rtol=0)
+
+
+class _RelativeBias(torch.nn.Module):
+    """MaxViT's relative position bias: ``table[idx]`` gathers rows; the heads axis stays prunable."""
+
+    def __init__(self, dim=16, heads=4, window=3):
+        super().__init__()
+        self.heads, self.n = heads, window * window
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+        self.table = torch.nn.Parameter(torch.randn((2 * window - 1) ** 2, heads))
+        self.register_buffer("index", torch.randint(0, (2 * window - 1) ** 2, (self.n * self.n,)))
+
+    def forward(self, x):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        bias = self.table[self.index].view(self.n, self.n, -1).permute(2, 0, 1).unsqueeze(0)
+        attn = (q @ k.transpose(-2, -1) + bias).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, D))
+
+
+@torch.no_grad()
+def test_gathered_relative_bias_keeps_heads_prunable():
+    model, x = _RelativeBias().eval(), torch.randn(2, 9, 16)
+    dg = fxprune.analyze(model, (x,))
+    heads = dg.groups_of("table", 1)
+    assert len(heads) == 1 and heads[0].prunable and heads[0].units == 4
+    assert dg.groups_of("table", 0)[0].frozen
+    removal = plant_dead_units(dg, [heads[0]], fraction=0.5)
+    before = model(x)
+    pruned = fxprune.apply(dg, removal)
+    assert pruned.table.shape == (25, 2)
+    torch.testing.assert_close(pruned(x), before, atol=1e-5, rtol=0)
