@@ -33,7 +33,8 @@ SETTINGS = [
 
 def prune_job(model, x, settings: dict) -> Job:
     """``fxprune.prune`` with the Job kept, to read the search result and the plan."""
-    job = Job(model, (x,), None, global_pruning=settings.get("global_pruning", False), round_to=settings.get("round_to"))
+    job = Job(model, (x,), None, global_pruning=settings.get("global_pruning", False),
+              round_to=settings.get("round_to"))
     job.ratio, job.target, job.max_ratio = check_prune_settings(None, settings.get("target_macs"),
                                                                 settings.get("target_params"), job.round_to, 0.9)
     return run(job, PIPELINE)

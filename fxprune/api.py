@@ -35,7 +35,7 @@ from fxprune.capture import capture, flat_inputs, is_hf_model
 from fxprune.decompose import decompose
 from fxprune.depgraph import DependencyGraph
 from fxprune.importance import named_tensors, resolve_importance, score_groups
-from fxprune.macs import count_graph
+from fxprune.macs import count_graph, estimate
 from fxprune.plan import make_plan
 from fxprune.plan_io import PruningPlan, attach_plan
 from fxprune.propagate import propagate
@@ -144,10 +144,10 @@ def _measure(job: Job) -> None:
         return
     metric, fraction = job.target
     before = count_graph(job.dg.gm)
-    if isinstance(job.result, fx.GraphModule) and all("val" in n.meta for n in job.result.graph.find_nodes(op="output")):
+    outputs = job.result.graph.find_nodes(op="output") if isinstance(job.result, fx.GraphModule) else []
+    if outputs and all("val" in n.meta for n in outputs):
         after = count_graph(job.result)
     else:  # pruned in place (Hugging Face): the plan's count is exact
-        from fxprune.macs import estimate
         after = estimate(job.dg, job.removal)
     job.achieved = {m: after[i] / before[i] if before[i] else 1.0 for i, m in enumerate(METRICS)}
     if abs(job.achieved[metric] - fraction) > 0.02 * fraction:
