@@ -10,12 +10,14 @@ from a torch generator seeded with ``arch.seed`` so that a failure reproduces::
     >>> from tests.property.archs import *
     >>> model, inputs = build(Arch(...))      # paste the falsifying example here
 
-Blocks on images ``(B, C, H, W)``: Conv (dense, grouped, depthwise; + BN + act), BN, Act,
+Blocks on images ``(B, C, H, W)``: Conv (dense, grouped, depthwise; stride; + BN + act), BN, Act,
 Residual, Concat (branches, identity allowed), Split (split / chunk into branches, merged by
-cat, add or gating), Shuffle (channel shuffle), ChannelLN (LayerNorm over channels), GroupNormB,
-SE (squeeze-excitation gating), Pool, ToTokens. Blocks on tokens ``(B, N, D)``: Linear, LayerNormB,
-Attention (reshape to heads; sdpa or softmax(q @ k^T) @ v), MLP. Heads: flatten -> linear,
-mean -> linear.
+cat, add or gating), Shuffle (channel shuffle with int, -1 or computed sizes), ChannelLN
+(LayerNorm over channels), GroupNormB, SE (squeeze-excitation gating), Pool, ToTokens.
+Blocks on tokens ``(B, N, D)``: Linear, LayerNormB, Attention (reshape to heads; fused or separate
+q/k/v; sdpa or softmax(q @ k^T) @ v; GQA by sdpa's enable_gqa or expand + reshape), MHA
+(nn.MultiheadAttention), MLP (plain or SwiGLU). Heads: flatten / reshape -> linear, mean -> linear,
+adaptive pool -> linear; optionally the head's input as a second output.
 """
 
 from __future__ import annotations

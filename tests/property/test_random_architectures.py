@@ -10,6 +10,9 @@ For every generated model and every ratio in [0, 0.9]:
    axis, prune exactly those units with ``fxprune.apply``: the output is unchanged (atol 1e-5
    relative to the output's scale), and every parameter axis lost exactly the planted indices.
 
+``test_prune_options_run_and_keep_shapes`` checks (1) to (4) under other importance criteria,
+``round_to`` and global ranking, and pruning the pruned GraphModule a second time.
+
 Every tensor is drawn from a torch seed that is part of the drawn :class:`archs.Arch`, so the
 falsifying example hypothesis prints rebuilds the same model: ``archs.build(Arch(...))``.
 Run more examples with ``FXPRUNE_PROPERTY_SCALE=10 python -m pytest tests/property``.
@@ -21,9 +24,10 @@ import os
 import warnings
 
 import numpy as np
+import pytest
 import torch
 import torch.fx as fx
-from hypothesis import HealthCheck, example, given, note, settings
+from hypothesis import HealthCheck, assume, example, given, note, settings
 from hypothesis import strategies as st
 
 import fxprune
@@ -34,14 +38,17 @@ from tests.property.archs import (BN, MHA, MLP, SE, Act, Arch, Attention, Channe
                                   Head, LayerNormB, Linear, Pool, Residual, Shuffle, Split, ToTokens)
 
 SCALE = float(os.environ.get("FXPRUNE_PROPERTY_SCALE", "1"))
+MAX_BLOCKS = int(os.environ.get("FXPRUNE_PROPERTY_BLOCKS", "5"))
 # CI budget: at least 200 examples in all (plus the @example cases), under 3 minutes on 2 cores.
-PRUNE_EXAMPLES = max(1, int(110 * SCALE))
+PRUNE_EXAMPLES = max(1, int(100 * SCALE))
 ORACLE_EXAMPLES = max(1, int(100 * SCALE))
+OPTIONS_EXAMPLES = max(1, int(40 * SCALE))
 
 SETTINGS = dict(deadline=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 ratios = st.floats(min_value=0.0, max_value=0.9, allow_nan=False)
+IMPORTANCES = ["l2", "l1", "lamp", "fpgm", "random", "bn_scale"]
 
 # Hand-written cases that every run covers, whatever hypothesis draws (one per hard construct).
 HAND_WRITTEN = [
@@ -50,7 +57,8 @@ HAND_WRITTEN = [
                      Pool("max")), Head("flatten", 8 * 4 * 4), 0),
     # depthwise + channel shuffle (ints, -1, sizes computed from x.size()) + concat with two identity branches
     Arch((3, 8, 8), (Conv(3, 12, 1, 1, False, True, "silu"), Conv(12, 12, 3, 12, False, True, None),
-                     Shuffle(12, 3, "const"), Shuffle(12, 4, "minus1"), Shuffle(12, 2, "computed"), Concat(((), (), (Conv(12, 4, 1, 2),))),
+                     Shuffle(12, 3, "const"), Shuffle(12, 4, "minus1"), Shuffle(12, 2, "computed"),
+                     Concat(((), (), (Conv(12, 4, 1, 2),))),
                      Conv(28, 8, 1, 1, True, False, "gelu")), Head("pool", 8), 1),
     # split into unequal pieces, chunk + add, gating, SE, group norm, channel LayerNorm
     Arch((3, 8, 8), (Conv(3, 12, 3, 1, True, False, "relu"),
@@ -74,6 +82,15 @@ HAND_WRITTEN = [
                      Attention(8, 2, 4, 4, False, "sdpa", True, "minus1", kv_heads=1),
                      MHA(8, 2, True, True), MLP(8, 8, "silu", True, glu=True)), Head("mean", 8), 5, aux=True),
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads cost more than they save (and oversubscribe a 2-core CI machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -108,17 +125,21 @@ def _assert_close(got, expected, rel: float, what: str) -> None:
 
 
 def _check_nontrivial(out) -> float:
-    """The output must carry signal, or comparing outputs would prove nothing."""
+    """The output must carry signal, or comparing outputs would prove nothing.
+
+    A random net can be dead (ReLU after ReLU in 4 channels, a norm before a mean): such a draw is
+    discarded (``assume``), not failed; hypothesis reports if that happens too often.
+    """
     out = _outs(out)[0]
     assert torch.isfinite(out).all()
     scale = out.abs().max().item()
-    assert scale > 1e-2, f"output is trivially small ({scale:.2e})"
-    assert (out[0] - out[1]).abs().max().item() > 1e-4 * scale, "output does not depend on the input"
+    assume(scale > 1e-2)  # trivially small output
+    assume((out[0] - out[1]).abs().max().item() > 1e-4 * scale)  # output does not depend on the input
     return scale
 
 
 @settings(max_examples=PRUNE_EXAMPLES, **SETTINGS)
-@given(arch=archs.architectures(), ratio=ratios)
+@given(arch=archs.architectures(MAX_BLOCKS), ratio=ratios)
 @example(arch=HAND_WRITTEN[0], ratio=0.5)
 @example(arch=HAND_WRITTEN[1], ratio=0.9)
 @example(arch=HAND_WRITTEN[2], ratio=0.3)
@@ -164,8 +185,44 @@ def test_prune_runs_keeps_shapes_and_leaves_the_original(arch: Arch, ratio: floa
         torch.testing.assert_close(model(*inputs), expected, atol=0, rtol=0)
 
 
+@settings(max_examples=OPTIONS_EXAMPLES, **SETTINGS)
+@given(arch=archs.architectures(MAX_BLOCKS), ratio=ratios, importance=st.sampled_from(IMPORTANCES),
+       round_to=st.sampled_from([None, 2, 3]), global_pruning=st.booleans(), again=st.booleans())
+def test_prune_options_run_and_keep_shapes(arch: Arch, ratio: float, importance: str, round_to, global_pruning,
+                                           again: bool):
+    """Properties (1) to (4) under other criteria, ``round_to`` and global ranking; and pruning a pruned
+    GraphModule again (its rewritten shape constants must analyse like hand-written ones)."""
+    note(archs.describe(arch))
+    model, inputs = archs.build(arch)
+    before = _state(model)
+    with torch.no_grad():
+        expected = model(*inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruned = fxprune.prune(model, ratio, example_inputs=inputs, importance=importance, round_to=round_to,
+                               global_pruning=global_pruning)
+    assert isinstance(pruned, fx.GraphModule)
+    with torch.no_grad():
+        got = pruned(*inputs)
+    assert [o.shape for o in _outs(got)] == [o.shape for o in _outs(expected)]
+    assert all(torch.isfinite(o).all() for o in _outs(got))
+    assert _n_params(pruned) <= _n_params(model)
+    _assert_same_state(before, model, "prune modified the original model")
+    if again:
+        first = _state(pruned)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            twice = fxprune.prune(pruned, ratio, example_inputs=inputs, importance=importance, round_to=round_to,
+                                  global_pruning=global_pruning)
+        with torch.no_grad():
+            got_twice = twice(*inputs)
+        assert [o.shape for o in _outs(got_twice)] == [o.shape for o in _outs(expected)]
+        assert _n_params(twice) <= _n_params(pruned)
+        _assert_same_state(first, pruned, "pruning a GraphModule modified it")
+
+
 @settings(max_examples=ORACLE_EXAMPLES, **SETTINGS)
-@given(arch=archs.architectures(), fraction=st.floats(0.05, 0.9), seed=st.integers(0, 2**16), data=st.data())
+@given(arch=archs.architectures(MAX_BLOCKS), fraction=st.floats(0.05, 0.9), seed=st.integers(0, 2**16), data=st.data())
 @example(arch=HAND_WRITTEN[0], fraction=0.5, seed=0, data=None)
 @example(arch=HAND_WRITTEN[1], fraction=0.9, seed=1, data=None)
 @example(arch=HAND_WRITTEN[2], fraction=0.34, seed=2, data=None)
