@@ -97,8 +97,13 @@ def capture(model: torch.nn.Module, example_inputs=None, kwargs=None) -> fx.Grap
 
 def export_capture(model: torch.nn.Module, example_inputs, kwargs=None, trace_error: str = "") -> fx.GraphModule:
     """``torch.export.export(model, args, kwargs, strict=False).module()``, or a CaptureError quoting export."""
+    args, kwargs = tuple(example_inputs), dict(kwargs or {})
     try:
-        program = torch.export.export(model, tuple(example_inputs), kwargs=dict(kwargs or {}), strict=False)
+        try:  # batch and sequence sizes stay symbolic where the model allows, so the graph takes other shapes
+            program = torch.export.export(model, args, kwargs=kwargs, strict=False,
+                                          dynamic_shapes=_automatic_dims(model, args, kwargs))
+        except Exception:  # some models specialise every size; a static graph is still a good graph
+            program = torch.export.export(model, args, kwargs=kwargs, strict=False)
     except Exception as exc:  # export's own message is the useful part
         message = str(exc).strip().splitlines()
         raise CaptureError(
@@ -133,6 +138,15 @@ def _drop_constant_kwargs(gm: fx.GraphModule, example_inputs, kwargs: dict) -> d
     gm.graph._codegen = _PyTreeCodeGen(_PyTreeInfo(names, in_spec, codegen.pytree_info.out_spec))
     gm.recompile()
     return kept
+
+
+def _automatic_dims(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
+    """``Dim.AUTO`` for every axis of every tensor input, keyed by forward's parameter names."""
+    def dims(value):
+        return {d: torch.export.Dim.AUTO for d in range(value.ndim)} if isinstance(value, torch.Tensor) else None
+
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    return {name: dims(value) for name, value in bound.arguments.items()}
 
 
 def flat_inputs(gm: fx.GraphModule, example_inputs, kwargs=None) -> tuple | None:

@@ -148,7 +148,7 @@ def _updated(value, layouts, index, sizes: Sizes):
         return list(items) if isinstance(value, list) else tuple(items)
     new = sizes.new(layouts)
     if isinstance(value, fx.Node):  # a computed size (x.size(1) // heads): keep it if it still is right
-        return value if sizes.ints.get(value.name) == new else new
+        return value if sizes.ints.get(value.name, value.meta.get("val")) == new else new
     return value if new == sizes.old(layouts) else new
 
 
@@ -182,7 +182,9 @@ def _new_int_values(dg, sizes: Sizes) -> dict[str, object]:
         if node.op not in ("call_function", "call_method"):
             continue
         args = node.args
-        if node.target in ("size", getattr) or (node.op == "call_method" and node.target == "size"):
+        if node.target is torch.ops.aten.sym_size.int:
+            values[node.name] = new_shape(args[0])[args[1]]
+        elif node.target in ("size", getattr) or (node.op == "call_method" and node.target == "size"):
             src = args[0]
             if not isinstance(src.meta.get("val"), torch.Tensor):
                 continue
