@@ -72,7 +72,7 @@ def rewrite(dg, removal: dict, inplace: bool = False) -> fx.GraphModule:
         _rewrite_constant(nodes[c.node.name], modules.get(c.node.target), c, sizes)
     for node, hook in dg.state.hooks:
         hook(nodes[node.name], sizes)
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
     gm.graph.lint()
     gm.recompile()
     return gm
@@ -204,3 +204,9 @@ def _new_int_values(dg, sizes: Sizes) -> dict[str, object]:
             if all(isinstance(v, int) for v in operands):
                 values[node.name] = _INT_OPS[node.target](*operands)
     return values
+
+
+def _is_impure(node: fx.Node) -> bool:
+    """In-place ops (``y.mul_(2)`` with an unused result) must survive dead-code elimination."""
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return node.is_impure() or name.split(".")[0].endswith("_")
