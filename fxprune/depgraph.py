@@ -173,8 +173,8 @@ class DependencyGraph:
         roles = set()
         for member in group.members:
             roles.add(_position(member.layout, group.atom))
-        if "paired" in roles:
-            return "rotary pairs"
+        if "paired" in roles:  # a frequency buffer (RoPE's inv_freq) marks rotation pairs; else GLU halves etc.
+            return "rotary pairs" if any(m.kind == "buffer" for m in group.members) else "paired segments"
         if group.broadcast:
             return "repeated"
         for name in ("outer factor", "inner factor"):
