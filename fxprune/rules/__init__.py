@@ -5,6 +5,7 @@ from fxprune.rules import (  # noqa: F401 - imported for their registrations
     attention,
     conv,
     elementwise,
+    extra,
     linear,
     misc,
     norm,
