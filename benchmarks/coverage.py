@@ -17,9 +17,9 @@ per model (a hang is a failure of that library only); each worker gets ``--timeo
 Usage::
 
     python benchmarks/coverage.py --quick                 # CI: a handful of models, < 3 minutes
-    python benchmarks/coverage.py                         # standard list (zoo less its largest variants)
+    python benchmarks/coverage.py --jobs 2                # standard list (zoo.TV_STANDARD, timm, HF)
     python benchmarks/coverage.py --models tv:resnet18,timm:convnext_atto,hf:t5
-    python benchmarks/coverage.py --selection full --out benchmarks/coverage_full.md
+    python benchmarks/coverage.py --selection full --out benchmarks/coverage_full.md   # every torchvision model
 
 The markdown table and the totals ("fxprune N/M, Torch-Pruning K/M") are written
 to ``--out`` after every model, and one JSON line per model to ``--log``.
@@ -28,7 +28,7 @@ to ``--out`` after every model, and one JSON line per model to ``--log``.
 from __future__ import annotations
 
 import argparse
-import copy
+import concurrent.futures
 import json
 import os
 import sys
@@ -56,21 +56,21 @@ def _fxprune_step(name, model, args, kwargs, reference, out_shapes) -> dict:
     start = time.perf_counter()
     pruned = fxprune.prune(model, RATIO, example_inputs=args, kwargs=kwargs or None)
     row = {"prune_s": time.perf_counter() - start}
-    return _check(row, model, pruned, args, kwargs, out_shapes, measure)
+    return _check(row, name, pruned, args, kwargs, out_shapes, measure)
 
 
 def _tp_step(name, model, args, kwargs, reference, out_shapes) -> dict:
     import measure
     import tp_recipe
 
-    victim = copy.deepcopy(model)
+    victim = model
     start = time.perf_counter()
     tp_recipe.prune(name, victim, args, kwargs, RATIO)
     row = {"prune_s": time.perf_counter() - start}
-    return _check(row, model, victim, args, kwargs, out_shapes, measure)
+    return _check(row, name, victim, args, kwargs, out_shapes, measure)
 
 
-def _check(row, original, pruned, args, kwargs, out_shapes, measure) -> dict:
+def _check(row, name, pruned, args, kwargs, out_shapes, measure) -> dict:
     try:
         got = measure.run(pruned, args, kwargs)
     except Exception as exc:  # pruned without complaint, but the model no longer runs
@@ -78,6 +78,7 @@ def _check(row, original, pruned, args, kwargs, out_shapes, measure) -> dict:
     row["shapes"] = measure.shapes(got)
     if row["shapes"] != out_shapes:
         return {**row, "status": "shape changed", "reason": f"{row['shapes']} != {out_shapes}"[:240]}
+    original = zoo.build(name)[0]  # untouched by either library, for parameter and MAC counts
     row["params_kept"] = measure.params(pruned) / measure.params(original)
     row["macs_kept"], row["macs_counter"] = measure.macs_ratio(original, pruned, args, kwargs)
     row["status"] = "ok"
@@ -90,8 +91,7 @@ def _oracle_step(name, model, args, kwargs, reference, out_shapes) -> dict:
 
     import measure
 
-    victim = copy.deepcopy(model)
-    dg = fxprune.analyze(victim, args, kwargs=kwargs or None)
+    dg = fxprune.analyze(model, args, kwargs=kwargs or None)
     row = {"groups": len(dg.groups), "prunable": len(dg.prunable_groups),
            "unsupported": sorted({where for _, where in dg.state.unsupported})[:3]}
     removal = plant_dead_units(dg, seed=0)
@@ -128,6 +128,9 @@ def measure_model(name: str, libraries, step_timeout: float, oracle: bool) -> di
         else:
             row["torch-pruning"] = {"status": "skipped", "reason": "torch-pruning is not installed"}
     for key, step in steps:
+        # every step gets a freshly built model (same seed, same weights): tracing can leave state behind
+        # (timm's LeViT caches a torch.fx Proxy in attention_bias_cache), and one library must not see the other's
+        model = zoo.build(name)[0]
         t = time.perf_counter()
         with harness.time_limit(step_timeout):
             row[key] = harness.guarded(step, name, model, args, kwargs, reference, out_shapes)
@@ -135,10 +138,13 @@ def measure_model(name: str, libraries, step_timeout: float, oracle: bool) -> di
     return row
 
 
-def worker(name: str, libraries, step_timeout: float, oracle: bool) -> None:
+def worker(name: str, libraries, step_timeout: float, oracle: bool, threads: int) -> None:
     import warnings
 
+    import torch
+
     warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
     row = harness.guarded(measure_model, name, libraries, step_timeout, oracle)
     row.setdefault("model", name)
     harness.emit(row)
@@ -148,6 +154,11 @@ def worker(name: str, libraries, step_timeout: float, oracle: bool) -> None:
 
 def covered(row: dict, library: str) -> bool:
     return row.get(library, {}).get("status") == "ok"
+
+
+def reduced(rows: list[dict], library: str) -> int:
+    """Covered models where the library really removed something (MACs kept at most 90%)."""
+    return sum(covered(r, library) and (r[library].get("macs_kept") or 1.0) <= 0.9 for r in rows)
 
 
 def _pct(v) -> str:
@@ -201,7 +212,9 @@ def totals(rows: list[dict]) -> str:
     both = sum(covered(r, "fxprune") and covered(r, "torch-pruning") for r in rows)
     lines = [f"**fxprune {fx}/{n}, Torch-Pruning " + ("not installed" if tp_skipped else f"{tp}/{n}") + "**"
              f" (pruned at ratio {RATIO}, runs, every output shape kept); fxprune exact under the dead-unit oracle "
-             f"on {exact}/{n}."]
+             f"on {exact}/{n}.",
+             f"Covered *and* at most 90% of the MACs kept: fxprune {reduced(rows, 'fxprune')}/{n}, "
+             f"Torch-Pruning {reduced(rows, 'torch-pruning')}/{n}."]
     for source in ("tv", "timm", "hf"):
         sub = [r for r in rows if r["model"].startswith(source + ":")]
         if sub:
@@ -211,9 +224,9 @@ def totals(rows: list[dict]) -> str:
         kept = sorted(r[library]["macs_kept"] for r in rows if covered(r, library) and r[library].get("macs_kept"))
         times = sorted(r[library]["prune_s"] for r in rows if covered(r, library))
         if kept:
-            unpruned = sum(k > 0.99 for k in kept)
-            lines.append(f"- {library}: median MACs kept {_pct(kept[len(kept) // 2])} over the models it covers "
-                         f"({unpruned} with nothing pruned); median prune time {times[len(times) // 2]:.1f} s")
+            lines.append(f"- {library}: median MACs kept {_pct(kept[len(kept) // 2])} over the models it covers, "
+                         f"{sum(k > 0.9 for k in kept)} of them with more than 90% kept; "
+                         f"median prune time {times[len(times) // 2]:.1f} s")
     if both:
         pairs = [(r["fxprune"]["prune_s"], r["torch-pruning"]["prune_s"]) for r in rows
                  if covered(r, "fxprune") and covered(r, "torch-pruning")]
@@ -251,33 +264,56 @@ def main(argv=None) -> int:
     parser.add_argument("--no-oracle", action="store_true")
     parser.add_argument("--step-timeout", type=float, default=180, help="seconds per library per model")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per worker process")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="workers running at the same time (default 1)")
     parser.add_argument("--out", help="markdown report (default benchmarks/coverage.md; a temp dir with --quick)")
     parser.add_argument("--log", help="append one JSON line per model")
+    parser.add_argument("--resume", action="store_true", help="reuse the rows already in --log")
+    parser.add_argument("--redo", default="", help="with --resume: comma-separated models to measure again")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     libraries = [lib for lib in args.libraries.split(",") if lib]
     if args.worker:
-        worker(args.worker, libraries, args.step_timeout, not args.no_oracle)
+        worker(args.worker, libraries, args.step_timeout, not args.no_oracle, args.threads)
         return 0
     names = args.models.split(",") if args.models else zoo.catalogue("quick" if args.quick else args.selection)
     skip = set(args.skip.split(","))
     names = [n for n in names if n not in skip]
     out = Path(args.out) if args.out else harness.default_out(args.quick, "coverage.md")
     command = "python benchmarks/coverage.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    done = {}
+    if args.resume:  # rows of an earlier run (the last per model), except those to --redo
+        if not args.log or not Path(args.log).exists():
+            parser.error("--resume needs an existing --log")
+        redo = set(args.redo.split(","))
+        for line in Path(args.log).read_text().splitlines():
+            row = json.loads(line)
+            if row["model"] in names and row["model"] not in redo:
+                done[row["model"]] = row
+    todo = [n for n in names if n not in done]
     log = open(args.log, "a") if args.log else None
-    rows = []
-    for i, name in enumerate(names, 1):
-        cmd = [harness.python(), __file__, "--worker", name, "--libraries", ",".join(libraries),
-               "--step-timeout", str(args.step_timeout)] + (["--no-oracle"] if args.no_oracle else [])
-        row = harness.run_worker(cmd, args.timeout, {"model": name})
-        rows.append(row)
-        if log:
-            log.write(json.dumps(row, default=str) + "\n")
-            log.flush()
-        print(f"[{i}/{len(names)}] {name}: fxprune {_cell(row, 'fxprune')}, oracle "
-              f"{row.get('oracle', {}).get('status', '-')}, Torch-Pruning {_cell(row, 'torch-pruning')} "
-              f"({row['seconds']:.0f} s)", flush=True)
-        out.write_text(report(rows, command))
+    extra = ["--libraries", ",".join(libraries), "--step-timeout", str(args.step_timeout), "--threads", str(args.threads)]
+    extra += ["--no-oracle"] if args.no_oracle else []
+
+    def one(name: str) -> dict:
+        cmd = [harness.python(), __file__, "--worker", name] + extra
+        return harness.run_worker(cmd, args.timeout, {"model": name})
+
+    # --jobs > 1 runs workers side by side (each library's time is then measured on a shared CPU)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(one, name): name for name in todo}
+        for future in concurrent.futures.as_completed(futures):
+            row = done[futures[future]] = future.result()
+            if log:
+                log.write(json.dumps(row, default=str) + "\n")
+                log.flush()
+            print(f"[{len(done)}/{len(names)}] {row['model']}: fxprune {_cell(row, 'fxprune')}, oracle "
+                  f"{row.get('oracle', {}).get('status', '-')}, Torch-Pruning {_cell(row, 'torch-pruning')} "
+                  f"({row['seconds']:.0f} s)", flush=True)
+            rows = [done[n] for n in names if n in done]
+            out.write_text(report(rows, command))
+    rows = [done[n] for n in names if n in done]
+    out.write_text(report(rows, command))
     print()
     print(totals(rows))
     return 0

@@ -27,8 +27,12 @@ from pathlib import Path
 MARK = "@@RESULT@@"
 
 
-class StepTimeout(Exception):
-    """Raised inside a worker when a step runs past its :func:`time_limit`."""
+class StepTimeout(BaseException):
+    """Raised inside a worker when a step runs past its :func:`time_limit`.
+
+    A BaseException, like KeyboardInterrupt: libraries that retry after ``except Exception``
+    (a capture falling back to another tracer) must not swallow it and run on past the limit.
+    """
 
 
 @contextlib.contextmanager
@@ -65,7 +69,7 @@ def guarded(fn, *args) -> dict:
     """``fn(*args)``, or a row describing why it failed (with the end of the traceback)."""
     try:
         return fn(*args)
-    except Exception as exc:  # one failed measurement is a result, not the end of the worker
+    except (Exception, StepTimeout) as exc:  # one failed measurement is a result, not the end of the worker
         return {"status": "error", "reason": first_line(exc), "traceback": traceback.format_exc()[-2000:]}
 
 

@@ -46,13 +46,25 @@ def relative_diff(got, expected) -> float:
     return max(float((g - e).abs().max()) for g, e in pairs) / max(scale, 1e-30)
 
 
+class Positional(torch.nn.Module):
+    """``Positional(t5, ["decoder_input_ids"])(ids, dec)`` calls ``t5(ids, decoder_input_ids=dec)``."""
+
+    def __init__(self, model, names: list[str]):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *args):
+        split = len(args) - len(self.names)
+        return self.model(*args[:split], **dict(zip(self.names, args[split:])))
+
+
 def count(model, args, kwargs, counter: str) -> float:
     """MACs of one forward pass with ``"fxprune"`` or ``"torch-pruning"``'s counter."""
     if counter == "fxprune":
         import fxprune.macs
 
-        if kwargs:
-            raise ValueError("fxprune.macs.count takes positional inputs only")
+        if kwargs:  # fxprune.macs.count takes positional inputs: keyword inputs become trailing positional ones
+            model, args = Positional(model, list(kwargs)), tuple(args) + tuple(kwargs.values())
         return float(fxprune.macs.count(model, args)[0])
     import torch_pruning as tp
 
@@ -67,8 +79,10 @@ def macs_ratio(original, pruned, args, kwargs) -> tuple[float | None, str]:
     problems = []
     for counter in ("fxprune", "torch-pruning"):
         try:
-            before = count(original, args, kwargs, counter)
-            return count(pruned, args, kwargs, counter) / before, counter
+            before, after = count(original, args, kwargs, counter), count(pruned, args, kwargs, counter)
+            if before <= 0 or after <= 0:  # Torch-Pruning's module hooks see no layers in an exported graph
+                raise ValueError(f"counted {before:.0f} and {after:.0f} MACs")
+            return after / before, counter
         except Exception as exc:  # try the other counter, and say why neither worked if both fail
             problems.append(f"{counter}: {type(exc).__name__}")
     return None, "; ".join(problems)

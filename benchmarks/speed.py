@@ -100,7 +100,7 @@ def _step(row: dict, key: str, limit: float, fn, *args) -> object:
     try:
         with harness.time_limit(limit), meter.Meter() as m:
             result = fn(*args)
-    except Exception as exc:  # a library that fails or hangs on a case is a result of the benchmark
+    except (Exception, harness.StepTimeout) as exc:  # a library that fails or hangs on a case is a result
         row[f"{key}_error"] = harness.first_line(exc)
         return None
     row[f"{key}_s"], row[f"{key}_rss_mb"] = m.seconds, m.rss_peak_mb
@@ -178,9 +178,9 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         params = f"{r['params'] / 1e6:.1f}M" if "params" in r else ""
         lines.append(f"| {r['case']} | {params} | {r['library']} | {_num(r, 'analysis_s')} | "
-                     f"{_num(r, 'analysis_rss_mb', '{:.0f}')} | {_num(r, 'analysis_py_mb', '{:.0f}')} | "
-                     f"{_num(r, 'prune_s')} | {_num(r, 'prune_rss_mb', '{:.0f}')} | "
-                     f"{_num(r, 'prune_py_mb', '{:.0f}')} | {_status(r)} |")
+                     f"{_num(r, 'analysis_rss_mb', '{:.1f}')} | {_num(r, 'analysis_py_mb', '{:.1f}')} | "
+                     f"{_num(r, 'prune_s')} | {_num(r, 'prune_rss_mb', '{:.1f}')} | "
+                     f"{_num(r, 'prune_py_mb', '{:.1f}')} | {_status(r)} |")
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ its examples are applied:
 * torchvision ViT: ``round_to=num_heads`` and ``model.hidden_dim`` updated after pruning
   (examples/torchvision_models);
 * timm attention (modules with ``num_heads`` and ``qkv``): ``num_heads={qkv: heads}``, then
-  ``num_heads``/``head_dim`` updated (examples/timm_models);
+  ``num_heads``/``head_dim`` updated (examples/timm_models), and ``attn_dim`` too, which newer timm reads;
 * Hugging Face BERT/ViT: ``num_heads`` for query/key/value, ``prune_num_heads=True``,
   ``prune_head_dims=False``, ``head_pruning_ratio=0.5``, attention sizes updated (examples/transformers);
 * Hugging Face LLaMA-style decoders: ``num_heads`` for q/k/v (kv heads for k/v),
@@ -177,7 +177,8 @@ def _family_recipe(name: str, model: nn.Module, ratio: float) -> tuple[dict, lis
             model.hidden_dim = model.conv_proj.out_channels
         return {"round_to": model.encoder.layers[0].num_heads}, [fix_hidden]
     if name.endswith(("raft_small", "raft_large")):
-        return {"ignored": [model.corr_block, model.update_block, model.mask_predictor]}, []
+        raft = getattr(model, "raft", model)  # zoo wraps RAFT to fix its number of flow updates
+        return {"ignored": [raft.corr_block, raft.update_block, raft.mask_predictor]}, []
     if name.startswith("timm:"):
         return _timm_attention(model)
     if _is_hf(model):
@@ -196,6 +197,8 @@ def _timm_attention(model: nn.Module) -> tuple[dict, list]:
             if getattr(m, "qkv", None) in heads:
                 m.num_heads = pruner.num_heads[m.qkv]
                 m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+                if hasattr(m, "attn_dim"):  # timm >= 1.0.20 reshapes to attn_dim, which the recipe predates
+                    m.attn_dim = m.num_heads * m.head_dim
     return {"num_heads": dict(heads)}, [fix_heads]
 
 

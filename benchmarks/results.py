@@ -1,0 +1,75 @@
+"""Assemble benchmarks/RESULTS.md from the reports the three benchmark scripts wrote (nothing is typed by hand).
+
+Reads ``coverage.md``, ``speed.md`` and ``latency.md`` (each script's default
+``--out``) and writes them one after another under a header naming the machine,
+with the latency plot linked. Run it after the scripts:
+
+    python benchmarks/coverage.py --jobs 2 && python benchmarks/speed.py && python benchmarks/latency.py
+    python benchmarks/results.py            # -> benchmarks/RESULTS.md
+
+Example of the header it writes::
+
+    # fxprune benchmarks against Torch-Pruning
+    Machine: x86_64, 2 CPUs, 23.4 GiB RAM, Linux 6.1; load average when assembled: 8.4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SECTIONS = [("coverage.md", "Coverage"), ("speed.md", "Speed and memory"), ("latency.md", "Latency against MACs")]
+
+
+def _memory_gib() -> str:
+    try:
+        with open("/proc/meminfo") as f:
+            total_kb = int(f.readline().split()[1])
+        return f"{total_kb / 2**20:.1f} GiB RAM"
+    except OSError:
+        return "RAM unknown"
+
+
+def _demote(text: str) -> str:
+    """Each report's headings one level down, so RESULTS.md has one title."""
+    return "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
+
+
+def assemble(folder: Path, notes: str = "") -> str:
+    load = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "unknown"
+    parts = ["# fxprune benchmarks against Torch-Pruning\n",
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {_memory_gib()}, {platform.system()} "
+             f"{platform.release()}; load average when assembled: {load}. Every number below was measured by the "
+             "script named in its section (see benchmarks/README_summary.md for the headline).\n"]
+    if notes:
+        parts.append(notes.strip() + "\n")
+    for filename, title in SECTIONS:
+        path = folder / filename
+        if not path.exists():
+            parts.append(f"## {title}\n\nNot run: {filename} is missing.\n")
+            continue
+        body = _demote(path.read_text())
+        if filename == "latency.md" and (folder / "latency.png").exists():
+            body += "\n\n![latency against MACs](latency.png)\n"
+        parts.append(body + "\n")
+    return "\n".join(parts)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folder", default=str(HERE), help="where the reports are (default benchmarks/)")
+    parser.add_argument("--notes", help="a markdown file whose text goes under the header (conditions, caveats)")
+    parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    args = parser.parse_args(argv)
+    notes = Path(args.notes).read_text() if args.notes else ""
+    Path(args.out).write_text(assemble(Path(args.folder), notes))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
