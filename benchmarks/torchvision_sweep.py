@@ -10,16 +10,19 @@ For each model (``weights=None``, eval mode) the sweep
    difference relative to the output's magnitude.
 
 A model passes when it prunes, runs, keeps its output shape, keeps at most 50% of
-its MACs and the oracle difference is at most ``ORACLE_TOL``. Every model runs in its
-own subprocess (``--worker``), so a crash, a timeout or running out of memory is one
-row of the table, not the end of the sweep.
+its MACs and the oracle difference is at most ``ORACLE_TOL``. A model that
+``torch.fx.symbolic_trace`` cannot trace is reported as ``untraceable`` with the reason
+(fxprune itself would fall back to ``torch.export``). Every model runs in its own
+subprocess (``--worker``), so a crash, a timeout or running out of memory is one row
+of the table, not the end of the sweep.
 
 Usage::
 
-    python benchmarks/torchvision_sweep.py                      # the whole zoo (slow: about an hour on 2 cores)
+    python benchmarks/torchvision_sweep.py                      # the whole zoo (slow: ~70 min on 2 cores)
     python benchmarks/torchvision_sweep.py --quick              # the CI subset
     python benchmarks/torchvision_sweep.py --models resnet18,swin_t --size 64
-    python benchmarks/torchvision_sweep.py --out results.md --timeout 1800
+    python benchmarks/torchvision_sweep.py --out results.md --log results.jsonl --timeout 1800
+    python benchmarks/torchvision_sweep.py --render results.jsonl   # the table again, from a log
 
 The table (model | status | MACs kept | params kept | oracle max diff | seconds) is
 printed and written to ``benchmarks/torchvision_results.md`` (``--out``) after every
@@ -48,14 +51,12 @@ HERE = Path(__file__).resolve().parent
 def input_spec(name: str, size: int | None = None) -> tuple[int, dict]:
     """(image size, constructor kwargs) for a model; ``size`` overrides the default where the model allows it.
 
-    * inception_v3 wants 299 (and ``init_weights`` / ``aux_logits`` settle its constructor warnings);
+    * inception_v3 wants 299 (its auxiliary head only runs in training mode, so it is not in the graph);
     * ViTs take ``image_size=`` (a multiple of the patch size); the large ones run smaller to save time;
     * MaxViT's partitions need a multiple of 224; Swin pads to its window, so any size from 32 works.
     """
     if name == "inception_v3":
-        return (size or 299, {"init_weights": True, "aux_logits": False})
-    if name == "googlenet":
-        return (size or 224, {"init_weights": True, "aux_logits": False})
+        return (size or 299, {})
     if name.startswith("vit_"):
         patch = int(name.rsplit("_", 1)[1])
         default = 112 if name in ("vit_h_14", "vit_l_16") else 224
@@ -65,6 +66,10 @@ def input_spec(name: str, size: int | None = None) -> tuple[int, dict]:
     if name == "maxvit_t":
         return (224, {})
     return (size or 224, {})
+
+
+INPUTS = ("Input: one 3x224x224 image; inception_v3 299x299; vit_h_14 and vit_l_16 built with image_size=112; "
+          "weights=None, eval mode, constant-initialised parameters randomised (see randomize_constant_params).")
 
 
 def randomize_constant_params(model) -> None:
@@ -245,6 +250,7 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per model (default 1800)")
     parser.add_argument("--out", default=str(HERE / "torchvision_results.md"), help="markdown file for the table")
     parser.add_argument("--log", default=None, help="append one JSON line per model to this file")
+    parser.add_argument("--render", metavar="LOG", help="only re-render the table of an earlier --log file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -255,9 +261,19 @@ def main(argv=None) -> int:
     names = [n for n in names if n not in skip]
     log = open(args.log, "a") if args.log else None
     rows = []
+    given, shown = list(argv if argv is not None else sys.argv[1:]), []
+    for a, before in zip(given, [None] + given):
+        if a.split("=")[0] not in ("--log", "--out", "--render") and before not in ("--log", "--out", "--render"):
+            shown.append(a)
     header = (f"# torchvision sweep: prune at ratio {RATIO}\n\n"
-              f"`python benchmarks/torchvision_sweep.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
-              f" (torch {_versions()}, {os.cpu_count()} CPUs)\n\n")
+              f"`{' '.join(['python benchmarks/torchvision_sweep.py'] + shown)}`"
+              + f" (torch {_versions()}, {os.cpu_count()} CPUs). "
+              + (f"Input: {args.size}x{args.size} where the model accepts it.\n\n" if args.size else f"{INPUTS}\n\n"))
+    if args.render:  # re-render a table from an earlier --log
+        rows = [json.loads(line) for line in Path(args.render).read_text().splitlines() if line.strip()]
+        Path(args.out).write_text(header + table(rows, len(rows)) + "\n")
+        print(table(rows, len(rows)))
+        return 0
     for i, name in enumerate(names, 1):
         row = run_one(name, args.size, not args.no_oracle, args.timeout, log)
         rows.append(row)

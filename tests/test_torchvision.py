@@ -8,8 +8,6 @@ output by at most 1e-5 of its magnitude.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
