@@ -12,7 +12,7 @@ For every model (torchvision zoo, timm families, tiny Hugging Face configs; see
 
 A library *covers* a model when it prunes without raising, the pruned model runs
 and every output keeps its shape. Each library gets ``--step-timeout`` seconds
-per model (a hang is a failure of that library only); each worker gets ``--timeout``.
+and ``--max-gib`` of memory per model (a hang is a failure of that library only); each worker gets ``--timeout``.
 
 Usage::
 
@@ -103,7 +103,7 @@ def _oracle_step(name, model, args, kwargs, reference, out_shapes) -> dict:
     return row
 
 
-def measure_model(name: str, libraries, step_timeout: float, oracle: bool) -> dict:
+def measure_model(name: str, libraries, step_timeout: float, oracle: bool, max_gib: float) -> dict:
     """Everything the table reports for one model (runs inside a worker process)."""
     import torch
 
@@ -132,20 +132,21 @@ def measure_model(name: str, libraries, step_timeout: float, oracle: bool) -> di
         # (timm's LeViT caches a torch.fx Proxy in attention_bias_cache), and one library must not see the other's
         model = zoo.build(name)[0]
         t = time.perf_counter()
-        with harness.time_limit(step_timeout):
+        with harness.time_limit(step_timeout, max_gib):
             row[key] = harness.guarded(step, name, model, args, kwargs, reference, out_shapes)
         row[key]["step_s"] = time.perf_counter() - t
+        harness.emit(row)  # if a later step kills the process, this one is still reported
     return row
 
 
-def worker(name: str, libraries, step_timeout: float, oracle: bool, threads: int) -> None:
+def worker(name: str, libraries, step_timeout: float, oracle: bool, threads: int, max_gib: float) -> None:
     import warnings
 
     import torch
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
-    row = harness.guarded(measure_model, name, libraries, step_timeout, oracle)
+    row = harness.guarded(measure_model, name, libraries, step_timeout, oracle, max_gib)
     row.setdefault("model", name)
     harness.emit(row)
 
@@ -172,6 +173,13 @@ def _cell(row: dict, library: str) -> str:
     return "ok" if result["status"] == "ok" else result["status"]
 
 
+def _seconds(result: dict) -> str:
+    """The prune call's time; for a failed step, how long it ran before failing."""
+    if "prune_s" in result:
+        return f"{result['prune_s']:.1f}"
+    return f"({result['step_s']:.0f})" if "step_s" in result else ""
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| model | input | fxprune | MACs kept | oracle | s | Torch-Pruning | MACs kept | s |",
              "| --- | --- | --- | ---: | --- | ---: | --- | ---: | ---: |"]
@@ -182,8 +190,7 @@ def table(rows: list[dict]) -> str:
             oracle += " (inexact)"
         shape = "x".join(map(str, r["input"][0])) if r.get("input") else ""
         lines.append(f"| {r['model']} | {shape} | {_cell(r, 'fxprune')} | {_pct(fx.get('macs_kept'))} | {oracle} | "
-                     f"{fx.get('prune_s', 0):.1f} | {_cell(r, 'torch-pruning')} | {_pct(tp.get('macs_kept'))} | "
-                     f"{tp.get('prune_s', 0):.1f} |")
+                     f"{_seconds(fx)} | {_cell(r, 'torch-pruning')} | {_pct(tp.get('macs_kept'))} | {_seconds(tp)} |")
     return "\n".join(lines)
 
 
@@ -248,7 +255,7 @@ def report(rows: list[dict], command: str) -> str:
             pass
     return (f"# Coverage: fxprune vs Torch-Pruning at ratio {RATIO}\n\n`{command}`\n\n"
             f"{versions}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs. "
-            f"Times are each library's prune call (s), MACs kept = pruned / original MACs "
+            f"Times are each library's prune call (s; in parentheses: how long a failing step ran), MACs kept = pruned / original MACs "
             f"(fxprune's counter, Torch-Pruning's where fxprune's cannot capture the model), "
             f"oracle = relative output difference after removing planted dead units (fxprune).\n\n"
             f"{totals(rows)}\n\n{table(rows)}\n\n## Failures\n{failures(rows)}\n")
@@ -264,6 +271,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-oracle", action="store_true")
     parser.add_argument("--step-timeout", type=float, default=180, help="seconds per library per model")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per worker process")
+    parser.add_argument("--max-gib", type=float, default=8, help="RSS cap per worker step, GiB (default 8)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--jobs", type=int, default=1, help="workers running at the same time (default 1)")
     parser.add_argument("--out", help="markdown report (default benchmarks/coverage.md; a temp dir with --quick)")
@@ -274,7 +282,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     libraries = [lib for lib in args.libraries.split(",") if lib]
     if args.worker:
-        worker(args.worker, libraries, args.step_timeout, not args.no_oracle, args.threads)
+        worker(args.worker, libraries, args.step_timeout, not args.no_oracle, args.threads, args.max_gib)
         return 0
     names = args.models.split(",") if args.models else zoo.catalogue("quick" if args.quick else args.selection)
     skip = set(args.skip.split(","))
@@ -292,12 +300,18 @@ def main(argv=None) -> int:
                 done[row["model"]] = row
     todo = [n for n in names if n not in done]
     log = open(args.log, "a") if args.log else None
-    extra = ["--libraries", ",".join(libraries), "--step-timeout", str(args.step_timeout), "--threads", str(args.threads)]
+    extra = ["--libraries", ",".join(libraries), "--step-timeout", str(args.step_timeout), "--threads", str(args.threads),
+             "--max-gib", str(args.max_gib)]
     extra += ["--no-oracle"] if args.no_oracle else []
+    oracle = not args.no_oracle
 
     def one(name: str) -> dict:
         cmd = [harness.python(), __file__, "--worker", name] + extra
-        return harness.run_worker(cmd, args.timeout, {"model": name})
+        row = harness.run_worker(cmd, args.timeout, {"model": name})
+        if "died" in row:  # the steps the worker never reported died with it
+            for key in list(libraries) + (["oracle"] if "fxprune" in libraries and oracle else []):
+                row.setdefault(key, {"status": "error", "reason": row["died"]})
+        return row
 
     # --jobs > 1 runs workers side by side (each library's time is then measured on a shared CPU)
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -2,7 +2,7 @@
 
 The parent runs ``python script.py --worker ARG ...``; the worker prints one line
 ``@@RESULT@@{json}``. Inside a worker, :func:`time_limit` bounds a single step
-(one library on one model) with ``SIGALRM``, so a library that loops forever
+(one library on one model) in time and memory, so a library that loops forever
 fails that step and the other library still gets measured.
 
 Example::
@@ -19,6 +19,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import tempfile
 import time
 import traceback
@@ -27,8 +28,8 @@ from pathlib import Path
 MARK = "@@RESULT@@"
 
 
-class StepTimeout(BaseException):
-    """Raised inside a worker when a step runs past its :func:`time_limit`.
+class StepLimit(BaseException):
+    """Raised inside a worker when a step runs past its :func:`time_limit` (time or memory).
 
     A BaseException, like KeyboardInterrupt: libraries that retry after ``except Exception``
     (a capture falling back to another tracer) must not swallow it and run on past the limit.
@@ -36,22 +37,44 @@ class StepTimeout(BaseException):
 
 
 @contextlib.contextmanager
-def time_limit(seconds: float | None):
-    """Raise :class:`StepTimeout` in the main thread after ``seconds`` (no limit for None or 0)."""
-    if not seconds or not hasattr(signal, "SIGALRM"):
+def time_limit(seconds: float | None, max_gib: float | None = None):
+    """Raise :class:`StepLimit` in the main thread after ``seconds``, or once the process's RSS passes ``max_gib``.
+
+    The memory cap turns a runaway step (Torch-Pruning's group expansion on Swin grows by ~100 MB/s) into one
+    failed measurement instead of the kernel's OOM killer taking the worker, or a neighbour's process.
+    """
+    if not hasattr(signal, "SIGALRM"):
         yield
         return
+    reason = []
 
     def _expire(signum, frame):
-        raise StepTimeout(f"timed out after {seconds:.0f} s")
+        raise StepLimit(reason[0] if reason else f"timed out after {seconds:.0f} s")
 
-    previous = signal.signal(signal.SIGALRM, _expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    previous = {sig: signal.signal(sig, _expire) for sig in (signal.SIGALRM, signal.SIGUSR1)}
+    stop = threading.Event()
+    if seconds:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+    if max_gib:
+        import meter
+
+        main = threading.main_thread().ident
+
+        def watch():
+            while not stop.wait(0.25):
+                if meter.rss_bytes() > max_gib * 2**30:
+                    reason.append(f"memory above {max_gib:g} GiB")
+                    signal.pthread_kill(main, signal.SIGUSR1)
+                    return
+
+        threading.Thread(target=watch, daemon=True).start()
     try:
         yield
     finally:
+        stop.set()
         signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def first_line(exc: BaseException, limit: int = 240) -> str:
@@ -61,7 +84,7 @@ def first_line(exc: BaseException, limit: int = 240) -> str:
 
 
 def emit(row: dict) -> None:
-    """Print the worker's result for the parent (the last such line wins)."""
+    """Print the worker's result for the parent (the last such line wins, so emit partial rows as you go)."""
     print(MARK + json.dumps(row, default=str), flush=True)
 
 
@@ -69,7 +92,7 @@ def guarded(fn, *args) -> dict:
     """``fn(*args)``, or a row describing why it failed (with the end of the traceback)."""
     try:
         return fn(*args)
-    except (Exception, StepTimeout) as exc:  # one failed measurement is a result, not the end of the worker
+    except (Exception, StepLimit) as exc:  # one failed measurement is a result, not the end of the worker
         return {"status": "error", "reason": first_line(exc), "traceback": traceback.format_exc()[-2000:]}
 
 
@@ -80,11 +103,14 @@ def run_worker(cmd: list[str], timeout: float, base: dict | None = None) -> dict
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         results = [line[len(MARK):] for line in proc.stdout.splitlines() if line.startswith(MARK)]
-        if results:
+        tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        death = f"worker died (exit {proc.returncode}{', SIGKILL: out of memory?' if proc.returncode == -9 else ''})"
+        if results:  # a worker emits after every step: a later step that kills it leaves the earlier ones
             row.update(json.loads(results[-1]))
+            if proc.returncode != 0:
+                row["died"] = death
         else:
-            tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-            row.update(status="error", reason=f"worker died (exit {proc.returncode}): {tail[:200]}")
+            row.update(status="error", reason=f"{death}: {tail[:200]}")
     except subprocess.TimeoutExpired:
         row.update(status="error", reason=f"worker timed out after {timeout:.0f} s")
     row["seconds"] = time.perf_counter() - start

@@ -100,7 +100,7 @@ def _step(row: dict, key: str, limit: float, fn, *args) -> object:
     try:
         with harness.time_limit(limit), meter.Meter() as m:
             result = fn(*args)
-    except (Exception, harness.StepTimeout) as exc:  # a library that fails or hangs on a case is a result
+    except (Exception, harness.StepLimit) as exc:  # a library that fails or hangs on a case is a result
         row[f"{key}_error"] = harness.first_line(exc)
         return None
     row[f"{key}_s"], row[f"{key}_rss_mb"] = m.seconds, m.rss_peak_mb
