@@ -1,7 +1,9 @@
 """Analysis and pruning speed and peak memory, fxprune against Torch-Pruning, on the same models in one run.
 
 For each case and library, one worker process builds the model (not measured) and
-measures, with ``meter.Meter`` (wall time, peak RSS above the start of the step):
+measures, after an unmeasured warm-up analysis of a 3-layer CNN (one-time costs of the
+process: lazy imports, dispatcher caches), with ``meter.Meter`` (wall time, peak RSS above
+the start of the step):
 
 * analysis: ``fxprune.analyze`` / Torch-Pruning's ``DependencyGraph().build_dependency``;
 * prune: ``fxprune.prune(model, 0.5, inplace=True)`` / Torch-Pruning's recipe
@@ -93,12 +95,20 @@ def _prune(library: str, case: str, model, args, kwargs):
     return tp_recipe.prune(f"speed:{case}", model, args, kwargs, RATIO)
 
 
-def _step(row: dict, key: str, limit: float, fn, *args) -> object:
-    """Time ``fn`` with a Meter under a time limit; record seconds and RSS peak, or the failure."""
+def warm_up(library: str) -> None:
+    """One analysis of a 3-layer CNN, not measured: lazy imports and dispatcher caches are a per-process cost."""
+    import torch
+
+    tiny = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(392, 4))
+    _analyze(library, "warm-up", tiny.eval(), (torch.randn(1, 3, 9, 9),), {})
+
+
+def _step(row: dict, key: str, limit: tuple, fn, *args) -> object:
+    """Time ``fn`` with a Meter under a (seconds, GiB) limit; record seconds and RSS peak, or the failure."""
     import meter
 
     try:
-        with harness.time_limit(limit), meter.Meter() as m:
+        with harness.time_limit(*limit), meter.Meter() as m:
             result = fn(*args)
     except (Exception, harness.StepLimit) as exc:  # a library that fails or hangs on a case is a result
         row[f"{key}_error"] = harness.first_line(exc)
@@ -107,19 +117,21 @@ def _step(row: dict, key: str, limit: float, fn, *args) -> object:
     return result
 
 
-def measure_case(case: str, library: str, limit: float, python_memory: bool) -> dict:
+def measure_case(case: str, library: str, limit: tuple, python_memory: bool) -> dict:
     import torch
 
     import measure
     import meter
 
     torch.set_grad_enabled(False)
+    warm_up(library)
     model, args, kwargs, on_meta = build(case)
     row = {"case": case, "library": library, "params": measure.params(model), "meta": on_meta}
     expected = None if on_meta else measure.shapes(measure.run(model, args, kwargs))
     dg = _step(row, "analysis", limit, _analyze, library, case, model, args, kwargs)
     del dg
     gc.collect()
+    harness.emit(row)  # partial rows: a step that kills the worker leaves the ones before it
     if not on_meta and "analysis_error" not in row:
         pruned = _step(row, "prune", limit, _prune, library, case, model, args, kwargs)
         if pruned is not None:
@@ -130,18 +142,23 @@ def measure_case(case: str, library: str, limit: float, python_memory: bool) -> 
             except Exception as exc:  # pruned, but no longer runs
                 row["prune_error"] = "pruned model fails to run: " + harness.first_line(exc)
         del pruned
+        harness.emit(row)
     del model
     gc.collect()
     if python_memory and "analysis_error" not in row:
         model, args, kwargs, _ = build(case)
-        row["analysis_py_mb"], dg = meter.python_peak(_analyze, library, case, model, args, kwargs)
-        del dg
-        if "prune_s" in row:
-            row["prune_py_mb"], _ = meter.python_peak(_prune, library, case, model, args, kwargs)
+        try:
+            with harness.time_limit(*limit):
+                row["analysis_py_mb"], dg = meter.python_peak(_analyze, library, case, model, args, kwargs)
+                del dg
+                if "prune_s" in row:
+                    row["prune_py_mb"], _ = meter.python_peak(_prune, library, case, model, args, kwargs)
+        except (Exception, harness.StepLimit) as exc:  # the timed pass succeeded; say why this one did not
+            row["python_memory_error"] = harness.first_line(exc)
     return row
 
 
-def worker(case: str, library: str, limit: float, python_memory: bool) -> None:
+def worker(case: str, library: str, limit: tuple, python_memory: bool) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
@@ -163,6 +180,8 @@ def _num(row, key, fmt="{:.2f}"):
 def _status(row) -> str:
     if "skipped" in row:
         return "skipped: " + row["skipped"]
+    if "died" in row:
+        return f"{row['died']} after the steps shown".replace("|", "/")
     for key in ("analysis_error", "prune_error", "reason"):
         if key in row:
             return f"{key.split('_')[0]} failed: {row[key]}".replace("|", "/")
@@ -207,10 +226,27 @@ def report(rows: list[dict], command: str) -> str:
 
     return (f"# Speed and memory: fxprune vs Torch-Pruning (ratio {RATIO})\n\n`{command}`\n\n"
             f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads. "
-            "Both libraries prune in place. RSS = peak resident memory above the start of the step "
+            "Both libraries prune in place; each worker first analyses a 3-layer CNN, unmeasured (lazy imports, "
+            "dispatcher caches). RSS = peak resident memory above the start of the step "
             "(tensors included); Python = tracemalloc peak (Python allocations only, measured in a separate "
             "pass). Ratios are fxprune / Torch-Pruning (below 1: fxprune is faster or smaller).\n\n"
             f"{table(rows)}\n\n### Ratios fxprune / Torch-Pruning\n\n{ratios(rows)}\n")
+
+
+def rendered_rows(log: Path, cases: list[str]) -> list[dict]:
+    """The last row of each (case, library) in a --log file, in case order then library order."""
+    last = {}
+    for line in log.read_text().splitlines():
+        row = json.loads(line)
+        last[(row["case"], row["library"])] = row
+    order = {case: i for i, case in enumerate(cases)}
+    keys = sorted((k for k in last if k[0] in order), key=lambda k: (order[k[0]], LIBRARIES.index(k[1])))
+    return [last[k] for k in keys]
+
+
+def commands_of(rows: list[dict]) -> str:
+    """The distinct --cases lists that produced the rows, for the report's provenance line."""
+    return ", ".join(f"`--cases {c}`" for c in dict.fromkeys(r["case"] for r in rows))
 
 
 def main(argv=None) -> int:
@@ -221,22 +257,30 @@ def main(argv=None) -> int:
     parser.add_argument("--no-python-memory", action="store_true", help="skip the tracemalloc pass")
     parser.add_argument("--step-timeout", type=float, default=900, help="seconds per step (analysis, prune)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per worker process")
+    parser.add_argument("--max-gib", type=float, default=14, help="RSS cap of a worker during a step (default 14)")
     parser.add_argument("--out", help="markdown report (default benchmarks/speed.md; a temp dir with --quick)")
     parser.add_argument("--log", help="append one JSON line per (case, library)")
+    parser.add_argument("--render", metavar="LOG", help="only write the report from a --log file of earlier runs")
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "LIBRARY"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(*args.worker, args.step_timeout, not args.no_python_memory)
+        worker(*args.worker, (args.step_timeout, args.max_gib), not args.no_python_memory)
         return 0
     cases = args.cases.split(",") if args.cases else (QUICK if args.quick else FULL)
     libraries = [lib for lib in args.libraries.split(",") if lib]
     out = Path(args.out) if args.out else harness.default_out(args.quick, "speed.md")
     command = "python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.render:
+        rows = rendered_rows(Path(args.render), cases if args.cases else FULL)
+        out.write_text(report(rows, f"{command} (rows of {args.render}; runs: {commands_of(rows)})"))
+        print(f"wrote {out}")
+        return 0
     rows = []
     log = open(args.log, "a") if args.log else None
     for case in cases:
         for library in libraries:
-            cmd = [harness.python(), __file__, "--worker", case, library, "--step-timeout", str(args.step_timeout)]
+            cmd = [harness.python(), __file__, "--worker", case, library, "--step-timeout", str(args.step_timeout),
+                   "--max-gib", str(args.max_gib)]
             cmd += ["--no-python-memory"] if args.no_python_memory else []
             row = harness.run_worker(cmd, args.timeout, {"case": case, "library": library})
             rows.append(row)

@@ -1,0 +1,131 @@
+"""The three benchmark scripts run end to end on their ``--quick`` lists, as subprocesses (as a user runs them).
+
+Each script runs once per session (module fixtures); the fxprune checks and the
+Torch-Pruning checks are separate tests, so a machine without ``torch-pruning``
+(``pip install -e .[bench]``) skips only the latter, with the reason. timm rows
+are left out of the coverage run when timm is not installed.
+
+Example::
+
+    python -m pytest -q tests/test_benchmarks.py     # about 3 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+HAS_TP = importlib.util.find_spec("torch_pruning") is not None
+HAS_TIMM = importlib.util.find_spec("timm") is not None
+HAS_HF = importlib.util.find_spec("transformers") is not None
+NO_TP = "torch-pruning is not installed (pip install -e .[bench]): the Torch-Pruning columns are skipped"
+LIBRARIES = "fxprune,torch-pruning" if HAS_TP else "fxprune"
+
+
+def _run(script: str, *args, timeout: float) -> str:
+    cmd = [sys.executable, str(BENCH / script), *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def _rows(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def _quick_models() -> list[str]:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import zoo
+    finally:
+        sys.path.remove(str(BENCH))
+    return [m for m in zoo.QUICK
+            if (HAS_TIMM or not m.startswith("timm:")) and (HAS_HF or not m.startswith("hf:"))]
+
+
+@pytest.fixture(scope="module")
+def coverage(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("coverage")
+    models = _quick_models()
+    _run("coverage.py", "--quick", "--models", ",".join(models), "--libraries", LIBRARIES, "--step-timeout", 120,
+         "--out", tmp / "coverage.md", "--log", tmp / "coverage.jsonl", timeout=400)
+    return models, _rows(tmp / "coverage.jsonl"), (tmp / "coverage.md").read_text()
+
+
+def test_coverage_quick_fxprune_prunes_runs_and_is_exact(coverage):
+    models, rows, text = coverage
+    assert [r["model"] for r in rows] == models
+    for r in rows:
+        fx = r["fxprune"]
+        assert fx["status"] == "ok", (r["model"], fx)
+        assert 0 < fx["macs_kept"] < 0.6, (r["model"], fx["macs_kept"])  # ratio 0.5 of every group
+        assert r["oracle"]["status"] == "exact", (r["model"], r["oracle"])
+    assert f"**fxprune {len(models)}/{len(models)}, Torch-Pruning" in text
+    assert "| tv:resnet18 | 1x3x64x64 | ok |" in text
+
+
+def test_coverage_quick_torch_pruning_column(coverage):
+    if not HAS_TP:
+        pytest.skip(NO_TP)
+    _, rows, text = coverage
+    by_model = {r["model"]: r["torch-pruning"] for r in rows}
+    assert all("status" in result for result in by_model.values())
+    # its README example: the recipe must give Torch-Pruning resnet18 (same output shape, about a quarter of the MACs)
+    assert by_model["tv:resnet18"]["status"] == "ok", by_model["tv:resnet18"]
+    assert 0.2 < by_model["tv:resnet18"]["macs_kept"] < 0.35
+    assert "Torch-Pruning not installed" not in text
+
+
+@pytest.fixture(scope="module")
+def speed(tmp_path_factory):
+    if not HAS_HF:
+        pytest.skip("transformers is not installed: the quick speed cases include BERT and LLaMA")
+    tmp = tmp_path_factory.mktemp("speed")
+    _run("speed.py", "--quick", "--libraries", LIBRARIES, "--step-timeout", 120, "--out", tmp / "speed.md",
+         "--log", tmp / "speed.jsonl", timeout=400)
+    return _rows(tmp / "speed.jsonl"), (tmp / "speed.md").read_text()
+
+
+def test_speed_quick_fxprune_times_memory_and_meta_analysis(speed):
+    rows, text = speed
+    fx = {r["case"]: r for r in rows if r["library"] == "fxprune"}
+    assert set(fx) == {"resnet18", "bert-tiny", "llama-tiny-meta"}
+    for case in ("resnet18", "bert-tiny"):
+        r = fx[case]
+        assert r["analysis_s"] > 0 and r["prune_s"] > 0 and r["shapes_kept"], r
+        assert r["analysis_py_mb"] > 0 and r["prune_py_mb"] > 0 and "analysis_rss_mb" in r
+    # resnet18 loses every hidden width; BertModel returns its hidden states, so only heads and MLP shrink
+    assert fx["resnet18"]["params_kept"] < 0.6 and fx["bert-tiny"]["params_kept"] < 0.8
+    meta = fx["llama-tiny-meta"]
+    assert meta["meta"] and meta["analysis_s"] > 0 and "prune_s" not in meta and meta["analysis_py_mb"] > 0
+    assert "ok (analysis only, meta device)" in text
+
+
+def test_speed_quick_torch_pruning_rows_and_ratios(speed):
+    if not HAS_TP:
+        pytest.skip(NO_TP)
+    rows, text = speed
+    tp = {r["case"]: r for r in rows if r["library"] == "torch-pruning"}
+    assert tp["resnet18"]["shapes_kept"] and tp["resnet18"]["prune_s"] > 0
+    ratios = text.split("### Ratios fxprune / Torch-Pruning")[1]
+    resnet = next(line for line in ratios.splitlines() if line.startswith("| resnet18 |"))
+    cells = [c.strip() for c in resnet.split("|")[2:-1]]
+    assert len(cells) == 6 and all(float(c) > 0 for c in cells), resnet  # six ratios, all measured
+
+
+def test_latency_quick_writes_table_and_plot(tmp_path):
+    md, png = tmp_path / "latency.md", tmp_path / "latency.png"
+    _run("latency.py", "--quick", "--out", md, "--plot", png, timeout=300)
+    rows = [line for line in md.read_text().splitlines() if line.startswith("| resnet18 |")]
+    assert len(rows) == 1 + 2 * 2  # unpruned, then ratios 0.3 and 0.6 without and with round_to=8
+    macs = [float(line.split("|")[4]) for line in rows]
+    assert macs[0] > macs[1] > macs[2] and macs[0] > macs[3] > macs[4]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert png.stat().st_size > 10_000
