@@ -242,7 +242,7 @@ def totals(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def report(rows: list[dict], command: str) -> str:
+def report(rows: list[dict], command: str, note: str = "") -> str:
     import platform
 
     import torch
@@ -253,7 +253,7 @@ def report(rows: list[dict], command: str) -> str:
             versions += f", {mod} {__import__(mod).__version__}"
         except ImportError:
             pass
-    return (f"# Coverage: fxprune vs Torch-Pruning at ratio {RATIO}\n\n`{command}`\n\n"
+    return (f"# Coverage: fxprune vs Torch-Pruning at ratio {RATIO}\n\n`{command}`{', ' + note if note else ''}\n\n"
             f"{versions}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs. "
             f"Times are each library's prune call (s; in parentheses: how long a failing step ran), MACs kept = pruned / original MACs "
             f"(fxprune's counter, Torch-Pruning's where fxprune's cannot capture the model), "
@@ -277,7 +277,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="markdown report (default benchmarks/coverage.md; a temp dir with --quick)")
     parser.add_argument("--log", help="append one JSON line per model")
     parser.add_argument("--resume", action="store_true", help="reuse the rows already in --log")
-    parser.add_argument("--redo", default="", help="with --resume: comma-separated models to measure again")
+    parser.add_argument("--redo", default="", help="with --resume: comma-separated models to measure again "
+                        "(only the --libraries given; the other library's result in the log is kept)")
+    parser.add_argument("--note", default="", help="text after the command line in the report (how rows were made)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     libraries = [lib for lib in args.libraries.split(",") if lib]
@@ -289,15 +291,15 @@ def main(argv=None) -> int:
     names = [n for n in names if n not in skip]
     out = Path(args.out) if args.out else harness.default_out(args.quick, "coverage.md")
     command = "python benchmarks/coverage.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    done = {}
+    done, earlier = {}, {}
     if args.resume:  # rows of an earlier run (the last per model), except those to --redo
         if not args.log or not Path(args.log).exists():
             parser.error("--resume needs an existing --log")
         redo = set(args.redo.split(","))
         for line in Path(args.log).read_text().splitlines():
             row = json.loads(line)
-            if row["model"] in names and row["model"] not in redo:
-                done[row["model"]] = row
+            if row["model"] in names:
+                (earlier if row["model"] in redo else done)[row["model"]] = row
     todo = [n for n in names if n not in done]
     log = open(args.log, "a") if args.log else None
     extra = ["--libraries", ",".join(libraries), "--step-timeout", str(args.step_timeout), "--threads", str(args.threads),
@@ -311,6 +313,9 @@ def main(argv=None) -> int:
         if "died" in row:  # the steps the worker never reported died with it
             for key in list(libraries) + (["oracle"] if "fxprune" in libraries and oracle else []):
                 row.setdefault(key, {"status": "error", "reason": row["died"]})
+        for key in set(LIBRARIES) - set(libraries):  # redone for some libraries only: keep the others' results
+            if key in earlier.get(name, {}):
+                row[key] = earlier[name][key]
         return row
 
     # --jobs > 1 runs workers side by side (each library's time is then measured on a shared CPU)
@@ -325,9 +330,9 @@ def main(argv=None) -> int:
                   f"{row.get('oracle', {}).get('status', '-')}, Torch-Pruning {_cell(row, 'torch-pruning')} "
                   f"({row['seconds']:.0f} s)", flush=True)
             rows = [done[n] for n in names if n in done]
-            out.write_text(report(rows, command))
+            out.write_text(report(rows, command, args.note))
     rows = [done[n] for n in names if n in done]
-    out.write_text(report(rows, command))
+    out.write_text(report(rows, command, args.note))
     print()
     print(totals(rows))
     return 0

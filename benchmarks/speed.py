@@ -5,7 +5,9 @@ measures, after an unmeasured warm-up analysis of a 3-layer CNN (one-time costs 
 process: lazy imports, dispatcher caches), with ``meter.Meter`` (wall time, peak RSS above
 the start of the step):
 
-* analysis: ``fxprune.analyze`` / Torch-Pruning's ``DependencyGraph().build_dependency``;
+* analysis: ``fxprune.analyze(model, inplace=True)`` (the analysis that in-place pruning runs;
+  Hugging Face models are then exported with static sizes, since the graph is never handed out)
+  / Torch-Pruning's ``DependencyGraph().build_dependency``;
 * prune: ``fxprune.prune(model, 0.5, inplace=True)`` / Torch-Pruning's recipe
   (``tp_recipe.prune``, in place too), then checks that the pruned model runs with
   every output shape kept;
@@ -79,7 +81,7 @@ def _analyze(library: str, case: str, model, args, kwargs):
     if library == "fxprune":
         import fxprune
 
-        return fxprune.analyze(model, args, kwargs=kwargs or None)
+        return fxprune.analyze(model, args, kwargs=kwargs or None, inplace=True)  # as the prune step uses it
     import tp_recipe
 
     return tp_recipe.analyze(model, args, kwargs)

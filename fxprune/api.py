@@ -75,7 +75,8 @@ class Job:
 
 
 def _capture(job: Job) -> None:
-    gm = capture(job.model, job.example_inputs, job.kwargs)
+    # pruned in place, a Hugging Face model keeps its own forward: the graph is analysed, never returned
+    gm = capture(job.model, job.example_inputs, job.kwargs, dynamic=not (job.inplace and is_hf_model(job.model)))
     if gm is job.model:  # never edit the caller's graph: a fresh graph over the same modules
         fresh = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
         fresh.meta.update(gm.meta)

@@ -94,8 +94,11 @@ def _trailing(layout, size: int, solver):
     return layout
 
 
-def write_back(model: nn.Module, pruned: nn.Module) -> None:
-    """Copy every resized parameter and buffer of ``pruned`` into ``model`` by name, then fix attributes."""
+def write_back(model: nn.Module, pruned: nn.Module, clone: bool = True) -> None:
+    """Copy every resized parameter and buffer of ``pruned`` into ``model`` by name, then fix attributes.
+
+    ``clone=False`` moves the tensors instead, when ``pruned`` is thrown away afterwards.
+    """
     own = dict(model.named_parameters(remove_duplicate=False))
     own.update(dict(model.named_buffers(remove_duplicate=False)))
     new = dict(pruned.named_parameters(remove_duplicate=False))
@@ -104,7 +107,7 @@ def write_back(model: nn.Module, pruned: nn.Module) -> None:
         old = own.get(name)
         if old is None or old.shape == tensor.shape:
             continue
-        set_tensor(model, name, tensor.detach().clone())
+        set_tensor(model, name, tensor.detach().clone() if clone else tensor.detach())
     update_attributes(model)
 
 
@@ -227,9 +230,9 @@ def prune_in_place(dg, removal: dict, rewrite, verify):
     """Prune ``dg.model`` itself: rewrite a copy, verify it, write it back, update attributes and config."""
     model = dg.model
     original = {name: tuple(t.shape) for name, t in _named_tensors(model).items()}
-    pruned = rewrite(dg, removal, inplace=False)
+    pruned = rewrite(dg, removal, inplace=False, share_tensors=True)
     verify(pruned, dg.example_inputs, dg.expected_shapes)
-    write_back(model, pruned)
+    write_back(model, pruned, clone=False)  # the resized tensors are fresh copies that only `pruned` holds
     update_config(model, original)
     check_runs(model, dg.model_inputs, dg.model_kwargs)
     return model

@@ -52,7 +52,7 @@ aten = torch.ops.aten
 
 def count(model, example_inputs) -> tuple[int, int]:
     """``(macs, params)`` of a model or GraphModule for the given inputs (shapes only, no real compute)."""
-    captured = capture(model, example_inputs)
+    captured = capture(model, example_inputs, dynamic=False)  # only counted
     gm = fx.GraphModule(captured, copy.deepcopy(captured.graph))
     gm.meta.update(captured.meta)
     propagate(gm, flat_inputs(gm, example_inputs))

@@ -51,11 +51,34 @@ def propagate(gm: fx.GraphModule, example_inputs) -> None:
     fakes = tuple(_fake(mode, x, device) for x in example_inputs)
     try:
         with _fake_state(gm, mode):
-            FakeTensorProp(gm, mode).propagate(*fakes)
+            _MutableArgsProp(gm, mode).propagate(*fakes)
     except Exception as exc:  # report the node, not FakeTensorProp's internals
         node = _failing_node(gm)
         where = describe_node(node) if node is not None else "the graph"
         raise ShapeError(f"shape propagation failed at {where}: {type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+class _MutableArgsProp(FakeTensorProp):
+    """FakeTensorProp that passes list and dict arguments as plain (mutable) containers.
+
+    The generated code builds a fresh list for every call, and some models mutate it:
+    torchvision's Swin3D ``_get_window_and_shift_size`` assigns ``window_size[i]``.
+    The Interpreter would pass fx's immutable_list and fail where the model runs fine.
+    """
+
+    def fetch_args_kwargs_from_env(self, n: fx.Node):
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return _mutable(args), _mutable(kwargs)
+
+
+def _mutable(value):
+    if isinstance(value, list):  # immutable_list is a list subclass
+        return [_mutable(v) for v in value]
+    if isinstance(value, tuple):
+        return type(value)(_mutable(v) for v in value) if type(value) is tuple else value
+    if isinstance(value, dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    return value
 
 
 @contextlib.contextmanager

@@ -52,7 +52,7 @@ def report(before, after, example_inputs, *, show: bool = True) -> str:
 
 
 def _measure(model, example_inputs) -> tuple[dict, tuple[int, int]]:
-    captured = capture(model, example_inputs)
+    captured = capture(model, example_inputs, dynamic=False)  # only counted
     gm = fx.GraphModule(captured, copy.deepcopy(captured.graph))
     gm.meta.update(captured.meta)
     propagate(gm, flat_inputs(gm, example_inputs))

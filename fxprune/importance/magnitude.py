@@ -18,7 +18,7 @@ import numpy as np
 
 from fxprune.importance.base import Criterion
 from fxprune.importance.reduce import check_normalizer, check_reduction, normalize, reduce_members
-from fxprune.importance.slices import unit_sums
+from fxprune.importance.slices import unit_power_sums
 
 
 class Magnitude(Criterion):
@@ -34,7 +34,7 @@ class Magnitude(Criterion):
         for member in group.parameters:
             t = tensors.get(member.name)
             if t is not None and t.device.type != "meta":
-                out.append(unit_sums(group, member, t.detach().abs() if self.p == 1 else t.detach().square()))
+                out.append(unit_power_sums(group, member, t, self.p))
         return out
 
     def score(self, dg, group, tensors):
