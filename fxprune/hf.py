@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -232,10 +233,37 @@ def prune_in_place(dg, removal: dict, rewrite, verify):
     original = {name: tuple(t.shape) for name, t in _named_tensors(model).items()}
     pruned = rewrite(dg, removal, inplace=False, share_tensors=True)
     verify(pruned, dg.example_inputs, dg.expected_shapes)
-    write_back(model, pruned, clone=False)  # the resized tensors are fresh copies that only `pruned` holds
-    update_config(model, original)
-    check_runs(model, dg.model_inputs, dg.model_kwargs)
+    saved = _snapshot(model)
+    try:
+        write_back(model, pruned, clone=False)  # the resized tensors are fresh copies that only `pruned` holds
+        update_config(model, original)
+        check_runs(model, dg.model_inputs, dg.model_kwargs)
+    except Exception:  # a model that no longer runs is never left behind: put the original back
+        _restore(model, saved)
+        raise
     return model
+
+
+_PLAIN = (int, float, bool, str, tuple, type(None))
+
+
+def _snapshot(model: nn.Module) -> tuple:
+    """What in-place pruning changes: tensor slots, plain attributes of every module, the config."""
+    modules = [(m, dict(m._parameters), dict(m._buffers), {k: v for k, v in vars(m).items() if isinstance(v, _PLAIN)})
+               for m in model.modules()]
+    config = getattr(model, "config", None)
+    return modules, config, copy.deepcopy(vars(config)) if config is not None else None
+
+
+def _restore(model: nn.Module, saved: tuple) -> None:
+    modules, config, config_state = saved
+    for module, parameters, buffers, plain in modules:
+        module._parameters.clear(), module._parameters.update(parameters)
+        module._buffers.clear(), module._buffers.update(buffers)
+        vars(module).update(plain)
+    if config is not None:  # the same object: attention modules hold a reference to it
+        vars(config).clear()
+        vars(config).update(config_state)
 
 
 def load_pretrained(path: str, **kwargs):

@@ -199,3 +199,27 @@ def test_use_cache_true_is_handled():
     pruned = fxprune.prune(model, 0.25, example_inputs=(ids,), kwargs={"use_cache": True})
     with torch.no_grad():
         assert pruned(ids).logits.shape == (2, 7, 100)
+
+
+def test_inplace_failure_puts_the_original_model_back(monkeypatch):
+    torch.manual_seed(0)
+    model = _decoder("LlamaForCausalLM")
+    ids = _ids(1, 6)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config, attention = model.config.to_dict(), vars(model.model.layers[0].self_attn).copy()
+    with torch.no_grad():
+        logits = model(ids).logits
+
+    def broken(*args, **kwargs):
+        raise fxprune.FxPruneError("the model pruned in place no longer runs: simulated")
+
+    monkeypatch.setattr(fxprune.hf, "check_runs", broken)
+    with pytest.raises(fxprune.FxPruneError, match="simulated"):
+        fxprune.prune(model, 0.5, example_inputs=(ids,), inplace=True)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert model.config.to_dict() == config
+    assert {k: v for k, v in vars(model.model.layers[0].self_attn).items() if isinstance(v, int)} == \
+        {k: v for k, v in attention.items() if isinstance(v, int)}
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, logits, atol=0, rtol=0)
