@@ -3,9 +3,11 @@
 The graph is analysed through ``torch.export`` like any other; the pruned tensors
 are then written back into the original module tree by name, module attributes
 are updated from the new shapes, and ``model.config`` is updated where widths are
-uniform across layers. Where they are not, the new shape of every resized
-tensor is stored in ``config.fxprune_shapes`` and :func:`load_pretrained`
-rebuilds the model with them.
+uniform across layers. Whatever a model built from the config would still get
+wrong (per-layer widths; GPT-2, whose attention width is tied to ``n_embd``) is
+stored in ``config.fxprune_shapes`` / ``config.fxprune_attributes``, and
+:func:`load_pretrained` rebuilds the model with them. If the pruned model does not
+run, the original tensors, attributes and config are put back.
 
 One ``head_dim`` attribute serves q, k and v in HF attention, and RoPE's
 ``inv_freq`` is recomputed from the config when a model is reloaded, so head
@@ -30,10 +32,12 @@ import torch
 import torch.nn as nn
 
 from fxprune.errors import FxPruneError
-from fxprune.layout import Prod
+from fxprune.layout import Cat, Prod
 
 # Attribute names the transformers model families use for projections and head counts.
-QUERY = ("q_proj", "query", "q", "q_lin")
+# GPT-2 projects with Conv1D (weight stored (in, out)); its self-attention's c_attn holds q|k|v side by side,
+# its cross-attention has q_attn for q and c_attn for k|v.
+QUERY = ("q_proj", "query", "q", "q_lin", "q_attn", "c_attn")
 KEY = ("k_proj", "key", "k", "k_lin")
 HEAD_DIM = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size")
 HEAD_COUNTS = {
@@ -42,12 +46,37 @@ HEAD_COUNTS = {
 }
 
 
+def _is_projection(module) -> bool:
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "weight"))
+
+
+def _out_axis(projection: nn.Module) -> int:
+    return 1 if type(projection).__name__ == "Conv1D" else 0
+
+
+def _out_width(projection: nn.Module) -> int:
+    return projection.weight.shape[_out_axis(projection)]
+
+
 def _child(module: nn.Module, names) -> nn.Module | None:
     for name in names:
         child = getattr(module, name, None)
-        if isinstance(child, nn.Linear):
+        if _is_projection(child):
             return child
     return None
+
+
+def _query_width(module: nn.Module) -> tuple[int, int]:
+    """``(query width, hidden size)`` of an attention module, read from its query projection's weight.
+
+    Example: GPT-2's ``c_attn`` Conv1D of weight (64, 192) holds q|k|v: query width 64, hidden 64.
+    """
+    query = _child(module, QUERY)
+    axis = _out_axis(query)
+    width, hidden = query.weight.shape[axis], query.weight.shape[1 - axis]
+    if query is getattr(module, "c_attn", None) and getattr(module, "q_attn", None) is None:
+        width //= 3  # fused q|k|v
+    return width, hidden
 
 
 def attention_modules(model: nn.Module):
@@ -68,18 +97,26 @@ def freeze_head_dims(dg, model: nn.Module) -> None:
         head_dim = next(getattr(module, a) for a in HEAD_DIM if isinstance(getattr(module, a, None), int))
         reason = f"head dim of {name} (one head_dim attribute for q, k and v in place)"
         for child_name, child in module.named_children():
-            if not isinstance(child, nn.Linear):
+            if not _is_projection(child):
                 continue
             for axis in (0, 1):
                 try:
                     layout = dg.layout_of(f"{name}.{child_name}.weight", axis)
                 except KeyError:
                     continue
-                if not isinstance(layout, Prod) and layout.size(dg.solver) != head_dim:
-                    continue  # a plain hidden-size axis
-                for group in dg.groups_of_layout(_trailing(layout, head_dim, dg.solver)):
-                    if reason not in group.frozen:
-                        group.frozen.append(reason)
+                for part in _head_dim_parts(layout, head_dim, dg.solver):
+                    for group in dg.groups_of_layout(part):
+                        if reason not in group.frozen:
+                            group.frozen.append(reason)
+
+
+def _head_dim_parts(layout, head_dim: int, solver):
+    """The head-dim factor of an axis: of each segment of a fused q|k|v axis; none of a plain hidden axis."""
+    if isinstance(layout, Cat):
+        for part in layout.parts:
+            yield from _head_dim_parts(part, head_dim, solver)
+    elif isinstance(layout, Prod) or layout.size(solver) == head_dim:
+        yield _trailing(layout, head_dim, solver)
 
 
 def _trailing(layout, size: int, solver):
@@ -155,9 +192,9 @@ def _update_attention(module: nn.Module) -> None:
     head_dim = next((getattr(module, a) for a in HEAD_DIM if isinstance(getattr(module, a, None), int)), None)
     if not head_dim:
         return
-    query, key = _child(module, QUERY), _child(module, KEY)
-    q_out, hidden = query.weight.shape  # read shapes: children are updated after their parent
-    sizes = {"q": q_out // head_dim, "k": (key.weight.shape[0] if key else q_out) // head_dim}
+    key = _child(module, KEY)
+    q_out, hidden = _query_width(module)  # read shapes: children are updated after their parent
+    sizes = {"q": q_out // head_dim, "k": (_out_width(key) if key else q_out) // head_dim}
     for attr, which in HEAD_COUNTS.items():
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, sizes[which])
@@ -165,13 +202,19 @@ def _update_attention(module: nn.Module) -> None:
         module.num_key_value_groups = sizes["q"] // sizes["k"]
     if isinstance(getattr(module, "all_head_size", None), int):
         module.all_head_size = q_out
+    if isinstance(getattr(module, "split_size", None), int):  # GPT-2 splits c_attn's output by it
+        module.split_size = q_out
     for attr in ("hidden_size", "embed_dim"):
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, hidden)
 
 
 def update_config(model: nn.Module, original_shapes: dict) -> None:
-    """Uniform widths go into ``model.config``; otherwise every resized tensor's shape is recorded."""
+    """Uniform widths go into ``model.config``; what a model built from it would still get wrong is recorded.
+
+    The record (``config.fxprune_shapes``, ``config.fxprune_attributes``) is read back by
+    :func:`load_pretrained`; without one, ``from_pretrained`` rebuilds the pruned model.
+    """
     config = getattr(model, "config", None)
     if config is None:
         return
@@ -182,28 +225,62 @@ def update_config(model: nn.Module, original_shapes: dict) -> None:
     for _, module in attention_modules(model):
         head_dim = next(getattr(module, a) for a in HEAD_DIM if isinstance(getattr(module, a, None), int))
         values.setdefault("head_dim", set()).add(head_dim)
-        query, key = _child(module, QUERY), _child(module, KEY)
-        values.setdefault("num_attention_heads", set()).add(query.out_features // head_dim)
+        key = _child(module, KEY)
+        values.setdefault("num_attention_heads", set()).add(_query_width(module)[0] // head_dim)
         if key is not None:
-            values.setdefault("num_key_value_heads", set()).add(key.out_features // head_dim)
+            values.setdefault("num_key_value_heads", set()).add(_out_width(key) // head_dim)
     width = getattr(config, "intermediate_size", None)
     if isinstance(width, int) and width != getattr(config, "hidden_size", None):
         for name, module in model.named_modules():  # the MLP's first projections, found by their old width
             old = original_shapes.get(f"{name}.weight")
             if isinstance(module, nn.Linear) and old is not None and old[0] == width:
                 values.setdefault("intermediate_size", set()).add(module.out_features)
-    uniform = True
+    before = {key: getattr(config, key) for key in values if hasattr(config, key)}
     for key, found in values.items():
-        if len(found) == 1:
-            if hasattr(config, key) or key == "head_dim":
-                setattr(config, key, next(iter(found)))
-        else:
-            uniform = False
-    if not uniform:
-        config.fxprune_shapes = {name: list(t.shape) for name, t in _named_tensors(model).items()
-                                 if tuple(t.shape) != original_shapes.get(name)}
-    elif hasattr(config, "fxprune_shapes"):
-        del config.fxprune_shapes
+        if len(found) == 1 and (hasattr(config, key) or key == "head_dim"):
+            setattr(config, key, next(iter(found)))
+    for key in RECORDED:
+        config.__dict__.pop(key, None)
+    found = _not_in_config(model)
+    if found is None:  # the class cannot be built from these values (GPT-2: n_embd must divide by n_head)
+        for key, value in before.items():
+            setattr(config, key, value)
+        found = _not_in_config(model)
+    shapes, attributes = found or ({name: list(t.shape) for name, t in _named_tensors(model).items()
+                                    if tuple(t.shape) != original_shapes.get(name)}, {})
+    if shapes:
+        config.fxprune_shapes = shapes
+    if attributes:
+        config.fxprune_attributes = attributes
+
+
+RECORDED = ("fxprune_shapes", "fxprune_attributes")
+
+
+def _not_in_config(model: nn.Module) -> tuple[dict, dict] | None:
+    """What ``type(model)(model.config)`` (what ``from_pretrained`` builds) gets wrong, or None if it fails.
+
+    Returns ``(tensor shapes, plain int/float module attributes)`` that differ, by
+    qualified name. Built on the meta device, so nothing is allocated. Example: GPT-2
+    pruned to n_embd=45 with 3 heads of 16 builds ``head_dim = 45 // 3 = 15`` and
+    a (45, 135) ``c_attn`` from the config; the record restores head_dim 16, split_size 48
+    and c_attn's (45, 144) weight.
+    """
+    config = copy.deepcopy(model.config)
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(config)
+    except Exception:  # e.g. a ValueError from the class's own consistency checks
+        return None
+    theirs = {name: tuple(t.shape) for name, t in _named_tensors(fresh).items()}
+    shapes = {name: list(t.shape) for name, t in _named_tensors(model).items() if theirs.get(name) != tuple(t.shape)}
+    attributes, fresh_modules = {}, dict(fresh.named_modules())
+    for name, module in model.named_modules():
+        other = vars(fresh_modules[name]) if name in fresh_modules else {}
+        for attr, value in vars(module).items():
+            if type(value) in (int, float) and attr in other and other[attr] != value:
+                attributes[f"{name}.{attr}" if name else attr] = value
+    return shapes, attributes
 
 
 def _named_tensors(model: nn.Module) -> dict:
@@ -267,21 +344,27 @@ def _restore(model: nn.Module, saved: tuple) -> None:
 
 
 def load_pretrained(path: str, **kwargs):
-    """Load a model saved after non-uniform in-place pruning (``config.fxprune_shapes``); uniform ones too.
+    """Load a model saved after in-place pruning that its config cannot describe; any other model too.
 
-    The model class is ``config.architectures[0]``; every recorded tensor is
-    resized before the saved weights are loaded.
+    The model class is ``config.architectures[0]``; every tensor recorded in
+    ``config.fxprune_shapes`` is resized and every attribute in
+    ``config.fxprune_attributes`` (head_dim, split_size, scaling ...) restored before
+    the saved weights are loaded.
     """
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(path)
-    shapes = getattr(config, "fxprune_shapes", None)
+    shapes = getattr(config, "fxprune_shapes", None) or {}
+    attributes = getattr(config, "fxprune_attributes", None) or {}
     cls = getattr(transformers, config.architectures[0])
-    if not shapes:
+    if not shapes and not attributes:
         return cls.from_pretrained(path, **kwargs)
     model = cls(config)
     for name, shape in shapes.items():
         set_tensor(model, name, torch.empty(shape))
+    for name, value in attributes.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner) if owner else model, attr, value)
     update_attributes(model)
     state = _load_state_dict(path)
     missing, unexpected = model.load_state_dict(state, strict=False)

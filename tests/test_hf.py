@@ -223,3 +223,28 @@ def test_inplace_failure_puts_the_original_model_back(monkeypatch):
         {k: v for k, v in attention.items() if isinstance(v, int)}
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, logits, atol=0, rtol=0)
+
+
+def test_gpt2_fused_qkv_in_place_generates_and_reloads(tmp_path):
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=32)).eval()
+    ids = _ids(1, 6)
+    dg = fxprune.analyze(model, (ids,), inplace=True)
+    frozen = [g for g in dg.groups if any("head dim of transformer.h.0.attn" in r for r in g.frozen)]
+    assert [g.units for g in frozen] == [16, 16]  # q|k and v head dims of the fused c_attn
+    removal = plant_dead_units(dg)
+    with torch.no_grad():
+        tokens = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    fxprune.apply(dg, removal, inplace=True)
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0), tokens)
+    # then 0.3 more: a hidden size that is not heads x 16, which GPT2Config cannot describe
+    fxprune.prune(model, 0.3, example_inputs=(ids,), inplace=True)
+    attn = model.transformer.h[0].attn
+    assert attn.head_dim == 16 and attn.split_size == attn.num_heads * 16 == attn.c_attn.weight.shape[1] // 3
+    assert model.config.fxprune_shapes and model.config.fxprune_attributes  # read back by load_pretrained
+    model.save_pretrained(tmp_path)
+    reloaded = fxprune.load_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
