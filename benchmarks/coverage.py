@@ -261,6 +261,21 @@ def report(rows: list[dict], command: str, note: str = "") -> str:
             f"{totals(rows)}\n\n{table(rows)}\n\n## Failures\n{failures(rows)}\n")
 
 
+def _shown(argv: list[str]) -> list[str]:
+    """The command line for the report: without --note (printed after it), long --redo lists counted."""
+    shown, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == "--note":
+            skip = True
+        elif i and argv[i - 1] == "--redo" and arg.count(",") > 5:
+            shown.append(f"<{arg.count(',') + 1} models>")
+        else:
+            shown.append(arg)
+    return shown
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CI subset: " + ", ".join(zoo.QUICK))
@@ -290,7 +305,7 @@ def main(argv=None) -> int:
     skip = set(args.skip.split(","))
     names = [n for n in names if n not in skip]
     out = Path(args.out) if args.out else harness.default_out(args.quick, "coverage.md")
-    command = "python benchmarks/coverage.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/coverage.py " + " ".join(_shown(sys.argv[1:] if argv is None else argv))
     done, earlier = {}, {}
     if args.resume:  # rows of an earlier run (the last per model), except those to --redo
         if not args.log or not Path(args.log).exists():
