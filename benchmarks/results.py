@@ -44,7 +44,7 @@ def assemble(folder: Path, notes: str = "") -> str:
     parts = ["# fxprune benchmarks against Torch-Pruning\n",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {_memory_gib()}, {platform.system()} "
              f"{platform.release()}; load average when assembled: {load}. Every number below was measured by the "
-             "script named in its section (see benchmarks/README_summary.md for the headline).\n"]
+             "script named in its section; the README's \"Against Torch-Pruning\" section summarises them.\n"]
     if notes:
         parts.append(notes.strip() + "\n")
     for filename, title in SECTIONS:
