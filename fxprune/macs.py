@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from fxprune.capture import capture, flat_inputs
 from fxprune.propagate import propagate
+from fxprune.rules.registry import qualified_name
 from fxprune.shapes import GraphShapes, PlannedShapes
 
 aten = torch.ops.aten
@@ -107,7 +108,7 @@ def node_macs(node: fx.Node, modules: dict, shapes: GraphShapes) -> int:
                 return int(_MODULES[cls](node, module, shapes))
         return 0
     if node.op in ("call_function", "call_method"):
-        handler = _FUNCTIONS.get(node.target)
+        handler = _FUNCTIONS.get(node.target) or _FUNCTIONS.get(qualified_name(node.target))
         return int(handler(node, shapes)) if handler is not None else 0
     return 0
 
@@ -309,15 +310,7 @@ _FUNCTIONS = {
     F.adaptive_avg_pool1d: _adaptive_avg_fn, F.adaptive_avg_pool2d: _adaptive_avg_fn,
     F.adaptive_avg_pool3d: _adaptive_avg_fn, aten.adaptive_avg_pool2d.default: _adaptive_avg_fn,
     F.interpolate: _interpolate_fn,
+    # by name (as in the rule table): no torchvision import at ``import fxprune``
+    "torchvision.models.swin_transformer:shifted_window_attention": _swin_attention_fn,
 }
 
-
-def _register_torchvision() -> None:
-    try:
-        from torchvision.models import swin_transformer as swin
-    except ImportError:  # torchvision is optional for counting
-        return
-    _FUNCTIONS[swin.shifted_window_attention] = _swin_attention_fn
-
-
-_register_torchvision()

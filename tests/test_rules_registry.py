@@ -177,3 +177,40 @@ def test_an_op_without_a_rule_freezes_its_axes_and_is_reported():
     assert "test_rules_registry.py:" in line and "return self.fc3(opaque(y))" in line
     pruned = fxprune.prune(Opaque().eval(), 0.5, example_inputs=(x,))
     assert pruned(x).shape == (2, 2) and pruned.fc1.out_features == 2 and pruned.fc2.out_features == 4
+
+
+def scaled(x):
+    """A wrapped function whose rule is registered by name, as fxprune does for timm and torchvision."""
+    return x * 3
+
+
+torch.fx.wrap("scaled")
+
+
+def test_rule_registered_by_qualified_name_matches_without_the_object():
+    key = f"{__name__}:scaled"
+    fxprune.register_family(fxprune.rules.elementwise.elementwise, key)
+    try:
+        class Uses(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+            def forward(self, x):
+                return self.b(scaled(self.a(x)))
+
+        dg = fxprune.analyze(Uses(), (torch.randn(2, 4),))
+        node = next(n for n in dg.gm.graph.nodes if n.target is scaled)
+        assert lookup(node) is RULES[key]
+        assert [g.units for g in dg.prunable_groups] == [6]
+    finally:
+        del RULES[key]
+
+
+def test_import_fxprune_imports_neither_timm_nor_torchvision():
+    import subprocess
+    import sys
+
+    code = "import sys, fxprune; print(sorted(m for m in ('timm', 'torchvision') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

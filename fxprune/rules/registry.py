@@ -32,7 +32,12 @@ RULES: dict[object, Callable] = {}
 
 
 def register(*targets, replace: bool = False):
-    """Decorator registering one rule for every target (module class, callable or method name)."""
+    """Decorator registering one rule for every target (module class, callable or method name).
+
+    A function of an optional library is named ``"module:qualname"``
+    (``"timm.layers.attention:maybe_add_mask"``): it matches that function without
+    importing the library, so ``import fxprune`` does not pay for timm or torchvision.
+    """
 
     def decorate(rule: Callable) -> Callable:
         targets_once = list(dict.fromkeys(targets))  # aliases such as F.conv1d is torch.conv1d count once
@@ -65,10 +70,17 @@ def lookup(node, module: nn.Module | None = None) -> Callable | None:
         return RULES.get(node.target)
     if node.op == "call_function":
         try:
-            return RULES.get(node.target)
+            rule = RULES.get(node.target)
         except TypeError:  # unhashable callables have no rule
             return None
+        return rule if rule is not None else RULES.get(qualified_name(node.target))
     return None
+
+
+def qualified_name(target) -> str | None:
+    """``"module:qualname"`` of a function, the key of rules registered by name."""
+    module, qualname = getattr(target, "__module__", None), getattr(target, "__qualname__", None)
+    return f"{module}:{qualname}" if module and qualname else None
 
 
 def _name(target) -> str:
