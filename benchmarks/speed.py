@@ -235,22 +235,6 @@ def report(rows: list[dict], command: str) -> str:
             f"{table(rows)}\n\n### Ratios fxprune / Torch-Pruning\n\n{ratios(rows)}\n")
 
 
-def rendered_rows(log: Path, cases: list[str]) -> list[dict]:
-    """The last row of each (case, library) in a --log file, in case order then library order."""
-    last = {}
-    for line in log.read_text().splitlines():
-        row = json.loads(line)
-        last[(row["case"], row["library"])] = row
-    order = {case: i for i, case in enumerate(cases)}
-    keys = sorted((k for k in last if k[0] in order), key=lambda k: (order[k[0]], LIBRARIES.index(k[1])))
-    return [last[k] for k in keys]
-
-
-def commands_of(rows: list[dict]) -> str:
-    """The distinct --cases lists that produced the rows, for the report's provenance line."""
-    return ", ".join(f"`--cases {c}`" for c in dict.fromkeys(r["case"] for r in rows))
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CI cases: " + ", ".join(QUICK))
@@ -262,7 +246,6 @@ def main(argv=None) -> int:
     parser.add_argument("--max-gib", type=float, default=14, help="RSS cap of a worker during a step (default 14)")
     parser.add_argument("--out", help="markdown report (default benchmarks/speed.md; a temp dir with --quick)")
     parser.add_argument("--log", help="append one JSON line per (case, library)")
-    parser.add_argument("--render", metavar="LOG", help="only write the report from a --log file of earlier runs")
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "LIBRARY"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -272,11 +255,6 @@ def main(argv=None) -> int:
     libraries = [lib for lib in args.libraries.split(",") if lib]
     out = Path(args.out) if args.out else harness.default_out(args.quick, "speed.md")
     command = "python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    if args.render:
-        rows = rendered_rows(Path(args.render), cases if args.cases else FULL)
-        out.write_text(report(rows, f"{command} (rows of {args.render}; runs: {commands_of(rows)})"))
-        print(f"wrote {out}")
-        return 0
     rows = []
     log = open(args.log, "a") if args.log else None
     for case in cases:

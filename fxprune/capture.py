@@ -111,7 +111,7 @@ def export_capture(model: torch.nn.Module, example_inputs, kwargs=None, trace_er
                 dims = _automatic_dims(model, args, kwargs, batch_only=not is_hf_model(model))
                 program = torch.export.export(model, args, kwargs=kwargs, strict=False, dynamic_shapes=dims)
             except Exception:  # some models specialise every size; a static graph is still a good graph
-                program = None
+                pass
         if program is None:
             program = torch.export.export(model, args, kwargs=kwargs, strict=False)
     except Exception as exc:  # export's own message is the useful part

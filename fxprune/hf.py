@@ -335,8 +335,10 @@ def _snapshot(model: nn.Module) -> tuple:
 def _restore(model: nn.Module, saved: tuple) -> None:
     modules, config, config_state = saved
     for module, parameters, buffers, plain in modules:
-        module._parameters.clear(), module._parameters.update(parameters)
-        module._buffers.clear(), module._buffers.update(buffers)
+        module._parameters.clear()
+        module._parameters.update(parameters)
+        module._buffers.clear()
+        module._buffers.update(buffers)
         vars(module).update(plain)
     if config is not None:  # the same object: attention modules hold a reference to it
         vars(config).clear()

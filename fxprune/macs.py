@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from fxprune.capture import capture, flat_inputs
 from fxprune.propagate import propagate
-from fxprune.rules.registry import qualified_name
+from fxprune.rules.registry import by_function
 from fxprune.shapes import GraphShapes, PlannedShapes
 
 aten = torch.ops.aten
@@ -108,7 +108,7 @@ def node_macs(node: fx.Node, modules: dict, shapes: GraphShapes) -> int:
                 return int(_MODULES[cls](node, module, shapes))
         return 0
     if node.op in ("call_function", "call_method"):
-        handler = _FUNCTIONS.get(node.target) or _FUNCTIONS.get(qualified_name(node.target))
+        handler = _FUNCTIONS.get(node.target) if node.op == "call_method" else by_function(_FUNCTIONS, node.target)
         return int(handler(node, shapes)) if handler is not None else 0
     return 0
 

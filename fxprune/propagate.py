@@ -1,4 +1,5 @@
-"""Propagate: FakeTensor shapes into ``node.meta["val"]``; no real compute, no real memory.
+"""Propagate: shapes into ``node.meta["val"]`` (meta tensors, or FakeTensors where a graph needs them); no real
+compute, no real memory.
 
 Example::
 
@@ -53,7 +54,7 @@ def propagate(gm: fx.GraphModule, example_inputs) -> None:
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fakes = tuple(_fake(mode, x, device) for x in example_inputs)
     try:
-        with _fake_state(gm, mode):
+        with _swapped_tensors(gm, lambda t: mode.from_tensor(t, static_shapes=True)):
             _MutableArgsProp(gm, mode).propagate(*fakes)
     except Exception as exc:  # report the node, not FakeTensorProp's internals
         node = _failing_node(gm)
@@ -71,7 +72,12 @@ class _MutableArgs:
 
     def fetch_args_kwargs_from_env(self, n: fx.Node):
         args, kwargs = super().fetch_args_kwargs_from_env(n)
-        return _mutable(args), _mutable(kwargs)
+        return _mutable(args, self.leaf), _mutable(kwargs, self.leaf)
+
+    @staticmethod
+    def leaf(value):
+        """Each non-container argument, as the subclass wants it passed."""
+        return value
 
 
 class _MutableArgsProp(_MutableArgs, FakeTensorProp):
@@ -87,10 +93,10 @@ class _MetaProp(_MutableArgs, fx.Interpreter):
     device checks), so any failure falls back to FakeTensorProp.
     """
 
-    def fetch_args_kwargs_from_env(self, n: fx.Node):
+    @staticmethod
+    def leaf(value):
         # every tensor lives on meta here: ``x.to("cpu")`` and ``arange(n, device=cpu)`` stay there too
-        args, kwargs = super().fetch_args_kwargs_from_env(n)
-        return _mutable(map_aggregate(args, _meta_device)), _mutable(map_aggregate(kwargs, _meta_device))
+        return torch.device("meta") if isinstance(value, torch.device) else value
 
     def run_node(self, n: fx.Node):
         result = super().run_node(n)
@@ -102,10 +108,6 @@ class _MetaProp(_MutableArgs, fx.Interpreter):
     def get_attr(self, target, args, kwargs):
         value = super().get_attr(target, args, kwargs)
         return _on_meta(value) if isinstance(value, torch.Tensor) else value
-
-
-def _meta_device(obj):
-    return torch.device("meta") if isinstance(obj, torch.device) else obj
 
 
 def _snapshot(obj):
@@ -128,7 +130,7 @@ def _propagate_on_meta(gm: fx.GraphModule, example_inputs) -> bool:
     try:
         inputs = tuple(_on_meta(x) if isinstance(x, torch.Tensor) else
                        torch.empty(tuple(x), device="meta") if _is_shape(x) else x for x in example_inputs)
-        with _meta_state(gm):
+        with _swapped_tensors(gm, _on_meta):
             _MetaProp(gm).run(*inputs)
         return True
     except Exception:  # data-dependent ops, CPU constants, symbolic sizes...: FakeTensorProp handles them
@@ -141,52 +143,40 @@ def _is_shape(x) -> bool:
     return isinstance(x, (torch.Size, list)) or (isinstance(x, tuple) and all(isinstance(s, int) for s in x))
 
 
+def _mutable(value, leaf):
+    """Lists and dicts rebuilt as plain containers (immutable_list is a list subclass), ``leaf`` applied inside."""
+    if isinstance(value, list):
+        return [_mutable(v, leaf) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_mutable(v, leaf) for v in value) if type(value) is tuple else value
+    if isinstance(value, dict):
+        return {k: _mutable(v, leaf) for k, v in value.items()}
+    return leaf(value)
+
+
 @contextlib.contextmanager
-def _meta_state(gm: fx.GraphModule):
-    """Every parameter and buffer swapped for a meta tensor (tied ones stay tied), then the originals put back."""
+def _swapped_tensors(gm: fx.GraphModule, convert):
+    """Every parameter and buffer replaced by ``convert(tensor)`` while propagating, then the originals put back.
+
+    Propagating over meta or fake parameters never touches the real ones (a train-mode
+    BatchNorm bumps only the stand-in's ``num_batches_tracked``). With FakeTensorMode,
+    fake parameters also let it hit its dispatch cache instead of converting real ones
+    on every op (and rerunning, e.g., the batch-norm decomposition): ~1.5x faster.
+    Tied tensors stay tied (one stand-in per tensor). RNN modules keep theirs: they
+    cache their weights in a list (the meta path does not run on them).
+    """
     saved, memo = [], {}
     try:
         for module in gm.modules():
-            for store in (module._parameters, module._buffers):
-                for name, t in list(store.items()):
-                    if isinstance(t, torch.Tensor):
-                        saved.append((store, name, t))
-                        store[name] = memo.setdefault(id(t), _on_meta(t))
-        yield
-    finally:
-        for store, name, t in reversed(saved):
-            store[name] = t
-
-
-def _mutable(value):
-    if isinstance(value, list):  # immutable_list is a list subclass
-        return [_mutable(v) for v in value]
-    if isinstance(value, tuple):
-        return type(value)(_mutable(v) for v in value) if type(value) is tuple else value
-    if isinstance(value, dict):
-        return {k: _mutable(v) for k, v in value.items()}
-    return value
-
-
-@contextlib.contextmanager
-def _fake_state(gm: fx.GraphModule, mode: FakeTensorMode):
-    """Swap every parameter and buffer for a FakeTensor while propagating, then put the originals back.
-
-    FakeTensorMode converts real tensors on every op anyway, so shapes are the same; but
-    real ones make it bypass its dispatch cache (and rerun, e.g., the batch-norm
-    decomposition on every call): fake ones make propagation ~1.5x faster. Tied tensors
-    stay tied (``from_tensor`` memoises). RNN modules keep theirs: they would cache the fakes.
-    """
-    saved = []
-    try:
-        for module in gm.modules():
-            if hasattr(module, "_flat_weights"):  # RNNs cache their weights in a list: leave them real
+            if hasattr(module, "_flat_weights"):
                 continue
             for store in (module._parameters, module._buffers):
                 for name, t in list(store.items()):
                     if isinstance(t, torch.Tensor):
                         saved.append((store, name, t))
-                        store[name] = mode.from_tensor(t, static_shapes=True)
+                        if id(t) not in memo:
+                            memo[id(t)] = convert(t)
+                        store[name] = memo[id(t)]
         yield
     finally:
         for store, name, t in reversed(saved):
@@ -200,7 +190,7 @@ def _device_of(gm: fx.GraphModule) -> torch.device:
 
 
 def _fake(mode: FakeTensorMode, x, device: torch.device):
-    if isinstance(x, (torch.Size, list)) or (isinstance(x, tuple) and all(isinstance(s, int) for s in x)):
+    if _is_shape(x):
         x = torch.empty(tuple(x), device="meta")
     if isinstance(x, torch.Tensor):
         if device.type == "meta" and x.device.type != "meta":

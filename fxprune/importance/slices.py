@@ -50,7 +50,7 @@ def unit_sums(group, member, tensor: torch.Tensor) -> np.ndarray:
     """
     other = [d for d in range(tensor.ndim) if d != member.dim]
     along = tensor.detach().sum(dim=other, dtype=torch.float64) if other else tensor.detach().double()
-    return along.cpu().numpy()[unit_indices(group, member)].sum(1)
+    return _per_unit(group, member, along)
 
 
 def unit_power_sums(group, member, tensor: torch.Tensor, p: int) -> np.ndarray:
@@ -68,6 +68,11 @@ def unit_power_sums(group, member, tensor: torch.Tensor, p: int) -> np.ndarray:
         along = torch.linalg.vector_norm(t.float(), ord=p, dim=other).double() ** p
     else:  # vector_norm over strided axes is slow; an elementwise pass then a sum is not
         along = (t.abs() if p == 1 else t.square()).sum(dim=other, dtype=torch.float32).double()
+    return _per_unit(group, member, along)
+
+
+def _per_unit(group, member, along: torch.Tensor) -> np.ndarray:
+    """Per-index sums along the member's axis, gathered and added up per unit."""
     return along.cpu().numpy()[unit_indices(group, member)].sum(1)
 
 

@@ -69,12 +69,17 @@ def lookup(node, module: nn.Module | None = None) -> Callable | None:
     if node.op == "call_method":
         return RULES.get(node.target)
     if node.op == "call_function":
-        try:
-            rule = RULES.get(node.target)
-        except TypeError:  # unhashable callables have no rule
-            return None
-        return rule if rule is not None else RULES.get(qualified_name(node.target))
+        return by_function(RULES, node.target)
     return None
+
+
+def by_function(table: dict, target):
+    """``table``'s entry for a function: by the object, else by its ``"module:qualname"``, else None."""
+    try:
+        found = table.get(target)
+    except TypeError:  # unhashable callables have no entry
+        return None
+    return found if found is not None else table.get(qualified_name(target))
 
 
 def qualified_name(target) -> str | None:
