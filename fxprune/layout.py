@@ -193,12 +193,30 @@ class Solver:
         return out[::-1]
 
     def _factorise(self, layout, radices: list[int]) -> list:
+        """``layout`` as ``len(radices)`` row-major factors of those sizes.
+
+        The layout is resolved first: splitting the other side of the same unification
+        may have refined it since its product was resolved (a grouped conv's groups atom
+        tied to a shuffle's channels-per-group is split by one side, then met again by
+        the other). Defining the stale atom again would drop that refinement.
+        """
         if len(radices) == 1:
             return [layout]
+        layout = self.resolve(layout)
         if isinstance(layout, Atom):
             parts = [Atom(self.new_atom(r, f"factor of #{layout.id}")) for r in radices]
             self._define(layout.id, Prod(tuple(parts)))
             return parts
+        if isinstance(layout, Prod):
+            suffixes = [math.prod(radices[i:]) for i in range(1, len(radices))]
+            pieces, groups = self._split_factors(layout, suffixes), []
+            for radix in radices:
+                group, size = [], 1
+                while size < radix:
+                    group.append(pieces.pop(0))
+                    size *= group[-1].size(self)
+                groups.append(group[0] if len(group) == 1 else Prod(tuple(group)))
+            return groups
         raise Unrefinable(f"cannot factorise a concatenation {layout} into {radices}")
 
     def _unify_segments(self, a, b, why: str) -> None:

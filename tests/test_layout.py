@@ -57,6 +57,19 @@ def test_products_without_a_common_refinement_return_false():
     assert [s.resolve(x) for x in (a, b, c, d)] == [a, b, c, d]  # nothing was changed
 
 
+def test_one_atom_on_both_sides_is_split_once():
+    # (2 x c4) vs (g4 x 2) with g ~ c: splitting the left side refines c, and the right side, resolved
+    # before that, meets the same atom again. Found by the property tests (ShuffleNet-style concat ->
+    # grouped conv -> shuffle): defining c a second time dropped the first split and pruned 2 channels of 3.
+    s = Solver()
+    r, c, g, p = _atoms(s, 2, 4, 4, 2)
+    assert s.unify(g, c, "grouped conv input")
+    assert s.unify(Prod((r, c)), Prod((g, p)), "shuffle view")
+    assert s.resolve(Prod((r, c))) == s.resolve(Prod((g, p)))
+    assert s.resolve(c) == s.resolve(g) and len(s.resolve(c).factors) == 2
+    assert len(s.final_atoms(Prod((r, c)))) == 1 and not s.conflicts  # r ~ c's halves ~ p: one unit atom
+
+
 def test_cat_against_cat_cuts_at_every_boundary():
     # (3 ++ 5) vs (5 ++ 3): pieces 3 | 2 | 3
     s = Solver()
