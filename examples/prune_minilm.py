@@ -20,7 +20,7 @@ import transformers
 
 import fxprune
 from fxprune.importance import named_tensors, resolve_importance
-from fxprune.plan import local_plan
+from fxprune.planning.selection import local_plan
 
 SENTENCES = [
     "A man is playing a guitar on the street.", "The cat sleeps on the warm windowsill.",

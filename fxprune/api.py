@@ -9,7 +9,7 @@
 (:mod:`fxprune.importance`); ``plan`` turns scores into units to remove (local or
 global ranking, per-module ratios, round_to; with ``target_macs``/``target_params``
 it searches the ratio, counting each candidate plan without rewriting:
-:mod:`fxprune.target`); ``measure`` counts the pruned graph when a target was set.
+:mod:`fxprune.planning.target`); ``measure`` counts the pruned graph when a target was set.
 
 Each pass reads and writes a :class:`Job`; analysis results live in
 ``node.meta`` (``"val"``: FakeTensor; ``"fxprune_rule"``: the rule that
@@ -36,13 +36,14 @@ from fxprune.decompose import decompose
 from fxprune.depgraph import DependencyGraph
 from fxprune.importance import named_tensors, resolve_importance, score_groups
 from fxprune.macs import count_graph, estimate
-from fxprune.plan import make_plan
+from fxprune.planning.alignment import default_alignment, removal_steps
+from fxprune.planning.selection import make_plan
 from fxprune.plan_io import PruningPlan, attach_plan
 from fxprune.propagate import propagate
-from fxprune.ratios import check_ratio, group_ratios
+from fxprune.planning.ratios import check_ratio, group_ratios
 from fxprune.relate import relate
 from fxprune.rewrite import rewrite
-from fxprune.target import METRICS, search_ratio
+from fxprune.planning.target import METRICS, search_ratio
 from fxprune.verify import output_shapes, verify
 
 
@@ -54,7 +55,10 @@ class Job:
     ratio: float = 0.0
     importance: object = "l2"
     ignore: tuple = ()
-    round_to: int | None = None
+    round_to: int | None = None  # channel alignment; None: chosen from the model's device and dtype
+    prune_head_dims: bool = False  # prune attention's per-head widths too (off: SDPA keeps its fused kernels)
+    alignment: int = 1  # the channel alignment the plan used (resolved from round_to)
+    steps: dict = field(default_factory=dict)  # {group: units it loses at a time} that keep aligned widths aligned
     inplace: bool = False
     gm: fx.GraphModule | None = None
     state: object = None
@@ -104,6 +108,8 @@ def _solve(job: Job) -> None:
     dg = job.dg = DependencyGraph(job.gm, job.state, job.flat_inputs, ignore)
     dg.expected_shapes = job.expected_shapes
     dg.model, dg.model_inputs, dg.model_kwargs = job.model, job.example_inputs, job.kwargs
+    if not job.prune_head_dims:
+        dg.keep_head_dims()
     if job.inplace and is_hf_model(job.model):
         hf.freeze_head_dims(dg, job.model)
 
@@ -115,9 +121,11 @@ def _score(job: Job) -> None:
 
 def _plan(job: Job) -> None:
     groups, fixed = job.dg.prunable_groups, group_ratios(job.dg, job.ratios)
+    job.alignment = job.round_to if job.round_to is not None else default_alignment(job.model)
+    job.steps = removal_steps(job.dg, groups, job.alignment)
 
     def plan_for(ratio: float) -> dict:
-        return make_plan(groups, job.scores, ratio, round_to=job.round_to, global_pruning=job.global_pruning,
+        return make_plan(groups, job.scores, ratio, steps=job.steps, global_pruning=job.global_pruning,
                          max_ratio=job.max_ratio, fixed=fixed)
 
     if job.target is None:
@@ -158,7 +166,8 @@ def _measure(job: Job) -> None:
 
 def _record_plan(job: Job) -> None:
     """Keep the removal plan on the result (``gm.meta["fxprune_plan"]``) so that it can be saved and replayed."""
-    settings = {"ratio": job.ratio, "importance": job.importance, "round_to": job.round_to}
+    settings = {"ratio": job.ratio, "importance": job.importance, "round_to": job.round_to,
+                "alignment": job.alignment, "prune_head_dims": job.prune_head_dims}
     attach_plan(job.result, PruningPlan.from_removal(job.dg, job.removal, inplace=job.inplace, settings=settings))
 
 
@@ -175,13 +184,17 @@ def run(job: Job, passes) -> Job:
     return job
 
 
-def analyze(model, example_inputs=None, *, kwargs=None, ignore=(), inplace: bool = False) -> DependencyGraph:
+def analyze(model, example_inputs=None, *, kwargs=None, ignore=(), inplace: bool = False,
+            prune_head_dims: bool = False) -> DependencyGraph:
     """Capture ``model`` and build its dependency graph (groups, members, frozen reasons).
 
-    ``inplace=True`` prepares a later ``apply(dg, ..., inplace=True)`` on a Hugging
-    Face model: groups its modules cannot express (head dims) are frozen.
+    Attention's per-head widths are frozen unless ``prune_head_dims=True`` (heads
+    and kv heads stay prunable). ``inplace=True`` prepares a later
+    ``apply(dg, ..., inplace=True)`` on a Hugging Face model: groups its modules
+    cannot express (head dims) are frozen whatever ``prune_head_dims`` says.
     """
-    return run(Job(model, example_inputs, kwargs, ignore=tuple(ignore), inplace=inplace), ANALYSIS).dg
+    job = Job(model, example_inputs, kwargs, ignore=tuple(ignore), inplace=inplace, prune_head_dims=prune_head_dims)
+    return run(job, ANALYSIS).dg
 
 
 def apply(dg: DependencyGraph, removal: dict, *, inplace: bool = False) -> fx.GraphModule:
@@ -200,9 +213,9 @@ def apply(dg: DependencyGraph, removal: dict, *, inplace: bool = False) -> fx.Gr
 
 
 def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None, importance="l2", ignore=(),
-          round_to=None, inplace: bool = False, global_pruning: bool = False, max_ratio: float = 0.9,
-          ratios: dict | None = None, target_macs: float | None = None, target_params: float | None = None,
-          calibration=None, loss_fn=None) -> fx.GraphModule:
+          round_to=None, prune_head_dims: bool = False, inplace: bool = False, global_pruning: bool = False,
+          max_ratio: float = 0.9, ratios: dict | None = None, target_macs: float | None = None,
+          target_params: float | None = None, calibration=None, loss_fn=None) -> fx.GraphModule:
     """Remove ``ratio`` (default 0.3) of the units of every prunable group; returns a verified GraphModule.
 
     ``model`` is an ``nn.Module`` (traced here) or a ``torch.fx.GraphModule``.
@@ -219,13 +232,19 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     of one group). ``ratios={"layer4": 0.7, model.fc: 0.0}`` sets ratios per module or group.
     ``target_macs=0.5`` (or ``target_params``) searches the ratio that keeps that fraction.
 
+    Shapes stay fast by default: every weight dimension that was a multiple of the
+    alignment (8 on CUDA and in half precision, the SIMD width on a CPU: see
+    :mod:`fxprune.planning.alignment`) stays one; ``round_to=k`` sets the alignment
+    in channels, ``round_to=1`` turns it off. Attention's per-head widths are kept
+    whole (whole heads are removed) unless ``prune_head_dims=True``.
+
     Example::
 
         >>> pruned = fxprune.prune(model, example_inputs=(x,), target_macs=0.5, round_to=8)
     """
     job = Job(model, example_inputs, kwargs, importance=importance, ignore=tuple(ignore), round_to=round_to,
-              inplace=inplace, global_pruning=bool(global_pruning), ratios=ratios, calibration=calibration,
-              loss_fn=loss_fn)
+              prune_head_dims=bool(prune_head_dims), inplace=inplace, global_pruning=bool(global_pruning),
+              ratios=ratios, calibration=calibration, loss_fn=loss_fn)
     job.ratio, job.target, job.max_ratio = check_prune_settings(ratio, target_macs, target_params, round_to, max_ratio)
     return run(job, PIPELINE).result
 

@@ -89,6 +89,8 @@ class AnalysisState:
     freezes: list = field(default_factory=list)  # (layout, reason)
     broadcasts: list = field(default_factory=list)  # layouts with no data of their own
     normalized: list = field(default_factory=list)  # layouts some op normalises over (LayerNorm, softmax, mean)
+    head_dims: list = field(default_factory=list)  # (layout, where): per-head widths that attention contracts over
+    from_input: set = field(default_factory=set)  # names of nodes computed from a graph input (not weights alone)
     constants: list = field(default_factory=list)  # ShapeConstant
     hooks: list = field(default_factory=list)  # (node, fn(node, sizes))
     unsupported: list = field(default_factory=list)  # (node, message)
@@ -287,6 +289,18 @@ class RuleContext:
     def normalizes(self, axis) -> None:
         """An op computes statistics over this axis (LayerNorm, softmax, mean): pruning it is not exact."""
         self.state.normalized.append(axis)
+
+    def head_dim(self, axis) -> None:
+        """The axis is a per-head width of attention (q.k contraction, v's features): kept whole by default.
+
+        Pruning it keeps the model exact but takes scaled-dot-product attention off its fused
+        kernels; ``prune(..., prune_head_dims=True)`` prunes it anyway.
+        """
+        self.state.head_dims.append((axis, self.where))
+
+    def reads_input(self, t: TensorRef | None) -> bool:
+        """Whether a tensor is computed from the graph's inputs (an activation), not from weights alone."""
+        return t is not None and t.key[0] == "v" and t.key[1] in self.state.from_input
 
     def freeze(self, what, why: str) -> None:
         """Every atom of ``what`` (a layout or a whole TensorRef) keeps all its units."""

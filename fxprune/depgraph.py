@@ -56,6 +56,7 @@ class Group:
     frozen: list = field(default_factory=list)  # reasons, each naming op and source line
     broadcast: bool = False
     normalized: bool = False  # some op normalises over it: removing even dead units changes outputs
+    head_dim: str = ""  # where attention contracts over it (a per-head width), else ""
 
     @property
     def has_parameters(self) -> bool:
@@ -84,7 +85,7 @@ class DependencyGraph:
     def __init__(self, gm: fx.GraphModule, state: AnalysisState, example_inputs, ignore=()):
         self.gm, self.state, self.example_inputs = gm, state, example_inputs
         self.solver = state.solver
-        kinds = _tensor_kinds(gm)
+        kinds = self.kinds = _tensor_kinds(gm)  # tensor name -> "parameter" | "buffer"
         frozen = self._frozen_atoms(state.freezes)
         for key, reason in ignore:
             for (k, dim), atom in state.axis_atoms.items():
@@ -111,6 +112,9 @@ class DependencyGraph:
         for layout in state.normalized:
             for a in self.solver.final_atoms(layout):
                 by_atom[a].normalized = True
+        for layout, where in state.head_dims:
+            for a in self.solver.final_atoms(layout):
+                by_atom[a].head_dim = by_atom[a].head_dim or where
         for group in by_atom.values():
             if group.has_parameters and not any(m.kind == "activation" for m in group.members):
                 group.frozen.append("appears in no activation (kernel, gate or vocabulary axis)")
@@ -123,6 +127,18 @@ class DependencyGraph:
             for a in self.solver.final_atoms(layout):
                 out.setdefault(a, []).append(reason)
         return out
+
+    def keep_head_dims(self) -> None:
+        """Freeze every per-head width of attention (the default policy of ``prune`` and ``analyze``).
+
+        Heads and kv heads stay prunable; a head's width does not, so attention keeps
+        its fused kernels (flash / memory-efficient SDPA need head dims that are
+        multiples of 8) and every head keeps the width its module attributes describe.
+        """
+        for group in self.groups:
+            if group.head_dim and not group.frozen:
+                group.frozen.append(f"head dim of attention, kept whole by default (prune_head_dims=True prunes it): "
+                                    f"{group.head_dim}")
 
     # -- queries ---------------------------------------------------------
     @property

@@ -35,10 +35,11 @@ from fxprune.api import PRUNING, Job, analyze, check_prune_settings, run
 from fxprune.importance import resolve_importance
 from fxprune.lineage import Lineage
 from fxprune.macs import count_graph
-from fxprune.plan import make_plan, units_to_keep
-from fxprune.ratios import group_ratios
+from fxprune.planning.alignment import default_alignment, removal_steps
+from fxprune.planning.selection import make_plan, units_to_keep
+from fxprune.planning.ratios import group_ratios
 from fxprune.regularize import make_regularizer
-from fxprune.target import METRICS, search_ratio
+from fxprune.planning.target import METRICS, search_ratio
 
 
 def linear_schedule(step: int, steps: int) -> float:
@@ -52,7 +53,8 @@ class Pruner:
     def __init__(self, model, example_inputs, *, ratio: float | None = None, target_macs: float | None = None,
                  target_params: float | None = None, steps: int = 1, schedule="linear", importance=None,
                  global_pruning: bool = False, max_ratio: float = 0.9, ratios: dict | None = None, ignore=(),
-                 round_to: int | None = None, regularizer=None, reg: float = 1e-4, alpha: float = 4.0,
+                 round_to: int | None = None, prune_head_dims: bool = False, regularizer=None, reg: float = 1e-4,
+                 alpha: float = 4.0,
                  calibration=None, loss_fn=None, kwargs=None):
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
@@ -64,12 +66,14 @@ class Pruner:
         self.schedule = schedule if callable(schedule) else SCHEDULES[schedule]
         self.example_inputs, self.kwargs = example_inputs, kwargs
         self.round_to, self.global_pruning = round_to, bool(global_pruning)
+        self.alignment = round_to if round_to is not None else default_alignment(model)
+        self.prune_head_dims = bool(prune_head_dims)
         self.regularizer = make_regularizer(regularizer, reg, alpha)
         if importance is None:
             importance = "bn_scale" if getattr(self.regularizer, "name", None) == "bn_scale" else "l2"
         self.criterion = resolve_importance(importance, calibration, loss_fn)
         self.model = model
-        self.dg = analyze(model, example_inputs, kwargs=kwargs, ignore=ignore)
+        self.dg = analyze(model, example_inputs, kwargs=kwargs, ignore=ignore, prune_head_dims=self.prune_head_dims)
         self.ignore = _names(self.dg, ignore)  # module objects do not survive the copy a step makes
         self.lineage = Lineage(self.dg)
         self.original_ratios = group_ratios(self.dg, ratios)
@@ -85,12 +89,13 @@ class Pruner:
         progress = 1.0 if self.current_step == self.steps else \
             min(1.0, max(0.0, float(self.schedule(self.current_step, self.steps))))
         job = Job(self.model, self.example_inputs, self.kwargs, importance=self.criterion, round_to=self.round_to,
-                  gm=self.dg.gm, dg=self.dg, global_pruning=self.global_pruning, max_ratio=self.max_ratio)
+                  prune_head_dims=self.prune_head_dims, gm=self.dg.gm, dg=self.dg, global_pruning=self.global_pruning, max_ratio=self.max_ratio)
         plan = self._planner(progress)
         run(job, [(name, plan if name == "plan" else fn) for name, fn in PRUNING])
         self.lineage.record(job.removal)
         self.model = job.result
-        self.dg = analyze(job.result, self.example_inputs, kwargs=self.kwargs, ignore=self.ignore)
+        self.dg = analyze(job.result, self.example_inputs, kwargs=self.kwargs, ignore=self.ignore,
+                          prune_head_dims=self.prune_head_dims)
         self.lineage.match(self.dg)
         self._regularizer_ready = False
         return self.model
@@ -99,6 +104,8 @@ class Pruner:
         """The pipeline's plan pass for one step."""
         def plan(job: Job) -> None:
             groups = self.dg.prunable_groups
+            job.alignment = self.alignment
+            job.steps = self._steps = removal_steps(self.dg, groups, self.alignment)
             fixed = {g: self._step_ratio(g, self.original_ratios[self.lineage.origin(g)] * progress)
                      for g in groups if self.lineage.origin(g) in self.original_ratios}
             caps = self._caps(groups) if self.global_pruning else None
@@ -109,16 +116,16 @@ class Pruner:
                 wanted = (1.0 - (1.0 - fraction) * progress) * self.original_counts[index] / max(now, 1)
                 job.target = (metric, min(1.0, wanted))
                 job.search = search_ratio(self.dg, lambda r: make_plan(
-                    groups, job.scores, r, round_to=self.round_to, global_pruning=self.global_pruning,
+                    groups, job.scores, r, steps=job.steps, global_pruning=self.global_pruning,
                     max_ratio=self.max_ratio, fixed=fixed, caps=caps), metric, job.target[1])
                 job.removal, job.ratio = job.search.removal, job.search.ratio
             elif self.global_pruning:
                 job.ratio = self._global_step_ratio(groups, fixed, progress)
-                job.removal = make_plan(groups, job.scores, job.ratio, round_to=self.round_to, global_pruning=True,
+                job.removal = make_plan(groups, job.scores, job.ratio, steps=job.steps, global_pruning=True,
                                         max_ratio=self.max_ratio, fixed=fixed, caps=caps)
             else:
                 fixed.update({g: self._step_ratio(g, self.ratio * progress) for g in groups if g not in fixed})
-                job.removal = make_plan(groups, job.scores, 0.0, round_to=self.round_to, fixed=fixed)
+                job.removal = make_plan(groups, job.scores, 0.0, steps=job.steps, fixed=fixed)
 
         return plan
 
@@ -127,7 +134,7 @@ class Pruner:
         origin = self.lineage.origin(group)
         if origin is None:  # not recognised across the re-analysis: compound on the current size
             return ratio
-        keep = units_to_keep(self.lineage.original_units[origin], ratio, self.round_to)
+        keep = units_to_keep(self.lineage.original_units[origin], ratio, self._steps.get(group, 1))
         return max(0.0, 1.0 - min(group.units, keep) / group.units)
 
     def _global_step_ratio(self, groups, fixed, progress: float) -> float:

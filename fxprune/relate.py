@@ -22,6 +22,8 @@ def relate(gm: fx.GraphModule) -> AnalysisState:
     for node in gm.graph.nodes:
         module = modules.get(node.target) if node.op == "call_module" else None
         r = RuleContext(state, node, module)
+        if node.op == "placeholder" or any(n.name in state.from_input for n in node.all_input_nodes):
+            state.from_input.add(node.name)
         if node.op == "placeholder":
             for t in r.tensors_out():
                 r.freeze(t, "graph input")

@@ -45,6 +45,7 @@ def replay(plan, model, example_inputs=None, *, kwargs=None, inplace: bool | Non
         example_inputs = recorded_args
         kwargs = recorded_kwargs if kwargs is None else kwargs
     inplace = plan.inplace if inplace is None else inplace
-    dg = analyze(model, tuple(example_inputs), kwargs=kwargs, inplace=inplace)
+    # the plan names the units to remove, whatever policy chose them: head dims may be among them
+    dg = analyze(model, tuple(example_inputs), kwargs=kwargs, inplace=inplace, prune_head_dims=True)
     result = apply(dg, plan.removal(dg), inplace=inplace)
     return result

@@ -21,7 +21,7 @@ def _inputs():
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, "0.5"])
 def test_ratio_outside_range_is_a_value_error(ratio):
     with pytest.raises(ValueError, match="ratio"):
-        fxprune.prune(models.ResidualCNN(), ratio, example_inputs=_inputs())
+        fxprune.prune(models.ResidualCNN(), ratio, example_inputs=_inputs(), round_to=1)
 
 
 class DataDependent(nn.Module):
@@ -37,7 +37,7 @@ class DataDependent(nn.Module):
 
 def test_untraceable_model_names_the_line_and_suggests_export():
     with pytest.raises(fxprune.CaptureError) as info:
-        fxprune.prune(DataDependent(), 0.5, example_inputs=(torch.randn(2, 4),))
+        fxprune.prune(DataDependent(), 0.5, example_inputs=(torch.randn(2, 4),), round_to=1)
     message = str(info.value)
     assert "test_api.py" in message and "if x.sum() > 0" in message
     assert "torch.export" in message
@@ -63,7 +63,7 @@ def test_a_group_never_loses_all_units():
     group = dg.prunable_groups[0]
     with pytest.raises(fxprune.PlanError, match="at least one"):
         fxprune.apply(dg, {group: range(group.units)})
-    pruned = fxprune.prune(models.ResidualCNN(), 0.99, example_inputs=_inputs())
+    pruned = fxprune.prune(models.ResidualCNN(), 0.99, example_inputs=_inputs(), round_to=1)
     assert pruned.get_submodule("stem.0").out_channels == 1
 
 
@@ -77,7 +77,7 @@ def test_frozen_group_cannot_be_pruned():
 def test_original_model_and_graph_module_are_untouched():
     model = models.ResidualCNN().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    pruned = fxprune.prune(model, 0.5, example_inputs=_inputs())
+    pruned = fxprune.prune(model, 0.5, example_inputs=_inputs(), round_to=1)
     assert pruned.get_submodule("stem.0").out_channels == 8
     after = model.state_dict()
     assert before.keys() == after.keys()
@@ -85,20 +85,20 @@ def test_original_model_and_graph_module_are_untouched():
     assert model.stem[0].out_channels == 16
     gm = fx.symbolic_trace(model)
     code = gm.code
-    fxprune.prune(gm, 0.5, example_inputs=_inputs())
+    fxprune.prune(gm, 0.5, example_inputs=_inputs(), round_to=1)
     assert gm.code == code and gm.get_submodule("stem.0").weight.shape[0] == 16
 
 
 def test_inplace_resizes_the_callers_modules():
     model = models.ResidualCNN().eval()
-    fxprune.prune(model, 0.5, example_inputs=_inputs(), inplace=True)
+    fxprune.prune(model, 0.5, example_inputs=_inputs(), inplace=True, round_to=1)
     assert model.stem[0].out_channels == 8 and model.stem[0].weight.shape == (8, 3, 3, 3)
 
 
 def test_pruned_model_saves_and_reloads():
     model = models.ChannelShuffle().eval()
     x = _inputs()
-    pruned = fxprune.prune(model, 0.5, example_inputs=x)
+    pruned = fxprune.prune(model, 0.5, example_inputs=x, round_to=1)
     buffer = io.BytesIO()
     torch.save(pruned, buffer)
     buffer.seek(0)
@@ -138,14 +138,14 @@ def test_meta_device_model_is_analysed_without_weights():
 def test_ignore_by_module_name_and_parameter():
     x = _inputs()
     model = models.ResidualCNN()
-    pruned = fxprune.prune(model, 0.5, example_inputs=x, ignore=["stem.0"])
+    pruned = fxprune.prune(model, 0.5, example_inputs=x, ignore=["stem.0"], round_to=1)
     assert pruned.get_submodule("stem.0").out_channels == 16 and pruned.get_submodule("block.0").out_channels == 12
-    pruned = fxprune.prune(model, 0.5, example_inputs=x, ignore=[model.down])
+    pruned = fxprune.prune(model, 0.5, example_inputs=x, ignore=[model.down], round_to=1)
     assert pruned.down.out_channels == 32 and pruned.down.in_channels == 16
-    pruned = fxprune.prune(model, 0.5, example_inputs=x, ignore=["block.0.weight"])
+    pruned = fxprune.prune(model, 0.5, example_inputs=x, ignore=["block.0.weight"], round_to=1)
     assert pruned.get_submodule("block.0").out_channels == 24 and pruned.get_submodule("stem.0").out_channels == 16
     with pytest.raises(ValueError, match="no parameter"):
-        fxprune.prune(model, 0.5, example_inputs=x, ignore=["nonexistent"])
+        fxprune.prune(model, 0.5, example_inputs=x, ignore=["nonexistent"], round_to=1)
 
 
 def test_round_to_keeps_multiples():
@@ -162,7 +162,7 @@ def test_importance_l2_removes_the_smallest_units():
         model[0].weight.copy_(torch.arange(6.0).repeat(4, 1).T + 1)
         model[0].bias.zero_()
         model[2].weight.fill_(1.0)
-    pruned = fxprune.prune(copy.deepcopy(model), 0.5, example_inputs=(torch.randn(2, 4),))
+    pruned = fxprune.prune(copy.deepcopy(model), 0.5, example_inputs=(torch.randn(2, 4),), round_to=1)
     # units 0, 1, 2 have the smallest norms; 3, 4, 5 survive
     torch.testing.assert_close(pruned.get_submodule("0").weight, model[0].weight[3:])
 

@@ -14,7 +14,7 @@ def _oracle(model, inputs, min_groups: int = 1, seed: int = 0):
     """Plant dead units in every oracle group, prune exactly them, compare with the unpruned output."""
     torch.manual_seed(seed)
     model.eval()
-    dg = fxprune.analyze(model, inputs)
+    dg = fxprune.analyze(model, inputs, prune_head_dims=True)
     removal = plant_dead_units(dg, seed=seed)
     assert len(removal) >= min_groups, dg.report()
     with torch.no_grad():
@@ -34,7 +34,7 @@ def _oracle(model, inputs, min_groups: int = 1, seed: int = 0):
 
 
 def test_worked_example_groups():
-    dg = fxprune.analyze(models.WorkedExample(), (torch.randn(2, 3, 4, 4),))
+    dg = fxprune.analyze(models.WorkedExample(), (torch.randn(2, 3, 4, 4),), prune_head_dims=True)
     group_a, group_b = dg.groups_of("conv1.weight", 0)
     assert (group_a.units, group_b.units) == (2, 4)
     assert group_a.prunable and group_b.prunable
@@ -57,7 +57,7 @@ def test_worked_example_groups():
 def test_worked_example_removing_a_whole_conv_group_shrinks_groups():
     model = models.WorkedExample().eval()
     x = torch.randn(2, 3, 4, 4)
-    dg = fxprune.analyze(model, (x,))
+    dg = fxprune.analyze(model, (x,), prune_head_dims=True)
     group_a, group_b = dg.groups_of("conv1.weight", 0)
     pruned = fxprune.apply(dg, {group_a: [1], group_b: [0, 3]})
     assert pruned.conv2.groups == 1 and pruned.conv2.in_channels == 2 and pruned.conv2.out_channels == 2
@@ -88,7 +88,7 @@ def test_dead_unit_oracle(name):
 
 
 def test_vit_attention_heads_are_found_without_num_heads():
-    dg = fxprune.analyze(models.ViTBlock(), (torch.randn(2, 5, 12),))
+    dg = fxprune.analyze(models.ViTBlock(), (torch.randn(2, 5, 12),), prune_head_dims=True)
     qkv = dg.groups_of("attn.qkv.weight", 0)
     assert [g.units for g in qkv] == [3, 4, 8]  # (q/k/v) x heads x head_dim
     assert qkv[0].frozen and qkv[1].prunable and qkv[2].prunable
@@ -111,18 +111,18 @@ def test_multihead_attention_variants():
 
 def test_hardcoded_view_constant_is_rewritten():
     model = models.HardCodedDecoder().eval()
-    pruned = fxprune.prune(model, 0.5, example_inputs=(torch.randn(2, 16),))
+    pruned = fxprune.prune(model, 0.5, example_inputs=(torch.randn(2, 16),), round_to=1)
     assert pruned.deconv1.in_channels == 128
     assert "128, 4, 4" in pruned.code
     assert pruned(torch.randn(3, 16)).shape == (3, 3, 16, 16)  # -1 stays symbolic: other batch sizes work
 
 
 def test_lstm_hidden_units_are_one_group_across_layers_and_directions():
-    dg = fxprune.analyze(models.LSTMHead(), (torch.randn(2, 7, 6),))
+    dg = fxprune.analyze(models.LSTMHead(), (torch.randn(2, 7, 6),), prune_head_dims=True)
     gates, hidden = dg.groups_of("lstm.weight_ih_l0", 0)
     assert gates.units == 4 and gates.frozen and hidden.units == 12
     assert dg.groups_of("lstm.weight_hh_l1_reverse", 1) == [hidden]
     assert dg.groups_of("fc.weight", 1) == [hidden]
     assert dg.describe(dg.layout_of("fc.weight", 1)) == f"(G{hidden.id}(12) ++ G{hidden.id}(12))"  # fwd ++ reverse
-    pruned = fxprune.prune(models.LSTMHead(), 0.5, example_inputs=(torch.randn(2, 7, 6),))
+    pruned = fxprune.prune(models.LSTMHead(), 0.5, example_inputs=(torch.randn(2, 7, 6),), round_to=1)
     assert pruned.lstm.hidden_size == 6 and pruned.lstm.weight_ih_l1.shape == (24, 12)

@@ -71,7 +71,7 @@ def test_family_prunes_and_dead_units_are_exact(name):
 
 def test_llama_groups_heads_kv_rope_mlp_hidden():
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER)).eval()
-    dg = fxprune.analyze(model, (_ids(),))
+    dg = fxprune.analyze(model, (_ids(),), prune_head_dims=True)
     q = "model.layers.{}.self_attn.q_proj.weight"
     kv, rank, rope = dg.groups_of(q.format(0), 0)
     assert (kv.units, rank.units, rope.units) == (2, 2, 8)
@@ -96,7 +96,7 @@ def test_rope_pairs_are_pruned_together_with_inv_freq():
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER)).eval()
     args = (_ids(),)
-    dg = fxprune.analyze(model, args)
+    dg = fxprune.analyze(model, args, prune_head_dims=True)
     rope = dg.groups_of("model.layers.0.self_attn.q_proj.weight", 0)[2]
     removal = plant_dead_units(dg, groups=[rope], fraction=0.25)
     with torch.no_grad():

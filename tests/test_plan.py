@@ -1,4 +1,4 @@
-"""Planning: local and global ranking, caps, per-module ratios, round_to, at least one unit kept."""
+"""Planning: local and global ranking, caps, per-module ratios, removal steps, at least one unit kept."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 
 import fxprune
-from fxprune.plan import global_plan, local_plan, round_keep, units_to_keep
-from fxprune.ratios import group_ratios
+from fxprune.planning.selection import global_plan, local_plan, round_keep, units_to_keep
+from fxprune.planning.ratios import group_ratios
 from tests import models
 
 
@@ -28,10 +28,12 @@ def as_lists(plan):
     return {g.name: sorted(int(u) for u in units) for g, units in plan.items()}
 
 
-def test_units_to_keep_rounds_and_keeps_one():
-    assert units_to_keep(64, 0.3) == 45 and units_to_keep(64, 0.3, round_to=8) == 48
-    assert units_to_keep(10, 0.99) == 1 and units_to_keep(3, 0.4, round_to=8) == 2  # smaller than round_to: as is
-    assert round_keep(64, 3, round_to=8) == 8 and round_keep(64, 70, round_to=8) == 64
+def test_units_to_keep_rounds_removal_to_the_step_and_keeps_one():
+    assert units_to_keep(64, 0.3) == 45 and units_to_keep(64, 0.3, step=8) == 48
+    assert units_to_keep(10, 0.99) == 1 and units_to_keep(3, 0.4, step=8) == 3  # cannot lose 8 of 3: whole
+    assert round_keep(64, 3, step=8) == 8 and round_keep(64, 70, step=8) == 64
+    assert round_keep(4096, 2867, step=8) == 2864 and round_keep(100, 50, step=8) == 52  # 48 removed
+    assert round_keep(12, 1, step=8) == 4  # 8 removed at most: one unit always stays
 
 
 def test_local_plan_removes_the_lowest_scores_of_every_group():
@@ -60,10 +62,11 @@ def test_global_plan_caps_each_group():
 
 def test_global_pruning_on_a_model_keeps_at_least_one_unit_and_respects_max_ratio():
     x = (torch.randn(2, 3, 8, 8),)
-    pruned = fxprune.prune(models.ResidualCNN(), 0.8, example_inputs=x, global_pruning=True, max_ratio=0.5)
+    pruned = fxprune.prune(models.ResidualCNN(), 0.8, example_inputs=x, global_pruning=True, max_ratio=0.5,
+                           round_to=1)
     widths = [pruned.get_submodule(n).out_channels for n in ("stem.0", "block.0", "down")]
     assert widths == [8, 12, 16]  # every group capped at half
-    pruned = fxprune.prune(models.ResidualCNN(), 0.3, example_inputs=x, global_pruning=True)
+    pruned = fxprune.prune(models.ResidualCNN(), 0.3, example_inputs=x, global_pruning=True, round_to=1)
     before = 16 + 24 + 32
     after = sum(pruned.get_submodule(n).out_channels for n in ("stem.0", "block.0", "down"))
     assert after == before - round(0.3 * before)
@@ -72,13 +75,13 @@ def test_global_pruning_on_a_model_keeps_at_least_one_unit_and_respects_max_rati
 def test_ratios_by_module_name_object_and_group():
     x = (torch.randn(2, 3, 8, 8),)
     model = models.ResidualCNN().eval()
-    pruned = fxprune.prune(model, 0.5, example_inputs=x, ratios={"block.0": 0.25, model.down: 0.0})
+    pruned = fxprune.prune(model, 0.5, example_inputs=x, ratios={"block.0": 0.25, model.down: 0.0}, round_to=1)
     assert pruned.get_submodule("block.0").out_channels == 18  # its own ratio
     assert pruned.down.out_channels == 32  # produced by `down`: kept
     assert pruned.get_submodule("stem.0").out_channels == 8  # the default ratio
     dg = fxprune.analyze(model, x)
     stream = dg.group_of("stem.0.weight", 0)
-    pruned = fxprune.prune(model, 0.5, example_inputs=x, ratios={stream.id: 0.75})
+    pruned = fxprune.prune(model, 0.5, example_inputs=x, ratios={stream.id: 0.75}, round_to=1)
     assert pruned.get_submodule("stem.0").out_channels == 4 and pruned.down.out_channels == 16
 
 
@@ -95,11 +98,11 @@ def test_ratios_take_the_smallest_of_overlapping_keys_and_follow_producers():
 def test_bad_ratios_name_the_problem():
     x = (torch.randn(2, 3, 8, 8),)
     with pytest.raises(ValueError, match=r"ratios\['nope'\].*|no parameter named 'nope'"):
-        fxprune.prune(models.ResidualCNN(), 0.5, example_inputs=x, ratios={"nope": 0.5})
+        fxprune.prune(models.ResidualCNN(), 0.5, example_inputs=x, ratios={"nope": 0.5}, round_to=1)
     with pytest.raises(ValueError, match=r"ratios\['stem'\] must be a number in \[0, 1\)"):
-        fxprune.prune(models.ResidualCNN(), 0.5, example_inputs=x, ratios={"stem": 1.5})
+        fxprune.prune(models.ResidualCNN(), 0.5, example_inputs=x, ratios={"stem": 1.5}, round_to=1)
     with pytest.raises(ValueError, match="max_ratio"):
-        fxprune.prune(models.ResidualCNN(), 0.5, example_inputs=x, global_pruning=True, max_ratio=0)
+        fxprune.prune(models.ResidualCNN(), 0.5, example_inputs=x, global_pruning=True, max_ratio=0, round_to=1)
 
 
 def test_heads_are_units_of_their_own_group():

@@ -19,7 +19,7 @@ def widths(model):
     return [model.get_submodule(n).out_channels for n in NAMES]
 
 
-@pytest.mark.parametrize("round_to", [None, 4])
+@pytest.mark.parametrize("round_to", [1, 4])
 def test_steps_end_exactly_where_one_shot_pruning_does(round_to):
     model = models.ResidualCNN().eval()
     pruner = fxprune.Pruner(model, X, ratio=0.6, steps=3, round_to=round_to)
@@ -29,7 +29,7 @@ def test_steps_end_exactly_where_one_shot_pruning_does(round_to):
     one_shot = fxprune.prune(model, 0.6, example_inputs=X, round_to=round_to)
     assert seen[-1] == widths(one_shot)
     assert all(a >= b for before, after in zip(seen, seen[1:]) for a, b in zip(before, after))
-    if round_to is None:  # linear schedule: 0.2, 0.4, 0.6 of the original units
+    if round_to == 1:  # linear schedule: 0.2, 0.4, 0.6 of the original units
         assert seen[1] == [13, 19, 26] and seen[2] == [10, 14, 19]
     assert widths(model) == [16, 24, 32]  # the user's model is untouched
     with pytest.raises(RuntimeError, match="all 3 steps are done"):
@@ -38,24 +38,24 @@ def test_steps_end_exactly_where_one_shot_pruning_does(round_to):
 
 def test_steps_follow_heads_and_head_dims_across_re_analyses():
     model, x = models.ViTBlock().eval(), (torch.randn(2, 5, 12),)
-    pruner = fxprune.Pruner(model, x, ratio=0.5, steps=2)
+    pruner = fxprune.Pruner(model, x, ratio=0.5, steps=2, round_to=1)
     pruner.step()
     final = pruner.step()
-    one_shot = fxprune.prune(model, 0.5, example_inputs=x)
+    one_shot = fxprune.prune(model, 0.5, example_inputs=x, round_to=1)
     assert {n: p.shape for n, p in final.named_parameters()} == {n: p.shape for n, p in one_shot.named_parameters()}
 
 
 def test_target_macs_in_steps():
     model = models.ResidualCNN().eval()
     before = fxprune.count(model, X)[0]
-    pruner = fxprune.Pruner(model, X, target_macs=0.4, steps=3)
+    pruner = fxprune.Pruner(model, X, target_macs=0.4, steps=3, round_to=1)
     kept = [fxprune.count(pruner.step(), X)[0] / before for _ in range(3)]
     np.testing.assert_allclose(kept, [0.8, 0.6, 0.4], atol=0.02)
 
 
 def test_global_steps_keep_the_total_and_the_cap_of_the_original():
     model = models.ResidualCNN().eval()
-    pruner = fxprune.Pruner(model, X, ratio=0.5, steps=2, global_pruning=True, max_ratio=0.6)
+    pruner = fxprune.Pruner(model, X, ratio=0.5, steps=2, global_pruning=True, max_ratio=0.6, round_to=1)
     pruner.step()
     final = widths(pruner.step())
     assert sum(final) == 72 - 36
@@ -63,19 +63,19 @@ def test_global_steps_keep_the_total_and_the_cap_of_the_original():
 
 
 def test_custom_schedule_and_bad_settings():
-    pruner = fxprune.Pruner(models.ResidualCNN().eval(), X, ratio=0.5, steps=2, schedule=lambda k, n: (k / n) ** 2)
+    pruner = fxprune.Pruner(models.ResidualCNN().eval(), X, ratio=0.5, steps=2, schedule=lambda k, n: (k / n) ** 2, round_to=1)
     assert widths(pruner.step()) == [14, 21, 28]  # a quarter of the way: 0.125 of the units
     with pytest.raises(ValueError, match="steps must be a positive int"):
-        fxprune.Pruner(models.ResidualCNN(), X, ratio=0.5, steps=0)
+        fxprune.Pruner(models.ResidualCNN(), X, ratio=0.5, steps=0, round_to=1)
     with pytest.raises(ValueError, match="unknown schedule 'cosine'"):
-        fxprune.Pruner(models.ResidualCNN(), X, ratio=0.5, schedule="cosine")
+        fxprune.Pruner(models.ResidualCNN(), X, ratio=0.5, schedule="cosine", round_to=1)
     with pytest.raises(ValueError, match="unknown regularizer 'l0'"):
-        fxprune.Pruner(models.ResidualCNN(), X, ratio=0.5, regularizer="l0")
+        fxprune.Pruner(models.ResidualCNN(), X, ratio=0.5, regularizer="l0", round_to=1)
 
 
 def test_group_norm_regularizer_adds_adaptive_strength_times_weight():
     model = mlp()  # group norms of the 4 hidden units: sqrt(2.25, 5, 9, 7)
-    pruner = fxprune.Pruner(model, (torch.randn(2, 3),), ratio=0.5, regularizer="group_norm", reg=0.1, alpha=4)
+    pruner = fxprune.Pruner(model, (torch.randn(2, 3),), ratio=0.5, regularizer="group_norm", reg=0.1, alpha=4, round_to=1)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     pruner.regularize(model)
@@ -90,7 +90,7 @@ def test_group_norm_regularizer_adds_adaptive_strength_times_weight():
 
 def test_bn_scale_regularizer_is_l1_on_batchnorm_weights():
     model = bn_mlp([0.5, -1.0, 2.0, -0.1])
-    pruner = fxprune.Pruner(model, (torch.randn(4, 3),), ratio=0.5, regularizer="bn_scale", reg=0.01)
+    pruner = fxprune.Pruner(model, (torch.randn(4, 3),), ratio=0.5, regularizer="bn_scale", reg=0.01, round_to=1)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     pruner.regularize(model)
@@ -103,7 +103,7 @@ def test_sparse_training_drives_weak_units_to_zero_then_prunes_them():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
     x, y = torch.randn(256, 8), torch.randint(0, 3, (256,))
-    pruner = fxprune.Pruner(model, (x[:2],), ratio=0.5, regularizer="group_norm", reg=0.05, alpha=4)
+    pruner = fxprune.Pruner(model, (x[:2],), ratio=0.5, regularizer="group_norm", reg=0.05, alpha=4, round_to=1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for epoch in range(30):
         pruner.update_regularizer()

@@ -14,7 +14,7 @@ from fxprune.testing import plant_dead_units
 def _oracle(model, *inputs, seed=0, groups=None):
     """Plant dead units in every oracle group, prune exactly them, compare with the unpruned graph."""
     model.eval()
-    dg = fxprune.analyze(model, inputs)
+    dg = fxprune.analyze(model, inputs, prune_head_dims=True)
     removal = plant_dead_units(dg, groups, seed=seed)
     assert removal, "nothing to prune: the test model is too small"
     before = dg.gm(*inputs)
@@ -54,7 +54,7 @@ class Sdpa(nn.Module):
 
 @pytest.mark.parametrize("mask", [False, True])
 def test_sdpa_ties_heads_and_splits_qk_and_v_head_dims(mask):
-    dg = fxprune.analyze(Sdpa(mask=mask).eval(), (torch.randn(1, 3, 8),))
+    dg = fxprune.analyze(Sdpa(mask=mask).eval(), (torch.randn(1, 3, 8),), prune_head_dims=True)
     heads, qk = dg.groups_of("q.weight", 0)
     assert (heads.units, qk.units) == (4, 2)
     assert _ids(dg, "k.weight", 0) == [heads.id, qk.id]
@@ -85,7 +85,7 @@ def test_sdpa_prunes_exactly_and_pins_the_scale(mask):
 
 def test_gqa_makes_query_heads_a_product_of_kv_groups_and_ranks():
     x = torch.randn(1, 3, 8)
-    dg = fxprune.analyze(Sdpa(kv=2).eval(), (x,))
+    dg = fxprune.analyze(Sdpa(kv=2).eval(), (x,), prune_head_dims=True)
     kv, rank, qk = dg.groups_of("q.weight", 0)
     assert (kv.units, rank.units, qk.units) == (2, 2, 2)
     assert _ids(dg, "k.weight", 0) == [kv.id, qk.id]
@@ -114,7 +114,7 @@ class Mha(nn.Module):
 
 def test_multihead_attention_is_decomposed_into_heads():
     x = torch.randn(2, 3, 3)
-    dg = fxprune.analyze(Mha().eval(), (x,))
+    dg = fxprune.analyze(Mha().eval(), (x,), prune_head_dims=True)
     assert not any(n.op == "call_module" and n.target == "attn" for n in dg.gm.graph.nodes)
     embed = dg.group_of("inp.weight", 0)
     assert embed.units == 8 and embed.prunable  # the residual stream: in_proj columns, out_proj rows
@@ -131,11 +131,11 @@ def test_multihead_attention_is_decomposed_into_heads():
 
 def test_multihead_attention_that_cannot_be_decomposed_is_frozen():
     x = torch.randn(2, 3, 3)
-    dg = fxprune.analyze(Mha(add_bias_kv=True).eval(), (x,))
+    dg = fxprune.analyze(Mha(add_bias_kv=True).eval(), (x,), prune_head_dims=True)
     assert any(n.op == "call_module" and n.target == "attn" for n in dg.gm.graph.nodes)
     g = dg.group_of("inp.weight", 0)
     assert g.frozen and any("nn.MultiheadAttention" in w for w in g.frozen)
     assert dg.group_of("attn.in_proj_weight", 0).frozen
     assert dg.prunable_groups == []
-    pruned = fxprune.prune(Mha(add_bias_kv=True).eval(), 0.5, example_inputs=(x,))
+    pruned = fxprune.prune(Mha(add_bias_kv=True).eval(), 0.5, example_inputs=(x,), prune_head_dims=True, round_to=1)
     assert pruned(x).shape == (2, 3, 2)

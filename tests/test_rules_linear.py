@@ -12,7 +12,7 @@ from fxprune.testing import plant_dead_units
 def _oracle(model, *inputs, seed=0, groups=None):
     """Plant dead units in every oracle group, prune exactly them, compare with the unpruned graph."""
     model.eval()
-    dg = fxprune.analyze(model, inputs)
+    dg = fxprune.analyze(model, inputs, prune_head_dims=True)
     removal = plant_dead_units(dg, groups, seed=seed)
     assert removal, "nothing to prune: the test model is too small"
     before = dg.gm(*inputs)
@@ -41,7 +41,7 @@ class Mlp(nn.Module):
 
 
 def test_linear_relations():
-    dg = fxprune.analyze(Mlp().eval(), (torch.randn(2, 7, 4),))
+    dg = fxprune.analyze(Mlp().eval(), (torch.randn(2, 7, 4),), prune_head_dims=True)
     h1, h2 = dg.group_of("fc1.weight", 0), dg.group_of("w2", 0)
     assert (h1.units, h2.units) == (6, 5)
     assert dg.group_of("fc1.bias", 0) is h1 and dg.group_of("w2", 1) is h1 and dg.group_of("fc1", 2) is h1
@@ -89,7 +89,7 @@ class Matmuls(nn.Module):
 
 @pytest.mark.parametrize("form", ["@", "matmul", "method", "mm", "addmm"])
 def test_matmul_contraction_and_output_axes(form):
-    dg = fxprune.analyze(Matmuls(form).eval(), (torch.randn(2, 3),))
+    dg = fxprune.analyze(Matmuls(form).eval(), (torch.randn(2, 3),), prune_head_dims=True)
     k, n = dg.group_of("a.weight", 0), dg.group_of("out.weight", 1)
     assert (k.units, n.units) == (4, 5) and k is not n
     assert dg.group_of("w", 0) is k and dg.group_of("w", 1) is n
@@ -116,7 +116,7 @@ class BatchedAttentionScores(nn.Module):
 
 def test_bmm_ties_q_and_k_but_not_v():
     x = torch.randn(2, 5, 4)
-    dg = fxprune.analyze(BatchedAttentionScores().eval(), (x,))
+    dg = fxprune.analyze(BatchedAttentionScores().eval(), (x,), prune_head_dims=True)
     qk, v = dg.group_of("q.weight", 0), dg.group_of("v.weight", 0)
     assert (qk.units, v.units) == (6, 3)
     assert dg.group_of("k.weight", 0) is qk and dg.group_of("o.weight", 1) is v
@@ -140,7 +140,7 @@ class Einsums(nn.Module):
 
 
 def test_einsum_letters_tie_axes():
-    dg = fxprune.analyze(Einsums().eval(), (torch.randn(3, 4),))
+    dg = fxprune.analyze(Einsums().eval(), (torch.randn(3, 4),), prune_head_dims=True)
     h = dg.group_of("w1", 1)
     assert h.units == 6 and dg.group_of("w2", 2) is h
     g, d = dg.group_of("w2", 0), dg.group_of("w2", 1)
@@ -167,7 +167,7 @@ def test_matrix_vector_products():
             y = torch.relu(self.a(x))  # (B, 4)
             return (y @ self.v).unsqueeze(-1) + (self.u @ self.m) + (self.v @ self.u) + y @ self.m
 
-    dg = fxprune.analyze(M().eval(), (torch.randn(2, 3),))
+    dg = fxprune.analyze(M().eval(), (torch.randn(2, 3),), prune_head_dims=True)
     g = dg.group_of("a.weight", 0)
     assert g.units == 4 and g.prunable
     for name, axis in (("v", 0), ("u", 0), ("m", 0)):

@@ -11,7 +11,7 @@ from fxprune.testing import plant_dead_units
 def _oracle(model, *inputs, seed=0, groups=None):
     """Plant dead units in every oracle group, prune exactly them, compare with the unpruned graph."""
     model.eval()
-    dg = fxprune.analyze(model, inputs)
+    dg = fxprune.analyze(model, inputs, prune_head_dims=True)
     removal = plant_dead_units(dg, groups, seed=seed)
     assert removal, "nothing to prune: the test model is too small"
     before = dg.gm(*inputs)
@@ -55,7 +55,7 @@ class Heads(nn.Module):
 
 @pytest.mark.parametrize("form", ["view", "unflatten", "view_tuple", "reshape"])
 def test_view_to_heads_is_a_product_of_heads_and_head_dim(form):
-    dg = fxprune.analyze(Heads(form).eval(), (torch.randn(1, 3, 8),))
+    dg = fxprune.analyze(Heads(form).eval(), (torch.randn(1, 3, 8),), prune_head_dims=True)
     heads, dim = dg.groups_of("q.weight", 0)
     assert (heads.units, dim.units) == (2, 4)
     assert dg.describe(dg.layout_of("q.weight", 0)) == f"(G{heads.id}(2) x G{dim.id}(4))"
@@ -70,7 +70,7 @@ def test_view_to_heads_is_a_product_of_heads_and_head_dim(form):
 @pytest.mark.parametrize("form", ["view", "unflatten", "view_tuple", "reshape"])
 def test_view_to_heads_rewrites_shape_constants(form):
     x = torch.randn(1, 3, 8)
-    dg = fxprune.analyze(Heads(form).eval(), (x,))
+    dg = fxprune.analyze(Heads(form).eval(), (x,), prune_head_dims=True)
     heads, dim = dg.groups_of("q.weight", 0)
     removal = plant_dead_units(dg, [heads, dim], fraction=0.5, seed=0)
     before = dg.gm(x)
@@ -103,7 +103,7 @@ class ChannelShuffle(nn.Module):
 
 def test_channel_shuffle_permutes_factors():
     x = torch.randn(1, 2, 3, 3)
-    dg = fxprune.analyze(ChannelShuffle().eval(), (x,))
+    dg = fxprune.analyze(ChannelShuffle().eval(), (x,), prune_head_dims=True)
     g, c = dg.groups_of("a.weight", 0)
     assert (g.units, c.units) == (2, 4)
     assert _ids(dg, "b.weight", 1) == [c.id, g.id]  # the shuffled order
@@ -134,7 +134,7 @@ class FlattenForms(nn.Module):
 
 def test_flatten_unsqueeze_movedim_and_unflatten_module():
     x = torch.randn(2, 2, 2, 2)
-    dg = fxprune.analyze(FlattenForms().eval(), (x,))
+    dg = fxprune.analyze(FlattenForms().eval(), (x,), prune_head_dims=True)
     ch = dg.group_of("conv.weight", 0)
     assert ch.units == 4 and ch.prunable
     fc1 = dg.groups_of("fc1.weight", 1)
@@ -169,7 +169,7 @@ class RepeatExpandFactories(nn.Module):
 
 
 def test_repeat_expand_and_factories_relations():
-    dg = fxprune.analyze(RepeatExpandFactories().eval(), (torch.randn(2, 3),))
+    dg = fxprune.analyze(RepeatExpandFactories().eval(), (torch.randn(2, 3),), prune_head_dims=True)
     ch = dg.group_of("a.weight", 0)
     copies, inner = dg.groups_of("b.weight", 1)
     assert inner is ch and copies.units == 2
@@ -211,7 +211,7 @@ def test_arange_freezes_positions():
             pos = torch.arange(4, dtype=x.dtype)
             return self.out(self.fc(x) * pos)
 
-    dg = fxprune.analyze(M().eval(), (torch.randn(2, 4),))
+    dg = fxprune.analyze(M().eval(), (torch.randn(2, 4),), prune_head_dims=True)
     g = dg.group_of("fc.weight", 0)
     assert g is dg.group_of("arange", 0) and g.frozen
     assert any("torch.arange" in why for why in g.frozen)
@@ -234,7 +234,7 @@ class ShapeOfAnother(nn.Module):
 
 def test_a_whole_shape_argument_follows_its_tensor():
     x = torch.randn(2, 3)
-    dg = fxprune.analyze(ShapeOfAnother().eval(), (x,))
+    dg = fxprune.analyze(ShapeOfAnother().eval(), (x,), prune_head_dims=True)
     g = dg.group_of("a.weight", 0)
     for name in ("reshape", "reshape_1", "view", "new_zeros", "expand"):
         assert dg.group_of(name, 1) is g, name

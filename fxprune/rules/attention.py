@@ -4,7 +4,8 @@
 q, k, v and out, q/k's ``E`` (the contraction) and v/out's ``Ev``. With
 ``enable_gqa=True`` the query head axis is ``product(kv_heads, R)``. Pruning
 ``E`` would change the default scale ``1/sqrt(E)``, so the rewrite pins the
-original scale as an explicit argument.
+original scale as an explicit argument. ``E`` and ``Ev`` are marked as head dims
+(``r.head_dim``): kept whole unless the caller asks for ``prune_head_dims=True``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def scaled_dot_product_attention(r) -> None:
     q, k, v, out, mask = a["query"], a["key"], a["value"], r.out, a["attn_mask"]
     r.same(q[-1], k[-1])
     r.same(v[-1], out[-1])
+    r.head_dim(q[-1])
+    r.head_dim(v[-1])
     r.same(q[-2], out[-2])
     r.same(k[-2], v[-2])
     for i in range(3, q.ndim + 1):

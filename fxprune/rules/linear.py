@@ -59,6 +59,9 @@ def tie_matmul(r, a, b, out) -> None:
         for i in range(3, min(t.ndim, out.ndim) + 1):
             if t.shape[-i] == out.shape[-i]:
                 r.same(t[-i], out[-i])
+    if r.reads_input(a) and r.reads_input(b):  # activation x activation: attention written out (q @ k^T, p @ v)
+        r.head_dim(a[-1])
+        r.head_dim(b[-1])
 
 
 def _matmul_signature(input, other, **kwargs):  # noqa: A002
@@ -108,6 +111,12 @@ def einsum(r) -> None:
     first: dict[str, tuple] = {}
     out = r.out
     views = [(t, expand(s, t.ndim)) for t, s in zip(tensors, specs)]
+    if len(tensors) == 2 and all(r.reads_input(t) for t in tensors):  # attention as einsum
+        batch = set(views[0][1]) & set(views[1][1]) & set(expand(rhs, out.ndim))
+        for t, letters in views:
+            for d, ch in enumerate(letters):
+                if ch not in batch:  # the contraction and the free letters: head dims (or sequence, frozen anyway)
+                    r.head_dim(t[d])
     views.append((out, expand(rhs, out.ndim)))
     for t, letters in views:
         for d, ch in enumerate(letters):

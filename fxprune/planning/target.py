@@ -46,6 +46,7 @@ def search_ratio(dg, plan_for, metric: str, fraction: float, *, upper: float = 0
 
     best = SearchResult({}, 0.0, 1.0, 0)
     low, high = 0.0, upper
+    above, below = {}, None  # the plans bracketing the target: keeps more / less than `fraction`
     for probe in range(1, max_probes + 1):
         ratio = high if probe == 1 else (low + high) / 2
         value, removal = kept(ratio)
@@ -56,8 +57,30 @@ def search_ratio(dg, plan_for, metric: str, fraction: float, *, upper: float = 0
         if abs(value - fraction) <= tolerance * fraction:
             break
         if value > fraction:
-            low = ratio
+            low, above = ratio, removal
         else:
-            high = ratio
+            high, below = ratio, removal
     best.probes = probe
+    if below is not None and abs(best.kept - fraction) > tolerance * fraction:
+        best = _between(dg, above, below, index, base, fraction, best)
+    return best
+
+
+def _between(dg, above: dict, below: dict, index: int, base: float, fraction: float, best: SearchResult):
+    """Walk from the plan above the target to the one below it, one group at a time, keeping the closest.
+
+    Coarse groups (whole heads, aligned channel steps) make the uniform ratio jump over the
+    target; moving groups one by one gives every intermediate plan.
+    """
+    plan = dict(above)
+    for group in sorted(set(above) | set(below), key=lambda g: g.id):
+        if group in below:
+            plan[group] = below[group]
+        else:
+            plan.pop(group, None)
+        value = estimate(dg, plan)[index] / base
+        if abs(value - fraction) < abs(best.kept - fraction):
+            best = SearchResult(dict(plan), best.ratio, value, best.probes)
+        if value <= fraction:
+            break
     return best

@@ -5,35 +5,43 @@
 together on normalised scores (each group's scores divided by their mean by
 default, so a group of 2048 small-norm channels and one of 64 large-norm
 channels compete fairly) and removes ``round(ratio * total units)`` of them,
-never more than ``max_ratio`` of one group. In both, ``round_to=k`` rounds the
-number of units a group keeps to a multiple of k (never below k, never above
-the group's size), and at least one unit always stays. ``fixed`` gives some
-groups their own ratio (from ``ratios={...}``); they are planned locally.
+never more than ``max_ratio`` of one group. In both, a group's *step* (from
+:mod:`fxprune.planning.alignment`) rounds the number of units it loses to the
+nearest multiple of the step, and at least one unit always stays. ``fixed`` gives
+some groups their own ratio (from ``ratios={...}``); they are planned locally.
 
-Example: a group of 64 units with ``ratio=0.3`` loses 19 units; with
-``round_to=8`` it keeps 48 (45 rounded to the nearest multiple of 8)::
+Example: a group of 64 units with ``ratio=0.3`` loses 19 units; with a step of 8
+it keeps 48 (loses 16, the multiple of 8 nearest to 19)::
 
-    >>> units_to_keep(64, 0.3), units_to_keep(64, 0.3, round_to=8)
+    >>> units_to_keep(64, 0.3), units_to_keep(64, 0.3, step=8)
     (45, 48)
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from fxprune.importance.reduce import check_normalizer, normalize
 
 
-def round_keep(units: int, keep: int, round_to: int | None = None) -> int:
-    """``keep`` rounded to a multiple of ``round_to`` within ``[round_to, units]``, and at least 1."""
-    if round_to and round_to > 1 and units >= round_to:
-        keep = int(round(keep / round_to)) * round_to
-        keep = min(max(keep, round_to), units)
-    return max(1, min(units, keep))
+def round_keep(units: int, keep: int, step: int | None = 1) -> int:
+    """``keep`` moved to the nearest count whose removed units are a multiple of ``step``; at least 1 kept.
+
+    ``step`` comes from :func:`fxprune.planning.alignment.removal_steps`: a group whose
+    weights are 4096 channels wide under an alignment of 8 has step 8, so 2867 becomes 2864.
+    """
+    keep = max(1, min(units, int(keep)))
+    if step and step > 1:
+        most = (units - 1) // step * step  # at least one unit stays
+        removed = min(max(math.ceil((units - keep) / step - 0.5) * step, 0), most)  # a tie keeps more
+        keep = units - removed
+    return keep
 
 
-def units_to_keep(units: int, ratio: float, round_to: int | None = None) -> int:
-    return round_keep(units, units - int(round(ratio * units)), round_to)
+def units_to_keep(units: int, ratio: float, step: int | None = 1) -> int:
+    return round_keep(units, units - int(round(ratio * units)), step)
 
 
 def lowest(scores: np.ndarray, count: int) -> np.ndarray:
@@ -41,23 +49,24 @@ def lowest(scores: np.ndarray, count: int) -> np.ndarray:
     return np.sort(np.argsort(scores, kind="stable")[:count])
 
 
-def local_plan(groups, scores: dict, ratio: float, round_to: int | None = None, fixed: dict | None = None) -> dict:
+def local_plan(groups, scores: dict, ratio: float, steps: dict | None = None, fixed: dict | None = None) -> dict:
     """``{group: sorted unit indices to remove}`` for every group that loses units.
 
-    Groups missing from ``scores`` (the criterion had no opinion) are left whole.
+    Groups missing from ``scores`` (the criterion had no opinion) are left whole;
+    ``steps`` (``{group: step}``) rounds each group's removal to a multiple of its step.
     """
-    fixed = fixed or {}
+    fixed, steps = fixed or {}, steps or {}
     plan = {}
     for group in groups:
         if group not in scores:
             continue
-        keep = units_to_keep(group.units, fixed.get(group, ratio), round_to)
+        keep = units_to_keep(group.units, fixed.get(group, ratio), steps.get(group, 1))
         if keep < group.units:
             plan[group] = lowest(scores[group], group.units - keep)
     return plan
 
 
-def global_plan(groups, scores: dict, ratio: float, round_to: int | None = None, max_ratio: float = 0.9,
+def global_plan(groups, scores: dict, ratio: float, steps: dict | None = None, max_ratio: float = 0.9,
                 normalizer="mean", fixed: dict | None = None, caps: dict | None = None) -> dict:
     """Remove ``ratio`` of all units of the non-fixed groups, lowest normalised scores first.
 
@@ -65,8 +74,8 @@ def global_plan(groups, scores: dict, ratio: float, round_to: int | None = None,
     (``{group: most units it may lose}``) overrides that per group.
     """
     check_normalizer(normalizer)
-    fixed = fixed or {}
-    plan = local_plan([g for g in groups if g in fixed], scores, 0.0, round_to, fixed)
+    fixed, steps = fixed or {}, steps or {}
+    plan = local_plan([g for g in groups if g in fixed], scores, 0.0, steps, fixed)
     ranked = [g for g in groups if g in scores and g not in fixed]
     if not ranked:
         return plan
@@ -82,15 +91,15 @@ def global_plan(groups, scores: dict, ratio: float, round_to: int | None = None,
     chosen = eligible[np.argsort(values[eligible], kind="stable")[:max(budget, 0)]]
     taken = np.bincount(owner[chosen], minlength=len(ranked))
     for group, count in zip(ranked, taken):
-        keep = round_keep(group.units, group.units - int(count), round_to)
+        keep = round_keep(group.units, group.units - int(count), steps.get(group, 1))
         if keep < group.units:
             plan[group] = lowest(scores[group], group.units - keep)
     return plan
 
 
-def make_plan(groups, scores: dict, ratio: float, *, round_to: int | None = None, global_pruning: bool = False,
+def make_plan(groups, scores: dict, ratio: float, *, steps: dict | None = None, global_pruning: bool = False,
               max_ratio: float = 0.9, fixed: dict | None = None, caps: dict | None = None) -> dict:
     """The plan for one ratio, local or global (what ``fxprune.prune`` and the target search call)."""
     if global_pruning:
-        return global_plan(groups, scores, ratio, round_to, max_ratio, fixed=fixed, caps=caps)
-    return local_plan(groups, scores, ratio, round_to, fixed)
+        return global_plan(groups, scores, ratio, steps, max_ratio, fixed=fixed, caps=caps)
+    return local_plan(groups, scores, ratio, steps, fixed)
