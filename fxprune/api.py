@@ -37,6 +37,7 @@ from fxprune.depgraph import DependencyGraph
 from fxprune.importance import named_tensors, resolve_importance, score_groups
 from fxprune.macs import count_graph, estimate
 from fxprune.planning.alignment import default_alignment, removal_steps
+from fxprune.planning.latency_target import search_latency
 from fxprune.planning.selection import make_plan
 from fxprune.plan_io import PruningPlan, attach_plan
 from fxprune.propagate import propagate
@@ -130,6 +131,12 @@ def _plan(job: Job) -> None:
 
     if job.target is None:
         job.removal = plan_for(job.ratio)
+    elif job.target[0] == "latency":
+        args = job.example_inputs if isinstance(job.example_inputs, (tuple, list)) else (job.example_inputs,)
+        job.search = search_latency(job.dg, groups, job.scores, job.steps, job.target[1],
+                                    lambda removal: rewrite(job.dg, removal), job.model, tuple(args), job.kwargs,
+                                    alignment=job.alignment, max_ratio=job.max_ratio)
+        job.removal = job.search.removal
     else:
         job.search = search_ratio(job.dg, plan_for, *job.target)
         job.removal, job.ratio = job.search.removal, job.search.ratio
@@ -152,6 +159,11 @@ def _measure(job: Job) -> None:
     if job.target is None:
         return
     metric, fraction = job.target
+    if metric == "latency":  # measured while searching; the search warns when it is off
+        job.achieved = {"latency": job.search.measured}
+        job.result.meta["fxprune_latency"] = {"target": fraction, "measured": job.search.measured,
+                                              "estimated": job.search.estimated, "tries": job.search.tries}
+        return
     before = count_graph(job.dg.gm)
     outputs = job.result.graph.find_nodes(op="output") if isinstance(job.result, fx.GraphModule) else []
     if outputs and all("val" in n.meta for n in outputs):
@@ -215,7 +227,8 @@ def apply(dg: DependencyGraph, removal: dict, *, inplace: bool = False) -> fx.Gr
 def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None, importance="l2", ignore=(),
           round_to=None, prune_head_dims: bool = False, inplace: bool = False, global_pruning: bool = False,
           max_ratio: float = 0.9, ratios: dict | None = None, target_macs: float | None = None,
-          target_params: float | None = None, calibration=None, loss_fn=None) -> fx.GraphModule:
+          target_params: float | None = None, target_latency: float | None = None, calibration=None,
+          loss_fn=None) -> fx.GraphModule:
     """Remove ``ratio`` (default 0.3) of the units of every prunable group; returns a verified GraphModule.
 
     ``model`` is an ``nn.Module`` (traced here) or a ``torch.fx.GraphModule``.
@@ -231,6 +244,9 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     ``global_pruning=True`` ranks units of all groups together (at most ``max_ratio``
     of one group). ``ratios={"layer4": 0.7, model.fc: 0.0}`` sets ratios per module or group.
     ``target_macs=0.5`` (or ``target_params``) searches the ratio that keeps that fraction.
+    ``target_latency=0.5`` measures per-layer latency tables on the model's device and
+    searches the plan that runs in half the time with the least importance lost, each
+    candidate measured against the original (:mod:`fxprune.planning.latency_target`).
 
     Shapes stay fast by default: every weight dimension that was a multiple of the
     alignment (8 on CUDA and in half precision, the SIMD width on a CPU: see
@@ -245,15 +261,19 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     job = Job(model, example_inputs, kwargs, importance=importance, ignore=tuple(ignore), round_to=round_to,
               prune_head_dims=bool(prune_head_dims), inplace=inplace, global_pruning=bool(global_pruning),
               ratios=ratios, calibration=calibration, loss_fn=loss_fn)
-    job.ratio, job.target, job.max_ratio = check_prune_settings(ratio, target_macs, target_params, round_to, max_ratio)
+    job.ratio, job.target, job.max_ratio = check_prune_settings(ratio, target_macs, target_params, round_to, max_ratio,
+                                                                target_latency)
+    if job.target and job.target[0] == "latency" and job.example_inputs is None:
+        raise ValueError("target_latency needs example_inputs: latency is measured on real inputs")
     return run(job, PIPELINE).result
 
 
-def check_prune_settings(ratio, target_macs, target_params, round_to, max_ratio) -> tuple:
+def check_prune_settings(ratio, target_macs, target_params, round_to, max_ratio, target_latency=None) -> tuple:
     """``(ratio, target, max_ratio)`` after checking them; errors name the bad argument."""
-    targets = [(m, v) for m, v in (("macs", target_macs), ("params", target_params)) if v is not None]
+    targets = [(m, v) for m, v in (("macs", target_macs), ("params", target_params), ("latency", target_latency))
+               if v is not None]
     if len(targets) > 1:
-        raise ValueError("give target_macs or target_params, not both")
+        raise ValueError(f"give one of target_{targets[0][0]} and target_{targets[1][0]}, not both")
     if targets and ratio is not None:
         raise ValueError(f"give ratio or target_{targets[0][0]}, not both (the ratio is searched for the target)")
     target = None
