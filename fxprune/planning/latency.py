@@ -197,8 +197,16 @@ def _candidates(size: int, alignment: int) -> np.ndarray:
     return np.array(sorted(widths))
 
 
-def table_for(layer: WeightedLayer, alignment: int, device, dtype) -> LayerTable:
-    """Measure (or take from the cache) the latency of ``layer`` over candidate widths."""
+def measure_layer(layer: WeightedLayer, out: int, inp: int, device, dtype) -> float:
+    """Seconds ``layer`` takes at these widths, measured alone (cached for the process)."""
+    key = (str(device), str(dtype), layer.signature, int(out), int(inp))
+    if key not in _CACHE:
+        _CACHE[key] = time_call(layer.run_at(int(out), int(inp), device, dtype), device)
+    return _CACHE[key]
+
+
+def table_for(layer: WeightedLayer, alignment: int, device, dtype, timer=measure_layer) -> LayerTable:
+    """The latency of ``layer`` over candidate widths; ``timer(layer, out, inp, device, dtype)`` gives seconds."""
     out_size = layer.weight_shape[0]
     in_size = layer.input_shape[-1] if layer.kind == "linear" else layer.input_shape[1]
     outs = _candidates(out_size, alignment)
@@ -208,20 +216,26 @@ def table_for(layer: WeightedLayer, alignment: int, device, dtype) -> LayerTable
         for j, c in enumerate(ins):
             if layer.depthwise and o != c:
                 continue
-            key = (str(device), str(dtype), layer.signature, int(o), int(c))
-            if key not in _CACHE:
-                _CACHE[key] = time_call(layer.run_at(int(o), int(c), device, dtype), device)
-            seconds[i, j] = _CACHE[key]
+            seconds[i, j] = timer(layer, int(o), int(c), device, dtype)
     if layer.depthwise:  # a depthwise layer's input follows its output: the diagonal is the table
         diagonal = np.diag(seconds).copy()
         seconds = np.repeat(diagonal[:, None], len(ins), axis=1)
-    # never slower when narrower: timing noise (and the odd kernel choice) must not make the planner
-    # believe that removing channels costs time
-    seconds = np.maximum.accumulate(np.maximum.accumulate(seconds, axis=0), axis=1)
-    return LayerTable(layer.weight, outs, ins, seconds)
+    return LayerTable(layer.weight, outs, ins, monotone(seconds))
 
 
-def layer_tables(gm: fx.GraphModule, alignment: int, device=None, dtype=None) -> list[tuple[WeightedLayer, LayerTable]]:
+def monotone(seconds: np.ndarray) -> np.ndarray:
+    """Never slower when narrower, along both widths: timing noise (and the odd kernel choice) must not make
+    the planner believe that removing channels costs time. The mean of the running maximum from the narrow
+    end and the running minimum from the wide end, so one noisy cell flattens neither end of the table."""
+    def along(a, axis):
+        up = np.maximum.accumulate(a, axis=axis)
+        down = np.flip(np.minimum.accumulate(np.flip(a, axis=axis), axis=axis), axis=axis)
+        return (up + down) / 2
+    return along(along(seconds, 0), 1)
+
+
+def layer_tables(gm: fx.GraphModule, alignment: int, device=None, dtype=None,
+                 timer=measure_layer) -> list[tuple[WeightedLayer, LayerTable]]:
     """A table for every weighted layer of ``gm`` (see :func:`weighted_layers`)."""
     params = dict(gm.named_parameters())
     out = []
@@ -231,5 +245,5 @@ def layer_tables(gm: fx.GraphModule, alignment: int, device=None, dtype=None) ->
         typ = dtype or (p.dtype if p is not None else torch.float32)
         if dev.type == "meta":
             raise ValueError("target_latency needs real weights on a real device (the model is on the meta device)")
-        out.append((layer, table_for(layer, alignment, dev, typ)))
+        out.append((layer, table_for(layer, alignment, dev, typ, timer)))
     return out

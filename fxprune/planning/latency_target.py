@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fxprune.layout import Atom, Cat
-from fxprune.planning.latency import layer_tables, ratio_of
+from fxprune.planning.latency import layer_tables, measure_layer, ratio_of
 
 
 def _size(layout, kept: dict, sizes: list) -> int:
@@ -47,11 +47,11 @@ def _size(layout, kept: dict, sizes: list) -> int:
 class LatencyEstimate:
     """The sum of the weighted layers' tabled latencies at the widths ``{atom: units kept}`` leave."""
 
-    def __init__(self, dg, alignment: int):
+    def __init__(self, dg, alignment: int, timer=measure_layer):
         self.sizes = dg.solver.sizes
         self.entries = []  # (table, output layout, input layout)
         self.by_atom: dict[int, list[int]] = {}
-        for layer, table in layer_tables(dg.gm, alignment):
+        for layer, table in layer_tables(dg.gm, alignment, timer=timer):
             key = dg.state.param_key(layer.weight)
             out = dg.layouts.get((key, 0))
             if out is None:
