@@ -228,7 +228,8 @@ def run_model(spec: dict) -> None:
     case = Case(spec["model"], spec["device"], dtype, spec["batches"], spec["llama_batches"], spec["seq"])
     rows: list[dict] = []
     base = {"model": case.name, "device": case.device, "dtype": spec["dtype"], "labels": case.labels,
-            "batches": case.batches, "seq": case.seq if case.llama else None}
+            "batches": case.batches, "seq": case.seq if case.llama else None, "hardware": hardware(case.device),
+            "torch": torch.__version__, **{k: spec[k] for k in ("repeats", "warmup", "threads", "command", "started")}}
 
     def record(row: dict) -> None:
         rows.append({**base, **row})
@@ -246,7 +247,7 @@ def run_model(spec: dict) -> None:
     record(dict(setting="original", ratio=0.0, round_to=None, macs=macs0, macs_kept=1.0, params=params0,
                 prune_s=0.0, build_s=build_s, ms=step(measure, case, model, spec["repeats"], spec["warmup"])))
     for setting, round_to in SETTINGS.items():
-        for ratio in spec["ratios"]:
+        for ratio in spec["ratios"] if round_to is None else spec["round1_ratios"]:
             row = dict(setting=setting, ratio=ratio, round_to=round_to)
             try:
                 if case.llama:  # pruned in place: a fresh model per ratio, same seed, same weights
@@ -373,20 +374,41 @@ def table(rows: list[dict]) -> str:
     return "\n\n".join(out)
 
 
-def header(cfg: dict, command: str, started: str) -> str:
-    import torch
+def summary(rows: list[dict]) -> str:
+    """The issue's questions in a few lines: which pruned rows are slower, and the speed-ups at ratio 0.5."""
+    lines = []
+    for setting in SETTINGS:
+        slow = [f"{r['model']} {r['ratio']:.1f} {lb} ({sp:.2f}x)" for r in rows if r["setting"] == setting
+                for lb, sp in r.get("speedup", {}).items() if sp < 1.0]
+        failed = [f"{r['model']} {r['ratio']}" for r in rows if r["setting"] == setting and "error" in r]
+        lines.append(f"{setting}: slower than the original: {', '.join(slow) or 'none'}"
+                     + (f"; failed: {', '.join(failed)}" if failed else ""))
+    for r in rows:
+        if r["ratio"] == 0.5 and "speedup" in r:
+            cells = ", ".join(f"{lb} {sp:.2f}x" for lb, sp in r["speedup"].items())
+            lines.append(f"ratio 0.5 {r['setting']} {r['model']}: {cells}")
+    return "\n".join(lines)
 
-    threads = f", {cfg['threads']} torch threads" if cfg["device"] == "cpu" else ""
-    return (f"# Latency of pruned models against the original ({cfg['device'].upper()}, {cfg['dtype']})\n\n"
-            f"`{command}`\n\n"
-            f"Measured {started} on {hardware(cfg['device'])}{threads}; torch {torch.__version__}, dtype "
-            f"{cfg['dtype']}; median of {cfg['repeats']} runs after {cfg['warmup']} warm-up runs; random weights. "
+
+def header(rows: list[dict]) -> str:
+    """Date, hardware, torch version, dtype and commands, from the rows (a merged report names every run)."""
+    first = rows[0]
+
+    def every(key):
+        return ", ".join(str(v) for v in dict.fromkeys(r.get(key) for r in rows if r.get(key) is not None))
+
+    threads = f", {every('threads')} torch threads" if first["device"] == "cpu" else ""
+    commands = "\n".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows if r.get("command")))
+    return (f"# Latency of pruned models against the original ({first['device'].upper()}, {every('dtype')})\n\n"
+            f"{commands}\n\n"
+            f"Measured {every('started')} on {every('hardware')}{threads}; torch {every('torch')}, dtype "
+            f"{every('dtype')}; median of {every('repeats')} runs after {every('warmup')} warm-up runs; random weights. "
             "Settings: `defaults` = `fxprune.prune(model, ratio)` (aligned widths, whole heads), `round_to=1` = "
             "alignment off; ratio 0.0 is the unpruned original. Speed-up = original latency / pruned latency; the "
             "last column flags a pruned model slower than the original. Images are 224 px (resnet18: 64 px).\n")
 
 
-def plot(rows: list[dict], path: Path, device: str) -> None:
+def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -413,19 +435,21 @@ def plot(rows: list[dict], path: Path, device: str) -> None:
         ax.legend(fontsize=8, loc="upper left")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(f"fxprune: speed-up of pruned models on {hardware(device)}", fontsize=11)
+    hw = ", ".join(dict.fromkeys(r["hardware"] for r in rows if r.get("hardware")))
+    fig.suptitle(f"fxprune: speed-up of pruned models over the original, {hw}, "
+                 f"{', '.join(dict.fromkeys(r['dtype'] for r in rows if r.get('dtype')))}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def write(rows: list[dict], cfg: dict, command: str, started: str, out: Path, raw: Path, png: Path | None) -> None:
+def write(rows: list[dict], out: Path, raw: Path, png: Path | None) -> None:
     speedups(rows)
-    out.write_text(header(cfg, command, started) + "\n" + table(rows) + "\n")
+    out.write_text(header(rows) + "\n" + table(rows) + "\n")
     raw.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
     if png is not None:
         try:
-            plot(rows, png, cfg["device"])
+            plot(rows, png)
         except ImportError:  # matplotlib is a benchmark extra: the table is still the result
             print("matplotlib is not installed (pip install -e .[bench]): no plot")
 
@@ -439,6 +463,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", help="comma-separated: resnet50, vit_b_16, llama-7b, llama-7b/4, resnet18, "
                                          "llama-tiny (default: resnet50, vit_b_16 and llama-7b on CUDA / llama-7b/4 on CPU)")
     parser.add_argument("--ratios", help="comma-separated ratios (default 0.1..0.8)")
+    parser.add_argument("--round1-ratios", help="ratios for the round_to=1 setting (default: --ratios)")
     parser.add_argument("--batches", help="image batch sizes (default 1,64)")
     parser.add_argument("--llama-batches", help="prefill sequences per batch (default 1,4)")
     parser.add_argument("--seq", type=int, help="prefill tokens per sequence (default 1024 for llama-7b, 128 for "
@@ -451,6 +476,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="markdown (default benchmarks/latency_DEVICE.md; a temp dir with --quick)")
     parser.add_argument("--raw", help="JSON lines of the rows (default: --out with .jsonl)")
     parser.add_argument("--plot", help="PNG (default: --out with .png)")
+    parser.add_argument("--from-raw", help="comma-separated .jsonl files of earlier runs: write the report "
+                                           "(--out, --raw, --plot) from their rows, measuring nothing")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -463,10 +490,13 @@ def main(argv=None) -> int:
                step_timeout=args.step_timeout)
     if args.quick:
         cfg.update(QUICK, repeats=args.repeats or 3)
-    for key, cast in (("models", str), ("ratios", float), ("batches", int), ("llama_batches", int)):
+    cfg["round1_ratios"] = None
+    for key, cast in (("models", str), ("ratios", float), ("round1_ratios", float), ("batches", int),
+                      ("llama_batches", int)):
         value = getattr(args, key)
         if value:
             cfg[key] = [cast(v) for v in value.split(",")]
+    cfg["round1_ratios"] = cfg["round1_ratios"] or cfg["ratios"]
     unknown = [m for m in cfg["models"] if m not in LLAMA and m not in ("resnet18", "resnet50", "vit_b_16")]
     if unknown:
         parser.error(f"unknown models {unknown}")
@@ -475,8 +505,23 @@ def main(argv=None) -> int:
     png = Path(args.plot) if args.plot else out.with_suffix(".png")
     for path in (out, raw, png):
         path.parent.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/latency.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if args.from_raw:
+        merged: dict[tuple, dict] = {}  # a model measured again in a later file replaces the earlier rows
+        for f in args.from_raw.split(","):
+            if not Path(f).exists():
+                print(f"{f} is missing: its models are left out")
+                continue
+            got = [json.loads(line) for line in Path(f).read_text().splitlines() if line.strip()]
+            for model in {r["model"] for r in got}:
+                merged = {k: v for k, v in merged.items() if k[0] != model}
+            merged.update({(r["model"], r["setting"], r["ratio"]): r for r in got})
+        rows = list(merged.values())
+        write(rows, out, raw, png)
+        print(summary(rows))
+        print(f"wrote {out}, {raw}" + (f", {png}" if png.exists() else ""))
+        return 0
+    cfg["command"] = "python benchmarks/latency.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    cfg["started"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     rows: list[dict] = []
     for name in cfg["models"]:
         spec = {k: v for k, v in cfg.items() if k != "models"} | {"model": name}
@@ -485,13 +530,15 @@ def main(argv=None) -> int:
         got, problem = stream_worker([harness.python(), __file__, "--worker", json.dumps(spec)], args.timeout)
         if problem:
             print(f"  {name}: {problem}", flush=True)
-            got = got or [{"model": name, "setting": "original", "ratio": 0.0, "labels": [], "error": problem}]
+            got = got or [{"model": name, "setting": "original", "ratio": 0.0, "labels": [], "error": problem,
+                           **{k: cfg[k] for k in ("device", "dtype", "command", "started")}}]
             if got[-1].get("error") != problem:
                 got.append({**got[-1], "setting": "(stopped)", "ratio": float("nan"), "error": problem})
         print(f"  {name}: {time.perf_counter() - start:.0f} s", flush=True)
         rows += got
-        write(rows, cfg, command, started, out, raw, None)  # partial results survive a later model's crash
-    write(rows, cfg, command, started, out, raw, png)
+        write(rows, out, raw, None)  # partial results survive a later model's crash
+    write(rows, out, raw, png)
+    print(summary(rows))
     print(f"wrote {out}, {raw}" + (f", {png}" if png.exists() else ""))
     return 0
 
