@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -489,7 +490,9 @@ def main(argv=None) -> int:
                seq=args.seq, repeats=args.repeats or (20 if cuda else 5), warmup=args.warmup or (3 if cuda else 1),
                step_timeout=args.step_timeout)
     if args.quick:
-        cfg.update(QUICK, repeats=args.repeats or 3)
+        cfg.update(QUICK, repeats=args.repeats or 2)
+        if importlib.util.find_spec("transformers") is None:  # LLaMA needs transformers: images only
+            cfg["models"] = [m for m in cfg["models"] if m not in LLAMA]
     cfg["round1_ratios"] = None
     for key, cast in (("models", str), ("ratios", float), ("round1_ratios", float), ("batches", int),
                       ("llama_batches", int)):
