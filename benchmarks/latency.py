@@ -325,7 +325,9 @@ def hardware(device: str) -> str:
             name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
     except OSError:
         pass
-    return f"CPU {name}, {os.cpu_count()} cores"
+    import torch
+
+    return f"CPU {name} ({torch.backends.cpu.get_cpu_capability()}), {os.cpu_count()} cores"
 
 
 def speedups(rows: list[dict]) -> None:

@@ -144,5 +144,32 @@ def test_latency_quick_writes_table_and_plot(tmp_path):
         for line, r in zip(lines, mine):  # the last column flags a pruned model slower than the original
             assert ("slower at" in line) == any(sp < 1 for sp in r["speedup"].values())
     assert "defaults: slower than the original:" in out
+    again = tmp_path / "merged.md"  # --from-raw rebuilds the same tables from the raw rows
+    _run("latency.py", "--from-raw", tmp_path / "latency_cpu.jsonl", "--out", again, timeout=120)
+    assert again.read_text().split("\n###", 1)[1] == text.split("\n###", 1)[1]
     if importlib.util.find_spec("matplotlib") is not None:
         assert png.stat().st_size > 10_000
+
+
+def test_latency_llama_7b_config_is_7b_class_on_meta():
+    if not HAS_HF:
+        pytest.skip("transformers is not installed")
+    import torch
+    import transformers
+
+    sys.path.insert(0, str(BENCH))
+    import latency
+
+    config, seq = latency.LLAMA["llama-7b"]
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+    params = sum(p.numel() for p in model.parameters())
+    assert 7.0e9 < params < 7.5e9 and seq == 1024  # Mistral-7B's shape: 7.24B
+    # prefill MACs of one sequence: about params x tokens (less the embedding and the LM head), plus attention
+    linear = params - 2 * 32000 * 4096 - 65 * 4096  # embedding, LM head and the norms
+    assert latency.llama_macs(model, seq) == linear * seq + 32000 * 4096 + 32 * 2 * seq * seq * 4096
+
+
+def test_gpu_check_script_parses():
+    proc = subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
