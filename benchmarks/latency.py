@@ -35,13 +35,15 @@ per setting and a line at 1.0). ``benchmarks/results.py`` puts whichever exist i
 
 Usage::
 
-    python benchmarks/latency.py                                   # CPU: resnet50, vit_b_16, llama-7b/4 (~25 min on 2 cores)
-    python benchmarks/latency.py --device cuda                     # GPU, bf16: resnet50, vit_b_16, llama-7b
-    python benchmarks/latency.py --quick                           # CI: resnet18 and llama-tiny, 2 ratios, < 60 s
+    python benchmarks/latency.py                    # CPU: resnet50, vit_b_16, llama-7b/4 (~25 min on 2 cores)
+    python benchmarks/latency.py --device cuda      # GPU, bf16: resnet50, vit_b_16, llama-7b
+    python benchmarks/latency.py --quick            # CI: resnet18 and llama-tiny, 2 ratios, < 60 s
     python benchmarks/latency.py --models resnet50 --ratios 0.3,0.6 --batches 1 --dtype bfloat16
-    bash benchmarks/gpu_check.sh                                   # the prepared GPU session (writes to $OUT)
+    bash benchmarks/gpu_check.sh                    # the prepared GPU session (writes to $OUT)
+    python benchmarks/latency.py --from-raw a.jsonl,b.jsonl --out benchmarks/latency_cuda.md   # merge runs
 
-Example row of a table: ``| 0.5 | defaults | 26% | 1.06 | 6.9M | 0.4 | 23.9 | 2.27x | 256.2 | 3.94x | |``.
+Format of a row (ratio, setting, MACs kept, GMACs, params, prune s, then ms and speed-up per batch, flag):
+``| 0.5 | defaults | 26% | 1.06 | 6.9M | 0.4 | 23.9 | 2.27x | 256.2 | 3.94x | |``.
 """
 
 from __future__ import annotations
@@ -352,13 +354,15 @@ def table(rows: list[dict]) -> str:
         if name in LLAMA:
             cfg = LLAMA[name][0]
             title += (f" (LlamaForCausalLM, hidden {cfg['hidden_size']}, MLP {cfg['intermediate_size']}, "
-                      f"{cfg['num_attention_heads']} heads of {cfg['head_dim']}, {cfg['num_key_value_heads']} KV heads, "
+                      f"{cfg['num_attention_heads']} heads of {cfg['head_dim']}, "
+                      f"{cfg['num_key_value_heads']} KV heads, "
                       f"{cfg['num_hidden_layers']} layers, vocab {cfg['vocab_size']}; prefill of "
                       f"{' and '.join(labels)} tokens, MACs per sequence)")
             if name == "llama-7b/4":
                 title += ": the 7B-class shape scaled down by 4 in width and 8 in depth for a CPU, NOT the 7B model"
         cols = " | ".join(f"{_column(lb)} ms | speed-up {lb}" for lb in labels)
-        lines = [title, "", f"| ratio | setting | MACs kept | GMACs | params | prune s | {cols} | slower than original |",
+        lines = [title, "",
+                 f"| ratio | setting | MACs kept | GMACs | params | prune s | {cols} | slower than original |",
                  "| ---: | --- | ---: | ---: | ---: | ---: |" + " ---: | ---: |" * len(labels) + " --- |"]
         for r in mine:
             if "error" in r:
@@ -372,7 +376,8 @@ def table(rows: list[dict]) -> str:
             slower = [lb for lb in labels if r.get("speedup", {}).get(lb, 1.0) < 1.0]
             flag = ("**slower at " + ", ".join(slower) + "**") if slower else ""
             lines.append(f"| {r['ratio']:.1f} | {r['setting']} | {100 * r['macs_kept']:.0f}% | {r['macs'] / 1e9:.2f} | "
-                         f"{r['params'] / 1e6:.1f}M | {r.get('prune_s', 0):.1f} | " + " | ".join(cells) + f" | {flag} |")
+                         f"{r['params'] / 1e6:.1f}M | {r.get('prune_s', 0):.1f} | " + " | ".join(cells)
+                         + f" | {flag} |")
         out.append("\n".join(lines))
     return "\n\n".join(out)
 
@@ -405,7 +410,8 @@ def header(rows: list[dict]) -> str:
     return (f"# Latency of pruned models against the original ({first['device'].upper()}, {every('dtype')})\n\n"
             f"{commands}\n\n"
             f"Measured {every('started')} on {every('hardware')}{threads}; torch {every('torch')}, dtype "
-            f"{every('dtype')}; median of {every('repeats')} runs after {every('warmup')} warm-up runs; random weights. "
+            f"{every('dtype')}; median of {every('repeats')} runs after {every('warmup')} warm-up runs; "
+            "random weights. "
             "Settings: `defaults` = `fxprune.prune(model, ratio)` (aligned widths, whole heads), `round_to=1` = "
             "alignment off; ratio 0.0 is the unpruned original. Speed-up = original latency / pruned latency; the "
             "last column flags a pruned model slower than the original. Images are 224 px (resnet18: 64 px).\n")
@@ -464,7 +470,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                         help="default float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--models", help="comma-separated: resnet50, vit_b_16, llama-7b, llama-7b/4, resnet18, "
-                                         "llama-tiny (default: resnet50, vit_b_16 and llama-7b on CUDA / llama-7b/4 on CPU)")
+                                         "llama-tiny (default: resnet50, vit_b_16 and llama-7b on CUDA / "
+                                         "llama-7b/4 on CPU)")
     parser.add_argument("--ratios", help="comma-separated ratios (default 0.1..0.8)")
     parser.add_argument("--round1-ratios", help="ratios for the round_to=1 setting (default: --ratios)")
     parser.add_argument("--batches", help="image batch sizes (default 1,64)")

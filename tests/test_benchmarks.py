@@ -139,7 +139,8 @@ def test_latency_quick_writes_table_and_plot(tmp_path):
         for r in mine:
             assert list(r["ms"]) == labels and all(ms > 0 for ms in r["ms"].values())
             assert r["speedup"] == pytest.approx({k: mine[0]["ms"][k] / v for k, v in r["ms"].items()})
-        lines = [line for line in text.split(f"### {model}")[1].split("\n### ")[0].splitlines() if line.startswith("| 0.")]
+        section = text.split(f"### {model}")[1].split("\n### ")[0]
+        lines = [line for line in section.splitlines() if line.startswith("| 0.")]
         assert len(lines) == 5 and all(len(line.split("|")) == 2 + 6 + 2 * 2 + 1 for line in lines)
         for line, r in zip(lines, mine):  # the last column flags a pruned model slower than the original
             assert ("slower at" in line) == any(sp < 1 for sp in r["speedup"].values())
