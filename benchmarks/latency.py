@@ -86,29 +86,35 @@ LLAMA = {  # name -> (config kwargs, default prefill length)
 # ---------------------------------------------------------------- timing
 
 
-def latency_ms(fn, device: str, repeats: int, warmup: int) -> float:
-    """Median time of ``fn()`` in milliseconds (CUDA events on a GPU, perf_counter on a CPU)."""
+def latency_ms(fns: list, device: str, repeats: int, warmup: int) -> list[float]:
+    """Median time of each ``fn()`` in milliseconds (CUDA events on a GPU, perf_counter on a CPU).
+
+    Several functions are timed in turns (one run of each per repeat), so that a change in the
+    machine's load during the measurement slows them alike: their ratio stays fair.
+    """
     import torch
 
+    times: list[list[float]] = [[] for _ in fns]
     with torch.inference_mode():
         for _ in range(warmup):
-            fn()
-        times = []
+            for fn in fns:
+                fn()
         if device == "cuda":
             torch.cuda.synchronize()
-            for _ in range(repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-        else:
-            for _ in range(repeats):
-                start = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        for _ in range(repeats):
+            for fn, mine in zip(fns, times):
+                if device == "cuda":
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    fn()
+                    end.record()
+                    end.synchronize()
+                    mine.append(start.elapsed_time(end))
+                else:
+                    start = time.perf_counter()
+                    fn()
+                    mine.append((time.perf_counter() - start) * 1000)
+    return [statistics.median(t) for t in times]
 
 
 # ---------------------------------------------------------------- models
@@ -211,8 +217,14 @@ def llama_macs(model, seq: int) -> int:
 # ---------------------------------------------------------------- worker
 
 
-def measure(case: Case, model, repeats: int, warmup: int) -> dict:
-    return {label: latency_ms(fn, case.device, repeats, warmup) for label, fn in case.runners(model).items()}
+def measure(case: Case, model, repeats: int, warmup: int, original=None) -> dict:
+    """``{"ms": {label: ms}}``, plus ``"ms_original"`` timed in turns with ``original`` when given (``--paired``)."""
+    if original is None:
+        return {"ms": {label: latency_ms([fn], case.device, repeats, warmup)[0]
+                       for label, fn in case.runners(model).items()}}
+    mine, theirs = case.runners(model), case.runners(original)
+    both = {label: latency_ms([theirs[label], mine[label]], case.device, repeats, warmup) for label in mine}
+    return {"ms": {label: t[1] for label, t in both.items()}, "ms_original": {label: t[0] for label, t in both.items()}}
 
 
 def run_model(spec: dict) -> None:
@@ -248,7 +260,8 @@ def run_model(spec: dict) -> None:
     build_s = time.perf_counter() - start
     macs0, params0 = case.macs(model)
     record(dict(setting="original", ratio=0.0, round_to=None, macs=macs0, macs_kept=1.0, params=params0,
-                prune_s=0.0, build_s=build_s, ms=step(measure, case, model, spec["repeats"], spec["warmup"])))
+                prune_s=0.0, build_s=build_s, **step(measure, case, model, spec["repeats"], spec["warmup"])))
+    original = model if spec.get("paired") else None  # kept for timing in turns (in place: a second copy)
     for setting, round_to in SETTINGS.items():
         for ratio in spec["ratios"] if round_to is None else spec["round1_ratios"]:
             row = dict(setting=setting, ratio=ratio, round_to=round_to)
@@ -269,7 +282,7 @@ def run_model(spec: dict) -> None:
                 row["prune_s"] = time.perf_counter() - start
                 macs, params = case.macs(pruned)
                 row.update(macs=macs, macs_kept=macs / macs0, params=params)
-                row["ms"] = step(measure, case, pruned, spec["repeats"], spec["warmup"])
+                row.update(step(measure, case, pruned, spec["repeats"], spec["warmup"], original))
             except (Exception, harness.StepLimit) as exc:  # one failed ratio is a row, not the end of the sweep
                 row["error"] = harness.first_line(exc)
             record(row)
@@ -333,11 +346,13 @@ def hardware(device: str) -> str:
 
 
 def speedups(rows: list[dict]) -> None:
-    """Add ``speedup[label]`` = original ms / pruned ms to every measured row."""
-    base = {r["model"]: r for r in rows if r["setting"] == "original" and "ms" in r}
+    """Add ``speedup[label]`` = original ms / pruned ms to every measured row (the original timed in turns
+    with this row when ``--paired``, else the original's own row)."""
+    base = {r["model"]: r["ms"] for r in rows if r["setting"] == "original" and "ms" in r}
     for r in rows:
-        if "ms" in r and r["model"] in base:
-            r["speedup"] = {k: base[r["model"]]["ms"][k] / v for k, v in r["ms"].items()}
+        ref = r.get("ms_original") or base.get(r["model"])
+        if "ms" in r and ref:
+            r["speedup"] = {k: ref[k] / v for k, v in r["ms"].items()}
 
 
 def _column(label: str) -> str:
@@ -414,7 +429,9 @@ def header(rows: list[dict]) -> str:
             "random weights. "
             "Settings: `defaults` = `fxprune.prune(model, ratio)` (aligned widths, whole heads), `round_to=1` = "
             "alignment off; ratio 0.0 is the unpruned original. Speed-up = original latency / pruned latency; the "
-            "last column flags a pruned model slower than the original. Images are 224 px (resnet18: 64 px).\n")
+            "last column flags a pruned model slower than the original. Images are 224 px (resnet18: 64 px)."
+            + (" The original is timed in turns with each pruned model (`--paired`) and its latency in the "
+               "speed-ups is that paired one." if any(r.get("ms_original") for r in rows) else "") + "\n")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -480,6 +497,9 @@ def main(argv=None) -> int:
                                                 "llama-7b/4)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
     parser.add_argument("--repeats", type=int, help="timed runs per measurement (default 5 on CPU, 20 on CUDA)")
+    parser.add_argument("--paired", action="store_true",
+                        help="time the original in turns with every pruned model (twice the timing; fair speed-ups "
+                             "on a machine whose load changes; keeps a second LLaMA in memory)")
     parser.add_argument("--warmup", type=int, help="untimed runs first (default 1 on CPU, 3 on CUDA)")
     parser.add_argument("--step-timeout", type=float, default=900, help="seconds per build, prune or measurement")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds per model (one worker process)")
@@ -497,7 +517,7 @@ def main(argv=None) -> int:
     cfg = dict(device=args.device, dtype=args.dtype or ("bfloat16" if cuda else "float32"), threads=args.threads,
                models=DEFAULT_MODELS[args.device], ratios=RATIOS, batches=[1, 64], llama_batches=[1, 4],
                seq=args.seq, repeats=args.repeats or (20 if cuda else 5), warmup=args.warmup or (3 if cuda else 1),
-               step_timeout=args.step_timeout)
+               step_timeout=args.step_timeout, paired=args.paired)
     if args.quick:
         cfg.update(QUICK, repeats=args.repeats or 2)
         if importlib.util.find_spec("transformers") is None:  # LLaMA needs transformers: images only
