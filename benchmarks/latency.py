@@ -548,6 +548,9 @@ def main(argv=None) -> int:
                 merged = {k: v for k, v in merged.items() if k[0] != model}
             merged.update({(r["model"], r["setting"], r["ratio"]): r for r in got})
         rows = list(merged.values())
+        if not rows:
+            print("no rows to report")
+            return 1
         write(rows, out, raw, png)
         print(summary(rows))
         print(f"wrote {out}, {raw}" + (f", {png}" if png.exists() else ""))
