@@ -1,8 +1,11 @@
 """Assemble benchmarks/RESULTS.md from the reports the three benchmark scripts wrote (nothing is typed by hand).
 
-Reads ``coverage.md``, ``speed.md`` and ``latency.md`` (each script's default
-``--out``) and writes them one after another under a header naming the machine,
-with the latency plot linked. Run it after the scripts:
+Reads ``coverage.md``, ``speed.md``, ``latency_cpu.md`` and ``latency_cuda.md`` (each
+script's default ``--out``; ``latency.py --device cuda`` writes the second, on a GPU
+machine) and writes them one after another under a header naming the machine, with
+the latency plots linked. A missing report is named as not run (the latency of the
+old single-table script, ``latency.md``, stands in for ``latency_cpu.md`` until that exists).
+Run it after the scripts:
 
     python benchmarks/coverage.py --jobs 2 && python benchmarks/speed.py && python benchmarks/latency.py
     python benchmarks/results.py            # -> benchmarks/RESULTS.md
@@ -22,7 +25,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = [("coverage.md", "Coverage"), ("speed.md", "Speed and memory"), ("latency.md", "Latency against MACs")]
+SECTIONS = [("coverage.md", "Coverage"), ("speed.md", "Speed and memory"), ("latency_cpu.md", "Latency on CPU"),
+            ("latency_cuda.md", "Latency on GPU")]
+LEGACY = {"latency_cpu.md": "latency.md"}  # the report of latency.py before --device
 
 
 def _memory_gib() -> str:
@@ -49,12 +54,15 @@ def assemble(folder: Path, notes: str = "") -> str:
         parts.append(notes.strip() + "\n")
     for filename, title in SECTIONS:
         path = folder / filename
+        if not path.exists() and filename in LEGACY and (folder / LEGACY[filename]).exists():
+            path = folder / LEGACY[filename]
         if not path.exists():
             parts.append(f"## {title}\n\nNot run: {filename} is missing.\n")
             continue
         body = _demote(path.read_text())
-        if filename == "latency.md" and (folder / "latency.png").exists():
-            body += "\n\n![latency against MACs](latency.png)\n"
+        png = path.with_suffix(".png")
+        if path.name.startswith("latency") and png.exists():
+            body += f"\n\n![{title.lower()}]({png.name})\n"
         parts.append(body + "\n")
     return "\n".join(parts)
 

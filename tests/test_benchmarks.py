@@ -121,11 +121,56 @@ def test_speed_quick_torch_pruning_rows_and_ratios(speed):
 
 
 def test_latency_quick_writes_table_and_plot(tmp_path):
-    md, png = tmp_path / "latency.md", tmp_path / "latency.png"
-    _run("latency.py", "--quick", "--out", md, "--plot", png, timeout=300)
-    rows = [line for line in md.read_text().splitlines() if line.startswith("| resnet18 |")]
-    assert len(rows) == 1 + 2 * 2  # unpruned, then ratios 0.3 and 0.6 without and with round_to=8
-    macs = [float(line.split("|")[4]) for line in rows]
-    assert macs[0] > macs[1] > macs[2] and macs[0] > macs[3] > macs[4]
+    md, png = tmp_path / "latency_cpu.md", tmp_path / "latency_cpu.png"
+    out = _run("latency.py", "--quick", "--out", md, timeout=300)  # --raw and --plot default to md's stem
+    text = md.read_text()
+    assert "Measured " in text and " UTC on CPU " in text and "dtype float32" in text
+    rows = _rows(tmp_path / "latency_cpu.jsonl")
+    models = ["resnet18"] + (["llama-tiny"] if HAS_HF else [])
+    for model in models:
+        mine = [r for r in rows if r["model"] == model]
+        # the original, then ratios 0.3 and 0.6 with the defaults and with round_to=1
+        assert [(r["setting"], r["ratio"]) for r in mine] == [("original", 0.0)] + [
+            (s, ratio) for s in ("defaults", "round_to=1") for ratio in (0.3, 0.6)], mine
+        assert all("error" not in r for r in mine), mine
+        macs = [r["macs"] for r in mine]
+        assert macs[0] > macs[1] > macs[2] and macs[0] > macs[3] > macs[4]
+        labels = ["b1", "b4"] if model == "resnet18" else ["1x16", "2x16"]
+        for r in mine:
+            assert list(r["ms"]) == labels and all(ms > 0 for ms in r["ms"].values())
+            assert r["speedup"] == pytest.approx({k: mine[0]["ms"][k] / v for k, v in r["ms"].items()})
+        section = text.split(f"### {model}")[1].split("\n### ")[0]
+        lines = [line for line in section.splitlines() if line.startswith("| 0.")]
+        assert len(lines) == 5 and all(len(line.split("|")) == 2 + 6 + 2 * 2 + 1 for line in lines)
+        for line, r in zip(lines, mine):  # the last column flags a pruned model slower than the original
+            assert ("slower at" in line) == any(sp < 1 for sp in r["speedup"].values())
+    assert "defaults: slower than the original:" in out
+    again = tmp_path / "merged.md"  # --from-raw rebuilds the same tables from the raw rows
+    _run("latency.py", "--from-raw", tmp_path / "latency_cpu.jsonl", "--out", again, timeout=120)
+    assert again.read_text().split("\n###", 1)[1] == text.split("\n###", 1)[1]
     if importlib.util.find_spec("matplotlib") is not None:
         assert png.stat().st_size > 10_000
+
+
+def test_latency_llama_7b_config_is_7b_class_on_meta():
+    if not HAS_HF:
+        pytest.skip("transformers is not installed")
+    import torch
+    import transformers
+
+    sys.path.insert(0, str(BENCH))
+    import latency
+
+    config, seq = latency.LLAMA["llama-7b"]
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config))
+    params = sum(p.numel() for p in model.parameters())
+    assert 7.0e9 < params < 7.5e9 and seq == 1024  # Mistral-7B's shape: 7.24B
+    # prefill MACs of one sequence: about params x tokens (less the embedding and the LM head), plus attention
+    linear = params - 2 * 32000 * 4096 - 65 * 4096  # embedding, LM head and the norms
+    assert latency.llama_macs(model, seq) == linear * seq + 32000 * 4096 + 32 * 2 * seq * seq * 4096
+
+
+def test_gpu_check_script_parses():
+    proc = subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
