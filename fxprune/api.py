@@ -40,6 +40,7 @@ from fxprune.plan import make_plan
 from fxprune.plan_io import PruningPlan, attach_plan
 from fxprune.propagate import propagate
 from fxprune.ratios import check_ratio, group_ratios
+from fxprune.shapes import GraphShapes, PlannedShapes
 from fxprune.relate import relate
 from fxprune.rewrite import rewrite
 from fxprune.target import METRICS, search_ratio
@@ -127,6 +128,20 @@ def _plan(job: Job) -> None:
         job.removal, job.ratio = job.search.removal, job.search.ratio
 
 
+def _check_removed(job: Job) -> None:
+    """Warn when the plan removes nothing, or less than half of the asked ratio of the parameters because
+    groups are frozen for other reasons than graph inputs/outputs, kernel/vocabulary axes and ``ignore``."""
+    if job.target is not None or job.ratios or job.ratio <= 0:
+        return  # a target is checked by measure; per-module ratios ask for no single ratio
+    before = GraphShapes(job.dg.gm).parameter_count()
+    removed = 1 - PlannedShapes(job.dg, job.removal).parameter_count() / before if before else 0.0
+    count, reasons = job.dg.frozen_reasons()
+    if removed <= 0 or (removed < 0.5 * job.ratio and count):
+        why = f"{count} groups frozen: {'; '.join(reasons)}" if count else "groups too small for the ratio"
+        warnings.warn(f"fxprune removed {removed:.0%} of the parameters where ratio {job.ratio:g} was asked: "
+                      f"{why} (see dg.report())", stacklevel=4)
+
+
 def _rewrite(job: Job) -> None:
     if job.inplace and is_hf_model(job.model):  # rewritten, verified and written back in one step
         job.result = hf.prune_in_place(job.dg, job.removal, rewrite, verify)
@@ -164,7 +179,7 @@ def _record_plan(job: Job) -> None:
 
 ANALYSIS = [("capture", _capture), ("propagate", _propagate), ("decompose", _decompose), ("relate", _relate),
             ("solve", _solve)]
-PRUNING = [("score", _score), ("plan", _plan), ("rewrite", _rewrite), ("verify", _verify), ("measure", _measure),
+PRUNING = [("score", _score), ("plan", _plan), ("check", _check_removed), ("rewrite", _rewrite), ("verify", _verify), ("measure", _measure),
            ("record", _record_plan)]
 PIPELINE = ANALYSIS + PRUNING
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -187,3 +188,32 @@ def test_report_lists_groups_and_unsupported_ops():
     text = dg.report()
     assert "ops without a rule" in text and "mystery" in text and "test_api.py" in text
     assert dg.group_of("a.weight", 0).frozen and not dg.prunable_groups
+
+
+class Mysterious(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.c(mystery(self.b(mystery(self.a(x)))))
+
+
+def test_prune_warns_once_with_the_frozen_reasons_when_it_removes_less_than_asked():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruned = fxprune.prune(Mysterious(), 0.3, example_inputs=(torch.randn(2, 4),))
+    messages = [str(w.message) for w in caught if "fxprune removed" in str(w.message)]
+    assert len(messages) == 1 and issubclass(caught[0].category, UserWarning)
+    assert messages[0].startswith("fxprune removed 0% of the parameters where ratio 0.3 was asked: 4 groups frozen: "
+                                  "no rule for this op (4 groups), e.g. node 'mystery' (call_function mystery) at ")
+    assert "test_api.py" in messages[0]
+    assert pruned.a.out_features == 8
+
+
+@pytest.mark.parametrize("model,ratio", [(Mysterious(), 0.0), (models.ResidualCNN(), 0.3), (models.ResidualCNN(), 0.05)])
+def test_prune_does_not_warn_when_it_removes_what_was_asked(model, ratio):
+    x = (torch.randn(2, 4),) if isinstance(model, Mysterious) else _inputs()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fxprune removed")
+        fxprune.prune(model, ratio, example_inputs=x)
