@@ -47,8 +47,9 @@ def plant_dead_units(dg, groups=None, fraction: float = 0.34, seed: int = 0) -> 
             for member in group.members:
                 if member.kind == "activation" or member.name not in tensors:
                     continue
-                index = torch.as_tensor(member.indices(group, units), dtype=torch.long)
-                tensors[member.name].index_fill_(member.dim, index, 0.0)
+                tensor = tensors[member.name]  # the index on the tensor's device (CUDA, meta ...)
+                index = torch.as_tensor(member.indices(group, units), dtype=torch.long, device=tensor.device)
+                tensor.index_fill_(member.dim, index, 0.0)
     return removal
 
 

@@ -126,3 +126,13 @@ def test_lstm_hidden_units_are_one_group_across_layers_and_directions():
     assert dg.describe(dg.layout_of("fc.weight", 1)) == f"(G{hidden.id}(12) ++ G{hidden.id}(12))"  # fwd ++ reverse
     pruned = fxprune.prune(models.LSTMHead(), 0.5, example_inputs=(torch.randn(2, 7, 6),))
     assert pruned.lstm.hidden_size == 6 and pruned.lstm.weight_ih_l1.shape == (24, 12)
+
+
+def test_plant_dead_units_indexes_on_the_parameters_device():
+    """The planted indices follow each tensor's device (a CUDA model; here the meta device, which is as strict)."""
+    with torch.device("meta"):
+        model = models.ResidualCNN()
+    dg = fxprune.analyze(model, (torch.empty(2, 3, 8, 8, device="meta"),))
+    removal = plant_dead_units(dg)
+    assert len(removal) == len(oracle_groups(dg)) > 0
+    assert all(p.device.type == "meta" for p in model.parameters())
