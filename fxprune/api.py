@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from fxprune import hf
-from fxprune.capture import capture, flat_inputs, is_hf_model
+from fxprune.capture import capture, flat_inputs, is_hf_model, split_inputs
 from fxprune.decompose import decompose
 from fxprune.depgraph import DependencyGraph
 from fxprune.importance import named_tensors, resolve_importance, score_groups
@@ -76,6 +76,7 @@ class Job:
 
 
 def _capture(job: Job) -> None:
+    job.example_inputs, job.kwargs = split_inputs(job.example_inputs, job.kwargs)
     # pruned in place, a Hugging Face model keeps its own forward: the graph is analysed, never returned
     gm = capture(job.model, job.example_inputs, job.kwargs, dynamic=not (job.inplace and is_hf_model(job.model)))
     if gm is job.model:  # never edit the caller's graph: a fresh graph over the same modules

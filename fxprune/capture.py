@@ -28,7 +28,7 @@ import torch.fx as fx
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils._pytree import tree_leaves, tree_structure
 
-from fxprune.errors import CaptureError
+from fxprune.errors import CaptureError, ShapeError
 
 EXPORTED = "export"  # value of gm.meta["fxprune_capture"] for graphs captured with torch.export
 
@@ -167,14 +167,44 @@ def _automatic_dims(model: torch.nn.Module, args: tuple, kwargs: dict, batch_onl
     return {name: dims(value) for name, value in bound.arguments.items()}
 
 
+def split_inputs(example_inputs, kwargs=None) -> tuple:
+    """``(args, kwargs)`` of a call: a dict of example inputs is keyword arguments, a lone tensor one argument."""
+    if isinstance(example_inputs, dict):
+        return (), {**example_inputs, **(kwargs or {})}
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if example_inputs is None and kwargs:
+        example_inputs = ()
+    return example_inputs, kwargs
+
+
 def flat_inputs(gm: fx.GraphModule, example_inputs, kwargs=None) -> tuple | None:
-    """The values of the graph's placeholders: exported graphs take ``(args, kwargs)`` flattened."""
+    """The values of the graph's placeholders: exported graphs take ``(args, kwargs)`` flattened; a traced graph's
+    placeholders are forward's parameters, filled from ``kwargs`` by name, else from their defaults."""
+    example_inputs, kwargs = split_inputs(example_inputs, kwargs)
     if example_inputs is None:
         return None
     if isinstance(gm.graph._codegen, _PyTreeCodeGen):
         kwargs = gm.meta.get("fxprune_kwargs", kwargs or {})  # the kwargs the graph was exported with
         return tuple(tree_leaves((tuple(example_inputs), dict(kwargs))))
-    return tuple(example_inputs)
+    if not kwargs:
+        return tuple(example_inputs)
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    names = [n.target.lstrip("*") for n in placeholders]
+    unknown = [k for k in kwargs if k not in names[len(example_inputs):]]
+    if unknown:
+        raise ShapeError(f"{type(gm).__name__} takes no keyword argument {unknown[0]!r} after "
+                         f"{len(example_inputs)} positional ones (its inputs: {', '.join(names)})")
+    values = list(example_inputs)
+    for node, name in zip(placeholders[len(values):], names[len(values):]):
+        if name in kwargs:
+            values.append(kwargs[name])
+        elif node.args:  # a parameter with a default
+            values.append(node.args[0])
+        else:
+            raise ShapeError(f"no example input for {type(gm).__name__}'s input {name!r}: pass it in "
+                             "example_inputs or kwargs")
+    return tuple(values)
 
 
 def is_hf_model(model) -> bool:

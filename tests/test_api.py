@@ -217,3 +217,32 @@ def test_prune_does_not_warn_when_it_removes_what_was_asked(model, ratio):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="fxprune removed")
         fxprune.prune(model, ratio, example_inputs=x)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(5, 8), nn.Linear(8, 2)
+
+    def forward(self, x, y, scale=2.0):
+        return self.c(torch.relu(self.a(x)) + torch.relu(self.b(y)) * scale)
+
+
+@pytest.mark.parametrize("how", ["kwargs", "dict", "mixed"])
+def test_keyword_and_dict_example_inputs_on_a_traced_model(how):
+    x, y = torch.randn(2, 4), torch.randn(2, 5)
+    args, kwargs = {"kwargs": ((), {"x": x, "y": y}), "dict": ({"x": x, "y": y}, None),
+                    "mixed": ((x,), {"y": y})}[how]
+    model = TwoInputs().eval()
+    dg = fxprune.analyze(model, args, kwargs=kwargs)
+    assert dg.group_of("a.weight", 0) is dg.group_of("b.weight", 0) and dg.group_of("a.weight", 0).prunable
+    pruned = fxprune.prune(model, 0.5, example_inputs=args, kwargs=kwargs)
+    assert pruned.a.out_features == 4 and pruned(x=x, y=y).shape == (2, 2)
+
+
+def test_unknown_or_missing_keyword_inputs_are_clear_errors():
+    x, y = torch.randn(2, 4), torch.randn(2, 5)
+    with pytest.raises(fxprune.ShapeError, match="no keyword argument 'z'.*x, y, scale"):
+        fxprune.analyze(TwoInputs(), (x,), kwargs={"y": y, "z": y})
+    with pytest.raises(fxprune.ShapeError, match="no example input for TwoInputs's input 'y'"):
+        fxprune.analyze(TwoInputs(), (), kwargs={"x": x})
