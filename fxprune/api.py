@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from fxprune import hf
-from fxprune.capture import capture, flat_inputs, is_hf_model, split_inputs
+from fxprune.capture import capture, flat_inputs, is_hf_model, module_names, split_inputs
 from fxprune.decompose import decompose
 from fxprune.depgraph import DependencyGraph
 from fxprune.importance import named_tensors, resolve_importance, score_groups
@@ -102,7 +102,7 @@ def _relate(job: Job) -> None:
 
 
 def _solve(job: Job) -> None:
-    ignore = _ignored_keys(job.gm, job.state, job.ignore)
+    ignore = _ignored_keys(job.gm, job.state, job.ignore, job.model)
     dg = job.dg = DependencyGraph(job.gm, job.state, job.flat_inputs, ignore)
     dg.expected_shapes = job.expected_shapes
     dg.model, dg.model_inputs, dg.model_kwargs = job.model, job.example_inputs, job.kwargs
@@ -268,23 +268,29 @@ def check_prune_settings(ratio, target_macs, target_params, round_to, max_ratio)
     return ratio, target, float(max_ratio)
 
 
-def _ignored_keys(gm: fx.GraphModule, state, ignore) -> list[tuple]:
-    """(tensor key, reason) for every parameter or buffer named by ``ignore``."""
-    module_names = {id(m): name for name, m in gm.named_modules()}
+def _ignored_keys(gm: fx.GraphModule, state, ignore, model=None) -> list[tuple]:
+    """(tensor key, reason) for every parameter or buffer named by ``ignore``.
+
+    Modules are found by identity in the caller's ``model`` (whatever the capture path made of them), names
+    among its tensors as well as the graph's; a tensor the graph does not use (export drops them) needs no key.
+    """
+    names = module_names(gm, model)
     tensors = named_tensors(gm)
+    known = list(tensors) + [n for n in named_tensors(model) if n not in tensors] if isinstance(
+        model, torch.nn.Module) else list(tensors)
     out = []
     for item in ignore:
         if isinstance(item, torch.nn.Module):
-            if id(item) not in module_names:
+            if id(item) not in names:
                 raise ValueError(f"ignore: module {type(item).__name__} is not part of the model")
-            prefix = module_names[id(item)]
+            prefix = names[id(item)]
         elif isinstance(item, str):
             prefix = item
         else:
             raise TypeError(f"ignore takes modules, module names or parameter names, got {type(item).__name__}")
-        names = [n for n in tensors if n == prefix or n.startswith(prefix + ".") or prefix == ""]
-        if not names:
+        found = [n for n in known if n == prefix or n.startswith(prefix + ".") or prefix == ""]
+        if not found:
             raise ValueError(f"ignore: no parameter or buffer named {prefix!r} (or inside a module of that name)")
         out.extend((state.param_key(n), f"ignored by the caller ({item if isinstance(item, str) else prefix})")
-                   for n in names)
+                   for n in found if n in tensors)
     return out

@@ -207,6 +207,15 @@ def flat_inputs(gm: fx.GraphModule, example_inputs, kwargs=None) -> tuple | None
     return tuple(values)
 
 
+def module_names(gm: fx.GraphModule, model=None) -> dict[int, str]:
+    """``{id(module): name}`` for the caller's ``model`` and the captured ``gm``: a torch.export capture holds
+    copies of the modules under the same names, so the caller's module objects are found by their names."""
+    names = {id(m): name for name, m in gm.named_modules()}
+    if isinstance(model, torch.nn.Module) and model is not gm:
+        names.update({id(m): name for name, m in model.named_modules()})
+    return names
+
+
 def is_hf_model(model) -> bool:
     return any(cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers")
                for cls in type(model).__mro__)

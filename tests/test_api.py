@@ -246,3 +246,40 @@ def test_unknown_or_missing_keyword_inputs_are_clear_errors():
         fxprune.analyze(TwoInputs(), (x,), kwargs={"y": y, "z": y})
     with pytest.raises(fxprune.ShapeError, match="no example input for TwoInputs's input 'y'"):
         fxprune.analyze(TwoInputs(), (), kwargs={"x": x})
+
+
+class BranchesOnRank(nn.Module):
+    """``if x.dim() == 3`` makes symbolic_trace fail, so capture falls back to torch.export (new module objects)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 6)
+        self.head = nn.ModuleList([nn.Linear(6, 3), nn.Linear(6, 2)])
+        self.unused = nn.Linear(2, 2)  # export drops what forward never touches
+
+    def forward(self, x):
+        if x.dim() == 3:
+            x = x.mean(1)
+        y = torch.relu(self.b(torch.relu(self.a(x))))
+        return self.head[0](y) + self.head[1](y).sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("which", ["module", "module list", "name", "unused"])
+def test_ignore_resolves_the_callers_modules_after_an_export_fallback(which):
+    model, x = BranchesOnRank().eval(), torch.randn(2, 4)
+    item = {"module": model.b, "module list": model.head, "name": "head", "unused": "unused"}[which]
+    with pytest.warns(UserWarning, match="captured with torch.export"):
+        dg = fxprune.analyze(model, (x,), ignore=[item])
+    assert dg.gm.meta.get("fxprune_capture") == "export"
+    b_out, head_units = dg.group_of("b.weight", 0), dg.group_of("head.1.weight", 0)
+    assert b_out.prunable is (which not in ("module", "module list", "name"))
+    assert head_units.prunable is (which in ("module", "unused"))
+    if which != "unused":
+        assert any("ignored by the caller" in why for why in b_out.frozen)
+
+
+def test_ratios_resolve_the_callers_modules_after_an_export_fallback():
+    model, x = BranchesOnRank().eval(), torch.randn(2, 4)
+    with pytest.warns(UserWarning, match="captured with torch.export"):
+        pruned = fxprune.prune(model, 0.5, example_inputs=(x,), ratios={model.a: 0.25, model.b: 0.0})
+    assert pruned.get_parameter("a.weight").shape[0] == 6 and pruned.get_parameter("b.weight").shape[0] == 6
