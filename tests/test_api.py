@@ -283,3 +283,12 @@ def test_ratios_resolve_the_callers_modules_after_an_export_fallback():
     with pytest.warns(UserWarning, match="captured with torch.export"):
         pruned = fxprune.prune(model, 0.5, example_inputs=(x,), ratios={model.a: 0.25, model.b: 0.0})
     assert pruned.get_parameter("a.weight").shape[0] == 6 and pruned.get_parameter("b.weight").shape[0] == 6
+
+
+def test_ignore_a_timm_head_after_an_export_fallback():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("tf_efficientnet_b0", pretrained=False, num_classes=10).eval()  # TF "same" padding
+    with pytest.warns(UserWarning, match="captured with torch.export"):
+        dg = fxprune.analyze(model, (torch.randn(1, 3, 32, 32),), ignore=[model.conv_head])
+    assert dg.gm.meta.get("fxprune_capture") == "export"
+    assert any("ignored by the caller (conv_head)" in why for why in dg.group_of("conv_head.weight", 0).frozen)
