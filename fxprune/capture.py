@@ -104,14 +104,18 @@ def export_capture(model: torch.nn.Module, example_inputs, kwargs=None, trace_er
                    dynamic: bool = True) -> fx.GraphModule:
     """``torch.export.export(model, args, kwargs, strict=False).module()``, or a CaptureError quoting export."""
     args, kwargs = tuple(example_inputs), dict(kwargs or {})
+    static = None
     try:
         program = None
         if dynamic:
             try:  # batch and sequence sizes stay symbolic where the model allows, so the graph takes other shapes
                 dims = _automatic_dims(model, args, kwargs, batch_only=not is_hf_model(model))
                 program = torch.export.export(model, args, kwargs=kwargs, strict=False, dynamic_shapes=dims)
-            except Exception:  # some models specialise every size; a static graph is still a good graph
-                pass
+            except Exception as exc:  # a static graph is still a good graph, but the caller must know
+                lines = str(exc).strip().splitlines()
+                static = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+                warnings.warn(f"fxprune: {type(model).__name__} captured with static shapes: the graph takes only "
+                              f"the example inputs' sizes (dynamic export failed: {static})", stacklevel=4)
         if program is None:
             program = torch.export.export(model, args, kwargs=kwargs, strict=False)
     except Exception as exc:  # export's own message is the useful part
@@ -124,6 +128,8 @@ def export_capture(model: torch.nn.Module, example_inputs, kwargs=None, trace_er
         ) from exc
     gm = program.module(check_guards=False) if "check_guards" in _parameters(program.module) else program.module()
     gm.meta["fxprune_capture"] = EXPORTED
+    if static:
+        gm.meta["fxprune_static_shapes"] = static  # why the dynamic export failed; kept by the pruned graph
     gm.meta["fxprune_kwargs"] = _drop_constant_kwargs(gm, example_inputs, dict(kwargs or {}))
     return gm
 
@@ -163,8 +169,17 @@ def _automatic_dims(model: torch.nn.Module, args: tuple, kwargs: dict, batch_onl
             return None
         return {d: torch.export.Dim.AUTO for d in range(min(value.ndim, 1) if batch_only else value.ndim)}
 
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    return {name: dims(value) for name, value in bound.arguments.items()}
+    signature = inspect.signature(model.forward)
+    out = {}
+    for name, value in signature.bind(*args, **kwargs).arguments.items():
+        kind = signature.parameters[name].kind
+        if kind == inspect.Parameter.VAR_KEYWORD:  # forward(**kwargs): a spec per keyword, as export wants
+            out[name] = {k: dims(v) for k, v in value.items()}
+        elif kind == inspect.Parameter.VAR_POSITIONAL:
+            out[name] = tuple(dims(v) for v in value)
+        else:
+            out[name] = dims(value)
+    return out
 
 
 def split_inputs(example_inputs, kwargs=None) -> tuple:

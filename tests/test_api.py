@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import io
 import warnings
 
@@ -292,3 +293,13 @@ def test_ignore_a_timm_head_after_an_export_fallback():
         dg = fxprune.analyze(model, (torch.randn(1, 3, 32, 32),), ignore=[model.conv_head])
     assert dg.gm.meta.get("fxprune_capture") == "export"
     assert any("ignored by the caller (conv_head)" in why for why in dg.group_of("conv_head.weight", 0).frozen)
+
+
+def test_a_capture_that_must_be_static_warns_and_says_so_in_meta(monkeypatch):
+    def no_dynamic_shapes(*args, **kwargs):
+        raise ValueError("simulated: no dynamic shapes for this model")
+
+    monkeypatch.setattr(importlib.import_module("fxprune.capture"), "_automatic_dims", no_dynamic_shapes)
+    with pytest.warns(UserWarning, match="BranchesOnRank captured with static shapes.*simulated"):
+        pruned = fxprune.prune(BranchesOnRank().eval(), 0.5, example_inputs=(torch.randn(2, 4),))
+    assert pruned.meta["fxprune_static_shapes"] == "ValueError: simulated: no dynamic shapes for this model"
