@@ -114,8 +114,6 @@ def export_capture(model: torch.nn.Module, example_inputs, kwargs=None, trace_er
             except Exception as exc:  # a static graph is still a good graph, but the caller must know
                 lines = str(exc).strip().splitlines()
                 static = f"{type(exc).__name__}: {lines[0] if lines else ''}"
-                warnings.warn(f"fxprune: {type(model).__name__} captured with static shapes: the graph takes only "
-                              f"the example inputs' sizes (dynamic export failed: {static})", stacklevel=4)
         if program is None:
             program = torch.export.export(model, args, kwargs=kwargs, strict=False)
     except Exception as exc:  # export's own message is the useful part
@@ -128,8 +126,10 @@ def export_capture(model: torch.nn.Module, example_inputs, kwargs=None, trace_er
         ) from exc
     gm = program.module(check_guards=False) if "check_guards" in _parameters(program.module) else program.module()
     gm.meta["fxprune_capture"] = EXPORTED
-    if static:
-        gm.meta["fxprune_static_shapes"] = static  # why the dynamic export failed; kept by the pruned graph
+    if static:  # warned once the static export worked; the reason stays with the (pruned) graph
+        warnings.warn(f"fxprune: {type(model).__name__} captured with static shapes: the graph takes only the "
+                      f"example inputs' sizes (dynamic export failed: {static})", stacklevel=4)
+        gm.meta["fxprune_static_shapes"] = static
     gm.meta["fxprune_kwargs"] = _drop_constant_kwargs(gm, example_inputs, dict(kwargs or {}))
     return gm
 
