@@ -3,13 +3,14 @@
 ::
 
     capture -> propagate -> decompose -> relate -> solve     (analyze)
-            -> score -> plan -> rewrite -> verify -> measure -> record     (prune)
+            -> score -> plan -> check -> rewrite -> verify -> measure -> record     (prune)
 
 ``score`` runs the importance criterion over every prunable group
 (:mod:`fxprune.importance`); ``plan`` turns scores into units to remove (local or
 global ranking, per-module ratios, round_to; with ``target_macs``/``target_params``
 it searches the ratio, counting each candidate plan without rewriting:
-:mod:`fxprune.target`); ``measure`` counts the pruned graph when a target was set.
+:mod:`fxprune.target`); ``check`` warns when the plan removes far less than the ratio
+(frozen groups, with their reasons); ``measure`` counts the pruned graph when a target was set.
 
 Each pass reads and writes a :class:`Job`; analysis results live in
 ``node.meta`` (``"val"``: FakeTensor; ``"fxprune_rule"``: the rule that
