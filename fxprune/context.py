@@ -41,6 +41,8 @@ _SCHEMA_ALIASES = {
     "mat1": ("batch1",),  # baddbmm, addbmm
     "mat2": ("batch2",),
     "dim": ("dims",),  # flip
+    "dim0": ("axis0",),  # swapaxes
+    "dim1": ("axis1",),
 }
 
 
