@@ -136,3 +136,11 @@ def test_plant_dead_units_indexes_on_the_parameters_device():
     removal = plant_dead_units(dg)
     assert len(removal) == len(oracle_groups(dg)) > 0
     assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_multihead_attention_pooling_head_under_export():
+    with pytest.warns(UserWarning, match="captured with torch.export"):
+        dg, pruned = _oracle(models.MHAPoolExported(), (torch.randn(2, 5, 6),), min_groups=3)
+    assert dg.gm.meta.get("fxprune_capture") == "export"
+    assert any(n.target is torch.ops.aten.bmm.default for n in dg.gm.graph.nodes)
+    assert dg.group_of("attn.out_proj.weight", 0).prunable and dg.group_of("proj.weight", 0).prunable
