@@ -3,13 +3,14 @@
 ::
 
     capture -> propagate -> decompose -> relate -> solve     (analyze)
-            -> score -> plan -> rewrite -> verify -> measure -> record     (prune)
+            -> score -> plan -> check -> rewrite -> verify -> measure -> record     (prune)
 
 ``score`` runs the importance criterion over every prunable group
 (:mod:`fxprune.importance`); ``plan`` turns scores into units to remove (local or
 global ranking, per-module ratios, round_to; with ``target_macs``/``target_params``
 it searches the ratio, counting each candidate plan without rewriting:
-:mod:`fxprune.planning.target`); ``measure`` counts the pruned graph when a target was set.
+:mod:`fxprune.planning.target`); ``check`` warns when the plan removes far less than the ratio
+(frozen groups, with their reasons); ``measure`` counts the pruned graph when a target was set.
 
 Each pass reads and writes a :class:`Job`; analysis results live in
 ``node.meta`` (``"val"``: FakeTensor; ``"fxprune_rule"``: the rule that
@@ -31,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from fxprune import hf
-from fxprune.capture import capture, flat_inputs, is_hf_model
+from fxprune.capture import capture, flat_inputs, is_hf_model, module_names, split_inputs
 from fxprune.decompose import decompose
 from fxprune.depgraph import DependencyGraph
 from fxprune.importance import named_tensors, resolve_importance, score_groups
@@ -42,6 +43,7 @@ from fxprune.planning.selection import make_plan
 from fxprune.plan_io import PruningPlan, attach_plan
 from fxprune.propagate import propagate
 from fxprune.planning.ratios import check_ratio, group_ratios
+from fxprune.shapes import GraphShapes, PlannedShapes
 from fxprune.relate import relate
 from fxprune.rewrite import rewrite
 from fxprune.planning.target import METRICS, search_ratio
@@ -80,6 +82,7 @@ class Job:
 
 
 def _capture(job: Job) -> None:
+    job.example_inputs, job.kwargs = split_inputs(job.example_inputs, job.kwargs)
     # pruned in place, a Hugging Face model keeps its own forward: the graph is analysed, never returned
     gm = capture(job.model, job.example_inputs, job.kwargs, dynamic=not (job.inplace and is_hf_model(job.model)))
     if gm is job.model:  # never edit the caller's graph: a fresh graph over the same modules
@@ -105,7 +108,7 @@ def _relate(job: Job) -> None:
 
 
 def _solve(job: Job) -> None:
-    ignore = _ignored_keys(job.gm, job.state, job.ignore)
+    ignore = _ignored_keys(job.gm, job.state, job.ignore, job.model)
     dg = job.dg = DependencyGraph(job.gm, job.state, job.flat_inputs, ignore)
     dg.expected_shapes = job.expected_shapes
     dg.model, dg.model_inputs, dg.model_kwargs = job.model, job.example_inputs, job.kwargs
@@ -140,6 +143,20 @@ def _plan(job: Job) -> None:
     else:
         job.search = search_ratio(job.dg, plan_for, *job.target)
         job.removal, job.ratio = job.search.removal, job.search.ratio
+
+
+def _check_removed(job: Job) -> None:
+    """Warn when the plan removes nothing, or less than half of the asked ratio of the parameters because
+    groups are frozen for other reasons than graph inputs/outputs, kernel/vocabulary axes and ``ignore``."""
+    if job.target is not None or job.ratios or job.ratio <= 0:
+        return  # a target is checked by measure; per-module ratios ask for no single ratio
+    before = GraphShapes(job.dg.gm).parameter_count()
+    removed = 1 - PlannedShapes(job.dg, job.removal).parameter_count() / before if before else 0.0
+    count, reasons = job.dg.frozen_reasons()
+    if removed <= 0 or (removed < 0.5 * job.ratio and count):
+        why = f"{count} groups frozen: {'; '.join(reasons)}" if count else "groups too small for the ratio"
+        warnings.warn(f"fxprune removed {removed:.0%} of the parameters where ratio {job.ratio:g} was asked: "
+                      f"{why} (see dg.report())", stacklevel=4)
 
 
 def _rewrite(job: Job) -> None:
@@ -185,7 +202,7 @@ def _record_plan(job: Job) -> None:
 
 ANALYSIS = [("capture", _capture), ("propagate", _propagate), ("decompose", _decompose), ("relate", _relate),
             ("solve", _solve)]
-PRUNING = [("score", _score), ("plan", _plan), ("rewrite", _rewrite), ("verify", _verify), ("measure", _measure),
+PRUNING = [("score", _score), ("plan", _plan), ("check", _check_removed), ("rewrite", _rewrite), ("verify", _verify), ("measure", _measure),
            ("record", _record_plan)]
 PIPELINE = ANALYSIS + PRUNING
 
@@ -291,23 +308,29 @@ def check_prune_settings(ratio, target_macs, target_params, round_to, max_ratio,
     return ratio, target, float(max_ratio)
 
 
-def _ignored_keys(gm: fx.GraphModule, state, ignore) -> list[tuple]:
-    """(tensor key, reason) for every parameter or buffer named by ``ignore``."""
-    module_names = {id(m): name for name, m in gm.named_modules()}
+def _ignored_keys(gm: fx.GraphModule, state, ignore, model=None) -> list[tuple]:
+    """(tensor key, reason) for every parameter or buffer named by ``ignore``.
+
+    Modules are found by identity in the caller's ``model`` (whatever the capture path made of them), names
+    among its tensors as well as the graph's; a tensor the graph does not use (export drops them) needs no key.
+    """
+    names = module_names(gm, model)
     tensors = named_tensors(gm)
+    known = list(tensors) + [n for n in named_tensors(model) if n not in tensors] if isinstance(
+        model, torch.nn.Module) else list(tensors)
     out = []
     for item in ignore:
         if isinstance(item, torch.nn.Module):
-            if id(item) not in module_names:
+            if id(item) not in names:
                 raise ValueError(f"ignore: module {type(item).__name__} is not part of the model")
-            prefix = module_names[id(item)]
+            prefix = names[id(item)]
         elif isinstance(item, str):
             prefix = item
         else:
             raise TypeError(f"ignore takes modules, module names or parameter names, got {type(item).__name__}")
-        names = [n for n in tensors if n == prefix or n.startswith(prefix + ".") or prefix == ""]
-        if not names:
+        found = [n for n in known if n == prefix or n.startswith(prefix + ".") or prefix == ""]
+        if not found:
             raise ValueError(f"ignore: no parameter or buffer named {prefix!r} (or inside a module of that name)")
         out.extend((state.param_key(n), f"ignored by the caller ({item if isinstance(item, str) else prefix})")
-                   for n in names)
+                   for n in found if n in tensors)
     return out

@@ -28,7 +28,7 @@ import torch.fx as fx
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils._pytree import tree_leaves, tree_structure
 
-from fxprune.errors import CaptureError
+from fxprune.errors import CaptureError, ShapeError
 
 EXPORTED = "export"  # value of gm.meta["fxprune_capture"] for graphs captured with torch.export
 
@@ -104,14 +104,16 @@ def export_capture(model: torch.nn.Module, example_inputs, kwargs=None, trace_er
                    dynamic: bool = True) -> fx.GraphModule:
     """``torch.export.export(model, args, kwargs, strict=False).module()``, or a CaptureError quoting export."""
     args, kwargs = tuple(example_inputs), dict(kwargs or {})
+    static = None
     try:
         program = None
         if dynamic:
             try:  # batch and sequence sizes stay symbolic where the model allows, so the graph takes other shapes
                 dims = _automatic_dims(model, args, kwargs, batch_only=not is_hf_model(model))
                 program = torch.export.export(model, args, kwargs=kwargs, strict=False, dynamic_shapes=dims)
-            except Exception:  # some models specialise every size; a static graph is still a good graph
-                pass
+            except Exception as exc:  # a static graph is still a good graph, but the caller must know
+                lines = str(exc).strip().splitlines()
+                static = f"{type(exc).__name__}: {lines[0] if lines else ''}"
         if program is None:
             program = torch.export.export(model, args, kwargs=kwargs, strict=False)
     except Exception as exc:  # export's own message is the useful part
@@ -124,6 +126,10 @@ def export_capture(model: torch.nn.Module, example_inputs, kwargs=None, trace_er
         ) from exc
     gm = program.module(check_guards=False) if "check_guards" in _parameters(program.module) else program.module()
     gm.meta["fxprune_capture"] = EXPORTED
+    if static:  # warned once the static export worked; the reason stays with the (pruned) graph
+        warnings.warn(f"fxprune: {type(model).__name__} captured with static shapes: the graph takes only the "
+                      f"example inputs' sizes (dynamic export failed: {static})", stacklevel=4)
+        gm.meta["fxprune_static_shapes"] = static
     gm.meta["fxprune_kwargs"] = _drop_constant_kwargs(gm, example_inputs, dict(kwargs or {}))
     return gm
 
@@ -163,18 +169,66 @@ def _automatic_dims(model: torch.nn.Module, args: tuple, kwargs: dict, batch_onl
             return None
         return {d: torch.export.Dim.AUTO for d in range(min(value.ndim, 1) if batch_only else value.ndim)}
 
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    return {name: dims(value) for name, value in bound.arguments.items()}
+    signature = inspect.signature(model.forward)
+    out = {}
+    for name, value in signature.bind(*args, **kwargs).arguments.items():
+        kind = signature.parameters[name].kind
+        if kind == inspect.Parameter.VAR_KEYWORD:  # forward(**kwargs): a spec per keyword, as export wants
+            out[name] = {k: dims(v) for k, v in value.items()}
+        elif kind == inspect.Parameter.VAR_POSITIONAL:
+            out[name] = tuple(dims(v) for v in value)
+        else:
+            out[name] = dims(value)
+    return out
+
+
+def split_inputs(example_inputs, kwargs=None) -> tuple:
+    """``(args, kwargs)`` of a call: a dict of example inputs is keyword arguments, a lone tensor one argument."""
+    if isinstance(example_inputs, dict):
+        return (), {**example_inputs, **(kwargs or {})}
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if example_inputs is None and kwargs:
+        example_inputs = ()
+    return example_inputs, kwargs
 
 
 def flat_inputs(gm: fx.GraphModule, example_inputs, kwargs=None) -> tuple | None:
-    """The values of the graph's placeholders: exported graphs take ``(args, kwargs)`` flattened."""
+    """The values of the graph's placeholders: exported graphs take ``(args, kwargs)`` flattened; a traced graph's
+    placeholders are forward's parameters, filled from ``kwargs`` by name, else from their defaults."""
+    example_inputs, kwargs = split_inputs(example_inputs, kwargs)
     if example_inputs is None:
         return None
     if isinstance(gm.graph._codegen, _PyTreeCodeGen):
         kwargs = gm.meta.get("fxprune_kwargs", kwargs or {})  # the kwargs the graph was exported with
         return tuple(tree_leaves((tuple(example_inputs), dict(kwargs))))
-    return tuple(example_inputs)
+    if not kwargs:
+        return tuple(example_inputs)
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    names = [n.target.lstrip("*") for n in placeholders]
+    unknown = [k for k in kwargs if k not in names[len(example_inputs):]]
+    if unknown:
+        raise ShapeError(f"{type(gm).__name__} takes no keyword argument {unknown[0]!r} after "
+                         f"{len(example_inputs)} positional ones (its inputs: {', '.join(names)})")
+    values = list(example_inputs)
+    for node, name in zip(placeholders[len(values):], names[len(values):]):
+        if name in kwargs:
+            values.append(kwargs[name])
+        elif node.args:  # a parameter with a default
+            values.append(node.args[0])
+        else:
+            raise ShapeError(f"no example input for {type(gm).__name__}'s input {name!r}: pass it in "
+                             "example_inputs or kwargs")
+    return tuple(values)
+
+
+def module_names(gm: fx.GraphModule, model=None) -> dict[int, str]:
+    """``{id(module): name}`` for the caller's ``model`` and the captured ``gm``: a torch.export capture holds
+    copies of the modules under the same names, so the caller's module objects are found by their names."""
+    names = {id(m): name for name, m in gm.named_modules()}
+    if isinstance(model, torch.nn.Module) and model is not gm:
+        names.update({id(m): name for name, m in model.named_modules()})
+    return names
 
 
 def is_hf_model(model) -> bool:

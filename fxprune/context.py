@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from fxprune.errors import describe_node
+from fxprune.errors import FxPruneError, describe_node
 from fxprune.layout import Atom, Cat, Prod, Solver
 
 
@@ -37,6 +37,12 @@ _SCHEMA_ALIASES = {
     "dims": ("dim",),
     "split_size_or_sections": ("split_size", "split_sizes"),
     "tensor": ("self",),
+    "other": ("mat2",),  # mm, bmm
+    "mat1": ("batch1",),  # baddbmm, addbmm
+    "mat2": ("batch2",),
+    "dim": ("dims",),  # flip
+    "dim0": ("axis0",),  # swapaxes
+    "dim1": ("axis1",),
 }
 
 
@@ -197,10 +203,8 @@ class RuleContext:
         Tensor values come back as :class:`TensorRef`; defaults are filled in.
         """
         sig = inspect.signature(signature)
-        if isinstance(self.node.target, torch._ops.OpOverload):
-            arguments = self._bind_schema(sig)
-        else:
-            arguments = self._bind_python(sig)
+        schema = isinstance(self.node.target, torch._ops.OpOverload)
+        arguments = self._bind_schema(sig) if schema else self._bind_python(sig)
         result = {}
         for name, param in sig.parameters.items():
             if param.kind == inspect.Parameter.VAR_KEYWORD:
@@ -216,6 +220,9 @@ class RuleContext:
                 value = param.default
             elif param.kind == inspect.Parameter.VAR_POSITIONAL:
                 value = ()
+            elif schema:  # a schema name the rule does not know: fail here, not on a None later
+                raise FxPruneError(f"{self.where}: the rule's argument {name!r} matches no argument of "
+                                   f"{self.node.target._schema}; add the schema's name to context._SCHEMA_ALIASES")
             else:
                 value = None
             ref = self.tensor(value) if isinstance(value, fx.Node) else None

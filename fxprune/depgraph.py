@@ -217,6 +217,27 @@ class DependencyGraph:
             lines.extend(f"  {where}" for _, where in self.state.unsupported)
         return "\n".join(lines)
 
+    # reasons every model has: graph inputs and outputs, kernel and vocabulary axes, the caller's ``ignore``
+    EXPECTED_FREEZES = ("graph input", "graph output", "appears in no activation", "vocabulary", "convolution kernel",
+                        "ignored by the caller", "head dim of")  # "head dim of": the whole-heads policy
+
+    def frozen_reasons(self, limit: int = 3) -> tuple[int, list[str]]:
+        """Groups with parameters frozen for a reason other than :attr:`EXPECTED_FREEZES`: their number, and
+        the commonest reasons, most groups first, as ``"no rule for this op (12 groups), e.g. node 'numpy_T'
+        (call_function numpy_T.default) at model.py:57: ..."``."""
+        kinds: dict[str, list[str]] = {}
+        count = 0
+        for g in self.groups:
+            if not (g.frozen and g.has_parameters and g.units > 1):
+                continue
+            reasons = [r for r in g.frozen if not r.startswith(self.EXPECTED_FREEZES)]
+            count += bool(reasons)
+            for kind in dict.fromkeys(r.split(": node ", 1)[0] for r in reasons):
+                kinds.setdefault(kind, []).append(next(r for r in reasons if r.startswith(kind)))
+        ranked = sorted(kinds.items(), key=lambda kv: -len(kv[1]))[:limit]
+        return count, [f"{kind} ({len(found)} group{'s' if len(found) > 1 else ''})"
+                       + (f", e.g. {found[0][len(kind) + 2:]}" if found[0] != kind else "") for kind, found in ranked]
+
     def __repr__(self) -> str:
         return (f"DependencyGraph({len(self.groups)} groups, {len(self.prunable_groups)} prunable, "
                 f"{len(self.state.unsupported)} unsupported ops)")

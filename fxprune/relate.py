@@ -11,6 +11,7 @@ node (``"<none>"`` for unsupported ops).
 from __future__ import annotations
 
 import torch.fx as fx
+from torch.nn.utils import parametrize
 
 from fxprune.context import AnalysisState, RuleContext, tensor_value
 from fxprune.rules import lookup
@@ -35,6 +36,8 @@ def relate(gm: fx.GraphModule) -> AnalysisState:
         if node.op == "get_attr":
             continue
         rule = lookup(node, module)
+        if module is not None and parametrize.is_parametrized(module):
+            rule = None  # its weight is computed from parametrizations.*: no module rule sees those tensors
         if rule is None:
             node.meta["fxprune_rule"] = "<none>"
             if _touches_tensors(node) or module is not None:

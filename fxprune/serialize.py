@@ -248,12 +248,17 @@ def _no_nodes(name):
 
 # -- loading --------------------------------------------------------------
 
+_ALIGNMENT = 64  # bytes, as torch's CPU allocator aligns; safetensors packs tensors at 8-byte offsets
+
+
 def _materialize(entries: dict, raw: dict) -> dict[str, torch.Tensor]:
     tensors = {}
     for name, info in entries.items():
         if name not in raw:
             raise SerializationError(f"{WEIGHTS_FILE} has no tensor {name!r}")
         t = raw[name]
+        if t.device.type == "cpu" and t.numel() and t.data_ptr() % _ALIGNMENT:
+            t = t.clone()  # as the original was allocated: BLAS kernels may split sums by alignment (MKL on AMD)
         tensors[name] = nn.Parameter(t, requires_grad=info.get("requires_grad", True)) \
             if info["kind"] == "parameter" else t
     return tensors

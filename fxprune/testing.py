@@ -47,6 +47,39 @@ def plant_dead_units(dg, groups=None, fraction: float = 0.34, seed: int = 0) -> 
             for member in group.members:
                 if member.kind == "activation" or member.name not in tensors:
                     continue
-                index = torch.as_tensor(member.indices(group, units), dtype=torch.long)
-                tensors[member.name].index_fill_(member.dim, index, 0.0)
+                tensor = tensors[member.name]  # the index on the tensor's device (CUDA, meta ...)
+                index = torch.as_tensor(member.indices(group, units), dtype=torch.long, device=tensor.device)
+                tensor.index_fill_(member.dim, index, 0.0)
     return removal
+
+
+def exported(model, *inputs):
+    """The aten graph fxprune itself would capture with ``torch.export`` (without export's guard call)."""
+    program = torch.export.export(model, inputs)
+    try:
+        return program.module(check_guards=False)
+    except TypeError:  # older torch: no guard module to leave out
+        return program.module()
+
+
+def assert_same_outputs(got, expected, rel: float = 1e-5) -> None:
+    """Outputs of two code paths that compute the same function (a reloaded, replayed or regenerated graph).
+
+    Bit-exactness cannot be promised across code paths: BLAS and oneDNN kernels may order a sum differently by
+    memory alignment or layout. Float leaves must agree within ``rel`` times the largest magnitude of the
+    expected leaf (a wrong weight moves outputs by about their own size, even outputs of 1e-10); every other leaf
+    exactly. Tuples, lists and dicts (model outputs) are compared leaf by leaf.
+    """
+    from torch.utils._pytree import tree_flatten
+
+    got_leaves, got_spec = tree_flatten(got)
+    expected_leaves, expected_spec = tree_flatten(expected)
+    assert got_spec == expected_spec, f"output structure {got_spec} != {expected_spec}"
+    for i, (a, b) in enumerate(zip(got_leaves, expected_leaves)):
+        if isinstance(b, torch.Tensor) and b.is_floating_point():
+            scale = b.detach().abs().max().item() if b.numel() else 0.0
+            torch.testing.assert_close(a, b, atol=rel * scale, rtol=0, msg=lambda m: f"output leaf {i}: {m}")
+        elif isinstance(b, torch.Tensor):
+            assert torch.equal(a, b), f"output leaf {i} differs"
+        else:
+            assert a == b, f"output leaf {i}: {a!r} != {b!r}"

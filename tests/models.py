@@ -198,3 +198,22 @@ class MHAModel(nn.Module):
         h = self.embed(x)
         a, _ = self.attn(h, h, h, need_weights=self.need_weights)
         return self.fc(F.gelu(a))
+
+
+class MHAPoolExported(nn.Module):
+    """An attention-pooling head (a learnt query) in a model symbolic_trace rejects (``if x.dim() == 4``):
+    captured with torch.export, nn.MultiheadAttention arrives as aten ops, its scores as ``aten.bmm(self, mat2)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 8)
+        self.query = nn.Parameter(torch.randn(1, 1, 8))
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        if x.dim() == 4:
+            x = x.flatten(2).transpose(1, 2)
+        h = self.proj(x)
+        pooled, _ = self.attn(self.query.expand(h.shape[0], -1, -1), h, h)
+        return self.head(pooled[:, 0])

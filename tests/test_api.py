@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import io
+import warnings
 
 import pytest
 import torch
@@ -187,3 +189,117 @@ def test_report_lists_groups_and_unsupported_ops():
     text = dg.report()
     assert "ops without a rule" in text and "mystery" in text and "test_api.py" in text
     assert dg.group_of("a.weight", 0).frozen and not dg.prunable_groups
+
+
+class Mysterious(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.c(mystery(self.b(mystery(self.a(x)))))
+
+
+def test_prune_warns_once_with_the_frozen_reasons_when_it_removes_less_than_asked():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruned = fxprune.prune(Mysterious(), 0.3, example_inputs=(torch.randn(2, 4),))
+    messages = [str(w.message) for w in caught if "fxprune removed" in str(w.message)]
+    assert len(messages) == 1 and issubclass(caught[0].category, UserWarning)
+    assert messages[0].startswith("fxprune removed 0% of the parameters where ratio 0.3 was asked: 4 groups frozen: "
+                                  "no rule for this op (4 groups), e.g. node 'mystery' (call_function mystery) at ")
+    assert "test_api.py" in messages[0]
+    assert pruned.a.out_features == 8
+
+
+@pytest.mark.parametrize("model,ratio", [(Mysterious(), 0.0), (models.ResidualCNN(), 0.3), (models.ResidualCNN(), 0.05)])
+def test_prune_does_not_warn_when_it_removes_what_was_asked(model, ratio):
+    x = (torch.randn(2, 4),) if isinstance(model, Mysterious) else _inputs()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fxprune removed")
+        fxprune.prune(model, ratio, example_inputs=x)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(5, 8), nn.Linear(8, 2)
+
+    def forward(self, x, y, scale=2.0):
+        return self.c(torch.relu(self.a(x)) + torch.relu(self.b(y)) * scale)
+
+
+@pytest.mark.parametrize("how", ["kwargs", "dict", "mixed"])
+def test_keyword_and_dict_example_inputs_on_a_traced_model(how):
+    x, y = torch.randn(2, 4), torch.randn(2, 5)
+    args, kwargs = {"kwargs": ((), {"x": x, "y": y}), "dict": ({"x": x, "y": y}, None),
+                    "mixed": ((x,), {"y": y})}[how]
+    model = TwoInputs().eval()
+    dg = fxprune.analyze(model, args, kwargs=kwargs)
+    assert dg.group_of("a.weight", 0) is dg.group_of("b.weight", 0) and dg.group_of("a.weight", 0).prunable
+    pruned = fxprune.prune(model, 0.5, example_inputs=args, kwargs=kwargs)
+    assert pruned.a.out_features == 4 and pruned(x=x, y=y).shape == (2, 2)
+
+
+def test_unknown_or_missing_keyword_inputs_are_clear_errors():
+    x, y = torch.randn(2, 4), torch.randn(2, 5)
+    with pytest.raises(fxprune.ShapeError, match="no keyword argument 'z'.*x, y, scale"):
+        fxprune.analyze(TwoInputs(), (x,), kwargs={"y": y, "z": y})
+    with pytest.raises(fxprune.ShapeError, match="no example input for TwoInputs's input 'y'"):
+        fxprune.analyze(TwoInputs(), (), kwargs={"x": x})
+
+
+class BranchesOnRank(nn.Module):
+    """``if x.dim() == 3`` makes symbolic_trace fail, so capture falls back to torch.export (new module objects)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 6)
+        self.head = nn.ModuleList([nn.Linear(6, 3), nn.Linear(6, 2)])
+        self.unused = nn.Linear(2, 2)  # export drops what forward never touches
+
+    def forward(self, x):
+        if x.dim() == 3:
+            x = x.mean(1)
+        y = torch.relu(self.b(torch.relu(self.a(x))))
+        return self.head[0](y) + self.head[1](y).sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("which", ["module", "module list", "name", "unused"])
+def test_ignore_resolves_the_callers_modules_after_an_export_fallback(which):
+    model, x = BranchesOnRank().eval(), torch.randn(2, 4)
+    item = {"module": model.b, "module list": model.head, "name": "head", "unused": "unused"}[which]
+    with pytest.warns(UserWarning, match="captured with torch.export"):
+        dg = fxprune.analyze(model, (x,), ignore=[item])
+    assert dg.gm.meta.get("fxprune_capture") == "export"
+    b_out, head_units = dg.group_of("b.weight", 0), dg.group_of("head.1.weight", 0)
+    assert b_out.prunable is (which not in ("module", "module list", "name"))
+    assert head_units.prunable is (which in ("module", "unused"))
+    if which != "unused":
+        assert any("ignored by the caller" in why for why in b_out.frozen)
+
+
+def test_ratios_resolve_the_callers_modules_after_an_export_fallback():
+    model, x = BranchesOnRank().eval(), torch.randn(2, 4)
+    with pytest.warns(UserWarning, match="captured with torch.export"):
+        pruned = fxprune.prune(model, 0.5, example_inputs=(x,), ratios={model.a: 0.25, model.b: 0.0})
+    assert pruned.get_parameter("a.weight").shape[0] == 6 and pruned.get_parameter("b.weight").shape[0] == 6
+
+
+def test_ignore_a_timm_head_after_an_export_fallback():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("tf_efficientnet_b0", pretrained=False, num_classes=10).eval()  # TF "same" padding
+    with pytest.warns(UserWarning, match="captured with torch.export"):
+        dg = fxprune.analyze(model, (torch.randn(1, 3, 32, 32),), ignore=[model.conv_head])
+    assert dg.gm.meta.get("fxprune_capture") == "export"
+    assert any("ignored by the caller (conv_head)" in why for why in dg.group_of("conv_head.weight", 0).frozen)
+
+
+def test_a_capture_that_must_be_static_warns_and_says_so_in_meta(monkeypatch):
+    def no_dynamic_shapes(*args, **kwargs):
+        raise ValueError("simulated: no dynamic shapes for this model")
+
+    monkeypatch.setattr(importlib.import_module("fxprune.capture"), "_automatic_dims", no_dynamic_shapes)
+    with pytest.warns(UserWarning, match="BranchesOnRank captured with static shapes.*simulated"):
+        pruned = fxprune.prune(BranchesOnRank().eval(), 0.5, example_inputs=(torch.randn(2, 4),))
+    assert pruned.meta["fxprune_static_shapes"] == "ValueError: simulated: no dynamic shapes for this model"

@@ -126,3 +126,21 @@ def test_lstm_hidden_units_are_one_group_across_layers_and_directions():
     assert dg.describe(dg.layout_of("fc.weight", 1)) == f"(G{hidden.id}(12) ++ G{hidden.id}(12))"  # fwd ++ reverse
     pruned = fxprune.prune(models.LSTMHead(), 0.5, example_inputs=(torch.randn(2, 7, 6),), round_to=1)
     assert pruned.lstm.hidden_size == 6 and pruned.lstm.weight_ih_l1.shape == (24, 12)
+
+
+def test_plant_dead_units_indexes_on_the_parameters_device():
+    """The planted indices follow each tensor's device (a CUDA model; here the meta device, which is as strict)."""
+    with torch.device("meta"):
+        model = models.ResidualCNN()
+    dg = fxprune.analyze(model, (torch.empty(2, 3, 8, 8, device="meta"),))
+    removal = plant_dead_units(dg)
+    assert len(removal) == len(oracle_groups(dg)) > 0
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_multihead_attention_pooling_head_under_export():
+    with pytest.warns(UserWarning, match="captured with torch.export"):
+        dg, pruned = _oracle(models.MHAPoolExported(), (torch.randn(2, 5, 6),), min_groups=3)
+    assert dg.gm.meta.get("fxprune_capture") == "export"
+    assert any(n.target is torch.ops.aten.bmm.default for n in dg.gm.graph.nodes)
+    assert dg.group_of("attn.out_proj.weight", 0).prunable and dg.group_of("proj.weight", 0).prunable

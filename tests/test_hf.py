@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 import fxprune
-from fxprune.testing import plant_dead_units
+from fxprune.testing import assert_same_outputs, plant_dead_units
 
 transformers = pytest.importorskip("transformers")
 
@@ -38,10 +40,25 @@ def _family(name):
     if name == "t5":
         config = T.T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
         return T.T5ForConditionalGeneration(config), (_ids(),), {"decoder_input_ids": _ids(2, 5, seed=1)}
+    if name == "deberta_v2":  # relative attention through aten.bmm (self, mat2)
+        return T.DebertaV2Model(T.DebertaV2Config(vocab_size=100, **TINY)), (_ids(),), {}
+    if name == "bloom":  # ALiBi scores through aten.baddbmm (self, batch1, batch2)
+        return T.BloomModel(T.BloomConfig(vocab_size=100, hidden_size=64, n_layer=2, n_head=4)), (_ids(),), {}
+    if name == "falcon":  # projections as input @ self.weight.T: aten.numpy_T
+        config = T.FalconConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                num_kv_heads=2, new_decoder_architecture=False)
+        return T.FalconForCausalLM(config), (_ids(),), {}
     raise KeyError(name)
 
 
-FAMILIES = ["bert", "vit", "gpt2", "llama", "qwen2", "mistral", "t5"]
+def _other_sizes(name, args, kwargs):
+    """Inputs of another batch size and sequence length than ``_family``'s."""
+    if name == "vit":
+        return (torch.randn(3, 3, 32, 32),), {}
+    return (_ids(3, 5, seed=2),), {k: _ids(3, 4, seed=3) for k in kwargs}
+
+
+FAMILIES = ["bert", "vit", "gpt2", "llama", "qwen2", "mistral", "t5", "deberta_v2", "bloom"]
 
 
 def _first(output):
@@ -63,10 +80,36 @@ def test_family_prunes_and_dead_units_are_exact(name):
         got = _first(pruned(*args, **kwargs))
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    smaller = fxprune.prune(model, 0.5, example_inputs=args, kwargs=kwargs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fxprune: .* static shapes")  # never static without a word
+        smaller = fxprune.prune(model, 0.5, example_inputs=args, kwargs=kwargs)
+    assert "fxprune_static_shapes" not in smaller.meta
+    other_args, other_kwargs = _other_sizes(name, args, kwargs)  # batch 3, sequence 5: the graph is dynamic
     with torch.no_grad():
         assert _first(smaller(*args, **kwargs)).shape == expected.shape
+        assert _first(smaller(*other_args, **other_kwargs)).shape == _first(model(*other_args, **other_kwargs)).shape
     assert sum(p.numel() for p in smaller.parameters()) < 0.8 * sum(p.numel() for p in model.parameters())
+
+
+def test_falcon_projections_as_weight_transpose_are_pruned():
+    """``input @ self.weight.T`` (aten.numpy_T) had no rule: every group froze and prune changed nothing, silently.
+    (Multi-query heads stay frozen: q, k and v are cut out of the fused projection by tensor indexing.)"""
+    torch.manual_seed(0)
+    model, args, _ = _family("falcon")
+    model.eval()
+    dg = fxprune.analyze(model, args)
+    assert not dg.state.unsupported, dg.report()
+    mlp = dg.group_of("transformer.h.0.mlp.dense_h_to_4h.weight", 0)
+    assert mlp.prunable and dg.group_of("transformer.h.0.mlp.dense_4h_to_h.weight", 1) is mlp
+    removal = plant_dead_units(dg)
+    with torch.no_grad():
+        expected = model(*args).logits
+        got = fxprune.apply(dg, removal)(*args).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fxprune removed")  # pruned as asked: no shortfall warning
+        smaller = fxprune.prune(model, 0.5, example_inputs=args)
+    assert sum(p.numel() for p in smaller.parameters()) < 0.5 * sum(p.numel() for p in model.parameters())
 
 
 def test_llama_groups_heads_kv_rope_mlp_hidden():
@@ -222,7 +265,7 @@ def test_inplace_failure_puts_the_original_model_back(monkeypatch):
     assert {k: v for k, v in vars(model.model.layers[0].self_attn).items() if isinstance(v, int)} == \
         {k: v for k, v in attention.items() if isinstance(v, int)}
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, logits, atol=0, rtol=0)
+        assert_same_outputs(model(ids).logits, logits)  # the restored tensors are bit-equal (above)
 
 
 def test_gpt2_fused_qkv_in_place_generates_and_reloads(tmp_path):

@@ -156,3 +156,24 @@ def test_prelu_per_channel_slope():
     dg, pruned, removal = _oracle(PRelus(), torch.randn(2, 3))
     assert pruned.act1.num_parameters == 5 - len(removal[dg.group_of("fc1.weight", 0)])
     assert pruned.act2.num_parameters == 1
+
+
+def test_a_traced_parametrized_module_is_frozen_not_pruned_wrong():
+    """A weight-normed nn.Linear is one call_module whose weight is computed from parametrizations.*: its module
+    rule would resize the bias and the next layer but not the weight (the exported form is related op by op)."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 6)
+            self.b = nn.utils.parametrizations.weight_norm(nn.Linear(6, 5))
+            self.c = nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    x = torch.randn(2, 3)
+    dg = fxprune.analyze(M().eval(), (x,))
+    assert [n.name for n, _ in dg.state.unsupported] == ["b"]
+    assert not dg.prunable_groups
+    with pytest.warns(UserWarning, match="removed 0% .* no rule for this op"):
+        assert fxprune.prune(M().eval(), 0.5, example_inputs=(x,))(x).shape == (2, 2)

@@ -214,3 +214,26 @@ def test_import_fxprune_imports_neither_timm_nor_torchvision():
     code = "import sys, fxprune; print(sorted(m for m in ('timm', 'torchvision') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_every_required_argument_of_a_bound_aten_rule_has_a_schema_name():
+    """A rule argument no schema name matches came back None (mm's ``mat2``, baddbmm's ``batch1``); now it raises
+    at analysis. Check every registered tensor overload against the signature its rule binds."""
+    import inspect
+    import re
+
+    from fxprune.context import _SCHEMA_ALIASES
+
+    missing = []
+    for target, rule in RULES.items():
+        if not isinstance(target, torch._ops.OpOverload) or not target._schema.arguments:
+            continue
+        names = [a.name for a in target._schema.arguments]
+        if str(target._schema.arguments[0].type) != "Tensor":  # TorchScript list/str ops, never in a graph
+            continue
+        for signature in re.findall(r"r\.bind\((\w+)\)", inspect.getsource(rule)):
+            for name, p in inspect.signature(getattr(inspect.getmodule(rule), signature)).parameters.items():
+                required = p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                if required and not any(c in names for c in (name,) + _SCHEMA_ALIASES.get(name, ())):
+                    missing.append(f"{target}: {name}")
+    assert not missing, missing

@@ -1,5 +1,7 @@
 """Table test for fxprune/rules/segments.py: cat, stack, split, chunk, unbind, narrow, slicing, tuple items."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -193,8 +195,12 @@ def test_data_dependent_or_strided_indexing_freezes(kind, why):
     g = dg.group_of("a.weight", 0)
     assert g.frozen and any(why in w for w in g.frozen), g.frozen
     x = torch.randn(2, 3)
-    pruned = fxprune.prune(Frozen(kind).eval(), 0.5, example_inputs=(x,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruned = fxprune.prune(Frozen(kind).eval(), 0.5, example_inputs=(x,))
     assert pruned(x).shape == (2, 2) and pruned.a.out_features == 4
+    if kind != "int":  # nothing else to prune: said so, with the reason
+        assert any("fxprune removed 0%" in str(w.message) and why in str(w.message) for w in caught)
 
 
 def test_unbind_freezes_the_unbound_axis_only():

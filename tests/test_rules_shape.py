@@ -200,6 +200,32 @@ def test_repeat_expand_and_factories_prune_exactly():
     assert pruned.b.in_features == kept_c * kept_r
 
 
+class RepeatInterleave(nn.Module):
+    """Each feature copied twice in a row (index-major, unlike repeat's copy-major tiling), then flattened."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(8, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = torch.repeat_interleave(self.a(x), 2, dim=1)  # (B, 8) = (feature x copy)
+        z = self.b(y).repeat_interleave(1).view(-1, 4)  # no dim: the flattened tensor, every axis frozen
+        return self.c(z)
+
+
+def test_repeat_interleave_is_a_product_of_the_axis_and_its_copies():
+    dg = fxprune.analyze(RepeatInterleave().eval(), (torch.randn(2, 3),))
+    ch, copies = dg.groups_of("b.weight", 1)
+    assert ch is dg.group_of("a.weight", 0) and copies.units == 2 and ch.prunable and copies.prunable
+    assert dg.describe(dg.layout_of("repeat_interleave", 1)) == f"(G{ch.id}(4) x G{copies.id}(2))"
+    assert "no dim" in dg.group_of("b.weight", 0).frozen[0]
+    x = torch.randn(2, 3)
+    dg, pruned, removal = _oracle(RepeatInterleave(), x, groups=[ch, copies])
+    kept_r = 2 - len(removal[copies])
+    assert f"repeat_interleave(a, {kept_r}, dim = 1)" in pruned.code
+    assert pruned.b.in_features == (4 - len(removal[ch])) * kept_r
+
+
 def test_arange_freezes_positions():
     class M(nn.Module):
         def __init__(self):

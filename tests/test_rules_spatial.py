@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
-from fxprune.testing import plant_dead_units
+from fxprune.testing import exported, plant_dead_units
 
 
 def _oracle(model, *inputs, seed=0, groups=None):
@@ -127,8 +127,9 @@ def test_pixel_shuffle_is_a_product_with_frozen_spatial_factors():
     assert pruned.down.in_channels == 4 * (3 - len(removal[m]))
 
 
+@pytest.mark.parametrize("capture", ["trace", "export"])  # export: aten.roll, with dims=[] for None
 @pytest.mark.parametrize("dims,frozen_channel", [((2, 3), False), (1, True), (None, True)])
-def test_roll_freezes_rolled_axes(dims, frozen_channel):
+def test_roll_freezes_rolled_axes(dims, frozen_channel, capture):
     class M(nn.Module):
         def __init__(self):
             super().__init__()
@@ -141,7 +142,9 @@ def test_roll_freezes_rolled_axes(dims, frozen_channel):
                 return self.b(torch.roll(y, 1))
             return self.b(torch.roll(y, (1,) * len(dims) if isinstance(dims, tuple) else 1, dims))
 
-    dg = fxprune.analyze(M().eval(), (torch.randn(1, 2, 3, 3),))
+    x = torch.randn(1, 2, 3, 3)
+    dg = fxprune.analyze(M().eval() if capture == "trace" else exported(M().eval(), x), (x,))
+    assert not dg.state.unsupported
     g = dg.group_of("a.weight", 0)
     assert bool(g.frozen) is frozen_channel
     if frozen_channel:

@@ -12,6 +12,7 @@ import torch.nn as nn
 import fxprune
 from fxprune.capture import export_capture
 from fxprune.jsonvalue import SerializationError, decode, encode
+from fxprune.testing import assert_same_outputs
 from tests import models
 
 MODELS = {  # name: (factory, example input shape)
@@ -49,8 +50,8 @@ def round_trip(gm, directory, inputs):
     loaded = load_without_pickle(directory)
     with torch.no_grad():
         expected, got = gm(*inputs), loaded(*inputs)
-    for a, b in zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got), strict=True):
-        assert torch.equal(a, b)
+    assert_same_outputs(got, expected)  # mobilenet_v3_small's outputs of 1e-10 differed in the last bits on AMD
+    assert all(p.data_ptr() % 64 == 0 for p in loaded.parameters() if p.numel())  # aligned as fresh tensors
     assert loaded.code == gm.code
     assert list(loaded.state_dict()) == list(gm.state_dict())
     assert [type(m).__name__ for _, m in loaded.named_modules()][1:] == \
@@ -73,7 +74,13 @@ def test_torchvision_graphs_round_trip(name, tmp_path):
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None, **TORCHVISION[name]).eval()
-    round_trip(fxprune.capture(model), tmp_path, (torch.randn(1, 3, 64, 64),))
+    gm, x = fxprune.capture(model), (torch.randn(1, 3, 64, 64),)
+    loaded = round_trip(gm, tmp_path, x)
+    with torch.no_grad():  # the tolerance, relative to outputs of 1e-10, still catches one wrong weight
+        name, weight = [(n, p) for n, p in loaded.named_parameters() if p.ndim > 1][-1]
+        weight[0] *= 1.01
+        with pytest.raises(AssertionError, match="output leaf 0"):
+            assert_same_outputs(loaded(*x), gm(*x))
 
 
 def test_pruned_resnet18_round_trip(tmp_path):
@@ -121,7 +128,7 @@ def test_tied_weights_are_stored_once_and_tied_again(tmp_path):
     loaded = fxprune.load(tmp_path)
     assert loaded.out.weight is loaded.embed.weight
     ids = torch.tensor([[1, 2, 3]])
-    assert torch.equal(loaded(ids), gm(ids))
+    assert_same_outputs(loaded(ids), gm(ids))
 
 
 class Scale(nn.Module):

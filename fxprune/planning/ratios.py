@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from fxprune.capture import module_names
 from fxprune.depgraph import Group
 
 
@@ -33,11 +34,11 @@ def group_ratios(dg, ratios: dict | None) -> dict:
     if not ratios:
         return {}
     by_id = {g.id: g for g in dg.groups}
-    module_names = {id(m): name for name, m in dg.gm.named_modules()}
+    names = module_names(dg.gm, getattr(dg, "model", None))
     out: dict[Group, float] = {}
     for key, value in ratios.items():
         ratio = check_ratio(value, f"ratios[{_describe(key)}]")
-        for group in _groups_of_key(dg, key, by_id, module_names):
+        for group in _groups_of_key(dg, key, by_id, names):
             out[group] = min(ratio, out.get(group, ratio))
     return out
 

@@ -106,3 +106,24 @@ def prelu(r) -> None:
     if w.shape[0] > 1:
         r.same(w[0], x[1 if x.ndim > 1 else 0])
         r.module_attr("num_parameters", w[0])
+
+
+def _weight_norm_signature(v, g, dim=0):
+    pass
+
+
+@register(torch._weight_norm)
+def weight_norm(r) -> None:
+    """``v * g / ||v||`` (norm over every axis but ``dim``; ``dim=-1``: the whole tensor) has ``v``'s axes.
+
+    ``g`` keeps ``v``'s size on ``dim`` (1 elsewhere). The norm is not a normalisation in the
+    oracle's sense: zero units add nothing to it.
+    """
+    a = r.bind(_weight_norm_signature)
+    v, g, out = a["v"], a["g"], r.out
+    for d in range(v.ndim):
+        r.same(v[d], out[d])
+    if isinstance(g, TensorRef) and g.ndim == v.ndim:
+        for d in range(v.ndim):
+            if g.shape[d] == v.shape[d]:
+                r.same(g[d], v[d])

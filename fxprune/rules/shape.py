@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from fxprune.context import TensorRef
 from fxprune.layout import Prod
 from fxprune.rules.registry import family, register
 
@@ -267,6 +268,30 @@ def repeat(r) -> None:
         copies.append(copy)
         r.product(out[d], [copy, x[d - lead]] if d >= lead else [copy])
     r.const("sizes", copies, index=0 if nested else None)
+
+
+def _repeat_interleave_signature(input=None, repeats=None, dim=None, **kwargs):  # noqa: A002
+    pass
+
+
+@register(torch.repeat_interleave, "repeat_interleave")
+def repeat_interleave(r) -> None:
+    """``x.repeat_interleave(k, dim)`` copies each index k times: out index = i * k + copy, ``product(x, copies)``.
+
+    Computed or per-index repeats (a tensor), and ``dim=None`` (flattened), freeze every axis.
+    """
+    a = r.bind(_repeat_interleave_signature)
+    x, repeats, dim, out = a["input"], a["repeats"], a["dim"], r.out
+    if not isinstance(x, TensorRef) or not isinstance(repeats, int) or not isinstance(dim, int) or out is None:
+        r.freeze_all("repeat_interleave with tensor repeats or no dim")
+        return
+    dim %= x.ndim
+    for d in range(x.ndim):
+        if d != dim:
+            r.same(x[d], out[d])
+    copies = r.fresh(repeats, f"repeat_interleave copies {r.where}")
+    r.product(out[dim], [x[dim], copies])
+    r.const("repeats", copies)
 
 
 def _new_factory_signature(self, *size, **kwargs):

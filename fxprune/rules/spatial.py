@@ -108,12 +108,20 @@ def pixel_unshuffle(r) -> None:
         r.same(x[d], out[d])
 
 
+def _roll_signature(input, shifts, dims=None):  # noqa: A002
+    pass
+
+
 @register(torch.roll, "roll")
 def roll(r) -> None:
-    """A roll permutes indices along its dims: those freeze, the others carry over."""
-    x, out = r.input(0), r.out
-    dims = r.node.kwargs.get("dims", r.node.args[2] if len(r.node.args) > 2 else None)
-    rolled = set(range(x.ndim)) if dims is None else {d % x.ndim for d in ([dims] if isinstance(dims, int) else dims)}
+    """A roll permutes indices along its dims: those freeze, the others carry over.
+
+    No dims (``None``, or aten's ``[]``) rolls the flattened tensor: every axis freezes.
+    """
+    a = r.bind(_roll_signature)
+    x, out, dims = a["input"], r.out, a["dims"]
+    dims = [dims] if isinstance(dims, int) else list(dims or ())
+    rolled = {d % x.ndim for d in dims} if dims else set(range(x.ndim))
     for d in range(x.ndim):
         if d in rolled:
             r.freeze(x[d], "rolled axis")
