@@ -202,8 +202,8 @@ def _record_plan(job: Job) -> None:
 
 ANALYSIS = [("capture", _capture), ("propagate", _propagate), ("decompose", _decompose), ("relate", _relate),
             ("solve", _solve)]
-PRUNING = [("score", _score), ("plan", _plan), ("check", _check_removed), ("rewrite", _rewrite), ("verify", _verify), ("measure", _measure),
-           ("record", _record_plan)]
+PRUNING = [("score", _score), ("plan", _plan), ("check", _check_removed), ("rewrite", _rewrite), ("verify", _verify),
+           ("measure", _measure), ("record", _record_plan)]
 PIPELINE = ANALYSIS + PRUNING
 
 

@@ -70,7 +70,7 @@ def test_family_prunes_and_dead_units_are_exact(name):
     torch.manual_seed(0)
     model, args, kwargs = _family(name)
     model.eval()
-    dg = fxprune.analyze(model, args, kwargs=kwargs)
+    dg = fxprune.analyze(model, args, kwargs=kwargs, prune_head_dims=True)
     assert not dg.state.unsupported, dg.report()
     removal = plant_dead_units(dg)
     assert len(removal) >= 4  # heads / kv groups and MLP units in every layer at least
