@@ -3,7 +3,7 @@
 ::
 
     capture -> propagate -> decompose -> relate -> solve     (analyze)
-            -> score -> plan -> rewrite -> verify -> measure -> record     (prune)
+            -> score -> plan -> rewrite -> recompose -> verify -> measure -> record     (prune)
 
 ``score`` runs the importance criterion over every prunable group
 (:mod:`fxprune.importance`); ``plan`` turns scores into units to remove (local or
@@ -32,7 +32,7 @@ import torch.fx as fx
 
 from fxprune import hf
 from fxprune.capture import capture, flat_inputs, is_hf_model
-from fxprune.decompose import decompose
+from fxprune.decompose import decompose, recompose
 from fxprune.depgraph import DependencyGraph
 from fxprune.importance import named_tensors, resolve_importance, score_groups
 from fxprune.macs import count_graph, estimate
@@ -134,6 +134,12 @@ def _rewrite(job: Job) -> None:
         job.result = rewrite(job.dg, job.removal, inplace=job.inplace)
 
 
+def _recompose(job: Job) -> None:
+    """Decomposed ``nn.MultiheadAttention`` calls become module calls again (resized), to keep the fused path."""
+    if not (job.inplace and is_hf_model(job.model)):
+        recompose(job.result)
+
+
 def _verify(job: Job) -> None:
     if not (job.inplace and is_hf_model(job.model)):
         verify(job.result, job.dg.example_inputs, job.dg.expected_shapes)
@@ -164,8 +170,8 @@ def _record_plan(job: Job) -> None:
 
 ANALYSIS = [("capture", _capture), ("propagate", _propagate), ("decompose", _decompose), ("relate", _relate),
             ("solve", _solve)]
-PRUNING = [("score", _score), ("plan", _plan), ("rewrite", _rewrite), ("verify", _verify), ("measure", _measure),
-           ("record", _record_plan)]
+PRUNING = [("score", _score), ("plan", _plan), ("rewrite", _rewrite), ("recompose", _recompose), ("verify", _verify),
+           ("measure", _measure), ("record", _record_plan)]
 PIPELINE = ANALYSIS + PRUNING
 
 
@@ -194,6 +200,7 @@ def apply(dg: DependencyGraph, removal: dict, *, inplace: bool = False) -> fx.Gr
         gm = hf.prune_in_place(dg, removal, rewrite, verify)
     else:
         gm = rewrite(dg, removal, inplace=inplace)
+        recompose(gm)
         verify(gm, dg.example_inputs, dg.expected_shapes)
     attach_plan(gm, PruningPlan.from_removal(dg, removal, inplace=inplace))
     return gm
