@@ -98,6 +98,11 @@ def _decompose_mha(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention, 
     a = inspect.signature(_mha_signature).bind(*node.args, **node.kwargs)
     a.apply_defaults()
     a = dict(a.arguments)
+    for key in ("attn_mask", "key_padding_mask"):  # a forward's mask argument left at its default None
+        mask = a[key]
+        if isinstance(mask, fx.Node) and mask.meta.get("val") is None and (mask.op == "placeholder"
+                                                                           or "val" in mask.meta):
+            a[key] = None
     if not _decomposable(node, m, a):
         return False
     g, name = gm.graph, node.target

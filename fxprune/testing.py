@@ -50,3 +50,35 @@ def plant_dead_units(dg, groups=None, fraction: float = 0.34, seed: int = 0) -> 
                 index = torch.as_tensor(member.indices(group, units), dtype=torch.long)
                 tensors[member.name].index_fill_(member.dim, index, 0.0)
     return removal
+
+
+def assert_close_to_scale(got, expected, atol: float = 1e-5) -> None:
+    """Tensors (or tuples of them) equal up to ``atol`` times the largest magnitude of ``expected`` (at least 1).
+
+    For outputs of two code paths (decomposed and fused attention ...): never compare them bit for bit.
+    """
+    for g, e in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected), strict=True):
+        if e is None or g is None:
+            assert g is e, (g, e)
+            continue
+        assert g.shape == e.shape, (g.shape, e.shape)
+        torch.testing.assert_close(g, e, atol=atol * max(1.0, e.abs().max().item()), rtol=0)
+
+
+@torch.no_grad()
+def run_oracle(model, inputs: tuple, groups=None, fraction: float = 0.34, seed: int = 0):
+    """Analyse ``model`` (eval), plant dead units, prune exactly them and check the outputs did not change.
+
+    ``groups``: as for :func:`plant_dead_units`, or a function of the dependency graph
+    returning them. Returns ``(dg, removal, pruned)``.
+    """
+    from fxprune.api import analyze, apply
+
+    model.eval()
+    dg = analyze(model, inputs)
+    removal = plant_dead_units(dg, groups(dg) if callable(groups) else groups, fraction=fraction, seed=seed)
+    assert removal, "no group to plant dead units in"
+    expected = model(*inputs)
+    pruned = apply(dg, removal)
+    assert_close_to_scale(pruned(*inputs), expected)
+    return dg, removal, pruned

@@ -104,9 +104,7 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
 
         ``is_causal`` is a hint, as in the parent: ``attn_mask`` must be given.
         """
-        if query.dim() != 3 or (attn_mask is not None and attn_mask.dim() != 2):
-            raise ValueError("PrunedMultiheadAttention takes batched 3-d inputs and a 2-d attn_mask")
-        if is_causal and attn_mask is None:
+        if is_causal and attn_mask is None:  # (no checks on tensor values: torch.fx can trace this forward)
             raise RuntimeError("is_causal is a hint: pass the causal attn_mask too (as nn.MultiheadAttention needs)")
         self_attention, shared_kv = query is key and key is value, key is value
         if not self.batch_first:
