@@ -98,6 +98,7 @@ def _decompose_mha(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention, 
     a = inspect.signature(_mha_signature).bind(*node.args, **node.kwargs)
     a.apply_defaults()
     a = dict(a.arguments)
+    arguments = {k: v.name if isinstance(v, fx.Node) else v for k, v in a.items()}  # recompose passes them all
     for key in ("attn_mask", "key_padding_mask"):  # a forward's mask argument left at its default None
         mask = a[key]
         if isinstance(mask, fx.Node) and mask.meta.get("val") is None and (mask.op == "placeholder"
@@ -158,7 +159,7 @@ def _decompose_mha(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention, 
             out = g.call_method("transpose", (out, 0, 1))
         roles[out] = "out"
     call = {"module": name, "index": index, "config": _config(m),
-            "arguments": {k: v.name if isinstance(v, fx.Node) else v for k, v in a.items()}}
+            "arguments": arguments}
     for new in g.nodes:
         if new not in existing:
             new.meta[DECOMPOSED] = {"call": call, "role": roles.get(new)}
