@@ -195,3 +195,14 @@ def test_pruned_module_round_trips_through_save_load_and_torch_save(tmp_path):
         for other in (loaded, reloaded):
             assert type(other.attn) is PrunedMultiheadAttention and other.attn.out_dim == pruned.attn.out_dim
             assert torch.equal(other(*x), expected)
+
+
+def test_training_mode_and_dropout_are_kept():
+    model, x = build(), inputs()
+    model.attn.dropout = 0.1
+    model.train()
+    pruned = {ratio: fxprune.prune(model, ratio, example_inputs=x) for ratio in (0.0, 0.5)}
+    for ratio, cls in ((0.0, nn.MultiheadAttention), (0.5, PrunedMultiheadAttention)):
+        assert type(pruned[ratio].attn) is cls and pruned[ratio].attn.training and pruned[ratio].attn.dropout == 0.1
+    with torch.no_grad():
+        assert_close_to_scale(pruned[0.0].eval()(*x), model.eval()(*x))
