@@ -206,3 +206,25 @@ def test_training_mode_and_dropout_are_kept():
         assert type(pruned[ratio].attn) is cls and pruned[ratio].attn.training and pruned[ratio].attn.dropout == 0.1
     with torch.no_grad():
         assert_close_to_scale(pruned[0.0].eval()(*x), model.eval()(*x))
+
+
+class Holder(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, memory, key_padding_mask, attn_mask):
+        return self.inner(x, memory, key_padding_mask, attn_mask)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+@torch.no_grad()
+def test_pruned_module_traces_and_is_pruned_again_inside_another_model(need_weights):
+    x = inputs(masks=True)
+    pruned = fxprune.prune(build(need_weights=need_weights), 0.5, example_inputs=x)
+    traced = torch.fx.symbolic_trace(pruned)  # plain torch.fx traces through its forward
+    assert_close_to_scale(traced(*x), pruned(*x))
+    # fxprune's capture keeps it one call (a leaf), decomposes it, and puts it back smaller
+    again = fxprune.prune(Holder(pruned), 0.3, example_inputs=x)
+    assert type(again.inner.attn) is PrunedMultiheadAttention
+    assert again.inner.attn.num_heads * again.inner.attn.head_dim < pruned.attn.num_heads * pruned.attn.head_dim

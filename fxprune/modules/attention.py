@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
@@ -47,6 +48,9 @@ def merge_masks(attn_mask, key_padding_mask, dtype: torch.dtype):
         mask = view(mask.to(dtype))
         merged = mask if merged is None else merged + mask
     return merged
+
+
+torch.fx.wrap("merge_masks")  # one call in a traced forward: it branches on the masks' dtypes
 
 
 class PrunedMultiheadAttention(nn.MultiheadAttention):
@@ -111,7 +115,9 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         q, k, v = self._project(query, key, value, self_attention, shared_kv)
         q, k, v = (t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2) for t in (q, k, v))
-        mask = merge_masks(attn_mask, key_padding_mask, q.dtype)
+        mask = None
+        if attn_mask is not None or key_padding_mask is not None:
+            mask = merge_masks(attn_mask, key_padding_mask, q.dtype)
         p = self.dropout if self.training else 0.0
         weights = None
         if need_weights:
