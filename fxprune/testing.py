@@ -79,6 +79,8 @@ def run_oracle(model, inputs: tuple, groups=None, fraction: float = 0.34, seed: 
     removal = plant_dead_units(dg, groups(dg) if callable(groups) else groups, fraction=fraction, seed=seed)
     assert removal, "no group to plant dead units in"
     expected = model(*inputs)
+    assert max(t.abs().max().item() for t in torch.utils._pytree.tree_leaves(expected) if t is not None) > 1e-3, \
+        "a trivially small output would make the oracle vacuous"
     pruned = apply(dg, removal)
     assert_close_to_scale(pruned(*inputs), expected)
     return dg, removal, pruned
