@@ -3,7 +3,7 @@
 ::
 
     capture -> propagate -> decompose -> relate -> solve     (analyze)
-            -> score -> plan -> check -> rewrite -> verify -> measure -> record     (prune)
+            -> score -> plan -> check -> rewrite -> recompose -> verify -> measure -> record     (prune)
 
 ``score`` runs the importance criterion over every prunable group
 (:mod:`fxprune.importance`); ``plan`` turns scores into units to remove (local or
@@ -33,7 +33,7 @@ import torch.fx as fx
 
 from fxprune import hf
 from fxprune.capture import capture, flat_inputs, is_hf_model, module_names, split_inputs
-from fxprune.decompose import decompose
+from fxprune.decompose import decompose, recompose
 from fxprune.depgraph import DependencyGraph
 from fxprune.importance import named_tensors, resolve_importance, score_groups
 from fxprune.macs import count_graph, estimate
@@ -137,7 +137,7 @@ def _plan(job: Job) -> None:
     elif job.target[0] == "latency":
         args = job.example_inputs if isinstance(job.example_inputs, (tuple, list)) else (job.example_inputs,)
         job.search = search_latency(job.dg, groups, job.scores, job.steps, job.target[1],
-                                    lambda removal: rewrite(job.dg, removal), job.model, tuple(args), job.kwargs,
+                                    lambda removal: _rewritten(job.dg, removal), job.model, tuple(args), job.kwargs,
                                     alignment=job.alignment, max_ratio=job.max_ratio)
         job.removal = job.search.removal
     else:
@@ -164,6 +164,12 @@ def _rewrite(job: Job) -> None:
         job.result = hf.prune_in_place(job.dg, job.removal, rewrite, verify)
     else:
         job.result = rewrite(job.dg, job.removal, inplace=job.inplace)
+
+
+def _recompose(job: Job) -> None:
+    """Decomposed ``nn.MultiheadAttention`` calls become module calls again (resized), to keep the fused path."""
+    if not (job.inplace and is_hf_model(job.model)):
+        recompose(job.result)
 
 
 def _verify(job: Job) -> None:
@@ -202,8 +208,8 @@ def _record_plan(job: Job) -> None:
 
 ANALYSIS = [("capture", _capture), ("propagate", _propagate), ("decompose", _decompose), ("relate", _relate),
             ("solve", _solve)]
-PRUNING = [("score", _score), ("plan", _plan), ("check", _check_removed), ("rewrite", _rewrite), ("verify", _verify),
-           ("measure", _measure), ("record", _record_plan)]
+PRUNING = [("score", _score), ("plan", _plan), ("check", _check_removed), ("rewrite", _rewrite),
+           ("recompose", _recompose), ("verify", _verify), ("measure", _measure), ("record", _record_plan)]
 PIPELINE = ANALYSIS + PRUNING
 
 
@@ -235,9 +241,16 @@ def apply(dg: DependencyGraph, removal: dict, *, inplace: bool = False) -> fx.Gr
     if inplace and is_hf_model(getattr(dg, "model", None)):
         gm = hf.prune_in_place(dg, removal, rewrite, verify)
     else:
-        gm = rewrite(dg, removal, inplace=inplace)
+        gm = _rewritten(dg, removal, inplace)
         verify(gm, dg.example_inputs, dg.expected_shapes)
     attach_plan(gm, PruningPlan.from_removal(dg, removal, inplace=inplace))
+    return gm
+
+
+def _rewritten(dg: DependencyGraph, removal: dict, inplace: bool = False) -> fx.GraphModule:
+    """The passes rewrite + recompose in one call, for ``apply`` and for candidates a latency search measures."""
+    gm = rewrite(dg, removal, inplace=inplace)
+    recompose(gm)
     return gm
 
 

@@ -29,6 +29,7 @@ from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils._pytree import tree_leaves, tree_structure
 
 from fxprune.errors import CaptureError, ShapeError
+from fxprune.modules import PrunedMultiheadAttention
 
 EXPORTED = "export"  # value of gm.meta["fxprune_capture"] for graphs captured with torch.export
 
@@ -37,6 +38,10 @@ class _Tracer(fx.Tracer):
     def __init__(self) -> None:
         super().__init__()
         self.record_stack_traces = True
+
+    def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
+        """A pruned MultiheadAttention stays one call, as its parent class does (decompose reads it)."""
+        return isinstance(m, PrunedMultiheadAttention) or super().is_leaf_module(m, qualname)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _Proxy(node, self)

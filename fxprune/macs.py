@@ -150,11 +150,11 @@ def _rnn_module(node, m, shapes):
 
 def _mha_module(node, m, shapes):
     q, k = shapes.node(node.args[0]), shapes.node(node.args[1])
-    e = m.embed_dim
+    inner = m.num_heads * m.head_dim  # embed_dim, unless pruning made it a PrunedMultiheadAttention
     tokens_q, tokens_k = _numel(q[:-1]), _numel(k[:-1])
     seq_k = k[1] if m.batch_first and len(k) == 3 else k[0]
-    projections = 2 * tokens_q * e * e + tokens_k * e * (m.kdim + m.vdim)  # q, out; k, v
-    return projections + 2 * tokens_q * seq_k * e
+    projections = tokens_q * inner * (m.embed_dim + m.out_proj.out_features) + tokens_k * inner * (m.kdim + m.vdim)
+    return projections + 2 * tokens_q * seq_k * inner
 
 
 def _batch_norm_module(node, m, shapes):

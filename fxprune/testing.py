@@ -62,13 +62,13 @@ def exported(model, *inputs):
         return program.module()
 
 
-def assert_same_outputs(got, expected, rel: float = 1e-5) -> None:
+def assert_same_outputs(got, expected, rel: float = 1e-5, floor: float = 0.0) -> None:
     """Outputs of two code paths that compute the same function (a reloaded, replayed or regenerated graph).
 
     Bit-exactness cannot be promised across code paths: BLAS and oneDNN kernels may order a sum differently by
     memory alignment or layout. Float leaves must agree within ``rel`` times the largest magnitude of the
     expected leaf (a wrong weight moves outputs by about their own size, even outputs of 1e-10); every other leaf
-    exactly. Tuples, lists and dicts (model outputs) are compared leaf by leaf.
+    exactly. Tuples, lists and dicts (model outputs) are compared leaf by leaf. ``floor`` is the least scale.
     """
     from torch.utils._pytree import tree_flatten
 
@@ -77,9 +77,38 @@ def assert_same_outputs(got, expected, rel: float = 1e-5) -> None:
     assert got_spec == expected_spec, f"output structure {got_spec} != {expected_spec}"
     for i, (a, b) in enumerate(zip(got_leaves, expected_leaves)):
         if isinstance(b, torch.Tensor) and b.is_floating_point():
-            scale = b.detach().abs().max().item() if b.numel() else 0.0
+            scale = max(floor, b.detach().abs().max().item() if b.numel() else 0.0)
             torch.testing.assert_close(a, b, atol=rel * scale, rtol=0, msg=lambda m: f"output leaf {i}: {m}")
         elif isinstance(b, torch.Tensor):
             assert torch.equal(a, b), f"output leaf {i} differs"
         else:
             assert a == b, f"output leaf {i}: {a!r} != {b!r}"
+
+
+def assert_close_to_scale(got, expected, atol: float = 1e-5) -> None:
+    """Tensors (or tuples of them) equal up to ``atol`` times the largest magnitude of ``expected`` (at least 1).
+
+    For outputs of two code paths (decomposed and fused attention ...): never compare them bit for bit.
+    """
+    assert_same_outputs(got, expected, rel=atol, floor=1.0)
+
+
+@torch.no_grad()
+def run_oracle(model, inputs: tuple, groups=None, fraction: float = 0.34, seed: int = 0):
+    """Analyse ``model`` (eval), plant dead units, prune exactly them and check the outputs did not change.
+
+    ``groups``: as for :func:`plant_dead_units`, or a function of the dependency graph
+    returning them. Returns ``(dg, removal, pruned)``.
+    """
+    from fxprune.api import analyze, apply
+
+    model.eval()
+    dg = analyze(model, inputs)
+    removal = plant_dead_units(dg, groups(dg) if callable(groups) else groups, fraction=fraction, seed=seed)
+    assert removal, "no group to plant dead units in"
+    expected = model(*inputs)
+    assert max(t.abs().max().item() for t in torch.utils._pytree.tree_leaves(expected) if t is not None) > 1e-3, \
+        "a trivially small output would make the oracle vacuous"
+    pruned = apply(dg, removal)
+    assert_close_to_scale(pruned(*inputs), expected)
+    return dg, removal, pruned

@@ -90,6 +90,16 @@ def test_pruned_resnet18_round_trip(tmp_path):
     round_trip(pruned, tmp_path, (x,))
 
 
+def test_pruned_vit_round_trip(tmp_path):
+    """Its attention is a PrunedMultiheadAttention (fewer heads than the residual width holds)."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32)
+    pruned = fxprune.prune(torchvision.models.vit_b_16(image_size=32).eval(), 0.5, example_inputs=(x,))
+    assert isinstance(pruned.encoder.layers.encoder_layer_0.self_attention, nn.MultiheadAttention)
+    round_trip(pruned, tmp_path, (x,))
+
+
 def test_exported_graph_round_trip(tmp_path):
     x = torch.randn(2, 3, 8, 8)
     gm = export_capture(models.ResidualCNN().eval(), (x,))

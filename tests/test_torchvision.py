@@ -13,7 +13,8 @@ import torch
 
 import fxprune
 import fxprune.macs
-from fxprune.testing import plant_dead_units
+from fxprune.modules import PrunedMultiheadAttention
+from fxprune.testing import assert_close_to_scale, oracle_groups, plant_dead_units, run_oracle
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -112,3 +113,30 @@ def test_gathered_relative_bias_keeps_heads_prunable():
     pruned = fxprune.apply(dg, removal)
     assert pruned.table.shape == (25, 2)
     torch.testing.assert_close(pruned(x), before, atol=1e-5, rtol=0)
+
+
+def _attentions(model) -> list:
+    return [m for name, m in model.named_modules() if name.endswith("self_attention")]
+
+
+@torch.no_grad()
+def test_vit_attention_is_a_multihead_attention_again():
+    """Decomposed for analysis, put back after pruning: the native MultiheadAttention path still runs."""
+    model, x = build("vit_b_16")
+    same = fxprune.prune(model, 0.0, example_inputs=(x,))
+    assert [type(m) for m in _attentions(same)] == [torch.nn.MultiheadAttention] * 12
+    assert_close_to_scale(same(x), model(x))
+    half = fxprune.prune(model, 0.5, example_inputs=(x,))  # heads (and residual) pruned: the subclass
+    assert all(type(m) is PrunedMultiheadAttention and m.num_heads == 6 for m in _attentions(half))
+
+    def heads_and_mlp(dg):  # head dims are left out: q/k and v head dims pruned apart stay decomposed
+        head_dims = {g for name, _ in dg.gm.named_parameters() if name.endswith("in_proj_weight")
+                     for g in dg.groups_of(name, 0)[1:]}
+        return [g for g in oracle_groups(dg) if g not in head_dims]
+
+    dg, removal, pruned = run_oracle(model, (x,), heads_and_mlp)
+    heads = [len(removal.get(dg.groups_of(f"encoder.layers.encoder_layer_{i}.self_attention.in_proj_weight", 0)[0],
+                             ())) for i in range(12)]
+    assert all(heads)
+    assert [m.num_heads for m in _attentions(pruned)] == [12 - h for h in heads]
+    assert all(type(m) is PrunedMultiheadAttention for m in _attentions(pruned))
