@@ -94,8 +94,11 @@ def assert_close_to_scale(got, expected, atol: float = 1e-5) -> None:
 
 
 @torch.no_grad()
-def run_oracle(model, inputs: tuple, groups=None, fraction: float = 0.34, seed: int = 0):
+def run_oracle(model, inputs: tuple, groups=None, fraction: float = 0.34, seed: int = 0,
+               prune_head_dims: bool = True):
     """Analyse ``model`` (eval), plant dead units, prune exactly them and check the outputs did not change.
+
+    Head dims are prunable here by default (the oracle checks the engine, not the speed policy).
 
     ``groups``: as for :func:`plant_dead_units`, or a function of the dependency graph
     returning them. Returns ``(dg, removal, pruned)``.
@@ -103,7 +106,7 @@ def run_oracle(model, inputs: tuple, groups=None, fraction: float = 0.34, seed: 
     from fxprune.api import analyze, apply
 
     model.eval()
-    dg = analyze(model, inputs)
+    dg = analyze(model, inputs, prune_head_dims=prune_head_dims)
     removal = plant_dead_units(dg, groups(dg) if callable(groups) else groups, fraction=fraction, seed=seed)
     assert removal, "no group to plant dead units in"
     expected = model(*inputs)

@@ -87,7 +87,7 @@ VARIANTS = [dict(batch_first=bf, cross=cross, need_weights=nw, average=avg)
 def test_ratio_zero_gives_back_the_same_multihead_attention(variant, masks):
     model = build(**variant)
     x = inputs(variant["batch_first"], variant["cross"], masks)
-    pruned = fxprune.prune(model, 0.0, example_inputs=x)
+    pruned = fxprune.prune(model, 0.0, example_inputs=x, round_to=1)
     assert type(pruned.attn) is nn.MultiheadAttention and not pruned.attn.training
     for attr in ("embed_dim", "num_heads", "head_dim", "kdim", "vdim", "batch_first", "dropout",
                  "_qkv_same_embed_dim"):
@@ -153,13 +153,13 @@ def test_head_dims_pruned_apart_stay_decomposed():
 @torch.no_grad()
 def test_apply_replay_and_iterative_pruning_keep_the_fused_module(tmp_path):
     model, x = build(), inputs(masks=True)
-    pruned = fxprune.prune(model, 0.5, example_inputs=x)
+    pruned = fxprune.prune(model, 0.5, example_inputs=x, round_to=1, prune_head_dims=True)
     assert isinstance(pruned.attn, nn.MultiheadAttention) and not is_decomposed(pruned)
     pruned.meta["fxprune_plan"].save(tmp_path / "plan.json")
     again = fxprune.replay(tmp_path / "plan.json", model, x)
     assert type(again.attn) is type(pruned.attn)
     assert_close_to_scale(again(*x), pruned(*x))
-    pruner = fxprune.Pruner(model, x, ratio=0.5, steps=2)
+    pruner = fxprune.Pruner(model, x, ratio=0.5, steps=2, prune_head_dims=True, round_to=1)
     first = pruner.step()
     final = pruner.step()  # re-analyses the PrunedMultiheadAttention: decomposed and put back again
     assert type(first.attn) is type(final.attn) is PrunedMultiheadAttention
@@ -184,7 +184,7 @@ def test_pruned_module_matches_its_parent_at_the_parents_widths():
 
 def test_pruned_module_round_trips_through_save_load_and_torch_save(tmp_path):
     model, x = build(), inputs()
-    pruned = fxprune.prune(model, 0.5, example_inputs=x)
+    pruned = fxprune.prune(model, 0.5, example_inputs=x, round_to=1, prune_head_dims=True)
     assert type(pruned.attn) is PrunedMultiheadAttention
     fxprune.save(pruned, tmp_path / "saved")
     loaded = fxprune.load(tmp_path / "saved")
@@ -201,7 +201,7 @@ def test_training_mode_and_dropout_are_kept():
     model, x = build(), inputs()
     model.attn.dropout = 0.1
     model.train()
-    pruned = {ratio: fxprune.prune(model, ratio, example_inputs=x) for ratio in (0.0, 0.5)}
+    pruned = {ratio: fxprune.prune(model, ratio, example_inputs=x, round_to=1, prune_head_dims=True) for ratio in (0.0, 0.5)}
     for ratio, cls in ((0.0, nn.MultiheadAttention), (0.5, PrunedMultiheadAttention)):
         assert type(pruned[ratio].attn) is cls and pruned[ratio].attn.training and pruned[ratio].attn.dropout == 0.1
     with torch.no_grad():
@@ -221,10 +221,10 @@ class Holder(nn.Module):
 @torch.no_grad()
 def test_pruned_module_traces_and_is_pruned_again_inside_another_model(need_weights):
     x = inputs(masks=True)
-    pruned = fxprune.prune(build(need_weights=need_weights), 0.5, example_inputs=x)
+    pruned = fxprune.prune(build(need_weights=need_weights), 0.5, example_inputs=x, round_to=1)
     traced = torch.fx.symbolic_trace(pruned)  # plain torch.fx traces through its forward
     assert_close_to_scale(traced(*x), pruned(*x))
     # fxprune's capture keeps it one call (a leaf), decomposes it, and puts it back smaller
-    again = fxprune.prune(Holder(pruned), 0.3, example_inputs=x)
+    again = fxprune.prune(Holder(pruned), 0.3, example_inputs=x, round_to=1)
     assert type(again.inner.attn) is PrunedMultiheadAttention
     assert again.inner.attn.num_heads * again.inner.attn.head_dim < pruned.attn.num_heads * pruned.attn.head_dim

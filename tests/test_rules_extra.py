@@ -12,7 +12,7 @@ from fxprune.testing import exported, plant_dead_units
 
 def _oracle(model, *inputs):
     """Plant dead units in every oracle group, prune exactly them, compare with the unpruned graph."""
-    dg = fxprune.analyze(model, inputs)
+    dg = fxprune.analyze(model, inputs, prune_head_dims=True)
     assert not dg.state.unsupported, dg.report()
     removal = plant_dead_units(dg)
     assert removal, "nothing to prune"

@@ -126,8 +126,10 @@ def test_vit_attention_is_a_multihead_attention_again():
     same = fxprune.prune(model, 0.0, example_inputs=(x,))
     assert [type(m) for m in _attentions(same)] == [torch.nn.MultiheadAttention] * 12
     assert_close_to_scale(same(x), model(x))
-    half = fxprune.prune(model, 0.5, example_inputs=(x,))  # heads (and residual) pruned: the subclass
-    assert all(type(m) is PrunedMultiheadAttention and m.num_heads == 6 for m in _attentions(half))
+    half = fxprune.prune(model, 0.5, example_inputs=(x,))  # 6 heads of 64 and a residual of 384: they fit
+    assert all(type(m) is torch.nn.MultiheadAttention and m.num_heads == 6 for m in _attentions(half))
+    third = fxprune.prune(model, 0.3, example_inputs=(x,), round_to=1)  # 8 heads, residual 538: the subclass
+    assert all(type(m) is PrunedMultiheadAttention and m.num_heads == 8 for m in _attentions(third))
 
     def heads_and_mlp(dg):  # head dims are left out: q/k and v head dims pruned apart stay decomposed
         head_dims = {g for name, _ in dg.gm.named_parameters() if name.endswith("in_proj_weight")
