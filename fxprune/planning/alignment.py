@@ -1,11 +1,14 @@
 """Aligned shapes: how many units a group may lose at a time so that aligned weight dimensions stay aligned.
 
 GEMM and convolution kernels are fastest when channel counts are multiples of a
-small power of two: tensor cores want multiples of 8 half-precision values,
-AVX-512 kernels (oneDNN's ``nChw16c`` blocks, MKL's GEMM panels) 16 float32
-lanes, AVX2 8. A model pruned to 2867 hidden channels falls off those paths and
-can be *slower* than the original. So every weight dimension whose original size
-is a multiple of the alignment ``A`` must stay one.
+small power of two: tensor cores want multiples of 8 half-precision values, and
+CPU kernels vector widths. A model pruned to 2867 hidden channels falls off those
+paths and can be *slower* than the original. So every weight dimension whose
+original size is a multiple of the alignment ``A`` must stay one. ``A`` is 8: on
+an AVX-512 CPU, odd widths cost up to 11% (linear) and 10% (3x3 conv) against the
+multiple of 8 or 16 below them, while multiples of 8 ran as fast as multiples of
+16 (``benchmarks/alignment.py``, ``benchmarks/alignment_cpu.md``), so 16 would
+only make the steps coarser.
 
 A dimension's layout says how each group sits in it, and so how the dimension
 changes when a group loses units:
@@ -31,34 +34,17 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from fxprune.layout import Atom, Cat, Prod
 
-CPU_VECTOR_BYTES = {"AVX512": 64, "AVX2": 32}  # torch.backends.cpu.get_cpu_capability() -> SIMD register width
-
-
 def default_alignment(model) -> int:
-    """The channel multiple kernels prefer for ``model``'s floating-point parameters on their device.
+    """The channel multiple kernels prefer for ``model``'s parameters on their device: 8.
 
-    8 on CUDA and for half precision anywhere (tensor cores, and no CPU gains from more);
-    on a CPU with float32 the SIMD width in elements: 16 with AVX-512, 8 otherwise.
+    Tensor cores take float16/bfloat16 (and TF32) GEMMs in multiples of 8; on the CPU,
+    8 float32 lanes (AVX2) and AVX-512 kernels were measured equally fast at multiples of
+    8 and of 16 (module docstring). A model on the meta device gets the same: it will run
+    on a GPU or a CPU that cannot be seen from here.
     """
-    param = next((p for p in _tensors(model) if p.is_floating_point()), None)
-    if param is None:
-        return 8
-    if param.device.type == "cuda" or param.element_size() < 4:
-        return 8
-    if param.device.type == "meta":  # analysed without weights: it will run on a GPU or a CPU we cannot see
-        return 8
-    width = CPU_VECTOR_BYTES.get(torch.backends.cpu.get_cpu_capability(), 32) // param.element_size()
-    return max(8, min(16, width))
-
-
-def _tensors(model):
-    if isinstance(model, torch.nn.Module):
-        yield from model.parameters()
-        yield from model.buffers()
+    return 8
 
 
 def removal_steps(dg, groups, alignment: int) -> dict:
