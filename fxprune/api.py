@@ -279,8 +279,7 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     candidate measured against the original (:mod:`fxprune.planning.latency_target`).
 
     Shapes stay fast by default: every weight dimension that was a multiple of the
-    alignment (8 on CUDA and in half precision, the SIMD width on a CPU: see
-    :mod:`fxprune.planning.alignment`) stays one; ``round_to=k`` sets the alignment
+    alignment (8 channels: see :mod:`fxprune.planning.alignment`) stays one; ``round_to=k`` sets the alignment
     in channels, ``round_to=1`` turns it off. Attention's per-head widths are kept
     whole (whole heads are removed) unless ``prune_head_dims=True``.
 

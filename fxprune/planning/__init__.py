@@ -2,12 +2,11 @@
 
 ``selection`` ranks units (lowest scores first, per group or globally) and honours
 per-group *removal steps*; ``alignment`` derives those steps from the kernels'
-preferred channel multiple (8 for CUDA and half precision, the SIMD width on a
-CPU) so that every pruned weight dimension that was aligned stays aligned;
+preferred channel multiple (8, for tensor cores and as measured on CPUs) so that every pruned weight dimension that was aligned stays aligned;
 ``ratios`` turns ``ratios={module: r}`` into per-group ratios; ``target`` searches
 the ratio that keeps a fraction of the MACs or parameters; ``latency`` measures
 per-layer latency tables on the model's device and ``latency_target`` searches
 the plan that reaches a latency target with the least importance lost. For
 example, ``prune(llama, 0.3)`` keeps 2864 of 4096 hidden channels (a multiple of
-8 or 16), not 2867, and leaves every head's width whole.
+8), not 2867, and leaves every head's width whole.
 """
