@@ -74,7 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--ratio", type=float, help="fraction of every prunable group's units to remove")
     prune.add_argument("--importance", default="l2", help="unit importance criterion (default l2)")
     prune.add_argument("--target-macs", type=float, help="fraction of the MACs to keep (instead of --ratio)")
-    prune.add_argument("--round-to", type=int, help="keep a multiple of this many units in every group")
+    prune.add_argument("--round-to", type=int, help="channel alignment: weight widths that were multiples of it stay "
+                       "multiples (default 8; 1 turns it off)")
+    prune.add_argument("--prune-head-dims", action="store_true",
+                       help="also prune attention's per-head widths (default: whole heads only)")
+    prune.add_argument("--target-latency", type=float,
+                       help="fraction of the CPU latency to keep, measured on the example input (instead of --ratio)")
     prune.add_argument("--global", dest="global_pruning", action="store_true",
                        help="rank the units of all groups together instead of pruning each group by --ratio")
     prune.add_argument("--ignore", action="append", default=[], metavar="NAME",
@@ -193,13 +198,17 @@ def _prune_options(args) -> dict:
     """prune() keyword arguments from the flags; --target-macs only if this fxprune's prune() has it."""
     import fxprune
 
-    if args.ratio is None and args.target_macs is None:
-        raise ValueError("give --ratio (fraction of units to remove) or --target-macs (fraction of MACs to keep)")
+    if args.ratio is None and args.target_macs is None and args.target_latency is None:
+        raise ValueError("give --ratio (fraction of units to remove), --target-macs (fraction of MACs to keep) or "
+                         "--target-latency (fraction of the latency to keep)")
     options = {"importance": args.importance, "round_to": args.round_to, "ignore": tuple(args.ignore)}
+    if args.prune_head_dims:
+        options["prune_head_dims"] = True
     if args.ratio is not None:
         options["ratio"] = args.ratio
     supported = inspect.signature(fxprune.prune).parameters
     for flag, name, value in (("--target-macs", "target_macs", args.target_macs),
+                              ("--target-latency", "target_latency", args.target_latency),
                               ("--global", "global_pruning", args.global_pruning or None)):
         if value is None:
             continue

@@ -134,6 +134,12 @@ def test_prune_needs_ratio_or_target_macs(capsys):
     assert "give --ratio" in capsys.readouterr().err
 
 
+def test_alignment_head_dim_and_latency_flags_become_prune_options():
+    options = cli._prune_options(cli.build_parser().parse_args(
+        ["prune", *MODEL, "--target-latency", "0.5", "--round-to", "1", "--prune-head-dims"]))
+    assert options["target_latency"] == 0.5 and options["round_to"] == 1 and options["prune_head_dims"] is True
+
+
 def test_target_macs_flag_reaches_prune_or_says_it_is_unsupported(tmp_path, capsys):
     import inspect
 
