@@ -1,0 +1,295 @@
+"""Calibration on activations (fxprune.calibration): statistics against brute force, the activation and
+wanda criteria, and the least-squares reconstruction checked by a redundant-unit oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fxprune
+from fxprune.calibration import collect_statistics, linear_consumers, reconstruct
+from fxprune.importance import resolve_importance, score_groups
+from fxprune.testing import assert_close_to_scale, exported, plant_dead_units
+
+
+class MLP(nn.Module):
+    """Linear -> activation -> Linear; ``forward(x)`` so that dict batches say ``{"x": ...}``."""
+
+    def __init__(self, d_in=3, hidden=5, d_out=2, act=nn.ReLU, bias=True):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(d_in, hidden), act(), nn.Linear(hidden, d_out, bias=bias)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class FunctionalMLP(nn.Module):
+    """The consumer as ``F.linear`` over a bare parameter (no module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(3, 5)
+        self.w2, self.b2 = nn.Parameter(torch.randn(2, 5)), nn.Parameter(torch.randn(2))
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.fc1(x)), self.w2, self.b2)
+
+
+class Block(nn.Module):
+    """An attention-free transformer-style block: x + fc2(gelu(fc1(norm(x)))), tokens (B, T, d)."""
+
+    def __init__(self, d=6, hidden=12):
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+def _hidden(model, x):
+    """The consumer's input, computed by hand."""
+    if isinstance(model, Block):
+        return F.gelu(model.fc1(model.norm(x)))
+    return model.act(model.fc1(x)) if isinstance(model, MLP) else torch.tanh(model.fc1(x))
+
+
+def _as_batches(xs, kind):
+    return {"tensor": list(xs), "tuple": [(x,) for x in xs], "dict": [{"x": x} for x in xs]}[kind]
+
+
+@pytest.mark.parametrize("kind", ["tensor", "tuple", "dict"])
+@pytest.mark.parametrize("capture", ["traced", "exported", "functional"])
+def test_statistics_equal_brute_force(kind, capture):
+    torch.manual_seed(0)
+    model = (FunctionalMLP() if capture == "functional" else MLP()).eval()
+    xs = [torch.randn(n, 3) for n in (4, 7, 1)]
+    analysed = exported(model, xs[0]) if capture == "exported" else model
+    dg = fxprune.analyze(analysed, (xs[0],))
+    weight = "w2" if capture == "functional" else "fc2.weight"
+    assert list(linear_consumers(dg)) == [weight]
+    stats = collect_statistics(dg, _as_batches(xs, kind), gram=True)[weight]
+    with torch.no_grad():
+        h = torch.cat([_hidden(model, x) for x in xs]).double()
+    h1 = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1)
+    assert stats.count == 12
+    torch.testing.assert_close(stats.mean, h.mean(0))
+    torch.testing.assert_close(stats.var, h.var(0, unbiased=False))
+    torch.testing.assert_close(stats.gram, h1.T @ h1 / len(h))
+
+
+def test_statistics_stream_token_axes_and_keep_buffers():
+    """(B, T, d) inputs count B * T tokens; a model in training mode keeps its running statistics."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).train()
+    dg = fxprune.analyze(model, (torch.randn(5, 4),))
+    before = model[1].running_mean.clone()
+    stats = collect_statistics(dg, [torch.randn(5, 4) for _ in range(3)])
+    assert stats["3.weight"].count == 15 and stats["3.weight"].gram_sum is None
+    assert torch.equal(model[1].running_mean, before)
+    block = Block().eval()
+    dg = fxprune.analyze(block, (torch.randn(2, 3, 6),))
+    assert collect_statistics(dg, [torch.randn(2, 3, 6)])["fc2.weight"].count == 6
+
+
+def _planted(model, planted: dict, hidden_attr="fc1"):
+    """Make each planted hidden unit k redundant: ``planted[k] = m`` copies unit m's producer row and bias
+    (equal activations), ``planted[k] = None`` makes its activation a constant (zero row, a bias)."""
+    fc1 = getattr(model, hidden_attr)
+    with torch.no_grad():
+        for k, m in planted.items():
+            if m is None:
+                fc1.weight[k] = 0
+                fc1.bias[k] = 0.7
+            else:
+                fc1.weight[k] = fc1.weight[m]
+                fc1.bias[k] = fc1.bias[m]
+
+
+def _redundancy(draw, hidden, constants=True):
+    """Planted units (each copying a unit that stays, or constant) for a hidden width."""
+    count = draw(st.integers(1, hidden // 2))
+    order = draw(st.permutations(range(hidden)))
+    planted, sources = order[:count], order[count:]
+    return {k: draw(st.sampled_from([None, *sources] if constants else sources)) for k in planted}
+
+
+@st.composite
+def redundant_models(draw):
+    kind = draw(st.sampled_from(["mlp", "mlp-nobias", "block"]))
+    torch.manual_seed(draw(st.integers(0, 2 ** 16)))
+    hidden = draw(st.integers(4, 12))
+    if kind == "block":
+        model, shape = Block(d=draw(st.integers(3, 6)), hidden=hidden), (3, 4)  # d=2: LayerNorm leaves 2 points
+    else:
+        model, shape = MLP(draw(st.integers(2, 6)), hidden, draw(st.integers(1, 4)), act=nn.GELU,
+                           bias=kind == "mlp"), ()
+    planted = _redundancy(draw, hidden, constants=kind != "mlp-nobias")  # no bias: a constant cannot move
+    _planted(model, planted)
+    return model.eval(), shape, planted
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(redundant_models())
+def test_reconstruction_removes_planted_redundant_units_exactly(case):
+    """Pruning units whose activations are copies of kept units (or constants), reconstruction moves their
+    consumer columns onto the copies (or the bias): the outputs do not change."""
+    model, shape, planted = case
+    d_in = model.fc1.in_features
+    x = torch.randn(2, *shape, d_in)
+    dg = fxprune.analyze(model, (x,))
+    group = dg.group_of("fc1.weight", 0)
+    removal = {group: sorted(planted)}
+    batches = [torch.randn(16, *shape, d_in) for _ in range(4)]
+    test = torch.randn(8, *shape, d_in)
+    with torch.no_grad():
+        expected = model(test)
+        pruned = fxprune.apply(dg, removal)
+        refit = reconstruct(dg, removal, pruned, batches, damping=1e-9)
+        assert "fc2.weight" in refit and ("fc2.bias" in refit) == (model.fc2.bias is not None)
+        assert (pruned.get_submodule("fc2").bias is None) == (model.fc2.bias is None)  # no bias added
+        assert_close_to_scale(pruned(test), expected, atol=1e-4)
+
+
+def test_reconstruction_with_default_damping_through_prune():
+    """``prune(..., reconstruct=True)`` with a criterion that picks the planted units, default damping."""
+    torch.manual_seed(1)
+    model = MLP(4, 8, 3, act=nn.GELU).eval()
+    _planted(model, {2: 5, 6: None})
+    planted = lambda group, weights: torch.tensor([1.0, 1, 0, 1, 1, 1, 0, 1])  # noqa: E731
+    batches = [torch.randn(32, 4) for _ in range(4)]
+    test = torch.randn(64, 4)
+    pruned = fxprune.prune(model, 0.25, example_inputs=(test[:2],), importance=planted, round_to=1,
+                           calibration=batches, reconstruct=True)
+    assert pruned.get_submodule("fc1").out_features == 6
+    with torch.no_grad():
+        assert_close_to_scale(pruned(test), model(test), atol=1e-3)
+
+
+def _tanh_cnn():
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Tanh(), nn.Conv2d(6, 4, 3),
+                         nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("criterion", ["activation", "wanda"])
+@pytest.mark.parametrize("make, shape", [(lambda: MLP(5, 9, 3, act=nn.Tanh), (5,)), (Block, (3, 6)),
+                                         (_tanh_cnn, (2, 6, 6))])
+def test_dead_unit_oracle(criterion, make, shape):
+    """Dead units (every slice zero) score lowest (0); removing the lowest-scoring units keeps the outputs."""
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(4, *shape)
+    dg = fxprune.analyze(model, (x,))
+    planted = plant_dead_units(dg, seed=3)
+    scores = score_groups(resolve_importance(criterion, [torch.randn(8, *shape) for _ in range(2)]), dg, planted)
+    lowest = {g: np.sort(np.argsort(scores[g], kind="stable")[:len(units)]) for g, units in planted.items()}
+    for g, units in planted.items():
+        np.testing.assert_array_equal(lowest[g], units)
+    with torch.no_grad():
+        expected = model(x)
+        assert_close_to_scale(fxprune.apply(dg, lowest)(x), expected)
+
+
+def test_activation_ranks_a_constant_unit_lowest():
+    """Hidden unit 2 never varies (zero row, a bias) but has the largest consumer column: activation ranks it
+    lowest, L2 magnitude does not."""
+    torch.manual_seed(0)
+    model = MLP(3, 4, 2).eval()
+    with torch.no_grad():
+        model.fc1.weight[2] = 0
+        model.fc1.bias[2] = 1.0
+        model.fc2.weight[:, 2] = 10.0
+    batches = [torch.randn(16, 3) for _ in range(2)]
+    dg = fxprune.analyze(model, (batches[0],))
+    (group,) = dg.prunable_groups
+    activation = score_groups(resolve_importance("activation", batches), dg, [group])[group]
+    assert np.argmin(activation) == 2 and activation[2] == 0
+    assert np.argmin(score_groups(resolve_importance("l2"), dg, [group])[group]) != 2
+
+
+def test_activation_score_by_hand_and_magnitude_fallback():
+    """Var(x_j) * ||W[:, j]||^2 per hidden unit, divided by the mean; a conv-only group falls back to L2."""
+    torch.manual_seed(0)
+    model = MLP(3, 4, 2).eval()
+    batches = [torch.randn(8, 3) for _ in range(3)]
+    dg = fxprune.analyze(model, (batches[0],))
+    (group,) = dg.prunable_groups
+    with torch.no_grad():
+        h = torch.cat([_hidden(model, x) for x in batches]).double()
+    w = model.fc2.weight.detach().double()
+    expected = (h.var(0, unbiased=False) * w.square().sum(0)).numpy()
+    got = score_groups(resolve_importance("activation", batches), dg, [group])[group]
+    np.testing.assert_allclose(got, expected / expected.mean(), rtol=1e-6)
+    wanda = (h.square().mean(0).sqrt() * w.abs().sum(0)).numpy()
+    np.testing.assert_allclose(score_groups(resolve_importance("wanda", batches), dg, [group])[group],
+                               wanda / wanda.mean(), rtol=1e-6)
+    cnn = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 3)).eval()
+    dg = fxprune.analyze(cnn, (torch.randn(1, 2, 6, 6),))
+    (group,) = dg.prunable_groups
+    l2 = score_groups(resolve_importance("l2"), dg, [group])[group]
+    got = score_groups(resolve_importance("activation", [torch.randn(2, 2, 6, 6)]), dg, [group])[group]
+    np.testing.assert_allclose(got, l2 / l2.mean(), rtol=1e-6)
+
+
+def _digits_mlp():
+    datasets = pytest.importorskip("sklearn.datasets")
+    data = datasets.load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16
+    y = torch.tensor(data.target)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(150):
+        i = torch.randint(0, 1400, (128,))
+        opt.zero_grad()
+        F.cross_entropy(model(x[i]), y[i]).backward()
+        opt.step()
+    return model.eval(), x, y
+
+
+@pytest.mark.parametrize("importance", ["l2", "activation"])
+def test_reconstruction_lowers_the_output_error_on_digits(importance):
+    model, x, y = _digits_mlp()
+    calibration = [x[i:i + 100] for i in range(0, 1000, 100)]
+    held_out = x[1400:]
+    with torch.no_grad():
+        expected = model(held_out)
+        errors = {}
+        for rec in (False, True):
+            pruned = fxprune.prune(model, 0.5, example_inputs=(x[:2],), importance=importance, round_to=1,
+                                   calibration=calibration, reconstruct=rec)
+            errors[rec] = ((pruned(held_out) - expected).square().mean() / expected.square().mean()).item()
+    assert errors[True] < errors[False]
+
+
+def test_reconstruct_needs_calibration_and_no_hf_in_place():
+    with pytest.raises(ValueError, match="calibration"):
+        fxprune.prune(MLP(), 0.5, example_inputs=(torch.randn(2, 3),), reconstruct=True)
+    with pytest.raises(ValueError, match="calibration"):
+        fxprune.prune(MLP(), 0.5, example_inputs=(torch.randn(2, 3),), importance="activation")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.BertModel(transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                                                           num_attention_heads=2, intermediate_size=64))
+    ids = torch.randint(0, 50, (1, 5))
+    with pytest.raises(NotImplementedError, match="inplace"):
+        fxprune.prune(model, 0.3, example_inputs=(ids,), calibration=[ids], reconstruct=True, inplace=True)
+
+
+def test_consumer_without_bias_refits_kept_columns_only():
+    """No bias to take a constant unit's mean: the kept columns are the least-squares fit on the calibration
+    inputs (error there no larger than plain pruning's), and no bias appears."""
+    torch.manual_seed(0)
+    model = MLP(3, 6, 2, act=nn.GELU, bias=False).eval()
+    _planted(model, {1: None, 4: None})
+    calibration = torch.randn(64, 3)
+    dg = fxprune.analyze(model, (calibration[:2],))
+    removal = {dg.group_of("fc1.weight", 0): [1, 4]}
+    with torch.no_grad():
+        expected, plain = model(calibration), fxprune.apply(dg, removal)
+        pruned = fxprune.apply(dg, removal)
+        assert reconstruct(dg, removal, pruned, [calibration]) == ["fc2.weight"]
+        assert pruned.get_submodule("fc2").bias is None
+        assert (pruned(calibration) - expected).square().mean() < (plain(calibration) - expected).square().mean()
