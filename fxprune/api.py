@@ -230,6 +230,8 @@ def _record_plan(job: Job) -> None:
     """Keep the removal plan on the result (``gm.meta["fxprune_plan"]``) so that it can be saved and replayed."""
     settings = {"ratio": job.ratio, "importance": job.importance, "round_to": job.round_to,
                 "alignment": job.alignment, "prune_head_dims": job.prune_head_dims}
+    if job.reconstruct:  # a replay removes the same units but does not refit: say so in the plan
+        settings["reconstruct"] = True
     attach_plan(job.result, PruningPlan.from_removal(job.dg, job.removal, inplace=job.inplace, settings=settings))
 
 

@@ -3,6 +3,8 @@ wanda criteria, and the least-squares reconstruction checked by a redundant-unit
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -293,3 +295,21 @@ def test_consumer_without_bias_refits_kept_columns_only():
         assert reconstruct(dg, removal, pruned, [calibration]) == ["fc2.weight"]
         assert pruned.get_submodule("fc2").bias is None
         assert (pruned(calibration) - expected).square().mean() < (plain(calibration) - expected).square().mean()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_reconstruct_in_place_and_on_device(device):
+    """In place (the refit is solved before rewriting edits the weights) equals a copy; CUDA batches work."""
+    torch.manual_seed(0)
+    model = MLP(4, 16, 3).eval().to(device)
+    batches = [torch.randn(32, 4, device=device) for _ in range(3)]
+    x = torch.randn(8, 4, device=device)
+    options = dict(example_inputs=(x[:2],), importance="activation", calibration=batches, reconstruct=True,
+                   round_to=1)
+    pruned = fxprune.prune(model, 0.5, **options)
+    assert fxprune.plan_of(pruned).settings["reconstruct"] is True
+    with torch.no_grad():
+        expected = pruned(x)
+        in_place = fxprune.prune(copy.deepcopy(model), 0.5, inplace=True, **options)
+        torch.testing.assert_close(in_place(x), expected)
