@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxprune
-from fxprune.calibration import collect_statistics, linear_consumers, reconstruct
+from fxprune.calibration import collect_statistics, calibrated_consumers, reconstruct
 from fxprune.importance import resolve_importance, score_groups
 from fxprune.testing import assert_close_to_scale, exported, plant_dead_units
 
@@ -22,9 +22,12 @@ from fxprune.testing import assert_close_to_scale, exported, plant_dead_units
 class MLP(nn.Module):
     """Linear -> activation -> Linear; ``forward(x)`` so that dict batches say ``{"x": ...}``."""
 
+    producer, consumer = "fc1", "fc2"  # for the redundant-unit oracle: the hidden units' producer and consumer
+
     def __init__(self, d_in=3, hidden=5, d_out=2, act=nn.ReLU, bias=True):
         super().__init__()
         self.fc1, self.act, self.fc2 = nn.Linear(d_in, hidden), act(), nn.Linear(hidden, d_out, bias=bias)
+        self.sample = (d_in,)  # one input's shape
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -45,12 +48,33 @@ class FunctionalMLP(nn.Module):
 class Block(nn.Module):
     """An attention-free transformer-style block: x + fc2(gelu(fc1(norm(x)))), tokens (B, T, d)."""
 
+    producer, consumer = "fc1", "fc2"
+
     def __init__(self, d=6, hidden=12):
         super().__init__()
         self.norm, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.sample = (3, d)
 
     def forward(self, x):
         return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class CNN(nn.Module):
+    """Conv -> BatchNorm -> ReLU -> Conv (strided, unpadded: a constant channel stays constant in every patch)."""
+
+    producer, consumer = "conv1", "conv2"
+
+    def __init__(self, c_in=2, hidden=6, c_out=3, dilation=1):
+        super().__init__()
+        self.conv1, self.bn = nn.Conv2d(c_in, hidden, 3, padding=1), nn.BatchNorm2d(hidden)
+        self.conv2 = nn.Conv2d(hidden, c_out, 3, stride=2, dilation=dilation)
+        with torch.no_grad():  # non-trivial running statistics
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2)
+        self.sample = (c_in, 7, 7)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.bn(self.conv1(x))))
 
 
 def _hidden(model, x):
@@ -73,7 +97,7 @@ def test_statistics_equal_brute_force(kind, capture):
     analysed = exported(model, xs[0]) if capture == "exported" else model
     dg = fxprune.analyze(analysed, (xs[0],))
     weight = "w2" if capture == "functional" else "fc2.weight"
-    assert list(linear_consumers(dg)) == [weight]
+    assert list(calibrated_consumers(dg)) == [weight]
     stats = collect_statistics(dg, _as_batches(xs, kind), gram=True)[weight]
     with torch.no_grad():
         h = torch.cat([_hidden(model, x) for x in xs]).double()
@@ -82,6 +106,42 @@ def test_statistics_equal_brute_force(kind, capture):
     torch.testing.assert_close(stats.mean, h.mean(0))
     torch.testing.assert_close(stats.var, h.var(0, unbiased=False))
     torch.testing.assert_close(stats.gram, h1.T @ h1 / len(h))
+
+
+class FunctionalConv(nn.Module):
+    """A consumer convolution as ``F.conv2d`` with ``padding="same"`` and a dilation."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.w2 = nn.Parameter(torch.randn(3, 4, 3, 3))
+
+    def forward(self, x):
+        return F.conv2d(torch.tanh(self.conv1(x)), self.w2, padding="same", dilation=2)
+
+
+@pytest.mark.parametrize("capture", ["traced", "exported", "functional"])
+def test_convolution_statistics_are_patch_statistics(capture):
+    """A convolution consumer's inputs are its unfolded patches (channel-major, kh * kw per channel)."""
+    torch.manual_seed(0)
+    model = (FunctionalConv() if capture == "functional" else CNN(dilation=2)).eval()
+    xs = [torch.randn(n, 2, 7, 7) for n in (2, 3)]
+    analysed = exported(model, xs[0]) if capture == "exported" else model
+    dg = fxprune.analyze(analysed, (xs[0],))
+    weight = "w2" if capture == "functional" else "conv2.weight"
+    stats = collect_statistics(dg, xs, gram=True)[weight]
+    with torch.no_grad():
+        if capture == "functional":
+            hidden, unfold = [torch.tanh(model.conv1(x)) for x in xs], dict(kernel_size=3, dilation=2, padding=2)
+        else:
+            hidden = [torch.relu(model.bn(model.conv1(x))) for x in xs]
+            unfold = dict(kernel_size=3, dilation=2, stride=2)
+    patches = torch.cat([F.unfold(h, **unfold).transpose(1, 2).reshape(-1, 4 * 9 if capture == "functional"
+                                                                          else 6 * 9) for h in hidden]).double()
+    p1 = torch.cat([patches, torch.ones(len(patches), 1, dtype=patches.dtype)], 1)
+    assert stats.count == len(patches)
+    torch.testing.assert_close(stats.var, patches.var(0, unbiased=False))
+    torch.testing.assert_close(stats.gram, p1.T @ p1 / len(patches))
 
 
 def test_statistics_stream_token_axes_and_keep_buffers():
@@ -97,18 +157,21 @@ def test_statistics_stream_token_axes_and_keep_buffers():
     assert collect_statistics(dg, [torch.randn(2, 3, 6)])["fc2.weight"].count == 6
 
 
-def _planted(model, planted: dict, hidden_attr="fc1"):
+def _planted(model, planted: dict):
     """Make each planted hidden unit k redundant: ``planted[k] = m`` copies unit m's producer row and bias
-    (equal activations), ``planted[k] = None`` makes its activation a constant (zero row, a bias)."""
-    fc1 = getattr(model, hidden_attr)
+    (and BatchNorm entries: equal activations), ``planted[k] = None`` makes its activation a constant (zero
+    row, a bias)."""
+    producer, bn = getattr(model, model.producer), getattr(model, "bn", None)
     with torch.no_grad():
         for k, m in planted.items():
             if m is None:
-                fc1.weight[k] = 0
-                fc1.bias[k] = 0.7
-            else:
-                fc1.weight[k] = fc1.weight[m]
-                fc1.bias[k] = fc1.bias[m]
+                producer.weight[k] = 0
+                producer.bias[k] = 0.7
+                continue
+            producer.weight[k] = producer.weight[m]
+            producer.bias[k] = producer.bias[m]
+            for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if bn is not None else ():
+                t[k] = t[m]
 
 
 def _redundancy(draw, hidden, constants=True):
@@ -121,38 +184,40 @@ def _redundancy(draw, hidden, constants=True):
 
 @st.composite
 def redundant_models(draw):
-    kind = draw(st.sampled_from(["mlp", "mlp-nobias", "block"]))
+    kind = draw(st.sampled_from(["mlp", "mlp-nobias", "block", "cnn"]))
     torch.manual_seed(draw(st.integers(0, 2 ** 16)))
     hidden = draw(st.integers(4, 12))
     if kind == "block":
-        model, shape = Block(d=draw(st.integers(3, 6)), hidden=hidden), (3, 4)  # d=2: LayerNorm leaves 2 points
+        model = Block(d=draw(st.integers(3, 6)), hidden=hidden)  # d=2: LayerNorm leaves 2 points
+    elif kind == "cnn":
+        model = CNN(draw(st.integers(1, 3)), hidden, draw(st.integers(1, 3)), dilation=draw(st.integers(1, 2)))
     else:
-        model, shape = MLP(draw(st.integers(2, 6)), hidden, draw(st.integers(1, 4)), act=nn.GELU,
-                           bias=kind == "mlp"), ()
+        model = MLP(draw(st.integers(2, 6)), hidden, draw(st.integers(1, 4)), act=nn.GELU, bias=kind == "mlp")
     planted = _redundancy(draw, hidden, constants=kind != "mlp-nobias")  # no bias: a constant cannot move
     _planted(model, planted)
-    return model.eval(), shape, planted
+    return model.eval(), planted
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(redundant_models())
 def test_reconstruction_removes_planted_redundant_units_exactly(case):
     """Pruning units whose activations are copies of kept units (or constants), reconstruction moves their
     consumer columns onto the copies (or the bias): the outputs do not change."""
-    model, shape, planted = case
-    d_in = model.fc1.in_features
-    x = torch.randn(2, *shape, d_in)
+    model, planted = case
+    x = torch.randn(2, *model.sample)
     dg = fxprune.analyze(model, (x,))
-    group = dg.group_of("fc1.weight", 0)
+    group = dg.group_of(f"{model.producer}.weight", 0)
     removal = {group: sorted(planted)}
-    batches = [torch.randn(16, *shape, d_in) for _ in range(4)]
-    test = torch.randn(8, *shape, d_in)
+    batches = [torch.randn(16, *model.sample) for _ in range(4)]
+    test = torch.randn(8, *model.sample)
+    consumer = getattr(model, model.consumer)
     with torch.no_grad():
         expected = model(test)
         pruned = fxprune.apply(dg, removal)
         refit = reconstruct(dg, removal, pruned, batches, damping=1e-9)
-        assert "fc2.weight" in refit and ("fc2.bias" in refit) == (model.fc2.bias is not None)
-        assert (pruned.get_submodule("fc2").bias is None) == (model.fc2.bias is None)  # no bias added
+        assert f"{model.consumer}.weight" in refit
+        assert (f"{model.consumer}.bias" in refit) == (consumer.bias is not None)
+        assert (pruned.get_submodule(model.consumer).bias is None) == (consumer.bias is None)  # no bias added
         assert_close_to_scale(pruned(test), expected, atol=1e-4)
 
 
@@ -213,7 +278,8 @@ def test_activation_ranks_a_constant_unit_lowest():
 
 
 def test_activation_score_by_hand_and_magnitude_fallback():
-    """Var(x_j) * ||W[:, j]||^2 per hidden unit, divided by the mean; a conv-only group falls back to L2."""
+    """Var(x_j) * ||W[:, j]||^2 per hidden unit, divided by the mean; a group consumed only by layers without
+    statistics (a 1-d convolution) falls back to L2."""
     torch.manual_seed(0)
     model = MLP(3, 4, 2).eval()
     batches = [torch.randn(8, 3) for _ in range(3)]
@@ -228,11 +294,11 @@ def test_activation_score_by_hand_and_magnitude_fallback():
     wanda = (h.square().mean(0).sqrt() * w.abs().sum(0)).numpy()
     np.testing.assert_allclose(score_groups(resolve_importance("wanda", batches), dg, [group])[group],
                                wanda / wanda.mean(), rtol=1e-6)
-    cnn = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 3)).eval()
-    dg = fxprune.analyze(cnn, (torch.randn(1, 2, 6, 6),))
+    cnn = nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Conv1d(4, 3, 3)).eval()  # 1-d: not calibrated
+    dg = fxprune.analyze(cnn, (torch.randn(1, 2, 6),))
     (group,) = dg.prunable_groups
     l2 = score_groups(resolve_importance("l2"), dg, [group])[group]
-    got = score_groups(resolve_importance("activation", [torch.randn(2, 2, 6, 6)]), dg, [group])[group]
+    got = score_groups(resolve_importance("activation", [torch.randn(2, 2, 6)]), dg, [group])[group]
     np.testing.assert_allclose(got, l2 / l2.mean(), rtol=1e-6)
 
 

@@ -1,15 +1,16 @@
 """Criteria from activation statistics: ``"activation"`` (FLAP's fluctuation) and ``"wanda"``.
 
-Unit u of a group scores, summed over the group's calibrated Linear consumers and the input columns j
-of each consumer that belong to u (``unit_indices`` on the weight's axis 1):
+Unit u of a group scores, summed over the group's calibrated consumers and the input columns j of each
+consumer that belong to u (``unit_indices`` on the weight's axis 1; a convolution's column j is one input
+channel at one kernel position, so a channel owns ``kh * kw`` of them, summed):
 
 - ``Activation``: ``Var(x_j) * ||W[:, j]||_2^2`` — the output variance lost when column j is removed
   and its mean folded into the bias (FLAP, An et al., 2024);
 - ``Wanda``: ``||x_j|| * ||W[:, j]||_1`` — the sum over the column of Wanda's per-weight score
   ``|W_ij| * ||x_j||`` (Sun et al., 2024), with ``||x_j||`` the root mean square over calibration tokens.
 
-Producers and norms of the group, and convolution consumers, have no statistics and add nothing. A
-group with no calibrated consumer falls back to group L2 magnitude. Every group's scores are then
+Producers and norms of the group have no statistics and add nothing. A group with no calibrated
+consumer (grouped or depthwise convolutions only, say) falls back to group L2 magnitude. Every group's scores are then
 divided by their mean (``normalizer="mean"``), so that both kinds are on one scale in a global ranking.
 
 Example: hidden unit 2 of ``Linear(3, 4) -> ReLU -> Linear(4, 2)`` never varies, so it ranks lowest::
@@ -44,7 +45,7 @@ class ActivationCriterion(Criterion):
             self._prepared_for = dg
 
     def column_scores(self, w, stats) -> np.ndarray:
-        """Per input column j of a consumer weight ``w`` (out, in), the score of column j."""
+        """Per input column j of a consumer weight ``w`` (out, in features), the score of column j."""
         raise NotImplementedError
 
     def score(self, dg, group, tensors):
@@ -53,9 +54,10 @@ class ActivationCriterion(Criterion):
         total, found = np.zeros(group.units), False
         for member in group.parameters:
             t = tensors.get(member.name)
-            if member.dim != 1 or t is None or t.ndim != 2 or id(t) not in by_tensor:
+            if member.dim != 1 or t is None or id(t) not in by_tensor:
                 continue
-            per_column = self.column_scores(t.detach(), by_tensor[id(t)])
+            flat = t.detach().reshape(t.shape[0], -1)  # a convolution: (out, in * kh * kw)
+            per_column = self.column_scores(flat, by_tensor[id(t)]).reshape(t.shape[1], -1).sum(1)
             total += per_column[unit_indices(group, member)].sum(1)
             found = True
         if not found:

@@ -1,6 +1,7 @@
-"""Reconstruction: refit each calibrated Linear consumer's kept columns and bias by ridge least squares.
+"""Reconstruction: refit each calibrated consumer's kept columns and bias by ridge least squares.
 
-After pruning, consumer ``y = W x + b`` sees only the kept input columns S. With ``G = E[x~ x~^T]`` the
+After pruning, consumer ``y = W x + b`` sees only the kept input columns S (a convolution is the Linear
+``W.reshape(out, -1)`` over its unfolded patches: a kept channel keeps its ``kh * kw`` columns). With ``G = E[x~ x~^T]`` the
 Gram matrix of ``x~ = [x, 1]`` over the calibration tokens (last index: the constant) and ``S~ = S + {1}``,
 the weights that best predict the original output from what is left are::
 
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from fxprune.calibration.consumers import linear_consumers
+from fxprune.calibration.consumers import calibrated_consumers
 from fxprune.calibration.statistics import collect_statistics
 from fxprune.rewrite import Sizes, kept_units
 
@@ -55,7 +56,7 @@ def refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, k
 
 
 def refit_consumers(dg, removal: dict, batches, damping: float = DAMPING, progress=None) -> dict:
-    """``{parameter name: refit tensor}``, already sliced to the pruned shape, for every calibrated Linear
+    """``{parameter name: refit tensor}``, already sliced to the pruned shape, for every calibrated
     consumer that loses input columns under ``removal``. Reads only the original model (``dg.gm``), so it
     runs before rewriting (which may edit ``dg.gm`` in place)."""
     if batches is None:
@@ -68,15 +69,18 @@ def refit_consumers(dg, removal: dict, batches, damping: float = DAMPING, progre
     for name, p in original.items():
         names[id(p)] = names.get(id(p), 0) + 1
     out = {}
-    for name, consumer in linear_consumers(dg).items():
+    for name, consumer in calibrated_consumers(dg).items():
         weight = original[name]
         if name not in stats or names[id(weight)] > 1:
             continue
-        kept_in = sizes.indices(dg.layout_of(name, 1))
+        kept_in = torch.as_tensor(sizes.indices(dg.layout_of(name, 1)))
         if len(kept_in) == weight.shape[1]:
             continue
         bias = original[consumer.bias] if consumer.bias else None
-        w_new, b_new = refit(weight, bias, stats[name].gram, torch.as_tensor(kept_in), damping)
+        kernel = weight[0, 0].numel()  # kernel positions per input channel (1 for a Linear)
+        columns = (kept_in[:, None] * kernel + torch.arange(kernel)).reshape(-1)
+        w_new, b_new = refit(weight.reshape(weight.shape[0], -1), bias, stats[name].gram, columns, damping)
+        w_new = w_new.reshape(weight.shape[0], len(kept_in), *weight.shape[2:])
         rows = torch.as_tensor(sizes.indices(dg.layout_of(name, 0)), device=w_new.device)
         out[name] = w_new.index_select(0, rows).to(weight.device, weight.dtype)
         if b_new is not None:
@@ -100,7 +104,7 @@ def load_refit(pruned: torch.nn.Module, weights: dict) -> list[str]:
 
 def reconstruct(dg, removal: dict, pruned: torch.nn.Module, batches, damping: float = DAMPING,
                 progress=None) -> list[str]:
-    """Refit, in ``pruned``, every calibrated Linear consumer that lost input columns under ``removal``.
+    """Refit, in ``pruned``, every calibrated consumer that lost input columns under ``removal``.
 
     ``dg`` is the analysed original (its weights are the targets); ``pruned`` the result of
     ``fxprune.apply(dg, removal)``. Returns the names of the refit parameters (weights and biases).

@@ -1,7 +1,8 @@
-"""Input statistics of every calibrated Linear consumer, streamed over calibration batches.
+"""Input statistics of every calibrated consumer (Linear, convolution), streamed over calibration batches.
 
 The batches run through ``dg.gm`` (the analysed graph, real weights) in an fx Interpreter that, before
-each consumer call, adds the call's input, flattened to ``(tokens, in_features)``, into float64 sums on
+each consumer call, adds the call's input as ``(tokens, in_features)`` (a convolution's unfolded patches,
+see :mod:`fxprune.calibration.consumers`) into float64 sums on
 the input's device: ``sum x``, ``sum x^2`` and, with ``gram=True``, ``sum x~ x~^T`` for ``x~ = [x, 1]``
 (the constant column for the bias). Activations are never stored. Buffers (BatchNorm running statistics
 of a model in training mode) are put back afterwards.
@@ -26,7 +27,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
-from fxprune.calibration.consumers import linear_consumers
+from fxprune.calibration.consumers import calibrated_consumers
 from fxprune.capture import flat_inputs, split_inputs
 
 
@@ -61,7 +62,8 @@ class InputStats:
         return self.gram_sum / self.count
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).double()
+        """Add the rows of ``x`` (tokens, in_features)."""
+        x = x.detach().double()
         self.count += x.shape[0]
         self.total += x.sum(0)
         self.squares += x.square().sum(0)
@@ -78,12 +80,12 @@ class _Recorder(fx.Interpreter):
 
     def __init__(self, gm, watched: dict, stats: dict, gram: bool):
         super().__init__(gm)
-        self.watched, self.stats, self.gram = watched, stats, gram  # watched: {call node: (weight, input node)}
+        self.watched, self.stats, self.gram = watched, stats, gram  # watched: {call node: (consumer, input node)}
 
     def run_node(self, n: fx.Node):
         if n in self.watched:
-            weight, source = self.watched[n]
-            x = self.env[source]
+            consumer, source = self.watched[n]
+            x, weight = consumer.features(self.env[source]), consumer.weight
             if weight not in self.stats:
                 d, dev = x.shape[-1], x.device
                 gram = torch.zeros(d + 1, d + 1, dtype=torch.float64, device=dev) if self.gram else None
@@ -119,7 +121,7 @@ def collect_statistics(dg, batches, gram: bool = False, progress=None) -> dict[s
     gm = dg.gm
     if any(p.device.type == "meta" for p in gm.parameters()):
         raise ValueError("activation statistics need real weights; the model is on the meta device")
-    watched = {node: (c.weight, x) for c in linear_consumers(dg).values() for node, x in c.calls}
+    watched = {node: (c, x) for c in calibrated_consumers(dg).values() for node, x in c.calls}
     stats: dict[str, InputStats] = {}
     saved = {name: b.detach().clone() for name, b in gm.named_buffers()}
     count = 0
