@@ -12,7 +12,7 @@ global ranking, per-module ratios, round_to; with ``target_macs``/``target_param
 it searches the ratio, counting each candidate plan without rewriting:
 :mod:`fxprune.planning.target`); ``check`` warns when the plan removes far less than the ratio
 (frozen groups, with their reasons); with ``reconstruct=True``, ``refit`` solves the least-squares refit
-of every Linear that loses input columns from calibration statistics of the original model and
+of every Linear or convolution that loses input columns from calibration statistics of the original model and
 ``reconstruct`` writes it into the pruned graph (:mod:`fxprune.calibration`); ``measure`` counts the
 pruned graph when a target was set.
 
@@ -170,8 +170,8 @@ def _check_removed(job: Job) -> None:
 
 
 def _refit(job: Job) -> None:
-    """With ``reconstruct=True``: the ridge refit of each calibrated Linear consumer's kept columns and bias,
-    from the original weights (before rewriting, which may edit them in place)."""
+    """With ``reconstruct=True``: the ridge refit of each calibrated consumer's (Linear, 2-d convolution) kept
+    columns and bias, from the original weights (before rewriting, which may edit them in place)."""
     if job.reconstruct:
         from fxprune.calibration import refit_consumers
 
@@ -302,7 +302,7 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     a callable (see :mod:`fxprune.importance`); ``"taylor"``/``"hessian"`` need ``calibration`` batches
     and ``loss_fn(model, batch)`` (default: cross-entropy of ``(inputs, targets)`` batches);
     ``"activation"``/``"wanda"`` need ``calibration`` batches of model inputs (a tensor, a tuple of
-    positional inputs or a dict of keyword inputs each). ``reconstruct=True`` refits every Linear that
+    positional inputs or a dict of keyword inputs each). ``reconstruct=True`` refits every Linear or convolution that
     loses input columns (kept columns and bias, ridge least squares on the calibration inputs) so the
     pruned model's outputs stay close without retraining (:mod:`fxprune.calibration`); it needs
     ``calibration`` and is not yet supported with ``inplace=True`` on a Hugging Face model.

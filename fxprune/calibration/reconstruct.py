@@ -1,9 +1,9 @@
 """Reconstruction: refit each calibrated consumer's kept columns and bias by ridge least squares.
 
-After pruning, consumer ``y = W x + b`` sees only the kept input columns S (a convolution is the Linear
-``W.reshape(out, -1)`` over its unfolded patches: a kept channel keeps its ``kh * kw`` columns). With ``G = E[x~ x~^T]`` the
-Gram matrix of ``x~ = [x, 1]`` over the calibration tokens (last index: the constant) and ``S~ = S + {1}``,
-the weights that best predict the original output from what is left are::
+After pruning, consumer ``y = W x + b`` sees only the kept input columns S (a convolution is the
+Linear ``W.reshape(out, -1)`` over its unfolded patches: a kept channel keeps its ``kh * kw`` columns).
+With ``G = E[x~ x~^T]`` the Gram matrix of ``x~ = [x, 1]`` over the calibration tokens (last index: the
+constant) and ``S~ = S + {1}``, the weights that best predict the original output from what is left are::
 
     [W_S, b'] = [W, b] G[:, S~] (G[S~, S~] + lam I)^-1,     lam = damping * mean(diag G[S~, S~])
 

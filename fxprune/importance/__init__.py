@@ -10,7 +10,7 @@ Criteria by name (``fxprune.prune(..., importance=NAME)``):
 ``"bn_scale"``  |gamma| of the group's BatchNorms (network slimming; alias ``"slimming"``)
 ``"taylor"``  first-order Taylor |w * grad| (needs ``calibration`` batches and a ``loss_fn``)
 ``"hessian"`` diagonal Hessian / OBD: 0.5 w^2 E[grad^2] (needs ``calibration``)
-``"activation"``  FLAP's fluctuation Var(x_j) ||W[:, j]||^2 over the Linear consumers' input columns
+``"activation"``  FLAP fluctuation Var(x_j) ||W[:, j]||^2 over the input columns of Linear/conv consumers
               (needs ``calibration`` batches of inputs; :mod:`fxprune.calibration`)
 ``"wanda"``   ||x_j|| ||W[:, j]||_1 over the same columns (needs ``calibration``)
 ``"random"``  a baseline
