@@ -379,3 +379,31 @@ def test_reconstruct_in_place_and_on_device(device):
         expected = pruned(x)
         in_place = fxprune.prune(copy.deepcopy(model), 0.5, inplace=True, **options)
         torch.testing.assert_close(in_place(x), expected)
+
+
+def test_batches_must_be_model_inputs():
+    model = MLP().eval()
+    dg = fxprune.analyze(model, (torch.randn(2, 3),))
+    with pytest.raises(ValueError, match="not \\(inputs, targets\\)"):
+        collect_statistics(dg, [(torch.randn(2, 3), torch.tensor([0, 1]))])
+
+
+def test_reconstruct_on_an_exported_hugging_face_model():
+    """LLaMA through torch.export (aten.linear consumers), dict batches: the refit lowers the logits' error."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 100, (4, 12))
+    batches = [{"input_ids": torch.randint(0, 100, (4, 12))} for _ in range(3)]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        errors = []
+        for rec in (False, True):
+            pruned = fxprune.prune(model, 0.3, example_inputs={"input_ids": ids[:2]}, importance="wanda",
+                                   calibration=batches, reconstruct=rec)
+            out = pruned(input_ids=ids)
+            logits = out.logits if hasattr(out, "logits") else out[0]
+            errors.append((logits - expected).square().mean().item())
+    assert errors[1] < errors[0]

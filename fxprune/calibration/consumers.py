@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -36,6 +37,7 @@ class Consumer:
     patches: dict | None = None  # F.unfold arguments of a convolution; None for a Linear
     calls: list = field(default_factory=list)  # (call node, its input node) for each use
     groups: list = field(default_factory=list)  # prunable groups in the weight's axis 1
+    in_features: int = 0  # columns of the weight as a matrix: in_features, or in_channels * kh * kw
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The input as ``(tokens, in_features)``: rows of a Linear's input, or a convolution's patches."""
@@ -122,6 +124,7 @@ def calibrated_consumers(dg) -> dict[str, Consumer]:
         except KeyError:
             continue
         if groups:
-            consumer = out.setdefault(weight, Consumer(weight, bias, patches, groups=groups))
+            features = int(np.prod(dg.gm.get_parameter(weight).shape[1:]))
+            consumer = out.setdefault(weight, Consumer(weight, bias, patches, groups=groups, in_features=features))
             consumer.calls.append((node, x))
     return out

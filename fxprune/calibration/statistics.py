@@ -20,6 +20,7 @@ Example: two batches of 3 and 1 rows through ``Linear(2, 2) -> ReLU -> Linear(2,
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -101,8 +102,24 @@ def placeholder_values(gm: fx.GraphModule, batch) -> tuple:
     exported = gm.meta.get("fxprune_kwargs")
     if exported is not None:  # an exported graph takes (args, kwargs) flattened, with the kwargs it was exported with
         kwargs = {k: (kwargs or {}).get(k, v) for k, v in exported.items()}
-        return tuple(tree_leaves((tuple(args), kwargs)))
-    return flat_inputs(gm, args, kwargs)
+        values = tuple(tree_leaves((tuple(args), kwargs)))
+    else:
+        values = flat_inputs(gm, args, kwargs)
+    expected = len(gm.graph.find_nodes(op="placeholder"))
+    if len(values) != expected:
+        raise ValueError(f"a calibration batch gives {len(values)} inputs where the model takes {expected}: "
+                         f"activation statistics need batches of model inputs (a tensor, a tuple of positional "
+                         f"inputs or a dict of keyword inputs), not (inputs, targets)")
+    return values
+
+
+def _warn_if_large(consumers, gram: bool, limit: float = 4 * 2 ** 30) -> None:
+    """One warning when the float64 accumulators would take more than ``limit`` bytes."""
+    size = sum(8 * ((n + 1) ** 2 if gram else 2 * n) for n in (c.in_features for c in consumers))
+    if size > limit:
+        warnings.warn(f"fxprune: activation statistics of {len(consumers)} layers take {size / 2 ** 30:.1f} GiB "
+                      f"of float64 accumulators{' (Gram matrices for reconstruct=True)' if gram else ''}",
+                      stacklevel=3)
 
 
 def collect_statistics(dg, batches, gram: bool = False, progress=None) -> dict[str, InputStats]:
@@ -121,7 +138,9 @@ def collect_statistics(dg, batches, gram: bool = False, progress=None) -> dict[s
     gm = dg.gm
     if any(p.device.type == "meta" for p in gm.parameters()):
         raise ValueError("activation statistics need real weights; the model is on the meta device")
-    watched = {node: (c, x) for c in calibrated_consumers(dg).values() for node, x in c.calls}
+    consumers = list(calibrated_consumers(dg).values())
+    _warn_if_large(consumers, gram)
+    watched = {node: (c, x) for c in consumers for node, x in c.calls}
     stats: dict[str, InputStats] = {}
     saved = {name: b.detach().clone() for name, b in gm.named_buffers()}
     count = 0
