@@ -125,7 +125,7 @@ def _solve(job: Job) -> None:
 
 
 def _score(job: Job) -> None:
-    if job.reconstruct and job.importance in ("activation", "wanda"):  # one pass feeds both (cached on dg)
+    if job.reconstruct:  # one pass feeds the refit and an activation criterion on the same batches (cached on dg)
         from fxprune.calibration import collect_statistics
 
         collect_statistics(job.dg, job.calibration, gram=True)

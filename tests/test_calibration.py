@@ -407,3 +407,15 @@ def test_reconstruct_on_an_exported_hugging_face_model():
             logits = out.logits if hasattr(out, "logits") else out[0]
             errors.append((logits - expected).square().mean().item())
     assert errors[1] < errors[0]
+
+
+def test_one_pass_over_a_generator_feeds_criterion_and_refit():
+    torch.manual_seed(0)
+    model = MLP(4, 8, 3).eval()
+    batches = [torch.randn(16, 4) for _ in range(3)]
+    options = dict(example_inputs=(batches[0][:2],), importance="wanda", reconstruct=True, round_to=1)
+    from_list = fxprune.prune(model, 0.5, calibration=batches, **options)
+    from_generator = fxprune.prune(model, 0.5, calibration=(b for b in batches), **options)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(from_generator(x), from_list(x))
