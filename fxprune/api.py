@@ -3,14 +3,18 @@
 ::
 
     capture -> propagate -> decompose -> relate -> solve     (analyze)
-            -> score -> plan -> check -> rewrite -> recompose -> verify -> measure -> record     (prune)
+            -> score -> plan -> check -> [refit] -> rewrite -> recompose -> [reconstruct] -> verify
+            -> measure -> record     (prune)
 
 ``score`` runs the importance criterion over every prunable group
 (:mod:`fxprune.importance`); ``plan`` turns scores into units to remove (local or
 global ranking, per-module ratios, round_to; with ``target_macs``/``target_params``
 it searches the ratio, counting each candidate plan without rewriting:
 :mod:`fxprune.planning.target`); ``check`` warns when the plan removes far less than the ratio
-(frozen groups, with their reasons); ``measure`` counts the pruned graph when a target was set.
+(frozen groups, with their reasons); with ``reconstruct=True``, ``refit`` solves the least-squares refit
+of every Linear or convolution that loses input columns from calibration statistics of the original model and
+``reconstruct`` writes it into the pruned graph (:mod:`fxprune.calibration`); ``measure`` counts the
+pruned graph when a target was set.
 
 Each pass reads and writes a :class:`Job`; analysis results live in
 ``node.meta`` (``"val"``: FakeTensor; ``"fxprune_rule"``: the rule that
@@ -75,7 +79,9 @@ class Job:
     max_ratio: float = 0.9
     ratios: dict | None = None  # {module name | module | group | group id: ratio}
     target: tuple | None = None  # ("macs" | "params", fraction of the original kept)
-    calibration: object = None  # batches for gradient criteria
+    calibration: object = None  # batches for gradient and activation criteria and for reconstruction
+    reconstruct: bool = False  # refit the consumers of pruned units on calibration statistics
+    refit: dict = field(default_factory=dict)  # {parameter name: refit tensor} when reconstructing
     loss_fn: object = None
     search: object = None  # target.SearchResult when a target was searched
     achieved: dict = field(default_factory=dict)  # {"macs": fraction kept, "params": ...} when a target was set
@@ -119,6 +125,10 @@ def _solve(job: Job) -> None:
 
 
 def _score(job: Job) -> None:
+    if job.reconstruct:  # one pass feeds the refit and an activation criterion on the same batches (cached on dg)
+        from fxprune.calibration import collect_statistics
+
+        collect_statistics(job.dg, job.calibration, gram=True)
     criterion = resolve_importance(job.importance, job.calibration, job.loss_fn)
     job.scores = score_groups(criterion, job.dg, job.dg.prunable_groups)
 
@@ -159,6 +169,15 @@ def _check_removed(job: Job) -> None:
                       f"{why} (see dg.report())", stacklevel=4)
 
 
+def _refit(job: Job) -> None:
+    """With ``reconstruct=True``: the ridge refit of each calibrated consumer's (Linear, 2-d convolution) kept
+    columns and bias, from the original weights (before rewriting, which may edit them in place)."""
+    if job.reconstruct:
+        from fxprune.calibration import refit_consumers
+
+        job.refit = refit_consumers(job.dg, job.removal, job.calibration)
+
+
 def _rewrite(job: Job) -> None:
     if job.inplace and is_hf_model(job.model):  # rewritten, verified and written back in one step
         job.result = hf.prune_in_place(job.dg, job.removal, rewrite, verify)
@@ -170,6 +189,14 @@ def _recompose(job: Job) -> None:
     """Decomposed ``nn.MultiheadAttention`` calls become module calls again (resized), to keep the fused path."""
     if not (job.inplace and is_hf_model(job.model)):
         recompose(job.result)
+
+
+def _reconstruct(job: Job) -> None:
+    """Write the refit weights into the pruned graph (rewriting keeps parameter names)."""
+    if job.refit:
+        from fxprune.calibration import load_refit
+
+        load_refit(job.result, job.refit)
 
 
 def _verify(job: Job) -> None:
@@ -203,13 +230,16 @@ def _record_plan(job: Job) -> None:
     """Keep the removal plan on the result (``gm.meta["fxprune_plan"]``) so that it can be saved and replayed."""
     settings = {"ratio": job.ratio, "importance": job.importance, "round_to": job.round_to,
                 "alignment": job.alignment, "prune_head_dims": job.prune_head_dims}
+    if job.reconstruct:  # a replay removes the same units but does not refit: say so in the plan
+        settings["reconstruct"] = True
     attach_plan(job.result, PruningPlan.from_removal(job.dg, job.removal, inplace=job.inplace, settings=settings))
 
 
 ANALYSIS = [("capture", _capture), ("propagate", _propagate), ("decompose", _decompose), ("relate", _relate),
             ("solve", _solve)]
-PRUNING = [("score", _score), ("plan", _plan), ("check", _check_removed), ("rewrite", _rewrite),
-           ("recompose", _recompose), ("verify", _verify), ("measure", _measure), ("record", _record_plan)]
+PRUNING = [("score", _score), ("plan", _plan), ("check", _check_removed), ("refit", _refit), ("rewrite", _rewrite),
+           ("recompose", _recompose), ("reconstruct", _reconstruct), ("verify", _verify), ("measure", _measure),
+           ("record", _record_plan)]
 PIPELINE = ANALYSIS + PRUNING
 
 
@@ -258,7 +288,7 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
           round_to=None, prune_head_dims: bool = False, inplace: bool = False, global_pruning: bool = False,
           max_ratio: float = 0.9, ratios: dict | None = None, target_macs: float | None = None,
           target_params: float | None = None, target_latency: float | None = None, calibration=None,
-          loss_fn=None) -> fx.GraphModule:
+          loss_fn=None, reconstruct: bool = False) -> fx.GraphModule:
     """Remove ``ratio`` (default 0.3) of the units of every prunable group; returns a verified GraphModule.
 
     ``model`` is an ``nn.Module`` (traced here) or a ``torch.fx.GraphModule``.
@@ -268,9 +298,14 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     still generates, saves and reloads; see :mod:`fxprune.hf`).
 
     ``importance``: a name (``"l2"``, ``"l1"``, ``"lamp"``, ``"fpgm"``, ``"bn_scale"``,
-    ``"taylor"``, ``"hessian"``, ``"random"``), a criterion object or a callable (see
-    :mod:`fxprune.importance`); ``"taylor"``/``"hessian"`` need ``calibration`` batches
-    and ``loss_fn(model, batch)`` (default: cross-entropy of ``(inputs, targets)`` batches).
+    ``"taylor"``, ``"hessian"``, ``"activation"``, ``"wanda"``, ``"random"``), a criterion object or
+    a callable (see :mod:`fxprune.importance`); ``"taylor"``/``"hessian"`` need ``calibration`` batches
+    and ``loss_fn(model, batch)`` (default: cross-entropy of ``(inputs, targets)`` batches);
+    ``"activation"``/``"wanda"`` need ``calibration`` batches of model inputs (a tensor, a tuple of
+    positional inputs or a dict of keyword inputs each). ``reconstruct=True`` refits every Linear or convolution that
+    loses input columns (kept columns and bias, ridge least squares on the calibration inputs) so the
+    pruned model's outputs stay close without retraining (:mod:`fxprune.calibration`); it needs
+    ``calibration`` and is not yet supported with ``inplace=True`` on a Hugging Face model.
     ``global_pruning=True`` ranks units of all groups together (at most ``max_ratio``
     of one group). ``ratios={"layer4": 0.7, model.fc: 0.0}`` sets ratios per module or group.
     ``target_macs=0.5`` (or ``target_params``) searches the ratio that keeps that fraction.
@@ -289,7 +324,13 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     """
     job = Job(model, example_inputs, kwargs, importance=importance, ignore=tuple(ignore), round_to=round_to,
               prune_head_dims=bool(prune_head_dims), inplace=inplace, global_pruning=bool(global_pruning),
-              ratios=ratios, calibration=calibration, loss_fn=loss_fn)
+              ratios=ratios, calibration=calibration, loss_fn=loss_fn, reconstruct=bool(reconstruct))
+    if reconstruct and calibration is None:
+        raise ValueError("reconstruct=True needs calibration batches: pass calibration=[batch, ...] "
+                         "(a batch is a tensor, a tuple of positional inputs or a dict of keyword inputs)")
+    if reconstruct and inplace and is_hf_model(model):
+        raise NotImplementedError("reconstruct=True is not supported with inplace=True on a Hugging Face model "
+                                  "yet: prune without inplace (a GraphModule is returned)")
     job.ratio, job.target, job.max_ratio = check_prune_settings(ratio, target_macs, target_params, round_to, max_ratio,
                                                                 target_latency)
     if job.target and job.target[0] == "latency" and job.example_inputs is None:

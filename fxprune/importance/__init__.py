@@ -10,6 +10,9 @@ Criteria by name (``fxprune.prune(..., importance=NAME)``):
 ``"bn_scale"``  |gamma| of the group's BatchNorms (network slimming; alias ``"slimming"``)
 ``"taylor"``  first-order Taylor |w * grad| (needs ``calibration`` batches and a ``loss_fn``)
 ``"hessian"`` diagonal Hessian / OBD: 0.5 w^2 E[grad^2] (needs ``calibration``)
+``"activation"``  FLAP fluctuation Var(x_j) ||W[:, j]||^2 over the input columns of Linear/conv consumers
+              (needs ``calibration`` batches of inputs; :mod:`fxprune.calibration`)
+``"wanda"``   ||x_j|| ||W[:, j]||_1 over the same columns (needs ``calibration``)
 ``"random"``  a baseline
 ============  ===============================================================
 
@@ -45,7 +48,8 @@ _BY_NAME = {
     "bn_scale": BNScale, "slimming": BNScale,
 }
 _NEEDS_DATA = {"taylor": Taylor, "hessian": Hessian}
-CRITERIA = sorted(list(_BY_NAME) + list(_NEEDS_DATA))
+_NEEDS_INPUTS = ("activation", "wanda")  # calibration batches of model inputs, no loss
+CRITERIA = sorted(list(_BY_NAME) + list(_NEEDS_DATA) + list(_NEEDS_INPUTS))
 
 
 class UserCriterion(Criterion):
@@ -71,6 +75,10 @@ def resolve_importance(importance, calibration=None, loss_fn=None, progress=None
                 raise ValueError(f"importance={importance!r} needs calibration batches: pass calibration=[...] "
                                  f"(and loss_fn=f(model, batch) unless batches are (inputs, targets))")
             return _NEEDS_DATA[importance](calibration, loss_fn, progress=progress)
+        if importance in _NEEDS_INPUTS:
+            from fxprune.calibration import Activation, Wanda  # fxprune.calibration imports this package
+
+            return {"activation": Activation, "wanda": Wanda}[importance](calibration, progress=progress)
         if importance in _BY_NAME:
             return _BY_NAME[importance]()
         raise ValueError(f"unknown importance {importance!r}; choose one of {CRITERIA}, a Criterion or a callable")

@@ -1,0 +1,112 @@
+"""Reconstruction: refit each calibrated consumer's kept columns and bias by ridge least squares.
+
+After pruning, consumer ``y = W x + b`` sees only the kept input columns S (a convolution is the
+Linear ``W.reshape(out, -1)`` over its unfolded patches: a kept channel keeps its ``kh * kw`` columns).
+With ``G = E[x~ x~^T]`` the Gram matrix of ``x~ = [x, 1]`` over the calibration tokens (last index: the
+constant) and ``S~ = S + {1}``, the weights that best predict the original output from what is left are::
+
+    [W_S, b'] = [W, b] G[:, S~] (G[S~, S~] + lam I)^-1,     lam = damping * mean(diag G[S~, S~])
+
+so a removed column that is a linear combination of kept ones (plus a constant) is moved onto them
+exactly (up to the damping), and a removed column's mean goes into the bias. A consumer without a bias
+refits its kept columns only (no constant; no bias is added). Rows of an output axis that was pruned too
+are refit and then sliced like the weight. Consumers whose weight is tied (one tensor under several
+names) are left alone: refitting one use would change the other.
+
+Every consumer is refit from the original model's inputs (one-shot, not layer by layer), so this is
+exact for a consumer whose kept inputs are unchanged by the pruning (its producers were not refit).
+
+Example::
+
+    >>> dg = fxprune.analyze(model, (x,))
+    >>> pruned = fxprune.apply(dg, removal)
+    >>> reconstruct(dg, removal, pruned, batches)     # refit in place; returns the refit parameter names
+    ['2.weight', '2.bias']
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fxprune.calibration.consumers import calibrated_consumers
+from fxprune.calibration.statistics import collect_statistics
+from fxprune.rewrite import Sizes, kept_units
+
+DAMPING = 1e-4
+
+
+def refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, kept: torch.Tensor,
+          damping: float = DAMPING) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The refit ``(W[:, kept]', b')`` of ``y = W x + b`` (float64) from the ``(d + 1)`` Gram of ``[x, 1]``."""
+    d = weight.shape[1]
+    w = weight.detach().double().to(gram.device)
+    if bias is not None:
+        w = torch.cat([w, bias.detach().double().to(gram.device)[:, None]], 1)
+        cols = torch.cat([kept.to(gram.device), torch.tensor([d], device=gram.device)])
+    else:
+        gram, cols = gram[:d, :d], kept.to(gram.device)
+    inner = gram[cols][:, cols]
+    lam = damping * inner.diagonal().mean().clamp_min(1e-300)
+    inner = inner + lam * torch.eye(len(cols), dtype=inner.dtype, device=inner.device)
+    # [W, b] G[:, S~] inner^-1, solved as inner X^T = (W G[:, S~])^T (inner is symmetric)
+    fitted = torch.linalg.solve(inner, (w @ gram[:, cols]).T).T
+    if bias is None:
+        return fitted, None
+    return fitted[:, :-1], fitted[:, -1]
+
+
+def refit_consumers(dg, removal: dict, batches, damping: float = DAMPING, progress=None) -> dict:
+    """``{parameter name: refit tensor}``, already sliced to the pruned shape, for every calibrated
+    consumer that loses input columns under ``removal``. Reads only the original model (``dg.gm``), so it
+    runs before rewriting (which may edit ``dg.gm`` in place)."""
+    if batches is None:
+        raise ValueError("reconstruct=True needs calibration batches: pass calibration=[batch, ...] "
+                         "(a batch is a tensor, a tuple of positional inputs or a dict of keyword inputs)")
+    sizes = Sizes(dg.solver, kept_units(dg, removal))
+    stats = collect_statistics(dg, batches, gram=True, progress=progress)
+    original = dict(dg.gm.named_parameters(remove_duplicate=False))
+    names = {}
+    for name, p in original.items():
+        names[id(p)] = names.get(id(p), 0) + 1
+    out = {}
+    for name, consumer in calibrated_consumers(dg).items():
+        weight = original[name]
+        if name not in stats or names[id(weight)] > 1:
+            continue
+        kept_in = torch.as_tensor(sizes.indices(dg.layout_of(name, 1)))
+        if len(kept_in) == weight.shape[1]:
+            continue
+        bias = original[consumer.bias] if consumer.bias else None
+        kernel = weight[0, 0].numel()  # kernel positions per input channel (1 for a Linear)
+        columns = (kept_in[:, None] * kernel + torch.arange(kernel)).reshape(-1)
+        w_new, b_new = refit(weight.reshape(weight.shape[0], -1), bias, stats[name].gram, columns, damping)
+        w_new = w_new.reshape(weight.shape[0], len(kept_in), *weight.shape[2:])
+        rows = torch.as_tensor(sizes.indices(dg.layout_of(name, 0)), device=w_new.device)
+        out[name] = w_new.index_select(0, rows).to(weight.device, weight.dtype)
+        if b_new is not None:
+            out[consumer.bias] = b_new.index_select(0, rows).to(bias.device, bias.dtype)
+    return out
+
+
+def load_refit(pruned: torch.nn.Module, weights: dict) -> list[str]:
+    """Copy refit tensors into the pruned model by parameter name (rewriting keeps names); returns the names."""
+    target = dict(pruned.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, value in weights.items():
+            if name not in target:
+                raise ValueError(f"reconstruct: the pruned model has no parameter {name!r}")
+            if tuple(value.shape) != tuple(target[name].shape):
+                raise ValueError(f"reconstruct: refit {name} has shape {tuple(value.shape)}, the pruned model's "
+                                 f"{tuple(target[name].shape)} (was it pruned with another plan?)")
+            target[name].copy_(value)
+    return list(weights)
+
+
+def reconstruct(dg, removal: dict, pruned: torch.nn.Module, batches, damping: float = DAMPING,
+                progress=None) -> list[str]:
+    """Refit, in ``pruned``, every calibrated consumer that lost input columns under ``removal``.
+
+    ``dg`` is the analysed original (its weights are the targets); ``pruned`` the result of
+    ``fxprune.apply(dg, removal)``. Returns the names of the refit parameters (weights and biases).
+    """
+    return load_refit(pruned, refit_consumers(dg, removal, batches, damping, progress))

@@ -1,0 +1,421 @@
+"""Calibration on activations (fxprune.calibration): statistics against brute force, the activation and
+wanda criteria, and the least-squares reconstruction checked by a redundant-unit oracle."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fxprune
+from fxprune.calibration import collect_statistics, calibrated_consumers, reconstruct
+from fxprune.importance import resolve_importance, score_groups
+from fxprune.testing import assert_close_to_scale, exported, plant_dead_units
+
+
+class MLP(nn.Module):
+    """Linear -> activation -> Linear; ``forward(x)`` so that dict batches say ``{"x": ...}``."""
+
+    producer, consumer = "fc1", "fc2"  # for the redundant-unit oracle: the hidden units' producer and consumer
+
+    def __init__(self, d_in=3, hidden=5, d_out=2, act=nn.ReLU, bias=True):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(d_in, hidden), act(), nn.Linear(hidden, d_out, bias=bias)
+        self.sample = (d_in,)  # one input's shape
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class FunctionalMLP(nn.Module):
+    """The consumer as ``F.linear`` over a bare parameter (no module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(3, 5)
+        self.w2, self.b2 = nn.Parameter(torch.randn(2, 5)), nn.Parameter(torch.randn(2))
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.fc1(x)), self.w2, self.b2)
+
+
+class Block(nn.Module):
+    """An attention-free transformer-style block: x + fc2(gelu(fc1(norm(x)))), tokens (B, T, d)."""
+
+    producer, consumer = "fc1", "fc2"
+
+    def __init__(self, d=6, hidden=12):
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.sample = (3, d)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class CNN(nn.Module):
+    """Conv -> BatchNorm -> ReLU -> Conv (strided, unpadded: a constant channel stays constant in every patch)."""
+
+    producer, consumer = "conv1", "conv2"
+
+    def __init__(self, c_in=2, hidden=6, c_out=3, dilation=1):
+        super().__init__()
+        self.conv1, self.bn = nn.Conv2d(c_in, hidden, 3, padding=1), nn.BatchNorm2d(hidden)
+        self.conv2 = nn.Conv2d(hidden, c_out, 3, stride=2, dilation=dilation)
+        with torch.no_grad():  # non-trivial running statistics
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2)
+        self.sample = (c_in, 7, 7)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.bn(self.conv1(x))))
+
+
+def _hidden(model, x):
+    """The consumer's input, computed by hand."""
+    if isinstance(model, Block):
+        return F.gelu(model.fc1(model.norm(x)))
+    return model.act(model.fc1(x)) if isinstance(model, MLP) else torch.tanh(model.fc1(x))
+
+
+def _as_batches(xs, kind):
+    return {"tensor": list(xs), "tuple": [(x,) for x in xs], "dict": [{"x": x} for x in xs]}[kind]
+
+
+@pytest.mark.parametrize("kind", ["tensor", "tuple", "dict"])
+@pytest.mark.parametrize("capture", ["traced", "exported", "functional"])
+def test_statistics_equal_brute_force(kind, capture):
+    torch.manual_seed(0)
+    model = (FunctionalMLP() if capture == "functional" else MLP()).eval()
+    xs = [torch.randn(n, 3) for n in (4, 7, 1)]
+    analysed = exported(model, xs[0]) if capture == "exported" else model
+    dg = fxprune.analyze(analysed, (xs[0],))
+    weight = "w2" if capture == "functional" else "fc2.weight"
+    assert list(calibrated_consumers(dg)) == [weight]
+    stats = collect_statistics(dg, _as_batches(xs, kind), gram=True)[weight]
+    with torch.no_grad():
+        h = torch.cat([_hidden(model, x) for x in xs]).double()
+    h1 = torch.cat([h, torch.ones(len(h), 1, dtype=h.dtype)], 1)
+    assert stats.count == 12
+    torch.testing.assert_close(stats.mean, h.mean(0))
+    torch.testing.assert_close(stats.var, h.var(0, unbiased=False))
+    torch.testing.assert_close(stats.gram, h1.T @ h1 / len(h))
+
+
+class FunctionalConv(nn.Module):
+    """A consumer convolution as ``F.conv2d`` with ``padding="same"`` and a dilation."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.w2 = nn.Parameter(torch.randn(3, 4, 3, 3))
+
+    def forward(self, x):
+        return F.conv2d(torch.tanh(self.conv1(x)), self.w2, padding="same", dilation=2)
+
+
+@pytest.mark.parametrize("capture", ["traced", "exported", "functional"])
+def test_convolution_statistics_are_patch_statistics(capture):
+    """A convolution consumer's inputs are its unfolded patches (channel-major, kh * kw per channel)."""
+    torch.manual_seed(0)
+    model = (FunctionalConv() if capture == "functional" else CNN(dilation=2)).eval()
+    xs = [torch.randn(n, 2, 7, 7) for n in (2, 3)]
+    analysed = exported(model, xs[0]) if capture == "exported" else model
+    dg = fxprune.analyze(analysed, (xs[0],))
+    weight = "w2" if capture == "functional" else "conv2.weight"
+    stats = collect_statistics(dg, xs, gram=True)[weight]
+    with torch.no_grad():
+        if capture == "functional":
+            hidden, unfold = [torch.tanh(model.conv1(x)) for x in xs], dict(kernel_size=3, dilation=2, padding=2)
+        else:
+            hidden = [torch.relu(model.bn(model.conv1(x))) for x in xs]
+            unfold = dict(kernel_size=3, dilation=2, stride=2)
+    patches = torch.cat([F.unfold(h, **unfold).transpose(1, 2).reshape(-1, 4 * 9 if capture == "functional"
+                                                                          else 6 * 9) for h in hidden]).double()
+    p1 = torch.cat([patches, torch.ones(len(patches), 1, dtype=patches.dtype)], 1)
+    assert stats.count == len(patches)
+    torch.testing.assert_close(stats.var, patches.var(0, unbiased=False))
+    torch.testing.assert_close(stats.gram, p1.T @ p1 / len(patches))
+
+
+def test_statistics_stream_token_axes_and_keep_buffers():
+    """(B, T, d) inputs count B * T tokens; a model in training mode keeps its running statistics."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).train()
+    dg = fxprune.analyze(model, (torch.randn(5, 4),))
+    before = model[1].running_mean.clone()
+    stats = collect_statistics(dg, [torch.randn(5, 4) for _ in range(3)])
+    assert stats["3.weight"].count == 15 and stats["3.weight"].gram_sum is None
+    assert torch.equal(model[1].running_mean, before)
+    block = Block().eval()
+    dg = fxprune.analyze(block, (torch.randn(2, 3, 6),))
+    assert collect_statistics(dg, [torch.randn(2, 3, 6)])["fc2.weight"].count == 6
+
+
+def _planted(model, planted: dict):
+    """Make each planted hidden unit k redundant: ``planted[k] = m`` copies unit m's producer row and bias
+    (and BatchNorm entries: equal activations), ``planted[k] = None`` makes its activation a constant (zero
+    row, a bias)."""
+    producer, bn = getattr(model, model.producer), getattr(model, "bn", None)
+    with torch.no_grad():
+        for k, m in planted.items():
+            if m is None:
+                producer.weight[k] = 0
+                producer.bias[k] = 0.7
+                continue
+            producer.weight[k] = producer.weight[m]
+            producer.bias[k] = producer.bias[m]
+            for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if bn is not None else ():
+                t[k] = t[m]
+
+
+def _redundancy(draw, hidden, constants=True):
+    """Planted units (each copying a unit that stays, or constant) for a hidden width."""
+    count = draw(st.integers(1, hidden // 2))
+    order = draw(st.permutations(range(hidden)))
+    planted, sources = order[:count], order[count:]
+    return {k: draw(st.sampled_from([None, *sources] if constants else sources)) for k in planted}
+
+
+@st.composite
+def redundant_models(draw):
+    kind = draw(st.sampled_from(["mlp", "mlp-nobias", "block", "cnn"]))
+    torch.manual_seed(draw(st.integers(0, 2 ** 16)))
+    hidden = draw(st.integers(4, 12))
+    if kind == "block":
+        model = Block(d=draw(st.integers(3, 6)), hidden=hidden)  # d=2: LayerNorm leaves 2 points
+    elif kind == "cnn":
+        model = CNN(draw(st.integers(1, 3)), hidden, draw(st.integers(1, 3)), dilation=draw(st.integers(1, 2)))
+    else:
+        model = MLP(draw(st.integers(2, 6)), hidden, draw(st.integers(1, 4)), act=nn.GELU, bias=kind == "mlp")
+    planted = _redundancy(draw, hidden, constants=kind != "mlp-nobias")  # no bias: a constant cannot move
+    _planted(model, planted)
+    return model.eval(), planted
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(redundant_models())
+def test_reconstruction_removes_planted_redundant_units_exactly(case):
+    """Pruning units whose activations are copies of kept units (or constants), reconstruction moves their
+    consumer columns onto the copies (or the bias): the outputs do not change."""
+    model, planted = case
+    x = torch.randn(2, *model.sample)
+    dg = fxprune.analyze(model, (x,))
+    group = dg.group_of(f"{model.producer}.weight", 0)
+    removal = {group: sorted(planted)}
+    batches = [torch.randn(16, *model.sample) for _ in range(4)]
+    test = torch.randn(8, *model.sample)
+    consumer = getattr(model, model.consumer)
+    with torch.no_grad():
+        expected = model(test)
+        pruned = fxprune.apply(dg, removal)
+        refit = reconstruct(dg, removal, pruned, batches, damping=1e-9)
+        assert f"{model.consumer}.weight" in refit
+        assert (f"{model.consumer}.bias" in refit) == (consumer.bias is not None)
+        assert (pruned.get_submodule(model.consumer).bias is None) == (consumer.bias is None)  # no bias added
+        assert_close_to_scale(pruned(test), expected, atol=1e-4)
+
+
+def test_reconstruction_with_default_damping_through_prune():
+    """``prune(..., reconstruct=True)`` with a criterion that picks the planted units, default damping."""
+    torch.manual_seed(1)
+    model = MLP(4, 8, 3, act=nn.GELU).eval()
+    _planted(model, {2: 5, 6: None})
+    planted = lambda group, weights: torch.tensor([1.0, 1, 0, 1, 1, 1, 0, 1])  # noqa: E731
+    batches = [torch.randn(32, 4) for _ in range(4)]
+    test = torch.randn(64, 4)
+    pruned = fxprune.prune(model, 0.25, example_inputs=(test[:2],), importance=planted, round_to=1,
+                           calibration=batches, reconstruct=True)
+    assert pruned.get_submodule("fc1").out_features == 6
+    with torch.no_grad():
+        assert_close_to_scale(pruned(test), model(test), atol=1e-3)
+
+
+def _tanh_cnn():
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Tanh(), nn.Conv2d(6, 4, 3),
+                         nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("criterion", ["activation", "wanda"])
+@pytest.mark.parametrize("make, shape", [(lambda: MLP(5, 9, 3, act=nn.Tanh), (5,)), (Block, (3, 6)),
+                                         (_tanh_cnn, (2, 6, 6))])
+def test_dead_unit_oracle(criterion, make, shape):
+    """Dead units (every slice zero) score lowest (0); removing the lowest-scoring units keeps the outputs."""
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(4, *shape)
+    dg = fxprune.analyze(model, (x,))
+    planted = plant_dead_units(dg, seed=3)
+    scores = score_groups(resolve_importance(criterion, [torch.randn(8, *shape) for _ in range(2)]), dg, planted)
+    lowest = {g: np.sort(np.argsort(scores[g], kind="stable")[:len(units)]) for g, units in planted.items()}
+    for g, units in planted.items():
+        np.testing.assert_array_equal(lowest[g], units)
+    with torch.no_grad():
+        expected = model(x)
+        assert_close_to_scale(fxprune.apply(dg, lowest)(x), expected)
+
+
+def test_activation_ranks_a_constant_unit_lowest():
+    """Hidden unit 2 never varies (zero row, a bias) but has the largest consumer column: activation ranks it
+    lowest, L2 magnitude does not."""
+    torch.manual_seed(0)
+    model = MLP(3, 4, 2).eval()
+    with torch.no_grad():
+        model.fc1.weight[2] = 0
+        model.fc1.bias[2] = 1.0
+        model.fc2.weight[:, 2] = 10.0
+    batches = [torch.randn(16, 3) for _ in range(2)]
+    dg = fxprune.analyze(model, (batches[0],))
+    (group,) = dg.prunable_groups
+    activation = score_groups(resolve_importance("activation", batches), dg, [group])[group]
+    assert np.argmin(activation) == 2 and activation[2] == 0
+    assert np.argmin(score_groups(resolve_importance("l2"), dg, [group])[group]) != 2
+
+
+def test_activation_score_by_hand_and_magnitude_fallback():
+    """Var(x_j) * ||W[:, j]||^2 per hidden unit, divided by the mean; a group consumed only by layers without
+    statistics (a 1-d convolution) falls back to L2."""
+    torch.manual_seed(0)
+    model = MLP(3, 4, 2).eval()
+    batches = [torch.randn(8, 3) for _ in range(3)]
+    dg = fxprune.analyze(model, (batches[0],))
+    (group,) = dg.prunable_groups
+    with torch.no_grad():
+        h = torch.cat([_hidden(model, x) for x in batches]).double()
+    w = model.fc2.weight.detach().double()
+    expected = (h.var(0, unbiased=False) * w.square().sum(0)).numpy()
+    got = score_groups(resolve_importance("activation", batches), dg, [group])[group]
+    np.testing.assert_allclose(got, expected / expected.mean(), rtol=1e-6)
+    wanda = (h.square().mean(0).sqrt() * w.abs().sum(0)).numpy()
+    np.testing.assert_allclose(score_groups(resolve_importance("wanda", batches), dg, [group])[group],
+                               wanda / wanda.mean(), rtol=1e-6)
+    cnn = nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Conv1d(4, 3, 3)).eval()  # 1-d: not calibrated
+    dg = fxprune.analyze(cnn, (torch.randn(1, 2, 6),))
+    (group,) = dg.prunable_groups
+    l2 = score_groups(resolve_importance("l2"), dg, [group])[group]
+    got = score_groups(resolve_importance("activation", [torch.randn(2, 2, 6)]), dg, [group])[group]
+    np.testing.assert_allclose(got, l2 / l2.mean(), rtol=1e-6)
+
+
+def _digits_mlp():
+    datasets = pytest.importorskip("sklearn.datasets")
+    data = datasets.load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16
+    y = torch.tensor(data.target)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(150):
+        i = torch.randint(0, 1400, (128,))
+        opt.zero_grad()
+        F.cross_entropy(model(x[i]), y[i]).backward()
+        opt.step()
+    return model.eval(), x, y
+
+
+@pytest.mark.parametrize("importance", ["l2", "activation"])
+def test_reconstruction_lowers_the_output_error_on_digits(importance):
+    model, x, y = _digits_mlp()
+    calibration = [x[i:i + 100] for i in range(0, 1000, 100)]
+    held_out = x[1400:]
+    with torch.no_grad():
+        expected = model(held_out)
+        errors = {}
+        for rec in (False, True):
+            pruned = fxprune.prune(model, 0.5, example_inputs=(x[:2],), importance=importance, round_to=1,
+                                   calibration=calibration, reconstruct=rec)
+            errors[rec] = ((pruned(held_out) - expected).square().mean() / expected.square().mean()).item()
+    assert errors[True] < errors[False]
+
+
+def test_reconstruct_needs_calibration_and_no_hf_in_place():
+    with pytest.raises(ValueError, match="calibration"):
+        fxprune.prune(MLP(), 0.5, example_inputs=(torch.randn(2, 3),), reconstruct=True)
+    with pytest.raises(ValueError, match="calibration"):
+        fxprune.prune(MLP(), 0.5, example_inputs=(torch.randn(2, 3),), importance="activation")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.BertModel(transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                                                           num_attention_heads=2, intermediate_size=64))
+    ids = torch.randint(0, 50, (1, 5))
+    with pytest.raises(NotImplementedError, match="inplace"):
+        fxprune.prune(model, 0.3, example_inputs=(ids,), calibration=[ids], reconstruct=True, inplace=True)
+
+
+def test_consumer_without_bias_refits_kept_columns_only():
+    """No bias to take a constant unit's mean: the kept columns are the least-squares fit on the calibration
+    inputs (error there no larger than plain pruning's), and no bias appears."""
+    torch.manual_seed(0)
+    model = MLP(3, 6, 2, act=nn.GELU, bias=False).eval()
+    _planted(model, {1: None, 4: None})
+    calibration = torch.randn(64, 3)
+    dg = fxprune.analyze(model, (calibration[:2],))
+    removal = {dg.group_of("fc1.weight", 0): [1, 4]}
+    with torch.no_grad():
+        expected, plain = model(calibration), fxprune.apply(dg, removal)
+        pruned = fxprune.apply(dg, removal)
+        assert reconstruct(dg, removal, pruned, [calibration]) == ["fc2.weight"]
+        assert pruned.get_submodule("fc2").bias is None
+        assert (pruned(calibration) - expected).square().mean() < (plain(calibration) - expected).square().mean()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_reconstruct_in_place_and_on_device(device):
+    """In place (the refit is solved before rewriting edits the weights) equals a copy; CUDA batches work."""
+    torch.manual_seed(0)
+    model = MLP(4, 16, 3).eval().to(device)
+    batches = [torch.randn(32, 4, device=device) for _ in range(3)]
+    x = torch.randn(8, 4, device=device)
+    options = dict(example_inputs=(x[:2],), importance="activation", calibration=batches, reconstruct=True,
+                   round_to=1)
+    pruned = fxprune.prune(model, 0.5, **options)
+    assert fxprune.plan_of(pruned).settings["reconstruct"] is True
+    with torch.no_grad():
+        expected = pruned(x)
+        in_place = fxprune.prune(copy.deepcopy(model), 0.5, inplace=True, **options)
+        torch.testing.assert_close(in_place(x), expected)
+
+
+def test_batches_must_be_model_inputs():
+    model = MLP().eval()
+    dg = fxprune.analyze(model, (torch.randn(2, 3),))
+    with pytest.raises(ValueError, match="not \\(inputs, targets\\)"):
+        collect_statistics(dg, [(torch.randn(2, 3), torch.tensor([0, 1]))])
+
+
+def test_reconstruct_on_an_exported_hugging_face_model():
+    """LLaMA through torch.export (aten.linear consumers), dict batches: the refit lowers the logits' error."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 100, (4, 12))
+    batches = [{"input_ids": torch.randint(0, 100, (4, 12))} for _ in range(3)]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        errors = []
+        for rec in (False, True):
+            pruned = fxprune.prune(model, 0.3, example_inputs={"input_ids": ids[:2]}, importance="wanda",
+                                   calibration=batches, reconstruct=rec)
+            out = pruned(input_ids=ids)
+            logits = out.logits if hasattr(out, "logits") else out[0]
+            errors.append((logits - expected).square().mean().item())
+    assert errors[1] < errors[0]
+
+
+def test_one_pass_over_a_generator_feeds_criterion_and_refit():
+    torch.manual_seed(0)
+    model = MLP(4, 8, 3).eval()
+    batches = [torch.randn(16, 4) for _ in range(3)]
+    options = dict(example_inputs=(batches[0][:2],), importance="wanda", reconstruct=True, round_to=1)
+    from_list = fxprune.prune(model, 0.5, calibration=batches, **options)
+    from_generator = fxprune.prune(model, 0.5, calibration=(b for b in batches), **options)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(from_generator(x), from_list(x))
