@@ -45,6 +45,8 @@ def relate(gm: fx.GraphModule) -> AnalysisState:
                 state.unsupported.append((node, r.where))
             continue
         node.meta["fxprune_rule"] = rule.__qualname__
+        if not getattr(rule, "__module__", "").startswith("fxprune."):  # verify names it when pruning fails
+            node.meta["fxprune_user_rule"] = f"{rule.__module__}.{rule.__qualname__} (for {r.where})"
         rule(r)
         if module is not None:
             _freeze_unrelated_params(r)
