@@ -31,8 +31,8 @@ from torch.utils._pytree import tree_leaves, tree_structure
 from fxprune.errors import CaptureError, ShapeError
 from fxprune.modules import PrunedMultiheadAttention
 
-# torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY: root attributes a GraphModule's deepcopy puts back
-_PRESERVED = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
+# torch.fx.graph_module._USERPRESERVED_ATTRIBUTES_KEY: root attributes a GraphModule's deepcopy puts back
+PRESERVED = getattr(fx.graph_module, "_USERPRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
 EXPORTED = "export"  # value of gm.meta["fxprune_capture"] for graphs captured with torch.export
 
 
@@ -126,7 +126,7 @@ def keep_user_attributes(model: torch.nn.Module, gm: fx.GraphModule) -> None:
                 continue
             setattr(target, key, value)
             if target is gm:  # GraphModule's deepcopy (rewrite's copy) rebuilds the root: torch keeps these
-                gm.meta.setdefault(_PRESERVED, {})[key] = value
+                gm.meta.setdefault(PRESERVED, {})[key] = value
 
 
 def export_capture(model: torch.nn.Module, example_inputs, kwargs=None, trace_error: str = "",
