@@ -129,10 +129,12 @@ def test_sparse_training_drives_weak_units_to_zero_then_prunes_them():
     pruner.regularize(pruned)  # the pruned one does (no .grad yet: nothing to add, no error)
 
 
-@pytest.mark.parametrize("make, inputs", [(models.ResidualCNN, X), (models.ViTBlock, (torch.randn(2, 5, 12),))])
-def test_steps_compose_into_one_plan_that_replays_on_the_original(make, inputs):
+@pytest.mark.parametrize("make, inputs, settings", [
+    (models.ResidualCNN, X, {"ratio": 0.6}), (models.ResidualCNN, X, {"target_macs": 0.4, "global_pruning": True}),
+    (models.ViTBlock, (torch.randn(2, 5, 12),), {"ratio": 0.6})])
+def test_steps_compose_into_one_plan_that_replays_on_the_original(make, inputs, settings):
     model = make().eval()
-    pruner = fxprune.Pruner(model, inputs, ratio=0.6, steps=3, round_to=1)
+    pruner = fxprune.Pruner(model, inputs, steps=3, round_to=1, **settings)
     for _ in range(3):
         final = pruner.step()
     plan = fxprune.plan_of(final)
