@@ -417,7 +417,7 @@ def load_pretrained(path: str, **kwargs):
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner) if owner else model, attr, value)
     update_attributes(model)
-    state = _load_state_dict(path)
+    state = _checkpoint_names_to_model(model, _load_state_dict(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [m for m in missing if m not in tied and not m.endswith("inv_freq")]
@@ -426,6 +426,23 @@ def load_pretrained(path: str, **kwargs):
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model.eval()
+
+
+def _checkpoint_names_to_model(model: nn.Module, state: dict) -> dict:
+    """``state`` under ``model``'s own tensor names: transformers >= 5 saves some families (Swin) under older
+    checkpoint names, which ``from_pretrained`` renames on loading. The renaming is read from transformers' own
+    reversal (checkpoint name -> the model's tensor object); keys it does not rename stay as they are."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers < 5: checkpoints use the model's names
+        return state
+    own = {id(t): name for name, t in model.state_dict(keep_vars=True).items()}
+    try:
+        reverted = revert_weight_conversion(model, model.state_dict(keep_vars=True))
+    except Exception:  # a conversion that cannot be reversed by name: keep the names
+        return state
+    names = {saved: own[id(t)] for saved, t in reverted.items() if id(t) in own}
+    return {names.get(key, key): tensor for key, tensor in state.items()}
 
 
 def _load_state_dict(path: str) -> dict:
