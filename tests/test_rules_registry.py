@@ -302,3 +302,19 @@ def test_verify_failure_under_a_user_rule_names_the_rule():
     with pytest.raises(fxprune.ShapeError, match="careless_rule") as info:
         fxprune.apply(dg, {dg.group_of("0.weight", 0): [0]})
     assert "bug in fxprune" not in str(info.value)
+
+
+class Misnamed(Nested):
+    """Nested, with a user rule that names a parameter the module does not have."""
+
+
+@fxprune.register_rule(Misnamed)
+def misnamed_rule(r):
+    r.same(r.param("inner.wieght")[1], r.input(0)[-1])  # no such parameter: r.param returns None
+
+
+def test_a_user_rule_that_raises_is_named_with_its_node():
+    model = nn.Sequential(nn.Linear(3, 5), Misnamed(), nn.Linear(5, 2)).eval()
+    message = r"user rule .*misnamed_rule failed at node '_1' \(call_module 1\): TypeError"
+    with pytest.raises(fxprune.FxPruneError, match=message):
+        fxprune.analyze(_traced(model, Misnamed), (torch.randn(2, 3),))
