@@ -40,3 +40,13 @@ def test_mask_on_a_dependency_graph_with_a_removal_or_a_plan():
         fxprune.mask(dg, {dg.group_of("head.weight", 0): [0]})
     with pytest.raises(TypeError, match="mask takes"):
         fxprune.mask(dg, "half")
+
+
+def test_mask_reaches_the_tensors_of_a_model_captured_with_torch_export():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=128)
+    model, ids = transformers.BertModel(config).eval(), torch.randint(0, 100, (2, 7))
+    fxprune.mask(model, 0.5, example_inputs=(ids,), round_to=1)
+    weight = model.encoder.layer[0].intermediate.dense.weight
+    assert int((weight.abs().sum(1) == 0).sum()) == 64  # the caller's own parameters were zeroed
