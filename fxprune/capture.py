@@ -31,8 +31,8 @@ from torch.utils._pytree import tree_leaves, tree_structure
 from fxprune.errors import CaptureError, ShapeError
 from fxprune.modules import PrunedMultiheadAttention
 
-# torch.fx.graph_module._USERPRESERVED_ATTRIBUTES_KEY: root attributes a GraphModule's deepcopy puts back
-PRESERVED = getattr(fx.graph_module, "_USERPRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
+# torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY: root attributes a GraphModule's deepcopy puts back
+PRESERVED = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
 EXPORTED = "export"  # value of gm.meta["fxprune_capture"] for graphs captured with torch.export
 
 

@@ -120,9 +120,10 @@ class Pruner:
                 continue
             origin = self.lineage.origin(group)
             if origin is None or len(self.kept[origin]) != group.units:
-                warnings.warn(f"fxprune: step {self.current_step} pruned group G{group.id} ({group_key(self.dg, group)}), "
-                              "which could not be traced back to a group of the original model: the pruned model "
-                              "carries no plan (fxprune.plan_of and replay will not work for it)", stacklevel=3)
+                warnings.warn(f"fxprune: step {self.current_step} pruned group G{group.id} "
+                              f"({group_key(self.dg, group)}), which could not be traced back to a group of the "
+                              "original model: the pruned model carries no plan (fxprune.plan_of and replay will "
+                              "not work for it)", stacklevel=3)
                 self.kept = None
                 return
             self.kept[origin] = [u for i, u in enumerate(self.kept[origin]) if i not in removed]

@@ -311,7 +311,7 @@ def test_attributes_the_user_set_on_modules_survive_pruning(tmp_path):
     pruned = fxprune.prune(model, 0.5, example_inputs=x, round_to=1)
     tags = lambda m: (m.my_tag, m.block.my_tag, m.get_submodule("block.0").my_tag, m.head.my_tag)  # noqa: E731
     assert tags(pruned) == ("root", "block", "conv", "head")
-    assert pruned.code and pruned.get_submodule("block.0").out_channels < 24  # the GraphModule's own attributes are its own
+    assert pruned.code and pruned.get_submodule("block.0").out_channels < 24  # the GraphModule's own stay its own
     pruner = fxprune.Pruner(model, x, ratio=0.5, steps=2, round_to=1)
     pruner.step()
     assert tags(pruner.step()) == ("root", "block", "conv", "head")  # a GraphModule re-captured keeps them too
