@@ -128,9 +128,10 @@ class Pruner:
                 return
             self.kept[origin] = [u for i, u in enumerate(self.kept[origin]) if i not in removed]
         removal = {g: sorted(set(range(g.units)) - set(kept)) for g, kept in self.kept.items()}
+        goal = {"ratio": self.ratio} if self.target is None else {f"target_{self.target[0]}": self.target[1]}
         plan = PruningPlan.from_removal(self.original_dg, removal, settings={
-            "ratio": self.ratio, "steps": self.current_step, "round_to": self.round_to,
-            "alignment": self.alignment, "prune_head_dims": self.prune_head_dims})
+            **goal, "steps": self.current_step, "round_to": self.round_to, "alignment": self.alignment,
+            "prune_head_dims": self.prune_head_dims, "global_pruning": self.global_pruning})
         attach_plan(job.result, plan)
 
     def _planner(self, progress: float):

@@ -139,7 +139,7 @@ def test_steps_compose_into_one_plan_that_replays_on_the_original(make, inputs, 
         final = pruner.step()
     plan = fxprune.plan_of(final)
     again = fxprune.replay(fxprune.PruningPlan.from_dict(plan.to_dict()), model, inputs)
-    assert plan.settings["steps"] == 3
+    assert plan.settings["steps"] == 3 and ("ratio" in plan.settings) == ("ratio" in settings)
     expected = dict(final.named_parameters())
     assert {n: p.shape for n, p in again.named_parameters()} == {n: p.shape for n, p in expected.items()}
     for name, p in again.named_parameters():
