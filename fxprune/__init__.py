@@ -12,6 +12,8 @@ from fxprune.rules.registry import family as register_family
 from fxprune.rules.registry import register as register_rule
 from fxprune import importance
 from fxprune.macs import count
+from fxprune.masking import mask
+from fxprune.interactive import groups_to_prune
 from fxprune.pruner import Pruner
 from fxprune.report import report
 
@@ -23,3 +25,4 @@ __all__ = [
 ]
 __all__ += ["PruningPlan", "load", "plan_of", "replay", "save"]  # save, load and replay (issue 5)
 __all__ += ["Pruner", "count", "importance", "report"]  # criteria, targets, iterative pruning, MACs (issue 4)
+__all__ += ["groups_to_prune", "mask"]  # interactive and soft pruning (issue 12)

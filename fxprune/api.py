@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 
 from fxprune import hf
-from fxprune.capture import capture, flat_inputs, is_hf_model, module_names, split_inputs
+from fxprune.capture import capture, flat_inputs, is_hf_model, keep_user_attributes, module_names, split_inputs
 from fxprune.decompose import decompose, recompose
 from fxprune.depgraph import DependencyGraph
 from fxprune.importance import named_tensors, resolve_importance, score_groups
@@ -94,6 +94,7 @@ def _capture(job: Job) -> None:
     if gm is job.model:  # never edit the caller's graph: a fresh graph over the same modules
         fresh = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
         fresh.meta.update(gm.meta)
+        keep_user_attributes(gm, fresh)
         gm = fresh
     job.gm = gm
     job.flat_inputs = flat_inputs(gm, job.example_inputs, job.kwargs)

@@ -31,6 +31,8 @@ from torch.utils._pytree import tree_leaves, tree_structure
 from fxprune.errors import CaptureError, ShapeError
 from fxprune.modules import PrunedMultiheadAttention
 
+# torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY: root attributes a GraphModule's deepcopy puts back
+PRESERVED = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
 EXPORTED = "export"  # value of gm.meta["fxprune_capture"] for graphs captured with torch.export
 
 
@@ -102,7 +104,29 @@ def capture(model: torch.nn.Module, example_inputs=None, kwargs=None, dynamic: b
                       stacklevel=3)
         return export_capture(model, example_inputs, kwargs, explanation, dynamic=dynamic)
     name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    gm = fx.GraphModule(tracer.root, graph, name)
+    keep_user_attributes(model, gm)
+    return gm
+
+
+def keep_user_attributes(model: torch.nn.Module, gm: fx.GraphModule) -> None:
+    """Put the attributes a user set on the model and its containers (``model.layer1.tag = "x"``) on ``gm``.
+
+    ``fx.GraphModule`` keeps the called modules themselves, but rebuilds the root and every module on the way to
+    them (``layer1``, a Sequential) as a plain ``nn.Module`` that has none of their attributes. Public
+    attributes are copied where the rebuilt module lacks them; the GraphModule's own (``graph``, ``code``) win.
+    """
+    rebuilt = dict(gm.named_modules())
+    for name, module in model.named_modules():
+        target = rebuilt.get(name)
+        if target is None or target is module:
+            continue
+        for key, value in vars(module).items():
+            if key.startswith("_") or key == "training" or key in vars(target) or hasattr(type(target), key):
+                continue
+            setattr(target, key, value)
+            if target is gm:  # GraphModule's deepcopy (rewrite's copy) rebuilds the root: torch keeps these
+                gm.meta.setdefault(PRESERVED, {})[key] = value
 
 
 def export_capture(model: torch.nn.Module, example_inputs, kwargs=None, trace_error: str = "",

@@ -119,6 +119,18 @@ class AnalysisState:
         return Atom(self.axis_atoms[(key, dim)])
 
 
+_MISSING = object()
+
+
+def module_attribute(module, name: str, default=None):
+    """``module.a.b.c`` for ``name="a.b.c"`` (a rule's view of a leaf module's submodules), else ``default``."""
+    for part in name.split("."):
+        module = getattr(module, part, _MISSING)
+        if module is _MISSING:
+            return default
+    return module
+
+
 def tensor_value(node) -> torch.Tensor | None:
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     return val if isinstance(val, torch.Tensor) else None
@@ -161,10 +173,11 @@ class RuleContext:
         return self.output()
 
     def param(self, name: str) -> TensorRef | None:
-        """A parameter or buffer of the called module (``call_module`` nodes only)."""
+        """A parameter or buffer of the called module (``call_module`` nodes only); dotted names reach
+        the tensors of its submodules (``r.param("inner.weight")``)."""
         if self.module is None:
             return None
-        val = getattr(self.module, name, None)
+        val = module_attribute(self.module, name)
         if not isinstance(val, torch.Tensor):
             return None
         return TensorRef(self.state, self.state.param_key(f"{self.node.target}.{name}"), val.shape)
@@ -330,8 +343,9 @@ class RuleContext:
             self.state.constants.append(ShapeConstant(self.node, self.sources[name], layouts, index))
 
     def module_attr(self, name: str, layouts) -> None:
-        """Module attribute ``name`` (``in_channels``, ``num_features`` ...) follows ``layouts``."""
-        if self.module is not None and hasattr(self.module, name):
+        """Module attribute ``name`` (``in_channels``, ``num_features`` ...; dotted for a submodule's,
+        ``"inner.out_features"``) follows ``layouts``."""
+        if self.module is not None and module_attribute(self.module, name, _MISSING) is not _MISSING:
             self.state.constants.append(ShapeConstant(self.node, ("attr", name), layouts))
 
     def on_rewrite(self, fn) -> None:

@@ -146,7 +146,30 @@ def write_back(model: nn.Module, pruned: nn.Module, clone: bool = True) -> None:
         if old is None or old.shape == tensor.shape:
             continue
         set_tensor(model, name, tensor.detach().clone() if clone else tensor.detach())
+    _conv_groups_from_graph(model, pruned)
     update_attributes(model)
+
+
+def _conv_groups_from_graph(model: nn.Module, pruned) -> None:
+    """``groups`` of every convolution module, read from the rewritten graph's convolution calls (by the name
+    of their weight): shapes alone cannot tell a depthwise conv's new group count."""
+    graph = getattr(pruned, "graph", None)
+    for node in graph.nodes if graph is not None else ():
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None or "conv" not in schema.name:
+            continue
+        names = [a.name for a in schema.arguments]
+        bound = dict(zip(names, node.args)) | dict(node.kwargs)
+        weight, groups = bound.get("weight"), bound.get("groups")
+        if not isinstance(groups, int) or getattr(weight, "op", None) != "get_attr":
+            continue
+        owner = weight.target.rpartition(".")[0]
+        try:
+            module = model.get_submodule(owner)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.modules.conv._ConvNd):
+            module.groups = groups
 
 
 def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -178,6 +201,12 @@ def _update_module(module: nn.Module) -> None:
         module.num_embeddings, module.embedding_dim = weight.shape
     elif isinstance(module, nn.LayerNorm) and weight is not None:
         module.normalized_shape = tuple(weight.shape)
+    elif isinstance(module, nn.modules.conv._ConvNd):  # groups come from the graph (write_back)
+        outer, inner = weight.shape[:2]
+        if module.transposed:
+            module.in_channels, module.out_channels = outer, inner * module.groups
+        else:
+            module.out_channels, module.in_channels = outer, inner * module.groups
     elif type(module).__name__ == "Conv1D" and weight is not None:  # transformers' transposed linear
         module.nf = weight.shape[1]
     if _child(module, QUERY) is not None:
@@ -209,7 +238,7 @@ def _update_attention(module: nn.Module) -> None:
             setattr(module, attr, hidden)
 
 
-def update_config(model: nn.Module, original_shapes: dict) -> None:
+def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None) -> None:
     """Uniform widths go into ``model.config``; what a model built from it would still get wrong is recorded.
 
     The record (``config.fxprune_shapes``, ``config.fxprune_attributes``) is read back by
@@ -219,9 +248,12 @@ def update_config(model: nn.Module, original_shapes: dict) -> None:
     if config is None:
         return
     values: dict[str, set] = {}
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None:
-        values["hidden_size"] = {embeddings.weight.shape[1]}
+    hidden = getattr(config, "hidden_size", None)
+    carrier = residual_group(dg, hidden) if dg is not None and isinstance(hidden, int) else None
+    if carrier is not None:
+        by_id = {g.id: g for g in dg.groups}
+        removed = {by_id[g] if isinstance(g, int) else g: units for g, units in (removal or {}).items()}
+        values["hidden_size"] = {hidden - len({int(u) for u in removed.get(carrier, ())})}
     for _, module in attention_modules(model):
         head_dim = next(getattr(module, a) for a in HEAD_DIM if isinstance(getattr(module, a, None), int))
         values.setdefault("head_dim", set()).add(head_dim)
@@ -245,6 +277,8 @@ def update_config(model: nn.Module, original_shapes: dict) -> None:
     if found is None:  # the class cannot be built from these values (GPT-2: n_embd must divide by n_head)
         for key, value in before.items():
             setattr(config, key, value)
+        for key in values.keys() - before.keys():  # head_dim added to a config that had none
+            config.__dict__.pop(key, None)
         found = _not_in_config(model)
     shapes, attributes = found or ({name: list(t.shape) for name, t in _named_tensors(model).items()
                                     if tuple(t.shape) != original_shapes.get(name)}, {})
@@ -255,6 +289,17 @@ def update_config(model: nn.Module, original_shapes: dict) -> None:
 
 
 RECORDED = ("fxprune_shapes", "fxprune_attributes")
+
+
+def residual_group(dg, hidden: int):
+    """The group that carries the config's hidden size: of the groups with ``hidden`` units, the one that is the
+    whole axis of the most parameters (the residual stream runs through embeddings, norms and every projection's
+    input or output). None when no group has that size (a vision model whose stages widen, say)."""
+    def whole_axes(group) -> int:
+        return sum(1 for m in group.parameters if m.layout.size(dg.solver) == group.units)
+
+    candidates = [g for g in dg.groups if g.units == hidden and g.parameters]
+    return max(candidates, key=whole_axes, default=None)
 
 
 def _not_in_config(model: nn.Module) -> tuple[dict, dict] | None:
@@ -268,6 +313,7 @@ def _not_in_config(model: nn.Module) -> tuple[dict, dict] | None:
     """
     config = copy.deepcopy(model.config)
     try:
+        getattr(config, "validate", lambda: None)()  # the checks save_pretrained runs (transformers >= 5)
         with torch.device("meta"):
             fresh = type(model)(config)
     except Exception:  # e.g. a ValueError from the class's own consistency checks
@@ -313,11 +359,14 @@ def prune_in_place(dg, removal: dict, rewrite, verify):
     saved = _snapshot(model)
     try:
         write_back(model, pruned, clone=False)  # the resized tensors are fresh copies that only `pruned` holds
-        update_config(model, original)
+        update_config(model, original, dg, removal)
         check_runs(model, dg.model_inputs, dg.model_kwargs)
-    except Exception:  # a model that no longer runs is never left behind: put the original back
+    except Exception as exc:  # a model that no longer runs is never left behind: put the original back
         _restore(model, saved)
-        raise
+        if isinstance(exc, FxPruneError):
+            raise
+        raise FxPruneError(f"pruning {type(model).__name__} in place failed while writing back its tensors, "
+                           f"attributes and config (the original was put back): {type(exc).__name__}: {exc}") from exc
     return model
 
 
@@ -368,7 +417,7 @@ def load_pretrained(path: str, **kwargs):
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner) if owner else model, attr, value)
     update_attributes(model)
-    state = _load_state_dict(path)
+    state = _checkpoint_names_to_model(model, _load_state_dict(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [m for m in missing if m not in tied and not m.endswith("inv_freq")]
@@ -377,6 +426,23 @@ def load_pretrained(path: str, **kwargs):
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model.eval()
+
+
+def _checkpoint_names_to_model(model: nn.Module, state: dict) -> dict:
+    """``state`` under ``model``'s own tensor names: transformers >= 5 saves some families (Swin) under older
+    checkpoint names, which ``from_pretrained`` renames on loading. The renaming is read from transformers' own
+    reversal (checkpoint name -> the model's tensor object); keys it does not rename stay as they are."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers < 5: checkpoints use the model's names
+        return state
+    own = {id(t): name for name, t in model.state_dict(keep_vars=True).items()}
+    try:
+        reverted = revert_weight_conversion(model, model.state_dict(keep_vars=True))
+    except Exception:  # a conversion that cannot be reversed by name: keep the names
+        return state
+    names = {saved: own[id(t)] for saved, t in reverted.items() if id(t) in own}
+    return {names.get(key, key): tensor for key, tensor in state.items()}
 
 
 def _load_state_dict(path: str) -> dict:

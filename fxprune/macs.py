@@ -51,13 +51,42 @@ from fxprune.shapes import GraphShapes, PlannedShapes
 aten = torch.ops.aten
 
 
-def count(model, example_inputs) -> tuple[int, int]:
-    """``(macs, params)`` of a model or GraphModule for the given inputs (shapes only, no real compute)."""
-    captured = capture(model, example_inputs, dynamic=False)  # only counted
+def count(model, example_inputs, *, by_module: bool = False):
+    """``(macs, params)`` of a model or GraphModule for the given inputs (shapes only, no real compute).
+
+    ``by_module=True``: ``{module name: (macs, params)}`` instead, for every module that runs ops with MACs
+    or owns parameters. A module's MACs are those of the ops that run directly in it (not in a submodule;
+    ``nn_module_stack``), its parameters those it owns directly (a tied tensor counts once, for its first
+    owner); ``""`` is the top level. The values sum to the totals.
+    """
+    gm = counted_graph(model, example_inputs)
+    return module_counts(gm) if by_module else count_graph(gm)
+
+
+def counted_graph(model, example_inputs) -> fx.GraphModule:
+    """A fresh captured graph of ``model`` with FakeTensor shapes, only to be counted."""
+    captured = capture(model, example_inputs, dynamic=False)
     gm = fx.GraphModule(captured, copy.deepcopy(captured.graph))
     gm.meta.update(captured.meta)
     propagate(gm, flat_inputs(gm, example_inputs))
-    return count_graph(gm)
+    return gm
+
+
+def module_counts(gm: fx.GraphModule) -> dict[str, tuple[int, int]]:
+    """``{module name: (macs, params)}`` over a counted graph (see :func:`count`)."""
+    macs = macs_by_module(gm)
+    out: dict[str, tuple[int, int]] = {}
+    seen: set[int] = set()
+    for name, module in gm.named_modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for p in own)
+        params = sum(p.numel() for p in own)
+        if params or macs.get(name):
+            out[name] = (macs.get(name, 0), params)
+    for name, value in macs.items():  # ops attributed to a module path the graph does not hold
+        if name not in out:
+            out[name] = (value, 0)
+    return out
 
 
 def count_macs(model, example_inputs) -> int:

@@ -30,10 +30,12 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
 
 from fxprune.api import PRUNING, Job, analyze, check_prune_settings, run
 from fxprune.importance import resolve_importance
 from fxprune.lineage import Lineage
+from fxprune.plan_io import PruningPlan, attach_plan, group_key
 from fxprune.macs import count_graph
 from fxprune.planning.alignment import default_alignment, removal_steps
 from fxprune.planning.selection import make_plan, units_to_keep
@@ -78,6 +80,8 @@ class Pruner:
         self.lineage = Lineage(self.dg)
         self.original_ratios = group_ratios(self.dg, ratios)
         self.original_counts = count_graph(self.dg.gm)
+        self.original_dg = self.dg
+        self.kept = {g: list(range(g.units)) for g in self.lineage.original}  # original indices left per group
         self._regularizer_ready = False
 
     # -- pruning -----------------------------------------------------------
@@ -91,7 +95,9 @@ class Pruner:
         job = Job(self.model, self.example_inputs, self.kwargs, importance=self.criterion, round_to=self.round_to,
                   prune_head_dims=self.prune_head_dims, gm=self.dg.gm, dg=self.dg, global_pruning=self.global_pruning, max_ratio=self.max_ratio)
         plan = self._planner(progress)
-        run(job, [(name, plan if name == "plan" else fn) for name, fn in PRUNING])
+        # the record pass would keep this step's plan alone: _compose keeps the plan of all steps instead
+        run(job, [(name, plan if name == "plan" else fn) for name, fn in PRUNING if name != "record"])
+        self._compose(job)
         self.lineage.record(job.removal)
         self.model = job.result
         self.dg = analyze(job.result, self.example_inputs, kwargs=self.kwargs, ignore=self.ignore,
@@ -99,6 +105,34 @@ class Pruner:
         self.lineage.match(self.dg)
         self._regularizer_ready = False
         return self.model
+
+    def _compose(self, job: Job) -> None:
+        """Fold this step's removal into the original groups' kept indices; attach the plan of all steps so far.
+
+        A unit of a pruned group is the unit of the same rank among its original group's kept units (rewriting
+        keeps the order of what it keeps), so one plan over the original model removes what all steps removed.
+        """
+        if self.kept is None:  # an earlier step could not be composed
+            return
+        for group, units in job.removal.items():
+            removed = {int(u) for u in units}
+            if not removed:
+                continue
+            origin = self.lineage.origin(group)
+            if origin is None or len(self.kept[origin]) != group.units:
+                warnings.warn(f"fxprune: step {self.current_step} pruned group G{group.id} "
+                              f"({group_key(self.dg, group)}), which could not be traced back to a group of the "
+                              "original model: the pruned model carries no plan (fxprune.plan_of and replay will "
+                              "not work for it)", stacklevel=3)
+                self.kept = None
+                return
+            self.kept[origin] = [u for i, u in enumerate(self.kept[origin]) if i not in removed]
+        removal = {g: sorted(set(range(g.units)) - set(kept)) for g, kept in self.kept.items()}
+        goal = {"ratio": self.ratio} if self.target is None else {f"target_{self.target[0]}": self.target[1]}
+        plan = PruningPlan.from_removal(self.original_dg, removal, settings={
+            **goal, "steps": self.current_step, "round_to": self.round_to, "alignment": self.alignment,
+            "prune_head_dims": self.prune_head_dims, "global_pruning": self.global_pruning})
+        attach_plan(job.result, plan)
 
     def _planner(self, progress: float):
         """The pipeline's plan pass for one step."""

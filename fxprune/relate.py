@@ -14,6 +14,7 @@ import torch.fx as fx
 from torch.nn.utils import parametrize
 
 from fxprune.context import AnalysisState, RuleContext, tensor_value
+from fxprune.errors import FxPruneError
 from fxprune.rules import lookup
 
 
@@ -45,7 +46,16 @@ def relate(gm: fx.GraphModule) -> AnalysisState:
                 state.unsupported.append((node, r.where))
             continue
         node.meta["fxprune_rule"] = rule.__qualname__
-        rule(r)
+        user = not getattr(rule, "__module__", "").startswith("fxprune.")
+        if user:  # verify names it when pruning fails
+            node.meta["fxprune_user_rule"] = f"{rule.__module__}.{rule.__qualname__} (for {r.where})"
+        try:
+            rule(r)
+        except FxPruneError:
+            raise
+        except Exception as exc:  # a rule's own failure, named with the node it was relating
+            who = f"user rule {rule.__module__}.{rule.__qualname__}" if user else f"rule {rule.__qualname__}"
+            raise FxPruneError(f"{who} failed at {r.where}: {type(exc).__name__}: {exc}") from exc
         if module is not None:
             _freeze_unrelated_params(r)
     return state

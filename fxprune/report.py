@@ -17,15 +17,11 @@ Example::
 
 from __future__ import annotations
 
-import copy
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 
-from fxprune.capture import capture, flat_inputs
-from fxprune.macs import macs_by_module
-from fxprune.propagate import propagate
+from fxprune.macs import counted_graph, module_counts
 
 
 def report(before, after, example_inputs, *, show: bool = True) -> str:
@@ -52,26 +48,14 @@ def report(before, after, example_inputs, *, show: bool = True) -> str:
 
 
 def _measure(model, example_inputs) -> tuple[dict, tuple[int, int]]:
-    captured = capture(model, example_inputs, dynamic=False)  # only counted
-    gm = fx.GraphModule(captured, copy.deepcopy(captured.graph))
-    gm.meta.update(captured.meta)
-    propagate(gm, flat_inputs(gm, example_inputs))
-    macs = macs_by_module(gm)
-    rows = {}
-    seen: set[int] = set()
-    total_params = 0
-    for name, module in gm.named_modules():
-        if not name:
-            continue
-        own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
-        seen.update(id(p) for p in own)
-        params = sum(p.numel() for p in own)
-        total_params += params
-        if params or macs.get(name):
-            rows[name] = {"type": type(module).__name__, "width": _width(module), "params": params,
-                          "macs": macs.get(name, 0)}
-    total_params += sum(p.numel() for p in gm.parameters(recurse=False) if id(p) not in seen)
-    return rows, (sum(macs.values()), total_params)
+    gm = counted_graph(model, example_inputs)
+    counts = module_counts(gm)
+    modules = dict(gm.named_modules())
+    rows = {name: {"type": type(modules[name]).__name__ if name in modules else "", "params": params, "macs": macs,
+                   "width": _width(modules[name]) if name in modules else ""}
+            for name, (macs, params) in counts.items() if name}
+    total_params = sum(params for _, params in counts.values())
+    return rows, (sum(macs for macs, _ in counts.values()), total_params)
 
 
 def _width(module: nn.Module) -> str:

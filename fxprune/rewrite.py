@@ -134,7 +134,9 @@ def _rewrite_constant(node: fx.Node, module, c, sizes: Sizes) -> None:
         index = None
     if kind == "attr":
         if module is not None:
-            setattr(module, where, _updated(getattr(module, where), c.layouts, index, sizes))
+            owner, _, attr = where.rpartition(".")  # a dotted attribute belongs to a submodule
+            owner = module.get_submodule(owner) if owner else module
+            setattr(owner, attr, _updated(getattr(owner, attr), c.layouts, index, sizes))
         return
     if kind == "kwargs":
         node.kwargs = {**node.kwargs, where: _updated(node.kwargs[where], c.layouts, index, sizes)}

@@ -49,6 +49,7 @@ import torch.nn as nn
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils._pytree import treespec_dumps, treespec_loads
 
+from fxprune.capture import PRESERVED
 from fxprune.jsonvalue import SerializationError, decode_with, encode, import_object, qualified_name
 
 FORMAT = "fxprune-graphmodule"
@@ -102,6 +103,8 @@ def load(directory, device="cpu") -> fx.GraphModule:
     tensors = _materialize(spec["tensors"], load_file(str(directory / WEIGHTS_FILE), device=str(device)))
     root = _build_modules(spec["modules"], tensors)
     root.meta.update(_decode_meta(spec.get("meta", {})))
+    for key, value in root.meta.get(PRESERVED, {}).items():  # attributes the user set on the model's root
+        setattr(root, key, value)
     if (directory / PLAN_FILE).is_file():
         from fxprune.plan_io import PruningPlan
 
@@ -230,7 +233,7 @@ def _graph_to_json(graph: fx.Graph, where: str) -> dict:
 def _encode_meta(meta: dict) -> dict:
     out = {}
     for key, value in meta.items():
-        if key.startswith("fxprune_") and key != PLAN_META:
+        if (key.startswith("fxprune_") and key != PLAN_META) or key == PRESERVED:
             try:
                 out[key] = encode(value, f"gm.meta[{key!r}]")
             except SerializationError:

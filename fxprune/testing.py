@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fxprune.importance import named_tensors
+from fxprune.masking import zero_units
 
 
 def oracle_groups(dg) -> list:
@@ -35,21 +35,13 @@ def plant_dead_units(dg, groups=None, fraction: float = 0.34, seed: int = 0) -> 
     """
     rng = np.random.default_rng(seed)
     groups = oracle_groups(dg) if groups is None else list(groups)
-    tensors = named_tensors(dg.gm)
     removal = {}
-    with torch.no_grad():
-        for group in groups:
-            count = min(group.units - 1, max(1, int(round(fraction * group.units))))
-            if count < 1:
-                continue
-            units = np.sort(rng.choice(group.units, size=count, replace=False))
-            removal[group] = units
-            for member in group.members:
-                if member.kind == "activation" or member.name not in tensors:
-                    continue
-                tensor = tensors[member.name]  # the index on the tensor's device (CUDA, meta ...)
-                index = torch.as_tensor(member.indices(group, units), dtype=torch.long, device=tensor.device)
-                tensor.index_fill_(member.dim, index, 0.0)
+    for group in groups:
+        count = min(group.units - 1, max(1, int(round(fraction * group.units))))
+        if count < 1:
+            continue
+        removal[group] = np.sort(rng.choice(group.units, size=count, replace=False))
+    zero_units(dg, removal)
     return removal
 
 

@@ -33,7 +33,16 @@ def verify(gm: fx.GraphModule, example_inputs, expected_shapes: list) -> None:
     try:
         propagate(gm, example_inputs)
     except ShapeError as exc:
-        raise ShapeError(f"the pruned graph is inconsistent (a bug in fxprune, please report it): {exc}") from exc
+        raise ShapeError(f"the pruned graph is inconsistent ({_culprit(gm)}): {exc}") from exc
     got = output_shapes(gm)
     if got != expected_shapes:
-        raise ShapeError(f"pruning changed the output shapes from {expected_shapes} to {got}")
+        raise ShapeError(f"pruning changed the output shapes from {expected_shapes} to {got} ({_culprit(gm)})")
+
+
+def _culprit(gm: fx.GraphModule) -> str:
+    """Who to blame: the rules registered outside fxprune that related this graph, if any (relate marks them)."""
+    users = list(dict.fromkeys(n.meta["fxprune_user_rule"] for n in gm.graph.nodes if "fxprune_user_rule" in n.meta))
+    if users:
+        more = f" and {len(users) - 3} more" if len(users) > 3 else ""
+        return f"check the user rule{'s' if len(users) > 1 else ''} {'; '.join(users[:3])}{more}"
+    return "a bug in fxprune, please report it"

@@ -303,3 +303,17 @@ def test_a_capture_that_must_be_static_warns_and_says_so_in_meta(monkeypatch):
     with pytest.warns(UserWarning, match="BranchesOnRank captured with static shapes.*simulated"):
         pruned = fxprune.prune(BranchesOnRank().eval(), 0.5, example_inputs=(torch.randn(2, 4),))
     assert pruned.meta["fxprune_static_shapes"] == "ValueError: simulated: no dynamic shapes for this model"
+
+
+def test_attributes_the_user_set_on_modules_survive_pruning(tmp_path):
+    model, x = models.ResidualCNN().eval(), _inputs()
+    model.my_tag, model.block.my_tag, model.block[0].my_tag, model.head.my_tag = "root", "block", "conv", "head"
+    pruned = fxprune.prune(model, 0.5, example_inputs=x, round_to=1)
+    tags = lambda m: (m.my_tag, m.block.my_tag, m.get_submodule("block.0").my_tag, m.head.my_tag)  # noqa: E731
+    assert tags(pruned) == ("root", "block", "conv", "head")
+    assert pruned.code and pruned.get_submodule("block.0").out_channels < 24  # the GraphModule's own stay its own
+    pruner = fxprune.Pruner(model, x, ratio=0.5, steps=2, round_to=1)
+    pruner.step()
+    assert tags(pruner.step()) == ("root", "block", "conv", "head")  # a GraphModule re-captured keeps them too
+    fxprune.save(pruned, tmp_path / "saved")
+    assert tags(fxprune.load(tmp_path / "saved")) == ("root", "block", "conv", "head")

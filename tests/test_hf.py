@@ -291,3 +291,48 @@ def test_gpt2_fused_qkv_in_place_generates_and_reloads(tmp_path):
     reloaded = fxprune.load_pretrained(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+def _vision(name):
+    T = transformers
+    if name == "vit":
+        return T.ViTForImageClassification(T.ViTConfig(image_size=32, patch_size=8, num_labels=3, **TINY))
+    if name == "swin":
+        return T.SwinForImageClassification(T.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                                         num_heads=[2, 4], window_size=4, num_labels=3))
+    return T.ConvNextForImageClassification(T.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2,
+                                                             num_labels=3))
+
+
+@pytest.mark.parametrize("name", ["vit", "swin", "convnext"])
+def test_vision_models_in_place_dead_units_exact_and_reload(name, tmp_path):
+    torch.manual_seed(0)
+    model, x = _vision(name).eval(), torch.randn(2, 3, 32, 32)
+    dg = fxprune.analyze(model, (x,), inplace=True)
+    removal = plant_dead_units(dg, seed=1)
+    with torch.no_grad():
+        before = model(x).logits
+    assert fxprune.apply(dg, removal, inplace=True) is model
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in _vision(name).parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, before, atol=1e-5, rtol=0)
+    if name == "vit":  # the hidden size is found from the groups (its patch embedding is a conv, not a token table)
+        hidden = dg.group_of("vit.embeddings.patch_embeddings.projection.weight", 0)
+        assert model.config.hidden_size == 64 - len(removal.get(hidden, ()))
+    model.save_pretrained(tmp_path)  # Swin: under transformers 5's older checkpoint names, mapped back on loading
+    reloaded = fxprune.load_pretrained(str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, before, atol=1e-5, rtol=0)
+
+
+def test_inplace_unexpected_error_is_an_fxprune_error_and_the_model_is_put_back(monkeypatch):
+    model, x = _vision("vit").eval(), torch.randn(2, 3, 32, 32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def broken(*args, **kwargs):
+        raise AttributeError("simulated")
+
+    monkeypatch.setattr(fxprune.hf, "update_config", broken)
+    with pytest.raises(fxprune.FxPruneError, match="in place failed .* AttributeError: simulated"):
+        fxprune.prune(model, 0.5, example_inputs=(x,), inplace=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

@@ -138,3 +138,15 @@ def test_report_lists_widths_params_and_macs_before_and_after(capsys):
     m0, p0 = fxprune.count(model, x)
     m1, p1 = fxprune.count(pruned, x)
     assert total[1:] == [f"{p0 / 1e3:.2f}K", f"{p1 / 1e3:.2f}K", f"{m0 / 1e6:.2f}M", f"{m1 / 1e3:.2f}K"]
+
+
+def test_count_by_module_sums_to_the_totals():
+    model, x = models.ResidualCNN().eval(), (torch.randn(2, 3, 8, 8),)
+    per_module = fxprune.count(model, x, by_module=True)
+    assert sum(m for m, _ in per_module.values()) == fxprune.count(model, x)[0]
+    assert sum(p for _, p in per_module.values()) == fxprune.count(model, x)[1]
+    assert per_module["stem.0"] == (2 * 8 * 8 * 16 * 3 * 9, 16 * 3 * 9 + 16)
+    assert per_module["head"] == (2 * 32 * 10, 32 * 10 + 10)
+    assert per_module["stem.1"][1] == 32 and "stem.2" not in per_module  # ReLU: no MACs, no parameters
+    pruned = fxprune.prune(model, 0.5, example_inputs=x, round_to=1)
+    assert fxprune.count(pruned, x, by_module=True)["stem.0"] == (2 * 8 * 8 * 8 * 3 * 9, 8 * 3 * 9 + 8)

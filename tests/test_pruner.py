@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import fxprune
+import fxprune.testing
 from tests import models
 from tests.test_importance import bn_mlp, mlp
 
@@ -126,3 +127,21 @@ def test_sparse_training_drives_weak_units_to_zero_then_prunes_them():
     with pytest.raises(ValueError, match=r"regularize the pruned model \(pruner.model\)"):
         pruner.regularize(model)  # the unpruned model no longer matches the groups
     pruner.regularize(pruned)  # the pruned one does (no .grad yet: nothing to add, no error)
+
+
+@pytest.mark.parametrize("make, inputs, settings", [
+    (models.ResidualCNN, X, {"ratio": 0.6}), (models.ResidualCNN, X, {"target_macs": 0.4, "global_pruning": True}),
+    (models.ViTBlock, (torch.randn(2, 5, 12),), {"ratio": 0.6})])
+def test_steps_compose_into_one_plan_that_replays_on_the_original(make, inputs, settings):
+    model = make().eval()
+    pruner = fxprune.Pruner(model, inputs, steps=3, round_to=1, **settings)
+    for _ in range(3):
+        final = pruner.step()
+    plan = fxprune.plan_of(final)
+    again = fxprune.replay(fxprune.PruningPlan.from_dict(plan.to_dict()), model, inputs)
+    assert plan.settings["steps"] == 3 and ("ratio" in plan.settings) == ("ratio" in settings)
+    expected = dict(final.named_parameters())
+    assert {n: p.shape for n, p in again.named_parameters()} == {n: p.shape for n, p in expected.items()}
+    for name, p in again.named_parameters():
+        torch.testing.assert_close(p, expected[name], rtol=0, atol=0)
+    fxprune.testing.assert_same_outputs(again(*inputs), final(*inputs))

@@ -237,3 +237,84 @@ def test_every_required_argument_of_a_bound_aten_rule_has_a_schema_name():
                 if required and not any(c in names for c in (name,) + _SCHEMA_ALIASES.get(name, ())):
                     missing.append(f"{target}: {name}")
     assert not missing, missing
+
+
+class Nested(nn.Module):
+    """A custom leaf module whose parameters live in a submodule."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return torch.relu(self.inner(x))
+
+
+@fxprune.register_rule(Nested)
+def nested_rule(r):
+    x, out, w = r.input(0), r.out, r.param("inner.weight")
+    r.same(w[1], x[-1])
+    r.same(w[0], out[-1])
+    r.same(r.param("inner.bias")[0], out[-1])
+    for d in range(x.ndim - 1):
+        r.same(x[d], out[d])
+    r.module_attr("inner.in_features", x[-1])
+    r.module_attr("inner.out_features", out[-1])
+
+
+class Careless(Scale):
+    """Scale, with a user rule that forgets that the gain follows the channels."""
+
+
+@fxprune.register_rule(Careless)
+def careless_rule(r):
+    r.same(r.input(0)[0], r.out[0])
+    r.same(r.input(0)[1], r.out[1])
+
+
+def _traced(model, leaf):
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, leaf) or super().is_leaf_module(m, qualname)
+
+    return fx.GraphModule(model, Tracer().trace(model))
+
+
+def test_user_rule_reaches_nested_parameters_of_a_leaf_module():
+    model = nn.Sequential(nn.Linear(3, 5), Nested(), nn.Linear(5, 2)).eval()
+    gm, x = _traced(model, Nested), torch.randn(2, 3)
+    dg = fxprune.analyze(gm, (x,))
+    g1, g2 = dg.group_of("0.weight", 0), dg.group_of("1.inner.weight", 0)
+    assert dg.group_of("1.inner.weight", 1) is g1 and dg.group_of("2.weight", 1) is g2
+    assert g1.prunable and g2.prunable
+    removal = plant_dead_units(dg, seed=2)
+    pruned = fxprune.apply(dg, removal)
+    torch.testing.assert_close(pruned(x), dg.gm(x), atol=1e-5, rtol=0)
+    inner = pruned.get_submodule("1.inner")
+    assert (inner.out_features, inner.in_features) == tuple(inner.weight.shape) == (5 - len(removal[g2]),
+                                                                                  5 - len(removal[g1]))
+
+
+def test_verify_failure_under_a_user_rule_names_the_rule():
+    model = nn.Sequential(nn.Linear(3, 5), Careless(5), nn.Linear(5, 2)).eval()
+    gm, x = _traced(model, Careless), torch.randn(2, 3)
+    dg = fxprune.analyze(gm, (x,))
+    with pytest.raises(fxprune.ShapeError, match="careless_rule") as info:
+        fxprune.apply(dg, {dg.group_of("0.weight", 0): [0]})
+    assert "bug in fxprune" not in str(info.value)
+
+
+class Misnamed(Nested):
+    """Nested, with a user rule that names a parameter the module does not have."""
+
+
+@fxprune.register_rule(Misnamed)
+def misnamed_rule(r):
+    r.same(r.param("inner.wieght")[1], r.input(0)[-1])  # no such parameter: r.param returns None
+
+
+def test_a_user_rule_that_raises_is_named_with_its_node():
+    model = nn.Sequential(nn.Linear(3, 5), Misnamed(), nn.Linear(5, 2)).eval()
+    message = r"user rule .*misnamed_rule failed at node '_1' \(call_module 1\): TypeError"
+    with pytest.raises(fxprune.FxPruneError, match=message):
+        fxprune.analyze(_traced(model, Misnamed), (torch.randn(2, 3),))

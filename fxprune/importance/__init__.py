@@ -92,15 +92,18 @@ def resolve_importance(importance, calibration=None, loss_fn=None, progress=None
 
 def score_groups(criterion: Criterion, dg, groups) -> dict:
     """``{group: scores}`` for every group the criterion has an opinion on (``None`` results are left out)."""
+    return dict(iter_scores(criterion, dg, groups))
+
+
+def iter_scores(criterion: Criterion, dg, groups):
+    """``(group, scores)`` one group at a time, the criterion prepared once (calibration runs before the first)."""
     criterion.prepare(dg)
     tensors = named_tensors(dg.gm)
-    out = {}
-    with torch.no_grad():
-        for group in groups:
+    for group in groups:
+        with torch.no_grad():
             scores = as_scores(criterion(dg, group, tensors), group, repr(criterion))
-            if scores is not None:
-                out[group] = scores
-    return out
+        if scores is not None:
+            yield group, scores
 
 
 def named_tensors(gm: torch.nn.Module) -> dict[str, torch.Tensor]:
