@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 
 from fxprune import hf
-from fxprune.capture import capture, flat_inputs, is_hf_model
+from fxprune.capture import capture, flat_inputs, inline_mode_regions, is_hf_model
 from fxprune.decompose import decompose
 from fxprune.depgraph import DependencyGraph
 from fxprune.importance import named_tensors, resolve_importance, score_groups
@@ -81,6 +81,7 @@ def _capture(job: Job) -> None:
         fresh = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
         fresh.meta.update(gm.meta)
         gm = fresh
+        inline_mode_regions(gm)  # a graph the caller exported may hold no_grad / autocast regions
     job.gm = gm
     job.flat_inputs = flat_inputs(gm, job.example_inputs, job.kwargs)
 

@@ -20,13 +20,14 @@ raises :class:`CaptureError` with the failing source line and a pointer to
 from __future__ import annotations
 
 import inspect
+import operator
 import traceback
 import warnings
 
 import torch
 import torch.fx as fx
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
-from torch.utils._pytree import tree_leaves, tree_structure
+from torch.utils._pytree import tree_leaves, tree_map, tree_structure
 
 from fxprune.errors import CaptureError
 
@@ -104,6 +105,8 @@ def export_capture(model: torch.nn.Module, example_inputs, kwargs=None, trace_er
                    dynamic: bool = True) -> fx.GraphModule:
     """``torch.export.export(model, args, kwargs, strict=False).module()``, or a CaptureError quoting export."""
     args, kwargs = tuple(example_inputs), dict(kwargs or {})
+    if _on_meta_device(model):  # FakeTensor before torch 2.12 refuses to mix meta weights with CPU inputs
+        args, kwargs = tree_map(_to_meta, (args, kwargs))
     try:
         program = None
         if dynamic:
@@ -123,9 +126,73 @@ def export_capture(model: torch.nn.Module, example_inputs, kwargs=None, trace_er
             + (message[0] if message else "")
         ) from exc
     gm = program.module(check_guards=False) if "check_guards" in _parameters(program.module) else program.module()
+    inline_mode_regions(gm)
     gm.meta["fxprune_capture"] = EXPORTED
     gm.meta["fxprune_kwargs"] = _drop_constant_kwargs(gm, example_inputs, dict(kwargs or {}))
     return gm
+
+
+def _mode_wrappers() -> set:
+    """The higher-order ops with which ``torch.export`` wraps a region run under another grad or autocast mode."""
+    names = ("wrap_with_set_grad_enabled", "wrap_with_autocast")
+    return {getattr(torch.ops.higher_order, name) for name in names if hasattr(torch.ops.higher_order, name)}
+
+
+def inline_mode_regions(gm: fx.GraphModule) -> bool:
+    """Inline the submodules of grad-mode and autocast regions into ``gm``'s graph; True if any was inlined.
+
+    ``torch.export`` puts a region that runs under another grad mode (``@torch.no_grad()`` on
+    LLaMA's rotary embedding in transformers < 5.2x while the caller has grad enabled) or
+    another autocast state in a submodule called through ``wrap_with_set_grad_enabled`` /
+    ``wrap_with_autocast``. Its ops are ordinary aten ops: inlined, every rule sees them and the
+    graph is flat, as symbolic_trace's graphs are (which do not record grad or autocast modes either).
+    """
+    wrappers = _mode_wrappers()
+    inlined = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in wrappers:
+            continue
+        at = next(i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a.op == "get_attr")
+        holder = node.args[at]
+        body = gm.get_submodule(holder.target)
+        inline_mode_regions(body)  # nested regions first
+        env = dict(zip(body.graph.find_nodes(op="placeholder"), node.args[at + 1:]))
+        with gm.graph.inserting_before(node):
+            for attr in body.graph.find_nodes(op="get_attr"):  # constants of the region move to gm
+                name = _free_attribute(gm, attr.target.replace(".", "_"))
+                setattr(gm, name, operator.attrgetter(attr.target)(body))
+                env[attr] = gm.graph.get_attr(name)
+            outputs = gm.graph.graph_copy(body.graph, env)
+        for user in list(node.users):
+            if user.target is not operator.getitem:
+                raise CaptureError(f"{node.target} result used whole by {user.format_node()}")
+            user.replace_all_uses_with(outputs[user.args[1]])
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+        if not holder.users:
+            gm.graph.erase_node(holder)
+            gm.delete_submodule(holder.target)
+        inlined = True
+    if inlined:
+        gm.graph.lint()
+        gm.recompile()
+    return inlined
+
+
+def _free_attribute(gm: fx.GraphModule, name: str) -> str:
+    candidate, i = name, 0
+    while hasattr(gm, candidate):
+        i += 1
+        candidate = f"{name}_{i}"
+    return candidate
+
+
+def _on_meta_device(model: torch.nn.Module) -> bool:
+    return any(t.device.type == "meta" for t in (*model.parameters(), *model.buffers()))
+
+
+def _to_meta(value):
+    return value.to("meta") if isinstance(value, torch.Tensor) else value
 
 
 def _drop_constant_kwargs(gm: fx.GraphModule, example_inputs, kwargs: dict) -> dict:

@@ -92,6 +92,15 @@ def test_llama_groups_heads_kv_rope_mlp_hidden():
         assert expected in text
 
 
+def test_llama_on_the_meta_device_is_analysed_with_cpu_ids():
+    # export gets the ids on meta too: FakeTensor before torch 2.12 refuses meta weights with CPU ids
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER)).eval()
+    dg = fxprune.analyze(model, (_ids(),), inplace=True)
+    assert not dg.state.unsupported, dg.report()
+    assert len(dg.prunable_groups) >= 4
+
+
 def test_rope_pairs_are_pruned_together_with_inv_freq():
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER)).eval()
