@@ -27,7 +27,7 @@ import warnings
 import torch
 import torch.fx as fx
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
-from torch.utils._pytree import tree_leaves, tree_map, tree_structure
+from torch.utils._pytree import tree_leaves, tree_map, tree_structure, tree_unflatten
 
 from fxprune.errors import CaptureError
 
@@ -142,7 +142,7 @@ def inline_mode_regions(gm: fx.GraphModule) -> bool:
     """Inline the submodules of grad-mode and autocast regions into ``gm``'s graph; True if any was inlined.
 
     ``torch.export`` puts a region that runs under another grad mode (``@torch.no_grad()`` on
-    LLaMA's rotary embedding in transformers < 5.2x while the caller has grad enabled) or
+    LLaMA's rotary embedding in transformers 5.17, while the caller has grad enabled) or
     another autocast state in a submodule called through ``wrap_with_set_grad_enabled`` /
     ``wrap_with_autocast``. Its ops are ordinary aten ops: inlined, every rule sees them and the
     graph is flat, as symbolic_trace's graphs are (which do not record grad or autocast modes either).
@@ -203,14 +203,19 @@ def _drop_constant_kwargs(gm: fx.GraphModule, example_inputs, kwargs: dict) -> d
     codegen = gm.graph._codegen
     if not isinstance(codegen, _PyTreeCodeGen):
         return kwargs
+    # placeholders are matched through the input spec, not by name: torch < 2.7 names a keyword
+    # that reached forward through ``**kwargs`` "kwargs_use_cache"
+    spec = codegen.pytree_info.in_spec
+    _, positions = tree_unflatten(list(range(spec.num_leaves)), spec)
+    placeholders = gm.graph.find_nodes(op="placeholder")
     kept = dict(kwargs)
-    for node in gm.graph.find_nodes(op="placeholder"):
-        if node.target in kwargs and not isinstance(kwargs[node.target], torch.Tensor) and not node.users:
-            gm.graph.erase_node(node)
-            del kept[node.target]
+    for key, position in positions.items():
+        if isinstance(position, int) and not isinstance(kwargs[key], torch.Tensor) and not placeholders[position].users:
+            gm.graph.erase_node(placeholders[position])
+            del kept[key]
     if kept == kwargs:
         return kwargs
-    names = [n.target for n in gm.graph.find_nodes(op="placeholder")]
+    names = [name for name in codegen.pytree_info.orig_args if name not in kwargs.keys() - kept.keys()]
     in_spec = tree_structure((tuple(example_inputs), kept))
     gm.graph._codegen = _PyTreeCodeGen(_PyTreeInfo(names, in_spec, codegen.pytree_info.out_spec))
     gm.recompile()
