@@ -20,6 +20,7 @@ raises :class:`CaptureError` with the failing source line and a pointer to
 from __future__ import annotations
 
 import inspect
+import linecache
 import operator
 import traceback
 import warnings
@@ -258,9 +259,20 @@ def _parameters(fn) -> set[str]:
     return set(inspect.signature(fn).parameters)
 
 
+def _is_library_file(filename: str) -> bool:
+    parts = filename.replace("\\", "/").split("/")
+    return "torch" in parts or filename == __file__  # torch's frames and _Tracer's
+
+
 def _explain(model: torch.nn.Module, exc: Exception) -> str:
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename.replace("\\", "/")]
-    where = f" at {frames[-1].filename}:{frames[-1].lineno}: {frames[-1].line}" if frames else ""
+    # frames, not traceback.extract_tb: the column positions of a frame without a line number (the forward
+    # of a patched module under torch < 2.7) stop Python 3.11's extract_tb with StopIteration
+    frames = [(frame.f_code.co_filename, line) for frame, line in traceback.walk_tb(exc.__traceback__)
+              if line is not None and not _is_library_file(frame.f_code.co_filename)]
+    where = ""
+    if frames:
+        filename, line = frames[-1]
+        where = f" at {filename}:{line}: {linecache.getline(filename, line).strip()}"
     return (
         f"torch.fx.symbolic_trace could not trace {type(model).__name__}{where}\n"
         f"  {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}\n"
