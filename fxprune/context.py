@@ -37,6 +37,8 @@ _SCHEMA_ALIASES = {
     "dims": ("dim",),
     "split_size_or_sections": ("split_size", "split_sizes"),
     "tensor": ("self",),
+    "dim0": ("axis0",),  # aten.swapaxes (torch < 2.7 export keeps it; later ones give aten.transpose)
+    "dim1": ("axis1",),
 }
 
 
