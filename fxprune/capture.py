@@ -106,7 +106,7 @@ def export_capture(model: torch.nn.Module, example_inputs, kwargs=None, trace_er
                    dynamic: bool = True) -> fx.GraphModule:
     """``torch.export.export(model, args, kwargs, strict=False).module()``, or a CaptureError quoting export."""
     args, kwargs = tuple(example_inputs), dict(kwargs or {})
-    if _on_meta_device(model):  # FakeTensor before torch 2.12 refuses to mix meta weights with CPU inputs
+    if _on_meta_device(model):  # FakeTensor of torch 2.11 and earlier refuses meta weights with CPU inputs
         args, kwargs = tree_map(_to_meta, (args, kwargs))
     try:
         program = None

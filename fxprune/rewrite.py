@@ -82,7 +82,7 @@ def rewrite(dg, removal: dict, inplace: bool = False, share_tensors: bool = Fals
         _rewrite_constant(nodes[c.node.name], modules.get(c.node.target), c, sizes)
     for node, hook in dg.state.hooks:
         hook(nodes[node.name], sizes)
-    _eliminate_dead_code(gm.graph)
+    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
     gm.graph.lint()
     gm.recompile()
     return gm
@@ -217,13 +217,6 @@ def _new_int_values(dg, sizes: Sizes) -> dict[str, object]:
 
 
 _PURE_MODULES = ("torch", "operator", "_operator", "builtins", "math")
-
-
-def _eliminate_dead_code(graph: fx.Graph) -> None:
-    """``graph.eliminate_dead_code`` with :func:`_is_impure` as the purity test (one pass, last node first)."""
-    for node in reversed(graph.nodes):
-        if not node.users and not _is_impure(node):
-            graph.erase_node(node)
 
 
 def _is_impure(node: fx.Node) -> bool:

@@ -93,7 +93,7 @@ def test_llama_groups_heads_kv_rope_mlp_hidden():
 
 
 def test_llama_on_the_meta_device_is_analysed_with_cpu_ids():
-    # export gets the ids on meta too: FakeTensor before torch 2.12 refuses meta weights with CPU ids
+    # export gets the ids on meta too: FakeTensor of torch 2.11 and earlier refuses meta weights with CPU ids
     maybe_autocast = getattr(transformers.utils.generic, "maybe_autocast", None)
     try:  # LLaMA's rotary embedding enters maybe_autocast(x.device.type); transformers 5.4 made it skip meta
         maybe_autocast and maybe_autocast("meta", enabled=False)
