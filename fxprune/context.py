@@ -37,7 +37,7 @@ _SCHEMA_ALIASES = {
     "dims": ("dim",),
     "split_size_or_sections": ("split_size", "split_sizes"),
     "tensor": ("self",),
-    "dim0": ("axis0",),  # aten.swapaxes (torch < 2.7 export keeps it; later ones give aten.transpose)
+    "dim0": ("axis0",),  # aten.swapaxes(self, axis0, axis1), as torch.export keeps x.swapaxes(1, 2)
     "dim1": ("axis1",),
 }
 
