@@ -11,8 +11,9 @@ import torch.nn.functional as F
 def skip_unless_symbolically_traceable(model: nn.Module) -> None:
     """Skip a test about symbolic_trace's graph where this torch cannot trace ``model``.
 
-    torch 2.6 and 2.8 (not 2.11) reject a proxy inside the int list of a torch function (``torch.reshape(x, (B, N, 2, 4))``,
-    ``F.avg_pool2d(y, window)``); fxprune then captures with torch.export, whose graph such tests do not describe.
+    torch 2.6 and 2.8 (not 2.11) reject a proxy inside the int list of a torch function
+    (``torch.reshape(x, (B, N, 2, 4))``, ``F.avg_pool2d(y, window)``); fxprune then captures with
+    torch.export, whose graph such tests do not describe.
     """
     from fxprune.capture import _Tracer
 
