@@ -36,7 +36,8 @@ import torch
 import torch.fx as fx
 
 from fxprune import hf
-from fxprune.capture import capture, flat_inputs, is_hf_model, keep_user_attributes, module_names, split_inputs
+from fxprune.capture import (capture, flat_inputs, inline_mode_regions, is_hf_model, keep_user_attributes,
+                             module_names, split_inputs)
 from fxprune.decompose import decompose, recompose
 from fxprune.depgraph import DependencyGraph
 from fxprune.importance import named_tensors, resolve_importance, score_groups
@@ -96,6 +97,7 @@ def _capture(job: Job) -> None:
         fresh.meta.update(gm.meta)
         keep_user_attributes(gm, fresh)
         gm = fresh
+        inline_mode_regions(gm)  # a graph the caller exported may hold no_grad / autocast regions
     job.gm = gm
     job.flat_inputs = flat_inputs(gm, job.example_inputs, job.kwargs)
 

@@ -20,13 +20,15 @@ raises :class:`CaptureError` with the failing source line and a pointer to
 from __future__ import annotations
 
 import inspect
+import linecache
+import operator
 import traceback
 import warnings
 
 import torch
 import torch.fx as fx
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
-from torch.utils._pytree import tree_leaves, tree_structure
+from torch.utils._pytree import tree_leaves, tree_map, tree_structure, tree_unflatten
 
 from fxprune.errors import CaptureError, ShapeError
 from fxprune.modules import PrunedMultiheadAttention
@@ -134,6 +136,8 @@ def export_capture(model: torch.nn.Module, example_inputs, kwargs=None, trace_er
     """``torch.export.export(model, args, kwargs, strict=False).module()``, or a CaptureError quoting export."""
     args, kwargs = tuple(example_inputs), dict(kwargs or {})
     static = None
+    if _on_meta_device(model):  # FakeTensor of torch 2.11 and earlier refuses meta weights with CPU inputs
+        args, kwargs = tree_map(_to_meta, (args, kwargs))
     try:
         program = None
         if dynamic:
@@ -154,6 +158,7 @@ def export_capture(model: torch.nn.Module, example_inputs, kwargs=None, trace_er
             + (message[0] if message else "")
         ) from exc
     gm = program.module(check_guards=False) if "check_guards" in _parameters(program.module) else program.module()
+    inline_mode_regions(gm)
     gm.meta["fxprune_capture"] = EXPORTED
     if static:  # warned once the static export worked; the reason stays with the (pruned) graph
         warnings.warn(f"fxprune: {type(model).__name__} captured with static shapes: the graph takes only the "
@@ -161,6 +166,69 @@ def export_capture(model: torch.nn.Module, example_inputs, kwargs=None, trace_er
         gm.meta["fxprune_static_shapes"] = static
     gm.meta["fxprune_kwargs"] = _drop_constant_kwargs(gm, example_inputs, dict(kwargs or {}))
     return gm
+
+
+def _mode_wrappers() -> set:
+    """The higher-order ops with which ``torch.export`` wraps a region run under another grad or autocast mode."""
+    names = ("wrap_with_set_grad_enabled", "wrap_with_autocast")
+    return {getattr(torch.ops.higher_order, name) for name in names if hasattr(torch.ops.higher_order, name)}
+
+
+def inline_mode_regions(gm: fx.GraphModule) -> bool:
+    """Inline the submodules of grad-mode and autocast regions into ``gm``'s graph; True if any was inlined.
+
+    ``torch.export`` puts a region that runs under another grad mode (``@torch.no_grad()`` on
+    LLaMA's rotary embedding in transformers 5.17, while the caller has grad enabled) or
+    another autocast state in a submodule called through ``wrap_with_set_grad_enabled`` /
+    ``wrap_with_autocast``. Its ops are ordinary aten ops: inlined, every rule sees them and the
+    graph is flat, as symbolic_trace's graphs are (which do not record grad or autocast modes either).
+    """
+    wrappers = _mode_wrappers()
+    inlined = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in wrappers:
+            continue
+        at = next(i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and a.op == "get_attr")
+        holder = node.args[at]
+        body = gm.get_submodule(holder.target)
+        inline_mode_regions(body)  # nested regions first
+        env = dict(zip(body.graph.find_nodes(op="placeholder"), node.args[at + 1:]))
+        with gm.graph.inserting_before(node):
+            for attr in body.graph.find_nodes(op="get_attr"):  # constants of the region move to gm
+                name = _free_attribute(gm, attr.target.replace(".", "_"))
+                setattr(gm, name, operator.attrgetter(attr.target)(body))
+                env[attr] = gm.graph.get_attr(name)
+            outputs = gm.graph.graph_copy(body.graph, env)
+        for user in list(node.users):
+            if user.target is not operator.getitem:
+                raise CaptureError(f"{node.target} result used whole by {user.format_node()}")
+            user.replace_all_uses_with(outputs[user.args[1]])
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+        if not holder.users:
+            gm.graph.erase_node(holder)
+            gm.delete_submodule(holder.target)
+        inlined = True
+    if inlined:
+        gm.graph.lint()
+        gm.recompile()
+    return inlined
+
+
+def _free_attribute(gm: fx.GraphModule, name: str) -> str:
+    candidate, i = name, 0
+    while hasattr(gm, candidate):
+        i += 1
+        candidate = f"{name}_{i}"
+    return candidate
+
+
+def _on_meta_device(model: torch.nn.Module) -> bool:
+    return any(t.device.type == "meta" for t in (*model.parameters(), *model.buffers()))
+
+
+def _to_meta(value):
+    return value.to("meta") if isinstance(value, torch.Tensor) else value
 
 
 def _drop_constant_kwargs(gm: fx.GraphModule, example_inputs, kwargs: dict) -> dict:
@@ -171,14 +239,19 @@ def _drop_constant_kwargs(gm: fx.GraphModule, example_inputs, kwargs: dict) -> d
     codegen = gm.graph._codegen
     if not isinstance(codegen, _PyTreeCodeGen):
         return kwargs
+    # placeholders are matched through the input spec, not by name: torch < 2.7 names a keyword
+    # that reached forward through ``**kwargs`` "kwargs_use_cache"
+    spec = codegen.pytree_info.in_spec
+    _, positions = tree_unflatten(list(range(spec.num_leaves)), spec)
+    placeholders = gm.graph.find_nodes(op="placeholder")
     kept = dict(kwargs)
-    for node in gm.graph.find_nodes(op="placeholder"):
-        if node.target in kwargs and not isinstance(kwargs[node.target], torch.Tensor) and not node.users:
-            gm.graph.erase_node(node)
-            del kept[node.target]
+    for key, position in positions.items():
+        if isinstance(position, int) and not isinstance(kwargs[key], torch.Tensor) and not placeholders[position].users:
+            gm.graph.erase_node(placeholders[position])
+            del kept[key]
     if kept == kwargs:
         return kwargs
-    names = [n.target for n in gm.graph.find_nodes(op="placeholder")]
+    names = [name for name in codegen.pytree_info.orig_args if name not in kwargs.keys() - kept.keys()]
     in_spec = tree_structure((tuple(example_inputs), kept))
     gm.graph._codegen = _PyTreeCodeGen(_PyTreeInfo(names, in_spec, codegen.pytree_info.out_spec))
     gm.recompile()
@@ -269,9 +342,20 @@ def _parameters(fn) -> set[str]:
     return set(inspect.signature(fn).parameters)
 
 
+def _is_library_file(filename: str) -> bool:
+    parts = filename.replace("\\", "/").split("/")
+    return "torch" in parts or filename == __file__  # torch's frames and _Tracer's
+
+
 def _explain(model: torch.nn.Module, exc: Exception) -> str:
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename.replace("\\", "/")]
-    where = f" at {frames[-1].filename}:{frames[-1].lineno}: {frames[-1].line}" if frames else ""
+    # frames, not traceback.extract_tb: the column positions of a frame without a line number (the forward
+    # of a patched module under torch < 2.7) stop Python 3.11's extract_tb with StopIteration
+    frames = [(frame.f_code.co_filename, line) for frame, line in traceback.walk_tb(exc.__traceback__)
+              if line is not None and not _is_library_file(frame.f_code.co_filename)]
+    where = ""
+    if frames:
+        filename, line = frames[-1]
+        where = f" at {filename}:{line}: {linecache.getline(filename, line).strip()}"
     return (
         f"torch.fx.symbolic_trace could not trace {type(model).__name__}{where}\n"
         f"  {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}\n"

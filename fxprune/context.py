@@ -41,7 +41,7 @@ _SCHEMA_ALIASES = {
     "mat1": ("batch1",),  # baddbmm, addbmm
     "mat2": ("batch2",),
     "dim": ("dims",),  # flip
-    "dim0": ("axis0",),  # swapaxes
+    "dim0": ("axis0",),  # aten.swapaxes(self, axis0, axis1), as torch.export keeps x.swapaxes(1, 2)
     "dim1": ("axis1",),
 }
 

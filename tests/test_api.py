@@ -137,6 +137,43 @@ def test_meta_device_model_is_analysed_without_weights():
     assert pruned.get_submodule("stem.0").weight.device.type == "meta" and pruned.get_submodule("stem.0").out_channels == 15
 
 
+class ModeRegions(nn.Module):
+    """A no_grad and an autocast(enabled=False) region on the hidden units, as LLaMA's rotary embedding has."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 4)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 8))
+
+    def forward(self, x):
+        h = self.a(x)
+        with torch.no_grad():
+            s = h.sigmoid() * self.scale
+        with torch.autocast("cpu", enabled=False):
+            s = s * 2
+        return self.b(h * s)
+
+
+@pytest.mark.parametrize("exported_by", ["fxprune", "caller"])
+def test_grad_and_autocast_regions_of_an_exported_graph_are_analysed(exported_by):
+    # torch.export wraps both regions in higher-order ops over submodules (wrap_with_set_grad_enabled,
+    # wrap_with_autocast) when grad is enabled; no rule sees inside them unless capture inlines them
+    from fxprune.capture import export_capture
+    from fxprune.testing import plant_dead_units
+    from tests.test_rules_extra import _exported
+
+    model, x = ModeRegions().eval(), (torch.randn(2, 4),)
+    gm = export_capture(model, x) if exported_by == "fxprune" else _exported(model, *x)
+    dg = fxprune.analyze(gm, x)
+    assert not dg.state.unsupported, dg.report()
+    (hidden,) = dg.prunable_groups
+    assert hidden.units == 8
+    assert {("a.weight", 0), ("scale", 0), ("b.weight", 1)} <= {(m.name, m.dim) for m in hidden.members}
+    removal = plant_dead_units(dg)
+    with torch.no_grad():
+        torch.testing.assert_close(fxprune.apply(dg, removal)(*x), model(*x), atol=1e-6, rtol=0)
+
+
 def test_ignore_by_module_name_and_parameter():
     x = _inputs()
     model = models.ResidualCNN()

@@ -135,6 +135,20 @@ def test_llama_groups_heads_kv_rope_mlp_hidden():
         assert expected in text
 
 
+def test_llama_on_the_meta_device_is_analysed_with_cpu_ids():
+    # export gets the ids on meta too: FakeTensor of torch 2.11 and earlier refuses meta weights with CPU ids
+    maybe_autocast = getattr(transformers.utils.generic, "maybe_autocast", None)
+    try:  # LLaMA's rotary embedding enters maybe_autocast(x.device.type); transformers 5.4 made it skip meta
+        maybe_autocast and maybe_autocast("meta", enabled=False)
+    except RuntimeError as exc:  # earlier 5.x asks torch.autocast, which does not know the meta device
+        pytest.skip(f"transformers {transformers.__version__}: {exc}")
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER)).eval()
+    dg = fxprune.analyze(model, (_ids(),), inplace=True)
+    assert not dg.state.unsupported, dg.report()
+    assert len(dg.prunable_groups) >= 4
+
+
 def test_rope_pairs_are_pruned_together_with_inv_freq():
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER)).eval()

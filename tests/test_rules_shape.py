@@ -6,6 +6,7 @@ import torch.nn as nn
 
 import fxprune
 from fxprune.testing import plant_dead_units
+from tests.models import skip_unless_symbolically_traceable
 
 
 def _oracle(model, *inputs, seed=0, groups=None):
@@ -45,6 +46,8 @@ class Heads(nn.Module):
             q = self.q(x).unflatten(-1, (2, 4)).transpose(1, 2)
         elif self.form == "view_tuple":
             q = self.q(x).view((B, N, 2, 4)).transpose(1, 2)
+        elif self.form == "aten_swapaxes":  # the aten op by its schema names (self, axis0, axis1)
+            q = torch.ops.aten.swapaxes.default(self.q(x).view(B, N, 2, 4), 1, 2)
         else:
             q = torch.reshape(self.q(x), (B, N, 2, 4)).swapaxes(1, 2)
         k = self.k(x).reshape(B, N, 2, -1).permute(0, 2, 3, 1)  # (B, H, D, N)
@@ -53,7 +56,7 @@ class Heads(nn.Module):
         return self.o(y)
 
 
-@pytest.mark.parametrize("form", ["view", "unflatten", "view_tuple", "reshape"])
+@pytest.mark.parametrize("form", ["view", "unflatten", "view_tuple", "reshape", "aten_swapaxes"])
 def test_view_to_heads_is_a_product_of_heads_and_head_dim(form):
     dg = fxprune.analyze(Heads(form).eval(), (torch.randn(1, 3, 8),), prune_head_dims=True)
     heads, dim = dg.groups_of("q.weight", 0)
@@ -67,8 +70,9 @@ def test_view_to_heads_is_a_product_of_heads_and_head_dim(form):
     assert sorted(g.units for g in dg.prunable_groups) == [2, 4]
 
 
-@pytest.mark.parametrize("form", ["view", "unflatten", "view_tuple", "reshape"])
+@pytest.mark.parametrize("form", ["view", "unflatten", "view_tuple", "reshape", "aten_swapaxes"])
 def test_view_to_heads_rewrites_shape_constants(form):
+    skip_unless_symbolically_traceable(Heads(form))
     x = torch.randn(1, 3, 8)
     dg = fxprune.analyze(Heads(form).eval(), (x,), prune_head_dims=True)
     heads, dim = dg.groups_of("q.weight", 0)
@@ -84,8 +88,10 @@ def test_view_to_heads_rewrites_shape_constants(form):
         assert "unflatten(-1, (1, 2))" in code
     elif form == "view_tuple":
         assert "view((getitem, getitem_1, 1, 2))" in code
-    else:
+    elif form == "reshape":
         assert "reshape(q, (getitem, getitem_1, 1, 2))" in code
+    else:
+        assert "swapaxes.default(view, 1, 2)" in code and "view(getitem, getitem_1, 1, 2)" in code
     assert "reshape(getitem, getitem_1, 1, -1)" in code  # -1 is kept as written
 
 
@@ -259,6 +265,7 @@ class ShapeOfAnother(nn.Module):
 
 
 def test_a_whole_shape_argument_follows_its_tensor():
+    skip_unless_symbolically_traceable(ShapeOfAnother())
     x = torch.randn(2, 3)
     dg = fxprune.analyze(ShapeOfAnother().eval(), (x,), prune_head_dims=True)
     g = dg.group_of("a.weight", 0)
