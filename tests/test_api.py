@@ -159,11 +159,10 @@ def test_grad_and_autocast_regions_of_an_exported_graph_are_analysed(exported_by
     # torch.export wraps both regions in higher-order ops over submodules (wrap_with_set_grad_enabled,
     # wrap_with_autocast) when grad is enabled; no rule sees inside them unless capture inlines them
     from fxprune.capture import export_capture
-    from fxprune.testing import plant_dead_units
-    from tests.test_rules_extra import _exported
+    from fxprune.testing import exported, plant_dead_units
 
     model, x = ModeRegions().eval(), (torch.randn(2, 4),)
-    gm = export_capture(model, x) if exported_by == "fxprune" else _exported(model, *x)
+    gm = export_capture(model, x) if exported_by == "fxprune" else exported(model, *x)
     dg = fxprune.analyze(gm, x)
     assert not dg.state.unsupported, dg.report()
     (hidden,) = dg.prunable_groups
@@ -254,7 +253,7 @@ def test_prune_does_not_warn_when_it_removes_what_was_asked(model, ratio):
     x = (torch.randn(2, 4),) if isinstance(model, Mysterious) else _inputs()
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="fxprune removed")
-        fxprune.prune(model, ratio, example_inputs=x)
+        fxprune.prune(model, ratio, example_inputs=x, round_to=1)
 
 
 class TwoInputs(nn.Module):
@@ -274,7 +273,7 @@ def test_keyword_and_dict_example_inputs_on_a_traced_model(how):
     model = TwoInputs().eval()
     dg = fxprune.analyze(model, args, kwargs=kwargs)
     assert dg.group_of("a.weight", 0) is dg.group_of("b.weight", 0) and dg.group_of("a.weight", 0).prunable
-    pruned = fxprune.prune(model, 0.5, example_inputs=args, kwargs=kwargs)
+    pruned = fxprune.prune(model, 0.5, example_inputs=args, kwargs=kwargs, round_to=1)
     assert pruned.a.out_features == 4 and pruned(x=x, y=y).shape == (2, 2)
 
 
@@ -319,7 +318,7 @@ def test_ignore_resolves_the_callers_modules_after_an_export_fallback(which):
 def test_ratios_resolve_the_callers_modules_after_an_export_fallback():
     model, x = BranchesOnRank().eval(), torch.randn(2, 4)
     with pytest.warns(UserWarning, match="captured with torch.export"):
-        pruned = fxprune.prune(model, 0.5, example_inputs=(x,), ratios={model.a: 0.25, model.b: 0.0})
+        pruned = fxprune.prune(model, 0.5, example_inputs=(x,), ratios={model.a: 0.25, model.b: 0.0}, round_to=1)
     assert pruned.get_parameter("a.weight").shape[0] == 6 and pruned.get_parameter("b.weight").shape[0] == 6
 
 
