@@ -212,9 +212,14 @@ class Solver:
             pieces, groups = self._split_factors(layout, suffixes), []
             for radix in radices:
                 group, size = [], 1
-                while size < radix:
+                while size < radix and pieces:
                     group.append(pieces.pop(0))
                     size *= group[-1].size(self)
+                if size != radix:
+                    # the same atom met twice in one product (a channel shuffle with constant groups inside a
+                    # residual) can be refined by its first occurrence so that its pieces no longer line up
+                    # with these radices: no common refinement, so the relation freezes (safe), never crashes
+                    raise Unrefinable(f"cannot factorise {layout} into {radices}")
                 groups.append(group[0] if len(group) == 1 else Prod(tuple(group)))
             return groups
         raise Unrefinable(f"cannot factorise a concatenation {layout} into {radices}")

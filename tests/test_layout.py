@@ -191,3 +191,17 @@ def test_kept_indices_follow_refinement():
     keep = {rows12: np.array([1]), dd: np.array([0, 3])}
     assert kept_indices(layout, keep, s).tolist() == [0, 3, 8, 11]
     assert new_size(layout, keep, s) == 4
+
+
+def test_a_shuffle_inside_a_residual_is_a_conflict_not_a_crash():
+    """Found by the property tests: a constant-group channel shuffle added to its own input meets one atom twice
+    in a product; the first occurrence's split left pieces that no longer line up with the second's radices
+    (``IndexError: pop from empty list`` in ``_factorise``). No common refinement: the axes freeze."""
+    import fxprune
+    from tests.property import archs
+
+    arch = archs.Arch((3, 8, 8), (archs.Conv(3, 12, 1, 1, False, False, None),
+                                  archs.Residual((archs.Shuffle(12, 2, "const"),))), archs.Head("flatten", 768), 0)
+    model, inputs = archs.build(arch)
+    dg = fxprune.analyze(model, inputs)
+    assert dg.solver.conflicts and not dg.prunable_groups
