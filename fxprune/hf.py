@@ -436,12 +436,15 @@ def _checkpoint_names_to_model(model: nn.Module, state: dict) -> dict:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:  # transformers < 5: checkpoints use the model's names
         return state
-    own = {id(t): name for name, t in model.state_dict(keep_vars=True).items()}
+    tensors = model.state_dict(keep_vars=True)
+    own = {id(t): name for name, t in tensors.items()}
     try:
-        reverted = revert_weight_conversion(model, model.state_dict(keep_vars=True))
+        reverted = revert_weight_conversion(model, tensors)
     except Exception:  # a conversion that cannot be reversed by name: keep the names
         return state
-    names = {saved: own[id(t)] for saved, t in reverted.items() if id(t) in own}
+    # a saved name that is already one of the model's stays: tied tensors share one id under two names
+    # (GPT-2's wte and lm_head), so mapping by id alone would rename one onto the other
+    names = {saved: own[id(t)] for saved, t in reverted.items() if id(t) in own and saved not in tensors}
     return {names.get(key, key): tensor for key, tensor in state.items()}
 
 

