@@ -44,7 +44,7 @@ def _sync(device: torch.device) -> None:
 
 
 def time_call(fn, device: torch.device, repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in seconds (CUDA synchronised)."""
+    """Shortest wall time of ``fn()`` in seconds (CUDA synchronised): other work only ever adds time."""
     with torch.inference_mode():
         for _ in range(warmup):
             fn()
@@ -55,22 +55,28 @@ def time_call(fn, device: torch.device, repeats: int = 5, warmup: int = 1) -> fl
             fn()
             _sync(device)
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
-def ratio_of(candidate, reference, args, kwargs=None, rounds: int = 15, warmup: int = 3) -> float:
+def ratio_of(candidate, reference, args, kwargs=None, rounds: int = 15, warmup: int = 20) -> float:
     """``latency(candidate) / latency(reference)`` on the same inputs, timed alternately in one run.
 
     Alternating the two (rather than timing one, then the other) makes the ratio robust
-    to a machine whose speed drifts (other processes, turbo, thermal limits).
+    to a machine whose speed drifts (turbo, thermal limits, a neighbour on a shared host): each
+    round's two runs see the same machine, so the median of the per-round ratios cancels it.
     """
     kwargs = kwargs or {}
     device = _device_of(reference)
     a, b = [], []
     with torch.inference_mode():
-        for _ in range(warmup):
+        # a freshly built model runs slower for its first dozen calls (allocator, kernel caches): warm both
+        # up, up to ``warmup`` rounds or two seconds, whichever ends first (at least two rounds)
+        start = time.perf_counter()
+        for i in range(warmup):
             candidate(*args, **kwargs)
             reference(*args, **kwargs)
+            if i >= 1 and time.perf_counter() - start > 2.0:
+                break
         for _ in range(rounds):
             for model, times in ((reference, a), (candidate, b)):
                 _sync(device)
@@ -78,7 +84,7 @@ def ratio_of(candidate, reference, args, kwargs=None, rounds: int = 15, warmup: 
                 model(*args, **kwargs)
                 _sync(device)
                 times.append(time.perf_counter() - start)
-    return statistics.median(b) / statistics.median(a)
+    return statistics.median(tb / ta for ta, tb in zip(a, b))
 
 
 def _device_of(model) -> torch.device:
