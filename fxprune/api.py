@@ -37,7 +37,7 @@ import torch.fx as fx
 
 from fxprune import hf
 from fxprune.capture import (capture, flat_inputs, inline_mode_regions, is_hf_model, keep_user_attributes,
-                             module_names, split_inputs)
+                             module_names, name_of_key, split_inputs)
 from fxprune.decompose import decompose, recompose
 from fxprune.depgraph import DependencyGraph
 from fxprune.importance import named_tensors, resolve_importance, score_groups
@@ -148,9 +148,9 @@ def _plan(job: Job) -> None:
     if job.target is None:
         job.removal = plan_for(job.ratio)
     elif job.target[0] == "latency":
-        args = job.example_inputs if isinstance(job.example_inputs, (tuple, list)) else (job.example_inputs,)
-        job.search = search_latency(job.dg, groups, job.scores, job.steps, job.target[1],
-                                    lambda removal: _rewritten(job.dg, removal), job.model, tuple(args), job.kwargs,
+        job.search = search_latency(job.dg, groups, job.scores, job.steps, job.target[1],  # inputs split by capture
+                                    lambda removal: _rewritten(job.dg, removal), job.model,
+                                    tuple(job.example_inputs), job.kwargs,
                                     alignment=job.alignment, max_ratio=job.max_ratio)
         job.removal = job.search.removal
     else:
@@ -376,14 +376,7 @@ def _ignored_keys(gm: fx.GraphModule, state, ignore, model=None) -> list[tuple]:
         model, torch.nn.Module) else list(tensors)
     out = []
     for item in ignore:
-        if isinstance(item, torch.nn.Module):
-            if id(item) not in names:
-                raise ValueError(f"ignore: module {type(item).__name__} is not part of the model")
-            prefix = names[id(item)]
-        elif isinstance(item, str):
-            prefix = item
-        else:
-            raise TypeError(f"ignore takes modules, module names or parameter names, got {type(item).__name__}")
+        prefix = name_of_key(item, names, "ignore", "ignore takes modules, module names or parameter names, got ")
         found = [n for n in known if n == prefix or n.startswith(prefix + ".") or prefix == ""]
         if not found:
             raise ValueError(f"ignore: no parameter or buffer named {prefix!r} (or inside a module of that name)")

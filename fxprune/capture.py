@@ -333,6 +333,19 @@ def module_names(gm: fx.GraphModule, model=None) -> dict[int, str]:
     return names
 
 
+def name_of_key(key, names: dict, what: str, wrong_type: str) -> str:
+    """The name a module-or-name key of ``ignore`` / ``ratios`` stands for: a module of the model is found by
+    identity in ``names`` (:func:`module_names`), a string is the name itself; anything else raises
+    ``TypeError(wrong_type + its type's name)``."""
+    if isinstance(key, torch.nn.Module):
+        if id(key) not in names:
+            raise ValueError(f"{what}: module {type(key).__name__} is not part of the model")
+        return names[id(key)]
+    if isinstance(key, str):
+        return key
+    raise TypeError(f"{wrong_type}{type(key).__name__}")
+
+
 def is_hf_model(model) -> bool:
     return any(cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers")
                for cls in type(model).__mro__)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from fxprune.capture import module_names
+from fxprune.capture import module_names, name_of_key
 from fxprune.depgraph import Group
 
 
@@ -50,14 +50,8 @@ def _groups_of_key(dg, key, by_id: dict, module_names: dict) -> list:
         if key not in by_id:
             raise ValueError(f"ratios: no group with id {key}")
         return [by_id[key]] if by_id[key].prunable else []
-    if isinstance(key, torch.nn.Module):
-        if id(key) not in module_names:
-            raise ValueError(f"ratios: module {type(key).__name__} is not part of the model")
-        prefix = module_names[id(key)]
-    elif isinstance(key, str):
-        prefix = key
-    else:
-        raise TypeError(f"ratios keys are module names, modules, groups or group ids; got {type(key).__name__}")
+    prefix = name_of_key(key, module_names, "ratios",
+                         "ratios keys are module names, modules, groups or group ids; got ")
     inside = [g for g in dg.groups if any(_within(m.name, prefix) for m in g.parameters)]
     if not inside:
         raise ValueError(f"ratios: no parameter named {prefix!r} (or inside a module of that name)")
