@@ -44,7 +44,7 @@ from fxprune.importance import named_tensors, resolve_importance, score_groups
 from fxprune.macs import count_graph, estimate
 from fxprune.planning.alignment import default_alignment, removal_steps
 from fxprune.planning.latency_target import search_latency
-from fxprune.planning.selection import make_plan
+from fxprune.planning.selection import make_plan, units_to_keep
 from fxprune.plan_io import PruningPlan, attach_plan
 from fxprune.propagate import propagate
 from fxprune.planning.ratios import check_ratio, group_ratios
@@ -160,14 +160,22 @@ def _plan(job: Job) -> None:
 
 def _check_removed(job: Job) -> None:
     """Warn when the plan removes nothing, or less than half of the asked ratio of the parameters because
-    groups are frozen for other reasons than graph inputs/outputs, kernel/vocabulary axes and ``ignore``."""
+    groups are frozen for other reasons than graph inputs/outputs, kernel/vocabulary axes and ``ignore``, or
+    hold back units to keep their widths aligned."""
     if job.target is not None or job.ratios or job.ratio <= 0:
         return  # a target is checked by measure; per-module ratios ask for no single ratio
     before = GraphShapes(job.dg.gm).parameter_count()
     removed = 1 - PlannedShapes(job.dg, job.removal).parameter_count() / before if before else 0.0
     count, reasons = job.dg.frozen_reasons()
-    if removed <= 0 or (removed < 0.5 * job.ratio and count):
-        why = f"{count} groups frozen: {'; '.join(reasons)}" if count else "groups too small for the ratio"
+    # groups that lose fewer units than the ratio asks because their aligned widths move in steps
+    held = sum(units_to_keep(g.units, job.ratio, step) > units_to_keep(g.units, job.ratio)
+               for g, step in job.steps.items() if step > 1)
+    if removed <= 0 or (removed < 0.5 * job.ratio and (count or held)):
+        whys = [f"{count} groups frozen: {'; '.join(reasons)}"] if count else []
+        if held:
+            whys.append(f"{held} groups keep more units so that their widths stay multiples of {job.alignment} "
+                        "channels (round_to=1 turns alignment off)")
+        why = "; ".join(whys) or "groups too small for the ratio"
         warnings.warn(f"fxprune removed {removed:.0%} of the parameters where ratio {job.ratio:g} was asked: "
                       f"{why} (see dg.report())", stacklevel=4)
 

@@ -256,6 +256,11 @@ def test_prune_does_not_warn_when_it_removes_what_was_asked(model, ratio):
         fxprune.prune(model, ratio, example_inputs=x, round_to=1)
 
 
+def test_prune_says_when_alignment_holds_back_what_was_asked():
+    with pytest.warns(UserWarning, match=r"removed 0% .* keep more units so that their widths stay multiples of 8"):
+        fxprune.prune(models.ResidualCNN(), 0.05, example_inputs=_inputs())  # 16-32 channels lose 8 at a time
+
+
 class TwoInputs(nn.Module):
     def __init__(self):
         super().__init__()
