@@ -1,0 +1,91 @@
+"""Peak memory of calibration statistics on a 1B-parameter LLaMA (random weights, CPU).
+
+A TinyLlama-shaped model (hidden 2048, 22 layers, 32 heads, 4 key/value heads, MLP 5632, vocabulary
+32000; 1.1B parameters, float32) is analysed, then ``fxprune.calibration.collect_statistics`` streams a
+few batches of random token ids through it: once without Gram matrices (what the ``"activation"`` /
+``"wanda"`` criteria need) and once with them (``reconstruct=True`` and ``"obs"``: one float64
+``(d + 1)^2`` matrix per consumer: o_proj 2049^2, down_proj 5633^2). Each mode runs in a fresh process
+so that its peak is its own. Reported: resident set size after loading and analysing, and the peak
+above it while collecting (sampled every 5 ms, ``benchmarks/meter.py``), the accumulators' size, seconds.
+
+Run::
+
+    python benchmarks/calibration_memory.py [--batches 4 --batch 2 --length 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+             num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
+
+
+def one(mode: str, batches: int, batch: int, length: int) -> dict:
+    import transformers
+
+    import fxprune
+    from fxprune.calibration import collect_statistics
+    from meter import Meter, rss_bytes
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE))
+    model = model.to_empty(device="cpu").eval()  # uninitialised weights are as good as random here
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02) if p.ndim > 1 else torch.nn.init.ones_(p)
+    ids = torch.randint(0, SHAPE["vocab_size"], (batches, batch, length))
+    start = time.perf_counter()
+    dg = fxprune.analyze(model, (), kwargs={"input_ids": ids[0]})
+    analysis = time.perf_counter() - start
+    loaded = rss_bytes()
+    with Meter() as m:
+        stats = collect_statistics(dg, [{"input_ids": b} for b in ids], gram=mode == "gram", progress=False)
+    size = sum(s.total.numel() * 2 + (s.gram_sum.numel() if s.gram_sum is not None else 0) for s in stats.values()) * 8
+    return {"mode": mode, "parameters": sum(p.numel() for p in model.parameters()), "consumers": len(stats),
+            "tokens": batches * batch * length, "rss after analysis GB": loaded / 1e9,
+            "peak above it GB": m.rss_peak_mb * 2 ** 20 / 1e9, "accumulators GB": size / 1e9,
+            "analysis s": analysis, "statistics s": m.seconds}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--mode", choices=("moments", "gram"), help="run one mode in this process")
+    parser.add_argument("--out", help="markdown file")
+    args = parser.parse_args(argv)
+    if args.mode:
+        print(json.dumps(one(args.mode, args.batches, args.batch, args.length)))
+        return 0
+    rows = []
+    for mode in ("moments", "gram"):
+        out = subprocess.run([sys.executable, __file__, "--mode", mode, "--batches", str(args.batches),
+                              "--batch", str(args.batch), "--length", str(args.length)],
+                             capture_output=True, text=True, check=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        print(rows[-1], flush=True)
+    keys = list(rows[0])
+    text = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
+    text += "\n".join("| " + " | ".join(f"{r[k]:.2f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
+                      for r in rows)
+    text += f"\n\n{time.strftime('%Y-%m-%d')}, `python benchmarks/calibration_memory.py`\n"
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
