@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxprune
-from fxprune.calibration import OBS, collect_statistics, calibrated_consumers, damped_inverse, obs_scores, reconstruct, refit
+from fxprune.calibration import (OBS, calibrated_consumers, collect_statistics, damped_inverse, obs_scores,
+                                 reconstruct, refit)
 from fxprune.importance import resolve_importance, score_groups
 from fxprune.testing import assert_close_to_scale, exported, plant_dead_units
 

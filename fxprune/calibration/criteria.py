@@ -9,9 +9,11 @@ channel at one kernel position, so a channel owns ``kh * kw`` of them, summed):
 - ``Wanda``: ``||x_j|| * ||W[:, j]||_1`` — the sum over the column of Wanda's per-weight score
   ``|W_ij| * ||x_j||`` (Sun et al., 2024), with ``||x_j||`` the root mean square over calibration tokens.
 
-Producers and norms of the group have no statistics and add nothing. A group with no calibrated
-consumer (grouped or depthwise convolutions only, say) falls back to group L2 magnitude. Every group's scores are then
-divided by their mean (``normalizer="mean"``), so that both kinds are on one scale in a global ranking.
+A criterion that scores a unit's columns together (``"obs"``, :mod:`fxprune.calibration.obs`) overrides
+``unit_scores`` instead of ``column_scores``. Producers and norms of the group have no statistics and add
+nothing. A group with no calibrated consumer (grouped or depthwise convolutions only, say) falls back to group
+L2 magnitude. Every group's scores are then divided by their mean (``normalizer="mean"``), so that both kinds
+are on one scale in a global ranking.
 
 Example: hidden unit 2 of ``Linear(3, 4) -> ReLU -> Linear(4, 2)`` never varies, so it ranks lowest::
 

@@ -9,14 +9,15 @@ squared output error by::
 
     dE(U) = trace( Wt[:, U] (Hinv[U, U])^-1 Wt[:, U]^T ),      Hinv = H^-1
 
-(Hassibi & Stork's OBS for a group of columns: Frantar & Alistarh, 2022; Kurtic et al., 2023, ZipLM). A consumer without a bias uses ``W`` and
-``G[:d, :d]`` (there is no constant column to refit); the constant column is never removed. A unit's
-score is ``dE`` summed over the group's calibrated consumers. ``H`` is inverted once per consumer
-(Cholesky, float64, on the statistics' device), then every unit of the group is one small ``|U| x |U|``
-solve, batched. With ``damping -> 0`` the score is exactly the error that ``reconstruct=True`` leaves
-when the unit alone is removed; so a unit whose activation copies another unit's (or is constant, with a
-bias) scores 0: the refit moves its column onto the copy. Groups without a calibrated consumer fall back to
-L2 magnitude and every group's scores are divided by their mean, as for ``"activation"``.
+(Hassibi & Stork's OBS for a group of columns: Frantar & Alistarh, 2022; Kurtic et al., 2023, ZipLM). A
+consumer without a bias uses ``W`` and ``G[:d, :d]`` (there is no constant column to refit); the constant
+column is never removed. A unit's score is ``dE`` summed over the group's calibrated consumers. ``H`` is
+inverted once per consumer (Cholesky, float64, on the statistics' device), then every unit of the group is one
+small ``|U| x |U|`` solve, batched. With ``damping -> 0`` the score is exactly the consumer's output error on
+the calibration inputs that ``reconstruct=True`` leaves when the unit alone is removed; so a unit whose
+activation copies another unit's (or is constant, with a bias) scores about 0 (exactly 0 as damping -> 0): the
+refit moves its column onto the copy. Groups without a calibrated consumer fall back to L2 magnitude and every
+group's scores are divided by their mean, as for ``"activation"``.
 
 It reads the Gram matrices that ``reconstruct=True`` reads: ``prune(..., importance="obs",
 reconstruct=True)`` runs the calibration batches through the model once.
@@ -40,7 +41,14 @@ from fxprune.calibration.reconstruct import DAMPING
 
 
 def damped_inverse(gram: torch.Tensor, damping: float = DAMPING, name: str = "") -> torch.Tensor:
-    """``(G + lam I)^-1`` with ``lam = damping * mean(diag G)``, by Cholesky (float64)."""
+    """``(G + lam I)^-1`` with ``lam = damping * mean(diag G)``, by Cholesky (float64).
+
+    Example::
+
+        >>> damped_inverse(torch.eye(2, dtype=torch.float64), damping=1.0)   # (I + I)^-1
+        tensor([[0.5000, -0.0000],
+                [-0.0000, 0.5000]], dtype=torch.float64)
+    """
     gram = gram.double()
     lam = damping * gram.diagonal().mean().clamp_min(1e-300)
     factor, info = torch.linalg.cholesky_ex(gram + lam * torch.eye(len(gram), dtype=gram.dtype, device=gram.device))
@@ -55,6 +63,12 @@ def obs_scores(weight: torch.Tensor, bias: torch.Tensor | None, hinv: torch.Tens
     """Per row u of ``columns`` (units, k), ``dE`` of removing those columns of ``weight`` (out, d).
 
     ``hinv`` is :func:`damped_inverse` of the ``(d + 1)`` Gram with a bias, of its ``d x d`` block without.
+
+    Example: with uncorrelated unit-variance inputs (no bias, no damping) a column costs its squared norm::
+
+        >>> obs_scores(torch.tensor([[1.0, 2.0], [3.0, 0.0]]), None, torch.eye(2, dtype=torch.float64),
+        ...            np.array([[0], [1]]))
+        array([10.,  4.])
     """
     dev = hinv.device
     w = weight.detach().double().to(dev)
