@@ -43,14 +43,14 @@ def unit_columns(group, member, weight) -> np.ndarray:
 class ActivationCriterion(Criterion):
     """Collects input statistics once per dependency graph, then scores units column by column."""
 
+    gram = False  # whether the criterion reads the Gram matrix (one more statistics pass unless cached)
+
     def __init__(self, batches, normalizer="mean", progress=None):
         if batches is None:
             raise ValueError(f"importance {self.name!r} needs calibration batches: pass calibration=[batch, ...] "
                              f"(a batch is a tensor, a tuple of positional inputs or a dict of keyword inputs)")
         self.batches, self.progress, self.normalizer = batches, progress, check_normalizer(normalizer)
         self.stats, self.consumers, self._prepared_for = None, None, None
-
-    gram = False  # whether the criterion reads the Gram matrix (one more statistics pass unless cached)
 
     def prepare(self, dg) -> None:
         if self._prepared_for is not dg:

@@ -45,9 +45,8 @@ def damped_inverse(gram: torch.Tensor, damping: float = DAMPING, name: str = "")
 
     Example::
 
-        >>> damped_inverse(torch.eye(2, dtype=torch.float64), damping=1.0)   # (I + I)^-1
-        tensor([[0.5000, -0.0000],
-                [-0.0000, 0.5000]], dtype=torch.float64)
+        >>> damped_inverse(torch.eye(2, dtype=torch.float64), damping=1.0).diagonal()   # (I + I)^-1
+        tensor([0.5000, 0.5000], dtype=torch.float64)
     """
     gram = gram.double()
     lam = damping * gram.diagonal().mean().clamp_min(1e-300)
