@@ -309,12 +309,14 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     still generates, saves and reloads; see :mod:`fxprune.hf`).
 
     ``importance``: a name (``"l2"``, ``"l1"``, ``"lamp"``, ``"fpgm"``, ``"bn_scale"``,
-    ``"taylor"``, ``"hessian"``, ``"activation"``, ``"wanda"``, ``"random"``), a criterion object or
-    a callable (see :mod:`fxprune.importance`); ``"taylor"``/``"hessian"`` need ``calibration`` batches
+    ``"taylor"``, ``"hessian"``, ``"activation"``, ``"wanda"``, ``"obs"``, ``"random"``), a criterion object
+    or a callable (see :mod:`fxprune.importance`); ``"taylor"``/``"hessian"`` need ``calibration`` batches
     and ``loss_fn(model, batch)`` (default: cross-entropy of ``(inputs, targets)`` batches);
-    ``"activation"``/``"wanda"`` need ``calibration`` batches of model inputs (a tensor, a tuple of
-    positional inputs or a dict of keyword inputs each). ``reconstruct=True`` refits every Linear or convolution that
-    loses input columns (kept columns and bias, ridge least squares on the calibration inputs) so the
+    ``"activation"``/``"wanda"``/``"obs"`` need ``calibration`` batches of model inputs (a tensor, a tuple of
+    positional inputs or a dict of keyword inputs each); ``"obs"`` (structured Optimal Brain Surgeon) scores
+    a unit by the output error its consumers keep after refitting without it, the natural partner of
+    ``reconstruct=True`` (both read one pass of statistics). ``reconstruct=True`` refits every Linear or
+    convolution that loses input columns (kept columns and bias, ridge least squares on the calibration inputs) so the
     pruned model's outputs stay close without retraining (:mod:`fxprune.calibration`); it needs
     ``calibration`` and is not yet supported with ``inplace=True`` on a Hugging Face model.
     ``global_pruning=True`` ranks units of all groups together (at most ``max_ratio``
@@ -332,6 +334,8 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     Example::
 
         >>> pruned = fxprune.prune(model, example_inputs=(x,), target_macs=0.5, round_to=8)
+        >>> pruned = fxprune.prune(model, 0.3, example_inputs=(x,), importance="obs", calibration=batches,
+        ...                        reconstruct=True)
     """
     job = Job(model, example_inputs, kwargs, importance=importance, ignore=tuple(ignore), round_to=round_to,
               prune_head_dims=bool(prune_head_dims), inplace=inplace, global_pruning=bool(global_pruning),

@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxprune
-from fxprune.calibration import collect_statistics, calibrated_consumers, reconstruct
+from fxprune.calibration import (OBS, calibrated_consumers, collect_statistics, damped_inverse, obs_scores,
+                                 reconstruct, refit)
 from fxprune.importance import resolve_importance, score_groups
 from fxprune.testing import assert_close_to_scale, exported, plant_dead_units
 
@@ -241,7 +242,7 @@ def _tanh_cnn():
                          nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
-@pytest.mark.parametrize("criterion", ["activation", "wanda"])
+@pytest.mark.parametrize("criterion", ["activation", "wanda", "obs"])
 @pytest.mark.parametrize("make, shape", [(lambda: MLP(5, 9, 3, act=nn.Tanh), (5,)), (Block, (3, 6)),
                                          (_tanh_cnn, (2, 6, 6))])
 def test_dead_unit_oracle(criterion, make, shape):
@@ -419,3 +420,98 @@ def test_one_pass_over_a_generator_feeds_criterion_and_refit():
     x = torch.randn(5, 4)
     with torch.no_grad():
         torch.testing.assert_close(from_generator(x), from_list(x))
+
+
+def _refit_error(weight, bias, gram, removed, damping):
+    """Brute force: ``E||Wt x~ - Wt' x~_S||^2`` after :func:`refit` of the columns not in ``removed``."""
+    d = weight.shape[1]
+    kept = torch.tensor([j for j in range(d) if j not in set(removed)])
+    w_kept, b_kept = refit(weight, bias, gram, kept, damping)
+    wt = torch.cat([weight, bias[:, None]], 1) if bias is not None else weight.clone()
+    fitted = torch.zeros_like(wt)
+    fitted[:, kept] = w_kept
+    if bias is not None:
+        fitted[:, d] = b_kept
+    g = gram if bias is not None else gram[:d, :d]
+    diff = wt - fitted
+    return torch.trace(diff @ g @ diff.T).item()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("width", [1, 3])
+def test_obs_is_the_refit_error_by_hand(bias, width):
+    """dE(U) = trace(Wt[:, U] Hinv[U, U]^-1 Wt[:, U]^T) is the error the refit leaves without the columns U
+    (units of one column and of three), with and without a bias."""
+    torch.manual_seed(0)
+    d, damping = 6, 1e-12
+    x = torch.cat([torch.randn(40, d, dtype=torch.float64) + torch.randn(d), torch.ones(40, 1)], 1)
+    gram = x.T @ x / len(x)
+    weight, b = torch.randn(4, d, dtype=torch.float64), torch.randn(4, dtype=torch.float64) if bias else None
+    columns = np.arange(d).reshape(-1, width)
+    hinv = damped_inverse(gram if bias else gram[:d, :d], damping)
+    expected = [_refit_error(weight, b, gram, cols, damping) for cols in columns]
+    np.testing.assert_allclose(obs_scores(weight, b, hinv, columns), expected, rtol=1e-6)
+
+
+def test_obs_scores_equal_the_refit_error_through_the_graph():
+    """Through prune's scoring: conv channels (9 columns each of the next conv), conv channels flattened into
+    a Linear (16 columns each) and Linear units (1 column): each score is its consumer's refit error."""
+    torch.manual_seed(0)
+    model, damping = _tanh_cnn().eval(), 1e-12
+    batches = [torch.randn(32, 2, 6, 6) for _ in range(4)]
+    dg = fxprune.analyze(model, (batches[0][:2],))
+    stats = collect_statistics(dg, batches, gram=True)
+    scores = score_groups(OBS(batches, damping=damping, normalizer=None), dg, dg.prunable_groups)
+    checked = set()
+    for name, consumer in calibrated_consumers(dg).items():
+        (group,) = consumer.groups
+        weight = dg.gm.get_parameter(name).detach().double()
+        flat, bias = weight.reshape(len(weight), -1), dg.gm.get_parameter(consumer.bias).detach().double()
+        width = flat.shape[1] // group.units  # channel-major: unit u owns columns u * width ... (u + 1) * width - 1
+        expected = [_refit_error(flat, bias, stats[name].gram, range(u * width, (u + 1) * width), damping)
+                    for u in range(group.units)]
+        np.testing.assert_allclose(scores[group], expected, rtol=1e-6)
+        checked.add(width)
+    assert checked == {9, 16, 1}
+
+
+def test_obs_scores_a_copied_unit_near_zero():
+    """Hidden unit 2 copies unit 5: the refit moves its column onto unit 5's, so obs scores both (near) zero and
+    lowest; activation, which looks at one column at a time, does not."""
+    torch.manual_seed(0)
+    model = MLP(4, 8, 3, act=nn.GELU).eval()
+    _planted(model, {2: 5})
+    batches = [torch.randn(32, 4) for _ in range(4)]
+    dg = fxprune.analyze(model, (batches[0][:2],))
+    (group,) = dg.prunable_groups
+    obs = score_groups(resolve_importance("obs", batches), dg, [group])[group]
+    activation = score_groups(resolve_importance("activation", batches), dg, [group])[group]
+    assert set(np.argsort(obs)[:2]) == {2, 5} and obs[2] < 1e-2  # mean-normalised: others are ~1
+    assert activation[2] > 0.1 and set(np.argsort(activation)[:2]) != {2, 5}
+
+
+class _CountingBatches:
+    """A re-iterable list of batches that counts the batches taken from it (tqdm calls ``iter`` more than once
+    per pass, so passes are counted in batches)."""
+
+    def __init__(self, batches):
+        self.batches, self.taken = batches, 0
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.taken += 1
+            yield batch
+
+
+@pytest.mark.parametrize("reconstruct", [False, True])
+def test_obs_and_reconstruction_share_one_pass(reconstruct):
+    torch.manual_seed(0)
+    model = MLP(4, 8, 3).eval()
+    batches = _CountingBatches([torch.randn(16, 4) for _ in range(3)])
+    pruned = fxprune.prune(model, 0.5, example_inputs=(batches.batches[0][:2],), importance="obs", round_to=1,
+                           calibration=batches, reconstruct=reconstruct)
+    assert batches.taken == len(batches)  # one pass
+    assert pruned.get_submodule("fc1").out_features == 4

@@ -1,5 +1,6 @@
 """Calibration on activations: statistics of the inputs of every layer that consumes a prunable group,
-criteria that read them (``"activation"``, FLAP's fluctuation; ``"wanda"``) and the least-squares refit of
+criteria that read them (``"activation"``, FLAP's fluctuation; ``"wanda"``; ``"obs"``, structured Optimal
+Brain Surgeon: the output error left after refitting without the unit) and the least-squares refit of
 the consumers' kept columns after pruning (``fxprune.prune(..., reconstruct=True)``), so that a pruned
 model keeps much of its accuracy without retraining. Calibration batches (a tensor, a tuple of positional
 inputs or a dict of keyword inputs each) run once through the analysed graph (``dg.gm``, real weights) in an
@@ -15,12 +16,19 @@ Example::
     >>> batches = [x[i:i + 32] for i in range(0, 512, 32)]
     >>> pruned = fxprune.prune(model, 0.3, example_inputs=(x[:1],), importance="activation",
     ...                        calibration=batches, reconstruct=True)
+
+``importance="obs"`` ranks units by what the refit cannot recover, from the same Gram matrices as the
+refit (one pass over the batches for both)::
+
+    >>> pruned = fxprune.prune(model, 0.3, example_inputs=(x[:1],), importance="obs",
+    ...                        calibration=batches, reconstruct=True)
 """
 
 from fxprune.calibration.consumers import Consumer, calibrated_consumers
 from fxprune.calibration.criteria import Activation, Wanda
+from fxprune.calibration.obs import OBS, damped_inverse, obs_scores
 from fxprune.calibration.reconstruct import load_refit, reconstruct, refit, refit_consumers
 from fxprune.calibration.statistics import InputStats, collect_statistics
 
-__all__ = ["Activation", "Consumer", "InputStats", "Wanda", "collect_statistics", "calibrated_consumers",
-           "load_refit", "reconstruct", "refit", "refit_consumers"]
+__all__ = ["Activation", "Consumer", "InputStats", "OBS", "Wanda", "collect_statistics", "calibrated_consumers",
+           "damped_inverse", "load_refit", "obs_scores", "reconstruct", "refit", "refit_consumers"]
