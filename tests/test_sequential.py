@@ -124,6 +124,11 @@ def test_sequential_needs_reconstruct_and_a_reusable_list():
     removal = {dg.prunable_groups[0]: [0, 1]}
     with pytest.raises(ValueError, match="not an iterator"):
         reconstruct_sequential(dg, removal, fxprune.apply(dg, removal), (b for b in [x]))
+    dropping = nn.Sequential(nn.Linear(3, 6), nn.Dropout(0.5), nn.Linear(6, 2)).train()
+    dg = fxprune.analyze(dropping, (x,))
+    removal = {dg.prunable_groups[0]: [0, 1]}
+    with pytest.warns(UserWarning, match="dropout in training mode"):
+        reconstruct_sequential(dg, removal, fxprune.apply(dg, removal), [x])
     # prune reads a generator once and keeps the batches for every stage
     pruned = fxprune.prune(_mlp3(), 0.5, example_inputs=(torch.randn(2, 8),), round_to=1, reconstruct=True,
                            sequential=True, calibration=(torch.randn(16, 8) for _ in range(3)))

@@ -41,11 +41,13 @@ Example::
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 from tqdm.auto import tqdm
 
 from fxprune.calibration.consumers import Consumer, _call, calibrated_consumers
@@ -184,6 +186,12 @@ def run_sequential(plan: SequentialPlan, pruned: fx.GraphModule, batches, dampin
     if isinstance(batches, Iterator):
         raise ValueError("sequential reconstruction runs over the calibration batches once per stage: pass a list "
                          "of batches, not an iterator or generator")
+    dropout = [n for n, m in plan.original.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)
+               and m.training and m.p > 0]
+    if dropout:
+        warnings.warn(f"fxprune: sequential reconstruction runs dropout in training mode ({', '.join(dropout[:3])}): "
+                      "the original and the pruned model drop different units, so the inputs it pairs differ by "
+                      "more than the pruning; put the model in eval mode first", stacklevel=2)
     calls = _pruned_calls(pruned, plan.consumers)
     consumers = {name: c for name, c in plan.consumers.items() if name in calls}
     plan.stages = stages_of(plan.original, consumers)
