@@ -201,3 +201,44 @@ def test_reestimate_batchnorm_refuses_functional_batch_norm_and_warns_without_an
         reestimate_batchnorm(exported(model, x), [x])
     with pytest.warns(UserWarning, match="no BatchNorm"):
         reestimate_batchnorm(MLP(), [torch.randn(2, 3)])
+
+
+def test_sequential_on_an_exported_graph_equals_the_traced_one():
+    """aten.linear / aten.conv2d consumers are found in the pruned exported graph by weight name too."""
+    torch.manual_seed(0)
+    model = _tanh_cnn().eval()
+    batches = [torch.randn(16, 2, 6, 6) for _ in range(3)]
+    x = torch.randn(8, 2, 6, 6)
+    options = dict(example_inputs=(x[:2],), calibration=batches, reconstruct=True, sequential=True, round_to=1)
+    with torch.no_grad():
+        fxprune.testing.assert_same_outputs(fxprune.prune(exported(model, x[:2]), 0.5, **options)(x),
+                                            fxprune.prune(model, 0.5, **options)(x))
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.att = nn.Linear(8, 16), nn.MultiheadAttention(16, 4, batch_first=True)
+        self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        return self.fc3(torch.relu(self.fc2(self.att(h, h, h, need_weights=False)[0])))
+
+
+def test_a_consumer_inside_a_recomposed_module_keeps_its_one_shot_refit():
+    torch.manual_seed(0)
+    model = Attention().eval()
+    batches = [torch.randn(4, 5, 8) for _ in range(3)]
+    dg = fxprune.analyze(model, (batches[0],))
+    removal = {g: [0] if g.units == 4 else [0, 3, 5] for g in dg.prunable_groups}
+    one_shot, sequential = fxprune.apply(dg, removal), fxprune.apply(dg, removal)
+    assert "att.out_proj.weight" in reconstruct(dg, removal, one_shot, batches)
+    reconstruct(dg, removal, sequential, batches)
+    plan = plan_sequential(dg, removal)
+    assert "att.out_proj.weight" in plan.consumers  # a call in the (decomposed) original graph
+    refit = reconstruct_sequential(dg, removal, sequential, batches)
+    assert sorted(refit) == ["fc2.bias", "fc2.weight", "fc3.bias", "fc3.weight"]
+    assert isinstance(sequential.get_submodule("att"), nn.MultiheadAttention)
+    assert torch.equal(sequential.get_parameter("att.out_proj.weight"), one_shot.get_parameter("att.out_proj.weight"))
+    assert not torch.equal(sequential.get_parameter("fc3.weight"), one_shot.get_parameter("fc3.weight"))
