@@ -32,8 +32,8 @@ Example::
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
