@@ -3,8 +3,8 @@
 ::
 
     capture -> propagate -> decompose -> relate -> solve     (analyze)
-            -> score -> plan -> check -> [refit] -> rewrite -> recompose -> [reconstruct] -> verify
-            -> measure -> record     (prune)
+            -> score -> plan -> check -> [refit] -> rewrite -> recompose -> [reconstruct] -> [sequential]
+            -> [reestimate_bn] -> verify -> measure -> record     (prune)
 
 ``score`` runs the importance criterion over every prunable group
 (:mod:`fxprune.importance`); ``plan`` turns scores into units to remove (local or
@@ -13,7 +13,10 @@ it searches the ratio, counting each candidate plan without rewriting:
 :mod:`fxprune.planning.target`); ``check`` warns when the plan removes far less than the ratio
 (frozen groups, with their reasons); with ``reconstruct=True``, ``refit`` solves the least-squares refit
 of every Linear or convolution that loses input columns from calibration statistics of the original model and
-``reconstruct`` writes it into the pruned graph (:mod:`fxprune.calibration`); ``measure`` counts the
+``reconstruct`` writes it into the pruned graph (:mod:`fxprune.calibration`); with ``sequential=True``,
+``sequential`` refits those consumers again front to back, stage by stage, on the pruned graph's own inputs
+(:mod:`fxprune.calibration.sequential`); with ``reestimate_bn=True``, ``reestimate_bn`` re-estimates the
+pruned graph's BatchNorm running statistics on the calibration batches; ``measure`` counts the
 pruned graph when a target was set.
 
 Each pass reads and writes a :class:`Job`; analysis results live in
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +87,9 @@ class Job:
     calibration: object = None  # batches for gradient and activation criteria and for reconstruction
     reconstruct: bool = False  # refit the consumers of pruned units on calibration statistics
     refit: dict = field(default_factory=dict)  # {parameter name: refit tensor} when reconstructing
+    sequential: bool = False  # refit front to back on the pruned model's inputs (needs reconstruct)
+    sequential_plan: object = None  # calibration.SequentialPlan, read before rewriting
+    reestimate_bn: bool = False  # re-estimate BatchNorm running statistics of the pruned model
     loss_fn: object = None
     search: object = None  # target.SearchResult when a target was searched
     achieved: dict = field(default_factory=dict)  # {"macs": fraction kept, "params": ...} when a target was set
@@ -187,6 +194,10 @@ def _refit(job: Job) -> None:
         from fxprune.calibration import refit_consumers
 
         job.refit = refit_consumers(job.dg, job.removal, job.calibration)
+        if job.sequential:  # the original graph and weights are the targets: read them before rewriting
+            from fxprune.calibration import plan_sequential
+
+            job.sequential_plan = plan_sequential(job.dg, job.removal, inplace=job.inplace)
 
 
 def _rewrite(job: Job) -> None:
@@ -208,6 +219,24 @@ def _reconstruct(job: Job) -> None:
         from fxprune.calibration import load_refit
 
         load_refit(job.result, job.refit)
+
+
+def _sequential(job: Job) -> None:
+    """With ``sequential=True``: refit the consumers stage by stage on the pruned graph's own inputs (a consumer
+    whose call is not a node of the pruned graph, such as a recomposed attention's, keeps the one-shot refit)."""
+    if job.sequential_plan is not None:
+        from fxprune.calibration import run_sequential
+
+        run_sequential(job.sequential_plan, job.result, job.calibration)
+        job.sequential_plan = None  # frees the copy of the original graph an in-place pruning keeps
+
+
+def _reestimate_bn(job: Job) -> None:
+    """With ``reestimate_bn=True``: the pruned graph's BatchNorm running statistics from the calibration batches."""
+    if job.reestimate_bn:
+        from fxprune.calibration import reestimate_batchnorm
+
+        reestimate_batchnorm(job.result, job.calibration, inplace=True)
 
 
 def _verify(job: Job) -> None:
@@ -241,16 +270,18 @@ def _record_plan(job: Job) -> None:
     """Keep the removal plan on the result (``gm.meta["fxprune_plan"]``) so that it can be saved and replayed."""
     settings = {"ratio": job.ratio, "importance": job.importance, "round_to": job.round_to,
                 "alignment": job.alignment, "prune_head_dims": job.prune_head_dims}
-    if job.reconstruct:  # a replay removes the same units but does not refit: say so in the plan
-        settings["reconstruct"] = True
+    # a replay removes the same units but neither refits nor re-estimates: say so in the plan
+    for name in ("reconstruct", "sequential", "reestimate_bn"):
+        if getattr(job, name):
+            settings[name] = True
     attach_plan(job.result, PruningPlan.from_removal(job.dg, job.removal, inplace=job.inplace, settings=settings))
 
 
 ANALYSIS = [("capture", _capture), ("propagate", _propagate), ("decompose", _decompose), ("relate", _relate),
             ("solve", _solve)]
 PRUNING = [("score", _score), ("plan", _plan), ("check", _check_removed), ("refit", _refit), ("rewrite", _rewrite),
-           ("recompose", _recompose), ("reconstruct", _reconstruct), ("verify", _verify), ("measure", _measure),
-           ("record", _record_plan)]
+           ("recompose", _recompose), ("reconstruct", _reconstruct), ("sequential", _sequential),
+           ("reestimate_bn", _reestimate_bn), ("verify", _verify), ("measure", _measure), ("record", _record_plan)]
 PIPELINE = ANALYSIS + PRUNING
 
 
@@ -299,7 +330,8 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
           round_to=None, prune_head_dims: bool = False, inplace: bool = False, global_pruning: bool = False,
           max_ratio: float = 0.9, ratios: dict | None = None, target_macs: float | None = None,
           target_params: float | None = None, target_latency: float | None = None, calibration=None,
-          loss_fn=None, reconstruct: bool = False) -> fx.GraphModule:
+          loss_fn=None, reconstruct: bool = False, sequential: bool = False,
+          reestimate_bn: bool = False) -> fx.GraphModule:
     """Remove ``ratio`` (default 0.3) of the units of every prunable group; returns a verified GraphModule.
 
     ``model`` is an ``nn.Module`` (traced here) or a ``torch.fx.GraphModule``.
@@ -319,6 +351,12 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     convolution that loses input columns (kept columns and bias, ridge least squares on the calibration inputs) so the
     pruned model's outputs stay close without retraining (:mod:`fxprune.calibration`); it needs
     ``calibration`` and is not yet supported with ``inplace=True`` on a Hugging Face model.
+    ``sequential=True`` (with ``reconstruct=True``) refits those layers front to back instead, each on the
+    pruned model's own inputs after the layers before it were refit, to reproduce the original model's
+    outputs of that layer (one pass over the calibration batches per stage of layers:
+    :mod:`fxprune.calibration.sequential`). ``reestimate_bn=True`` resets the pruned model's BatchNorm
+    running statistics and re-estimates them on ``calibration`` (after any refit;
+    :func:`fxprune.calibration.reestimate_batchnorm`; BatchNorm modules only, not an exported graph's ops).
     ``global_pruning=True`` ranks units of all groups together (at most ``max_ratio``
     of one group). ``ratios={"layer4": 0.7, model.fc: 0.0}`` sets ratios per module or group.
     ``target_macs=0.5`` (or ``target_params``) searches the ratio that keeps that fraction.
@@ -339,7 +377,16 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     """
     job = Job(model, example_inputs, kwargs, importance=importance, ignore=tuple(ignore), round_to=round_to,
               prune_head_dims=bool(prune_head_dims), inplace=inplace, global_pruning=bool(global_pruning),
-              ratios=ratios, calibration=calibration, loss_fn=loss_fn, reconstruct=bool(reconstruct))
+              ratios=ratios, calibration=calibration, loss_fn=loss_fn, reconstruct=bool(reconstruct),
+              sequential=bool(sequential), reestimate_bn=bool(reestimate_bn))
+    if sequential and not reconstruct:
+        raise ValueError("sequential=True refits the reconstructed layers one stage after another: it needs "
+                         "reconstruct=True")
+    if reestimate_bn and calibration is None:
+        raise ValueError("reestimate_bn=True needs calibration batches: pass calibration=[batch, ...] "
+                         "(a batch is a tensor, a tuple of positional inputs or a dict of keyword inputs)")
+    if (sequential or reestimate_bn) and isinstance(calibration, Iterator):
+        calibration = job.calibration = list(calibration)  # read more than once: a generator would be spent
     if reconstruct and calibration is None:
         raise ValueError("reconstruct=True needs calibration batches: pass calibration=[batch, ...] "
                          "(a batch is a tensor, a tuple of positional inputs or a dict of keyword inputs)")

@@ -9,13 +9,15 @@ the Gram matrix with a constant column are accumulated on the activations' devic
 Linear consumers (``nn.Linear``, ``F.linear``, ``aten.linear``) and ungrouped 2-d convolutions (through
 their unfolded patches) are calibrated; grouped/depthwise, 1-d and 3-d convolutions and matmuls with a
 weight operand are not, so criteria use weights only for groups without a calibrated consumer and
-reconstruction leaves those layers as they are.
+reconstruction leaves those layers as they are. ``sequential=True`` refits the consumers front to back on the
+pruned model's own inputs (:mod:`fxprune.calibration.sequential`); ``reestimate_bn=True`` re-estimates the
+pruned model's BatchNorm running statistics (:mod:`fxprune.calibration.batchnorm`).
 
 Example::
 
     >>> batches = [x[i:i + 32] for i in range(0, 512, 32)]
     >>> pruned = fxprune.prune(model, 0.3, example_inputs=(x[:1],), importance="activation",
-    ...                        calibration=batches, reconstruct=True)
+    ...                        calibration=batches, reconstruct=True, sequential=True, reestimate_bn=True)
 
 ``importance="obs"`` ranks units by what the refit cannot recover, from the same Gram matrices as the
 refit (one pass over the batches for both)::
@@ -24,11 +26,14 @@ refit (one pass over the batches for both)::
     ...                        calibration=batches, reconstruct=True)
 """
 
+from fxprune.calibration.batchnorm import reestimate_batchnorm
 from fxprune.calibration.consumers import Consumer, calibrated_consumers
 from fxprune.calibration.criteria import Activation, Wanda
 from fxprune.calibration.obs import OBS, damped_inverse, obs_scores
 from fxprune.calibration.reconstruct import load_refit, reconstruct, refit, refit_consumers
+from fxprune.calibration.sequential import plan_sequential, reconstruct_sequential, run_sequential, stages_of
 from fxprune.calibration.statistics import InputStats, collect_statistics
 
 __all__ = ["Activation", "Consumer", "InputStats", "OBS", "Wanda", "collect_statistics", "calibrated_consumers",
-           "damped_inverse", "load_refit", "obs_scores", "reconstruct", "refit", "refit_consumers"]
+           "damped_inverse", "load_refit", "obs_scores", "plan_sequential", "reconstruct", "reconstruct_sequential",
+           "reestimate_batchnorm", "refit", "refit_consumers", "run_sequential", "stages_of"]

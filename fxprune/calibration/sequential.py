@@ -1,0 +1,276 @@
+"""Sequential reconstruction: refit the consumers front to back on the pruned model's own inputs.
+
+The one-shot refit (:mod:`fxprune.calibration.reconstruct`) fits every consumer to the original model's
+inputs, but a consumer deep in the network sees inputs that earlier pruning (and earlier refits) changed.
+Here each consumer ``y = W x + b`` that loses input columns is refit so that, fed with the PRUNED model's
+inputs ``x_p`` (after every consumer upstream of it was refit), it reproduces the ORIGINAL model's output
+for the same batch, computed from the original inputs ``x_o``. With ``x~ = [x, 1]`` (the constant for the
+bias), the ridge least-squares solution of ``min E|| [W', b'] x~_p - [W, b] x~_o ||^2`` is::
+
+    [W', b'] = [W, b] E[x~_o x~_p^T] (E[x~_p x~_p^T] + lam I)^-1,    lam = damping * mean(diag E[x~_p x~_p^T])
+
+(the damping convention of :func:`~fxprune.calibration.reconstruct.refit`). Rows of a pruned output axis
+are dropped (the kept output indices), a consumer without a bias gets no bias (no constant column), and a
+convolution is the Linear ``W.reshape(out, -1)`` over its unfolded patches (the pruned graph's patches hold
+the kept channels only). When ``x_o`` is a linear function of ``x_p`` (a pruned unit copies kept ones) this
+is the one-shot refit, and exact.
+
+Pairing needs the same token in both graphs: every calibration batch runs through the original graph and
+the pruned graph; the inputs of the current stage's consumers are recorded for THIS batch only, folded into
+the float64 cross-Gram ``sum x~_o x~_p^T`` and Gram ``sum x~_p x~_p^T`` on the activations' device, and
+discarded. Consumers are ordered into stages: a consumer's stage is 1 + the largest stage of the refit
+consumers upstream of it in the original graph, so consumers of one stage never feed each other and one
+pass over the batches (both graphs, each run only as far as the stage's last consumer) refits a whole stage
+(a transformer block: about two stages). A layer called several times (shared weights) is one consumer, at
+the stage of its last call. Buffers (BatchNorm running statistics of a model in training mode) of both
+graphs are put back after each pass.
+
+Consumers are found in the pruned graph by their weight's parameter name (rewrite and recompose keep
+names). A consumer whose call is not a node of the pruned graph (an ``out_proj`` inside a recomposed
+``nn.MultiheadAttention`` module) keeps its one-shot refit; consumers that lose no input column are left
+as they are (as in the one-shot refit), even though their inputs may drift.
+
+Example::
+
+    >>> dg = fxprune.analyze(model, (x,))
+    >>> pruned = fxprune.apply(dg, removal)
+    >>> reconstruct_sequential(dg, removal, pruned, batches)     # refit in place, stage by stage
+    ['2.weight', '2.bias', '4.weight', '4.bias']
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from fxprune.calibration.consumers import Consumer, _call, calibrated_consumers
+from fxprune.calibration.reconstruct import DAMPING
+from fxprune.calibration.statistics import placeholder_values
+from fxprune.rewrite import Sizes, kept_units
+
+
+@dataclass
+class SequentialPlan:
+    """What the sequential refit needs from the original model, taken before rewriting (which may edit it).
+
+    ``original``: the original graph (``dg.gm``, or a copy of it when pruning in place); ``consumers``:
+    ``{weight name: Consumer}`` of the consumers that lose input columns (calls are nodes of ``original``);
+    ``rows``: ``{weight name: kept output rows}``.
+    """
+
+    original: fx.GraphModule
+    consumers: dict[str, Consumer]
+    rows: dict[str, torch.Tensor]
+    stages: list[list[str]] = field(default_factory=list)  # filled by run_sequential (the ones it refit)
+
+
+def plan_sequential(dg, removal: dict, inplace: bool = False) -> SequentialPlan:
+    """Read, before rewriting, the consumers to refit and their kept output rows; with ``inplace=True`` (the
+    rewrite will slice ``dg.gm`` itself) keep a copy of the original graph, whose outputs are the targets."""
+    sizes = Sizes(dg.solver, kept_units(dg, removal))
+    original = dict(dg.gm.named_parameters(remove_duplicate=False))
+    uses = {}
+    for p in original.values():
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    consumers, rows = {}, {}
+    for name, consumer in calibrated_consumers(dg).items():
+        weight = original[name]
+        kept_in = sizes.indices(dg.layout_of(name, 1))
+        if uses[id(weight)] > 1 or len(kept_in) == weight.shape[1]:
+            continue  # tied (refitting one use changes the other) or nothing lost
+        consumers[name] = consumer
+        rows[name] = torch.as_tensor(sizes.indices(dg.layout_of(name, 0)))
+    gm = dg.gm
+    if inplace:
+        by_node = {}
+        gm = copy.deepcopy(dg.gm)
+        nodes = dict(zip(dg.gm.graph.nodes, gm.graph.nodes))
+        for name, c in consumers.items():
+            by_node[name] = Consumer(c.weight, c.bias, c.patches, [(nodes[n], nodes[x]) for n, x in c.calls],
+                                     c.groups, c.in_features)
+        consumers = by_node
+    return SequentialPlan(gm, consumers, rows)
+
+
+def stages_of(gm: fx.GraphModule, consumers: dict[str, Consumer]) -> list[list[str]]:
+    """The consumers (weight names) by stage: 1 + the largest stage of the given consumers upstream of a call.
+
+    Example: in ``fc1 -> relu -> fc2 -> relu -> fc3`` with consumers fc2 and fc3: ``[["fc2.weight"],
+    ["fc3.weight"]]``.
+    """
+    weight_of = {node: name for name, c in consumers.items() for node, _ in c.calls}
+    level: dict[fx.Node, int] = {}
+    stage: dict[str, int] = {}
+    for node in gm.graph.nodes:  # topological order: every input was seen before
+        before = max((level[n] for n in node.all_input_nodes), default=0)
+        if node in weight_of:
+            name = weight_of[node]
+            stage[name] = max(stage.get(name, 0), before + 1)
+            before = stage[name]
+        level[node] = before
+    out = [[] for _ in range(max(stage.values(), default=0))]
+    for name in consumers:
+        out[stage[name] - 1].append(name)
+    return out
+
+
+class _Stop(Exception):
+    """Raised after a stage's last consumer call: the rest of the graph is not needed for this pass."""
+
+
+class _Inputs(fx.Interpreter):
+    """Runs a graph up to its last watched call, handing each watched call's features to ``take``."""
+
+    def __init__(self, gm, watched: dict, take):
+        super().__init__(gm)
+        self.watched, self.take = watched, take  # watched: {call node: (weight name, input node, Consumer)}
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.last = max(watched, key=order.__getitem__) if watched else None
+
+    def run_node(self, n: fx.Node):
+        if n in self.watched:
+            name, source, consumer = self.watched[n]
+            self.take(name, consumer.features(self.env[source]))
+        if n is self.last:
+            raise _Stop
+        return super().run_node(n)
+
+
+def _run(gm, watched, take, batch) -> None:
+    try:
+        _Inputs(gm, watched, take).run(*placeholder_values(gm, batch), enable_io_processing=False)
+    except _Stop:
+        pass
+
+
+def _pruned_calls(pruned: fx.GraphModule, names) -> dict:
+    """``{weight name: [(call node, input node, Consumer with the call's unfold arguments)]}`` in ``pruned``."""
+    out: dict[str, list] = {}
+    for node in pruned.graph.nodes:
+        call = _call(pruned, node)
+        if call is None or call[1] not in names or not isinstance(call[0], fx.Node):
+            continue
+        x, weight, bias, patches = call
+        out.setdefault(weight, []).append((node, x, Consumer(weight, bias, patches)))
+    return out
+
+
+def _with_one(x: torch.Tensor, bias: bool) -> torch.Tensor:
+    x = x.detach().double()
+    return torch.cat([x, x.new_ones(x.shape[0], 1)], 1) if bias else x
+
+
+def _solve(target: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """``target @ cross @ (gram + lam I)^-1`` with ``lam = damping * mean(diag gram)``."""
+    lam = damping * gram.diagonal().mean().clamp_min(1e-300)
+    inner = gram + lam * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(inner, (target @ cross).T).T  # inner is symmetric
+
+
+def run_sequential(plan: SequentialPlan, pruned: fx.GraphModule, batches, damping: float = DAMPING,
+                   progress=None) -> list[str]:
+    """Refit, in ``pruned``, the plan's consumers stage by stage; returns the refit parameter names.
+
+    ``batches`` is iterated once per stage (a list, not a generator). ``progress``: ``True``/``False`` forces
+    the tqdm bar on or off; ``None`` shows it on a terminal.
+    """
+    if batches is None:
+        raise ValueError("sequential reconstruction needs calibration batches: pass calibration=[batch, ...]")
+    if isinstance(batches, Iterator):
+        raise ValueError("sequential reconstruction runs over the calibration batches once per stage: pass a list "
+                         "of batches, not an iterator or generator")
+    dropout = [n for n, m in plan.original.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)
+               and m.training and m.p > 0]
+    if dropout:
+        warnings.warn(f"fxprune: sequential reconstruction runs dropout in training mode ({', '.join(dropout[:3])}): "
+                      "the original and the pruned model drop different units, so the inputs it pairs differ by "
+                      "more than the pruning; put the model in eval mode first", stacklevel=2)
+    calls = _pruned_calls(pruned, plan.consumers)
+    consumers = {name: c for name, c in plan.consumers.items() if name in calls}
+    plan.stages = stages_of(plan.original, consumers)
+    params = dict(pruned.named_parameters(remove_duplicate=False))
+    original = dict(plan.original.named_parameters(remove_duplicate=False))
+    done = []
+    total = len(plan.stages) * len(batches) if hasattr(batches, "__len__") else None
+    bar = tqdm(total=total, desc="fxprune sequential reconstruction",
+               disable=None if progress is None else not progress)
+    try:
+        for stage in plan.stages:
+            done += _refit_stage(plan, stage, consumers, calls, pruned, params, original, batches, damping, bar)
+    finally:
+        bar.close()
+    return done
+
+
+def _refit_stage(plan, stage, consumers, calls, pruned, params, original, batches, damping, bar) -> list[str]:
+    """One pass over the batches through both graphs for the consumers of one stage, then their refit."""
+    watched_o = {n: (name, x, consumers[name]) for name in stage for n, x in consumers[name].calls}
+    watched_p = {n: (name, x, c) for name in stage for n, x, c in calls[name]}
+    cross, gram, count = {}, {}, 0
+    saved = [{k: b.detach().clone() for k, b in gm.named_buffers()} for gm in (plan.original, pruned)]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                inputs: dict[str, list] = {name: [] for name in stage}  # this batch's original inputs, per call
+                _run(plan.original, watched_o, lambda name, x: inputs[name].append(x), batch)
+                position = dict.fromkeys(stage, 0)
+
+                def accumulate(name, x_p):
+                    bias = consumers[name].bias is not None
+                    x_o = _with_one(inputs[name][position[name]], bias)
+                    inputs[name][position[name]] = None  # discarded as soon as it is paired
+                    position[name] += 1
+                    x_p = _with_one(x_p, bias)
+                    if x_o.shape[0] != x_p.shape[0]:
+                        raise ValueError(f"sequential reconstruction: {name} sees {x_o.shape[0]} tokens in the "
+                                         f"original model and {x_p.shape[0]} in the pruned one")
+                    if name not in gram:
+                        cross[name] = x_o.new_zeros(x_o.shape[1], x_p.shape[1])
+                        gram[name] = x_p.new_zeros(x_p.shape[1], x_p.shape[1])
+                    cross[name] += x_o.T @ x_p
+                    gram[name] += x_p.T @ x_p
+
+                _run(pruned, watched_p, accumulate, batch)
+                count += 1
+                bar.update(1)
+    finally:
+        with torch.no_grad():
+            for gm, buffers in zip((plan.original, pruned), saved):
+                for k, b in gm.named_buffers():
+                    b.copy_(buffers[k])
+    if count == 0:
+        raise ValueError("calibration data is empty: pass at least one batch")
+    done = []
+    with torch.no_grad():
+        for name in stage:
+            c, weight, target = consumers[name], original[name], params[name]
+            rows = plan.rows[name].to(gram[name].device)
+            w = weight.detach().reshape(weight.shape[0], -1).double().to(gram[name].device)
+            if c.bias is not None:
+                w = torch.cat([w, original[c.bias].detach().double().to(w.device)[:, None]], 1)
+            fitted = _solve(w.index_select(0, rows), cross[name], gram[name], damping)
+            new_w = fitted[:, :-1] if c.bias is not None else fitted
+            if new_w.numel() != target.numel():
+                raise ValueError(f"sequential reconstruction: refit {name} has {tuple(new_w.shape)} entries where "
+                                 f"the pruned weight is {tuple(target.shape)}")
+            target.copy_(new_w.reshape(target.shape).to(target.device, target.dtype))
+            done.append(name)
+            if c.bias is not None:
+                params[c.bias].copy_(fitted[:, -1].to(params[c.bias].device, params[c.bias].dtype))
+                done.append(c.bias)
+    return done
+
+
+def reconstruct_sequential(dg, removal: dict, pruned: fx.GraphModule, batches, damping: float = DAMPING,
+                           progress=None) -> list[str]:
+    """Refit, in ``pruned`` (``fxprune.apply(dg, removal)``), every consumer that lost input columns, front to
+    back on the pruned model's inputs; returns the refit parameter names. Consumers whose call is not a node of
+    ``pruned`` are left as they are (``fxprune.prune(..., sequential=True)`` gives them the one-shot refit)."""
+    return run_sequential(plan_sequential(dg, removal), pruned, batches, damping, progress)
