@@ -179,11 +179,12 @@ def _loss(out, target, batch, loss: str, temperature: float, warned: list) -> tu
         pairs = [(_field(out, "logits"), logits)]
         kind = "mse" if loss == "mse" else "kl"
     else:
-        got, expected = _leaves(out), _leaves(target)
-        if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected)):
-            raise ValueError(f"distill: the student's outputs {[tuple(g.shape) for g in got]} do not match the "
-                             f"teacher's {[tuple(e.shape) for e in expected]} (was the output width pruned?)")
-        pairs = list(zip(got, expected))
+        got, expected = _outputs(out), _outputs(target)
+        names = [k for k in expected if k in got]
+        if not names or any(got[k].shape != expected[k].shape for k in names):
+            raise ValueError(f"distill: the student's outputs {_shapes(got)} do not match the teacher's "
+                             f"{_shapes(expected)} (was the output width pruned?)")
+        pairs = [(got[k], expected[k]) for k in names]
         kind = "kl" if loss == "kl" else "mse"
     total = sum(_kl(s, t, temperature, mask) if kind == "kl" else _mse(s, t, mask) for s, t in pairs) / len(pairs)
     hidden = _hidden_pairs(out, target, warned)
@@ -201,8 +202,18 @@ def _field(out, name: str) -> torch.Tensor:
     return value
 
 
-def _leaves(out) -> list[torch.Tensor]:
-    return [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor) and x.is_floating_point()]
+def _outputs(out) -> dict:
+    """The floating-point output tensors by name: a dict's (a ``ModelOutput``'s) top-level tensors, so that a
+    cache or hidden states one side returns do not shift the pairing; else the output's leaves by position."""
+    if isinstance(out, dict):
+        items = out.items()
+    else:
+        items = enumerate(tree_flatten(out)[0])
+    return {k: v for k, v in items if isinstance(v, torch.Tensor) and v.is_floating_point()}
+
+
+def _shapes(outputs: dict) -> dict:
+    return {k: tuple(v.shape) for k, v in outputs.items()}
 
 
 def _mask(batch) -> torch.Tensor | None:
