@@ -316,7 +316,9 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     positional inputs or a dict of keyword inputs each). ``reconstruct=True`` refits every Linear or convolution that
     loses input columns (kept columns and bias, ridge least squares on the calibration inputs) so the
     pruned model's outputs stay close without retraining (:mod:`fxprune.calibration`); it needs
-    ``calibration`` and is not yet supported with ``inplace=True`` on a Hugging Face model.
+    ``calibration`` and is not yet supported with ``inplace=True`` on a Hugging Face model. To recover more,
+    train the result a short while against the original: ``fxprune.distill(pruned, model, calibration,
+    steps=200)`` (:mod:`fxprune.calibration.distill`).
     ``global_pruning=True`` ranks units of all groups together (at most ``max_ratio``
     of one group). ``ratios={"layer4": 0.7, model.fc: 0.0}`` sets ratios per module or group.
     ``target_macs=0.5`` (or ``target_params``) searches the ratio that keeps that fraction.

@@ -247,7 +247,7 @@ def test_load_batches_splits_one_tensor_and_keeps_a_list(tmp_path):
     torch.save({"input_ids": torch.zeros(5, 3, dtype=torch.int64)}, tmp_path / "tokens.pt")
     assert [b["input_ids"].shape[0] for b in load_batches(tmp_path / "tokens.pt", 2)] == [2, 2, 1]
     torch.save([], tmp_path / "empty.pt")
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="holds an empty list"):
         load_batches(tmp_path / "empty.pt")
 
 

@@ -114,6 +114,9 @@ def test_shared_parameters_are_copied_so_the_teacher_never_moves():
     fxprune.distill(student, teacher, [torch.randn(16, 16)], steps=3, lr=1e-2, progress=False)
     _assert_unchanged(teacher, state)
     assert not torch.equal(student[0].weight, teacher[0].weight)  # the student's copy did train
+    optimizer = torch.optim.SGD(teacher.parameters(), lr=1.0)
+    with pytest.raises(ValueError, match="the optimizer holds parameters of the teacher"):
+        fxprune.distill(student, teacher, [torch.randn(4, 16)], steps=1, optimizer=optimizer)
     with pytest.raises(ValueError, match="module '0' is one of the teacher's modules"):
         fxprune.distill(nn.Sequential(teacher[0], nn.GELU(), nn.Linear(64, 8)), teacher, [torch.randn(4, 16)],
                         steps=1)

@@ -35,8 +35,9 @@ def load_batches(path, batch_size: int = 8) -> list:
     try:
         data = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # an unpickling error names the offending global; keep it in the message
-        raise ValueError(f"cannot read calibration file {path} as tensors ({type(exc).__name__}: {exc}); save a "
-                         "list of batches (tensors, tuples or dicts of tensors) or one tensor with torch.save") from None
+        raise ValueError(f"cannot read calibration file {path} as tensors ({type(exc).__name__}: {exc}); save "
+                         "a list of batches (tensors, tuples or dicts of tensors) or one tensor with torch.save"
+                         ) from None
     if isinstance(data, torch.Tensor):
         return list(torch.split(data, batch_size)) if data.dim() else [data]
     if isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) and v.dim() for v in data.values()):
@@ -46,8 +47,8 @@ def load_batches(path, batch_size: int = 8) -> list:
         return [{k: v[i:i + batch_size] for k, v in data.items()} for i in range(0, rows.pop(), batch_size)]
     if isinstance(data, (list, tuple)) and data:
         return list(data)
-    raise ValueError(f"calibration file {path} holds a {type(data).__name__} "
-                     f"{'(empty)' if isinstance(data, (list, tuple, dict)) else ''}: save a list of batches or one tensor")
+    what = f"an empty {type(data).__name__}" if isinstance(data, (list, tuple, dict)) else type(data).__name__
+    raise ValueError(f"calibration file {path} holds {what}: save a list of batches or one tensor")
 
 
 def read_lines(path) -> list[str]:

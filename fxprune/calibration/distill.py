@@ -72,6 +72,10 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, batches, *, step
     batches = _check(student, teacher, batches, steps, time_budget, loss, temperature)
     _untie_from(student, teacher)
     params = [p for p in student.parameters() if p.requires_grad]
+    if optimizer is not None and _shared(teacher, [p for g in optimizer.param_groups for p in g["params"]]):
+        raise ValueError("distill: the optimizer holds parameters of the teacher (ones the student shared with it "
+                         "are copied first); build the optimizer over student.parameters() after distill's copy, "
+                         "or leave optimizer=None")
     if optimizer is None:
         if not params:
             raise ValueError("distill: no parameter of the student requires grad")
@@ -153,6 +157,11 @@ def _untie_from(student, teacher) -> None:
                 if id(p) not in copies:
                     copies[id(p)] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
                 module._parameters[name] = copies[id(p)]
+
+
+def _shared(teacher, tensors) -> bool:
+    theirs = {t.data_ptr() for t in itertools.chain(teacher.parameters(), teacher.buffers()) if t.numel()}
+    return any(t.numel() and t.data_ptr() in theirs for t in tensors)
 
 
 def _call(model, batch, hidden: bool):
