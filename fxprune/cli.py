@@ -367,7 +367,8 @@ def _report(loaded, before, after, how: str, out: Path) -> None:
 
 
 def _describe(options: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in options.items() if v not in (None, ()))
+    shown = {k: f"{len(v)} batches" if k == "calibration" else v for k, v in options.items()}
+    return ", ".join(f"{k}={v}" for k, v in shown.items() if v is not None and not (isinstance(v, tuple) and not v))
 
 
 def _inputs(loaded) -> str:

@@ -218,6 +218,7 @@ def test_calibration_file_activation_reconstruct_and_distill(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "importance=activation" in captured.out and "reconstruct=True" in captured.out
+    assert "calibration=3 batches" in captured.out and "tensor(" not in captured.out
     assert "distilled 3 steps" in captured.out and "mse loss" in captured.out
     pruned = fxprune.load(out)
     assert pruned(torch.randn(2, 3, 16, 16)).shape == (2, 10)
