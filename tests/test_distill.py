@@ -181,3 +181,15 @@ def test_hidden_states_are_matched_when_shapes_agree():
     assert result.hidden_states == teacher.config.num_hidden_layers + 1
     without = fxprune.distill(student, teacher, [ids], steps=1, hidden_states=False, progress=False)
     assert without.hidden_states == 0
+
+
+def test_a_captured_student_of_a_hugging_face_teacher_matches_logits_and_says_hidden_states_are_not_matched():
+    torch.manual_seed(0)
+    teacher = _tiny_llama()
+    ids = torch.randint(0, 100, (2, 8))
+    student = fxprune.prune(teacher, 0.3, example_inputs=(ids,))  # a GraphModule returning the captured outputs
+    state = _state(teacher)
+    with pytest.warns(UserWarning, match="hidden states are matched only when the student is a Hugging Face"):
+        result = fxprune.distill(student, teacher, [ids], steps=2, lr=1e-3, progress=False)
+    assert result.loss == "kl" and result.hidden_states == 0
+    _assert_unchanged(teacher, state)
