@@ -16,6 +16,7 @@ from fxprune.masking import mask
 from fxprune.interactive import groups_to_prune
 from fxprune.pruner import Pruner
 from fxprune.report import report
+from fxprune.calibration.distill import DistillResult, distill
 
 __version__ = "0.1.0"
 
@@ -26,3 +27,4 @@ __all__ = [
 __all__ += ["PruningPlan", "load", "plan_of", "replay", "save"]  # save, load and replay (issue 5)
 __all__ += ["Pruner", "count", "importance", "report"]  # criteria, targets, iterative pruning, MACs (issue 4)
 __all__ += ["groups_to_prune", "mask"]  # interactive and soft pruning (issue 12)
+__all__ += ["DistillResult", "distill"]  # short knowledge distillation after pruning

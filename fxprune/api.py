@@ -356,7 +356,9 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     outputs of that layer (one pass over the calibration batches per stage of layers:
     :mod:`fxprune.calibration.sequential`). ``reestimate_bn=True`` resets the pruned model's BatchNorm
     running statistics and re-estimates them on ``calibration`` (after any refit;
-    :func:`fxprune.calibration.reestimate_batchnorm`; BatchNorm modules only, not an exported graph's ops).
+    :func:`fxprune.calibration.reestimate_batchnorm`; BatchNorm modules only, not an exported graph's ops). To recover more,
+    train the result a short while against the original: ``fxprune.distill(pruned, model, calibration,
+    steps=200)`` (:mod:`fxprune.calibration.distill`).
     ``global_pruning=True`` ranks units of all groups together (at most ``max_ratio``
     of one group). ``ratios={"layer4": 0.7, model.fc: 0.0}`` sets ratios per module or group.
     ``target_macs=0.5`` (or ``target_params``) searches the ratio that keeps that fraction.

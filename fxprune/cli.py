@@ -5,6 +5,8 @@
     fxprune inspect torchvision:resnet50                     # the group table
     fxprune prune torchvision:resnet50 --ratio 0.5 --out resnet50-pruned
     fxprune prune tests.models:ResidualCNN --ratio 0.5 --input-shape 1,3,32,32 --out pruned.pt
+    fxprune prune hf:llama-folder --ratio 0.3 --calibration lines.txt --importance activation \
+        --reconstruct --distill-seconds 600 --out llama-pruned
     fxprune replay resnet50-pruned/plan.json torchvision:resnet50 --out again
     fxprune graph torchvision:resnet18 --out groups.png
 
@@ -13,6 +15,15 @@ a folder written by ``fxprune.save`` or a ``torch.save``'d model (see
 :mod:`fxprune.model_spec`). ``prune`` writes a folder (``fxprune.save``: JSON and
 safetensors, no pickle, with ``plan.json``) unless ``--out`` ends in ``.pt``/``.pth``
 (``torch.save`` of the whole module, plus ``NAME.plan.json`` beside it).
+
+``--calibration PATH`` gives ``prune`` calibration batches (for ``--importance activation``/``wanda``/
+``taylor``/``hessian`` and ``--reconstruct``): a ``.pt``/``.pth`` file holding a list of batches, or one
+tensor split into ``--calibration-batch-size`` rows; for a Hugging Face model, a ``.txt`` file whose non-empty
+lines are tokenized with the model folder's tokenizer into padded batches of keyword inputs (at most
+``--calibration-max-length`` tokens), which then also serve as the example inputs (two rows) so that the
+graph takes the same keywords (see :mod:`fxprune.calibration.batches`). ``--distill-steps``/
+``--distill-seconds`` then train the pruned model to match the original on those batches
+(``fxprune.distill``) before it is measured and saved.
 
 Errors are printed as one paragraph; ``--debug`` shows the traceback instead.
 Progress bars go to stderr when it is a terminal.
@@ -72,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune = commands.add_parser("prune", help="prune a model, compare before/after, save it")
     _model_arguments(prune)
     prune.add_argument("--ratio", type=float, help="fraction of every prunable group's units to remove")
-    prune.add_argument("--importance", default="l2", help="unit importance criterion (default l2)")
+    prune.add_argument("--importance", default="l2",
+                       help="unit importance criterion: l2 (default), l1, lamp, fpgm, bn_scale, random; "
+                            "activation, wanda, taylor, hessian need --calibration")
     prune.add_argument("--target-macs", type=float, help="fraction of the MACs to keep (instead of --ratio)")
     prune.add_argument("--round-to", type=int, help="channel alignment: weight widths that were multiples of it stay "
                        "multiples (default 8; 1 turns it off)")
@@ -84,6 +97,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="rank the units of all groups together instead of pruning each group by --ratio")
     prune.add_argument("--ignore", action="append", default=[], metavar="NAME",
                        help="module or parameter name whose axes must not change (repeatable)")
+    calibration = prune.add_argument_group("calibration and distillation")
+    calibration.add_argument("--calibration", metavar="PATH",
+                             help="calibration batches: a .pt/.pth file (a list of batches, or one tensor split "
+                                  "into batches), or a .txt file of lines for an hf: model (its tokenizer)")
+    calibration.add_argument("--calibration-batch-size", type=int, default=8, metavar="N",
+                             help="rows (or lines) per calibration batch when splitting (default 8)")
+    calibration.add_argument("--calibration-max-length", type=int, default=128, metavar="TOKENS",
+                             help="tokens per line of a .txt calibration file, at most (default 128)")
+    calibration.add_argument("--reconstruct", action="store_true",
+                             help="refit the layers that lose inputs on the calibration batches (least squares)")
+    calibration.add_argument("--distill-steps", type=int, metavar="N",
+                             help="after pruning, train the pruned model N steps to match the original on the "
+                                  "calibration batches (fxprune.distill)")
+    calibration.add_argument("--distill-seconds", type=float, metavar="S",
+                             help="distill for at most S seconds (with --distill-steps: whichever comes first)")
+    calibration.add_argument("--distill-lr", type=float, default=1e-4, metavar="LR",
+                             help="distillation learning rate (AdamW, default 1e-4)")
     _output_arguments(prune)
     prune.set_defaults(run=run_prune)
 
@@ -142,18 +172,29 @@ def run_prune(args) -> int:
     import fxprune
 
     options = _prune_options(args)
-    with _steps(args, 5) as step:
+    distilling = args.distill_steps is not None or args.distill_seconds is not None
+    with _steps(args, 5 + bool(args.calibration) + distilling) as step:
         loaded = _load(args, step)
+        if args.calibration:
+            options["calibration"] = _calibration(args, loaded, step)
         before = _measure(args, loaded, loaded.model, step, "measure original")
         step("prune")
         start = time.perf_counter()
         pruned = fxprune.prune(loaded.model, example_inputs=loaded.example_inputs, kwargs=loaded.kwargs or None,
                                **options)
         elapsed = time.perf_counter() - start
+        how = f"pruned in {elapsed:.2f}s ({_describe(options)})"
+        if distilling:  # the original is intact (prune works on a copy): it is the teacher
+            step("distill")
+            result = fxprune.distill(pruned, loaded.model, options["calibration"], steps=args.distill_steps,
+                                     time_budget=args.distill_seconds, lr=args.distill_lr,
+                                     hidden_states=_is_hf(pruned), progress=False if args.quiet else None)
+            how += (f", distilled {result.steps} steps in {result.seconds:.1f}s "
+                    f"({result.loss} loss {result.first_loss:.4g} -> {result.last_loss:.4g})")
         after = _measure(args, loaded, pruned, step, "measure pruned")
         step("save")
         out = _save(args, pruned, loaded.name)
-    _report(loaded, before, after, f"pruned in {elapsed:.2f}s ({_describe(options)})", out)
+    _report(loaded, before, after, how, out)
     return 0
 
 
@@ -201,7 +242,16 @@ def _prune_options(args) -> dict:
     if args.ratio is None and args.target_macs is None and args.target_latency is None:
         raise ValueError("give --ratio (fraction of units to remove), --target-macs (fraction of MACs to keep) or "
                          "--target-latency (fraction of the latency to keep)")
+    if (args.reconstruct or args.distill_steps is not None or args.distill_seconds is not None) and \
+            not args.calibration:
+        raise ValueError("--reconstruct, --distill-steps and --distill-seconds need --calibration PATH "
+                         "(a .pt file of batches, or a .txt file of lines for an hf: model)")
+    for flag, value in (("--distill-steps", args.distill_steps), ("--distill-seconds", args.distill_seconds)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{flag} must be positive, got {value:g}")
     options = {"importance": args.importance, "round_to": args.round_to, "ignore": tuple(args.ignore)}
+    if args.reconstruct:
+        options["reconstruct"] = True
     if args.prune_head_dims:
         options["prune_head_dims"] = True
     if args.ratio is not None:
@@ -233,6 +283,52 @@ def _load(args, step):
     return load_model(args.model, shapes or None, args.input_dtype, model_kwargs)
 
 
+def _calibration(args, loaded, step) -> list:
+    """The ``--calibration`` batches; text lines are tokenized with the Hugging Face model's own tokenizer and,
+    unless ``--input-shape`` was given, the first two tokenized rows become the example input (as keywords), so
+    the captured graph takes the keywords the batches hold."""
+    import torch
+
+    from fxprune.calibration.batches import PT_SUFFIXES as BATCH_FILES
+    from fxprune.calibration.batches import load_batches, load_tokenizer, read_lines, text_batches
+
+    step(f"read {args.calibration}")
+    path = Path(args.calibration)
+    suffix = path.suffix.lower()
+    if suffix in BATCH_FILES:
+        batches = load_batches(path, args.calibration_batch_size)
+    elif suffix == ".txt":
+        folder = _hf_folder(args.model)
+        if folder is None or not _is_hf(loaded.model):
+            raise ValueError(f"--calibration {path}: a .txt file needs a Hugging Face model (hf:PATH) whose folder "
+                             "has a tokenizer; for other models save a list of batches as a .pt file")
+        batches = text_batches(load_tokenizer(folder), read_lines(path), args.calibration_batch_size,
+                               args.calibration_max_length)
+    else:
+        raise ValueError(f"--calibration {path}: use a .pt/.pth file (a list of batches or one tensor) or, for an "
+                         "hf: model, a .txt file of lines")
+    first = batches[0]
+    if isinstance(first, dict) and not args.input_shape:  # keyword batches: capture with the same keywords
+        loaded.example_inputs = ()
+        # two rows, not one: export specialises a dimension of size 1, and the graph would take one row only
+        loaded.kwargs = {k: v[:2] if isinstance(v, torch.Tensor) and v.dim() else v for k, v in first.items()}
+    return batches
+
+
+def _hf_folder(spec: str):
+    """The local folder of a Hugging Face model spec (``hf:PATH`` or a checkpoint folder), else None."""
+    import os
+
+    path = spec[3:] if spec.startswith("hf:") else spec
+    return path if os.path.isfile(os.path.join(path, "config.json")) else None
+
+
+def _is_hf(model) -> bool:
+    from fxprune.capture import is_hf_model
+
+    return is_hf_model(model)
+
+
 def _measure(args, loaded, model, step, label):
     from fxprune.measure import measure
 
@@ -262,7 +358,7 @@ def _save(args, pruned, name: str) -> Path:
 def _report(loaded, before, after, how: str, out: Path) -> None:
     from fxprune.measure import comparison_table
 
-    print(f"{loaded.name}: {how}, input {_shapes(loaded.example_inputs)}")
+    print(f"{loaded.name}: {how}, input {_inputs(loaded)}")
     print(comparison_table(before, after))
     if out.suffix.lower() in PT_SUFFIXES:
         print(f"saved to {out} (torch.load(path, weights_only=False)) and {out.with_suffix('.plan.json')}")
@@ -271,7 +367,14 @@ def _report(loaded, before, after, how: str, out: Path) -> None:
 
 
 def _describe(options: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in options.items() if v not in (None, ()))
+    shown = {k: f"{len(v)} batches" if k == "calibration" else v for k, v in options.items()}
+    return ", ".join(f"{k}={v}" for k, v in shown.items() if v is not None and not (isinstance(v, tuple) and not v))
+
+
+def _inputs(loaded) -> str:
+    """The example inputs' shapes; keyword inputs as ``name=shape``."""
+    named = " ".join(f"{k}={_shapes((v,))}" for k, v in (loaded.kwargs or {}).items())
+    return " ".join(part for part in (_shapes(loaded.example_inputs), named) if part)
 
 
 def _shapes(inputs) -> str:

@@ -204,3 +204,99 @@ def test_group_picture_with_graphviz_when_installed(tmp_path):
 
     dg = fxprune.analyze(models.ResidualCNN().eval(), (torch.randn(1, 3, 8, 8),))
     assert draw_groups(dg, tmp_path / "groups.svg", engine="graphviz").read_text().lstrip().startswith("<?xml")
+
+
+# calibration files, reconstruction and distillation
+
+def test_calibration_file_activation_reconstruct_and_distill(tmp_path, capsys):
+    torch.manual_seed(0)
+    torch.save(torch.randn(20, 3, 16, 16), tmp_path / "calib.pt")  # one tensor: split into batches of 8, 8, 4
+    out = tmp_path / "pruned"
+    code = cli.main(["prune", *MODEL, "--ratio", "0.5", "--calibration", str(tmp_path / "calib.pt"),
+                     "--importance", "activation", "--reconstruct", "--distill-steps", "3", "--distill-lr", "1e-3",
+                     "--quiet", "--latency-runs", "0", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "importance=activation" in captured.out and "reconstruct=True" in captured.out
+    assert "calibration=3 batches" in captured.out and "tensor(" not in captured.out
+    assert "distilled 3 steps" in captured.out and "mse loss" in captured.out
+    pruned = fxprune.load(out)
+    assert pruned(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in models.ResidualCNN().parameters())
+    assert fxprune.plan_of(pruned).settings["reconstruct"] is True
+
+
+def test_calibration_flags_are_checked(tmp_path, capsys):
+    assert cli.main(["prune", *MODEL, "--ratio", "0.5", "--reconstruct", "--quiet"]) == 1
+    assert "need --calibration PATH" in capsys.readouterr().err
+    (tmp_path / "lines.txt").write_text("hello\n")
+    assert cli.main(["prune", *MODEL, "--ratio", "0.5", "--calibration", str(tmp_path / "lines.txt"), "--quiet",
+                     "--latency-runs", "0"]) == 1
+    assert "a .txt file needs a Hugging Face model" in capsys.readouterr().err
+    assert cli.main(["prune", *MODEL, "--ratio", "0.5", "--calibration", str(tmp_path / "x.csv"), "--quiet"]) == 1
+    assert "use a .pt/.pth file" in capsys.readouterr().err
+
+
+def test_load_batches_splits_one_tensor_and_keeps_a_list(tmp_path):
+    from fxprune.calibration.batches import load_batches
+
+    torch.save(torch.randn(20, 4), tmp_path / "one.pt")
+    assert [b.shape[0] for b in load_batches(tmp_path / "one.pt", 8)] == [8, 8, 4]
+    torch.save([(torch.randn(2, 4), torch.ones(2, 1)), {"x": torch.randn(3, 4)}], tmp_path / "list.pth")
+    batches = load_batches(tmp_path / "list.pth", 8)
+    assert len(batches) == 2 and isinstance(batches[0], tuple) and batches[1]["x"].shape == (3, 4)
+    torch.save({"input_ids": torch.zeros(5, 3, dtype=torch.int64)}, tmp_path / "tokens.pt")
+    assert [b["input_ids"].shape[0] for b in load_batches(tmp_path / "tokens.pt", 2)] == [2, 2, 1]
+    torch.save([], tmp_path / "empty.pt")
+    with pytest.raises(ValueError, match="holds an empty list"):
+        load_batches(tmp_path / "empty.pt")
+
+
+def _tiny_tokenizer(pad: bool = True):
+    """A word-level tokenizer built offline with the tokenizers library (nothing downloads)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    words = "the a cat dog sat on mat ran far away and then slept".split()
+    vocab = {"[UNK]": 0, "[PAD]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
+                                                **({"pad_token": "[PAD]"} if pad else {}))
+
+
+def test_text_batches_pad_truncate_and_leave_the_tokenizer_alone():
+    from fxprune.calibration.batches import text_batches
+
+    lines = ["the cat sat on the mat", "a dog ran", "", "the dog ran far away and then slept on a mat"]
+    batches = text_batches(_tiny_tokenizer(), lines, batch_size=2, max_length=8)
+    assert [b["input_ids"].shape for b in batches] == [(2, 6), (1, 8)]  # the empty line is dropped
+    assert batches[0]["attention_mask"].tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
+    assert batches[0]["input_ids"][1].tolist()[3:] == [1, 1, 1]  # [PAD]
+    no_pad = _tiny_tokenizer(pad=False)
+    assert text_batches(no_pad, lines[:2], batch_size=2)[0]["input_ids"][1].tolist()[3:] == [0, 0, 0]  # [UNK]
+    assert no_pad.pad_token is None
+
+
+def test_text_calibration_for_a_hugging_face_folder(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from tests.test_hf import DECODER
+
+    torch.manual_seed(0)
+    folder = tmp_path / "llama"
+    config = transformers.LlamaConfig(**{**DECODER, "vocab_size": 16}, architectures=["LlamaForCausalLM"])
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    (tmp_path / "lines.txt").write_text("the cat sat on the mat\n\na dog ran far away\nthe dog slept\n")
+    code = cli.main(["prune", f"hf:{folder}", "--ratio", "0.3", "--calibration", str(tmp_path / "lines.txt"),
+                     "--quiet", "--latency-runs", "0", "--out", str(tmp_path / "pruned")])
+    assert code == 1 and "has no tokenizer" in capsys.readouterr().err
+    _tiny_tokenizer().save_pretrained(folder)
+    code = cli.main(["prune", f"hf:{folder}", "--ratio", "0.3", "--calibration", str(tmp_path / "lines.txt"),
+                     "--calibration-batch-size", "2", "--importance", "wanda", "--distill-steps", "2", "--quiet",
+                     "--latency-runs", "0", "--out", str(tmp_path / "pruned")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "distilled 2 steps" in captured.out and "kl loss" in captured.out
+    assert "input_ids=2x6" in captured.out and "attention_mask=2x6" in captured.out  # keyword example inputs
+    pruned = fxprune.load(tmp_path / "pruned")
+    for ids in (torch.tensor([[2, 3, 4, 5]]), torch.randint(2, 16, (3, 9))):  # any batch size and length
+        assert pruned(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape == (*ids.shape, 16)

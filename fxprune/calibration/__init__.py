@@ -11,7 +11,8 @@ their unfolded patches) are calibrated; grouped/depthwise, 1-d and 3-d convoluti
 weight operand are not, so criteria use weights only for groups without a calibrated consumer and
 reconstruction leaves those layers as they are. ``sequential=True`` refits the consumers front to back on the
 pruned model's own inputs (:mod:`fxprune.calibration.sequential`); ``reestimate_bn=True`` re-estimates the
-pruned model's BatchNorm running statistics (:mod:`fxprune.calibration.batchnorm`).
+pruned model's BatchNorm running statistics (:mod:`fxprune.calibration.batchnorm`). After pruning, :func:`distill` trains the pruned model a
+short while to match the original on the same batches (:mod:`fxprune.calibration.distill`).
 
 Example::
 
@@ -24,16 +25,18 @@ refit (one pass over the batches for both)::
 
     >>> pruned = fxprune.prune(model, 0.3, example_inputs=(x[:1],), importance="obs",
     ...                        calibration=batches, reconstruct=True)
+    >>> fxprune.distill(pruned, model, batches, steps=100).last_loss
 """
 
 from fxprune.calibration.batchnorm import reestimate_batchnorm
 from fxprune.calibration.consumers import Consumer, calibrated_consumers
 from fxprune.calibration.criteria import Activation, Wanda
+from fxprune.calibration.distill import DistillResult, distill, distill_loss
 from fxprune.calibration.obs import OBS, damped_inverse, obs_scores
 from fxprune.calibration.reconstruct import load_refit, reconstruct, refit, refit_consumers
 from fxprune.calibration.sequential import plan_sequential, reconstruct_sequential, run_sequential, stages_of
 from fxprune.calibration.statistics import InputStats, collect_statistics
 
-__all__ = ["Activation", "Consumer", "InputStats", "OBS", "Wanda", "collect_statistics", "calibrated_consumers",
-           "damped_inverse", "load_refit", "obs_scores", "plan_sequential", "reconstruct", "reconstruct_sequential",
+__all__ = ["Activation", "Consumer", "DistillResult", "InputStats", "OBS", "Wanda", "collect_statistics",
+           "calibrated_consumers", "damped_inverse", "distill", "distill_loss", "load_refit", "obs_scores", "plan_sequential", "reconstruct", "reconstruct_sequential",
            "reestimate_batchnorm", "refit", "refit_consumers", "run_sequential", "stages_of"]

@@ -1,0 +1,195 @@
+"""fxprune.distill: a pruned model trained to match the original gets closer on inputs it never saw."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxprune
+from fxprune.calibration import distill_loss
+from tests import models
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8))
+
+
+def _state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model, before: dict) -> None:
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for name, value in before.items():
+        assert torch.equal(after[name], value), f"the teacher's {name} changed"
+
+
+def _held_out_mse(student, teacher, x) -> float:
+    """Squared error over the teacher's variance, computed here rather than by distill's own loss."""
+    with torch.no_grad():
+        expected = teacher(x)
+        return ((student(x) - expected) ** 2).mean().item() / expected.var(unbiased=False).item()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_distill_lowers_the_held_out_loss_and_leaves_the_teacher_alone(name, seed):
+    torch.manual_seed(seed)
+    if name == "mlp":
+        teacher, shape = _mlp().eval(), (16,)
+    else:
+        teacher, shape = models.ResidualCNN().eval(), (3, 8, 8)
+    batches = [torch.randn(32, *shape) for _ in range(8)]
+    held_out = torch.randn(256, *shape)
+    student = fxprune.prune(teacher, 0.5, example_inputs=(batches[0][:1],), round_to=1)
+    assert sum(p.numel() for p in student.parameters()) < 0.6 * sum(p.numel() for p in teacher.parameters())
+    before, teacher_state = _held_out_mse(student, teacher, held_out), _state(teacher)
+    assert before > 0.05  # pruning half the units did hurt: there is something to recover
+    result = fxprune.distill(student, teacher, batches, steps=150, lr=3e-3, progress=False)
+    after = _held_out_mse(student, teacher, held_out)
+    assert result.steps == 150 and result.loss == "mse" and len(result.losses) == 150
+    assert after < 0.7 * before, (before, after)
+    assert result.last_loss < result.first_loss
+    _assert_unchanged(teacher, teacher_state)
+    assert not student.training and not teacher.training
+    assert distill_loss(student, teacher, [held_out]) == pytest.approx(after, rel=1e-3)
+
+
+def test_distill_works_on_tuple_and_dict_batches_and_restores_the_teachers_mode():
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 32), nn.Linear(32, 3)
+
+        def forward(self, x, scale):
+            return self.b(torch.relu(self.a(x))) * scale
+
+    torch.manual_seed(0)
+    teacher = TwoInputs()  # left in training mode on purpose
+    x, scale = torch.randn(16, 4), torch.ones(16, 1)
+    student = fxprune.prune(teacher, 0.5, example_inputs=(x, scale), round_to=1)
+    result = fxprune.distill(student, teacher, [(x, scale), {"x": x, "scale": scale}], steps=4, lr=1e-3,
+                             progress=False)
+    assert result.steps == 4 and teacher.training and not student.training
+
+
+def test_time_budget_stops_the_loop_and_a_stop_is_required():
+    torch.manual_seed(0)
+    teacher = _mlp().eval()
+    batches = [torch.randn(8, 16)]
+    student = fxprune.prune(teacher, 0.5, example_inputs=(batches[0],), round_to=1)
+    start = time.perf_counter()
+    result = fxprune.distill(student, teacher, batches, steps=10 ** 9, time_budget=1.0, progress=False)
+    assert time.perf_counter() - start < 5.0
+    assert 1.0 <= result.seconds < 5.0 and 1 <= result.steps < 10 ** 9
+    with pytest.raises(ValueError, match="steps .* or time_budget"):
+        fxprune.distill(student, teacher, batches)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        fxprune.distill(student, teacher, batches, steps=1, loss="l1")
+    with pytest.raises(ValueError, match="the student is the teacher"):
+        fxprune.distill(teacher, teacher, batches, steps=1)
+
+
+def test_outputs_of_another_shape_are_a_clear_error():
+    torch.manual_seed(0)
+    teacher, student = _mlp(), nn.Linear(16, 5)
+    with pytest.raises(ValueError, match="do not match the teacher's"):
+        fxprune.distill(student, teacher, [torch.randn(4, 16)], steps=1)
+
+
+def test_shared_parameters_are_copied_so_the_teacher_never_moves():
+    """A student that shares a tensor with the teacher (hand-made here) gets its own copy first; one that
+    shares a whole module cannot be trained without changing the teacher, and says so."""
+    torch.manual_seed(0)
+    teacher = _mlp()
+    first = nn.Linear(16, 64)
+    first.weight = teacher[0].weight  # the same Parameter in a module of the student's own
+    student = nn.Sequential(first, nn.GELU(), nn.Linear(64, 8))
+    state = _state(teacher)
+    fxprune.distill(student, teacher, [torch.randn(16, 16)], steps=3, lr=1e-2, progress=False)
+    _assert_unchanged(teacher, state)
+    assert not torch.equal(student[0].weight, teacher[0].weight)  # the student's copy did train
+    optimizer = torch.optim.SGD(teacher.parameters(), lr=1.0)
+    with pytest.raises(ValueError, match="the optimizer holds parameters of the teacher"):
+        fxprune.distill(student, teacher, [torch.randn(4, 16)], steps=1, optimizer=optimizer)
+    with pytest.raises(ValueError, match="module '0' is one of the teacher's modules"):
+        fxprune.distill(nn.Sequential(teacher[0], nn.GELU(), nn.Linear(64, 8)), teacher, [torch.randn(4, 16)],
+                        steps=1)
+    _assert_unchanged(teacher, state)
+
+
+# -- Hugging Face ---------------------------------------------------------------
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    from tests.test_hf import DECODER
+
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER)).eval()
+
+
+def test_in_place_pruned_llama_distills_with_kl_generates_and_reloads(tmp_path):
+    torch.manual_seed(0)
+    teacher = _tiny_llama()
+    student = _tiny_llama()
+    student.load_state_dict(teacher.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 100, (4, 12), generator=gen),
+                "attention_mask": torch.ones(4, 12, dtype=torch.int64)} for _ in range(4)]
+    batches[0]["attention_mask"][0, :5] = 0  # left padding: those positions are left out of the loss
+    fxprune.prune(student, 0.5, example_inputs=(batches[0]["input_ids"][:1],), inplace=True)
+    assert student.config.intermediate_size < teacher.config.intermediate_size
+    state = _state(teacher)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = fxprune.distill(student, teacher, batches, steps=30, lr=3e-3, progress=False)
+    assert result.loss == "kl" and result.steps == 30
+    assert sum(result.losses[-5:]) < 0.8 * sum(result.losses[:5]), result.losses
+    hidden_pruned = student.config.hidden_size < teacher.config.hidden_size
+    if hidden_pruned:  # the residual stream was pruned: hidden states cannot be compared, and distill says so
+        assert result.hidden_states == 0
+        assert sum("hidden states differ in shape" in str(w.message) for w in caught) == 1
+    else:
+        assert result.hidden_states == teacher.config.num_hidden_layers + 1
+    _assert_unchanged(teacher, state)
+    ids = batches[1]["input_ids"][:1]
+    with torch.no_grad():
+        tokens = student.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        logits = student(ids).logits
+    assert tokens.shape == (1, 16)
+    student.save_pretrained(tmp_path)
+    reloaded = fxprune.load_pretrained(str(tmp_path))
+    with torch.no_grad():
+        fxprune.testing.assert_close_to_scale(reloaded(ids).logits, logits)
+
+
+def test_hidden_states_are_matched_when_shapes_agree():
+    torch.manual_seed(0)
+    teacher = _tiny_llama()
+    student = _tiny_llama()
+    student.load_state_dict(teacher.state_dict())
+    ids = torch.randint(0, 100, (2, 8))
+    fxprune.prune(student, 0.5, example_inputs=(ids[:1],), inplace=True, ignore=["model.norm"])
+    assert student.config.hidden_size == teacher.config.hidden_size  # the residual stream kept its width
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fxprune.distill")
+        result = fxprune.distill(student, teacher, [ids], steps=2, lr=1e-3, progress=False)
+    assert result.hidden_states == teacher.config.num_hidden_layers + 1
+    without = fxprune.distill(student, teacher, [ids], steps=1, hidden_states=False, progress=False)
+    assert without.hidden_states == 0
+
+
+def test_a_captured_student_of_a_hugging_face_teacher_matches_logits_and_says_hidden_states_are_not_matched():
+    torch.manual_seed(0)
+    teacher = _tiny_llama()
+    ids = torch.randint(0, 100, (2, 8))
+    student = fxprune.prune(teacher, 0.3, example_inputs=(ids,))  # a GraphModule returning the captured outputs
+    state = _state(teacher)
+    with pytest.warns(UserWarning, match="hidden states are matched only when the student is a Hugging Face"):
+        result = fxprune.distill(student, teacher, [ids], steps=2, lr=1e-3, progress=False)
+    assert result.loss == "kl" and result.hidden_states == 0
+    _assert_unchanged(teacher, state)
