@@ -12,7 +12,7 @@ global ranking, per-module ratios, round_to; with ``target_macs``/``target_param
 it searches the ratio, counting each candidate plan without rewriting:
 :mod:`fxprune.planning.target`); ``check`` warns when the plan removes far less than the ratio
 (frozen groups, with their reasons); with ``reconstruct=True``, ``refit`` solves the least-squares refit
-of every Linear or convolution that loses input columns from calibration statistics of the original model and
+of every Linear, weight matmul/addmm or convolution that loses input columns from calibration statistics of the original model and
 ``reconstruct`` writes it into the pruned graph (:mod:`fxprune.calibration`); ``measure`` counts the
 pruned graph when a target was set.
 
@@ -181,7 +181,8 @@ def _check_removed(job: Job) -> None:
 
 
 def _refit(job: Job) -> None:
-    """With ``reconstruct=True``: the ridge refit of each calibrated consumer's (Linear, 2-d convolution) kept
+    """With ``reconstruct=True``: the ridge refit of each calibrated consumer's (Linear, weight matmul/addmm,
+    convolution) kept
     columns and bias, from the original weights (before rewriting, which may edit them in place)."""
     if job.reconstruct:
         from fxprune.calibration import refit_consumers
@@ -203,7 +204,9 @@ def _recompose(job: Job) -> None:
 
 
 def _reconstruct(job: Job) -> None:
-    """Write the refit weights into the pruned graph (rewriting keeps parameter names)."""
+    """Write the refit weights into the pruned graph (rewriting keeps parameter names), or into a Hugging Face
+    model pruned in place: its resized tensors were written back under the exported graph's names, which are
+    the model's own parameter names (a refit consumer without a bias gets none)."""
     if job.refit:
         from fxprune.calibration import load_refit
 
@@ -316,7 +319,8 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     positional inputs or a dict of keyword inputs each). ``reconstruct=True`` refits every Linear or convolution that
     loses input columns (kept columns and bias, ridge least squares on the calibration inputs) so the
     pruned model's outputs stay close without retraining (:mod:`fxprune.calibration`); it needs
-    ``calibration`` and is not yet supported with ``inplace=True`` on a Hugging Face model.
+    ``calibration``; with ``inplace=True`` on a Hugging Face model the refit weights are written into the
+    model (which still generates, saves and reloads).
     ``global_pruning=True`` ranks units of all groups together (at most ``max_ratio``
     of one group). ``ratios={"layer4": 0.7, model.fc: 0.0}`` sets ratios per module or group.
     ``target_macs=0.5`` (or ``target_params``) searches the ratio that keeps that fraction.
@@ -339,9 +343,6 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     if reconstruct and calibration is None:
         raise ValueError("reconstruct=True needs calibration batches: pass calibration=[batch, ...] "
                          "(a batch is a tensor, a tuple of positional inputs or a dict of keyword inputs)")
-    if reconstruct and inplace and is_hf_model(model):
-        raise NotImplementedError("reconstruct=True is not supported with inplace=True on a Hugging Face model "
-                                  "yet: prune without inplace (a GraphModule is returned)")
     job.ratio, job.target, job.max_ratio = check_prune_settings(ratio, target_macs, target_params, round_to, max_ratio,
                                                                 target_latency)
     if job.target and job.target[0] == "latency" and job.example_inputs is None:

@@ -64,40 +64,88 @@ class CNN(nn.Module):
 
     producer, consumer = "conv1", "conv2"
 
-    def __init__(self, c_in=2, hidden=6, c_out=3, dilation=1):
+    def __init__(self, c_in=2, hidden=6, c_out=3, dilation=1, dims=2, groups=1):
         super().__init__()
-        self.conv1, self.bn = nn.Conv2d(c_in, hidden, 3, padding=1), nn.BatchNorm2d(hidden)
-        self.conv2 = nn.Conv2d(hidden, c_out, 3, stride=2, dilation=dilation)
+        conv, norm = [(nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d)][dims - 1]
+        self.conv1, self.bn = conv(c_in, hidden, 3, padding=1), norm(hidden)
+        self.conv2 = conv(hidden, c_out, 3, stride=2, dilation=dilation, groups=groups)
         with torch.no_grad():  # non-trivial running statistics
             self.bn.running_mean.uniform_(-0.5, 0.5)
             self.bn.running_var.uniform_(0.5, 2)
-        self.sample = (c_in, 7, 7)
+        self.sample, self.blocks = (c_in,) + (7,) * dims, groups
 
     def forward(self, x):
         return self.conv2(torch.relu(self.bn(self.conv1(x))))
+
+
+class Conv1D(nn.Module):
+    """GPT-2's Conv1D: ``addmm(bias, x.view(-1, nx), weight)`` with the weight stored (in, out)."""
+
+    def __init__(self, nx, nf):
+        super().__init__()
+        self.nx, self.weight, self.bias = nx, nn.Parameter(torch.randn(nx, nf) / nx ** 0.5), nn.Parameter(torch.randn(nf))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.view(-1, self.nx), self.weight)
+
+
+class AddmmMLP(nn.Module):
+    """Two GPT-2 Conv1D layers: the consumer's input axis is its weight's axis 0."""
+
+    producer, consumer, producer_axis, consumer_axis = "fc1", "fc2", 1, 0
+
+    def __init__(self, d_in=3, hidden=5, d_out=2):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = Conv1D(d_in, hidden), nn.Tanh(), Conv1D(hidden, d_out)
+        self.sample = (d_in,)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class MatmulMLP(nn.Module):
+    """The consumer as ``h @ W`` (W: (in, out)) or, ``transposed``, ``h @ W.T`` (W: (out, in), as Falcon)."""
+
+    def __init__(self, transposed=False):
+        super().__init__()
+        self.fc1, self.transposed = nn.Linear(3, 5), transposed
+        self.w2 = nn.Parameter(torch.randn(2, 5) if transposed else torch.randn(5, 2))
+
+    def forward(self, x):
+        return torch.tanh(self.fc1(x)) @ (self.w2.T if self.transposed else self.w2)
 
 
 def _hidden(model, x):
     """The consumer's input, computed by hand."""
     if isinstance(model, Block):
         return F.gelu(model.fc1(model.norm(x)))
-    return model.act(model.fc1(x)) if isinstance(model, MLP) else torch.tanh(model.fc1(x))
+    return model.act(model.fc1(x)) if isinstance(model, (MLP, AddmmMLP)) else torch.tanh(model.fc1(x))
 
 
 def _as_batches(xs, kind):
     return {"tensor": list(xs), "tuple": [(x,) for x in xs], "dict": [{"x": x} for x in xs]}[kind]
 
 
+# capture: (model, consumer weight, its input axis); "-exported": through torch.export (aten ops)
+CONSUMERS = {
+    "traced": (MLP, "fc2.weight", 1), "exported": (MLP, "fc2.weight", 1), "functional": (FunctionalMLP, "w2", 1),
+    "addmm": (AddmmMLP, "fc2.weight", 0), "addmm-exported": (AddmmMLP, "fc2.weight", 0),
+    "matmul": (MatmulMLP, "w2", 0), "matmul-exported": (MatmulMLP, "w2", 0),
+    "transposed": (lambda: MatmulMLP(transposed=True), "w2", 1),
+    "transposed-exported": (lambda: MatmulMLP(transposed=True), "w2", 1),
+}
+
+
 @pytest.mark.parametrize("kind", ["tensor", "tuple", "dict"])
-@pytest.mark.parametrize("capture", ["traced", "exported", "functional"])
+@pytest.mark.parametrize("capture", list(CONSUMERS))
 def test_statistics_equal_brute_force(kind, capture):
     torch.manual_seed(0)
-    model = (FunctionalMLP() if capture == "functional" else MLP()).eval()
+    make, weight, axis = CONSUMERS[capture]
+    model = make().eval()
     xs = [torch.randn(n, 3) for n in (4, 7, 1)]
-    analysed = exported(model, xs[0]) if capture == "exported" else model
+    analysed = exported(model, xs[0]) if capture.endswith("exported") else model
     dg = fxprune.analyze(analysed, (xs[0],))
-    weight = "w2" if capture == "functional" else "fc2.weight"
-    assert list(calibrated_consumers(dg)) == [weight]
+    assert {name: c.in_axis for name, c in calibrated_consumers(dg).items()} == {weight: axis}
     stats = collect_statistics(dg, _as_batches(xs, kind), gram=True)[weight]
     with torch.no_grad():
         h = torch.cat([_hidden(model, x) for x in xs]).double()
@@ -144,6 +192,49 @@ def test_convolution_statistics_are_patch_statistics(capture):
     torch.testing.assert_close(stats.gram, p1.T @ p1 / len(patches))
 
 
+def _brute_patches(h, kernel, groups=1, **conv):
+    """Patches as a convolution with one-hot kernels (channel-major, then kernel positions): another way than
+    the library's ``Tensor.unfold``."""
+    c, k = h.shape[1], int(np.prod(kernel))
+    eye = torch.eye(k, dtype=h.dtype).reshape(k, 1, *kernel).repeat(c, 1, *[1] * len(kernel))
+    out = getattr(F, f"conv{len(kernel)}d")(h, eye, groups=c, **conv)  # (N, C * k, *positions)
+    return out.flatten(2).transpose(1, 2).reshape(-1, c * k)
+
+
+@pytest.mark.parametrize("dims, groups, capture", [(1, 1, "traced"), (1, 1, "exported"), (3, 1, "traced"),
+                                                   (2, 2, "traced"), (2, 2, "exported"), (3, 3, "exported")])
+def test_conv_1d_3d_grouped_statistics_are_patch_statistics(dims, groups, capture):
+    """1-d and 3-d convolutions' features are patches too; a grouped convolution keeps one Gram matrix per
+    block of input channels (its mean and variance cover every feature)."""
+    torch.manual_seed(0)
+    conv = [nn.Conv1d, nn.Conv2d, nn.Conv3d][dims - 1]
+    options = dict(stride=2, padding=1, dilation=1) if dims != 2 else dict(stride=1, padding=2, dilation=2)
+    model = nn.Sequential(conv(2, 6, 3, padding=1), nn.Tanh(), conv(6, 3 * groups, 3, groups=groups, **options))
+    model = model.eval()
+    size = {1: 9, 2: 7, 3: 5}[dims]
+    xs = [torch.randn(n, 2, *[size] * dims) for n in (2, 1)]
+    analysed = exported(model, xs[0]) if capture == "exported" else model
+    dg = fxprune.analyze(analysed, (xs[0],))
+    consumer = calibrated_consumers(dg)["2.weight"]
+    assert (consumer.blocks, consumer.in_axis) == (groups, 1)
+    stats = collect_statistics(dg, xs, gram=True)["2.weight"]
+    with torch.no_grad():
+        p = torch.cat([_brute_patches(model[1](model[0](x)).double(), (3,) * dims, **options) for x in xs])
+    assert stats.count == len(p)
+    torch.testing.assert_close(stats.var, p.var(0, unbiased=False))
+    for b, block in enumerate(p.chunk(groups, 1)):
+        b1 = torch.cat([block, torch.ones(len(block), 1, dtype=block.dtype)], 1)
+        torch.testing.assert_close(stats.block_gram(b), b1.T @ b1 / len(p))
+
+
+def test_depthwise_convolutions_are_not_calibrated():
+    """A depthwise convolution's input unit is its output unit: nothing to refit, no consumer."""
+    model = nn.Sequential(nn.Conv2d(2, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=4), nn.ReLU(),
+                          nn.ConvTranspose2d(4, 3, 2)).eval()
+    dg = fxprune.analyze(model, (torch.randn(1, 2, 6, 6),))
+    assert calibrated_consumers(dg) == {}
+
+
 def test_statistics_stream_token_axes_and_keep_buffers():
     """(B, T, d) inputs count B * T tokens; a model in training mode keeps its running statistics."""
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).train()
@@ -160,15 +251,19 @@ def test_statistics_stream_token_axes_and_keep_buffers():
 def _planted(model, planted: dict):
     """Make each planted hidden unit k redundant: ``planted[k] = m`` copies unit m's producer row and bias
     (and BatchNorm entries: equal activations), ``planted[k] = None`` makes its activation a constant (zero
-    row, a bias)."""
+    row, a bias). Before a grouped consumer, k and m are channel ranks within every block."""
     producer, bn = getattr(model, model.producer), getattr(model, "bn", None)
+    rows = producer.weight.T if getattr(model, "producer_axis", 0) else producer.weight  # unit k: rows[k]
+    blocks = getattr(model, "blocks", 1)  # a grouped consumer: channel rank k of every block
+    width = len(rows) // blocks
+    planted = {b * width + k: None if m is None else b * width + m for k, m in planted.items() for b in range(blocks)}
     with torch.no_grad():
         for k, m in planted.items():
             if m is None:
-                producer.weight[k] = 0
+                rows[k] = 0
                 producer.bias[k] = 0.7
                 continue
-            producer.weight[k] = producer.weight[m]
+            rows[k] = rows[m]
             producer.bias[k] = producer.bias[m]
             for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if bn is not None else ():
                 t[k] = t[m]
@@ -176,7 +271,7 @@ def _planted(model, planted: dict):
 
 def _redundancy(draw, hidden, constants=True):
     """Planted units (each copying a unit that stays, or constant) for a hidden width."""
-    count = draw(st.integers(1, hidden // 2))
+    count = draw(st.integers(1, max(1, hidden // 2)))
     order = draw(st.permutations(range(hidden)))
     planted, sources = order[:count], order[count:]
     return {k: draw(st.sampled_from([None, *sources] if constants else sources)) for k in planted}
@@ -184,21 +279,28 @@ def _redundancy(draw, hidden, constants=True):
 
 @st.composite
 def redundant_models(draw):
-    kind = draw(st.sampled_from(["mlp", "mlp-nobias", "block", "cnn"]))
+    kind = draw(st.sampled_from(["mlp", "mlp-nobias", "block", "cnn", "cnn1d", "grouped", "addmm"]))
     torch.manual_seed(draw(st.integers(0, 2 ** 16)))
     hidden = draw(st.integers(4, 12))
+    units = hidden  # the consumer's input units: channel ranks per block for a grouped convolution
     if kind == "block":
         model = Block(d=draw(st.integers(3, 6)), hidden=hidden)  # d=2: LayerNorm leaves 2 points
-    elif kind == "cnn":
-        model = CNN(draw(st.integers(1, 3)), hidden, draw(st.integers(1, 3)), dilation=draw(st.integers(1, 2)))
+    elif kind in ("cnn", "cnn1d"):
+        model = CNN(draw(st.integers(1, 3)), hidden, draw(st.integers(1, 3)), dilation=draw(st.integers(1, 2)),
+                    dims=1 if kind == "cnn1d" else 2)
+    elif kind == "grouped":
+        groups, units = draw(st.sampled_from([(2, 2), (2, 3), (3, 2), (2, 4)]))
+        model = CNN(draw(st.integers(1, 3)), groups * units, groups * draw(st.integers(1, 2)), groups=groups)
+    elif kind == "addmm":
+        model = AddmmMLP(draw(st.integers(2, 6)), hidden, draw(st.integers(1, 4)))
     else:
         model = MLP(draw(st.integers(2, 6)), hidden, draw(st.integers(1, 4)), act=nn.GELU, bias=kind == "mlp")
-    planted = _redundancy(draw, hidden, constants=kind != "mlp-nobias")  # no bias: a constant cannot move
+    planted = _redundancy(draw, units, constants=kind != "mlp-nobias")  # no bias: a constant cannot move
     _planted(model, planted)
     return model.eval(), planted
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(redundant_models())
 def test_reconstruction_removes_planted_redundant_units_exactly(case):
     """Pruning units whose activations are copies of kept units (or constants), reconstruction moves their
@@ -206,7 +308,7 @@ def test_reconstruction_removes_planted_redundant_units_exactly(case):
     model, planted = case
     x = torch.randn(2, *model.sample)
     dg = fxprune.analyze(model, (x,))
-    group = dg.group_of(f"{model.producer}.weight", 0)
+    group = dg.group_of(f"{model.consumer}.weight", getattr(model, "consumer_axis", 1))  # its input units
     removal = {group: sorted(planted)}
     batches = [torch.randn(16, *model.sample) for _ in range(4)]
     test = torch.randn(8, *model.sample)
@@ -217,7 +319,7 @@ def test_reconstruction_removes_planted_redundant_units_exactly(case):
         refit = reconstruct(dg, removal, pruned, batches, damping=1e-9)
         assert f"{model.consumer}.weight" in refit
         assert (f"{model.consumer}.bias" in refit) == (consumer.bias is not None)
-        assert (pruned.get_submodule(model.consumer).bias is None) == (consumer.bias is None)  # no bias added
+        assert (getattr(pruned.get_submodule(model.consumer), "bias", None) is None) == (consumer.bias is None)
         assert_close_to_scale(pruned(test), expected, atol=1e-4)
 
 
@@ -241,9 +343,20 @@ def _tanh_cnn():
                          nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
+def _grouped_cnn():
+    return nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Tanh(), nn.Conv2d(8, 6, 3, groups=2),
+                         nn.Tanh(), nn.Conv2d(6, 4, 3, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 2 * 2, 3))
+
+
+def _conv1d_net():
+    return nn.Sequential(nn.Conv1d(2, 6, 3, padding=1), nn.Tanh(), nn.Conv1d(6, 4, 3), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(4 * 4, 3))
+
+
 @pytest.mark.parametrize("criterion", ["activation", "wanda"])
 @pytest.mark.parametrize("make, shape", [(lambda: MLP(5, 9, 3, act=nn.Tanh), (5,)), (Block, (3, 6)),
-                                         (_tanh_cnn, (2, 6, 6))])
+                                         (_tanh_cnn, (2, 6, 6)), (_grouped_cnn, (2, 6, 6)), (_conv1d_net, (2, 6)),
+                                         (lambda: AddmmMLP(4, 9, 3), (4,))])
 def test_dead_unit_oracle(criterion, make, shape):
     """Dead units (every slice zero) score lowest (0); removing the lowest-scoring units keeps the outputs."""
     torch.manual_seed(0)
@@ -279,7 +392,7 @@ def test_activation_ranks_a_constant_unit_lowest():
 
 def test_activation_score_by_hand_and_magnitude_fallback():
     """Var(x_j) * ||W[:, j]||^2 per hidden unit, divided by the mean; a group consumed only by layers without
-    statistics (a 1-d convolution) falls back to L2."""
+    statistics (depthwise and transposed convolutions) falls back to L2."""
     torch.manual_seed(0)
     model = MLP(3, 4, 2).eval()
     batches = [torch.randn(8, 3) for _ in range(3)]
@@ -294,11 +407,12 @@ def test_activation_score_by_hand_and_magnitude_fallback():
     wanda = (h.square().mean(0).sqrt() * w.abs().sum(0)).numpy()
     np.testing.assert_allclose(score_groups(resolve_importance("wanda", batches), dg, [group])[group],
                                wanda / wanda.mean(), rtol=1e-6)
-    cnn = nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Conv1d(4, 3, 3)).eval()  # 1-d: not calibrated
-    dg = fxprune.analyze(cnn, (torch.randn(1, 2, 6),))
+    cnn = nn.Sequential(nn.Conv2d(2, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=4), nn.ReLU(),
+                        nn.ConvTranspose2d(4, 3, 2)).eval()  # depthwise, transposed: not calibrated
+    dg = fxprune.analyze(cnn, (torch.randn(1, 2, 6, 6),))
     (group,) = dg.prunable_groups
     l2 = score_groups(resolve_importance("l2"), dg, [group])[group]
-    got = score_groups(resolve_importance("activation", [torch.randn(2, 2, 6)]), dg, [group])[group]
+    got = score_groups(resolve_importance("activation", [torch.randn(2, 2, 6, 6)]), dg, [group])[group]
     np.testing.assert_allclose(got, l2 / l2.mean(), rtol=1e-6)
 
 

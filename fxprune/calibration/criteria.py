@@ -1,8 +1,11 @@
 """Criteria from activation statistics: ``"activation"`` (FLAP's fluctuation) and ``"wanda"``.
 
 Unit u of a group scores, summed over the group's calibrated consumers and the input columns j of each
-consumer that belong to u (``unit_indices`` on the weight's axis 1; a convolution's column j is one input
-channel at one kernel position, so a channel owns ``kh * kw`` of them, summed):
+consumer's matrix ``M`` (see :mod:`fxprune.calibration.consumers`: ``W``, ``W.T`` for ``x @ W``/addmm, or
+``W.reshape(out, -1)`` for a convolution) that belong to u (``unit_indices`` on the weight's input axis; a
+convolution's column j is one input channel at one kernel position, so a channel owns ``prod(kernel)`` of
+them, summed; a grouped convolution's channel rank c owns column c of every block, each scored with its
+block's rows and its own input feature):
 
 - ``Activation``: ``Var(x_j) * ||W[:, j]||_2^2`` — the output variance lost when column j is removed
   and its mean folded into the bias (FLAP, An et al., 2024);
@@ -10,7 +13,7 @@ channel at one kernel position, so a channel owns ``kh * kw`` of them, summed):
   ``|W_ij| * ||x_j||`` (Sun et al., 2024), with ``||x_j||`` the root mean square over calibration tokens.
 
 Producers and norms of the group have no statistics and add nothing. A group with no calibrated
-consumer (grouped or depthwise convolutions only, say) falls back to group L2 magnitude. Every group's scores are then
+consumer (depthwise convolutions only, say) falls back to group L2 magnitude. Every group's scores are then
 divided by their mean (``normalizer="mean"``), so that both kinds are on one scale in a global ranking.
 
 Example: hidden unit 2 of ``Linear(3, 4) -> ReLU -> Linear(4, 2)`` never varies, so it ranks lowest::
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fxprune.calibration.consumers import calibrated_consumers
 from fxprune.calibration.statistics import collect_statistics
 from fxprune.importance.base import Criterion
 from fxprune.importance.magnitude import Magnitude
@@ -37,28 +41,40 @@ class ActivationCriterion(Criterion):
             raise ValueError(f"importance {self.name!r} needs calibration batches: pass calibration=[batch, ...] "
                              f"(a batch is a tensor, a tuple of positional inputs or a dict of keyword inputs)")
         self.batches, self.progress, self.normalizer = batches, progress, check_normalizer(normalizer)
-        self.stats, self._prepared_for = None, None
+        self.stats, self.consumers, self._prepared_for = None, None, None
 
     def prepare(self, dg) -> None:
         if self._prepared_for is not dg:
             self.stats = collect_statistics(dg, self.batches, progress=self.progress)
+            self.consumers = calibrated_consumers(dg)
             self._prepared_for = dg
 
     def column_scores(self, w, stats) -> np.ndarray:
         """Per input column j of a consumer weight ``w`` (out, in features), the score of column j."""
         raise NotImplementedError
 
+    def input_scores(self, consumer, w, stats) -> np.ndarray:
+        """Per index of the weight tensor ``w``'s input axis, its columns' scores summed (kernel positions,
+        and the blocks of a grouped convolution)."""
+        total = np.zeros(w.shape[consumer.in_axis])
+        for b, matrix in enumerate(consumer.matrices(w.detach())):
+            d = matrix.shape[1]
+            total += self.column_scores(matrix, stats.features(slice(b * d, (b + 1) * d))).reshape(
+                -1, consumer.kernel).sum(1)
+        return total
+
     def score(self, dg, group, tensors):
         self.prepare(dg)
-        by_tensor = {id(tensors[name]): s for name, s in self.stats.items() if name in tensors}
+        by_tensor = {id(tensors[name]): (self.consumers[name], s) for name, s in self.stats.items()
+                     if name in tensors and name in self.consumers}
         total, found = np.zeros(group.units), False
         for member in group.parameters:
             t = tensors.get(member.name)
-            if member.dim != 1 or t is None or id(t) not in by_tensor:
+            if t is None or id(t) not in by_tensor or member.dim != by_tensor[id(t)][0].in_axis:
                 continue
-            flat = t.detach().reshape(t.shape[0], -1)  # a convolution: (out, in * kh * kw)
-            per_column = self.column_scores(flat, by_tensor[id(t)]).reshape(t.shape[1], -1).sum(1)
-            total += per_column[unit_indices(group, member)].sum(1)
+            consumer, stats = by_tensor[id(t)]
+            per_index = self.input_scores(consumer, t, stats)
+            total += per_index[unit_indices(group, member)].sum(1)
             found = True
         if not found:
             total = Magnitude(2).score(dg, group, tensors)
