@@ -133,6 +133,18 @@ def placeholder_values(gm: fx.GraphModule, batch) -> tuple:
     return values
 
 
+def _size_hint(dg, values) -> str | None:
+    """Why a batch may have failed: its inputs' shapes differ from the example's, and the graph may hold the
+    example's sizes (always so for a Hugging Face model analysed for in-place pruning). None if they agree."""
+    example = tuple(dg.example_inputs or ())
+    for i, (value, seen) in enumerate(zip(values, example)):
+        if isinstance(value, torch.Tensor) and isinstance(seen, torch.Tensor) and value.shape != seen.shape:
+            return (f"a calibration batch failed in the captured graph; its input {i} has shape {tuple(value.shape)} "
+                    f"where the example had {tuple(seen.shape)}: a graph captured with static sizes (a Hugging "
+                    f"Face model pruned in place is) takes only the example's shapes: give batches of that shape")
+    return None
+
+
 def _warn_if_large(consumers, gram: bool, limit: float = 4 * 2 ** 30) -> None:
     """One warning when the float64 accumulators would take more than ``limit`` bytes."""
     size = sum(8 * (c.blocks * (c.in_features // c.blocks + 1) ** 2 if gram else 2 * c.in_features)
@@ -169,7 +181,14 @@ def collect_statistics(dg, batches, gram: bool = False, progress=None) -> dict[s
         with torch.no_grad():
             for batch in tqdm(batches, desc="fxprune activation statistics",
                               disable=None if progress is None else not progress):
-                _Recorder(gm, watched, stats, gram).run(*placeholder_values(gm, batch), enable_io_processing=False)
+                values = placeholder_values(gm, batch)
+                try:
+                    _Recorder(gm, watched, stats, gram).run(*values, enable_io_processing=False)
+                except Exception as exc:
+                    hint = _size_hint(dg, values)
+                    if hint is None:
+                        raise
+                    raise ValueError(f"{hint} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
                 count += 1
     finally:
         with torch.no_grad():
