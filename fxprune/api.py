@@ -12,9 +12,9 @@ global ranking, per-module ratios, round_to; with ``target_macs``/``target_param
 it searches the ratio, counting each candidate plan without rewriting:
 :mod:`fxprune.planning.target`); ``check`` warns when the plan removes far less than the ratio
 (frozen groups, with their reasons); with ``reconstruct=True``, ``refit`` solves the least-squares refit
-of every Linear, weight matmul/addmm or convolution that loses input columns from calibration statistics of the original model and
-``reconstruct`` writes it into the pruned graph (:mod:`fxprune.calibration`); ``measure`` counts the
-pruned graph when a target was set.
+of every Linear, weight matmul/addmm or convolution that loses input columns from calibration statistics of
+the original model and ``reconstruct`` writes it into the pruned graph, or into the Hugging Face model pruned in
+place (:mod:`fxprune.calibration`); ``measure`` counts the pruned graph when a target was set.
 
 Each pass reads and writes a :class:`Job`; analysis results live in
 ``node.meta`` (``"val"``: FakeTensor; ``"fxprune_rule"``: the rule that
@@ -316,11 +316,11 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     a callable (see :mod:`fxprune.importance`); ``"taylor"``/``"hessian"`` need ``calibration`` batches
     and ``loss_fn(model, batch)`` (default: cross-entropy of ``(inputs, targets)`` batches);
     ``"activation"``/``"wanda"`` need ``calibration`` batches of model inputs (a tensor, a tuple of
-    positional inputs or a dict of keyword inputs each). ``reconstruct=True`` refits every Linear or convolution that
-    loses input columns (kept columns and bias, ridge least squares on the calibration inputs) so the
-    pruned model's outputs stay close without retraining (:mod:`fxprune.calibration`); it needs
-    ``calibration``; with ``inplace=True`` on a Hugging Face model the refit weights are written into the
-    model (which still generates, saves and reloads).
+    positional inputs or a dict of keyword inputs each). ``reconstruct=True`` refits every Linear, weight
+    matmul (``x @ W``, GPT-2's addmm) or convolution that loses input columns (kept columns and bias, ridge
+    least squares on the calibration inputs) so the pruned model's outputs stay close without retraining
+    (:mod:`fxprune.calibration`); it needs ``calibration``; with ``inplace=True`` on a Hugging Face model the
+    refit weights are written into the model (which still generates, saves and reloads).
     ``global_pruning=True`` ranks units of all groups together (at most ``max_ratio``
     of one group). ``ratios={"layer4": 0.7, model.fc: 0.0}`` sets ratios per module or group.
     ``target_macs=0.5`` (or ``target_params``) searches the ratio that keeps that fraction.

@@ -83,7 +83,8 @@ class Conv1D(nn.Module):
 
     def __init__(self, nx, nf):
         super().__init__()
-        self.nx, self.weight, self.bias = nx, nn.Parameter(torch.randn(nx, nf) / nx ** 0.5), nn.Parameter(torch.randn(nf))
+        self.nx, self.weight = nx, nn.Parameter(torch.randn(nx, nf) / nx ** 0.5)
+        self.bias = nn.Parameter(torch.randn(nf))
 
     def forward(self, x):
         return torch.addmm(self.bias, x.view(-1, self.nx), self.weight)

@@ -13,8 +13,8 @@ exactly (up to the damping), and a removed column's mean goes into the bias. A c
 refits its kept columns only (no constant; no bias is added). Rows of an output axis that was pruned too
 are refit and then sliced like the weight. A grouped convolution is solved block by block: output block b
 from block b's kept columns and its own Gram matrix (a kept channel rank keeps its column in every
-block). Depthwise convolutions are not calibrated (nothing to refit). Consumers whose weight is tied (one tensor under several
-names) are left alone: refitting one use would change the other.
+block). Depthwise convolutions are not calibrated (nothing to refit). Consumers whose weight is tied (one
+tensor under several names) are left alone: refitting one use would change the other.
 
 Every consumer is refit from the original model's inputs (one-shot, not layer by layer), so this is
 exact for a consumer whose kept inputs are unchanged by the pruning (its producers were not refit).
