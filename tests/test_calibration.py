@@ -228,6 +228,32 @@ def test_conv_1d_3d_grouped_statistics_are_patch_statistics(dims, groups, captur
         torch.testing.assert_close(stats.block_gram(b), b1.T @ b1 / len(p))
 
 
+@pytest.mark.parametrize("layer, size", [
+    (lambda: nn.Conv1d(6, 4, 4, padding="same"), (9,)),  # even kernel: PyTorch pads the odd extra on the right
+    (lambda: nn.Conv1d(6, 4, 3, stride=2, dilation=2, padding=1), (9,)),
+    (lambda: nn.Conv2d(6, 4, (2, 3), padding="same", dilation=(1, 2)), (6, 7)),
+    (lambda: nn.Conv2d(6, 4, 3, groups=2, stride=2, padding=1), (7, 7)),
+    (lambda: nn.Conv3d(6, 3, (2, 3, 1), padding="same", groups=3), (4, 5, 3)),
+    (lambda: nn.Conv3d(6, 4, 2, stride=(1, 2, 2), bias=False), (3, 5, 5)),
+])
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+def test_consumer_features_times_its_matrices_is_the_layer(layer, size):
+    """A consumer is the Linear ``M_b`` over its features, block by block: that reproduces the layer's output."""
+    torch.manual_seed(0)
+    conv = [nn.Conv1d, nn.Conv2d, nn.Conv3d][len(size) - 1]
+    model = nn.Sequential(conv(2, 6, 1), nn.Tanh(), layer()).eval()
+    x = torch.randn(2, 2, *size)
+    consumer = calibrated_consumers(fxprune.analyze(model, (x,)))["2.weight"]
+    with torch.no_grad():
+        h, expected = model[1](model[0](x)), model(x)
+        features = consumer.features(h)
+        got = torch.cat([block @ m.T for block, m in zip(features.chunk(consumer.blocks, 1),
+                                                        consumer.matrices(model[2].weight))], 1)
+        if model[2].bias is not None:
+            got = got + model[2].bias
+    assert_close_to_scale(got, expected.movedim(1, -1).reshape(-1, expected.shape[1]))
+
+
 def test_depthwise_convolutions_are_not_calibrated():
     """A depthwise convolution's input unit is its output unit: nothing to refit, no consumer."""
     model = nn.Sequential(nn.Conv2d(2, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=4), nn.ReLU(),
@@ -545,6 +571,19 @@ def test_gpt2_conv1d_consumers_have_activation_statistics():
             logits = out.logits if hasattr(out, "logits") else out[0]
             errors.append((logits - expected).square().mean().item())
     assert errors[1] < errors[0]
+
+
+def test_falcon_transposed_weight_consumers_are_calibrated():
+    """Falcon projects as ``input @ self.weight.T`` (aten.numpy_T then matmul in the exported graph): the weight's
+    input axis is its axis 1, as for a Linear."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                       num_kv_heads=2, new_decoder_architecture=False)
+    dg = fxprune.analyze(transformers.FalconForCausalLM(config).eval(), (torch.randint(0, 100, (2, 8)),))
+    consumers = calibrated_consumers(dg)
+    assert consumers["transformer.h.0.mlp.dense_4h_to_h.weight"].in_axis == 1
+    assert consumers["transformer.h.0.mlp.dense_h_to_4h.weight"].in_axis == 1
 
 
 def test_consumer_without_bias_refits_kept_columns_only():

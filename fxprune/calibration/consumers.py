@@ -222,18 +222,21 @@ def calibrated_consumers(dg) -> dict[str, Consumer]:
     """``{weight name: Consumer}`` for every consumer whose weight's input axis holds a prunable group."""
     out: dict[str, Consumer] = {}
     mixed = set()
+    parameters = dict(dg.gm.named_parameters(remove_duplicate=False))
     for node in dg.gm.graph.nodes:
         call = _call(dg.gm, node)
         if call is None or not isinstance(call[0], fx.Node):
             continue
         x, weight, bias, patches, in_axis, blocks = call
+        if weight not in parameters or (bias is not None and bias not in parameters):
+            continue  # a buffer or constant (a lifted tensor of an exported graph) is not refit
         try:
             groups = [g for g in dg.groups_of(weight, in_axis) if g.prunable]
         except KeyError:
             continue
         if not groups:
             continue
-        shape = dg.gm.get_parameter(weight).shape
+        shape = parameters[weight].shape
         features = shape[0] if in_axis == 0 else int(np.prod(shape[1:])) * blocks
         consumer = out.setdefault(weight, Consumer(weight, bias, patches, groups=groups, in_features=features,
                                                    in_axis=in_axis, blocks=blocks))
