@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.fx as fx
@@ -78,7 +79,7 @@ class InputStats:
     @classmethod
     def empty(cls, d: int, device, gram: bool, blocks: int = 1) -> InputStats:
         """Zero sums for ``d`` features (in ``blocks`` blocks of ``d / blocks``)."""
-        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        zeros = partial(torch.zeros, dtype=torch.float64, device=device)
         size = d // blocks + 1
         g = (zeros(size, size) if blocks == 1 else zeros(blocks, size, size)) if gram else None
         return cls(0, zeros(d), zeros(d), g, blocks)
