@@ -12,8 +12,9 @@ global ranking, per-module ratios, round_to; with ``target_macs``/``target_param
 it searches the ratio, counting each candidate plan without rewriting:
 :mod:`fxprune.planning.target`); ``check`` warns when the plan removes far less than the ratio
 (frozen groups, with their reasons); with ``reconstruct=True``, ``refit`` solves the least-squares refit
-of every Linear or convolution that loses input columns from calibration statistics of the original model and
-``reconstruct`` writes it into the pruned graph (:mod:`fxprune.calibration`); with ``sequential=True``,
+of every Linear, weight matmul/addmm or convolution that loses input columns from calibration statistics of
+the original model and ``reconstruct`` writes it into the pruned graph, or into the Hugging Face model pruned in
+place (:mod:`fxprune.calibration`); with ``sequential=True``,
 ``sequential`` refits those consumers again front to back, stage by stage, on the pruned graph's own inputs
 (:mod:`fxprune.calibration.sequential`); with ``reestimate_bn=True``, ``reestimate_bn`` re-estimates the
 pruned graph's BatchNorm running statistics on the calibration batches; ``measure`` counts the
@@ -188,7 +189,8 @@ def _check_removed(job: Job) -> None:
 
 
 def _refit(job: Job) -> None:
-    """With ``reconstruct=True``: the ridge refit of each calibrated consumer's (Linear, 2-d convolution) kept
+    """With ``reconstruct=True``: the ridge refit of each calibrated consumer's (Linear, weight matmul/addmm,
+    convolution) kept
     columns and bias, from the original weights (before rewriting, which may edit them in place)."""
     if job.reconstruct:
         from fxprune.calibration import refit_consumers
@@ -214,7 +216,9 @@ def _recompose(job: Job) -> None:
 
 
 def _reconstruct(job: Job) -> None:
-    """Write the refit weights into the pruned graph (rewriting keeps parameter names)."""
+    """Write the refit weights into the pruned graph (rewriting keeps parameter names), or into a Hugging Face
+    model pruned in place: its resized tensors were written back under the exported graph's names, which are
+    the model's own parameter names (a refit consumer without a bias gets none)."""
     if job.refit:
         from fxprune.calibration import load_refit
 
@@ -347,10 +351,11 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     ``"activation"``/``"wanda"``/``"obs"`` need ``calibration`` batches of model inputs (a tensor, a tuple of
     positional inputs or a dict of keyword inputs each); ``"obs"`` (structured Optimal Brain Surgeon) scores
     a unit by the output error its consumers keep after refitting without it, the natural partner of
-    ``reconstruct=True`` (both read one pass of statistics). ``reconstruct=True`` refits every Linear or
-    convolution that loses input columns (kept columns and bias, ridge least squares on the calibration inputs) so the
-    pruned model's outputs stay close without retraining (:mod:`fxprune.calibration`); it needs
-    ``calibration`` and is not yet supported with ``inplace=True`` on a Hugging Face model.
+    ``reconstruct=True`` (both read one pass of statistics). ``reconstruct=True`` refits every Linear, weight
+    matmul (``x @ W``, GPT-2's addmm) or convolution that loses input columns (kept columns and bias, ridge
+    least squares on the calibration inputs) so the pruned model's outputs stay close without retraining
+    (:mod:`fxprune.calibration`); it needs ``calibration``; with ``inplace=True`` on a Hugging Face model the
+    refit weights are written into the model (which still generates, saves and reloads).
     ``sequential=True`` (with ``reconstruct=True``) refits those layers front to back instead, each on the
     pruned model's own inputs after the layers before it were refit, to reproduce the original model's
     outputs of that layer (one pass over the calibration batches per stage of layers:
@@ -392,9 +397,6 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     if reconstruct and calibration is None:
         raise ValueError("reconstruct=True needs calibration batches: pass calibration=[batch, ...] "
                          "(a batch is a tensor, a tuple of positional inputs or a dict of keyword inputs)")
-    if reconstruct and inplace and is_hf_model(model):
-        raise NotImplementedError("reconstruct=True is not supported with inplace=True on a Hugging Face model "
-                                  "yet: prune without inplace (a GraphModule is returned)")
     job.ratio, job.target, job.max_ratio = check_prune_settings(ratio, target_macs, target_params, round_to, max_ratio,
                                                                 target_latency)
     if job.target and job.target[0] == "latency" and job.example_inputs is None:

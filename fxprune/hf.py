@@ -343,7 +343,7 @@ def check_runs(model: nn.Module, example_inputs, kwargs=None) -> None:
         try:
             model(*example_inputs, **kwargs)
             if hasattr(model, "generate") and type(model).__name__.endswith("ForCausalLM"):
-                ids = example_inputs[0]
+                ids = example_inputs[0] if example_inputs else kwargs["input_ids"]  # keyword inputs: a dict
                 model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
                                pad_token_id=0)
         except Exception as exc:  # name the failure for the user; this is a bug in attribute updating

@@ -6,10 +6,12 @@ model keeps much of its accuracy without retraining. Calibration batches (a tens
 inputs or a dict of keyword inputs each) run once through the analysed graph (``dg.gm``, real weights) in an
 fx Interpreter; per consumer weight, float64 sums of the inputs, of their squares and (for reconstruction)
 the Gram matrix with a constant column are accumulated on the activations' device, never the activations.
-Linear consumers (``nn.Linear``, ``F.linear``, ``aten.linear``) and ungrouped 2-d convolutions (through
-their unfolded patches) are calibrated; grouped/depthwise, 1-d and 3-d convolutions and matmuls with a
-weight operand are not, so criteria use weights only for groups without a calibrated consumer and
-reconstruction leaves those layers as they are. ``sequential=True`` refits the consumers front to back on the
+Calibrated consumers (:mod:`fxprune.calibration.consumers`): Linear layers (``nn.Linear``, ``F.linear``,
+``aten.linear``), matmuls with a weight operand (``x @ W``, ``mm``, ``addmm``: GPT-2's ``Conv1D``; ``x @ W.T``),
+1-d, 2-d and 3-d convolutions through their patches, grouped ones block by block. Depthwise and transposed
+convolutions, batched matmuls and computed weights are not: criteria use weights only for groups without a
+calibrated consumer and reconstruction leaves those layers as they are. With ``inplace=True`` a Hugging Face
+model gets the refit weights by parameter name. ``sequential=True`` refits the consumers front to back on the
 pruned model's own inputs (:mod:`fxprune.calibration.sequential`); ``reestimate_bn=True`` re-estimates the
 pruned model's BatchNorm running statistics (:mod:`fxprune.calibration.batchnorm`). After pruning, :func:`distill` trains the pruned model a
 short while to match the original on the same batches (:mod:`fxprune.calibration.distill`).

@@ -1,19 +1,22 @@
-"""Criteria from activation statistics: ``"activation"`` (FLAP's fluctuation) and ``"wanda"``.
+"""Criteria from activation statistics: ``"activation"`` (FLAP's fluctuation) and ``"wanda"``; the base class
+of ``"obs"`` (:mod:`fxprune.calibration.obs`).
 
 Unit u of a group scores, summed over the group's calibrated consumers and the input columns j of each
-consumer that belong to u (``unit_indices`` on the weight's axis 1; a convolution's column j is one input
-channel at one kernel position, so a channel owns ``kh * kw`` of them, summed):
+consumer's matrix ``M`` (see :mod:`fxprune.calibration.consumers`: ``W``, ``W.T`` for ``x @ W``/addmm, or
+``W.reshape(out, -1)`` for a convolution) that belong to u (``unit_indices`` on the weight's input axis; a
+convolution's column j is one input channel at one kernel position, so a channel owns ``prod(kernel)`` of
+them, summed; a grouped convolution's channel rank c owns column c of every block, each scored with its
+block's rows and its own input feature):
 
 - ``Activation``: ``Var(x_j) * ||W[:, j]||_2^2`` — the output variance lost when column j is removed
   and its mean folded into the bias (FLAP, An et al., 2024);
 - ``Wanda``: ``||x_j|| * ||W[:, j]||_1`` — the sum over the column of Wanda's per-weight score
   ``|W_ij| * ||x_j||`` (Sun et al., 2024), with ``||x_j||`` the root mean square over calibration tokens.
 
-A criterion that scores a unit's columns together (``"obs"``, :mod:`fxprune.calibration.obs`) overrides
-``unit_scores`` instead of ``column_scores``. Producers and norms of the group have no statistics and add
-nothing. A group with no calibrated consumer (grouped or depthwise convolutions only, say) falls back to group
-L2 magnitude. Every group's scores are then divided by their mean (``normalizer="mean"``), so that both kinds
-are on one scale in a global ranking.
+A criterion that scores a unit's columns together (``"obs"``) overrides ``unit_scores`` instead of
+``column_scores``. Producers and norms of the group have no statistics and add nothing. A group with no
+calibrated consumer (depthwise convolutions only, say) falls back to group L2 magnitude. Every group's scores are then
+divided by their mean (``normalizer="mean"``), so that both kinds are on one scale in a global ranking.
 
 Example: hidden unit 2 of ``Linear(3, 4) -> ReLU -> Linear(4, 2)`` never varies, so it ranks lowest::
 
@@ -32,12 +35,19 @@ from fxprune.importance.reduce import check_normalizer, normalize
 from fxprune.importance.slices import unit_indices
 
 
-def unit_columns(group, member, weight) -> np.ndarray:
-    """``(units, k)``: the columns of ``weight`` as a matrix ``(out, in * kh * kw)`` that each unit owns
-    (a channel of a convolution owns its ``kh * kw`` kernel positions)."""
-    kernel = int(np.prod(weight.shape[2:]))  # 1 for a Linear
-    index = unit_indices(group, member)
-    return (index[..., None] * kernel + np.arange(kernel)).reshape(group.units, -1)
+def unit_columns(consumer, index: np.ndarray) -> np.ndarray:
+    """``(units, k)``: the columns of an ungrouped consumer's matrix (see ``Consumer.matrices``) that each unit
+    owns, from ``index`` (``unit_indices`` on the weight's input axis): a convolution's channel owns its
+    ``prod(kernel)`` kernel positions, a Linear's input feature its one column.
+
+    Example: channels 0 and 2 of a 3x3 convolution own columns 0-8 and 18-26::
+
+        >>> unit_columns(conv_consumer, np.array([[0], [2]]))[:, [0, -1]]
+        array([[ 0,  8],
+               [18, 26]])
+    """
+    kernel = consumer.kernel
+    return (index[..., None] * kernel + np.arange(kernel)).reshape(len(index), -1)
 
 
 class ActivationCriterion(Criterion):
@@ -62,22 +72,32 @@ class ActivationCriterion(Criterion):
         """Per input column j of a consumer weight ``w`` (out, in features), the score of column j."""
         raise NotImplementedError
 
-    def unit_scores(self, name: str, w, stats, columns: np.ndarray, tensors: dict) -> np.ndarray:
-        """Per unit u, the score of removing columns ``columns[u]`` of consumer ``name``'s weight ``w`` (out,
-        in features); the sum of its column scores unless a subclass scores the columns together."""
-        return self.column_scores(w, stats)[columns].sum(1)
+    def input_scores(self, consumer, w, stats) -> np.ndarray:
+        """Per index of the weight tensor ``w``'s input axis, its columns' scores summed (kernel positions,
+        and the blocks of a grouped convolution)."""
+        total = np.zeros(w.shape[consumer.in_axis])
+        for b, matrix in enumerate(consumer.matrices(w.detach())):
+            d = matrix.shape[1]
+            total += self.column_scores(matrix, stats.features(slice(b * d, (b + 1) * d))).reshape(
+                -1, consumer.kernel).sum(1)
+        return total
+
+    def unit_scores(self, consumer, w, stats, index: np.ndarray, tensors: dict) -> np.ndarray:
+        """Per unit u, the score of removing the input indices ``index[u]`` (on the weight's input axis) of
+        ``consumer``'s weight ``w``: the sum of their columns' scores unless a subclass scores them together."""
+        return self.input_scores(consumer, w, stats)[index].sum(1)
 
     def score(self, dg, group, tensors):
         self.prepare(dg)
-        by_tensor = {id(tensors[name]): name for name in self.stats if name in tensors}
+        by_tensor = {id(tensors[name]): (self.consumers[name], s) for name, s in self.stats.items()
+                     if name in tensors and name in self.consumers}
         total, found = np.zeros(group.units), False
         for member in group.parameters:
             t = tensors.get(member.name)
-            if member.dim != 1 or t is None or id(t) not in by_tensor:
+            if t is None or id(t) not in by_tensor or member.dim != by_tensor[id(t)][0].in_axis:
                 continue
-            name = by_tensor[id(t)]
-            flat = t.detach().reshape(t.shape[0], -1)  # a convolution: (out, in * kh * kw)
-            total += self.unit_scores(name, flat, self.stats[name], unit_columns(group, member, t), tensors)
+            consumer, stats = by_tensor[id(t)]
+            total += self.unit_scores(consumer, t, stats, unit_indices(group, member), tensors)
             found = True
         if not found:
             total = Magnitude(2).score(dg, group, tensors)

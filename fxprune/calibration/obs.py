@@ -36,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fxprune.calibration.criteria import ActivationCriterion
+from fxprune.calibration.criteria import ActivationCriterion, unit_columns
 from fxprune.calibration.reconstruct import DAMPING
 
 
@@ -98,11 +98,20 @@ class OBS(ActivationCriterion):
             self._inverse = None
         super().prepare(dg)
 
-    def unit_scores(self, name, w, stats, columns, tensors):
-        bias_name = self.consumers[name].bias
-        bias = tensors[bias_name] if bias_name else None
+    def unit_scores(self, consumer, w, stats, index, tensors):
+        if consumer.blocks != 1:
+            # a grouped convolution: each block has its own Gram; a unit's columns may span blocks unevenly, so
+            # score it by its columns alone (OBS with the off-diagonal of the inverse Gram ignored)
+            return super().unit_scores(consumer, w, stats, index, tensors)
+        name = consumer.weight
+        bias = tensors[consumer.bias] if consumer.bias else None
         # one inverse at a time: a consumer usually holds one group, and an LLM's d x d inverses do not all fit
         if self._inverse is None or self._inverse[0] != name:
             gram = stats.gram if bias is not None else stats.gram[:-1, :-1]
             self._inverse = (name, damped_inverse(gram, self.damping, name))
-        return obs_scores(w, bias, self._inverse[1], columns)
+        return obs_scores(consumer.matrices(w.detach())[0], bias, self._inverse[1], unit_columns(consumer, index))
+
+    def column_scores(self, w, stats):
+        """The per-column OBS score (diagonal of the inverse Gram only): grouped convolutions."""
+        hinv = damped_inverse(stats.gram, self.damping).diagonal()[:-1]
+        return (w.double().square().sum(0).cpu() / hinv.cpu()).numpy()

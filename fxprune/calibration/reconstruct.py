@@ -1,7 +1,8 @@
 """Reconstruction: refit each calibrated consumer's kept columns and bias by ridge least squares.
 
-After pruning, consumer ``y = W x + b`` sees only the kept input columns S (a convolution is the
-Linear ``W.reshape(out, -1)`` over its unfolded patches: a kept channel keeps its ``kh * kw`` columns).
+After pruning, consumer ``y = W x + b`` sees only the kept input columns S (``W`` is the consumer's matrix,
+see :mod:`fxprune.calibration.consumers`: ``W.T`` for ``x @ W`` and GPT-2's addmm, ``W.reshape(out, -1)``
+over the patches for a convolution, where a kept channel keeps its ``prod(kernel)`` columns).
 With ``G = E[x~ x~^T]`` the Gram matrix of ``x~ = [x, 1]`` over the calibration tokens (last index: the
 constant) and ``S~ = S + {1}``, the weights that best predict the original output from what is left are::
 
@@ -10,8 +11,10 @@ constant) and ``S~ = S + {1}``, the weights that best predict the original outpu
 so a removed column that is a linear combination of kept ones (plus a constant) is moved onto them
 exactly (up to the damping), and a removed column's mean goes into the bias. A consumer without a bias
 refits its kept columns only (no constant; no bias is added). Rows of an output axis that was pruned too
-are refit and then sliced like the weight. Consumers whose weight is tied (one tensor under several
-names) are left alone: refitting one use would change the other.
+are refit and then sliced like the weight. A grouped convolution is solved block by block: output block b
+from block b's kept columns and its own Gram matrix (a kept channel rank keeps its column in every
+block). Depthwise convolutions are not calibrated (nothing to refit). Consumers whose weight is tied (one
+tensor under several names) are left alone: refitting one use would change the other.
 
 Every consumer is refit from the original model's inputs (one-shot, not layer by layer), so this is
 exact for a consumer whose kept inputs are unchanged by the pruning (its producers were not refit).
@@ -73,17 +76,26 @@ def refit_consumers(dg, removal: dict, batches, damping: float = DAMPING, progre
         weight = original[name]
         if name not in stats or names[id(weight)] > 1:
             continue
-        kept_in = torch.as_tensor(sizes.indices(dg.layout_of(name, 1)))
-        if len(kept_in) == weight.shape[1]:
+        axis = consumer.in_axis
+        kept_in = torch.as_tensor(sizes.indices(dg.layout_of(name, axis)))
+        if len(kept_in) == weight.shape[axis]:
             continue
         bias = original[consumer.bias] if consumer.bias else None
-        kernel = weight[0, 0].numel()  # kernel positions per input channel (1 for a Linear)
+        kernel = consumer.kernel  # kernel positions per input channel (1 for a Linear or matmul)
         columns = (kept_in[:, None] * kernel + torch.arange(kernel)).reshape(-1)
-        w_new, b_new = refit(weight.reshape(weight.shape[0], -1), bias, stats[name].gram, columns, damping)
-        w_new = w_new.reshape(weight.shape[0], len(kept_in), *weight.shape[2:])
-        rows = torch.as_tensor(sizes.indices(dg.layout_of(name, 0)), device=w_new.device)
-        out[name] = w_new.index_select(0, rows).to(weight.device, weight.dtype)
-        if b_new is not None:
+        biases = bias.chunk(consumer.blocks) if bias is not None else [None] * consumer.blocks
+        fits = [refit(m, b, stats[name].block_gram(i), columns, damping)  # a block reads its own features only
+                for i, (m, b) in enumerate(zip(consumer.matrices(weight), biases))]
+        matrix = torch.cat([w for w, _ in fits])  # (out, kept columns)
+        if axis == 0:  # x @ W: the weight is (in, out)
+            w_new, out_axis = matrix.T, 1
+        else:
+            w_new, out_axis = matrix.reshape(weight.shape[0], len(kept_in), *weight.shape[2:]), 0
+        rows = torch.as_tensor(sizes.indices(dg.layout_of(name, out_axis)), device=w_new.device)
+        out[name] = w_new.index_select(out_axis, rows).contiguous().to(weight.device, weight.dtype)
+        if bias is not None:
+            b_new = torch.cat([b for _, b in fits])
+            rows = torch.as_tensor(sizes.indices(dg.layout_of(consumer.bias, 0)), device=b_new.device)
             out[consumer.bias] = b_new.index_select(0, rows).to(bias.device, bias.dtype)
     return out
 

@@ -1,10 +1,13 @@
-"""Input statistics of every calibrated consumer (Linear, convolution), streamed over calibration batches.
+"""Input statistics of every calibrated consumer (Linear, weight matmul/addmm, 1-3-d and grouped
+convolutions), streamed over calibration batches.
 
 The batches run through ``dg.gm`` (the analysed graph, real weights) in an fx Interpreter that, before
-each consumer call, adds the call's input as ``(tokens, in_features)`` (a convolution's unfolded patches,
+each consumer call, adds the call's input as ``(tokens, in_features)`` (a convolution's patches,
 see :mod:`fxprune.calibration.consumers`) into float64 sums on
 the input's device: ``sum x``, ``sum x^2`` and, with ``gram=True``, ``sum x~ x~^T`` for ``x~ = [x, 1]``
-(the constant column for the bias). Activations are never stored. Buffers (BatchNorm running statistics
+(the constant column for the bias). A grouped convolution of g blocks keeps g Gram matrices, one per block
+of features (``(g, d / g + 1, d / g + 1)``): an output block never reads another block's inputs, so the
+cross-block products are never needed. Activations are never stored. Buffers (BatchNorm running statistics
 of a model in training mode) are put back afterwards.
 
 A batch is a tensor (the one positional input), a tuple or list of positional inputs, or a dict of
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.fx as fx
@@ -40,6 +44,7 @@ class InputStats:
     total: torch.Tensor  # (d,) sum of x
     squares: torch.Tensor  # (d,) sum of x^2
     gram_sum: torch.Tensor | None = None  # (d + 1, d + 1) sum of [x, 1] [x, 1]^T, None without gram=True
+    blocks: int = 1  # a grouped convolution's blocks: then gram_sum is (blocks, d / blocks + 1, d / blocks + 1)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -57,10 +62,27 @@ class InputStats:
 
     @property
     def gram(self) -> torch.Tensor:
-        """``E[x~ x~^T]`` with ``x~ = [x, 1]``: the last row and column hold the mean and 1."""
+        """``E[x~ x~^T]`` with ``x~ = [x, 1]``: the last row and column hold the mean and 1 (per block of a
+        grouped convolution: ``gram[b]`` is block b's)."""
         if self.gram_sum is None:
             raise ValueError("these statistics were collected without gram=True")
         return self.gram_sum / self.count
+
+    def block_gram(self, b: int) -> torch.Tensor:
+        """Block b's ``E[x~ x~^T]`` (the whole Gram matrix when there is one block)."""
+        return self.gram if self.blocks == 1 else self.gram[b]
+
+    def features(self, index) -> InputStats:
+        """The statistics of some features only (no Gram matrix): ``stats.features(slice(0, 4))``."""
+        return InputStats(self.count, self.total[index], self.squares[index])
+
+    @classmethod
+    def empty(cls, d: int, device, gram: bool, blocks: int = 1) -> InputStats:
+        """Zero sums for ``d`` features (in ``blocks`` blocks of ``d / blocks``)."""
+        zeros = partial(torch.zeros, dtype=torch.float64, device=device)
+        size = d // blocks + 1
+        g = (zeros(size, size) if blocks == 1 else zeros(blocks, size, size)) if gram else None
+        return cls(0, zeros(d), zeros(d), g, blocks)
 
     def add(self, x: torch.Tensor) -> None:
         """Add the rows of ``x`` (tokens, in_features)."""
@@ -69,11 +91,13 @@ class InputStats:
         self.total += x.sum(0)
         self.squares += x.square().sum(0)
         if self.gram_sum is not None:
-            d = x.shape[1]
-            self.gram_sum[:d, :d] += x.T @ x
-            self.gram_sum[:d, d] += x.sum(0)
-            self.gram_sum[d, :d] += x.sum(0)
-            self.gram_sum[d, d] += x.shape[0]
+            gram = self.gram_sum if self.blocks > 1 else self.gram_sum[None]
+            xb = x.reshape(x.shape[0], self.blocks, -1).transpose(0, 1)  # (blocks, tokens, d / blocks)
+            d = xb.shape[2]
+            gram[:, :d, :d] += xb.transpose(1, 2) @ xb
+            gram[:, :d, d] += xb.sum(1)
+            gram[:, d, :d] += xb.sum(1)
+            gram[:, d, d] += x.shape[0]
 
 
 class _Recorder(fx.Interpreter):
@@ -88,10 +112,7 @@ class _Recorder(fx.Interpreter):
             consumer, source = self.watched[n]
             x, weight = consumer.features(self.env[source]), consumer.weight
             if weight not in self.stats:
-                d, dev = x.shape[-1], x.device
-                gram = torch.zeros(d + 1, d + 1, dtype=torch.float64, device=dev) if self.gram else None
-                self.stats[weight] = InputStats(0, torch.zeros(d, dtype=torch.float64, device=dev),
-                                                torch.zeros(d, dtype=torch.float64, device=dev), gram)
+                self.stats[weight] = InputStats.empty(x.shape[-1], x.device, self.gram, consumer.blocks)
             self.stats[weight].add(x)
         return super().run_node(n)
 
@@ -113,9 +134,22 @@ def placeholder_values(gm: fx.GraphModule, batch) -> tuple:
     return values
 
 
+def _size_hint(dg, values) -> str | None:
+    """Why a batch may have failed: its inputs' shapes differ from the example's, and the graph may hold the
+    example's sizes (always so for a Hugging Face model analysed for in-place pruning). None if they agree."""
+    example = tuple(dg.example_inputs or ())
+    for i, (value, seen) in enumerate(zip(values, example)):
+        if isinstance(value, torch.Tensor) and isinstance(seen, torch.Tensor) and value.shape != seen.shape:
+            return (f"a calibration batch failed in the captured graph; its input {i} has shape {tuple(value.shape)} "
+                    f"where the example had {tuple(seen.shape)}: a graph captured with static sizes (a Hugging "
+                    f"Face model pruned in place is) takes only the example's shapes: give batches of that shape")
+    return None
+
+
 def _warn_if_large(consumers, gram: bool, limit: float = 4 * 2 ** 30) -> None:
     """One warning when the float64 accumulators would take more than ``limit`` bytes."""
-    size = sum(8 * ((n + 1) ** 2 if gram else 2 * n) for n in (c.in_features for c in consumers))
+    size = sum(8 * (c.blocks * (c.in_features // c.blocks + 1) ** 2 if gram else 2 * c.in_features)
+               for c in consumers)
     if size > limit:
         warnings.warn(f"fxprune: activation statistics of {len(consumers)} layers take {size / 2 ** 30:.1f} GiB "
                       f"of float64 accumulators{' (Gram matrices for reconstruct=True)' if gram else ''}",
@@ -148,7 +182,14 @@ def collect_statistics(dg, batches, gram: bool = False, progress=None) -> dict[s
         with torch.no_grad():
             for batch in tqdm(batches, desc="fxprune activation statistics",
                               disable=None if progress is None else not progress):
-                _Recorder(gm, watched, stats, gram).run(*placeholder_values(gm, batch), enable_io_processing=False)
+                values = placeholder_values(gm, batch)
+                try:
+                    _Recorder(gm, watched, stats, gram).run(*values, enable_io_processing=False)
+                except Exception as exc:
+                    hint = _size_hint(dg, values)
+                    if hint is None:
+                        raise
+                    raise ValueError(f"{hint} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
                 count += 1
     finally:
         with torch.no_grad():
