@@ -242,3 +242,25 @@ def test_a_consumer_inside_a_recomposed_module_keeps_its_one_shot_refit():
     assert isinstance(sequential.get_submodule("att"), nn.MultiheadAttention)
     assert torch.equal(sequential.get_parameter("att.out_proj.weight"), one_shot.get_parameter("att.out_proj.weight"))
     assert not torch.equal(sequential.get_parameter("fc3.weight"), one_shot.get_parameter("fc3.weight"))
+
+
+def test_sequential_refits_weight_operand_consumers():
+    """GPT-2-style ``addmm(b, x, W)`` consumers (weight stored (in, out)) are refit in their own layout."""
+    from tests.test_calibration import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(8, 32), nn.Tanh(), Conv1D(32, 32), nn.Tanh(), Conv1D(32, 4)).eval()
+    calibration = [torch.randn(64, 8) for _ in range(8)]
+    held_out = torch.randn(256, 8)
+    errors, weights = {}, {}
+    with torch.no_grad():
+        expected = model(held_out)
+        for name, options in [("none", {}), ("one-shot", dict(reconstruct=True)),
+                              ("sequential", dict(reconstruct=True, sequential=True))]:
+            pruned = fxprune.prune(model, 0.5, example_inputs=(held_out[:2],), round_to=1, calibration=calibration,
+                                   **options)
+            errors[name] = _relative_error(pruned(held_out), expected)
+            weights[name] = pruned.get_parameter("4.weight").clone()
+    assert weights["sequential"].shape == (16, 4)
+    assert not torch.allclose(weights["sequential"], weights["one-shot"])  # the last layer was refit again
+    assert errors["sequential"] < 1.05 * errors["one-shot"] < 0.5 * errors["none"], errors

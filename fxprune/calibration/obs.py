@@ -99,19 +99,25 @@ class OBS(ActivationCriterion):
         super().prepare(dg)
 
     def unit_scores(self, consumer, w, stats, index, tensors):
-        if consumer.blocks != 1:
-            # a grouped convolution: each block has its own Gram; a unit's columns may span blocks unevenly, so
-            # score it by its columns alone (OBS with the off-diagonal of the inverse Gram ignored)
-            return super().unit_scores(consumer, w, stats, index, tensors)
-        name = consumer.weight
         bias = tensors[consumer.bias] if consumer.bias else None
+        if consumer.blocks != 1:
+            return self._per_column(consumer, w, stats, bias)[index].sum(1)
+        name = consumer.weight
         # one inverse at a time: a consumer usually holds one group, and an LLM's d x d inverses do not all fit
         if self._inverse is None or self._inverse[0] != name:
             gram = stats.gram if bias is not None else stats.gram[:-1, :-1]
             self._inverse = (name, damped_inverse(gram, self.damping, name))
         return obs_scores(consumer.matrices(w.detach())[0], bias, self._inverse[1], unit_columns(consumer, index))
 
-    def column_scores(self, w, stats):
-        """The per-column OBS score (diagonal of the inverse Gram only): grouped convolutions."""
-        hinv = damped_inverse(stats.gram, self.damping).diagonal()[:-1]
-        return (w.double().square().sum(0).cpu() / hinv.cpu()).numpy()
+    def _per_column(self, consumer, w, stats, bias) -> np.ndarray:
+        """A grouped convolution: a unit's columns may spread unevenly over blocks, each with its own Gram, so
+        every column is scored alone (OBS of one column: ``||M[:, j]||^2 / Hinv[j, j]``) and a unit's columns are
+        summed; per index of the weight's input axis (kernel positions summed)."""
+        total = np.zeros(w.shape[consumer.in_axis])
+        for b, matrix in enumerate(consumer.matrices(w.detach())):
+            gram = stats.block_gram(b) if bias is not None else stats.block_gram(b)[:-1, :-1]
+            d = matrix.shape[1]
+            hinv = damped_inverse(gram, self.damping, consumer.weight).diagonal()[:d]
+            column = matrix.double().square().sum(0).to(hinv.device) / hinv
+            total += column.reshape(-1, consumer.kernel).sum(1).cpu().numpy()
+        return total

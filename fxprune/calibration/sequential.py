@@ -82,11 +82,14 @@ def plan_sequential(dg, removal: dict, inplace: bool = False) -> SequentialPlan:
     consumers, rows = {}, {}
     for name, consumer in calibrated_consumers(dg).items():
         weight = original[name]
-        kept_in = sizes.indices(dg.layout_of(name, 1))
-        if uses[id(weight)] > 1 or len(kept_in) == weight.shape[1]:
+        if consumer.blocks != 1:
+            continue  # a grouped convolution keeps its one-shot refit (solved block by block)
+        kept_in = sizes.indices(dg.layout_of(name, consumer.in_axis))
+        if uses[id(weight)] > 1 or len(kept_in) == weight.shape[consumer.in_axis]:
             continue  # tied (refitting one use changes the other) or nothing lost
         consumers[name] = consumer
-        rows[name] = torch.as_tensor(sizes.indices(dg.layout_of(name, 0)))
+        out_axis = 1 if consumer.in_axis == 0 else 0  # x @ W: W is (in, out)
+        rows[name] = torch.as_tensor(sizes.indices(dg.layout_of(name, out_axis)))
     gm = dg.gm
     if inplace:
         by_node = {}
@@ -94,7 +97,7 @@ def plan_sequential(dg, removal: dict, inplace: bool = False) -> SequentialPlan:
         nodes = dict(zip(dg.gm.graph.nodes, gm.graph.nodes))
         for name, c in consumers.items():
             by_node[name] = Consumer(c.weight, c.bias, c.patches, [(nodes[n], nodes[x]) for n, x in c.calls],
-                                     c.groups, c.in_features)
+                                     c.groups, c.in_features, c.in_axis, c.blocks)
         consumers = by_node
     return SequentialPlan(gm, consumers, rows)
 
@@ -157,8 +160,8 @@ def _pruned_calls(pruned: fx.GraphModule, names) -> dict:
         call = _call(pruned, node)
         if call is None or call[1] not in names or not isinstance(call[0], fx.Node):
             continue
-        x, weight, bias, patches = call
-        out.setdefault(weight, []).append((node, x, Consumer(weight, bias, patches)))
+        x, weight, bias, patches, in_axis, blocks = call
+        out.setdefault(weight, []).append((node, x, Consumer(weight, bias, patches, in_axis=in_axis, blocks=blocks)))
     return out
 
 
@@ -252,7 +255,7 @@ def _refit_stage(plan, stage, consumers, calls, pruned, params, original, batche
         for name in stage:
             c, weight, target = consumers[name], original[name], params[name]
             rows = plan.rows[name].to(gram[name].device)
-            w = weight.detach().reshape(weight.shape[0], -1).double().to(gram[name].device)
+            w = c.matrices(weight.detach())[0].double().to(gram[name].device)  # (out, features); x @ W: W.T
             if c.bias is not None:
                 w = torch.cat([w, original[c.bias].detach().double().to(w.device)[:, None]], 1)
             fitted = _solve(w.index_select(0, rows), cross[name], gram[name], damping)
@@ -260,6 +263,7 @@ def _refit_stage(plan, stage, consumers, calls, pruned, params, original, batche
             if new_w.numel() != target.numel():
                 raise ValueError(f"sequential reconstruction: refit {name} has {tuple(new_w.shape)} entries where "
                                  f"the pruned weight is {tuple(target.shape)}")
+            new_w = new_w.T if c.in_axis == 0 else new_w  # back to the weight's own layout
             target.copy_(new_w.reshape(target.shape).to(target.device, target.dtype))
             done.append(name)
             if c.bias is not None:
