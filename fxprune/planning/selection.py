@@ -25,11 +25,12 @@ weak keeps fewer of them than a strong layer of the same type, and heads compete
 MLP units on one scale. Example: two groups of 32 units with the same scores, one whose
 unit costs 288 MACs (it feeds a 256-wide input) and one 36; to remove 40% of the MACs
 (3738 of 9344) the count ranking removes 12 units of each (24 units), the cost ranking 13
-units of the costly group alone::
+units of the costly group alone (``tests/test_plan_costs.py``)::
 
-    >>> plan = cost_plan(groups, scores, 0.4, costs={wide: 288.0, narrow: 36.0}, types={wide: 0, narrow: 0})
-    >>> {g.units - len(plan.get(g, [])) for g in groups}    # after the target search picks the ratio
-    {19, 32}
+    >>> costs = {wide: 288.0, narrow: 36.0}
+    >>> found = search_ratio(dg, lambda r: cost_plan(groups, scores, r, costs), "macs", 0.6)
+    >>> [g.units - len(found.removal.get(g, [])) for g in (wide, narrow)]
+    [19, 32]
 """
 
 from __future__ import annotations
