@@ -121,7 +121,8 @@ def cost_plan(groups, scores: dict, ratio: float, costs: dict, types: dict | Non
     ``types`` (``{group: type}``, :func:`fxprune.planning.costs.group_types`; missing: one type
     per group) come from the caller. A group removes whole steps: its lowest-scoring units in
     chunks of its step, each chunk ranked by its summed normalised score over its cost (a
-    group's chunks rank in order, since its units are taken lowest first). A group loses
+    group's chunks rank in order, since its units are taken lowest first); chunks are taken in
+    that order while the budget lasts, skipping one that would overshoot it. A group loses
     at most ``max_ratio`` of its units (``caps`` overrides, as in :func:`global_plan`), never
     all; groups that cost nothing are left whole (removing them does not reach the target).
     ``fixed`` groups are planned locally, as in :func:`global_plan`.
@@ -149,13 +150,29 @@ def cost_plan(groups, scores: dict, ratio: float, costs: dict, types: dict | Non
         return plan
     values, weights, owners = map(np.concatenate, (values, weights, owners))
     order = np.argsort(values, kind="stable")
-    budget = ratio * sum(g.units * costs[g] for g in ranked)
-    taken = order[:int(np.searchsorted(np.cumsum(weights[order]), budget * (1 + 1e-12), side="right"))]
+    budget = ratio * sum(g.units * costs[g] for g in ranked) * (1 + 1e-12)
+    taken = _fill(order, weights, budget)
     for i, chunks in enumerate(np.bincount(owners[taken], minlength=len(ranked))):
         if chunks:
             group = ranked[i]
             plan[group] = lowest(scores[group], int(chunks) * max(1, steps.get(group, 1)))
     return plan
+
+
+def _fill(order: np.ndarray, weights: np.ndarray, budget: float) -> np.ndarray:
+    """The chunks taken in ``order`` while the budget lasts; one that does not fit is skipped, cheaper ones after
+    it may still fit (coarse chunks, a residual stream's 8 channels, would otherwise stop the plan short).
+
+    A group's chunks weigh the same and come in order, so a skipped chunk's later siblings are skipped too.
+    """
+    spent = np.cumsum(weights[order])
+    head = int(np.searchsorted(spent, budget, side="right"))
+    taken, left = list(order[:head]), budget - (spent[head - 1] if head else 0.0)
+    for chunk in order[head:]:
+        if weights[chunk] <= left:
+            taken.append(chunk)
+            left -= weights[chunk]
+    return np.asarray(taken, dtype=np.int64)
 
 
 def _normalise_per_type(ranked, scores: dict, types: dict, normalizer) -> dict:
