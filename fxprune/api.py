@@ -44,7 +44,7 @@ from fxprune.depgraph import DependencyGraph
 from fxprune.importance import named_tensors, resolve_importance, score_groups
 from fxprune.macs import count_graph, estimate
 from fxprune.planning.alignment import default_alignment, removal_steps
-from fxprune.planning.costs import group_types, unit_costs
+from fxprune.planning.costs import group_types
 from fxprune.planning.latency_target import search_latency
 from fxprune.planning.selection import make_plan, units_to_keep
 from fxprune.plan_io import PruningPlan, attach_plan
@@ -53,7 +53,7 @@ from fxprune.planning.ratios import check_ratio, group_ratios
 from fxprune.shapes import GraphShapes, PlannedShapes
 from fxprune.relate import relate
 from fxprune.rewrite import rewrite
-from fxprune.planning.target import METRICS, search_ratio
+from fxprune.planning.target import METRICS, search_by_cost, search_ratio
 from fxprune.verify import output_shapes, verify
 
 
@@ -143,18 +143,18 @@ def _plan(job: Job) -> None:
     job.alignment = job.round_to if job.round_to is not None else default_alignment(job.model)
     job.steps = removal_steps(job.dg, groups, job.alignment)
 
-    costs = types = None
-    if job.global_pruning and job.target is not None and job.target[0] in METRICS:
-        # by cost: the units that lose least score per MAC (parameter) saved; the ratio is a fraction of the cost
-        ranked = [g for g in groups if g in job.scores and g not in fixed]
-        costs = unit_costs(job.dg, ranked, job.target[0], job.steps)
-        types = group_types(job.dg, ranked)
-
-    def plan_for(ratio: float) -> dict:
+    def plan_for(ratio: float, costs: dict | None = None) -> dict:
         return make_plan(groups, job.scores, ratio, steps=job.steps, global_pruning=job.global_pruning,
                          max_ratio=job.max_ratio, fixed=fixed, costs=costs, types=types)
 
-    if job.target is None:
+    types = None
+    if job.target is not None and job.global_pruning and job.target[0] in METRICS:
+        # by cost: the units that lose least score per MAC (parameter) saved; the ratio is a fraction of the cost
+        ranked = [g for g in groups if g in job.scores and g not in fixed]
+        types = group_types(job.dg, ranked)
+        job.search = search_by_cost(job.dg, ranked, plan_for, *job.target, steps=job.steps)
+        job.removal, job.ratio = job.search.removal, job.search.ratio
+    elif job.target is None:
         job.removal = plan_for(job.ratio)
     elif job.target[0] == "latency":
         job.search = search_latency(job.dg, groups, job.scores, job.steps, job.target[1],  # inputs split by capture

@@ -11,7 +11,7 @@ import fxprune
 from fxprune.macs import estimate
 from fxprune.planning.costs import group_types, unit_costs
 from fxprune.planning.selection import cost_plan, make_plan
-from fxprune.planning.target import search_ratio
+from fxprune.planning.target import search_by_cost, search_ratio
 from tests import models
 
 
@@ -73,6 +73,16 @@ def test_cost_plan_reaches_a_macs_target_with_fewer_units_from_the_costlier_grou
             for name, r in (("cost", by_cost), ("count", by_count))}
     assert lost["cost"][wide] > lost["count"][wide] and lost["cost"][wide] > lost["cost"][narrow]
     assert sum(lost["cost"].values()) < 0.7 * sum(lost["count"].values()), lost  # 13 units against 24
+
+
+def test_costs_at_a_plan_count_what_the_other_groups_left():
+    dg, wide, narrow = wide_and_narrow()
+    at = {wide: np.arange(13)}  # 19 of the wide group's 32 stay
+    costs = unit_costs(dg, [wide, narrow], "macs", at=at)
+    assert costs == {wide: 2 * (256 + 32), narrow: 2 * (19 + 4)}  # the middle Linear now has 19 inputs
+    scores = {wide: np.linspace(1, 2, 32), narrow: np.linspace(1, 2, 32)}
+    found = search_by_cost(dg, [wide, narrow], lambda r, c: cost_plan([wide, narrow], scores, r, c), "macs", 0.6)
+    assert abs(found.kept - 0.6) <= 0.02 * 0.6 and len(found.removal[wide]) == 13 and narrow not in found.removal
 
 
 def test_scores_are_normalised_per_group_type():

@@ -46,21 +46,31 @@ from fxprune.macs import estimate
 METRICS = ("macs", "params")
 
 
-def unit_costs(dg, groups, metric: str, steps: dict | None = None) -> dict:
+def unit_costs(dg, groups, metric: str, steps: dict | None = None, at: dict | None = None) -> dict:
     """``{group: metric saved per unit}``: removing one step of ``group`` alone, counted exactly, over the step.
 
     ``steps`` (``{group: step}`` from :func:`fxprune.planning.alignment.removal_steps`)
     measures whole steps, the smallest removal the plan can make. A group that saves
     nothing (cost 0) is one that removing does not bring closer to the target.
+
+    ``at`` (a removal plan) measures the costs with the other groups pruned as in that plan:
+    a group it prunes is worth what its removed units save there, on average (the plan
+    against the plan with that group whole); another group, what one more step saves. The
+    target search re-plans once with these costs, where several groups of one op shrink together.
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    index, steps = METRICS.index(metric), steps or {}
-    base = estimate(dg, {})[index]
+    index, steps, at = METRICS.index(metric), steps or {}, dict(at or {})
+    base = estimate(dg, at)[index]
     out = {}
     for group in groups:
+        removed = len(at.get(group, ()))
+        if removed:
+            whole = {g: u for g, u in at.items() if g is not group}
+            out[group] = (estimate(dg, whole)[index] - base) / removed
+            continue
         step = max(1, min(steps.get(group, 1), group.units - 1))
-        out[group] = (base - estimate(dg, {group: np.arange(step)})[index]) / step
+        out[group] = (base - estimate(dg, {**at, group: np.arange(step)})[index]) / step
     return out
 
 
