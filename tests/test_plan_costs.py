@@ -128,3 +128,16 @@ def test_resnet18_global_target_macs_by_cost_lands_and_runs():
     assert sum(new < old for new, old in widths.values()) >= 5  # non-uniform: several layers lose units
     with torch.no_grad():
         assert pruned(*x).shape == (2, 10)
+
+
+def test_pruner_steps_by_cost_to_a_global_macs_target():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+    x = (torch.randn(4, 64),)
+    before = fxprune.count(model, x)[0]
+    pruner = fxprune.Pruner(model, x, target_macs=0.6, steps=2, global_pruning=True, max_ratio=0.5, round_to=1)
+    for _ in range(2):
+        pruned = pruner.step()
+    assert abs(fxprune.count(pruned, x)[0] / before - 0.6) <= 0.02 * 0.6
+    widths = [m.out_features for m in pruned.modules() if isinstance(m, nn.Linear)]
+    assert widths[0] >= 64 and widths[1] >= 64 and widths[0] < 128, widths  # max_ratio of the original, by cost
