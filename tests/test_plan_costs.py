@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 import torchvision
@@ -141,3 +142,26 @@ def test_pruner_steps_by_cost_to_a_global_macs_target():
     assert abs(fxprune.count(pruned, x)[0] / before - 0.6) <= 0.02 * 0.6
     widths = [m.out_features for m in pruned.modules() if isinstance(m, nn.Linear)]
     assert widths[0] >= 64 and widths[1] >= 64 and widths[0] < 128, widths  # max_ratio of the original, by cost
+
+
+def test_tiny_llama_types_and_global_target_by_cost():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 100, (2, 16))
+    dg = fxprune.analyze(model, {"input_ids": ids})
+    types = group_types(dg, dg.prunable_groups)
+    mlp = [dg.group_of(f"model.layers.{i}.mlp.up_proj.weight", 0) for i in (0, 1)]
+    stream = dg.group_of("model.norm.weight", 0)
+    kv_heads = [g for g in dg.prunable_groups if dg.role(g) == "outer factor"]
+    assert len(kv_heads) == 2 and types[kv_heads[0]] == types[kv_heads[1]] and types[mlp[0]] == types[mlp[1]]
+    assert len({types[mlp[0]], types[kv_heads[0]], types[stream]}) == 3
+    assert len(set(types.values())) == 4  # and the query heads of each kv head ("repeated")
+    before = fxprune.count(model, (ids,))[0]
+    pruned = fxprune.prune(model, example_inputs={"input_ids": ids}, target_macs=0.5, global_pruning=True)
+    assert abs(fxprune.count(pruned, (ids,))[0] / before - 0.5) <= 0.02 * 0.5
+    with torch.no_grad():
+        out = pruned(input_ids=ids)
+    assert (out.logits if hasattr(out, "logits") else out[0]).shape == (2, 16, 100)
