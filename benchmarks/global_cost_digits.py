@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--finetune-lr", type=float, default=0.01)
     parser.add_argument("--target", type=float, default=0.5, help="fraction of the MACs kept")
+    parser.add_argument("--widths", default="16,32,64", help="the three stages' channels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -67,14 +68,15 @@ def main() -> None:
     start = time.perf_counter()
     x_train, y_train, x_test, y_test = load_digits_16(args.seed)
     torch.manual_seed(args.seed)
-    base = train(SmallResNet(), x_train, y_train, args.epochs, args.lr, args.seed).eval()
+    widths = tuple(int(w) for w in args.widths.split(","))
+    base = train(SmallResNet(widths), x_train, y_train, args.epochs, args.lr, args.seed).eval()
     calibration = [x_train[i:i + 64] for i in range(0, 512, 64)]
     example = (x_test[:2],)
     base_macs = fxprune.count(base, (x_test[:1],))[0]
     print(f"unpruned: test accuracy {accuracy(base, x_test, y_test):.4f} ({time.perf_counter() - start:.0f}s)\n")
     with torch.no_grad():
         expected = base(x_test)
-    print(f"target_macs={args.target}\n")
+    print(f"target_macs={args.target}, widths {args.widths}\n")
     print(f"| importance | allocation | acc. after pruning | output error | acc. after {args.finetune_epochs} epochs "
           "| MACs kept | conv widths |")
     print("|---|---|---:|---:|---:|---:|---|")

@@ -168,7 +168,10 @@ def _fill(order: np.ndarray, weights: np.ndarray, budget: float) -> np.ndarray:
     spent = np.cumsum(weights[order])
     head = int(np.searchsorted(spent, budget, side="right"))
     taken, left = list(order[:head]), budget - (spent[head - 1] if head else 0.0)
+    smallest = weights.min()
     for chunk in order[head:]:
+        if left < smallest:  # nothing fits any more (a 7B model has ~10^5 chunks)
+            break
         if weights[chunk] <= left:
             taken.append(chunk)
             left -= weights[chunk]
