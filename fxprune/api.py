@@ -11,7 +11,8 @@
 global ranking, per-module ratios, round_to; with ``target_macs``/``target_params``
 it searches the ratio, counting each candidate plan without rewriting:
 :mod:`fxprune.planning.target`; global pruning towards such a target ranks units by score per
-MAC or parameter saved, scores normalised per group type: :mod:`fxprune.planning.costs`); ``check`` warns when the plan removes far less than the ratio
+MAC or parameter saved, scores normalised per group type: :mod:`fxprune.planning.costs`);
+``check`` warns when the plan removes far less than the ratio
 (frozen groups, with their reasons); with ``reconstruct=True``, ``refit`` solves the least-squares refit
 of every Linear or convolution that loses input columns from calibration statistics of the original model and
 ``reconstruct`` writes it into the pruned graph (:mod:`fxprune.calibration`); ``measure`` counts the
