@@ -336,7 +336,9 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     channels, residual stream: :mod:`fxprune.planning.costs`), so attention heads and MLP units
     compete on one scale; e.g. ``prune(model, target_macs=0.5, global_pruning=True)`` removes
     more units of a group whose units feed a wide input than of a cheap one of the same scores.
-    ``max_ratio``, alignment steps, ``ratios`` and ``ignore`` still hold. A plain ratio with
+    ``max_ratio``, alignment steps, ``ratios`` and ``ignore`` still hold; on a CNN the costliest
+    units are the high-resolution layers', so a lower ``max_ratio`` (0.5) keeps them from being
+    emptied first (measured in :mod:`fxprune.planning.costs`). A plain ratio with
     ``global_pruning=True`` removes that fraction of all units by count.
     ``target_latency=0.5`` measures per-layer latency tables on the model's device and
     searches the plan that runs in half the time with the least importance lost, each

@@ -23,6 +23,14 @@ times) — so that attention heads, MLP hidden units, a block's inner conv chann
 residual stream (it appears in several convolutions' outputs) are four types, and the MLP
 units of layer 1 and layer 7 are one.
 
+Measured (``benchmarks/global_cost_digits.py``, a small ResNet on 16x16 digits, half the
+MACs): the units of the stem and the first stage cost the most MACs (16 x 16 pixels against
+4 x 4), so with L2 or activation scores the cost ranking empties them first (32 channels to 8)
+and keeps the last stage whole; right after pruning its logits are further off than uniform
+pruning's (relative error 2.8 against 1.0 with L2), and after 3 epochs of fine-tuning it is
+within a point of uniform. Magnitude scores are not losses: ``max_ratio`` (0.5 there: error
+1.1 against 0.94 with activation scores) bounds how far one group goes.
+
 Example: ``tests.models.ViTBlock`` (hidden 32, 4 heads 8 wide, 2 x 5 tokens): a head is worth
 its q, k, v rows and proj columns (4 x 8 x 32) and its share of ``q k^T`` and ``attn v``
 (2 x 5 x 8) per token; an MLP unit 32 + 32 per token::
