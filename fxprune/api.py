@@ -10,7 +10,9 @@
 (:mod:`fxprune.importance`); ``plan`` turns scores into units to remove (local or
 global ranking, per-module ratios, round_to; with ``target_macs``/``target_params``
 it searches the ratio, counting each candidate plan without rewriting:
-:mod:`fxprune.planning.target`); ``check`` warns when the plan removes far less than the ratio
+:mod:`fxprune.planning.target`; global pruning towards such a target ranks units by score per
+MAC or parameter saved, scores normalised per group type: :mod:`fxprune.planning.costs`);
+``check`` warns when the plan removes far less than the ratio
 (frozen groups, with their reasons); with ``reconstruct=True``, ``refit`` solves the least-squares refit
 of every Linear, weight matmul/addmm or convolution that loses input columns from calibration statistics of
 the original model and ``reconstruct`` writes it into the pruned graph, or into the Hugging Face model pruned in
@@ -48,6 +50,7 @@ from fxprune.depgraph import DependencyGraph
 from fxprune.importance import named_tensors, resolve_importance, score_groups
 from fxprune.macs import count_graph, estimate
 from fxprune.planning.alignment import default_alignment, removal_steps
+from fxprune.planning.costs import group_types
 from fxprune.planning.latency_target import search_latency
 from fxprune.planning.selection import make_plan, units_to_keep
 from fxprune.plan_io import PruningPlan, attach_plan
@@ -56,7 +59,7 @@ from fxprune.planning.ratios import check_ratio, group_ratios
 from fxprune.shapes import GraphShapes, PlannedShapes
 from fxprune.relate import relate
 from fxprune.rewrite import rewrite
-from fxprune.planning.target import METRICS, search_ratio
+from fxprune.planning.target import METRICS, search_by_cost, search_ratio
 from fxprune.verify import output_shapes, verify
 
 
@@ -149,11 +152,18 @@ def _plan(job: Job) -> None:
     job.alignment = job.round_to if job.round_to is not None else default_alignment(job.model)
     job.steps = removal_steps(job.dg, groups, job.alignment)
 
-    def plan_for(ratio: float) -> dict:
+    def plan_for(ratio: float, costs: dict | None = None) -> dict:
         return make_plan(groups, job.scores, ratio, steps=job.steps, global_pruning=job.global_pruning,
-                         max_ratio=job.max_ratio, fixed=fixed)
+                         max_ratio=job.max_ratio, fixed=fixed, costs=costs, types=types)
 
-    if job.target is None:
+    types = None
+    if job.target is not None and job.global_pruning and job.target[0] in METRICS:
+        # by cost: the units that lose least score per MAC (parameter) saved; the ratio is a fraction of the cost
+        ranked = [g for g in groups if g in job.scores and g not in fixed]
+        types = group_types(job.dg, ranked)
+        job.search = search_by_cost(job.dg, ranked, plan_for, *job.target, steps=job.steps)
+        job.removal, job.ratio = job.search.removal, job.search.ratio
+    elif job.target is None:
         job.removal = plan_for(job.ratio)
     elif job.target[0] == "latency":
         job.search = search_latency(job.dg, groups, job.scores, job.steps, job.target[1],  # inputs split by capture
@@ -367,6 +377,16 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     ``global_pruning=True`` ranks units of all groups together (at most ``max_ratio``
     of one group). ``ratios={"layer4": 0.7, model.fc: 0.0}`` sets ratios per module or group.
     ``target_macs=0.5`` (or ``target_params``) searches the ratio that keeps that fraction.
+    With both ``global_pruning=True`` and a target, the budget goes where it hurts least per
+    MAC (parameter) saved: units are ranked by normalised score over the MACs (parameters)
+    one of them is worth, and scores are normalised per group *type* (heads, MLP units, conv
+    channels, residual stream: :mod:`fxprune.planning.costs`), so attention heads and MLP units
+    compete on one scale; e.g. ``prune(model, target_macs=0.5, global_pruning=True)`` removes
+    more units of a group whose units feed a wide input than of a cheap one of the same scores.
+    ``max_ratio``, alignment steps, ``ratios`` and ``ignore`` still hold; on a CNN the costliest
+    units are the high-resolution layers', so a lower ``max_ratio`` (0.5) keeps them from being
+    emptied first (measured in :mod:`fxprune.planning.costs`). A plain ratio with
+    ``global_pruning=True`` removes that fraction of all units by count.
     ``target_latency=0.5`` measures per-layer latency tables on the model's device and
     searches the plan that runs in half the time with the least importance lost, each
     candidate measured against the original (:mod:`fxprune.planning.latency_target`).

@@ -12,7 +12,8 @@ of the way (linear by default: k / n):
   of the original MACs / parameters after step k;
 - ``global_pruning=True`` with a ratio: the units of all groups together keep
   ``1 - r * k / n`` of the original total, at most ``max_ratio`` of any group's
-  original units removed.
+  original units removed; with a target, each step ranks by score per MAC
+  (parameter) saved, as ``prune`` does (:mod:`fxprune.planning.costs`).
 
 Sparse training: with ``regularizer="group_norm"`` (DepGraph) or ``"bn_scale"``
 (network slimming), call ``pruner.regularize(model)`` after ``loss.backward()``
@@ -41,7 +42,8 @@ from fxprune.planning.alignment import default_alignment, removal_steps
 from fxprune.planning.selection import make_plan, units_to_keep
 from fxprune.planning.ratios import group_ratios
 from fxprune.regularize import make_regularizer
-from fxprune.planning.target import METRICS, search_ratio
+from fxprune.planning.costs import group_types
+from fxprune.planning.target import METRICS, search_by_cost, search_ratio
 
 
 def linear_schedule(step: int, steps: int) -> float:
@@ -149,9 +151,16 @@ class Pruner:
                 now = count_graph(self.dg.gm)[index]
                 wanted = (1.0 - (1.0 - fraction) * progress) * self.original_counts[index] / max(now, 1)
                 job.target = (metric, min(1.0, wanted))
-                job.search = search_ratio(self.dg, lambda r: make_plan(
-                    groups, job.scores, r, steps=job.steps, global_pruning=self.global_pruning,
-                    max_ratio=self.max_ratio, fixed=fixed, caps=caps), metric, job.target[1])
+                if self.global_pruning:  # by cost, as prune does: score per MAC (parameter) saved
+                    ranked = [g for g in groups if g in job.scores and g not in fixed]
+                    types = group_types(self.dg, ranked)
+                    job.search = search_by_cost(self.dg, ranked, lambda r, costs: make_plan(
+                        groups, job.scores, r, steps=job.steps, global_pruning=True, max_ratio=self.max_ratio,
+                        fixed=fixed, caps=caps, costs=costs, types=types), metric, job.target[1], steps=job.steps)
+                else:
+                    job.search = search_ratio(self.dg, lambda r: make_plan(
+                        groups, job.scores, r, steps=job.steps, max_ratio=self.max_ratio, fixed=fixed),
+                        metric, job.target[1])
                 job.removal, job.ratio = job.search.removal, job.search.ratio
             elif self.global_pruning:
                 job.ratio = self._global_step_ratio(groups, fixed, progress)

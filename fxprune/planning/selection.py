@@ -15,6 +15,22 @@ it keeps 48 (loses 16, the multiple of 8 nearest to 19)::
 
     >>> units_to_keep(64, 0.3), units_to_keep(64, 0.3, step=8)
     (45, 48)
+
+*By cost* (global pruning towards a MACs or parameter target, :func:`cost_plan`): units
+are ranked by normalised score per unit of cost, the MACs (parameters) removing one saves
+(:mod:`fxprune.planning.costs`), and ``ratio`` is the fraction of the ranked groups' total
+cost to remove. Scores are normalised per group *type* (all heads together, all MLP units
+together: each type's scores divided by their pooled mean), so a layer whose units are
+weak keeps fewer of them than a strong layer of the same type, and heads compete with
+MLP units on one scale. Example: two groups of 32 units with the same scores, one whose
+unit costs 288 MACs (it feeds a 256-wide input) and one 36; to remove 40% of the MACs
+(3738 of 9344) the count ranking removes 12 units of each (24 units), the cost ranking 13
+units of the costly group alone (``tests/test_plan_costs.py``)::
+
+    >>> costs = {wide: 288.0, narrow: 36.0}
+    >>> found = search_ratio(dg, lambda r: cost_plan(groups, scores, r, costs), "macs", 0.6)
+    >>> [g.units - len(found.removal.get(g, [])) for g in (wide, narrow)]
+    [19, 32]
 """
 
 from __future__ import annotations
@@ -97,9 +113,93 @@ def global_plan(groups, scores: dict, ratio: float, steps: dict | None = None, m
     return plan
 
 
+def cost_plan(groups, scores: dict, ratio: float, costs: dict, types: dict | None = None, steps: dict | None = None,
+              max_ratio: float = 0.9, normalizer="mean", fixed: dict | None = None, caps: dict | None = None) -> dict:
+    """Remove ``ratio`` of the ranked groups' total cost, least normalised score per unit of cost first.
+
+    ``costs`` (``{group: cost of one unit}``, :func:`fxprune.planning.costs.unit_costs`) and
+    ``types`` (``{group: type}``, :func:`fxprune.planning.costs.group_types`; missing: one type
+    per group) come from the caller. A group removes whole steps: its lowest-scoring units in
+    chunks of its step, each chunk ranked by its summed normalised score over its cost (a
+    group's chunks rank in order, since its units are taken lowest first); chunks are taken in
+    that order while the budget lasts, skipping one that would overshoot it. A group loses
+    at most ``max_ratio`` of its units (``caps`` overrides, as in :func:`global_plan`), never
+    all; groups that cost nothing are left whole (removing them does not reach the target).
+    ``fixed`` groups are planned locally, as in :func:`global_plan`.
+    """
+    check_normalizer(normalizer)
+    fixed, steps, types = fixed or {}, steps or {}, types or {}
+    plan = local_plan([g for g in groups if g in fixed], scores, 0.0, steps, fixed)
+    ranked = [g for g in groups if g in scores and g not in fixed and costs.get(g, 0) > 0]
+    if not ranked:
+        return plan
+    normalised = _normalise_per_type(ranked, scores, types, normalizer)
+    cap = {g: min(g.units - 1, int(np.floor(max_ratio * g.units + 1e-9))) for g in ranked}
+    cap.update({g: min(g.units - 1, c) for g, c in (caps or {}).items() if g in cap})
+    values, weights, owners = [], [], []
+    for i, group in enumerate(ranked):
+        step = max(1, steps.get(group, 1))
+        chunks = cap[group] // step
+        if chunks <= 0:
+            continue
+        ordered = np.sort(normalised[group])[:chunks * step].reshape(chunks, step)
+        values.append(ordered.sum(1) / (step * costs[group]))
+        weights.append(np.full(chunks, step * costs[group]))
+        owners.append(np.full(chunks, i))
+    if not values:
+        return plan
+    values, weights, owners = map(np.concatenate, (values, weights, owners))
+    order = np.argsort(values, kind="stable")
+    budget = ratio * sum(g.units * costs[g] for g in ranked) * (1 + 1e-12)
+    taken = _fill(order, weights, budget)
+    for i, chunks in enumerate(np.bincount(owners[taken], minlength=len(ranked))):
+        if chunks:
+            group = ranked[i]
+            plan[group] = lowest(scores[group], int(chunks) * max(1, steps.get(group, 1)))
+    return plan
+
+
+def _fill(order: np.ndarray, weights: np.ndarray, budget: float) -> np.ndarray:
+    """The chunks taken in ``order`` while the budget lasts; one that does not fit is skipped, cheaper ones after
+    it may still fit (coarse chunks, a residual stream's 8 channels, would otherwise stop the plan short).
+
+    A group's chunks weigh the same and come in order, so a skipped chunk's later siblings are skipped too.
+    """
+    spent = np.cumsum(weights[order])
+    head = int(np.searchsorted(spent, budget, side="right"))
+    taken, left = list(order[:head]), budget - (spent[head - 1] if head else 0.0)
+    smallest = weights.min()
+    for chunk in order[head:]:
+        if left < smallest:  # nothing fits any more (a 7B model has ~10^5 chunks)
+            break
+        if weights[chunk] <= left:
+            taken.append(chunk)
+            left -= weights[chunk]
+    return np.asarray(taken, dtype=np.int64)
+
+
+def _normalise_per_type(ranked, scores: dict, types: dict, normalizer) -> dict:
+    """``{group: scores}`` normalised over the pooled scores of each group's type (a missing type: its own)."""
+    by_type: dict = {}
+    for group in ranked:
+        by_type.setdefault(types.get(group, ("group", group.id)), []).append(group)
+    out = {}
+    for members in by_type.values():
+        pooled = normalize(np.concatenate([np.asarray(scores[g], dtype=np.float64) for g in members]), normalizer)
+        for group, part in zip(members, np.split(pooled, np.cumsum([g.units for g in members])[:-1])):
+            out[group] = part
+    return out
+
+
 def make_plan(groups, scores: dict, ratio: float, *, steps: dict | None = None, global_pruning: bool = False,
-              max_ratio: float = 0.9, fixed: dict | None = None, caps: dict | None = None) -> dict:
-    """The plan for one ratio, local or global (what ``fxprune.prune`` and the target search call)."""
+              max_ratio: float = 0.9, fixed: dict | None = None, caps: dict | None = None,
+              costs: dict | None = None, types: dict | None = None) -> dict:
+    """The plan for one ratio, local or global (what ``fxprune.prune`` and the target search call).
+
+    Global with ``costs``: by cost (:func:`cost_plan`, ``ratio`` is a fraction of the cost); without: by count.
+    """
+    if global_pruning and costs is not None:
+        return cost_plan(groups, scores, ratio, costs, types, steps, max_ratio, fixed=fixed, caps=caps)
     if global_pruning:
         return global_plan(groups, scores, ratio, steps, max_ratio, fixed=fixed, caps=caps)
     return local_plan(groups, scores, ratio, steps, fixed)

@@ -4,7 +4,9 @@ MACs and parameters are monotone (up to rounding) in the ratio, so a bisection
 finds it. Each probe plans with the ratio and counts the plan with
 :func:`fxprune.macs.estimate`, which reads the new sizes off the solved
 layouts: no tensor is sliced and no graph is rewritten until the best plan is
-chosen. The pruned model is then counted for real (``Job.achieved``).
+chosen. The pruned model is then counted for real (``Job.achieved``). With global pruning
+by cost (:func:`fxprune.planning.selection.cost_plan`) the searched ratio is the fraction of
+the first-order cost removed; the exact count still decides.
 
 Example::
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fxprune.macs import estimate
+from fxprune.planning.costs import unit_costs
 
 METRICS = ("macs", "params")
 
@@ -83,4 +86,32 @@ def _between(dg, above: dict, below: dict, index: int, base: float, fraction: fl
             best = SearchResult(dict(plan), best.ratio, value, best.probes)
         if value <= fraction:
             break
+    return best
+
+
+def search_by_cost(dg, groups, plan_for, metric: str, fraction: float, steps: dict | None = None,
+                   rounds: int = 2) -> SearchResult:
+    """The ratio search for global pruning by cost: ``plan_for(ratio, costs)`` plans with ``{group: unit cost}``.
+
+    The first round costs each unit in the whole model (:func:`fxprune.planning.costs.unit_costs`);
+    each further round re-costs the units at the plan the last round found (a conv whose input
+    and output groups both shrink is worth less per unit than in the whole model) and searches
+    again. A round's plan replaces the last one's only when it lands at least as close to ``fraction``
+    or within the search tolerance.
+
+    Example (the groups of a ResNet, costs re-measured at the half-MACs plan)::
+
+        >>> found = search_by_cost(dg, groups, lambda r, c: cost_plan(groups, scores, r, c), "macs", 0.5)
+        >>> abs(found.kept - 0.5) <= 0.01
+        True
+    """
+    best, at = None, None
+    for _ in range(max(1, rounds)):
+        costs = unit_costs(dg, groups, metric, steps, at=at)
+        found = search_ratio(dg, lambda ratio: plan_for(ratio, costs), metric, fraction)
+        if best is None or abs(found.kept - fraction) <= max(abs(best.kept - fraction), 0.002 * fraction):
+            best = found
+        if not found.removal:
+            break
+        at = found.removal
     return best
