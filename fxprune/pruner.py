@@ -15,6 +15,9 @@ of the way (linear by default: k / n):
   original units removed; with a target, each step ranks by score per MAC
   (parameter) saved, as ``prune`` does (:mod:`fxprune.planning.costs`).
 
+With ``calibration`` batches, ``reconstruct=True`` (and ``sequential``, ``reestimate_bn``) refit each step's
+result as ``prune`` does (:mod:`fxprune.calibration`), against the model the step started from.
+
 Sparse training: with ``regularizer="group_norm"`` (DepGraph) or ``"bn_scale"``
 (network slimming), call ``pruner.regularize(model)`` after ``loss.backward()``
 and ``pruner.update_regularizer()`` once per epoch; ``step()`` then removes the
@@ -32,8 +35,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
 
-from fxprune.api import PRUNING, Job, analyze, check_prune_settings, run
+from fxprune.api import PRUNING, Job, analyze, check_calibration_settings, check_prune_settings, run
 from fxprune.importance import resolve_importance
 from fxprune.lineage import Lineage
 from fxprune.plan_io import PruningPlan, attach_plan, group_key
@@ -59,13 +63,19 @@ class Pruner:
                  global_pruning: bool = False, max_ratio: float = 0.9, ratios: dict | None = None, ignore=(),
                  round_to: int | None = None, prune_head_dims: bool = False, regularizer=None, reg: float = 1e-4,
                  alpha: float = 4.0,
-                 calibration=None, loss_fn=None, kwargs=None):
+                 calibration=None, loss_fn=None, kwargs=None, reconstruct: bool = False, sequential: bool = False,
+                 reestimate_bn: bool = False):
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         if not callable(schedule) and schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)} or pass f(step, steps)")
         self.ratio, self.target, self.max_ratio = check_prune_settings(ratio, target_macs, target_params, round_to,
                                                                        max_ratio)
+        if reconstruct and isinstance(calibration, Iterator):
+            calibration = list(calibration)  # every step reads the batches again
+        self.calibration = check_calibration_settings(calibration, reconstruct, sequential, reestimate_bn)
+        self.refits = {"reconstruct": bool(reconstruct), "sequential": bool(sequential),
+                       "reestimate_bn": bool(reestimate_bn)}
         self.steps, self.current_step = steps, 0
         self.schedule = schedule if callable(schedule) else SCHEDULES[schedule]
         self.example_inputs, self.kwargs = example_inputs, kwargs
@@ -75,7 +85,7 @@ class Pruner:
         self.regularizer = make_regularizer(regularizer, reg, alpha)
         if importance is None:
             importance = "bn_scale" if getattr(self.regularizer, "name", None) == "bn_scale" else "l2"
-        self.criterion = resolve_importance(importance, calibration, loss_fn)
+        self.criterion = resolve_importance(importance, self.calibration, loss_fn)
         self.model = model
         self.dg = analyze(model, example_inputs, kwargs=kwargs, ignore=ignore, prune_head_dims=self.prune_head_dims)
         self.ignore = _names(self.dg, ignore)  # module objects do not survive the copy a step makes
@@ -95,7 +105,8 @@ class Pruner:
         progress = 1.0 if self.current_step == self.steps else \
             min(1.0, max(0.0, float(self.schedule(self.current_step, self.steps))))
         job = Job(self.model, self.example_inputs, self.kwargs, importance=self.criterion, round_to=self.round_to,
-                  prune_head_dims=self.prune_head_dims, gm=self.dg.gm, dg=self.dg, global_pruning=self.global_pruning, max_ratio=self.max_ratio)
+                  prune_head_dims=self.prune_head_dims, gm=self.dg.gm, dg=self.dg, global_pruning=self.global_pruning,
+                  max_ratio=self.max_ratio, calibration=self.calibration, **self.refits)
         plan = self._planner(progress)
         # the record pass would keep this step's plan alone: _compose keeps the plan of all steps instead
         run(job, [(name, plan if name == "plan" else fn) for name, fn in PRUNING if name != "record"])
@@ -133,7 +144,8 @@ class Pruner:
         goal = {"ratio": self.ratio} if self.target is None else {f"target_{self.target[0]}": self.target[1]}
         plan = PruningPlan.from_removal(self.original_dg, removal, settings={
             **goal, "steps": self.current_step, "round_to": self.round_to, "alignment": self.alignment,
-            "prune_head_dims": self.prune_head_dims, "global_pruning": self.global_pruning})
+            "prune_head_dims": self.prune_head_dims, "global_pruning": self.global_pruning,
+            **{name: True for name, on in self.refits.items() if on}})  # a replay removes the units, refits nothing
         attach_plan(job.result, plan)
 
     def _planner(self, progress: float):

@@ -174,3 +174,31 @@ def test_latency_llama_7b_config_is_7b_class_on_meta():
 def test_gpu_check_script_parses():
     proc = subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_quality_quick_digits_rows(tmp_path):
+    """The quality benchmark's digits task end to end (4 training epochs, two fxprune rows, Torch-Pruning's)."""
+    pytest.importorskip("sklearn")
+    log = tmp_path / "quality.jsonl"
+    _run("quality.py", "--quick", "--tasks", "digits", "--log", log, "--out", tmp_path / "quality.md", timeout=600)
+    rows = {r["row"]: r for r in _rows(log)}
+    assert rows["unpruned"]["accuracy"] > 0.9
+    for name in ("L2", "activation + reconstruct"):
+        assert abs(rows[name]["MACs kept"] - 0.5) < 0.03, rows[name]
+    # no fine-tuning: plain L2 at half the MACs is near chance, the refit keeps most of the accuracy
+    assert rows["activation + reconstruct"]["accuracy"] > rows["L2"]["accuracy"] + 0.3, rows
+    if HAS_TP:
+        assert "Torch-Pruning L2" in rows
+    assert "| activation + reconstruct |" in (tmp_path / "quality.md").read_text()
+
+
+def test_tiny_lm_text_splits_are_disjoint():
+    """Calibration and evaluation text of the small language model never share a topic (nor training text)."""
+    sys.path.insert(0, str(BENCH))
+    import tiny_lm
+
+    training, calibration, evaluation = tiny_lm._split_topics()
+    assert training and calibration and evaluation
+    assert not (set(training) & set(calibration) or set(training) & set(evaluation) or
+                set(calibration) & set(evaluation))
+    assert tiny_lm.calibration_windows(4, 32).shape == (4, 32) == tiny_lm.evaluation_windows(4, 32).shape
