@@ -107,3 +107,21 @@ def run_oracle(model, inputs: tuple, groups=None, fraction: float = 0.34, seed: 
     pruned = apply(dg, removal)
     assert_close_to_scale(pruned(*inputs), expected)
     return dg, removal, pruned
+
+
+def tiny_llama(seed: int = 0, **config):
+    """A small random ``LlamaForCausalLM`` in eval mode (vocabulary 100, hidden 32, one layer, 4 heads over 2
+    key/value heads, MLP 64, unless ``config`` says otherwise), seeded, for tests; needs transformers.
+
+    Example::
+
+        >>> model = tiny_llama(hidden_size=64, num_hidden_layers=2, intermediate_size=128)
+        >>> model.config.num_key_value_heads
+        2
+    """
+    import transformers
+
+    sizes = dict(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**sizes, **config})).eval()

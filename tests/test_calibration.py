@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxprune
+import fxprune.testing
 from fxprune.calibration import (OBS, calibrated_consumers, collect_statistics, damped_inverse, obs_scores,
                                  reconstruct, refit)
 from fxprune.importance import resolve_importance, score_groups
@@ -631,11 +632,8 @@ def test_batches_must_be_model_inputs():
 
 def test_reconstruct_on_an_exported_hugging_face_model():
     """LLaMA through torch.export (aten.linear consumers), dict batches: the refit lowers the logits' error."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32)
-    model = transformers.LlamaForCausalLM(config).eval()
+    pytest.importorskip("transformers")
+    model = fxprune.testing.tiny_llama()
     ids = torch.randint(0, 100, (4, 12))
     batches = [{"input_ids": torch.randint(0, 100, (4, 12))} for _ in range(3)]
     with torch.no_grad():

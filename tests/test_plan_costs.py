@@ -9,6 +9,7 @@ import torch.nn as nn
 import torchvision
 
 import fxprune
+import fxprune.testing
 from fxprune.macs import estimate
 from fxprune.planning.costs import group_types, unit_costs
 from fxprune.planning.selection import cost_plan, make_plan
@@ -145,11 +146,8 @@ def test_pruner_steps_by_cost_to_a_global_macs_target():
 
 
 def test_tiny_llama_types_and_global_target_by_cost():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64)
-    model = transformers.LlamaForCausalLM(config).eval()
+    pytest.importorskip("transformers")
+    model = fxprune.testing.tiny_llama(hidden_size=64, num_hidden_layers=2, intermediate_size=128)
     ids = torch.randint(0, 100, (2, 16))
     dg = fxprune.analyze(model, {"input_ids": ids})
     types = group_types(dg, dg.prunable_groups)

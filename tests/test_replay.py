@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fxprune
+import fxprune.testing
 from fxprune.plan_io import GroupKey
 from fxprune.testing import assert_same_outputs
 from tests import models
@@ -130,11 +131,8 @@ def test_plan_of_an_unpruned_model_is_a_clear_error():
 
 
 def test_hugging_face_in_place_plan_replays_in_place():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
+    pytest.importorskip("transformers")
+    model = fxprune.testing.tiny_llama(vocab_size=50)
     fresh = copy.deepcopy(model)
     ids = torch.randint(0, 50, (1, 6))
     fxprune.prune(model, 0.25, example_inputs=(ids,), inplace=True)

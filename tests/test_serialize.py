@@ -10,6 +10,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 import fxprune
+import fxprune.testing
 from fxprune.capture import export_capture
 from fxprune.jsonvalue import SerializationError, decode, encode
 from fxprune.testing import assert_same_outputs
@@ -109,12 +110,10 @@ def test_exported_graph_round_trip(tmp_path):
 
 
 def test_hugging_face_exported_graph_round_trip(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32)
-    torch.manual_seed(0)
+    pytest.importorskip("transformers")
+    model = fxprune.testing.tiny_llama(vocab_size=50)
     ids = torch.randint(0, 50, (1, 6))
-    gm = fxprune.capture(transformers.LlamaForCausalLM(config).eval(), (ids,))
+    gm = fxprune.capture(model, (ids,))
     round_trip(gm, tmp_path, (ids,))
 
 
