@@ -2,12 +2,17 @@
 
 The graph is analysed through ``torch.export`` like any other; the pruned tensors
 are then written back into the original module tree by name, module attributes
-are updated from the new shapes, and ``model.config`` is updated where widths are
-uniform across layers. Whatever a model built from the config would still get
-wrong (per-layer widths; GPT-2, whose attention width is tied to ``n_embd``) is
-stored in ``config.fxprune_shapes`` / ``config.fxprune_attributes``, and
-:func:`load_pretrained` rebuilds the model with them. If the pruned model does not
-run, the original tensors, attributes and config are put back.
+are updated from the new shapes and from the head counts of the rewritten graph's
+attention calls (:mod:`fxprune.hf_attention`: fused q|k|v projections under any
+name), and ``model.config`` is updated where widths are uniform across layers;
+config fields derived from a pruned width are found by rebuilding the model from
+the config on the meta device (:mod:`fxprune.hf_rebuild`). Whatever a model built
+from the config would still get wrong (per-layer widths; GPT-2, whose attention
+width is tied to ``n_embd``; Gemma's ``embed_scale``, sqrt of the original width)
+is stored in ``config.fxprune_shapes`` / ``fxprune_attributes`` / ``fxprune_buffers``,
+and :func:`load_pretrained` rebuilds the model with them. If the pruned model does
+not run, or computes something else than the pruned graph, the original tensors,
+attributes and config are put back.
 
 One ``head_dim`` attribute serves q, k and v in HF attention, and RoPE's
 ``inv_freq`` is recomputed from the config when a model is reloaded, so head
@@ -375,11 +380,15 @@ def check_runs(model: nn.Module, example_inputs, kwargs=None, expected=None) -> 
             raise FxPruneError(f"the model pruned in place no longer runs: {type(exc).__name__}: {exc}") from exc
     if expected is not None and not model.training:
         got, expected = _first_float(got), _first_float(expected)
-        if got is not None and expected is not None:
+        if got is not None and expected is not None and got.shape == expected.shape:
+            # the same aten ops on the same weights: a stale head count moves outputs by their own size,
+            # rounding by far less (sqrt(eps) of the dtype: 1e-3 in float32, 0.09 in bfloat16)
             scale = max(expected.abs().max().item(), 1.0)
-            if got.shape != expected.shape or not torch.allclose(got, expected, rtol=0, atol=1e-3 * scale):
+            tolerance = max(1e-3, torch.finfo(expected.dtype).eps ** 0.5) * scale
+            error = (got.float() - expected.float()).abs().max().item()
+            if error > tolerance:
                 raise FxPruneError(f"the model pruned in place computes something else than the pruned graph "
-                                   f"(output {tuple(got.shape)} vs {tuple(expected.shape)}): an attribute of "
+                                   f"(largest difference {error:.3g}, allowed {tolerance:.3g}): an attribute of "
                                    f"{type(model).__name__} that restates a pruned width was not updated")
 
 
@@ -396,8 +405,11 @@ def prune_in_place(dg, removal: dict, rewrite, verify):
     verify(pruned, dg.example_inputs, dg.expected_shapes)  # propagates the new shapes into pruned's nodes
     before, after = attention_sites(dg.gm), attention_sites(pruned)
     kwargs = {k: v for k, v in (dg.model_kwargs or {}).items() if k != "use_cache"}
-    with torch.no_grad():
-        expected = pruned(*dg.model_inputs, **kwargs)
+    try:  # what the model must compute once written back (the pruned graph was verified)
+        with torch.no_grad():
+            expected = pruned(*(dg.model_inputs or ()), **kwargs)
+    except Exception:  # a graph that takes its inputs otherwise: the model is still run, not compared
+        expected = None
     saved = _snapshot(model)
     try:
         write_back(model, pruned, clone=False)  # the resized tensors are fresh copies that only `pruned` holds

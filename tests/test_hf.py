@@ -420,6 +420,13 @@ def test_fused_qkv_under_other_names_in_place_prunes_heads_generates_and_reloads
         assert torch.equal(reloaded.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0), tokens)
     heads = fxprune.hf_attention.attention_sites(fxprune.analyze(model, (ids,), inplace=True).gm)
     assert {s.heads for s in heads.values()} == {model.config.num_attention_heads}
+    # head dims stay whole in place even when asked to prune them; heads stay prunable
+    dg = fxprune.analyze(original, (ids,), inplace=True, prune_head_dims=True)
+    attention = [g for g in dg.groups if any(".layers.0." in m.name and m.dim == 0 and m.name.split(".")[-2] in
+                                             ("query_key_value", "qkv_proj") for m in g.members)]
+    frozen = [g for g in attention if any("head dim of" in r for r in g.frozen)]
+    assert frozen and sum(g.units for g in frozen if not g.prunable) >= 16
+    assert [g.units for g in attention if g.prunable] and all(g.units <= 4 for g in attention if g.prunable)  # heads
 
 
 def test_stale_head_count_is_caught_by_comparing_with_the_pruned_graph(monkeypatch):
