@@ -291,13 +291,13 @@ def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None
     before = {key: getattr(config, key) for key in values if hasattr(config, key)}
     for key, found in values.items():
         if len(found) == 1 and (hasattr(config, key) or key == "head_dim"):
-            setattr(config, key, next(iter(found)))
+            _set(config, key, next(iter(found)))
     for key in RECORDED:
         config.__dict__.pop(key, None)
     found = differences(model)
     if found is None:  # the class cannot be built from these values (GPT-2: n_embd must divide by n_head)
         for key, value in before.items():
-            setattr(config, key, value)
+            _set(config, key, value)
         for key in values.keys() - before.keys():  # head_dim added to a config that had none
             config.__dict__.pop(key, None)
         found = differences(model)
@@ -310,6 +310,13 @@ def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None
     for key, record in zip(RECORDED, found[:3]):
         if record:
             setattr(config, key, record)
+
+
+def _set(config, key: str, value) -> None:
+    try:
+        setattr(config, key, value)
+    except AttributeError:  # a property computed from other fields (Falcon's head_dim): they say it
+        pass
 
 
 def _widths_changed(model: nn.Module, original_shapes: dict) -> dict[int, set]:

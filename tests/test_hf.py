@@ -376,6 +376,10 @@ def _in_place_family(name):
                               decoder_ffn_dim=128, encoder_attention_heads=4, decoder_attention_heads=4,
                               max_position_embeddings=64)
         return T.BartForConditionalGeneration(config), {"decoder_input_ids": _ids(1, 4, seed=1)}
+    if name == "falcon":  # head_dim is a read-only property of the config; rotary inv_freq from hidden / heads
+        return T.FalconForCausalLM(T.FalconConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_kv_heads=2,
+                                                  new_decoder_architecture=True)), {}
     gemma = dict(num_key_value_heads=2, head_dim=16, **decoder)  # embed_scale: sqrt(hidden_size), not saved
     if name == "gemma":
         return T.GemmaForCausalLM(T.GemmaConfig(**gemma)), {}
@@ -441,7 +445,7 @@ def test_stale_head_count_is_caught_by_comparing_with_the_pruned_graph(monkeypat
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
-@pytest.mark.parametrize("name", ["opt", "bart", "gemma", "gemma2", "gemma3"])
+@pytest.mark.parametrize("name", ["opt", "bart", "falcon", "gemma", "gemma2", "gemma3"])
 def test_in_place_reload_is_identical(name, tmp_path):
     original, model, reloaded, ids, kwargs = _prune_save_reload(name, tmp_path)
     width = model.get_input_embeddings().weight.shape[1]
