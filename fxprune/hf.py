@@ -32,13 +32,14 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 
 import torch
 import torch.nn as nn
 
 from fxprune.errors import FxPruneError
 from fxprune.hf_attention import attention_sites, update_head_counts
-from fxprune.hf_rebuild import differences
+from fxprune.hf_rebuild import differences, ignored_on_save
 from fxprune.layout import Cat, Prod
 
 # Attribute names the transformers model families use for projections and head counts.
@@ -462,8 +463,8 @@ def load_pretrained(path: str, **kwargs):
     The model class is ``config.architectures[0]``; every tensor recorded in
     ``config.fxprune_shapes`` is resized, every attribute in
     ``config.fxprune_attributes`` (head_dim, split_size, scaling ...) and every
-    non-persistent buffer in ``config.fxprune_buffers`` (Gemma's embed_scale) restored
-    before the saved weights are loaded. Weights tied to a loaded one (declared on any
+    unsaved tensor in ``config.fxprune_buffers`` (non-persistent buffers: Gemma's
+    embed_scale; ``_keys_to_ignore_on_save``) restored before the saved weights are loaded. Weights tied to a loaded one (declared on any
     submodule: BART's encoder and decoder embeddings) need not be in the checkpoint.
     """
     import transformers
@@ -479,7 +480,7 @@ def load_pretrained(path: str, **kwargs):
     for name, shape in shapes.items():
         set_tensor(model, name, torch.empty(shape))
     for name, value in buffers.items():
-        old = model.get_buffer(name)
+        old = _named_tensors(model)[name]
         set_tensor(model, name, torch.tensor(value, dtype=old.dtype, device=old.device))
     for name, value in attributes.items():
         owner, _, attr = name.rpartition(".")
@@ -491,7 +492,10 @@ def load_pretrained(path: str, **kwargs):
     missing, unexpected = model.load_state_dict(state, strict=False)
     parameters = dict(model.named_parameters(remove_duplicate=False))
     loaded = {id(parameters[n]) for n in parameters.keys() - set(missing)}
-    missing = [m for m in missing if id(parameters.get(m)) not in loaded and not m.endswith("inv_freq")]
+    # computed at construction, or restored from the record above: never saved (Marian's sinusoidal positions)
+    unsaved = ignored_on_save(model) + list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
+    missing = [m for m in missing if id(parameters.get(m)) not in loaded and not m.endswith("inv_freq")
+               and not any(re.search(pattern, m) for pattern in unsaved)]
     if missing or unexpected:
         raise FxPruneError(f"{path}: missing weights {missing[:5]}, unexpected weights {unexpected[:5]}")
     if hasattr(model, "tie_weights"):

