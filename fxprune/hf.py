@@ -264,9 +264,9 @@ def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None
     (:mod:`fxprune.hf_attention`). Config fields derived from a pruned width (OPT's ``word_embed_proj_dim``
     = the hidden size, ``intermediate_size``, ``ffn_dim``) are found by rebuilding on the meta device: an integer
     field equal to a pruned width's old value takes the new one when a rebuild then differs from the model in
-    fewer tensors, attributes and buffers. The rest (``config.fxprune_shapes``, ``fxprune_attributes``, ``fxprune_buffers``: values of
-    non-persistent buffers a rebuild recomputes differently, Gemma's ``embed_scale``) is read back by
-    :func:`load_pretrained`; without a record, ``from_pretrained`` rebuilds the pruned model.
+    fewer tensors, attributes and buffers. The rest (``config.fxprune_shapes``, ``fxprune_attributes``,
+    ``fxprune_buffers``: values of unsaved tensors a rebuild recomputes differently, Gemma's ``embed_scale``)
+    is read back by :func:`load_pretrained`; without a record, ``from_pretrained`` rebuilds the pruned model.
     """
     config = getattr(model, "config", None)
     if config is None:
@@ -464,8 +464,9 @@ def load_pretrained(path: str, **kwargs):
     ``config.fxprune_shapes`` is resized, every attribute in
     ``config.fxprune_attributes`` (head_dim, split_size, scaling ...) and every
     unsaved tensor in ``config.fxprune_buffers`` (non-persistent buffers: Gemma's
-    embed_scale; ``_keys_to_ignore_on_save``) restored before the saved weights are loaded. Weights tied to a loaded one (declared on any
-    submodule: BART's encoder and decoder embeddings) need not be in the checkpoint.
+    embed_scale; ``_keys_to_ignore_on_save``) restored before the saved weights are
+    loaded. Weights tied to a loaded one (declared on any submodule: BART's encoder
+    and decoder embeddings) need not be in the checkpoint.
     """
     import transformers
 

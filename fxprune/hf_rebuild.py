@@ -28,7 +28,7 @@ import torch.nn as nn
 class Differences(NamedTuple):
     shapes: dict      # tensor name -> the model's shape, where a rebuild's differs
     attributes: dict  # "module.attr" -> the model's int/float value, where a rebuild's differs
-    buffers: dict     # unsaved tensor (non-persistent buffer ...) -> the model's value (a list), where a rebuild's differs
+    buffers: dict     # unsaved tensor (non-persistent buffer ...) -> the model's value (a list) where a rebuild differs
     extra: list       # tensors a rebuild has and the model has not (OPT's project_in when the widths differ)
 
     @property

@@ -473,3 +473,25 @@ def test_in_place_reload_is_identical(name, tmp_path):
         assert model.config.intermediate_size < 128
     with torch.no_grad():  # and the pruned model still computes what the pruned graph computes
         assert_same_outputs(reloaded(ids, **kwargs).logits, model(ids, **kwargs).logits)
+
+
+def test_gpt_neox_heads_pruned_in_one_layer_only_reload_with_load_pretrained(tmp_path):
+    """Per-layer head counts the config cannot hold: GPT-NeoX views its fused projection by head size, so only
+    the record of shapes and attributes (head_size, rotary dims) lets a rebuild load it."""
+    torch.manual_seed(0)
+    model, _ = _in_place_family("gpt_neox")
+    model.eval()
+    ids = _ids(1, 6)
+    dg = fxprune.analyze(model, (ids,), inplace=True)
+    heads = next(g for g in dg.groups_of("gpt_neox.layers.0.attention.query_key_value.weight", 0) if g.prunable)
+    removal = plant_dead_units(dg, groups=[heads], fraction=0.5)
+    with torch.no_grad():
+        logits = model(ids).logits
+    fxprune.apply(dg, removal, inplace=True)
+    assert model.gpt_neox.layers[0].attention.query_key_value.out_features == 2 * 48
+    assert model.gpt_neox.layers[1].attention.query_key_value.out_features == 4 * 48
+    model.save_pretrained(tmp_path)
+    reloaded = fxprune.load_pretrained(str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, logits, atol=1e-5, rtol=0)  # dead heads: the same function
+        assert_same_outputs(reloaded(ids).logits, model(ids).logits)
