@@ -2,12 +2,17 @@
 
 The graph is analysed through ``torch.export`` like any other; the pruned tensors
 are then written back into the original module tree by name, module attributes
-are updated from the new shapes, and ``model.config`` is updated where widths are
-uniform across layers. Whatever a model built from the config would still get
-wrong (per-layer widths; GPT-2, whose attention width is tied to ``n_embd``) is
-stored in ``config.fxprune_shapes`` / ``config.fxprune_attributes``, and
-:func:`load_pretrained` rebuilds the model with them. If the pruned model does not
-run, the original tensors, attributes and config are put back.
+are updated from the new shapes and from the head counts of the rewritten graph's
+attention calls (:mod:`fxprune.hf_attention`: fused q|k|v projections under any
+name), and ``model.config`` is updated where widths are uniform across layers;
+config fields derived from a pruned width are found by rebuilding the model from
+the config on the meta device (:mod:`fxprune.hf_rebuild`). Whatever a model built
+from the config would still get wrong (per-layer widths; GPT-2, whose attention
+width is tied to ``n_embd``; Gemma's ``embed_scale``, sqrt of the original width)
+is stored in ``config.fxprune_shapes`` / ``fxprune_attributes`` / ``fxprune_buffers``,
+and :func:`load_pretrained` rebuilds the model with them. If the pruned model does
+not run, or computes something else than the pruned graph, the original tensors,
+attributes and config are put back.
 
 One ``head_dim`` attribute serves q, k and v in HF attention, and RoPE's
 ``inv_freq`` is recomputed from the config when a model is reloaded, so head
@@ -27,11 +32,14 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 
 import torch
 import torch.nn as nn
 
 from fxprune.errors import FxPruneError
+from fxprune.hf_attention import attention_sites, update_head_counts
+from fxprune.hf_rebuild import differences, ignored_on_save
 from fxprune.layout import Cat, Prod
 
 # Attribute names the transformers model families use for projections and head counts.
@@ -89,12 +97,20 @@ def attention_modules(model: nn.Module):
 def freeze_head_dims(dg, model: nn.Module) -> None:
     """Head-dim groups of every attention module keep all their units (see module docstring).
 
-    The head dim is the trailing part of a projection's axis whose size is
-    ``head_dim``; where the algebra did not separate it from the heads, the
-    whole axis is kept.
+    Attention modules are those the graph calls attention in (:mod:`fxprune.hf_attention`, fused q|k|v
+    projections under any name) and those with a head-dim attribute and a query projection. The head dim is
+    the trailing part of a projection's axis whose size is ``head_dim``; where the algebra did not separate
+    it from the heads, the whole axis is kept.
     """
-    for name, module in attention_modules(model):
-        head_dim = next(getattr(module, a) for a in HEAD_DIM if isinstance(getattr(module, a, None), int))
+    found = {name: next(getattr(module, a) for a in HEAD_DIM if isinstance(getattr(module, a, None), int))
+             for name, module in attention_modules(model)}
+    for path, site in attention_sites(dg.gm).items():
+        found.setdefault(path, site.head_dim)
+    for name, head_dim in found.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
         reason = f"head dim of {name} (one head_dim attribute for q, k and v in place)"
         for child_name, child in module.named_children():
             if not _is_projection(child):
@@ -122,6 +138,9 @@ def _head_dim_parts(layout, head_dim: int, solver):
 def _trailing(layout, size: int, solver):
     """The trailing factors of a layout whose sizes multiply to ``size`` (the whole layout if none do)."""
     factors = layout.factors if isinstance(layout, Prod) else (layout,)
+    last = factors[-1].size(solver)
+    if len(factors) > 1 and last > size and last % size == 0:
+        return factors[-1]  # heads x (q|k|v of one head), GPT-NeoX: every unit of the inner factor is head dim
     product = 1
     for i in range(len(factors) - 1, -1, -1):
         product *= factors[i].size(solver)
@@ -238,11 +257,16 @@ def _update_attention(module: nn.Module) -> None:
             setattr(module, attr, hidden)
 
 
-def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None) -> None:
+def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None, sites=None) -> None:
     """Uniform widths go into ``model.config``; what a model built from it would still get wrong is recorded.
 
-    The record (``config.fxprune_shapes``, ``config.fxprune_attributes``) is read back by
-    :func:`load_pretrained`; without one, ``from_pretrained`` rebuilds the pruned model.
+    ``sites``: ``{attention module path: (before, after)}`` head counts read from the graphs
+    (:mod:`fxprune.hf_attention`). Config fields derived from a pruned width (OPT's ``word_embed_proj_dim``
+    = the hidden size, ``intermediate_size``, ``ffn_dim``) are found by rebuilding on the meta device: an integer
+    field equal to a pruned width's old value takes the new one when a rebuild then differs from the model in
+    fewer tensors, attributes and buffers. The rest (``config.fxprune_shapes``, ``fxprune_attributes``,
+    ``fxprune_buffers``: values of unsaved tensors a rebuild recomputes differently, Gemma's ``embed_scale``)
+    is read back by :func:`load_pretrained`; without a record, ``from_pretrained`` rebuilds the pruned model.
     """
     config = getattr(model, "config", None)
     if config is None:
@@ -261,34 +285,71 @@ def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None
         values.setdefault("num_attention_heads", set()).add(_query_width(module)[0] // head_dim)
         if key is not None:
             values.setdefault("num_key_value_heads", set()).add(_out_width(key) // head_dim)
-    width = getattr(config, "intermediate_size", None)
-    if isinstance(width, int) and width != getattr(config, "hidden_size", None):
-        for name, module in model.named_modules():  # the MLP's first projections, found by their old width
-            old = original_shapes.get(f"{name}.weight")
-            if isinstance(module, nn.Linear) and old is not None and old[0] == width:
-                values.setdefault("intermediate_size", set()).add(module.out_features)
+    for _, after in (sites or {}).values():  # fused projections under any name: counts from the graph
+        values.setdefault("head_dim", set()).add(after.head_dim)
+        values.setdefault("num_attention_heads", set()).add(after.heads)
+        values.setdefault("num_key_value_heads", set()).add(after.kv_heads)
     before = {key: getattr(config, key) for key in values if hasattr(config, key)}
     for key, found in values.items():
         if len(found) == 1 and (hasattr(config, key) or key == "head_dim"):
-            setattr(config, key, next(iter(found)))
+            _set(config, key, next(iter(found)))
     for key in RECORDED:
         config.__dict__.pop(key, None)
-    found = _not_in_config(model)
+    found = differences(model)
     if found is None:  # the class cannot be built from these values (GPT-2: n_embd must divide by n_head)
         for key, value in before.items():
-            setattr(config, key, value)
+            _set(config, key, value)
         for key in values.keys() - before.keys():  # head_dim added to a config that had none
             config.__dict__.pop(key, None)
-        found = _not_in_config(model)
-    shapes, attributes = found or ({name: list(t.shape) for name, t in _named_tensors(model).items()
-                                    if tuple(t.shape) != original_shapes.get(name)}, {})
-    if shapes:
-        config.fxprune_shapes = shapes
-    if attributes:
-        config.fxprune_attributes = attributes
+        found = differences(model)
+    if found is not None:
+        found = _derived_fields(model, config, _widths_changed(model, original_shapes), set(values), found)
+    if found is None:  # no rebuild at all: every resized tensor
+        shapes = {name: list(t.shape) for name, t in _named_tensors(model).items()
+                  if tuple(t.shape) != original_shapes.get(name)}
+        found = (shapes, {}, {})
+    for key, record in zip(RECORDED, found[:3]):
+        if record:
+            setattr(config, key, record)
 
 
-RECORDED = ("fxprune_shapes", "fxprune_attributes")
+def _set(config, key: str, value) -> None:
+    try:
+        setattr(config, key, value)
+    except AttributeError:  # a property computed from other fields (Falcon's head_dim): they say it
+        pass
+
+
+def _widths_changed(model: nn.Module, original_shapes: dict) -> dict[int, set]:
+    """``{old size: new sizes}`` over every axis of every resized tensor (64 -> {48}: the hidden size)."""
+    changed: dict[int, set] = {}
+    for name, tensor in _named_tensors(model).items():
+        old = original_shapes.get(name)
+        if old is not None and len(old) == tensor.ndim:
+            for before, after in zip(old, tensor.shape):
+                if before != after:
+                    changed.setdefault(before, set()).add(int(after))
+    return changed
+
+
+def _derived_fields(model: nn.Module, config, changed: dict, done: set, found):
+    """Integer config fields equal to a pruned width's old value (``changed``: old -> new sizes) that a rebuild
+    needs at a new value (OPT's ``word_embed_proj_dim``, ``ffn_dim``): each is kept only where the rebuild then
+    differs from the model in less (``max_position_embeddings`` of the same value changes nothing, or more)."""
+    for key, value in list(vars(config).items()):
+        if key in done or key.startswith("_") or type(value) is not int or value not in changed:
+            continue
+        best = value
+        for new in sorted(changed[value]):
+            setattr(config, key, new)
+            trial = differences(model)
+            if trial is not None and trial.size < found.size:
+                found, best = trial, new
+        setattr(config, key, best)
+    return found
+
+
+RECORDED = ("fxprune_shapes", "fxprune_attributes", "fxprune_buffers")
 
 
 def residual_group(dg, hidden: int):
@@ -302,52 +363,46 @@ def residual_group(dg, hidden: int):
     return max(candidates, key=whole_axes, default=None)
 
 
-def _not_in_config(model: nn.Module) -> tuple[dict, dict] | None:
-    """What ``type(model)(model.config)`` (what ``from_pretrained`` builds) gets wrong, or None if it fails.
-
-    Returns ``(tensor shapes, plain int/float module attributes)`` that differ, by
-    qualified name. Built on the meta device, so nothing is allocated. Example: GPT-2
-    pruned to n_embd=45 with 3 heads of 16 builds ``head_dim = 45 // 3 = 15`` and
-    a (45, 135) ``c_attn`` from the config; the record restores head_dim 16, split_size 48
-    and c_attn's (45, 144) weight.
-    """
-    config = copy.deepcopy(model.config)
-    try:
-        getattr(config, "validate", lambda: None)()  # the checks save_pretrained runs (transformers >= 5)
-        with torch.device("meta"):
-            fresh = type(model)(config)
-    except Exception:  # e.g. a ValueError from the class's own consistency checks
-        return None
-    theirs = {name: tuple(t.shape) for name, t in _named_tensors(fresh).items()}
-    shapes = {name: list(t.shape) for name, t in _named_tensors(model).items() if theirs.get(name) != tuple(t.shape)}
-    attributes, fresh_modules = {}, dict(fresh.named_modules())
-    for name, module in model.named_modules():
-        other = vars(fresh_modules[name]) if name in fresh_modules else {}
-        for attr, value in vars(module).items():
-            if type(value) in (int, float) and attr in other and other[attr] != value:
-                attributes[f"{name}.{attr}" if name else attr] = value
-    return shapes, attributes
-
-
 def _named_tensors(model: nn.Module) -> dict:
     out = dict(model.named_buffers())
     out.update(dict(model.named_parameters()))
     return out
 
 
-def check_runs(model: nn.Module, example_inputs, kwargs=None) -> None:
-    """Run the pruned model as the user will: plain forward, and ``generate`` with a cache where it exists."""
+def check_runs(model: nn.Module, example_inputs, kwargs=None, expected=None) -> None:
+    """Run the pruned model as the user will: plain forward, and ``generate`` with a cache where it exists.
+
+    ``expected``: the pruned graph's output on the same inputs; the model's first floating-point output must
+    match it (a head count left stale can still run, on empty slices, and compute something else).
+    """
     kwargs = dict(kwargs or {})
     kwargs.pop("use_cache", None)
     with torch.no_grad():
         try:
-            model(*example_inputs, **kwargs)
+            got = model(*example_inputs, **kwargs)
             if hasattr(model, "generate") and type(model).__name__.endswith("ForCausalLM"):
                 ids = example_inputs[0] if example_inputs else kwargs["input_ids"]  # keyword inputs: a dict
                 model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
                                pad_token_id=0)
         except Exception as exc:  # name the failure for the user; this is a bug in attribute updating
             raise FxPruneError(f"the model pruned in place no longer runs: {type(exc).__name__}: {exc}") from exc
+    if expected is not None and not model.training:
+        got, expected = _first_float(got), _first_float(expected)
+        if got is not None and expected is not None and got.shape == expected.shape:
+            # the same aten ops on the same weights: a stale head count moves outputs by their own size,
+            # rounding by far less (sqrt(eps) of the dtype: 1e-3 in float32, 0.09 in bfloat16)
+            scale = max(expected.abs().max().item(), 1.0)
+            tolerance = max(1e-3, torch.finfo(expected.dtype).eps ** 0.5) * scale
+            error = (got.float() - expected.float()).abs().max().item()
+            if error > tolerance:
+                raise FxPruneError(f"the model pruned in place computes something else than the pruned graph "
+                                   f"(largest difference {error:.3g}, allowed {tolerance:.3g}): an attribute of "
+                                   f"{type(model).__name__} that restates a pruned width was not updated")
+
+
+def _first_float(output):
+    leaves = torch.utils._pytree.tree_leaves(output)
+    return next((t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
 
 
 def prune_in_place(dg, removal: dict, rewrite, verify):
@@ -355,12 +410,20 @@ def prune_in_place(dg, removal: dict, rewrite, verify):
     model = dg.model
     original = {name: tuple(t.shape) for name, t in _named_tensors(model).items()}
     pruned = rewrite(dg, removal, inplace=False, share_tensors=True)
-    verify(pruned, dg.example_inputs, dg.expected_shapes)
+    verify(pruned, dg.example_inputs, dg.expected_shapes)  # propagates the new shapes into pruned's nodes
+    before, after = attention_sites(dg.gm), attention_sites(pruned)
+    kwargs = {k: v for k, v in (dg.model_kwargs or {}).items() if k != "use_cache"}
+    try:  # what the model must compute once written back (the pruned graph was verified)
+        with torch.no_grad():
+            expected = pruned(*(dg.model_inputs or ()), **kwargs)
+    except Exception:  # a graph that takes its inputs otherwise: the model is still run, not compared
+        expected = None
     saved = _snapshot(model)
     try:
         write_back(model, pruned, clone=False)  # the resized tensors are fresh copies that only `pruned` holds
-        update_config(model, original, dg, removal)
-        check_runs(model, dg.model_inputs, dg.model_kwargs)
+        update_head_counts(model, before, after)
+        update_config(model, original, dg, removal, {p: (before[p], after[p]) for p in before.keys() & after.keys()})
+        check_runs(model, dg.model_inputs, dg.model_kwargs, expected)
     except Exception as exc:  # a model that no longer runs is never left behind: put the original back
         _restore(model, saved)
         if isinstance(exc, FxPruneError):
@@ -398,29 +461,42 @@ def load_pretrained(path: str, **kwargs):
     """Load a model saved after in-place pruning that its config cannot describe; any other model too.
 
     The model class is ``config.architectures[0]``; every tensor recorded in
-    ``config.fxprune_shapes`` is resized and every attribute in
-    ``config.fxprune_attributes`` (head_dim, split_size, scaling ...) restored before
-    the saved weights are loaded.
+    ``config.fxprune_shapes`` is resized, every attribute in
+    ``config.fxprune_attributes`` (head_dim, split_size, scaling ...) and every
+    unsaved tensor in ``config.fxprune_buffers`` (non-persistent buffers: Gemma's
+    embed_scale; ``_keys_to_ignore_on_save``) restored before the saved weights are
+    loaded. Weights tied to a loaded one (declared on any submodule: BART's encoder
+    and decoder embeddings) need not be in the checkpoint.
     """
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(path)
     shapes = getattr(config, "fxprune_shapes", None) or {}
     attributes = getattr(config, "fxprune_attributes", None) or {}
+    buffers = getattr(config, "fxprune_buffers", None) or {}
     cls = getattr(transformers, config.architectures[0])
-    if not shapes and not attributes:
+    if not shapes and not attributes and not buffers:
         return cls.from_pretrained(path, **kwargs)
     model = cls(config)
     for name, shape in shapes.items():
         set_tensor(model, name, torch.empty(shape))
+    for name, value in buffers.items():
+        old = _named_tensors(model)[name]
+        set_tensor(model, name, torch.tensor(value, dtype=old.dtype, device=old.device))
     for name, value in attributes.items():
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner) if owner else model, attr, value)
     update_attributes(model)
+    if hasattr(model, "tie_weights"):  # resized parameters replaced the tied ones: tie them again before loading
+        model.tie_weights()
     state = _checkpoint_names_to_model(model, _load_state_dict(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [m for m in missing if m not in tied and not m.endswith("inv_freq")]
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(parameters[n]) for n in parameters.keys() - set(missing)}
+    # computed at construction, or restored from the record above: never saved (Marian's sinusoidal positions)
+    unsaved = ignored_on_save(model) + list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
+    missing = [m for m in missing if id(parameters.get(m)) not in loaded and not m.endswith("inv_freq")
+               and not any(re.search(pattern, m) for pattern in unsaved)]
     if missing or unexpected:
         raise FxPruneError(f"{path}: missing weights {missing[:5]}, unexpected weights {unexpected[:5]}")
     if hasattr(model, "tie_weights"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -44,6 +45,11 @@ def _family(name):
         return T.DebertaV2Model(T.DebertaV2Config(vocab_size=100, **TINY)), (_ids(),), {}
     if name == "bloom":  # ALiBi scores through aten.baddbmm (self, batch1, batch2)
         return T.BloomModel(T.BloomConfig(vocab_size=100, hidden_size=64, n_layer=2, n_head=4)), (_ids(),), {}
+    if name == "marian":  # sinusoidal position tables: parameters that save_pretrained leaves out
+        config = T.MarianConfig(vocab_size=100, d_model=64, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=128,
+                                decoder_ffn_dim=128, encoder_attention_heads=4, decoder_attention_heads=4,
+                                max_position_embeddings=64, decoder_start_token_id=0, pad_token_id=1)
+        return T.MarianMTModel(config), {"decoder_input_ids": _ids(1, 4, seed=1)}
     if name == "falcon":  # projections as input @ self.weight.T: aten.numpy_T
         config = T.FalconConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                 num_kv_heads=2, new_decoder_architecture=False)
@@ -353,3 +359,139 @@ def test_inplace_unexpected_error_is_an_fxprune_error_and_the_model_is_put_back(
     with pytest.raises(fxprune.FxPruneError, match="in place failed .* AttributeError: simulated"):
         fxprune.prune(model, 0.5, example_inputs=(x,), inplace=True)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def _in_place_family(name):
+    """(model, kwargs) of tiny families whose in-place pruning needs more than attribute names: fused q|k|v
+    projections under other names, config fields derived from the hidden size, tied inner embeddings, and
+    non-persistent buffers computed from the config."""
+    T = transformers
+    decoder = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                   max_position_embeddings=64)
+    if name == "gpt_neox":  # query_key_value, viewed as (heads, q|k|v of one head)
+        return T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**decoder)), {}
+    if name == "phi3":  # qkv_proj, sliced q | k | v at widths read from the config in forward
+        return T.Phi3ForCausalLM(T.Phi3Config(num_key_value_heads=2, pad_token_id=0, **decoder)), {}
+    if name == "opt":  # word_embed_proj_dim == hidden_size, else project_in / project_out
+        return T.OPTForCausalLM(T.OPTConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                            ffn_dim=128, max_position_embeddings=64, word_embed_proj_dim=64,
+                                            pad_token_id=1)), {}
+    if name == "bart":  # encoder / decoder embed_tokens tied to shared, declared on the inner BartModel
+        config = T.BartConfig(vocab_size=100, d_model=64, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=128,
+                              decoder_ffn_dim=128, encoder_attention_heads=4, decoder_attention_heads=4,
+                              max_position_embeddings=64)
+        return T.BartForConditionalGeneration(config), {"decoder_input_ids": _ids(1, 4, seed=1)}
+    if name == "marian":  # sinusoidal position tables: parameters that save_pretrained leaves out
+        config = T.MarianConfig(vocab_size=100, d_model=64, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=128,
+                                decoder_ffn_dim=128, encoder_attention_heads=4, decoder_attention_heads=4,
+                                max_position_embeddings=64, decoder_start_token_id=0, pad_token_id=1)
+        return T.MarianMTModel(config), {"decoder_input_ids": _ids(1, 4, seed=1)}
+    if name == "falcon":  # head_dim is a read-only property of the config; rotary inv_freq from hidden / heads
+        return T.FalconForCausalLM(T.FalconConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_kv_heads=2,
+                                                  new_decoder_architecture=True)), {}
+    gemma = dict(num_key_value_heads=2, head_dim=16, **decoder)  # embed_scale: sqrt(hidden_size), not saved
+    if name == "gemma":
+        return T.GemmaForCausalLM(T.GemmaConfig(**gemma)), {}
+    if name == "gemma2":
+        return T.Gemma2ForCausalLM(T.Gemma2Config(**gemma)), {}
+    if not hasattr(T, "Gemma3ForCausalLM"):
+        pytest.skip(f"transformers {T.__version__} has no Gemma-3")
+    return T.Gemma3ForCausalLM(T.Gemma3TextConfig(**gemma)), {}
+
+
+def _prune_save_reload(name, tmp_path):
+    """Prune a tiny ``name`` by 0.3 in place; returns (original, pruned model, reloaded, ids, kwargs)."""
+    torch.manual_seed(0)
+    model, kwargs = _in_place_family(name)
+    model.eval()
+    original = copy.deepcopy(model)
+    ids = _ids(1, 6)
+    assert fxprune.prune(model, 0.3, example_inputs=(ids,), kwargs=kwargs, inplace=True) is model
+    model.save_pretrained(tmp_path)
+    reloaded = fxprune.load_pretrained(str(tmp_path))
+    with torch.no_grad():
+        assert_same_outputs(reloaded(ids, **kwargs).logits, model(ids, **kwargs).logits)
+    return original, model, reloaded, ids, kwargs
+
+
+def _attention(model):
+    return next(m for name, m in model.named_modules() if name.endswith("layers.0.attention")
+                or name.endswith("layers.0.self_attn"))
+
+
+@pytest.mark.parametrize("name", ["gpt_neox", "phi3"])
+def test_fused_qkv_under_other_names_in_place_prunes_heads_generates_and_reloads(name, tmp_path):
+    original, model, reloaded, ids, _ = _prune_save_reload(name, tmp_path)
+    # heads and MLP units are pruned, head dims are kept whole (one head_size / head_dim attribute)
+    assert model.config.num_attention_heads < 4 and model.config.intermediate_size < 128
+    fused = next(c for c in _attention(model).children() if c.out_features > c.in_features)
+    assert fused.out_features % 16 == 0 and fused.out_features < next(
+        c for c in _attention(original).children() if c.out_features > c.in_features).out_features
+    assert sum(p.numel() for p in model.parameters()) < 0.8 * sum(p.numel() for p in original.parameters())
+    with torch.no_grad():
+        tokens = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert torch.equal(reloaded.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0), tokens)
+    heads = fxprune.hf_attention.attention_sites(fxprune.analyze(model, (ids,), inplace=True).gm)
+    assert {s.heads for s in heads.values()} == {model.config.num_attention_heads}
+    # head dims stay whole in place even when asked to prune them; heads stay prunable
+    dg = fxprune.analyze(original, (ids,), inplace=True, prune_head_dims=True)
+    attention = [g for g in dg.groups if any(".layers.0." in m.name and m.dim == 0 and m.name.split(".")[-2] in
+                                             ("query_key_value", "qkv_proj") for m in g.members)]
+    frozen = [g for g in attention if any("head dim of" in r for r in g.frozen)]
+    assert frozen and sum(g.units for g in frozen if not g.prunable) >= 16
+    assert [g.units for g in attention if g.prunable] and all(g.units <= 4 for g in attention if g.prunable)  # heads
+
+
+def test_stale_head_count_is_caught_by_comparing_with_the_pruned_graph(monkeypatch):
+    """Phi-3 with its kv head count left stale still runs (on empty slices): only the outputs tell."""
+    torch.manual_seed(0)
+    model, _ = _in_place_family("phi3")
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(fxprune.hf, "update_head_counts", lambda *args: None)
+    with pytest.raises(fxprune.FxPruneError, match="in place"):
+        fxprune.prune(model, 0.3, example_inputs=(_ids(1, 6),), inplace=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("name", ["opt", "bart", "marian", "falcon", "gemma", "gemma2", "gemma3"])
+def test_in_place_reload_is_identical(name, tmp_path):
+    original, model, reloaded, ids, kwargs = _prune_save_reload(name, tmp_path)
+    width = model.get_input_embeddings().weight.shape[1]
+    if name in ("bart", "marian"):  # the hidden size is frozen (inputs_embeds[:, :, -1] for a shape): heads and MLP
+        assert model.model.encoder.layers[0].fc1.out_features < 128
+        assert reloaded.model.encoder.embed_tokens.weight is reloaded.model.shared.weight or name == "marian"
+    else:
+        assert width < 64 and model.config.hidden_size == width
+    if name == "opt":  # a rebuild with word_embed_proj_dim != hidden_size would add project_in / project_out
+        assert model.config.word_embed_proj_dim == width and model.config.ffn_dim < 128
+        assert not any("project_" in n for n, _ in reloaded.named_parameters())
+    if name.startswith("gemma"):  # sqrt of the ORIGINAL hidden size, not of the pruned one
+        assert model.config.fxprune_buffers["model.embed_tokens.embed_scale"] == pytest.approx(8.0)
+        assert reloaded.model.embed_tokens.embed_scale.item() == pytest.approx(8.0)
+        assert model.config.intermediate_size < 128
+    with torch.no_grad():  # and the pruned model still computes what the pruned graph computes
+        assert_same_outputs(reloaded(ids, **kwargs).logits, model(ids, **kwargs).logits)
+
+
+def test_gpt_neox_heads_pruned_in_one_layer_only_reload_with_load_pretrained(tmp_path):
+    """Per-layer head counts the config cannot hold: GPT-NeoX views its fused projection by head size, so only
+    the record of shapes and attributes (head_size, rotary dims) lets a rebuild load it."""
+    torch.manual_seed(0)
+    model, _ = _in_place_family("gpt_neox")
+    model.eval()
+    ids = _ids(1, 6)
+    dg = fxprune.analyze(model, (ids,), inplace=True)
+    heads = next(g for g in dg.groups_of("gpt_neox.layers.0.attention.query_key_value.weight", 0) if g.prunable)
+    removal = plant_dead_units(dg, groups=[heads], fraction=0.5)
+    with torch.no_grad():
+        logits = model(ids).logits
+    fxprune.apply(dg, removal, inplace=True)
+    assert model.gpt_neox.layers[0].attention.query_key_value.out_features == 2 * 48
+    assert model.gpt_neox.layers[1].attention.query_key_value.out_features == 4 * 48
+    model.save_pretrained(tmp_path)
+    reloaded = fxprune.load_pretrained(str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, logits, atol=1e-5, rtol=0)  # dead heads: the same function
+        assert_same_outputs(reloaded(ids).logits, model(ids).logits)

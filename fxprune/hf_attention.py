@@ -1,0 +1,143 @@
+"""Attention modules found in the captured graph, with their head counts: whatever the projections are called.
+
+A Hugging Face attention module is the module that calls ``scaled_dot_product_attention`` (or softmax between
+two matmuls, for eager attention): the innermost entry of that node's ``nn_module_stack``. Its query, key and
+value operands are ``(batch, heads, sequence, head_dim)``, so the head counts and head dim are read from their
+shapes, before pruning from the analysed graph and after pruning from the rewritten one. This finds fused
+projections under any name (GPT-NeoX ``query_key_value``, Phi-3 ``qkv_proj``) without a list of names.
+
+Example::
+
+    >>> sites = attention_sites(dg.gm)            # GPT-NeoX, 4 heads of 16
+    >>> sites["gpt_neox.layers.0.attention"]
+    Site(heads=4, kv_heads=4, head_dim=16)
+    >>> update_head_counts(model, sites, attention_sites(pruned))   # 3 heads left: num_key_value_heads ... = 3
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+
+class Site(NamedTuple):
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+_MATMULS = ("aten::matmul", "aten::bmm", "aten::einsum")
+# between the score matmul and the softmax: scaling, masks, biases (one tensor operand each)
+_BETWEEN = ("aten::mul", "aten::div", "aten::add", "aten::sub", "aten::masked_fill", "aten::where", "aten::to",
+            "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::expand", "aten::view", "aten::reshape")
+
+
+def _schema_name(node) -> str:
+    schema = getattr(node.target, "_schema", None)
+    return schema.name if schema is not None else ""
+
+
+def _shape(node):
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _operands(node):
+    """The query and key nodes of an attention call: SDPA's first two operands, or the score matmul's."""
+    name = _schema_name(node)
+    if "scaled_dot_product" in name:
+        return node.args[0], node.args[1]
+    if name not in ("aten::_softmax", "aten::softmax"):
+        return None
+    current = node.args[0]
+    for _ in range(8):  # walk back from the softmax to the score matmul
+        if not isinstance(current, torch.fx.Node) or current.op != "call_function":
+            return None
+        name = _schema_name(current)
+        if name in _MATMULS and name != "aten::einsum":
+            return current.args[0], current.args[1]
+        if name not in _BETWEEN:
+            return None
+        current = next((a for a in current.args if isinstance(a, torch.fx.Node) and _shape(a) is not None
+                        and len(_shape(a)) >= 3), None)
+    return None
+
+
+_SHAPE_ONLY = ("aten::view", "aten::_unsafe_view", "aten::reshape", "aten::clone", "aten::contiguous",
+               "aten::unsqueeze", "aten::slice", "aten::alias", "aten::transpose", "aten::permute", "aten::_to_copy")
+
+
+def _kv_heads(key) -> int:
+    """Heads of the key before ``repeat_kv``: transformers expands (b, kv, 1, s, d) to (b, kv, rep, s, d) and
+    folds it into (b, kv * rep, s, d) before SDPA, which then sees as many key heads as query heads."""
+    current = key
+    for _ in range(8):
+        if not isinstance(current, torch.fx.Node) or current.op != "call_function":
+            break
+        name = _schema_name(current)
+        if name == "aten::expand":
+            inner, outer = _shape(current.args[0]), _shape(current)
+            if inner is not None and outer is not None and len(inner) == 5 and inner[-3] == 1 != outer[-3]:
+                return int(inner[-4])
+            break
+        if name not in _SHAPE_ONLY:
+            break
+        current = current.args[0]
+    return int(_shape(key)[-3])
+
+
+def attention_sites(gm) -> dict[str, Site]:
+    """``{module path: Site}`` of every attention call in ``gm`` whose operands are (batch, heads, seq, dim).
+
+    Key operands of eager attention come transposed, (batch, heads, dim, seq): the head count is their
+    third-last size either way. Calls whose operands fold the heads into the batch are skipped.
+    """
+    sites = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        operands = _operands(node)
+        stack = node.meta.get("nn_module_stack")
+        if operands is None or not stack:
+            continue
+        q, k = (_shape(o) for o in operands)
+        if q is None or k is None or len(q) < 4 or len(k) < 4:
+            continue
+        try:
+            site = Site(int(q[-3]), _kv_heads(operands[1]), int(q[-1]))
+        except (TypeError, ValueError):  # a symbolic head count: not a per-head layout
+            continue
+        path = list(stack.values())[-1][0]
+        sites.setdefault(path, site)
+    return sites
+
+
+def update_head_counts(model: nn.Module, before: dict, after: dict) -> None:
+    """Head-count attributes of every attention module, from the head counts of the rewritten graph.
+
+    An integer attribute named as a count of heads (``num_heads``, ``num_key_value_heads``, ``n_head`` ...,
+    not ``head_dim`` / ``head_size``) that equals the old count takes the new one; ``*groups*`` equal to
+    the old heads per kv head take the new ratio. Shapes (widths) are not touched here: they follow the tensors.
+    """
+    for path, old in before.items():
+        new = after.get(path)
+        if new is None or new == old:
+            continue
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        for attr, value in list(vars(module).items()):
+            if type(value) is not int:
+                continue
+            name = attr.lower()
+            if "head" in name and "dim" not in name and "size" not in name:
+                kv = "kv" in name or "key_value" in name
+                if kv and value == old.kv_heads:
+                    setattr(module, attr, new.kv_heads)
+                elif not kv and value == old.heads:
+                    setattr(module, attr, new.heads)
+            elif "group" in name and old.kv_heads and value == old.heads // old.kv_heads and new.kv_heads:
+                setattr(module, attr, new.heads // new.kv_heads)
