@@ -1,0 +1,239 @@
+"""Data-dependent routing, as mixture-of-experts blocks dispatch tokens: top-k, gathers, scatters, grouped matmul.
+
+A router picks experts per token (``topk``), tokens are gathered per expert (``x[idx]``, ``index_select``),
+each expert runs on its rows (a loop over ``W[e]`` of a 3-d expert weight, ``W[expert_ids]`` then ``bmm``, or
+one grouped matmul over offsets from ``histc`` + ``cumsum``) and the rows are added back per token
+(``index_add``, ``index_put``, ``scatter_add``). Positions chosen by data freeze (the token axis, the expert
+axis an index selects from); the feature axes the data only moves carry over, so hidden and expert-MLP widths
+stay prunable. Example (Mixtral through ``torch.export``, transformers 5)::
+
+    idx = topk(softmax(x @ gate.T), 2)[1]          # (T, 2): experts axis frozen, T carries over
+    h = x[perm // 2]                               # aten.index: (T*2, H), H carries over
+    y = grouped_mm(h, gate_up_proj.transpose(1, 2), offs)   # (T*2, 2I): H = W[1], 2I = W[2]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fxprune.context import TensorRef
+from fxprune.rules.registry import register
+
+aten = torch.ops.aten
+
+
+def _overloads(*names: str) -> list:
+    out = []
+    for name in names:
+        packet = getattr(aten, name, None)
+        if packet is not None:
+            out.extend(getattr(packet, o) for o in packet.overloads())
+    return out
+
+
+def _topk_signature(input, k, dim=-1, *args, **kwargs):  # noqa: A002
+    pass
+
+
+@register(*_overloads("topk"), torch.topk, "topk")
+def topk(r) -> None:
+    """``values, indices = x.topk(k, dim)``: the ranked axis is data (frozen on both sides), the others carry over.
+
+    Example: router probabilities (T, E) give (T, k): T carries over, E and k freeze.
+    """
+    a = r.bind(_topk_signature)
+    x, dim = a["input"], a["dim"]
+    dim = dim % x.ndim if x.ndim else 0
+    if x.ndim:
+        r.freeze(x[dim], "top-k ranked axis")
+    for out in r.tensors_out():
+        for d in range(out.ndim):
+            if d == dim:
+                r.freeze(out[d], "top-k ranked axis")
+            else:
+                r.same(x[d], out[d])
+
+
+def _index_signature(input, indices):  # noqa: A002
+    pass
+
+
+@register(*_overloads("index"))
+def index(r) -> None:
+    """``aten.index(x, [None, idx, ...])`` (``x[:, idx]``): indexed axes freeze, the others carry over.
+
+    Integer index tensors broadcast to one shape B; when they sit at adjacent positions B replaces them
+    there, otherwise B comes first (numpy's rule). Example: ``x (T, H)[perm (S,)]`` is ``(S, H)`` with H
+    carried over; ``W (E, 2I, H)[ids (S,)]`` is ``(S, 2I, H)``: an expert weight picked per token keeps
+    its unit axes. Boolean masks (data-dependent length) freeze every axis.
+    """
+    a = r.bind(_index_signature)
+    x, indices, out = a["input"], list(a["indices"]), r.out
+    refs = [r.tensor(i) if i is not None else None for i in indices]
+    values = [r.node.args[1][p] for p in range(len(indices))]
+    if out is None or any(v is not None and (_dtype(v) in (torch.bool, torch.uint8)) for v in values):
+        r.freeze_all("indexing by a mask")
+        return
+    used = [p for p, t in enumerate(refs) if t is not None]
+    if not used or any(values[p] is not None and refs[p] is None for p in range(len(values))):
+        r.freeze_all("indexing by a tensor")
+        return
+    b = out.ndim - (x.ndim - len(used))  # the broadcast index rank
+    adjacent = used == list(range(used[0], used[-1] + 1))
+    at = used[0] if adjacent else 0
+    for p in used:
+        r.freeze(x[p], "indexed by data")
+    for j in range(b):
+        r.freeze(out[at + j], "index positions")
+    rest = [d for d in range(x.ndim) if d not in used]
+    out_rest = [d for d in range(out.ndim) if not at <= d < at + b]
+    for d, e in zip(rest, out_rest):
+        r.same(x[d], out[e])
+
+
+def _dtype(value):
+    val = value.meta.get("val") if hasattr(value, "meta") else None
+    return getattr(val, "dtype", None)
+
+
+def _index_select_signature(input, dim, index):  # noqa: A002
+    pass
+
+
+@register(*_overloads("index_select"), torch.index_select, "index_select")
+def index_select(r) -> None:
+    """``x.index_select(dim, idx)``: ``dim`` is data (frozen on both sides), every other axis carries over."""
+    a = r.bind(_index_select_signature)
+    x, out = a["input"], r.out
+    dim = a["dim"] % x.ndim
+    for d in range(x.ndim):
+        if d == dim:
+            r.freeze(x[d], "indexed by data")
+            r.freeze(out[d], "indexed by data")
+        else:
+            r.same(x[d], out[d])
+
+
+def _index_put_signature(input, indices, values, accumulate=False):  # noqa: A002
+    pass
+
+
+@register(*_overloads("index_put", "index_put_", "_index_put_impl_", "_unsafe_index_put"))
+def index_put(r) -> None:
+    """``x[idx] = v`` (or ``+=`` with ``accumulate``): the result has ``x``'s axes; the indexed axes freeze,
+    and ``v``'s trailing axes are ``x``'s axes after the indexed ones (v broadcasts to ``x[idx]``).
+
+    Example: ``out (T, H).index_put_([tok], rows (S, H), accumulate=True)``: T frozen, H ties out, x and rows.
+    """
+    a = r.bind(_index_put_signature)
+    x, v, out = a["input"], a["values"], r.out
+    indices = list(a["indices"])
+    for d in range(x.ndim):
+        r.same(x[d], out[d])
+    used = [p for p, i in enumerate(indices) if i is not None]
+    if any(_dtype(i) in (torch.bool, torch.uint8) for i in indices if i is not None) or not used:
+        r.freeze_all("index_put by a mask")
+        return
+    for p in used:
+        r.freeze(x[p], "indexed by data")
+    if not isinstance(v, TensorRef):
+        return
+    rest = [d for d in range(x.ndim) if d not in used]
+    adjacent = used == list(range(used[0], used[-1] + 1))
+    trailing = [d for d in rest if d > used[-1]] if adjacent else rest
+    for j in range(1, v.ndim + 1):  # v aligns from the right with x[idx]
+        if j <= len(trailing) and v.shape[-j] == x.shape[trailing[-j]]:
+            r.same(v[-j], x[trailing[-j]])
+        elif v.shape[-j] != 1:
+            r.freeze(v[-j], "index_put values")
+        else:
+            r.broadcast(v[-j])
+
+
+def _index_add_signature(input, dim, index, source, *args, **kwargs):  # noqa: A002
+    pass
+
+
+@register(*_overloads("index_add", "index_add_", "index_copy", "index_copy_"), "index_add", "index_add_")
+def index_add(r) -> None:
+    """``x.index_add_(dim, idx, src)``: rows of ``src`` added into ``x`` at data positions along ``dim``
+    (frozen in ``x``, ``src`` and the result); the other axes of all three are one.
+
+    Example: the per-expert loop's ``final.index_add_(0, token_idx, expert_out)``: tokens frozen, H carried.
+    """
+    a = r.bind(_index_add_signature)
+    x, src, out = a["input"], a["source"], r.out
+    dim = a["dim"] % x.ndim
+    for d in range(x.ndim):
+        if out is not None:
+            r.same(x[d], out[d])
+        if d == dim:
+            r.freeze(x[d], "indexed by data")
+            if isinstance(src, TensorRef) and d < src.ndim:
+                r.freeze(src[d], "indexed by data")
+        elif isinstance(src, TensorRef) and src.ndim == x.ndim:
+            r.same(src[d], x[d])
+        elif isinstance(src, TensorRef):
+            r.freeze_all("index_add of another rank")
+            return
+
+
+def _scatter_signature(input, dim, index, src=None, *args, **kwargs):  # noqa: A002
+    pass
+
+
+@register(*_overloads("scatter_add", "scatter_add_", "scatter", "scatter_", "scatter_reduce", "scatter_reduce_"))
+def scatter(r) -> None:
+    """``x.scatter_add(dim, idx, src)``: ``dim`` is data; an axis where ``idx`` and ``src`` are as long as ``x``
+    is one axis of all four (each position of it is written from the same position); a shorter one freezes."""
+    a = r.bind(_scatter_signature)
+    x, idx, src, out = a["input"], a["index"], a["src"], r.out
+    dim = a["dim"] % x.ndim
+    parts = [t for t in (idx, src) if isinstance(t, TensorRef)]
+    for d in range(x.ndim):
+        if out is not None:
+            r.same(x[d], out[d])
+        if d == dim or any(t.ndim != x.ndim or t.shape[d] != x.shape[d] for t in parts):
+            r.freeze(x[d], "scattered by data")
+            for t in parts:
+                if d < t.ndim:
+                    r.freeze(t[d], "scattered by data")
+        else:
+            for t in parts:
+                r.same(t[d], x[d])
+
+
+@register(*_overloads("histc", "bincount"))
+def histogram(r) -> None:
+    """``histc(ids, bins=E)``: counts of data (tokens per expert): every axis is data."""
+    r.freeze_all("histogram of data")
+
+
+def grouped_mm(r) -> None:
+    """``grouped_mm(x (S, K), W (E, K, N), offs (E,))`` is ``(S, N)``: rows ``offs[e-1]:offs[e]`` times ``W[e]``.
+
+    K and N are unit axes of every expert at once (a 3-d weight stays rectangular: unit ``j`` of N is unit
+    ``j`` of each expert); S carries over; E ties the offsets. ``W (E, M, K) @ (E, K, N)`` is a batched
+    product. Other layouts (offsets over K) freeze.
+    """
+    # positional: aten._grouped_mm names its operands (self, mat2, offs), transformers' fallback (input, weight, offs)
+    x, w, out = r.input(0), r.input(1), r.out
+    offs = r.input(2) if len(r.node.args) > 2 else r.tensor(r.node.kwargs.get("offs"))
+    if x.ndim == 2 and w.ndim == 3 and out.ndim == 2:
+        r.same(x[0], out[0])
+        r.same(x[1], w[1])
+        r.same(w[2], out[1])
+        if isinstance(offs, TensorRef):
+            r.same(offs[0], w[0])
+    elif x.ndim == 3 and w.ndim == 3 and out.ndim == 3:
+        r.same(x[0], w[0])
+        r.same(x[0], out[0])
+        r.same(x[1], out[1])
+        r.same(x[2], w[1])
+        r.same(w[2], out[2])
+    else:
+        r.freeze_all("grouped matmul over offsets along the contraction")
+
+
+# transformers' custom op (``torch.ops.transformers.grouped_mm_fallback``), named so that it needs no import
+register(*_overloads("_grouped_mm"), "torch._ops.transformers:transformers::grouped_mm_fallback")(grouped_mm)
