@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 
 from fxprune.errors import FxPruneError
+from fxprune.hf_experts import (expert_widths, in_shared_expert, is_experts, is_router, update_expert_attributes,
+                                update_router_attributes)
 from fxprune.layout import Cat, Prod
 
 # Attribute names the transformers model families use for projections and head counts.
@@ -209,6 +211,10 @@ def _update_module(module: nn.Module) -> None:
             module.out_channels, module.in_channels = outer, inner * module.groups
     elif type(module).__name__ == "Conv1D" and weight is not None:  # transformers' transposed linear
         module.nf = weight.shape[1]
+    elif is_experts(module):  # a mixture-of-experts block's 3-d expert tensors
+        update_expert_attributes(module)
+    elif is_router(module):
+        update_router_attributes(module)
     if _child(module, QUERY) is not None:
         _update_attention(module)
     elif isinstance(getattr(module, "intermediate_size", None), int):
@@ -265,8 +271,10 @@ def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None
     if isinstance(width, int) and width != getattr(config, "hidden_size", None):
         for name, module in model.named_modules():  # the MLP's first projections, found by their old width
             old = original_shapes.get(f"{name}.weight")
-            if isinstance(module, nn.Linear) and old is not None and old[0] == width:
+            if isinstance(module, nn.Linear) and old is not None and old[0] == width and not in_shared_expert(name):
                 values.setdefault("intermediate_size", set()).add(module.out_features)
+    for key, found in expert_widths(model).items():
+        values.setdefault(key, set()).update(found)
     before = {key: getattr(config, key) for key in values if hasattr(config, key)}
     for key, found in values.items():
         if len(found) == 1 and (hasattr(config, key) or key == "head_dim"):
