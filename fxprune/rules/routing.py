@@ -69,6 +69,10 @@ def index(r) -> None:
     """
     a = r.bind(_index_signature)
     x, indices, out = a["input"], list(a["indices"]), r.out
+    if not r.reads_input(x):
+        # weights picked per token (``W[expert_ids]``) are weights, not activations: a product with them
+        # (batched_mm's ``bmm(W[ids], x)``) is a linear layer, not attention whose widths are head dims
+        r.state.from_input.discard(r.node.name)
     refs = [r.tensor(i) if i is not None else None for i in indices]
     values = [r.node.args[1][p] for p in range(len(indices))]
     if out is None or any(v is not None and (_dtype(v) in (torch.bool, torch.uint8)) for v in values):
