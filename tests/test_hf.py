@@ -353,3 +353,92 @@ def test_inplace_unexpected_error_is_an_fxprune_error_and_the_model_is_put_back(
     with pytest.raises(fxprune.FxPruneError, match="in place failed .* AttributeError: simulated"):
         fxprune.prune(model, 0.5, example_inputs=(x,), inplace=True)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def _moe(name, implementation=None):
+    """A tiny mixture-of-experts decoder: 4 experts, top-2, one layer (Qwen2-MoE with a shared expert)."""
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                 num_experts_per_tok=2, max_position_embeddings=64, use_cache=False)
+    if name == "mixtral":
+        config = transformers.MixtralConfig(intermediate_size=48, num_local_experts=4, **sizes)
+        cls = transformers.MixtralForCausalLM
+    else:
+        config = transformers.Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=24, num_experts=4,
+                                             shared_expert_intermediate_size=40, **sizes)
+        cls = transformers.Qwen2MoeForCausalLM
+    if implementation:
+        config._experts_implementation = implementation
+    return cls(config).eval()
+
+
+def _expert_units(dg):
+    """The experts' MLP units (one group across the experts: a 3-d expert weight stays rectangular)."""
+    down = "model.layers.0.mlp.experts.down_proj"
+    return dg.group_of(down, 2)
+
+
+@pytest.mark.parametrize("implementation", [None, "batched_mm"])  # grouped matmul (the default) / W[ids] + bmm
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_moe_expert_and_shared_expert_units_dead_units_are_exact(name, implementation):
+    from fxprune.testing import run_oracle
+
+    model = _moe(name, implementation)
+    ids = _ids()
+    dg = fxprune.analyze(model, (ids,))
+    assert not dg.state.unsupported, dg.report()
+    units = _expert_units(dg)
+    width = 48 if name == "mixtral" else 24
+    assert units.units == width and units.prunable
+    assert dg.describe(dg.layout_of("model.layers.0.mlp.experts.gate_up_proj", 1)) == \
+        f"(G{units.id}({width}) ++ G{units.id}({width}))"  # gate and up halves, unit by unit
+    hidden = dg.group_of("model.embed_tokens.weight", 1)  # the residual stream reaches the router and the experts
+    assert dg.group_of("model.layers.0.mlp.gate.weight", 1) is hidden
+    assert dg.group_of("model.layers.0.mlp.experts.down_proj", 1) is hidden and not hidden.frozen
+    assert dg.group_of("model.layers.0.mlp.gate.weight", 0).frozen  # whole experts: not yet
+    chosen = [units]
+    if name == "qwen2_moe":
+        shared = dg.group_of("model.layers.0.mlp.shared_expert.up_proj.weight", 0)
+        assert shared.units == 40 and shared.prunable
+        assert dg.group_of("model.layers.0.mlp.shared_expert.down_proj.weight", 1) is shared
+        chosen.append(shared)
+    with torch.no_grad():
+        _, removal, pruned = run_oracle(model, (ids,))  # every group but the RMS-normalised hidden size
+    assert sorted(g.units for g in removal if g.units in (width, 40)) == sorted(g.units for g in chosen)
+    assert pruned.get_parameter("model.layers.0.mlp.experts.down_proj").shape[2] < width
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_moe_in_place_generates_and_reloads(name, tmp_path):
+    model = _moe(name)
+    ids = _ids(1, 6)
+    dg = fxprune.analyze(model, (ids,), inplace=True)
+    removal = plant_dead_units(dg)
+    assert _expert_units(dg) in removal
+    with torch.no_grad():
+        tokens = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        logits = model(ids).logits
+    assert fxprune.apply(dg, removal, inplace=True) is model
+    experts = model.model.layers[0].mlp.experts
+    width = experts.down_proj.shape[2]
+    assert width < (48 if name == "mixtral" else 24) and experts.intermediate_dim == width
+    key = "intermediate_size" if name == "mixtral" else "moe_intermediate_size"
+    assert getattr(model.config, key) == width
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0), tokens)
+        assert_same_outputs(model(ids).logits, logits)
+    model.save_pretrained(tmp_path / "dead")  # transformers saves experts one by one; loading stacks them again
+    assert_same_outputs(fxprune.load_pretrained(str(tmp_path / "dead"))(ids).logits, logits)
+
+    smaller = _moe(name)  # a plain ratio: the hidden size too, every width uniform, so the config says it all
+    fxprune.prune(smaller, 0.5, example_inputs=(ids,), inplace=True)
+    assert smaller.config.hidden_size == 16 and smaller.model.layers[0].mlp.gate.hidden_dim == 16
+    if name == "qwen2_moe":
+        assert smaller.config.shared_expert_intermediate_size < 40
+    with torch.no_grad():
+        logits = smaller(ids).logits
+        smaller.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    smaller.save_pretrained(tmp_path / "ratio")
+    reloaded = type(smaller).from_pretrained(tmp_path / "ratio").eval()
+    with torch.no_grad():
+        assert_same_outputs(reloaded(ids).logits, logits)
