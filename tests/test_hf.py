@@ -378,7 +378,8 @@ def _expert_units(dg):
     return dg.group_of(down, 2)
 
 
-@pytest.mark.parametrize("implementation", [None, "batched_mm"])  # grouped matmul (the default) / W[ids] + bmm
+# grouped matmul (the default), W[ids] + bmm, and the per-expert loop over data (captured as grouped matmul)
+@pytest.mark.parametrize("implementation", [None, "batched_mm", "eager"])
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
 def test_moe_expert_and_shared_expert_units_dead_units_are_exact(name, implementation):
     from fxprune.testing import run_oracle
@@ -406,6 +407,7 @@ def test_moe_expert_and_shared_expert_units_dead_units_are_exact(name, implement
         _, removal, pruned = run_oracle(model, (ids,))  # every group but the RMS-normalised hidden size
     assert sorted(g.units for g in removal if g.units in (width, 40)) == sorted(g.units for g in chosen)
     assert pruned.get_parameter("model.layers.0.mlp.experts.down_proj").shape[2] < width
+    assert model.config._experts_implementation == (implementation or "grouped_mm")  # put back after capture
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
