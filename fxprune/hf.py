@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from fxprune.errors import FxPruneError
 from fxprune.hf_experts import (expert_widths, in_shared_expert, is_experts, is_router, update_expert_attributes,
-                                update_router_attributes)
+                                update_expert_count, update_router_attributes)
 from fxprune.layout import Cat, Prod
 
 # Attribute names the transformers model families use for projections and head counts.
@@ -193,6 +193,7 @@ def update_attributes(model: nn.Module) -> None:
             _update_module(module)
         except (AttributeError, TypeError, ZeroDivisionError) as exc:
             raise FxPruneError(f"could not update the attributes of {name} ({type(module).__name__}): {exc}") from exc
+    update_expert_count(model)  # after the experts modules
 
 
 def _update_module(module: nn.Module) -> None:

@@ -51,15 +51,27 @@ def update_router_attributes(module: nn.Module) -> None:
         module.num_experts = experts
 
 
+def update_expert_count(model: nn.Module) -> None:
+    """The model's own ``num_experts`` (Mixtral's and Qwen2-MoE's load-balancing loss reads it), when every
+    experts module agrees."""
+    counts = {m.num_experts for m in model.modules() if is_experts(m)}
+    if len(counts) == 1 and isinstance(getattr(model, "num_experts", None), int) and not is_experts(model):
+        model.num_experts = counts.pop()
+
+
 def expert_widths(model: nn.Module) -> dict[str, set]:
     """Config key -> the widths found for it: the experts' MLP width (``moe_intermediate_size`` where the config
-    has one, Mixtral's ``intermediate_size`` otherwise) and ``shared_expert_intermediate_size``."""
+    has one, Mixtral's ``intermediate_size`` otherwise), their number (``num_local_experts`` / ``num_experts``)
+    and ``shared_expert_intermediate_size``."""
     config = model.config
     key = "moe_intermediate_size" if hasattr(config, "moe_intermediate_size") else "intermediate_size"
     values: dict[str, set] = {}
+    count = "num_local_experts" if hasattr(config, "num_local_experts") else "num_experts"
     for name, module in model.named_modules():
         if is_experts(module):
             values.setdefault(key, set()).add(_widths(module)[1])
+            if hasattr(config, count):
+                values.setdefault(count, set()).add(_widths(module)[0])
         elif name.endswith(".shared_expert") and hasattr(config, "shared_expert_intermediate_size"):
             first = next((c for c in module.children() if isinstance(c, nn.Linear)), None)
             if first is not None:

@@ -396,7 +396,10 @@ def test_moe_expert_and_shared_expert_units_dead_units_are_exact(name, implement
     hidden = dg.group_of("model.embed_tokens.weight", 1)  # the residual stream reaches the router and the experts
     assert dg.group_of("model.layers.0.mlp.gate.weight", 1) is hidden
     assert dg.group_of("model.layers.0.mlp.experts.down_proj", 1) is hidden and not hidden.frozen
-    assert dg.group_of("model.layers.0.mlp.gate.weight", 0).frozen  # whole experts: not yet
+    experts = dg.group_of("model.layers.0.mlp.gate.weight", 0)  # router rows and both expert weights
+    assert experts.units == 4 and experts.prunable and experts.min_kept == 2
+    assert dg.group_of("model.layers.0.mlp.experts.gate_up_proj", 0) is experts
+    assert dg.group_of("model.layers.0.mlp.experts.down_proj", 0) is experts
     chosen = [units]
     if name == "qwen2_moe":
         shared = dg.group_of("model.layers.0.mlp.shared_expert.up_proj.weight", 0)
@@ -432,9 +435,11 @@ def test_moe_in_place_generates_and_reloads(name, tmp_path):
     model.save_pretrained(tmp_path / "dead")  # transformers saves experts one by one; loading stacks them again
     assert_same_outputs(fxprune.load_pretrained(str(tmp_path / "dead"))(ids).logits, logits)
 
-    smaller = _moe(name)  # a plain ratio: the hidden size too, every width uniform, so the config says it all
+    smaller = _moe(name)  # a plain ratio: the hidden size and experts too, every width uniform: the config says all
     fxprune.prune(smaller, 0.5, example_inputs=(ids,), inplace=True)
     assert smaller.config.hidden_size == 16 and smaller.model.layers[0].mlp.gate.hidden_dim == 16
+    count = "num_local_experts" if name == "mixtral" else "num_experts"
+    assert getattr(smaller.config, count) == 2 == smaller.num_experts == smaller.model.layers[0].mlp.experts.num_experts
     if name == "qwen2_moe":
         assert smaller.config.shared_expert_intermediate_size < 40
     with torch.no_grad():
@@ -444,3 +449,27 @@ def test_moe_in_place_generates_and_reloads(name, tmp_path):
     reloaded = type(smaller).from_pretrained(tmp_path / "ratio").eval()
     with torch.no_grad():
         assert_same_outputs(reloaded(ids).logits, logits)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_moe_whole_experts_match_the_model_built_with_fewer_and_keep_top_k(name):
+    """Removing expert 1 (router row, its slices of both expert weights) is the model built with 3 experts and
+    the other weights; more than ``num_experts - top_k`` experts never go."""
+    model, ids = _moe(name), _ids()
+    dg = fxprune.analyze(model, (ids,))
+    experts = dg.group_of("model.layers.0.mlp.gate.weight", 0)
+    config = model.config.to_dict()
+    count = "num_local_experts" if name == "mixtral" else "num_experts"
+    config[count] = 3
+    fewer = type(model)(type(model.config).from_dict(config)).eval()
+    state = model.state_dict()
+    fewer.load_state_dict({k: v[[0, 2, 3]] if ".mlp.gate." in k or ".mlp.experts." in k else v
+                           for k, v in state.items()})
+    with torch.no_grad():
+        pruned = fxprune.apply(dg, {experts: [1]})
+        assert_same_outputs(_first(pruned(ids)), fewer(ids).logits)
+    with pytest.raises(fxprune.FxPruneError, match="must keep at least 2 of its 4 units"):
+        fxprune.apply(dg, {experts: [0, 1, 2]})
+    with pytest.warns(UserWarning, match="keeps at least 2"):
+        smaller = fxprune.prune(model, 0.3, example_inputs=(ids,), ratios={model.model.layers[0].mlp.gate: 0.9})
+    assert smaller.get_parameter("model.layers.0.mlp.gate.weight").shape[0] == 2

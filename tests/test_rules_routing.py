@@ -1,6 +1,8 @@
 """Table test for fxprune/rules/routing.py: top-k, tensor indexing, index_put/index_add/scatter_add, histc and
 grouped matmul, as mixture-of-experts blocks dispatch tokens (exact relations, then the dead-unit oracle)."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -55,15 +57,49 @@ def test_topk_index_and_index_add_relations():
     assert dg.group_of("gate.weight", 1) is hidden and dg.group_of("w", 2) is hidden
     units = dg.group_of("w", 1)  # the experts' units: through bmm, index_add and into out's input
     assert units.units == 5 and units.prunable and dg.group_of("out.weight", 1) is units
+    # W[ids] reads the router's ids as positions along W's expert axis: router rows and W's experts are one group,
+    # and top-k needs K of them
     experts = dg.group_of("gate.weight", 0)
-    assert experts.units == E and "top-k ranked axis" in experts.frozen[0]
-    assert "indexed by data" in dg.group_of("w", 0).frozen[0]  # W[ids]: the expert axis is data
+    assert experts.units == E and experts.prunable and dg.group_of("w", 0) is experts
+    assert experts.min_kept == K and experts.normalized  # softmax over the experts: removing one is not exact
+    assert dg.group_of("getitem_1", 1).frozen  # the k axis of the ids
+
+
+class OtherUse(Gathered):
+    def forward(self, x):
+        h = self.a(x)
+        probs, ids = self.gate(h).topk(K, dim=-1)
+        return self.out(torch.zeros(T, 5)) + ids.sum()  # the ids read as numbers: the experts stay
+
+
+def test_topk_ids_read_as_numbers_freeze_the_ranked_axis():
+    x = torch.randn(T, 4)
+    dg = fxprune.analyze(exported(OtherUse().eval(), x), (x,))
+    assert "top-k ranked axis" in dg.group_of("gate.weight", 0).frozen[0]
+
+
+def test_removing_experts_matches_the_smaller_model_and_keeps_top_k():
+    torch.manual_seed(0)
+    model, x = Gathered().eval(), torch.randn(T, 4)
+    dg = fxprune.analyze(exported(model, x), (x,))
+    experts = dg.group_of("gate.weight", 0)
+    smaller = copy.deepcopy(model)  # the same model built with experts 0 and 2 only
+    with torch.no_grad():
+        smaller.gate = nn.Linear(6, 2)
+        smaller.gate.weight.copy_(model.gate.weight[[0, 2]])
+        smaller.gate.bias.copy_(model.gate.bias[[0, 2]])
+        smaller.w = nn.Parameter(model.w[[0, 2]].clone())
+        pruned = fxprune.apply(dg, {experts: [1]})
+        torch.testing.assert_close(pruned(x), smaller(x), atol=1e-6, rtol=0)
+    assert pruned.w.shape == (2, 5, 6)
+    with pytest.raises(fxprune.FxPruneError, match="must keep at least 2 of its 3 units"):
+        fxprune.apply(dg, {experts: [0, 1]})
 
 
 def test_topk_index_and_index_add_prune_exactly():
     x = torch.randn(T, 4)
     dg = _oracle(exported(Gathered().eval(), x), x)
-    assert {g.units for g in dg.prunable_groups} == {6, 5}
+    assert {g.units for g in dg.prunable_groups} == {6, 5, E}  # the experts: prunable, not in the oracle
 
 
 class Scattered(nn.Module):
@@ -158,8 +194,8 @@ def test_grouped_mm_ties_the_contraction_and_the_expert_units(fallback):
     assert any("grouped_mm" in str(n.target) for n in gm.graph.nodes)
     dg = _oracle(gm, x, ids) if fallback else fxprune.analyze(gm, (x, ids))
     assert not dg.state.unsupported, dg.report()
+    assert dg.group_of("w", 0).frozen  # offsets counted from ids that no router ranked: the experts stay
     hidden = dg.group_of("a.weight", 0)
     assert hidden.units == 8 and hidden.prunable and dg.group_of("w", 1) is hidden
     units = dg.group_of("w", 2)
     assert units.units == 12 and units.prunable and dg.group_of("out.weight", 1) is units
-    assert dg.group_of("w", 0).frozen  # the expert axis meets the offsets, counted from data

@@ -237,7 +237,7 @@ def _scan_signature(input, dim=-1, *args, **kwargs):  # sort's dim defaults to -
     pass
 
 
-@register(*overloads(*_packets("cumsum", "cumprod", "diff", "flip", "sort", "cummax")))
+@register(*overloads(*_packets("cumprod", "diff", "flip", "sort", "cummax")))
 def scan(r) -> None:
     """Scans and reorderings mix positions along ``dim`` (frozen); other axes carry over."""
     a = r.bind(_scan_signature)

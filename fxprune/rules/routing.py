@@ -35,17 +35,98 @@ def _topk_signature(input, k, dim=-1, *args, **kwargs):  # noqa: A002
     pass
 
 
+# ops whose output holds the same integer values as their first argument (expert ids reshaped, sorted, cast)
+_SAME_VALUES = {"view", "reshape", "_unsafe_view", "flatten", "to", "_to_copy", "clone", "contiguous", "detach",
+                "alias", "lift_fresh_copy"}
+# consumers that read expert ids as positions along an axis the rules below tie to the ranked axis (or freeze)
+_TYING = {"histc", "index"}
+
+
+def _opname(node) -> str:
+    if getattr(node, "op", None) != "call_function":
+        return ""
+    return getattr(node.target, "_opname", None) or getattr(node.target, "__name__", "")
+
+
+def _ids_origin(node):
+    """The ``topk`` node whose indices ``node`` holds (through reshapes, casts and sort's values), else None.
+
+    Example: ``histc(sort(topk(p, 2)[1].reshape(-1))[0].float(), bins=E)`` reaches ``topk``: the histogram's
+    bins are the ranked axis of ``p``."""
+    import operator
+
+    while node is not None and getattr(node, "op", None) == "call_function":
+        if node.target is operator.getitem:
+            source, item = node.args
+            name = _opname(source)
+            if name == "topk" and item == 1:
+                return source
+            if name == "sort" and item == 0:  # sorted values are the same ids
+                node = source.args[0]
+                continue
+            return None
+        if _opname(node) not in _SAME_VALUES:
+            return None
+        node = node.args[0]
+    return None
+
+
+def ranked_axis(r, node):
+    """The layout whose positions the integer values of ``node`` are (the axis ``topk`` ranked), else None."""
+    origin = _ids_origin(node) if hasattr(node, "op") else None
+    if origin is None:
+        return None
+    x = r.tensor(origin.args[0])
+    dim = origin.args[2] if len(origin.args) > 2 else origin.kwargs.get("dim", -1)
+    return x[dim] if x is not None and x.ndim else None
+
+
+def _ids_reach_only_tying_ops(indices) -> bool:
+    """Every use of top-k's indices ends in an op that ties their values to an axis (histogram bins, an index
+    of a tensor, one-hot classes), through reshapes, casts and sort's values; sort's own positions are no ids."""
+    import operator
+
+    todo = list(indices.users)
+    while todo:
+        user = todo.pop()
+        name = _opname(user)
+        if user.op != "call_function":
+            return False
+        if user.target is operator.getitem and _opname(user.args[0]) == "sort":
+            if user.args[1] == 0:
+                todo.extend(user.users)
+            continue
+        if name == "sort":
+            todo.extend(user.users)
+        elif name in _SAME_VALUES and user.args[0] is not None:
+            todo.extend(user.users)
+        elif name in _TYING and (name != "index" or user.args[0] is not indices):
+            continue
+        elif name in ("_assert_tensor_metadata", "sym_size", "size"):  # reads metadata, not the ids
+            continue
+        else:
+            return False
+    return True
+
+
 @register(*_overloads("topk"), torch.topk, "topk")
 def topk(r) -> None:
-    """``values, indices = x.topk(k, dim)``: the ranked axis is data (frozen on both sides), the others carry over.
+    """``values, indices = x.topk(k, dim)``: the k axis is data (frozen), the others carry over.
 
-    Example: router probabilities (T, E) give (T, k): T carries over, E and k freeze.
+    The ranked axis stays prunable (at least k of its units kept) when the indices are only read as positions
+    along axes that the rules tie to it (a router's expert ids: histogram bins, ``W[ids]`` of a 3-d expert
+    weight, one-hot classes): removing unit e removes it there too, and the ids of the rest are recomputed in the
+    smaller space. Any other use of the indices (arithmetic, an output) freezes it. Example: router
+    probabilities (T, E) give (T, k): T carries over, k freezes, E is the experts' axis.
     """
     a = r.bind(_topk_signature)
     x, dim = a["input"], a["dim"]
     dim = dim % x.ndim if x.ndim else 0
-    if x.ndim:
+    indices = next((u for u in r.node.users if u.args[1:] == (1,) and _opname(u) == "getitem"), None)
+    if x.ndim and (indices is None or not isinstance(a["k"], int) or not _ids_reach_only_tying_ops(indices)):
         r.freeze(x[dim], "top-k ranked axis")
+    elif x.ndim:
+        r.keep_at_least(x[dim], a["k"])
     for out in r.tensors_out():
         for d in range(out.ndim):
             if d == dim:
@@ -86,7 +167,11 @@ def index(r) -> None:
     adjacent = used == list(range(used[0], used[-1] + 1))
     at = used[0] if adjacent else 0
     for p in used:
-        r.freeze(x[p], "indexed by data")
+        space = ranked_axis(r, values[p])
+        if space is not None:  # W[expert_ids]: the expert axis of W is the router's
+            r.same(x[p], space)
+        else:
+            r.freeze(x[p], "indexed by data")
     for j in range(b):
         r.freeze(out[at + j], "index positions")
     rest = [d for d in range(x.ndim) if d not in used]
@@ -207,10 +292,67 @@ def scatter(r) -> None:
                 r.same(t[d], x[d])
 
 
-@register(*_overloads("histc", "bincount"))
+def _histc_signature(input, bins=100, min=0, max=0):  # noqa: A002
+    pass
+
+
+@register(*_overloads("histc"))
 def histogram(r) -> None:
-    """``histc(ids, bins=E)``: counts of data (tokens per expert): every axis is data."""
+    """``histc(ids, bins=E, min=0, max=E-1)``: tokens per expert. The positions counted are data (frozen); when
+    ``ids`` are a router's top-k indices, the bins are its experts' axis (``bins`` and ``max`` follow it)."""
+    a = r.bind(_histc_signature)
+    x, out = a["input"], r.out
+    space = ranked_axis(r, r.node.args[0])
+    for d in range(x.ndim):
+        r.freeze(x[d], "histogram of data")
+    bins, low, high = a["bins"], a["min"], a["max"]
+    if space is None or not (low == 0 and high == bins - 1):
+        r.freeze(out, "histogram of data")
+        if space is not None:  # bins over another range than the router's ids: its experts stay
+            r.freeze(space, "histogram of expert ids over another range")
+        return
+    r.same(out[0], space)
+    r.const("bins", space)
+    r.on_rewrite(_histc_max(space))
+
+
+def _histc_max(space):
+    def hook(node, sizes) -> None:
+        new = sizes.new(space) - 1
+        if len(node.args) > 3:
+            node.args = node.args[:3] + (new,) + node.args[4:]
+        else:
+            node.kwargs = {**node.kwargs, "max": new}
+
+    return hook
+
+
+@register(*_overloads("bincount"))
+def bincount(r) -> None:
+    """``bincount(ids)``: its length is the largest id + 1, data: every axis freezes."""
     r.freeze_all("histogram of data")
+
+
+def _cumsum_signature(input, dim, *args, **kwargs):  # noqa: A002
+    pass
+
+
+@register(*_overloads("cumsum"))
+def cumsum(r) -> None:
+    """Cumulative sums mix positions along ``dim`` (frozen), except offsets summed over a histogram of expert
+    ids (grouped matmul's ``offs``): the counts are recomputed from the pruned router, so the experts' axis
+    carries over. Other axes carry over."""
+    from fxprune.rules.aten import scan
+
+    a = r.bind(_cumsum_signature)
+    x, out = a["input"], r.out
+    source = r.node.args[0]
+    while _opname(source) in _SAME_VALUES:
+        source = source.args[0]
+    if _opname(source) == "histc" and x.ndim == 1 and ranked_axis(r, source.args[0]) is not None:
+        r.same(x[0], out[0])
+    else:
+        scan(r)
 
 
 def grouped_mm(r) -> None:
