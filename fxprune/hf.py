@@ -420,21 +420,52 @@ def load_pretrained(path: str, **kwargs):
     if not shapes and not attributes:
         return cls.from_pretrained(path, **kwargs)
     model = cls(config)
+    _resize(model, shapes, attributes)
+    state = _checkpoint_names_to_model(model, _load_state_dict(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [m for m in missing if m not in tied and not m.endswith("inv_freq")]
+    if missing or unexpected:
+        try:  # a checkpoint transformers converts on loading (experts saved one by one, stacked into 3-d tensors)
+            return _from_pretrained_resized(cls, path, config, shapes, attributes, **kwargs)
+        except Exception as exc:
+            raise FxPruneError(f"{path}: missing weights {missing[:5]}, unexpected weights {unexpected[:5]}; "
+                               f"from_pretrained on the resized model failed too: {type(exc).__name__}: {exc}") from exc
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model.eval()
+
+
+def _resize(model: nn.Module, shapes: dict, attributes: dict) -> None:
+    """The recorded tensor shapes and attributes of a model pruned in place, on a model built from its config."""
     for name, shape in shapes.items():
         set_tensor(model, name, torch.empty(shape))
     for name, value in attributes.items():
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner) if owner else model, attr, value)
     update_attributes(model)
-    state = _checkpoint_names_to_model(model, _load_state_dict(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [m for m in missing if m not in tied and not m.endswith("inv_freq")]
-    if missing or unexpected:
-        raise FxPruneError(f"{path}: missing weights {missing[:5]}, unexpected weights {unexpected[:5]}")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    return model.eval()
+
+
+def _from_pretrained_resized(cls, path: str, config, shapes: dict, attributes: dict, **kwargs):
+    """``cls.from_pretrained`` with the model resized as it is built (at the end of its ``post_init``), so that
+    transformers' own loader converts the checkpoint (stacking Mixtral's per-expert ``w1``/``w3`` into
+    ``gate_up_proj``) into tensors of the pruned shapes. ``cls.post_init`` is put back afterwards."""
+    own = cls.__dict__.get("post_init")
+    inherited = cls.post_init
+
+    def post_init(self, *args, **kw):
+        inherited(self, *args, **kw)
+        if type(self) is cls:
+            _resize(self, shapes, attributes)
+
+    cls.post_init = post_init
+    try:
+        return cls.from_pretrained(path, config=config, **kwargs).eval()
+    finally:
+        if own is None:
+            del cls.post_init
+        else:
+            cls.post_init = own
 
 
 def _checkpoint_names_to_model(model: nn.Module, state: dict) -> dict:

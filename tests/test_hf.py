@@ -473,3 +473,25 @@ def test_moe_whole_experts_match_the_model_built_with_fewer_and_keep_top_k(name)
     with pytest.warns(UserWarning, match="keeps at least 2"):
         smaller = fxprune.prune(model, 0.3, example_inputs=(ids,), ratios={model.model.layers[0].mlp.gate: 0.9})
     assert smaller.get_parameter("model.layers.0.mlp.gate.weight").shape[0] == 2
+
+
+def test_moe_non_uniform_in_place_reloads_with_load_pretrained(tmp_path):
+    """One layer loses an expert, the other expert MLP units: recorded in ``fxprune_shapes``; transformers saves
+    the experts one by one, and ``load_pretrained`` lets its loader stack them into the resized 3-d tensors."""
+    model = _moe("mixtral")
+    model = type(model)(type(model.config).from_dict({**model.config.to_dict(), "num_hidden_layers": 2})).eval()
+    ids = _ids(1, 6)
+    dg = fxprune.analyze(model, (ids,), inplace=True)
+    removal = plant_dead_units(dg, groups=[dg.group_of("model.layers.1.mlp.experts.down_proj", 2)])
+    removal[dg.group_of("model.layers.0.mlp.gate.weight", 0)] = [3]
+    fxprune.apply(dg, removal, inplace=True)
+    assert model.config.fxprune_shapes["model.layers.0.mlp.experts.down_proj"] == [3, 32, 48]
+    assert model.model.layers[0].mlp.experts.num_experts == 3 == model.model.layers[0].mlp.gate.num_experts
+    with torch.no_grad():
+        logits = model(ids).logits
+    model.save_pretrained(tmp_path)
+    reloaded = fxprune.load_pretrained(str(tmp_path))
+    assert reloaded.model.layers[0].mlp.experts.gate_up_proj.shape == (3, 96, 32)
+    with torch.no_grad():
+        assert_same_outputs(reloaded(ids).logits, logits)
+        reloaded.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
