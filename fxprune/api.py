@@ -52,7 +52,7 @@ from fxprune.macs import count_graph, estimate
 from fxprune.planning.alignment import default_alignment, removal_steps
 from fxprune.planning.costs import group_types
 from fxprune.planning.latency_target import search_latency
-from fxprune.planning.minimum import check_minimum, keep_minimum
+from fxprune.planning.minimum import keep_minimum
 from fxprune.planning.selection import make_plan, units_to_keep
 from fxprune.plan_io import PruningPlan, attach_plan
 from fxprune.propagate import propagate
@@ -326,7 +326,6 @@ def apply(dg: DependencyGraph, removal: dict, *, inplace: bool = False) -> fx.Gr
     With ``inplace=True`` on a Hugging Face model (analysed with ``inplace=True``
     so that head dims are kept), the model itself is pruned and returned.
     """
-    check_minimum(dg, removal)
     if inplace and is_hf_model(getattr(dg, "model", None)):
         gm = hf.prune_in_place(dg, removal, rewrite, verify)
     else:

@@ -92,7 +92,7 @@ def test_removing_experts_matches_the_smaller_model_and_keeps_top_k():
         pruned = fxprune.apply(dg, {experts: [1]})
         torch.testing.assert_close(pruned(x), smaller(x), atol=1e-6, rtol=0)
     assert pruned.w.shape == (2, 5, 6)
-    with pytest.raises(fxprune.FxPruneError, match="must keep at least 2 of its 3 units"):
+    with pytest.raises(fxprune.PlanError, match="must keep at least 2 of its 3 units"):
         fxprune.apply(dg, {experts: [0, 1]})
 
 
