@@ -199,3 +199,25 @@ def test_grouped_mm_ties_the_contraction_and_the_expert_units(fallback):
     assert hidden.units == 8 and hidden.prunable and dg.group_of("w", 1) is hidden
     units = dg.group_of("w", 2)
     assert units.units == 12 and units.prunable and dg.group_of("out.weight", 1) is units
+
+
+class LeadingPut(nn.Module):
+    """``y[:, idx] = v``: aten.index_put_ with indices ``[None, idx]``; v's leading axis is y's leading axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.out = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x, idx):  # x: (T, 4); idx: (3,) distinct positions
+        y = torch.zeros(6, T)
+        y[:, idx] = self.a(x)[:3].T  # (6, 3) into columns idx
+        return self.out(y.T)
+
+
+def test_index_put_ties_the_unindexed_leading_axis():
+    x, idx = torch.randn(T, 4), torch.tensor([4, 0, 2])
+    gm = exported(LeadingPut().eval(), x, idx)
+    assert any("index_put" in str(n.target) for n in gm.graph.nodes)
+    dg = _oracle(gm, x, idx)
+    channels = dg.group_of("a.weight", 0)
+    assert channels.units == 6 and channels.prunable and dg.group_of("out.weight", 1) is channels

@@ -210,9 +210,11 @@ def _index_put_signature(input, indices, values, accumulate=False):  # noqa: A00
 @register(*_overloads("index_put", "index_put_", "_index_put_impl_", "_unsafe_index_put"))
 def index_put(r) -> None:
     """``x[idx] = v`` (or ``+=`` with ``accumulate``): the result has ``x``'s axes; the indexed axes freeze,
-    and ``v``'s trailing axes are ``x``'s axes after the indexed ones (v broadcasts to ``x[idx]``).
+    and ``v`` broadcasts against ``x[idx]`` from the right: its axes facing ``x``'s unindexed axes are those axes,
+    the ones facing the index positions freeze (with the ``x`` axis they face, if the sizes disagree).
 
-    Example: ``out (T, H).index_put_([tok], rows (S, H), accumulate=True)``: T frozen, H ties out, x and rows.
+    Example: ``out (T, H).index_put_([tok], rows (S, H), accumulate=True)``: T frozen, H ties out, x and rows;
+    ``y (C, T)[:, idx] = v (C, S)`` ties C.
     """
     a = r.bind(_index_put_signature)
     x, v, out = a["input"], a["values"], r.out
@@ -229,14 +231,27 @@ def index_put(r) -> None:
         return
     rest = [d for d in range(x.ndim) if d not in used]
     adjacent = used == list(range(used[0], used[-1] + 1))
-    trailing = [d for d in rest if d > used[-1]] if adjacent else rest
+    b = max((_ndim(i) for i in indices if i is not None), default=0)
+    # the axes of x[idx] that v broadcasts against: x's axes, None for the index positions
+    if adjacent:
+        target = [d for d in rest if d < used[0]] + [None] * b + [d for d in rest if d > used[-1]]
+    else:
+        target = [None] * b + rest
     for j in range(1, v.ndim + 1):  # v aligns from the right with x[idx]
-        if j <= len(trailing) and v.shape[-j] == x.shape[trailing[-j]]:
-            r.same(v[-j], x[trailing[-j]])
-        elif v.shape[-j] != 1:
-            r.freeze(v[-j], "index_put values")
-        else:
+        d = target[-j] if j <= len(target) else None
+        if d is not None and v.shape[-j] == x.shape[d]:
+            r.same(v[-j], x[d])
+        elif v.shape[-j] == 1:
             r.broadcast(v[-j])
+        else:
+            r.freeze(v[-j], "index_put values")
+            if d is not None:
+                r.freeze(x[d], "index_put values")
+
+
+def _ndim(index) -> int:
+    val = index.meta.get("val") if hasattr(index, "meta") else None
+    return getattr(val, "ndim", 0)
 
 
 def _index_add_signature(input, dim, index, source, *args, **kwargs):  # noqa: A002
