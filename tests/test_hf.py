@@ -457,11 +457,12 @@ def test_moe_in_place_generates_and_reloads(name, tmp_path):
         assert_same_outputs(reloaded(ids).logits, logits)
 
 
+@pytest.mark.parametrize("implementation", [None, "batched_mm"])  # expert ids as offsets' bins / as W[ids]
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
-def test_moe_whole_experts_match_the_model_built_with_fewer_and_keep_top_k(name):
+def test_moe_whole_experts_match_the_model_built_with_fewer_and_keep_top_k(name, implementation):
     """Removing expert 1 (router row, its slices of both expert weights) is the model built with 3 experts and
     the other weights; more than ``num_experts - top_k`` experts never go."""
-    model, ids = _moe(name), _ids()
+    model, ids = _moe(name, implementation), _ids()
     dg = fxprune.analyze(model, (ids,))
     experts = dg.group_of("model.layers.0.mlp.gate.weight", 0)
     config = model.config.to_dict()
