@@ -28,6 +28,6 @@ def keep_minimum(removal: dict, scores: dict | None = None) -> dict:
         score = scores.get(group) if scores else None
         order = sorted((int(u) for u in units), key=lambda u: float(score[u]) if score is not None else 0.0)
         out[group] = np.sort(np.asarray(order[:max(most, 0)], dtype=np.int64))
-        warnings.warn(f"fxprune: group {group.id} ({group.units} units) keeps at least {group.min_kept} "
+        warnings.warn(f"fxprune: group G{group.id} ({group.units} units) keeps at least {group.min_kept} "
                       f"({group.min_kept_reason}); its removal was cut to {len(out[group])} units", stacklevel=3)
     return out

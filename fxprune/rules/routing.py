@@ -3,16 +3,21 @@
 A router picks experts per token (``topk``), tokens are gathered per expert (``x[idx]``, ``index_select``),
 each expert runs on its rows (a loop over ``W[e]`` of a 3-d expert weight, ``W[expert_ids]`` then ``bmm``, or
 one grouped matmul over offsets from ``histc`` + ``cumsum``) and the rows are added back per token
-(``index_add``, ``index_put``, ``scatter_add``). Positions chosen by data freeze (the token axis, the expert
-axis an index selects from); the feature axes the data only moves carry over, so hidden and expert-MLP widths
-stay prunable. Example (Mixtral through ``torch.export``, transformers 5)::
+(``index_add``, ``index_put``, ``scatter_add``). Positions chosen by data freeze (the token axis); the
+feature axes the data only moves carry over, so hidden and expert-MLP widths stay prunable. The router's expert
+ids are followed as values: where they are read only as positions along an axis (``W[ids]``, histogram bins),
+that axis is the router's experts axis, so whole experts are one group (router rows and every expert tensor),
+which keeps at least top-k units. Example (Mixtral through ``torch.export``, transformers 5)::
 
-    idx = topk(softmax(x @ gate.T), 2)[1]          # (T, 2): experts axis frozen, T carries over
+    idx = topk(softmax(x @ gate.T), 2)[1]          # (T, 2): k frozen, T carries over, E ranked
     h = x[perm // 2]                               # aten.index: (T*2, H), H carries over
-    y = grouped_mm(h, gate_up_proj.transpose(1, 2), offs)   # (T*2, 2I): H = W[1], 2I = W[2]
+    offs = cumsum(histc(sort(idx.reshape(-1))[0], bins=E, max=E-1))   # (E,): the router's experts
+    y = grouped_mm(h, gate_up_proj.transpose(1, 2), offs)   # (T*2, 2I): H = W[1], 2I = W[2], E = W[0]
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 
@@ -38,8 +43,6 @@ def _topk_signature(input, k, dim=-1, *args, **kwargs):  # noqa: A002
 # ops whose output holds the same integer values as their first argument (expert ids reshaped, sorted, cast)
 _SAME_VALUES = {"view", "reshape", "_unsafe_view", "flatten", "to", "_to_copy", "clone", "contiguous", "detach",
                 "alias", "lift_fresh_copy"}
-# consumers that read expert ids as positions along an axis the rules below tie to the ranked axis (or freeze)
-_TYING = {"histc", "index"}
 
 
 def _opname(node) -> str:
@@ -53,8 +56,6 @@ def _ids_origin(node):
 
     Example: ``histc(sort(topk(p, 2)[1].reshape(-1))[0].float(), bins=E)`` reaches ``topk``: the histogram's
     bins are the ranked axis of ``p``."""
-    import operator
-
     while node is not None and getattr(node, "op", None) == "call_function":
         if node.target is operator.getitem:
             source, item = node.args
@@ -82,25 +83,23 @@ def ranked_axis(r, node):
 
 
 def _ids_reach_only_tying_ops(indices) -> bool:
-    """Every use of top-k's indices ends in an op that ties their values to an axis (histogram bins, an index
-    of a tensor, one-hot classes), through reshapes, casts and sort's values; sort's own positions are no ids."""
-    import operator
-
-    todo = list(indices.users)
+    """Every use of top-k's indices ends in an op that ties their values to an axis (histogram bins, the index
+    of a tensor), through reshapes, casts and sort's values; sort's own positions are no ids."""
+    todo = [(user, indices) for user in indices.users]
     while todo:
-        user = todo.pop()
+        user, via = todo.pop()
         name = _opname(user)
         if user.op != "call_function":
             return False
         if user.target is operator.getitem and _opname(user.args[0]) == "sort":
             if user.args[1] == 0:
-                todo.extend(user.users)
+                todo.extend((u, user) for u in user.users)
             continue
-        if name == "sort":
-            todo.extend(user.users)
-        elif name in _SAME_VALUES and user.args[0] is not None:
-            todo.extend(user.users)
-        elif name in _TYING and (name != "index" or user.args[0] is not indices):
+        if name == "sort" or (name in _SAME_VALUES and user.args[0] is via):
+            todo.extend((u, user) for u in user.users)
+        elif name == "histc" and user.args[0] is via:
+            continue
+        elif name == "index" and user.args[0] is not via:  # W[ids]: the ids index W, they are not W
             continue
         elif name in ("_assert_tensor_metadata", "sym_size", "size"):  # reads metadata, not the ids
             continue
