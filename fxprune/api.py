@@ -52,6 +52,7 @@ from fxprune.macs import count_graph, estimate
 from fxprune.planning.alignment import default_alignment, removal_steps
 from fxprune.planning.costs import group_types
 from fxprune.planning.latency_target import search_latency
+from fxprune.planning.minimum import keep_minimum
 from fxprune.planning.selection import make_plan, units_to_keep
 from fxprune.plan_io import PruningPlan, attach_plan
 from fxprune.propagate import propagate
@@ -174,6 +175,7 @@ def _plan(job: Job) -> None:
     else:
         job.search = search_ratio(job.dg, plan_for, *job.target)
         job.removal, job.ratio = job.search.removal, job.search.ratio
+    job.removal = keep_minimum(job.removal, job.scores)  # a router keeps its top-k experts
 
 
 def _check_removed(job: Job) -> None:

@@ -30,6 +30,7 @@ import torch.fx as fx
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils._pytree import tree_leaves, tree_map, tree_structure, tree_unflatten
 
+from fxprune.capture_experts import grouped_experts
 from fxprune.errors import CaptureError, ShapeError
 from fxprune.modules import PrunedMultiheadAttention
 
@@ -139,16 +140,17 @@ def export_capture(model: torch.nn.Module, example_inputs, kwargs=None, trace_er
     if _on_meta_device(model):  # FakeTensor of torch 2.11 and earlier refuses meta weights with CPU inputs
         args, kwargs = tree_map(_to_meta, (args, kwargs))
     try:
-        program = None
-        if dynamic:
-            try:  # batch and sequence sizes stay symbolic where the model allows, so the graph takes other shapes
-                dims = _automatic_dims(model, args, kwargs, batch_only=not is_hf_model(model))
-                program = torch.export.export(model, args, kwargs=kwargs, strict=False, dynamic_shapes=dims)
-            except Exception as exc:  # a static graph is still a good graph, but the caller must know
-                lines = str(exc).strip().splitlines()
-                static = f"{type(exc).__name__}: {lines[0] if lines else ''}"
-        if program is None:
-            program = torch.export.export(model, args, kwargs=kwargs, strict=False)
+        with grouped_experts(model):  # transformers' eager experts loop over data; grouped_mm does not
+            program = None
+            if dynamic:
+                try:  # batch and sequence sizes stay symbolic where the model allows, so the graph takes other shapes
+                    dims = _automatic_dims(model, args, kwargs, batch_only=not is_hf_model(model))
+                    program = torch.export.export(model, args, kwargs=kwargs, strict=False, dynamic_shapes=dims)
+                except Exception as exc:  # a static graph is still a good graph, but the caller must know
+                    lines = str(exc).strip().splitlines()
+                    static = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+            if program is None:
+                program = torch.export.export(model, args, kwargs=kwargs, strict=False)
     except Exception as exc:  # export's own message is the useful part
         message = str(exc).strip().splitlines()
         raise CaptureError(

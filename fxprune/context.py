@@ -100,6 +100,7 @@ class AnalysisState:
     constants: list = field(default_factory=list)  # ShapeConstant
     hooks: list = field(default_factory=list)  # (node, fn(node, sizes))
     unsupported: list = field(default_factory=list)  # (node, message)
+    min_kept: list = field(default_factory=list)  # (layout, count, where): units that must stay (top-k's k)
     canonical: dict = field(default_factory=dict)  # alias name of a shared tensor -> first name
 
     def __post_init__(self) -> None:
@@ -317,6 +318,10 @@ class RuleContext:
         kernels; ``prune(..., prune_head_dims=True)`` prunes it anyway.
         """
         self.state.head_dims.append((axis, self.where))
+
+    def keep_at_least(self, axis, count: int) -> None:
+        """At least ``count`` units of the axis must stay (``topk(x, k)`` needs ``k`` of them); plans keep them."""
+        self.state.min_kept.append((axis, int(count), self.where))
 
     def reads_input(self, t: TensorRef | None) -> bool:
         """Whether a tensor is computed from the graph's inputs (an activation), not from weights alone."""

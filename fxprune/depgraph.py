@@ -57,6 +57,8 @@ class Group:
     broadcast: bool = False
     normalized: bool = False  # some op normalises over it: removing even dead units changes outputs
     head_dim: str = ""  # where attention contracts over it (a per-head width), else ""
+    min_kept: int = 1  # units that must stay (top-k over it needs k): plans never remove more
+    min_kept_reason: str = ""
 
     @property
     def has_parameters(self) -> bool:
@@ -64,7 +66,7 @@ class Group:
 
     @property
     def prunable(self) -> bool:
-        return not self.frozen and self.units > 1 and self.has_parameters
+        return not self.frozen and self.units > self.min_kept and self.has_parameters
 
     @property
     def parameters(self) -> list[Member]:
@@ -115,6 +117,10 @@ class DependencyGraph:
         for layout, where in state.head_dims:
             for a in self.solver.final_atoms(layout):
                 by_atom[a].head_dim = by_atom[a].head_dim or where
+        for layout, count, where in state.min_kept:
+            for a in self.solver.final_atoms(layout):  # a compound axis: each atom keeps count (conservative)
+                if count > by_atom[a].min_kept:
+                    by_atom[a].min_kept, by_atom[a].min_kept_reason = count, where
         for group in by_atom.values():
             if group.has_parameters and not any(m.kind == "activation" for m in group.members):
                 group.frozen.append("appears in no activation (kernel, gate or vocabulary axis)")

@@ -40,6 +40,8 @@ import torch.nn as nn
 from fxprune.errors import FxPruneError
 from fxprune.hf_attention import attention_sites, update_head_counts
 from fxprune.hf_rebuild import differences, ignored_on_save
+from fxprune.hf_experts import (expert_widths, in_shared_expert, is_experts, is_router, update_expert_attributes,
+                                update_expert_count, update_router_attributes)
 from fxprune.layout import Cat, Prod
 
 # Attribute names the transformers model families use for projections and head counts.
@@ -210,6 +212,7 @@ def update_attributes(model: nn.Module) -> None:
             _update_module(module)
         except (AttributeError, TypeError, ZeroDivisionError) as exc:
             raise FxPruneError(f"could not update the attributes of {name} ({type(module).__name__}): {exc}") from exc
+    update_expert_count(model)  # after the experts modules
 
 
 def _update_module(module: nn.Module) -> None:
@@ -228,6 +231,10 @@ def _update_module(module: nn.Module) -> None:
             module.out_channels, module.in_channels = outer, inner * module.groups
     elif type(module).__name__ == "Conv1D" and weight is not None:  # transformers' transposed linear
         module.nf = weight.shape[1]
+    elif is_experts(module):  # a mixture-of-experts block's 3-d expert tensors
+        update_expert_attributes(module)
+    elif is_router(module):
+        update_router_attributes(module)
     if _child(module, QUERY) is not None:
         _update_attention(module)
     elif isinstance(getattr(module, "intermediate_size", None), int):
@@ -289,6 +296,8 @@ def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None
         values.setdefault("head_dim", set()).add(after.head_dim)
         values.setdefault("num_attention_heads", set()).add(after.heads)
         values.setdefault("num_key_value_heads", set()).add(after.kv_heads)
+    for key, found in expert_widths(model).items():  # the experts' widths (3-d expert weights)
+        values.setdefault(key, set()).update(found)
     before = {key: getattr(config, key) for key in values if hasattr(config, key)}
     for key, found in values.items():
         if len(found) == 1 and (hasattr(config, key) or key == "head_dim"):
@@ -466,7 +475,9 @@ def load_pretrained(path: str, **kwargs):
     unsaved tensor in ``config.fxprune_buffers`` (non-persistent buffers: Gemma's
     embed_scale; ``_keys_to_ignore_on_save``) restored before the saved weights are
     loaded. Weights tied to a loaded one (declared on any submodule: BART's encoder
-    and decoder embeddings) need not be in the checkpoint.
+    and decoder embeddings) need not be in the checkpoint. A checkpoint that
+    transformers converts on loading (Mixtral's experts saved one by one) goes
+    through ``from_pretrained`` on a model resized as it is built.
     """
     import transformers
 
@@ -478,17 +489,7 @@ def load_pretrained(path: str, **kwargs):
     if not shapes and not attributes and not buffers:
         return cls.from_pretrained(path, **kwargs)
     model = cls(config)
-    for name, shape in shapes.items():
-        set_tensor(model, name, torch.empty(shape))
-    for name, value in buffers.items():
-        old = _named_tensors(model)[name]
-        set_tensor(model, name, torch.tensor(value, dtype=old.dtype, device=old.device))
-    for name, value in attributes.items():
-        owner, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(owner) if owner else model, attr, value)
-    update_attributes(model)
-    if hasattr(model, "tie_weights"):  # resized parameters replaced the tied ones: tie them again before loading
-        model.tie_weights()
+    _resize(model, shapes, attributes, buffers)
     state = _checkpoint_names_to_model(model, _load_state_dict(path))
     missing, unexpected = model.load_state_dict(state, strict=False)
     parameters = dict(model.named_parameters(remove_duplicate=False))
@@ -498,10 +499,52 @@ def load_pretrained(path: str, **kwargs):
     missing = [m for m in missing if id(parameters.get(m)) not in loaded and not m.endswith("inv_freq")
                and not any(re.search(pattern, m) for pattern in unsaved)]
     if missing or unexpected:
-        raise FxPruneError(f"{path}: missing weights {missing[:5]}, unexpected weights {unexpected[:5]}")
+        try:  # a checkpoint transformers converts on loading (experts saved one by one, stacked into 3-d tensors)
+            return _from_pretrained_resized(cls, path, config, shapes, attributes, buffers, **kwargs)
+        except Exception as exc:
+            raise FxPruneError(f"{path}: missing weights {missing[:5]}, unexpected weights {unexpected[:5]}; "
+                               f"from_pretrained on the resized model failed too: {type(exc).__name__}: {exc}") from exc
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model.eval()
+
+
+def _resize(model: nn.Module, shapes: dict, attributes: dict, buffers: dict) -> None:
+    """The recorded tensor shapes, unsaved tensor values and attributes of a model pruned in place, on a model
+    built from its config; tied weights tied again (resized parameters replaced the tied ones)."""
+    for name, shape in shapes.items():
+        set_tensor(model, name, torch.empty(shape))
+    for name, value in buffers.items():
+        old = _named_tensors(model)[name]
+        set_tensor(model, name, torch.tensor(value, dtype=old.dtype, device=old.device))
+    for name, value in attributes.items():
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner) if owner else model, attr, value)
+    update_attributes(model)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def _from_pretrained_resized(cls, path: str, config, shapes: dict, attributes: dict, buffers: dict, **kwargs):
+    """``cls.from_pretrained`` with the model resized as it is built (at the end of its ``post_init``), so that
+    transformers' own loader converts the checkpoint (stacking Mixtral's per-expert ``w1``/``w3`` into
+    ``gate_up_proj``) into tensors of the pruned shapes. ``cls.post_init`` is put back afterwards."""
+    own = cls.__dict__.get("post_init")
+    inherited = cls.post_init
+
+    def post_init(self, *args, **kw):
+        inherited(self, *args, **kw)
+        if type(self) is cls:
+            _resize(self, shapes, attributes, buffers)
+
+    cls.post_init = post_init
+    try:
+        return cls.from_pretrained(path, config=config, **kwargs).eval()
+    finally:
+        if own is None:
+            del cls.post_init
+        else:
+            cls.post_init = own
 
 
 def _checkpoint_names_to_model(model: nn.Module, state: dict) -> dict:

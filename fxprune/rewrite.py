@@ -55,6 +55,9 @@ def kept_units(dg, removal: dict) -> dict[int, np.ndarray]:
             raise PlanError(f"group G{group.id} has units 0..{group.units - 1}; got {units.tolist()}")
         if units.size >= group.units:
             raise PlanError(f"group G{group.id} would lose all {group.units} units; at least one must stay")
+        if group.units - units.size < group.min_kept:  # top-k over a router's experts needs k of them
+            raise PlanError(f"group G{group.id} must keep at least {group.min_kept} of its {group.units} units "
+                            f"({group.min_kept_reason}); the removal leaves {group.units - units.size}")
         kept[group.atom] = np.setdiff1d(np.arange(group.units), units)
     return kept
 

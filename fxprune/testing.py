@@ -37,7 +37,7 @@ def plant_dead_units(dg, groups=None, fraction: float = 0.34, seed: int = 0) -> 
     groups = oracle_groups(dg) if groups is None else list(groups)
     removal = {}
     for group in groups:
-        count = min(group.units - 1, max(1, int(round(fraction * group.units))))
+        count = min(group.units - group.min_kept, max(1, int(round(fraction * group.units))))
         if count < 1:
             continue
         removal[group] = np.sort(rng.choice(group.units, size=count, replace=False))

@@ -11,6 +11,7 @@ from fxprune.rules import (  # noqa: F401 - imported for their registrations
     norm,
     recurrent,
     reduction,
+    routing,
     segments,
     shape,
     spatial,

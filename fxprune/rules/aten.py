@@ -8,7 +8,7 @@ Every overload of a listed op is registered (``aten.mean.dim``, ``aten.mean.defa
 
 Only ops whose schema differs from the Python function's get a rule of their own
 here: ``slice``, ``select``, ``embedding`` (weight first), batch-norm variants,
-``native_layer_norm`` (a tuple output), ``index`` and scans.
+``native_layer_norm`` (a tuple output), ``gather`` and scans (top-k and tensor indexing: ``routing.py``).
 """
 
 from __future__ import annotations
@@ -226,17 +226,18 @@ def native_layer_norm(r) -> None:
     r.const("normalized_shape", [x[x.ndim - k + i] for i in range(k)])
 
 
-@register(*overloads(aten.index, aten.index_select, aten.gather))
-def index(r) -> None:
-    """Indexing by tensors moves data between positions: every axis involved keeps all its units."""
+@register(*overloads(aten.gather))
+def gather(r) -> None:
+    """``gather`` picks one position per output position (the index's shape): every axis keeps all its units.
+    (``aten.index`` and ``index_select``, which carry the unindexed axes over, are in ``routing.py``.)"""
     r.freeze_all("indexing by a tensor")
 
 
-def _scan_signature(input, dim, *args, **kwargs):  # noqa: A002
+def _scan_signature(input, dim=-1, *args, **kwargs):  # sort's dim defaults to -1 and export leaves it out  # noqa: A002
     pass
 
 
-@register(*overloads(*_packets("cumsum", "cumprod", "diff", "flip", "sort", "topk", "cummax")))
+@register(*overloads(*_packets("cumprod", "diff", "flip", "sort", "cummax")))
 def scan(r) -> None:
     """Scans and reorderings mix positions along ``dim`` (frozen); other axes carry over."""
     a = r.bind(_scan_signature)
