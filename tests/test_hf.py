@@ -495,6 +495,8 @@ def test_gpt_neox_heads_pruned_in_one_layer_only_reload_with_load_pretrained(tmp
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, logits, atol=1e-5, rtol=0)  # dead heads: the same function
         assert_same_outputs(reloaded(ids).logits, model(ids).logits)
+
+
 def _moe(name, implementation=None):
     """A tiny mixture-of-experts decoder: 4 experts, top-2, one layer (Qwen2-MoE with a shared expert)."""
     torch.manual_seed(0)
