@@ -115,7 +115,7 @@ class DependencyGraph:
             self.layouts[(key, dim)] = layout
             name = key[1] if key[0] == "p" else key[1] + "".join(f"[{i}]" for i in key[2])
             kind = kinds.get(key[1], "constant") if key[0] == "p" else "activation"
-            for a in self.solver.final_atoms(layout):
+            for a in self.solver.final_atoms(layout, resolved=True):
                 by_atom[a].members.append(Member(name, kind, dim, layout))
         for layout in state.broadcasts:
             for a in self.solver.final_atoms(layout):

@@ -391,3 +391,17 @@ def test_shapes_of_a_static_export_are_reused_with_the_same_groups(name, inplace
     assert _value_shapes(fast.gm) == _value_shapes(slow.gm)
     assert fast.expected_shapes == slow.expected_shapes and len(fast.prunable_groups) > 1
 
+
+
+def test_count_reuses_the_static_export_shapes_with_the_same_numbers(monkeypatch):
+    import fxprune.macs as macs
+
+    model, args, _ = _family("llama")
+    reused = []
+    original = macs.reuse_export_values
+    monkeypatch.setattr(macs, "reuse_export_values", lambda gm: reused.append(original(gm)) or reused[-1])
+    fast = fxprune.count(model.eval(), args, by_module=True)
+    assert reused == [True]
+    monkeypatch.setattr(macs, "reuse_export_values", lambda gm: False)
+    assert fast == fxprune.count(model, args, by_module=True)
+    assert fast["model.layers.0.mlp.up_proj"][0] > 0
