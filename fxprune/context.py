@@ -18,7 +18,6 @@ attributes (``get_attr``), ``("v", node_name, path)`` for activations, where
 
 from __future__ import annotations
 
-import functools
 import inspect
 from dataclasses import dataclass, field
 
@@ -142,13 +141,8 @@ class RuleContext:
 
     def __init__(self, state: AnalysisState, node: fx.Node, module: torch.nn.Module | None):
         self.state, self.node, self.module = state, node, module
+        self.where = describe_node(node)
         self.sources: dict[str, tuple] = {}
-
-    @functools.cached_property
-    def where(self) -> str:
-        """The node, its op and source line, for reasons and errors (found when first needed: most nodes
-        state no freeze, and finding the source line is a tenth of relating an 80-layer LLaMA)."""
-        return describe_node(self.node)
 
     # -- tensors ---------------------------------------------------------
     def tensor(self, value) -> TensorRef | None:
