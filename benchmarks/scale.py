@@ -142,7 +142,7 @@ def time_plan(model, args, kwargs=None, ratio: float = RATIO, importance=IMPORTA
             "rss_peak_mb": max(p["rss_peak_mb"] for p in phases.values()),
             "groups": len(job.dg.groups), "prunable": len(job.dg.prunable_groups),
             "removed_units": sum(len(u) for u in job.removal.values()),
-            "reused_export_shapes": getattr(job, "fresh_export", False) and "val" in job.gm.graph.find_nodes(op="output")[0].meta}
+            "reused_export_shapes": getattr(job, "reused_shapes", False)}
 
 
 def measure_plan_70b(options: dict) -> dict:

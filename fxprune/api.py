@@ -83,6 +83,7 @@ class Job:
     removal: dict = field(default_factory=dict)
     flat_inputs: tuple | None = None
     fresh_export: bool = False  # capture exported the model from these very inputs: propagate may keep its shapes
+    reused_shapes: bool = False  # propagate kept the export's shapes (static) instead of propagating again
     expected_shapes: list | None = None
     result: fx.GraphModule | None = None
     global_pruning: bool = False
@@ -117,7 +118,8 @@ def _capture(job: Job) -> None:
 
 def _propagate(job: Job) -> None:
     # a static export already traced these inputs: its shapes are the ones propagation would compute
-    if not (job.fresh_export and reuse_export_values(job.gm)):
+    job.reused_shapes = job.fresh_export and reuse_export_values(job.gm)
+    if not job.reused_shapes:
         propagate(job.gm, job.flat_inputs)
     job.expected_shapes = output_shapes(job.gm)
 
