@@ -149,6 +149,8 @@ def measure_plan_70b(options: dict) -> dict:
     """The ``--plan-70b`` row: build on meta, warm up on the tiny config, then :func:`time_plan` (and a profile)."""
     import torch
 
+    import fxprune
+
     torch.set_grad_enabled(False)
     start = time.perf_counter()
     time_plan(*build_meta_llama(LLAMA_TINY), inplace=not options["dynamic"])  # warm-up, not measured
@@ -157,7 +159,8 @@ def measure_plan_70b(options: dict) -> dict:
         model, args = build_meta_llama(config, options["layers"])
     row = {"mode": "plan-70b", "config": options["config"],
            "layers": options["layers"] or config["num_hidden_layers"], "capture": "dynamic" if options["dynamic"]
-           else "static", "params_b": sum(p.numel() for p in model.parameters()) / 1e9, "build_s": m.seconds}
+           else "static", "params_b": sum(p.numel() for p in model.parameters()) / 1e9, "build_s": m.seconds,
+           "fxprune": str(Path(fxprune.__file__).parents[1])}
     row.update(time_plan(model, args, inplace=not options["dynamic"]))
     if options["profile"]:
         import cProfile
@@ -202,7 +205,8 @@ def plan_table(rows: list[dict]) -> str:
                          f"{r['groups']} groups, {r['prunable']} prunable, {r['removed_units']} units removed at "
                          f"ratio {RATIO}; shapes of the export reused: {r['reused_export_shapes']}; "
                          f"meta model built in {r['build_s']:.1f} s; worker peak RSS "
-                         f"{r['process_rss_peak_mb']:.0f} MB, worker wall {r['worker_s']:.1f} s")
+                         f"{r['process_rss_peak_mb']:.0f} MB, worker wall {r['worker_s']:.1f} s; fxprune from "
+                         f"{r.get('fxprune', '?')}")
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
 
 
