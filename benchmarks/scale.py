@@ -204,7 +204,7 @@ def plan_table(rows: list[dict]) -> str:
             notes.append(f"- {r['config']} x{r['layers']} ({r['params_b']:.1f}B parameters, {r['capture']} capture): "
                          f"{r['groups']} groups, {r['prunable']} prunable, {r['removed_units']} units removed at "
                          f"ratio {RATIO}; shapes of the export reused: {r['reused_export_shapes']}; "
-                         f"meta model built in {r['build_s']:.1f} s; worker peak RSS "
+                         f"meta model built in {r['build_s']:.2f} s; worker peak RSS "
                          f"{r['process_rss_peak_mb']:.0f} MB, worker wall {r['worker_s']:.1f} s; fxprune from "
                          f"{r.get('fxprune', '?')}")
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
