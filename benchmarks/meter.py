@@ -1,4 +1,4 @@
-"""Wall time and peak memory of one step: resident set size (sampled) and Python allocations (tracemalloc).
+"""Wall time, CPU time and peak memory of one step: resident set size (sampled) and Python allocations (tracemalloc).
 
 RSS is what the operating system sees, tensors included; it is sampled every few
 milliseconds by a thread, and reported as the peak *above* the RSS at the start of
@@ -40,11 +40,13 @@ def rss_bytes() -> int:
 
 
 class Meter:
-    """Context manager: ``seconds`` and ``rss_peak_mb`` (peak RSS above the RSS on entry)."""
+    """Context manager: ``seconds``, ``cpu_seconds`` (this process, all threads) and ``rss_peak_mb`` (peak RSS above
+    the RSS on entry). On a loaded machine CPU time is the steadier number: wall time includes waiting for a core."""
 
     def __init__(self, interval: float = 0.005):
         self.interval = interval
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
         self.rss_peak_mb = 0.0
         self._stop = threading.Event()
 
@@ -58,11 +60,12 @@ class Meter:
         self._base = self._peak = rss_bytes()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
-        self._start = time.perf_counter()
+        self._start, self._cpu = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self._start
+        self.cpu_seconds = time.process_time() - self._cpu
         self._stop.set()
         self._thread.join()
         self._peak = max(self._peak, rss_bytes())

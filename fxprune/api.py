@@ -43,7 +43,7 @@ import torch
 import torch.fx as fx
 
 from fxprune import hf
-from fxprune.capture import (capture, flat_inputs, inline_mode_regions, is_hf_model, keep_user_attributes,
+from fxprune.capture import (EXPORTED, capture, flat_inputs, inline_mode_regions, is_hf_model, keep_user_attributes,
                              module_names, name_of_key, split_inputs)
 from fxprune.decompose import decompose, recompose
 from fxprune.depgraph import DependencyGraph
@@ -55,7 +55,7 @@ from fxprune.planning.latency_target import search_latency
 from fxprune.planning.minimum import keep_minimum
 from fxprune.planning.selection import make_plan, units_to_keep
 from fxprune.plan_io import PruningPlan, attach_plan
-from fxprune.propagate import propagate
+from fxprune.propagate import propagate, reuse_export_values
 from fxprune.planning.ratios import check_ratio, group_ratios
 from fxprune.shapes import GraphShapes, PlannedShapes
 from fxprune.relate import relate
@@ -83,6 +83,8 @@ class Job:
     scores: dict = field(default_factory=dict)
     removal: dict = field(default_factory=dict)
     flat_inputs: tuple | None = None
+    fresh_export: bool = False  # capture exported the model from these very inputs: propagate may keep its shapes
+    reused_shapes: bool = False  # propagate kept the export's shapes (static) instead of propagating again
     expected_shapes: list | None = None
     result: fx.GraphModule | None = None
     global_pruning: bool = False
@@ -104,6 +106,7 @@ def _capture(job: Job) -> None:
     job.example_inputs, job.kwargs = split_inputs(job.example_inputs, job.kwargs)
     # pruned in place, a Hugging Face model keeps its own forward: the graph is analysed, never returned
     gm = capture(job.model, job.example_inputs, job.kwargs, dynamic=not (job.inplace and is_hf_model(job.model)))
+    job.fresh_export = gm is not job.model and gm.meta.get("fxprune_capture") == EXPORTED
     if gm is job.model:  # never edit the caller's graph: a fresh graph over the same modules
         fresh = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
         fresh.meta.update(gm.meta)
@@ -115,7 +118,10 @@ def _capture(job: Job) -> None:
 
 
 def _propagate(job: Job) -> None:
-    propagate(job.gm, job.flat_inputs)
+    # a static export already traced these inputs: its shapes are the ones propagation would compute
+    job.reused_shapes = job.fresh_export and reuse_export_values(job.gm)
+    if not job.reused_shapes:
+        propagate(job.gm, job.flat_inputs)
     job.expected_shapes = output_shapes(job.gm)
 
 

@@ -94,19 +94,30 @@ class DependencyGraph:
                 if k == key:
                     for a in self.solver.final_atoms(Atom(atom)):
                         frozen.setdefault(a, []).append(reason)
+        by_atom = self._partition(frozen)
+        self._add_members(by_atom, state, kinds)
+        self._by_atom = by_atom
+        self.groups: list[Group] = [g for g in by_atom.values() if g.members]
+
+    def _partition(self, frozen: dict[int, list[str]]) -> dict[int, "Group"]:
+        """One empty group per connected component of the atom graph (``self.graph``), keyed by its root atom."""
         self.graph: nx.Graph = self.solver.atom_graph()
         by_atom: dict[int, Group] = {}
         for component in sorted(nx.connected_components(self.graph), key=min):
             atom = self.solver.find(next(iter(component)))
             by_atom[atom] = Group(len(by_atom), atom, self.solver.sizes[atom], self.solver,
                                   frozen=list(dict.fromkeys(frozen.get(atom, []))))
+        return by_atom
+
+    def _add_members(self, by_atom: dict[int, "Group"], state: AnalysisState, kinds: dict[str, str]) -> None:
+        """Every axis as a member of the groups of its final atoms; broadcast, normalised and head-dim flags."""
         self.layouts: dict[tuple, object] = {}
         for (key, dim), atom in state.axis_atoms.items():
             layout = self.solver.resolve(Atom(atom))
             self.layouts[(key, dim)] = layout
             name = key[1] if key[0] == "p" else key[1] + "".join(f"[{i}]" for i in key[2])
             kind = kinds.get(key[1], "constant") if key[0] == "p" else "activation"
-            for a in self.solver.final_atoms(layout):
+            for a in self.solver.final_atoms(layout, resolved=True):
                 by_atom[a].members.append(Member(name, kind, dim, layout))
         for layout in state.broadcasts:
             for a in self.solver.final_atoms(layout):
@@ -124,8 +135,6 @@ class DependencyGraph:
         for group in by_atom.values():
             if group.has_parameters and not any(m.kind == "activation" for m in group.members):
                 group.frozen.append("appears in no activation (kernel, gate or vocabulary axis)")
-        self._by_atom = by_atom
-        self.groups: list[Group] = [g for g in by_atom.values() if g.members]
 
     def _frozen_atoms(self, freezes) -> dict[int, list[str]]:
         out: dict[int, list[str]] = {}

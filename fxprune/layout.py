@@ -120,8 +120,9 @@ class Solver:
                 factors.append(r)
         return factors[0] if len(factors) == 1 else Prod(tuple(factors))
 
-    def final_atoms(self, layout) -> list[int]:
-        """Final atom classes in a resolved layout, in order, with repeats removed."""
+    def final_atoms(self, layout, resolved: bool = False) -> list[int]:
+        """Final atom classes of a layout, in order, with repeats removed; ``resolved=True`` for a layout that
+        :meth:`resolve` returned since the last unification (resolving is idempotent: skipped)."""
         out: list[int] = []
 
         def walk(node):
@@ -132,7 +133,7 @@ class Solver:
                 for child in node.parts if isinstance(node, Cat) else node.factors:
                     walk(child)
 
-        walk(self.resolve(layout))
+        walk(layout if resolved else self.resolve(layout))
         return out
 
     # -- unification -----------------------------------------------------

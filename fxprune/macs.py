@@ -43,8 +43,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxprune.capture import capture, flat_inputs
-from fxprune.propagate import propagate
+from fxprune.capture import EXPORTED, capture, flat_inputs
+from fxprune.propagate import propagate, reuse_export_values
 from fxprune.rules.registry import by_function
 from fxprune.shapes import GraphShapes, PlannedShapes
 
@@ -68,7 +68,10 @@ def counted_graph(model, example_inputs) -> fx.GraphModule:
     captured = capture(model, example_inputs, dynamic=False)
     gm = fx.GraphModule(captured, copy.deepcopy(captured.graph))
     gm.meta.update(captured.meta)
-    propagate(gm, flat_inputs(gm, example_inputs))
+    # exported here from these inputs (not the caller's graph): export's static shapes are the propagated ones
+    fresh = captured is not model and gm.meta.get("fxprune_capture") == EXPORTED
+    if not (fresh and reuse_export_values(gm)):
+        propagate(gm, flat_inputs(gm, example_inputs))
     return gm
 
 

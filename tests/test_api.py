@@ -358,3 +358,15 @@ def test_attributes_the_user_set_on_modules_survive_pruning(tmp_path):
     assert tags(pruner.step()) == ("root", "block", "conv", "head")  # a GraphModule re-captured keeps them too
     fxprune.save(pruned, tmp_path / "saved")
     assert tags(fxprune.load(tmp_path / "saved")) == ("root", "block", "conv", "head")
+
+
+def test_shapes_are_propagated_again_for_a_graph_the_caller_exported():
+    # the caller's graph was exported from other inputs (batch 1) than it is analysed with (batch 3): its shapes
+    # are not reused (a graph fxprune exports itself from the analysed inputs keeps them: tests/test_hf.py)
+    from fxprune.testing import exported
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+    gm = exported(model, torch.randn(1, 8))
+    dg = fxprune.analyze(gm, (torch.randn(3, 8),))
+    assert dg.expected_shapes == [(3, 4)]
+    assert dg.group_of("0.weight", 0).units == 16

@@ -202,3 +202,24 @@ def test_tiny_lm_text_splits_are_disjoint():
     assert not (set(training) & set(calibration) or set(training) & set(evaluation) or
                 set(calibration) & set(evaluation))
     assert tiny_lm.calibration_windows(4, 32).shape == (4, 32) == tiny_lm.evaluation_windows(4, 32).shape
+
+
+@pytest.mark.skipif(not HAS_HF, reason="transformers is not installed: the scale benchmark plans a LLaMA")
+def test_scale_plan_times_every_phase_of_a_tiny_meta_llama():
+    # the 70B plan's function on the 2-layer config, in process: every phase timed, the plan made on meta weights
+    sys.path.insert(0, str(BENCH))
+    try:
+        import scale
+    finally:
+        sys.path.remove(str(BENCH))
+    model, args = scale.build_meta_llama(scale.LLAMA_TINY)
+    row = scale.time_plan(model, args)
+    assert list(row["phases"]) == list(scale.PHASES)
+    for phase in row["phases"].values():
+        assert phase["wall_s"] >= 0 and phase["cpu_s"] >= 0 and phase["rss_peak_mb"] >= 0
+    assert row["phases"]["capture"]["cpu_s"] > 0 and row["cpu_s"] >= row["phases"]["capture"]["cpu_s"]
+    assert row["reused_export_shapes"] and row["prunable"] > 0 and row["removed_units"] > 0
+    assert model.model.layers[0].mlp.up_proj.weight.shape == (128, 64)  # planned, not rewritten
+    text = scale.plan_table([dict(row, mode="plan-70b", config="llama-tiny", layers=2, capture="static",
+                                  params_b=0.0, build_s=0.0, process_rss_peak_mb=1.0, worker_s=1.0)])
+    assert all(f"| {phase} |" in text for phase in scale.PHASES + ("total",))

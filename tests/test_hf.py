@@ -644,3 +644,54 @@ def test_moe_non_uniform_in_place_reloads_with_load_pretrained(tmp_path):
     with torch.no_grad():
         assert_same_outputs(reloaded(ids).logits, logits)
         reloaded.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+
+def _group_signature(dg) -> list:
+    """Every group as (units, status, role, frozen reasons, members with their layouts in group terms)."""
+    return [(g.units, g.prunable, dg.role(g), tuple(g.frozen), g.broadcast, g.normalized, g.head_dim,
+             tuple((m.name, m.kind, m.dim, dg.describe(m.layout)) for m in g.members)) for g in dg.groups]
+
+
+def _value_shapes(gm) -> list:
+    def shape(v):
+        if isinstance(v, torch.Tensor):
+            return ("tensor", tuple(v.shape), v.dtype)
+        return tuple(shape(x) for x in v) if isinstance(v, (tuple, list)) else v
+    return [(n.name, shape(n.meta.get("val"))) for n in gm.graph.nodes]
+
+
+@pytest.mark.parametrize("name,inplace", [("llama", True), ("gpt2", True), ("t5", True), ("bloom", True),
+                                          ("llama", False)])
+def test_shapes_of_a_static_export_are_reused_with_the_same_groups(name, inplace, monkeypatch):
+    # the propagate pass keeps the shapes a static export left instead of propagating again; the groups, their
+    # members and every node's shape must be those of a fresh propagation
+    import fxprune.api as api
+
+    torch.manual_seed(0)
+    model, args, kwargs = _family(name)
+    model.eval()
+    reused = []
+    original = api.reuse_export_values
+    monkeypatch.setattr(api, "reuse_export_values", lambda gm: reused.append(original(gm)) or reused[-1])
+    fast = fxprune.analyze(model, args, kwargs=kwargs or None, inplace=inplace)
+    # a dynamic export's sizes are symbols: propagated as before
+    assert reused == [inplace]
+    monkeypatch.setattr(api, "reuse_export_values", lambda gm: False)
+    slow = fxprune.analyze(model, args, kwargs=kwargs or None, inplace=inplace)
+    assert _group_signature(fast) == _group_signature(slow)
+    assert _value_shapes(fast.gm) == _value_shapes(slow.gm)
+    assert fast.expected_shapes == slow.expected_shapes and len(fast.prunable_groups) > 1
+
+
+def test_count_reuses_the_static_export_shapes_with_the_same_numbers(monkeypatch):
+    import fxprune.macs as macs
+
+    model, args, _ = _family("llama")
+    reused = []
+    original = macs.reuse_export_values
+    monkeypatch.setattr(macs, "reuse_export_values", lambda gm: reused.append(original(gm)) or reused[-1])
+    fast = fxprune.count(model.eval(), args, by_module=True)
+    assert reused == [True]
+    monkeypatch.setattr(macs, "reuse_export_values", lambda gm: False)
+    assert fast == fxprune.count(model, args, by_module=True)
+    assert fast["model.layers.0.mlp.up_proj"][0] > 0
