@@ -104,8 +104,10 @@ class Job:
 
 def _capture(job: Job) -> None:
     job.example_inputs, job.kwargs = split_inputs(job.example_inputs, job.kwargs)
-    # pruned in place, a Hugging Face model keeps its own forward: the graph is analysed, never returned
-    gm = capture(job.model, job.example_inputs, job.kwargs, dynamic=not (job.inplace and is_hf_model(job.model)))
+    # pruned in place, a Hugging Face model keeps its own forward: the graph is analysed, never returned, so
+    # static sizes do (half the export time), unless calibration batches of other sizes must run through it
+    static = job.inplace and is_hf_model(job.model) and job.calibration is None
+    gm = capture(job.model, job.example_inputs, job.kwargs, dynamic=not static)
     job.fresh_export = gm is not job.model and gm.meta.get("fxprune_capture") == EXPORTED
     if gm is job.model:  # never edit the caller's graph: a fresh graph over the same modules
         fresh = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)

@@ -540,13 +540,18 @@ def test_reconstruct_in_place_on_a_hugging_face_model(name, tmp_path):
         assert_same_outputs(_hf_output(reloaded, test), got)
 
 
-def test_in_place_calibration_batches_take_the_example_sizes():
-    """A Hugging Face model analysed for in-place pruning is captured with static sizes: a batch of other sizes
-    fails with both shapes named."""
+def test_in_place_calibration_batches_of_other_sizes():
+    """With calibration, a Hugging Face model pruned in place is captured with dynamic sizes: batches of other
+    batch sizes and lengths than the example run. A graph analysed for in-place pruning without calibration has
+    static sizes, and a batch of other sizes fails with both shapes named."""
     model = _tiny_hf("llama")
+    fxprune.prune(model, 0.4, example_inputs=_text_batch(50), calibration=[_text_batch(1, 3, 9), _text_batch(2, 4, 7)],
+                  reconstruct=True, inplace=True)
+    with torch.no_grad():
+        assert _hf_output(model, _text_batch(3, 2, 5)).shape[:2] == (2, 5)
+    dg = fxprune.analyze(_tiny_hf("llama"), _text_batch(50), inplace=True)
     with pytest.raises(ValueError, match="shape \\(3, 9\\) where the example had \\(4, 12\\)"):
-        fxprune.prune(model, 0.4, example_inputs=_text_batch(50), calibration=[_text_batch(1, 3, 9)],
-                      reconstruct=True, inplace=True)
+        collect_statistics(dg, [_text_batch(1, 3, 9)])
 
 
 def test_gpt2_conv1d_consumers_have_activation_statistics():

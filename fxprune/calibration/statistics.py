@@ -136,13 +136,13 @@ def placeholder_values(gm: fx.GraphModule, batch) -> tuple:
 
 def _size_hint(dg, values) -> str | None:
     """Why a batch may have failed: its inputs' shapes differ from the example's, and the graph may hold the
-    example's sizes (always so for a Hugging Face model analysed for in-place pruning). None if they agree."""
+    example's sizes (a Hugging Face model analysed for in-place pruning without calibration). None if they agree."""
     example = tuple(dg.example_inputs or ())
     for i, (value, seen) in enumerate(zip(values, example)):
         if isinstance(value, torch.Tensor) and isinstance(seen, torch.Tensor) and value.shape != seen.shape:
             return (f"a calibration batch failed in the captured graph; its input {i} has shape {tuple(value.shape)} "
                     f"where the example had {tuple(seen.shape)}: a graph captured with static sizes (a Hugging "
-                    f"Face model pruned in place is) takes only the example's shapes: give batches of that shape")
+                    f"Face model analysed in place without calibration is) takes only the example's shapes")
     return None
 
 
