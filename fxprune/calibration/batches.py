@@ -90,6 +90,12 @@ def load_tokenizer(folder):
     """``AutoTokenizer`` of a local Hugging Face folder (never downloads); a clear error when it has none."""
     import transformers
 
+    # some transformers versions build an empty tokenizer of the config's class from a folder without one
+    files = [f for f in os.listdir(folder) if f.startswith(("tokenizer", "vocab", "merges", "spiece", "sentencepiece"))
+             or f.endswith(".model")] if os.path.isdir(folder) else []
+    if not files:
+        raise ValueError(f"{folder} has no tokenizer to read a .txt calibration file with (no tokenizer files); save "
+                         "one there (tokenizer.save_pretrained) or pass a .pt file of token batches")
     try:
         return transformers.AutoTokenizer.from_pretrained(os.fspath(folder), local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as exc:
