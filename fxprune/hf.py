@@ -350,8 +350,13 @@ def check_runs(model: nn.Module, example_inputs, kwargs=None) -> None:
             raise FxPruneError(f"the model pruned in place no longer runs: {type(exc).__name__}: {exc}") from exc
 
 
-def prune_in_place(dg, removal: dict, rewrite, verify):
-    """Prune ``dg.model`` itself: rewrite a copy, verify it, write it back, update attributes and config."""
+def prune_in_place(dg, removal: dict, rewrite, verify, run: bool = True):
+    """Prune ``dg.model`` itself: rewrite a copy, verify it, write it back, update attributes and config.
+
+    ``run=False`` skips running the result (forward and ``generate``): a model on the meta device, which
+    :func:`fxprune.prune_checkpoint` resizes for its shapes and config, cannot run; its shapes are still
+    verified.
+    """
     model = dg.model
     original = {name: tuple(t.shape) for name, t in _named_tensors(model).items()}
     pruned = rewrite(dg, removal, inplace=False, share_tensors=True)
@@ -360,7 +365,8 @@ def prune_in_place(dg, removal: dict, rewrite, verify):
     try:
         write_back(model, pruned, clone=False)  # the resized tensors are fresh copies that only `pruned` holds
         update_config(model, original, dg, removal)
-        check_runs(model, dg.model_inputs, dg.model_kwargs)
+        if run:
+            check_runs(model, dg.model_inputs, dg.model_kwargs)
     except Exception as exc:  # a model that no longer runs is never left behind: put the original back
         _restore(model, saved)
         if isinstance(exc, FxPruneError):
