@@ -159,3 +159,20 @@ def test_clear_errors(tmp_path):
     (no_weights / "config.json").write_text((src / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors shard"):
         fxprune.prune_checkpoint(no_weights, tmp_path / "out", ratio=0.5)
+
+
+def test_command_line_streaming(tmp_path, capsys):
+    from fxprune import cli
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    model = _saved(src)
+    code = cli.main(["prune", f"hf:{src}", "--ratio", "0.5", "--streaming", "--quiet", "--out", str(out),
+                     "--plan", str(tmp_path / "plan.json"), "--max-shard-size", "30KB"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "pruned shard by shard" in captured.out and "parameters" in captured.out
+    assert _kept(fxprune.PruningPlan.load(tmp_path / "plan.json")) == _kept(_in_memory(model))
+    assert max(p.stat().st_size for p in out.glob("*.safetensors")) < 40_000
+    assert_same_outputs(_logits(transformers.AutoModelForCausalLM.from_pretrained(out).eval()), _logits(model))
+    code = cli.main(["prune", f"hf:{src}", "--ratio", "0.5", "--streaming", "--reconstruct", "--quiet"])
+    assert code == 1 and "--reconstruct need(s) the model loaded" in capsys.readouterr().err
