@@ -176,3 +176,24 @@ def test_command_line_streaming(tmp_path, capsys):
     assert_same_outputs(_logits(transformers.AutoModelForCausalLM.from_pretrained(out).eval()), _logits(model))
     code = cli.main(["prune", f"hf:{src}", "--ratio", "0.5", "--streaming", "--reconstruct", "--quiet"])
     assert code == 1 and "--reconstruct need(s) the model loaded" in capsys.readouterr().err
+
+
+def test_bfloat16_checkpoint_stays_bfloat16(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    model = tiny_llama(**SIZES).to(torch.bfloat16)
+    model.save_pretrained(src, max_shard_size="20KB")
+    plan = fxprune.prune_checkpoint(src, out, ratio=0.5, progress=False)
+    assert _kept(plan) == _kept(_in_memory(model))  # scored on the bfloat16 weights, as the loaded model is
+    written = Checkpoint(out)
+    assert {written.dtype(k) for k in written.keys()} == {torch.bfloat16}
+    expected = model.state_dict()
+    assert all(torch.equal(written.read(k), expected[k]) for k in written.keys())
+
+
+@pytest.mark.parametrize("options", [dict(target_params=0.6), dict(ratio=0.4, importance="lamp", global_pruning=True)])
+def test_targets_and_global_ranking_plan_as_in_memory(tmp_path, options):
+    src = tmp_path / "src"
+    model = _saved(src)
+    plan = fxprune.prune_checkpoint(src, tmp_path / "out", progress=False, **options)
+    ratio = options.pop("ratio", None)
+    assert _kept(plan) == _kept(_in_memory(model, ratio, **options))

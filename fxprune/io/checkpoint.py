@@ -68,9 +68,10 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
 
     Example::
 
+        >>> fxprune.testing.tiny_llama(hidden_size=64, num_hidden_layers=2).save_pretrained("llama", max_shard_size="20KB")
         >>> fxprune.prune_checkpoint("llama", "llama-half", ratio=0.5)
-        PruningPlan(LlamaForCausalLM: 67 groups, 66 lose units)
-        >>> fxprune.prune_checkpoint("llama", "llama-again", plan="plan.json")
+        PruningPlan(LlamaForCausalLM: 7 groups, 7 lose units)
+        >>> fxprune.prune_checkpoint("llama", "llama-again", plan="plan.json")     # a plan saved earlier
     """
     from fxprune.api import ANALYSIS, PRUNING, Job, check_prune_settings, run  # api imports the io package
 
