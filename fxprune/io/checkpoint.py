@@ -68,7 +68,7 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
 
     Example::
 
-        >>> fxprune.testing.tiny_llama(hidden_size=64, num_hidden_layers=2).save_pretrained("llama", max_shard_size="20KB")
+        >>> tiny_llama(hidden_size=64, num_hidden_layers=2).save_pretrained("llama", max_shard_size="20KB")
         >>> fxprune.prune_checkpoint("llama", "llama-half", ratio=0.5)
         PruningPlan(LlamaForCausalLM: 7 groups, 7 lose units)
         >>> fxprune.prune_checkpoint("llama", "llama-again", plan="plan.json")     # a plan saved earlier
