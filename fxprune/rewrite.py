@@ -108,7 +108,7 @@ def changed_axes(dg, sizes: Sizes) -> dict[str, dict[int, object]]:
 
 def sliced(tensor: torch.Tensor, changed: dict[int, object], sizes: Sizes) -> torch.Tensor:
     """``tensor`` with each axis in ``changed`` (``{axis: layout}``, from :func:`changed_axes`) cut to its kept
-    indices (a new tensor: ``index_select`` copies)."""
+    indices (``index_select`` copies; with no axis to cut, ``tensor`` itself)."""
     for d, layout in sorted(changed.items()):
         index = torch.as_tensor(sizes.indices(layout), dtype=torch.long, device=tensor.device)
         tensor = tensor.index_select(d, index)
