@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "loading the model (fxprune.prune_checkpoint; importance l2, l1 or lamp); --out is "
                                 "the pruned checkpoint folder")
     streaming.add_argument("--max-shard-size", metavar="SIZE",
-                           help="with --streaming: largest output shard, e.g. 2GB (default: the largest source shard)")
+                           help="with --streaming: largest output shard, e.g. 2GB (default: the largest source "
+                                "shard, at most 1GB)")
     _output_arguments(prune)
     prune.set_defaults(run=run_prune)
 

@@ -15,9 +15,10 @@
    (:func:`fxprune.rewrite.changed_axes`, the rewrite pass's own) and written shard by shard
    (:mod:`fxprune.io.writer`). A tied ``lm_head`` is sliced like the embedding it shares.
 
-Peak memory: the meta analysis, plus one output shard and one source tensor (the largest source shard
-by default, ``max_shard_size`` otherwise). The other files of the folder (tokenizer, generation config)
-are copied; weights in other formats are not.
+Peak memory: the meta analysis, plus one output shard and one source tensor. An output shard is at
+most ``max_shard_size``; by default the largest source shard's size, capped at 1 GB, so that a
+checkpoint published in 5-10 GB shards is not rewritten through shards that large. The other files of
+the folder (tokenizer, generation config) are copied; weights in other formats are not.
 
 Example::
 
@@ -45,6 +46,7 @@ from fxprune.verify import verify
 
 # weights in formats this module does not rewrite: never copied next to the pruned shards
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+SHARD_CAP = 10**9  # default output shard size at most 1 GB (one output shard is held in memory)
 EXAMPLE_LENGTH = 8  # tokens of the example input the graph is captured with (the plan does not depend on it)
 
 
@@ -61,7 +63,8 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
     ``target_params`` mean what they mean for :func:`fxprune.prune` with ``inplace=True``, and give the same
     plan. ``plan`` (a :class:`fxprune.PruningPlan` or its JSON file, e.g. ``fxprune.plan_of(model)`` of a
     model pruned in place) replaces the scoring and planning. ``out_dir`` gets the pruned shards
-    (at most ``max_shard_size`` each, default the size of the largest source shard), the index, the
+    (at most ``max_shard_size`` each: bytes or a string such as ``"2GB"``; default the largest source shard's
+    size, at most 1 GB: one output shard is held in memory), the index, the
     updated ``config.json`` and the folder's other files; it must hold no safetensors yet.
     ``progress``: ``True``/``False`` forces the tqdm bars over tensors on or off; ``None`` shows them on a
     terminal.
@@ -119,7 +122,7 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
         specs[key] = (shape, checkpoint.dtype(key))
 
     write_shards(out, specs, lambda key: sliced(checkpoint.read(key), axes[key], sizes),
-                 max_shard_size=max_shard_size or checkpoint.shard_bytes(), progress=progress)
+                 max_shard_size=max_shard_size or min(checkpoint.shard_bytes(), SHARD_CAP), progress=progress)
     model.config.save_pretrained(out)
     _copy_other_files(src, out)
     settings = {"ratio": job.ratio, "importance": importance, "round_to": round_to, "streamed": True} \
