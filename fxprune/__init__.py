@@ -17,6 +17,7 @@ from fxprune.interactive import groups_to_prune
 from fxprune.pruner import Pruner
 from fxprune.report import report
 from fxprune.calibration.distill import DistillResult, distill
+from fxprune.io import prune_checkpoint
 
 __version__ = "0.1.0"
 
@@ -28,3 +29,4 @@ __all__ += ["PruningPlan", "load", "plan_of", "replay", "save"]  # save, load an
 __all__ += ["Pruner", "count", "importance", "report"]  # criteria, targets, iterative pruning, MACs (issue 4)
 __all__ += ["groups_to_prune", "mask"]  # interactive and soft pruning (issue 12)
 __all__ += ["DistillResult", "distill"]  # short knowledge distillation after pruning
+__all__ += ["prune_checkpoint"]  # checkpoints pruned shard by shard (issue 11)

@@ -7,6 +7,7 @@
     fxprune prune tests.models:ResidualCNN --ratio 0.5 --input-shape 1,3,32,32 --out pruned.pt
     fxprune prune hf:llama-folder --ratio 0.3 --calibration lines.txt --importance activation \
         --reconstruct --distill-seconds 600 --out llama-pruned
+    fxprune prune hf:llama-70b --ratio 0.3 --streaming --out llama-70b-pruned   # shard by shard, not loaded
     fxprune replay resnet50-pruned/plan.json torchvision:resnet50 --out again
     fxprune graph torchvision:resnet18 --out groups.png
 
@@ -24,6 +25,11 @@ lines are tokenized with the model folder's tokenizer into padded batches of key
 graph takes the same keywords (see :mod:`fxprune.calibration.batches`). ``--distill-steps``/
 ``--distill-seconds`` then train the pruned model to match the original on those batches
 (``fxprune.distill``) before it is measured and saved.
+
+``--streaming`` (``hf:DIR`` only) prunes the checkpoint's safetensors shards one tensor at a time on a
+meta-device analysis (:func:`fxprune.prune_checkpoint`): the model is never loaded or run, so
+importance is a magnitude (l2, l1, lamp) and there is no before/after measurement; ``--out`` is the
+pruned checkpoint folder.
 
 Errors are printed as one paragraph; ``--debug`` shows the traceback instead.
 Progress bars go to stderr when it is a terminal.
@@ -114,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
                              help="distill for at most S seconds (with --distill-steps: whichever comes first)")
     calibration.add_argument("--distill-lr", type=float, default=1e-4, metavar="LR",
                              help="distillation learning rate (AdamW, default 1e-4)")
+    streaming = prune.add_argument_group("checkpoints larger than memory")
+    streaming.add_argument("--streaming", action="store_true",
+                           help="hf:DIR only: prune the checkpoint's safetensors shards one tensor at a time without "
+                                "loading the model (fxprune.prune_checkpoint; importance l2, l1 or lamp); --out is "
+                                "the pruned checkpoint folder")
+    streaming.add_argument("--max-shard-size", metavar="SIZE",
+                           help="with --streaming: largest output shard, e.g. 2GB (default: the largest source "
+                                "shard, at most 1GB)")
     _output_arguments(prune)
     prune.set_defaults(run=run_prune)
 
@@ -171,6 +185,10 @@ def run_inspect(args) -> int:
 def run_prune(args) -> int:
     import fxprune
 
+    if args.streaming:
+        return run_streaming(args)
+    if args.max_shard_size:
+        raise ValueError("--max-shard-size sizes the shards --streaming writes; add --streaming")
     options = _prune_options(args)
     distilling = args.distill_steps is not None or args.distill_seconds is not None
     with _steps(args, 5 + bool(args.calibration) + distilling) as step:
@@ -196,6 +214,48 @@ def run_prune(args) -> int:
         out = _save(args, pruned, loaded.name)
     _report(loaded, before, after, how, out)
     return 0
+
+
+def run_streaming(args) -> int:
+    """``prune hf:DIR --streaming``: the checkpoint pruned shard by shard (:func:`fxprune.prune_checkpoint`)."""
+    import fxprune
+    from fxprune.io import Checkpoint
+
+    folder = _hf_folder(args.model)
+    if folder is None:
+        raise ValueError(f"--streaming prunes a Hugging Face checkpoint folder: give hf:DIR (a folder with a "
+                         f"config.json), not {args.model!r}")
+    unsupported = [flag for flag, on in (
+        ("--calibration", args.calibration), ("--reconstruct", args.reconstruct),
+        ("--distill-steps", args.distill_steps is not None), ("--distill-seconds", args.distill_seconds is not None),
+        ("--target-latency", args.target_latency is not None), ("--prune-head-dims", args.prune_head_dims),
+        ("--input-shape", args.input_shape)) if on]
+    if unsupported:
+        raise ValueError(f"--streaming reads the weights one tensor at a time and never runs the model: "
+                         f"{', '.join(unsupported)} need(s) the model loaded (drop --streaming)")
+    if args.ratio is None and args.target_macs is None:
+        raise ValueError("give --ratio (fraction of units to remove) or --target-macs (fraction of MACs to keep)")
+    out = Path(args.out or f"{Path(folder).name}-pruned")
+    start = time.perf_counter()
+    plan = fxprune.prune_checkpoint(folder, out, args.ratio, importance=args.importance, ignore=tuple(args.ignore),
+                                    round_to=args.round_to, global_pruning=args.global_pruning,
+                                    target_macs=args.target_macs, max_shard_size=args.max_shard_size,
+                                    progress=False if args.quiet else None)
+    elapsed = time.perf_counter() - start
+    if args.plan_out:
+        plan.save(args.plan_out)
+    before, after = (_checkpoint_params(Checkpoint(f)) for f in (folder, out))
+    print(f"{args.model}: pruned shard by shard in {elapsed:.2f}s; parameters {before:,} -> {after:,} "
+          f"({after / before:.1%}); {sum(len(g.kept) < g.units for g in plan.groups)} of {len(plan.groups)} "
+          f"groups lose units")
+    print(f"saved to {out}/ (transformers' from_pretrained, or fxprune.load_pretrained when widths differ per layer)")
+    return 0
+
+
+def _checkpoint_params(checkpoint) -> int:
+    import math
+
+    return sum(math.prod(checkpoint.shape(k)) for k in checkpoint.keys())
 
 
 def run_replay(args) -> int:

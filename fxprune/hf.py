@@ -414,17 +414,24 @@ def _first_float(output):
     return next((t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
 
 
-def prune_in_place(dg, removal: dict, rewrite, verify):
-    """Prune ``dg.model`` itself: rewrite a copy, verify it, write it back, update attributes and config."""
+def prune_in_place(dg, removal: dict, rewrite, verify, run: bool = True):
+    """Prune ``dg.model`` itself: rewrite a copy, verify it, write it back, update attributes and config.
+
+    ``run=False`` skips running the result (forward and ``generate``): a model on the meta device, which
+    :func:`fxprune.prune_checkpoint` resizes for its shapes and config, cannot run; its shapes are still
+    verified.
+    """
     model = dg.model
     original = {name: tuple(t.shape) for name, t in _named_tensors(model).items()}
     pruned = rewrite(dg, removal, inplace=False, share_tensors=True)
     verify(pruned, dg.example_inputs, dg.expected_shapes)  # propagates the new shapes into pruned's nodes
     before, after = attention_sites(dg.gm), attention_sites(pruned)
     kwargs = {k: v for k, v in (dg.model_kwargs or {}).items() if k != "use_cache"}
+    expected = None
     try:  # what the model must compute once written back (the pruned graph was verified)
-        with torch.no_grad():
-            expected = pruned(*(dg.model_inputs or ()), **kwargs)
+        if run:
+            with torch.no_grad():
+                expected = pruned(*(dg.model_inputs or ()), **kwargs)
     except Exception:  # a graph that takes its inputs otherwise: the model is still run, not compared
         expected = None
     saved = _snapshot(model)
@@ -432,7 +439,8 @@ def prune_in_place(dg, removal: dict, rewrite, verify):
         write_back(model, pruned, clone=False)  # the resized tensors are fresh copies that only `pruned` holds
         update_head_counts(model, before, after)
         update_config(model, original, dg, removal, {p: (before[p], after[p]) for p in before.keys() & after.keys()})
-        check_runs(model, dg.model_inputs, dg.model_kwargs, expected)
+        if run:
+            check_runs(model, dg.model_inputs, dg.model_kwargs, expected)
     except Exception as exc:  # a model that no longer runs is never left behind: put the original back
         _restore(model, saved)
         if isinstance(exc, FxPruneError):

@@ -91,23 +91,40 @@ def rewrite(dg, removal: dict, inplace: bool = False, share_tensors: bool = Fals
     return gm
 
 
-def _slice_tensors(gm: fx.GraphModule, dg, sizes: Sizes) -> None:
-    aliases: dict[str, list[str]] = {}
-    for alias, name in dg.state.canonical.items():
-        aliases.setdefault(name, []).append(alias)
+def changed_axes(dg, sizes: Sizes) -> dict[str, dict[int, object]]:
+    """``{tensor name: {axis: layout}}`` of every parameter or buffer axis that changes size under the plan.
+
+    Names are the graph's canonical ones (a tied tensor appears once, under its first name:
+    ``dg.state.canonical``); ``sizes.indices(layout)`` gives the flat indices an axis keeps.
+    """
     by_key: dict[str, dict[int, object]] = {}
     for (key, dim), layout in dg.layouts.items():
         if key[0] == "p":
             by_key.setdefault(key[1], {})[dim] = layout
+    out = {}
     for name, dims in by_key.items():
         changed = {d: layout for d, layout in dims.items() if sizes.new(layout) != sizes.old(layout)}
-        if not changed:
-            continue
+        if changed:
+            out[name] = changed
+    return out
+
+
+def sliced(tensor: torch.Tensor, changed: dict[int, object], sizes: Sizes) -> torch.Tensor:
+    """``tensor`` with each axis in ``changed`` (``{axis: layout}``, from :func:`changed_axes`) cut to its kept
+    indices (``index_select`` copies; with no axis to cut, ``tensor`` itself)."""
+    for d, layout in sorted(changed.items()):
+        index = torch.as_tensor(sizes.indices(layout), dtype=torch.long, device=tensor.device)
+        tensor = tensor.index_select(d, index)
+    return tensor
+
+
+def _slice_tensors(gm: fx.GraphModule, dg, sizes: Sizes) -> None:
+    aliases: dict[str, list[str]] = {}
+    for alias, name in dg.state.canonical.items():
+        aliases.setdefault(name, []).append(alias)
+    for name, changed in changed_axes(dg, sizes).items():
         old = _get(gm, name)
-        new = old.detach()
-        for d, layout in sorted(changed.items()):
-            index = torch.as_tensor(sizes.indices(layout), dtype=torch.long, device=new.device)
-            new = new.index_select(d, index)
+        new = sliced(old.detach(), changed, sizes)
         if isinstance(old, torch.nn.Parameter):
             new = torch.nn.Parameter(new.contiguous(), requires_grad=old.requires_grad)
         else:

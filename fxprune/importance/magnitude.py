@@ -29,19 +29,30 @@ class Magnitude(Criterion):
         self.normalizer = check_normalizer(normalizer)
         self.name = f"l{p}"
 
+    def member_score(self, group, member, tensor) -> np.ndarray:
+        """Per unit of ``group``, ``sum(|slice| ** p)`` of one member's tensor (float64)."""
+        return unit_power_sums(group, member, tensor, self.p)
+
     def member_scores(self, group, tensors: dict) -> list[np.ndarray]:
         out = []
         for member in group.parameters:
             t = tensors.get(member.name)
             if t is not None and t.device.type != "meta":
-                out.append(unit_power_sums(group, member, t, self.p))
+                out.append(self.member_score(group, member, t))
         return out
 
-    def score(self, dg, group, tensors):
-        per_member = self.member_scores(group, tensors)
+    def combine(self, group, per_member: list[np.ndarray]) -> np.ndarray:
+        """The group's scores from its members' (in ``group.parameters`` order): reduced, then normalised.
+
+        Separate from :meth:`score` so that :mod:`fxprune.io` can feed member scores computed one
+        checkpoint tensor at a time.
+        """
         if not per_member:  # meta-device weights: nothing to measure, keep the first units
             return np.zeros(group.units)
         return normalize(reduce_members(per_member, self.reduction), self.normalizer)
+
+    def score(self, dg, group, tensors):
+        return self.combine(group, self.member_scores(group, tensors))
 
 
 class LAMP(Magnitude):

@@ -1,0 +1,182 @@
+"""``prune_checkpoint``: prune a Hugging Face checkpoint folder without loading the model.
+
+1. The model is built on the meta device from ``config.json`` (``config.architectures[0]``) and
+   analysed as in-place pruning analyses it (:func:`fxprune.analyze` with ``inplace=True``: whole
+   heads, kv heads, MLP units, hidden size).
+2. Units are scored by a magnitude criterion one checkpoint tensor at a time
+   (:mod:`fxprune.io.scores`), and planned by the ``plan`` and ``check`` passes of
+   :func:`fxprune.prune` (alignment steps, ``ratios``, global ranking, MACs/parameter targets counted
+   without weights), so the plan is the one ``fxprune.prune(loaded, ratio, inplace=True)`` makes. Or
+   ``plan=`` gives it.
+3. The meta model is pruned in place (:func:`fxprune.hf.prune_in_place`, without running it): its new
+   shapes check every written tensor, and its updated config (with ``fxprune_shapes`` when widths are
+   not uniform) is saved.
+4. Every tensor is read again, sliced along its pruned axes to the kept indices
+   (:func:`fxprune.rewrite.changed_axes`, the rewrite pass's own) and written shard by shard
+   (:mod:`fxprune.io.writer`). A tied ``lm_head`` is sliced like the embedding it shares.
+
+Peak memory: the meta analysis, plus one output shard and one source tensor. An output shard is at
+most ``max_shard_size``; by default the largest source shard's size, capped at 1 GB, so that a
+checkpoint published in 5-10 GB shards is not rewritten through shards that large. The other files of
+the folder (tokenizer, generation config) are copied; weights in other formats are not.
+
+Example::
+
+    >>> plan = fxprune.prune_checkpoint("llama-7b", "llama-7b-pruned", ratio=0.3)
+    >>> model = transformers.AutoModelForCausalLM.from_pretrained("llama-7b-pruned")   # uniform widths
+    >>> model = fxprune.load_pretrained("llama-7b-pruned")          # any widths (config.fxprune_shapes)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from fxprune import hf
+from fxprune.errors import FxPruneError
+from fxprune.io.scores import stream_scores, streamed_criterion
+from fxprune.io.shards import INDEX, Checkpoint
+from fxprune.io.writer import write_shards
+from fxprune.plan_io import PruningPlan
+from fxprune.rewrite import Sizes, changed_axes, kept_units, rewrite, sliced
+from fxprune.verify import verify
+
+# weights in formats this module does not rewrite: never copied next to the pruned shards
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+SHARD_CAP = 10**9  # default output shard size at most 1 GB (one output shard is held in memory)
+EXAMPLE_LENGTH = 8  # tokens of the example input the graph is captured with (the plan does not depend on it)
+
+
+def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None, importance="l2", ignore=(),
+                     round_to: int | None = None, global_pruning: bool = False, max_ratio: float = 0.9,
+                     ratios: dict | None = None, target_macs: float | None = None,
+                     target_params: float | None = None, max_shard_size=None, progress=None) -> PruningPlan:
+    """Prune the checkpoint in ``src_dir`` into ``out_dir``, one tensor at a time; returns the plan.
+
+    ``src_dir`` holds ``config.json`` and ``*.safetensors`` shards (with ``model.safetensors.index.json``
+    when sharded). ``ratio``, ``importance`` (``"l2"``, ``"l1"``, ``"lamp"`` or a
+    :class:`fxprune.importance.Magnitude`: data-aware criteria need the model to run and are refused),
+    ``ignore``, ``round_to``, ``global_pruning``, ``max_ratio``, ``ratios``, ``target_macs`` and
+    ``target_params`` mean what they mean for :func:`fxprune.prune` with ``inplace=True``, and give the same
+    plan. ``plan`` (a :class:`fxprune.PruningPlan` or its JSON file, e.g. ``fxprune.plan_of(model)`` of a
+    model pruned in place) replaces the scoring and planning. ``out_dir`` gets the pruned shards
+    (at most ``max_shard_size`` each: bytes or a string such as ``"2GB"``; default the largest source shard's
+    size, at most 1 GB: one output shard is held in memory), the index, the
+    updated ``config.json`` and the folder's other files; it must hold no safetensors yet.
+    ``progress``: ``True``/``False`` forces the tqdm bars over tensors on or off; ``None`` shows them on a
+    terminal.
+
+    Example::
+
+        >>> tiny_llama(hidden_size=64, num_hidden_layers=2).save_pretrained("llama", max_shard_size="20KB")
+        >>> fxprune.prune_checkpoint("llama", "llama-half", ratio=0.5)
+        PruningPlan(LlamaForCausalLM: 7 groups, 7 lose units)
+        >>> fxprune.prune_checkpoint("llama", "llama-again", plan="plan.json")     # a plan saved earlier
+    """
+    from fxprune.api import ANALYSIS, PRUNING, Job, check_prune_settings, run  # api imports the io package
+
+    src, out = Path(src_dir), Path(out_dir)
+    checkpoint, config = _open(src, out)
+    if plan is not None and (ratio is not None or target_macs is not None or target_params is not None):
+        raise ValueError("give plan= or a ratio/target, not both (the plan already says which units go)")
+    if isinstance(plan, (str, os.PathLike)):
+        plan = PruningPlan.load(plan)
+    if plan is not None and not isinstance(plan, PruningPlan):
+        raise TypeError(f"plan must be a PruningPlan or the path of its JSON file, got {type(plan).__name__}")
+    criterion = streamed_criterion(importance) if plan is None else None
+    ratio, target, max_ratio = check_prune_settings(ratio, target_macs, target_params, round_to, max_ratio)
+
+    model = meta_model(config)
+    ids = torch.zeros(1, EXAMPLE_LENGTH, dtype=torch.long)
+    job = Job(model, (ids,), importance=importance, ignore=tuple(ignore), round_to=round_to, inplace=True,
+              global_pruning=bool(global_pruning), ratios=ratios, ratio=ratio, target=target, max_ratio=max_ratio)
+    dg = run(job, ANALYSIS).dg
+    aliases = _tied_names(model, checkpoint)
+    if plan is not None:
+        job.removal = plan.removal(dg)
+    else:
+        job.scores = stream_scores(dg, dg.prunable_groups, criterion, checkpoint, aliases, progress)
+        run(job, [(name, fn) for name, fn in PRUNING if name in ("plan", "check")])
+    removal = job.removal
+    sizes = Sizes(dg.solver, kept_units(dg, removal))
+    changed = changed_axes(dg, sizes)
+    hf.prune_in_place(dg, removal, rewrite, verify, run=False)  # the meta model: new shapes and config
+
+    pruned = dict(model.named_buffers()) | dict(model.named_parameters(remove_duplicate=False))
+    specs, axes = {}, {}
+    for key in checkpoint.keys():
+        if key not in pruned:
+            raise FxPruneError(f"checkpoint tensor {key!r} is not a tensor of {type(model).__name__} built from "
+                               "config.json (checkpoints whose names transformers converts on loading are not "
+                               "supported)")
+        axes[key] = changed.get(dg.state.canonical.get(key, key), {})
+        shape = tuple(checkpoint.shape(key))
+        for axis, layout in axes[key].items():
+            shape = shape[:axis] + (sizes.new(layout),) + shape[axis + 1:]
+        if shape != tuple(pruned[key].shape):
+            raise FxPruneError(f"{key}: sliced to {shape} but the pruned model has {tuple(pruned[key].shape)} "
+                               "(a bug in fxprune)")
+        specs[key] = (shape, checkpoint.dtype(key))
+
+    write_shards(out, specs, lambda key: sliced(checkpoint.read(key), axes[key], sizes),
+                 max_shard_size=max_shard_size or min(checkpoint.shard_bytes(), SHARD_CAP), progress=progress)
+    model.config.save_pretrained(out)
+    _copy_other_files(src, out)
+    settings = {"ratio": job.ratio, "importance": importance, "round_to": round_to, "streamed": True} \
+        if plan is None else {**plan.settings, "streamed": True}
+    return PruningPlan.from_removal(dg, removal, inplace=True, settings=settings)
+
+
+def meta_model(config) -> torch.nn.Module:
+    """The model ``config`` describes, built on the meta device (no memory for weights), in eval mode.
+
+    The class is ``config.architectures[0]``, as ``fxprune.load_pretrained`` picks it; a config without
+    architectures gets ``AutoModelForCausalLM``'s class for its model type.
+    """
+    import transformers
+
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    with torch.device("meta"):
+        if cls is None:
+            return transformers.AutoModelForCausalLM.from_config(config).eval()
+        return cls(config).eval()
+
+
+def _open(src: Path, out: Path):
+    """``(Checkpoint, config)`` of ``src`` after checking both folders; errors say what is missing."""
+    import transformers
+
+    if not (src / "config.json").exists():
+        raise FileNotFoundError(f"{src} has no config.json: prune_checkpoint builds the model from it "
+                                "(a folder written by save_pretrained)")
+    checkpoint = Checkpoint(src)
+    if out.resolve() == src.resolve():
+        raise ValueError(f"out_dir is the source folder {src}: write the pruned checkpoint elsewhere")
+    if out.exists() and any(out.glob("*.safetensors")):
+        raise ValueError(f"{out} already holds safetensors files: choose an empty or new folder")
+    return checkpoint, transformers.AutoConfig.from_pretrained(src)
+
+
+def _tied_names(model: torch.nn.Module, checkpoint: Checkpoint) -> dict:
+    """``{model tensor name: the checkpoint name it is saved under}`` for tied tensors saved once."""
+    by_id: dict[int, list[str]] = {}
+    for name, tensor in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(tensor), []).append(name)
+    out = {}
+    for names in by_id.values():
+        saved = [n for n in names if n in checkpoint]
+        for name in names:
+            if name not in checkpoint and saved:
+                out[name] = saved[0]
+    return out
+
+
+def _copy_other_files(src: Path, out: Path) -> None:
+    """Tokenizer, generation config and other small files; never weights, the index or the old config."""
+    for path in src.iterdir():
+        if path.is_file() and path.name not in ("config.json", INDEX) and not path.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(path, out / path.name)
