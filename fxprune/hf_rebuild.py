@@ -79,8 +79,8 @@ def differences(model: nn.Module, config=None) -> Differences | None:
     for name in unsaved(model):
         other = theirs.get(name)
         value = mine[name]
-        if other is None or other.device.type == "meta":
-            continue
+        if other is None or other.device.type == "meta" or value.device.type == "meta":
+            continue  # no value to compare (a model on the meta device: prune_checkpoint)
         if other.shape != value.shape or not torch.equal(other.to(value.dtype), value.detach().cpu()):
             buffers[name] = value.detach().cpu().tolist()
             shapes.pop(name, None)  # restored with its value

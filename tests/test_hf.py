@@ -443,6 +443,8 @@ def test_fused_qkv_under_other_names_in_place_prunes_heads_generates_and_reloads
     assert [g.units for g in attention if g.prunable] and all(g.units <= 4 for g in attention if g.prunable)  # heads
 
 
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 8),
+                    reason="the stale model divides by zero inside a kernel on torch < 2.8 (SIGFPE kills the process)")
 def test_stale_head_count_is_caught_by_comparing_with_the_pruned_graph(monkeypatch):
     """Phi-3 with its kv head count left stale still runs (on empty slices): only the outputs tell."""
     torch.manual_seed(0)
