@@ -77,7 +77,8 @@ def main(argv=None) -> int:
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
     keys = list(rows[0])
-    text = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
+    text = "# Calibration statistics of a 1.1B LLaMA: peak memory\n\n"
+    text += "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
     text += "\n".join("| " + " | ".join(f"{r[k]:.2f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
                       for r in rows)
     text += f"\n\n{time.strftime('%Y-%m-%d')}, `python benchmarks/calibration_memory.py`\n"

@@ -326,7 +326,9 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     for task in args.tasks.split(","):
         TASKS[task](args, emit)
-    text = "\n\n".join(table(records, t) for t in args.tasks.split(","))
+    text = ("# Quality right after pruning, without retraining: fxprune against Torch-Pruning\n\n"
+            f"`python benchmarks/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n")
+    text += "\n\n".join(table(records, t) for t in args.tasks.split(","))
     text += f"\n\n{time.perf_counter() - start:.0f} s wall, {args.threads} threads, {time.strftime('%Y-%m-%d')}\n"
     print(text)
     if args.out:
