@@ -47,6 +47,20 @@ def _relative_error(got, expected) -> float:
     return ((got - expected).square().mean() / expected.square().mean()).item()
 
 
+def _three_ways(model, calibration, held_out) -> tuple[dict, dict]:
+    """Relative output errors on ``held_out`` and the pruned models (half of every group, ``round_to=1``): no
+    refit, one-shot reconstruction, sequential reconstruction."""
+    errors, pruned = {}, {}
+    with torch.no_grad():
+        expected = model(held_out)
+        for name, options in [("none", {}), ("one-shot", dict(reconstruct=True)),
+                              ("sequential", dict(reconstruct=True, sequential=True))]:
+            pruned[name] = fxprune.prune(model, 0.5, example_inputs=(held_out[:2],), round_to=1,
+                                         calibration=calibration, **options)
+            errors[name] = _relative_error(pruned[name](held_out), expected)
+    return errors, pruned
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("kind", ["mlp", "cnn"])
 def test_sequential_beats_one_shot_where_pruning_compounds(seed, kind):
@@ -60,14 +74,8 @@ def test_sequential_beats_one_shot_where_pruning_compounds(seed, kind):
     model, shape = (_mlp3(), (8,)) if kind == "mlp" else (_tanh_cnn().eval(), (2, 6, 6))
     calibration = [torch.randn(64, *shape) for _ in range(8)]
     held_out = torch.randn(256, *shape)
-    errors = {}
-    with torch.no_grad():
-        expected = model(held_out)
-        for name, options in [("none", {}), ("one-shot", dict(reconstruct=True)),
-                              ("sequential", dict(reconstruct=True, sequential=True))]:
-            pruned = fxprune.prune(model, 0.5, example_inputs=(held_out[:2],), round_to=1, calibration=calibration,
-                                   **options)
-            errors[name] = _relative_error(pruned(held_out), expected)
+    errors, pruned = _three_ways(model, calibration, held_out)
+    pruned = pruned["sequential"]
     if kind == "mlp":
         assert errors["sequential"] < 0.99 * errors["one-shot"] < 0.1 * errors["none"], errors
     else:
@@ -252,15 +260,8 @@ def test_sequential_refits_weight_operand_consumers():
     model = nn.Sequential(Conv1D(8, 32), nn.Tanh(), Conv1D(32, 32), nn.Tanh(), Conv1D(32, 4)).eval()
     calibration = [torch.randn(64, 8) for _ in range(8)]
     held_out = torch.randn(256, 8)
-    errors, weights = {}, {}
-    with torch.no_grad():
-        expected = model(held_out)
-        for name, options in [("none", {}), ("one-shot", dict(reconstruct=True)),
-                              ("sequential", dict(reconstruct=True, sequential=True))]:
-            pruned = fxprune.prune(model, 0.5, example_inputs=(held_out[:2],), round_to=1, calibration=calibration,
-                                   **options)
-            errors[name] = _relative_error(pruned(held_out), expected)
-            weights[name] = pruned.get_parameter("4.weight").clone()
+    errors, pruned = _three_ways(model, calibration, held_out)
+    weights = {name: m.get_parameter("4.weight") for name, m in pruned.items()}
     assert weights["sequential"].shape == (16, 4)
     assert not torch.allclose(weights["sequential"], weights["one-shot"])  # the last layer was refit again
     assert errors["sequential"] < 1.05 * errors["one-shot"] < 0.5 * errors["none"], errors
