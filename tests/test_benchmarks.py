@@ -223,3 +223,18 @@ def test_scale_plan_times_every_phase_of_a_tiny_meta_llama():
     text = scale.plan_table([dict(row, mode="plan-70b", config="llama-tiny", layers=2, capture="static",
                                   params_b=0.0, build_s=0.0, process_rss_peak_mb=1.0, worker_s=1.0)])
     assert all(f"| {phase} |" in text for phase in scale.PHASES + ("total",))
+
+
+def test_checkpoint_streaming_tiny_rows(tmp_path):
+    """The checkpoint benchmark end to end on a tiny LLaMA: both paths measured, no error row."""
+    pytest.importorskip("transformers")
+    import transformers
+
+    if tuple(int(v) for v in transformers.__version__.split(".")[:2]) < (5, 4):
+        pytest.skip("prune_checkpoint analyses a LLaMA on the meta device: transformers >= 5.4")
+    out = _run("checkpoint_streaming.py", "--sizes", "tiny", "--tmp", tmp_path, "--out", tmp_path / "c.md",
+               timeout=300)
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["method"] for r in rows] == ["prune_checkpoint", "from_pretrained + prune(inplace) + save_pretrained"]
+    assert all("error" not in r and r["seconds"] > 0 and r["shards"] >= 2 for r in rows), rows
+    assert "| tiny |" in (tmp_path / "c.md").read_text()

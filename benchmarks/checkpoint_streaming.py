@@ -1,0 +1,135 @@
+"""``fxprune.prune_checkpoint`` on random-weight LLaMA checkpoints on disk: wall time and peak memory.
+
+For each size a checkpoint is written shard by shard (random bfloat16 weights, never a whole model in memory,
+``fxprune.io.write_shards``) into a temporary folder, then pruned at ratio 0.3 by ``prune_checkpoint`` in a
+fresh process; for the 1B model also the reference path in another fresh process: ``from_pretrained``, in-place
+``prune`` and ``save_pretrained``. Reported: wall seconds, peak RSS above the process's RSS after imports
+(``meter.Meter``) and the process's absolute peak (``ru_maxrss``). The folders are deleted afterwards.
+
+Run (the 7B case writes 13.5 GB to the temporary folder and takes a few minutes)::
+
+    python benchmarks/checkpoint_streaming.py [--sizes 1b,7b] [--tmp DIR] [--out benchmarks/checkpoint_streaming.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SIZES = {  # TinyLlama-1.1B's and LLaMA-7B's shapes; bfloat16 shards of the given size
+    "1b": dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, intermediate_size=5632, shard="1GB"),
+    "7b": dict(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, intermediate_size=11008, shard="2GB"),
+    "tiny": dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=128, shard="100KB"),
+}
+RATIO = 0.3
+
+
+def write(folder: str, size: str) -> dict:
+    import torch
+    import transformers
+
+    from fxprune.io import meta_model, write_shards
+
+    spec = dict(SIZES[size])
+    shard = spec.pop("shard")
+    config = transformers.LlamaConfig(**spec, architectures=["LlamaForCausalLM"], tie_word_embeddings=False)
+    config.dtype = "bfloat16"
+    shapes = {n: tuple(p.shape) for n, p in meta_model(config).state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    write_shards(folder, {n: (s, torch.bfloat16) for n, s in shapes.items()},
+                 lambda n: (torch.randn(shapes[n], generator=generator) * 0.02).to(torch.bfloat16),
+                 max_shard_size=shard, progress=False)
+    config.save_pretrained(folder)
+    return {"parameters": sum(torch.Size(s).numel() for s in shapes.values()),
+            "shards": len(list(Path(folder).glob("*.safetensors")))}
+
+
+def stream(folder: str, out: str) -> dict:
+    import fxprune
+    from meter import Meter
+
+    with Meter() as m:
+        fxprune.prune_checkpoint(folder, out, RATIO, progress=False)
+    return {"seconds": m.seconds, "rss_above_gb": m.rss_peak_mb / 1024}
+
+
+def loaded(folder: str, out: str) -> dict:
+    import torch
+    import transformers
+
+    import fxprune
+    from meter import Meter
+
+    with Meter() as m:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+        fxprune.prune(model, RATIO, example_inputs=(torch.zeros(1, 8, dtype=torch.long),), inplace=True)
+        model.save_pretrained(out)
+    return {"seconds": m.seconds, "rss_above_gb": m.rss_peak_mb / 1024}
+
+
+STEPS = {"write": write, "stream": stream, "loaded": loaded}
+
+
+def _worker(step: str, *args) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", step, *args], capture_output=True, text=True)
+    if out.returncode:
+        return {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1b,7b")
+    parser.add_argument("--tmp", help="folder for the checkpoints (default: the system's temporary folder)")
+    parser.add_argument("--out", help="markdown report")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        sys.path.insert(0, str(HERE))
+        row = STEPS[args.worker[0]](*args.worker[1:])
+        row["maxrss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        print(json.dumps(row))
+        return 0
+    rows = []
+    for size in args.sizes.split(","):
+        root = Path(tempfile.mkdtemp(prefix=f"fxprune-{size}-", dir=args.tmp))
+        try:
+            made = _worker("write", str(root / "src"), size)
+            steps = ("stream", "loaded") if size != "7b" else ("stream",)  # loading 7B for reference: 27 GB fp32
+            for step in steps:
+                result = _worker(step, str(root / "src"), str(root / step))
+                rows.append({"size": size, "method": "prune_checkpoint" if step == "stream" else
+                             "from_pretrained + prune(inplace) + save_pretrained", **made, **result})
+                print(json.dumps(rows[-1]), flush=True)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    lines = ["# prune_checkpoint on random LLaMA checkpoints (ratio 0.3, bfloat16)", "",
+             "| size | parameters | shards | method | seconds | peak RSS above start GB | process peak GB |",
+             "|---|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['size']} | | | {r['method']} | error: {r['error']} | | |")
+        else:
+            lines.append(f"| {r['size']} | {r['parameters'] / 1e9:.2f}B | {r['shards']} | {r['method']} | "
+                         f"{r['seconds']:.1f} | {r['rss_above_gb']:.2f} | {r['maxrss_gb']:.2f} |")
+    text = "\n".join(lines) + (f"\n\n{time.strftime('%Y-%m-%d')}, `python benchmarks/checkpoint_streaming.py "
+                               f"--sizes {args.sizes}`\n")
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
