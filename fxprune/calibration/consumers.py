@@ -76,6 +76,11 @@ class Consumer:
         return list(w.reshape(w.shape[0], -1).chunk(self.blocks, 0))
 
     @property
+    def out_axis(self) -> int:
+        """The weight's output axis: 0, or 1 for ``x @ W`` / addmm (the weight is (in, out))."""
+        return 1 if self.in_axis == 0 else 0
+
+    @property
     def kernel(self) -> int:
         """Features per input index of the weight: the kernel positions of a convolution, 1 otherwise."""
         return int(np.prod(self.patches["kernel"])) if self.patches else 1

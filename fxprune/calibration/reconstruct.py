@@ -29,6 +29,8 @@ Example::
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from fxprune.calibration.consumers import calibrated_consumers
@@ -58,6 +60,23 @@ def refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, k
     return fitted[:, :-1], fitted[:, -1]
 
 
+def losing_consumers(dg, removal: dict) -> list[tuple]:
+    """``(weight name, Consumer, kept input indices, kept output rows)`` of every calibrated consumer that loses
+    input columns under ``removal``, read from the original graph (``dg.gm``). A weight tied under several names
+    is left out: refitting one use would change the other."""
+    sizes = Sizes(dg.solver, kept_units(dg, removal))
+    original = dict(dg.gm.named_parameters(remove_duplicate=False))
+    uses = Counter(id(p) for p in original.values())
+    out = []
+    for name, consumer in calibrated_consumers(dg).items():
+        weight = original[name]
+        kept_in = torch.as_tensor(sizes.indices(dg.layout_of(name, consumer.in_axis)))
+        if uses[id(weight)] > 1 or len(kept_in) == weight.shape[consumer.in_axis]:
+            continue
+        out.append((name, consumer, kept_in, torch.as_tensor(sizes.indices(dg.layout_of(name, consumer.out_axis)))))
+    return out
+
+
 def refit_consumers(dg, removal: dict, batches, damping: float = DAMPING, progress=None) -> dict:
     """``{parameter name: refit tensor}``, already sliced to the pruned shape, for every calibrated
     consumer that loses input columns under ``removal``. Reads only the original model (``dg.gm``), so it
@@ -65,21 +84,13 @@ def refit_consumers(dg, removal: dict, batches, damping: float = DAMPING, progre
     if batches is None:
         raise ValueError("reconstruct=True needs calibration batches: pass calibration=[batch, ...] "
                          "(a batch is a tensor, a tuple of positional inputs or a dict of keyword inputs)")
-    sizes = Sizes(dg.solver, kept_units(dg, removal))
     stats = collect_statistics(dg, batches, gram=True, progress=progress)
     original = dict(dg.gm.named_parameters(remove_duplicate=False))
-    names = {}
-    for name, p in original.items():
-        names[id(p)] = names.get(id(p), 0) + 1
     out = {}
-    for name, consumer in calibrated_consumers(dg).items():
+    for name, consumer, kept_in, rows in losing_consumers(dg, removal):
+        if name not in stats:
+            continue
         weight = original[name]
-        if name not in stats or names[id(weight)] > 1:
-            continue
-        axis = consumer.in_axis
-        kept_in = torch.as_tensor(sizes.indices(dg.layout_of(name, axis)))
-        if len(kept_in) == weight.shape[axis]:
-            continue
         bias = original[consumer.bias] if consumer.bias else None
         kernel = consumer.kernel  # kernel positions per input channel (1 for a Linear or matmul)
         columns = (kept_in[:, None] * kernel + torch.arange(kernel)).reshape(-1)
@@ -87,16 +98,15 @@ def refit_consumers(dg, removal: dict, batches, damping: float = DAMPING, progre
         fits = [refit(m, b, stats[name].block_gram(i), columns, damping)  # a block reads its own features only
                 for i, (m, b) in enumerate(zip(consumer.matrices(weight), biases))]
         matrix = torch.cat([w for w, _ in fits])  # (out, kept columns)
-        if axis == 0:  # x @ W: the weight is (in, out)
-            w_new, out_axis = matrix.T, 1
+        if consumer.in_axis == 0:  # x @ W: the weight is (in, out)
+            w_new = matrix.T
         else:
-            w_new, out_axis = matrix.reshape(weight.shape[0], len(kept_in), *weight.shape[2:]), 0
-        rows = torch.as_tensor(sizes.indices(dg.layout_of(name, out_axis)), device=w_new.device)
-        out[name] = w_new.index_select(out_axis, rows).contiguous().to(weight.device, weight.dtype)
-        if bias is not None:
+            w_new = matrix.reshape(weight.shape[0], len(kept_in), *weight.shape[2:])
+        out[name] = w_new.index_select(consumer.out_axis, rows.to(w_new.device)).contiguous().to(weight.device,
+                                                                                               weight.dtype)
+        if bias is not None:  # the bias's axis is the weight's output axis
             b_new = torch.cat([b for _, b in fits])
-            rows = torch.as_tensor(sizes.indices(dg.layout_of(consumer.bias, 0)), device=b_new.device)
-            out[consumer.bias] = b_new.index_select(0, rows).to(bias.device, bias.dtype)
+            out[consumer.bias] = b_new.index_select(0, rows.to(b_new.device)).to(bias.device, bias.dtype)
     return out
 
 

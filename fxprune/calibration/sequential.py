@@ -43,17 +43,16 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from fxprune.calibration.consumers import Consumer, _call, calibrated_consumers
-from fxprune.calibration.reconstruct import DAMPING
+from fxprune.calibration.consumers import Consumer, _call
+from fxprune.calibration.reconstruct import DAMPING, losing_consumers
 from fxprune.calibration.statistics import placeholder_values
-from fxprune.rewrite import Sizes, kept_units
 
 
 @dataclass
@@ -74,31 +73,16 @@ class SequentialPlan:
 def plan_sequential(dg, removal: dict, inplace: bool = False) -> SequentialPlan:
     """Read, before rewriting, the consumers to refit and their kept output rows; with ``inplace=True`` (the
     rewrite will slice ``dg.gm`` itself) keep a copy of the original graph, whose outputs are the targets."""
-    sizes = Sizes(dg.solver, kept_units(dg, removal))
-    original = dict(dg.gm.named_parameters(remove_duplicate=False))
-    uses = {}
-    for p in original.values():
-        uses[id(p)] = uses.get(id(p), 0) + 1
     consumers, rows = {}, {}
-    for name, consumer in calibrated_consumers(dg).items():
-        weight = original[name]
-        if consumer.blocks != 1:
-            continue  # a grouped convolution keeps its one-shot refit (solved block by block)
-        kept_in = sizes.indices(dg.layout_of(name, consumer.in_axis))
-        if uses[id(weight)] > 1 or len(kept_in) == weight.shape[consumer.in_axis]:
-            continue  # tied (refitting one use changes the other) or nothing lost
-        consumers[name] = consumer
-        out_axis = 1 if consumer.in_axis == 0 else 0  # x @ W: W is (in, out)
-        rows[name] = torch.as_tensor(sizes.indices(dg.layout_of(name, out_axis)))
+    for name, consumer, _, kept_rows in losing_consumers(dg, removal):
+        if consumer.blocks == 1:  # a grouped convolution keeps its one-shot refit (solved block by block)
+            consumers[name], rows[name] = consumer, kept_rows
     gm = dg.gm
     if inplace:
-        by_node = {}
         gm = copy.deepcopy(dg.gm)
         nodes = dict(zip(dg.gm.graph.nodes, gm.graph.nodes))
-        for name, c in consumers.items():
-            by_node[name] = Consumer(c.weight, c.bias, c.patches, [(nodes[n], nodes[x]) for n, x in c.calls],
-                                     c.groups, c.in_features, c.in_axis, c.blocks)
-        consumers = by_node
+        consumers = {name: replace(c, calls=[(nodes[n], nodes[x]) for n, x in c.calls])  # calls in the copy
+                     for name, c in consumers.items()}
     return SequentialPlan(gm, consumers, rows)
 
 
