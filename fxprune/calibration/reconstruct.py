@@ -6,7 +6,7 @@ over the patches for a convolution, where a kept channel keeps its ``prod(kernel
 With ``G = E[x~ x~^T]`` the Gram matrix of ``x~ = [x, 1]`` over the calibration tokens (last index: the
 constant) and ``S~ = S + {1}``, the weights that best predict the original output from what is left are::
 
-    [W_S, b'] = [W, b] G[:, S~] (G[S~, S~] + lam I)^-1,     lam = damping * mean(diag G[S~, S~])
+    [W_S, b'] = ([W, b] G[:, S~] + lam [W, b][:, S~]) (G[S~, S~] + lam I)^-1,  lam = damping * mean(diag G[S~, S~])
 
 so a removed column that is a linear combination of kept ones (plus a constant) is moved onto them
 exactly (up to the damping), and a removed column's mean goes into the bias. A consumer without a bias
@@ -54,7 +54,9 @@ def refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, k
     lam = damping * inner.diagonal().mean().clamp_min(1e-300)
     inner = inner + lam * torch.eye(len(cols), dtype=inner.dtype, device=inner.device)
     # [W, b] G[:, S~] inner^-1, solved as inner X^T = (W G[:, S~])^T (inner is symmetric)
-    fitted = torch.linalg.solve(inner, (w @ gram[:, cols]).T).T
+    # the damping pulls towards the original weights, not towards 0: a kept column the calibration data never
+    # excites (a ReLU unit dead on these batches) keeps its weights instead of losing them
+    fitted = torch.linalg.solve(inner, (w @ gram[:, cols] + lam * w[:, cols]).T).T
     if bias is None:
         return fitted, None
     return fitted[:, :-1], fitted[:, -1]
