@@ -3,7 +3,7 @@
 from fxprune.api import analyze, apply, prune
 from fxprune.capture import capture
 from fxprune.depgraph import DependencyGraph, Group, Member
-from fxprune.hf import load_pretrained
+from fxprune.huggingface import load_pretrained
 from fxprune.plan_io import PruningPlan, plan_of
 from fxprune.replay import replay
 from fxprune.serialize import load, save

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from fxprune import hf
+from fxprune.huggingface import inplace as hf_inplace
 from fxprune.capture import (EXPORTED, capture, flat_inputs, inline_mode_regions, is_hf_model, keep_user_attributes,
                              module_names, name_of_key, split_inputs)
 from fxprune.decompose import decompose, recompose
@@ -144,7 +144,7 @@ def _solve(job: Job) -> None:
     if not job.prune_head_dims:
         dg.keep_head_dims()
     if job.inplace and is_hf_model(job.model):
-        hf.freeze_head_dims(dg, job.model)
+        hf_inplace.freeze_head_dims(dg, job.model)
 
 
 def _score(job: Job) -> None:
@@ -224,7 +224,7 @@ def _refit(job: Job) -> None:
 
 def _rewrite(job: Job) -> None:
     if job.inplace and is_hf_model(job.model):  # rewritten, verified and written back in one step
-        job.result = hf.prune_in_place(job.dg, job.removal, rewrite, verify)
+        job.result = hf_inplace.prune_in_place(job.dg, job.removal, rewrite, verify)
     else:
         job.result = rewrite(job.dg, job.removal, inplace=job.inplace)
 
@@ -335,7 +335,7 @@ def apply(dg: DependencyGraph, removal: dict, *, inplace: bool = False) -> fx.Gr
     so that head dims are kept), the model itself is pruned and returned.
     """
     if inplace and is_hf_model(getattr(dg, "model", None)):
-        gm = hf.prune_in_place(dg, removal, rewrite, verify)
+        gm = hf_inplace.prune_in_place(dg, removal, rewrite, verify)
     else:
         gm = _rewritten(dg, removal, inplace)
         verify(gm, dg.example_inputs, dg.expected_shapes)
@@ -362,7 +362,7 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     ``ignore`` lists modules, module names or parameter names whose axes must not
     change. Without ``inplace=True`` the caller's model is left untouched. With
     ``inplace=True`` a Hugging Face model is pruned in place and returned (it
-    still generates, saves and reloads; see :mod:`fxprune.hf`).
+    still generates, saves and reloads; see :mod:`fxprune.huggingface`).
 
     ``importance``: a name (``"l2"``, ``"l1"``, ``"lamp"``, ``"fpgm"``, ``"bn_scale"``,
     ``"taylor"``, ``"hessian"``, ``"activation"``, ``"wanda"``, ``"obs"``, ``"random"``), a criterion object

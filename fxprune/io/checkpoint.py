@@ -8,7 +8,7 @@
    :func:`fxprune.prune` (alignment steps, ``ratios``, global ranking, MACs/parameter targets counted
    without weights), so the plan is the one ``fxprune.prune(loaded, ratio, inplace=True)`` makes. Or
    ``plan=`` gives it.
-3. The meta model is pruned in place (:func:`fxprune.hf.prune_in_place`, without running it): its new
+3. The meta model is pruned in place (:func:`fxprune.hf_inplace.prune_in_place`, without running it): its new
    shapes check every written tensor, and its updated config (with ``fxprune_shapes`` when widths are
    not uniform) is saved.
 4. Every tensor is read again, sliced along its pruned axes to the kept indices
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from fxprune import hf
+from fxprune.huggingface import inplace as hf_inplace
 from fxprune.errors import FxPruneError
 from fxprune.io.scores import stream_scores, streamed_criterion
 from fxprune.io.shards import INDEX, Checkpoint
@@ -103,7 +103,7 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
     removal = job.removal
     sizes = Sizes(dg.solver, kept_units(dg, removal))
     changed = changed_axes(dg, sizes)
-    hf.prune_in_place(dg, removal, rewrite, verify, run=False)  # the meta model: new shapes and config
+    hf_inplace.prune_in_place(dg, removal, rewrite, verify, run=False)  # the meta model: new shapes and config
 
     pruned = dict(model.named_buffers()) | dict(model.named_parameters(remove_duplicate=False))
     specs, axes = {}, {}

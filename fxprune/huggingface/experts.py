@@ -78,7 +78,3 @@ def expert_widths(model: nn.Module) -> dict[str, set]:
                 values.setdefault("shared_expert_intermediate_size", set()).add(first.out_features)
     return values
 
-
-def in_shared_expert(name: str) -> bool:
-    """Whether a module name lies inside a shared expert (whose width is not the dense ``intermediate_size``)."""
-    return ".shared_expert." in f"{name}."
