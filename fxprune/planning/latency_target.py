@@ -14,8 +14,9 @@ Two loops, in the manner of HALP (Shen et al., 2022) and ZipLM (Kurtic et al., 2
    model (attention, norms, activations, memory traffic), so the estimate is only a
    guide. Each candidate plan is applied and its latency measured against the original
    on the same inputs, alternately (:func:`fxprune.planning.latency.ratio_of`); the
-   budget is corrected (proportional steps, then bisection) until the measured ratio is
-   within 5% of the target, or the tries run out and the closest plan wins.
+   budget is corrected (proportional steps, then bisection) until a plan's measured ratio is
+   within 5% of the target in two measurements (one noisy reading is not trusted), or the tries
+   run out and, after the two closest plans are measured once more, the closest mean wins.
 
 Example::
 
@@ -139,7 +140,7 @@ def allocate(estimate: LatencyEstimate, groups, scores: dict, steps: dict, budge
 
 def search_latency(dg, groups, scores: dict, steps: dict, fraction: float, build, reference, args, kwargs=None, *,
                    alignment: int = 8, max_ratio: float = 0.9, tries: int = 6, tolerance: float = 0.05,
-                   rounds: int = 15) -> LatencySearch:
+                   rounds: int = 8) -> LatencySearch:
     """The plan whose pruned model (``build(removal)``) runs in ``fraction`` of ``reference``'s time."""
     estimate = LatencyEstimate(dg, alignment)
     if not estimate.entries:
@@ -148,15 +149,27 @@ def search_latency(dg, groups, scores: dict, steps: dict, fraction: float, build
     budget, low, high = fraction, 0.0, 1.0
     plans: dict[tuple, list] = {}  # plan signature -> [removal, estimated, measured ratios]
     history = []
+
+    def measure(entry, budget):
+        entry[2].append(ratio_of(build(entry[0]), reference, args, kwargs, rounds=rounds))
+        history.append((budget, entry[1], entry[2][-1]))
+        return float(np.mean(entry[2]))
+
+    def close(measured):
+        return abs(measured - fraction) <= tolerance * fraction
+
     for _ in range(tries):
         removal = allocate(estimate, groups, scores, steps, budget * full, max_ratio)
         kept = {g.atom: g.units - len(u) for g, u in removal.items()}
         # groups move in steps, so another budget can give the same plan: measure it again and average
         entry = plans.setdefault(tuple(sorted(kept.items())), [removal, estimate.total(kept) / full, []])
-        entry[2].append(ratio_of(build(removal), reference, args, kwargs, rounds=rounds))
-        measured = float(np.mean(entry[2]))
-        history.append((budget, entry[1], measured))
-        if abs(measured - fraction) <= tolerance * fraction:
+        measured = measure(entry, budget)
+        # one measurement on a shared machine is off by 10-20% now and then: a plan that looks on target is
+        # measured once more before the search stops on it (picking the luckiest of several noisy readings
+        # would report a ratio the plan does not reach)
+        if close(measured) and len(entry[2]) == 1:
+            measured = measure(entry, budget)
+        if close(measured):
             break
         if measured > fraction:
             high = budget
@@ -164,6 +177,10 @@ def search_latency(dg, groups, scores: dict, steps: dict, fraction: float, build
             low = budget
         proposal = budget * fraction / max(measured, 1e-6)
         budget = proposal if low < proposal < high else (low + high) / 2
+    else:
+        # no plan confirmed on target: the two closest are measured again, so the choice is not a lucky reading
+        for entry in sorted(plans.values(), key=lambda e: abs(float(np.mean(e[2])) - fraction))[:2]:
+            measure(entry, float("nan"))
     removal, estimated, runs = min(plans.values(), key=lambda e: abs(float(np.mean(e[2])) - fraction))
     best = LatencySearch(removal, float(np.mean(runs)), estimated, history)
     if abs(best.measured - fraction) > 0.1 * fraction:
