@@ -87,6 +87,13 @@ def capture(model: torch.nn.Module, example_inputs=None, kwargs=None, dynamic: b
         return model
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fxprune needs an nn.Module or a torch.fx.GraphModule, got {type(model).__name__}")
+    offloaded = offloaded_modules(model)
+    if offloaded:
+        raise CaptureError(
+            f"{type(model).__name__}: {len(offloaded)} module(s) have their weights offloaded by accelerate "
+            f"(device_map with 'cpu'/'disk' offload; e.g. {offloaded[0]!r}), so their tensors are placeholders on the "
+            f"meta device that a graph capture cannot read. Prune the checkpoint folder with "
+            f"fxprune.prune_checkpoint(src_dir, out_dir, ...) instead, or load the model without offloading")
     if is_hf_model(model):
         if example_inputs is None:
             raise CaptureError(f"{type(model).__name__} is captured with torch.export, which needs example_inputs")
@@ -110,6 +117,21 @@ def capture(model: torch.nn.Module, example_inputs=None, kwargs=None, dynamic: b
     gm = fx.GraphModule(tracer.root, graph, name)
     keep_user_attributes(model, gm)
     return gm
+
+
+def offloaded_modules(model: torch.nn.Module) -> list[str]:
+    """Names of the modules whose weights accelerate offloads (loaded onto the device only while they run).
+
+    Example: ``from_pretrained(path, device_map={"model.layers.1": "disk", ...})`` gives ``["model.layers.1", ...]``;
+    a model on one device, or spread over several devices without offloading, gives ``[]``.
+    """
+    names = []
+    for name, module in model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        hooks = getattr(hook, "hooks", None) or ([hook] if hook is not None else [])  # accelerate's SequentialHook
+        if any(getattr(h, "offload", False) for h in hooks):
+            names.append(name)
+    return names
 
 
 def keep_user_attributes(model: torch.nn.Module, gm: fx.GraphModule) -> None:
