@@ -105,6 +105,14 @@ def test_isomorphic_plan_ranks_raw_class_scales_apart():
     assert [len(per_class.get(g, ())) for g in mlp] == [16, 16, 0]
 
 
+def test_mask_plans_as_prune_does():
+    model, x, dg, heads, mlp, residual = stack()
+    plan = fxprune.mask(dg, 0.5, importance=skewed, round_to=1, global_pruning=True, isomorphic=True)
+    removal = plan.removal(dg)
+    lost = [sum(len(removal.get(g, ())) for g in c) for c in (heads, mlp[:2], mlp[2:], [residual])]
+    assert lost == [6, 64, 64, 16]
+
+
 def test_a_target_searches_one_ratio_for_every_class():
     model, x = models.BlockStack().eval(), torch.randn(2, 5, 12)
     before = fxprune.count(model, (x,))[0]
