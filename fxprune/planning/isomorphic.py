@@ -51,10 +51,11 @@ from fxprune.layout import Atom, Cat, Prod
 from fxprune.planning.selection import global_plan, local_plan
 
 
-def signature(dg, group, uses: dict | None = None) -> tuple:
+def signature(dg, group, graph: _GraphFacts | None = None) -> tuple:
     """The structure of ``group`` as a hashable tuple, equal for isomorphic groups (see the module docstring).
 
-    Also stored as ``group.structure``. ``uses`` (from :func:`parameter_uses`) saves recomputing it per group.
+    Also stored as ``group.structure``. ``graph`` (what :func:`isomorphic_classes` reads off ``dg.gm`` once)
+    saves reading it again per group.
 
     Example::
 
@@ -62,20 +63,18 @@ def signature(dg, group, uses: dict | None = None) -> tuple:
         >>> signature(dg, mlp0) == signature(dg, mlp1) == mlp0.structure
         True
     """
-    uses = parameter_uses(dg.gm) if uses is None else uses
-    tensors = _tensor_shapes(dg.gm)
-    nodes = {n.name: n for n in dg.gm.graph.nodes}
+    graph = _GraphFacts(dg.gm) if graph is None else graph
     members = []
     for member in group.members:
         pattern = _pattern(member.layout, group.atom, dg.solver)
         if member.kind == "activation":
             name, _, path = member.name.partition("[")
-            node = nodes.get(name)
+            node = graph.nodes.get(name)
             members.append(("activation", member.dim, _activation_shape(node, path), pattern,
-                            _op_kind(node, dg.gm) if node is not None else "?"))
+                            _op_kind(node, graph.modules) if node is not None else "?"))
         else:
-            members.append((member.kind, member.dim, tensors.get(member.name, ()), pattern,
-                            uses.get(member.name, ())))
+            members.append((member.kind, member.dim, graph.shapes.get(member.name, ()), pattern,
+                            graph.uses.get(member.name, ())))
     group.structure = (group.units, dg.role(group), bool(group.normalized), bool(group.head_dim),
                        bool(group.broadcast), tuple(members))
     return group.structure
@@ -91,10 +90,10 @@ def isomorphic_classes(dg, groups=None) -> list[list]:
         [[3], [5, 9, 13], [7, 11], [15]]
     """
     groups = dg.prunable_groups if groups is None else list(groups)
-    uses = parameter_uses(dg.gm)
+    graph = _GraphFacts(dg.gm)
     classes: dict[tuple, list] = {}
     for group in groups:
-        classes.setdefault(signature(dg, group, uses), []).append(group)
+        classes.setdefault(signature(dg, group, graph), []).append(group)
     return list(classes.values())
 
 
@@ -133,20 +132,36 @@ def isomorphic_plan(groups, scores: dict, ratio, classes: dict, steps: dict | No
     return plan
 
 
-def parameter_uses(gm) -> dict:
+class _GraphFacts:
+    """What signatures read off a graph, read once: nodes and modules by name, tensor shapes, tensor uses."""
+
+    def __init__(self, gm):
+        self.nodes = {n.name: n for n in gm.graph.nodes}
+        self.modules = dict(gm.named_modules())
+        self.shapes = {name: tuple(t.shape) for name, t in gm.named_buffers(remove_duplicate=False)}
+        self.shapes.update((name, tuple(t.shape)) for name, t in gm.named_parameters(remove_duplicate=False))
+        self.uses = parameter_uses(gm, self.modules)
+
+
+def parameter_uses(gm, modules: dict | None = None) -> dict:
     """``{parameter or buffer name: sorted ((op kind, argument), ...)}``: how the graph reads each tensor.
 
     A tensor read by ``get_attr`` is used by every op its node feeds, at that op's argument position (or
     keyword); a module call uses its module's tensors under their attribute names (``Linear``, ``weight``).
+
+    Example (``tests.models.BlockStack``, traced: its Linear layers are module calls)::
+
+        >>> parameter_uses(dg.gm)["blocks.0.mlp.0.weight"]
+        (('Linear', 'weight'),)
     """
-    modules = dict(gm.named_modules())
+    modules = dict(gm.named_modules()) if modules is None else modules
     out: dict[str, set] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             for user in node.users:
                 where = [i for i, a in enumerate(user.args) if a is node] + \
                         [k for k, a in user.kwargs.items() if a is node]
-                out.setdefault(node.target, set()).update((_op_kind(user, gm), str(w)) for w in where or ["?"])
+                out.setdefault(node.target, set()).update((_op_kind(user, modules), str(w)) for w in where or ["?"])
         elif node.op == "call_module" and node.target in modules:
             kind = type(modules[node.target]).__name__
             for local, _ in _local_tensors(modules[node.target]):
@@ -159,22 +174,16 @@ def _local_tensors(module):
     yield from module.named_buffers(remove_duplicate=False)
 
 
-def _op_kind(node, gm) -> str:
+def _op_kind(node, modules: dict) -> str:
     """The kind of op a node runs, without names: a module's class, a method's or function's name."""
     if node.op == "call_module":
-        module = dict(gm.named_modules()).get(node.target)
+        module = modules.get(node.target)
         return type(module).__name__ if module is not None else "module"
     if node.op == "call_function":
         return str(node.target) if not hasattr(node.target, "__name__") else node.target.__name__
     if node.op == "call_method":
         return f".{node.target}"
     return node.op
-
-
-def _tensor_shapes(gm) -> dict:
-    shapes = {name: tuple(t.shape) for name, t in gm.named_buffers(remove_duplicate=False)}
-    shapes.update((name, tuple(t.shape)) for name, t in gm.named_parameters(remove_duplicate=False))
-    return shapes
 
 
 def _activation_shape(node, path: str) -> tuple:
