@@ -31,6 +31,12 @@ walk between the two bracketing plans moves groups one at a time, so classes may
 ``isomorphic=True`` needs ``global_pruning=True`` (without it every group loses the ratio anyway: a
 ``ValueError`` says so) and does not combine with ``target_latency``.
 
+Measured (``benchmarks/isomorphic_minilm.py``, the real all-MiniLM-L6-v2, heads and MLP units, hidden
+kept, no refit): at 85% and 70% of the parameters the mean cosine of the sentence embeddings to the
+original's is 0.69 and 0.45 with L2 scores (uniform 0.68 and 0.42, global by cost 0.53 and 0.35, which
+cuts every layer to 2 of 12 heads), 0.78 and 0.55 with activation scores (uniform 0.76 and 0.50, global
+0.62 and 0.49); nearest-neighbour agreement is about 0.02 below uniform's at 85% and 0.03 above it at 70%.
+
 Example: a stack of three transformer blocks of width 32, 4 heads, MLPs of 64, 64 and 128 units
 (``tests.models.BlockStack``). The classes are the residual stream, the three head groups, the two
 64-unit MLP groups and the 128-unit MLP group; at ``ratio=0.5`` the residual stream loses 16 of its 32
