@@ -11,7 +11,9 @@
 global ranking, per-module ratios, round_to; with ``target_macs``/``target_params``
 it searches the ratio, counting each candidate plan without rewriting:
 :mod:`fxprune.planning.target`; global pruning towards such a target ranks units by score per
-MAC or parameter saved, scores normalised per group type: :mod:`fxprune.planning.costs`);
+MAC or parameter saved, scores normalised per group type: :mod:`fxprune.planning.costs`; with
+``isomorphic=True`` each class of same-structure groups is ranked on its own and loses the ratio:
+:mod:`fxprune.planning.isomorphic`);
 ``check`` warns when the plan removes far less than the ratio
 (frozen groups, with their reasons); with ``reconstruct=True``, ``refit`` solves the least-squares refit
 of every Linear, weight matmul/addmm or convolution that loses input columns from calibration statistics of
@@ -51,6 +53,7 @@ from fxprune.importance import named_tensors, resolve_importance, score_groups
 from fxprune.macs import count_graph, estimate
 from fxprune.planning.alignment import default_alignment, removal_steps
 from fxprune.planning.costs import group_types
+from fxprune.planning.isomorphic import class_ids
 from fxprune.planning.latency_target import search_latency
 from fxprune.planning.minimum import keep_minimum
 from fxprune.planning.selection import make_plan, units_to_keep
@@ -88,6 +91,7 @@ class Job:
     expected_shapes: list | None = None
     result: fx.GraphModule | None = None
     global_pruning: bool = False
+    isomorphic: bool = False  # global ranking within each class of isomorphic groups (planning/isomorphic.py)
     max_ratio: float = 0.9
     ratios: dict | None = None  # {module name | module | group | group id: ratio}
     target: tuple | None = None  # ("macs" | "params", fraction of the original kept)
@@ -163,10 +167,12 @@ def _plan(job: Job) -> None:
 
     def plan_for(ratio: float, costs: dict | None = None) -> dict:
         return make_plan(groups, job.scores, ratio, steps=job.steps, global_pruning=job.global_pruning,
-                         max_ratio=job.max_ratio, fixed=fixed, costs=costs, types=types)
+                         max_ratio=job.max_ratio, fixed=fixed, costs=costs, types=types, classes=classes)
 
     types = None
-    if job.target is not None and job.global_pruning and job.target[0] in METRICS:
+    # isomorphic: each class of same-structure groups loses the ratio, so a target searches that one ratio
+    classes = class_ids(job.dg, groups) if job.isomorphic else None
+    if job.target is not None and job.global_pruning and job.target[0] in METRICS and not job.isomorphic:
         # by cost: the units that lose least score per MAC (parameter) saved; the ratio is a fraction of the cost
         ranked = [g for g in groups if g in job.scores and g not in fixed]
         types = group_types(job.dg, ranked)
@@ -294,8 +300,8 @@ def _record_plan(job: Job) -> None:
     """Keep the removal plan on the result (``gm.meta["fxprune_plan"]``) so that it can be saved and replayed."""
     settings = {"ratio": job.ratio, "importance": job.importance, "round_to": job.round_to,
                 "alignment": job.alignment, "prune_head_dims": job.prune_head_dims}
-    # a replay removes the same units but neither refits nor re-estimates: say so in the plan
-    for name in ("reconstruct", "sequential", "reestimate_bn"):
+    # a replay removes the same units but neither refits nor re-estimates: say so in the plan (and how it ranked)
+    for name in ("reconstruct", "sequential", "reestimate_bn", "isomorphic"):
         if getattr(job, name):
             settings[name] = True
     attach_plan(job.result, PruningPlan.from_removal(job.dg, job.removal, inplace=job.inplace, settings=settings))
@@ -355,7 +361,7 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
           max_ratio: float = 0.9, ratios: dict | None = None, target_macs: float | None = None,
           target_params: float | None = None, target_latency: float | None = None, calibration=None,
           loss_fn=None, reconstruct: bool = False, sequential: bool = False,
-          reestimate_bn: bool = False) -> fx.GraphModule:
+          reestimate_bn: bool = False, isomorphic: bool = False) -> fx.GraphModule:
     """Remove ``ratio`` (default 0.3) of the units of every prunable group; returns a verified GraphModule.
 
     ``model`` is an ``nn.Module`` (traced here) or a ``torch.fx.GraphModule``.
@@ -397,6 +403,13 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     units are the high-resolution layers', so a lower ``max_ratio`` (0.5) keeps them from being
     emptied first (measured in :mod:`fxprune.planning.costs`). A plain ratio with
     ``global_pruning=True`` removes that fraction of all units by count.
+    ``isomorphic=True`` (with ``global_pruning=True``, else ``ValueError``) is isomorphic pruning (Fang et
+    al., ECCV 2024): groups of the same structure (same roles, parameter shapes and ops, whatever their
+    names or layer: every layer's heads, every same-width MLP) form a class, and every class loses ``ratio``
+    of its units, ranked globally within the class only, so heads never pay for MLP units nor a wide layer
+    for a narrow one (:mod:`fxprune.planning.isomorphic`). With ``target_macs``/``target_params`` the search
+    finds the one ratio every class loses (by count, not by cost: within a class units cost the same);
+    ``target_latency`` is not supported with it.
     ``target_latency=0.5`` measures per-layer latency tables on the model's device and
     searches the plan that runs in half the time with the least importance lost, each
     candidate measured against the original (:mod:`fxprune.planning.latency_target`).
@@ -414,11 +427,13 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     """
     job = Job(model, example_inputs, kwargs, importance=importance, ignore=tuple(ignore), round_to=round_to,
               prune_head_dims=bool(prune_head_dims), inplace=inplace, global_pruning=bool(global_pruning),
-              ratios=ratios, calibration=calibration, loss_fn=loss_fn, reconstruct=bool(reconstruct),
+              isomorphic=bool(isomorphic), ratios=ratios, calibration=calibration, loss_fn=loss_fn,
+              reconstruct=bool(reconstruct),
               sequential=bool(sequential), reestimate_bn=bool(reestimate_bn))
     calibration = job.calibration = check_calibration_settings(calibration, reconstruct, sequential, reestimate_bn)
     job.ratio, job.target, job.max_ratio = check_prune_settings(ratio, target_macs, target_params, round_to, max_ratio,
-                                                                target_latency)
+                                                                target_latency, global_pruning=global_pruning,
+                                                                isomorphic=isomorphic)
     if job.target and job.target[0] == "latency" and job.example_inputs is None:
         raise ValueError("target_latency needs example_inputs: latency is measured on real inputs")
     return run(job, PIPELINE).result
@@ -439,8 +454,15 @@ def check_calibration_settings(calibration, reconstruct, sequential, reestimate_
     return calibration
 
 
-def check_prune_settings(ratio, target_macs, target_params, round_to, max_ratio, target_latency=None) -> tuple:
+def check_prune_settings(ratio, target_macs, target_params, round_to, max_ratio, target_latency=None, *,
+                         global_pruning=False, isomorphic=False) -> tuple:
     """``(ratio, target, max_ratio)`` after checking them; errors name the bad argument."""
+    if isomorphic and not global_pruning:
+        raise ValueError("isomorphic=True ranks units globally within each class of same-structure groups: it "
+                         "needs global_pruning=True (without it every group already loses the same ratio)")
+    if isomorphic and target_latency is not None:
+        raise ValueError("isomorphic=True takes a ratio, target_macs or target_params, not target_latency (the "
+                         "latency search allocates over all groups at once)")
     targets = [(m, v) for m, v in (("macs", target_macs), ("params", target_params), ("latency", target_latency))
                if v is not None]
     if len(targets) > 1:

@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fraction of the CPU latency to keep, measured on the example input (instead of --ratio)")
     prune.add_argument("--global", dest="global_pruning", action="store_true",
                        help="rank the units of all groups together instead of pruning each group by --ratio")
+    prune.add_argument("--isomorphic", action="store_true",
+                       help="with --global: rank units only among groups of the same structure (every layer's "
+                            "heads, every same-width MLP), each such class losing --ratio of its units")
     prune.add_argument("--ignore", action="append", default=[], metavar="NAME",
                        help="module or parameter name whose axes must not change (repeatable)")
     calibration = prune.add_argument_group("calibration and distillation")
@@ -185,6 +188,9 @@ def run_inspect(args) -> int:
 def run_prune(args) -> int:
     import fxprune
 
+    if args.isomorphic and not args.global_pruning:
+        raise ValueError("--isomorphic ranks units globally within each class of same-structure groups: add "
+                         "--global")
     if args.streaming:
         return run_streaming(args)
     if args.max_shard_size:
@@ -239,7 +245,8 @@ def run_streaming(args) -> int:
     start = time.perf_counter()
     plan = fxprune.prune_checkpoint(folder, out, args.ratio, importance=args.importance, ignore=tuple(args.ignore),
                                     round_to=args.round_to, global_pruning=args.global_pruning,
-                                    target_macs=args.target_macs, max_shard_size=args.max_shard_size,
+                                    isomorphic=args.isomorphic, target_macs=args.target_macs,
+                                    max_shard_size=args.max_shard_size,
                                     progress=False if args.quiet else None)
     elapsed = time.perf_counter() - start
     if args.plan_out:
@@ -319,7 +326,8 @@ def _prune_options(args) -> dict:
     supported = inspect.signature(fxprune.prune).parameters
     for flag, name, value in (("--target-macs", "target_macs", args.target_macs),
                               ("--target-latency", "target_latency", args.target_latency),
-                              ("--global", "global_pruning", args.global_pruning or None)):
+                              ("--global", "global_pruning", args.global_pruning or None),
+                              ("--isomorphic", "isomorphic", args.isomorphic or None)):
         if value is None:
             continue
         if name not in supported:

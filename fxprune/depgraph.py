@@ -59,6 +59,8 @@ class Group:
     head_dim: str = ""  # where attention contracts over it (a per-head width), else ""
     min_kept: int = 1  # units that must stay (top-k over it needs k): plans never remove more
     min_kept_reason: str = ""
+    # the group's structure signature once isomorphic pruning has computed it (planning/isomorphic.py)
+    structure: tuple | None = field(default=None, repr=False)
 
     @property
     def has_parameters(self) -> bool:

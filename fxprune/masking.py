@@ -48,14 +48,14 @@ def zero_units(dg, removal: dict) -> None:
 
 def mask(model_or_dg, plan_or_ratio=0.3, *, example_inputs=None, kwargs=None, importance="l2", ignore=(),
          round_to=None, prune_head_dims: bool = False, global_pruning: bool = False, max_ratio: float = 0.9,
-         ratios: dict | None = None):
+         ratios: dict | None = None, isomorphic: bool = False):
     """Zero the units a plan removes, in place, and return that :class:`~fxprune.PruningPlan`.
 
     ``model_or_dg``: a model (analysed here with ``example_inputs``) or a
     :class:`~fxprune.DependencyGraph` from ``fxprune.analyze`` (analyse once, mask
     every epoch: the graph holds the model's own tensors). ``plan_or_ratio``: a
     ratio (planned as ``fxprune.prune`` plans it, with ``importance``, ``round_to``,
-    ``global_pruning``, ``max_ratio``, ``ratios``), a ``{group: units}`` removal,
+    ``global_pruning``, ``isomorphic``, ``max_ratio``, ``ratios``), a ``{group: units}`` removal,
     or a :class:`~fxprune.PruningPlan`. The returned plan replays on the model
     (``fxprune.replay(plan, model)``) to remove the masked units for real.
     """
@@ -72,8 +72,9 @@ def mask(model_or_dg, plan_or_ratio=0.3, *, example_inputs=None, kwargs=None, im
     elif isinstance(plan_or_ratio, (int, float)) and not isinstance(plan_or_ratio, bool):
         job = Job(dg.model, dg.model_inputs, dg.model_kwargs, importance=importance, round_to=round_to,
                   prune_head_dims=prune_head_dims, gm=dg.gm, dg=dg, global_pruning=bool(global_pruning),
-                  ratios=ratios)
-        job.ratio, _, job.max_ratio = check_prune_settings(plan_or_ratio, None, None, round_to, max_ratio)
+                  isomorphic=bool(isomorphic), ratios=ratios)
+        job.ratio, _, job.max_ratio = check_prune_settings(plan_or_ratio, None, None, round_to, max_ratio,
+                                                           global_pruning=global_pruning, isomorphic=isomorphic)
         run(job, [(name, fn) for name, fn in PRUNING if name in ("score", "plan")])
         removal = job.removal
         settings = {"ratio": job.ratio, "importance": importance, "round_to": round_to, "alignment": job.alignment}

@@ -13,7 +13,11 @@ of the way (linear by default: k / n):
 - ``global_pruning=True`` with a ratio: the units of all groups together keep
   ``1 - r * k / n`` of the original total, at most ``max_ratio`` of any group's
   original units removed; with a target, each step ranks by score per MAC
-  (parameter) saved, as ``prune`` does (:mod:`fxprune.planning.costs`).
+  (parameter) saved, as ``prune`` does (:mod:`fxprune.planning.costs`);
+- ``isomorphic=True`` (with ``global_pruning=True``): the isomorphic classes of the *original* model's groups
+  (:mod:`fxprune.planning.isomorphic`) hold across steps (a class's groups may differ in width once pruned);
+  with a ratio each class keeps ``1 - r * k / n`` of its original units, with a target one searched ratio of
+  every class's current units.
 
 With ``calibration`` batches, ``reconstruct=True`` (and ``sequential``, ``reestimate_bn``) refit each step's
 result as ``prune`` does (:mod:`fxprune.calibration`), against the model the step started from.
@@ -47,6 +51,7 @@ from fxprune.planning.selection import make_plan, units_to_keep
 from fxprune.planning.ratios import group_ratios
 from fxprune.regularize import make_regularizer
 from fxprune.planning.costs import group_types
+from fxprune.planning.isomorphic import class_ids
 from fxprune.planning.target import METRICS, search_by_cost, search_ratio
 
 
@@ -64,13 +69,14 @@ class Pruner:
                  round_to: int | None = None, prune_head_dims: bool = False, regularizer=None, reg: float = 1e-4,
                  alpha: float = 4.0,
                  calibration=None, loss_fn=None, kwargs=None, reconstruct: bool = False, sequential: bool = False,
-                 reestimate_bn: bool = False):
+                 reestimate_bn: bool = False, isomorphic: bool = False):
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         if not callable(schedule) and schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)} or pass f(step, steps)")
         self.ratio, self.target, self.max_ratio = check_prune_settings(ratio, target_macs, target_params, round_to,
-                                                                       max_ratio)
+                                                                       max_ratio, global_pruning=global_pruning,
+                                                                       isomorphic=isomorphic)
         if reconstruct and isinstance(calibration, Iterator):
             calibration = list(calibration)  # every step reads the batches again
         self.calibration = check_calibration_settings(calibration, reconstruct, sequential, reestimate_bn)
@@ -93,6 +99,9 @@ class Pruner:
         self.original_ratios = group_ratios(self.dg, ratios)
         self.original_counts = count_graph(self.dg.gm)
         self.original_dg = self.dg
+        # the classes of the original groups: pruned unevenly, a class's groups no longer look alike
+        self.isomorphic = bool(isomorphic)
+        self.original_classes = class_ids(self.dg, self.dg.prunable_groups) if self.isomorphic else None
         self.kept = {g: list(range(g.units)) for g in self.lineage.original}  # original indices left per group
         self._regularizer_ready = False
 
@@ -145,6 +154,7 @@ class Pruner:
         plan = PruningPlan.from_removal(self.original_dg, removal, settings={
             **goal, "steps": self.current_step, "round_to": self.round_to, "alignment": self.alignment,
             "prune_head_dims": self.prune_head_dims, "global_pruning": self.global_pruning,
+            **({"isomorphic": True} if self.isomorphic else {}),
             **{name: True for name, on in self.refits.items() if on}})  # a replay removes the units, refits nothing
         attach_plan(job.result, plan)
 
@@ -157,13 +167,18 @@ class Pruner:
             fixed = {g: self._step_ratio(g, self.original_ratios[self.lineage.origin(g)] * progress)
                      for g in groups if self.lineage.origin(g) in self.original_ratios}
             caps = self._caps(groups) if self.global_pruning else None
+            classes = self._classes(groups) if self.isomorphic else None
             if self.target is not None:
                 metric, fraction = self.target
                 index = METRICS.index(metric)
                 now = count_graph(self.dg.gm)[index]
                 wanted = (1.0 - (1.0 - fraction) * progress) * self.original_counts[index] / max(now, 1)
                 job.target = (metric, min(1.0, wanted))
-                if self.global_pruning:  # by cost, as prune does: score per MAC (parameter) saved
+                if classes is not None:  # one ratio for every class, as prune does
+                    job.search = search_ratio(self.dg, lambda r: make_plan(
+                        groups, job.scores, r, steps=job.steps, global_pruning=True, max_ratio=self.max_ratio,
+                        fixed=fixed, caps=caps, classes=classes), metric, job.target[1])
+                elif self.global_pruning:  # by cost, as prune does: score per MAC (parameter) saved
                     ranked = [g for g in groups if g in job.scores and g not in fixed]
                     types = group_types(self.dg, ranked)
                     job.search = search_by_cost(self.dg, ranked, lambda r, costs: make_plan(
@@ -176,8 +191,14 @@ class Pruner:
                 job.removal, job.ratio = job.search.removal, job.search.ratio
             elif self.global_pruning:
                 job.ratio = self._global_step_ratio(groups, fixed, progress)
-                job.removal = make_plan(groups, job.scores, job.ratio, steps=job.steps, global_pruning=True,
-                                        max_ratio=self.max_ratio, fixed=fixed, caps=caps)
+                ratio = job.ratio
+                if classes is not None:  # each class at its share of its own original units
+                    members = {}
+                    for group in groups:
+                        members.setdefault(classes[group], []).append(group)
+                    ratio = {key: self._global_step_ratio(part, fixed, progress) for key, part in members.items()}
+                job.removal = make_plan(groups, job.scores, ratio, steps=job.steps, global_pruning=True,
+                                        max_ratio=self.max_ratio, fixed=fixed, caps=caps, classes=classes)
             else:
                 fixed.update({g: self._step_ratio(g, self.ratio * progress) for g in groups if g not in fixed})
                 job.removal = make_plan(groups, job.scores, 0.0, steps=job.steps, fixed=fixed)
@@ -198,6 +219,10 @@ class Pruner:
         original = sum(self.lineage.original_units.get(self.lineage.origin(g), g.units) for g in ranked)
         keep = (1.0 - self.ratio * progress) * original
         return min(0.999, max(0.0, 1.0 - keep / max(now, 1)))
+
+    def _classes(self, groups) -> dict:
+        """``{group: isomorphic class of its origin}``; a group lineage cannot trace is a class of its own."""
+        return {g: self.original_classes.get(self.lineage.origin(g), ("untraced", g.id)) for g in groups}
 
     def _caps(self, groups) -> dict:
         """Units each group may still lose so that none loses more than ``max_ratio`` of its original units."""

@@ -233,3 +233,30 @@ class MHAPoolExported(nn.Module):
         h = self.proj(x)
         pooled, _ = self.attn(self.query.expand(h.shape[0], -1, -1), h, h)
         return self.head(pooled[:, 0])
+
+
+class PreNormBlock(nn.Module):
+    """A pre-norm transformer block over :class:`ViTAttention`: heads, then an MLP of ``mlp`` units."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, mlp: int = 64):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = ViTAttention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm(x))
+        return x + self.mlp(x)
+
+
+class BlockStack(nn.Module):
+    """Blocks of one structure but for their MLP widths (``mlps``): isomorphic classes across layers."""
+
+    def __init__(self, mlps=(64, 64, 128), dim: int = 32):
+        super().__init__()
+        self.embed = nn.Linear(12, dim)
+        self.blocks = nn.Sequential(*[PreNormBlock(dim, 4, m) for m in mlps])
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.embed(x)))

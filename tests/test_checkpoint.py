@@ -194,7 +194,8 @@ def test_bfloat16_checkpoint_stays_bfloat16(tmp_path):
     assert all(torch.equal(written.read(k), expected[k]) for k in written.keys())
 
 
-@pytest.mark.parametrize("options", [dict(target_params=0.6), dict(ratio=0.4, importance="lamp", global_pruning=True)])
+@pytest.mark.parametrize("options", [dict(target_params=0.6), dict(ratio=0.4, importance="lamp", global_pruning=True),
+                                     dict(ratio=0.4, global_pruning=True, isomorphic=True)])
 def test_targets_and_global_ranking_plan_as_in_memory(tmp_path, options):
     src = tmp_path / "src"
     model = _saved(src)

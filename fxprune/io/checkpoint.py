@@ -53,13 +53,14 @@ EXAMPLE_LENGTH = 8  # tokens of the example input the graph is captured with (th
 def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None, importance="l2", ignore=(),
                      round_to: int | None = None, global_pruning: bool = False, max_ratio: float = 0.9,
                      ratios: dict | None = None, target_macs: float | None = None,
-                     target_params: float | None = None, max_shard_size=None, progress=None) -> PruningPlan:
+                     target_params: float | None = None, max_shard_size=None, progress=None,
+                     isomorphic: bool = False) -> PruningPlan:
     """Prune the checkpoint in ``src_dir`` into ``out_dir``, one tensor at a time; returns the plan.
 
     ``src_dir`` holds ``config.json`` and ``*.safetensors`` shards (with ``model.safetensors.index.json``
     when sharded). ``ratio``, ``importance`` (``"l2"``, ``"l1"``, ``"lamp"`` or a
     :class:`fxprune.importance.Magnitude`: data-aware criteria need the model to run and are refused),
-    ``ignore``, ``round_to``, ``global_pruning``, ``max_ratio``, ``ratios``, ``target_macs`` and
+    ``ignore``, ``round_to``, ``global_pruning``, ``isomorphic``, ``max_ratio``, ``ratios``, ``target_macs`` and
     ``target_params`` mean what they mean for :func:`fxprune.prune` with ``inplace=True``, and give the same
     plan. ``plan`` (a :class:`fxprune.PruningPlan` or its JSON file, e.g. ``fxprune.plan_of(model)`` of a
     model pruned in place) replaces the scoring and planning. ``out_dir`` gets the pruned shards
@@ -87,12 +88,14 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
     if plan is not None and not isinstance(plan, PruningPlan):
         raise TypeError(f"plan must be a PruningPlan or the path of its JSON file, got {type(plan).__name__}")
     criterion = streamed_criterion(importance) if plan is None else None
-    ratio, target, max_ratio = check_prune_settings(ratio, target_macs, target_params, round_to, max_ratio)
+    ratio, target, max_ratio = check_prune_settings(ratio, target_macs, target_params, round_to, max_ratio,
+                                                    global_pruning=global_pruning, isomorphic=isomorphic)
 
     model = meta_model(config)
     ids = torch.zeros(1, EXAMPLE_LENGTH, dtype=torch.long)
     job = Job(model, (ids,), importance=importance, ignore=tuple(ignore), round_to=round_to, inplace=True,
-              global_pruning=bool(global_pruning), ratios=ratios, ratio=ratio, target=target, max_ratio=max_ratio)
+              global_pruning=bool(global_pruning), isomorphic=bool(isomorphic), ratios=ratios, ratio=ratio,
+              target=target, max_ratio=max_ratio)
     dg = run(job, ANALYSIS).dg
     aliases = _tied_names(model, checkpoint)
     if plan is not None:

@@ -6,7 +6,9 @@ preferred channel multiple (8, for tensor cores and as measured on CPUs) so that
 ``ratios`` turns ``ratios={module: r}`` into per-group ratios; ``target`` searches
 the ratio that keeps a fraction of the MACs or parameters (globally, ``costs`` gives
 what one unit of each group is worth and its type, and ``selection.cost_plan`` spends the
-budget where it loses least score per MAC); ``latency`` measures
+budget where it loses least score per MAC); ``isomorphic`` splits the groups into classes of one
+structure (every layer's heads, every same-width MLP) that each lose the ratio, ranked within the class;
+``latency`` measures
 per-layer latency tables on the model's device and ``latency_target`` searches
 the plan that reaches a latency target with the least importance lost. For
 example, ``prune(llama, 0.3)`` keeps 2864 of 4096 hidden channels (a multiple of
