@@ -472,11 +472,18 @@ def test_in_place_reload_is_identical(name, tmp_path):
             return
     original, model, reloaded, ids, kwargs = _prune_save_reload(name, tmp_path)
     width = model.get_input_embeddings().weight.shape[1]
-    if name in ("bart", "marian"):  # the hidden size is frozen (inputs_embeds[:, :, -1] for a shape): heads and MLP
+    # BART and Marian take inputs_embeds[:, :, -1] for its shape only, and return the encoder's states: the hidden
+    # size is pruned all the same
+    assert width < 64 and model.config.hidden_size == width
+    if name in ("bart", "marian"):
         assert model.model.encoder.layers[0].fc1.out_features < 128
         assert reloaded.model.encoder.embed_tokens.weight is reloaded.model.shared.weight or name == "marian"
-    else:
-        assert width < 64 and model.config.hidden_size == width
+        with torch.no_grad():  # the encoder's states are returned at the pruned width
+            assert model(ids, **kwargs).encoder_last_hidden_state.shape[-1] == width
+    if name == "marian":  # sinusoidal positions, not saved: the kept columns of the original table, not a new one
+        kept = reloaded.model.encoder.embed_positions.weight
+        assert kept.shape == (64, width) and torch.equal(kept, model.model.encoder.embed_positions.weight)
+        assert set(model.config.fxprune_buffers) >= {"model.encoder.embed_positions.weight"}
     if name == "opt":  # a rebuild with word_embed_proj_dim != hidden_size would add project_in / project_out
         assert model.config.word_embed_proj_dim == width and model.config.ffn_dim < 128
         assert not any("project_" in n for n, _ in reloaded.named_parameters())

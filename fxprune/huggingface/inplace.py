@@ -53,6 +53,21 @@ HEAD_COUNTS = {
 }
 
 
+def internal_outputs(gm) -> set:
+    """Names of the graph's outputs that are internal states of the model: every output after the first that
+    the graph also computes with (BART's ``encoder_last_hidden_state``, which its decoder attends to). Pruned
+    in place, the model is the caller's own: its first output (logits, the last hidden state) keeps its shape,
+    as do outputs nothing else reads (BERT's ``pooler_output``), while the width of a state it passes from one
+    part to another is what pruning changes (the hidden size), as ``output_hidden_states`` would show.
+
+    Example: for ``BartForConditionalGeneration`` (logits, encoder_last_hidden_state) -> {"layer_norm_2"}.
+    """
+    out = gm.graph.find_nodes(op="output")[0]
+    leaves = []
+    torch.fx.node.map_arg(out.args, lambda n: leaves.append(n) or n)
+    return {n.name for n in leaves[1:] if n is not leaves[0] and any(u.op != "output" for u in n.users)}
+
+
 def _is_projection(module) -> bool:
     return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "weight"))
 

@@ -79,6 +79,8 @@ def differences(model: nn.Module, config=None) -> Differences | None:
     for name in unsaved(model):
         other = theirs.get(name)
         value = mine[name]
+        if other is not None and other.device.type == "meta" and value.device.type != "meta":
+            other = _initialised(fresh, name)  # a parameter (Marian's sinusoidal positions): transformers' value
         if other is None or other.device.type == "meta" or value.device.type == "meta":
             continue  # no value to compare (a model on the meta device: prune_checkpoint)
         if other.shape != value.shape or not torch.equal(other.to(value.dtype), value.detach().cpu()):
@@ -91,6 +93,23 @@ def differences(model: nn.Module, config=None) -> Differences | None:
             if type(value) in (int, float) and attr in other and other[attr] != value:
                 attributes[f"{name}.{attr}" if name else attr] = value
     return Differences(shapes, attributes, buffers, extra)
+
+
+def _initialised(fresh: nn.Module, name: str) -> torch.Tensor | None:
+    """The value transformers gives the unsaved parameter ``name`` of a rebuild when it loads a checkpoint
+    without it: its owner module is materialised alone and initialised by the model's own ``_init_weights``
+    (Marian's ``create_weight()`` for its sinusoidal positions). None where that is not possible."""
+    owner_name, _, attr = name.rpartition(".")
+    init_weights = getattr(fresh, "_init_weights", None)
+    try:
+        owner = fresh.get_submodule(owner_name)
+        owner.to_empty(device="cpu", recurse=False)
+        with torch.no_grad():
+            init_weights(owner)
+        value = getattr(owner, attr)
+    except Exception:  # no transformers initialisation for it: the values cannot be compared
+        return None
+    return value if isinstance(value, torch.Tensor) and value.device.type != "meta" else None
 
 
 def unsaved(model: nn.Module) -> list:
