@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from fxprune.errors import FxPruneError
 from fxprune.huggingface.attention_sites import attention_sites, update_head_counts
+from fxprune.huggingface.constants import attributes_from_constants
 from fxprune.huggingface.rebuild import differences
 from fxprune.huggingface.experts import (expert_widths, is_experts, is_router, update_expert_attributes,
                                 update_expert_count, update_router_attributes)
@@ -276,7 +277,8 @@ def _update_attention(module: nn.Module) -> None:
             setattr(module, attr, hidden)
 
 
-def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None, sites=None) -> None:
+def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None, sites=None,
+                  decided=frozenset()) -> None:
     """Uniform widths go into ``model.config``; what a model built from it would still get wrong is recorded.
 
     ``sites``: ``{attention module path: (before, after)}`` head counts read from the graphs
@@ -324,7 +326,9 @@ def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None
             config.__dict__.pop(key, None)
         found = differences(model)
     if found is not None:
-        found = _derived_fields(model, config, _widths_changed(model, original_shapes), set(values), found)
+        changed = _widths_changed(model, original_shapes)
+        found = _derived_fields(model, config, changed, set(values), found)
+        found = _follow_rebuild(model, found, changed, decided)
     if found is None:  # no rebuild at all: every resized tensor
         shapes = {name: list(t.shape) for name, t in _named_tensors(model).items()
                   if tuple(t.shape) != original_shapes.get(name)}
@@ -371,6 +375,30 @@ def _derived_fields(model: nn.Module, config, changed: dict, done: set, found):
 
 
 RECORDED = ("fxprune_shapes", "fxprune_attributes", "fxprune_buffers")
+
+
+def _follow_rebuild(model: nn.Module, found, changed: dict, decided=frozenset()):
+    """Module attributes that still hold a pruned width's original size where a rebuild from the updated config
+    holds its one new size take the new one (OLMo's weightless LayerNorm's ``normalized_shape``, XGLM's
+    ``embed_dim`` and its positions' ``embedding_dim``): they restate that width, which no tensor of their
+    module shows. Only widths that changed to one size everywhere (``changed``: old -> new sizes) are
+    followed; a per-layer width would be the rebuild's, not the layer's; nor are the attributes the rewritten
+    graph ``decided`` (:mod:`fxprune.huggingface.constants`). Returns ``found`` without those followed."""
+    def restates(mine, theirs) -> bool:
+        if type(mine) is int:
+            return changed.get(mine) == {theirs}
+        if type(mine) is tuple and len(mine) == len(theirs):
+            pairs = [(a, b) for a, b in zip(mine, theirs) if a != b]
+            return bool(pairs) and all(restates(a, b) for a, b in pairs)
+        return False
+
+    followed = {key for key, value in found.attributes.items()
+                if key not in decided and restates(value, found.theirs[key])}
+    for key in followed:
+        owner, _, attr = key.rpartition(".")
+        setattr(model.get_submodule(owner) if owner else model, attr, found.theirs[key])
+    attributes = {k: v for k, v in found.attributes.items() if k not in followed}
+    return found._replace(attributes=attributes, theirs={k: found.theirs[k] for k in attributes})
 
 
 def residual_group(dg, hidden: int):
@@ -450,7 +478,10 @@ def prune_in_place(dg, removal: dict, rewrite, verify, run: bool = True):
     try:
         write_back(model, pruned, clone=False)  # the resized tensors are fresh copies that only `pruned` holds
         update_head_counts(model, before, after)
-        update_config(model, original, dg, removal, {p: (before[p], after[p]) for p in before.keys() & after.keys()})
+        decided = attributes_from_constants(model, dg.gm, pruned, {(id(m), attr): value for m, _, _, plain in saved[0]
+                                                                    for attr, value in plain.items()})
+        update_config(model, original, dg, removal, {p: (before[p], after[p]) for p in before.keys() & after.keys()},
+                      decided)
         if run:
             check_runs(model, dg.model_inputs, dg.model_kwargs, expected)
     except Exception as exc:  # a model that no longer runs is never left behind: put the original back

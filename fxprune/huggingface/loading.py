@@ -83,12 +83,18 @@ def _resize(model: nn.Module, shapes: dict, attributes: dict) -> None:
     for name, shape in shapes.items():
         old = _named_tensors(model)[name]
         set_tensor(model, name, torch.empty(shape, dtype=old.dtype, device=old.device))
-    for name, value in attributes.items():
-        owner, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(owner) if owner else model, attr, value)
+    _set_attributes(model, attributes)  # head_dim first: update_attributes counts heads by it
     update_attributes(model)
+    _set_attributes(model, attributes)  # recorded from the pruned model, they overrule update_attributes' guesses
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+
+
+def _set_attributes(model: nn.Module, attributes: dict) -> None:
+    for name, value in attributes.items():
+        owner, _, attr = name.rpartition(".")
+        value = tuple(value) if isinstance(value, list) else value  # a tuple in the model, a list in JSON
+        setattr(model.get_submodule(owner) if owner else model, attr, value)
 
 
 def _from_pretrained_resized(cls, path: str, config, shapes: dict, attributes: dict, **kwargs):
