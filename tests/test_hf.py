@@ -748,3 +748,19 @@ def test_xglm_hidden_size_alone_pruned_in_place_keeps_the_reshape_width(tmp_path
         assert_same_outputs(reloaded(ids).logits, model(ids).logits)
         tokens = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
         assert torch.equal(reloaded.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0), tokens)
+
+
+def test_phi3_heads_pruned_in_one_layer_only_is_a_clear_error_and_the_model_is_put_back():
+    """Phi-3 slices its fused q|k|v at ``config.num_attention_heads * head_dim`` in forward: one count for every
+    layer, so per-layer head counts cannot be written back in place. The error says so; nothing changes."""
+    torch.manual_seed(0)
+    model, _ = _in_place_family("phi3")
+    model.eval()
+    dg = fxprune.analyze(model, (_ids(1, 6),), inplace=True)
+    heads = next(g for g in dg.groups_of("model.layers.0.self_attn.qkv_proj.weight", 0) if g.prunable)
+    removal = plant_dead_units(dg, groups=[heads], fraction=0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(fxprune.FxPruneError, match="different head counts .*layers.0.self_attn: 2 heads"):
+        fxprune.apply(dg, removal, inplace=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert model.config.num_attention_heads == 4 and not hasattr(model.config, "fxprune_shapes")

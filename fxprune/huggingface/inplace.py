@@ -486,11 +486,28 @@ def prune_in_place(dg, removal: dict, rewrite, verify, run: bool = True):
             check_runs(model, dg.model_inputs, dg.model_kwargs, expected)
     except Exception as exc:  # a model that no longer runs is never left behind: put the original back
         _restore(model, saved)
+        uneven = _uneven_head_counts(after)
+        if uneven:  # say why: the likeliest cause, and what works instead
+            raise FxPruneError(f"{exc} (the original was put back). The plan leaves attention modules with "
+                               f"different head counts ({uneven}); {type(model).__name__} fails or computes "
+                               f"something else with them, so its forward most likely reads a head count from "
+                               f"the config all layers share rather than from each module (Phi-3, for one, "
+                               f"slices q|k|v at config.num_attention_heads * head_dim). Prune heads by the same "
+                               f"amount in every layer, or without inplace=True") from exc
         if isinstance(exc, FxPruneError):
             raise
         raise FxPruneError(f"pruning {type(model).__name__} in place failed while writing back its tensors, "
                            f"attributes and config (the original was put back): {type(exc).__name__}: {exc}") from exc
     return model
+
+
+def _uneven_head_counts(sites: dict) -> str:
+    """``"model.layers.0.self_attn: 1 heads / 1 kv heads, ..."`` when attention modules of the pruned graph
+    keep different head counts, else ``""``."""
+    counts = {(site.heads, site.kv_heads) for site in sites.values()}
+    if len(counts) < 2:
+        return ""
+    return ", ".join(f"{path}: {site.heads} heads / {site.kv_heads} kv heads" for path, site in sorted(sites.items()))
 
 
 _PLAIN = (int, float, bool, str, tuple, type(None))
