@@ -137,7 +137,10 @@ def _decompose(job: Job) -> None:
 
 
 def _relate(job: Job) -> None:
-    job.state = relate(job.gm)
+    free = hf_inplace.internal_outputs(job.gm) if job.inplace and is_hf_model(job.model) else set()
+    job.state = relate(job.gm, free)
+    if free:
+        job.expected_shapes = output_shapes(job.gm, free)
 
 
 def _solve(job: Job) -> None:

@@ -18,7 +18,10 @@ from fxprune.errors import FxPruneError
 from fxprune.rules import lookup
 
 
-def relate(gm: fx.GraphModule) -> AnalysisState:
+def relate(gm: fx.GraphModule, free_outputs=()) -> AnalysisState:
+    """The relations of every node of ``gm``. ``free_outputs``: names of nodes whose shapes as graph outputs may
+    change (a Hugging Face model pruned in place returns its encoder's states too: see
+    :func:`fxprune.huggingface.inplace.internal_outputs`); every other graph output keeps its shape."""
     state = AnalysisState(gm)
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
@@ -32,7 +35,8 @@ def relate(gm: fx.GraphModule) -> AnalysisState:
             continue
         if node.op == "output":
             for t in r.tensors_in():
-                r.freeze(t, "graph output")
+                if t.key[1] not in free_outputs:
+                    r.freeze(t, "graph output")
             continue
         if node.op == "get_attr":
             continue

@@ -386,6 +386,11 @@ def _in_place_family(name):
                                 decoder_ffn_dim=128, encoder_attention_heads=4, decoder_attention_heads=4,
                                 max_position_embeddings=64, decoder_start_token_id=0, pad_token_id=1)
         return T.MarianMTModel(config), {"decoder_input_ids": _ids(1, 4, seed=1)}
+    if name == "olmo":  # a LayerNorm without weights: its normalized_shape attribute restates the hidden size
+        return T.OlmoForCausalLM(T.OlmoConfig(pad_token_id=0, eos_token_id=1, **decoder)), {}
+    if name == "xglm":  # embed_dim attributes; sinusoidal positions in a buffer rebuilt from embedding_dim
+        return T.XGLMForCausalLM(T.XGLMConfig(vocab_size=100, d_model=64, num_layers=2, attention_heads=4, ffn_dim=128,
+                                              max_position_embeddings=64)), {}
     if name == "falcon":  # head_dim is a read-only property of the config; rotary inv_freq from hidden / heads
         return T.FalconForCausalLM(T.FalconConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
                                                   num_attention_heads=4, num_kv_heads=2,
@@ -457,7 +462,7 @@ def test_stale_head_count_is_caught_by_comparing_with_the_pruned_graph(monkeypat
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
-@pytest.mark.parametrize("name", ["opt", "bart", "marian", "falcon", "gemma", "gemma2", "gemma3"])
+@pytest.mark.parametrize("name", ["opt", "bart", "marian", "falcon", "gemma", "gemma2", "gemma3", "olmo", "xglm"])
 def test_in_place_reload_is_identical(name, tmp_path):
     if name.startswith("gemma"):
         model, _ = _in_place_family(name)
@@ -472,14 +477,27 @@ def test_in_place_reload_is_identical(name, tmp_path):
             return
     original, model, reloaded, ids, kwargs = _prune_save_reload(name, tmp_path)
     width = model.get_input_embeddings().weight.shape[1]
-    if name in ("bart", "marian"):  # the hidden size is frozen (inputs_embeds[:, :, -1] for a shape): heads and MLP
+    # BART and Marian take inputs_embeds[:, :, -1] for its shape only, and return the encoder's states: the hidden
+    # size is pruned all the same
+    assert width < 64 and model.config.hidden_size == width
+    if name in ("bart", "marian"):
         assert model.model.encoder.layers[0].fc1.out_features < 128
         assert reloaded.model.encoder.embed_tokens.weight is reloaded.model.shared.weight or name == "marian"
-    else:
-        assert width < 64 and model.config.hidden_size == width
+        with torch.no_grad():  # the encoder's states are returned at the pruned width
+            assert model(ids, **kwargs).encoder_last_hidden_state.shape[-1] == width
+    if name == "marian":  # sinusoidal positions, not saved: the kept columns of the original table, not a new one
+        kept = reloaded.model.encoder.embed_positions.weight
+        assert kept.shape == (64, width) and torch.equal(kept, model.model.encoder.embed_positions.weight)
+        assert set(model.config.fxprune_buffers) >= {"model.encoder.embed_positions.weight"}
     if name == "opt":  # a rebuild with word_embed_proj_dim != hidden_size would add project_in / project_out
         assert model.config.word_embed_proj_dim == width and model.config.ffn_dim < 128
         assert not any("project_" in n for n, _ in reloaded.named_parameters())
+    if name in ("olmo", "xglm"):  # attributes that restate the hidden size follow it; generate as the reload does
+        norms = [m for m in model.modules() if hasattr(m, "normalized_shape")]
+        assert norms and all(tuple(m.normalized_shape) == (width,) for m in norms)
+        with torch.no_grad():
+            tokens = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+            assert torch.equal(reloaded.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0), tokens)
     if name.startswith("gemma"):  # sqrt of the ORIGINAL hidden size, not of the pruned one
         assert model.config.fxprune_buffers["model.embed_tokens.embed_scale"] == pytest.approx(8.0)
         assert reloaded.model.embed_tokens.embed_scale.item() == pytest.approx(8.0)
@@ -708,3 +726,41 @@ def test_count_reuses_the_static_export_shapes_with_the_same_numbers(monkeypatch
     monkeypatch.setattr(macs, "reuse_export_values", lambda gm: False)
     assert fast == fxprune.count(model, args, by_module=True)
     assert fast["model.layers.0.mlp.up_proj"][0] > 0
+
+
+def test_xglm_hidden_size_alone_pruned_in_place_keeps_the_reshape_width(tmp_path):
+    """XGLM reshapes its attention output by ``self.embed_dim``, the query width: with the hidden size alone
+    pruned it is no longer the hidden size, which the rewritten graph's reshape shows (and a rebuild from the
+    config gets wrong: recorded for ``load_pretrained``)."""
+    torch.manual_seed(0)
+    model, _ = _in_place_family("xglm")
+    model.eval()
+    ids = _ids(1, 6)
+    dg = fxprune.analyze(model, (ids,), inplace=True)
+    hidden = dg.group_of("model.embed_tokens.weight", 1)
+    fxprune.apply(dg, {hidden: list(range(0, 64, 4))}, inplace=True)
+    attention = model.model.layers[0].self_attn
+    assert model.config.d_model == 48 and attention.q_proj.weight.shape == (64, 48) and attention.embed_dim == 64
+    model.save_pretrained(tmp_path)
+    reloaded = fxprune.load_pretrained(str(tmp_path))
+    assert reloaded.model.layers[0].self_attn.embed_dim == 64
+    with torch.no_grad():
+        assert_same_outputs(reloaded(ids).logits, model(ids).logits)
+        tokens = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert torch.equal(reloaded.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0), tokens)
+
+
+def test_phi3_heads_pruned_in_one_layer_only_is_a_clear_error_and_the_model_is_put_back():
+    """Phi-3 slices its fused q|k|v at ``config.num_attention_heads * head_dim`` in forward: one count for every
+    layer, so per-layer head counts cannot be written back in place. The error says so; nothing changes."""
+    torch.manual_seed(0)
+    model, _ = _in_place_family("phi3")
+    model.eval()
+    dg = fxprune.analyze(model, (_ids(1, 6),), inplace=True)
+    heads = next(g for g in dg.groups_of("model.layers.0.self_attn.qkv_proj.weight", 0) if g.prunable)
+    removal = plant_dead_units(dg, groups=[heads], fraction=0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(fxprune.FxPruneError, match="different head counts .*layers.0.self_attn: 2 heads"):
+        fxprune.apply(dg, removal, inplace=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert model.config.num_attention_heads == 4 and not hasattr(model.config, "fxprune_shapes")

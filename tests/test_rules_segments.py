@@ -254,3 +254,34 @@ def test_tuple_slices_and_negative_indices_pick_the_right_elements():
     assert first.prunable and [g.units for g in dg.prunable_groups] == [2, 2, 2]
     dg, pruned, removal = _oracle(TupleItems(), x)
     assert pruned.a.out_channels == 3 and pruned.b.in_channels == pruned.c.in_channels == 1
+
+
+class ShapeOnlyIndex(nn.Module):
+    """``h[:, :, 5]`` taken for its shape only (BART's ``embed_positions(inputs_embeds[:, :, -1])``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 8)
+        self.pos = nn.Embedding(10, 8)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        length = h[:, :, 5].shape[1]
+        return self.out(h + self.pos(torch.arange(length)))
+
+
+@pytest.mark.parametrize("exported", [False, True])
+def test_integer_index_read_for_its_shape_only_leaves_the_axis_prunable(exported):
+    x = torch.randn(2, 4, 3)
+    model = ShapeOnlyIndex().eval()
+    if exported:  # aten.select, its result unused in a static graph
+        model = fxprune.testing.exported(model, x)
+    dg = fxprune.analyze(model, (x,))
+    hidden = dg.group_of("a.weight", 0)
+    assert hidden.units == 8 and hidden.prunable, hidden.frozen
+    # half the units go: the index 5 is clamped into the 4 that stay, and the outputs do not change
+    removal = plant_dead_units(dg, [hidden], fraction=0.5)
+    pruned = fxprune.apply(dg, removal)
+    assert pruned.get_parameter("a.weight").shape[0] == 4
+    torch.testing.assert_close(pruned(x), dg.gm(x), atol=1e-5, rtol=0)

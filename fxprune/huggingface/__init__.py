@@ -5,9 +5,11 @@ implementation, :mod:`~fxprune.huggingface.experts_capture`) and pruned like any
 ``inplace=True`` the pruned tensors are written back into the caller's module tree
 (:mod:`~fxprune.huggingface.inplace`), attention modules and their head counts are found from the graph's
 attention calls (:mod:`~fxprune.huggingface.attention_sites`), expert blocks and routers follow their tensors
-(:mod:`~fxprune.huggingface.experts`), config fields derived from a pruned width are found by rebuilding the
-model on the meta device (:mod:`~fxprune.huggingface.rebuild`), and :func:`load_pretrained`
-(:mod:`~fxprune.huggingface.loading`) reloads what the config alone cannot describe. Example::
+(:mod:`~fxprune.huggingface.experts`), attributes the graph restates as size constants follow the rewritten
+graph (:mod:`~fxprune.huggingface.constants`), config fields derived from a pruned width are found by rebuilding
+the model on the meta device (:mod:`~fxprune.huggingface.rebuild`), and :func:`load_pretrained`
+(:mod:`~fxprune.huggingface.loading`) reloads what the config alone cannot describe, building it on the meta
+device. Example::
 
     >>> fxprune.prune(model, 0.25, example_inputs=(ids,), inplace=True)
     >>> model.save_pretrained(out)

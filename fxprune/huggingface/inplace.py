@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from fxprune.errors import FxPruneError
 from fxprune.huggingface.attention_sites import attention_sites, update_head_counts
+from fxprune.huggingface.constants import attributes_from_constants
 from fxprune.huggingface.rebuild import differences
 from fxprune.huggingface.experts import (expert_widths, is_experts, is_router, update_expert_attributes,
                                 update_expert_count, update_router_attributes)
@@ -51,6 +52,21 @@ HEAD_COUNTS = {
     "num_heads": "q", "num_attention_heads": "q", "n_heads": "q", "n_head": "q",
     "num_key_value_heads": "k", "num_kv_heads": "k",
 }
+
+
+def internal_outputs(gm) -> set:
+    """Names of the graph's outputs that are internal states of the model: every output after the first that
+    the graph also computes with (BART's ``encoder_last_hidden_state``, which its decoder attends to). Pruned
+    in place, the model is the caller's own: its first output (logits, the last hidden state) keeps its shape,
+    as do outputs nothing else reads (BERT's ``pooler_output``), while the width of a state it passes from one
+    part to another is what pruning changes (the hidden size), as ``output_hidden_states`` would show.
+
+    Example: for ``BartForConditionalGeneration`` (logits, encoder_last_hidden_state) -> {"layer_norm_2"}.
+    """
+    out = gm.graph.find_nodes(op="output")[0]
+    leaves = []
+    torch.fx.node.map_arg(out.args, lambda n: leaves.append(n) or n)
+    return {n.name for n in leaves[1:] if n is not leaves[0] and any(u.op != "output" for u in n.users)}
 
 
 def _is_projection(module) -> bool:
@@ -261,7 +277,8 @@ def _update_attention(module: nn.Module) -> None:
             setattr(module, attr, hidden)
 
 
-def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None, sites=None) -> None:
+def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None, sites=None,
+                  decided=frozenset()) -> None:
     """Uniform widths go into ``model.config``; what a model built from it would still get wrong is recorded.
 
     ``sites``: ``{attention module path: (before, after)}`` head counts read from the graphs
@@ -309,7 +326,9 @@ def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None
             config.__dict__.pop(key, None)
         found = differences(model)
     if found is not None:
-        found = _derived_fields(model, config, _widths_changed(model, original_shapes), set(values), found)
+        changed = _widths_changed(model, original_shapes)
+        found = _derived_fields(model, config, changed, set(values), found)
+        found = _follow_rebuild(model, found, changed, decided)
     if found is None:  # no rebuild at all: every resized tensor
         shapes = {name: list(t.shape) for name, t in _named_tensors(model).items()
                   if tuple(t.shape) != original_shapes.get(name)}
@@ -356,6 +375,30 @@ def _derived_fields(model: nn.Module, config, changed: dict, done: set, found):
 
 
 RECORDED = ("fxprune_shapes", "fxprune_attributes", "fxprune_buffers")
+
+
+def _follow_rebuild(model: nn.Module, found, changed: dict, decided=frozenset()):
+    """Module attributes that still hold a pruned width's original size where a rebuild from the updated config
+    holds its one new size take the new one (OLMo's weightless LayerNorm's ``normalized_shape``, XGLM's
+    ``embed_dim`` and its positions' ``embedding_dim``): they restate that width, which no tensor of their
+    module shows. Only widths that changed to one size everywhere (``changed``: old -> new sizes) are
+    followed; a per-layer width would be the rebuild's, not the layer's; nor are the attributes the rewritten
+    graph ``decided`` (:mod:`fxprune.huggingface.constants`). Returns ``found`` without those followed."""
+    def restates(mine, theirs) -> bool:
+        if type(mine) is int:
+            return changed.get(mine) == {theirs}
+        if type(mine) is tuple and len(mine) == len(theirs):
+            pairs = [(a, b) for a, b in zip(mine, theirs) if a != b]
+            return bool(pairs) and all(restates(a, b) for a, b in pairs)
+        return False
+
+    followed = {key for key, value in found.attributes.items()
+                if key not in decided and restates(value, found.theirs[key])}
+    for key in followed:
+        owner, _, attr = key.rpartition(".")
+        setattr(model.get_submodule(owner) if owner else model, attr, found.theirs[key])
+    attributes = {k: v for k, v in found.attributes.items() if k not in followed}
+    return found._replace(attributes=attributes, theirs={k: found.theirs[k] for k in attributes})
 
 
 def residual_group(dg, hidden: int):
@@ -435,16 +478,36 @@ def prune_in_place(dg, removal: dict, rewrite, verify, run: bool = True):
     try:
         write_back(model, pruned, clone=False)  # the resized tensors are fresh copies that only `pruned` holds
         update_head_counts(model, before, after)
-        update_config(model, original, dg, removal, {p: (before[p], after[p]) for p in before.keys() & after.keys()})
+        decided = attributes_from_constants(model, dg.gm, pruned, {(id(m), attr): value for m, _, _, plain in saved[0]
+                                                                    for attr, value in plain.items()})
+        update_config(model, original, dg, removal, {p: (before[p], after[p]) for p in before.keys() & after.keys()},
+                      decided)
         if run:
             check_runs(model, dg.model_inputs, dg.model_kwargs, expected)
     except Exception as exc:  # a model that no longer runs is never left behind: put the original back
         _restore(model, saved)
+        uneven = _uneven_head_counts(after)
+        if uneven:  # say why: the likeliest cause, and what works instead
+            raise FxPruneError(f"{exc} (the original was put back). The plan leaves attention modules with "
+                               f"different head counts ({uneven}); {type(model).__name__} fails or computes "
+                               f"something else with them, so its forward most likely reads a head count from "
+                               f"the config all layers share rather than from each module (Phi-3, for one, "
+                               f"slices q|k|v at config.num_attention_heads * head_dim). Prune heads by the same "
+                               f"amount in every layer, or without inplace=True") from exc
         if isinstance(exc, FxPruneError):
             raise
         raise FxPruneError(f"pruning {type(model).__name__} in place failed while writing back its tensors, "
                            f"attributes and config (the original was put back): {type(exc).__name__}: {exc}") from exc
     return model
+
+
+def _uneven_head_counts(sites: dict) -> str:
+    """``"model.layers.0.self_attn: 1 heads / 1 kv heads, ..."`` when attention modules of the pruned graph
+    keep different head counts, else ``""``."""
+    counts = {(site.heads, site.kv_heads) for site in sites.values()}
+    if len(counts) < 2:
+        return ""
+    return ", ".join(f"{path}: {site.heads} heads / {site.kv_heads} kv heads" for path, site in sorted(sites.items()))
 
 
 _PLAIN = (int, float, bool, str, tuple, type(None))

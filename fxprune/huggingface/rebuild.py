@@ -30,6 +30,7 @@ class Differences(NamedTuple):
     attributes: dict  # "module.attr" -> the model's int/float value, where a rebuild's differs
     buffers: dict     # unsaved tensor (non-persistent buffer ...) -> the model's value (a list) where a rebuild differs
     extra: list       # tensors a rebuild has and the model has not (OPT's project_in when the widths differ)
+    theirs: dict = {}  # "module.attr" -> the rebuild's value, for every entry of ``attributes``
 
     @property
     def size(self) -> int:
@@ -79,18 +80,43 @@ def differences(model: nn.Module, config=None) -> Differences | None:
     for name in unsaved(model):
         other = theirs.get(name)
         value = mine[name]
+        if other is not None and other.device.type == "meta" and value.device.type != "meta":
+            other = _initialised(fresh, name)  # a parameter (Marian's sinusoidal positions): transformers' value
         if other is None or other.device.type == "meta" or value.device.type == "meta":
             continue  # no value to compare (a model on the meta device: prune_checkpoint)
         if other.shape != value.shape or not torch.equal(other.to(value.dtype), value.detach().cpu()):
             buffers[name] = value.detach().cpu().tolist()
             shapes.pop(name, None)  # restored with its value
-    attributes, fresh_modules = {}, dict(fresh.named_modules())
+    attributes, their_values, fresh_modules = {}, {}, dict(fresh.named_modules())
     for name, module in model.named_modules():
         other = vars(fresh_modules[name]) if name in fresh_modules else {}
         for attr, value in vars(module).items():
-            if type(value) in (int, float) and attr in other and other[attr] != value:
-                attributes[f"{name}.{attr}" if name else attr] = value
-    return Differences(shapes, attributes, buffers, extra)
+            if _plain_size(value) and attr in other and other[attr] != value and type(other[attr]) is type(value):
+                key = f"{name}.{attr}" if name else attr
+                attributes[key], their_values[key] = value, other[attr]
+    return Differences(shapes, attributes, buffers, extra, their_values)
+
+
+def _plain_size(value) -> bool:
+    """An int or float attribute, or a tuple of ints (OLMo's weightless LayerNorm's ``normalized_shape``)."""
+    return type(value) in (int, float) or (type(value) is tuple and bool(value) and all(type(v) is int for v in value))
+
+
+def _initialised(fresh: nn.Module, name: str) -> torch.Tensor | None:
+    """The value transformers gives the unsaved parameter ``name`` of a rebuild when it loads a checkpoint
+    without it: its owner module is materialised alone and initialised by the model's own ``_init_weights``
+    (Marian's ``create_weight()`` for its sinusoidal positions). None where that is not possible."""
+    owner_name, _, attr = name.rpartition(".")
+    init_weights = getattr(fresh, "_init_weights", None)
+    try:
+        owner = fresh.get_submodule(owner_name)
+        owner.to_empty(device="cpu", recurse=False)
+        with torch.no_grad():
+            init_weights(owner)
+        value = getattr(owner, attr)
+    except Exception:  # no transformers initialisation for it: the values cannot be compared
+        return None
+    return value if isinstance(value, torch.Tensor) and value.device.type != "meta" else None
 
 
 def unsaved(model: nn.Module) -> list:

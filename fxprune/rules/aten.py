@@ -155,13 +155,18 @@ def _select_signature(input, dim, index):  # noqa: A002
     pass
 
 
+def _set_select_index(node, index: int) -> None:
+    node.args = (*node.args[:2], index, *node.args[3:])
+
+
 @register(*overloads(aten.select))
 def select(r) -> None:
-    """``x.select(dim, i)`` keeps one index of ``dim``: that axis freezes, the others carry over."""
+    """``x.select(dim, i)`` keeps one index of ``dim``: that axis freezes (unless only the result's shape is read:
+    :func:`~fxprune.rules.misc.integer_index`), the others carry over."""
     a = r.bind(_select_signature)
     x, out = a["input"], r.out
     dim = a["dim"] % x.ndim
-    r.freeze(x[dim], "integer index")
+    misc.integer_index(r, x[dim], lambda node: node.args[2], _set_select_index)
     for d in range(x.ndim):
         if d != dim:
             r.same(x[d], out[d if d < dim else d - 1])

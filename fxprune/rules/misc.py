@@ -38,11 +38,51 @@ def metadata(r) -> None:
 family(metadata, "size", "dim", "numel", "get_device", "element_size", "is_contiguous",
        builtins.len, torch.numel, torch.is_tensor, builtins.isinstance)
 
+_METADATA_ATTRIBUTES = ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout")
+
+
+def values_unused(node) -> bool:
+    """Whether no op reads the values of ``node``'s result: every user only reads its size, dtype or device
+    (``sym_size``, ``.shape``), or there is no user at all (dead code, which rewriting drops).
+
+    Example: BART's ``embed_positions(inputs_embeds[:, :, -1])  # needed for the shape only``: the selected
+    column is only measured, so the hidden axis it is selected from need not keep its units.
+    """
+    from fxprune.rules.registry import lookup
+
+    def metadata_only(user) -> bool:
+        if user.op == "call_function" and user.target is builtins.getattr:
+            return user.args[1] in _METADATA_ATTRIBUTES
+        return user.op in ("call_function", "call_method") and lookup(user) is metadata
+
+    return all(metadata_only(user) for user in node.users)
+
+
+def integer_index(r, axis, read, write) -> None:
+    """An integer index into ``axis`` (``x.select(d, i)``, ``x[:, i]``): the axis is frozen where the selected
+    values are read; where only the result's shape is (:func:`values_unused`), the axis stays prunable and the
+    index is clamped into the pruned axis when rewriting (``read(node)`` / ``write(node, i)``: the index
+    argument), so that it stays valid.
+
+    Example: ``inputs_embeds[:, :, -1]`` taken for its shape leaves the hidden size prunable; ``x[:, 40]``
+    read for its values freezes the axis.
+    """
+    if not isinstance(read(r.node), int) or not values_unused(r.node):
+        r.freeze(axis, "integer index")
+        return
+
+    def clamp(node, sizes) -> None:
+        index, size = read(node), sizes.new(axis)
+        if index >= size or index < -size:
+            write(node, size - 1 if index >= 0 else -size)
+
+    r.on_rewrite(clamp)
+
 
 @register(builtins.getattr)
 def tensor_attribute(r) -> None:
     name = r.node.args[1]
-    if name in ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"):
+    if name in _METADATA_ATTRIBUTES:
         return
     if name in ("T", "mT") and r.input(0) is not None and r.input(0).ndim == 2:
         matrix_transpose(r)

@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 
 from fxprune.context import TensorRef, tensor_value
+from fxprune.rules import misc
 from fxprune.rules.registry import register
 
 
@@ -167,7 +168,8 @@ def _tensor_index(r, x: TensorRef, index) -> None:
         if not _gather_index(r, x, out, entries):
             r.freeze_all("advanced indexing")
         return
-    if Ellipsis in entries:
+    ellipsis = Ellipsis in entries
+    if ellipsis:
         at = entries.index(Ellipsis)
         used = sum(isinstance(e, (int, slice)) for e in entries)
         entries = entries[:at] + [slice(None)] * (x.ndim - used) + entries[at + 1:]
@@ -176,13 +178,28 @@ def _tensor_index(r, x: TensorRef, index) -> None:
     for position, e in enumerate(entries):
         if e is None:
             dout += 1
-        elif isinstance(e, int):
+        elif isinstance(e, int) and ellipsis:  # positions moved: the entry cannot be rewritten
             r.freeze(x[din], "integer index")
+            din += 1
+        elif isinstance(e, int):
+            misc.integer_index(r, x[din], *_index_entry(position, isinstance(index, tuple)))
             din += 1
         else:
             _slice(r, x, din, out, dout, e, position, isinstance(index, tuple))
             din += 1
             dout += 1
+
+
+def _index_entry(position: int, in_tuple: bool):
+    """(read, write) of entry ``position`` of a ``getitem`` node's index (the whole index when not a tuple)."""
+    def read(node):
+        return node.args[1][position] if in_tuple else node.args[1]
+
+    def write(node, value) -> None:
+        index = node.args[1]
+        node.args = (node.args[0], index[:position] + (value,) + index[position + 1:] if in_tuple else value)
+
+    return read, write
 
 
 def _gather_index(r, x: TensorRef, out: TensorRef, entries: list) -> bool:
@@ -193,7 +210,8 @@ def _gather_index(r, x: TensorRef, out: TensorRef, entries: list) -> bool:
     axes become the output's axes at that position, and ``H`` carries over, so the
     heads stay prunable. Returns False for any other advanced index.
     """
-    if Ellipsis in entries:
+    ellipsis = Ellipsis in entries
+    if ellipsis:
         at = entries.index(Ellipsis)
         entries = entries[:at] + [slice(None)] * (x.ndim - len(entries) + 1) + entries[at + 1:]
     tensors = [i for i, e in enumerate(entries) if isinstance(e, fx.Node)]
