@@ -145,6 +145,7 @@ def _solve(job: Job) -> None:
         dg.keep_head_dims()
     if job.inplace and is_hf_model(job.model):
         hf_inplace.freeze_head_dims(dg, job.model)
+        hf_inplace.freeze_computed_constants(dg)
 
 
 def _score(job: Job) -> None:

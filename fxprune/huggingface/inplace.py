@@ -125,6 +125,22 @@ def freeze_head_dims(dg, model: nn.Module) -> None:
                             group.frozen.append(reason)
 
 
+def freeze_computed_constants(dg) -> None:
+    """Axes of tensors the forward computes from constants (:mod:`fxprune.rules.constants`) keep all their units.
+
+    The pruned graph stores the kept values of such a tensor (BLOOM's ALiBi slope of each kept head), but a
+    model pruned in place runs its own forward again, which recomputes the tensor from its attributes and
+    config: ``_get_alibi_slopes(n_head)`` for fewer heads gives the kept heads other slopes, so the model would
+    compute something else. Graph-level pruning (``inplace=False``) keeps these axes prunable.
+    """
+    for layout, where in dg.state.sliced_constants:
+        reason = (f"computed in forward from constants (a model pruned in place recomputes it from its config, "
+                  f"not the kept values; inplace=False prunes it): {where}")
+        for group in dg.groups_of_layout(layout):
+            if not group.frozen:  # positions of a static capture are frozen already (graph input)
+                group.frozen.append(reason)
+
+
 def _head_dim_parts(layout, head_dim: int, solver):
     """The head-dim factor of an axis: of each segment of a fused q|k|v axis; none of a plain hidden axis."""
     if isinstance(layout, Cat):
