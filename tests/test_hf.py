@@ -165,6 +165,36 @@ def test_alibi_and_multi_query_heads_are_prunable_and_exact(name):
         assert_same_outputs(pruned(other).logits, model(other).logits, rel=1e-5)
 
 
+@pytest.mark.parametrize("name", ["bloom", "falcon_multi_query", "falcon_kv1", "mpt"])
+def test_alibi_and_multi_query_in_place_generate_and_reload(name, tmp_path):
+    """Falcon's query heads are pruned in place (the one k/v head kept). ALiBi slopes are recomputed from the head
+    count by the model's own forward (pruning head i changes the others' slopes), so in place the heads stay whole,
+    with the reason, while the MLP units and the hidden size are pruned."""
+    torch.manual_seed(0)
+    model = _alibi_or_multi_query(name).eval()
+    original = copy.deepcopy(model)
+    ids = _ids(1, 6)
+    dg = fxprune.analyze(model, (ids,), inplace=True)
+    heads = [g for g in dg.groups if g.units == 4 and any(m.dim == 0 and ".0." in m.name and "dense" not in m.name
+                                                          and m.name.endswith(("query_key_value.weight", "Wqkv.weight"))
+                                                          for m in g.members)]
+    alibi = name in ("bloom", "mpt")
+    assert heads and all((not g.prunable) == alibi for g in heads), dg.report()
+    if alibi:
+        assert all(any("computed in forward from constants" in r for r in g.frozen) for g in heads)
+    assert fxprune.prune(model, 0.3, example_inputs=(ids,), inplace=True) is model
+    config = model.config
+    assert (getattr(config, "n_head", None) or config.num_attention_heads) == 4 if alibi else \
+        config.num_attention_heads < 4
+    assert sum(p.numel() for p in model.parameters()) < 0.8 * sum(p.numel() for p in original.parameters())
+    model.save_pretrained(tmp_path)
+    reloaded = fxprune.load_pretrained(str(tmp_path))
+    with torch.no_grad():
+        assert_same_outputs(reloaded(ids).logits, model(ids).logits)
+        tokens = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert torch.equal(reloaded.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0), tokens)
+
+
 def test_llama_groups_heads_kv_rope_mlp_hidden():
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER)).eval()
     dg = fxprune.analyze(model, (_ids(),), prune_head_dims=True)
@@ -521,6 +551,8 @@ def test_in_place_reload_is_identical(name, tmp_path):
         assert reloaded.model.encoder.embed_tokens.weight is reloaded.model.shared.weight or name == "marian"
     else:
         assert width < 64 and model.config.hidden_size == width
+    if name == "falcon":  # (kv groups, q heads per group + k + v), k and v broadcast to the group: heads pruned
+        assert model.config.num_attention_heads < 4
     if name == "opt":  # a rebuild with word_embed_proj_dim != hidden_size would add project_in / project_out
         assert model.config.word_embed_proj_dim == width and model.config.ffn_dim < 128
         assert not any("project_" in n for n, _ in reloaded.named_parameters())

@@ -1,0 +1,94 @@
+"""Table test for fxprune/rules/constants.py: arange with literal bounds sliced at rewrite, constant index positions,
+and broadcast_to (a shared key head broadcast to the query heads)."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+from fxprune.masking import zero_units
+from fxprune.testing import assert_close_to_scale, exported
+
+
+class Slopes(nn.Module):
+    """Four heads of four, each scaled by its own ALiBi-like slope ``0.5 ** arange(1, 5)`` (computed in forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = self.a(x).view(x.shape[0], 4, 4)
+        slopes = torch.pow(torch.full((), 0.5), torch.arange(1, 5))
+        return self.b((h * slopes[:, None]).flatten(1))
+
+
+@pytest.mark.parametrize("capture", ["trace", "export"])
+def test_arange_with_literal_bounds_keeps_each_kept_units_values(capture):
+    """Pruning head 0 must leave heads 1-3 their own slopes (0.25, 0.125, 0.0625): rewriting the bounds to
+    ``arange(1, 4)`` instead would hand them 0.5, 0.25, 0.125. (symbolic_trace evaluates ``arange(1, 5)`` while
+    tracing: a tensor constant, sliced like a parameter; export keeps the call, which the rule slices.)"""
+    torch.manual_seed(0)
+    model, x = Slopes().eval(), torch.randn(3, 8)
+    model = exported(model, x) if capture == "export" else model
+    dg = fxprune.analyze(model, (x,))
+    heads = next(g for g in dg.groups_of("a.weight", 0) if g.units == 4)
+    assert heads.prunable, dg.report()
+    removal = {heads: [0]}
+    zero_units(dg, removal)
+    with torch.no_grad():
+        expected = dg.gm(x)
+        pruned = fxprune.apply(dg, removal)
+        assert_close_to_scale(pruned(x), expected)
+    batch = 5 if capture == "trace" else 3  # testing.exported is a static capture
+    assert pruned(torch.randn(batch, 8)).shape == (batch, 8)
+    assert "aten.arange" not in pruned.code and "torch.arange" not in pruned.code  # the kept slopes: a buffer
+    assert not any("_fxprune_" in name for name in pruned.state_dict())  # not a weight
+
+
+class RunTimePositions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):  # (B, N, 4): positions over the sequence, read at run time
+        return self.a(x) + torch.arange(x.shape[1])[:, None]
+
+
+def test_arange_over_a_run_time_size_stays_frozen():
+    x = torch.randn(2, 5, 4)
+    dg = fxprune.analyze(RunTimePositions().eval(), (x,))
+    positions = dg.groups_of_layout(dg.layout_of("arange", 0))
+    assert all(any("positions from torch.arange" in r for r in g.frozen) for g in positions)
+
+
+class SharedKey(nn.Module):
+    """q heads then one shared k head in one projection, as Falcon's multi-query attention: ``qkv[:, :, [4]]``
+    (a positive index, which must move when a q head before it goes) broadcast to the q heads."""
+
+    def __init__(self, picked):
+        super().__init__()
+        self.picked = picked
+        self.qk, self.o = nn.Linear(8, 5 * 4 + 4), nn.Linear(16, 8)
+
+    def forward(self, x):
+        y = self.qk(x).view(x.shape[0], 6, 4)
+        q, k = y[:, :4], y[:, [self.picked]]
+        return self.o((q * torch.broadcast_to(k, q.shape)).flatten(1))
+
+
+@pytest.mark.parametrize("picked", [4, -2])
+def test_a_constant_index_is_a_unit_of_its_own_and_moves(picked):
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    gm = exported(SharedKey(picked).eval(), x)
+    dg = fxprune.analyze(gm, (x,))
+    assert not dg.state.unsupported
+    heads = next(g for g in dg.groups_of("qk.weight", 0) if g.units == 4 and g.prunable)
+    removal = {heads: [1]}
+    zero_units(dg, removal)
+    with torch.no_grad():
+        expected = dg.gm(x)
+        pruned = fxprune.apply(dg, removal)
+        assert_close_to_scale(pruned(x), expected)  # index 4 became 3; -2 stays -2
+    assert pruned.get_submodule("qk").weight.shape[0] == 5 * 4
