@@ -152,7 +152,8 @@ def _moved_positions(axis, picked: list[int], slot: int):
             return
         indices = list(node.args[1])
         old = constant_value(node.graph.owning_module, indices[slot])
-        indices[slot] = add_constant(node, torch.tensor(moved, dtype=old.dtype, device=old.device), node.name)
+        like = dict(dtype=old.dtype, device=old.device) if old is not None else dict(dtype=torch.long)
+        indices[slot] = add_constant(node, torch.tensor(moved, **like), node.name)
         node.args = (node.args[0], indices, *node.args[2:])
 
     return hook
