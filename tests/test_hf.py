@@ -132,7 +132,8 @@ def _alibi_or_multi_query(name):
     if name.startswith("falcon_kv"):  # (kv groups, q heads per group + k + v): k and v broadcast to the group
         return T.FalconForCausalLM(T.FalconConfig(new_decoder_architecture=True, num_kv_heads=int(name[-1]), **falcon))
     if name == "falcon_alibi":
-        return T.FalconForCausalLM(T.FalconConfig(multi_query=True, alibi=True, new_decoder_architecture=False, **falcon))
+        return T.FalconForCausalLM(T.FalconConfig(multi_query=True, alibi=True, new_decoder_architecture=False,
+                                                  **falcon))
     if name == "mpt":
         if not hasattr(T, "MptForCausalLM"):
             pytest.skip(f"transformers {T.__version__} has no MPT")
@@ -141,10 +142,10 @@ def _alibi_or_multi_query(name):
     raise KeyError(name)
 
 
-def _head_groups(dg, model):
-    """Prunable groups of whole heads (query heads, or kv groups) on the first layer's fused q|k|v weight."""
-    fused = next(n for n in ("transformer.h.0.self_attention.query_key_value.weight",
-                             "transformer.blocks.0.attn.Wqkv.weight") if n in dict(model.named_parameters()))
+def _head_groups(dg, model, layer=0):
+    """Prunable groups of whole heads (query heads, or kv groups) on a layer's fused q|k|v weight."""
+    fused = next(n for n in (f"transformer.h.{layer}.self_attention.query_key_value.weight",
+                             f"transformer.blocks.{layer}.attn.Wqkv.weight") if n in dict(model.named_parameters()))
     return [g for g in dg.groups_of(fused, 0) if g.prunable and g.units <= 4]
 
 
@@ -152,7 +153,7 @@ def _head_groups(dg, model):
 def test_alibi_and_multi_query_heads_are_prunable_and_exact(name):
     """ALiBi slopes (``pow(base, arange(1, 1 + heads))``) froze every head; so did Falcon's one key/value head,
     cut out of the fused projection by a constant index and broadcast to the query heads. The slopes are sliced
-    to the kept heads; the key/value position is a unit of its own."""
+    to the kept heads (each layer reads its own copy of them); the key/value position is a unit of its own."""
     torch.manual_seed(0)
     model = _alibi_or_multi_query(name).eval()
     ids = _ids()
@@ -160,6 +161,7 @@ def test_alibi_and_multi_query_heads_are_prunable_and_exact(name):
     assert not dg.state.unsupported, dg.report()
     heads = _head_groups(dg, model)
     assert heads and all(g in removal for g in heads), dg.report()
+    assert not set(heads) & set(_head_groups(dg, model, 1))  # each layer its own heads (ALiBi: its own slopes)
     other = _ids(3, 5, seed=2)  # another batch and length: the head count inside batch * heads was rewritten
     with torch.no_grad():
         assert_same_outputs(pruned(other).logits, model(other).logits, rel=1e-5)

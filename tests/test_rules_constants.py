@@ -46,6 +46,36 @@ def test_arange_with_literal_bounds_keeps_each_kept_units_values(capture):
     assert not any("_fxprune_" in name for name in pruned.state_dict())  # not a weight
 
 
+class SharedSlopes(nn.Module):
+    """Two layers of four heads reading one slopes tensor, computed once (as BLOOM's ALiBi)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.c, self.d = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        slopes = torch.pow(torch.full((), 0.5), torch.arange(1, 5))[:, None]
+        h = self.b((self.a(x).view(x.shape[0], 4, 4) * slopes).flatten(1))
+        return self.d((self.c(h).view(x.shape[0], 4, 4) * slopes).flatten(1))
+
+
+def test_layers_sharing_computed_slopes_lose_heads_of_their_own():
+    """Each layer reads its own copy of the slopes (fxprune.untie), so layer 1 may lose head 0 and layer 2 head 3."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    gm = exported(SharedSlopes().eval(), x)
+    dg = fxprune.analyze(gm, (x,))
+    first, second = (next(g for g in dg.groups_of(name, 0) if g.units == 4) for name in ("a.weight", "c.weight"))
+    assert first is not second and first.prunable and second.prunable, dg.report()
+    removal = {first: [0], second: [3]}
+    zero_units(dg, removal)
+    with torch.no_grad():
+        expected = dg.gm(x)
+        assert_close_to_scale(fxprune.apply(dg, removal)(x), expected)
+    assert gm.code.count("aten.arange") == 1 and dg.gm.code.count("aten.arange") == 2  # the caller's graph kept
+
+
 class RunTimePositions(nn.Module):
     def __init__(self):
         super().__init__()

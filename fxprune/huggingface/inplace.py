@@ -34,7 +34,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from fxprune.errors import FxPruneError
+from fxprune.errors import FxPruneError, describe_node
 from fxprune.huggingface.attention_sites import attention_sites, update_head_counts
 from fxprune.huggingface.rebuild import differences
 from fxprune.huggingface.experts import (expert_widths, is_experts, is_router, update_expert_attributes,
@@ -133,9 +133,9 @@ def freeze_computed_constants(dg) -> None:
     config: ``_get_alibi_slopes(n_head)`` for fewer heads gives the kept heads other slopes, so the model would
     compute something else. Graph-level pruning (``inplace=False``) keeps these axes prunable.
     """
-    for layout, where in dg.state.sliced_constants:
+    for layout, node in dg.state.sliced_constants:
         reason = (f"computed in forward from constants (a model pruned in place recomputes it from its config, "
-                  f"not the kept values; inplace=False prunes it): {where}")
+                  f"not the kept values; inplace=False prunes it): {describe_node(node)}")
         for group in dg.groups_of_layout(layout):
             if not group.frozen:  # positions of a static capture are frozen already (graph input)
                 group.frozen.append(reason)

@@ -84,13 +84,22 @@ def add_constant(node: fx.Node, value: torch.Tensor, stem: str) -> fx.Node:
         return node.graph.get_attr(f"{name}_{i}")
 
 
-@register(torch.arange, *_packets("arange"))
+_ARANGES = (torch.arange, *_packets("arange"))
+
+
+def is_literal_arange(node) -> bool:
+    """Whether ``node`` is an ``arange`` call whose bounds are all written in the graph (no run-time size)."""
+    return (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _ARANGES
+            and not any(isinstance(v, fx.Node) for v in (*node.args, *node.kwargs.values())))
+
+
+@register(*_ARANGES)
 def arange(r) -> None:
     """``torch.arange``: literal bounds give known values, sliced at rewrite; a bound read at run time freezes."""
     out = r.out
     if out is None:
         return
-    if any(isinstance(v, fx.Node) for v in (*r.node.args, *r.node.kwargs.values())):
+    if not is_literal_arange(r.node):
         r.freeze(out, "positions from torch.arange")
         return
     r.sliced_constant(out[0])
@@ -117,7 +126,8 @@ def constant_positions(r, x, dim: int, index, slot: int) -> bool:
     """``x[..., idx, ...]`` along ``dim`` with a constant 1-d integer ``idx``: each picked position becomes a
     unit of its own (a size-1 segment of ``x[dim]``) and the index is rewritten to where it lands after pruning.
 
-    Returns False (nothing related) when ``idx`` is no such constant. ``slot`` is the index's place in ``aten.index``'s list. Example: ``qkv`` viewed as
+    Returns False (nothing related) when ``idx`` is no such constant. ``slot`` is the index's place in
+    ``aten.index``'s list. Example: ``qkv`` viewed as
     ``(B, S, H + 2, D)`` and indexed by ``[-2]``: ``qkv[2] = Cat(a(H), k(1), v(1))``, ``a`` stays prunable.
     """
     values = constant_value(r.state.gm, index)
