@@ -555,6 +555,9 @@ def test_in_place_reload_is_identical(name, tmp_path):
         assert width < 64 and model.config.hidden_size == width
     if name == "falcon":  # (kv groups, q heads per group + k + v), k and v broadcast to the group: heads pruned
         assert model.config.num_attention_heads < 4
+        kv = model.transformer.h[0].self_attention.num_kv_heads
+        assert model.config.num_kv_heads == kv and not any("num_kv_heads" in k for k in
+                                                           getattr(model.config, "fxprune_attributes", {}))
     if name == "opt":  # a rebuild with word_embed_proj_dim != hidden_size would add project_in / project_out
         assert model.config.word_embed_proj_dim == width and model.config.ffn_dim < 128
         assert not any("project_" in n for n, _ in reloaded.named_parameters())

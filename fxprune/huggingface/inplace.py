@@ -51,6 +51,7 @@ HEAD_COUNTS = {
     "num_heads": "q", "num_attention_heads": "q", "n_heads": "q", "n_head": "q",
     "num_key_value_heads": "k", "num_kv_heads": "k",
 }
+KV_FIELDS = [name for name, which in HEAD_COUNTS.items() if which == "k"]  # config fields too (Falcon: num_kv_heads)
 
 
 def _is_projection(module) -> bool:
@@ -303,12 +304,13 @@ def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None
         values.setdefault("head_dim", set()).add(head_dim)
         key = _child(module, KEY)
         values.setdefault("num_attention_heads", set()).add(_query_width(module)[0] // head_dim)
-        if key is not None:
-            values.setdefault("num_key_value_heads", set()).add(_out_width(key) // head_dim)
+        for field in KV_FIELDS if key is not None else ():
+            values.setdefault(field, set()).add(_out_width(key) // head_dim)
     for _, after in (sites or {}).values():  # fused projections under any name: counts from the graph
         values.setdefault("head_dim", set()).add(after.head_dim)
         values.setdefault("num_attention_heads", set()).add(after.heads)
-        values.setdefault("num_key_value_heads", set()).add(after.kv_heads)
+        for field in KV_FIELDS:
+            values.setdefault(field, set()).add(after.kv_heads)
     for key, found in expert_widths(model).items():  # the experts' widths (3-d expert weights)
         values.setdefault(key, set()).update(found)
     before = {key: getattr(config, key) for key in values if hasattr(config, key)}
