@@ -64,6 +64,7 @@ from fxprune.shapes import GraphShapes, PlannedShapes
 from fxprune.relate import relate
 from fxprune.rewrite import rewrite
 from fxprune.planning.target import METRICS, search_by_cost, search_ratio
+from fxprune.untie import untie_constants
 from fxprune.verify import output_shapes, verify
 
 
@@ -144,14 +145,27 @@ def _relate(job: Job) -> None:
 
 
 def _solve(job: Job) -> None:
-    ignore = _ignored_keys(job.gm, job.state, job.ignore, job.model)
-    dg = job.dg = DependencyGraph(job.gm, job.state, job.flat_inputs, ignore)
+    dg = job.dg = _dependency_graph(job)
+    # ALiBi slopes computed once for every layer tie all layers' heads: where that tie is all that holds such a
+    # prunable axis together, each consumer gets its own copy and the graph is related again (not in place,
+    # where these axes freeze: the model recomputes them)
+    shared = [node for layout, node in dg.state.sliced_constants
+              if any(g.prunable for g in dg.groups_of_layout(layout))]
+    if shared and not (job.inplace and is_hf_model(job.model)) and untie_constants(job.gm, shared):
+        _relate(job)
+        dg = job.dg = _dependency_graph(job)
     dg.expected_shapes = job.expected_shapes
     dg.model, dg.model_inputs, dg.model_kwargs = job.model, job.example_inputs, job.kwargs
     if not job.prune_head_dims:
         dg.keep_head_dims()
     if job.inplace and is_hf_model(job.model):
         hf_inplace.freeze_head_dims(dg, job.model)
+        hf_inplace.freeze_computed_constants(dg)
+
+
+def _dependency_graph(job: Job) -> DependencyGraph:
+    ignore = _ignored_keys(job.gm, job.state, job.ignore, job.model)
+    return DependencyGraph(job.gm, job.state, job.flat_inputs, ignore)
 
 
 def _score(job: Job) -> None:

@@ -101,6 +101,7 @@ class AnalysisState:
     hooks: list = field(default_factory=list)  # (node, fn(node, sizes))
     unsupported: list = field(default_factory=list)  # (node, message)
     min_kept: list = field(default_factory=list)  # (layout, count, where): units that must stay (top-k's k)
+    sliced_constants: list = field(default_factory=list)  # (layout, node): values computed from constants
     canonical: dict = field(default_factory=dict)  # alias name of a shared tensor -> first name
 
     def __post_init__(self) -> None:
@@ -322,6 +323,12 @@ class RuleContext:
     def keep_at_least(self, axis, count: int) -> None:
         """At least ``count`` units of the axis must stay (``topk(x, k)`` needs ``k`` of them); plans keep them."""
         self.state.min_kept.append((axis, int(count), self.where))
+
+    def sliced_constant(self, axis) -> None:
+        """The axis belongs to a tensor the forward computes from constants (``arange(1, 1 + H)``), whose kept
+        values rewriting stores: exact in the pruned graph, but a model pruned in place recomputes it, so
+        in-place pruning keeps the axis whole (:mod:`fxprune.rules.constants`)."""
+        self.state.sliced_constants.append((axis, self.node))
 
     def reads_input(self, t: TensorRef | None) -> bool:
         """Whether a tensor is computed from the graph's inputs (an activation), not from weights alone."""

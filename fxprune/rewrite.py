@@ -159,29 +159,66 @@ def _rewrite_constant(node: fx.Node, module, c, sizes: Sizes) -> None:
             setattr(owner, attr, _updated(getattr(owner, attr), c.layouts, index, sizes))
         return
     if kind == "kwargs":
-        node.kwargs = {**node.kwargs, where: _updated(node.kwargs[where], c.layouts, index, sizes)}
+        node.kwargs = {**node.kwargs, where: _updated(node.kwargs[where], c.layouts, index, sizes, node)}
         return
     args = list(node.args)
     if kind == "star":
-        args[where:] = list(_updated(tuple(args[where:]), c.layouts, index, sizes))
+        args[where:] = list(_updated(tuple(args[where:]), c.layouts, index, sizes, node))
     else:
-        args[where] = _updated(args[where], c.layouts, index, sizes)
+        args[where] = _updated(args[where], c.layouts, index, sizes, node)
     node.args = tuple(args)
 
 
-def _updated(value, layouts, index, sizes: Sizes):
-    """``value`` with each entry whose layout changed size replaced by the new size."""
+def _updated(value, layouts, index, sizes: Sizes, at: fx.Node | None = None):
+    """``value`` with each entry whose layout changed size replaced by the new size (``at``: the node whose
+    argument it is, before which a rewritten size computation goes)."""
     if index is not None:
         items = list(value)
-        items[index] = _updated(items[index], layouts, None, sizes)
+        items[index] = _updated(items[index], layouts, None, sizes, at)
         return type(value)(items) if isinstance(value, (tuple, list)) else tuple(items)
     if isinstance(layouts, list):
-        items = [v if layout is None else _updated(v, layout, None, sizes) for v, layout in zip(value, layouts)]
+        items = [v if layout is None else _updated(v, layout, None, sizes, at) for v, layout in zip(value, layouts)]
         return list(items) if isinstance(value, list) else tuple(items)
     new = sizes.new(layouts)
     if isinstance(value, fx.Node):  # a computed size (x.size(1) // heads): keep it if it still is right
-        return value if sizes.ints.get(value.name, value.meta.get("val")) == new else new
+        if sizes.ints.get(value.name, value.meta.get("val")) == new:
+            return value
+        resized = _with_new_literal(value, new, sizes, at) if at is not None else None
+        return new if resized is None else resized
     return value if new == sizes.old(layouts) else new
+
+
+def _with_new_literal(value: fx.Node, new: int, sizes: Sizes, at: fx.Node) -> fx.Node | None:
+    """``batch * heads`` (``mul(sym_size, 4)``) with the literal solved for the new size (``mul(sym_size, 3)``),
+    as a new node before ``at``, so the size still follows the run-time operand; None when ``value`` is not
+    one run-time size times (or floor-divided by) a literal, or no literal gives ``new``.
+
+    Replacing the whole computation by the int ``new`` would bake in the example's batch size.
+    """
+    if value.op != "call_function" or value.target not in (operator.mul, operator.floordiv) or len(value.args) != 2:
+        return None
+    slot = next((i for i, a in enumerate(value.args) if isinstance(a, int) and not isinstance(a, bool)), None)
+    other = value.args[1 - slot] if slot is not None else None
+    if not isinstance(other, fx.Node):
+        return None
+    known = sizes.ints.get(other.name, other.meta.get("val"))
+    try:
+        known = int(known)
+    except (TypeError, ValueError):
+        return None
+    if value.target is operator.mul:
+        literal = new // known if known and new % known == 0 else None
+    else:  # other // literal
+        literal = known // new if slot == 1 and new and known % new == 0 and known // (known // new) == new else None
+    if not literal:
+        return None
+    args = list(value.args)
+    args[slot] = literal
+    with at.graph.inserting_before(at):
+        resized = at.graph.call_function(value.target, tuple(args))
+    resized.meta = {**value.meta, "val": new}
+    sizes.ints[resized.name] = new
+    return resized
 
 
 _INT_OPS = {

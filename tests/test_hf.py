@@ -101,8 +101,7 @@ def test_family_prunes_and_dead_units_are_exact(name):
 
 
 def test_falcon_projections_as_weight_transpose_are_pruned():
-    """``input @ self.weight.T`` (aten.numpy_T) had no rule: every group froze and prune changed nothing, silently.
-    (Multi-query heads stay frozen: q, k and v are cut out of the fused projection by tensor indexing.)"""
+    """``input @ self.weight.T`` (aten.numpy_T) had no rule: every group froze and prune changed nothing, silently."""
     torch.manual_seed(0)
     model, args, _ = _family("falcon")
     model.eval()
@@ -119,6 +118,83 @@ def test_falcon_projections_as_weight_transpose_are_pruned():
         warnings.filterwarnings("error", message="fxprune removed")  # pruned as asked: no shortfall warning
         smaller = fxprune.prune(model, 0.5, example_inputs=args)
     assert sum(p.numel() for p in smaller.parameters()) < 0.5 * sum(p.numel() for p in model.parameters())
+
+
+def _alibi_or_multi_query(name):
+    """A tiny causal LM whose attention heads meet ALiBi slopes (``arange`` over the heads) or one key/value head
+    shared by the query heads (a constant ``[-2]`` index, ``broadcast_to``); ``use_cache=False``."""
+    T = transformers
+    falcon = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, use_cache=False)
+    if name == "bloom":
+        return T.BloomForCausalLM(T.BloomConfig(vocab_size=100, hidden_size=64, n_layer=2, n_head=4, use_cache=False))
+    if name == "falcon_multi_query":  # q heads, then one k and one v head in one fused projection
+        return T.FalconForCausalLM(T.FalconConfig(multi_query=True, new_decoder_architecture=False, **falcon))
+    if name.startswith("falcon_kv"):  # (kv groups, q heads per group + k + v): k and v broadcast to the group
+        return T.FalconForCausalLM(T.FalconConfig(new_decoder_architecture=True, num_kv_heads=int(name[-1]), **falcon))
+    if name == "falcon_alibi":
+        return T.FalconForCausalLM(T.FalconConfig(multi_query=True, alibi=True, new_decoder_architecture=False,
+                                                  **falcon))
+    if name == "mpt":
+        if not hasattr(T, "MptForCausalLM"):
+            pytest.skip(f"transformers {T.__version__} has no MPT")
+        return T.MptForCausalLM(T.MptConfig(vocab_size=100, d_model=64, n_layers=2, n_heads=4, max_seq_len=64,
+                                            use_cache=False))
+    raise KeyError(name)
+
+
+def _head_groups(dg, model, layer=0):
+    """Prunable groups of whole heads (query heads, or kv groups) on a layer's fused q|k|v weight."""
+    fused = next(n for n in (f"transformer.h.{layer}.self_attention.query_key_value.weight",
+                             f"transformer.blocks.{layer}.attn.Wqkv.weight") if n in dict(model.named_parameters()))
+    return [g for g in dg.groups_of(fused, 0) if g.prunable and g.units <= 4]
+
+
+@pytest.mark.parametrize("name", ["bloom", "falcon_multi_query", "falcon_kv1", "falcon_kv2", "falcon_alibi", "mpt"])
+def test_alibi_and_multi_query_heads_are_prunable_and_exact(name):
+    """ALiBi slopes (``pow(base, arange(1, 1 + heads))``) froze every head; so did Falcon's one key/value head,
+    cut out of the fused projection by a constant index and broadcast to the query heads. The slopes are sliced
+    to the kept heads (each layer reads its own copy of them); the key/value position is a unit of its own."""
+    torch.manual_seed(0)
+    model = _alibi_or_multi_query(name).eval()
+    ids = _ids()
+    dg, removal, pruned = fxprune.testing.run_oracle(model, (ids,))  # exact, heads and MLP units planted dead
+    assert not dg.state.unsupported, dg.report()
+    heads = _head_groups(dg, model)
+    assert heads and all(g in removal for g in heads), dg.report()
+    assert not set(heads) & set(_head_groups(dg, model, 1))  # each layer its own heads (ALiBi: its own slopes)
+    other = _ids(3, 5, seed=2)  # another batch and length: the head count inside batch * heads was rewritten
+    with torch.no_grad():
+        assert_same_outputs(pruned(other).logits, model(other).logits, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["bloom", "falcon_multi_query", "falcon_kv1", "mpt"])
+def test_alibi_and_multi_query_in_place_generate_and_reload(name, tmp_path):
+    """Falcon's query heads are pruned in place (the one k/v head kept). ALiBi slopes are recomputed from the head
+    count by the model's own forward (pruning head i changes the others' slopes), so in place the heads stay whole,
+    with the reason, while the MLP units and the hidden size are pruned."""
+    torch.manual_seed(0)
+    model = _alibi_or_multi_query(name).eval()
+    original = copy.deepcopy(model)
+    ids = _ids(1, 6)
+    dg = fxprune.analyze(model, (ids,), inplace=True)
+    heads = [g for g in dg.groups if g.units == 4 and any(m.dim == 0 and ".0." in m.name and "dense" not in m.name
+                                                          and m.name.endswith(("query_key_value.weight", "Wqkv.weight"))
+                                                          for m in g.members)]
+    alibi = name in ("bloom", "mpt")
+    assert heads and all((not g.prunable) == alibi for g in heads), dg.report()
+    if alibi:
+        assert all(any("computed in forward from constants" in r for r in g.frozen) for g in heads)
+    assert fxprune.prune(model, 0.3, example_inputs=(ids,), inplace=True) is model
+    config = model.config
+    assert (getattr(config, "n_head", None) or config.num_attention_heads) == 4 if alibi else \
+        config.num_attention_heads < 4
+    assert sum(p.numel() for p in model.parameters()) < 0.8 * sum(p.numel() for p in original.parameters())
+    model.save_pretrained(tmp_path)
+    reloaded = fxprune.load_pretrained(str(tmp_path))
+    with torch.no_grad():
+        assert_same_outputs(reloaded(ids).logits, model(ids).logits)
+        tokens = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert torch.equal(reloaded.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0), tokens)
 
 
 def test_llama_groups_heads_kv_rope_mlp_hidden():
@@ -489,6 +565,11 @@ def test_in_place_reload_is_identical(name, tmp_path):
         kept = reloaded.model.encoder.embed_positions.weight
         assert kept.shape == (64, width) and torch.equal(kept, model.model.encoder.embed_positions.weight)
         assert set(model.config.fxprune_buffers) >= {"model.encoder.embed_positions.weight"}
+    if name == "falcon":  # (kv groups, q heads per group + k + v), k and v broadcast to the group: heads pruned
+        assert model.config.num_attention_heads < 4
+        kv = model.transformer.h[0].self_attention.num_kv_heads
+        assert model.config.num_kv_heads == kv and not any("num_kv_heads" in k for k in
+                                                           getattr(model.config, "fxprune_attributes", {}))
     if name == "opt":  # a rebuild with word_embed_proj_dim != hidden_size would add project_in / project_out
         assert model.config.word_embed_proj_dim == width and model.config.ffn_dim < 128
         assert not any("project_" in n for n, _ in reloaded.named_parameters())

@@ -66,23 +66,32 @@ def _operands(node):
 
 
 _SHAPE_ONLY = ("aten::view", "aten::_unsafe_view", "aten::reshape", "aten::clone", "aten::contiguous",
-               "aten::unsqueeze", "aten::slice", "aten::alias", "aten::transpose", "aten::permute", "aten::_to_copy")
+               "aten::unsqueeze", "aten::slice", "aten::alias", "aten::transpose", "aten::permute", "aten::_to_copy",
+               "aten::flatten")
+
+
+# rotary embeddings applied after the broadcast (Falcon: k * cos + rotate_half(k) * sin), followed by the key
+_ELEMENTWISE = ("aten::add", "aten::mul", "aten::sub", "aten::to")
 
 
 def _kv_heads(key) -> int:
     """Heads of the key before ``repeat_kv``: transformers expands (b, kv, 1, s, d) to (b, kv, rep, s, d) and
-    folds it into (b, kv * rep, s, d) before SDPA, which then sees as many key heads as query heads."""
+    folds it into (b, kv * rep, s, d) before SDPA, which then sees as many key heads as query heads. Falcon
+    broadcasts (b, s, kv, 1, d) to (b, s, kv, rep, d) the same way: the kv count is the axis just outside the
+    one expanded from 1."""
     current = key
-    for _ in range(8):
+    for _ in range(12):
         if not isinstance(current, torch.fx.Node) or current.op != "call_function":
             break
         name = _schema_name(current)
-        if name == "aten::expand":
+        if name in ("aten::expand", "aten::broadcast_to"):
             inner, outer = _shape(current.args[0]), _shape(current)
-            if inner is not None and outer is not None and len(inner) == 5 and inner[-3] == 1 != outer[-3]:
-                return int(inner[-4])
+            if inner is not None and outer is not None and len(inner) == len(outer) == 5:
+                grown = [i for i in range(1, 5) if inner[i] == 1 != outer[i]]
+                if len(grown) == 1:
+                    return int(inner[grown[0] - 1])
             break
-        if name not in _SHAPE_ONLY:
+        if name not in _SHAPE_ONLY and not (name in _ELEMENTWISE and _shape(current.args[0]) == _shape(current)):
             break
         current = current.args[0]
     return int(_shape(key)[-3])

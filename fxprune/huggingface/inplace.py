@@ -34,7 +34,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from fxprune.errors import FxPruneError
+from fxprune.errors import FxPruneError, describe_node
 from fxprune.huggingface.attention_sites import attention_sites, update_head_counts
 from fxprune.huggingface.constants import attributes_from_constants
 from fxprune.huggingface.rebuild import differences
@@ -52,6 +52,7 @@ HEAD_COUNTS = {
     "num_heads": "q", "num_attention_heads": "q", "n_heads": "q", "n_head": "q",
     "num_key_value_heads": "k", "num_kv_heads": "k",
 }
+KV_FIELDS = [name for name, which in HEAD_COUNTS.items() if which == "k"]  # config fields too (Falcon: num_kv_heads)
 
 
 def internal_outputs(gm) -> set:
@@ -139,6 +140,22 @@ def freeze_head_dims(dg, model: nn.Module) -> None:
                     for group in dg.groups_of_layout(part):
                         if reason not in group.frozen:
                             group.frozen.append(reason)
+
+
+def freeze_computed_constants(dg) -> None:
+    """Axes of tensors the forward computes from constants (:mod:`fxprune.rules.constants`) keep all their units.
+
+    The pruned graph stores the kept values of such a tensor (BLOOM's ALiBi slope of each kept head), but a
+    model pruned in place runs its own forward again, which recomputes the tensor from its attributes and
+    config: ``_get_alibi_slopes(n_head)`` for fewer heads gives the kept heads other slopes, so the model would
+    compute something else. Graph-level pruning (``inplace=False``) keeps these axes prunable.
+    """
+    for layout, node in dg.state.sliced_constants:
+        reason = (f"computed in forward from constants (a model pruned in place recomputes it from its config, "
+                  f"not the kept values; inplace=False prunes it): {describe_node(node)}")
+        for group in dg.groups_of_layout(layout):
+            if not group.frozen:  # positions of a static capture are frozen already (graph input)
+                group.frozen.append(reason)
 
 
 def _head_dim_parts(layout, head_dim: int, solver):
@@ -304,12 +321,13 @@ def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None
         values.setdefault("head_dim", set()).add(head_dim)
         key = _child(module, KEY)
         values.setdefault("num_attention_heads", set()).add(_query_width(module)[0] // head_dim)
-        if key is not None:
-            values.setdefault("num_key_value_heads", set()).add(_out_width(key) // head_dim)
+        for field in KV_FIELDS if key is not None else ():
+            values.setdefault(field, set()).add(_out_width(key) // head_dim)
     for _, after in (sites or {}).values():  # fused projections under any name: counts from the graph
         values.setdefault("head_dim", set()).add(after.head_dim)
         values.setdefault("num_attention_heads", set()).add(after.heads)
-        values.setdefault("num_key_value_heads", set()).add(after.kv_heads)
+        for field in KV_FIELDS:
+            values.setdefault(field, set()).add(after.kv_heads)
     for key, found in expert_widths(model).items():  # the experts' widths (3-d expert weights)
         values.setdefault(key, set()).update(found)
     before = {key: getattr(config, key) for key in values if hasattr(config, key)}

@@ -3,6 +3,7 @@
 from fxprune.rules import (  # noqa: F401 - imported for their registrations
     aten,
     attention,
+    constants,
     conv,
     elementwise,
     extra,

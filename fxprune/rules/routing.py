@@ -22,6 +22,7 @@ import operator
 import torch
 
 from fxprune.context import TensorRef
+from fxprune.rules import constants
 from fxprune.rules.registry import register
 
 aten = torch.ops.aten
@@ -145,7 +146,9 @@ def index(r) -> None:
     Integer index tensors broadcast to one shape B; when they sit at adjacent positions B replaces them
     there, otherwise B comes first (numpy's rule). Example: ``x (T, H)[perm (S,)]`` is ``(S, H)`` with H
     carried over; ``W (E, 2I, H)[ids (S,)]`` is ``(S, 2I, H)``: an expert weight picked per token keeps
-    its unit axes. Boolean masks (data-dependent length) freeze every axis.
+    its unit axes. One constant index (``qkv[..., [-2], :]``) picks units of their own and the rest of its
+    axis stays prunable (:func:`fxprune.rules.constants.constant_positions`). Boolean masks (data-dependent
+    length) freeze every axis.
     """
     a = r.bind(_index_signature)
     x, indices, out = a["input"], list(a["indices"]), r.out
@@ -169,7 +172,7 @@ def index(r) -> None:
         space = ranked_axis(r, values[p])
         if space is not None:  # W[expert_ids]: the expert axis of W is the router's
             r.same(x[p], space)
-        else:
+        elif len(used) > 1 or not constants.constant_positions(r, x, p, values[p], p):
             r.freeze(x[p], "indexed by data")
     for j in range(b):
         r.freeze(out[at + j], "index positions")

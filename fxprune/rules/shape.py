@@ -210,9 +210,12 @@ def _expand_signature(self, *sizes):
     pass
 
 
-@register("expand")
+@register("expand", "broadcast_to", torch.broadcast_to)
 def expand(r) -> None:
-    """New or size-1 axes of an expand hold no data: they are broadcast atoms with a shape constant."""
+    """New or size-1 axes of an expand hold no data: they are broadcast atoms with a shape constant.
+
+    ``torch.broadcast_to(k, q.shape)`` is the same op (Falcon's one key head per group of query heads).
+    """
     a = r.bind(_expand_signature)
     x, out = a["self"], r.out
     sizes = a["sizes"]
@@ -332,9 +335,4 @@ def full(r) -> None:
     a = r.bind(_full_signature)
     if not _follows_a_shape(r, a["size"], r.out):
         r.const("size", list(r.out.axes))
-
-
-@register(torch.arange)
-def arange(r) -> None:
-    r.freeze(r.out, "positions from torch.arange")
 
