@@ -141,3 +141,18 @@ def test_command_line_streaming_with_calibration(tmp_path, capsys):
     fxprune.load_pretrained(str(out))
     code = cli.main(["prune", f"hf:{src}", "--ratio", "0.5", "--streaming", "--reconstruct", "--quiet"])
     assert code == 1 and "add --calibration" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_layer_by_layer_on_cuda_plans_as_on_cpu(tmp_path):
+    src = tmp_path / "src"
+    _saved(src)
+    batches = _batches()
+    on_cpu = fxprune.prune_checkpoint(src, tmp_path / "cpu", ratio=0.5, importance="activation",
+                                      calibration=batches, reconstruct=True, progress=False)
+    on_cuda = fxprune.prune_checkpoint(src, tmp_path / "cuda", ratio=0.5, importance="activation",
+                                       calibration=batches, reconstruct=True, device="cuda", progress=False)
+    assert _kept(on_cuda) == _kept(on_cpu)
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(5))
+    assert_same_outputs(_logits(fxprune.load_pretrained(str(tmp_path / "cuda")), ids),
+                        _logits(fxprune.load_pretrained(str(tmp_path / "cpu")), ids))
