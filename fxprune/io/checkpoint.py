@@ -111,12 +111,9 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
         raise TypeError(f"plan must be a PruningPlan or the path of its JSON file, got {type(plan).__name__}")
     calibration = _calibration(calibration, importance, reconstruct, plan)
     criterion = None
-    if plan is not None:
-        pass
-    elif calibration is not None and _data_aware(importance):
-        criterion = resolve_importance(importance, calibration)
-    else:
-        criterion = streamed_criterion(importance)
+    if plan is None:  # activation criteria run layer by layer; the others are magnitudes read tensor by tensor
+        criterion = resolve_importance(importance, calibration) if calibration is not None and \
+            _data_aware(importance) else streamed_criterion(importance)
     ratio, target, max_ratio = check_prune_settings(ratio, target_macs, target_params, round_to, max_ratio)
 
     model = meta_model(config)
@@ -152,6 +149,23 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
 
     refit_dir = _refit(dg, removal, weights, calibration, cut, damping, device, out, progress) if reconstruct \
         else None
+    try:
+        _write(dg, removal, model, checkpoint, sizes, changed, refit_dir, out, max_shard_size, progress)
+    finally:
+        if refit_dir is not None:
+            refit_dir.cleanup()
+    _copy_other_files(src, out)
+    settings = {"ratio": job.ratio, "importance": importance if isinstance(importance, str) else
+                type(importance).__name__, "round_to": round_to, "streamed": True} \
+        if plan is None else {**plan.settings, "streamed": True}
+    if reconstruct:
+        settings.update(reconstruct=True, sequential=True)
+    return PruningPlan.from_removal(dg, removal, inplace=True, settings=settings)
+
+
+def _write(dg, removal, model, checkpoint: Checkpoint, sizes, changed, refit_dir, out: Path, max_shard_size,
+           progress) -> None:
+    """Resize the meta model (shapes and config), then write every tensor sliced, or refit (``refit_dir``)."""
     hf_inplace.prune_in_place(dg, removal, rewrite, verify, run=False)  # the meta model: new shapes and config
 
     pruned = dict(model.named_buffers()) | dict(model.named_parameters(remove_duplicate=False))
@@ -177,20 +191,9 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
             return refit.read(key)
         return sliced(checkpoint.read(key), axes[key], sizes)
 
-    try:
-        write_shards(out, specs, produce, max_shard_size=max_shard_size or min(checkpoint.shard_bytes(), SHARD_CAP),
-                     progress=progress)
-    finally:
-        if refit_dir is not None:
-            refit_dir.cleanup()
+    write_shards(out, specs, produce, max_shard_size=max_shard_size or min(checkpoint.shard_bytes(), SHARD_CAP),
+                 progress=progress)
     model.config.save_pretrained(out)
-    _copy_other_files(src, out)
-    settings = {"ratio": job.ratio, "importance": importance if isinstance(importance, str) else
-                type(importance).__name__, "round_to": round_to, "streamed": True} \
-        if plan is None else {**plan.settings, "streamed": True}
-    if reconstruct:
-        settings.update(reconstruct=True, sequential=True)
-    return PruningPlan.from_removal(dg, removal, inplace=True, settings=settings)
 
 
 DATA_AWARE = ("activation", "wanda", "obs")

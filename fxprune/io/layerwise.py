@@ -188,8 +188,7 @@ def layerwise_refit(dg, removal: dict, pruned_gm, weights: Weights, batches: lis
     with torch.no_grad(), bar:
         for segment, pruned_segment in zip(segments, pruned_segments):
             original = weights.load(segment)
-            pruned = {a.target: slice_tensor(a.target, original[a.target] if a.target in original
-                                             else weights.read(a)).clone() for a in pruned_segment.attrs}
+            pruned = _pruned_tensors(pruned_segment, original, weights, slice_tensor)
             refit = []
             for stage in stages:
                 stage = [n for n in stage if where[n] == segment.index]
@@ -203,6 +202,18 @@ def layerwise_refit(dg, removal: dict, pruned_gm, weights: Weights, batches: lis
             del original, pruned
             bar.update()
     return done
+
+
+def _pruned_tensors(segment, original: dict, weights: Weights, slice_tensor) -> dict:
+    """The pruned segment's tensors: the original ones sliced, never sharing memory with them (the refit writes
+    into these)."""
+    out = {}
+    for a in segment.attrs:
+        source = original[a.target] if a.target in original else weights.read(a)
+        cut = slice_tensor(a.target, source)
+        out[a.target] = cut.clone() if cut is source or cut.untyped_storage().data_ptr() == \
+            source.untyped_storage().data_ptr() else cut
+    return out
 
 
 def _refit_stage(stage, consumers, calls, rows, segment, pruned_segment, run_o, run_p, carry_o, carry_p, original,
