@@ -6,9 +6,18 @@ fresh process; for the 1B model also the reference path in another fresh process
 ``prune`` and ``save_pretrained``. Reported: wall seconds, peak RSS above the process's RSS after imports
 (``meter.Meter``) and the process's absolute peak (``ru_maxrss``). The folders are deleted afterwards.
 
+With ``--calibration NxT`` (N random sequences of T tokens, in batches of two) the steps are the calibrated
+ones instead: ``prune_checkpoint(..., importance="activation", calibration=batches, reconstruct=True)``, one
+decoder layer at a time (:mod:`fxprune.io.layerwise`), against ``from_pretrained`` + in-place ``prune`` with
+``importance="activation"`` on the same batches + ``save_pretrained``. The loaded path runs without
+``reconstruct=True``: its refit holds the float64 Gram matrix of every consumer at once (reported as "Gram GB",
+counted from the config, 10 GB for the 1.1B), more than the memory the benchmark may take. Random weights make
+quality meaningless: memory and time only.
+
 Run (the 7B case writes 13.5 GB to the temporary folder and takes a few minutes)::
 
     python benchmarks/checkpoint_streaming.py [--sizes 1b,7b] [--tmp DIR] [--out benchmarks/checkpoint_streaming.md]
+    python benchmarks/checkpoint_streaming.py --sizes 1b --calibration 8x256 --out benchmarks/checkpoint_layerwise.md
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ SIZES = {  # TinyLlama-1.1B's and LLaMA-7B's shapes; bfloat16 shards of the give
                num_key_value_heads=4, intermediate_size=5632, shard="1GB"),
     "7b": dict(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=32, intermediate_size=11008, shard="2GB"),
+    "125m": dict(vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 num_key_value_heads=4, intermediate_size=2048, shard="100MB"),
     "tiny": dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, intermediate_size=128, shard="100KB"),
 }
@@ -78,7 +89,57 @@ def loaded(folder: str, out: str) -> dict:
     return {"seconds": m.seconds, "rss_above_gb": m.rss_peak_mb / 1024}
 
 
-STEPS = {"write": write, "stream": stream, "loaded": loaded}
+def _batches(folder: str, spec: str) -> list:
+    """``NxT``: N random sequences of T tokens of the checkpoint's vocabulary, in batches of two sequences."""
+    import torch
+    import transformers
+
+    n, t = (int(v) for v in spec.split("x"))
+    vocab = transformers.AutoConfig.from_pretrained(folder).vocab_size
+    ids = torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(1))
+    return list(ids.split(2))
+
+
+def gram_gb(size: str) -> float:
+    """The float64 ``[x, 1]`` Gram matrices the in-memory refit holds at once: every consumer of a pruned input."""
+    c = SIZES[size]
+    head_dim = c["hidden_size"] // c["num_attention_heads"]
+    per_layer = 5 * (c["hidden_size"] + 1) ** 2 + (c["num_attention_heads"] * head_dim + 1) ** 2 \
+        + (c["intermediate_size"] + 1) ** 2  # q k v gate up on the hidden size, o on the heads, down on the MLP
+    return 8 * (c["num_hidden_layers"] * per_layer + (c["hidden_size"] + 1) ** 2) / 2 ** 30
+
+
+def layerwise(folder: str, out: str, spec: str) -> dict:
+    import fxprune
+    from meter import Meter
+
+    batches = _batches(folder, spec)
+    with Meter() as m:
+        fxprune.prune_checkpoint(folder, out, RATIO, importance="activation", calibration=batches, reconstruct=True,
+                                 progress=False)
+    return {"seconds": m.seconds, "rss_above_gb": m.rss_peak_mb / 1024}
+
+
+def loaded_activation(folder: str, out: str, spec: str) -> dict:
+    import transformers
+
+    import fxprune
+    from meter import Meter
+
+    batches = _batches(folder, spec)
+    with Meter() as m:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+        fxprune.prune(model, RATIO, example_inputs=(batches[0],), importance="activation", calibration=batches,
+                      inplace=True)
+        model.save_pretrained(out)
+    return {"seconds": m.seconds, "rss_above_gb": m.rss_peak_mb / 1024}
+
+
+STEPS = {"write": write, "stream": stream, "loaded": loaded, "layerwise": layerwise,
+         "loaded_activation": loaded_activation}
+METHODS = {"stream": "prune_checkpoint", "loaded": "from_pretrained + prune(inplace) + save_pretrained",
+           "layerwise": "prune_checkpoint(activation, calibration, reconstruct): one layer at a time",
+           "loaded_activation": "from_pretrained + prune(activation, calibration, inplace) + save_pretrained"}
 
 
 def _worker(step: str, *args) -> dict:
@@ -93,6 +154,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", default="1b,7b")
     parser.add_argument("--tmp", help="folder for the checkpoints (default: the system's temporary folder)")
     parser.add_argument("--out", help="markdown report")
+    parser.add_argument("--calibration", metavar="NxT",
+                        help="the calibrated steps instead: N sequences of T tokens (e.g. 8x256)")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -107,14 +170,22 @@ def main(argv=None) -> int:
         try:
             made = _worker("write", str(root / "src"), size)
             steps = ("stream", "loaded") if size != "7b" else ("stream",)  # loading 7B for reference: 27 GB fp32
+            extra = ()
+            if args.calibration:
+                steps, extra = ("layerwise", "loaded_activation") if size != "7b" else ("layerwise",), \
+                    (args.calibration,)
             for step in steps:
-                result = _worker(step, str(root / "src"), str(root / step))
-                rows.append({"size": size, "method": "prune_checkpoint" if step == "stream" else
-                             "from_pretrained + prune(inplace) + save_pretrained", **made, **result})
+                result = _worker(step, str(root / "src"), str(root / step), *extra)
+                rows.append({"size": size, "method": METHODS[step], **made, **result})
                 print(json.dumps(rows[-1]), flush=True)
         finally:
             shutil.rmtree(root, ignore_errors=True)
-    lines = ["# prune_checkpoint on random LLaMA checkpoints (ratio 0.3, bfloat16)", "",
+    title = "# prune_checkpoint on random LLaMA checkpoints (ratio 0.3, bfloat16)"
+    if args.calibration:
+        n, t = args.calibration.split("x")
+        title = (f"# Layer-by-layer calibration of random LLaMA checkpoints (ratio 0.3, bfloat16, {n} sequences x {t} "
+                 "tokens)")
+    lines = [title, "",
              "| size | parameters | shards | method | seconds | peak RSS above start GB | process peak GB |",
              "|---|---:|---:|---|---:|---:|---:|"]
     for r in rows:
@@ -123,8 +194,14 @@ def main(argv=None) -> int:
         else:
             lines.append(f"| {r['size']} | {r['parameters'] / 1e9:.2f}B | {r['shards']} | {r['method']} | "
                          f"{r['seconds']:.1f} | {r['rss_above_gb']:.2f} | {r['maxrss_gb']:.2f} |")
-    text = "\n".join(lines) + (f"\n\n{time.strftime('%Y-%m-%d')}, `python benchmarks/checkpoint_streaming.py "
-                               f"--sizes {args.sizes}`\n")
+    notes = ""
+    if args.calibration:
+        notes = "\n\nRandom weights: quality is meaningless, memory and time only. The loaded path runs without " \
+                "reconstruct=True: its refit would hold the float64 Gram matrices of every consumer at once (" + \
+                ", ".join(f"{s}: {gram_gb(s):.1f} GB" for s in args.sizes.split(",")) + ")."
+    flags = f" --calibration {args.calibration}" if args.calibration else ""
+    text = "\n".join(lines) + notes + (f"\n\n{time.strftime('%Y-%m-%d')}, `python benchmarks/checkpoint_streaming.py "
+                                       f"--sizes {args.sizes}{flags}`\n")
     print(text)
     if args.out:
         Path(args.out).write_text(text)

@@ -272,9 +272,17 @@ def _sequential(job: Job) -> None:
     """With ``sequential=True``: refit the consumers stage by stage on the pruned graph's own inputs (a consumer
     whose call is not a node of the pruned graph, such as a recomposed attention's, keeps the one-shot refit)."""
     if job.sequential_plan is not None:
-        from fxprune.calibration import run_sequential
+        from fxprune.calibration import load_refit, run_sequential
 
-        run_sequential(job.sequential_plan, job.result, job.calibration)
+        if isinstance(job.result, fx.GraphModule):
+            run_sequential(job.sequential_plan, job.result, job.calibration)
+        else:  # a Hugging Face model pruned in place runs its own forward: refit on its pruned graph, copy by name
+            graph = rewrite(job.dg, job.removal)
+            weights = dict(graph.named_parameters(remove_duplicate=False))
+            load_refit(graph, {n: p.detach() for n, p in job.result.named_parameters(remove_duplicate=False)
+                               if n in weights})  # the one-shot refit and the sliced weights, as the model has them
+            done = run_sequential(job.sequential_plan, graph, job.calibration)
+            load_refit(job.result, {name: weights[name].detach() for name in done})
         job.sequential_plan = None  # frees the copy of the original graph an in-place pruning keeps
 
 

@@ -27,9 +27,11 @@ graph takes the same keywords (see :mod:`fxprune.calibration.batches`). ``--dist
 (``fxprune.distill``) before it is measured and saved.
 
 ``--streaming`` (``hf:DIR`` only) prunes the checkpoint's safetensors shards one tensor at a time on a
-meta-device analysis (:func:`fxprune.prune_checkpoint`): the model is never loaded or run, so
-importance is a magnitude (l2, l1, lamp) and there is no before/after measurement; ``--out`` is the
-pruned checkpoint folder.
+meta-device analysis (:func:`fxprune.prune_checkpoint`): the model is never loaded whole and there is no
+before/after measurement; ``--out`` is the pruned checkpoint folder. Importance is a magnitude (l2, l1,
+lamp), or with ``--calibration`` also activation, wanda or obs, and ``--reconstruct`` refits the layers
+that lose inputs: the model then runs one decoder layer at a time (``.pt``/``.pth`` batches, or a ``.txt``
+file tokenized with the folder's tokenizer).
 
 Errors are printed as one paragraph; ``--debug`` shows the traceback instead.
 Progress bars go to stderr when it is a terminal.
@@ -126,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     streaming = prune.add_argument_group("checkpoints larger than memory")
     streaming.add_argument("--streaming", action="store_true",
                            help="hf:DIR only: prune the checkpoint's safetensors shards one tensor at a time without "
-                                "loading the model (fxprune.prune_checkpoint; importance l2, l1 or lamp); --out is "
-                                "the pruned checkpoint folder")
+                                "loading the model (fxprune.prune_checkpoint; importance l2, l1 or lamp; with "
+                                "--calibration also activation, wanda, obs and --reconstruct, one decoder layer at "
+                                "a time); --out is the pruned checkpoint folder")
     streaming.add_argument("--max-shard-size", metavar="SIZE",
                            help="with --streaming: largest output shard, e.g. 2GB (default: the largest source "
                                 "shard, at most 1GB)")
@@ -232,21 +235,23 @@ def run_streaming(args) -> int:
         raise ValueError(f"--streaming prunes a Hugging Face checkpoint folder: give hf:DIR (a folder with a "
                          f"config.json), not {args.model!r}")
     unsupported = [flag for flag, on in (
-        ("--calibration", args.calibration), ("--reconstruct", args.reconstruct),
         ("--distill-steps", args.distill_steps is not None), ("--distill-seconds", args.distill_seconds is not None),
         ("--target-latency", args.target_latency is not None), ("--prune-head-dims", args.prune_head_dims),
         ("--input-shape", args.input_shape)) if on]
     if unsupported:
-        raise ValueError(f"--streaming reads the weights one tensor at a time and never runs the model: "
+        raise ValueError(f"--streaming reads the weights one tensor (or one decoder layer) at a time: "
                          f"{', '.join(unsupported)} need(s) the model loaded (drop --streaming)")
+    if args.reconstruct and not args.calibration:
+        raise ValueError("--reconstruct refits on calibration batches: add --calibration PATH")
     if args.ratio is None and args.target_macs is None:
         raise ValueError("give --ratio (fraction of units to remove) or --target-macs (fraction of MACs to keep)")
     out = Path(args.out or f"{Path(folder).name}-pruned")
+    batches = _streaming_calibration(args, folder) if args.calibration else None
     start = time.perf_counter()
     plan = fxprune.prune_checkpoint(folder, out, args.ratio, importance=args.importance, ignore=tuple(args.ignore),
                                     round_to=args.round_to, global_pruning=args.global_pruning,
-                                    isomorphic=args.isomorphic, target_macs=args.target_macs,
-                                    max_shard_size=args.max_shard_size,
+                                    isomorphic=args.isomorphic, target_macs=args.target_macs, calibration=batches,
+                                    reconstruct=args.reconstruct, max_shard_size=args.max_shard_size,
                                     progress=False if args.quiet else None)
     elapsed = time.perf_counter() - start
     if args.plan_out:
@@ -257,6 +262,22 @@ def run_streaming(args) -> int:
           f"groups lose units")
     print(f"saved to {out}/ (transformers' from_pretrained, or fxprune.load_pretrained when widths differ per layer)")
     return 0
+
+
+def _streaming_calibration(args, folder) -> list:
+    """``--calibration`` batches for ``--streaming``: a ``.pt``/``.pth`` file, or a ``.txt`` file tokenized with the
+    folder's tokenizer (the first batch is the example the graph is captured with: every batch's keywords)."""
+    from fxprune.calibration.batches import PT_SUFFIXES, load_batches, load_tokenizer, read_lines, text_batches
+
+    path = Path(args.calibration)
+    suffix = path.suffix.lower()
+    if suffix in PT_SUFFIXES:
+        return load_batches(path, args.calibration_batch_size)
+    if suffix == ".txt":
+        return text_batches(load_tokenizer(folder), read_lines(path), args.calibration_batch_size,
+                            args.calibration_max_length)
+    raise ValueError(f"--calibration {path}: use a .pt/.pth file (a list of batches or one tensor) or a .txt file "
+                     "of lines")
 
 
 def _checkpoint_params(checkpoint) -> int:

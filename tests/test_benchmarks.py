@@ -238,3 +238,18 @@ def test_checkpoint_streaming_tiny_rows(tmp_path):
     assert [r["method"] for r in rows] == ["prune_checkpoint", "from_pretrained + prune(inplace) + save_pretrained"]
     assert all("error" not in r and r["seconds"] > 0 and r["shards"] >= 2 for r in rows), rows
     assert "| tiny |" in (tmp_path / "c.md").read_text()
+
+
+def test_checkpoint_streaming_layerwise_tiny_rows(tmp_path):
+    """--calibration: the layer-by-layer run and the loaded reference on a tiny LLaMA, no error row."""
+    pytest.importorskip("transformers")
+    import transformers
+
+    if tuple(int(v) for v in transformers.__version__.split(".")[:2]) < (5, 4):
+        pytest.skip("prune_checkpoint analyses a LLaMA on the meta device: transformers >= 5.4")
+    out = _run("checkpoint_streaming.py", "--sizes", "tiny", "--calibration", "4x16", "--tmp", tmp_path, "--out",
+               tmp_path / "c.md", timeout=300)
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r["method"].split("(")[0] for r in rows] == ["prune_checkpoint", "from_pretrained + prune"]
+    assert all("error" not in r and r["seconds"] > 0 for r in rows), rows
+    assert "Gram matrices" in (tmp_path / "c.md").read_text()

@@ -91,16 +91,33 @@ class ActivationCriterion(Criterion):
         self.prepare(dg)
         by_tensor = {id(tensors[name]): (self.consumers[name], s) for name, s in self.stats.items()
                      if name in tensors and name in self.consumers}
-        total, found = np.zeros(group.units), False
-        for member in group.parameters:
+        parts = [None] * len(group.parameters)
+        for i, member in enumerate(group.parameters):
             t = tensors.get(member.name)
             if t is None or id(t) not in by_tensor or member.dim != by_tensor[id(t)][0].in_axis:
                 continue
             consumer, stats = by_tensor[id(t)]
-            total += self.unit_scores(consumer, t, stats, unit_indices(group, member), tensors)
-            found = True
+            parts[i] = self.unit_scores(consumer, t, stats, unit_indices(group, member), tensors)
+        return self.combine(group, parts, lambda: Magnitude(2).score(dg, group, tensors))
+
+    def combine(self, group, parts: list, fallback) -> np.ndarray:
+        """The group's scores from its members' parts (``unit_scores`` of the consumer a member is the input axis
+        of; None for other members), summed in member order and normalised; ``fallback()`` (L2 magnitude) when
+        no member is a calibrated consumer's input. The layer-by-layer checkpoint pass
+        (:mod:`fxprune.io.layerwise`) fills ``parts`` one decoder layer at a time and combines them here.
+
+        Example::
+
+            >>> criterion.combine(group, [np.array([1.0, 3.0]), None], lambda: None)    # divided by the mean
+            array([0.5, 1.5])
+        """
+        total, found = np.zeros(group.units), False
+        for part in parts:
+            if part is not None:
+                total += part
+                found = True
         if not found:
-            total = Magnitude(2).score(dg, group, tensors)
+            total = fallback()
         return normalize(total, self.normalizer)
 
 

@@ -200,60 +200,91 @@ def _refit_stage(plan, stage, consumers, calls, pruned, params, original, batche
     """One pass over the batches through both graphs for the consumers of one stage, then their refit."""
     watched_o = {n: (name, x, consumers[name]) for name in stage for n, x in consumers[name].calls}
     watched_p = {n: (name, x, c) for name in stage for n, x, c in calls[name]}
-    cross, gram, count = {}, {}, 0
+    pairs = StagePairs(stage, consumers)
     saved = [{k: b.detach().clone() for k, b in gm.named_buffers()} for gm in (plan.original, pruned)]
     try:
         with torch.no_grad():
             for batch in batches:
-                inputs: dict[str, list] = {name: [] for name in stage}  # this batch's original inputs, per call
-                _run(plan.original, watched_o, lambda name, x: inputs[name].append(x), batch)
-                position = dict.fromkeys(stage, 0)
-
-                def accumulate(name, x_p):
-                    bias = consumers[name].bias is not None
-                    x_o = _with_one(inputs[name][position[name]], bias)
-                    inputs[name][position[name]] = None  # discarded as soon as it is paired
-                    position[name] += 1
-                    x_p = _with_one(x_p, bias)
-                    if x_o.shape[0] != x_p.shape[0]:
-                        raise ValueError(f"sequential reconstruction: {name} sees {x_o.shape[0]} tokens in the "
-                                         f"original model and {x_p.shape[0]} in the pruned one")
-                    if name not in gram:
-                        cross[name] = x_o.new_zeros(x_o.shape[1], x_p.shape[1])
-                        gram[name] = x_p.new_zeros(x_p.shape[1], x_p.shape[1])
-                    cross[name] += x_o.T @ x_p
-                    gram[name] += x_p.T @ x_p
-
-                _run(pruned, watched_p, accumulate, batch)
-                count += 1
+                pairs.begin()
+                _run(plan.original, watched_o, pairs.original, batch)
+                _run(pruned, watched_p, pairs.pruned, batch)
                 bar.update(1)
     finally:
         with torch.no_grad():
             for gm, buffers in zip((plan.original, pruned), saved):
                 for k, b in gm.named_buffers():
                     b.copy_(buffers[k])
-    if count == 0:
-        raise ValueError("calibration data is empty: pass at least one batch")
-    done = []
-    with torch.no_grad():
-        for name in stage:
-            c, weight, target = consumers[name], original[name], params[name]
-            rows = plan.rows[name].to(gram[name].device)
-            w = c.matrices(weight.detach())[0].double().to(gram[name].device)  # (out, features); x @ W: W.T
-            if c.bias is not None:
-                w = torch.cat([w, original[c.bias].detach().double().to(w.device)[:, None]], 1)
-            fitted = _solve(w.index_select(0, rows), cross[name], gram[name], damping)
-            new_w = fitted[:, :-1] if c.bias is not None else fitted
-            if new_w.numel() != target.numel():
-                raise ValueError(f"sequential reconstruction: refit {name} has {tuple(new_w.shape)} entries where "
-                                 f"the pruned weight is {tuple(target.shape)}")
-            new_w = new_w.T if c.in_axis == 0 else new_w  # back to the weight's own layout
-            target.copy_(new_w.reshape(target.shape).to(target.device, target.dtype))
-            done.append(name)
-            if c.bias is not None:
-                params[c.bias].copy_(fitted[:, -1].to(params[c.bias].device, params[c.bias].dtype))
-                done.append(c.bias)
-    return done
+    return pairs.refit(original, params, plan.rows, damping)
+
+
+class StagePairs:
+    """The float64 cross-Gram ``sum x~_o x~_p^T`` and Gram ``sum x~_p x~_p^T`` of one stage's consumers, fed one
+    batch at a time (the original graph's inputs first, then the pruned graph's, paired call by call), and the
+    refit they give. Shared by :func:`run_sequential` (whole graphs) and the layer-by-layer refit of a checkpoint
+    (:mod:`fxprune.io.layerwise`: one decoder layer at a time).
+
+    Example::
+
+        >>> pairs = StagePairs(["fc2.weight"], consumers)
+        >>> pairs.begin(); pairs.original("fc2.weight", x_o); pairs.pruned("fc2.weight", x_p)
+        >>> pairs.refit(original_tensors, pruned_tensors, rows, damping=1e-4)   # writes into pruned_tensors
+        ['fc2.weight', 'fc2.bias']
+    """
+
+    def __init__(self, stage: list[str], consumers: dict[str, Consumer]):
+        self.stage, self.consumers = stage, consumers
+        self.cross, self.gram, self.count = {}, {}, 0
+        self.inputs, self.position = {}, {}
+
+    def begin(self) -> None:
+        """A new batch: its original inputs are recorded, then paired with the pruned ones, then dropped."""
+        self.inputs = {name: [] for name in self.stage}  # this batch's original inputs, per call
+        self.position = dict.fromkeys(self.stage, 0)
+        self.count += 1
+
+    def original(self, name: str, x_o: torch.Tensor) -> None:
+        self.inputs[name].append(x_o)
+
+    def pruned(self, name: str, x_p: torch.Tensor) -> None:
+        bias = self.consumers[name].bias is not None
+        x_o = _with_one(self.inputs[name][self.position[name]], bias)
+        self.inputs[name][self.position[name]] = None  # discarded as soon as it is paired
+        self.position[name] += 1
+        x_p = _with_one(x_p, bias)
+        if x_o.shape[0] != x_p.shape[0]:
+            raise ValueError(f"sequential reconstruction: {name} sees {x_o.shape[0]} tokens in the "
+                             f"original model and {x_p.shape[0]} in the pruned one")
+        if name not in self.gram:
+            self.cross[name] = x_o.new_zeros(x_o.shape[1], x_p.shape[1])
+            self.gram[name] = x_p.new_zeros(x_p.shape[1], x_p.shape[1])
+        self.cross[name] += x_o.T @ x_p
+        self.gram[name] += x_p.T @ x_p
+
+    def refit(self, original: dict, params: dict, rows: dict, damping: float) -> list[str]:
+        """Solve every consumer of the stage from ``original`` (``{name: tensor}`` of the original weights and
+        biases) and copy the result into ``params`` (the pruned ones, same names); returns the names written."""
+        if self.count == 0:
+            raise ValueError("calibration data is empty: pass at least one batch")
+        done = []
+        with torch.no_grad():
+            for name in self.stage:
+                c, weight, target = self.consumers[name], original[name], params[name]
+                gram = self.gram[name]
+                w = c.matrices(weight.detach())[0].double().to(gram.device)  # (out, features); x @ W: W.T
+                if c.bias is not None:
+                    w = torch.cat([w, original[c.bias].detach().double().to(w.device)[:, None]], 1)
+                fitted = _solve(w.index_select(0, rows[name].to(gram.device)), self.cross[name], gram, damping)
+                new_w = fitted[:, :-1] if c.bias is not None else fitted
+                if new_w.numel() != target.numel():
+                    raise ValueError(f"sequential reconstruction: refit {name} has {tuple(new_w.shape)} entries "
+                                     f"where the pruned weight is {tuple(target.shape)}")
+                new_w = new_w.T if c.in_axis == 0 else new_w  # back to the weight's own layout
+                target.copy_(new_w.reshape(target.shape).to(target.device, target.dtype))
+                done.append(name)
+                if c.bias is not None:
+                    params[c.bias].copy_(fitted[:, -1].to(params[c.bias].device, params[c.bias].dtype))
+                    done.append(c.bias)
+        return done
 
 
 def reconstruct_sequential(dg, removal: dict, pruned: fx.GraphModule, batches, damping: float = DAMPING,

@@ -100,6 +100,23 @@ class InputStats:
             gram[:, d, d] += x.shape[0]
 
 
+def record_input(stats: dict, consumer, value: torch.Tensor, gram: bool) -> None:
+    """Add one call's input ``value`` (the tensor the call node reads) to ``stats[consumer.weight]`` (made on
+    first use). Shared by the whole-graph pass here and the layer-by-layer pass of :mod:`fxprune.io.layerwise`.
+
+    Example::
+
+        >>> stats = {}
+        >>> record_input(stats, consumer, torch.randn(2, 5, 8), gram=False)    # 10 tokens of 8 features
+        >>> stats[consumer.weight].count
+        10
+    """
+    x, weight = consumer.features(value), consumer.weight
+    if weight not in stats:
+        stats[weight] = InputStats.empty(x.shape[-1], x.device, gram, consumer.blocks)
+    stats[weight].add(x)
+
+
 class _Recorder(fx.Interpreter):
     """Runs the graph; before each consumer call, adds its input to the consumer's statistics."""
 
@@ -110,10 +127,7 @@ class _Recorder(fx.Interpreter):
     def run_node(self, n: fx.Node):
         if n in self.watched:
             consumer, source = self.watched[n]
-            x, weight = consumer.features(self.env[source]), consumer.weight
-            if weight not in self.stats:
-                self.stats[weight] = InputStats.empty(x.shape[-1], x.device, self.gram, consumer.blocks)
-            self.stats[weight].add(x)
+            record_input(self.stats, consumer, self.env[source], self.gram)
         return super().run_node(n)
 
 

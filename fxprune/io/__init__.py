@@ -6,12 +6,16 @@ magnitude criterion reading the ``*.safetensors`` shards one memory-mapped tenso
 pruned tensors are then written shard by shard with huggingface_hub's sharding and an updated
 ``config.json`` (:mod:`fxprune.io.writer`, :mod:`fxprune.io.checkpoint`), so ``from_pretrained`` (or
 ``fxprune.load_pretrained`` when widths differ per layer) loads the result. Peak memory is about one
-shard plus one tensor, whatever the model size.
+shard plus one tensor, whatever the model size. With calibration batches, data-aware criteria and the
+sequential refit run the model one decoder layer at a time from the shards (:mod:`fxprune.io.segments`,
+:mod:`fxprune.io.layerwise`): about one layer's weights, the batches' hidden states and one layer's statistics.
 
 Example::
 
     >>> plan = fxprune.prune_checkpoint("llama-7b", "llama-7b-pruned", ratio=0.3)
     >>> plan.save("llama-7b-pruned/plan.json")
+    >>> fxprune.prune_checkpoint("llama-7b", "llama-7b-refit", ratio=0.3, importance="activation",
+    ...                          calibration=batches, reconstruct=True)
 """
 
 from fxprune.io.checkpoint import meta_model, prune_checkpoint

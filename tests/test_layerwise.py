@@ -1,0 +1,158 @@
+"""fxprune.prune_checkpoint with calibration: data-aware scores and the sequential refit, one decoder layer at a
+time from the shards (fxprune.io.layerwise, fxprune.io.segments)."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+
+import fxprune
+from fxprune.io.shards import Checkpoint
+from fxprune.testing import assert_same_outputs, tiny_llama
+
+transformers = pytest.importorskip("transformers")
+if tuple(int(v) for v in transformers.__version__.split(".")[:2]) < (5, 4):
+    pytest.skip("a LLaMA on the meta device needs transformers >= 5.4 (README: tested versions)",
+                allow_module_level=True)
+
+SIZES = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128)
+
+
+def _batches(n=3, rows=2, length=9):
+    return [torch.randint(0, 100, (rows, length), generator=torch.Generator().manual_seed(i)) for i in range(n)]
+
+
+def _saved(folder, **config):
+    """A tiny LLaMA saved in shards of at most 20KB (about 300KB in all); returns the model."""
+    model = tiny_llama(**{**SIZES, **config})
+    model.save_pretrained(folder, max_shard_size="20KB")
+    return model
+
+
+def _kept(plan):
+    return {str(g.key): g.kept for g in plan.groups}
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("importance", ["activation", "obs", "l2"])  # wanda: activation's path, other columns
+def test_layer_by_layer_equals_the_in_memory_sequential_refit(tmp_path, importance):
+    """Same plan and same logits as fxprune.prune(..., reconstruct=True, sequential=True, inplace=True) on the loaded
+    model: the same statistics (the original model's, layer after layer), the same consumers refit stage for stage
+    on the same pairs of inputs, in float32 both."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    model = _saved(src)
+    original = tiny_llama(**SIZES)
+    batches = _batches()
+    plan = fxprune.prune_checkpoint(src, out, ratio=0.5, importance=importance, calibration=batches,
+                                    reconstruct=True, progress=False)
+    fxprune.prune(model, 0.5, example_inputs=(batches[0],), importance=importance, calibration=batches,
+                  reconstruct=True, sequential=True, inplace=True)
+    assert _kept(plan) == _kept(fxprune.plan_of(model))
+    assert any(len(g.kept) < g.units for g in plan.groups)
+    assert plan.settings["sequential"] and plan.settings["streamed"]
+    reloaded = fxprune.load_pretrained(str(out))
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(5))
+    assert_same_outputs(_logits(reloaded, ids), _logits(model, ids))
+    with pytest.raises(AssertionError):  # a tolerance that tells a pruned model from the original
+        assert_same_outputs(_logits(original, ids), _logits(model, ids))
+
+
+def test_only_one_decoder_layer_is_read_at_a_time(tmp_path, monkeypatch):
+    from fxprune.io import meta_model
+    from fxprune.io.segments import segments_of
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    model = _saved(src, num_hidden_layers=3)
+    dg = fxprune.analyze(meta_model(model.config), (_batches()[0],), inplace=True)
+    segments = segments_of(dg.gm, dg.model)
+    assert [s.name for s in segments] == ["<head>", "model.layers.0", "model.layers.1", "model.layers.2", "<tail>"]
+    assert len(segments[1].live_out) > 1  # hidden states and what else crosses a layer (rotary cos and sin)
+    segment_of = {a.target: s.index for s in segments for a in s.attrs}
+    sizes = {}
+    for name in Checkpoint(src).keys():
+        sizes[segment_of[name]] = sizes.get(segment_of[name], 0) + Checkpoint(src).read(name).nbytes
+    alive, reads, peak, writing = [], [], [0], []
+    read, write = Checkpoint.read, fxprune.io.checkpoint.write_shards
+
+    def tracked(self, name):
+        if writing:  # the writer holds one output shard (tests/test_checkpoint.py), whatever the layers
+            return read(self, name)
+        held = [(n, r()) for n, r in alive if r() is not None]
+        others = {n for n, _ in held if segment_of[n] != segment_of[name]}
+        assert not others, f"reading {name} while tensors of other layers are alive: {sorted(others)}"
+        tensor = read(self, name)
+        alive.append((name, weakref.ref(tensor)))
+        reads.append(name)
+        peak[0] = max(peak[0], tensor.nbytes + sum(t.nbytes for _, t in held))
+        return tensor
+
+    monkeypatch.setattr(Checkpoint, "read", tracked)
+    monkeypatch.setattr(fxprune.io.checkpoint, "write_shards", lambda *a, **k: writing.append(1) or write(*a, **k))
+    fxprune.prune_checkpoint(src, out, ratio=0.5, importance="activation", calibration=_batches(), reconstruct=True,
+                             progress=False)
+    layer = sizes[segment_of["model.layers.1.mlp.up_proj.weight"]]
+    # scores, then the refit: every tensor is read twice before the writing
+    assert sorted(reads) == sorted(Checkpoint(src).keys() * 2) and writing
+    assert peak[0] <= max(sizes.values()) and sum(sizes.values()) > 3 * layer
+
+
+def test_errors_name_what_is_missing(tmp_path):
+    src = tmp_path / "src"
+    _saved(src)
+    with pytest.raises(ValueError, match="needs calibration batches"):
+        fxprune.prune_checkpoint(src, tmp_path / "a", ratio=0.5, importance="wanda")
+    with pytest.raises(ValueError, match="reconstruct=True needs calibration"):
+        fxprune.prune_checkpoint(src, tmp_path / "a", ratio=0.5, reconstruct=True)
+    with pytest.raises(ValueError, match="would not use them"):
+        fxprune.prune_checkpoint(src, tmp_path / "a", ratio=0.5, calibration=_batches())
+    with pytest.raises(ValueError, match="cannot be computed from a checkpoint"):
+        fxprune.prune_checkpoint(src, tmp_path / "a", ratio=0.5, importance="taylor", calibration=_batches(),
+                                 reconstruct=True)
+
+
+def test_command_line_streaming_with_calibration(tmp_path, capsys):
+    from fxprune import cli
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    model = tiny_llama(**SIZES).to(torch.bfloat16)  # refit in float32, written back in bfloat16
+    model.save_pretrained(src, max_shard_size="20KB")
+    torch.save(torch.cat(_batches(4)), tmp_path / "ids.pt")
+    code = cli.main(["prune", f"hf:{src}", "--ratio", "0.5", "--streaming", "--calibration", str(tmp_path / "ids.pt"),
+                     "--calibration-batch-size", "2", "--importance", "activation", "--reconstruct", "--quiet",
+                     "--out", str(out), "--plan", str(tmp_path / "plan.json")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert fxprune.PruningPlan.load(tmp_path / "plan.json").settings["reconstruct"] is True
+    written = Checkpoint(out)
+    assert {written.dtype(k) for k in written.keys()} == {torch.bfloat16}
+    before = Checkpoint(src).read("model.layers.0.mlp.down_proj.weight")
+    after = written.read("model.layers.0.mlp.down_proj.weight")
+    kept = next(g for g in fxprune.PruningPlan.load(tmp_path / "plan.json").groups
+                if "model.layers.0.mlp.down_proj.weight[1]" in g.members).kept
+    hidden = next(g for g in fxprune.PruningPlan.load(tmp_path / "plan.json").groups
+                  if "model.embed_tokens.weight[1]" in g.members).kept
+    assert not torch.equal(after, before[hidden][:, kept])  # refit, not only sliced
+    fxprune.load_pretrained(str(out))
+    code = cli.main(["prune", f"hf:{src}", "--ratio", "0.5", "--streaming", "--reconstruct", "--quiet"])
+    assert code == 1 and "add --calibration" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_layer_by_layer_on_cuda_plans_as_on_cpu(tmp_path):
+    src = tmp_path / "src"
+    _saved(src)
+    batches = _batches()
+    on_cpu = fxprune.prune_checkpoint(src, tmp_path / "cpu", ratio=0.5, importance="activation",
+                                      calibration=batches, reconstruct=True, progress=False)
+    on_cuda = fxprune.prune_checkpoint(src, tmp_path / "cuda", ratio=0.5, importance="activation",
+                                       calibration=batches, reconstruct=True, device="cuda", progress=False)
+    assert _kept(on_cuda) == _kept(on_cpu)
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(5))
+    assert_same_outputs(_logits(fxprune.load_pretrained(str(tmp_path / "cuda")), ids),
+                        _logits(fxprune.load_pretrained(str(tmp_path / "cpu")), ids))
