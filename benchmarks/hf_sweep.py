@@ -74,8 +74,8 @@ SIZES = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_
              decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, ffn_dim=128, n_positions=64,
              n_ctx=64, max_seq_len=64, embedding_size=64, dim=64, hidden_dim=128, n_layers=2, n_heads=4,
              image_size=32, patch_size=8, num_labels=3, moe_intermediate_size=32, num_experts=4,
-             num_local_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=48, max_window_layers=2, rotary_dim=8,
-             max_source_positions=32, max_target_positions=64, num_mel_bins=16, decoder_start_token_id=0,
+             num_local_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=48, max_window_layers=2,
+             rotary_dim=8, max_source_positions=32, max_target_positions=64, num_mel_bins=16, decoder_start_token_id=0,
              pad_token_id=0, bos_token_id=1, eos_token_id=2)
 OVERRIDES = {
     "swin": dict(patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4),
@@ -304,6 +304,8 @@ def measure_type(t: str, step_timeout: float, max_gib: float, tp_timeout: float)
             row[first] = result
             for k in later:
                 row[k] = {"status": "fail", "reason": f"not reached: {key} failed"}
+            if "generate" in later and MODELS[t] in ("encoder", "vision", "ctc"):
+                row["generate"] = {"status": "n/a"}
         else:
             row[key] = result
         row.setdefault(key, {})["step_s"] = seconds
@@ -374,12 +376,13 @@ def totals(rows: list[dict]) -> str:
     fx = sum(all_fxprune(r) for r in rows)
     tp = sum(passed(r, "torch-pruning") for r in rows)
     skipped = rows and all(r.get("torch-pruning", {}).get("status") == "skipped" for r in rows)
-    line = f"**fxprune: {fx}/{n} all checks; Torch-Pruning: " + ("not installed" if skipped else f"{tp}/{n} runs") + "**"
+    tp_cell = "not installed" if skipped else f"{tp}/{n} runs"
+    line = f"**fxprune: {fx}/{n} all checks; Torch-Pruning: {tp_cell}**"
     per = ", ".join(f"{HEADERS[c]} {sum(passed(r, c) for r in rows)}/{n}" for c in CHECKS)
     return f"{line}\n\nfxprune per check: {per}."
 
 
-def report(rows: list[dict], command: str, wall: float | None = None) -> str:
+def report(rows: list[dict], command: str, wall: float | None = None, note: str = "") -> str:
     import platform
 
     import torch
@@ -390,7 +393,7 @@ def report(rows: list[dict], command: str, wall: float | None = None) -> str:
             versions += f", {mod} {__import__(mod).__version__}"
         except ImportError:
             pass
-    took = f" Wall time {wall / 60:.0f} min." if wall else ""
+    took = (f" Wall time {wall / 60:.0f} min." if wall else "") + (f" {note}" if note else "")
     return (f"# Hugging Face sweep: {len(rows)} transformers model types, fxprune and Torch-Pruning at ratio "
             f"{RATIO}\n\n`{command}`\n\n{versions}; {platform.machine()}, {os.cpu_count()} CPUs.{took} Tiny "
             f"random-init models (hidden 64, 2 layers, 4 heads, 2 kv heads where the config has them; "
@@ -413,6 +416,9 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="workers at the same time")
     parser.add_argument("--out", help="markdown report (default benchmarks/hf_sweep.md; a temp dir with --quick)")
     parser.add_argument("--log", help="one JSON line per model (overwritten)")
+    parser.add_argument("--redo", default="", help="comma-separated types to measure again; the other rows "
+                        "are read from --log, which is then rewritten")
+    parser.add_argument("--note", default="", help="text for the report's header (how the rows were made)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -423,10 +429,23 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown model types {unknown}: {', '.join(MODELS)}")
     out = Path(args.out) if args.out else harness.default_out(args.quick, "hf_sweep.md")
-    command = "python benchmarks/hf_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    shown = [a for i, a in enumerate(given) if a != "--note" and (i == 0 or given[i - 1] != "--note")]
+    command = "python benchmarks/hf_sweep.py " + " ".join(shown)  # the note is printed after it
+    earlier = {}
+    if args.redo:
+        if not args.log or not Path(args.log).exists():
+            parser.error("--redo needs an existing --log")
+        earlier = {r["model"]: r for r in map(json.loads, Path(args.log).read_text().splitlines())}
+        names = [n for n in names if n in earlier or n in args.redo.split(",")]
     log = open(args.log, "w") if args.log else None
-    extra = ["--step-timeout", str(args.step_timeout), "--tp-timeout", str(args.tp_timeout), "--max-gib", str(args.max_gib), "--threads", str(args.threads)]
-    start, done = time.perf_counter(), {}
+    for row in earlier.values():
+        if log and row["model"] not in args.redo.split(","):
+            log.write(json.dumps(row, default=str) + "\n")
+    extra = ["--step-timeout", str(args.step_timeout), "--tp-timeout", str(args.tp_timeout),
+             "--max-gib", str(args.max_gib), "--threads", str(args.threads)]
+    todo = args.redo.split(",") if args.redo else names
+    start, done = time.perf_counter(), {n: r for n, r in earlier.items() if n not in todo}
 
     def one(name: str) -> dict:
         row = harness.run_worker([harness.python(), __file__, "--worker", name] + extra, args.timeout,
@@ -437,7 +456,7 @@ def main(argv=None) -> int:
         return row
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(one, name): name for name in names}
+        futures = {pool.submit(one, name): name for name in todo}
         for future in concurrent.futures.as_completed(futures):
             row = done[futures[future]] = future.result()
             if log:
@@ -446,10 +465,10 @@ def main(argv=None) -> int:
             marks = " ".join(f"{c}:{_mark(row, c)}" for c in list(CHECKS) + ["torch-pruning"])
             print(f"[{len(done)}/{len(names)}] {row['model']}: {marks} ({row['seconds']:.0f} s)", flush=True)
             rows = [done[n] for n in names if n in done]
-            out.write_text(report(rows, command))
+            out.write_text(report(rows, command, note=args.note))
     rows = [done[n] for n in names if n in done]
     wall = time.perf_counter() - start
-    out.write_text(report(rows, command, wall))
+    out.write_text(report(rows, command, None if args.redo else wall, args.note))
     print(f"\n{totals(rows)}\nwall time {wall:.0f} s; wrote {out}")
     return 0
 
