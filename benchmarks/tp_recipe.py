@@ -204,7 +204,8 @@ def _timm_attention(model: nn.Module) -> tuple[dict, list]:
 
 def _hf_recipe(model: nn.Module, ratio: float) -> tuple[dict, list]:
     config = model.config
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    # a config without attention (ConvNeXt) has no head count: only attention modules below read it
+    kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
     heads, bert_like, separate = {}, [], []
     for m in model.modules():
         if all(hasattr(m, a) for a in ("query", "key", "value", "num_attention_heads")):

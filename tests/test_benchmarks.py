@@ -253,3 +253,28 @@ def test_checkpoint_streaming_layerwise_tiny_rows(tmp_path):
     assert [r["method"].split("(")[0] for r in rows] == ["prune_checkpoint", "from_pretrained + prune"]
     assert all("error" not in r and r["seconds"] > 0 for r in rows), rows
     assert "Gram matrices" in (tmp_path / "c.md").read_text()
+
+
+def test_hf_sweep_llama_passes_every_fxprune_check(tmp_path):
+    """The Hugging Face sweep on LLaMA: one row, every fxprune check a ✓ and a Torch-Pruning cell either way."""
+    if not HAS_HF:
+        pytest.skip("transformers is not installed: the sweep builds transformers models")
+    out, log = tmp_path / "hf_sweep.md", tmp_path / "hf_sweep.jsonl"
+    # Torch-Pruning hangs on LLaMA (coverage.md): a short limit, its cell is then a ✗ with the reason
+    _run("hf_sweep.py", "--models", "llama", "--tp-timeout", 5, "--out", out, "--log", log, timeout=300)
+    rows, text = _rows(log), out.read_text()
+    assert [r["model"] for r in rows] == ["llama"]
+    row = rows[0]
+    for check in ("analysis", "oracle", "prune", "prune_other", "inplace", "reload", "generate"):
+        assert row[check]["status"] == "ok", (check, row[check])
+    assert row["reload"]["relative_diff"] <= 1e-5 and 0 < row["inplace"]["params_kept"] < 0.8
+    header = next(line for line in text.splitlines() if line.startswith("| model type |"))
+    for column in ("analysis", "oracle", "prune", "other batch/length", "in place", "reload", "generate",
+                   "Torch-Pruning", "params kept fxprune", "params kept Torch-Pruning"):
+        assert f"| {column} |" in header, column
+    assert "| llama | decoder | ✓ | ✓ | ✓ | ✓ | ✓ | ✓ | ✓ |" in text
+    assert "**fxprune: 1/1 all checks; Torch-Pruning: " in text
+    if HAS_TP:
+        assert row["torch-pruning"]["status"] in ("ok", "fail", "error"), row["torch-pruning"]
+    else:
+        assert row["torch-pruning"]["status"] == "skipped"

@@ -845,3 +845,26 @@ def test_phi3_heads_pruned_in_one_layer_only_is_a_clear_error_and_the_model_is_p
         fxprune.apply(dg, removal, inplace=True)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     assert model.config.num_attention_heads == 4 and not hasattr(model.config, "fxprune_shapes")
+
+
+def test_wav2vec2_in_place_updates_group_norm_groups_and_weight_norm_conv_groups(tmp_path):
+    """Wav2Vec2's feature encoder normalises each channel (GroupNorm(C, C)) and its positional convolution is
+    grouped under a weight-norm parametrization: in place, both counts follow the pruned channels (from the
+    graph), else the model pruned in place no longer runs."""
+    torch.manual_seed(0)
+    config = transformers.Wav2Vec2Config(vocab_size=32, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                         intermediate_size=128, conv_dim=[32, 32], conv_kernel=[10, 3],
+                                         conv_stride=[5, 2], num_conv_pos_embeddings=16,
+                                         num_conv_pos_embedding_groups=4)
+    model = transformers.Wav2Vec2ForCTC(config).eval()
+    audio = torch.randn(2, 480, generator=torch.Generator().manual_seed(0))
+    fxprune.prune(model, 0.3, example_inputs=(audio,), inplace=True)
+    norm = model.wav2vec2.feature_extractor.conv_layers[0].layer_norm
+    assert norm.num_groups == norm.num_channels == norm.weight.shape[0] < 32
+    conv = model.wav2vec2.encoder.pos_conv_embed.conv
+    assert conv.in_channels == conv.groups * conv.weight.shape[1] == model.config.hidden_size
+    with torch.no_grad():
+        logits = model(audio).logits
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert_same_outputs(fxprune.load_pretrained(str(tmp_path))(audio).logits, logits)

@@ -198,6 +198,7 @@ def write_back(model: nn.Module, pruned: nn.Module, clone: bool = True) -> None:
             continue
         set_tensor(model, name, tensor.detach().clone() if clone else tensor.detach())
     _conv_groups_from_graph(model, pruned)
+    _norm_groups_from_graph(model, pruned)
     update_attributes(model)
 
 
@@ -211,16 +212,58 @@ def _conv_groups_from_graph(model: nn.Module, pruned) -> None:
             continue
         names = [a.name for a in schema.arguments]
         bound = dict(zip(names, node.args)) | dict(node.kwargs)
-        weight, groups = bound.get("weight"), bound.get("groups")
-        if not isinstance(groups, int) or getattr(weight, "op", None) != "get_attr":
+        groups, owner = bound.get("groups"), _weight_owner(bound.get("weight"))
+        if not isinstance(groups, int) or owner is None:
             continue
-        owner = weight.target.rpartition(".")[0]
         try:
             module = model.get_submodule(owner)
         except AttributeError:
             continue
         if isinstance(module, nn.modules.conv._ConvNd):
             module.groups = groups
+
+
+def _weight_owner(weight) -> str | None:
+    """The path of the module a call's ``weight`` argument belongs to: a parameter's owner, or, through a weight
+    norm parametrization (``_weight_norm(original1, original0)``: Wav2Vec2's positional convolution), the module
+    that holds ``parametrizations.weight``. None for a weight computed otherwise.
+
+    Example: ``_weight_norm`` of ``encoder.pos_conv_embed.conv.parametrizations.weight.original0`` ->
+    ``"encoder.pos_conv_embed.conv"``.
+    """
+    if getattr(weight, "op", None) == "call_function" and "weight_norm" in str(weight.target):
+        weight = next((a for a in weight.all_input_nodes if a.op == "get_attr"), None)
+    if getattr(weight, "op", None) != "get_attr":
+        return None
+    owner = weight.target.rpartition(".")[0]
+    module, parametrized, _ = owner.partition(".parametrizations.")
+    return module if parametrized else owner
+
+
+def _norm_groups_from_graph(model: nn.Module, pruned) -> None:
+    """``num_groups`` and ``num_channels`` of every GroupNorm module, read from the rewritten graph's group norm
+    calls (by the name of their weight): Wav2Vec2's feature encoder normalises each channel on its own
+    (``num_groups == num_channels``), so pruning channels prunes groups, which the weight's shape cannot tell.
+
+    Example: a ``GroupNorm(32, 32)`` whose graph now calls ``group_norm(x, 24, weight[24], ...)`` becomes
+    ``GroupNorm(24, 24)``.
+    """
+    graph = getattr(pruned, "graph", None)
+    for node in graph.nodes if graph is not None else ():
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None or "group_norm" not in schema.name:
+            continue
+        bound = dict(zip([a.name for a in schema.arguments], node.args)) | dict(node.kwargs)
+        groups = bound.get("num_groups", bound.get("group"))  # aten.group_norm / aten.native_group_norm
+        owner = _weight_owner(bound.get("weight"))
+        if not isinstance(groups, int) or owner is None:
+            continue
+        try:
+            module = model.get_submodule(owner)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.GroupNorm):
+            module.num_groups, module.num_channels = groups, module.weight.shape[0]
 
 
 def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
