@@ -868,3 +868,23 @@ def test_wav2vec2_in_place_updates_group_norm_groups_and_weight_norm_conv_groups
     model.save_pretrained(tmp_path)
     with torch.no_grad():
         assert_same_outputs(fxprune.load_pretrained(str(tmp_path))(audio).logits, logits)
+
+
+def test_olmo_weightless_norms_follow_the_hidden_size_when_a_query_width_of_the_same_size_shrinks_further(tmp_path):
+    """OLMo's LayerNorms have no weight: their ``normalized_shape`` restates the hidden size. With 4 heads of 16
+    over 2 kv heads, ratio 0.3 leaves one head (query width 64 -> 16) and a hidden size of 48 (64 -> 48): the
+    original size 64 became two sizes, and the norms must take the hidden size's."""
+    torch.manual_seed(0)
+    config = transformers.OlmoConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
+                                     pad_token_id=0, eos_token_id=1)
+    model = transformers.OlmoForCausalLM(config).eval()
+    ids = _ids(2, 7)
+    fxprune.prune(model, 0.3, example_inputs=(ids,), inplace=True)
+    assert model.model.layers[0].self_attn.q_proj.weight.shape[0] != model.config.hidden_size
+    assert model.model.norm.normalized_shape == (model.config.hidden_size,) and model.config.hidden_size < 64
+    with torch.no_grad():
+        logits = model(ids).logits
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert_same_outputs(fxprune.load_pretrained(str(tmp_path))(ids).logits, logits)
