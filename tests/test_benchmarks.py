@@ -242,7 +242,10 @@ def test_checkpoint_streaming_tiny_rows(tmp_path):
                                            "Torch-Pruning LLM recipe (bf16 in memory) + save_pretrained"]
     assert all("error" not in r and r["seconds"] > 0 and r["shards"] >= 2 for r in rows[:2]), rows
     tp = rows[2]
-    assert tp.get("error") == "timed out after 15 s" or (tp["runs"] and tp["parameters_after"] < tp["parameters"]), tp
+    if "error" in tp:  # killed at the timeout, or not started where less memory is free than the step asks for
+        assert tp["error"] == "timed out after 15 s" or tp["error"].startswith("not run: needs about 8 GB"), tp
+    else:
+        assert tp["runs"] and tp["parameters_after"] < tp["parameters"], tp
     assert "| tiny |" in (tmp_path / "c.md").read_text()
 
 
