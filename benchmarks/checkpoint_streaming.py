@@ -14,9 +14,17 @@ decoder layer at a time (:mod:`fxprune.io.layerwise`), against ``from_pretrained
 counted from the config, 10 GB for the 1.1B), more than the memory the benchmark may take. Random weights make
 quality meaningless: memory and time only.
 
+``--torch-pruning`` adds Torch-Pruning's column: in another fresh process the checkpoint is loaded whole in
+bfloat16 (``from_pretrained``), pruned in place at the same ratio with its documented LLM recipe
+(``tp_recipe.prune``: examples/LLMs/prune_llm.py, group L2 magnitude, heads pruned, ``round_to=4``) and saved;
+the row says whether the pruned model then runs (finite logits) and reloads from the saved folder, or what failed.
+It is killed after ``--timeout`` seconds. It needs the whole model in memory (2 bytes a parameter): a size whose
+bfloat16 weights plus 8 GB do not fit in the available memory (``MemAvailable``) is skipped with the reason.
+
 Run (the 7B case writes 13.5 GB to the temporary folder and takes a few minutes)::
 
     python benchmarks/checkpoint_streaming.py [--sizes 1b,7b] [--tmp DIR] [--out benchmarks/checkpoint_streaming.md]
+    python benchmarks/checkpoint_streaming.py --sizes 1b,7b --torch-pruning [--timeout 600]
     python benchmarks/checkpoint_streaming.py --sizes 1b --calibration 8x256 --out benchmarks/checkpoint_layerwise.md
 """
 
@@ -135,18 +143,81 @@ def loaded_activation(folder: str, out: str, spec: str) -> dict:
     return {"seconds": m.seconds, "rss_above_gb": m.rss_peak_mb / 1024}
 
 
+def torch_pruning(folder: str, out: str) -> dict:
+    """Torch-Pruning's LLM recipe on the checkpoint loaded whole in bfloat16, then ``save_pretrained``."""
+    import torch
+    import transformers
+
+    import tp_recipe
+    from meter import Meter
+
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    row, stage = {}, "load"
+    with Meter() as m:
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+            model.config.use_cache = False  # Torch-Pruning traces the outputs' grad_fn: a key/value cache has none
+            stage = "prune"
+            tp_recipe.prune("hf:llama", model, (ids,), {}, RATIO)
+            stage = "save"
+            model.save_pretrained(out)
+            stage = None
+        except Exception as exc:  # which step failed, and how long it ran, is the result
+            row["failed"] = f"{stage} failed: {_first_line(exc)}"
+    row.update(seconds=m.seconds, rss_above_gb=m.rss_peak_mb / 1024)
+    if stage in ("load", "prune"):
+        return row
+    row["parameters_after"] = sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        try:
+            row["runs"] = bool(torch.isfinite(model(ids).logits.float()).all())
+        except Exception as exc:
+            row["runs"], row["run_error"] = False, _first_line(exc)
+        del model
+        if stage is None:
+            try:
+                reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+                row["reloads"] = bool(torch.isfinite(reloaded(ids).logits.float()).all())
+            except Exception as exc:  # the saved config may not describe the pruned shapes
+                row["reloads"], row["reload_error"] = False, _first_line(exc)
+    return row
+
+
+def _first_line(exc: Exception) -> str:
+    """The first line of the error that started it all (transformers wraps a config's ValueError in its own)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {(lines or [''])[0][:200]}"
+
+
 STEPS = {"write": write, "stream": stream, "loaded": loaded, "layerwise": layerwise,
-         "loaded_activation": loaded_activation}
+         "loaded_activation": loaded_activation, "torch_pruning": torch_pruning}
 METHODS = {"stream": "prune_checkpoint", "loaded": "from_pretrained + prune(inplace) + save_pretrained",
            "layerwise": "prune_checkpoint(activation, calibration, reconstruct): one layer at a time",
-           "loaded_activation": "from_pretrained + prune(activation, calibration, inplace) + save_pretrained"}
+           "loaded_activation": "from_pretrained + prune(activation, calibration, inplace) + save_pretrained",
+           "torch_pruning": "Torch-Pruning LLM recipe (bf16 in memory) + save_pretrained"}
 
 
-def _worker(step: str, *args) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", step, *args], capture_output=True, text=True)
+def _worker(step: str, *args, timeout: float | None = None) -> dict:
+    try:
+        out = subprocess.run([sys.executable, __file__, "--worker", step, *args], capture_output=True, text=True,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
     if out.returncode:
         return {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:300]}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def available_gb() -> float:
+    """``MemAvailable`` of /proc/meminfo in GB (inf where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+    except OSError:
+        return float("inf")
+    return int(fields["MemAvailable"].split()[0]) / 2 ** 20
 
 
 def main(argv=None) -> int:
@@ -156,6 +227,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="markdown report")
     parser.add_argument("--calibration", metavar="NxT",
                         help="the calibrated steps instead: N sequences of T tokens (e.g. 8x256)")
+    parser.add_argument("--torch-pruning", action="store_true", help="add Torch-Pruning's LLM recipe (in memory)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds before the Torch-Pruning step is killed")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -178,6 +251,17 @@ def main(argv=None) -> int:
                 result = _worker(step, str(root / "src"), str(root / step), *extra)
                 rows.append({"size": size, "method": METHODS[step], **made, **result})
                 print(json.dumps(rows[-1]), flush=True)
+            if args.torch_pruning and "error" not in made:
+                method = METHODS["torch_pruning"]
+                # the weights, and room for loading, Torch-Pruning's traced forward pass and saving
+                need, free = 2 * made["parameters"] / 2 ** 30 + 8, available_gb()  # the 6.7B peaked at 20 GB
+                if free < need:
+                    result = {"error": f"not run: needs about {need:.0f} GB ({2 * made['parameters'] / 2 ** 30:.1f} "
+                                       f"GB of bfloat16 weights), {free:.0f} GB available"}
+                else:
+                    result = _worker("torch_pruning", str(root / "src"), str(root / "tp"), timeout=args.timeout)
+                rows.append({"size": size, "method": method, **made, **result})
+                print(json.dumps(rows[-1]), flush=True)
         finally:
             shutil.rmtree(root, ignore_errors=True)
     title = "# prune_checkpoint on random LLaMA checkpoints (ratio 0.3, bfloat16)"
@@ -186,20 +270,28 @@ def main(argv=None) -> int:
         title = (f"# Layer-by-layer calibration of random LLaMA checkpoints (ratio 0.3, bfloat16, {n} sequences x {t} "
                  "tokens)")
     lines = [title, "",
-             "| size | parameters | shards | method | seconds | peak RSS above start GB | process peak GB |",
-             "|---|---:|---:|---|---:|---:|---:|"]
+             "| size | parameters | shards | method | seconds | peak RSS above start GB | process peak GB | "
+             "pruned model |", "|---|---:|---:|---|---:|---:|---:|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['size']} | | | {r['method']} | error: {r['error']} | | |")
-        else:
-            lines.append(f"| {r['size']} | {r['parameters'] / 1e9:.2f}B | {r['shards']} | {r['method']} | "
-                         f"{r['seconds']:.1f} | {r['rss_above_gb']:.2f} | {r['maxrss_gb']:.2f} |")
+            lines.append(f"| {r['size']} | | | {r['method']} | {r['error']} | | | |")
+            continue
+        result = [r["failed"]] if "failed" in r else []
+        if "runs" in r:
+            result.append(f"{r['parameters_after'] / 1e9:.2f}B parameters; runs: "
+                          f"{'yes' if r['runs'] else 'no (' + r.get('run_error', '?') + ')'}")
+        if "reloads" in r:
+            result.append(f"reloads: {'yes' if r['reloads'] else 'no (' + r.get('reload_error', '?') + ')'}")
+        result = "; ".join(result)
+        lines.append(f"| {r['size']} | {r['parameters'] / 1e9:.2f}B | {r['shards']} | {r['method']} | "
+                     f"{r['seconds']:.1f} | {r['rss_above_gb']:.2f} | {r['maxrss_gb']:.2f} | {result} |")
     notes = ""
     if args.calibration:
         notes = "\n\nRandom weights: quality is meaningless, memory and time only. The loaded path runs without " \
                 "reconstruct=True: its refit would hold the float64 Gram matrices of every consumer at once (" + \
                 ", ".join(f"{s}: {gram_gb(s):.1f} GB" for s in args.sizes.split(",")) + ")."
-    flags = f" --calibration {args.calibration}" if args.calibration else ""
+    flags = (f" --calibration {args.calibration}" if args.calibration else "") + \
+        (" --torch-pruning" if args.torch_pruning else "")
     text = "\n".join(lines) + notes + (f"\n\n{time.strftime('%Y-%m-%d')}, `python benchmarks/checkpoint_streaming.py "
                                        f"--sizes {args.sizes}{flags}`\n")
     print(text)

@@ -125,3 +125,39 @@ def tiny_llama(seed: int = 0, **config):
                  intermediate_size=64, max_position_embeddings=64)
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**sizes, **config})).eval()
+
+
+def tiny_moe(name: str = "mixtral", implementation: str | None = None, seed: int = 0):
+    """A small random mixture-of-experts decoder in eval mode, seeded, for tests (needs transformers): one layer,
+    hidden 32, 4 heads over 2 key/value heads, 4 experts, top-2. ``name``: ``"mixtral"`` (expert MLP 48),
+    ``"qwen2_moe"`` (expert MLP 24 and a shared expert of 40) or ``"qwen3_moe"`` (expert MLP 24, no shared expert,
+    q/k norms over an explicit head_dim of 8). ``implementation`` sets ``config._experts_implementation``
+    (``"grouped_mm"``, ``"batched_mm"``, ``"eager"``; None: transformers' default).
+
+    Example::
+
+        >>> model = tiny_moe("qwen2_moe", "batched_mm")
+        >>> tuple(model.model.layers[0].mlp.experts.down_proj.shape)      # (experts, hidden, expert MLP)
+        (4, 32, 24)
+    """
+    import transformers
+
+    torch.manual_seed(seed)
+    sizes = dict(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                 num_experts_per_tok=2, max_position_embeddings=64, use_cache=False)
+    if name == "mixtral":
+        config = transformers.MixtralConfig(intermediate_size=48, num_local_experts=4, **sizes)
+        cls = transformers.MixtralForCausalLM
+    elif name == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=24, num_experts=4, head_dim=8,
+                                             **sizes)
+        cls = transformers.Qwen3MoeForCausalLM
+    elif name == "qwen2_moe":
+        config = transformers.Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=24, num_experts=4,
+                                             shared_expert_intermediate_size=40, **sizes)
+        cls = transformers.Qwen2MoeForCausalLM
+    else:
+        raise ValueError(f"tiny_moe: unknown family {name!r}: use 'mixtral', 'qwen2_moe' or 'qwen3_moe'")
+    if implementation:
+        config._experts_implementation = implementation
+    return cls(config).eval()

@@ -611,23 +611,9 @@ def test_gpt_neox_heads_pruned_in_one_layer_only_reload_with_load_pretrained(tmp
 
 def _moe(name, implementation=None):
     """A tiny mixture-of-experts decoder: 4 experts, top-2, one layer (Qwen2-MoE with a shared expert)."""
-    torch.manual_seed(0)
-    sizes = dict(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                 num_experts_per_tok=2, max_position_embeddings=64, use_cache=False)
-    if name == "mixtral":
-        config = transformers.MixtralConfig(intermediate_size=48, num_local_experts=4, **sizes)
-        cls = transformers.MixtralForCausalLM
-    elif name == "qwen3_moe":  # no shared expert; q/k norms over an explicit head_dim
-        config = transformers.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=24, num_experts=4, head_dim=8,
-                                             **sizes)
-        cls = transformers.Qwen3MoeForCausalLM
-    else:
-        config = transformers.Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=24, num_experts=4,
-                                             shared_expert_intermediate_size=40, **sizes)
-        cls = transformers.Qwen2MoeForCausalLM
-    if implementation:
-        config._experts_implementation = implementation
-    return cls(config).eval()
+    from fxprune.testing import tiny_moe
+
+    return tiny_moe(name, implementation)
 
 
 def _expert_units(dg):

@@ -9,12 +9,14 @@ the Gram matrix with a constant column are accumulated on the activations' devic
 Calibrated consumers (:mod:`fxprune.calibration.consumers`): Linear layers (``nn.Linear``, ``F.linear``,
 ``aten.linear``), matmuls with a weight operand (``x @ W``, ``mm``, ``addmm``: GPT-2's ``Conv1D``; ``x @ W.T``),
 1-d, 2-d and 3-d convolutions through their patches, grouped ones block by block. Depthwise and transposed
-convolutions, batched matmuls and computed weights are not: criteria use weights only for groups without a
-calibrated consumer and reconstruction leaves those layers as they are. With ``inplace=True`` a Hugging Face
-model gets the refit weights by parameter name. ``sequential=True`` refits the consumers front to back on the
-pruned model's own inputs (:mod:`fxprune.calibration.sequential`); ``reestimate_bn=True`` re-estimates the
-pruned model's BatchNorm running statistics (:mod:`fxprune.calibration.batchnorm`). After pruning, :func:`distill` trains the pruned model a
-short while to match the original on the same batches (:mod:`fxprune.calibration.distill`).
+convolutions, batched matmuls (other than of gathered expert weights) and computed weights are not;
+mixture-of-experts weights are, expert by expert on the tokens routed to each. Criteria use weights only for
+groups without a calibrated consumer (with a warning) and reconstruction leaves those layers as they are.
+With ``inplace=True`` a Hugging Face model gets the refit weights by parameter name. ``sequential=True``
+refits the consumers front to back on the pruned model's own inputs (:mod:`fxprune.calibration.sequential`);
+``reestimate_bn=True`` re-estimates the pruned model's BatchNorm running statistics
+(:mod:`fxprune.calibration.batchnorm`). After pruning, :func:`distill` trains the pruned model a short while
+to match the original on the same batches (:mod:`fxprune.calibration.distill`).
 
 Example::
 
@@ -37,8 +39,9 @@ from fxprune.calibration.distill import DistillResult, distill, distill_loss
 from fxprune.calibration.obs import OBS, damped_inverse, obs_scores
 from fxprune.calibration.reconstruct import load_refit, reconstruct, refit, refit_consumers
 from fxprune.calibration.sequential import plan_sequential, reconstruct_sequential, run_sequential, stages_of
-from fxprune.calibration.statistics import InputStats, collect_statistics
+from fxprune.calibration.statistics import ExpertStats, InputStats, collect_statistics
 
-__all__ = ["Activation", "Consumer", "DistillResult", "InputStats", "OBS", "Wanda", "collect_statistics",
-           "calibrated_consumers", "damped_inverse", "distill", "distill_loss", "load_refit", "obs_scores", "plan_sequential", "reconstruct", "reconstruct_sequential",
-           "reestimate_batchnorm", "refit", "refit_consumers", "run_sequential", "stages_of"]
+__all__ = ["Activation", "Consumer", "DistillResult", "ExpertStats", "InputStats", "OBS", "Wanda",
+           "calibrated_consumers", "collect_statistics", "damped_inverse", "distill", "distill_loss", "load_refit",
+           "obs_scores", "plan_sequential", "reconstruct", "reconstruct_sequential", "reestimate_batchnorm", "refit",
+           "refit_consumers", "run_sequential", "stages_of"]

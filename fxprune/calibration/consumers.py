@@ -16,11 +16,21 @@ matrix view of a weight parameter (a ``get_attr``; the bias, if any, one too):
   ``in_channels / g > 1``) is g such Linears side by side: output block b reads only input block b
   (``blocks = g``; block b's features are the contiguous slice b of the patches).
 
+Mixture-of-experts weights: a 3-d parameter ``W`` (experts, ., .) applied per token by the expert the router
+picked is one consumer with ``experts = E`` matrices ``M_e`` and the statistics of each expert's own tokens:
+
+- grouped matmul over offsets (``aten._grouped_mm`` or transformers' ``grouped_mm_fallback``:
+  ``y[rows of e] = x[rows of e] @ W'[e]`` with ``W' = W`` (E, in, out), input axis 1, or ``W' = W.transpose(-2,
+  -1)`` (E, out, in), input axis 2): the rows of expert e are ``offs[e-1]:offs[e]``;
+- batched matmul of gathered weights (transformers' ``batched_mm``): ``bmm(W[ids], x)`` (input axis 2) or
+  ``bmm(x, W[ids])`` (input axis 1), token t read by expert ``ids[t]``.
+
 Not calibrated: depthwise convolutions (one input channel per block: an input unit is an output unit, so
 there is nothing to refit and the group's other members carry the score; criteria fall back to
-magnitude when nothing else consumes the group), transposed convolutions, batched matmuls (``bmm``),
-``addmm`` with ``beta``/``alpha`` other than 1, non-zero ``padding_mode``, computed weights. Several calls of
-one weight (a shared layer) are one consumer; calls that view one weight in different ways are dropped.
+magnitude, with a warning, when nothing else consumes the group), transposed convolutions, batched matmuls
+(``bmm``) other than of gathered expert weights, a grouped matmul with a bias, ``addmm`` with
+``beta``/``alpha`` other than 1, non-zero ``padding_mode``, computed weights. Several calls of one weight
+(a shared layer) are one consumer; calls that view one weight in different ways are dropped.
 
 Example: in ``Linear(3, 4) -> ReLU -> Linear(4, 2)`` the second layer consumes the 4 hidden units::
 
@@ -61,6 +71,8 @@ class Consumer:
     in_features: int = 0  # features per token: in_features, or in_channels * prod(kernel)
     in_axis: int = 1  # the weight's input axis: 1 (Linear, convolution), 0 (x @ W, addmm)
     blocks: int = 1  # a grouped convolution's groups: block b of outputs reads block b of the features
+    experts: int = 0  # a 3-d expert weight's experts (axis 0): one matrix and one set of statistics per expert
+    routes: dict = field(default_factory=dict)  # expert weights: {call node: (route kind, offsets or ids node)}
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The input as ``(tokens, in_features)``: rows of a Linear's input, or a convolution's patches."""
@@ -71,13 +83,42 @@ class Consumer:
     def matrices(self, w: torch.Tensor) -> list[torch.Tensor]:
         """Per block, the matrix ``M_b`` (block outputs, block features) of the weight tensor ``w``: its
         columns are the block's features in order (``kernel`` of them per input index of the weight)."""
+        if self.experts:  # expert e's matrix: W[e] (out, in), or W[e].T when W is (E, in, out)
+            return [w[e] if self.in_axis == 2 else w[e].T for e in range(w.shape[0])]
         if self.in_axis == 0:
             return [w.T]
         return list(w.reshape(w.shape[0], -1).chunk(self.blocks, 0))
 
+    def expert_rows(self, x: torch.Tensor, kind: str, route: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """An expert weight's input as ``(features (rows, in_features), expert of each row (rows,))``.
+
+        ``kind`` (from ``routes``): ``"offsets"``: ``x`` (S, K), ``route`` the grouped matmul's offsets (E,),
+        rows past the last offset read by no expert (left out); ``"ids_left"``: ``bmm(W[ids], x)`` with ``x``
+        (T, K, m); ``"ids_right"``: ``bmm(x, W[ids])`` with ``x`` (T, m, K); ``route`` the ids (T,).
+
+        Example: offsets ``[2, 2, 5]`` put rows 0-1 on expert 0, none on expert 1, rows 2-4 on expert 2::
+
+            >>> consumer.expert_rows(torch.ones(5, 3), "offsets", torch.tensor([2, 2, 5]))[1]
+            tensor([0, 0, 2, 2, 2])
+        """
+        if kind == "offsets":
+            rows = torch.arange(x.shape[0], device=route.device)
+            ids = torch.searchsorted(route.to(torch.int64), rows, right=True).to(x.device)
+            keep = ids < len(route)
+            return x.reshape(x.shape[0], -1)[keep], ids[keep]
+        if kind == "ids_left":  # x (T, K, m): m columns per token
+            features = x.transpose(1, 2).reshape(-1, x.shape[1])
+        else:  # x (T, m, K)
+            features = x.reshape(-1, x.shape[-1])
+        ids = route.reshape(-1).to(x.device, torch.int64)
+        return features, ids.repeat_interleave(features.shape[0] // max(len(ids), 1))
+
     @property
     def out_axis(self) -> int:
-        """The weight's output axis: 0, or 1 for ``x @ W`` / addmm (the weight is (in, out))."""
+        """The weight's output axis: 0, or 1 for ``x @ W`` / addmm (the weight is (in, out)); for an expert
+        weight (E, out, in) 1, (E, in, out) 2."""
+        if self.experts:
+            return 3 - self.in_axis
         return 1 if self.in_axis == 0 else 0
 
     @property
@@ -86,7 +127,9 @@ class Consumer:
         return int(np.prod(self.patches["kernel"])) if self.patches else 1
 
     def __repr__(self):
-        return f"Consumer({self.weight!r}, in_axis={self.in_axis}, blocks={self.blocks}, calls={len(self.calls)})"
+        experts = f", experts={self.experts}" if self.experts else ""
+        return (f"Consumer({self.weight!r}, in_axis={self.in_axis}, blocks={self.blocks}{experts}, "
+                f"calls={len(self.calls)})")
 
 
 def patches(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
@@ -223,16 +266,79 @@ def _call(gm: fx.GraphModule, node: fx.Node):
     return args.get("input"), weight, _parameter(bias), patches, 1 - in_axis if transposed else in_axis, blocks
 
 
+GROUPED_MM_OPS = ("_grouped_mm", "grouped_mm_fallback")  # aten's and transformers' (custom op) grouped matmul
+BMM_FUNCTIONS = (torch.bmm, aten.bmm.default)
+_SWAPS = ([-2, -1], [-1, -2], [1, 2], [2, 1])
+
+
+def _expert_weight(node) -> tuple[str, bool] | None:
+    """``(parameter name, swapped)`` of a grouped matmul's weight operand: a 3-d parameter, or it with its last
+    two axes swapped (``transpose(W, -2, -1)``, ``permute(W, [0, 2, 1])``)."""
+    if _parameter(node) is not None and _rank(node) == 3:
+        return node.target, False
+    if not isinstance(node, fx.Node) or node.op != "call_function" or not node.args:
+        return None
+    source = node.args[0]
+    swapped = ((node.target in (aten.transpose.int, torch.transpose) and list(node.args[1:3]) in _SWAPS)
+               or (node.target is aten.permute.default and list(node.args[1]) == [0, 2, 1]))
+    if swapped and _parameter(source) is not None and _rank(source) == 3:
+        return source.target, True
+    return None
+
+
+def _gathered(node) -> tuple[str, fx.Node] | None:
+    """``(parameter name, ids node)`` of ``W[ids]`` / ``index_select(W, 0, ids)`` of a 3-d parameter W."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or not node.args:
+        return None
+    source = node.args[0]
+    if _parameter(source) is None or _rank(source) != 3:
+        return None
+    if node.target is aten.index.Tensor and len(node.args[1]) == 1 and isinstance(node.args[1][0], fx.Node):
+        return source.target, node.args[1][0]
+    if node.target in (aten.index_select.default, torch.index_select) and node.args[1] == 0:
+        return source.target, node.args[2]
+    return None
+
+
+def _expert_call(node: fx.Node):
+    """``(input node, weight name, in_axis, route kind, route node)`` of a call that applies a 3-d expert weight
+    per token (see the module docstring), else None."""
+    if node.op != "call_function":
+        return None
+    if getattr(node.target, "_opname", None) in GROUPED_MM_OPS:
+        bound = dict(zip(("input", "weight", "offs", "bias"), node.args))
+        bound.update({k: node.kwargs[k] for k in ("offs", "bias") if k in node.kwargs})
+        operand = _expert_weight(bound.get("weight"))
+        if operand is None or bound.get("bias") is not None or not isinstance(bound.get("offs"), fx.Node) \
+                or _rank(bound.get("input")) != 2:
+            return None
+        return bound["input"], operand[0], 2 if operand[1] else 1, "offsets", bound["offs"]
+    if node.target in BMM_FUNCTIONS and len(node.args) == 2:
+        a, b = node.args
+        left, right = _gathered(a), _gathered(b)
+        if left is not None and right is None:
+            return b, left[0], 2, "ids_left", left[1]
+        if right is not None and left is None:
+            return a, right[0], 1, "ids_right", right[1]
+    return None
+
+
 def calibrated_consumers(dg) -> dict[str, Consumer]:
     """``{weight name: Consumer}`` for every consumer whose weight's input axis holds a prunable group."""
     out: dict[str, Consumer] = {}
     mixed = set()
     parameters = dict(dg.gm.named_parameters(remove_duplicate=False))
     for node in dg.gm.graph.nodes:
-        call = _call(dg.gm, node)
+        call, route = _call(dg.gm, node), None
+        if call is None:
+            expert = _expert_call(node)
+            if expert is not None:
+                x, weight, in_axis, kind, source = expert
+                call, route = (x, weight, None, None, in_axis, 1), (kind, source)
         if call is None or not isinstance(call[0], fx.Node):
             continue
         x, weight, bias, patches, in_axis, blocks = call
+        experts = parameters[weight].shape[0] if route is not None and weight in parameters else 0
         if weight not in parameters or (bias is not None and bias not in parameters):
             continue  # a buffer or constant (a lifted tensor of an exported graph) is not refit
         try:
@@ -242,10 +348,16 @@ def calibrated_consumers(dg) -> dict[str, Consumer]:
         if not groups:
             continue
         shape = parameters[weight].shape
-        features = shape[0] if in_axis == 0 else int(np.prod(shape[1:])) * blocks
+        if experts:
+            features = shape[in_axis]
+        else:
+            features = shape[0] if in_axis == 0 else int(np.prod(shape[1:])) * blocks
         consumer = out.setdefault(weight, Consumer(weight, bias, patches, groups=groups, in_features=features,
-                                                   in_axis=in_axis, blocks=blocks))
-        if (consumer.bias, consumer.patches, consumer.in_axis, consumer.blocks) != (bias, patches, in_axis, blocks):
+                                                   in_axis=in_axis, blocks=blocks, experts=experts))
+        if (consumer.bias, consumer.patches, consumer.in_axis, consumer.blocks, consumer.experts) != \
+                (bias, patches, in_axis, blocks, experts):
             mixed.add(weight)  # one weight used in two ways: its statistics would mix two kinds of features
         consumer.calls.append((node, x))
+        if route is not None:
+            consumer.routes[node] = route
     return {name: c for name, c in out.items() if name not in mixed}

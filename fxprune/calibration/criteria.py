@@ -13,9 +13,17 @@ block's rows and its own input feature):
 - ``Wanda``: ``||x_j|| * ||W[:, j]||_1`` — the sum over the column of Wanda's per-weight score
   ``|W_ij| * ||x_j||`` (Sun et al., 2024), with ``||x_j||`` the root mean square over calibration tokens.
 
+A mixture-of-experts weight (``Consumer.experts``: one unit is one column of every expert's matrix) is scored
+per expert on the statistics of the tokens routed to that expert, and the experts' scores are added weighted
+by each expert's share of the routed tokens (``ExpertStats.shares``: the expected loss per routed token; the
+router's gate values, which scale each expert's output, are left out). An expert no token picked adds nothing.
+
 A criterion that scores a unit's columns together (``"obs"``) overrides ``unit_scores`` instead of
 ``column_scores``. Producers and norms of the group have no statistics and add nothing. A group with no
-calibrated consumer (depthwise convolutions only, say) falls back to group L2 magnitude. Every group's scores are then
+calibrated consumer (depthwise convolutions only, say) falls back to group L2 magnitude, with one warning
+per dependency graph naming such groups. A router's experts axis (whole experts) is scored from the expert
+weights' statistics too: expert e scores all its columns' scores, weighted by its share of the routed tokens
+(``expert_scores``). Every group's scores are then
 divided by their mean (``normalizer="mean"``), so that both kinds are on one scale in a global ranking.
 
 Example: hidden unit 2 of ``Linear(3, 4) -> ReLU -> Linear(4, 2)`` never varies, so it ranks lowest::
@@ -24,6 +32,8 @@ Example: hidden unit 2 of ``Linear(3, 4) -> ReLU -> Linear(4, 2)`` never varies,
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 
@@ -74,8 +84,13 @@ class ActivationCriterion(Criterion):
 
     def input_scores(self, consumer, w, stats) -> np.ndarray:
         """Per index of the weight tensor ``w``'s input axis, its columns' scores summed (kernel positions,
-        and the blocks of a grouped convolution)."""
+        and the blocks of a grouped convolution; experts weighted by their share of the tokens)."""
         total = np.zeros(w.shape[consumer.in_axis])
+        if consumer.experts:
+            for matrix, s, share in zip(consumer.matrices(w.detach()), stats.experts, stats.shares):
+                if s.count:
+                    total += share * self.column_scores(matrix, s)
+            return total
         for b, matrix in enumerate(consumer.matrices(w.detach())):
             d = matrix.shape[1]
             total += self.column_scores(matrix, stats.features(slice(b * d, (b + 1) * d))).reshape(
@@ -87,6 +102,12 @@ class ActivationCriterion(Criterion):
         ``consumer``'s weight ``w``: the sum of their columns' scores unless a subclass scores them together."""
         return self.input_scores(consumer, w, stats)[index].sum(1)
 
+    def expert_scores(self, consumer, w, stats) -> np.ndarray:
+        """Per expert of an expert weight ``w``, the score of removing the whole expert: all its columns' scores
+        (what it adds to the output on its tokens), weighted by its share of the routed tokens."""
+        return np.array([share * self.column_scores(matrix, s).sum() if s.count else 0.0
+                         for matrix, s, share in zip(consumer.matrices(w.detach()), stats.experts, stats.shares)])
+
     def score(self, dg, group, tensors):
         self.prepare(dg)
         by_tensor = {id(tensors[name]): (self.consumers[name], s) for name, s in self.stats.items()
@@ -94,11 +115,19 @@ class ActivationCriterion(Criterion):
         parts = [None] * len(group.parameters)
         for i, member in enumerate(group.parameters):
             t = tensors.get(member.name)
-            if t is None or id(t) not in by_tensor or member.dim != by_tensor[id(t)][0].in_axis:
+            if t is None or id(t) not in by_tensor:
                 continue
             consumer, stats = by_tensor[id(t)]
-            parts[i] = self.unit_scores(consumer, t, stats, unit_indices(group, member), tensors)
-        return self.combine(group, parts, lambda: Magnitude(2).score(dg, group, tensors))
+            if member.dim == consumer.in_axis:
+                parts[i] = self.unit_scores(consumer, t, stats, unit_indices(group, member), tensors)
+            elif consumer.experts and member.dim == 0:  # whole experts: a router's experts axis
+                parts[i] = self.expert_scores(consumer, t, stats)[unit_indices(group, member)].sum(1)
+
+        def fallback():
+            self._warn_fallback(dg, group)
+            return Magnitude(2).score(dg, group, tensors)
+
+        return self.combine(group, parts, fallback)
 
     def combine(self, group, parts: list, fallback) -> np.ndarray:
         """The group's scores from its members' parts (``unit_scores`` of the consumer a member is the input axis
@@ -119,6 +148,23 @@ class ActivationCriterion(Criterion):
         if not found:
             total = fallback()
         return normalize(total, self.normalizer)
+
+    def _warn_fallback(self, dg, group) -> None:
+        """Say, once per dependency graph, which groups no calibrated consumer reads (scored by L2 magnitude)."""
+        if getattr(self, "_warned_for", None) is dg:
+            return
+        self._warned_for = dg
+        covered = {id(g) for c in self.consumers.values() if c.weight in self.stats for g in c.groups}
+        covered |= {id(g) for g in dg.prunable_groups for c in self.consumers.values()
+                    if c.experts and c.weight in self.stats and any(m.name == c.weight and m.dim == 0
+                                                                   for m in g.parameters)}
+        missing = [g for g in dg.prunable_groups if id(g) not in covered] or [group]
+        shown = "; ".join(f"G{g.id} ({', '.join(f'{m.name}[{m.dim}]' for m in g.parameters[:3])})"
+                          for g in missing[:3])
+        warnings.warn(f"fxprune: importance {self.name!r}: {len(missing)} prunable group(s) have no calibrated "
+                      f"consumer (depthwise or transposed convolutions, batched matmuls of activations, computed "
+                      f"weights) and are scored by L2 weight magnitude instead: {shown}"
+                      f"{' ...' if len(missing) > 3 else ''}", stacklevel=4)
 
 
 class Activation(ActivationCriterion):

@@ -16,8 +16,10 @@ inverted once per consumer (Cholesky, float64, on the statistics' device), then 
 small ``|U| x |U|`` solve, batched. With ``damping -> 0`` the score is exactly the consumer's output error on
 the calibration inputs that ``reconstruct=True`` leaves when the unit alone is removed; so a unit whose
 activation copies another unit's (or is constant, with a bias) scores about 0 (exactly 0 as damping -> 0): the
-refit moves its column onto the copy. Groups without a calibrated consumer fall back to L2 magnitude and every
-group's scores are divided by their mean, as for ``"activation"``.
+refit moves its column onto the copy. A mixture-of-experts weight is scored per expert, from the Gram of the
+tokens routed to it, and the experts' ``dE`` are added weighted by their share of the routed tokens (the
+expected error per routed token; an expert no token picked adds nothing). Groups without a calibrated consumer
+fall back to L2 magnitude and every group's scores are divided by their mean, as for ``"activation"``.
 
 It reads the Gram matrices that ``reconstruct=True`` reads: ``prune(..., importance="obs",
 reconstruct=True)`` runs the calibration batches through the model once.
@@ -102,12 +104,35 @@ class OBS(ActivationCriterion):
         bias = tensors[consumer.bias] if consumer.bias else None
         if consumer.blocks != 1:
             return self._per_column(consumer, w, stats, bias)[index].sum(1)
+        if consumer.experts:
+            return self._per_expert(consumer, w, stats, index)
         name = consumer.weight
         # one inverse at a time: a consumer usually holds one group, and an LLM's d x d inverses do not all fit
         if self._inverse is None or self._inverse[0] != name:
             gram = stats.gram if bias is not None else stats.gram[:-1, :-1]
             self._inverse = (name, damped_inverse(gram, self.damping, name))
         return obs_scores(consumer.matrices(w.detach())[0], bias, self._inverse[1], unit_columns(consumer, index))
+
+    def expert_scores(self, consumer, w, stats) -> np.ndarray:
+        """Removing a whole expert (every column, nothing left to refit) costs its output's second moment on
+        its tokens, ``trace(M_e G_e M_e^T)``, weighted by its share of the routed tokens."""
+        out = []
+        for matrix, s, share in zip(consumer.matrices(w.detach()), stats.experts, stats.shares):
+            if not s.count:
+                out.append(0.0)
+                continue
+            m = matrix.double().to(s.gram.device)
+            out.append(share * float((m @ s.gram[:-1, :-1] * m).sum()))
+        return np.array(out)
+
+    def _per_expert(self, consumer, w, stats, index) -> np.ndarray:
+        """An expert weight (no bias): each expert's ``dE`` from its own tokens' Gram, weighted by its share."""
+        columns, total = unit_columns(consumer, index), np.zeros(len(index))
+        for e, (matrix, s, share) in enumerate(zip(consumer.matrices(w.detach()), stats.experts, stats.shares)):
+            if s.count:
+                hinv = damped_inverse(s.gram[:-1, :-1], self.damping, f"{consumer.weight}[{e}]")
+                total += share * obs_scores(matrix, None, hinv, columns)
+        return total
 
     def _per_column(self, consumer, w, stats, bias) -> np.ndarray:
         """A grouped convolution: a unit's columns may spread unevenly over blocks, each with its own Gram, so

@@ -13,7 +13,10 @@ exactly (up to the damping), and a removed column's mean goes into the bias. A c
 refits its kept columns only (no constant; no bias is added). Rows of an output axis that was pruned too
 are refit and then sliced like the weight. A grouped convolution is solved block by block: output block b
 from block b's kept columns and its own Gram matrix (a kept channel rank keeps its column in every
-block). Depthwise convolutions are not calibrated (nothing to refit). Consumers whose weight is tied (one
+block). A mixture-of-experts weight (``Consumer.experts``) is solved expert by expert: expert e's kept
+columns from the Gram of the tokens routed to it (an expert no calibration token picked keeps its columns as
+they were); removed experts are dropped, not refit (their router rows are sliced: the router loses outputs,
+not inputs). Depthwise convolutions are not calibrated (nothing to refit). Consumers whose weight is tied (one
 tensor under several names) are left alone: refitting one use would change the other.
 
 Every consumer is refit from the original model's inputs (one-shot, not layer by layer), so this is
@@ -94,6 +97,9 @@ def refit_consumers(dg, removal: dict, batches, damping: float = DAMPING, progre
             continue
         weight = original[name]
         bias = original[consumer.bias] if consumer.bias else None
+        if consumer.experts:
+            out[name] = _refit_experts(dg, removal, consumer, weight, stats[name], kept_in, rows, damping)
+            continue
         kernel = consumer.kernel  # kernel positions per input channel (1 for a Linear or matmul)
         columns = (kept_in[:, None] * kernel + torch.arange(kernel)).reshape(-1)
         biases = bias.chunk(consumer.blocks) if bias is not None else [None] * consumer.blocks
@@ -110,6 +116,23 @@ def refit_consumers(dg, removal: dict, batches, damping: float = DAMPING, progre
             b_new = torch.cat([b for _, b in fits])
             out[consumer.bias] = b_new.index_select(0, rows.to(b_new.device)).to(bias.device, bias.dtype)
     return out
+
+
+def _refit_experts(dg, removal, consumer, weight, stats, kept_in, rows, damping) -> torch.Tensor:
+    """An expert weight refit expert by expert on each one's tokens, sliced to the kept experts, columns, rows."""
+    experts = torch.as_tensor(Sizes(dg.solver, kept_units(dg, removal)).indices(dg.layout_of(consumer.weight, 0)))
+    matrices, fits = consumer.matrices(weight.detach()), []
+    for e in experts.tolist():
+        s = stats.experts[e]
+        if s.count:
+            fits.append(refit(matrices[e], None, s.gram, kept_in, damping)[0])
+        else:  # no calibration token reached this expert: nothing to fit it to
+            fits.append(matrices[e][:, kept_in.to(weight.device)].double())
+    device = fits[0].device
+    stacked = torch.stack([f.to(device) for f in fits])  # (experts, out, kept columns)
+    if consumer.in_axis == 1:  # W (E, in, out)
+        stacked = stacked.transpose(1, 2)
+    return stacked.index_select(consumer.out_axis, rows.to(device)).contiguous().to(weight.device, weight.dtype)
 
 
 def load_refit(pruned: torch.nn.Module, weights: dict) -> list[str]:

@@ -75,7 +75,9 @@ def plan_sequential(dg, removal: dict, inplace: bool = False) -> SequentialPlan:
     rewrite will slice ``dg.gm`` itself) keep a copy of the original graph, whose outputs are the targets."""
     consumers, rows = {}, {}
     for name, consumer, _, kept_rows in losing_consumers(dg, removal):
-        if consumer.blocks == 1:  # a grouped convolution keeps its one-shot refit (solved block by block)
+        # a grouped convolution (solved block by block) and an expert weight (expert by expert, on the tokens the
+        # original router sent it) keep their one-shot refit
+        if consumer.blocks == 1 and not consumer.experts:
             consumers[name], rows[name] = consumer, kept_rows
     gm = dg.gm
     if inplace:

@@ -7,7 +7,9 @@ see :mod:`fxprune.calibration.consumers`) into float64 sums on
 the input's device: ``sum x``, ``sum x^2`` and, with ``gram=True``, ``sum x~ x~^T`` for ``x~ = [x, 1]``
 (the constant column for the bias). A grouped convolution of g blocks keeps g Gram matrices, one per block
 of features (``(g, d / g + 1, d / g + 1)``): an output block never reads another block's inputs, so the
-cross-block products are never needed. Activations are never stored. Buffers (BatchNorm running statistics
+cross-block products are never needed. A mixture-of-experts weight (``Consumer.experts``) keeps one
+``InputStats`` per expert over the rows routed to that expert (:class:`ExpertStats`): expert e is refit and
+scored on its own tokens. Activations are never stored. Buffers (BatchNorm running statistics
 of a model in training mode) are put back afterwards.
 
 A batch is a tensor (the one positional input), a tuple or list of positional inputs, or a dict of
@@ -100,9 +102,43 @@ class InputStats:
             gram[:, d, d] += x.shape[0]
 
 
-def record_input(stats: dict, consumer, value: torch.Tensor, gram: bool) -> None:
+@dataclass
+class ExpertStats:
+    """The statistics of a mixture-of-experts weight: ``experts[e]`` over the rows routed to expert e (an expert
+    no calibration token picked has ``count == 0``). Summed over experts, ``count`` is tokens x top-k.
+
+    Example (4 experts, top-2, 14 tokens)::
+
+        >>> [s.count for s in stats["model.layers.0.mlp.experts.down_proj"].experts]
+        [9, 6, 5, 8]
+    """
+
+    experts: list
+
+    @property
+    def count(self) -> int:
+        return sum(s.count for s in self.experts)
+
+    @property
+    def shares(self) -> list[float]:
+        """Each expert's fraction of the routed rows (its weight when per-expert scores are combined)."""
+        total = max(self.count, 1)
+        return [s.count / total for s in self.experts]
+
+    @classmethod
+    def empty(cls, experts: int, d: int, device, gram: bool) -> ExpertStats:
+        return cls([InputStats.empty(d, device, gram) for _ in range(experts)])
+
+    def add(self, x: torch.Tensor, ids: torch.Tensor) -> None:
+        """Add the rows of ``x`` (rows, in_features), row r to expert ``ids[r]``."""
+        for e in ids.unique().tolist():
+            self.experts[e].add(x[ids == e])
+
+
+def record_input(stats: dict, consumer, value: torch.Tensor, gram: bool, route: tuple | None = None) -> None:
     """Add one call's input ``value`` (the tensor the call node reads) to ``stats[consumer.weight]`` (made on
     first use). Shared by the whole-graph pass here and the layer-by-layer pass of :mod:`fxprune.io.layerwise`.
+    An expert weight's call also needs ``route``: ``(kind, offsets or ids tensor)`` (see ``Consumer.expert_rows``).
 
     Example::
 
@@ -111,7 +147,17 @@ def record_input(stats: dict, consumer, value: torch.Tensor, gram: bool) -> None
         >>> stats[consumer.weight].count
         10
     """
-    x, weight = consumer.features(value), consumer.weight
+    weight = consumer.weight
+    if consumer.experts:
+        if route is None:
+            raise ValueError(f"activation statistics: {weight} is a mixture-of-experts weight; its input needs the "
+                             f"call's expert offsets or ids to be split by expert")
+        x, ids = consumer.expert_rows(value, *route)
+        if weight not in stats:
+            stats[weight] = ExpertStats.empty(consumer.experts, x.shape[-1], x.device, gram)
+        stats[weight].add(x, ids)
+        return
+    x = consumer.features(value)
     if weight not in stats:
         stats[weight] = InputStats.empty(x.shape[-1], x.device, gram, consumer.blocks)
     stats[weight].add(x)
@@ -123,12 +169,22 @@ class _Recorder(fx.Interpreter):
     def __init__(self, gm, watched: dict, stats: dict, gram: bool):
         super().__init__(gm)
         self.watched, self.stats, self.gram = watched, stats, gram  # watched: {call node: (consumer, input node)}
+        # expert ids or offsets are read at the expert weight's call, which may come after the interpreter freed
+        # them (batched_mm's ids feed the gather before the bmm): kept until the pass ends
+        self.routes = {source: None for consumer, _ in watched.values() for _, source in consumer.routes.values()}
 
     def run_node(self, n: fx.Node):
         if n in self.watched:
             consumer, source = self.watched[n]
-            record_input(self.stats, consumer, self.env[source], self.gram)
-        return super().run_node(n)
+            route = None
+            if consumer.experts:
+                kind, node = consumer.routes[n]
+                route = (kind, self.routes[node])
+            record_input(self.stats, consumer, self.env[source], self.gram, route)
+        value = super().run_node(n)
+        if n in self.routes:
+            self.routes[n] = value
+        return value
 
 
 def placeholder_values(gm: fx.GraphModule, batch) -> tuple:
@@ -162,16 +218,17 @@ def _size_hint(dg, values) -> str | None:
 
 def _warn_if_large(consumers, gram: bool, limit: float = 4 * 2 ** 30) -> None:
     """One warning when the float64 accumulators would take more than ``limit`` bytes."""
-    size = sum(8 * (c.blocks * (c.in_features // c.blocks + 1) ** 2 if gram else 2 * c.in_features)
-               for c in consumers)
+    size = sum(8 * max(c.experts, 1) * (c.blocks * (c.in_features // c.blocks + 1) ** 2 if gram
+                                        else 2 * c.in_features) for c in consumers)
     if size > limit:
         warnings.warn(f"fxprune: activation statistics of {len(consumers)} layers take {size / 2 ** 30:.1f} GiB "
                       f"of float64 accumulators{' (Gram matrices for reconstruct=True)' if gram else ''}",
                       stacklevel=3)
 
 
-def collect_statistics(dg, batches, gram: bool = False, progress=None) -> dict[str, InputStats]:
-    """``{consumer weight name: InputStats}`` over ``batches`` (one pass, no activations kept).
+def collect_statistics(dg, batches, gram: bool = False, progress=None) -> dict[str, InputStats | ExpertStats]:
+    """``{consumer weight name: InputStats}`` over ``batches`` (one pass, no activations kept); an expert weight's
+    are ``ExpertStats``.
 
     ``gram=True`` accumulates the ``(d + 1) x (d + 1)`` Gram matrix too (reconstruction needs it; criteria
     do not). ``progress``: ``True``/``False`` forces the tqdm bar on or off; ``None`` shows it on a terminal.

@@ -35,6 +35,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 
 import torch
@@ -104,6 +105,12 @@ def layerwise_scores(dg, weights: Weights, batches: list, criterion, device="cpu
     gm = dg.gm
     segments = segments_of(gm, dg.model)
     consumers = calibrated_consumers(dg)
+    experts = [name for name, c in consumers.items() if c.experts]
+    if experts:  # their statistics need each call's expert offsets or ids, which this pass does not carry
+        warnings.warn(f"fxprune: layer-by-layer statistics leave out mixture-of-experts weights ({experts[0]}"
+                      f"{', ...' if len(experts) > 1 else ''}): groups read only by them are scored by L2 magnitude; "
+                      f"load the model and use fxprune.prune for per-expert statistics", stacklevel=2)
+        consumers = {name: c for name, c in consumers.items() if not c.experts}
     seg_of = {n: s.index for s in segments for n in s.nodes}
     done_in = {name: max(seg_of[n] for n, _ in c.calls) for name, c in consumers.items()}
     meta = named_tensors(gm)  # tied names share one (meta) tensor: a member is found by identity, as in memory
@@ -163,6 +170,9 @@ def layerwise_refit(dg, removal: dict, pruned_gm, weights: Weights, batches: lis
         if c.blocks != 1:
             raise NotImplementedError(f"layer-by-layer reconstruction of the grouped convolution {name} (one Gram "
                                       "matrix per block) is not supported: load the model and use fxprune.prune")
+        if c.experts:
+            raise NotImplementedError(f"layer-by-layer reconstruction of the mixture-of-experts weight {name} (one "
+                                      "Gram matrix per expert) is not supported: load the model and use fxprune.prune")
         consumers[name], rows[name] = c, kept_rows
     segments, pruned_segments = segments_of(dg.gm, dg.model), segments_of(pruned_gm, dg.model)
     if [s.name for s in segments] != [s.name for s in pruned_segments]:
