@@ -874,3 +874,30 @@ def test_olmo_weightless_norms_follow_the_hidden_size_when_a_query_width_of_the_
     model.save_pretrained(tmp_path)
     with torch.no_grad():
         assert_same_outputs(fxprune.load_pretrained(str(tmp_path))(ids).logits, logits)
+
+
+@pytest.mark.parametrize("name", ["codegen", "t5"])
+def test_attributes_a_rebuild_would_change_stay_where_the_model_needs_its_own(name, tmp_path):
+    """A rebuild from the pruned config gives CodeGen's attention ``embed_dim`` and T5's attention widths the new
+    hidden size, but their forward needs the values they had: following the rebuild made the model compute
+    something else (an error). The guess is taken back when the output check fails, and recorded for reload."""
+    T = transformers
+    torch.manual_seed(0)
+    if name == "codegen":
+        model = T.CodeGenForCausalLM(T.CodeGenConfig(vocab_size=100, n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
+                                                     n_positions=64, n_ctx=64, n_inner=256))
+        kwargs = {}
+    else:
+        model = T.T5ForConditionalGeneration(T.T5Config(vocab_size=100, d_model=64, d_ff=128, d_kv=16, num_layers=2,
+                                                        num_heads=4, decoder_start_token_id=0))
+        kwargs = {"decoder_input_ids": _ids(2, 4, seed=1)}
+    model.eval()
+    ids = _ids(2, 7)
+    before = sum(p.numel() for p in model.parameters())
+    fxprune.prune(model, 0.3, example_inputs=(ids,), kwargs=kwargs or None, inplace=True)
+    assert sum(p.numel() for p in model.parameters()) < 0.8 * before
+    with torch.no_grad():
+        logits = model(ids, **kwargs).logits
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert_same_outputs(fxprune.load_pretrained(str(tmp_path))(ids, **kwargs).logits, logits)

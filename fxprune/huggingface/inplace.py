@@ -338,7 +338,7 @@ def _update_attention(module: nn.Module) -> None:
 
 
 def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None, sites=None,
-                  decided=frozenset()) -> None:
+                  decided=frozenset()) -> dict:
     """Uniform widths go into ``model.config``; what a model built from it would still get wrong is recorded.
 
     ``sites``: ``{attention module path: (before, after)}`` head counts read from the graphs
@@ -348,10 +348,13 @@ def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None
     fewer tensors, attributes and buffers. The rest (``config.fxprune_shapes``, ``fxprune_attributes``,
     ``fxprune_buffers``: values of unsaved tensors a rebuild recomputes differently, Gemma's ``embed_scale``)
     is read back by :func:`load_pretrained`; without a record, ``from_pretrained`` rebuilds the pruned model.
+    Returns the module attributes that followed a rebuild (``{"module.attr": value before}``, see
+    :func:`_follow_rebuild`), for :func:`unfollow` when the model then computes something else.
     """
     config = getattr(model, "config", None)
     if config is None:
-        return
+        return {}
+    followed = {}
     values: dict[str, set] = {}
     hidden = getattr(config, "hidden_size", None)
     carrier = residual_group(dg, hidden) if dg is not None and isinstance(hidden, int) else None
@@ -389,7 +392,7 @@ def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None
     if found is not None:
         changed = _widths_changed(model, original_shapes)
         found = _derived_fields(model, config, changed, set(values), found)
-        found = _follow_rebuild(model, found, changed, decided)
+        found, followed = _follow_rebuild(model, found, changed, decided)
     if found is None:  # no rebuild at all: every resized tensor
         shapes = {name: list(t.shape) for name, t in _named_tensors(model).items()
                   if tuple(t.shape) != original_shapes.get(name)}
@@ -397,6 +400,18 @@ def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None
     for key, record in zip(RECORDED, found[:3]):
         if record:
             setattr(config, key, record)
+    return followed
+
+
+def unfollow(model: nn.Module, followed: dict) -> None:
+    """Put back the attributes :func:`_follow_rebuild` changed, and record them for :func:`load_pretrained`: a
+    rebuild's value was a guess (CodeGen's attention ``embed_dim`` stays 64 in its own arithmetic whatever the
+    hidden size), and the model computed something else with it."""
+    for key, value in followed.items():
+        owner, _, attr = key.rpartition(".")
+        setattr(model.get_submodule(owner) if owner else model, attr, value)
+    config = model.config
+    config.fxprune_attributes = {**(getattr(config, "fxprune_attributes", None) or {}), **followed}
 
 
 def _set(config, key: str, value) -> None:
@@ -444,7 +459,9 @@ def _follow_rebuild(model: nn.Module, found, changed: dict, decided=frozenset())
     ``embed_dim`` and its positions' ``embedding_dim``): they restate that width, which no tensor of their
     module shows (``changed``: old -> new sizes; several when widths of the same size were pruned apart: a
     hidden size and a query width both 64). Not followed: the attributes the rewritten graph ``decided``
-    (:mod:`fxprune.huggingface.constants`). Returns ``found`` without those followed."""
+    (:mod:`fxprune.huggingface.constants`). Returns ``found`` without those followed, and
+    ``{"module.attr": value before}`` of those followed: a guess, which :func:`prune_in_place` takes back
+    (:func:`unfollow`) when the model then computes something else than the pruned graph."""
     def restates(mine, theirs) -> bool:
         if type(mine) is int:
             # one of the sizes that width became (a hidden size of 64 -> 48 while the query width, also 64, went
@@ -461,7 +478,8 @@ def _follow_rebuild(model: nn.Module, found, changed: dict, decided=frozenset())
         owner, _, attr = key.rpartition(".")
         setattr(model.get_submodule(owner) if owner else model, attr, found.theirs[key])
     attributes = {k: v for k, v in found.attributes.items() if k not in followed}
-    return found._replace(attributes=attributes, theirs={k: found.theirs[k] for k in attributes})
+    return (found._replace(attributes=attributes, theirs={k: found.theirs[k] for k in attributes}),
+            {k: found.attributes[k] for k in followed})
 
 
 def residual_group(dg, hidden: int):
@@ -543,10 +561,16 @@ def prune_in_place(dg, removal: dict, rewrite, verify, run: bool = True):
         update_head_counts(model, before, after)
         decided = attributes_from_constants(model, dg.gm, pruned, {(id(m), attr): value for m, _, _, plain in saved[0]
                                                                     for attr, value in plain.items()})
-        update_config(model, original, dg, removal, {p: (before[p], after[p]) for p in before.keys() & after.keys()},
-                      decided)
+        followed = update_config(model, original, dg, removal,
+                                 {p: (before[p], after[p]) for p in before.keys() & after.keys()}, decided)
         if run:
-            check_runs(model, dg.model_inputs, dg.model_kwargs, expected)
+            try:
+                check_runs(model, dg.model_inputs, dg.model_kwargs, expected)
+            except FxPruneError:
+                if not followed:
+                    raise
+                unfollow(model, followed)  # the rebuild's values were wrong guesses for this model: its own back
+                check_runs(model, dg.model_inputs, dg.model_kwargs, expected)
     except Exception as exc:  # a model that no longer runs is never left behind: put the original back
         _restore(model, saved)
         uneven = _uneven_head_counts(after)
