@@ -202,25 +202,30 @@ def write_back(model: nn.Module, pruned: nn.Module, clone: bool = True) -> None:
     update_attributes(model)
 
 
-def _conv_groups_from_graph(model: nn.Module, pruned) -> None:
-    """``groups`` of every convolution module, read from the rewritten graph's convolution calls (by the name
-    of their weight): shapes alone cannot tell a depthwise conv's new group count."""
+def _calls_on_module_weights(model: nn.Module, pruned, op: str):
+    """``(bound arguments, module)`` of every call in the rewritten graph whose aten schema name contains ``op``
+    and whose ``weight`` argument belongs to a module of ``model`` (:func:`_weight_owner`)."""
     graph = getattr(pruned, "graph", None)
     for node in graph.nodes if graph is not None else ():
         schema = getattr(node.target, "_schema", None)
-        if node.op != "call_function" or schema is None or "conv" not in schema.name:
+        if node.op != "call_function" or schema is None or op not in schema.name:
             continue
-        names = [a.name for a in schema.arguments]
-        bound = dict(zip(names, node.args)) | dict(node.kwargs)
-        groups, owner = bound.get("groups"), _weight_owner(bound.get("weight"))
-        if not isinstance(groups, int) or owner is None:
+        bound = dict(zip([a.name for a in schema.arguments], node.args)) | dict(node.kwargs)
+        owner = _weight_owner(bound.get("weight"))
+        if owner is None:
             continue
         try:
-            module = model.get_submodule(owner)
+            yield bound, model.get_submodule(owner)
         except AttributeError:
             continue
-        if isinstance(module, nn.modules.conv._ConvNd):
-            module.groups = groups
+
+
+def _conv_groups_from_graph(model: nn.Module, pruned) -> None:
+    """``groups`` of every convolution module, read from the rewritten graph's convolution calls (by the name
+    of their weight): shapes alone cannot tell a depthwise conv's new group count."""
+    for bound, module in _calls_on_module_weights(model, pruned, "conv"):
+        if isinstance(bound.get("groups"), int) and isinstance(module, nn.modules.conv._ConvNd):
+            module.groups = bound["groups"]
 
 
 def _weight_owner(weight) -> str | None:
@@ -248,21 +253,9 @@ def _norm_groups_from_graph(model: nn.Module, pruned) -> None:
     Example: a ``GroupNorm(32, 32)`` whose graph now calls ``group_norm(x, 24, weight[24], ...)`` becomes
     ``GroupNorm(24, 24)``.
     """
-    graph = getattr(pruned, "graph", None)
-    for node in graph.nodes if graph is not None else ():
-        schema = getattr(node.target, "_schema", None)
-        if node.op != "call_function" or schema is None or "group_norm" not in schema.name:
-            continue
-        bound = dict(zip([a.name for a in schema.arguments], node.args)) | dict(node.kwargs)
+    for bound, module in _calls_on_module_weights(model, pruned, "group_norm"):
         groups = bound.get("num_groups", bound.get("group"))  # aten.group_norm / aten.native_group_norm
-        owner = _weight_owner(bound.get("weight"))
-        if not isinstance(groups, int) or owner is None:
-            continue
-        try:
-            module = model.get_submodule(owner)
-        except AttributeError:
-            continue
-        if isinstance(module, nn.GroupNorm):
+        if isinstance(groups, int) and isinstance(module, nn.GroupNorm):
             module.num_groups, module.num_channels = groups, module.weight.shape[0]
 
 

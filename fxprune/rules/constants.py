@@ -29,22 +29,13 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from fxprune.rules.registry import register
+from fxprune.rules.registry import aten_overloads, register
 
 aten = torch.ops.aten
 
 # ops whose output holds the same values as their first argument (export lifts `torch.tensor([-2])` as
 # get_attr -> lift_fresh_copy)
 _SAME_VALUES = {"lift_fresh_copy", "clone", "detach", "alias", "contiguous", "_to_copy", "to"}
-
-
-def _packets(*names: str) -> list:
-    out = []
-    for name in names:
-        packet = getattr(aten, name, None)
-        if packet is not None:
-            out.extend(getattr(packet, o) for o in packet.overloads())
-    return out
 
 
 def constant_value(gm: fx.GraphModule, node) -> torch.Tensor | None:
@@ -84,7 +75,7 @@ def add_constant(node: fx.Node, value: torch.Tensor, stem: str) -> fx.Node:
         return node.graph.get_attr(f"{name}_{i}")
 
 
-_ARANGES = (torch.arange, *_packets("arange"))
+_ARANGES = (torch.arange, *aten_overloads("arange"))
 
 
 def is_literal_arange(node) -> bool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn as nn
 
 from fxprune.errors import DuplicateRuleError
@@ -97,3 +98,14 @@ def op_name(target) -> str:
     if isinstance(target, str):
         return target
     return getattr(target, "_opname", None) or getattr(target, "__name__", "")
+
+
+def aten_overloads(*names: str) -> list:
+    """Every overload of the named aten ops that this torch build has (a name it lacks gives none), for
+    ``register``: ``aten_overloads("topk")`` -> ``[aten.topk.default, aten.topk.values]``."""
+    out = []
+    for name in names:
+        packet = getattr(torch.ops.aten, name, None)
+        if packet is not None:
+            out.extend(getattr(packet, o) for o in packet.overloads())
+    return out

@@ -23,18 +23,9 @@ import torch
 
 from fxprune.context import TensorRef
 from fxprune.rules import constants
-from fxprune.rules.registry import register
+from fxprune.rules.registry import aten_overloads, register
 
 aten = torch.ops.aten
-
-
-def _overloads(*names: str) -> list:
-    out = []
-    for name in names:
-        packet = getattr(aten, name, None)
-        if packet is not None:
-            out.extend(getattr(packet, o) for o in packet.overloads())
-    return out
 
 
 def _topk_signature(input, k, dim=-1, *args, **kwargs):  # noqa: A002
@@ -109,7 +100,7 @@ def _ids_reach_only_tying_ops(indices) -> bool:
     return True
 
 
-@register(*_overloads("topk"), torch.topk, "topk")
+@register(*aten_overloads("topk"), torch.topk, "topk")
 def topk(r) -> None:
     """``values, indices = x.topk(k, dim)``: the k axis is data (frozen), the others carry over.
 
@@ -139,7 +130,7 @@ def _index_signature(input, indices):  # noqa: A002
     pass
 
 
-@register(*_overloads("index"))
+@register(*aten_overloads("index"))
 def index(r) -> None:
     """``aten.index(x, [None, idx, ...])`` (``x[:, idx]``): indexed axes freeze, the others carry over.
 
@@ -191,7 +182,7 @@ def _index_select_signature(input, dim, index):  # noqa: A002
     pass
 
 
-@register(*_overloads("index_select"), torch.index_select, "index_select")
+@register(*aten_overloads("index_select"), torch.index_select, "index_select")
 def index_select(r) -> None:
     """``x.index_select(dim, idx)``: ``dim`` is data (frozen on both sides), every other axis carries over."""
     a = r.bind(_index_select_signature)
@@ -209,7 +200,7 @@ def _index_put_signature(input, indices, values, accumulate=False):  # noqa: A00
     pass
 
 
-@register(*_overloads("index_put", "index_put_", "_index_put_impl_", "_unsafe_index_put"))
+@register(*aten_overloads("index_put", "index_put_", "_index_put_impl_", "_unsafe_index_put"))
 def index_put(r) -> None:
     """``x[idx] = v`` (or ``+=`` with ``accumulate``): the result has ``x``'s axes; the indexed axes freeze,
     and ``v`` broadcasts against ``x[idx]`` from the right: its axes facing ``x``'s unindexed axes are those axes,
@@ -260,7 +251,7 @@ def _index_add_signature(input, dim, index, source, *args, **kwargs):  # noqa: A
     pass
 
 
-@register(*_overloads("index_add", "index_add_", "index_copy", "index_copy_"), "index_add", "index_add_")
+@register(*aten_overloads("index_add", "index_add_", "index_copy", "index_copy_"), "index_add", "index_add_")
 def index_add(r) -> None:
     """``x.index_add_(dim, idx, src)``: rows of ``src`` added into ``x`` at data positions along ``dim``
     (frozen in ``x``, ``src`` and the result); the other axes of all three are one.
@@ -288,7 +279,7 @@ def _scatter_signature(input, dim, index, src=None, *args, **kwargs):  # noqa: A
     pass
 
 
-@register(*_overloads("scatter_add", "scatter_add_", "scatter", "scatter_", "scatter_reduce", "scatter_reduce_"))
+@register(*aten_overloads("scatter_add", "scatter_add_", "scatter", "scatter_", "scatter_reduce", "scatter_reduce_"))
 def scatter(r) -> None:
     """``x.scatter_add(dim, idx, src)``: ``dim`` is data; an axis where ``idx`` and ``src`` are as long as ``x``
     is one axis of all four (each position of it is written from the same position); a shorter one freezes."""
@@ -313,7 +304,7 @@ def _histc_signature(input, bins=100, min=0, max=0):  # noqa: A002
     pass
 
 
-@register(*_overloads("histc"))
+@register(*aten_overloads("histc"))
 def histogram(r) -> None:
     """``histc(ids, bins=E, min=0, max=E-1)``: tokens per expert. The positions counted are data (frozen); when
     ``ids`` are a router's top-k indices, the bins are its experts' axis (``bins`` and ``max`` follow it)."""
@@ -344,7 +335,7 @@ def _histc_max(space):
     return hook
 
 
-@register(*_overloads("bincount"))
+@register(*aten_overloads("bincount"))
 def bincount(r) -> None:
     """``bincount(ids)``: its length is the largest id + 1, data: every axis freezes."""
     r.freeze_all("histogram of data")
@@ -354,7 +345,7 @@ def _cumsum_signature(input, dim, *args, **kwargs):  # noqa: A002
     pass
 
 
-@register(*_overloads("cumsum"))
+@register(*aten_overloads("cumsum"))
 def cumsum(r) -> None:
     """Cumulative sums mix positions along ``dim`` (frozen), except offsets summed over a histogram of expert
     ids (grouped matmul's ``offs``): the counts are recomputed from the pruned router, so the experts' axis
@@ -399,4 +390,4 @@ def grouped_mm(r) -> None:
 
 
 # transformers' custom op (``torch.ops.transformers.grouped_mm_fallback``), named so that it needs no import
-register(*_overloads("_grouped_mm"), "torch._ops.transformers:transformers::grouped_mm_fallback")(grouped_mm)
+register(*aten_overloads("_grouped_mm"), "torch._ops.transformers:transformers::grouped_mm_fallback")(grouped_mm)
