@@ -10,7 +10,8 @@ from fxprune.testing import plant_dead_units
 
 def _oracle(model, *inputs, seed=0, groups=None):
     """Plant dead units in every oracle group, prune exactly them, compare with the unpruned graph."""
-    model.eval()
+    if not isinstance(model, torch.fx.GraphModule):  # an exported graph cannot switch modes
+        model.eval()
     dg = fxprune.analyze(model, inputs)
     removal = plant_dead_units(dg, groups, seed=seed)
     assert removal, "nothing to prune: the test model is too small"
@@ -111,3 +112,29 @@ def test_full_reduction_relates_nothing():
     assert g.prunable and not g.normalized and g.units == 4
     assert [m.name for m in g.members if m.kind == "activation"] == ["fc"]
     _oracle(M(), torch.randn(2, 3))
+
+
+class PairwiseMaxAfterMatmul(nn.Module):
+    """Two projections whose outputs meet only through ``torch.max(scores, floor)``: under torch.export that is
+    ``aten.max.other``, elementwise; as a reduction its output's axes would relate to nothing and the two
+    projections' units would fall into separate groups (XGLM's attention clamps its scores this way)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        scores = torch.max(self.a(x), torch.full((), -1.0))
+        return self.out(scores * self.b(x))
+
+
+def test_exported_pairwise_max_is_elementwise():
+    from fxprune.testing import exported
+
+    x = torch.randn(3, 4)
+    gm = exported(PairwiseMaxAfterMatmul().eval(), x)
+    assert any("max.other" in str(n.target) for n in gm.graph.nodes)
+    dg, _, _ = _oracle(gm, x)
+    # a's and b's outputs meet in the product: one group of 6 units, not two
+    groups = [g for g in dg.prunable_groups if g.units == 6]
+    assert len(groups) == 1 and {"a.weight", "b.weight"} <= {p.name for p in groups[0].parameters}

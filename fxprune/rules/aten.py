@@ -84,8 +84,13 @@ aten_family(conv.conv, *_packets("conv1d", "conv2d", "conv3d"))
 aten_family(conv.conv_transpose, *_packets("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"))
 aten_family(norm.layer_norm, *_packets("layer_norm", "rms_norm"))
 aten_family(norm.group_norm, *_packets("group_norm"))
-aten_family(reduction.reduction, *_packets("sum", "mean", "amax", "amin", "prod", "std", "var", "logsumexp",
-                                           "argmax", "argmin", "any", "all", "max", "min"))
+# aten.max.other / aten.min.other are torch.max(a, b): elementwise, not a reduction (as a reduction the output's
+# axes were related to nothing: XGLM's attention clamps its scores with one, which split its heads into two groups)
+_PAIRWISE = [aten.max.other, aten.min.other]
+register(*[o for o in overloads(*_packets("sum", "mean", "amax", "amin", "prod", "std", "var", "logsumexp", "argmax",
+                                          "argmin", "any", "all", "max", "min")) if o not in _PAIRWISE])(
+    reduction.reduction)
+register(*_PAIRWISE)(elementwise.elementwise)
 aten_family(attention.scaled_dot_product_attention, *_packets("scaled_dot_product_attention"))
 aten_family(spatial.pad, *_packets("constant_pad_nd", "pad"))
 aten_family(spatial.roll, *_packets("roll"))
