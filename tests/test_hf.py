@@ -817,6 +817,9 @@ def test_xglm_hidden_size_alone_pruned_in_place_keeps_the_reshape_width(tmp_path
         assert torch.equal(reloaded.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0), tokens)
 
 
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 8),
+                    reason="the model with uneven head counts divides by zero inside torch < 2.8's attention kernel "
+                           "(SIGFPE kills the process before fxprune can put it back)")
 def test_phi3_heads_pruned_in_one_layer_only_is_a_clear_error_and_the_model_is_put_back():
     """Phi-3 slices its fused q|k|v at ``config.num_attention_heads * head_dim`` in forward: one count for every
     layer, so per-layer head counts cannot be written back in place. The error says so; nothing changes."""
