@@ -89,6 +89,10 @@ def test_arange_over_a_run_time_size_stays_frozen():
     x = torch.randn(2, 5, 4)
     dg = fxprune.analyze(RunTimePositions().eval(), (x,))
     positions = dg.groups_of_layout(dg.layout_of("arange", 0))
+    if "aten.arange.default(5" in dg.gm.code:  # a static export (torch < 2.7) baked the length in: the positions
+        # are frozen with the sequence axis they are added to
+        assert all(g.frozen for g in positions)
+        return
     assert all(any("positions from torch.arange" in r for r in g.frozen) for g in positions)
 
 
