@@ -27,6 +27,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import harness  # noqa: E402
+
 SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
              num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)
 
@@ -82,9 +84,7 @@ def main(argv=None) -> int:
     text += "\n".join("| " + " | ".join(f"{r[k]:.2f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
                       for r in rows)
     text += f"\n\n{time.strftime('%Y-%m-%d')}, `python benchmarks/calibration_memory.py`\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    harness.publish(text, args.out)
     return 0
 
 

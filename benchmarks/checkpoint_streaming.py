@@ -41,6 +41,10 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import harness  # noqa: E402
+
 SIZES = {  # TinyLlama-1.1B's and LLaMA-7B's shapes; bfloat16 shards of the given size
     "1b": dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
                num_key_value_heads=4, intermediate_size=5632, shard="1GB"),
@@ -232,7 +236,6 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        sys.path.insert(0, str(HERE))
         row = STEPS[args.worker[0]](*args.worker[1:])
         row["maxrss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
         print(json.dumps(row))
@@ -294,9 +297,7 @@ def main(argv=None) -> int:
         (" --torch-pruning" if args.torch_pruning else "")
     text = "\n".join(lines) + notes + (f"\n\n{time.strftime('%Y-%m-%d')}, `python benchmarks/checkpoint_streaming.py "
                                        f"--sizes {args.sizes}{flags}`\n")
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    harness.publish(text, args.out)
     return 0
 
 

@@ -83,6 +83,13 @@ def first_line(exc: BaseException, limit: int = 240) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:limit]
 
 
+def publish(text: str, out: str | None) -> None:
+    """A benchmark's markdown report: printed, and written to ``out`` (its ``--out``) when given."""
+    print(text)
+    if out:
+        Path(out).write_text(text)
+
+
 def emit(row: dict) -> None:
     """Print the worker's result for the parent (the last such line wins, so emit partial rows as you go)."""
     print(MARK + json.dumps(row, default=str), flush=True)

@@ -47,6 +47,7 @@ import fxprune
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
+import harness  # noqa: E402
 from harness import StepLimit, time_limit  # noqa: E402
 
 DISTILL_SECONDS = {"minilm": 300, "lm": 120}  # CPU seconds of fxprune.distill per distilled row
@@ -330,9 +331,7 @@ def main(argv=None) -> int:
             f"`python benchmarks/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n")
     text += "\n\n".join(table(records, t) for t in args.tasks.split(","))
     text += f"\n\n{time.perf_counter() - start:.0f} s wall, {args.threads} threads, {time.strftime('%Y-%m-%d')}\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    harness.publish(text, args.out)
     return 0
 
 
