@@ -37,6 +37,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ import torch.fx as fx
 from fxprune.huggingface import inplace as hf_inplace
 from fxprune.capture import (EXPORTED, capture, flat_inputs, inline_mode_regions, is_hf_model, keep_user_attributes,
                              module_names, name_of_key, split_inputs)
+from fxprune import dynamic
 from fxprune.decompose import decompose, recompose
 from fxprune.depgraph import DependencyGraph
 from fxprune.importance import named_tensors, resolve_importance, score_groups
@@ -65,7 +67,7 @@ from fxprune.relate import relate
 from fxprune.rewrite import rewrite
 from fxprune.planning.target import METRICS, search_by_cost, search_ratio
 from fxprune.untie import untie_constants
-from fxprune.verify import output_shapes, verify
+from fxprune.verify import output_shapes, verify, verify_other_sizes
 
 
 @dataclass
@@ -105,6 +107,9 @@ class Job:
     loss_fn: object = None
     search: object = None  # target.SearchResult when a target was searched
     achieved: dict = field(default_factory=dict)  # {"macs": fraction kept, "params": ...} when a target was set
+    dynamic_shapes: object = None  # torch.export's dynamic_shapes from the caller (None: fxprune.dynamic decides)
+    times: dict = field(default_factory=dict)  # {pass name: wall seconds} of the passes run so far
+    cpu_times: dict = field(default_factory=dict)  # {pass name: CPU seconds of this process}
 
 
 def _capture(job: Job) -> None:
@@ -112,7 +117,7 @@ def _capture(job: Job) -> None:
     # pruned in place, a Hugging Face model keeps its own forward: the graph is analysed, never returned, so
     # static sizes do (half the export time), unless calibration batches of other sizes must run through it
     static = job.inplace and is_hf_model(job.model) and job.calibration is None
-    gm = capture(job.model, job.example_inputs, job.kwargs, dynamic=not static)
+    gm = capture(job.model, job.example_inputs, job.kwargs, dynamic=not static, dynamic_shapes=job.dynamic_shapes)
     job.fresh_export = gm is not job.model and gm.meta.get("fxprune_capture") == EXPORTED
     if gm is job.model:  # never edit the caller's graph: a fresh graph over the same modules
         fresh = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
@@ -122,6 +127,9 @@ def _capture(job: Job) -> None:
         inline_mode_regions(gm)  # a graph the caller exported may hold no_grad / autocast regions
     job.gm = gm
     job.flat_inputs = flat_inputs(gm, job.example_inputs, job.kwargs)
+    if dynamic.SHAPES_META not in gm.meta and job.flat_inputs is not None:  # traced: symbolic sizes by construction
+        dynamic.record_traced(gm, job.flat_inputs, job.dynamic_shapes,
+                              "torch.fx.symbolic_trace" if gm is not job.model else "the caller's GraphModule")
 
 
 def _propagate(job: Job) -> None:
@@ -156,6 +164,7 @@ def _solve(job: Job) -> None:
         dg = job.dg = _dependency_graph(job)
     dg.expected_shapes = job.expected_shapes
     dg.model, dg.model_inputs, dg.model_kwargs = job.model, job.example_inputs, job.kwargs
+    dg.meta["capture"] = job.gm.meta.get(dynamic.SHAPES_META)
     if not job.prune_head_dims:
         dg.keep_head_dims()
     if job.inplace and is_hf_model(job.model):
@@ -296,6 +305,7 @@ def _reestimate_bn(job: Job) -> None:
 
 def _verify(job: Job) -> None:
     if not (job.inplace and is_hf_model(job.model)):
+        verify_other_sizes(job.result, job.dg.example_inputs, type(job.model).__name__)
         verify(job.result, job.dg.example_inputs, job.dg.expected_shapes)
 
 
@@ -341,21 +351,43 @@ PIPELINE = ANALYSIS + PRUNING
 
 
 def run(job: Job, passes) -> Job:
-    for _name, fn in passes:
+    """Run ``passes`` on ``job`` in order; each pass's wall and CPU seconds go to ``job.times`` /
+    ``job.cpu_times``, and from there to ``dg.meta["times"]`` and the pruned graph's ``meta["fxprune_times"]``."""
+    for name, fn in passes:
+        wall, cpu = time.perf_counter(), time.process_time()
         fn(job)
+        job.times[name] = job.times.get(name, 0.0) + time.perf_counter() - wall
+        job.cpu_times[name] = job.cpu_times.get(name, 0.0) + time.process_time() - cpu
+        if job.dg is not None:
+            job.dg.meta.update(times=job.times, cpu_times=job.cpu_times)
+    if job.result is not None:
+        attach_times(job.result, job.times, job.cpu_times)
     return job
 
 
 def analyze(model, example_inputs=None, *, kwargs=None, ignore=(), inplace: bool = False,
-            prune_head_dims: bool = False) -> DependencyGraph:
+            prune_head_dims: bool = False, dynamic_shapes=None) -> DependencyGraph:
     """Capture ``model`` and build its dependency graph (groups, members, frozen reasons).
 
     Attention's per-head widths are frozen unless ``prune_head_dims=True`` (heads
     and kv heads stay prunable). ``inplace=True`` prepares a later
     ``apply(dg, ..., inplace=True)`` on a Hugging Face model: groups its modules
     cannot express (head dims) are frozen whatever ``prune_head_dims`` says.
+
+    The graph takes other batch sizes and (for token inputs) sequence lengths than the example's, also from
+    an example of batch 1; an image's height and width stay the example's unless ``dynamic_shapes``
+    (``torch.export``'s format, passed to export) asks for them (:mod:`fxprune.dynamic`).
+    ``dg.meta["times"]`` / ``dg.meta["cpu_times"]`` hold each pass's wall / CPU seconds (capture, propagate,
+    decompose, relate, solve), ``dg.meta["capture"]`` how the graph was captured and which input sizes it takes.
+
+    Example::
+
+        >>> dg = fxprune.analyze(bert, (torch.randint(0, 100, (1, 16)),))
+        >>> dg.meta["capture"]["shapes"], sorted(dg.meta["times"])
+        ('dynamic', ['capture', 'decompose', 'propagate', 'relate', 'solve'])
     """
-    job = Job(model, example_inputs, kwargs, ignore=tuple(ignore), inplace=inplace, prune_head_dims=prune_head_dims)
+    job = Job(model, example_inputs, kwargs, ignore=tuple(ignore), inplace=inplace, prune_head_dims=prune_head_dims,
+              dynamic_shapes=dynamic_shapes)
     return run(job, ANALYSIS).dg
 
 
@@ -369,9 +401,21 @@ def apply(dg: DependencyGraph, removal: dict, *, inplace: bool = False) -> fx.Gr
         gm = hf_inplace.prune_in_place(dg, removal, rewrite, verify)
     else:
         gm = _rewritten(dg, removal, inplace)
+        verify_other_sizes(gm, dg.example_inputs, type(getattr(dg, "model", None) or gm).__name__)
         verify(gm, dg.example_inputs, dg.expected_shapes)
     attach_plan(gm, PruningPlan.from_removal(dg, removal, inplace=inplace))
     return gm
+
+
+def attach_times(result, times: dict, cpu_times: dict) -> None:
+    """``{"wall": {pass: s}, "cpu": {pass: s}}`` on what prune returned: ``gm.meta["fxprune_times"]``, else (a
+    Hugging Face model pruned in place) its ``fxprune_times`` attribute."""
+    value = {"wall": {k: round(v, 4) for k, v in times.items()}, "cpu": {k: round(v, 4) for k, v in cpu_times.items()}}
+    meta = getattr(result, "meta", None)
+    if isinstance(meta, dict):
+        meta["fxprune_times"] = value
+    else:
+        object.__setattr__(result, "fxprune_times", value)
 
 
 def _rewritten(dg: DependencyGraph, removal: dict, inplace: bool = False) -> fx.GraphModule:
@@ -386,7 +430,7 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
           max_ratio: float = 0.9, ratios: dict | None = None, target_macs: float | None = None,
           target_params: float | None = None, target_latency: float | None = None, calibration=None,
           loss_fn=None, reconstruct: bool = False, sequential: bool = False,
-          reestimate_bn: bool = False, isomorphic: bool = False) -> fx.GraphModule:
+          reestimate_bn: bool = False, isomorphic: bool = False, dynamic_shapes=None) -> fx.GraphModule:
     """Remove ``ratio`` (default 0.3) of the units of every prunable group; returns a verified GraphModule.
 
     ``model`` is an ``nn.Module`` (traced here) or a ``torch.fx.GraphModule``.
@@ -435,6 +479,12 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     for a narrow one (:mod:`fxprune.planning.isomorphic`). With ``target_macs``/``target_params`` the search
     finds the one ratio every class loses (by count, not by cost: within a class units cost the same);
     ``target_latency`` is not supported with it.
+    ``dynamic_shapes`` (``torch.export``'s format) sets which input dimensions the pruned graph takes at other
+    sizes than the example's; by default the batch and a token input's sequence (also from an example of batch 1
+    or length 1), not an image's height and width (:mod:`fxprune.dynamic`). A dimension meant to vary that the
+    graph fixes anyway gives one warning naming it, is listed in ``pruned.meta["fxprune_shapes"]``, and another
+    size fails at the graph's entry with a message saying which size it was captured for.
+    ``pruned.meta["fxprune_times"]`` holds each pass's wall and CPU seconds.
     ``target_latency=0.5`` measures per-layer latency tables on the model's device and
     searches the plan that runs in half the time with the least importance lost, each
     candidate measured against the original (:mod:`fxprune.planning.latency_target`).
@@ -454,7 +504,7 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
               prune_head_dims=bool(prune_head_dims), inplace=inplace, global_pruning=bool(global_pruning),
               isomorphic=bool(isomorphic), ratios=ratios, calibration=calibration, loss_fn=loss_fn,
               reconstruct=bool(reconstruct),
-              sequential=bool(sequential), reestimate_bn=bool(reestimate_bn))
+              sequential=bool(sequential), reestimate_bn=bool(reestimate_bn), dynamic_shapes=dynamic_shapes)
     calibration = job.calibration = check_calibration_settings(calibration, reconstruct, sequential, reestimate_bn)
     job.ratio, job.target, job.max_ratio = check_prune_settings(ratio, target_macs, target_params, round_to, max_ratio,
                                                                 target_latency, global_pruning=global_pruning,
