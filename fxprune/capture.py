@@ -253,8 +253,8 @@ def _dynamic_export(model, args, kwargs, names, named, dims, dynamic_shapes):
         attempts.append((dyn.export_spec(wide, batch, only=True), "; captured with the batch dimension symbolic only"))
     why = ""
     for by_name, fallback in attempts:
-        spec = _by_signature(model, w_args, w_kwargs, by_name)
         try:
+            spec = _by_signature(model, w_args, w_kwargs, by_name)
             with dyn.cpu_budget(capture_budget(model)):
                 program = torch.export.export(model, w_args, kwargs=w_kwargs, strict=False, dynamic_shapes=spec)
             return program, why + fallback, grown
