@@ -44,8 +44,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import signal
-import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -178,27 +177,27 @@ class OverBudget(BaseException):
 
 @contextlib.contextmanager
 def cpu_budget(seconds: float | None):
-    """Raise :class:`OverBudget` in this block once the process has used ``seconds`` of CPU time in it.
+    """Raise :class:`OverBudget` in this block at the first module call after the process has used ``seconds``
+    of CPU time in it (CPU time: a loaded machine does not shorten it).
 
-    A profiling timer (``SIGPROF``, CPU time: a loaded machine does not shorten it); only in the main thread,
-    without a timer of the caller's running, else the block runs without a budget.
+    The check is a global forward pre-hook, so the exception starts in plain Python code at a module call of the
+    traced forward, never inside a callback that C++ calls (a weakref callback, a destructor), where a signal's
+    exception would be dropped or abort the process. Its granularity is one module call.
     """
-    usable = (seconds is not None and threading.current_thread() is threading.main_thread()
-              and hasattr(signal, "setitimer") and signal.getitimer(signal.ITIMER_PROF) == (0.0, 0.0))
-    if not usable:
+    if seconds is None:
         yield
         return
+    deadline = time.process_time() + seconds
 
-    def over(signum, frame):
-        raise OverBudget(f"over its budget of {seconds:.0f} s of CPU time")
+    def check(module, args):
+        if time.process_time() > deadline:
+            raise OverBudget(f"over its budget of {seconds:.0f} s of CPU time")
 
-    previous = signal.signal(signal.SIGPROF, over)
-    signal.setitimer(signal.ITIMER_PROF, seconds)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(check)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_PROF, 0)
-        signal.signal(signal.SIGPROF, previous)
+        handle.remove()
 
 
 # ---------------------------------------------------------------------------------------------- static dimensions
