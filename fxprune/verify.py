@@ -89,8 +89,8 @@ def verify_other_sizes(gm: fx.GraphModule, example_inputs, model_name: str) -> l
     info["why"] = "; ".join(w for w in (info.get("why"), why) if w)
     gm.meta["fxprune_static_shapes"] = info["why"]
     dynamic.add_size_checks(gm, static, why)
-    warnings.warn(f"fxprune: the pruned {model_name} takes only the example's {dynamic.describe(static)} and refuses "
-                  f"other sizes at its entry ({why})", stacklevel=4)
+    warnings.warn(f"fxprune: the pruned {model_name} has static shapes on {dynamic.describe(static)}: it takes only "
+                  f"these sizes and refuses others at its entry ({why})", stacklevel=4)
     return static
 
 
