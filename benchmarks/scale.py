@@ -119,7 +119,7 @@ def time_plan(model, args, kwargs=None, ratio: float = RATIO, importance=IMPORTA
         (True, True)
     """
     from fxprune import api
-    from fxprune.depgraph import DependencyGraph
+    from fxprune.analysis.depgraph import DependencyGraph
 
     job = api.Job(model, args, kwargs, ratio=ratio, importance=importance, inplace=inplace)
     passes = dict(api.ANALYSIS + api.PRUNING)

@@ -45,27 +45,27 @@ import torch
 import torch.fx as fx
 
 from fxprune.huggingface import inplace as hf_inplace
-from fxprune.capture import (EXPORTED, capture, flat_inputs, inline_mode_regions, is_hf_model, keep_user_attributes,
+from fxprune.analysis.capture import (EXPORTED, capture, flat_inputs, inline_mode_regions, is_hf_model, keep_user_attributes,
                              module_names, name_of_key, split_inputs)
-from fxprune.decompose import decompose, recompose
-from fxprune.depgraph import DependencyGraph
+from fxprune.analysis.decompose import decompose, recompose
+from fxprune.analysis.depgraph import DependencyGraph
 from fxprune.importance import named_tensors, resolve_importance, score_groups
-from fxprune.macs import count_graph, estimate
+from fxprune.analysis.macs import count_graph, estimate
 from fxprune.planning.alignment import default_alignment, removal_steps
 from fxprune.planning.costs import group_types
 from fxprune.planning.isomorphic import class_ids
 from fxprune.planning.latency_target import search_latency
 from fxprune.planning.minimum import keep_minimum
 from fxprune.planning.selection import make_plan, units_to_keep
-from fxprune.plan_io import PruningPlan, attach_plan
-from fxprune.propagate import propagate, reuse_export_values
+from fxprune.io.plans import PruningPlan, attach_plan
+from fxprune.analysis.propagate import propagate, reuse_export_values
 from fxprune.planning.ratios import check_ratio, group_ratios
-from fxprune.shapes import GraphShapes, PlannedShapes
-from fxprune.relate import relate
-from fxprune.rewrite import rewrite
+from fxprune.analysis.shapes import GraphShapes, PlannedShapes
+from fxprune.analysis.relate import relate
+from fxprune.rewriting.rewrite import rewrite
 from fxprune.planning.target import METRICS, search_by_cost, search_ratio
-from fxprune.untie import untie_constants
-from fxprune.verify import output_shapes, verify
+from fxprune.analysis.untie import untie_constants
+from fxprune.rewriting.verify import output_shapes, verify
 
 
 @dataclass

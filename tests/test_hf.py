@@ -782,7 +782,7 @@ def test_shapes_of_a_static_export_are_reused_with_the_same_groups(name, inplace
 
 
 def test_count_reuses_the_static_export_shapes_with_the_same_numbers(monkeypatch):
-    import fxprune.macs as macs
+    import fxprune.analysis.macs as macs
 
     model, args, _ = _family("llama")
     reused = []

@@ -12,7 +12,7 @@ import torchvision
 
 import fxprune
 from fxprune.api import _capture, _decompose, _propagate, Job
-from fxprune.macs import count_graph
+from fxprune.analysis.macs import count_graph
 from tests import models
 
 

@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from fxprune.calibration.consumers import calibrated_consumers
-from fxprune.capture import flat_inputs, split_inputs
+from fxprune.analysis.capture import flat_inputs, split_inputs
 
 
 @dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fxprune.layout import decode
+from fxprune.algebra.layout import decode
 
 
 def unit_indices(group, member) -> np.ndarray:

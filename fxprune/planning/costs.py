@@ -49,7 +49,7 @@ from collections import Counter
 
 import numpy as np
 
-from fxprune.macs import estimate
+from fxprune.analysis.macs import estimate
 
 METRICS = ("macs", "params")
 

@@ -53,7 +53,7 @@ other), the wide MLP 64 (``tests/test_isomorphic.py``)::
 
 from __future__ import annotations
 
-from fxprune.layout import Atom, Cat, Prod
+from fxprune.algebra.layout import Atom, Cat, Prod
 from fxprune.planning.selection import global_plan, local_plan
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fxprune.macs import estimate
+from fxprune.analysis.macs import estimate
 from fxprune.planning.costs import unit_costs
 
 METRICS = ("macs", "params")

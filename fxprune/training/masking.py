@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from fxprune.api import PRUNING, Job, analyze, check_prune_settings, run
-from fxprune.depgraph import DependencyGraph
+from fxprune.analysis.depgraph import DependencyGraph
 from fxprune.importance import named_tensors
-from fxprune.plan_io import PruningPlan
-from fxprune.rewrite import kept_units
+from fxprune.io.plans import PruningPlan
+from fxprune.rewriting.rewrite import kept_units
 
 
 def zero_units(dg, removal: dict) -> None:

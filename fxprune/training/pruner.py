@@ -43,13 +43,13 @@ from collections.abc import Iterator
 
 from fxprune.api import PRUNING, Job, analyze, check_calibration_settings, check_prune_settings, run
 from fxprune.importance import resolve_importance
-from fxprune.lineage import Lineage
-from fxprune.plan_io import PruningPlan, attach_plan, group_key
-from fxprune.macs import count_graph
+from fxprune.analysis.lineage import Lineage
+from fxprune.io.plans import PruningPlan, attach_plan, group_key
+from fxprune.analysis.macs import count_graph
 from fxprune.planning.alignment import default_alignment, removal_steps
 from fxprune.planning.selection import make_plan, units_to_keep
 from fxprune.planning.ratios import group_ratios
-from fxprune.regularize import make_regularizer
+from fxprune.training.regularize import make_regularizer
 from fxprune.planning.costs import group_types
 from fxprune.planning.isomorphic import class_ids
 from fxprune.planning.target import METRICS, search_by_cost, search_ratio

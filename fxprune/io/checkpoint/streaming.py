@@ -45,14 +45,14 @@ import torch
 
 from fxprune.huggingface import inplace as hf_inplace
 from fxprune.errors import FxPruneError
-from fxprune.io.scores import stream_scores, streamed_criterion
-from fxprune.io.shards import INDEX, Checkpoint
+from fxprune.io.checkpoint.scores import stream_scores, streamed_criterion
+from fxprune.io.checkpoint.shards import INDEX, Checkpoint
 from fxprune.calibration.reconstruct import DAMPING
-from fxprune.io.writer import write_shards
+from fxprune.io.checkpoint.writer import write_shards
 from fxprune.importance import Magnitude, resolve_importance
-from fxprune.plan_io import PruningPlan
-from fxprune.rewrite import Sizes, changed_axes, kept_units, rewrite, sliced
-from fxprune.verify import verify
+from fxprune.io.plans import PruningPlan
+from fxprune.rewriting.rewrite import Sizes, changed_axes, kept_units, rewrite, sliced
+from fxprune.rewriting.verify import verify
 
 # weights in formats this module does not rewrite: never copied next to the pruned shards
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
@@ -129,7 +129,7 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
     aliases = _tied_names(model, checkpoint)
     weights = None
     if calibration is not None:
-        from fxprune.io.layerwise import Weights
+        from fxprune.io.checkpoint.layerwise import Weights
 
         weights = Weights(checkpoint, aliases, _missing_buffers(dg.gm, model, checkpoint, aliases), device or "cpu")
     if plan is not None:
@@ -137,7 +137,7 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
     elif isinstance(criterion, Magnitude):
         job.scores = stream_scores(dg, dg.prunable_groups, criterion, checkpoint, aliases, progress)
     else:
-        from fxprune.io.layerwise import layerwise_scores
+        from fxprune.io.checkpoint.layerwise import layerwise_scores
 
         job.scores = layerwise_scores(dg, weights, calibration, criterion, device or "cpu", progress)
     if plan is None:
@@ -247,7 +247,7 @@ def _refit(dg, removal, weights, calibration, cut, damping, device, out: Path, p
     folder inside ``out`` as soon as the block is done; returns the folder (a ``TemporaryDirectory``)."""
     from safetensors.torch import save_file
 
-    from fxprune.io.layerwise import layerwise_refit
+    from fxprune.io.checkpoint.layerwise import layerwise_refit
 
     out.mkdir(parents=True, exist_ok=True)
     folder = tempfile.TemporaryDirectory(prefix=".fxprune-refit-", dir=out)

@@ -47,7 +47,7 @@ from fxprune.calibration.sequential import StagePairs, _pruned_calls, stages_of
 from fxprune.calibration.statistics import record_input
 from fxprune.importance import Magnitude, named_tensors
 from fxprune.importance.slices import unit_indices
-from fxprune.io.segments import SegmentRunner, segments_of
+from fxprune.io.checkpoint.blocks import SegmentRunner, segments_of
 
 
 class Weights:
@@ -153,7 +153,7 @@ def _magnitude(dg, groups, weights: Weights) -> dict:
     """L2 magnitude scores of groups with no calibrated consumer (the criteria's fallback), one tensor at a time."""
     if not groups:
         return {}
-    from fxprune.io.scores import stream_scores
+    from fxprune.io.checkpoint.scores import stream_scores
 
     return stream_scores(dg, groups, Magnitude(2), weights.checkpoint, weights.aliases, progress=False)
 

@@ -11,7 +11,7 @@ import torch
 import torch.fx as fx
 
 from fxprune.errors import ShapeError
-from fxprune.propagate import propagate
+from fxprune.analysis.propagate import propagate
 
 
 def output_shapes(gm: fx.GraphModule, free=()) -> list:

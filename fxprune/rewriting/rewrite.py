@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from fxprune.errors import PlanError
-from fxprune.layout import kept_indices, new_size
+from fxprune.algebra.layout import kept_indices, new_size
 
 
 class Sizes:
