@@ -26,7 +26,7 @@ pruned graph when a target was set.
 
 Each pass reads and writes a :class:`Job`; analysis results live in
 ``node.meta`` (``"val"``: FakeTensor; ``"fxprune_rule"``: the rule that
-related the node) and in the :class:`~fxprune.depgraph.DependencyGraph`.
+related the node) and in the :class:`~fxprune.analysis.depgraph.DependencyGraph`.
 
 Example::
 

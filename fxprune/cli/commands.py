@@ -13,7 +13,7 @@
 
 MODEL is ``torchvision:NAME``, ``timm:NAME``, ``hf:PATH``, ``module.path:factory``,
 a folder written by ``fxprune.save`` or a ``torch.save``'d model (see
-:mod:`fxprune.model_spec`). ``prune`` writes a folder (``fxprune.save``: JSON and
+:mod:`fxprune.cli.model_spec`). ``prune`` writes a folder (``fxprune.save``: JSON and
 safetensors, no pickle, with ``plan.json``) unless ``--out`` ends in ``.pt``/``.pth``
 (``torch.save`` of the whole module, plus ``NAME.plan.json`` beside it).
 

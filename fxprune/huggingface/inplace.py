@@ -452,7 +452,7 @@ def _follow_rebuild(model: nn.Module, found, changed: dict, decided=frozenset())
     ``embed_dim`` and its positions' ``embedding_dim``): they restate that width, which no tensor of their
     module shows (``changed``: old -> new sizes; several when widths of the same size were pruned apart: a
     hidden size and a query width both 64). Not followed: the attributes the rewritten graph ``decided``
-    (:mod:`fxprune.huggingface.constants`). Returns ``found`` without those followed, and
+    (:mod:`fxprune.huggingface.restated_sizes`). Returns ``found`` without those followed, and
     ``{"module.attr": value before}`` of those followed: a guess, which :func:`prune_in_place` takes back
     (:func:`unfollow`) when the model then computes something else than the pruned graph."""
     def restates(mine, theirs) -> bool:

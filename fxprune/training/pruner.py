@@ -7,7 +7,7 @@ of the way (linear by default: k / n):
 
 - ``ratio=r``: every group keeps ``units_to_keep(original units, r * k / n)``,
   counted from the group's *original* size (groups are followed across steps
-  by :mod:`fxprune.lineage`), so n steps end exactly where one would;
+  by :mod:`fxprune.analysis.lineage`), so n steps end exactly where one would;
 - ``target_macs=t`` / ``target_params=t``: the model keeps ``1 - (1 - t) * k / n``
   of the original MACs / parameters after step k;
 - ``global_pruning=True`` with a ratio: the units of all groups together keep

@@ -2,13 +2,15 @@
 
 The model is built and analysed on the meta device from ``config.json``; units are scored by a
 magnitude criterion reading the ``*.safetensors`` shards one memory-mapped tensor at a time
-(:mod:`fxprune.io.shards`, :mod:`fxprune.io.scores`) and planned as :func:`fxprune.prune` plans them; the
-pruned tensors are then written shard by shard with huggingface_hub's sharding and an updated
-``config.json`` (:mod:`fxprune.io.writer`, :mod:`fxprune.io.checkpoint`), so ``from_pretrained`` (or
-``fxprune.load_pretrained`` when widths differ per layer) loads the result. Peak memory is about one
-shard plus one tensor, whatever the model size. With calibration batches, data-aware criteria and the
-sequential refit run the model one decoder layer at a time from the shards (:mod:`fxprune.io.segments`,
-:mod:`fxprune.io.layerwise`): about one layer's weights, the batches' hidden states and one layer's statistics.
+(:mod:`~fxprune.io.checkpoint.shards`, :mod:`~fxprune.io.checkpoint.scores`) and planned as :func:`fxprune.prune`
+plans them; the pruned tensors are then written shard by shard with huggingface_hub's sharding and an updated
+``config.json`` (:mod:`~fxprune.io.checkpoint.writer`, :mod:`~fxprune.io.checkpoint.streaming`), so
+``from_pretrained`` (or ``fxprune.load_pretrained`` when widths differ per layer) loads the result. Peak memory is
+about one shard plus one tensor, whatever the model size. With calibration batches, data-aware criteria and the
+sequential refit run the model one decoder layer at a time from the shards (:mod:`~fxprune.io.checkpoint.blocks`,
+:mod:`~fxprune.io.checkpoint.layerwise`): about one layer's weights, the batches' hidden states and one layer's
+statistics. It runs the pipeline (``fxprune.pipeline``, the checks of ``fxprune.api``), so it sits above them: it may
+import anything below ``fxprune.api``; only the package root and the command line import it.
 
 Example::
 

@@ -1,6 +1,6 @@
 """Calibration of a checkpoint one decoder layer at a time: data-aware scores and the sequential refit.
 
-The captured graph of the meta model is cut into segments (:mod:`fxprune.io.segments`: the head, one per
+The captured graph of the meta model is cut into segments (:mod:`fxprune.io.checkpoint.blocks`: the head, one per
 decoder layer, the tail). A segment's tensors are read from the shards (:class:`Weights`, one tensor at a time,
 cast to the graph's dtype), the calibration batches' carried values (hidden states, position embeddings,
 masks: every value that crosses the segment's end) are pushed through it, and its tensors are dropped before
@@ -18,7 +18,7 @@ magnitude, as in memory. The statistics are those of the original model, so the 
 
 Refit (:func:`layerwise_refit`): sequential, as SparseGPT's and Wanda's pipelines do and as
 ``fxprune.prune(..., reconstruct=True, sequential=True)`` does: two streams of carried values go through the
-segments, the original model's and the pruned model's (the pruned graph, :func:`fxprune.rewrite.rewrite` of
+segments, the original model's and the pruned model's (the pruned graph, :func:`fxprune.rewriting.rewrite.rewrite` of
 the meta graph, fed with the sliced tensors). In each segment its losing consumers are refit stage by stage
 (:func:`fxprune.calibration.sequential.stages_of`, :class:`~fxprune.calibration.sequential.StagePairs`): each
 fed with the pruned stream's inputs, after every consumer before it was refit, to reproduce the original

@@ -4,20 +4,20 @@
    analysed as in-place pruning analyses it (:func:`fxprune.analyze` with ``inplace=True``: whole
    heads, kv heads, MLP units, hidden size).
 2. Units are scored by a magnitude criterion one checkpoint tensor at a time
-   (:mod:`fxprune.io.scores`), and planned by the ``plan`` and ``check`` passes of
+   (:mod:`fxprune.io.checkpoint.scores`), and planned by the ``plan`` and ``check`` passes of
    :func:`fxprune.prune` (alignment steps, ``ratios``, global ranking, MACs/parameter targets counted
    without weights), so the plan is the one ``fxprune.prune(loaded, ratio, inplace=True)`` makes. Or
    ``plan=`` gives it.
-3. The meta model is pruned in place (:func:`fxprune.hf_inplace.prune_in_place`, without running it): its new
+3. The meta model is pruned in place (:func:`fxprune.huggingface.inplace.prune_in_place`, without running it): its new
    shapes check every written tensor, and its updated config (with ``fxprune_shapes`` when widths are
    not uniform) is saved.
 4. Every tensor is read again, sliced along its pruned axes to the kept indices
-   (:func:`fxprune.rewrite.changed_axes`, the rewrite pass's own) and written shard by shard
-   (:mod:`fxprune.io.writer`). A tied ``lm_head`` is sliced like the embedding it shares.
+   (:func:`fxprune.rewriting.rewrite.changed_axes`, the rewrite pass's own) and written shard by shard
+   (:mod:`fxprune.io.checkpoint.writer`). A tied ``lm_head`` is sliced like the embedding it shares.
 
 With ``calibration`` batches, data-aware criteria (``"activation"``, ``"wanda"``, ``"obs"``) and
-``reconstruct=True`` run the model one decoder layer at a time (:mod:`fxprune.io.layerwise`): the meta graph is
-cut into its repeated blocks, each block's tensors are read from the shards only while the batches' hidden
+``reconstruct=True`` run the model one decoder layer at a time (:mod:`~fxprune.io.checkpoint.layerwise`): the meta
+graph is cut into its repeated blocks, each block's tensors are read from the shards only while the batches' hidden
 states go through it, and the refit (sequential, on the pruned model's own inputs) of each block's layers is
 kept in a temporary file until the shards are written. Peak memory then: about one decoder layer's weights
 (original and pruned), the calibration hidden states and one layer's statistics.
@@ -82,7 +82,7 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
     terminal.
 
     ``calibration`` (a list of batches of model inputs: tensors, tuples or dicts of keyword tensors, as for
-    :func:`fxprune.prune`) runs the model one decoder layer at a time (:mod:`fxprune.io.layerwise`) for
+    :func:`fxprune.prune`) runs the model one decoder layer at a time (:mod:`fxprune.io.checkpoint.layerwise`) for
     ``importance="activation"``, ``"wanda"`` or ``"obs"`` (every group, the hidden size included, scored as in
     memory; the plan is ``fxprune.prune``'s with the same batches) and for ``reconstruct=True``: the layers that
     lose input columns are refit sequentially, each on the pruned model's own inputs after the layers before it
