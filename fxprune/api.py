@@ -47,7 +47,7 @@ import torch.fx as fx
 from fxprune.huggingface import inplace as hf_inplace
 from fxprune.analysis.capture import (EXPORTED, capture, flat_inputs, inline_mode_regions, is_hf_model, keep_user_attributes,
                              module_names, name_of_key, split_inputs)
-from fxprune.analysis.decompose import decompose, recompose
+from fxprune.analysis.decompose import decompose
 from fxprune.analysis.depgraph import DependencyGraph
 from fxprune.importance import named_tensors, resolve_importance, score_groups
 from fxprune.analysis.macs import count_graph, estimate
@@ -62,6 +62,7 @@ from fxprune.analysis.propagate import propagate, reuse_export_values
 from fxprune.planning.ratios import check_ratio, group_ratios
 from fxprune.analysis.shapes import GraphShapes, PlannedShapes
 from fxprune.analysis.relate import relate
+from fxprune.rewriting.recompose import recompose
 from fxprune.rewriting.rewrite import rewrite
 from fxprune.planning.target import METRICS, search_by_cost, search_ratio
 from fxprune.analysis.untie import untie_constants
