@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fxprune
-from fxprune import dynamic
+from fxprune.analysis import dynamic
 from fxprune.testing import assert_close_to_scale, plant_dead_units
 from tests import models
 
@@ -126,6 +126,8 @@ def test_the_check_at_the_entry_survives_save_load_and_a_second_pruning(tmp_path
     assert loaded.meta["fxprune_shapes"]["dims"][1]["static"]
     with pytest.raises(fxprune.ShapeError, match="captured for 8 only"):
         loaded(torch.randint(0, 50, (2, 5)))
+    dg = fxprune.analyze(loaded, (ids,))
+    assert not dg.state.unsupported, dg.report()  # the check reads a size: a rule of its own, no freeze
     with warnings.catch_warnings(record=True) as caught:  # the graph says it already: no second warning
         warnings.simplefilter("always")
         again = fxprune.prune(loaded, 0.25, example_inputs=(ids,), round_to=1)
@@ -163,7 +165,7 @@ def test_dynamic_shapes_pass_through_to_export_and_the_budget_falls_back_to_a_ch
     model, example = models.tiny_transformers("vit")
     (x,), _ = example(1)
     auto = torch.export.Dim.AUTO
-    monkeypatch.setattr(importlib.import_module("fxprune.capture"), "capture_budget", lambda model: 0.05)  # any export runs past it
+    monkeypatch.setattr(importlib.import_module("fxprune.analysis.capture"), "capture_budget", lambda model: 0.05)  # any export runs past it
     with pytest.warns(UserWarning, match="static shapes on pixel_values dimension 0 .asked for. = 1.*budget"):
         dg = fxprune.analyze(model, (x,), dynamic_shapes={"pixel_values": {0: auto, 2: auto}})
     info = dg.meta["capture"]

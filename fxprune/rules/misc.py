@@ -36,7 +36,8 @@ def metadata(r) -> None:
 
 
 family(metadata, "size", "dim", "numel", "get_device", "element_size", "is_contiguous",
-       builtins.len, torch.numel, torch.is_tensor, builtins.isinstance)
+       builtins.len, torch.numel, torch.is_tensor, builtins.isinstance,
+       "fxprune.analysis.dynamic:expect_size")  # the check at a graph's entry of an input's size
 
 _METADATA_ATTRIBUTES = ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout")
 

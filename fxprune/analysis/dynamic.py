@@ -278,7 +278,7 @@ def other_sizes(size: int) -> int:
 
 def record_traced(gm: fx.GraphModule, flat_inputs: tuple, dynamic_shapes, method: str) -> dict:
     """Record the varying dims of a graph whose sizes are symbolic by construction (symbolic_trace, or a
-    GraphModule the caller passed): none is static yet; :func:`fxprune.verify.verify_other_sizes` tries them."""
+    GraphModule the caller passed): none is static yet; :func:`fxprune.rewriting.verify.verify_other_sizes` tries them."""
     placeholders = gm.graph.find_nodes(op="placeholder")
     inputs = {n.target.lstrip("*"): v for n, v in zip(placeholders, flat_inputs)}
     names = {n.target.lstrip("*"): n.name for n in placeholders}

@@ -21,8 +21,8 @@ import networkx as nx
 import numpy as np
 import torch.fx as fx
 
-from fxprune.context import AnalysisState
-from fxprune.layout import Atom, Cat, Prod, decode
+from fxprune.algebra.context import AnalysisState
+from fxprune.algebra.layout import Atom, Cat, Prod, decode
 
 
 @dataclass
@@ -88,7 +88,7 @@ class DependencyGraph:
 
     def __init__(self, gm: fx.GraphModule, state: AnalysisState, example_inputs, ignore=()):
         self.gm, self.state, self.example_inputs = gm, state, example_inputs
-        self.meta: dict = {}  # "times" / "cpu_times": seconds per analysis pass; "capture": fxprune.dynamic's record
+        self.meta: dict = {}  # "times" / "cpu_times": seconds per analysis pass; "capture": analysis/dynamic.py's record
         self.solver = state.solver
         kinds = self.kinds = _tensor_kinds(gm)  # tensor name -> "parameter" | "buffer"
         frozen = self._frozen_atoms(state.freezes)

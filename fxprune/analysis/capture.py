@@ -31,8 +31,8 @@ import torch.fx as fx
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils._pytree import tree_leaves, tree_map, tree_structure, tree_unflatten
 
-from fxprune import dynamic as dyn
-from fxprune.huggingface.experts_capture import grouped_experts
+from fxprune.analysis import dynamic as dyn
+from fxprune.analysis.experts_capture import grouped_experts
 from fxprune.errors import CaptureError, ShapeError
 from fxprune.modules import PrunedMultiheadAttention
 
@@ -83,7 +83,7 @@ def capture(model: torch.nn.Module, example_inputs=None, kwargs=None, dynamic: b
     """Trace ``model`` into a GraphModule; a GraphModule is returned as it is.
 
     An exported graph keeps the input dimensions that vary in use symbolic (batch, a token input's
-    sequence: :mod:`fxprune.dynamic`), or those of ``dynamic_shapes`` (``torch.export``'s format) when
+    sequence: :mod:`fxprune.analysis.dynamic`), or those of ``dynamic_shapes`` (``torch.export``'s format) when
     given. ``dynamic=False`` exports with the example's static sizes: half the export time, for
     graphs that are only analysed or counted and never handed to the user (in-place
     Hugging Face pruning, ``fxprune.count``). Symbolically traced graphs take any size either way.
@@ -164,13 +164,13 @@ def export_capture(model: torch.nn.Module, example_inputs, kwargs=None, trace_er
                    dynamic: bool = True, dynamic_shapes=None) -> fx.GraphModule:
     """``torch.export.export(model, args, kwargs, strict=False).module()``, or a CaptureError quoting export.
 
-    With ``dynamic`` the input dimensions that vary in use (:mod:`fxprune.dynamic`: batch, a token input's
+    With ``dynamic`` the input dimensions that vary in use (:mod:`fxprune.analysis.dynamic`: batch, a token input's
     sequence, raw audio's samples; or the caller's ``dynamic_shapes``) stay symbolic: an example of size 1 there
     is repeated to size 2 for export (which specialises sizes 0 and 1; the graph is then propagated at the
     caller's sizes), and the export runs under a CPU budget (:func:`capture_budget`). Where the dynamic export
     fails or runs past the budget, or fixes a dimension meant to vary, the graph is static there: one warning
     names the dimensions, ``gm.meta["fxprune_shapes"]`` lists them with the reason, and a check at the graph's
-    entry (:func:`fxprune.dynamic.expect_size`) refuses other sizes with that reason. ``dynamic=False`` exports
+    entry (:func:`fxprune.analysis.dynamic.expect_size`) refuses other sizes with that reason. ``dynamic=False`` exports
     the example's sizes as asked (a graph only analysed or counted), without a word.
     """
     args, kwargs = tuple(example_inputs), dict(kwargs or {})
