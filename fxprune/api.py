@@ -127,8 +127,9 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     ``dynamic_shapes`` (``torch.export``'s format) sets which input dimensions the pruned graph takes at other
     sizes than the example's; by default the batch and a token input's sequence (also from an example of batch 1
     or length 1), not an image's height and width (:mod:`fxprune.analysis.dynamic`). A dimension meant to vary
-    that the graph fixes anyway gives one warning naming it, is listed in ``pruned.meta["fxprune_shapes"]``, and
-    another size fails at the graph's entry with a message saying which size it was captured for.
+    that the graph fixes anyway gives one warning naming it, is listed in
+    ``pruned.meta["fxprune_input_shapes"]``, and another size fails at the graph's entry with a message saying
+    which size it was captured for.
     ``pruned.meta["fxprune_times"]`` holds each pass's wall and CPU seconds.
     ``target_latency=0.5`` measures per-layer latency tables on the model's device and
     searches the plan that runs in half the time with the least importance lost, each

@@ -346,7 +346,7 @@ def test_a_capture_that_must_be_static_warns_and_says_so_in_meta(monkeypatch):
         pruned = fxprune.prune(BranchesOnRank().eval(), 0.5, example_inputs=(torch.randn(2, 4),))
     why = "dynamic export failed: ValueError: simulated: no dynamic shapes for this model"
     assert pruned.meta["fxprune_static_shapes"] == why
-    assert pruned.meta["fxprune_shapes"]["dims"] == [{"input": "x", "placeholder": "x", "axis": 0, "role": "batch",
+    assert pruned.meta["fxprune_input_shapes"]["dims"] == [{"input": "x", "placeholder": "x", "axis": 0, "role": "batch",
                                                        "size": 2, "static": True}]
     with pytest.raises(fxprune.ShapeError, match="x dimension 0 .batch. is 3, but this graph was captured for 2 only"):
         pruned(torch.randn(3, 4))

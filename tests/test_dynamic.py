@@ -105,7 +105,7 @@ def test_a_model_that_fixes_its_length_warns_once_records_it_and_refuses_other_l
     static = [str(w.message) for w in caught if "ids dimension 1 (sequence)" in str(w.message)]
     assert len(static) == 1, [str(w.message) for w in caught]  # once, naming the input and the dimension
     assert "ids dimension 0" not in static[0]  # the batch stays dynamic
-    info = pruned.meta["fxprune_shapes"]
+    info = pruned.meta["fxprune_input_shapes"]
     assert [(r["input"], r["axis"], r["size"], r["static"]) for r in info["dims"]] == [
         ("ids", 0, 1, False), ("ids", 1, 8, True)]
     assert info["shapes"] == "partly static" and info["why"]
@@ -123,7 +123,7 @@ def test_the_check_at_the_entry_survives_save_load_and_a_second_pruning(tmp_path
         pruned = fxprune.prune(model, 0.25, example_inputs=(ids,), round_to=1)
     fxprune.save(pruned, tmp_path / "saved")
     loaded = fxprune.load(tmp_path / "saved")
-    assert loaded.meta["fxprune_shapes"]["dims"][1]["static"]
+    assert loaded.meta["fxprune_input_shapes"]["dims"][1]["static"]
     with pytest.raises(fxprune.ShapeError, match="captured for 8 only"):
         loaded(torch.randint(0, 50, (2, 5)))
     dg = fxprune.analyze(loaded, (ids,))
@@ -165,7 +165,8 @@ def test_dynamic_shapes_pass_through_to_export_and_the_budget_falls_back_to_a_ch
     model, example = models.tiny_transformers("vit")
     (x,), _ = example(1)
     auto = torch.export.Dim.AUTO
-    monkeypatch.setattr(importlib.import_module("fxprune.analysis.capture"), "capture_budget", lambda model: 0.05)  # any export runs past it
+    capture = importlib.import_module("fxprune.analysis.capture")
+    monkeypatch.setattr(capture, "capture_budget", lambda model: 0.05)  # any export runs past it
     with pytest.warns(UserWarning, match="static shapes on pixel_values dimension 0 .asked for. = 1.*budget"):
         dg = fxprune.analyze(model, (x,), dynamic_shapes={"pixel_values": {0: auto, 2: auto}})
     info = dg.meta["capture"]

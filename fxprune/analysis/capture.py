@@ -164,14 +164,14 @@ def export_capture(model: torch.nn.Module, example_inputs, kwargs=None, trace_er
                    dynamic: bool = True, dynamic_shapes=None) -> fx.GraphModule:
     """``torch.export.export(model, args, kwargs, strict=False).module()``, or a CaptureError quoting export.
 
-    With ``dynamic`` the input dimensions that vary in use (:mod:`fxprune.analysis.dynamic`: batch, a token input's
-    sequence, raw audio's samples; or the caller's ``dynamic_shapes``) stay symbolic: an example of size 1 there
-    is repeated to size 2 for export (which specialises sizes 0 and 1; the graph is then propagated at the
+    With ``dynamic`` the input dimensions that vary in use (:mod:`fxprune.analysis.dynamic`: batch, a token
+    input's sequence, raw audio's samples; or the caller's ``dynamic_shapes``) stay symbolic: an example of size 1
+    there is repeated to size 2 for export (which specialises sizes 0 and 1; the graph is then propagated at the
     caller's sizes), and the export runs under a CPU budget (:func:`capture_budget`). Where the dynamic export
     fails or runs past the budget, or fixes a dimension meant to vary, the graph is static there: one warning
-    names the dimensions, ``gm.meta["fxprune_shapes"]`` lists them with the reason, and a check at the graph's
-    entry (:func:`fxprune.analysis.dynamic.expect_size`) refuses other sizes with that reason. ``dynamic=False`` exports
-    the example's sizes as asked (a graph only analysed or counted), without a word.
+    names the dimensions, ``gm.meta["fxprune_input_shapes"]`` lists them with the reason, and a check at the
+    graph's entry (:func:`fxprune.analysis.dynamic.expect_size`) refuses other sizes with that reason.
+    ``dynamic=False`` exports the example's sizes as asked (a graph only analysed or counted), without a word.
     """
     args, kwargs = tuple(example_inputs), dict(kwargs or {})
     if _on_meta_device(model):  # FakeTensor of torch 2.11 and earlier refuses meta weights with CPU inputs
@@ -221,9 +221,8 @@ def export_capture(model: torch.nn.Module, example_inputs, kwargs=None, trace_er
         dyn.add_size_checks(gm, static, why)
     else:
         shapes = "dynamic"
-    dyn.record(gm, "torch.export", why, records, shapes=shapes,
-                   repeated=[f"{d.input} dimension {d.axis}" for d in grown],
-                   budget_s=round(capture_budget(model), 1), cpu_s=round(time.process_time() - start, 3))
+    dyn.record(gm, "torch.export", why, records, shapes=shapes, repeated=[d.describe() for d in grown],
+               budget_s=round(capture_budget(model), 1), cpu_s=round(time.process_time() - start, 3))
     gm.meta["fxprune_kwargs"] = _drop_constant_kwargs(gm, example_inputs, dict(kwargs or {}))
     return gm
 
@@ -243,7 +242,7 @@ def _module(program) -> fx.GraphModule:
 def capture_budget(model: torch.nn.Module) -> float:
     """CPU seconds a dynamic export may take before capture falls back to a static one: 4 s plus 0.1 s per leaf
     module. A dynamic export normally takes 1.5 to 3 times a static one, about 0.02 s per leaf module (a
-    22-layer 1B LLaMA: 5.6 s, its budget 30 s); Hugging Face Swin with symbolic image sizes took 65 s for its 32
+    22-layer 1B LLaMA: 5.6 s, its budget 26 s); Hugging Face Swin with symbolic image sizes took 65 s for its 32
     leaf modules (budget 7 s)."""
     leaves = sum(1 for m in model.modules() if next(m.children(), None) is None)
     return 4.0 + 0.1 * leaves

@@ -31,7 +31,7 @@ vision model is used at the resolution it was trained for.
 ``Dim`` for it), so :func:`widened` repeats such an example to size 2 along the dimensions meant to vary; the
 graph is then propagated at the caller's own sizes. A dimension meant to vary that ends up static anyway (the
 model's forward fixes it, or export failed with symbolic sizes, or a rewrite baked it) is listed in
-``gm.meta["fxprune_shapes"]`` and gets a check at the graph's entry (:func:`expect_size`) so that another size
+``gm.meta["fxprune_input_shapes"]`` and gets a check at the graph's entry (:func:`expect_size`) so that another size
 fails there with a message that says so, not deep inside in a matrix multiply.
 
 Example::
@@ -53,7 +53,7 @@ import torch.fx as fx
 from fxprune.errors import ShapeError
 
 BATCH, SEQUENCE, SAMPLES, REQUESTED = "batch", "sequence", "samples", "asked for"
-SHAPES_META = "fxprune_shapes"  # gm.meta key: how the graph was captured and which input sizes it takes
+SHAPES_META = "fxprune_input_shapes"  # gm.meta key: how the graph was captured and which input sizes it takes
 
 
 @dataclass(frozen=True)
@@ -138,13 +138,17 @@ def requested_dims(inputs: dict, dynamic_shapes) -> list[VaryingDim]:
 
 
 def _is_static_marker(dim) -> bool:
-    return getattr(dim, "name", None) == "STATIC" or getattr(dim, "value", None) == "STATIC" or isinstance(dim, int)
+    """``Dim.STATIC`` (an enum member before torch 2.7, a ``DimHint`` of type STATIC after) or an int."""
+    kind = getattr(dim, "type", dim)
+    return isinstance(dim, int) or getattr(kind, "name", None) == "STATIC"
 
 
 def widened(inputs: dict, dims: list[VaryingDim]) -> tuple[dict, list[VaryingDim]]:
     """``inputs`` with every varying axis of size 1 repeated to size 2 (export specialises sizes 0 and 1), and
-    the axes that were repeated. Token-like inputs repeat every size-1 axis export keeps symbolic with it, so
-    that inputs sharing a sequence stay equal."""
+    the axes that were repeated. Inputs that share a dimension repeat it together (every input of batch 1; the
+    ids, mask and position ids of one sequence of length 1); a size-1 axis that varies in no table row (a 3-d
+    ``bbox``'s sequence) is not repeated, and export then fails on the mismatch and captures statically, with
+    the warning."""
     grown = [d for d in dims if d.size == 1]
     if not grown:
         return inputs, []
@@ -261,7 +265,7 @@ def add_size_checks(gm: fx.GraphModule, records: list[dict], why: str) -> int:
 
 
 def record(gm: fx.GraphModule, method: str, why: str, records: list[dict], **more) -> dict:
-    """Set ``gm.meta["fxprune_shapes"]`` (how the graph was captured, which input sizes it takes) and return it."""
+    """Set ``gm.meta["fxprune_input_shapes"]`` (how the graph was captured, which input sizes it takes); return it."""
     info = {"capture": method, "why": why, "dims": records, **more}
     gm.meta[SHAPES_META] = info
     return info
@@ -278,7 +282,8 @@ def other_sizes(size: int) -> int:
 
 def record_traced(gm: fx.GraphModule, flat_inputs: tuple, dynamic_shapes, method: str) -> dict:
     """Record the varying dims of a graph whose sizes are symbolic by construction (symbolic_trace, or a
-    GraphModule the caller passed): none is static yet; :func:`fxprune.rewriting.verify.verify_other_sizes` tries them."""
+    GraphModule the caller passed): none is static yet; :func:`fxprune.rewriting.verify.verify_other_sizes`
+    tries them."""
     placeholders = gm.graph.find_nodes(op="placeholder")
     inputs = {n.target.lstrip("*"): v for n, v in zip(placeholders, flat_inputs)}
     names = {n.target.lstrip("*"): n.name for n in placeholders}

@@ -45,7 +45,7 @@ def verify(gm: fx.GraphModule, example_inputs, expected_shapes: list) -> None:
 
 
 def verify_other_sizes(gm: fx.GraphModule, example_inputs, model_name: str) -> list[dict]:
-    """Propagate ``gm`` at other sizes of its input dimensions that vary in use (``gm.meta["fxprune_shapes"]``:
+    """Propagate ``gm`` at other sizes of its input dimensions that vary in use (``gm.meta["fxprune_input_shapes"]``:
     batch, sequence ...) and not yet known static; those where it fails become static: one warning naming them,
     their records marked, a check at the graph's entry. Returns the records made static.
 
