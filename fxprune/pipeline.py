@@ -67,7 +67,8 @@ from fxprune.planning.isomorphic import class_ids
 from fxprune.planning.latency_target import search_latency
 from fxprune.planning.minimum import keep_minimum
 from fxprune.planning.ratios import group_ratios
-from fxprune.planning.selection import make_plan, units_to_keep
+from fxprune.planning.planner import make_plan
+from fxprune.planning.selection import units_to_keep
 from fxprune.planning.target import METRICS, search_by_cost, search_ratio
 from fxprune.rewriting.recompose import recompose
 from fxprune.rewriting.rewrite import rewrite
