@@ -161,26 +161,28 @@ def _tuple_item(r, source: fx.Node, index) -> None:
 
 
 def _tensor_index(r, x: TensorRef, index) -> None:
-    """Basic indexing: slices with step 1 cut segments, ints freeze, None adds an axis."""
+    """Basic indexing: slices with step 1 cut segments, an int picks a unit of its own
+    (:func:`~fxprune.rules.misc.integer_index`), None adds an axis."""
     out = r.out
     entries = list(index) if isinstance(index, tuple) else [index]
     if any(not isinstance(e, (int, slice, type(None), type(Ellipsis))) for e in entries):
         if not _gather_index(r, x, out, entries):
             r.freeze_all("advanced indexing")
         return
-    ellipsis = Ellipsis in entries
-    if ellipsis:
+    # each entry's place in the written index (None: a full slice that the ellipsis or the end stands for), so that
+    # rewriting changes the entry the code wrote
+    positions = list(range(len(entries)))
+    if Ellipsis in entries:
         at = entries.index(Ellipsis)
-        used = sum(isinstance(e, (int, slice)) for e in entries)
-        entries = entries[:at] + [slice(None)] * (x.ndim - used) + entries[at + 1:]
-    entries += [slice(None)] * (x.ndim - sum(isinstance(e, (int, slice)) for e in entries))
+        fill = x.ndim - sum(isinstance(e, (int, slice)) for e in entries)
+        entries = entries[:at] + [slice(None)] * fill + entries[at + 1:]
+        positions = positions[:at] + [None] * fill + positions[at + 1:]
+    fill = x.ndim - sum(isinstance(e, (int, slice)) for e in entries)
+    entries, positions = entries + [slice(None)] * fill, positions + [None] * fill
     din = dout = 0
-    for position, e in enumerate(entries):
+    for position, e in zip(positions, entries):
         if e is None:
             dout += 1
-        elif isinstance(e, int) and ellipsis:  # positions moved: the entry cannot be rewritten
-            r.freeze(x[din], "integer index")
-            din += 1
         elif isinstance(e, int):
             misc.integer_index(r, x[din], *_index_entry(position, isinstance(index, tuple)))
             din += 1
