@@ -252,7 +252,7 @@ def run_model(spec: dict) -> None:
         harness.emit({"rows": rows})
 
     def step(fn, *args):
-        with harness.time_limit(spec["step_timeout"]):
+        with harness.time_limit(harness.step_seconds("latency", spec["model"], spec["step_timeout"])):
             return fn(*args)
 
     start = time.perf_counter()
@@ -469,6 +469,13 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def render(runs: list[dict]) -> str:
+    """The report from the raw rows of a log (each row names its command and start; results.py calls this)."""
+    rows = [r for run in runs for r in run["rows"]]
+    speedups(rows)
+    return header(rows) + "\n" + table(rows) + "\n"
+
+
 def write(rows: list[dict], out: Path, raw: Path, png: Path | None) -> None:
     speedups(rows)
     out.write_text(header(rows) + "\n" + table(rows) + "\n")
@@ -501,7 +508,8 @@ def main(argv=None) -> int:
                         help="time the original in turns with every pruned model (twice the timing; fair speed-ups "
                              "on a machine whose load changes; keeps a second LLaMA in memory)")
     parser.add_argument("--warmup", type=int, help="untimed runs first (default 1 on CPU, 3 on CUDA)")
-    parser.add_argument("--step-timeout", type=float, default=900, help="seconds per build, prune or measurement")
+    parser.add_argument("--step-timeout", type=float, help="seconds per build, prune or measurement (default "
+                                                          "harness.step_seconds: 300 s, 900 s for llama-7b)")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds per model (one worker process)")
     parser.add_argument("--out", help="markdown (default benchmarks/latency_DEVICE.md; a temp dir with --quick)")
     parser.add_argument("--raw", help="JSON lines of the rows (default: --out with .jsonl)")
