@@ -100,7 +100,8 @@ def main(argv=None) -> None:
         return
     torch.set_num_threads(args.threads)
     hardware = torch.cuda.get_device_name() if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()}, {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads"
+        f"{platform.processor() or platform.machine()}, {torch.backends.cpu.get_cpu_capability()}, " \
+        f"{args.threads} threads"
     log = harness.Log(log_path, harness.run_header("alignment.py", list(sys.argv[1:] if argv is None else argv),
                                                    hardware=hardware, dtype=args.dtype, repeats=args.repeats,
                                                    device=device.type))

@@ -27,8 +27,8 @@ Run (the 7B case writes 13.5 GB to the temporary folder and takes a few minutes)
 
     python benchmarks/checkpoint_streaming.py --sizes 1b,7b --torch-pruning --out benchmarks/checkpoint_streaming.md
     python benchmarks/checkpoint_streaming.py --sizes 1b --calibration 4x128 --out benchmarks/checkpoint_layerwise.md
-    python benchmarks/checkpoint_streaming.py --sizes 125m --calibration 8x256 --out benchmarks/checkpoint_layerwise.md \\
-        --append                                       # a second section, from the same log
+    python benchmarks/checkpoint_streaming.py --sizes 125m --calibration 8x256 --append \\
+        --out benchmarks/checkpoint_layerwise.md       # a second section, from the same log
 
 Each run writes a header and its rows to the log (``--log``, default ``--out`` with ``.jsonl``); the report
 has one section per run of the log, rendered from it (:func:`render`, also called by ``results.py``).

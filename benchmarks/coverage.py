@@ -255,6 +255,35 @@ def totals(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _classes(rows: list[dict], key: str) -> str:
+    counts: dict[str, int] = {}
+    for r in rows:
+        kind = harness.failure_class(r.get(key))
+        if kind not in ("ok", "skipped"):
+            counts[kind] = counts.get(kind, 0) + 1
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "none"
+
+
+def summary(runs: list[dict]) -> str:
+    """The README's sentence on this report, every number from the log."""
+    rows, _ = harness.latest_rows(runs, "model")
+    n = len(rows)
+    parts = []
+    for source, label in (("tv", "torchvision"), ("timm", "timm"), ("hf", "Hugging Face")):
+        sub = [r for r in rows if r["model"].startswith(source + ":")]
+        if sub:
+            parts.append(f"{label} {sum(covered(r, 'fxprune') for r in sub)}/{len(sub)} vs "
+                         f"{sum(covered(r, 'torch-pruning') for r in sub)}/{len(sub)}")
+    times = [(r["fxprune"]["prune_s"], r["model"]) for r in rows if covered(r, "fxprune")]
+    slowest = max(times) if times else None
+    exact = sum(r.get("oracle", {}).get("status") == "exact" for r in rows)
+    return (f"fxprune {sum(covered(r, 'fxprune') for r in rows)}/{n}, Torch-Pruning "
+            f"{sum(covered(r, 'torch-pruning') for r in rows)}/{n} ({'; '.join(parts)}) pruned at ratio {RATIO}, "
+            f"run, every output shape kept; fxprune exact under the dead-unit oracle on {exact}/{n}. "
+            f"Torch-Pruning's failures: {_classes(rows, 'torch-pruning')}; fxprune's: {_classes(rows, 'fxprune')}"
+            + (f"; fxprune's slowest prune {slowest[0]:.1f} s ({slowest[1]})." if slowest else "."))
+
+
 def render(runs: list[dict]) -> str:
     """The report, from the log's runs (a later run's row of a model replaces an earlier one)."""
     rows, _ = harness.latest_rows(runs, "model")

@@ -430,8 +430,9 @@ def describe_runs(runs: list[dict], key: str | None = None) -> str:
         if key and len(runs) > 1:
             mine = [v for v, j in used.items() if j == i]
             rows = f"; rows kept from it: {len(mine)}" + (f" ({', '.join(map(str, mine))})" if len(mine) <= 30 else "")
-        lines.append(f"- `{h['command']}`: {h['started']}{' to ' + end['ended'] if end.get('ended') else ''}{wall}; "
-                     f"{h.get('machine', '')}; {load}; {versions_}{rows}." + (f" {h['note']}" if h.get("note") else ""))
+        when = f"{h['started']}{' to ' + end['ended'] if end.get('ended') else ''}{wall}"
+        facts = "; ".join(part for part in (when, h.get("machine", ""), load, versions_) if part)
+        lines.append(f"- `{h['command']}`: {facts}{rows}." + (f" {h['note']}" if h.get("note") else ""))
     return "\n".join(lines)
 
 

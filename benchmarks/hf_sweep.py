@@ -419,6 +419,24 @@ def totals(rows: list[dict]) -> str:
     return f"{line}\n\nfxprune per check: {per}."
 
 
+def summary(runs: list[dict]) -> str:
+    """The README's sentence on this report, every number from the log."""
+    rows, _ = harness.latest_rows(runs, "model")
+    n = len(rows)
+    counts: dict[str, list] = {}
+    for r in rows:
+        kind = harness.failure_class(r.get("torch-pruning"))
+        if kind not in ("ok", "skipped"):
+            counts.setdefault(kind, []).append(r["model"])
+    failures = "; ".join(f"{len(models)} {kind}" + (f" ({', '.join(models)})" if kind == "timeout" else "")
+                         for kind, models in sorted(counts.items(), key=lambda kv: -len(kv[1])))
+    diffs = [r["reload"]["max_abs_diff"] for r in rows if "max_abs_diff" in r.get("reload", {})]
+    return (f"fxprune {sum(all_fxprune(r) for r in rows)}/{n} transformers model types pass every check "
+            f"(analysis, dead-unit oracle, prune on two input sizes, in place, save + load_pretrained"
+            + (f" with largest difference {max(diffs):.1e}" if diffs else "") + ", generate); Torch-Pruning's "
+            f"recipe runs on {sum(passed(r, 'torch-pruning') for r in rows)}/{n}; its failures: {failures or 'none'}.")
+
+
 def render(runs: list[dict]) -> str:
     """The report, from the log's runs (a later run's row of a model type replaces an earlier one)."""
     rows, _ = harness.latest_rows(runs, "model")

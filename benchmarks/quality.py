@@ -338,6 +338,45 @@ def table(records: list[dict], task: str) -> str:
     return "\n".join(lines)
 
 
+SHORT = {"minilm": "all-MiniLM-L6-v2, 30% of heads and MLP units", "lm": "small LLaMA (tiny_lm.py)",
+         "digits": "digits ResNet at 50% of the MACs"}
+
+
+def summary(runs: list[dict]) -> str:
+    """The README's sentence on this report: per task (and ratio), the best fxprune row without distillation, the best
+    with it, fxprune's L2 and Torch-Pruning's L2 (or why it has no number)."""
+    rows = runs[-1]["rows"]
+    measure = {"minilm": ("mean cosine", max), "lm": ("perplexity", min), "digits": ("accuracy", max)}
+    parts = []
+    for task, (key, best) in measure.items():
+        base = next((r for r in rows if r["task"] == task and r["row"] in ("dense", "unpruned")), None)
+        for ratio in dict.fromkeys(r.get("ratio") for r in rows if r["task"] == task and r.get("ratio") != 0.0):
+            mine = [r for r in rows if r["task"] == task and r.get("ratio") == ratio and key in r
+                    and r["row"] not in ("dense", "unpruned", "Torch-Pruning L2")]
+            if not mine:
+                continue
+            plain = [r for r in mine if "distill" not in r["row"]]
+            distilled = [r for r in mine if "distill" in r["row"]]
+            cells = [f"{key} {(top := best(plain, key=lambda r: r[key]))[key]:.3g} ({top['row']})"] if plain else []
+            if distilled:
+                top = best(distilled, key=lambda r: r[key])
+                cells.append(f"{top[key]:.3g} with distillation ({top['row']})")
+            if base:
+                cells.append(f"unpruned {base[key]:.3g}")
+            l2 = next((r for r in mine if r["row"] == "L2"), None)
+            if l2:
+                cells.append(f"fxprune L2 {l2[key]:.3g}")
+            tp = next((r for r in rows if r["task"] == task and r.get("ratio") == ratio
+                       and r["row"] == "Torch-Pruning L2"), None)
+            if tp is not None:
+                kind = tp.get("class") or harness.failure_class({"status": "error", "reason": tp.get("error", "")})
+                cells.append(f"Torch-Pruning L2 {tp[key]:.3g}" if key in tp else
+                             f"Torch-Pruning L2 {kind} ({tp.get('error', '')})")
+            where = f" at ratio {ratio}" if ratio is not None else ""
+            parts.append(f"{SHORT[task]}{where}: " + ", ".join(cells))
+    return "; ".join(parts) + "."
+
+
 def render(runs: list[dict]) -> str:
     """The report of the log's last run, one table per task (a row that failed says why, with its class)."""
     run = runs[-1]

@@ -11,6 +11,7 @@ Run it after the scripts (see each script's docstring for its command)::
 
     python benchmarks/results.py              # rebuild every report from its log, then RESULTS.md
     python benchmarks/results.py --check      # rebuild in memory and fail if a committed report differs
+    python benchmarks/results.py --readme     # also the README's "Against Torch-Pruning" bullets, from the logs
 
 Example of the header it writes::
 
@@ -35,7 +36,8 @@ REPORTS = [
     ("coverage.md", "coverage.jsonl", "coverage", "Coverage", "python benchmarks/coverage.py --jobs 2"),
     ("speed.md", "speed.jsonl", "speed", "Speed and memory", "python benchmarks/speed.py"),
     ("latency_cpu.md", "latency_cpu.jsonl", "latency", "Latency on CPU", "python benchmarks/latency.py"),
-    ("latency_cuda.md", "latency_cuda.jsonl", "latency", "Latency on GPU", "python benchmarks/latency.py --device cuda"),
+    ("latency_cuda.md", "latency_cuda.jsonl", "latency", "Latency on GPU",
+     "python benchmarks/latency.py --device cuda"),
     ("quality.md", "quality.jsonl", "quality", "Quality without retraining", "python benchmarks/quality.py"),
     ("calibration_memory.md", "calibration_memory.jsonl", "calibration_memory",
      "Calibration statistics of a 1B LLaMA", "python benchmarks/calibration_memory.py"),
@@ -43,10 +45,12 @@ REPORTS = [
      "python benchmarks/scale.py --plan-70b"),
     ("checkpoint_streaming.md", "checkpoint_streaming.jsonl", "checkpoint_streaming",
      "prune_checkpoint on random LLaMA checkpoints",
-     "python benchmarks/checkpoint_streaming.py --sizes 1b,7b --torch-pruning --out benchmarks/checkpoint_streaming.md"),
+     "python benchmarks/checkpoint_streaming.py --sizes 1b,7b --torch-pruning "
+     "--out benchmarks/checkpoint_streaming.md"),
     ("checkpoint_layerwise.md", "checkpoint_layerwise.jsonl", "checkpoint_streaming",
      "Layer-by-layer calibration from checkpoint shards",
-     "python benchmarks/checkpoint_streaming.py --sizes 1b --calibration 4x128 --out benchmarks/checkpoint_layerwise.md"),
+     "python benchmarks/checkpoint_streaming.py --sizes 1b --calibration 4x128 "
+     "--out benchmarks/checkpoint_layerwise.md"),
     ("isomorphic_minilm.md", "isomorphic_minilm.jsonl", "isomorphic_minilm", "Isomorphic global ranking on MiniLM",
      "python benchmarks/isomorphic_minilm.py --ratios 0.3 --target-params 0.85,0.7 --importances l2,activation"),
     ("hf_sweep.md", "hf_sweep.jsonl", "hf_sweep", "Hugging Face model types: every fxprune check, and Torch-Pruning",
@@ -64,6 +68,47 @@ REPORTS = [
     ("RESULTS_targets.md", "RESULTS_targets.jsonl", "targets", "MACs and parameter targets",
      "python benchmarks/targets.py"),
 ]
+
+
+# the README's "Against Torch-Pruning" bullets: (bold title, report, its log, the script whose summary() says it)
+README_BULLETS = [
+    ("Coverage", "coverage.md", "coverage.jsonl", "coverage"),
+    ("Hugging Face breadth", "hf_sweep.md", "hf_sweep.jsonl", "hf_sweep"),
+    ("Why Torch-Pruning times out", "tp_hang.md", "tp_hang.jsonl", "tp_hang"),
+    ("Speed and memory", "speed.md", "speed.jsonl", "speed"),
+    ("Latency of the pruned models (fxprune alone)", "latency_cpu.md", "latency_cpu.jsonl", "latency"),
+    ("Quality without retraining", "quality.md", "quality.jsonl", "quality"),
+]
+BEGIN, END = "<!-- benchmarks:begin (python benchmarks/results.py --readme) -->", "<!-- benchmarks:end -->"
+
+
+def readme_block(folder: Path) -> str:
+    """The bullets between the README's markers: each generated from its log by its script's ``summary(runs)``,
+    naming the report, the command and the date of the run (or saying that the log is missing)."""
+    import harness
+
+    lines = []
+    for title, report, log, script in README_BULLETS:
+        if not (folder / log).exists():
+            lines.append(f"- **{title}**: not measured yet (`{log}` is missing).")
+            continue
+        runs = harness.read_runs(folder / log)
+        header = runs[-1]["header"] or runs[-1]["rows"][-1]  # latency's rows name their command themselves
+        source = f"`{header['command']}`, {header['started']}" if header.get("command") else \
+            "run before logs named their command"
+        module = importlib.import_module(script)
+        text = (getattr(module, "readme_summary", None) or module.summary)(runs)
+        lines.append(f"- **{title}** ([{report}](benchmarks/{report}); {source}): {text}")
+    return "\n".join(lines)
+
+
+def write_readme(readme: Path, folder: Path) -> None:
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{readme} has no {BEGIN} ... {END} block to fill")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{BEGIN}\n{readme_block(folder)}\n{END}{tail}")
 
 
 def _memory_gib() -> str:
@@ -126,6 +171,8 @@ def main(argv=None) -> int:
     parser.add_argument("--folder", default=str(HERE), help="where the reports and logs are (default benchmarks/)")
     parser.add_argument("--notes", help="a markdown file whose text goes under the header (conditions, caveats)")
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    parser.add_argument("--readme", nargs="?", const=str(HERE.parent / "README.md"), metavar="README",
+                        help="also fill the README's generated block (default README.md) from the logs")
     parser.add_argument("--check", action="store_true",
                         help="write nothing; fail if a committed report is not what its log renders")
     args = parser.parse_args(argv)
@@ -139,6 +186,9 @@ def main(argv=None) -> int:
     notes = Path(args.notes).read_text() if args.notes else ""
     Path(args.out).write_text(assemble(folder, texts, notes))
     print(f"rebuilt {', '.join(texts)}; wrote {args.out}")
+    if args.readme:
+        write_readme(Path(args.readme), folder)
+        print(f"filled the generated block of {args.readme}")
     return 0
 
 

@@ -261,6 +261,28 @@ def ratios(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary(runs: list[dict]) -> str:
+    """The README's sentence on this report: per case, the medians of both libraries."""
+    rows = median_rows(runs[-1]["rows"])
+    by = {(r["case"], r["library"]): r for r in rows}
+    repeats = sorted({r["repeats"] for r in rows})
+    parts = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        fx, tp = by.get((case, "fxprune"), {}), by.get((case, "torch-pruning"), {})
+        cells = []
+        for key, label, unit, digits in (("analysis_s", "analysis", "s", 2), ("prune_s", "prune", "s", 2),
+                                         ("prune_rss_mb", "prune peak RSS", "MB", 0)):
+            if key in fx or key in tp:
+                mine = f"{fx[key]:.{digits}f}" if key in fx else "failed"
+                theirs = f"{tp[key]:.{digits}f}" if key in tp else ("failed" if tp else "not run")
+                cells.append(f"{label} {mine} {unit} against {theirs}")
+        if "analysis_error" in tp:
+            cells.append(f"Torch-Pruning: {tp['analysis_error']}")
+        parts.append(f"{case}: " + ", ".join(cells))
+    return (f"fxprune against Torch-Pruning, medians of {'/'.join(map(str, repeats))} repeats: "
+            + "; ".join(parts) + ".")
+
+
 def render(runs: list[dict]) -> str:
     """The report of the log's last run: the median of each quantity over its repeats."""
     run = runs[-1]
