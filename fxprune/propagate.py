@@ -68,6 +68,7 @@ def propagate(gm: fx.GraphModule, example_inputs) -> None:
             )
     for node in gm.graph.nodes:
         node.meta.pop("val", None)
+        node.meta.pop("fxprune_concrete", None)
     with attributes_restored(gm):  # a leaf module's forward may cache on self: not these stand-ins
         _propagate(gm, example_inputs)
 
@@ -277,7 +278,8 @@ class _RealValues(_MutableArgs, fx.Interpreter):
                 f"{describe_node(node)} reads tensor values ({reason}): fxprune runs such nodes for real on the "
                 f"example inputs, so it needs real tensors (and real weights), not shapes, meta or fake tensors: "
                 f"pass example_inputs=(torch.randn(...),)")
-        for placeholder, value in zip(self.graph.find_nodes(op="placeholder"), self.inputs):
+        inputs = self.graph.process_inputs(*self.inputs)  # as Interpreter.run binds them (an export's pytree)
+        for placeholder, value in zip(self.graph.find_nodes(op="placeholder"), inputs):
             self.env[placeholder] = value
 
 
