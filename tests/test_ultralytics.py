@@ -31,9 +31,10 @@ if importlib.util.find_spec("ultralytics") is None:
 IMAGE = (1, 3, 64, 64)
 
 
-@pytest.fixture(scope="module")
-def yolo():
-    """ultralytics' ``YOLO`` class, imported offline (its import checks DNS unless YOLO_OFFLINE is set)."""
+@pytest.fixture
+def yolo(no_network):
+    """ultralytics' ``YOLO`` class, imported offline (its import checks DNS unless YOLO_OFFLINE is set); the first
+    test's import runs inside ``no_network``'s watch."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
     from ultralytics import YOLO
 
@@ -52,7 +53,7 @@ def _cached_fakes(model: torch.nn.Module) -> list[str]:
 
 
 @pytest.mark.parametrize("yaml", ["yolov8n.yaml", "yolo11n.yaml"])
-def test_detection_model_prunes_exactly(yolo, yaml, no_network):
+def test_detection_model_prunes_exactly(yolo, yaml):
     model = detector(yolo, yaml)
     x = torch.randn(IMAGE)
     with pytest.warns(UserWarning, match=r"read tensor values.*'item'.*run for real on the example inputs"):
@@ -66,7 +67,7 @@ def test_detection_model_prunes_exactly(yolo, yaml, no_network):
     assert not _cached_fakes(model)
 
 
-def test_prune_as_users_call_it(yolo, no_network):
+def test_prune_as_users_call_it(yolo):
     model = detector(yolo, "yolov8n.yaml")
     x = torch.randn(IMAGE)
     before = copy.deepcopy(model)(x)  # not the model itself: its first call caches anchors the export would reuse
