@@ -62,7 +62,7 @@ def write(folder: str, size: str) -> dict:
     import torch
     import transformers
 
-    from fxprune.io import meta_model, write_shards
+    from fxprune.io.checkpoint import meta_model, write_shards
 
     spec = dict(SIZES[size])
     shard = spec.pop("shard")

@@ -192,7 +192,7 @@ class Case:
         """(MACs of one image / one sequence of ``seq`` tokens, parameters)."""
         params = sum(p.numel() for p in model.parameters())
         if not self.llama:
-            from fxprune.macs import count
+            from fxprune.analysis.macs import count
 
             return count(model, (self.example(),))[0], params
         return llama_macs(model, self.seq), params

@@ -114,7 +114,7 @@ def measure(name: str, size: int | None = None, oracle: bool = True) -> dict:
     import torch
 
     import fxprune
-    import fxprune.macs
+    import fxprune.analysis.macs
     from fxprune.testing import plant_dead_units
 
     torch.set_grad_enabled(False)
@@ -128,14 +128,14 @@ def measure(name: str, size: int | None = None, oracle: bool = True) -> dict:
     except Exception as exc:  # fxprune would fall back to torch.export; the issue lists these in the README
         row.update(status="untraceable", reason=f"symbolic_trace: {type(exc).__name__}: {_first_line(exc)}")
         return row
-    macs0, params0 = fxprune.macs.count(model, (x,))
+    macs0, params0 = fxprune.analysis.macs.count(model, (x,))
     reference = model(x)
     t = time.perf_counter()
     pruned = fxprune.prune(model, RATIO, example_inputs=(x,))
     row["prune_s"] = time.perf_counter() - t
     out = pruned(x)
     row["shape"], row["expected_shape"] = list(out.shape), list(reference.shape)
-    macs1, params1 = fxprune.macs.count(pruned, (x,))
+    macs1, params1 = fxprune.analysis.macs.count(pruned, (x,))
     row.update(macs=macs0, params=params0, macs_pruned=macs1, params_pruned=params1,
                macs_kept=macs1 / macs0, params_kept=params1 / params0)
     del pruned, out

@@ -15,7 +15,7 @@ def skip_unless_symbolically_traceable(model: nn.Module) -> None:
     (``torch.reshape(x, (B, N, 2, 4))``, ``F.avg_pool2d(y, window)``); fxprune then captures with
     torch.export, whose graph such tests do not describe.
     """
-    from fxprune.capture import _Tracer
+    from fxprune.analysis.capture import _Tracer
 
     try:
         _Tracer().trace(model)

@@ -133,7 +133,7 @@ class ActivationCriterion(Criterion):
         """The group's scores from its members' parts (``unit_scores`` of the consumer a member is the input axis
         of; None for other members), summed in member order and normalised; ``fallback()`` (L2 magnitude) when
         no member is a calibrated consumer's input. The layer-by-layer checkpoint pass
-        (:mod:`fxprune.io.layerwise`) fills ``parts`` one decoder layer at a time and combines them here.
+        (:mod:`fxprune.io.checkpoint.layerwise`) fills ``parts`` one decoder layer at a time and combines them here.
 
         Example::
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_map
 from tqdm.auto import tqdm
 
-from fxprune.capture import is_hf_model, split_inputs
+from fxprune.analysis.capture import is_hf_model, split_inputs
 
 LOSSES = ("auto", "kl", "mse")
 

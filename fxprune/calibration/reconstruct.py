@@ -38,7 +38,7 @@ import torch
 
 from fxprune.calibration.consumers import calibrated_consumers
 from fxprune.calibration.statistics import collect_statistics
-from fxprune.rewrite import Sizes, kept_units
+from fxprune.rewriting.rewrite import Sizes, kept_units
 
 DAMPING = 1e-4
 

@@ -223,7 +223,7 @@ class StagePairs:
     """The float64 cross-Gram ``sum x~_o x~_p^T`` and Gram ``sum x~_p x~_p^T`` of one stage's consumers, fed one
     batch at a time (the original graph's inputs first, then the pruned graph's, paired call by call), and the
     refit they give. Shared by :func:`run_sequential` (whole graphs) and the layer-by-layer refit of a checkpoint
-    (:mod:`fxprune.io.layerwise`: one decoder layer at a time).
+    (:mod:`fxprune.io.checkpoint.layerwise`: one decoder layer at a time).
 
     Example::
 

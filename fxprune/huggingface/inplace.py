@@ -36,11 +36,11 @@ import torch.nn as nn
 
 from fxprune.errors import FxPruneError, describe_node
 from fxprune.huggingface.attention_sites import attention_sites, update_head_counts
-from fxprune.huggingface.constants import attributes_from_constants
+from fxprune.huggingface.restated_sizes import attributes_from_constants
 from fxprune.huggingface.rebuild import differences
 from fxprune.huggingface.experts import (expert_widths, is_experts, is_router, update_expert_attributes,
                                 update_expert_count, update_router_attributes)
-from fxprune.layout import Cat, Prod
+from fxprune.algebra.layout import Cat, Prod
 
 # Attribute names the transformers model families use for projections and head counts.
 # GPT-2 projects with Conv1D (weight stored (in, out)); its self-attention's c_attn holds q|k|v side by side,
@@ -452,7 +452,7 @@ def _follow_rebuild(model: nn.Module, found, changed: dict, decided=frozenset())
     ``embed_dim`` and its positions' ``embedding_dim``): they restate that width, which no tensor of their
     module shows (``changed``: old -> new sizes; several when widths of the same size were pruned apart: a
     hidden size and a query width both 64). Not followed: the attributes the rewritten graph ``decided``
-    (:mod:`fxprune.huggingface.constants`). Returns ``found`` without those followed, and
+    (:mod:`fxprune.huggingface.restated_sizes`). Returns ``found`` without those followed, and
     ``{"module.attr": value before}`` of those followed: a guess, which :func:`prune_in_place` takes back
     (:func:`unfollow`) when the model then computes something else than the pruned graph."""
     def restates(mine, theirs) -> bool:

@@ -37,7 +37,7 @@ import torch
 
 from fxprune.importance.base import Criterion, as_scores
 from fxprune.importance.bn_scale import BNScale
-from fxprune.importance.calibration import calibrate, classification_loss
+from fxprune.importance.loss_gradients import calibrate, classification_loss
 from fxprune.importance.fpgm import FPGM
 from fxprune.importance.gradient import Hessian, Taylor
 from fxprune.importance.magnitude import LAMP, Magnitude, unit_scores

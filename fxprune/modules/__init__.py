@@ -1,7 +1,7 @@
 """Modules for shapes the torch originals cannot hold, and that pruned graphs call instead of a decomposition.
 
 Analysis decomposes a fused module (``nn.MultiheadAttention``) into functional ops so
-that the axis algebra can see its heads (:mod:`fxprune.decompose`); after rewriting, the
+that the axis algebra can see its heads (:mod:`fxprune.analysis.decompose`); after rewriting, the
 ``recompose`` pass puts a module back so that the pruned model keeps the fused kernels.
 When the pruned widths still fit the torch class, that class is used; when they do not
 (pruned heads with the residual width kept, say), the module put back is one of the

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from fxprune.context import TensorRef
+from fxprune.algebra.context import TensorRef
 from fxprune.rules import attention, conv, elementwise, linear, misc, norm, reduction, segments, shape, spatial
 from fxprune.rules.registry import register
 

@@ -21,7 +21,7 @@ import operator
 
 import torch
 
-from fxprune.context import TensorRef
+from fxprune.algebra.context import TensorRef
 from fxprune.rules import constants
 from fxprune.rules.segments import mask_select
 from fxprune.rules.registry import aten_overloads, register

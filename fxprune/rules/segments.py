@@ -12,7 +12,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from fxprune.context import TensorRef, tensor_value
+from fxprune.algebra.context import TensorRef, tensor_value
 from fxprune.rules import misc
 from fxprune.rules.registry import register
 

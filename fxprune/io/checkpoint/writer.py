@@ -23,7 +23,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from fxprune.io.shards import INDEX
+from fxprune.io.checkpoint.shards import INDEX
 
 
 def write_shards(folder, specs: dict, produce, max_shard_size="5GB", progress=None) -> list[str]:

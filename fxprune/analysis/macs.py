@@ -43,10 +43,10 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxprune.capture import EXPORTED, capture, flat_inputs
-from fxprune.propagate import propagate, reuse_export_values
+from fxprune.analysis.capture import EXPORTED, capture, flat_inputs
+from fxprune.analysis.propagate import propagate, reuse_export_values
 from fxprune.rules.registry import by_function
-from fxprune.shapes import GraphShapes, PlannedShapes
+from fxprune.analysis.shapes import GraphShapes, PlannedShapes
 
 aten = torch.ops.aten
 

@@ -21,8 +21,8 @@ import networkx as nx
 import numpy as np
 import torch.fx as fx
 
-from fxprune.context import AnalysisState
-from fxprune.layout import Atom, Cat, Prod, decode
+from fxprune.algebra.context import AnalysisState
+from fxprune.algebra.layout import Atom, Cat, Prod, decode
 
 
 @dataclass

@@ -34,7 +34,7 @@ class Measurement:
 def measure(model, example_inputs, kwargs=None, runs: int = 10, threads: int | None = None,
             progress=None) -> Measurement:
     """Parameters, MACs and median CPU latency of ``model(*example_inputs, **kwargs)``."""
-    from fxprune.macs import count
+    from fxprune.analysis.macs import count
 
     params = sum(p.numel() for p in model.parameters())
     note = ""

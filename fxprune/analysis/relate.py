@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch.fx as fx
 from torch.nn.utils import parametrize
 
-from fxprune.context import AnalysisState, RuleContext, tensor_value
+from fxprune.algebra.context import AnalysisState, RuleContext, tensor_value
 from fxprune.errors import FxPruneError
 from fxprune.rules import lookup
 

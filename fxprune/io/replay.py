@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 
 from fxprune.errors import PlanError
-from fxprune.plan_io import PruningPlan
+from fxprune.io.plans import PruningPlan
 
 
 def replay(plan, model, example_inputs=None, *, kwargs=None, inplace: bool | None = None):

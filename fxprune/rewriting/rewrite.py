@@ -1,7 +1,7 @@
 """Rewrite: slice parameters and buffers, resize module attributes, recompute shape constants.
 
 Everything is driven by the solved layouts: a tensor axis keeps the flat
-indices :func:`fxprune.layout.kept_indices` returns; a shape constant (a view
+indices :func:`fxprune.algebra.layout.kept_indices` returns; a shape constant (a view
 size, a split list, ``in_channels``, ``num_groups`` ...) becomes the new size of
 its layout. A constant whose size does not change is left exactly as written,
 so ``-1``, ``x.size(0)`` and other symbolic sizes survive.
@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from fxprune.errors import PlanError
-from fxprune.layout import kept_indices, new_size
+from fxprune.algebra.layout import kept_indices, new_size
 
 
 class Sizes:

@@ -11,12 +11,12 @@ import torch
 import torch.fx as fx
 
 from fxprune.errors import ShapeError
-from fxprune.propagate import propagate
+from fxprune.analysis.propagate import propagate
 
 
 def output_shapes(gm: fx.GraphModule, free=()) -> list:
     """The shape of every graph output, in order; None for the nodes named in ``free`` (their shapes may change:
-    :func:`fxprune.relate.relate`'s ``free_outputs``)."""
+    :func:`fxprune.analysis.relate.relate`'s ``free_outputs``)."""
     out = gm.graph.find_nodes(op="output")[0]
     shapes = []
     fx.node.map_arg(out.args, lambda n: shapes.append(None if n.name in free else _shape(n.meta.get("val"))) or n)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from fxprune.layout import new_size
+from fxprune.algebra.layout import new_size
 
 
 class GraphShapes:
@@ -55,7 +55,7 @@ class PlannedShapes(GraphShapes):
 
     def __init__(self, dg, removal: dict):
         super().__init__(dg.gm)
-        from fxprune.rewrite import kept_units  # validates the plan exactly as rewrite will
+        from fxprune.rewriting.rewrite import kept_units  # validates the plan exactly as rewrite will
 
         self.dg = dg
         self.kept = kept_units(dg, removal)

@@ -49,8 +49,8 @@ import torch.nn as nn
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils._pytree import treespec_dumps, treespec_loads
 
-from fxprune.capture import PRESERVED
-from fxprune.jsonvalue import SerializationError, decode_with, encode, import_object, qualified_name
+from fxprune.analysis.capture import PRESERVED
+from fxprune.io.jsonvalue import SerializationError, decode_with, encode, import_object, qualified_name
 
 FORMAT = "fxprune-graphmodule"
 VERSION = 1
@@ -106,7 +106,7 @@ def load(directory, device="cpu") -> fx.GraphModule:
     for key, value in root.meta.get(PRESERVED, {}).items():  # attributes the user set on the model's root
         setattr(root, key, value)
     if (directory / PLAN_FILE).is_file():
-        from fxprune.plan_io import PruningPlan
+        from fxprune.io.plans import PruningPlan
 
         root.meta[PLAN_META] = PruningPlan.load(directory / PLAN_FILE)
     return root

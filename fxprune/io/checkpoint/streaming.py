@@ -4,20 +4,20 @@
    analysed as in-place pruning analyses it (:func:`fxprune.analyze` with ``inplace=True``: whole
    heads, kv heads, MLP units, hidden size).
 2. Units are scored by a magnitude criterion one checkpoint tensor at a time
-   (:mod:`fxprune.io.scores`), and planned by the ``plan`` and ``check`` passes of
+   (:mod:`fxprune.io.checkpoint.scores`), and planned by the ``plan`` and ``check`` passes of
    :func:`fxprune.prune` (alignment steps, ``ratios``, global ranking, MACs/parameter targets counted
    without weights), so the plan is the one ``fxprune.prune(loaded, ratio, inplace=True)`` makes. Or
    ``plan=`` gives it.
-3. The meta model is pruned in place (:func:`fxprune.hf_inplace.prune_in_place`, without running it): its new
+3. The meta model is pruned in place (:func:`fxprune.huggingface.inplace.prune_in_place`, without running it): its new
    shapes check every written tensor, and its updated config (with ``fxprune_shapes`` when widths are
    not uniform) is saved.
 4. Every tensor is read again, sliced along its pruned axes to the kept indices
-   (:func:`fxprune.rewrite.changed_axes`, the rewrite pass's own) and written shard by shard
-   (:mod:`fxprune.io.writer`). A tied ``lm_head`` is sliced like the embedding it shares.
+   (:func:`fxprune.rewriting.rewrite.changed_axes`, the rewrite pass's own) and written shard by shard
+   (:mod:`fxprune.io.checkpoint.writer`). A tied ``lm_head`` is sliced like the embedding it shares.
 
 With ``calibration`` batches, data-aware criteria (``"activation"``, ``"wanda"``, ``"obs"``) and
-``reconstruct=True`` run the model one decoder layer at a time (:mod:`fxprune.io.layerwise`): the meta graph is
-cut into its repeated blocks, each block's tensors are read from the shards only while the batches' hidden
+``reconstruct=True`` run the model one decoder layer at a time (:mod:`~fxprune.io.checkpoint.layerwise`): the meta
+graph is cut into its repeated blocks, each block's tensors are read from the shards only while the batches' hidden
 states go through it, and the refit (sequential, on the pruned model's own inputs) of each block's layers is
 kept in a temporary file until the shards are written. Peak memory then: about one decoder layer's weights
 (original and pruned), the calibration hidden states and one layer's statistics.
@@ -43,16 +43,18 @@ from pathlib import Path
 
 import torch
 
+from fxprune.api import check_prune_settings
 from fxprune.huggingface import inplace as hf_inplace
 from fxprune.errors import FxPruneError
-from fxprune.io.scores import stream_scores, streamed_criterion
-from fxprune.io.shards import INDEX, Checkpoint
+from fxprune.io.checkpoint.scores import stream_scores, streamed_criterion
+from fxprune.io.checkpoint.shards import INDEX, Checkpoint
 from fxprune.calibration.reconstruct import DAMPING
-from fxprune.io.writer import write_shards
+from fxprune.io.checkpoint.writer import write_shards
 from fxprune.importance import Magnitude, resolve_importance
-from fxprune.plan_io import PruningPlan
-from fxprune.rewrite import Sizes, changed_axes, kept_units, rewrite, sliced
-from fxprune.verify import verify
+from fxprune.io.plans import PruningPlan
+from fxprune.pipeline import ANALYSIS, PRUNING, Job, Settings, run
+from fxprune.rewriting.rewrite import Sizes, changed_axes, kept_units, rewrite, sliced
+from fxprune.rewriting.verify import verify
 
 # weights in formats this module does not rewrite: never copied next to the pruned shards
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
@@ -82,7 +84,7 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
     terminal.
 
     ``calibration`` (a list of batches of model inputs: tensors, tuples or dicts of keyword tensors, as for
-    :func:`fxprune.prune`) runs the model one decoder layer at a time (:mod:`fxprune.io.layerwise`) for
+    :func:`fxprune.prune`) runs the model one decoder layer at a time (:mod:`fxprune.io.checkpoint.layerwise`) for
     ``importance="activation"``, ``"wanda"`` or ``"obs"`` (every group, the hidden size included, scored as in
     memory; the plan is ``fxprune.prune``'s with the same batches) and for ``reconstruct=True``: the layers that
     lose input columns are refit sequentially, each on the pruned model's own inputs after the layers before it
@@ -100,8 +102,6 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
         >>> fxprune.prune_checkpoint("llama", "llama-refit", ratio=0.3, importance="activation",
         ...                          calibration=[ids[i:i + 4] for i in range(0, 32, 4)], reconstruct=True)
     """
-    from fxprune.api import ANALYSIS, PRUNING, Job, check_prune_settings, run  # api imports the io package
-
     src, out = Path(src_dir), Path(out_dir)
     checkpoint, config = _open(src, out)
     if plan is not None and (ratio is not None or target_macs is not None or target_params is not None):
@@ -122,14 +122,15 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
     # with calibration, the graph is captured with the first batch (dynamic sizes, as fxprune.prune does), so
     # that every batch runs through it
     example = (torch.zeros(1, EXAMPLE_LENGTH, dtype=torch.long),) if calibration is None else calibration[0]
-    job = Job(model, example, importance=importance, ignore=tuple(ignore), round_to=round_to, inplace=True,
-              global_pruning=bool(global_pruning), isomorphic=bool(isomorphic), ratios=ratios, ratio=ratio,
-              target=target, max_ratio=max_ratio, calibration=calibration)
+    asked = Settings(ratio=ratio, importance=importance, ignore=tuple(ignore), round_to=round_to, inplace=True,
+                     global_pruning=bool(global_pruning), isomorphic=bool(isomorphic), max_ratio=max_ratio,
+                     ratios=ratios, target=target, calibration=calibration)
+    job = Job(model, example, settings=asked)
     dg = run(job, ANALYSIS).dg
     aliases = _tied_names(model, checkpoint)
     weights = None
     if calibration is not None:
-        from fxprune.io.layerwise import Weights
+        from fxprune.io.checkpoint.layerwise import Weights
 
         weights = Weights(checkpoint, aliases, _missing_buffers(dg.gm, model, checkpoint, aliases), device or "cpu")
     if plan is not None:
@@ -137,7 +138,7 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
     elif isinstance(criterion, Magnitude):
         job.scores = stream_scores(dg, dg.prunable_groups, criterion, checkpoint, aliases, progress)
     else:
-        from fxprune.io.layerwise import layerwise_scores
+        from fxprune.io.checkpoint.layerwise import layerwise_scores
 
         job.scores = layerwise_scores(dg, weights, calibration, criterion, device or "cpu", progress)
     if plan is None:
@@ -247,7 +248,7 @@ def _refit(dg, removal, weights, calibration, cut, damping, device, out: Path, p
     folder inside ``out`` as soon as the block is done; returns the folder (a ``TemporaryDirectory``)."""
     from safetensors.torch import save_file
 
-    from fxprune.io.layerwise import layerwise_refit
+    from fxprune.io.checkpoint.layerwise import layerwise_refit
 
     out.mkdir(parents=True, exist_ok=True)
     folder = tempfile.TemporaryDirectory(prefix=".fxprune-refit-", dir=out)

@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from fxprune.errors import FxPruneError, describe_node
-from fxprune.layout import Atom, Cat, Prod, Solver
+from fxprune.algebra.layout import Atom, Cat, Prod, Solver
 
 
 # aten schemas name arguments differently from torch's Python functions

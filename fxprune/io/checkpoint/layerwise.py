@@ -1,6 +1,6 @@
 """Calibration of a checkpoint one decoder layer at a time: data-aware scores and the sequential refit.
 
-The captured graph of the meta model is cut into segments (:mod:`fxprune.io.segments`: the head, one per
+The captured graph of the meta model is cut into segments (:mod:`fxprune.io.checkpoint.blocks`: the head, one per
 decoder layer, the tail). A segment's tensors are read from the shards (:class:`Weights`, one tensor at a time,
 cast to the graph's dtype), the calibration batches' carried values (hidden states, position embeddings,
 masks: every value that crosses the segment's end) are pushed through it, and its tensors are dropped before
@@ -18,7 +18,7 @@ magnitude, as in memory. The statistics are those of the original model, so the 
 
 Refit (:func:`layerwise_refit`): sequential, as SparseGPT's and Wanda's pipelines do and as
 ``fxprune.prune(..., reconstruct=True, sequential=True)`` does: two streams of carried values go through the
-segments, the original model's and the pruned model's (the pruned graph, :func:`fxprune.rewrite.rewrite` of
+segments, the original model's and the pruned model's (the pruned graph, :func:`fxprune.rewriting.rewrite.rewrite` of
 the meta graph, fed with the sliced tensors). In each segment its losing consumers are refit stage by stage
 (:func:`fxprune.calibration.sequential.stages_of`, :class:`~fxprune.calibration.sequential.StagePairs`): each
 fed with the pruned stream's inputs, after every consumer before it was refit, to reproduce the original
@@ -47,7 +47,7 @@ from fxprune.calibration.sequential import StagePairs, _pruned_calls, stages_of
 from fxprune.calibration.statistics import record_input
 from fxprune.importance import Magnitude, named_tensors
 from fxprune.importance.slices import unit_indices
-from fxprune.io.segments import SegmentRunner, segments_of
+from fxprune.io.checkpoint.blocks import SegmentRunner, segments_of
 
 
 class Weights:
@@ -153,7 +153,7 @@ def _magnitude(dg, groups, weights: Weights) -> dict:
     """L2 magnitude scores of groups with no calibrated consumer (the criteria's fallback), one tensor at a time."""
     if not groups:
         return {}
-    from fxprune.io.scores import stream_scores
+    from fxprune.io.checkpoint.scores import stream_scores
 
     return stream_scores(dg, groups, Magnitude(2), weights.checkpoint, weights.aliases, progress=False)
 

@@ -1,4 +1,4 @@
-"""Decompose modules that cannot hold pruned shapes into their functional graph; recompose them after rewriting.
+"""Decompose modules that cannot hold pruned shapes into their functional graph (recomposed after rewriting).
 
 ``nn.MultiheadAttention`` has one ``embed_dim`` for the hidden size *and* for
 heads x head_dim, so it cannot express a pruned head count on its own. Each call
@@ -20,8 +20,8 @@ Every node made here carries ``node.meta["fxprune_decomposed"]`` =
 module's qualified name, which of its calls, the call's arguments (graph nodes
 by name), the module's configuration, and the node's role
 (``"q_heads"``/``"k_heads"``/``"v_heads"`` for the unflatten nodes, ``"out"``,
-``"weights"``, else None). After rewriting, :func:`recompose` reads it to put
-each call back as one module call over the sliced parameters: an
+``"weights"``, else None). After rewriting, :func:`fxprune.rewriting.recompose.recompose`
+reads it to put each call back as one module call over the sliced parameters: an
 ``nn.MultiheadAttention`` when the pruned widths still fit it, else a
 :class:`~fxprune.modules.PrunedMultiheadAttention` (a subclass with its own
 query/inner/output widths and scale), so the pruned model keeps the fused path.
@@ -41,7 +41,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxprune.modules.attention import PrunedMultiheadAttention, merge_masks
+from fxprune.modules.attention import merge_masks
 from fxprune.rules.registry import register
 
 
@@ -56,8 +56,6 @@ def merge_masks_rule(r) -> None:
 
 
 DECOMPOSED = "fxprune_decomposed"  # node.meta key: which module call a node was decomposed from (see above)
-# the classes recompose puts back; a user's own subclass (its forward may differ) stays decomposed
-_RECOMPOSABLE = (nn.MultiheadAttention, PrunedMultiheadAttention)
 
 
 def decompose(gm: fx.GraphModule) -> bool:
@@ -178,108 +176,3 @@ def _config(m: nn.MultiheadAttention) -> dict:
     return {"class": type(m), "embed_dim": m.embed_dim, "num_heads": m.num_heads, "head_dim": m.head_dim,
             "kdim": m.kdim, "vdim": m.vdim, "dropout": m.dropout, "batch_first": m.batch_first,
             "bias": m.in_proj_bias is not None, "scale": getattr(m, "scale", None)}
-
-
-# -- recompose: after rewriting, one module call again ---------------------
-
-def recompose(gm: fx.GraphModule) -> bool:
-    """Put every decomposed call back as one (resized) module call where it can be; True if the graph changed.
-
-    Run on the rewritten graph: parameters are sliced and the ``unflatten`` head
-    shapes rewritten, so the pruned widths are read from them. A call stays
-    decomposed (still correct, only not fused) when no module holds its widths:
-    q/k and v head dims pruned apart, or a user's own MultiheadAttention subclass.
-    """
-    calls: dict[tuple, tuple[dict, list]] = {}
-    for node in gm.graph.nodes:
-        tag = node.meta.get(DECOMPOSED)
-        if tag is not None:
-            call = tag["call"]
-            calls.setdefault((call["module"], call["index"]), (call, []))[1].append(node)
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    built: dict[str, nn.Module] = {}  # a module called more than once is rebuilt once
-    changed = False
-    for call, nodes in calls.values():
-        changed |= _recompose_call(gm, call, sorted(nodes, key=order.__getitem__), built)
-    if changed:
-        gm.graph.lint()
-        gm.recompile()
-    return changed
-
-
-def _recompose_call(gm: fx.GraphModule, call: dict, nodes: list, built: dict) -> bool:
-    roles = {n.meta[DECOMPOSED]["role"]: n for n in nodes if n.meta[DECOMPOSED]["role"]}
-    if call["config"]["class"] not in _RECOMPOSABLE or not {"q_heads", "k_heads", "v_heads", "out"} <= set(roles):
-        return False
-    shapes = [roles[r].args[2] for r in ("q_heads", "k_heads", "v_heads")]
-    if not all(isinstance(s, (tuple, list)) and len(s) == 2 and all(type(i) is int for i in s) for s in shapes):
-        return False
-    if len(set(map(tuple, shapes))) != 1:
-        # head dims pruned to different sizes for q/k and for v (only when the caller prunes head dims): no
-        # MultiheadAttention has two head dims, so this call keeps the functional form: correct, only not fused
-        return False
-    members, outputs = set(nodes), {roles["out"], roles.get("weights")}
-    if any(u not in members for n in nodes if n not in outputs for u in n.users):
-        return False  # something else reads an intermediate result (never made by decompose itself)
-    name = call["module"]
-    module = built.get(name) or _resized_module(gm.get_submodule(name), call["config"], *shapes[0])
-    if module is None:
-        return False
-    if name not in built:
-        owner, _, attr = name.rpartition(".")
-        setattr(gm.get_submodule(owner) if owner else gm, attr, module)
-        built[name] = module
-    g = gm.graph
-    env = {n.name: n for n in g.nodes}
-    a = {k: env[v] if isinstance(v, str) else v for k, v in call["arguments"].items()}
-    weights = roles.get("weights")
-    need_weights = weights is not None and bool(weights.users)  # unused weights: the fast path still runs
-    kwargs = {"key_padding_mask": a["key_padding_mask"], "need_weights": need_weights, "attn_mask": a["attn_mask"]}
-    if need_weights and not a["average_attn_weights"]:
-        kwargs["average_attn_weights"] = False
-    if a["is_causal"]:
-        kwargs["is_causal"] = True
-    with g.inserting_after(nodes[-1]):
-        fused = g.call_module(name, (a["query"], a["key"], a["value"]), kwargs)
-    if roles["out"].meta.get("stack_trace"):
-        fused.meta["stack_trace"] = roles["out"].meta["stack_trace"]
-    results = [(roles["out"], 0)] + ([(weights, 1)] if need_weights else [])
-    for old, i in reversed(results):
-        with g.inserting_after(fused):
-            old.replace_all_uses_with(g.call_function(operator.getitem, (fused, i)),
-                                      delete_user_cb=lambda user: user not in members)
-    for n in reversed(nodes):
-        g.erase_node(n)
-    return True
-
-
-def _resized_module(m: nn.MultiheadAttention, config: dict, heads: int, head_dim: int) -> nn.Module | None:
-    """``nn.MultiheadAttention`` if the pruned widths fit it, else a PrunedMultiheadAttention; same parameters."""
-    inner = heads * head_dim
-    packed = m.in_proj_weight is not None
-    projections = [m.in_proj_weight] if packed else [m.q_proj_weight, m.k_proj_weight, m.v_proj_weight]
-    widths = [projections[0].shape[1]] * 3 if packed else [w.shape[1] for w in projections]
-    rows = [w.shape[0] for w in projections]
-    bias = m.in_proj_bias is not None
-    if rows != ([3 * inner] if packed else [inner] * 3) or m.out_proj.weight.shape[1] != inner or \
-            (m.out_proj.bias is not None) != bias:
-        return None
-    out_dim = m.out_proj.weight.shape[0]
-    default_scale = config["scale"] is None and head_dim == config["head_dim"]
-    scale = config["scale"] if config["scale"] is not None else 1.0 / math.sqrt(config["head_dim"])
-    eq, ek, ev = widths
-    kw = {"dropout": config["dropout"], "bias": bias, "batch_first": config["batch_first"], "device": "meta",
-          "dtype": projections[0].dtype}
-    if eq == out_dim == inner and default_scale and packed == (ek == ev == eq):
-        new = nn.MultiheadAttention(inner, heads, kdim=ek, vdim=ev, **kw)
-    else:
-        new = PrunedMultiheadAttention(eq, heads, head_dim, out_dim, kdim=ek, vdim=ev, packed_in_proj=packed,
-                                       scale=None if default_scale else scale, **kw)
-    for attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias"):
-        if getattr(new, attr) is not None:
-            setattr(new, attr, getattr(m, attr))
-    new.out_proj.weight = m.out_proj.weight
-    if bias:
-        new.out_proj.bias = m.out_proj.bias
-    new.train(m.training)
-    return new

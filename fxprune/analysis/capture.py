@@ -31,7 +31,7 @@ import torch.fx as fx
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils._pytree import tree_leaves, tree_map, tree_structure, tree_unflatten
 
-from fxprune.huggingface.experts_capture import grouped_experts
+from fxprune.analysis.experts_capture import grouped_experts
 from fxprune.errors import CaptureError, ShapeError
 from fxprune.modules import PrunedMultiheadAttention
 

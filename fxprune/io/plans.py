@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from fxprune.errors import PlanError
-from fxprune.jsonvalue import SerializationError, decode_with, encode
+from fxprune.io.jsonvalue import SerializationError, decode_with, encode
 
 FORMAT = "fxprune-plan"
 VERSION = 1

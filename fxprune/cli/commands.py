@@ -13,7 +13,7 @@
 
 MODEL is ``torchvision:NAME``, ``timm:NAME``, ``hf:PATH``, ``module.path:factory``,
 a folder written by ``fxprune.save`` or a ``torch.save``'d model (see
-:mod:`fxprune.model_spec`). ``prune`` writes a folder (``fxprune.save``: JSON and
+:mod:`fxprune.cli.model_spec`). ``prune`` writes a folder (``fxprune.save``: JSON and
 safetensors, no pickle, with ``plan.json``) unless ``--out`` ends in ``.pt``/``.pth``
 (``torch.save`` of the whole module, plus ``NAME.plan.json`` beside it).
 
@@ -228,7 +228,7 @@ def run_prune(args) -> int:
 def run_streaming(args) -> int:
     """``prune hf:DIR --streaming``: the checkpoint pruned shard by shard (:func:`fxprune.prune_checkpoint`)."""
     import fxprune
-    from fxprune.io import Checkpoint
+    from fxprune.io.checkpoint import Checkpoint
 
     folder = _hf_folder(args.model)
     if folder is None:
@@ -309,7 +309,7 @@ def run_replay(args) -> int:
 
 def run_graph(args) -> int:
     import fxprune
-    from fxprune.drawing import draw_groups
+    from fxprune.cli.drawing import draw_groups
 
     with _steps(args, 3) as step:
         loaded = _load(args, step)
@@ -359,7 +359,7 @@ def _prune_options(args) -> dict:
 
 
 def _load(args, step):
-    from fxprune.model_spec import load_model, parse_shape
+    from fxprune.cli.model_spec import load_model, parse_shape
 
     step(f"load {args.model}")
     try:
@@ -413,13 +413,13 @@ def _hf_folder(spec: str):
 
 
 def _is_hf(model) -> bool:
-    from fxprune.capture import is_hf_model
+    from fxprune.analysis.capture import is_hf_model
 
     return is_hf_model(model)
 
 
 def _measure(args, loaded, model, step, label):
-    from fxprune.measure import measure
+    from fxprune.cli.comparison import measure
 
     step(label)
     with _bar(args, args.latency_runs, label) as bar:
@@ -445,7 +445,7 @@ def _save(args, pruned, name: str) -> Path:
 
 
 def _report(loaded, before, after, how: str, out: Path) -> None:
-    from fxprune.measure import comparison_table
+    from fxprune.cli.comparison import comparison_table
 
     print(f"{loaded.name}: {how}, input {_inputs(loaded)}")
     print(comparison_table(before, after))

@@ -151,8 +151,8 @@ def _huggingface(path: str, model_kwargs: dict) -> LoadedModel:
 
 
 def _saved(path: str, model_kwargs: dict) -> LoadedModel:
-    from fxprune.plan_io import plan_of
-    from fxprune.serialize import is_saved_model, load
+    from fxprune.io.plans import plan_of
+    from fxprune.io.serialize import is_saved_model, load
 
     if model_kwargs:
         raise ModelSpecError("--model-kwargs applies to models built by a factory, not to saved models")
@@ -171,7 +171,7 @@ def _saved(path: str, model_kwargs: dict) -> LoadedModel:
                                  "model's code: use module.path:factory and load the weights there)")
         plan_file = os.path.splitext(path)[0] + ".plan.json"
         if os.path.isfile(plan_file):  # pickling a GraphModule drops gm.meta, so fxprune prune writes it beside
-            from fxprune.plan_io import PruningPlan, attach_plan
+            from fxprune.io.plans import PruningPlan, attach_plan
 
             attach_plan(model, PruningPlan.load(plan_file))
     try:

@@ -44,7 +44,7 @@ def streamed_criterion(importance) -> Magnitude:
 
 def stream_scores(dg, groups, criterion: Magnitude, checkpoint, aliases: dict | None = None,
                   progress=None) -> dict:
-    """``{group: scores}`` of ``groups`` from ``checkpoint`` (a :class:`fxprune.io.shards.Checkpoint`).
+    """``{group: scores}`` of ``groups`` from ``checkpoint`` (a :class:`fxprune.io.checkpoint.shards.Checkpoint`).
 
     ``aliases`` maps a graph tensor name the checkpoint lacks to the name it is saved under (a tied
     ``lm_head.weight`` saved as ``model.embed_tokens.weight``). At most one checkpoint tensor is held

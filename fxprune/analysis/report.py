@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fxprune.macs import counted_graph, module_counts
+from fxprune.analysis.macs import counted_graph, module_counts
 
 
 def report(before, after, example_inputs, *, show: bool = True) -> str:
