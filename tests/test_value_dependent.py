@@ -20,7 +20,7 @@ import torch.nn as nn
 
 import fxprune
 from fxprune.errors import ShapeError
-from fxprune.propagate import propagate
+from fxprune.analysis.propagate import propagate
 from fxprune.testing import assert_same_outputs, exported, plant_dead_units
 from tests.models import CachesOnSelf, ReadsValues
 

@@ -39,7 +39,7 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.fx.node import map_aggregate
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from fxprune.capture import attributes_restored
+from fxprune.analysis.capture import attributes_restored
 from fxprune.errors import ShapeError, describe_node, source_line
 
 # what FakeTensor raises where an output (its value, or its shape) depends on the data

@@ -44,7 +44,7 @@ def values_read(r) -> None:
 
     Example: ``boxes[(scores > 0.5).nonzero()[:, 0]]``: the score axis freezes; whatever carries the kept
     positions (``index_select``, a gather) relates the other axes. Propagation runs these ops for real
-    on the example inputs (:mod:`fxprune.propagate`): their output sizes are data.
+    on the example inputs (:mod:`fxprune.analysis.propagate`): their output sizes are data.
     """
     r.freeze_all(f"values read as data ({r.node.target if isinstance(r.node.target, str) else r.node.target.__name__})")
 
