@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch.fx as fx
 
 from fxprune.analysis.depgraph import DependencyGraph
-from fxprune.huggingface import inplace as hf_inplace
+from fxprune.huggingface.inplace import prune_in_place
 from fxprune.io.plans import PruningPlan, attach_plan
 from fxprune.pipeline import ANALYSIS, PIPELINE, Job, Settings, prunes_hf_in_place, rewritten, run
 from fxprune.planning.ratios import check_ratio
@@ -48,7 +48,7 @@ def apply(dg: DependencyGraph, removal: dict, *, inplace: bool = False) -> fx.Gr
     so that head dims are kept), the model itself is pruned and returned.
     """
     if prunes_hf_in_place(getattr(dg, "model", None), inplace):
-        gm = hf_inplace.prune_in_place(dg, removal, rewrite, verify)
+        gm = prune_in_place(dg, removal, rewrite, verify)
     else:
         gm = rewritten(dg, removal, inplace)
         verify(gm, dg.example_inputs, dg.expected_shapes)

@@ -57,7 +57,8 @@ from fxprune.analysis.shapes import GraphShapes, PlannedShapes
 from fxprune.analysis.untie import untie_constants
 from fxprune.calibration import (collect_statistics, load_refit, plan_sequential, reestimate_batchnorm,
                                  refit_consumers, run_sequential)
-from fxprune.huggingface import inplace as hf_inplace
+from fxprune.huggingface.freezes import freeze_computed_constants, freeze_head_dims, internal_outputs
+from fxprune.huggingface.inplace import prune_in_place
 from fxprune.importance import named_tensors, resolve_importance, score_groups
 from fxprune.io.plans import PruningPlan, attach_plan
 from fxprune.planning.alignment import default_alignment, removal_steps
@@ -66,7 +67,8 @@ from fxprune.planning.isomorphic import class_ids
 from fxprune.planning.latency_target import search_latency
 from fxprune.planning.minimum import keep_minimum
 from fxprune.planning.ratios import group_ratios
-from fxprune.planning.selection import make_plan, units_to_keep
+from fxprune.planning.planner import make_plan
+from fxprune.planning.selection import units_to_keep
 from fxprune.planning.target import METRICS, search_by_cost, search_ratio
 from fxprune.rewriting.recompose import recompose
 from fxprune.rewriting.rewrite import rewrite
@@ -166,7 +168,7 @@ def _decompose(job: Job) -> None:
 
 
 def _relate(job: Job) -> None:
-    free = hf_inplace.internal_outputs(job.gm) if job.hf_in_place else set()
+    free = internal_outputs(job.gm) if job.hf_in_place else set()
     job.state = relate(job.gm, free)
     if free:
         job.expected_shapes = output_shapes(job.gm, free)
@@ -187,8 +189,8 @@ def _solve(job: Job) -> None:
     if not job.settings.prune_head_dims:
         dg.keep_head_dims()
     if job.hf_in_place:
-        hf_inplace.freeze_head_dims(dg, job.model)
-        hf_inplace.freeze_computed_constants(dg)
+        freeze_head_dims(dg, job.model)
+        freeze_computed_constants(dg)
 
 
 def _dependency_graph(job: Job) -> DependencyGraph:
@@ -271,7 +273,7 @@ def _refit(job: Job) -> None:
 
 def _rewrite(job: Job) -> None:
     if job.hf_in_place:  # rewritten, verified and written back in one step
-        job.result = hf_inplace.prune_in_place(job.dg, job.removal, rewrite, verify)
+        job.result = prune_in_place(job.dg, job.removal, rewrite, verify)
     else:
         job.result = rewrite(job.dg, job.removal, inplace=job.settings.inplace)
 

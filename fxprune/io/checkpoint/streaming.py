@@ -8,9 +8,9 @@
    :func:`fxprune.prune` (alignment steps, ``ratios``, global ranking, MACs/parameter targets counted
    without weights), so the plan is the one ``fxprune.prune(loaded, ratio, inplace=True)`` makes. Or
    ``plan=`` gives it.
-3. The meta model is pruned in place (:func:`fxprune.huggingface.inplace.prune_in_place`, without running it): its new
-   shapes check every written tensor, and its updated config (with ``fxprune_shapes`` when widths are
-   not uniform) is saved.
+3. The meta model is pruned in place (:func:`fxprune.huggingface.inplace.prune_in_place`, without running
+   it): its new shapes check every written tensor, and its updated config (with ``fxprune_shapes`` when
+   widths are not uniform) is saved.
 4. Every tensor is read again, sliced along its pruned axes to the kept indices
    (:func:`fxprune.rewriting.rewrite.changed_axes`, the rewrite pass's own) and written shard by shard
    (:mod:`fxprune.io.checkpoint.writer`). A tied ``lm_head`` is sliced like the embedding it shares.
@@ -53,7 +53,8 @@ from fxprune.io.checkpoint.writer import write_shards
 from fxprune.importance import Magnitude, resolve_importance
 from fxprune.io.plans import PruningPlan
 from fxprune.pipeline import ANALYSIS, PRUNING, Job, Settings, run
-from fxprune.rewriting.rewrite import Sizes, changed_axes, kept_units, rewrite, sliced
+from fxprune.analysis.removal import kept_units
+from fxprune.rewriting.rewrite import Sizes, changed_axes, rewrite, sliced
 from fxprune.rewriting.verify import verify
 
 # weights in formats this module does not rewrite: never copied next to the pruned shards
