@@ -38,6 +38,20 @@ def metadata(r) -> None:
 family(metadata, "size", "dim", "numel", "get_device", "element_size", "is_contiguous",
        builtins.len, torch.numel, torch.is_tensor, builtins.isinstance)
 
+def values_read(r) -> None:
+    """An op whose result is values or positions read from its input (``.item()``, ``.tolist()``, ``nonzero``,
+    ``unique``, ``masked_select``): every axis on both sides is data, so it freezes, with that reason.
+
+    Example: ``boxes[(scores > 0.5).nonzero()[:, 0]]``: the score axis freezes; whatever carries the kept
+    positions (``index_select``, a gather) relates the other axes. Propagation runs these ops for real
+    on the example inputs (:mod:`fxprune.analysis.propagate`): their output sizes are data.
+    """
+    r.freeze_all(f"values read as data ({r.node.target if isinstance(r.node.target, str) else r.node.target.__name__})")
+
+
+family(values_read, "item", "tolist", "nonzero", "argwhere", "unique", "unique_consecutive", "masked_select",
+       torch.nonzero, torch.argwhere, torch.unique, torch.unique_consecutive, torch.masked_select)
+
 _METADATA_ATTRIBUTES = ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout")
 
 
