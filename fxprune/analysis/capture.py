@@ -19,6 +19,7 @@ raises :class:`CaptureError` with the failing source line and a pointer to
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import linecache
 import operator
@@ -110,7 +111,9 @@ def capture(model: torch.nn.Module, example_inputs=None, kwargs=None, dynamic: b
         return export_capture(model, example_inputs, kwargs, dynamic=dynamic, dynamic_shapes=dynamic_shapes)
     tracer = _Tracer()
     try:
-        graph = tracer.trace(model)
+        with attributes_restored(model):
+            graph = tracer.trace(model)
+            gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as exc:  # any tracing failure becomes one clear error, or an export fallback
         explanation = _explain(model, exc)
         if example_inputs is None:
@@ -119,8 +122,6 @@ def capture(model: torch.nn.Module, example_inputs=None, kwargs=None, dynamic: b
                       stacklevel=3)
         return export_capture(model, example_inputs, kwargs, explanation, dynamic=dynamic,
                               dynamic_shapes=dynamic_shapes)
-    name = type(model).__name__
-    gm = fx.GraphModule(tracer.root, graph, name)
     keep_user_attributes(model, gm)
     return gm
 
@@ -138,6 +139,42 @@ def offloaded_modules(model: torch.nn.Module) -> list[str]:
         if any(getattr(h, "offload", False) for h in hooks):
             names.append(name)
     return names
+
+
+@contextlib.contextmanager
+def attributes_restored(model: torch.nn.Module):
+    """Every module's attributes put back as they were once a capture has run ``model``'s forward.
+
+    A forward may cache what it computes on ``self``: ultralytics' Detect head sets ``self.anchors``,
+    ``self.strides`` and ``self.shape`` on its first call. Run by ``torch.export`` those are FakeTensors (by
+    symbolic_trace, Proxies), left on the caller's model: its next real call reuses them and fails, or the next
+    capture meets another trace's fakes. Attributes added are removed, replaced ones put back, and the
+    parameter, buffer and submodule tables restored (the tensors themselves: a capture does not write into them).
+
+    Example::
+
+        >>> with attributes_restored(yolo):
+        ...     torch.export.export(yolo, (x,), strict=False)       # doctest: +SKIP
+        >>> hasattr(yolo.model[-1], "anchors")                       # doctest: +SKIP
+        False
+    """
+    tables = ("_parameters", "_buffers", "_modules")
+    saved = [(m, dict(vars(m)), {t: dict(vars(m)[t]) for t in tables if t in vars(m)}) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, attributes, contents in saved:
+            current = vars(module)
+            for key in [k for k in current if k not in attributes]:
+                del current[key]
+            for key, value in attributes.items():
+                if current.get(key, current) is not value:
+                    current[key] = value
+            for table, entries in contents.items():
+                now = current[table]
+                if now.keys() != entries.keys() or any(now[k] is not v for k, v in entries.items()):
+                    now.clear()
+                    now.update(entries)
 
 
 def keep_user_attributes(model: torch.nn.Module, gm: fx.GraphModule) -> None:
@@ -197,7 +234,8 @@ def export_capture(model: torch.nn.Module, example_inputs, kwargs=None, trace_er
                                      "size 2 (export specialises sizes 0 and 1), so the graph is captured at the "
                                      "example's size")
             if gm is None:
-                gm = _module(torch.export.export(model, *_fresh(args, kwargs), strict=False))
+                with attributes_restored(model):
+                    gm = _module(torch.export.export(model, *_fresh(args, kwargs), strict=False))
     except Exception as exc:  # export's own message is the useful part
         message = str(exc).strip().splitlines()
         raise CaptureError(
@@ -262,7 +300,7 @@ def _dynamic_export(model, args, kwargs, names, named, dims, dynamic_shapes):
     for by_name, fallback in attempts:
         try:
             spec = _by_signature(model, w_args, w_kwargs, by_name)
-            with dyn.cpu_budget(capture_budget(model)):
+            with attributes_restored(model), dyn.cpu_budget(capture_budget(model)):
                 program = torch.export.export(model, *_fresh(w_args, w_kwargs), strict=False, dynamic_shapes=spec)
             return program, why + fallback, grown
         except dyn.OverBudget as exc:  # symbolic reasoning is what costs: a cheaper capture may do
