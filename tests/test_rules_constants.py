@@ -1,5 +1,9 @@
 """Table test for fxprune/rules/constants.py: arange with literal bounds sliced at rewrite, constant index positions,
-and broadcast_to (a shared key head broadcast to the query heads)."""
+and broadcast_to (a shared key head broadcast to the query heads).
+
+Checked: head 0 of four pruned keeps the others' arange-computed slopes, two layers sharing the slopes lose
+different heads, a constant index moved, run-time positions frozen.
+"""
 
 import pytest
 import torch
