@@ -62,6 +62,21 @@ def assert_same_outputs(got, expected, rel: float = 1e-5, floor: float = 0.0) ->
     expected leaf (a wrong weight moves outputs by about their own size, even outputs of 1e-10); every other leaf
     exactly. Tuples, lists and dicts (model outputs) are compared leaf by leaf. ``floor`` is the least scale.
     """
+    _assert_leaves_close(got, expected, lambda b: rel * max(floor, b.detach().abs().max().item() if b.numel() else 0.0))
+
+
+def assert_within(got, expected, atol: float = 1e-5) -> None:
+    """Outputs equal up to the absolute tolerance ``atol`` (float leaves; every other leaf exactly).
+
+    For a rule's table test whose outputs are of order 1: stricter than :func:`assert_close_to_scale` wherever an
+    output exceeds 1. Example: ``assert_within(pruned(x), model(x))`` passes on ``1.000004`` against ``1.0`` and
+    fails on ``100.0004`` against ``100.0``, which :func:`assert_close_to_scale` lets through.
+    """
+    _assert_leaves_close(got, expected, lambda b: atol)
+
+
+def _assert_leaves_close(got, expected, tolerance) -> None:
+    """Leaf by leaf: float tensors within ``tolerance(expected leaf)`` (an absolute tolerance), the rest equal."""
     from torch.utils._pytree import tree_flatten
 
     got_leaves, got_spec = tree_flatten(got)
@@ -69,8 +84,7 @@ def assert_same_outputs(got, expected, rel: float = 1e-5, floor: float = 0.0) ->
     assert got_spec == expected_spec, f"output structure {got_spec} != {expected_spec}"
     for i, (a, b) in enumerate(zip(got_leaves, expected_leaves)):
         if isinstance(b, torch.Tensor) and b.is_floating_point():
-            scale = max(floor, b.detach().abs().max().item() if b.numel() else 0.0)
-            torch.testing.assert_close(a, b, atol=rel * scale, rtol=0, msg=lambda m: f"output leaf {i}: {m}")
+            torch.testing.assert_close(a, b, atol=tolerance(b), rtol=0, msg=lambda m: f"output leaf {i}: {m}")
         elif isinstance(b, torch.Tensor):
             assert torch.equal(a, b), f"output leaf {i} differs"
         else:
@@ -87,25 +101,55 @@ def assert_close_to_scale(got, expected, atol: float = 1e-5) -> None:
 
 @torch.no_grad()
 def run_oracle(model, inputs: tuple, groups=None, fraction: float = 0.34, seed: int = 0,
-               prune_head_dims: bool = True):
+               prune_head_dims: bool = True, *, min_groups: int = 1, atol: float = 1e-5, absolute: bool = False,
+               all_supported: bool = False):
     """Analyse ``model`` (eval), plant dead units, prune exactly them and check the outputs did not change.
 
-    Head dims are prunable here by default (the oracle checks the engine, not the speed policy).
+    The one dead-unit oracle of the suite. It checks that at least ``min_groups`` groups got dead units, that the
+    unpruned output is not trivially small (else the comparison says nothing), that the pruned graph computes the
+    model's output (with the dead units planted) on ``inputs``, and that the pruned graph has fewer parameters.
+    Returns ``(dg, removal, pruned)``.
 
-    ``groups``: as for :func:`plant_dead_units`, or a function of the dependency graph
-    returning them. Returns ``(dg, removal, pruned)``.
+    ``groups``: as for :func:`plant_dead_units`, or a function of the dependency graph returning them.
+    ``fraction`` and ``seed``: as for :func:`plant_dead_units`.
+    ``prune_head_dims``: head dims are prunable by default here (the oracle checks the engine, not the speed
+    policy); ``False`` plants dead units only in the groups ``fxprune.prune`` would prune by default.
+    ``min_groups``: at least this many groups get dead units (a model with heads, kv heads and MLP units in two
+    layers should give more than one).
+    ``atol`` and ``absolute``: outputs must agree within ``atol`` times the largest magnitude of the expected
+    output (at least 1), the tolerance of two code paths (BLAS may order a sum differently); with
+    ``absolute=True`` within ``atol`` itself (:func:`assert_within`), which a rule's table test whose outputs are
+    of order 1 asks for: it is stricter wherever an output exceeds 1.
+    ``all_supported``: also fail when some node of the graph has no rule (``dg.state.unsupported``, with the
+    report), for tests whose point is that an op is covered rather than frozen around.
+    ``model`` may be a ``torch.fx.GraphModule`` (a graph from :func:`exported`, say): it is run as given, since
+    an exported graph cannot switch to eval mode.
+
+    Example::
+
+        >>> dg, removal, pruned = run_oracle(model, (x,))                       # every group the oracle is exact on
+        >>> dg, removal, pruned = run_oracle(model, (x,), lambda dg: dg.prunable_groups[:1], fraction=0.5)
+        >>> dg, removal, pruned = run_oracle(block, (x,), absolute=True, all_supported=True)   # a rule's table test
+        >>> dg, removal, pruned = run_oracle(resnet, (x,), prune_head_dims=False, min_groups=3)
+        >>> dg, removal, pruned = run_oracle(mlp, (x,), atol=1e-6, absolute=True)   # outputs within 1e-6
     """
     from fxprune.api import analyze, apply
 
-    model.eval()
+    if not isinstance(model, torch.fx.GraphModule):
+        model.eval()
     dg = analyze(model, inputs, prune_head_dims=prune_head_dims)
+    if all_supported:
+        assert not dg.state.unsupported, dg.report()
     removal = plant_dead_units(dg, groups(dg) if callable(groups) else groups, fraction=fraction, seed=seed)
-    assert removal, "no group to plant dead units in"
+    assert removal, "no group to plant dead units in: the test model is too small"
+    assert len(removal) >= min_groups, f"dead units in {len(removal)} groups, expected {min_groups}:\n{dg.report()}"
     expected = model(*inputs)
-    assert max(t.abs().max().item() for t in torch.utils._pytree.tree_leaves(expected) if t is not None) > 1e-3, \
-        "a trivially small output would make the oracle vacuous"
+    leaves = [t for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor) and t.numel()]
+    assert max(t.abs().max().item() for t in leaves) > 1e-3, "a trivially small output would make the oracle vacuous"
     pruned = apply(dg, removal)
-    assert_close_to_scale(pruned(*inputs), expected)
+    (assert_within if absolute else assert_close_to_scale)(pruned(*inputs), expected, atol=atol)
+    before, after = (sum(p.numel() for p in m.parameters()) for m in (dg.gm, pruned))
+    assert after < before, f"the pruned graph has {after} parameters, no fewer than the model's {before}"
     return dg, removal, pruned
 
 
