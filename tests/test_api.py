@@ -362,7 +362,7 @@ def test_attributes_the_user_set_on_modules_survive_pruning(tmp_path):
 
 def test_shapes_are_propagated_again_for_a_graph_the_caller_exported():
     # the caller's graph was exported from other inputs (batch 1) than it is analysed with (batch 3): its shapes
-    # are not reused (a graph fxprune exports itself from the analysed inputs keeps them: tests/test_hf.py)
+    # are not reused (a graph fxprune exports itself from the analysed inputs keeps them: tests/test_hf_families.py)
     from fxprune.testing import exported
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()

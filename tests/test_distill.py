@@ -127,7 +127,7 @@ def test_shared_parameters_are_copied_so_the_teacher_never_moves():
 
 def _tiny_llama():
     transformers = pytest.importorskip("transformers")
-    from tests.test_hf import DECODER
+    from tests.hf_models import DECODER
 
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER)).eval()
 
