@@ -98,3 +98,23 @@ def tiny_decoder(cls_name):
     """A causal LM class of transformers by name (``"LlamaForCausalLM"``) over :data:`DECODER`, in eval mode."""
     config_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))
     return getattr(transformers, cls_name)(config_cls(**DECODER)).eval()
+
+
+WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + (
+    "the a cat dog sat on mat ran far away and is was big small red green blue house tree").split()
+
+
+def tiny_tokenizer(folder):
+    """A real ``BertTokenizerFast`` over :data:`WORDS`, built offline from a vocab file written in ``folder``.
+
+    Example::
+
+        >>> tokenizer = tiny_tokenizer(tmp_path)
+        >>> tokenizer("the red cat", return_tensors="pt")["input_ids"].tolist()    # [CLS] the red cat [SEP]
+        [[2, 5, 20, 7, 3]]
+    """
+    path = folder / "vocab.txt"
+    path.write_text("\n".join(WORDS) + "\n", encoding="utf-8")
+    tokenizer = transformers.BertTokenizerFast(vocab=str(path))
+    assert tokenizer.convert_tokens_to_ids("cat") == WORDS.index("cat"), "the tokenizer did not read the vocab file"
+    return tokenizer

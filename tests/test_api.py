@@ -336,6 +336,23 @@ def test_ignore_a_timm_head_after_an_export_fallback():
     assert any("ignored by the caller (conv_head)" in why for why in dg.group_of("conv_head.weight", 0).frozen)
 
 
+def test_ignore_a_head_without_tensors_warns_and_prunes():
+    """timm's EVA-02 tiny has an ``nn.Identity`` head (num_classes=0): ``ignore=[model.get_classifier()]``, as a
+    user writes it for any timm model, has nothing to keep; it says so and prunes, as the same call without it."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=0, img_size=28, depth=1).eval()
+    x = torch.randn(1, 3, 28, 28)
+    assert isinstance(model.get_classifier(), nn.Identity)
+    for item in (model.get_classifier(), "head"):
+        with pytest.warns(UserWarning, match=r"ignore: module 'head' \(Identity\) has no parameters or buffers"):
+            pruned = fxprune.prune(model, 0.3, example_inputs=(x,), ignore=[item])
+        assert sum(p.numel() for p in pruned.parameters()) < 0.9 * sum(p.numel() for p in model.parameters())
+        assert pruned(x).shape == model(x).shape == (1, 192)
+    with pytest.raises(ValueError, match="no parameter or buffer named 'heads'"):  # a name of nothing still fails
+        fxprune.prune(model, 0.3, example_inputs=(x,), ignore=["heads"])
+
+
 def test_a_capture_that_must_be_static_warns_and_says_so_in_meta(monkeypatch):
     def no_dynamic_shapes(*args, **kwargs):
         raise ValueError("simulated: no dynamic shapes for this model")
