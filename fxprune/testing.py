@@ -5,13 +5,15 @@ are all zero contributes nothing, so removing it must leave the output
 unchanged (up to float rounding) — unless some op normalises over its axis
 (LayerNorm, softmax, mean), which ``Group.normalized`` flags.
 
-Example::
+Tests call :func:`run_oracle`, the one oracle of the suite (its options cover what test files used to copy);
+it does what this example spells out::
 
     >>> dg = fxprune.analyze(model, (x,))
     >>> removal = plant_dead_units(dg, seed=0)      # zeroes slices in the model itself
     >>> before = model(x)
     >>> pruned = fxprune.apply(dg, removal)
     >>> torch.testing.assert_close(pruned(x), before, atol=1e-5, rtol=0)
+    >>> dg, removal, pruned = run_oracle(model, (x,), absolute=True)     # as above, with more checks
 """
 
 from __future__ import annotations
@@ -108,30 +110,44 @@ def run_oracle(model, inputs: tuple, groups=None, fraction: float = 0.34, seed: 
     The one dead-unit oracle of the suite. It checks that at least ``min_groups`` groups got dead units, that the
     unpruned output is not trivially small (else the comparison says nothing), that the pruned graph computes the
     model's output (with the dead units planted) on ``inputs``, and that the pruned graph has fewer parameters.
-    Returns ``(dg, removal, pruned)``.
+    Returns ``(dg, removal, pruned)``; ``model`` may be a ``torch.fx.GraphModule`` (a graph from :func:`exported`,
+    run as given: an exported graph cannot switch to eval mode). Example::
 
-    ``groups``: as for :func:`plant_dead_units`, or a function of the dependency graph returning them.
-    ``fraction`` and ``seed``: as for :func:`plant_dead_units`.
-    ``prune_head_dims``: head dims are prunable by default here (the oracle checks the engine, not the speed
-    policy); ``False`` plants dead units only in the groups ``fxprune.prune`` would prune by default.
-    ``min_groups``: at least this many groups get dead units (a model with heads, kv heads and MLP units in two
-    layers should give more than one).
-    ``atol`` and ``absolute``: outputs must agree within ``atol`` times the largest magnitude of the expected
-    output (at least 1), the tolerance of two code paths (BLAS may order a sum differently); with
-    ``absolute=True`` within ``atol`` itself (:func:`assert_within`), which a rule's table test whose outputs are
-    of order 1 asks for: it is stricter wherever an output exceeds 1.
-    ``all_supported``: also fail when some node of the graph has no rule (``dg.state.unsupported``, with the
-    report), for tests whose point is that an op is covered rather than frozen around.
-    ``model`` may be a ``torch.fx.GraphModule`` (a graph from :func:`exported`, say): it is run as given, since
-    an exported graph cannot switch to eval mode.
+        >>> dg, removal, pruned = run_oracle(model, (x,))            # every group the oracle is exact on
 
-    Example::
+    Options, each with an example:
 
-        >>> dg, removal, pruned = run_oracle(model, (x,))                       # every group the oracle is exact on
-        >>> dg, removal, pruned = run_oracle(model, (x,), lambda dg: dg.prunable_groups[:1], fraction=0.5)
-        >>> dg, removal, pruned = run_oracle(block, (x,), absolute=True, all_supported=True)   # a rule's table test
-        >>> dg, removal, pruned = run_oracle(resnet, (x,), prune_head_dims=False, min_groups=3)
-        >>> dg, removal, pruned = run_oracle(mlp, (x,), atol=1e-6, absolute=True)   # outputs within 1e-6
+    - ``groups``: the groups to plant dead units in (as for :func:`plant_dead_units`), or a function of the
+      dependency graph returning them, for groups found only once the model is analysed::
+
+        >>> run_oracle(model, (x,), lambda dg: dg.groups_of("conv1.weight", 0)[1:])   # conv1's per-group channels
+
+    - ``fraction`` and ``seed``: how many units of each group die, and which (as for :func:`plant_dead_units`)::
+
+        >>> run_oracle(Chunk(), (x,), fraction=0.5, seed=3)          # half of each group, another draw
+
+    - ``prune_head_dims``: head dims are prunable by default here (the oracle checks the engine, not the speed
+      policy); ``False`` plants dead units only where ``fxprune.prune`` prunes by default::
+
+        >>> run_oracle(swin_block, (x,), prune_head_dims=False)      # heads die, head dims stay whole
+
+    - ``min_groups``: at least this many groups get dead units (a block with heads and MLP units gives more than
+      one; fewer means the analysis froze something it should not have)::
+
+        >>> run_oracle(models.ViTBlock(), (x,), min_groups=3)
+
+    - ``atol`` and ``absolute``: outputs must agree within ``atol`` (default 1e-5) times the largest magnitude of
+      the expected output (at least 1), the tolerance of two code paths (BLAS may order a sum differently); with
+      ``absolute=True`` within ``atol`` itself (:func:`assert_within`), which a rule's table test whose outputs
+      are of order 1 asks for: it is stricter wherever an output exceeds 1::
+
+        >>> run_oracle(FunctionalConvs(), (x,), absolute=True)       # |pruned(x) - model(x)| <= 1e-5 everywhere
+        >>> run_oracle(mlp, (x,), atol=1e-6, absolute=True)          # ... <= 1e-6
+
+    - ``all_supported``: also fail, with the report, when some node of the graph has no rule
+      (``dg.state.unsupported``), for a test whose point is that an op is covered rather than frozen around::
+
+        >>> run_oracle(exported(Gathered().eval(), x), (x,), absolute=True, all_supported=True)
     """
     from fxprune.api import analyze, apply
 
