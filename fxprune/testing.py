@@ -29,6 +29,28 @@ def oracle_groups(dg) -> list:
     return [g for g in dg.prunable_groups if not g.normalized]
 
 
+def group_ids(dg, name: str, axis: int) -> list[int]:
+    """The ids of the groups that axis ``axis`` of tensor ``name`` belongs to, for comparing groups across tensors.
+
+    Example::
+
+        >>> group_ids(dg, "conv1.weight", 0) == group_ids(dg, "bn1.weight", 0)    # one group: conv1 and its norm
+        True
+    """
+    return [g.id for g in dg.groups_of(name, axis)]
+
+
+def kept_units(plan) -> dict:
+    """``{group key: kept unit indices}`` of a :class:`fxprune.PruningPlan`: two plans keep the same units when
+    these are equal (whatever order or settings they were written in).
+
+    Example::
+
+        >>> assert kept_units(fxprune.prune_checkpoint(src, out, ratio=0.5)) == kept_units(fxprune.plan_of(pruned))
+    """
+    return {str(g.key): g.kept for g in plan.groups}
+
+
 def plant_dead_units(dg, groups=None, fraction: float = 0.34, seed: int = 0) -> dict:
     """Zero every member slice of some units of each group; return ``{group: units}`` to remove.
 
@@ -102,6 +124,31 @@ def assert_close_to_scale(got, expected, atol: float = 1e-5) -> None:
 
 
 @torch.no_grad()
+def state_snapshot(model) -> dict:
+    """A detached copy of every parameter and buffer of ``model`` (its ``state_dict``), for
+    :func:`assert_same_state` after something that must not change the model.
+
+    Example::
+
+        >>> before = state_snapshot(model)
+        >>> pruned = fxprune.prune(model, 0.5, example_inputs=(x,))
+        >>> assert_same_state(model, before, "prune modified the caller's model")
+    """
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(model, expected, what: str = "the state changed") -> None:
+    """``model`` has exactly the tensors of ``expected`` (a :func:`state_snapshot` or another module): the same
+    names in the same order, shapes and values (bit for bit: nothing may have computed them anew)."""
+    before = expected.state_dict() if isinstance(expected, torch.nn.Module) else expected
+    after = model.state_dict()
+    assert list(after) == list(before), f"{what}: tensors added, removed or reordered: " \
+        f"{sorted(set(after) ^ set(before)) or 'reordered'}"
+    for name, tensor in before.items():
+        assert after[name].shape == tensor.shape, f"{what}: {name} changed shape {tensor.shape} -> {after[name].shape}"
+        assert torch.equal(after[name], tensor), f"{what}: {name} changed values"
+
+
 def run_oracle(model, inputs: tuple, groups=None, fraction: float = 0.34, seed: int = 0,
                prune_head_dims: bool = True, *, min_groups: int = 1, atol: float = 1e-5, absolute: bool = False,
                all_supported: bool = False):

@@ -67,11 +67,6 @@ def other_sizes(name, args, kwargs):
 FAMILIES = ["bert", "vit", "gpt2", "llama", "qwen2", "mistral", "t5", "deberta_v2", "bloom"]
 
 
-def first_output(output):
-    """A model output's first tensor (logits or last hidden state), from a tuple or a ModelOutput."""
-    return output[0] if isinstance(output, (tuple, list)) else next(iter(output.values()))
-
-
 def alibi_or_multi_query(name):
     """A tiny causal LM whose attention heads meet ALiBi slopes (``arange`` over the heads) or one key/value head
     shared by the query heads (a constant ``[-2]`` index, ``broadcast_to``); ``use_cache=False``."""

@@ -262,6 +262,38 @@ class BlockStack(nn.Module):
         return self.head(self.blocks(self.embed(x)))
 
 
+def first_output(output):
+    """A model output's first tensor: the tensor itself, the first of a tuple, or a ``ModelOutput``'s first field
+    (logits or last hidden state).
+
+    Example::
+
+        >>> first_output(hf_model(ids)).shape        # (batch, length, vocabulary) for a causal LM
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    return output[0] if isinstance(output, (tuple, list)) else next(iter(output.values()))
+
+
+CHECKPOINT_LLAMA = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128)  # tiny_llama's sizes, ~300KB
+
+
+def saved_tiny_llama(folder, **config):
+    """A tiny LLaMA (:func:`fxprune.testing.tiny_llama` over :data:`CHECKPOINT_LLAMA` and ``config``) saved in
+    ``folder`` in shards of at most 20KB, for checkpoint tests; returns the model. Needs transformers.
+
+    Example::
+
+        >>> model = saved_tiny_llama(tmp_path / "src")
+        >>> fxprune.prune_checkpoint(tmp_path / "src", tmp_path / "out", ratio=0.5)
+    """
+    from fxprune.testing import tiny_llama
+
+    model = tiny_llama(**{**CHECKPOINT_LLAMA, **config})
+    model.save_pretrained(folder, max_shard_size="20KB")
+    return model
+
+
 def fixed_mlp():
     """Linear(3 -> 4) -> ReLU -> Linear(4 -> 2): one prunable group, the 4 hidden units."""
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))

@@ -6,6 +6,7 @@ import copy
 import importlib
 import io
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -184,6 +185,23 @@ def test_ignore_by_module_name_and_parameter():
     assert pruned.get_submodule("block.0").out_channels == 24 and pruned.get_submodule("stem.0").out_channels == 16
     with pytest.raises(ValueError, match="no parameter"):
         fxprune.prune(model, 0.5, example_inputs=x, ignore=["nonexistent"], round_to=1)
+
+
+def test_ignore_a_module_without_tensors_warns_and_changes_nothing():
+    """An ``nn.Identity`` head (a timm model built with num_classes=0) has nothing to keep: by module or by name,
+    ``ignore`` says so and the model is pruned as without it; a name of nothing still fails."""
+    model = nn.Sequential(OrderedDict(fc1=nn.Linear(8, 32), act=nn.ReLU(), fc2=nn.Linear(32, 6), head=nn.Identity()))
+    x = (torch.randn(1, 8),)
+    plain = fxprune.prune(model, 0.5, example_inputs=x, round_to=1)
+    for item in (model.head, "head"):
+        with pytest.warns(UserWarning, match=r"ignore: module 'head' \(Identity\) has no parameters or buffers, so "
+                                             r"there is nothing of it to keep"):
+            pruned = fxprune.prune(model, 0.5, example_inputs=x, ignore=[item], round_to=1)
+        assert pruned.get_submodule("fc1").out_features == plain.get_submodule("fc1").out_features == 16
+        with torch.no_grad():
+            torch.testing.assert_close(pruned(*x), plain(*x), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="no parameter or buffer named 'heads'"):
+        fxprune.prune(model, 0.5, example_inputs=x, ignore=["heads"])
 
 
 def test_round_to_keeps_multiples():

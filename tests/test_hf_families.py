@@ -10,9 +10,10 @@ import torch
 
 import fxprune
 from fxprune.testing import assert_same_outputs, plant_dead_units, run_oracle
+from tests.models import first_output
 
 transformers = pytest.importorskip("transformers")
-from tests.hf_models import (DECODER, FAMILIES, alibi_or_multi_query, family, first_output, other_sizes,  # noqa: E402
+from tests.hf_models import (DECODER, FAMILIES, alibi_or_multi_query, family, other_sizes,  # noqa: E402
                              tiny_decoder, token_ids)
 
 

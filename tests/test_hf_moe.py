@@ -8,9 +8,10 @@ import torch
 
 import fxprune
 from fxprune.testing import assert_same_outputs, plant_dead_units, run_oracle, tiny_moe
+from tests.models import first_output
 
 transformers = pytest.importorskip("transformers")
-from tests.hf_models import first_output, token_ids  # noqa: E402 (after the importorskip)
+from tests.hf_models import token_ids  # noqa: E402 (after the importorskip)
 
 
 def _moe(name, implementation=None):

@@ -5,16 +5,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
-from fxprune.testing import run_oracle
+from fxprune.testing import group_ids, run_oracle
 from tests.models import WorkedExample
 
 
 def _units(dg, name, axis):
     return [g.units for g in dg.groups_of(name, axis)]
-
-
-def _ids(dg, name, axis):
-    return [g.id for g in dg.groups_of(name, axis)]
 
 
 def test_grouped_conv_worked_example_groups():
@@ -25,7 +21,7 @@ def test_grouped_conv_worked_example_groups():
     for name, axis in [("conv1.bias", 0), ("bn1.weight", 0), ("bn1.bias", 0), ("bn1.running_mean", 0),
                        ("bn1.running_var", 0), ("conv2.weight", 0), ("conv2.bias", 0), ("conv1", 1), ("conv2", 1),
                        ("relu", 1), ("add", 1)]:
-        assert _ids(dg, name, axis) == [g.id, c.id], name
+        assert group_ids(dg, name, axis) == [g.id, c.id], name
     # conv2's weight axis 1 (input channels per group) is exactly the per-group atom
     assert dg.group_of("conv2.weight", 1) is c
     # fc columns are (G x C x H x W); H and W are spatial and frozen
@@ -82,10 +78,10 @@ def test_grouped_conv_transpose_relations():
     assert _units(dg, "ct.weight", 1) == [3]
     g, cin = dg.groups_of("ct.weight", 0)
     cout = dg.group_of("ct.weight", 1)
-    assert _ids(dg, "c1.weight", 0) == [g.id, cin.id]
-    assert _ids(dg, "ct", 1) == [g.id, cout.id]
-    assert _ids(dg, "ct.bias", 0) == [g.id, cout.id]
-    assert _ids(dg, "c2.weight", 1) == [g.id, cout.id]
+    assert group_ids(dg, "c1.weight", 0) == [g.id, cin.id]
+    assert group_ids(dg, "ct", 1) == [g.id, cout.id]
+    assert group_ids(dg, "ct.bias", 0) == [g.id, cout.id]
+    assert group_ids(dg, "c2.weight", 1) == [g.id, cout.id]
     assert dg.describe(dg.layout_of("c2.weight", 1)) == f"(G{g.id}(2) x G{cout.id}(3))"
     assert all(x.prunable for x in (g, cin, cout))
 

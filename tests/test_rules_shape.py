@@ -5,12 +5,8 @@ import torch
 import torch.nn as nn
 
 import fxprune
-from fxprune.testing import run_oracle
+from fxprune.testing import group_ids, run_oracle
 from tests.models import skip_unless_symbolically_traceable
-
-
-def _ids(dg, name, axis):
-    return [g.id for g in dg.groups_of(name, axis)]
 
 
 class Heads(nn.Module):
@@ -48,7 +44,7 @@ def test_view_to_heads_is_a_product_of_heads_and_head_dim(form):
     assert (heads.units, dim.units) == (2, 4)
     assert dg.describe(dg.layout_of("q.weight", 0)) == f"(G{heads.id}(2) x G{dim.id}(4))"
     for name, axis in [("q.bias", 0), ("k.weight", 0), ("k.bias", 0), ("o.weight", 1)]:
-        assert _ids(dg, name, axis) == [heads.id, dim.id], name
+        assert group_ids(dg, name, axis) == [heads.id, dim.id], name
     assert heads.prunable and dim.prunable
     assert "graph output" in dg.group_of("o.weight", 0).frozen[0]
     assert "graph input" in dg.group_of("q.weight", 1).frozen[0]
@@ -93,7 +89,7 @@ def test_channel_shuffle_permutes_factors():
     dg = fxprune.analyze(ChannelShuffle().eval(), (x,), prune_head_dims=True)
     g, c = dg.groups_of("a.weight", 0)
     assert (g.units, c.units) == (2, 4)
-    assert _ids(dg, "b.weight", 1) == [c.id, g.id]  # the shuffled order
+    assert group_ids(dg, "b.weight", 1) == [c.id, g.id]  # the shuffled order
     dg, removal, pruned = run_oracle(ChannelShuffle(), (x,), absolute=True)
     g, c = dg.groups_of("a.weight", 0)
     assert set(removal) == {g, c}
