@@ -3,6 +3,9 @@
 Each subprocess spends most of its time importing torch, so independent commands
 run concurrently: one wave for inspect/prune/graph/an error, then replay, which
 needs prune's plan. Argument checks run in-process.
+
+Also calibration files, ``--reconstruct``, distillation, and a ``.txt`` file for an ``hf:`` folder with a tokenizer
+built offline in process.
 """
 
 from __future__ import annotations
@@ -281,7 +284,7 @@ def test_text_batches_pad_truncate_and_leave_the_tokenizer_alone():
 
 def test_text_calibration_for_a_hugging_face_folder(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    from tests.test_hf import DECODER
+    from tests.hf_models import DECODER
 
     torch.manual_seed(0)
     folder = tmp_path / "llama"

@@ -4,6 +4,8 @@ Each model (``weights=None``, eval mode, a small input) must prune at ratio 0.5
 with its 1000 logits kept, run, keep its output shape, keep at most half of its
 MACs, and pass the dead-unit oracle: removing planted all-zero units changes the
 output by at most 1e-5 of its magnitude.
+
+Also vit_b_16's attention put back as an ``nn.MultiheadAttention``.
 """
 
 from __future__ import annotations
@@ -103,16 +105,12 @@ class _RelativeBias(torch.nn.Module):
 
 @torch.no_grad()
 def test_gathered_relative_bias_keeps_heads_prunable():
-    model, x = _RelativeBias().eval(), torch.randn(2, 9, 16)
-    dg = fxprune.analyze(model, (x,))
+    dg, _, pruned = run_oracle(_RelativeBias(), (torch.randn(2, 9, 16),), lambda dg: dg.groups_of("table", 1),
+                               fraction=0.5, prune_head_dims=False, absolute=True)
     heads = dg.groups_of("table", 1)
     assert len(heads) == 1 and heads[0].prunable and heads[0].units == 4
     assert dg.groups_of("table", 0)[0].frozen
-    removal = plant_dead_units(dg, [heads[0]], fraction=0.5)
-    before = model(x)
-    pruned = fxprune.apply(dg, removal)
     assert pruned.table.shape == (25, 2)
-    torch.testing.assert_close(pruned(x), before, atol=1e-5, rtol=0)
 
 
 def _attentions(model) -> list:
