@@ -99,6 +99,7 @@ class Job:
     calibration: object = None  # batches for gradient and activation criteria and for reconstruction
     reconstruct: bool = False  # refit the consumers of pruned units on calibration statistics
     refit: dict = field(default_factory=dict)  # {parameter name: refit tensor} when reconstructing
+    refit_report: dict = field(default_factory=dict)  # {"one-shot"/"sequential": {weight: chosen ridge strength}}
     sequential: bool = False  # refit front to back on the pruned model's inputs (needs reconstruct)
     sequential_plan: object = None  # calibration.SequentialPlan, read before rewriting
     reestimate_bn: bool = False  # re-estimate BatchNorm running statistics of the pruned model
@@ -238,7 +239,8 @@ def _refit(job: Job) -> None:
     if job.reconstruct:
         from fxprune.calibration import refit_consumers
 
-        job.refit = refit_consumers(job.dg, job.removal, job.calibration)
+        job.refit = refit_consumers(job.dg, job.removal, job.calibration,
+                                    report=job.refit_report.setdefault("one-shot", {}))
         if job.sequential:  # the original graph and weights are the targets: read them before rewriting
             from fxprune.calibration import plan_sequential
 
@@ -266,6 +268,10 @@ def _reconstruct(job: Job) -> None:
         from fxprune.calibration import load_refit
 
         load_refit(job.result, job.refit)
+    if job.refit_report:
+        from fxprune.calibration.reconstruct import attach_refit_report
+
+        attach_refit_report(job.result, job.refit_report)
 
 
 def _sequential(job: Job) -> None:
@@ -283,6 +289,7 @@ def _sequential(job: Job) -> None:
                                if n in weights})  # the one-shot refit and the sliced weights, as the model has them
             done = run_sequential(job.sequential_plan, graph, job.calibration)
             load_refit(job.result, {name: weights[name].detach() for name in done})
+        job.refit_report["sequential"] = {name: c.as_dict() for name, c in job.sequential_plan.choices.items()}
         job.sequential_plan = None  # frees the copy of the original graph an in-place pruning keeps
 
 

@@ -150,11 +150,10 @@ def test_in_place_pruned_llama_distills_with_kl_generates_and_reloads(tmp_path):
     assert result.loss == "kl" and result.steps == 30
     assert sum(result.losses[-5:]) < 0.8 * sum(result.losses[:5]), result.losses
     hidden_pruned = student.config.hidden_size < teacher.config.hidden_size
-    if hidden_pruned:  # the residual stream was pruned: hidden states cannot be compared, and distill says so
-        assert result.hidden_states == 0
-        assert sum("hidden states differ in shape" in str(w.message) for w in caught) == 1
-    else:
-        assert result.hidden_states == teacher.config.num_hidden_layers + 1
+    # every layer boundary is matched; where the residual stream was pruned, through a learned map
+    assert result.hidden_states == teacher.config.num_hidden_layers + 1
+    assert result.mapped == (result.hidden_states if hidden_pruned else 0)
+    assert not [w for w in caught if "fxprune.distill" in str(w.message)]
     _assert_unchanged(teacher, state)
     ids = batches[1]["input_ids"][:1]
     with torch.no_grad():
@@ -183,13 +182,16 @@ def test_hidden_states_are_matched_when_shapes_agree():
     assert without.hidden_states == 0
 
 
-def test_a_captured_student_of_a_hugging_face_teacher_matches_logits_and_says_hidden_states_are_not_matched():
+def test_a_captured_student_of_a_hugging_face_teacher_matches_logits_and_the_residual_stream_from_the_graphs():
+    """The student is a GraphModule (no hidden_states output): the residual boundaries are found in its graph and
+    in the teacher's (captured here), two per decoder layer, and matched in order."""
     torch.manual_seed(0)
     teacher = _tiny_llama()
     ids = torch.randint(0, 100, (2, 8))
     student = fxprune.prune(teacher, 0.3, example_inputs=(ids,))  # a GraphModule returning the captured outputs
     state = _state(teacher)
-    with pytest.warns(UserWarning, match="hidden states are matched only when the student is a Hugging Face"):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fxprune.distill")
         result = fxprune.distill(student, teacher, [ids], steps=2, lr=1e-3, progress=False)
-    assert result.loss == "kl" and result.hidden_states == 0
+    assert result.loss == "kl" and result.hidden_states == 2 * teacher.config.num_hidden_layers
     _assert_unchanged(teacher, state)
