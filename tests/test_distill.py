@@ -195,3 +195,43 @@ def test_a_captured_student_of_a_hugging_face_teacher_matches_logits_and_the_res
         result = fxprune.distill(student, teacher, [ids], steps=2, lr=1e-3, progress=False)
     assert result.loss == "kl" and result.hidden_states == 2 * teacher.config.num_hidden_layers
     _assert_unchanged(teacher, state)
+
+
+# -- intermediate states, schedule, CPU budget -----------------------------------------------------------------
+
+@pytest.mark.parametrize("hidden", ["kept", "pruned"])
+def test_intermediate_states_are_found_from_the_graph_and_distilling_them_lowers_a_held_out_loss(hidden):
+    """A stack of three pre-norm transformer blocks (tests.models.BlockStack), half its heads and MLP units pruned
+    (and with ``hidden="pruned"`` half its residual width too): the six residual boundaries (attention and MLP of
+    each block) are found in both graphs and matched, through learned maps when the width was pruned; the held-out
+    loss on the residual stream (and on the outputs) falls."""
+    torch.manual_seed(0)
+    teacher = models.BlockStack(mlps=(64, 64, 64)).eval()
+    batches = [torch.randn(16, 6, 12) for _ in range(8)]
+    held_out = [torch.randn(64, 6, 12)]
+    ignore = [] if hidden == "pruned" else [teacher.embed]
+    student = fxprune.prune(teacher, 0.5, example_inputs=(batches[0][:1],), round_to=1, ignore=ignore)
+    assert (student.get_submodule("embed").out_features < 32) == (hidden == "pruned")
+    before = distill_loss(student, teacher, held_out, hidden_states=True)
+    outputs_before = distill_loss(student, teacher, held_out)
+    result = fxprune.distill(student, teacher, batches, steps=120, lr=3e-3, progress=False)
+    assert result.hidden_states == 6 and result.mapped == (6 if hidden == "pruned" else 0)
+    assert distill_loss(student, teacher, held_out) < 0.7 * outputs_before
+    if hidden == "kept":  # the states compare without maps: their held-out loss falls too
+        assert distill_loss(student, teacher, held_out, hidden_states=True) < 0.7 * before
+
+
+def test_the_schedule_warms_up_then_decays_and_a_cpu_budget_stops_the_loop():
+    from fxprune.calibration.distill import _schedule
+
+    assert [round(_schedule(p, 0.1, "cosine", 0.1), 3) for p in (0.0, 0.05, 0.1, 0.55, 1.0)] == \
+        [0.1, 0.55, 1.0, 0.55, 0.1]
+    assert _schedule(0.5, 0.1, "constant", 0.1) == 1.0
+    torch.manual_seed(0)
+    teacher = _mlp().eval()
+    batches = [torch.randn(8, 16)]
+    student = fxprune.prune(teacher, 0.5, example_inputs=(batches[0],), round_to=1)
+    result = fxprune.distill(student, teacher, batches, cpu_budget=0.5, progress=False)
+    assert 0.5 <= result.cpu_seconds < 5.0 and result.steps >= 1
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        fxprune.distill(student, teacher, batches, steps=1, schedule="linear")

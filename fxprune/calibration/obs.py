@@ -21,6 +21,17 @@ tokens routed to it, and the experts' ``dE`` are added weighted by their share o
 expected error per routed token; an expert no token picked adds nothing). Groups without a calibrated consumer
 fall back to L2 magnitude and every group's scores are divided by their mean, as for ``"activation"``.
 
+The damping is chosen per consumer by validation (``damping=None``, the default), like the refit's ridge
+strength (:mod:`fxprune.calibration.ridge`): for a consumer with a bias, ``H`` is the centred covariance
+``C + lam I`` (the bias is refit freely, as ``reconstruct=True`` does), and ``lam = strength * mean(diag C)``
+with the strength of :data:`~fxprune.calibration.ridge.GRID` whose single-unit refits, fitted on the training
+tokens, best predict the held-out tokens: the sum over units (up to 64, evenly spread over the consumer) of
+each unit's held-out error after its refit, relative to its error without refit. A refit of U at strength lam
+leaves on a held-out token x the error ``Wt[:, U] Hinv[U, U]^-1 (Hinv (x - mu))_U``, so these errors need only
+the rows of ``Hinv`` of the sampled columns: ``2 m d^2`` per strength for m columns, after one eigendecomposition
+of ``C``. ``OBS(batches, damping=1e-4)`` fixes it; grouped convolutions and expert weights keep the fixed
+default. ``criterion.strengths`` records what was chosen per consumer.
+
 It reads the Gram matrices that ``reconstruct=True`` reads: ``prune(..., importance="obs",
 reconstruct=True)`` runs the calibration batches through the model once.
 
@@ -35,11 +46,14 @@ Example: hidden unit 3 of ``model = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from fxprune.calibration.criteria import ActivationCriterion, unit_columns
-from fxprune.calibration.reconstruct import DAMPING
+from fxprune.calibration.reconstruct import DAMPING, _moments
+from fxprune.calibration.ridge import GRID, _about, _centred
 
 
 def damped_inverse(gram: torch.Tensor, damping: float = DAMPING, name: str = "") -> torch.Tensor:
@@ -85,15 +99,61 @@ def obs_scores(weight: torch.Tensor, bias: torch.Tensor | None, hinv: torch.Tens
     return error.clamp_min(0).cpu().numpy()
 
 
+def validated_damping(weight: torch.Tensor, bias: bool, stats, columns: np.ndarray, sample: int = 64,
+                      grid=GRID) -> tuple[float, torch.Tensor]:
+    """``(strength, Hinv)`` of one consumer: the strength whose single-unit refits best predict the held-out
+    tokens (see the module; ``columns`` (units, k) as for :func:`obs_scores`) and the inverse of the centred
+    covariance (bias) or Gram (no bias) of every token damped by it. ``(DAMPING, ...)`` with nothing held out."""
+    d = stats.gram_sum.shape[-1] - 1
+    every = _moments(stats.gram_sum, stats.count, torch.arange(d), bias)
+    _, _, c_all, _ = _centred(every, bias)
+    strength = DAMPING
+    if stats.held_sum is not None and 0 < stats.held < stats.count:
+        held = _moments(stats.held_sum, stats.held, torch.arange(d), bias)
+        strength = _choose(weight, bias, every.minus(held), held, columns, sample, grid)
+    return strength, damped_inverse(c_all, strength)
+
+
+def _choose(weight, bias: bool, train, held, columns: np.ndarray, sample: int, grid) -> float:
+    """The strength of ``grid`` with the smallest summed relative held-out error of single-unit refits."""
+    mu_p, mu_o, c, _ = _centred(train, bias)
+    v, _, _ = _about(held, mu_p, mu_o, bias)
+    evals, q = torch.linalg.eigh(c)
+    evals = evals.clamp_min(0)
+    scale = float(evals.mean())
+    if scale <= 0:
+        return DAMPING
+    units = columns[np.unique(np.linspace(0, len(columns) - 1, min(sample, len(columns))).round().astype(int))]
+    cols = torch.as_tensor(units.reshape(-1), device=c.device)
+    k = units.shape[1]
+    w = weight.detach().double().to(c.device)[:, cols].T.reshape(len(units), k, -1)  # (units, k, out)
+    base = torch.einsum("uko,ukl,ulo->u", w, v[cols][:, cols].reshape(len(units), k, len(units), k)
+                        .diagonal(dim1=0, dim2=2).permute(2, 0, 1), w)  # held-out error of no refit
+    best, best_error = DAMPING, math.inf
+    q_cols = q[cols]  # (m, d)
+    for s in grid:
+        rows = (q_cols / (evals + s * scale)) @ q.T  # Hinv[cols, :]  (m, d)
+        m = rows[:, cols].reshape(len(units), k, len(units), k).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        z = (rows @ v @ rows.T).reshape(len(units), k, len(units), k).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        a = torch.linalg.solve(m, w)  # M^-1 W_U^T  (units, k, out)
+        error = torch.einsum("uko,ukl,ulo->u", a, z, a)
+        total = float((error / base.clamp_min(1e-300)).sum())
+        if total < best_error:
+            best, best_error = s, total
+    return best
+
+
 class OBS(ActivationCriterion):
-    """Structured OBS from the calibration Gram matrices; ``damping`` as in :func:`fxprune.calibration.refit`."""
+    """Structured OBS from the calibration Gram matrices; ``damping``: None validates it per consumer on the
+    held-out tokens (see the module), a number fixes it (as for :func:`fxprune.calibration.refit`)."""
 
     name = "obs"
     gram = True
 
-    def __init__(self, batches, damping: float = DAMPING, normalizer="mean", progress=None):
+    def __init__(self, batches, damping: float | None = None, normalizer="mean", progress=None):
         super().__init__(batches, normalizer, progress)
         self.damping, self._inverse = damping, None
+        self.strengths: dict[str, float] = {}  # the damping used per consumer
 
     def prepare(self, dg) -> None:
         if self._prepared_for is not dg:
@@ -107,11 +167,20 @@ class OBS(ActivationCriterion):
         if consumer.experts:
             return self._per_expert(consumer, w, stats, index)
         name = consumer.weight
+        matrix = consumer.matrices(w.detach())[0]
         # one inverse at a time: a consumer usually holds one group, and an LLM's d x d inverses do not all fit
         if self._inverse is None or self._inverse[0] != name:
-            gram = stats.gram if bias is not None else stats.gram[:-1, :-1]
-            self._inverse = (name, damped_inverse(gram, self.damping, name))
-        return obs_scores(consumer.matrices(w.detach())[0], bias, self._inverse[1], unit_columns(consumer, index))
+            if self.damping is None:
+                columns = unit_columns(consumer, np.arange(matrix.shape[1] // consumer.kernel)[:, None])
+                strength, hinv = validated_damping(matrix, bias is not None, stats, columns)
+            else:  # centred with a bias: the bias is refit freely
+                d = stats.gram.shape[-1] - 1
+                _, _, c, _ = _centred(_moments(stats.gram_sum, stats.count, torch.arange(d), bias is not None),
+                                      bias is not None)
+                strength, hinv = self.damping, damped_inverse(c, self.damping, name)
+            self.strengths[name] = strength
+            self._inverse = (name, hinv)
+        return obs_scores(matrix, None, self._inverse[1], unit_columns(consumer, index))
 
     def expert_scores(self, consumer, w, stats) -> np.ndarray:
         """Removing a whole expert (every column, nothing left to refit) costs its output's second moment on
@@ -130,7 +199,7 @@ class OBS(ActivationCriterion):
         columns, total = unit_columns(consumer, index), np.zeros(len(index))
         for e, (matrix, s, share) in enumerate(zip(consumer.matrices(w.detach()), stats.experts, stats.shares)):
             if s.count:
-                hinv = damped_inverse(s.gram[:-1, :-1], self.damping, f"{consumer.weight}[{e}]")
+                hinv = damped_inverse(s.gram[:-1, :-1], self.damping or DAMPING, f"{consumer.weight}[{e}]")
                 total += share * obs_scores(matrix, None, hinv, columns)
         return total
 
@@ -142,7 +211,7 @@ class OBS(ActivationCriterion):
         for b, matrix in enumerate(consumer.matrices(w.detach())):
             gram = stats.block_gram(b) if bias is not None else stats.block_gram(b)[:-1, :-1]
             d = matrix.shape[1]
-            hinv = damped_inverse(gram, self.damping, consumer.weight).diagonal()[:d]
+            hinv = damped_inverse(gram, self.damping or DAMPING, consumer.weight).diagonal()[:d]
             column = matrix.double().square().sum(0).to(hinv.device) / hinv
             total += column.reshape(-1, consumer.kernel).sum(1).cpu().numpy()
         return total

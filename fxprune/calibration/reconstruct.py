@@ -157,14 +157,17 @@ def _block(stats, b: int) -> tuple:
 
 def warn_short(short: list, what: str) -> None:
     """One warning naming the consumers (``(name, Choice)``) that saw fewer calibration tokens than they keep
-    inputs: their refits rest on few data (validation shrinks them towards the unrefit weights)."""
+    inputs: their refits rest on few data (validation shrinks them towards the unrefit weights; a fixed strength
+    may fit the tokens' noise)."""
     if not short:
         return
     shown = "; ".join(f"{name}: {c.tokens} tokens for {c.width} kept inputs" for name, c in short[:3])
+    validated = all(c.error_after is not None for _, c in short)
+    how = ("their refits are shrunk towards the unrefit weights as far as the held-out tokens ask" if validated else
+           "a refit at a fixed strength may fit the calibration tokens' noise (damping=None validates it)")
     warnings.warn(f"fxprune: {what}: {len(short)} layer(s) saw fewer calibration tokens than they keep inputs "
-                  f"({shown}{' ...' if len(short) > 3 else ''}); their refits are shrunk towards the unrefit weights "
-                  f"as far as the held-out tokens ask; more calibration data would let them refit more",
-                  stacklevel=4)
+                  f"({shown}{' ...' if len(short) > 3 else ''}); {how}; more calibration data would let them refit "
+                  f"more", stacklevel=4)
 
 
 def _refit_experts(dg, removal, consumer, weight, stats, kept_in, rows, damping) -> tuple[torch.Tensor, list]:
