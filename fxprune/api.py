@@ -99,6 +99,7 @@ class Job:
     calibration: object = None  # batches for gradient and activation criteria and for reconstruction
     reconstruct: bool = False  # refit the consumers of pruned units on calibration statistics
     refit: dict = field(default_factory=dict)  # {parameter name: refit tensor} when reconstructing
+    plan_normalizer: object = "mean"  # how a global plan puts groups' scores on one scale (the criterion says)
     refit_report: dict = field(default_factory=dict)  # {"one-shot"/"sequential": {weight: chosen ridge strength}}
     sequential: bool = False  # refit front to back on the pruned model's inputs (needs reconstruct)
     sequential_plan: object = None  # calibration.SequentialPlan, read before rewriting
@@ -176,6 +177,8 @@ def _score(job: Job) -> None:
         collect_statistics(job.dg, job.calibration, gram=True)
     criterion = resolve_importance(job.importance, job.calibration, job.loss_fn)
     job.scores = score_groups(criterion, job.dg, job.dg.prunable_groups)
+    # a criterion whose scores are on one scale across groups (in units of the model's output) is ranked as it is
+    job.plan_normalizer = getattr(criterion, "plan_normalizer", "mean")
 
 
 def _plan(job: Job) -> None:
@@ -185,7 +188,8 @@ def _plan(job: Job) -> None:
 
     def plan_for(ratio: float, costs: dict | None = None) -> dict:
         return make_plan(groups, job.scores, ratio, steps=job.steps, global_pruning=job.global_pruning,
-                         max_ratio=job.max_ratio, fixed=fixed, costs=costs, types=types, classes=classes)
+                         max_ratio=job.max_ratio, fixed=fixed, costs=costs, types=types, classes=classes,
+                         normalizer=job.plan_normalizer)
 
     types = None
     # isomorphic: each class of same-structure groups loses the ratio, so a target searches that one ratio
@@ -403,16 +407,21 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     still generates, saves and reloads; see :mod:`fxprune.huggingface`).
 
     ``importance``: a name (``"l2"``, ``"l1"``, ``"lamp"``, ``"fpgm"``, ``"bn_scale"``,
-    ``"taylor"``, ``"hessian"``, ``"activation"``, ``"wanda"``, ``"obs"``, ``"random"``), a criterion object
+    ``"taylor"``, ``"hessian"``, ``"activation"``, ``"wanda"``, ``"obs"``, ``"obs-output"``, ``"random"``), a
+    criterion object
     or a callable (see :mod:`fxprune.importance`); ``"taylor"``/``"hessian"`` need ``calibration`` batches
     and ``loss_fn(model, batch)`` (default: cross-entropy of ``(inputs, targets)`` batches);
     ``"activation"``/``"wanda"``/``"obs"`` need ``calibration`` batches of model inputs (a tensor, a tuple of
     positional inputs or a dict of keyword inputs each); ``"obs"`` (structured Optimal Brain Surgeon) scores
     a unit by the output error its consumers keep after refitting without it, the natural partner of
-    ``reconstruct=True`` (both read one pass of statistics). ``reconstruct=True`` refits every Linear, weight
+    ``reconstruct=True`` (both read one pass of statistics); ``"obs-output"`` weighs that error by how much the
+    model's output moves with it and removes units greedily, so its scores compare across layers: use it with
+    ``global_pruning=True, isomorphic=True`` (each kind of group loses the ratio where the output moves least).
+    ``reconstruct=True`` refits every Linear, weight
     matmul (``x @ W``, GPT-2's addmm) or convolution that loses input columns (kept columns and bias, ridge
-    least squares on the calibration inputs) so the pruned model's outputs stay close without retraining
-    (:mod:`fxprune.calibration`); it needs ``calibration``; with ``inplace=True`` on a Hugging Face model the
+    least squares on the calibration inputs, its strength chosen per layer on held-out calibration tokens;
+    what was chosen is in ``result.meta["fxprune_refit"]``) so the pruned model's outputs stay close without
+    retraining (:mod:`fxprune.calibration`); it needs ``calibration``; with ``inplace=True`` on a Hugging Face model the
     refit weights are written into the model (which still generates, saves and reloads).
     ``sequential=True`` (with ``reconstruct=True``) refits those layers front to back instead, each on the
     pruned model's own inputs after the layers before it were refit, to reproduce the original model's

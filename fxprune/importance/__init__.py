@@ -15,6 +15,9 @@ Criteria by name (``fxprune.prune(..., importance=NAME)``):
 ``"wanda"``   ||x_j|| ||W[:, j]||_1 over the same columns (needs ``calibration``)
 ``"obs"``     structured Optimal Brain Surgeon: the consumers' output error after removing the unit's
               columns and refitting the rest, from the inverse input Gram (needs ``calibration``)
+``"obs-output"``  the same in units of the model's output (each consumer's error weighed by the output's
+              sensitivity to it), units removed greedily: comparable across layers, for
+              ``global_pruning=True, isomorphic=True`` (needs ``calibration``)
 ``"random"``  a baseline
 ============  ===============================================================
 
@@ -50,7 +53,7 @@ _BY_NAME = {
     "bn_scale": BNScale, "slimming": BNScale,
 }
 _NEEDS_DATA = {"taylor": Taylor, "hessian": Hessian}
-_NEEDS_INPUTS = ("activation", "wanda", "obs")  # calibration batches of model inputs, no loss
+_NEEDS_INPUTS = ("activation", "wanda", "obs", "obs-output")  # calibration batches of model inputs, no loss
 CRITERIA = sorted(list(_BY_NAME) + list(_NEEDS_DATA) + list(_NEEDS_INPUTS))
 
 
@@ -78,9 +81,10 @@ def resolve_importance(importance, calibration=None, loss_fn=None, progress=None
                                  f"(and loss_fn=f(model, batch) unless batches are (inputs, targets))")
             return _NEEDS_DATA[importance](calibration, loss_fn, progress=progress)
         if importance in _NEEDS_INPUTS:
-            from fxprune.calibration import OBS, Activation, Wanda  # fxprune.calibration imports this package
+            from fxprune.calibration import OBS, Activation, OutputOBS, Wanda  # fxprune.calibration imports this
 
-            return {"activation": Activation, "wanda": Wanda, "obs": OBS}[importance](calibration, progress=progress)
+            return {"activation": Activation, "wanda": Wanda, "obs": OBS, "obs-output": OutputOBS}[importance](
+                calibration, progress=progress)
         if importance in _BY_NAME:
             return _BY_NAME[importance]()
         raise ValueError(f"unknown importance {importance!r}; choose one of {CRITERIA}, a Criterion or a callable")
