@@ -24,6 +24,8 @@ Every row prunes the same original model. ``fxprune`` rows call ``fxprune.prune`
 named in the row; ``+ reconstruct`` adds ``reconstruct=True`` (the ridge refit of the consumers of pruned
 units, its strength validated per layer on held-out calibration tokens), ``+ sequential`` adds
 ``sequential=True`` (front to back, each layer refit on the pruned model's own inputs, same validation).
+``obs-output (isomorphic)`` rows score units by OBS in units of the model's output (greedy removal) and rank
+each kind of group (heads, MLP units) across layers: each kind loses the ratio overall, unevenly by layer.
 ``Torch-Pruning L2`` is ``tp.pruner.MetaPruner`` with ``GroupMagnitudeImportance(p=2)`` and the same budget
 (heads and MLP units, hidden kept); it uses no calibration. Recovery by distillation is measured by
 ``benchmarks/recovery.py``.
@@ -64,8 +66,13 @@ ONLY = re.compile("")  # --only: the rows to run (a regular expression on their 
 
 # ---------------------------------------------------------------------------------------------- rows
 
+ISOMORPHIC = dict(global_pruning=True, isomorphic=True)  # each kind of group (heads, MLP units) loses the ratio
+
+
 def fxprune_rows(quick: bool, reestimate_bn: bool = False) -> list[tuple[str, dict]]:
-    """``(label, prune keyword arguments)``."""
+    """``(label, prune keyword arguments)``. ``(isomorphic)`` rows rank every group of one kind together (each
+    kind loses the ratio, unevenly across layers: ``global_pruning=True, isomorphic=True``); the others remove
+    the ratio from every group."""
     rows = [("L2", dict(importance="l2")), ("random", dict(importance="random")),
             ("activation", dict(importance="activation")), ("wanda", dict(importance="wanda")),
             ("obs", dict(importance="obs")),
@@ -73,7 +80,11 @@ def fxprune_rows(quick: bool, reestimate_bn: bool = False) -> list[tuple[str, di
             ("activation + reconstruct", dict(importance="activation", reconstruct=True)),
             ("wanda + reconstruct", dict(importance="wanda", reconstruct=True)),
             ("obs + reconstruct", dict(importance="obs", reconstruct=True)),
-            ("obs + reconstruct + sequential", dict(importance="obs", reconstruct=True, sequential=True))]
+            ("obs + reconstruct + sequential", dict(importance="obs", reconstruct=True, sequential=True)),
+            ("obs-output (isomorphic)", dict(importance="obs-output", **ISOMORPHIC)),
+            ("obs-output + reconstruct (isomorphic)", dict(importance="obs-output", reconstruct=True, **ISOMORPHIC)),
+            ("obs-output + reconstruct + sequential (isomorphic)",
+             dict(importance="obs-output", reconstruct=True, sequential=True, **ISOMORPHIC))]
     if reestimate_bn:
         rows += [("obs + reconstruct + BN re-estimation", dict(importance="obs", reconstruct=True, reestimate_bn=True)),
                  ("obs + reconstruct + sequential + BN re-estimation",
@@ -180,6 +191,7 @@ def task_minilm(args, emit) -> None:
         reference_nn = _neighbours(pooled)
         META[task] = {"calibration": f"{corpora.NAMES[source]}, {len(text)} sentences (calibration part)",
                       "held out": ", ".join(f"{k.split(': ')[1]} ({len(v)})" for k, v in sets.items())}
+        emit(task, None, {"meta": META[task]})
 
         def report(label, pruned, seconds):
             values = {}
@@ -259,7 +271,8 @@ def task_lm(args, emit) -> None:
         META[task] = {"calibration": f"{corpora.NAMES[source]}, {sum(len(b['input_ids']) for b in calibration)} "
                                      f"windows of 128 bytes (calibration part)",
                       "held out": ", ".join(f"{k.split(': ')[1]} ({len(w)} windows)" for k, w in sets.items()),
-                      "cells": "perplexity / dense perplexity"}
+                      "cells": "perplexity / dense perplexity (the dense row: perplexity)"}
+        emit(task, None, {"meta": META[task]})
         tp_timed_out = None
         emit(task, "dense", {"ratio": 0.0, **{k: v for k, v in dense.items()}, "params kept": 1.0, "seconds": 0.0})
 
@@ -342,7 +355,10 @@ META: dict = {}  # per table: what it was calibrated on and what it was held out
 
 
 def table(records: list[dict], task: str, ratio: float) -> str:
-    rows = [r for r in records if r["task"] == task]
+    for r in records:  # the log keeps each table's calibration and held-out sets as a "meta" record
+        if r["task"] == task and "meta" in r:
+            META[task] = r["meta"]
+    rows = [r for r in records if r["task"] == task and "meta" not in r]
     columns = list(dict.fromkeys(c for r in rows for c in r if c not in ("task", "row")))
     kind, _, source = task.partition(":")
     title = TITLES[kind].format(ratio=ratio)
@@ -370,7 +386,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="markdown table file")
     parser.add_argument("--log", help="jsonl file, one record per row")
     parser.add_argument("--only", default="", help="run only the rows whose label matches this regular expression")
+    parser.add_argument("--rebuild", nargs="+", help="write the markdown from these jsonl logs instead of running "
+                                                     "(their command, date and wall time given as --note)")
+    parser.add_argument("--note", default="", help="with --rebuild: the line that says how the logs were made")
     args = parser.parse_args(argv)
+    if args.rebuild:
+        records = [json.loads(line) for path in args.rebuild for line in Path(path).read_text().splitlines() if line]
+        harness.publish(report(records, args.ratio, args.note), args.out)
+        return 0
     global ONLY
     ONLY = re.compile(args.only)
     torch.set_num_threads(args.threads)
@@ -387,15 +410,19 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     for task in args.tasks.split(","):
         TASKS[task](args, emit)
+    command = f"`python benchmarks/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+    note = f"{command}: {time.perf_counter() - start:.0f} s wall, {args.threads} threads, {time.strftime('%Y-%m-%d')}"
+    harness.publish(report(records, args.ratio, note), args.out)
+    return 0
+
+
+def report(records: list[dict], ratio: float, note: str) -> str:
     text = ("# Quality right after pruning, without retraining: fxprune against Torch-Pruning\n\n"
-            f"`python benchmarks/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
             "Calibration, training and evaluation text are disjoint parts of their sources "
             "(`benchmarks/corpora.py`); each table names what it was calibrated on and held out on.\n\n")
     tables = list(dict.fromkeys(r["task"] for r in records))
-    text += "\n\n".join(table(records, t, args.ratio) for t in tables)
-    text += f"\n\n{time.perf_counter() - start:.0f} s wall, {args.threads} threads, {time.strftime('%Y-%m-%d')}\n"
-    harness.publish(text, args.out)
-    return 0
+    text += "\n\n".join(table(records, t, ratio) for t in tables)
+    return text + f"\n\n{note}\n"
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ import corpora  # noqa: E402
 import harness  # noqa: E402
 from quality import _sentence_embeddings, lm_windows  # noqa: E402
 
-LR = {"minilm": 2e-4, "lm": 1e-3}
+LR = {"minilm": 3e-4, "lm": 1e-3}
 
 
 def _prune(model, ratio, example, calibration, ignore):

@@ -235,3 +235,31 @@ def test_the_schedule_warms_up_then_decays_and_a_cpu_budget_stops_the_loop():
     assert 0.5 <= result.cpu_seconds < 5.0 and result.steps >= 1
     with pytest.raises(ValueError, match="schedule must be one of"):
         fxprune.distill(student, teacher, batches, steps=1, schedule="linear")
+
+
+def test_residual_boundaries_are_the_adds_of_a_branch_with_weights():
+    """x + f(x) with a Linear on the branch is a boundary; the tanh GELU's x + 0.044715 x^3 (no weights between)
+    and the add of two unrelated branches are not. GPT-2: two boundaries per decoder layer (LLaMA's: the captured
+    student test above)."""
+    import torch.fx as fx
+
+    from fxprune.calibration.boundaries import residual_boundaries
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.side = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = x + self.fc2(nn.functional.gelu(self.fc1(x), approximate="tanh"))
+            return h, torch.tanh(h) + self.side(x)  # two branches of x meet: not the stream plus a branch of it
+
+    gm = fx.symbolic_trace(nn.Sequential(Block()))
+    assert [n.name for n in residual_boundaries(gm)] == ["add"]
+    ids = torch.randint(0, 100, (2, 7))
+    transformers = pytest.importorskip("transformers")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100,
+                                                                bos_token_id=0, eos_token_id=0)).eval()
+    boundaries = residual_boundaries(fxprune.prune(gpt2, 0.3, example_inputs=(ids,)))
+    assert len(boundaries) == 4  # the GELU's adds are not among them
+    assert all("residual" in n.meta.get("stack_trace", "").splitlines()[-1] for n in boundaries)
