@@ -61,11 +61,11 @@ class Positional(torch.nn.Module):
 def count(model, args, kwargs, counter: str) -> float:
     """MACs of one forward pass with ``"fxprune"`` or ``"torch-pruning"``'s counter."""
     if counter == "fxprune":
-        import fxprune.macs
+        import fxprune.analysis.macs
 
         if kwargs:  # fxprune.macs.count takes positional inputs: keyword inputs become trailing positional ones
             model, args = Positional(model, list(kwargs)), tuple(args) + tuple(kwargs.values())
-        return float(fxprune.macs.count(model, args)[0])
+        return float(fxprune.analysis.macs.count(model, args)[0])
     import torch_pruning as tp
 
     from tp_recipe import tp_inputs

@@ -60,8 +60,23 @@ import corpora  # noqa: E402
 import harness  # noqa: E402
 from harness import StepLimit, time_limit  # noqa: E402
 
-TP_SECONDS = 240  # Torch-Pruning's time limit per pruning (the coverage benchmark's)
 ONLY = re.compile("")  # --only: the rows to run (a regular expression on their labels)
+STEP_TIMEOUT = None  # --step-timeout: overrides harness.step_seconds for every row
+
+
+def limited(task: str, emit, label: str, base: dict, fn):
+    """``fn()`` (a pruning: fxprune's row or Torch-Pruning's) under the task's step limit,
+    the same for every library (``harness.step_seconds("quality", task)``); a failure is emitted as the row, with
+    its class and how long it ran, and gives None."""
+    start = time.perf_counter()
+    try:
+        with time_limit(harness.step_seconds("quality", task.partition(":")[0], STEP_TIMEOUT)):
+            return fn()
+    except (Exception, StepLimit) as exc:  # reported, not hidden: the row says why it has no number
+        kind = exc.kind if isinstance(exc, StepLimit) else "error"
+        emit(task, label, {**base, "error": harness.first_line(exc, 200), "class": kind,
+                           "seconds": time.perf_counter() - start})
+        return None
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -150,7 +165,7 @@ OTHER = {"english": "reference", "reference": "english"}
 
 
 def held_out_sets(source: str, count: int = 200) -> dict:
-    """``{column: sentences or the reason they are missing}``: same text, other text, everyday."""
+    """``{column: sentences, or the reason they are missing}``: same text, other text, everyday."""
     out = {}
     for column, name in (("same text", source), ("other text", OTHER[source]), ("everyday", "everyday")):
         try:
@@ -180,23 +195,22 @@ def task_minilm(args, emit) -> None:
         try:
             text = corpora.split(source)["calibration"][:args.sentences]
         except corpora.MissingCorpus as exc:
-            emit(task, "(all rows)", {"error": f"not run: {exc}"})
+            emit(task, "(all rows)", {"error": f"not run: {exc}", "class": "error"})
             continue
         calibration = [encode(text[i:i + 16]) for i in range(0, len(text), 16)]
-        sets = {k: v for k, v in held_out_sets(source).items() if not isinstance(v, str)}
-        missing = {k: v for k, v in held_out_sets(source).items() if isinstance(v, str)}
+        held = held_out_sets(source)
+        sets = {k: v for k, v in held.items() if not isinstance(v, str)}
+        missing = {k: v for k, v in held.items() if isinstance(v, str)}
         batches = {k: encode(v) for k, v in sets.items()}
         reference = {k: _sentence_embeddings(model, b) for k, b in batches.items()}
-        pooled = torch.cat(list(reference.values()))
-        reference_nn = _neighbours(pooled)
-        META[task] = {"calibration": f"{corpora.NAMES[source]}, {len(text)} sentences (calibration part)",
-                      "held out": ", ".join(f"{k.split(': ')[1]} ({len(v)})" for k, v in sets.items())}
-        emit(task, None, {"meta": META[task]})
+        reference_nn = _neighbours(torch.cat(list(reference.values())))
+        emit(task, None, {"meta": {"calibration": f"{corpora.NAMES[source]}, {len(text)} sentences (calibration part)",
+                                   "held out": ", ".join(f"{k.split(': ')[1]} ({len(v)})" for k, v in sets.items())}})
 
         def report(label, pruned, seconds):
             values = {}
             embedded = {k: _sentence_embeddings(pruned, b) for k, b in batches.items()}
-            for k in held_out_sets(source):
+            for k in held:
                 values[k] = (embedded[k] * reference[k]).sum(-1).mean().item() if k in embedded else "n/a"
             values["NN agreement"] = (_neighbours(torch.cat(list(embedded.values()))) == reference_nn).float().mean().item()
             values.update({"params kept": parameters(pruned) / params0, "seconds": seconds})
@@ -205,8 +219,10 @@ def task_minilm(args, emit) -> None:
             emit(task, label, values)
 
         for label, options in fxprune_rows(args.quick):
-            pruned, seconds = run_fxprune(model, options, example, calibration, args.ratio, ignore=hidden_writers)
-            report(label, pruned, seconds)
+            got = limited(task, emit, label, {}, lambda: run_fxprune(
+                model, options, example, calibration, args.ratio, ignore=hidden_writers))
+            if got:
+                report(label, *got)
         if _tp_available() and ONLY.search("Torch-Pruning L2"):
             def layers(m):
                 attention = [(a.query, a.key, a.value, a.num_attention_heads, a.num_attention_heads)
@@ -216,13 +232,16 @@ def task_minilm(args, emit) -> None:
                 return attention, residual
 
             start = time.perf_counter()
-            pruned, pruner = tp_heads_and_mlp(model, example, args.ratio, layers)
-            for m in pruned.modules():  # the recipe's own size fix-ups (examples/transformers)
-                if hasattr(m, "query") and hasattr(m, "num_attention_heads"):
-                    m.num_attention_heads = pruner.num_heads[m.query]
-                    m.attention_head_size = m.query.out_features // m.num_attention_heads
-                    m.all_head_size = m.query.out_features
-            report("Torch-Pruning L2", pruned, time.perf_counter() - start)
+            got = limited(task, emit, "Torch-Pruning L2", {}, lambda: tp_heads_and_mlp(model, example, args.ratio,
+                                                                                        layers))
+            if got:
+                pruned, pruner = got
+                for m in pruned.modules():  # the recipe's own size fix-ups (examples/transformers)
+                    if hasattr(m, "query") and hasattr(m, "num_attention_heads"):
+                        m.num_attention_heads = pruner.num_heads[m.query]
+                        m.attention_head_size = m.query.out_features // m.num_attention_heads
+                        m.all_head_size = m.query.out_features
+                report("Torch-Pruning L2", pruned, time.perf_counter() - start)
 
 
 # ------------------------------------------------------------------------------------------ small LM
@@ -257,7 +276,7 @@ def task_lm(args, emit) -> None:
         try:
             calibration = [{"input_ids": w} for w in lm_windows(source, "calibration", 128).split(8)]
         except corpora.MissingCorpus as exc:
-            emit(task, "(all rows)", {"error": f"not run: {exc}"})
+            emit(task, "(all rows)", {"error": f"not run: {exc}", "class": "error"})
             continue
         sets, missing = {}, {}
         for column, name in (("same text", source), ("other text", OTHER[source]), ("everyday", "everyday")):
@@ -268,13 +287,13 @@ def task_lm(args, emit) -> None:
                 missing[key] = str(exc)
         example = {"input_ids": sets[next(iter(sets))][:2]}
         dense = {k: tiny_lm.perplexity(model, w) for k, w in sets.items()}
-        META[task] = {"calibration": f"{corpora.NAMES[source]}, {sum(len(b['input_ids']) for b in calibration)} "
-                                     f"windows of 128 bytes (calibration part)",
-                      "held out": ", ".join(f"{k.split(': ')[1]} ({len(w)} windows)" for k, w in sets.items()),
-                      "cells": "perplexity / dense perplexity (the dense row: perplexity)"}
-        emit(task, None, {"meta": META[task]})
+        emit(task, None, {"meta": {
+            "calibration": f"{corpora.NAMES[source]}, {sum(len(b['input_ids']) for b in calibration)} windows of "
+                           f"128 bytes (calibration part)",
+            "held out": ", ".join(f"{k.split(': ')[1]} ({len(w)} windows)" for k, w in sets.items()),
+            "cells": "perplexity / dense perplexity (the dense row: perplexity)"}})
+        emit(task, "dense", {"ratio": 0.0, **dense, "params kept": 1.0, "seconds": 0.0})
         tp_timed_out = None
-        emit(task, "dense", {"ratio": 0.0, **{k: v for k, v in dense.items()}, "params kept": 1.0, "seconds": 0.0})
 
         def report(label, ratio, pruned, seconds):
             values = {"ratio": ratio}
@@ -284,26 +303,31 @@ def task_lm(args, emit) -> None:
 
         for ratio in (0.2,) if args.quick else (0.2, 0.3, 0.5):
             for label, options in fxprune_rows(args.quick):
-                pruned, seconds = run_fxprune(model, options, example, calibration, ratio,
-                                              ignore=[model.model.embed_tokens])
-                report(label, ratio, pruned, seconds)
+                got = limited(task, emit, label, {"ratio": ratio}, lambda: run_fxprune(
+                    model, options, example, calibration, ratio, ignore=[model.model.embed_tokens]))
+                if got:
+                    report(label, ratio, *got)
             if _tp_available() and ONLY.search("Torch-Pruning L2") and tp_timed_out:
-                emit(task, "Torch-Pruning L2", {"ratio": ratio, "error": f"not run: {tp_timed_out}"})
+                # its pruner loops while it is built, before the ratio is read (benchmarks/tp_hang.md): another
+                # ratio would loop the same way
+                emit(task, "Torch-Pruning L2", {"ratio": ratio, "error": f"not run: {tp_timed_out}",
+                                                "class": "timeout"})
             elif _tp_available() and ONLY.search("Torch-Pruning L2"):
                 start = time.perf_counter()
-                try:
-                    with time_limit(TP_SECONDS):  # Torch-Pruning loops for minutes on LLaMA-style graphs
-                        pruned, pruner = tp_heads_and_mlp(model, example, ratio, _lm_layers)
-                    for layer in pruned.model.layers:
-                        a = layer.self_attn
-                        n, kv = a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim
-                        a.num_key_value_groups = n // kv
-                        a.config = copy.copy(a.config)
-                    report("Torch-Pruning L2", ratio, pruned, time.perf_counter() - start)
-                except (Exception, StepLimit) as exc:  # reported, not hidden: the row says why it has no number
-                    emit(task, "Torch-Pruning L2", {"ratio": ratio, "error": f"{type(exc).__name__}: {exc}"[:200]})
-                    if isinstance(exc, StepLimit):
-                        tp_timed_out = f"timed out after {TP_SECONDS} s at ratio {ratio}"
+                got = limited(task, emit, "Torch-Pruning L2", {"ratio": ratio},
+                              lambda: tp_heads_and_mlp(model, example, ratio, _lm_layers))
+                if got is None:
+                    limit = harness.step_seconds("quality", "lm", STEP_TIMEOUT)
+                    if time.perf_counter() - start >= limit - 1:
+                        tp_timed_out = f"timed out after {limit:.0f} s at ratio {ratio}"
+                    continue
+                pruned, pruner = got
+                for layer in pruned.model.layers:
+                    a = layer.self_attn
+                    n, kv = a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim
+                    a.num_key_value_groups = n // kv
+                    a.config = copy.copy(a.config)
+                report("Torch-Pruning L2", ratio, pruned, time.perf_counter() - start)
 
 
 # ------------------------------------------------------------------------------------------- digits
@@ -317,13 +341,17 @@ def task_digits(args, emit) -> None:
     calibration = [x_train[i:i + 64] for i in range(0, 512, 64)]
     macs0 = fxprune.count(base, (x_test[:1],))[0]
     emit("digits", "unpruned", {"accuracy": accuracy(base, x_test, y_test), "MACs kept": 1.0, "seconds": 0.0})
-    for label, options in fxprune_rows(args.quick, reestimate_bn=True):
-        options = dict(options)
-        start = time.perf_counter()
+    def prune_digits(options):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pruned = fxprune.prune(base, example_inputs=(x_test[:2],), target_macs=0.5, calibration=calibration,
-                                   **options)
+            return fxprune.prune(base, example_inputs=(x_test[:2],), target_macs=0.5, calibration=calibration,
+                                 **options)
+
+    for label, options in fxprune_rows(args.quick, reestimate_bn=True):
+        start = time.perf_counter()
+        pruned = limited("digits", emit, label, {}, lambda: prune_digits(dict(options)))
+        if pruned is None:
+            continue
         emit("digits", label, {"accuracy": accuracy(pruned, x_test, y_test),
                                "MACs kept": fxprune.count(pruned, (x_test[:1],))[0] / macs0,
                                "seconds": time.perf_counter() - start})
@@ -331,7 +359,10 @@ def task_digits(args, emit) -> None:
         from accuracy_digits import tp_magnitude
 
         start = time.perf_counter()
-        model = tp_magnitude(copy.deepcopy(base), (x_test,), None)  # bisects its ratio to half the MACs
+        model = limited("digits", emit, "Torch-Pruning L2", {},  # bisects its ratio to half the MACs
+                        lambda: tp_magnitude(copy.deepcopy(base), (x_test,), None))
+        if model is None:
+            return
         emit("digits", "Torch-Pruning L2", {"accuracy": accuracy(model.eval(), x_test, y_test),
                                             "MACs kept": fxprune.count(model, (x_test[:1],))[0] / macs0,
                                             "seconds": time.perf_counter() - start})
@@ -351,27 +382,83 @@ TASKS = {"minilm": task_minilm, "lm": task_lm, "digits": task_digits}
 TITLES = {"minilm": "all-MiniLM-L6-v2, {ratio:.0%} of heads and MLP units, hidden kept: mean cosine to the original",
           "lm": "small LLaMA (tiny_lm.py), MLP units and key/value heads, hidden kept: byte-level perplexity",
           "digits": "digits ResNet at 50% of the MACs: test accuracy"}
-META: dict = {}  # per table: what it was calibrated on and what it was held out on
 
 
-def table(records: list[dict], task: str, ratio: float) -> str:
-    for r in records:  # the log keeps each table's calibration and held-out sets as a "meta" record
-        if r["task"] == task and "meta" in r:
-            META[task] = r["meta"]
+def _meta(records: list[dict], task: str) -> dict:
+    """What the table was calibrated on and held out on (its log's ``meta`` record)."""
+    return next((r["meta"] for r in records if r["task"] == task and "meta" in r), {})
+
+
+def table(records: list[dict], task: str, ratio: float = 0.3) -> str:
     rows = [r for r in records if r["task"] == task and "meta" not in r]
     columns = list(dict.fromkeys(c for r in rows for c in r if c not in ("task", "row")))
     kind, _, source = task.partition(":")
-    title = TITLES[kind].format(ratio=ratio)
-    lines = [f"### {title}" + (f" — calibrated on {corpora.NAMES[source]}" if source else ""), ""]
-    for key, value in META.get(task, {}).items():
-        lines.append(f"- {key}: {value}")
-    if META.get(task):
-        lines.append("")
+    lines = [f"### {TITLES[kind].format(ratio=ratio)}" + (f" — calibrated on {corpora.NAMES[source]}" if source else ""),
+             ""]
+    meta = _meta(records, task)
+    lines += [f"- {key}: {value}" for key, value in meta.items()] + ([""] if meta else [])
     lines += ["| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for r in rows:
         cells = [(f"{r[c]:.4f}" if isinstance(r.get(c), float) else str(r.get(c, ""))) for c in columns]
         lines.append(f"| {r['row']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def summary(runs: list[dict]) -> str:
+    """The README's sentence on this report: per table (and ratio), the best fxprune row on each held-out set that
+    is not the calibration text, fxprune's L2 and Torch-Pruning's L2 there (or why it has no number)."""
+    rows = [r for r in runs[-1]["rows"] if "meta" not in r]
+    parts = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        kind, _, source = task.partition(":")
+        best = max if kind in ("minilm", "digits") else min
+        keys = ["accuracy"] if kind == "digits" else [
+            k for k in dict.fromkeys(c for r in rows if r["task"] == task for c in r)
+            if k.startswith(("other text", "everyday"))]
+        for ratio in dict.fromkeys(r.get("ratio") for r in rows if r["task"] == task and r.get("ratio") != 0.0):
+            here = [r for r in rows if r["task"] == task and r.get("ratio") == ratio]
+            cells = []
+            for key in keys:
+                mine = [r for r in here if isinstance(r.get(key), float) and r["row"] not in
+                        ("dense", "unpruned", "Torch-Pruning L2")]
+                if not mine:
+                    continue
+                top = best(mine, key=lambda r: r[key])
+                cell = f"{key.split(':')[0] if kind != 'digits' else key} {top[key]:.3g} ({top['row']})"
+                l2 = next((r for r in mine if r["row"] == "L2"), None)
+                tp = next((r for r in here if r["row"] == "Torch-Pruning L2"), None)
+                if l2:
+                    cell += f", fxprune L2 {l2[key]:.3g}"
+                if tp is not None:
+                    kind_tp = tp.get("class") or harness.failure_class({"status": "error", "reason": tp.get("error", "")})
+                    cell += (f", Torch-Pruning L2 {tp[key]:.3g}" if isinstance(tp.get(key), float) else
+                             f", Torch-Pruning L2 {kind_tp}")
+                cells.append(cell)
+            where = f" at ratio {ratio}" if ratio is not None else ""
+            calibrated = f", calibrated on {corpora.NAMES[source]}" if source else ""
+            unit = " (perplexity / dense)" if kind == "lm" else ""
+            if cells:
+                parts.append(f"{SHORT[kind]}{calibrated}{where}{unit}: " + "; ".join(cells))
+    return "; ".join(parts) + "."
+
+
+SHORT = {"minilm": "all-MiniLM-L6-v2, 30% of heads and MLP units", "lm": "small LLaMA (tiny_lm.py)",
+         "digits": "digits ResNet at 50% of the MACs"}
+
+
+def render(runs: list[dict]) -> str:
+    """The report of the log's last run, one table per task and calibration source (a row that failed says why,
+    with its class)."""
+    run = runs[-1]
+    records = run["rows"]
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    header = run["header"]
+    limit = header.get("step_limit_note") or "Step limits not recorded (log from before harness limits)."
+    return ("# Quality right after pruning, without retraining: fxprune against Torch-Pruning\n\n"
+            f"{harness.describe_runs([run])}\n\n{limit} {header.get('threads', '?')} torch threads.\n\n"
+            "Calibration, training and evaluation text are disjoint parts of their sources "
+            "(`benchmarks/corpora.py`); each table says what it was calibrated on and held out on.\n\n"
+            + "\n\n".join(table(records, t, header.get("ratio", 0.3)) for t in tasks) + "\n")
 
 
 def main(argv=None) -> int:
@@ -383,46 +470,38 @@ def main(argv=None) -> int:
     parser.add_argument("--ratio", type=float, default=0.3, help="MiniLM: fraction of heads and MLP units removed")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a few rows, fewer epochs (for tests)")
-    parser.add_argument("--out", help="markdown table file")
-    parser.add_argument("--log", help="jsonl file, one record per row")
+    harness.add_limit_arguments(parser)
+    parser.add_argument("--out", help="markdown report (default benchmarks/quality.md; a temp dir with --quick)")
+    parser.add_argument("--log", help="the JSON-lines log the report is rendered from (default: --out with .jsonl)")
+    parser.add_argument("--render", action="store_true", help="only render --out from --log, measuring nothing")
     parser.add_argument("--only", default="", help="run only the rows whose label matches this regular expression")
-    parser.add_argument("--rebuild", nargs="+", help="write the markdown from these jsonl logs instead of running "
-                                                     "(their command, date and wall time given as --note)")
-    parser.add_argument("--note", default="", help="with --rebuild: the line that says how the logs were made")
     args = parser.parse_args(argv)
-    if args.rebuild:
-        records = [json.loads(line) for path in args.rebuild for line in Path(path).read_text().splitlines() if line]
-        harness.publish(report(records, args.ratio, args.note), args.out)
+    global ONLY, STEP_TIMEOUT
+    ONLY, STEP_TIMEOUT = re.compile(args.only), args.step_timeout
+    out = Path(args.out) if args.out else harness.default_out(args.quick, "quality.md")
+    log_path = Path(args.log) if args.log else out.with_suffix(".jsonl")
+    if args.render:
+        harness.write_report(render, log_path, out)
+        print(f"wrote {out} from {log_path}")
         return 0
-    global ONLY
-    ONLY = re.compile(args.only)
     torch.set_num_threads(args.threads)
-    records = []
+    tasks = args.tasks.split(",")
+    log = harness.Log(log_path, harness.run_header("quality.py", list(sys.argv[1:] if argv is None else argv),
+                                                   step_limit_note=harness.limits_note("quality", tasks,
+                                                                                       args.step_timeout),
+                                                   threads=args.threads, ratio=args.ratio))
 
     def emit(task, row, values):
         record = {"task": task, "row": row, **values}
-        records.append(record)
         print(json.dumps(record), flush=True)
-        if args.log:
-            with open(args.log, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        log.write(record)
 
     start = time.perf_counter()
-    for task in args.tasks.split(","):
+    for task in tasks:
         TASKS[task](args, emit)
-    command = f"`python benchmarks/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
-    note = f"{command}: {time.perf_counter() - start:.0f} s wall, {args.threads} threads, {time.strftime('%Y-%m-%d')}"
-    harness.publish(report(records, args.ratio, note), args.out)
+    log.finish(wall_s=time.perf_counter() - start)
+    harness.publish(harness.write_report(render, log_path, out), None)
     return 0
-
-
-def report(records: list[dict], ratio: float, note: str) -> str:
-    text = ("# Quality right after pruning, without retraining: fxprune against Torch-Pruning\n\n"
-            "Calibration, training and evaluation text are disjoint parts of their sources "
-            "(`benchmarks/corpora.py`); each table names what it was calibrated on and held out on.\n\n")
-    tables = list(dict.fromkeys(r["task"] for r in records))
-    text += "\n\n".join(table(records, t, ratio) for t in tables)
-    return text + f"\n\n{note}\n"
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch
 import torchvision
 
 import fxprune
-from fxprune.macs import count
+from fxprune.analysis.macs import count
 
 
 def latency_ms(model, x, repeats: int = 10) -> float:

@@ -1,23 +1,23 @@
 """fxprune: structural pruning of any PyTorch model on torch.fx graphs (DepGraph's axis algebra)."""
 
 from fxprune.api import analyze, apply, prune
-from fxprune.capture import capture
-from fxprune.depgraph import DependencyGraph, Group, Member
+from fxprune.analysis.capture import capture
+from fxprune.analysis.depgraph import DependencyGraph, Group, Member
 from fxprune.huggingface import load_pretrained
-from fxprune.plan_io import PruningPlan, plan_of
-from fxprune.replay import replay
-from fxprune.serialize import load, save
+from fxprune.io.plans import PruningPlan, plan_of
+from fxprune.io.replay import replay
+from fxprune.io.serialize import load, save
 from fxprune.errors import CaptureError, DuplicateRuleError, FxPruneError, PlanError, ShapeError
 from fxprune.rules.registry import family as register_family
 from fxprune.rules.registry import register as register_rule
 from fxprune import importance
-from fxprune.macs import count
-from fxprune.masking import mask
-from fxprune.interactive import groups_to_prune
-from fxprune.pruner import Pruner
-from fxprune.report import report
+from fxprune.analysis.macs import count
+from fxprune.training.masking import mask
+from fxprune.planning.interactive import groups_to_prune
+from fxprune.training.pruner import Pruner
+from fxprune.analysis.report import report
 from fxprune.calibration.distill import DistillResult, distill
-from fxprune.io import prune_checkpoint
+from fxprune.io.checkpoint import prune_checkpoint
 
 __version__ = "0.1.0"
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fxprune.masking import zero_units
+from fxprune.training.masking import zero_units
 
 
 def oracle_groups(dg) -> list:

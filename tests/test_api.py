@@ -54,7 +54,7 @@ def test_graph_module_with_shape_metadata_needs_no_inputs():
     gm = fx.symbolic_trace(models.ResidualCNN())
     fxprune.analyze(gm, _inputs())  # leaves node.meta["val"] on the caller's graph? It must not.
     assert all("val" not in n.meta for n in gm.graph.nodes)
-    from fxprune.propagate import propagate
+    from fxprune.analysis.propagate import propagate
     propagate(gm, _inputs())
     dg = fxprune.analyze(gm)
     assert len(dg.prunable_groups) == 3
@@ -158,7 +158,7 @@ class ModeRegions(nn.Module):
 def test_grad_and_autocast_regions_of_an_exported_graph_are_analysed(exported_by):
     # torch.export wraps both regions in higher-order ops over submodules (wrap_with_set_grad_enabled,
     # wrap_with_autocast) when grad is enabled; no rule sees inside them unless capture inlines them
-    from fxprune.capture import export_capture
+    from fxprune.analysis.capture import export_capture
     from fxprune.testing import exported, plant_dead_units
 
     model, x = ModeRegions().eval(), (torch.randn(2, 4),)
@@ -340,7 +340,7 @@ def test_a_capture_that_must_be_static_warns_and_says_so_in_meta(monkeypatch):
     def no_dynamic_shapes(*args, **kwargs):
         raise ValueError("simulated: no dynamic shapes for this model")
 
-    monkeypatch.setattr(importlib.import_module("fxprune.capture"), "_automatic_dims", no_dynamic_shapes)
+    monkeypatch.setattr(importlib.import_module("fxprune.analysis.capture"), "_automatic_dims", no_dynamic_shapes)
     with pytest.warns(UserWarning, match="BranchesOnRank captured with static shapes.*simulated"):
         pruned = fxprune.prune(BranchesOnRank().eval(), 0.5, example_inputs=(torch.randn(2, 4),))
     assert pruned.meta["fxprune_static_shapes"] == "ValueError: simulated: no dynamic shapes for this model"

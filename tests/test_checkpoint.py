@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.io.shards import Checkpoint
+from fxprune.io.checkpoint.shards import Checkpoint
 from fxprune.testing import assert_same_outputs, tiny_llama
 
 transformers = pytest.importorskip("transformers")
@@ -166,7 +166,7 @@ def test_clear_errors(tmp_path):
 
 
 def test_command_line_streaming(tmp_path, capsys):
-    from fxprune import cli
+    from fxprune.cli import commands as cli
 
     src, out = tmp_path / "src", tmp_path / "out"
     model = _saved(src)

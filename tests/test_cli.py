@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fxprune
-from fxprune import cli
+from fxprune.cli import commands as cli
 from tests import models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,9 +24,11 @@ MODEL = ["tests.models:ResidualCNN", "--input-shape", "1,3,16,16"]
 
 
 def command() -> list[str]:
-    """The installed console script when there is one (it is what users run), else ``python -m``."""
-    script = shutil.which("fxprune")
-    return [script] if script else [sys.executable, "-m", "fxprune.cli"]
+    """The console script installed with this interpreter when there is one (it is what users run), else
+    ``python -m``. Not the first ``fxprune`` on PATH: in a virtual environment that is not activated
+    (``.ci/lower-bound``'s) that is another installation, with another torch."""
+    script = Path(sys.executable).parent / "fxprune"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "fxprune.cli"]
 
 
 def run_all(commands: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
@@ -121,7 +123,7 @@ def test_errors_are_one_paragraph_without_a_traceback(runs):
 
 
 def test_debug_lets_the_exception_through():
-    from fxprune.model_spec import ModelSpecError
+    from fxprune.cli.model_spec import ModelSpecError
 
     with pytest.raises(ModelSpecError, match="NoSuchModel"):
         cli.main(["inspect", "tests.models:NoSuchModel", "--debug"])
@@ -162,7 +164,7 @@ def test_unknown_spec_lists_the_accepted_forms(capsys):
 
 
 def test_torchvision_spec_and_model_kwargs():
-    from fxprune.model_spec import load_model
+    from fxprune.cli.model_spec import load_model
 
     loaded = load_model("torchvision:resnet18", [(1, 3, 32, 32)], model_kwargs={"num_classes": 7})
     assert loaded.name == "resnet18" and loaded.model.fc.out_features == 7
@@ -171,7 +173,7 @@ def test_torchvision_spec_and_model_kwargs():
 
 def test_hugging_face_folder_spec(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from fxprune.model_spec import load_model
+    from fxprune.cli.model_spec import load_model
 
     config = transformers.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=32, architectures=["BertModel"])
@@ -182,7 +184,7 @@ def test_hugging_face_folder_spec(tmp_path):
 
 
 def test_group_picture_as_graphviz_source(tmp_path):
-    from fxprune.drawing import draw_groups, group_graph
+    from fxprune.cli.drawing import draw_groups, group_graph
 
     dg = fxprune.analyze(models.ResidualCNN().eval(), (torch.randn(1, 3, 8, 8),))
     graph = group_graph(dg)
@@ -200,7 +202,7 @@ def test_group_picture_as_graphviz_source(tmp_path):
 def test_group_picture_with_graphviz_when_installed(tmp_path):
     if not shutil.which("neato"):
         pytest.skip("Graphviz is not installed")
-    from fxprune.drawing import draw_groups
+    from fxprune.cli.drawing import draw_groups
 
     dg = fxprune.analyze(models.ResidualCNN().eval(), (torch.randn(1, 3, 8, 8),))
     assert draw_groups(dg, tmp_path / "groups.svg", engine="graphviz").read_text().lstrip().startswith("<?xml")

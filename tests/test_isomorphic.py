@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import fxprune
-from fxprune import cli
-from fxprune.masking import zero_units
+from fxprune.cli import commands as cli
+from fxprune.training.masking import zero_units
 from fxprune.planning.isomorphic import class_ids, isomorphic_classes, isomorphic_plan
 from fxprune.planning.selection import global_plan
 from fxprune.testing import assert_close_to_scale

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.io.shards import Checkpoint
+from fxprune.io.checkpoint.shards import Checkpoint
 from fxprune.testing import assert_same_outputs, tiny_llama
 
 transformers = pytest.importorskip("transformers")
@@ -47,7 +47,7 @@ def test_layer_by_layer_equals_the_in_memory_sequential_refit(tmp_path, importan
     to shrink towards): the same statistics (the original model's, layer after layer), the same consumers refit
     stage for stage on the same pairs of inputs, the same held-out tokens choosing the same strengths, in float32."""
     from fxprune.calibration import load_refit, plan_sequential, run_sequential
-    from fxprune.rewrite import rewrite
+    from fxprune.rewriting.rewrite import rewrite
 
     src, out = tmp_path / "src", tmp_path / "out"
     model = _saved(src)
@@ -76,8 +76,8 @@ def test_layer_by_layer_equals_the_in_memory_sequential_refit(tmp_path, importan
 
 
 def test_only_one_decoder_layer_is_read_at_a_time(tmp_path, monkeypatch):
-    from fxprune.io import meta_model
-    from fxprune.io.segments import segments_of
+    from fxprune.io.checkpoint import meta_model
+    from fxprune.io.checkpoint.blocks import segments_of
 
     src, out = tmp_path / "src", tmp_path / "out"
     model = _saved(src, num_hidden_layers=3)
@@ -90,7 +90,7 @@ def test_only_one_decoder_layer_is_read_at_a_time(tmp_path, monkeypatch):
     for name in Checkpoint(src).keys():
         sizes[segment_of[name]] = sizes.get(segment_of[name], 0) + Checkpoint(src).read(name).nbytes
     alive, reads, peak, writing = [], [], [0], []
-    read, write = Checkpoint.read, fxprune.io.checkpoint.write_shards
+    read, write = Checkpoint.read, fxprune.io.checkpoint.streaming.write_shards
 
     def tracked(self, name):
         if writing:  # the writer holds one output shard (tests/test_checkpoint.py), whatever the layers
@@ -105,7 +105,8 @@ def test_only_one_decoder_layer_is_read_at_a_time(tmp_path, monkeypatch):
         return tensor
 
     monkeypatch.setattr(Checkpoint, "read", tracked)
-    monkeypatch.setattr(fxprune.io.checkpoint, "write_shards", lambda *a, **k: writing.append(1) or write(*a, **k))
+    monkeypatch.setattr(fxprune.io.checkpoint.streaming, "write_shards",
+                        lambda *a, **k: writing.append(1) or write(*a, **k))
     fxprune.prune_checkpoint(src, out, ratio=0.5, importance="activation", calibration=_batches(), reconstruct=True,
                              progress=False)
     layer = sizes[segment_of["model.layers.1.mlp.up_proj.weight"]]
@@ -129,7 +130,7 @@ def test_errors_name_what_is_missing(tmp_path):
 
 
 def test_command_line_streaming_with_calibration(tmp_path, capsys):
-    from fxprune import cli
+    from fxprune.cli import commands as cli
 
     src, out = tmp_path / "src", tmp_path / "out"
     model = tiny_llama(**SIZES).to(torch.bfloat16)  # refit in float32, written back in bfloat16

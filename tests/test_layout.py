@@ -3,7 +3,7 @@
 import networkx as nx
 import numpy as np
 
-from fxprune.layout import ONE, Atom, Cat, Prod, Solver, decode, kept_indices, new_size
+from fxprune.algebra.layout import ONE, Atom, Cat, Prod, Solver, decode, kept_indices, new_size
 
 
 def _atoms(s, *sizes):

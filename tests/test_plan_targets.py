@@ -8,7 +8,7 @@ import torch.nn as nn
 import torchvision
 
 import fxprune
-from fxprune.macs import estimate
+from fxprune.analysis.macs import estimate
 from fxprune.testing import plant_dead_units
 from tests import models
 

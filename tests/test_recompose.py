@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
-from fxprune.macs import count_graph, estimate
+from fxprune.analysis.macs import count_graph, estimate
 from fxprune.modules import PrunedMultiheadAttention
 from fxprune.testing import assert_close_to_scale, oracle_groups, run_oracle
 

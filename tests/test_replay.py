@@ -10,7 +10,7 @@ import torch
 
 import fxprune
 import fxprune.testing
-from fxprune.plan_io import GroupKey
+from fxprune.io.plans import GroupKey
 from fxprune.testing import assert_same_outputs
 from tests import models
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import fxprune
-from fxprune.masking import zero_units
+from fxprune.training.masking import zero_units
 from fxprune.testing import assert_close_to_scale, exported
 
 

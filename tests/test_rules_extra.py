@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
-from fxprune.context import AnalysisState, RuleContext
+from fxprune.algebra.context import AnalysisState, RuleContext
 from fxprune.testing import exported, plant_dead_units
 
 

@@ -222,7 +222,7 @@ def test_every_required_argument_of_a_bound_aten_rule_has_a_schema_name():
     import inspect
     import re
 
-    from fxprune.context import _SCHEMA_ALIASES
+    from fxprune.algebra.context import _SCHEMA_ALIASES
 
     missing = []
     for target, rule in RULES.items():

@@ -11,8 +11,8 @@ import torch.nn as nn
 
 import fxprune
 import fxprune.testing
-from fxprune.capture import export_capture
-from fxprune.jsonvalue import SerializationError, decode, encode
+from fxprune.analysis.capture import export_capture
+from fxprune.io.jsonvalue import SerializationError, decode, encode
 from fxprune.testing import assert_same_outputs
 from tests import models
 

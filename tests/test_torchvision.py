@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fxprune
-import fxprune.macs
+import fxprune.analysis.macs
 from fxprune.modules import PrunedMultiheadAttention
 from fxprune.testing import assert_close_to_scale, oracle_groups, plant_dead_units, run_oracle
 
@@ -66,8 +66,8 @@ def test_prune_half_and_oracle(name):
     out = pruned(x)
     assert out.shape == expected.shape == (1, 1000)
     assert torch.isfinite(out).all()
-    macs, params = fxprune.macs.count(model, (x,))
-    macs_pruned, params_pruned = fxprune.macs.count(pruned, (x,))
+    macs, params = fxprune.analysis.macs.count(model, (x,))
+    macs_pruned, params_pruned = fxprune.analysis.macs.count(pruned, (x,))
     assert macs_pruned <= 0.5 * macs, f"{name} keeps {macs_pruned / macs:.1%} of its MACs"
     assert params_pruned < params
 

@@ -30,7 +30,7 @@ import torch.fx as fx
 from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm.auto import tqdm
 
-from fxprune.capture import split_inputs
+from fxprune.analysis.capture import split_inputs
 from fxprune.errors import source_line
 
 _FUNCTIONAL = ("batch_norm", "_native_batch_norm_legit", "native_batch_norm", "cudnn_batch_norm")

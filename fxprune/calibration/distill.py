@@ -50,9 +50,9 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_map
 from tqdm.auto import tqdm
 
+from fxprune.analysis.capture import capture, is_hf_model, split_inputs
 from fxprune.calibration.boundaries import residual_boundaries
 from fxprune.calibration.statistics import placeholder_values
-from fxprune.capture import capture, is_hf_model, split_inputs
 
 LOSSES = ("auto", "kl", "mse")
 SCHEDULES = ("cosine", "constant")
@@ -339,7 +339,7 @@ def _captured(teacher, batch) -> fx.GraphModule | None:
             gm = capture(teacher, tuple(args), dict(kwargs or {}))
     except Exception:  # noqa: BLE001
         return None
-    from fxprune.propagate import propagate
+    from fxprune.analysis.propagate import propagate
 
     try:
         propagate(gm, tuple(args), dict(kwargs or {}))  # shapes for residual_boundaries

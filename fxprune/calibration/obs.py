@@ -55,6 +55,7 @@ import torch
 from fxprune.calibration.criteria import ActivationCriterion, unit_columns
 from fxprune.calibration.reconstruct import DAMPING, _moments
 from fxprune.calibration.ridge import GRID, _about, _centred
+from fxprune.importance import register_criterion
 
 
 def damped_inverse(gram: torch.Tensor, damping: float = DAMPING, name: str = "") -> torch.Tensor:
@@ -144,6 +145,7 @@ def _choose(weight, bias: bool, train, held, columns: np.ndarray, sample: int, g
     return best
 
 
+@register_criterion("obs")
 class OBS(ActivationCriterion):
     """Structured OBS from the calibration Gram matrices; ``damping``: None validates it per consumer on the
     held-out tokens (see the module), a number fixes it (as for :func:`fxprune.calibration.refit`)."""
@@ -218,6 +220,7 @@ class OBS(ActivationCriterion):
         return total
 
 
+@register_criterion("obs-output")
 class OutputOBS(OBS):
     """``"obs-output"``: structured OBS in units of the model's output, removing units greedily; scores comparable
     across layers (for ``global_pruning=True, isomorphic=True``).

@@ -48,7 +48,8 @@ import torch
 from fxprune.calibration.consumers import calibrated_consumers
 from fxprune.calibration.ridge import Choice, Moments, ridge_refit
 from fxprune.calibration.statistics import collect_statistics
-from fxprune.rewrite import Sizes, kept_units
+from fxprune.analysis.removal import kept_units
+from fxprune.rewriting.rewrite import Sizes
 
 DAMPING = 1e-4  # the fixed ridge strength of OBS's inverse, and of a refit with nothing held out
 

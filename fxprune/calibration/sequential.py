@@ -226,7 +226,7 @@ class StagePairs:
     the held-out tokens, also ``sum x~_o x~_o^T``), fed one batch at a time (the original graph's inputs first,
     then the pruned graph's, paired call by call; padding rows of the batch's mask left out), and the validated
     refit they give. Shared by :func:`run_sequential` (whole graphs) and the layer-by-layer refit of a checkpoint
-    (:mod:`fxprune.io.layerwise`: one decoder layer at a time).
+    (:mod:`fxprune.io.checkpoint.layerwise`: one decoder layer at a time).
 
     Example::
 

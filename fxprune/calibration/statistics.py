@@ -43,7 +43,7 @@ from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from fxprune.calibration.consumers import calibrated_consumers
-from fxprune.capture import flat_inputs, split_inputs
+from fxprune.analysis.capture import flat_inputs, split_inputs
 
 
 @dataclass
@@ -214,8 +214,8 @@ def record_input(stats: dict, consumer, value: torch.Tensor, gram: bool, route: 
                  mask: torch.Tensor | None = None) -> None:
     """Add one call's input ``value`` (the tensor the call node reads) to ``stats[consumer.weight]`` (made on
     first use), leaving out padding positions of the batch's ``mask`` (see :func:`token_rows`). Shared by the
-    whole-graph pass here and the layer-by-layer pass of :mod:`fxprune.io.layerwise`. An expert weight's call
-    also needs ``route``: ``(kind, offsets or ids tensor)`` (see ``Consumer.expert_rows``).
+    whole-graph pass here and the layer-by-layer pass of :mod:`fxprune.io.checkpoint.layerwise`. An expert
+    weight's call also needs ``route``: ``(kind, offsets or ids tensor)`` (see ``Consumer.expert_rows``).
 
     Example::
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from fxprune.importance.base import Criterion
-from fxprune.importance.calibration import calibrate
+from fxprune.importance.loss_gradients import calibrate
 from fxprune.importance.reduce import check_normalizer, check_reduction, normalize, reduce_members
 from fxprune.importance.slices import unit_sums
 

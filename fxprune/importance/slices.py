@@ -2,7 +2,7 @@
 
 Every criterion starts here. A member axis may hold the group whole (conv
 output channels), as a factor (heads in ``q_proj.weight[0] = heads x head_dim``)
-or twice (RoPE pairs): :func:`fxprune.layout.decode` gives each flat index's
+or twice (RoPE pairs): :func:`fxprune.algebra.layout.decode` gives each flat index's
 coordinate on the group's atom, and every unit owns the same number of flat
 indices, so the slices line up as rows.
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fxprune.layout import decode
+from fxprune.algebra.layout import decode
 
 
 def unit_indices(group, member) -> np.ndarray:

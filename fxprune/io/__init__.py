@@ -1,25 +1,11 @@
-"""Checkpoint streaming: prune a Hugging Face checkpoint folder that need not fit in memory.
+"""Saving and loading: plans, pruned models, checkpoints.
 
-The model is built and analysed on the meta device from ``config.json``; units are scored by a
-magnitude criterion reading the ``*.safetensors`` shards one memory-mapped tensor at a time
-(:mod:`fxprune.io.shards`, :mod:`fxprune.io.scores`) and planned as :func:`fxprune.prune` plans them; the
-pruned tensors are then written shard by shard with huggingface_hub's sharding and an updated
-``config.json`` (:mod:`fxprune.io.writer`, :mod:`fxprune.io.checkpoint`), so ``from_pretrained`` (or
-``fxprune.load_pretrained`` when widths differ per layer) loads the result. Peak memory is about one
-shard plus one tensor, whatever the model size. With calibration batches, data-aware criteria and the
-sequential refit run the model one decoder layer at a time from the shards (:mod:`fxprune.io.segments`,
-:mod:`fxprune.io.layerwise`): about one layer's weights, the batches' hidden states and one layer's statistics.
-
-Example::
-
-    >>> plan = fxprune.prune_checkpoint("llama-7b", "llama-7b-pruned", ratio=0.3)
-    >>> plan.save("llama-7b-pruned/plan.json")
-    >>> fxprune.prune_checkpoint("llama-7b", "llama-7b-refit", ratio=0.3, importance="activation",
-    ...                          calibration=batches, reconstruct=True)
+:mod:`~fxprune.io.jsonvalue` is the JSON codec for the values a plan or a saved graph holds,
+:mod:`~fxprune.io.plans` the :class:`~fxprune.io.plans.PruningPlan` the pipeline records (the units removed, the
+settings, the example inputs), and :mod:`~fxprune.io.serialize` ``fxprune.save``/``fxprune.load`` of a pruned
+GraphModule. These sit below the pipeline (it records plans) and may import ``fxprune.errors``,
+``fxprune.algebra`` and ``fxprune.analysis``. Two parts run the pipeline, so they sit above ``fxprune.api`` and
+nothing below it may import them: :mod:`~fxprune.io.replay` (a saved plan applied again) and
+:mod:`fxprune.io.checkpoint` (``prune_checkpoint``: a Hugging Face checkpoint folder pruned shard by shard). This
+``__init__`` imports neither.
 """
-
-from fxprune.io.checkpoint import meta_model, prune_checkpoint
-from fxprune.io.shards import Checkpoint
-from fxprune.io.writer import write_shards
-
-__all__ = ["Checkpoint", "meta_model", "prune_checkpoint", "write_shards"]

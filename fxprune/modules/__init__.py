@@ -1,13 +1,15 @@
 """Modules for shapes the torch originals cannot hold, and that pruned graphs call instead of a decomposition.
 
 Analysis decomposes a fused module (``nn.MultiheadAttention``) into functional ops so
-that the axis algebra can see its heads (:mod:`fxprune.decompose`); after rewriting, the
+that the axis algebra can see its heads (:mod:`fxprune.analysis.decompose`); after rewriting, the
 ``recompose`` pass puts a module back so that the pruned model keeps the fused kernels.
 When the pruned widths still fit the torch class, that class is used; when they do not
 (pruned heads with the residual width kept, say), the module put back is one of the
 subclasses here, which keep the torch class's parameter names and attributes (so
 ``isinstance``, ``state_dict`` keys, ``fxprune.save`` and ``torch.save`` all work) and
-add only the widths and the attention scale the torch class ties together.
+add only the widths and the attention scale the torch class ties together. Capture treats them as leaf
+modules and decompose registers a rule for their mask helper, so this package sits below analysis: it may
+import ``fxprune.errors`` and nothing else of fxprune.
 """
 
 from fxprune.modules.attention import PrunedMultiheadAttention, merge_masks

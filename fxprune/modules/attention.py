@@ -14,7 +14,7 @@ width, else ``q/k/v_proj_weight``; ``in_proj_bias``; ``out_proj``) with::
 Its forward is one fused in-projection GEMM when ``query is key is value`` (two
 when only ``key is value``), ``F.scaled_dot_product_attention`` (explicit
 softmax when ``need_weights``), and the out projection. Supported as in
-:mod:`fxprune.decompose`: batched 3-d inputs, ``batch_first`` both ways, a 2-d
+:mod:`fxprune.analysis.decompose`: batched 3-d inputs, ``batch_first`` both ways, a 2-d
 ``attn_mask``, ``key_padding_mask``, ``need_weights`` both ways.
 
 Example::

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 
-from fxprune.layout import Atom, Cat, Prod
+from fxprune.algebra.layout import Atom, Cat, Prod
 
 def default_alignment(model) -> int:
     """The channel multiple kernels prefer for ``model``'s parameters on their device: 8.

@@ -3,7 +3,7 @@
 *Cost.* Global pruning with ``target_macs`` (or ``target_params``) spends the budget where
 it hurts least per MAC (parameter) saved, so each prunable group needs the MACs that one of
 its units is worth. :func:`unit_costs` measures it with the exact counter: the plan that
-removes one removal step of that group alone, counted by :func:`fxprune.macs.estimate`
+removes one removal step of that group alone, counted by :func:`fxprune.analysis.macs.estimate`
 (shapes from layouts, nothing rewritten), divided by the step. A group's own count enters
 every op it touches linearly — a conv's MACs are ``C_out x C_in x k x k x H x W``, attention's
 score matrix is ``heads x L x L x head_dim`` — so removing ``n`` units of one group alone saves
@@ -16,7 +16,7 @@ candidate plan exactly, so the plan still lands on the target.
 *Type.* Scores of different structural roles live on different scales (the L2 norm of an
 attention head's rows against that of one MLP unit), while groups of one role are
 comparable with each other. :func:`group_types` gives each group a signature from what the
-dependency graph knows — its role (:meth:`~fxprune.depgraph.DependencyGraph.role`: whole axis,
+dependency graph knows — its role (:meth:`~fxprune.analysis.depgraph.DependencyGraph.role`: whole axis,
 outer factor such as heads, rotary pairs, repeated), whether a norm normalises over it, and
 the kinds of parameter axes it appears in (module class, parameter, axis, once or several
 times) — so that attention heads, MLP hidden units, a block's inner conv channels and the
@@ -49,7 +49,7 @@ from collections import Counter
 
 import numpy as np
 
-from fxprune.macs import estimate
+from fxprune.analysis.macs import estimate
 
 METRICS = ("macs", "params")
 

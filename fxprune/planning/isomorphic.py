@@ -10,7 +10,7 @@ structure — and ranks units globally within each class only: every class loses
 its units, taken where its scores are lowest among all of its groups.
 
 Two groups are isomorphic when their :func:`signature` is equal: the group's unit count,
-its role (:meth:`~fxprune.depgraph.DependencyGraph.role`) and flags (normalised over,
+its role (:meth:`~fxprune.analysis.depgraph.DependencyGraph.role`) and flags (normalised over,
 a head dim, broadcast), then for every member axis, in the order relate met them (graph
 order, so the pattern of a block repeats), its kind (parameter, buffer, activation), axis,
 the tensor's shape, where the group sits in the axis (its layout with the group's atom as
@@ -19,7 +19,7 @@ q|k|v weight) and the ops that use it (a parameter: each reading op and the argu
 fills, or the module class and attribute for a module call; an activation: the op that
 produced it). Names and layer indices never enter, so layer 1's heads and layer 7's
 heads are one class, while a layer with a wider MLP is a class of its own. The signature is
-kept on the group as :attr:`fxprune.depgraph.Group.structure`.
+kept on the group as :attr:`fxprune.analysis.depgraph.Group.structure`.
 
 Within a class, :func:`fxprune.planning.selection.global_plan` ranks, as for plain global pruning: each
 group's scores divided by their mean, at most ``max_ratio`` of a group, removals in whole alignment
@@ -53,7 +53,7 @@ other), the wide MLP 64 (``tests/test_isomorphic.py``)::
 
 from __future__ import annotations
 
-from fxprune.layout import Atom, Cat, Prod
+from fxprune.algebra.layout import Atom, Cat, Prod
 from fxprune.planning.selection import global_plan, local_plan
 
 

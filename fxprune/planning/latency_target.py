@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fxprune.layout import Atom, Cat
+from fxprune.algebra.layout import Atom, Cat
 from fxprune.planning.latency import layer_tables, measure_layer, ratio_of
 
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from fxprune.capture import module_names, name_of_key
-from fxprune.depgraph import Group
+from fxprune.analysis.capture import module_names, name_of_key
+from fxprune.analysis.depgraph import Group
 
 
 def check_ratio(value, what: str = "ratio") -> float:

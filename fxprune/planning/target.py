@@ -2,7 +2,7 @@
 
 MACs and parameters are monotone (up to rounding) in the ratio, so a bisection
 finds it. Each probe plans with the ratio and counts the plan with
-:func:`fxprune.macs.estimate`, which reads the new sizes off the solved
+:func:`fxprune.analysis.macs.estimate`, which reads the new sizes off the solved
 layouts: no tensor is sliced and no graph is rewritten until the best plan is
 chosen. The pruned model is then counted for real (``Job.achieved``). With global pruning
 by cost (:func:`fxprune.planning.selection.cost_plan`) the searched ratio is the fraction of
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fxprune.macs import estimate
+from fxprune.analysis.macs import estimate
 from fxprune.planning.costs import unit_costs
 
 METRICS = ("macs", "params")

@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxprune.context import TensorRef
+from fxprune.algebra.context import TensorRef
 from fxprune.rules.registry import register
 
 

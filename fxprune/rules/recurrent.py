@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from fxprune.layout import Cat
+from fxprune.algebra.layout import Cat
 from fxprune.rules.registry import register
 
 GATES = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fxprune.context import TensorRef
+from fxprune.algebra.context import TensorRef
 from fxprune.rules.elementwise import elementwise
 from fxprune.rules.registry import family, op_name, register
 

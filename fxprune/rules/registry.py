@@ -3,7 +3,7 @@
 Keys are module classes (``call_module``, looked up along the class's MRO),
 callables (``call_function``: Python functions, builtins, aten overloads) and
 strings (``call_method``: the method name). A rule receives a
-:class:`fxprune.context.RuleContext` and emits relations on it.
+:class:`fxprune.algebra.context.RuleContext` and emits relations on it.
 
 Worked example (a user rule for a custom module)::
 

@@ -11,8 +11,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from fxprune.context import TensorRef
-from fxprune.layout import Prod
+from fxprune.algebra.context import TensorRef
+from fxprune.algebra.layout import Prod
 from fxprune.rules.registry import family, register
 
 

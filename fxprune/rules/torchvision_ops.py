@@ -9,7 +9,7 @@ constant rewritten after pruning.
 
 from __future__ import annotations
 
-from fxprune.context import TensorRef
+from fxprune.algebra.context import TensorRef
 from fxprune.rules.elementwise import elementwise
 from fxprune.rules.registry import family, register
 
