@@ -12,7 +12,7 @@ Three tasks (``--tasks``):
   Columns: mean cosine between the original and pruned sentence embeddings (mean pooling, normalised) per set,
   nearest-neighbour agreement over the three sets pooled, parameters kept, seconds.
 - ``lm``: the small LLaMA of ``benchmarks/tiny_lm.py`` (trained here on the standard library's source and
-  training topics of the language reference, cached), 20%, 30% and 50% of MLP units and key/value heads
+  training topics of the language reference, cached), 20%, 30% and 50% (``--lm-ratios``) of MLP units and key/value heads
   removed, hidden kept; calibrated on 128 windows of 128 bytes of one source (general English from
   ``corpora.py``'s calibration part, or the language reference's calibration topics), byte-level perplexity on
   96 held-out windows of each source (the reference's evaluation topics, general English's evaluation part) and
@@ -301,7 +301,7 @@ def task_lm(args, emit) -> None:
                 values[k] = tiny_lm.perplexity(pruned, sets[k]) / dense[k] if k in sets else "n/a"
             emit(task, label, {**values, "params kept": parameters(pruned) / params0, "seconds": seconds})
 
-        for ratio in (0.2,) if args.quick else (0.2, 0.3, 0.5):
+        for ratio in (0.2,) if args.quick else args.lm_ratios:
             for label, options in fxprune_rows(args.quick):
                 got = limited(task, emit, label, {"ratio": ratio}, lambda: run_fxprune(
                     model, options, example, calibration, ratio, ignore=[model.model.embed_tokens]))
@@ -468,6 +468,8 @@ def main(argv=None) -> int:
                         help="calibration sources of the minilm and lm tasks (benchmarks/corpora.py)")
     parser.add_argument("--sentences", type=int, default=1024, help="MiniLM: calibration sentences")
     parser.add_argument("--ratio", type=float, default=0.3, help="MiniLM: fraction of heads and MLP units removed")
+    parser.add_argument("--lm-ratios", type=lambda s: [float(v) for v in s.split(",")], default=[0.2, 0.3, 0.5],
+                        help="small LM: fractions of MLP units and key/value heads removed (--quick: 0.2)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a few rows, fewer epochs (for tests)")
     harness.add_limit_arguments(parser)

@@ -28,6 +28,11 @@ MiniLM task and the LM's English column say so instead of a number.
 Run::
 
     python benchmarks/recovery.py --threads 1 --out benchmarks/recovery.md --log benchmarks/recovery.jsonl
+
+or a subset, one run per model added to the same log (``--append``; the report shows every run)::
+
+    python benchmarks/recovery.py --threads 1 --tasks minilm --ratios 0.3 --budgets 0,300
+    python benchmarks/recovery.py --threads 1 --tasks lm --ratios 0.5 --budgets 0,300 --append
 """
 
 from __future__ import annotations
@@ -142,6 +147,33 @@ def table(records: list[dict], task: str) -> str:
     return "\n".join(lines)
 
 
+def render(runs: list[dict]) -> str:
+    """The report of every run in the log (a run per model is how a subset is measured: ``--append``), one table
+    per model, rows in the order they were logged."""
+    records = [r for run in runs for r in run["rows"]]
+    threads = sorted({str(run["header"].get("threads", "?")) for run in runs})
+    return ("# Recovery by distillation after pruning, per CPU budget, on held-out text of other sources\n\n"
+            f"{harness.describe_runs(runs)}\n\n{', '.join(threads)} torch thread(s). Calibration, "
+            "distillation and evaluation text are disjoint (`benchmarks/corpora.py`, `benchmarks/tiny_lm.py`); the "
+            "budget is process CPU time, so the load of other processes stretches a run's wall time, not its "
+            "steps (see the script's docstring).\n\n"
+            + "\n\n".join(table(records, t) for t in dict.fromkeys(r["task"] for r in records)) + "\n")
+
+
+def summary(runs: list[dict]) -> str:
+    """One sentence per model and ratio: the start (0 CPU s) and each budget's score on the everyday sentences (MiniLM)
+    or on general English (the LM)."""
+    rows = [r for run in runs for r in run["rows"]]
+    parts = []
+    for task, key in (("minilm", "everyday (other)"), ("lm", "general English (other)")):
+        for ratio in dict.fromkeys(r["ratio"] for r in rows if r["task"] == task and r.get("ratio")):
+            cells = [f"{r['budget (CPU s)']:.0f} CPU s: {r[key]:.3f}" for r in rows
+                     if r["task"] == task and r.get("ratio") == ratio and isinstance(r.get(key), float)]
+            if cells:
+                parts.append(f"{task} at {ratio:.0%}, {key}: " + ", ".join(cells))
+    return "; ".join(parts) + "."
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="minilm,lm")
@@ -149,31 +181,33 @@ def main(argv=None) -> int:
     parser.add_argument("--budgets", type=lambda s: [float(v) for v in s.split(",")], default=[0, 60, 300, 1200],
                         help="CPU seconds of distillation per run (0: pruned and refit only)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", help="markdown table file")
-    parser.add_argument("--log", help="jsonl file, one record per row")
+    parser.add_argument("--out", help="markdown report (default benchmarks/recovery.md)")
+    parser.add_argument("--log", help="the JSON-lines log the report is rendered from (default: --out with .jsonl)")
+    parser.add_argument("--render", action="store_true", help="only render --out from --log, measuring nothing")
+    parser.add_argument("--append", action="store_true",
+                        help="add this run to the log instead of starting a new one (the report shows every run)")
     args = parser.parse_args(argv)
+    out = Path(args.out) if args.out else HERE / "recovery.md"
+    log_path = Path(args.log) if args.log else out.with_suffix(".jsonl")
+    if args.render:
+        harness.write_report(render, log_path, out)
+        print(f"wrote {out} from {log_path}")
+        return 0
     torch.set_num_threads(args.threads)
-    records = []
+    log = harness.Log(log_path, harness.run_header("recovery.py", list(sys.argv[1:] if argv is None else argv),
+                                                   threads=args.threads), mode="a" if args.append else "w")
 
     def emit(task, values):
         record = {"task": task, **values}
-        records.append(record)
         print(json.dumps(record), flush=True)
-        if args.log:
-            with open(args.log, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        log.write(record)
 
     start = time.perf_counter()
     tasks = {"minilm": task_minilm, "lm": task_lm}
     for task in args.tasks.split(","):
         tasks[task](args, emit)
-    text = ("# Recovery by distillation after pruning, per CPU budget, on held-out text of other sources\n\n"
-            f"`python benchmarks/recovery.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
-            "Calibration, distillation and evaluation text are disjoint (`benchmarks/corpora.py`, "
-            "`benchmarks/tiny_lm.py`); the budget is process CPU time (see the script's docstring).\n\n")
-    text += "\n\n".join(table(records, t) for t in dict.fromkeys(r["task"] for r in records))
-    text += f"\n\n{time.perf_counter() - start:.0f} s wall, {args.threads} threads, {time.strftime('%Y-%m-%d')}\n"
-    harness.publish(text, args.out)
+    log.finish(wall_s=time.perf_counter() - start)
+    harness.publish(harness.write_report(render, log_path, out), None)
     return 0
 
 
