@@ -12,8 +12,8 @@ Three tasks (``--tasks``):
   Columns: mean cosine between the original and pruned sentence embeddings (mean pooling, normalised) per set,
   nearest-neighbour agreement over the three sets pooled, parameters kept, seconds.
 - ``lm``: the small LLaMA of ``benchmarks/tiny_lm.py`` (trained here on the standard library's source and
-  training topics of the language reference, cached), 20%, 30% and 50% (``--lm-ratios``) of MLP units and key/value heads
-  removed, hidden kept; calibrated on 128 windows of 128 bytes of one source (general English from
+  training topics of the language reference, cached), 20%, 30% and 50% (``--lm-ratios``) of MLP units and
+  key/value heads removed, hidden kept; calibrated on 128 windows of 128 bytes of one source (general English from
   ``corpora.py``'s calibration part, or the language reference's calibration topics), byte-level perplexity on
   96 held-out windows of each source (the reference's evaluation topics, general English's evaluation part) and
   on the everyday sentences, each beside the dense model's.
@@ -36,6 +36,9 @@ the tables say so in place of its numbers and the other source still runs.
 Run (``--quick``: fewer rows, for tests)::
 
     python benchmarks/quality.py --out benchmarks/quality.md --log benchmarks/quality.jsonl
+
+or a subset as several runs added to one log (``--only`` rows, ``--append``; the report shows every run, a later
+row replacing an earlier one of the same task, method and ratio).
 """
 
 from __future__ import annotations
@@ -212,7 +215,8 @@ def task_minilm(args, emit) -> None:
             embedded = {k: _sentence_embeddings(pruned, b) for k, b in batches.items()}
             for k in held:
                 values[k] = (embedded[k] * reference[k]).sum(-1).mean().item() if k in embedded else "n/a"
-            values["NN agreement"] = (_neighbours(torch.cat(list(embedded.values()))) == reference_nn).float().mean().item()
+            agree = _neighbours(torch.cat(list(embedded.values()))) == reference_nn
+            values["NN agreement"] = agree.float().mean().item()
             values.update({"params kept": parameters(pruned) / params0, "seconds": seconds})
             if missing:
                 values["note"] = "; ".join(f"{k}: {v}" for k, v in missing.items())
@@ -393,7 +397,8 @@ def table(records: list[dict], task: str, ratio: float = 0.3) -> str:
     rows = [r for r in records if r["task"] == task and "meta" not in r]
     columns = list(dict.fromkeys(c for r in rows for c in r if c not in ("task", "row")))
     kind, _, source = task.partition(":")
-    lines = [f"### {TITLES[kind].format(ratio=ratio)}" + (f" — calibrated on {corpora.NAMES[source]}" if source else ""),
+    calibrated = f" — calibrated on {corpora.NAMES[source]}" if source else ""
+    lines = [f"### {TITLES[kind].format(ratio=ratio)}{calibrated}",
              ""]
     meta = _meta(records, task)
     lines += [f"- {key}: {value}" for key, value in meta.items()] + ([""] if meta else [])
@@ -407,7 +412,7 @@ def table(records: list[dict], task: str, ratio: float = 0.3) -> str:
 def summary(runs: list[dict]) -> str:
     """The README's sentence on this report: per table (and ratio), the best fxprune row on each held-out set that
     is not the calibration text, fxprune's L2 and Torch-Pruning's L2 there (or why it has no number)."""
-    rows = [r for r in runs[-1]["rows"] if "meta" not in r]
+    rows = [r for r in rows_of(runs) if "meta" not in r]
     parts = []
     for task in dict.fromkeys(r["task"] for r in rows):
         kind, _, source = task.partition(":")
@@ -430,7 +435,8 @@ def summary(runs: list[dict]) -> str:
                 if l2:
                     cell += f", fxprune L2 {l2[key]:.3g}"
                 if tp is not None:
-                    kind_tp = tp.get("class") or harness.failure_class({"status": "error", "reason": tp.get("error", "")})
+                    kind_tp = tp.get("class") or harness.failure_class({"status": "error",
+                                                                         "reason": tp.get("error", "")})
                     cell += (f", Torch-Pruning L2 {tp[key]:.3g}" if isinstance(tp.get(key), float) else
                              f", Torch-Pruning L2 {kind_tp}")
                 cells.append(cell)
@@ -446,16 +452,27 @@ SHORT = {"minilm": "all-MiniLM-L6-v2, 30% of heads and MLP units", "lm": "small 
          "digits": "digits ResNet at 50% of the MACs"}
 
 
+def rows_of(runs: list[dict]) -> list[dict]:
+    """The rows of every run in the log (a subset is measured as several runs: ``--append``), a later run's row
+    replacing an earlier one of the same task, method and ratio; in first-logged order."""
+    rows = {}
+    for run in runs:
+        for r in run["rows"]:
+            rows[(r["task"], r.get("row"), r.get("ratio"))] = r
+    return list(rows.values())
+
+
 def render(runs: list[dict]) -> str:
-    """The report of the log's last run, one table per task and calibration source (a row that failed says why,
+    """The report of every run in the log, one table per task and calibration source (a row that failed says why,
     with its class)."""
-    run = runs[-1]
-    records = run["rows"]
+    records = rows_of(runs)
     tasks = list(dict.fromkeys(r["task"] for r in records))
-    header = run["header"]
-    limit = header.get("step_limit_note") or "Step limits not recorded (log from before harness limits)."
+    header = runs[-1]["header"]
+    limits = " ".join(dict.fromkeys(
+        (run["header"].get("step_limit_note") or "Step limits not recorded (log from before harness limits).")
+        + f" {run['header'].get('threads', '?')} torch thread(s)." for run in runs))
     return ("# Quality right after pruning, without retraining: fxprune against Torch-Pruning\n\n"
-            f"{harness.describe_runs([run])}\n\n{limit} {header.get('threads', '?')} torch threads.\n\n"
+            f"{harness.describe_runs(runs)}\n\n{limits}\n\n"
             "Calibration, training and evaluation text are disjoint parts of their sources "
             "(`benchmarks/corpora.py`); each table says what it was calibrated on and held out on.\n\n"
             + "\n\n".join(table(records, t, header.get("ratio", 0.3)) for t in tasks) + "\n")
@@ -477,6 +494,8 @@ def main(argv=None) -> int:
     parser.add_argument("--log", help="the JSON-lines log the report is rendered from (default: --out with .jsonl)")
     parser.add_argument("--render", action="store_true", help="only render --out from --log, measuring nothing")
     parser.add_argument("--only", default="", help="run only the rows whose label matches this regular expression")
+    parser.add_argument("--append", action="store_true",
+                        help="add this run to the log instead of starting a new one (the report shows every run)")
     args = parser.parse_args(argv)
     global ONLY, STEP_TIMEOUT
     ONLY, STEP_TIMEOUT = re.compile(args.only), args.step_timeout
@@ -488,10 +507,10 @@ def main(argv=None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     tasks = args.tasks.split(",")
-    log = harness.Log(log_path, harness.run_header("quality.py", list(sys.argv[1:] if argv is None else argv),
-                                                   step_limit_note=harness.limits_note("quality", tasks,
-                                                                                       args.step_timeout),
-                                                   threads=args.threads, ratio=args.ratio))
+    header = harness.run_header("quality.py", list(sys.argv[1:] if argv is None else argv),
+                                step_limit_note=harness.limits_note("quality", tasks, args.step_timeout),
+                                threads=args.threads, ratio=args.ratio)
+    log = harness.Log(log_path, header, mode="a" if args.append else "w")
 
     def emit(task, row, values):
         record = {"task": task, "row": row, **values}
