@@ -19,7 +19,8 @@ inputs gets a warning with the counts (its validated strength shrinks it towards
 ``damping=`` a number fixes the strength instead (no validation). What was chosen, per consumer, and its
 held-out error before and after (relative to the held-out variance of the original output) are returned
 in ``report`` (``fxprune.prune`` puts them in ``result.meta["fxprune_refit"]["one-shot"]``). A consumer without
-a bias uses uncentred moments and gets no bias. Rows of an output axis that was pruned too are refit and then sliced like the weight. A grouped convolution is solved block by block: output block b
+a bias uses uncentred moments and gets no bias. Rows of an output axis that was pruned too are refit and then
+sliced like the weight. A grouped convolution is solved block by block: output block b
 from block b's kept columns and its own Gram matrix (a kept channel rank keeps its column in every
 block). A mixture-of-experts weight (``Consumer.experts``) is solved expert by expert: expert e's kept
 columns from the Gram of the tokens routed to it (an expert no calibration token picked keeps its columns as

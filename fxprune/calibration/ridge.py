@@ -88,10 +88,12 @@ class Choice:
     width: int
 
     def as_dict(self) -> dict:
-        clean = lambda v: None if v is None else (str(v) if isinstance(v, float) and not math.isfinite(v) else v)  # noqa: E731
+        def clean(v):  # inf (no refit) as a string, so the meta stays JSON
+            return None if v is None else (str(v) if isinstance(v, float) and not math.isfinite(v) else v)
+
         return {"strength": clean(self.strength), "held_out_error_before": clean(self.error_before),
-                "held_out_error_after": clean(self.error_after), "tokens": self.tokens, "held_out_tokens": self.held_out,
-                "width": self.width}
+                "held_out_error_after": clean(self.error_after), "tokens": self.tokens,
+                "held_out_tokens": self.held_out, "width": self.width}
 
 
 def _centred(m: Moments, bias: bool):

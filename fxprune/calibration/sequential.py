@@ -22,7 +22,8 @@ exact (as the strength goes to 0).
 Pairing needs the same token in both graphs: every calibration batch runs through the original graph and
 the pruned graph; the inputs of the current stage's consumers are recorded for THIS batch only, folded into
 the float64 cross-Gram ``sum x~_o x~_p^T`` and Gram ``sum x~_p x~_p^T`` on the activations' device, and
-discarded; padding positions (a dict batch's 2-d ``attention_mask``) are left out. Consumers are ordered into stages: a consumer's stage is 1 + the largest stage of the refit
+discarded; padding positions (a dict batch's 2-d ``attention_mask``) are left out. Consumers are ordered into
+stages: a consumer's stage is 1 + the largest stage of the refit
 consumers upstream of it in the original graph, so consumers of one stage never feed each other and one
 pass over the batches (both graphs, each run only as far as the stage's last consumer) refits a whole stage
 (a transformer block: about two stages). A layer called several times (shared weights) is one consumer, at
