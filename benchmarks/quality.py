@@ -393,15 +393,20 @@ def _meta(records: list[dict], task: str) -> dict:
     return next((r["meta"] for r in records if r["task"] == task and "meta" in r), {})
 
 
-def table(records: list[dict], task: str, ratio: float = 0.3) -> str:
+def table(records: list[dict], task: str, ratio: float = 0.3, runs: list[dict] | None = None) -> str:
+    """One task's table; with ``runs`` (the log's), a line naming the runs its rows come from."""
     rows = [r for r in records if r["task"] == task and "meta" not in r]
     columns = list(dict.fromkeys(c for r in rows for c in r if c not in ("task", "row")))
     kind, _, source = task.partition(":")
     calibrated = f" — calibrated on {corpora.NAMES[source]}" if source else ""
     lines = [f"### {TITLES[kind].format(ratio=ratio)}{calibrated}",
              ""]
+    if runs and len(runs) > 1:
+        mine = [i for i, run in enumerate(runs) if any(any(r is row for row in run["rows"]) for r in rows)]
+        lines += [f"- rows from run(s) {', '.join(str(i + 1) for i in mine)} of the {len(runs)} listed above ("
+                  + ", ".join(runs[i]["header"].get("started", "date not logged") for i in mine) + ")"]
     meta = _meta(records, task)
-    lines += [f"- {key}: {value}" for key, value in meta.items()] + ([""] if meta else [])
+    lines += [f"- {key}: {value}" for key, value in meta.items()] + ([""] if meta or (runs and len(runs) > 1) else [])
     lines += ["| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for r in rows:
         cells = [(f"{r[c]:.4f}" if isinstance(r.get(c), float) else str(r.get(c, ""))) for c in columns]
@@ -475,7 +480,7 @@ def render(runs: list[dict]) -> str:
             f"{harness.describe_runs(runs)}\n\n{limits}\n\n"
             "Calibration, training and evaluation text are disjoint parts of their sources "
             "(`benchmarks/corpora.py`); each table says what it was calibrated on and held out on.\n\n"
-            + "\n\n".join(table(records, t, header.get("ratio", 0.3)) for t in tasks) + "\n")
+            + "\n\n".join(table(records, t, header.get("ratio", 0.3), runs) for t in tasks) + "\n")
 
 
 def main(argv=None) -> int:
