@@ -761,7 +761,7 @@ def test_validated_refit_is_the_least_squares_one_when_tokens_are_plenty():
     not change (the redundant-unit oracle at the default, validated strength)."""
     torch.manual_seed(0)
     model = MLP(4, 8, 3, act=nn.GELU).eval()
-    _planted(model, {2: 5, 6: None})
+    plant_redundant_units(model, {2: 5, 6: None})
     batches = [torch.randn(64, 4) for _ in range(8)]
     test = torch.randn(64, 4)
     dg = fxprune.analyze(model, (test[:2],))
