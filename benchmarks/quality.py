@@ -477,7 +477,7 @@ def render(runs: list[dict]) -> str:
         (run["header"].get("step_limit_note") or "Step limits not recorded (log from before harness limits).")
         + f" {run['header'].get('threads', '?')} torch thread(s)." for run in runs))
     return ("# Quality right after pruning, without retraining: fxprune against Torch-Pruning\n\n"
-            f"{harness.describe_runs(runs)}\n\n{limits}\n\n"
+            f"{harness.describe_runs(runs)}\n\n{harness.stopped_runs(runs)} {limits}\n\n"
             "Calibration, training and evaluation text are disjoint parts of their sources "
             "(`benchmarks/corpora.py`); each table says what it was calibrated on and held out on.\n\n"
             + "\n\n".join(table(records, t, header.get("ratio", 0.3), runs) for t in tasks) + "\n")

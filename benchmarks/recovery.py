@@ -153,7 +153,8 @@ def render(runs: list[dict]) -> str:
     records = [r for run in runs for r in run["rows"]]
     threads = sorted({str(run["header"].get("threads", "?")) for run in runs})
     return ("# Recovery by distillation after pruning, per CPU budget, on held-out text of other sources\n\n"
-            f"{harness.describe_runs(runs)}\n\n{', '.join(threads)} torch thread(s). Calibration, "
+            f"{harness.describe_runs(runs)}\n\n{harness.stopped_runs(runs)} {', '.join(threads)} torch thread(s). "
+            "Calibration, "
             "distillation and evaluation text are disjoint (`benchmarks/corpora.py`, `benchmarks/tiny_lm.py`); the "
             "budget is process CPU time, so the load of other processes stretches a run's wall time, not its "
             "steps (see the script's docstring).\n\n"
