@@ -57,8 +57,8 @@ from fxprune.analysis.shapes import GraphShapes, PlannedShapes
 from fxprune.analysis.untie import untie_constants
 from fxprune.calibration import (collect_statistics, load_refit, plan_sequential, reestimate_batchnorm,
                                  refit_consumers, run_sequential)
-from fxprune.huggingface.freezes import freeze_computed_constants, freeze_head_dims, internal_outputs
-from fxprune.huggingface.inplace import prune_in_place
+from fxprune.huggingface.freezes import freeze_head_dims, internal_outputs
+from fxprune.huggingface.inplace import HuggingFace
 from fxprune.importance import named_tensors, resolve_importance, score_groups
 from fxprune.io.plans import PruningPlan, attach_plan
 from fxprune.planning.alignment import default_alignment, removal_steps
@@ -70,6 +70,8 @@ from fxprune.planning.ratios import group_ratios
 from fxprune.planning.planner import make_plan
 from fxprune.planning.selection import units_to_keep
 from fxprune.planning.target import METRICS, search_by_cost, search_ratio
+from fxprune.rewriting.inplace import prune_in_place
+from fxprune.rewriting.inplace.freezes import freeze_computed_constants
 from fxprune.rewriting.recompose import recompose
 from fxprune.rewriting.rewrite import rewrite
 from fxprune.rewriting.verify import output_shapes, verify
@@ -181,16 +183,17 @@ def _solve(job: Job) -> None:
     # where these axes freeze: the model recomputes them)
     shared = [node for layout, node in dg.state.sliced_constants
               if any(g.prunable for g in dg.groups_of_layout(layout))]
-    if shared and not job.hf_in_place and untie_constants(job.gm, shared):
+    if shared and not job.settings.inplace and untie_constants(job.gm, shared):
         _relate(job)
         dg = job.dg = _dependency_graph(job)
     dg.expected_shapes = job.expected_shapes
     dg.model, dg.model_inputs, dg.model_kwargs = job.model, job.example_inputs, job.kwargs
     if not job.settings.prune_head_dims:
         dg.keep_head_dims()
+    if job.settings.inplace:  # the model's own forward recomputes these: it cannot hold their kept values
+        freeze_computed_constants(dg)
     if job.hf_in_place:
         freeze_head_dims(dg, job.model)
-        freeze_computed_constants(dg)
 
 
 def _dependency_graph(job: Job) -> DependencyGraph:
@@ -272,15 +275,22 @@ def _refit(job: Job) -> None:
 
 
 def _rewrite(job: Job) -> None:
-    if job.hf_in_place:  # rewritten, verified and written back in one step
-        job.result = prune_in_place(job.dg, job.removal, rewrite, verify)
+    if job.settings.inplace:  # rewritten, recomposed, verified, written into the caller's model and checked
+        job.result = in_place(job.dg, job.removal)
     else:
-        job.result = rewrite(job.dg, job.removal, inplace=job.settings.inplace)
+        job.result = rewrite(job.dg, job.removal)
+
+
+def in_place(dg: DependencyGraph, removal: dict, run: bool = True):
+    """The caller's model pruned in place (:mod:`fxprune.rewriting.inplace`), with the Hugging Face layer on top
+    for a transformers model (:mod:`fxprune.huggingface.inplace`); returns the model."""
+    extension = HuggingFace(dg, removal) if is_hf_model(dg.model) else None
+    return prune_in_place(dg, removal, extension, run=run)
 
 
 def _recompose(job: Job) -> None:
     """Decomposed ``nn.MultiheadAttention`` calls become module calls again (resized), to keep the fused path."""
-    if not job.hf_in_place:
+    if not job.settings.inplace:
         recompose(job.result)
 
 
@@ -315,7 +325,7 @@ def _reestimate_bn(job: Job) -> None:
 
 
 def _verify(job: Job) -> None:
-    if not job.hf_in_place:
+    if not job.settings.inplace:  # checked against the caller's own forward in rewrite
         verify(job.result, job.dg.example_inputs, job.dg.expected_shapes)
 
 

@@ -6,7 +6,7 @@ analysis first freezes what the model's own forward cannot express (:mod:`~fxpru
 :func:`~fxprune.huggingface.inplace.prune_in_place` then writes the pruned tensors back into the caller's module
 tree (:mod:`~fxprune.huggingface.write_back`), recomputes module attributes from them
 (:mod:`~fxprune.huggingface.attributes`; expert blocks and routers: :mod:`~fxprune.huggingface.experts`; head
-counts from the graph's attention calls: :mod:`~fxprune.huggingface.attention_sites`; attributes the graph
+counts from the graph's attention calls: :mod:`~fxprune.analysis.attention_sites`; attributes the graph
 restates as size constants: :mod:`~fxprune.huggingface.restated_sizes`), updates the config, finding fields
 derived from a pruned width by rebuilding the model on the meta device (:mod:`~fxprune.huggingface.config_update`,
 :mod:`~fxprune.huggingface.rebuild`), checks that the model runs and computes what the pruned graph computes

@@ -1,6 +1,6 @@
 """Attention modules found by attribute names: the fallback, kept in this one place.
 
-The graph is the way to find attention: :mod:`fxprune.huggingface.attention_sites` reads every attention call
+The graph is the way to find attention: :mod:`fxprune.analysis.attention_sites` reads every attention call
 of the captured graph and the projections that feed it (under any name, fused q|k|v included) and gives each
 attention module's heads, kv heads and head dim. The name lists below predate it and are still read in three
 places: :func:`fxprune.huggingface.freezes.freeze_head_dims` merges the modules they find with the graph's

@@ -22,7 +22,7 @@ from fxprune.huggingface.attention_names import (HEAD_DIM, KEY, KV_FIELDS, atten
                                                  out_width, query_width)
 from fxprune.huggingface.experts import expert_widths
 from fxprune.huggingface.rebuild import differences
-from fxprune.huggingface.write_back import tensors_by_name
+from fxprune.rewriting.inplace.tensors import parameters_and_buffers as tensors_by_name
 
 # config fields that record what a model rebuilt from the config would get wrong (read by load_pretrained)
 RECORDED = ("fxprune_shapes", "fxprune_attributes", "fxprune_buffers")
@@ -33,7 +33,7 @@ def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None
     """Uniform widths go into ``model.config``; what a model built from it would still get wrong is recorded.
 
     ``sites``: ``{attention module path: (before, after)}`` head counts read from the graphs
-    (:mod:`fxprune.huggingface.attention_sites`). Config fields derived from a pruned width (OPT's ``word_embed_proj_dim``
+    (:mod:`fxprune.analysis.attention_sites`). Config fields derived from a pruned width (OPT's ``word_embed_proj_dim``
     = the hidden size, ``intermediate_size``, ``ffn_dim``) are found by rebuilding on the meta device: an integer
     field equal to a pruned width's old value takes the new one when a rebuild then differs from the model in
     fewer tensors, attributes and buffers. The rest (``config.fxprune_shapes``, ``fxprune_attributes``,

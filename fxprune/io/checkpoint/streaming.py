@@ -170,7 +170,7 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
 def _write(dg, removal, model, checkpoint: Checkpoint, sizes, changed, refit_dir, out: Path, max_shard_size,
            progress) -> None:
     """Resize the meta model (shapes and config), then write every tensor sliced, or refit (``refit_dir``)."""
-    hf_inplace.prune_in_place(dg, removal, rewrite, verify, run=False)  # the meta model: new shapes and config
+    hf_inplace.prune_in_place(dg, removal, run=False)  # the meta model: new shapes and config
 
     pruned = dict(model.named_buffers()) | dict(model.named_parameters(remove_duplicate=False))
     specs, axes = {}, {}
