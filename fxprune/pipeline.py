@@ -71,7 +71,8 @@ from fxprune.planning.planner import make_plan
 from fxprune.planning.selection import units_to_keep
 from fxprune.planning.target import METRICS, search_by_cost, search_ratio
 from fxprune.rewriting.inplace import prune_in_place
-from fxprune.rewriting.inplace.freezes import freeze_computed_constants
+from fxprune.rewriting.inplace.freezes import freeze_computed_constants, freeze_module
+from fxprune.rewriting.inplace.mechanism import InPlaceError
 from fxprune.rewriting.recompose import recompose
 from fxprune.rewriting.rewrite import rewrite
 from fxprune.rewriting.verify import output_shapes, verify
@@ -274,11 +275,44 @@ def _refit(job: Job) -> None:
             job.sequential_plan = plan_sequential(job.dg, job.removal, inplace=job.settings.inplace)
 
 
+_REPLANS = 3  # in place: plans made again with the widths of a module whose own forward could not hold them
+
+
 def _rewrite(job: Job) -> None:
-    if job.settings.inplace:  # rewritten, recomposed, verified, written into the caller's model and checked
-        job.result = in_place(job.dg, job.removal)
-    else:
+    if not job.settings.inplace:
         job.result = rewrite(job.dg, job.removal)
+        return
+    for attempt in range(_REPLANS + 1):  # rewritten, recomposed, verified, written into the model and checked
+        try:
+            job.result = in_place(job.dg, job.removal)
+            return
+        except InPlaceError as exc:
+            if attempt == _REPLANS or not _keep_failing_module(job, exc):
+                raise
+        _plan(job)  # the same ratio or target over the groups still prunable
+        _check_removed(job)
+        _refit(job)
+
+
+def _keep_failing_module(job: Job, exc) -> bool:
+    """After an in-place failure inside the model's own code: the widths of the innermost submodule on the failing
+    traceback that has prunable ones stay whole (with a warning that says why), so that the plan can be made
+    again. False when there is none, or the failure is in the model's own top-level forward (a width it
+    hard-codes there): the error stands."""
+    line = str(exc).split("it failed at ", 1)[-1].split(" <- ")[0] if "it failed at " in str(exc) else ""
+    for path in exc.modules:
+        if not path:  # the model's own top-level forward: keeping all its widths is no plan
+            return False
+        reason = (f"kept whole in place: {path}'s own forward cannot hold its pruned widths "
+                  f"({line or 'its forward fails'}); inplace=False prunes it")
+        frozen = freeze_module(job.dg, path, reason)
+        if frozen:
+            warnings.warn(f"fxprune: {type(job.model).__name__} pruned in place: {len(frozen)} groups with tensors "
+                          f"in {path or 'the model'} keep all their units, because its own forward cannot hold "
+                          f"their pruned widths ({line or str(exc)[:200]}); the rest is planned again. "
+                          f"inplace=False returns a graph that prunes them too", stacklevel=5)
+            return True
+    return False
 
 
 def in_place(dg: DependencyGraph, removal: dict, run: bool = True):

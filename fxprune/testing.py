@@ -85,6 +85,40 @@ def assert_close_to_scale(got, expected, atol: float = 1e-5) -> None:
     assert_same_outputs(got, expected, rel=atol, floor=1.0)
 
 
+def another_batch(inputs, size: int = 3, seed: int = 0):
+    """Inputs of batch ``size`` like ``inputs`` (a batch of one): every tensor of at least one dimension is
+    repeated ``size`` times along its first axis, floating-point ones with noise (so the examples differ)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def grow(t):
+        if not isinstance(t, torch.Tensor) or not t.ndim:
+            return t
+        out = torch.cat([t] * size)
+        if out.is_floating_point():
+            out = out + 0.5 * torch.randn(out.shape, generator=generator, dtype=out.dtype)
+        return out
+
+    return torch.utils._pytree.tree_map(grow, inputs)
+
+
+@torch.no_grad()
+def assert_in_place_matches_graph(model, graph, inputs: tuple, size: int = 3, atol: float = 1e-4) -> None:
+    """``model`` (pruned in place) computes what ``graph`` (the same plan, ``inplace=False``) computes: on
+    ``inputs`` (a batch of one) and on a batch of ``size`` (:func:`another_batch`), where the graph is run one
+    example at a time (a graph exported from a batch of one may take only that size) and its outputs are
+    concatenated along their first axis."""
+    assert_close_to_scale(model(*inputs), graph(*inputs), atol=atol)
+    batch = another_batch(inputs, size)
+    one = [torch.utils._pytree.tree_map(lambda t: t[i:i + 1] if isinstance(t, torch.Tensor) and t.ndim else t,
+                                        batch) for i in range(size)]
+    outputs = [graph(*x) for x in one]
+    leaves = [torch.utils._pytree.tree_flatten(o)[0] for o in outputs]
+    joined = [torch.cat(parts) if isinstance(parts[0], torch.Tensor) and parts[0].ndim else parts[0]
+              for parts in zip(*leaves)]
+    expected = torch.utils._pytree.tree_unflatten(joined, torch.utils._pytree.tree_flatten(outputs[0])[1])
+    assert_close_to_scale(model(*batch), expected, atol=atol)
+
+
 @torch.no_grad()
 def run_oracle(model, inputs: tuple, groups=None, fraction: float = 0.34, seed: int = 0,
                prune_head_dims: bool = True):

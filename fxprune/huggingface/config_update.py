@@ -53,7 +53,8 @@ def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None
         by_id = {g.id: g for g in dg.groups}
         removed = {by_id[g] if isinstance(g, int) else g: units for g, units in (removal or {}).items()}
         values["hidden_size"] = {hidden - len({int(u) for u in removed.get(carrier, ())})}
-    for _, module in attention_modules(model):
+    # attention modules are the graph's (sites); by attribute names only where no graph was at hand
+    for _, module in attention_modules(model) if sites is None else ():
         head_dim = next(getattr(module, a) for a in HEAD_DIM if isinstance(getattr(module, a, None), int))
         values.setdefault("head_dim", set()).add(head_dim)
         key = child_projection(module, KEY)
@@ -147,8 +148,8 @@ def _follow_rebuild(model: nn.Module, found, changed: dict, decided=frozenset())
     ``embed_dim`` and its positions' ``embedding_dim``): they restate that width, which no tensor of their
     module shows (``changed``: old -> new sizes; several when widths of the same size were pruned apart: a
     hidden size and a query width both 64). Not followed: the attributes the rewritten graph ``decided``
-    (:mod:`fxprune.huggingface.restated_sizes`). Returns ``found`` without those followed, and
-    ``{"module.attr": value before}`` of those followed: a guess, which :func:`prune_in_place` takes back
+    (:mod:`fxprune.rewriting.inplace.restated`). Returns ``found`` without those followed, and
+    ``{"module.attr": value before}`` of those followed: a guess, which in-place pruning takes back
     (:func:`unfollow`) when the model then computes something else than the pruned graph."""
     def restates(mine, theirs) -> bool:
         if type(mine) is int:

@@ -55,7 +55,6 @@ from fxprune.io.plans import PruningPlan
 from fxprune.pipeline import ANALYSIS, PRUNING, Job, Settings, run
 from fxprune.analysis.removal import kept_units
 from fxprune.rewriting.rewrite import Sizes, changed_axes, rewrite, sliced
-from fxprune.rewriting.verify import verify
 
 # weights in formats this module does not rewrite: never copied next to the pruned shards
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")

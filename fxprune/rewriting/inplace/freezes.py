@@ -26,3 +26,20 @@ def freeze_computed_constants(dg) -> None:
         for group in dg.groups_of_layout(layout):
             if not group.frozen:  # positions of a static capture are frozen already (graph input)
                 group.frozen.append(reason)
+
+
+def freeze_module(dg, path: str, reason: str) -> list:
+    """Freeze every prunable group with a parameter or buffer in module ``path`` (its subtree; ``""``: the whole
+    model), giving ``reason``; returns the groups frozen.
+
+    For the retry after an in-place failure inside that module's own forward: the model's code ties widths the
+    captured graph keeps apart (YOLO11's attention views its output by its input's channel count, ``x.view(B, C,
+    H, W)``, which an exported graph holds as a constant), so the widths the module touches stay whole.
+    """
+    prefix = f"{path}." if path else ""
+    frozen = []
+    for group in dg.prunable_groups:
+        if any(m.kind in ("parameter", "buffer") and m.name.startswith(prefix) for m in group.members):
+            group.frozen.append(reason)
+            frozen.append(group)
+    return frozen

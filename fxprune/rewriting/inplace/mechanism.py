@@ -38,6 +38,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, field
 
@@ -137,7 +138,29 @@ def prune_in_place(dg, removal: dict, extension: Extension | None = None, run: b
     pruned = rewrite(dg, removal, share_tensors=True)
     recompose(pruned)
     verify(pruned, dg.example_inputs, dg.expected_shapes)  # also propagates the new shapes into pruned's nodes
+    own_modules(dg.gm, dg.model)
     return write_into(dg.model, dg.gm, pruned, dg.model_inputs, dg.model_kwargs, extension=extension, run=run)
+
+
+def own_modules(graph: nn.Module, model: nn.Module) -> None:
+    """Give ``graph`` its own module objects where it calls the caller's (a symbolically traced graph calls the
+    caller's torch modules): shallow copies with their own tables, the same tensors. Writing the pruned tensors
+    into the caller then leaves the analysed graph as it was (a sequential refit rewrites it again)."""
+    theirs = {id(m) for m in model.modules()}
+
+    def visit(module: nn.Module) -> None:
+        for name, child in list(module._modules.items()):
+            if child is None:
+                continue
+            if id(child) in theirs:
+                child = copy.copy(child)
+                for table in ("_parameters", "_buffers", "_modules"):
+                    vars(child)[table] = dict(vars(child)[table])
+                module._modules[name] = child
+            visit(child)
+
+    if graph is not model:
+        visit(graph)
 
 
 def write_into(model: nn.Module, graph: fx.GraphModule, pruned: fx.GraphModule, inputs, kwargs=None, *,
@@ -225,6 +248,16 @@ def _resolve(module: nn.Module, target: str):
     if not hasattr(holder, attr):
         raise AttributeError(target)
     return getattr(holder, attr)
+
+
+class InPlaceError(FxPruneError):
+    """In-place pruning failed and the model was put back. ``modules``: paths of the model's modules on the
+    failing traceback, innermost first (empty when the model ran but computed something else, or writing back
+    failed): where its own code cannot hold the plan."""
+
+    def __init__(self, message: str, modules=()):
+        super().__init__(message)
+        self.modules = list(modules)
 
 
 class _Mismatch(FxPruneError):
@@ -390,7 +423,13 @@ def _failure(change: Change, ext: Extension, exc: BaseException) -> FxPruneError
     details = [d for d in (ext.explain(change, exc),
                            check.explain(exc.__cause__ if isinstance(exc, FxPruneError) else exc, change.model,
                                          change.tensors, change.widths, _unchanged(change))) if d]
-    return FxPruneError(f"pruning {type(change.model).__name__} in place failed (the model was put back as it "
+    modules = []
+    if change.phase == "checking" and not isinstance(exc, _Mismatch):
+        cause = exc.__cause__ if isinstance(exc, FxPruneError) else exc
+        names = {id(m): n for n, m in change.model.named_modules()}
+        modules = list(dict.fromkeys(names[id(s)] for _, _, s in reversed(check._model_frames(cause) if cause else [])
+                                     if isinstance(s, nn.Module) and id(s) in names))
+    return InPlaceError(f"pruning {type(change.model).__name__} in place failed (the model was put back as it "
                         f"was): {what}" + (f". {'. '.join(details)}" if details else "")
                         + ". fxprune.prune(..., inplace=False) returns the pruned graph, which computes the pruned "
-                          "model (verified)")
+                          "model (verified)", modules)
