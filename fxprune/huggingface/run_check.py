@@ -1,45 +1,22 @@
-"""The run check of a Hugging Face model pruned in place: its forward as the graph was captured (no cache)
-equals the pruned graph's outputs, and ``generate`` runs with a cache.
+"""The run check a Hugging Face model pruned in place adds to the generic one: ``generate`` with a cache.
 
-The comparison itself is the generic one (:mod:`fxprune.rewriting.inplace.check`): every output tensor, shapes
-and values, nothing skipped; :func:`check_runs` adds ``generate`` for causal language models, which the graph
-cannot show (it was captured without a cache).
+The comparison of the model's own forward with the pruned graph is the generic one
+(:mod:`fxprune.rewriting.inplace.check`: every output tensor, shapes and values, at two batch sizes, nothing
+skipped); the forward runs there without a cache, as the graph was captured. :func:`generates` adds what the
+graph cannot show: a causal language model still generates with its key/value cache, whose shapes follow the
+pruned head counts.
 
 Example::
 
-    >>> check_runs(model, (ids,), expected=pruned_graph(ids))    # raises FxPruneError naming the difference
+    >>> generates(model, (ids,))          # raises FxPruneError naming the failure
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 import torch.nn as nn
 
 from fxprune.errors import FxPruneError
-from fxprune.rewriting.inplace import check
-
-
-def check_runs(model: nn.Module, example_inputs, kwargs=None, expected=None) -> None:
-    """Run the pruned model as the user will: its forward without a cache, compared with ``expected`` (the pruned
-    graph's outputs on the same inputs: every tensor, shapes and values), then ``generate`` with a cache where it
-    exists. Without ``expected`` the outputs are not compared, and a warning says so."""
-    kwargs = {k: v for k, v in (kwargs or {}).items() if k != "use_cache"}
-    try:
-        got = check.run(model, tuple(example_inputs), {**kwargs, "use_cache": False})
-    except Exception as exc:  # name the failure for the user; this is a bug in attribute updating
-        raise FxPruneError(f"the model pruned in place no longer runs: {type(exc).__name__}: {exc}") from exc
-    if expected is None:
-        warnings.warn(f"fxprune: {type(model).__name__} pruned in place runs, but its outputs were not compared "
-                      f"with the pruned graph's (none given)", stacklevel=2)
-    else:
-        problems = check.compare(got, expected)
-        if problems:
-            raise FxPruneError(f"the model pruned in place computes something else than the pruned graph: "
-                               f"{'; '.join(problems[:3])}: an attribute of {type(model).__name__} that restates "
-                               f"a pruned width was not updated")
-    generates(model, example_inputs, kwargs)
 
 
 def generates(model: nn.Module, example_inputs, kwargs=None) -> None:

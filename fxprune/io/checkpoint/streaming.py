@@ -252,7 +252,7 @@ def _refit(dg, removal, weights, calibration, cut, damping, device, out: Path, p
 
     out.mkdir(parents=True, exist_ok=True)
     folder = tempfile.TemporaryDirectory(prefix=".fxprune-refit-", dir=out)
-    pruned_gm = rewrite(dg, removal, inplace=False)  # the pruned graph over meta tensors: its shapes and code
+    pruned_gm = rewrite(dg, removal)  # the pruned graph over meta tensors: its shapes and code
 
     def sink(segment, tensors):
         if tensors:
