@@ -185,6 +185,24 @@ def test_the_check_refuses_a_pruned_graph_that_cannot_run_on_the_models_inputs()
     _assert_same_state(model, state)
 
 
+def test_outputs_of_another_shape_fail_the_check_and_the_model_is_put_back():
+    """Shapes that differ are a failed comparison (issue 18: never a comparison skipped because shapes differ),
+    and so is another number of output tensors; the model is left as it was."""
+    model = models.ResidualCNN().eval()
+    x = (torch.randn(1, 3, 16, 16),)
+    dg = fxprune.analyze(model, x, inplace=True)
+    pruned = fxprune.apply(dg, {dg.prunable_groups[0]: [0]})
+    shape = tuple(pruned(*x).shape)
+    state = _state(model)
+    for other, message in ((lambda *a: torch.zeros(shape[0], shape[1] + 1), r"output \(the tensor\): shape"),
+                           (lambda *a: (torch.zeros(shape), torch.zeros(shape)), r"returns 1 tensors .* returns 2")):
+        pruned.forward = other
+        with pytest.raises(fxprune.FxPruneError, match=r"(?s)computes something else than the pruned graph.*"
+                                                       + message):
+            write_into(model, dg.gm, pruned, x)
+        _assert_same_state(model, state)
+
+
 class _UnregisteredWeight(nn.Module):
     """A weight kept in a plain list, which no module registers: a graph captures it as a constant of its own."""
 
