@@ -17,8 +17,7 @@ import torch.nn.functional as F
 
 import fxprune
 from fxprune.rewriting.inplace import Snapshot, write_into
-from fxprune.rewriting.inplace.tensors import tensors_by_name
-from fxprune.testing import assert_in_place_matches_graph
+from fxprune.testing import assert_in_place_matches_graph, assert_same_modules, module_snapshot
 from tests import models
 
 
@@ -68,36 +67,18 @@ def test_small_models_are_pruned_in_place(build):
         assert isinstance(model.attn, fxprune.modules.PrunedMultiheadAttention) or model.attn.num_heads == 1
 
 
-def _state(model: nn.Module) -> dict:
-    """Every module's attributes and tables (the objects themselves) and every tensor's values."""
-    return {"modules": {name: ({k: v for k, v in vars(m).items()}, dict(m._parameters), dict(m._buffers),
-                               dict(m._modules)) for name, m in model.named_modules()},
-            "values": {name: t.detach().clone() for name, t in tensors_by_name(model).items()}}
-
-
-def _assert_same_state(model: nn.Module, state: dict) -> None:
-    now = _state(model)
-    assert now["modules"].keys() == state["modules"].keys()
-    for name, tables in state["modules"].items():
-        for saved, current in zip(tables, now["modules"][name]):
-            assert saved.keys() == current.keys(), name
-            assert all(current[k] is v or (type(v) in (int, float, bool, str, tuple) and current[k] == v)
-                       for k, v in saved.items()), name
-    assert all(torch.equal(now["values"][k], v) for k, v in state["values"].items())
-
-
 def test_a_forward_that_hard_codes_a_width_is_a_clear_error_and_the_model_is_put_back():
     """``view(-1, 256, 4, 4)`` in the caller's forward cannot follow the pruned width: the error names the line
     and says the pruned graph works; every module's attributes, tables and tensors are the very same objects."""
     torch.manual_seed(0)
     model = models.HardCodedDecoder().eval()
     z = (torch.randn(1, 16),)
-    state = _state(model)
+    state = module_snapshot(model)
     with pytest.raises(fxprune.FxPruneError, match=r"(?s)in place failed \(the model was put back as it was\).*"
                                                    r"models.py:\d+: x = F.relu\(self.fc\(z\)\).view\(-1, 256, 4, 4\)"
                                                    r".*inplace=False\) returns the pruned graph"):
         fxprune.prune(model, 0.5, example_inputs=z, inplace=True, round_to=1)
-    _assert_same_state(model, state)
+    assert_same_modules(model, state)
     assert fxprune.prune(model, 0.5, example_inputs=z, round_to=1)(*z).shape == (1, 3, 16, 16)  # the graph works
 
 
@@ -179,10 +160,10 @@ def test_the_check_refuses_a_pruned_graph_that_cannot_run_on_the_models_inputs()
         raise TypeError("forward() takes 2 positional arguments but 3 were given")
 
     pruned.forward = refuses  # a graph that takes its inputs otherwise
-    state = _state(model)
+    state = module_snapshot(model)
     with pytest.raises(fxprune.FxPruneError, match="the pruned graph does not run on the model's own inputs"):
         write_into(model, dg.gm, pruned, x)
-    _assert_same_state(model, state)
+    assert_same_modules(model, state)
 
 
 def test_outputs_of_another_shape_fail_the_check_and_the_model_is_put_back():
@@ -193,14 +174,14 @@ def test_outputs_of_another_shape_fail_the_check_and_the_model_is_put_back():
     dg = fxprune.analyze(model, x, inplace=True)
     pruned = fxprune.apply(dg, {dg.prunable_groups[0]: [0]})
     shape = tuple(pruned(*x).shape)
-    state = _state(model)
+    state = module_snapshot(model)
     for other, message in ((lambda *a: torch.zeros(shape[0], shape[1] + 1), r"output \(the tensor\): shape"),
                            (lambda *a: (torch.zeros(shape), torch.zeros(shape)), r"returns 1 tensors .* returns 2")):
         pruned.forward = other
         with pytest.raises(fxprune.FxPruneError, match=r"(?s)computes something else than the pruned graph.*"
                                                        + message):
             write_into(model, dg.gm, pruned, x)
-        _assert_same_state(model, state)
+        assert_same_modules(model, state)
 
 
 class _UnregisteredWeight(nn.Module):
@@ -218,10 +199,10 @@ class _UnregisteredWeight(nn.Module):
 def test_a_model_whose_pruned_tensors_it_does_not_hold_raises_rather_than_staying_unchanged():
     model = _UnregisteredWeight().eval()
     x = (torch.randn(1, 8),)
-    state = _state(model)
+    state = module_snapshot(model)
     with pytest.raises(fxprune.FxPruneError, match="does not hold under those names"):
         fxprune.prune(model, 0.5, example_inputs=x, inplace=True, round_to=1)
-    _assert_same_state(model, state)
+    assert_same_modules(model, state)
 
 
 def test_a_graph_module_pruned_in_place_takes_the_pruned_graph():
