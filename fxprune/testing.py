@@ -183,6 +183,28 @@ def assert_same_state(model, expected, what: str = "the state changed") -> None:
         assert torch.equal(after[name], tensor), f"{what}: {name} changed values"
 
 
+def forward_flops(model, inputs: tuple) -> int:
+    """FLOPs of one run of ``model(*inputs)`` as torch's own ``FlopCounterMode`` counts them (matmuls,
+    convolutions, attention): a measure of the model as it runs, independent of fxprune's graph and MAC counting,
+    and with no capture (cheap on models whose export takes seconds). Gradients stay enabled, so that
+    ``nn.MultiheadAttention`` takes its composite path, whose matmuls the counter sees (its fused inference
+    kernel has no FLOP formula), and the counter's module hooks work.
+
+    Example::
+
+        >>> before = forward_flops(model, (x,))
+        >>> fxprune.prune(model, 0.3, example_inputs=(x,), inplace=True)
+        >>> forward_flops(model, (x,)) < 0.85 * before
+        True
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(*inputs)
+    return counter.get_total_flops()
+
+
 def module_snapshot(model) -> dict:
     """Every module's attributes and its parameter, buffer and submodule tables (the objects themselves, not
     copies) and a copy of every tensor, for :func:`assert_same_modules` after something that must leave the model
