@@ -382,14 +382,18 @@ def _measure(job: Job) -> None:
     metric, fraction = job.settings.target
     if metric == "latency":  # measured while searching; the search warns when it is off
         job.achieved = {"latency": job.search.measured}
-        job.result.meta["fxprune_latency"] = {"target": fraction, "measured": job.search.measured,
-                                              "estimated": job.search.estimated, "tries": job.search.tries}
+        value = {"target": fraction, "measured": job.search.measured, "estimated": job.search.estimated,
+                 "tries": job.search.tries}
+        if isinstance(getattr(job.result, "meta", None), dict):
+            job.result.meta["fxprune_latency"] = value
+        else:  # a model pruned in place: an attribute, as its plan (io.plans.attach_plan)
+            object.__setattr__(job.result, "fxprune_latency", value)
         return
     before = count_graph(job.dg.gm)
     outputs = job.result.graph.find_nodes(op="output") if isinstance(job.result, fx.GraphModule) else []
     if outputs and all("val" in n.meta for n in outputs):
         after = count_graph(job.result)
-    else:  # pruned in place (Hugging Face): the plan's count is exact
+    else:  # pruned in place: the plan's count is exact
         after = estimate(job.dg, job.removal)
     job.achieved = {m: after[i] / before[i] if before[i] else 1.0 for i, m in enumerate(METRICS)}
     if abs(job.achieved[metric] - fraction) > 0.02 * fraction:

@@ -250,3 +250,14 @@ def test_siglip_attention_pooling_head_is_pruned_in_place():
     with torch.no_grad():
         fxprune.testing.assert_close_to_scale(model(*x).pooler_output, graph(*x).pooler_output, atol=1e-4)
     assert forward_flops(model, x) < 0.85 * before
+
+
+def test_a_latency_target_in_place_records_its_search_on_the_model():
+    """``target_latency`` with ``inplace=True``: the search's record goes on the caller's model (it has no graph
+    ``meta``), as its plan does. Only what was recorded is asserted: the timings are the shared machine's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10)).eval()
+    x = (torch.randn(8, 64),)
+    assert fxprune.prune(model, target_latency=0.7, example_inputs=x, inplace=True) is model
+    assert model.fxprune_latency["target"] == 0.7 and len(model.fxprune_latency["tries"]) >= 1
+    assert fxprune.plan_of(model).inplace and model(*x).shape == (8, 10)
