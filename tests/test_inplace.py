@@ -261,3 +261,20 @@ def test_a_latency_target_in_place_records_its_search_on_the_model():
     assert fxprune.prune(model, target_latency=0.7, example_inputs=x, inplace=True) is model
     assert model.fxprune_latency["target"] == 0.7 and len(model.fxprune_latency["tries"]) >= 1
     assert fxprune.plan_of(model).inplace and model(*x).shape == (8, 10)
+
+
+def test_refit_and_batchnorm_reestimation_in_place_give_the_graphs_weights():
+    """``reconstruct``, ``sequential`` and ``reestimate_bn`` write into the caller's model by parameter name: it
+    then computes what the same call without ``inplace`` returns."""
+    torch.manual_seed(0)
+    model = models.ResidualCNN().eval()
+    original = copy.deepcopy(model)
+    x = (torch.randn(1, 3, 16, 16),)
+    batches = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    options = dict(example_inputs=x, calibration=batches, reconstruct=True, sequential=True, reestimate_bn=True,
+                   round_to=1)
+    assert fxprune.prune(model, 0.5, inplace=True, **options) is model
+    graph = fxprune.prune(original, 0.5, **options)
+    with torch.no_grad():
+        fxprune.testing.assert_close_to_scale(model(*x), graph(*x), atol=1e-4)
+        assert not torch.allclose(model.eval()(*x), original(*x), atol=1e-3)  # pruned and refit: not the original
