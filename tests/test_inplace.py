@@ -94,7 +94,8 @@ class _HardCodedInside(nn.Module):
 class _WrapsHardCoded(nn.Module):
     def __init__(self):
         super().__init__()
-        self.stem, self.mid, self.inner, self.head = nn.Linear(4, 12), nn.Linear(12, 8), _HardCodedInside(), nn.Linear(8, 3)
+        self.stem, self.mid = nn.Linear(4, 12), nn.Linear(12, 8)
+        self.inner, self.head = _HardCodedInside(), nn.Linear(8, 3)
 
     def forward(self, x):
         return self.head(self.inner(self.mid(F.relu(self.stem(x)))))

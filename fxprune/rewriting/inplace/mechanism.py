@@ -5,7 +5,8 @@ or the model put back exactly.
 recomposes and verifies it, and hands it to :func:`write_into`, which, inside one transaction
 (:class:`~fxprune.rewriting.inplace.snapshot.Snapshot`):
 
-1. runs the pruned graph on the model's own inputs (it must run: :func:`~fxprune.rewriting.inplace.check.graph_outputs`);
+1. runs the pruned graph on the model's own inputs (it must run:
+   :func:`~fxprune.rewriting.inplace.check.graph_outputs`);
 2. sets every resized tensor into its owner by qualified name (:mod:`~fxprune.rewriting.inplace.tensors`); a
    tensor the graph resized that the model does not hold under that name means the model cannot be changed: an
    error, never a silent no-op;
