@@ -111,31 +111,6 @@ def run_oracle(model, inputs: tuple, groups=None, fraction: float = 0.34, seed: 
 
 # -- the depth oracle ------------------------------------------------------------------------------------------
 
-def last_projection(gm, branch) -> list[str]:
-    """Names of the parameters that make a branch's output: walking back from the branch's output through its
-    nodes, every parameter read on the way up to and including the first weight of two or more dimensions on
-    each path (the output projection ``o_proj``, a ResNet block's last conv and the BatchNorm after it, a layer
-    scale). Zeroing them makes the branch's output exactly zero whatever its input."""
-    members = set(branch.nodes)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    tensors = dict(gm.named_parameters(remove_duplicate=False))
-    out, todo, seen = [], [nodes[branch.output]], set()
-    while todo:
-        node = todo.pop()
-        if node.name in seen:
-            continue
-        seen.add(node.name)
-        if node.op == "call_module":
-            names = [f"{node.target}.{n}" for n, _ in gm.get_submodule(node.target).named_parameters()]
-        else:
-            names = [a.target for a in node.all_input_nodes if a.op == "get_attr" and a.target in tensors]
-        out += names
-        if any(tensors[n].ndim >= 2 for n in names):
-            continue  # the projection: what comes before it no longer matters
-        todo.extend(a for a in node.all_input_nodes if a.name in members and a.op != "get_attr")
-    return list(dict.fromkeys(out))
-
-
 def plant_zero_branches(dg, branches=None, fraction: float = 0.5, seed: int = 0) -> list:
     """Zero the output projection (:func:`last_projection`) of some removable branches, in the model itself;
     return the branches whose output is now exactly zero (removing them must not change the outputs).
@@ -147,6 +122,8 @@ def plant_zero_branches(dg, branches=None, fraction: float = 0.5, seed: int = 0)
         candidates = [b for b in dg.branches if b.removable]
         count = max(1, int(round(fraction * len(candidates))))
         branches = [candidates[i] for i in sorted(rng.choice(len(candidates), size=count, replace=False))]
+    from fxprune.analysis.branches import last_projection
+
     tensors = dict(dg.gm.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for branch in branches:

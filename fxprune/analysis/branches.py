@@ -483,6 +483,31 @@ def _computed_shortcut(finder: _Finder, add: fx.Node, operands: list, window: in
             f"are learned paths from {fork.name}"), main
 
 
+def last_projection(gm, branch) -> list[str]:
+    """Names of the parameters that make a branch's output: walking back from the branch's output through its
+    nodes, every parameter read on the way up to and including the first weight of two or more dimensions on
+    each path (the output projection ``o_proj``, a ResNet block's last conv and the BatchNorm after it, a layer
+    scale). Zeroing them makes the branch's output exactly zero whatever its input."""
+    members = set(branch.nodes)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    tensors = dict(gm.named_parameters(remove_duplicate=False))
+    out, todo, seen = [], [nodes[branch.output]], set()
+    while todo:
+        node = todo.pop()
+        if node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op == "call_module":
+            names = [f"{node.target}.{n}" for n, _ in gm.get_submodule(node.target).named_parameters()]
+        else:
+            names = [a.target for a in node.all_input_nodes if a.op == "get_attr" and a.target in tensors]
+        out += names
+        if any(tensors[n].ndim >= 2 for n in names):
+            continue  # the projection: what comes before it no longer matters
+        todo.extend(a for a in node.all_input_nodes if a.name in members and a.op != "get_attr")
+    return list(dict.fromkeys(out))
+
+
 # -- layers -----------------------------------------------------------------------------------------------------
 
 def module_classes(gm: fx.GraphModule) -> dict[str, str]:
