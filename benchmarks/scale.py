@@ -51,7 +51,7 @@ LLAMA_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
                   num_key_value_heads=2, vocab_size=100, max_position_embeddings=64, use_cache=False,
                   tie_word_embeddings=False)
 CONFIGS = {"llama-70b": LLAMA_70B, "llama-tiny": LLAMA_TINY}
-# the passes of fxprune.api.ANALYSIS + score + plan, in order; "solve" is split into two rows below
+# the passes of fxprune.pipeline.ANALYSIS + score + plan, in order; "solve" is split into two rows below
 PHASES = ("capture", "propagate", "decompose", "relate", "solve", "groups", "score", "plan")
 
 
@@ -118,11 +118,11 @@ def time_plan(model, args, kwargs=None, ratio: float = RATIO, importance=IMPORTA
         >>> list(row["phases"]) == list(PHASES), row["prunable"] > 0
         (True, True)
     """
-    from fxprune import api
+    from fxprune import pipeline
     from fxprune.analysis.depgraph import DependencyGraph
 
-    job = api.Job(model, args, kwargs, ratio=ratio, importance=importance, inplace=inplace)
-    passes = dict(api.ANALYSIS + api.PRUNING)
+    job = pipeline.Job(model, args, kwargs, pipeline.Settings(ratio=ratio, importance=importance, inplace=inplace))
+    passes = dict(pipeline.ANALYSIS + pipeline.PRUNING)
     phases, inner = {}, {}
     for name in ("capture", "propagate", "decompose", "relate", "solve", "score", "plan"):
         with _timed_methods(DependencyGraph, {"_partition": "solve"}, inner), meter.Meter() as m:

@@ -21,7 +21,8 @@ import torch
 import torchvision
 
 import fxprune
-from fxprune.api import PIPELINE, Job, check_prune_settings, run
+from fxprune.api import check_prune_settings
+from fxprune.pipeline import PIPELINE, Job, Settings, run
 
 SETTINGS = [
     ("target_macs=0.5", {"target_macs": 0.5}),
@@ -33,11 +34,11 @@ SETTINGS = [
 
 def prune_job(model, x, settings: dict) -> Job:
     """``fxprune.prune`` with the Job kept, to read the search result and the plan."""
-    job = Job(model, (x,), None, global_pruning=settings.get("global_pruning", False),
-              round_to=settings.get("round_to"))
-    job.ratio, job.target, job.max_ratio = check_prune_settings(None, settings.get("target_macs"),
-                                                                settings.get("target_params"), job.round_to, 0.9)
-    return run(job, PIPELINE)
+    ratio, target, max_ratio = check_prune_settings(None, settings.get("target_macs"), settings.get("target_params"),
+                                                    settings.get("round_to"), 0.9)
+    asked = Settings(ratio=ratio, target=target, max_ratio=max_ratio, round_to=settings.get("round_to"),
+                     global_pruning=settings.get("global_pruning", False))
+    return run(Job(model, (x,), None, asked), PIPELINE)
 
 
 def main() -> None:

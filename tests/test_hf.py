@@ -763,7 +763,7 @@ def _value_shapes(gm) -> list:
 def test_shapes_of_a_static_export_are_reused_with_the_same_groups(name, inplace, monkeypatch):
     # the propagate pass keeps the shapes a static export left instead of propagating again; the groups, their
     # members and every node's shape must be those of a fresh propagation
-    import fxprune.api as api
+    import fxprune.pipeline as api
 
     torch.manual_seed(0)
     model, args, kwargs = _family(name)

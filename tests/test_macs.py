@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import torchvision
 
 import fxprune
-from fxprune.api import _capture, _decompose, _propagate, Job
+from fxprune.pipeline import _capture, _decompose, _propagate, Job
 from fxprune.analysis.macs import count_graph
 from tests import models
 

@@ -21,7 +21,7 @@ from fxprune.rules import lookup
 def relate(gm: fx.GraphModule, free_outputs=()) -> AnalysisState:
     """The relations of every node of ``gm``. ``free_outputs``: names of nodes whose shapes as graph outputs may
     change (a Hugging Face model pruned in place returns its encoder's states too: see
-    :func:`fxprune.huggingface.inplace.internal_outputs`); every other graph output keeps its shape."""
+    :func:`fxprune.huggingface.freezes.internal_outputs`); every other graph output keeps its shape."""
     state = AnalysisState(gm)
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:

@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 
 from fxprune.errors import FxPruneError
-from fxprune.huggingface.inplace import _named_tensors, set_tensor, update_attributes
+from fxprune.huggingface.attributes import update_attributes
+from fxprune.huggingface.write_back import set_tensor, tensors_by_name
 from fxprune.huggingface.rebuild import ignored_on_save
 
 
@@ -55,7 +56,7 @@ def load_pretrained(path: str, **kwargs):
     model, loading = _from_pretrained_resized(cls, path, config, shapes, attributes, **kwargs)
     _check_loaded(path, model, loading)
     for name, value in buffers.items():  # after loading: transformers recomputes them from the config
-        old = _named_tensors(model)[name]
+        old = tensors_by_name(model)[name]
         set_tensor(model, name, torch.tensor(value, dtype=old.dtype, device=old.device))
     if hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -81,7 +82,7 @@ def _resize(model: nn.Module, shapes: dict, attributes: dict) -> None:
     (on the meta device inside ``from_pretrained``: the new tensors are empty meta tensors of the model's dtype);
     tied weights tied again (resized parameters replaced the tied ones)."""
     for name, shape in shapes.items():
-        old = _named_tensors(model)[name]
+        old = tensors_by_name(model)[name]
         set_tensor(model, name, torch.empty(shape, dtype=old.dtype, device=old.device))
     _set_attributes(model, attributes)  # head_dim first: update_attributes counts heads by it
     update_attributes(model)

@@ -10,7 +10,7 @@ Example::
     >>> diff = differences(model)          # Gemma, hidden size pruned 64 -> 48
     >>> diff.buffers
     {'model.embed_tokens.embed_scale': 8.0}
-    >>> diff.size                           # what :func:`fxprune.huggingface.inplace.update_config` minimises
+    >>> diff.size                           # what :func:`fxprune.huggingface.config_update.update_config` minimises
     1
 """
 

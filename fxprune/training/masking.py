@@ -23,10 +23,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fxprune.api import PRUNING, Job, analyze, check_prune_settings, run
+from fxprune.api import analyze, check_prune_settings
 from fxprune.analysis.depgraph import DependencyGraph
 from fxprune.importance import named_tensors
 from fxprune.io.plans import PruningPlan
+from fxprune.pipeline import PRUNING, Job, Settings, run
 from fxprune.rewriting.rewrite import kept_units
 
 
@@ -70,11 +71,12 @@ def mask(model_or_dg, plan_or_ratio=0.3, *, example_inputs=None, kwargs=None, im
         by_id = {g.id: g for g in dg.groups}
         removal = {by_id[g] if isinstance(g, int) else g: units for g, units in plan_or_ratio.items()}
     elif isinstance(plan_or_ratio, (int, float)) and not isinstance(plan_or_ratio, bool):
-        job = Job(dg.model, dg.model_inputs, dg.model_kwargs, importance=importance, round_to=round_to,
-                  prune_head_dims=prune_head_dims, gm=dg.gm, dg=dg, global_pruning=bool(global_pruning),
-                  isomorphic=bool(isomorphic), ratios=ratios)
-        job.ratio, _, job.max_ratio = check_prune_settings(plan_or_ratio, None, None, round_to, max_ratio,
-                                                           global_pruning=global_pruning, isomorphic=isomorphic)
+        ratio, _, max_ratio = check_prune_settings(plan_or_ratio, None, None, round_to, max_ratio,
+                                                   global_pruning=global_pruning, isomorphic=isomorphic)
+        asked = Settings(ratio=ratio, importance=importance, round_to=round_to, prune_head_dims=prune_head_dims,
+                         global_pruning=bool(global_pruning), isomorphic=bool(isomorphic), max_ratio=max_ratio,
+                         ratios=ratios)
+        job = Job(dg.model, dg.model_inputs, dg.model_kwargs, asked, gm=dg.gm, dg=dg)
         run(job, [(name, fn) for name, fn in PRUNING if name in ("score", "plan")])
         removal = job.removal
         settings = {"ratio": job.ratio, "importance": importance, "round_to": round_to, "alignment": job.alignment}

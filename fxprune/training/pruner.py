@@ -41,10 +41,11 @@ import math
 import warnings
 from collections.abc import Iterator
 
-from fxprune.api import PRUNING, Job, analyze, check_calibration_settings, check_prune_settings, run
+from fxprune.api import analyze, check_calibration_settings, check_prune_settings
 from fxprune.importance import resolve_importance
 from fxprune.analysis.lineage import Lineage
 from fxprune.io.plans import PruningPlan, attach_plan, group_key
+from fxprune.pipeline import PRUNING, Job, Settings, run
 from fxprune.analysis.macs import count_graph
 from fxprune.planning.alignment import default_alignment, removal_steps
 from fxprune.planning.selection import make_plan, units_to_keep
@@ -113,9 +114,10 @@ class Pruner:
         self.current_step += 1
         progress = 1.0 if self.current_step == self.steps else \
             min(1.0, max(0.0, float(self.schedule(self.current_step, self.steps))))
-        job = Job(self.model, self.example_inputs, self.kwargs, importance=self.criterion, round_to=self.round_to,
-                  prune_head_dims=self.prune_head_dims, gm=self.dg.gm, dg=self.dg, global_pruning=self.global_pruning,
-                  max_ratio=self.max_ratio, calibration=self.calibration, **self.refits)
+        asked = Settings(importance=self.criterion, round_to=self.round_to, prune_head_dims=self.prune_head_dims,
+                         global_pruning=self.global_pruning, max_ratio=self.max_ratio, calibration=self.calibration,
+                         **self.refits)
+        job = Job(self.model, self.example_inputs, self.kwargs, asked, gm=self.dg.gm, dg=self.dg)
         plan = self._planner(progress)
         # the record pass would keep this step's plan alone: _compose keeps the plan of all steps instead
         run(job, [(name, plan if name == "plan" else fn) for name, fn in PRUNING if name != "record"])
@@ -173,21 +175,22 @@ class Pruner:
                 index = METRICS.index(metric)
                 now = count_graph(self.dg.gm)[index]
                 wanted = (1.0 - (1.0 - fraction) * progress) * self.original_counts[index] / max(now, 1)
-                job.target = (metric, min(1.0, wanted))
+                step_fraction = min(1.0, wanted)
+                job.settings.target = (metric, step_fraction)  # read by the check and measure passes
                 if classes is not None:  # one ratio for every class, as prune does
                     job.search = search_ratio(self.dg, lambda r: make_plan(
                         groups, job.scores, r, steps=job.steps, global_pruning=True, max_ratio=self.max_ratio,
-                        fixed=fixed, caps=caps, classes=classes), metric, job.target[1])
+                        fixed=fixed, caps=caps, classes=classes), metric, step_fraction)
                 elif self.global_pruning:  # by cost, as prune does: score per MAC (parameter) saved
                     ranked = [g for g in groups if g in job.scores and g not in fixed]
                     types = group_types(self.dg, ranked)
                     job.search = search_by_cost(self.dg, ranked, lambda r, costs: make_plan(
                         groups, job.scores, r, steps=job.steps, global_pruning=True, max_ratio=self.max_ratio,
-                        fixed=fixed, caps=caps, costs=costs, types=types), metric, job.target[1], steps=job.steps)
+                        fixed=fixed, caps=caps, costs=costs, types=types), metric, step_fraction, steps=job.steps)
                 else:
                     job.search = search_ratio(self.dg, lambda r: make_plan(
                         groups, job.scores, r, steps=job.steps, max_ratio=self.max_ratio, fixed=fixed),
-                        metric, job.target[1])
+                        metric, step_fraction)
                 job.removal, job.ratio = job.search.removal, job.search.ratio
             elif self.global_pruning:
                 job.ratio = self._global_step_ratio(groups, fixed, progress)

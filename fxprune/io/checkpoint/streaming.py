@@ -8,9 +8,9 @@
    :func:`fxprune.prune` (alignment steps, ``ratios``, global ranking, MACs/parameter targets counted
    without weights), so the plan is the one ``fxprune.prune(loaded, ratio, inplace=True)`` makes. Or
    ``plan=`` gives it.
-3. The meta model is pruned in place (:func:`fxprune.huggingface.inplace.prune_in_place`, without running it): its new
-   shapes check every written tensor, and its updated config (with ``fxprune_shapes`` when widths are
-   not uniform) is saved.
+3. The meta model is pruned in place (:func:`fxprune.huggingface.inplace.prune_in_place`, without running
+   it): its new shapes check every written tensor, and its updated config (with ``fxprune_shapes`` when
+   widths are not uniform) is saved.
 4. Every tensor is read again, sliced along its pruned axes to the kept indices
    (:func:`fxprune.rewriting.rewrite.changed_axes`, the rewrite pass's own) and written shard by shard
    (:mod:`fxprune.io.checkpoint.writer`). A tied ``lm_head`` is sliced like the embedding it shares.
@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from fxprune.api import check_prune_settings
 from fxprune.huggingface import inplace as hf_inplace
 from fxprune.errors import FxPruneError
 from fxprune.io.checkpoint.scores import stream_scores, streamed_criterion
@@ -51,6 +52,7 @@ from fxprune.calibration.reconstruct import DAMPING
 from fxprune.io.checkpoint.writer import write_shards
 from fxprune.importance import Magnitude, resolve_importance
 from fxprune.io.plans import PruningPlan
+from fxprune.pipeline import ANALYSIS, PRUNING, Job, Settings, run
 from fxprune.rewriting.rewrite import Sizes, changed_axes, kept_units, rewrite, sliced
 from fxprune.rewriting.verify import verify
 
@@ -100,8 +102,6 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
         >>> fxprune.prune_checkpoint("llama", "llama-refit", ratio=0.3, importance="activation",
         ...                          calibration=[ids[i:i + 4] for i in range(0, 32, 4)], reconstruct=True)
     """
-    from fxprune.api import ANALYSIS, PRUNING, Job, check_prune_settings, run  # api imports the io package
-
     src, out = Path(src_dir), Path(out_dir)
     checkpoint, config = _open(src, out)
     if plan is not None and (ratio is not None or target_macs is not None or target_params is not None):
@@ -122,9 +122,10 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
     # with calibration, the graph is captured with the first batch (dynamic sizes, as fxprune.prune does), so
     # that every batch runs through it
     example = (torch.zeros(1, EXAMPLE_LENGTH, dtype=torch.long),) if calibration is None else calibration[0]
-    job = Job(model, example, importance=importance, ignore=tuple(ignore), round_to=round_to, inplace=True,
-              global_pruning=bool(global_pruning), isomorphic=bool(isomorphic), ratios=ratios, ratio=ratio,
-              target=target, max_ratio=max_ratio, calibration=calibration)
+    asked = Settings(ratio=ratio, importance=importance, ignore=tuple(ignore), round_to=round_to, inplace=True,
+                     global_pruning=bool(global_pruning), isomorphic=bool(isomorphic), max_ratio=max_ratio,
+                     ratios=ratios, target=target, calibration=calibration)
+    job = Job(model, example, settings=asked)
     dg = run(job, ANALYSIS).dg
     aliases = _tied_names(model, checkpoint)
     weights = None

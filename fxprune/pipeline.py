@@ -1,0 +1,394 @@
+"""The pipeline: one flat list of named passes over a :class:`Job`.
+
+::
+
+    capture -> propagate -> decompose -> relate -> solve     (ANALYSIS: fxprune.analyze)
+            -> score -> plan -> check -> [refit] -> rewrite -> recompose -> [reconstruct] -> [sequential]
+            -> [reestimate_bn] -> verify -> measure -> record     (PRUNING: fxprune.prune runs PIPELINE, both)
+
+``score`` runs the importance criterion over every prunable group
+(:mod:`fxprune.importance`); ``plan`` turns scores into units to remove (local or
+global ranking, per-module ratios, round_to; with ``target_macs``/``target_params``
+it searches the ratio, counting each candidate plan without rewriting:
+:mod:`fxprune.planning.target`; global pruning towards such a target ranks units by score per
+MAC or parameter saved, scores normalised per group type: :mod:`fxprune.planning.costs`; with
+``isomorphic=True`` each class of same-structure groups is ranked on its own and loses the ratio:
+:mod:`fxprune.planning.isomorphic`);
+``check`` warns when the plan removes far less than the ratio
+(frozen groups, with their reasons); with ``reconstruct=True``, ``refit`` solves the least-squares refit
+of every Linear, weight matmul/addmm or convolution that loses input columns from calibration statistics of
+the original model and ``reconstruct`` writes it into the pruned graph, or into the Hugging Face model pruned in
+place (:mod:`fxprune.calibration`); with ``sequential=True``,
+``sequential`` refits those consumers again front to back, stage by stage, on the pruned graph's own inputs
+(:mod:`fxprune.calibration.sequential`); with ``reestimate_bn=True``, ``reestimate_bn`` re-estimates the
+pruned graph's BatchNorm running statistics on the calibration batches; ``measure`` counts the
+pruned graph when a target was set.
+
+Each pass reads the job's :class:`Settings` (what the caller asked, checked by :mod:`fxprune.api`) and writes
+what it makes into the :class:`Job`; analysis results live in ``node.meta`` (``"val"``: FakeTensor;
+``"fxprune_rule"``: the rule that related the node) and in the
+:class:`~fxprune.analysis.depgraph.DependencyGraph`. A caller may run a subset of the passes, or replace one
+(``fxprune.Pruner`` brings its own ``plan``, ``fxprune.mask`` runs ``score`` and ``plan`` only).
+
+Example::
+
+    >>> job = Job(model, (x,), settings=Settings(ratio=0.5))
+    >>> run(job, PIPELINE).result            # what fxprune.prune(model, 0.5, example_inputs=(x,)) returns
+    >>> run(Job(model, (x,)), ANALYSIS).dg   # what fxprune.analyze(model, (x,)) returns
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from fxprune.analysis.capture import (EXPORTED, capture, flat_inputs, inline_mode_regions, is_hf_model,
+                                      keep_user_attributes, module_names, name_of_key, split_inputs)
+from fxprune.analysis.decompose import decompose
+from fxprune.analysis.depgraph import DependencyGraph
+from fxprune.analysis.macs import count_graph, estimate
+from fxprune.analysis.propagate import propagate, reuse_export_values
+from fxprune.analysis.relate import relate
+from fxprune.analysis.shapes import GraphShapes, PlannedShapes
+from fxprune.analysis.untie import untie_constants
+from fxprune.calibration import (collect_statistics, load_refit, plan_sequential, reestimate_batchnorm,
+                                 refit_consumers, run_sequential)
+from fxprune.huggingface.freezes import freeze_computed_constants, freeze_head_dims, internal_outputs
+from fxprune.huggingface.inplace import prune_in_place
+from fxprune.importance import named_tensors, resolve_importance, score_groups
+from fxprune.io.plans import PruningPlan, attach_plan
+from fxprune.planning.alignment import default_alignment, removal_steps
+from fxprune.planning.costs import group_types
+from fxprune.planning.isomorphic import class_ids
+from fxprune.planning.latency_target import search_latency
+from fxprune.planning.minimum import keep_minimum
+from fxprune.planning.ratios import group_ratios
+from fxprune.planning.selection import make_plan, units_to_keep
+from fxprune.planning.target import METRICS, search_by_cost, search_ratio
+from fxprune.rewriting.recompose import recompose
+from fxprune.rewriting.rewrite import rewrite
+from fxprune.rewriting.verify import output_shapes, verify
+
+
+@dataclass
+class Settings:
+    """What the caller asked for, after :mod:`fxprune.api` checked it. The passes read these; only a caller's own
+    ``plan`` pass (``fxprune.Pruner``'s) sets ``target``, the target of its step."""
+
+    ratio: float = 0.0
+    importance: object = "l2"
+    ignore: tuple = ()
+    round_to: int | None = None  # channel alignment; None: chosen from the model's device and dtype
+    prune_head_dims: bool = False  # prune attention's per-head widths too (off: SDPA keeps its fused kernels)
+    inplace: bool = False
+    global_pruning: bool = False
+    isomorphic: bool = False  # global ranking within each class of isomorphic groups (planning/isomorphic.py)
+    max_ratio: float = 0.9
+    ratios: dict | None = None  # {module name | module | group | group id: ratio}
+    target: tuple | None = None  # ("macs" | "params" | "latency", fraction of the original kept)
+    calibration: object = None  # batches for gradient and activation criteria and for reconstruction
+    loss_fn: object = None
+    reconstruct: bool = False  # refit the consumers of pruned units on calibration statistics
+    sequential: bool = False  # refit front to back on the pruned model's inputs (needs reconstruct)
+    reestimate_bn: bool = False  # re-estimate BatchNorm running statistics of the pruned model
+
+
+def prunes_hf_in_place(model, inplace: bool) -> bool:
+    """Whether pruning writes back into the caller's Hugging Face model (``inplace=True`` on a
+    ``PreTrainedModel``) instead of returning a pruned graph: the one place this is decided."""
+    return bool(inplace) and is_hf_model(model)
+
+
+@dataclass
+class Job:
+    """One run of the pipeline: the model and its inputs, the :class:`Settings`, and what the passes make."""
+
+    model: object
+    example_inputs: object = None
+    kwargs: dict | None = None
+    settings: Settings = field(default_factory=Settings)
+    # what the passes make, in pass order
+    gm: fx.GraphModule | None = None  # capture
+    flat_inputs: tuple | None = None  # capture
+    fresh_export: bool = False  # capture exported the model from these very inputs: propagate may keep its shapes
+    reused_shapes: bool = False  # propagate kept the export's shapes (static) instead of propagating again
+    expected_shapes: list | None = None  # propagate (relate, in place: the internal outputs too)
+    state: object = None  # relate
+    dg: DependencyGraph | None = None  # solve
+    scores: dict = field(default_factory=dict)  # score
+    ratio: float = field(init=False)  # plan: settings.ratio, or the ratio a target search found
+    alignment: int = 1  # plan: the channel alignment the plan used (resolved from round_to)
+    steps: dict = field(default_factory=dict)  # plan: {group: units it loses at a time} that keep widths aligned
+    removal: dict = field(default_factory=dict)  # plan: {group: units to remove}
+    search: object = None  # plan: target.SearchResult when a target was searched
+    refit: dict = field(default_factory=dict)  # refit: {parameter name: refit tensor} when reconstructing
+    sequential_plan: object = None  # refit: calibration.SequentialPlan, read before rewriting
+    result: fx.GraphModule | None = None  # rewrite: the pruned graph, or the model itself pruned in place
+    achieved: dict = field(default_factory=dict)  # measure: {"macs": fraction kept, "params": ...} with a target
+    hf_in_place: bool = field(init=False)  # decided once: prunes_hf_in_place(model, settings.inplace)
+
+    def __post_init__(self):
+        self.ratio = self.settings.ratio
+        self.hf_in_place = prunes_hf_in_place(self.model, self.settings.inplace)
+
+
+def _capture(job: Job) -> None:
+    job.example_inputs, job.kwargs = split_inputs(job.example_inputs, job.kwargs)
+    # pruned in place, a Hugging Face model keeps its own forward: the graph is analysed, never returned, so
+    # static sizes do (half the export time), unless calibration batches of other sizes must run through it
+    static = job.hf_in_place and job.settings.calibration is None
+    gm = capture(job.model, job.example_inputs, job.kwargs, dynamic=not static)
+    job.fresh_export = gm is not job.model and gm.meta.get("fxprune_capture") == EXPORTED
+    if gm is job.model:  # never edit the caller's graph: a fresh graph over the same modules
+        fresh = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
+        fresh.meta.update(gm.meta)
+        keep_user_attributes(gm, fresh)
+        gm = fresh
+        inline_mode_regions(gm)  # a graph the caller exported may hold no_grad / autocast regions
+    job.gm = gm
+    job.flat_inputs = flat_inputs(gm, job.example_inputs, job.kwargs)
+
+
+def _propagate(job: Job) -> None:
+    # a static export already traced these inputs: its shapes are the ones propagation would compute
+    job.reused_shapes = job.fresh_export and reuse_export_values(job.gm)
+    if not job.reused_shapes:
+        propagate(job.gm, job.flat_inputs)
+    job.expected_shapes = output_shapes(job.gm)
+
+
+def _decompose(job: Job) -> None:
+    if decompose(job.gm):
+        propagate(job.gm, job.flat_inputs)
+
+
+def _relate(job: Job) -> None:
+    free = internal_outputs(job.gm) if job.hf_in_place else set()
+    job.state = relate(job.gm, free)
+    if free:
+        job.expected_shapes = output_shapes(job.gm, free)
+
+
+def _solve(job: Job) -> None:
+    dg = job.dg = _dependency_graph(job)
+    # ALiBi slopes computed once for every layer tie all layers' heads: where that tie is all that holds such a
+    # prunable axis together, each consumer gets its own copy and the graph is related again (not in place,
+    # where these axes freeze: the model recomputes them)
+    shared = [node for layout, node in dg.state.sliced_constants
+              if any(g.prunable for g in dg.groups_of_layout(layout))]
+    if shared and not job.hf_in_place and untie_constants(job.gm, shared):
+        _relate(job)
+        dg = job.dg = _dependency_graph(job)
+    dg.expected_shapes = job.expected_shapes
+    dg.model, dg.model_inputs, dg.model_kwargs = job.model, job.example_inputs, job.kwargs
+    if not job.settings.prune_head_dims:
+        dg.keep_head_dims()
+    if job.hf_in_place:
+        freeze_head_dims(dg, job.model)
+        freeze_computed_constants(dg)
+
+
+def _dependency_graph(job: Job) -> DependencyGraph:
+    ignore = _ignored_keys(job.gm, job.state, job.settings.ignore, job.model)
+    return DependencyGraph(job.gm, job.state, job.flat_inputs, ignore)
+
+
+def _score(job: Job) -> None:
+    s = job.settings
+    if s.reconstruct:  # one pass feeds the refit and an activation criterion on the same batches (cached on dg)
+        collect_statistics(job.dg, s.calibration, gram=True)
+    criterion = resolve_importance(s.importance, s.calibration, s.loss_fn)
+    job.scores = score_groups(criterion, job.dg, job.dg.prunable_groups)
+
+
+def _plan(job: Job) -> None:
+    s = job.settings
+    groups, fixed = job.dg.prunable_groups, group_ratios(job.dg, s.ratios)
+    job.alignment = s.round_to if s.round_to is not None else default_alignment(job.model)
+    job.steps = removal_steps(job.dg, groups, job.alignment)
+
+    def plan_for(ratio: float, costs: dict | None = None) -> dict:
+        return make_plan(groups, job.scores, ratio, steps=job.steps, global_pruning=s.global_pruning,
+                         max_ratio=s.max_ratio, fixed=fixed, costs=costs, types=types, classes=classes)
+
+    types = None
+    # isomorphic: each class of same-structure groups loses the ratio, so a target searches that one ratio
+    classes = class_ids(job.dg, groups) if s.isomorphic else None
+    if s.target is not None and s.global_pruning and s.target[0] in METRICS and not s.isomorphic:
+        # by cost: the units that lose least score per MAC (parameter) saved; the ratio is a fraction of the cost
+        ranked = [g for g in groups if g in job.scores and g not in fixed]
+        types = group_types(job.dg, ranked)
+        job.search = search_by_cost(job.dg, ranked, plan_for, *s.target, steps=job.steps)
+        job.removal, job.ratio = job.search.removal, job.search.ratio
+    elif s.target is None:
+        job.removal = plan_for(job.ratio)
+    elif s.target[0] == "latency":
+        job.search = search_latency(job.dg, groups, job.scores, job.steps, s.target[1],  # inputs split by capture
+                                    lambda removal: rewritten(job.dg, removal), job.model,
+                                    tuple(job.example_inputs), job.kwargs,
+                                    alignment=job.alignment, max_ratio=s.max_ratio)
+        job.removal = job.search.removal
+    else:
+        job.search = search_ratio(job.dg, plan_for, *s.target)
+        job.removal, job.ratio = job.search.removal, job.search.ratio
+    job.removal = keep_minimum(job.removal, job.scores)  # a router keeps its top-k experts
+
+
+def _check_removed(job: Job) -> None:
+    """Warn when the plan removes nothing, or less than half of the asked ratio of the parameters because
+    groups are frozen for other reasons than graph inputs/outputs, kernel/vocabulary axes and ``ignore``, or
+    hold back units to keep their widths aligned."""
+    if job.settings.target is not None or job.settings.ratios or job.ratio <= 0:
+        return  # a target is checked by measure; per-module ratios ask for no single ratio
+    before = GraphShapes(job.dg.gm).parameter_count()
+    removed = 1 - PlannedShapes(job.dg, job.removal).parameter_count() / before if before else 0.0
+    count, reasons = job.dg.frozen_reasons()
+    # groups that lose fewer units than the ratio asks because their aligned widths move in steps
+    held = sum(units_to_keep(g.units, job.ratio, step) > units_to_keep(g.units, job.ratio)
+               for g, step in job.steps.items() if step > 1)
+    if removed <= 0 or (removed < 0.5 * job.ratio and (count or held)):
+        whys = [f"{count} groups frozen: {'; '.join(reasons)}"] if count else []
+        if held:
+            whys.append(f"{held} groups keep more units so that their widths stay multiples of {job.alignment} "
+                        "channels (round_to=1 turns alignment off)")
+        why = "; ".join(whys) or "groups too small for the ratio"
+        warnings.warn(f"fxprune removed {removed:.0%} of the parameters where ratio {job.ratio:g} was asked: "
+                      f"{why} (see dg.report())", stacklevel=4)
+
+
+def _refit(job: Job) -> None:
+    """With ``reconstruct=True``: the ridge refit of each calibrated consumer's (Linear, weight matmul/addmm,
+    convolution) kept
+    columns and bias, from the original weights (before rewriting, which may edit them in place)."""
+    if job.settings.reconstruct:
+        job.refit = refit_consumers(job.dg, job.removal, job.settings.calibration)
+        if job.settings.sequential:  # the original graph and weights are the targets: read them before rewriting
+            job.sequential_plan = plan_sequential(job.dg, job.removal, inplace=job.settings.inplace)
+
+
+def _rewrite(job: Job) -> None:
+    if job.hf_in_place:  # rewritten, verified and written back in one step
+        job.result = prune_in_place(job.dg, job.removal, rewrite, verify)
+    else:
+        job.result = rewrite(job.dg, job.removal, inplace=job.settings.inplace)
+
+
+def _recompose(job: Job) -> None:
+    """Decomposed ``nn.MultiheadAttention`` calls become module calls again (resized), to keep the fused path."""
+    if not job.hf_in_place:
+        recompose(job.result)
+
+
+def _reconstruct(job: Job) -> None:
+    """Write the refit weights into the pruned graph (rewriting keeps parameter names), or into a Hugging Face
+    model pruned in place: its resized tensors were written back under the exported graph's names, which are
+    the model's own parameter names (a refit consumer without a bias gets none)."""
+    if job.refit:
+        load_refit(job.result, job.refit)
+
+
+def _sequential(job: Job) -> None:
+    """With ``sequential=True``: refit the consumers stage by stage on the pruned graph's own inputs (a consumer
+    whose call is not a node of the pruned graph, such as a recomposed attention's, keeps the one-shot refit)."""
+    if job.sequential_plan is not None:
+        if isinstance(job.result, fx.GraphModule):
+            run_sequential(job.sequential_plan, job.result, job.settings.calibration)
+        else:  # a Hugging Face model pruned in place runs its own forward: refit on its pruned graph, copy by name
+            graph = rewrite(job.dg, job.removal)
+            weights = dict(graph.named_parameters(remove_duplicate=False))
+            load_refit(graph, {n: p.detach() for n, p in job.result.named_parameters(remove_duplicate=False)
+                               if n in weights})  # the one-shot refit and the sliced weights, as the model has them
+            done = run_sequential(job.sequential_plan, graph, job.settings.calibration)
+            load_refit(job.result, {name: weights[name].detach() for name in done})
+        job.sequential_plan = None  # frees the copy of the original graph an in-place pruning keeps
+
+
+def _reestimate_bn(job: Job) -> None:
+    """With ``reestimate_bn=True``: the pruned graph's BatchNorm running statistics from the calibration batches."""
+    if job.settings.reestimate_bn:
+        reestimate_batchnorm(job.result, job.settings.calibration, inplace=True)
+
+
+def _verify(job: Job) -> None:
+    if not job.hf_in_place:
+        verify(job.result, job.dg.example_inputs, job.dg.expected_shapes)
+
+
+def _measure(job: Job) -> None:
+    """With a target: count the pruned graph for real; warn when it is more than 2% (relative) off the target."""
+    if job.settings.target is None:
+        return
+    metric, fraction = job.settings.target
+    if metric == "latency":  # measured while searching; the search warns when it is off
+        job.achieved = {"latency": job.search.measured}
+        job.result.meta["fxprune_latency"] = {"target": fraction, "measured": job.search.measured,
+                                              "estimated": job.search.estimated, "tries": job.search.tries}
+        return
+    before = count_graph(job.dg.gm)
+    outputs = job.result.graph.find_nodes(op="output") if isinstance(job.result, fx.GraphModule) else []
+    if outputs and all("val" in n.meta for n in outputs):
+        after = count_graph(job.result)
+    else:  # pruned in place (Hugging Face): the plan's count is exact
+        after = estimate(job.dg, job.removal)
+    job.achieved = {m: after[i] / before[i] if before[i] else 1.0 for i, m in enumerate(METRICS)}
+    if abs(job.achieved[metric] - fraction) > 0.02 * fraction:
+        warnings.warn(f"fxprune: target_{metric}={fraction} reached {job.achieved[metric]:.3f} of the original "
+                      f"{metric} (groups too coarse, or too much of the model frozen)", stacklevel=3)
+
+
+def _record_plan(job: Job) -> None:
+    """Keep the removal plan on the result (``gm.meta["fxprune_plan"]``) so that it can be saved and replayed."""
+    settings = {"ratio": job.ratio, "importance": job.settings.importance, "round_to": job.settings.round_to,
+                "alignment": job.alignment, "prune_head_dims": job.settings.prune_head_dims}
+    # a replay removes the same units but neither refits nor re-estimates: say so in the plan (and how it ranked)
+    for name in ("reconstruct", "sequential", "reestimate_bn", "isomorphic"):
+        if getattr(job.settings, name):
+            settings[name] = True
+    attach_plan(job.result, PruningPlan.from_removal(job.dg, job.removal, inplace=job.settings.inplace,
+                                                    settings=settings))
+
+
+ANALYSIS = [("capture", _capture), ("propagate", _propagate), ("decompose", _decompose), ("relate", _relate),
+            ("solve", _solve)]
+PRUNING = [("score", _score), ("plan", _plan), ("check", _check_removed), ("refit", _refit), ("rewrite", _rewrite),
+           ("recompose", _recompose), ("reconstruct", _reconstruct), ("sequential", _sequential),
+           ("reestimate_bn", _reestimate_bn), ("verify", _verify), ("measure", _measure), ("record", _record_plan)]
+PIPELINE = ANALYSIS + PRUNING
+
+
+def run(job: Job, passes) -> Job:
+    for _name, fn in passes:
+        fn(job)
+    return job
+
+
+def rewritten(dg: DependencyGraph, removal: dict, inplace: bool = False) -> fx.GraphModule:
+    """The passes rewrite + recompose in one call, for ``apply`` and for candidates a latency search measures."""
+    gm = rewrite(dg, removal, inplace=inplace)
+    recompose(gm)
+    return gm
+
+
+def _ignored_keys(gm: fx.GraphModule, state, ignore, model=None) -> list[tuple]:
+    """(tensor key, reason) for every parameter or buffer named by ``ignore``.
+
+    Modules are found by identity in the caller's ``model`` (whatever the capture path made of them), names
+    among its tensors as well as the graph's; a tensor the graph does not use (export drops them) needs no key.
+    """
+    names = module_names(gm, model)
+    tensors = named_tensors(gm)
+    known = list(tensors) + [n for n in named_tensors(model) if n not in tensors] if isinstance(
+        model, torch.nn.Module) else list(tensors)
+    out = []
+    for item in ignore:
+        prefix = name_of_key(item, names, "ignore", "ignore takes modules, module names or parameter names, got ")
+        found = [n for n in known if n == prefix or n.startswith(prefix + ".") or prefix == ""]
+        if not found:
+            raise ValueError(f"ignore: no parameter or buffer named {prefix!r} (or inside a module of that name)")
+        out.extend((state.param_key(n), f"ignored by the caller ({item if isinstance(item, str) else prefix})")
+                   for n in found if n in tensors)
+    return out
