@@ -7,9 +7,11 @@ When the pruned widths still fit the torch class, that class is used; when they 
 (pruned heads with the residual width kept, say), the module put back is one of the
 subclasses here, which keep the torch class's parameter names and attributes (so
 ``isinstance``, ``state_dict`` keys, ``fxprune.save`` and ``torch.save`` all work) and
-add only the widths and the attention scale the torch class ties together.
+add only the widths and the attention scale the torch class ties together. ``ZeroBranch`` stands for a
+residual branch removed from a model in place (depth pruning of a branch whose call stays in the model's code).
 """
 
 from fxprune.modules.attention import PrunedMultiheadAttention, merge_masks
+from fxprune.modules.zero import ZeroBranch
 
-__all__ = ["PrunedMultiheadAttention", "merge_masks"]
+__all__ = ["PrunedMultiheadAttention", "ZeroBranch", "merge_masks"]
