@@ -5,6 +5,11 @@
     capture -> propagate -> decompose -> relate -> solve     (ANALYSIS: fxprune.analyze)
             -> score -> plan -> check -> [refit] -> rewrite -> recompose -> [reconstruct] -> [sequential]
             -> [reestimate_bn] -> verify -> measure -> record     (PRUNING: fxprune.prune runs PIPELINE, both)
+            -> depth_plan -> depth_rewrite -> [depth_reconstruct] -> depth_verify     (DEPTH, after ANALYSIS)
+
+With ``depth=``/``layers=``, ``fxprune.prune`` runs ANALYSIS + DEPTH first (residual branches or whole layers
+scored and removed: :mod:`fxprune.planning.depth`, :mod:`fxprune.rewriting.depth`, in place
+:mod:`fxprune.huggingface.layers`), then, when a width ratio or a target is also asked, PIPELINE on the result.
 
 ``score`` runs the importance criterion over every prunable group
 (:mod:`fxprune.importance`); ``plan`` turns scores into units to remove (local or
@@ -58,17 +63,22 @@ from fxprune.analysis.untie import untie_constants
 from fxprune.calibration import (collect_statistics, load_refit, plan_sequential, reestimate_batchnorm,
                                  refit_consumers, run_sequential)
 from fxprune.huggingface.freezes import freeze_computed_constants, freeze_head_dims, internal_outputs
+from fxprune.calibration.depth_refit import refit_after_depth
 from fxprune.huggingface.inplace import prune_in_place
+from fxprune.huggingface.layers import remove_in_place
+from fxprune.huggingface.layers import renamed as renamed_parameters
 from fxprune.importance import named_tensors, resolve_importance, score_groups
 from fxprune.io.plans import PruningPlan, attach_plan
 from fxprune.planning.alignment import default_alignment, removal_steps
 from fxprune.planning.costs import group_types
+from fxprune.planning.depth import plan_depth
 from fxprune.planning.isomorphic import class_ids
 from fxprune.planning.latency_target import search_latency
 from fxprune.planning.minimum import keep_minimum
 from fxprune.planning.ratios import group_ratios
 from fxprune.planning.selection import make_plan, units_to_keep
 from fxprune.planning.target import METRICS, search_by_cost, search_ratio
+from fxprune.rewriting.depth import remove_depth
 from fxprune.rewriting.recompose import recompose
 from fxprune.rewriting.rewrite import rewrite
 from fxprune.rewriting.verify import output_shapes, verify
@@ -95,6 +105,9 @@ class Settings:
     reconstruct: bool = False  # refit the consumers of pruned units on calibration statistics
     sequential: bool = False  # refit front to back on the pruned model's inputs (needs reconstruct)
     reestimate_bn: bool = False  # re-estimate BatchNorm running statistics of the pruned model
+    depth: object = None  # a fraction of the residual branches, or {kind: fraction} (planning/depth.py)
+    layers: int | None = None  # whole layers to remove
+    depth_importance: str | None = None  # "block_influence" | "output_error" | "magnitude" (None: by calibration)
 
 
 def prunes_hf_in_place(model, inplace: bool) -> bool:
@@ -129,6 +142,8 @@ class Job:
     sequential_plan: object = None  # refit: calibration.SequentialPlan, read before rewriting
     result: fx.GraphModule | None = None  # rewrite: the pruned graph, or the model itself pruned in place
     achieved: dict = field(default_factory=dict)  # measure: {"macs": fraction kept, "params": ...} with a target
+    depth_plan: object = None  # depth_plan: planning.depth.DepthPlan (branches and layers to remove)
+    depth_names: dict = field(default_factory=dict)  # depth_rewrite in place: {old parameter name: new or None}
     hf_in_place: bool = field(init=False)  # decided once: prunes_hf_in_place(model, settings.inplace)
 
     def __post_init__(self):
@@ -352,12 +367,52 @@ def _record_plan(job: Job) -> None:
                                                     settings=settings))
 
 
+def _depth_plan(job: Job) -> None:
+    """The residual branches or whole layers to remove (``depth``/``layers``), scored by ``depth_importance``."""
+    s = job.settings
+    job.depth_plan = plan_depth(job.dg, s.depth, s.layers, s.depth_importance, s.calibration)
+
+
+def _depth_rewrite(job: Job) -> None:
+    """The add of each removed branch becomes its stream, a removed layer's output the stream entering it; in
+    place on a Hugging Face model, layers leave their list and removed branches become ``ZeroBranch`` modules."""
+    plan = job.depth_plan
+    if job.hf_in_place:
+        job.depth_names = renamed_parameters(job.dg, plan.layers)  # before the layers leave their lists
+        job.result = remove_in_place(job.dg, plan.branches, plan.layers, verify) if plan else job.model
+    else:
+        job.result = remove_depth(job.dg, plan.branches, plan.layers, inplace=job.settings.inplace)
+
+
+def _depth_reconstruct(job: Job) -> None:
+    """With ``reconstruct=True``: the layers next to each removed branch refit on the calibration batches
+    (:mod:`fxprune.calibration.depth_refit`); in place, on a pruned copy of the graph, copied by (new) name."""
+    plan = job.depth_plan
+    if not (job.settings.reconstruct and plan):
+        return
+    if isinstance(job.result, fx.GraphModule):
+        refit_after_depth(job.dg, job.result, plan.removed, job.settings.calibration)
+        return
+    graph = remove_depth(job.dg, plan.branches, plan.layers)
+    refit = refit_after_depth(job.dg, graph, plan.removed, job.settings.calibration)
+    names = job.depth_names
+    load_refit(job.result, {names.get(n, n): t for n, t in refit.items() if names.get(n, n) is not None})
+
+
+def _depth_verify(job: Job) -> None:
+    if not job.hf_in_place:
+        verify(job.result, job.dg.example_inputs, job.dg.expected_shapes)
+
+
 ANALYSIS = [("capture", _capture), ("propagate", _propagate), ("decompose", _decompose), ("relate", _relate),
             ("solve", _solve)]
 PRUNING = [("score", _score), ("plan", _plan), ("check", _check_removed), ("refit", _refit), ("rewrite", _rewrite),
            ("recompose", _recompose), ("reconstruct", _reconstruct), ("sequential", _sequential),
            ("reestimate_bn", _reestimate_bn), ("verify", _verify), ("measure", _measure), ("record", _record_plan)]
 PIPELINE = ANALYSIS + PRUNING
+# depth pruning (fxprune.prune(..., depth= | layers=)): after ANALYSIS; width pruning then runs PIPELINE on the result
+DEPTH = [("depth_plan", _depth_plan), ("depth_rewrite", _depth_rewrite), ("depth_reconstruct", _depth_reconstruct),
+         ("depth_verify", _depth_verify)]
 
 
 def run(job: Job, passes) -> Job:
