@@ -141,9 +141,12 @@ def module_path(node: fx.Node) -> str | None:
     """The module a node runs in (a called module: itself), from ``nn_module_stack``; None when unknown."""
     if node.op == "call_module":
         return node.target
+    decomposed = node.meta.get("fxprune_decomposed")  # an nn.MultiheadAttention call written out by decompose
+    if decomposed:
+        return decomposed["call"]["module"]
     stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return None
+    if not stack:  # symbolic_trace records no stack for the root module's own ops
+        return "" if node.op in ("call_function", "call_method") else None
     path = list(stack.values())[-1][0]
     if not isinstance(path, str) or path.startswith("_empty_nn_module_stack"):
         return None

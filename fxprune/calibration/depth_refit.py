@@ -116,11 +116,14 @@ def refit_after_depth(dg, pruned: fx.GraphModule, removed, batches, damping: flo
     done: dict[str, torch.Tensor] = {}
     for stream in sites:
         node = pruned_nodes[stream]
+        writer = _next_writer(pruned, node, kept, pruned_nodes)
         readers = _consumers_at(pruned, node)
-        readers = {w: c for w, c in readers.items() if w in params and w in original and w not in done}
+        # a layer that reads the stream and writes the next add (a branch of one Linear) is refit as the writer:
+        # reproducing its old output would leave out the removed branch's contribution
+        readers = {w: c for w, c in readers.items() if w in params and w in original and w not in done
+                   and (writer is None or w != writer[0])}
         if readers:
             done.update(_refit_readers(dg, pruned, readers, original_nodes, params, original, batches, damping))
-        writer = _next_writer(pruned, node, kept, pruned_nodes)
         if writer is not None and writer[0] not in done:
             done.update(_refit_writer(dg, pruned, writer, original_nodes, params, original, batches, damping))
     return done
@@ -172,7 +175,9 @@ def _refit_writer(dg, pruned, writer, original_nodes, params, original, batches,
     for batch in batches:
         seen: dict = {}
         _run(dg.gm, {original_nodes[add.name]: ["y_o"]}, lambda k, v: seen.__setitem__(k, v), batch)
-        _run(pruned, {operand: ["x_p"], x: ["h_p"]}, lambda k, v: seen.__setitem__(k, v), batch)
+        watched = {operand: ["x_p"]}
+        watched.setdefault(x, []).append("h_p")  # a branch of one layer reads the stream itself
+        _run(pruned, watched, lambda k, v: seen.__setitem__(k, v), batch)
         h = _with_one(consumer.features(seen["h_p"]), bias)
         t = (seen["y_o"] - seen["x_p"]).detach().double().reshape(-1, seen["y_o"].shape[-1])
         if cross is None:
