@@ -1,7 +1,7 @@
 """Assemble benchmarks/RESULTS.md from the reports the three benchmark scripts wrote (nothing is typed by hand).
 
 Reads ``coverage.md``, ``speed.md``, ``latency_cpu.md``, ``latency_cuda.md``, ``quality.md`` and
-``calibration_memory.md``, ``scale.md``, ``checkpoint_streaming.md``, ``checkpoint_layerwise.md``, ``isomorphic_minilm.md``, ``hf_sweep.md`` (each script's ``--out``; ``latency.py --device cuda`` writes the GPU one, on a GPU
+``calibration_memory.md``, ``scale.md``, ``checkpoint_streaming.md``, ``checkpoint_layerwise.md``, ``isomorphic_minilm.md``, ``depth.md``, ``depth_latency.md``, ``hf_sweep.md`` (each script's ``--out``; ``latency.py --device cuda`` writes the GPU one, on a GPU
 machine) and writes them one after another under a header naming the machine, with
 the latency plots linked. A missing report is named as not run (the latency of the
 old single-table script, ``latency.md``, stands in for ``latency_cpu.md`` until that exists).
@@ -32,6 +32,8 @@ SECTIONS = [("coverage.md", "Coverage"), ("speed.md", "Speed and memory"), ("lat
             ("checkpoint_streaming.md", "prune_checkpoint on random LLaMA checkpoints"),
             ("checkpoint_layerwise.md", "Layer-by-layer calibration from checkpoint shards"),
             ("isomorphic_minilm.md", "Isomorphic global ranking on MiniLM"),
+            ("depth.md", "Depth against width at equal parameters"),
+            ("depth_latency.md", "Depth against width: CPU latency of the small LLaMA"),
             ("hf_sweep.md", "Hugging Face model types: every fxprune check, and Torch-Pruning")]
 LEGACY = {"latency_cpu.md": "latency.md"}  # the report of latency.py before --device
 

@@ -24,6 +24,7 @@ from fxprune.analysis.depgraph import DependencyGraph
 from fxprune.huggingface.inplace import prune_in_place
 from fxprune.io.plans import PruningPlan, attach_plan
 from fxprune.analysis.macs import count_graph
+from fxprune.calibration import reestimate_batchnorm
 from fxprune.pipeline import ANALYSIS, DEPTH, PIPELINE, Job, Settings, prunes_hf_in_place, rewritten, run
 from fxprune.planning.depth import check_depth
 from fxprune.planning.latency import ratio_of
@@ -188,7 +189,13 @@ def _prune_depth(model, ratio, example_inputs, kwargs, options: dict, targets: t
                         layers=layers, depth_importance=depth_importance)
     job = run(Job(model, example_inputs, kwargs, settings), ANALYSIS + DEPTH)
     result = job.result
-    if not width:
+    if not width:  # depth only: what width's passes would have done after the refit
+        if options["sequential"]:
+            warnings.warn("fxprune: sequential=True refits the consumers of width pruning; with depth alone the "
+                          "refit after depth (reconstruct=True) already runs site by site in graph order",
+                          stacklevel=3)
+        if options["reestimate_bn"]:
+            reestimate_batchnorm(result, options["calibration"], inplace=True)
         return result
     if target is not None:
         target = _remaining_target(job, target)
