@@ -106,6 +106,16 @@ def test_convnext_blocks_with_layer_scale():
     assert "features.1.0.layer_scale" in dg.branches[0].parameters  # x + gamma * f(x): gamma goes with f
 
 
+def test_moe_router_softmax_is_not_attention():
+    """A mixture-of-experts MLP holds a softmax over its router's logits (a weight): kind "mlp". One layer: its
+    mask and rotary tables are read by its attention branch only and go with it, the owner stays the layer."""
+    from fxprune.testing import tiny_moe
+
+    dg = fxprune.analyze(tiny_moe("mixtral"), (_ids(),))
+    assert _kinds(dg) == [("model.layers.0", "attention", True), ("model.layers.0", "mlp", True)]
+    assert [layer.name for layer in dg.layers] == ["model.layers.0"]
+
+
 class _Reads(nn.Module):
     """Block 1's hidden activation is also read by block 2: block 1's branch cannot go, block 2's can."""
 
@@ -286,6 +296,29 @@ def test_prune_depth_then_width():
         fxprune.prune(model, target_params=0.9, layers=2, example_inputs=(batches[0],))
 
 
+def test_latency_target_counts_what_depth_saved(monkeypatch):
+    """target_latency with depth: the depth-pruned graph is timed against the original and width is asked for the
+    rest (the timing itself is planning/latency.py's, replaced here by a fixed ratio)."""
+    import fxprune.api as api
+    from tests.models import BlockStack
+
+    class Stop(Exception):
+        pass
+
+    def width_job(job, passes):
+        if passes is api.PIPELINE:
+            raise Stop(job.settings.target)
+        return run(job, passes)
+
+    run = api.run
+    monkeypatch.setattr(api, "ratio_of", lambda candidate, reference, args, kwargs=None: 0.8)
+    monkeypatch.setattr(api, "run", width_job)
+    with pytest.raises(Stop) as stop:
+        fxprune.prune(BlockStack(mlps=(64, 64, 64)).eval(), target_latency=0.6, layers=1,
+                      example_inputs=(torch.randn(2, 6, 12),))
+    assert stop.value.args[0] == ("latency", pytest.approx(0.75))
+
+
 def test_reconstruct_absorbs_a_linear_branch():
     """Linear branches (no norm): removing branch A and refitting the next writer B keeps the output exactly:
     x + A x + B (x + A x) = x + B' x with B' = A + B + BA."""
@@ -374,3 +407,19 @@ def test_in_place_failure_puts_everything_back(monkeypatch):
     assert len(model.model.layers) == 3 and model.config.num_hidden_layers == 3
     assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2]
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_command_line_depth(tmp_path, capsys):
+    """``fxprune prune --layers K`` (and ``--depth``) in process: the model saved without a plan of units."""
+    from fxprune.cli import commands as cli
+
+    options = cli._prune_options(cli.build_parser().parse_args(
+        ["prune", "tests.models:BlockStack", "--depth", "0.25", "--depth-importance", "magnitude"]))
+    assert options["depth"] == 0.25 and options["depth_importance"] == "magnitude" and "ratio" not in options
+    out = tmp_path / "stack"
+    assert cli.main(["prune", "tests.models:BlockStack", "--input-shape", "2,6,12", "--layers", "1",
+                     "--latency-runs", "0", "--quiet", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "layers=1" in text and "plan in" not in text
+    (removed,) = fxprune.load(out).meta["fxprune_depth"]["layers"]
+    assert removed in ("blocks.0", "blocks.1", "blocks.2")

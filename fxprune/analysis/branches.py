@@ -20,8 +20,9 @@ Found from the graph alone, no model names:
   the add: ``model.layers.3`` for both branches of a LLaMA decoder layer, ``encoder.layer.0.attention`` for a
   BERT attention branch, ``layer1.1`` for a ResNet bottleneck.
 - a **layer** is the deepest module on the owner's path that has a sibling of the same class under the same
-  parent (an element of a ``ModuleList``/``Sequential`` of blocks: ``model.layers.3``, ``encoder.layer.0``,
-  ``features.1.0``, ``encoder.layers.encoder_layer_0``). A layer is removable as a whole (``layers=k``) when it
+  parent, or whose name is an index (an element of a ``ModuleList``/``Sequential`` of blocks: ``model.layers.3``,
+  ``encoder.layer.0``, ``features.1.0``, ``encoder.layers.encoder_layer_0``; a one-layer model's
+  ``model.layers.0``). A layer is removable as a whole (``layers=k``) when it
   is a closed block: one stream ``x_in`` enters (the stream of its first branch, computed outside it), exactly
   one node leaves it with ``x_in``'s shape, and nothing else it computes is read outside. Removing a layer
   replaces its output by ``x_in``: on a pre-norm model (LLaMA, ViT, ConvNeXt) that is removing all of its
@@ -377,7 +378,7 @@ def find_branches(gm: fx.GraphModule) -> list[Branch]:
         names, count = finder.parameters_of(members)
         if not names:
             continue  # no weights: nothing to save and no learned block (a norm's `x + eps` ...)
-        branches.append(_make_branch(gm, finder, len(branches), add, x, out, members, names, count))
+        branches.append(_make_branch(gm, finder, len(branches), add, x, out, members, names, count, path))
     for add, why, main in shortcuts:  # a residual add whose shortcut is computed: listed, never removed
         branch = Branch(-1, add.name, "", "", owner=module_path(add) or "", kind=_kind(gm, main), removable=False,
                         reason=why)
@@ -394,10 +395,12 @@ def find_branches(gm: fx.GraphModule) -> list[Branch]:
     return branches
 
 
-def _make_branch(gm, finder, id_, add, x, out, members, names, count) -> Branch:
+def _make_branch(gm, finder, id_, add, x, out, members, names, count, path) -> Branch:
     ordered = sorted(members, key=finder.order.__getitem__)
     inputs = {a for n in members for a in n.all_input_nodes if a not in members and a is not x and carries_data(a)}
-    paths = [p for p in (module_path(n) for n in ordered if n.op not in ("get_attr", "placeholder")) if p is not None]
+    # the owner comes from the nodes on the data paths: what only the branch reads (a one-layer model's mask and
+    # rotary tables, computed in the model's own forward) goes with it but does not move its owner up
+    paths = [p for p in (module_path(n) for n in sorted(path, key=finder.order.__getitem__)) if p is not None]
     add_path = module_path(add)
     owner = _common_prefix(paths + ([add_path] if add_path is not None else []))
     branch = Branch(id_, add.name, x.name, out.name, tuple(n.name for n in ordered),
@@ -526,8 +529,9 @@ def module_classes(gm: fx.GraphModule) -> dict[str, str]:
 
 
 def layer_of(path: str, classes: dict) -> str | None:
-    """The deepest module on ``path`` (itself included) with a sibling of its class: an element of a list of
-    blocks. ``model.layers.3.self_attn`` -> ``model.layers.3``."""
+    """The deepest module on ``path`` (itself included) with a sibling of its class, or named by an index (an
+    element of a list of one block): an element of a list of blocks. ``model.layers.3.self_attn`` ->
+    ``model.layers.3``."""
     parts = path.split(".") if path else []
     siblings: dict[tuple, int] = {}
     for p, cls in classes.items():
@@ -536,7 +540,7 @@ def layer_of(path: str, classes: dict) -> str | None:
     for k in range(len(parts), 0, -1):
         prefix = ".".join(parts[:k])
         cls = classes.get(prefix)
-        if cls is not None and siblings.get((prefix.rpartition(".")[0], cls), 0) > 1:
+        if cls is not None and (siblings.get((prefix.rpartition(".")[0], cls), 0) > 1 or parts[k - 1].isdigit()):
             return prefix
     return None
 
