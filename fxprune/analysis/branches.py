@@ -331,11 +331,17 @@ def _scores_of_two_activations(softmax: fx.Node, members: set, depth: int = 6) -
     return False
 
 
+_COUNTING: dict = {}  # id(gm) -> (gm, shapes, modules) while one graph is analysed
+
+
 def _macs(gm: fx.GraphModule, members) -> int:
     from fxprune.analysis.macs import node_macs
     from fxprune.analysis.shapes import GraphShapes
 
-    shapes, modules = GraphShapes(gm), dict(gm.named_modules())
+    cached = _COUNTING.get(id(gm))
+    if cached is None or cached[0] is not gm:
+        cached = _COUNTING[id(gm)] = (gm, GraphShapes(gm), dict(gm.named_modules()))
+    _, shapes, modules = cached
     total = 0
     for n in members:
         try:
@@ -392,6 +398,7 @@ def find_branches(gm: fx.GraphModule) -> list[Branch]:
     _check(gm, finder, branches)
     _nest(gm, branches)
     _assign_layers(gm, branches)
+    _COUNTING.pop(id(gm), None)
     return branches
 
 
@@ -564,6 +571,7 @@ def find_layers(gm: fx.GraphModule, branches: list[Branch]) -> list[Layer]:
         _layer_bounds(gm, finder, layer, nodes)
         layers.append(layer)
     layers.sort(key=lambda layer: finder.order[nodes[layer.output]] if layer.output in nodes else 0)
+    _COUNTING.pop(id(gm), None)
     return layers
 
 
