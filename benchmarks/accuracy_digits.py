@@ -18,20 +18,27 @@ Run (a few minutes on 2 idle cores; it prints wall and CPU time)::
 
     python benchmarks/accuracy_digits.py
 
-and paste the table into benchmarks/RESULTS_accuracy.md.
+It logs one row per method to ``benchmarks/RESULTS_accuracy.jsonl`` and renders ``RESULTS_accuracy.md``
+from it (:func:`render`, also called by ``results.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import harness  # noqa: E402
 
 
 # -- data and model -----------------------------------------------------------
@@ -178,7 +185,23 @@ TP_METHODS = [("Torch-Pruning GroupMagnitude (L2)", tp_magnitude),
               ("Torch-Pruning GroupNormPruner (sparse training)", tp_group_norm)]
 
 
-def main() -> None:
+COLUMNS = ["method", "acc. after pruning", "acc. after fine-tuning", "MACs", "MACs kept", "params", "params kept",
+           "seconds"]
+
+
+def render(runs: list[dict]) -> str:
+    h = runs[-1]["header"]
+    intro = (f"digits 16x16, {h.get('data', '')}; unpruned trained {h.get('epochs')} epochs; pruned to half the "
+             f"MACs; fine-tuned {h.get('finetune_epochs')} epochs each; sparse training {h.get('sparse_epochs')} "
+             f"epochs (reg {h.get('reg')}); seed {h.get('seed')}; {h.get('threads')} threads. MACs and params are "
+             "`fxprune.count` for one image; seconds are wall clock (pruning, sparse training and fine-tuning).")
+    return harness.table_report("Accuracy after pruning to half the MACs (sklearn digits, 16x16)", runs, COLUMNS,
+                                intro, {"acc. after pruning": "{:.4f}", "acc. after fine-tuning": "{:.4f}",
+                                        "MACs": "{:.4g}", "MACs kept": "{:.1%}", "params kept": "{:.1%}",
+                                        "seconds": "{:.0f}"})
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=12, help="training epochs of the unpruned model")
     parser.add_argument("--finetune-epochs", type=int, default=6)
@@ -188,18 +211,28 @@ def main() -> None:
     parser.add_argument("--reg", type=float, default=5e-3, help="group-norm regularisation strength")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--out", default=str(HERE / "RESULTS_accuracy.md"))
+    parser.add_argument("--log", help="JSON-lines log the report is rendered from (default: --out with .jsonl)")
+    parser.add_argument("--render", action="store_true", help="only render --out from --log")
+    args = parser.parse_args(argv)
+    log_path = Path(args.log) if args.log else Path(args.out).with_suffix(".jsonl")
+    if args.render:
+        print(harness.write_report(render, log_path, args.out))
+        return
     torch.set_num_threads(args.threads)
     start, cpu_start = time.perf_counter(), time.process_time()
     data = load_digits_16(args.seed)
     x_train, y_train, x_test, y_test = data
+    log = harness.Log(log_path, harness.run_header(
+        "accuracy_digits.py", list(sys.argv[1:] if argv is None else argv), epochs=args.epochs,
+        finetune_epochs=args.finetune_epochs, sparse_epochs=args.sparse_epochs, reg=args.reg, seed=args.seed,
+        threads=args.threads, data=f"{len(y_train)} train / {len(y_test)} test images"))
     torch.manual_seed(args.seed)
     base = train(SmallResNet(), x_train, y_train, args.epochs, args.lr, args.seed).eval()
     example = (x_test[:1],)  # MACs per image
     base_macs, base_params = fxprune.count(base, example)
-    rows = [("unpruned", accuracy(base, x_test, y_test), None, base_macs, base_params, 0.0)]
-    print(f"unpruned: test accuracy {rows[0][1]:.4f} after {args.epochs} epochs ({time.perf_counter() - start:.0f}s)",
-          flush=True)
+    log.write(dict(zip(COLUMNS, ["unpruned", accuracy(base, x_test, y_test), None, base_macs, 1.0, base_params, 1.0,
+                                 time.perf_counter() - start])))
     methods = list(METHODS)
     try:
         import torch_pruning  # noqa: F401  (optional comparison rows)
@@ -213,20 +246,12 @@ def main() -> None:
         before_ft = accuracy(pruned, x_test, y_test)
         train(pruned, x_train, y_train, args.finetune_epochs, args.finetune_lr, args.seed)
         macs, params = fxprune.count(pruned, example)
-        rows.append((name, before_ft, accuracy(pruned, x_test, y_test), macs, params, time.perf_counter() - t0))
-        print(f"{name}: done in {rows[-1][-1]:.0f}s", flush=True)
-    print()
-    print(f"digits 16x16, {len(y_train)} train / {len(y_test)} test images; unpruned trained {args.epochs} epochs; "
-          f"pruned to half the MACs; fine-tuned {args.finetune_epochs} epochs each; sparse training "
-          f"{args.sparse_epochs} epochs (reg {args.reg}); seed {args.seed}; {args.threads} threads")
-    print()
-    print("| method | acc. after pruning | acc. after fine-tuning | MACs (kept) | params (kept) | time |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, acc0, acc1, macs, params, seconds in rows:
-        after = "-" if acc1 is None else f"{acc1:.4f}"
-        print(f"| {name} | {acc0:.4f} | {after} | {macs / 1e6:.2f}M ({macs / base_macs:.1%}) | "
-              f"{params / 1e3:.1f}K ({params / base_params:.1%}) | {seconds:.0f}s |")
-    print(f"\ntotal {time.perf_counter() - start:.0f}s wall, {time.process_time() - cpu_start:.0f}s CPU")
+        row = dict(zip(COLUMNS, [name, before_ft, accuracy(pruned, x_test, y_test), macs, macs / base_macs, params,
+                                 params / base_params, time.perf_counter() - t0]))
+        log.write(row)
+        print(row, flush=True)
+    log.finish(wall_s=time.perf_counter() - start, cpu_s=time.process_time() - cpu_start)
+    print(harness.write_report(render, log_path, args.out))
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import harness  # noqa: E402
 
 # (name, kind, fixed shape, width that varies): linear varies its output features, conv its output channels
 LAYERS = [
@@ -70,33 +72,51 @@ def _layer(kind, shape, width, device, dtype):
     return lambda: F.conv2d(x, w, padding=k // 2)
 
 
+def render(runs: list[dict]) -> str:
+    h = runs[-1]["header"]
+    intro = (f"On {h.get('hardware')}, {h.get('dtype')}; latency relative to the multiple of 16 below (median of "
+             f"{h.get('repeats')}); each cell: width: relative latency.")
+    columns = ["layer"] + [f"width {k}" for k in OFFSETS]
+    return harness.table_report(f"Latency of aligned and unaligned widths ({h.get('device', '?')})", runs, columns,
+                                intro)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=21)
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/alignment_DEVICE.md")
+    parser.add_argument("--log", type=Path, help="JSON-lines log the report is rendered from (default: --out with "
+                                                 ".jsonl)")
+    parser.add_argument("--render", action="store_true", help="only render --out from --log")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    out = args.out or HERE / f"alignment_{device.type}.md"
+    log_path = args.log or out.with_suffix(".jsonl")
+    if args.render:
+        print(harness.write_report(render, log_path, out))
+        return
+    torch.set_num_threads(args.threads)
     hardware = torch.cuda.get_device_name() if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()}, {torch.backends.cpu.get_cpu_capability()}, {args.threads} threads"
-    lines = [f"Measured {datetime.date.today()} on {hardware}, torch {torch.__version__}, {args.dtype}; "
-             f"latency relative to the multiple of 16 below (median of {args.repeats}).", "",
-             "| layer | " + " | ".join(f"width {k}" for k in OFFSETS) + " |",
-             "|---|" + "---:|" * len(OFFSETS)]
+        f"{platform.processor() or platform.machine()}, {torch.backends.cpu.get_cpu_capability()}, " \
+        f"{args.threads} threads"
+    log = harness.Log(log_path, harness.run_header("alignment.py", list(sys.argv[1:] if argv is None else argv),
+                                                   hardware=hardware, dtype=args.dtype, repeats=args.repeats,
+                                                   device=device.type))
     for name, kind, shape, base in LAYERS:
         ref = _time(_layer(kind, shape, base - 16, device, dtype), device, args.repeats)
-        cells = []
-        for _, offset in OFFSETS.items():
+        row = {"layer": name}
+        for label, offset in OFFSETS.items():
             width = base - offset
             t = _time(_layer(kind, shape, width, device, dtype), device, args.repeats)
-            cells.append(f"{width}: {t / ref:.2f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        print(lines[-1], flush=True)
-    out = args.out or HERE / f"alignment_{device.type}.md"
-    out.write_text("\n".join(lines) + "\n")
+            row[f"width {label}"] = f"{width}: {t / ref:.2f}"
+            row[f"ratio {label}"] = t / ref
+        log.write(row)
+        print(row, flush=True)
+    log.finish()
+    print(harness.write_report(render, log_path, out))
     print(f"wrote {out}")
 
 

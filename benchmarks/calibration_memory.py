@@ -8,6 +8,9 @@ few batches of random token ids through it: once without Gram matrices (what the
 so that its peak is its own. Reported: resident set size after loading and analysing, and the peak
 above it while collecting (sampled every 5 ms, ``benchmarks/meter.py``), the accumulators' size, seconds.
 
+Each mode gets ``harness.step_seconds("calibration_memory", "llama-1b")`` (1800 s). The log (``--log``, default
+``--out`` with ``.jsonl``) names the run; the report is rendered from it (:func:`render`, also ``results.py``).
+
 Run::
 
     python benchmarks/calibration_memory.py [--batches 4 --batch 2 --length 128]
@@ -60,31 +63,64 @@ def one(mode: str, batches: int, batch: int, length: int) -> dict:
             "analysis s": analysis, "statistics s": m.seconds}
 
 
+def render(runs: list[dict]) -> str:
+    """The report of the log's last run: one row per mode."""
+    run = runs[-1]
+    rows = [r for r in run["rows"] if "error" not in r]
+    failed = [r for r in run["rows"] if "error" in r]
+    keys = list(rows[0]) if rows else []
+    text = "# Calibration statistics of a 1.1B LLaMA: peak memory\n\n"
+    text += f"{harness.describe_runs([run])}\n\n{run['header'].get('step_limit_note', '')}\n\n"
+    if keys:
+        text += "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
+        text += "\n".join("| " + " | ".join(f"{r[k]:.2f}" if isinstance(r[k], float) else str(r[k]) for k in keys)
+                          + " |" for r in rows) + "\n"
+    for r in failed:
+        text += f"\n- {r['mode']}: {harness.describe_failure(r)}\n"
+    return text
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--mode", choices=("moments", "gram"), help="run one mode in this process")
-    parser.add_argument("--out", help="markdown file")
+    harness.add_limit_arguments(parser)
+    parser.add_argument("--out", help="markdown report (default benchmarks/calibration_memory.md)")
+    parser.add_argument("--log", help="the JSON-lines log the report is rendered from (default: --out with .jsonl)")
+    parser.add_argument("--render", action="store_true", help="only render --out from --log, measuring nothing")
     args = parser.parse_args(argv)
     if args.mode:
         print(json.dumps(one(args.mode, args.batches, args.batch, args.length)))
         return 0
-    rows = []
+    out = Path(args.out) if args.out else HERE / "calibration_memory.md"
+    log_path = Path(args.log) if args.log else out.with_suffix(".jsonl")
+    if args.render:
+        harness.write_report(render, log_path, out)
+        return 0
+    limit = harness.step_seconds("calibration_memory", "llama-1b", args.step_timeout)
+    log = harness.Log(log_path, harness.run_header(
+        "calibration_memory.py", list(sys.argv[1:] if argv is None else argv),
+        step_limit_note=harness.limits_note("calibration_memory", ["llama-1b"], args.step_timeout)))
+    start = time.perf_counter()
     for mode in ("moments", "gram"):
-        out = subprocess.run([sys.executable, __file__, "--mode", mode, "--batches", str(args.batches),
-                              "--batch", str(args.batch), "--length", str(args.length)],
-                             capture_output=True, text=True, check=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-        print(rows[-1], flush=True)
-    keys = list(rows[0])
-    text = "# Calibration statistics of a 1.1B LLaMA: peak memory\n\n"
-    text += "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys) + "\n"
-    text += "\n".join("| " + " | ".join(f"{r[k]:.2f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
-                      for r in rows)
-    text += f"\n\n{time.strftime('%Y-%m-%d')}, `python benchmarks/calibration_memory.py`\n"
-    harness.publish(text, args.out)
+        cmd = [sys.executable, __file__, "--mode", mode, "--batches", str(args.batches), "--batch", str(args.batch),
+               "--length", str(args.length)]
+        row = {"mode": mode}
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
+            if proc.returncode:
+                row.update(harness.failed("memory" if proc.returncode == -9 else "error",
+                                          (proc.stderr.strip().splitlines() or ["?"])[-1][:240]), error=True)
+            else:
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+        except subprocess.TimeoutExpired:
+            row.update(harness.failed("timeout", f"timed out after {limit:.0f} s"), error=True)
+        log.write(row)
+        print(row, flush=True)
+    log.finish(wall_s=time.perf_counter() - start)
+    harness.publish(harness.write_report(render, log_path, out), None)
     return 0
 
 

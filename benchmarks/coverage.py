@@ -11,8 +11,11 @@ For every model (torchvision zoo, timm families, tiny Hugging Face configs; see
    with ``fxprune.apply``, compare outputs; exact means relative difference <= 1e-4).
 
 A library *covers* a model when it prunes without raising, the pruned model runs
-and every output keeps its shape. Each library gets ``--step-timeout`` seconds
-and ``--max-gib`` of memory per model (a hang is a failure of that library only); each worker gets ``--timeout``.
+and every output keeps its shape (with finite values). Each library gets the same limit per model,
+``harness.step_seconds`` (300 s; ``--step-timeout`` changes it for both), and ``--max-gib`` of memory (a hang
+is a failure of that library only); each worker gets ``--timeout`` (default: all its steps' limits plus 300 s).
+A failure is logged with its class (``harness.CLASSES``): timeout (with the seconds it ran), memory, error
+(with its message; ``stage: forward`` when the pruned model does not run), wrong output, shape changed.
 
 Usage::
 
@@ -21,8 +24,10 @@ Usage::
     python benchmarks/coverage.py --models tv:resnet18,timm:convnext_atto,hf:t5
     python benchmarks/coverage.py --selection full --out benchmarks/coverage_full.md   # every torchvision model
 
-The markdown table and the totals ("fxprune N/M, Torch-Pruning K/M") are written
-to ``--out`` after every model, and one JSON line per model to ``--log``.
+One JSON line per model goes to ``--log`` (default: ``--out`` with ``.jsonl``) after a header naming the run
+(command, date, versions, limits); the markdown table and the totals ("fxprune N/M, Torch-Pruning K/M") are
+rendered from that log after every model (:func:`render`, also called by ``results.py``; ``--render`` alone
+rebuilds the report). ``--resume`` adds a run for the models the log lacks (``--redo``: and those named).
 """
 
 from __future__ import annotations
@@ -74,14 +79,15 @@ def _check(row, name, pruned, args, kwargs, out_shapes, measure) -> dict:
     try:
         got = measure.run(pruned, args, kwargs)
     except Exception as exc:  # pruned without complaint, but the model no longer runs
-        return {**row, "status": "forward failed", "reason": harness.first_line(exc)}
+        return {**row, **harness.failed("error", "forward failed: " + harness.first_line(exc), stage="forward")}
     row["shapes"] = measure.shapes(got)
-    if row["shapes"] != out_shapes:
-        return {**row, "status": "shape changed", "reason": f"{row['shapes']} != {out_shapes}"[:240]}
+    checked = harness.classify_outputs(got, out_shapes, measure)  # every output's shape, finite values
+    if checked["status"] != "ok":
+        return {**row, **checked}
     original = zoo.build(name)[0]  # untouched by either library, for parameter and MAC counts
     row["params_kept"] = measure.params(pruned) / measure.params(original)
     row["macs_kept"], row["macs_counter"] = measure.macs_ratio(original, pruned, args, kwargs)
-    row["status"] = "ok"
+    row.update(status="ok", **{"class": "ok"})
     return row
 
 
@@ -99,12 +105,14 @@ def _oracle_step(name, model, args, kwargs, reference, out_shapes) -> dict:
     before = measure.run(dg.gm, args, kwargs)
     after = measure.run(fxprune.apply(dg, removal), args, kwargs)
     row["oracle_diff"] = measure.relative_diff(after, before)
-    row["status"] = "exact" if row["oracle_diff"] <= ORACLE_TOL else "inexact"
+    exact = row["oracle_diff"] <= ORACLE_TOL
+    row.update(status="exact" if exact else "inexact", **{"class": "ok" if exact else "wrong output"})
     return row
 
 
 def measure_model(name: str, libraries, step_timeout: float, oracle: bool, max_gib: float) -> dict:
-    """Everything the table reports for one model (runs inside a worker process)."""
+    """Everything the table reports for one model (runs inside a worker process); every step gets ``step_timeout``
+    seconds and ``max_gib``, whichever library it measures."""
     import torch
 
     import measure
@@ -170,7 +178,8 @@ def _cell(row: dict, library: str) -> str:
     result = row.get(library)
     if result is None:
         return f"error: {row.get('reason', '')}" if row.get("status") == "error" else ""
-    return "ok" if result["status"] == "ok" else result["status"]
+    kind = harness.failure_class(result)
+    return "ok" if kind == "ok" else "skipped" if kind == "skipped" else kind
 
 
 def _seconds(result: dict) -> str:
@@ -195,18 +204,22 @@ def table(rows: list[dict]) -> str:
 
 
 def failures(rows: list[dict]) -> str:
-    """One line per failing (model, library), with the reason."""
+    """Per library: how many failed in each class, then one line per failing model with its class and reason."""
     lines = []
     for library, key in (("fxprune", "fxprune"), ("dead-unit oracle", "oracle"), ("Torch-Pruning", "torch-pruning")):
-        bad = [r for r in rows if r.get(key, {}).get("status") not in ("ok", "exact", "skipped", None)
-               or (key == "fxprune" and r.get("status") == "error")]
-        lines.append(f"\n**{library}**: {len(bad)} failing" + (":" if bad else "."))
+        bad = [r for r in rows if harness.failure_class(r.get(key)) not in ("ok", "skipped")
+               and (key in r or (key == "fxprune" and r.get("status") == "error"))]
+        classes = {}
         for r in bad:
-            res = r.get(key) or {"status": "error", "reason": r.get("reason", "")}
-            reason = res.get("reason", "")
+            kind = harness.failure_class(r.get(key) or {"status": "error"})
+            classes[kind] = classes.get(kind, 0) + 1
+        by_class = ", ".join(f"{n} {kind}" for kind, n in sorted(classes.items(), key=lambda kv: -kv[1]))
+        lines.append(f"\n**{library}**: {len(bad)} failing" + (f" ({by_class}):" if bad else "."))
+        for r in bad:
+            res = dict(r.get(key) or {"status": "error", "reason": r.get("reason", "")})
             if key == "oracle" and "oracle_diff" in res:
-                reason = f"relative difference {res['oracle_diff']:.1e}"
-            lines.append(f"- {r['model']}: {res['status']}: {reason}".replace("|", "/"))
+                res["reason"] = f"relative difference {res['oracle_diff']:.1e}"
+            lines.append(f"- {r['model']}: {harness.describe_failure(res)}")
     return "\n".join(lines)
 
 
@@ -242,38 +255,48 @@ def totals(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def report(rows: list[dict], command: str, note: str = "") -> str:
-    import platform
+def _classes(rows: list[dict], key: str) -> str:
+    counts: dict[str, int] = {}
+    for r in rows:
+        kind = harness.failure_class(r.get(key))
+        if kind not in ("ok", "skipped"):
+            counts[kind] = counts.get(kind, 0) + 1
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "none"
 
-    import torch
 
-    versions = f"torch {torch.__version__}"
-    for mod in ("torchvision", "timm", "transformers", "torch_pruning"):
-        try:
-            versions += f", {mod} {__import__(mod).__version__}"
-        except ImportError:
-            pass
-    return (f"# Coverage: fxprune vs Torch-Pruning at ratio {RATIO}\n\n`{command}`{', ' + note if note else ''}\n\n"
-            f"{versions}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs. "
-            f"Times are each library's prune call (s; in parentheses: how long a failing step ran), MACs kept = pruned / original MACs "
-            f"(fxprune's counter, Torch-Pruning's where fxprune's cannot capture the model), "
-            f"oracle = relative output difference after removing planted dead units (fxprune).\n\n"
+def summary(runs: list[dict]) -> str:
+    """The README's sentence on this report, every number from the log."""
+    rows, _ = harness.latest_rows(runs, "model")
+    n = len(rows)
+    parts = []
+    for source, label in (("tv", "torchvision"), ("timm", "timm"), ("hf", "Hugging Face")):
+        sub = [r for r in rows if r["model"].startswith(source + ":")]
+        if sub:
+            parts.append(f"{label} {sum(covered(r, 'fxprune') for r in sub)}/{len(sub)} vs "
+                         f"{sum(covered(r, 'torch-pruning') for r in sub)}/{len(sub)}")
+    times = [(r["fxprune"]["prune_s"], r["model"]) for r in rows if covered(r, "fxprune")]
+    slowest = max(times) if times else None
+    exact = sum(r.get("oracle", {}).get("status") == "exact" for r in rows)
+    return (f"fxprune {sum(covered(r, 'fxprune') for r in rows)}/{n}, Torch-Pruning "
+            f"{sum(covered(r, 'torch-pruning') for r in rows)}/{n} ({'; '.join(parts)}) pruned at ratio {RATIO}, "
+            f"run, every output shape kept; fxprune exact under the dead-unit oracle on {exact}/{n}. "
+            f"Torch-Pruning's failures: {_classes(rows, 'torch-pruning')}; fxprune's: {_classes(rows, 'fxprune')}"
+            + (f"; fxprune's slowest prune {slowest[0]:.1f} s ({slowest[1]})." if slowest else "."))
+
+
+def render(runs: list[dict]) -> str:
+    """The report, from the log's runs (a later run's row of a model replaces an earlier one)."""
+    rows, _ = harness.latest_rows(runs, "model")
+    header = runs[-1]["header"] if runs else {}
+    limit = header.get("step_limit_note") or "Step limits not recorded (log from before harness limits)."
+    return (f"# Coverage: fxprune vs Torch-Pruning at ratio {RATIO}\n\nRuns (every row comes from the run named "
+            f"with it when there are several):\n\n{harness.describe_runs(runs, 'model')}\n\n{limit} "
+            f"Times are each library's prune call (s; in parentheses: how long a failing step ran), MACs kept = "
+            f"pruned / original MACs (fxprune's counter, Torch-Pruning's where fxprune's cannot capture the model), "
+            f"oracle = relative output difference after removing planted dead units (fxprune). A failure is "
+            f"named by its class: timeout, memory, error (pruning raised, or the pruned model does not run), wrong "
+            f"output (non-finite values; for the oracle, outputs that differ), shape changed.\n\n"
             f"{totals(rows)}\n\n{table(rows)}\n\n## Failures\n{failures(rows)}\n")
-
-
-def _shown(argv: list[str]) -> list[str]:
-    """The command line for the report: without --note (printed after it), long --redo lists counted."""
-    shown, skip = [], False
-    for i, arg in enumerate(argv):
-        if skip:
-            skip = False
-        elif arg == "--note":
-            skip = True
-        elif i and argv[i - 1] == "--redo" and arg.count(",") > 5:
-            shown.append(f"<{arg.count(',') + 1} models>")
-        else:
-            shown.append(arg)
-    return shown
 
 
 def main(argv=None) -> int:
@@ -284,50 +307,62 @@ def main(argv=None) -> int:
     parser.add_argument("--skip", default="", help="comma-separated names to leave out")
     parser.add_argument("--libraries", default=",".join(LIBRARIES), help="fxprune,torch-pruning (default both)")
     parser.add_argument("--no-oracle", action="store_true")
-    parser.add_argument("--step-timeout", type=float, default=180, help="seconds per library per model")
-    parser.add_argument("--timeout", type=float, default=1200, help="seconds per worker process")
-    parser.add_argument("--max-gib", type=float, default=8, help="RSS cap per worker step, GiB (default 8)")
+    harness.add_limit_arguments(parser, max_gib=8)
+    parser.add_argument("--timeout", type=float, help="seconds per worker process (default: every step's limit "
+                                                      "plus 300 s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument("--jobs", type=int, default=1, help="workers running at the same time (default 1)")
     parser.add_argument("--out", help="markdown report (default benchmarks/coverage.md; a temp dir with --quick)")
-    parser.add_argument("--log", help="append one JSON line per model")
-    parser.add_argument("--resume", action="store_true", help="reuse the rows already in --log")
+    parser.add_argument("--log", help="the JSON-lines log the report is rendered from (default: --out with .jsonl)")
+    parser.add_argument("--resume", action="store_true", help="add a run to --log for the models it lacks")
     parser.add_argument("--redo", default="", help="with --resume: comma-separated models to measure again "
                         "(only the --libraries given; the other library's result in the log is kept)")
-    parser.add_argument("--note", default="", help="text after the command line in the report (how rows were made)")
+    parser.add_argument("--render", action="store_true", help="only render --out from --log, measuring nothing")
+    parser.add_argument("--note", default="", help="text for the report's header (how the rows were made)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     libraries = [lib for lib in args.libraries.split(",") if lib]
     if args.worker:
-        worker(args.worker, libraries, args.step_timeout, not args.no_oracle, args.threads, args.max_gib)
+        worker(args.worker, libraries, harness.step_seconds("coverage", args.worker, args.step_timeout),
+               not args.no_oracle, args.threads, args.max_gib)
         return 0
     names = args.models.split(",") if args.models else zoo.catalogue("quick" if args.quick else args.selection)
     skip = set(args.skip.split(","))
     names = [n for n in names if n not in skip]
     out = Path(args.out) if args.out else harness.default_out(args.quick, "coverage.md")
-    command = "python benchmarks/coverage.py " + " ".join(_shown(sys.argv[1:] if argv is None else argv))
+    log_path = Path(args.log) if args.log else out.with_suffix(".jsonl")
+    if args.render:
+        harness.write_report(render, log_path, out)
+        print(f"wrote {out} from {log_path}")
+        return 0
     done, earlier = {}, {}
-    if args.resume:  # rows of an earlier run (the last per model), except those to --redo
-        if not args.log or not Path(args.log).exists():
+    if args.resume:  # rows of earlier runs (the last per model), except those to --redo
+        if not log_path.exists():
             parser.error("--resume needs an existing --log")
         redo = set(args.redo.split(","))
-        for line in Path(args.log).read_text().splitlines():
-            row = json.loads(line)
+        for row in harness.latest_rows(harness.read_runs(log_path), "model")[0]:
             if row["model"] in names:
                 (earlier if row["model"] in redo else done)[row["model"]] = row
     todo = [n for n in names if n not in done]
-    log = open(args.log, "a") if args.log else None
-    extra = ["--libraries", ",".join(libraries), "--step-timeout", str(args.step_timeout), "--threads", str(args.threads),
-             "--max-gib", str(args.max_gib)]
+    header = harness.run_header("coverage.py", list(sys.argv[1:] if argv is None else argv), args.note,
+                                step_limit_note=harness.limits_note("coverage", todo, args.step_timeout))
+    log = harness.Log(log_path, header, mode="a" if args.resume else "w")
+    extra = ["--libraries", ",".join(libraries), "--threads", str(args.threads), "--max-gib", str(args.max_gib)]
+    extra += ["--step-timeout", str(args.step_timeout)] if args.step_timeout else []
     extra += ["--no-oracle"] if args.no_oracle else []
     oracle = not args.no_oracle
+    steps = len(libraries) + (1 if oracle and "fxprune" in libraries else 0)
+    start, finished = time.perf_counter(), 0
 
     def one(name: str) -> dict:
         cmd = [harness.python(), __file__, "--worker", name] + extra
-        row = harness.run_worker(cmd, args.timeout, {"model": name})
-        if "died" in row:  # the steps the worker never reported died with it
+        step = harness.step_seconds("coverage", name, args.step_timeout)
+        row = harness.run_worker(cmd, args.timeout or harness.worker_seconds(steps, step), {"model": name})
+        if "died" in row or row.get("class") in ("timeout", "memory"):  # the steps the worker never reported
+            reason = row.get("died") or row.get("reason", "")
+            kind = row.get("class") or ("memory" if "SIGKILL" in reason else "error")
             for key in list(libraries) + (["oracle"] if "fxprune" in libraries and oracle else []):
-                row.setdefault(key, {"status": "error", "reason": row["died"]})
+                row.setdefault(key, harness.failed(kind, reason))
         for key in set(LIBRARIES) - set(libraries):  # redone for some libraries only: keep the others' results
             if key in earlier.get(name, {}):
                 row[key] = earlier[name][key]
@@ -337,19 +372,17 @@ def main(argv=None) -> int:
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(one, name): name for name in todo}
         for future in concurrent.futures.as_completed(futures):
-            row = done[futures[future]] = future.result()
-            if log:
-                log.write(json.dumps(row, default=str) + "\n")
-                log.flush()
-            print(f"[{len(done)}/{len(names)}] {row['model']}: fxprune {_cell(row, 'fxprune')}, oracle "
+            row = future.result()
+            finished += 1
+            log.write(row)
+            print(f"[{finished}/{len(todo)}] {row['model']}: fxprune {_cell(row, 'fxprune')}, oracle "
                   f"{row.get('oracle', {}).get('status', '-')}, Torch-Pruning {_cell(row, 'torch-pruning')} "
                   f"({row['seconds']:.0f} s)", flush=True)
-            rows = [done[n] for n in names if n in done]
-            out.write_text(report(rows, command, args.note))
-    rows = [done[n] for n in names if n in done]
-    out.write_text(report(rows, command, args.note))
+            harness.write_report(render, log_path, out)
+    log.finish(wall_s=time.perf_counter() - start)
+    harness.write_report(render, log_path, out)
     print()
-    print(totals(rows))
+    print(totals([r for r in harness.latest_rows(harness.read_runs(log_path), "model")[0] if r["model"] in names]))
     return 0
 
 

@@ -27,11 +27,11 @@ Three tasks (``--tasks``); every row prunes the same original model; "params kep
 
 Torch-Pruning has no depth pruning: its column says "not supported".
 
-Run (``--quick``: one budget, few rows, short training; for tests)::
+Run (``--quick``: one budget, few rows, short training, written to a temporary folder; for tests)::
 
-    python benchmarks/depth.py --out benchmarks/depth.md --log benchmarks/depth.jsonl
-    python benchmarks/depth.py --tasks lm --latency --out benchmarks/depth_latency.md --log benchmarks/depth_latency.jsonl
-    python benchmarks/depth.py --from-log benchmarks/depth.jsonl --out benchmarks/depth.md   # the table again
+    python benchmarks/depth.py                            # -> benchmarks/depth.md and depth.jsonl (quality)
+    python benchmarks/depth.py --tasks lm --latency       # -> benchmarks/depth_latency.md (quiet machine)
+    python benchmarks/depth.py --render                   # depth.md again from depth.jsonl (results.py does it)
 """
 
 from __future__ import annotations
@@ -56,7 +56,15 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 import harness  # noqa: E402
 
-MODELS = HERE / ".cache" / "depth-models"
+MODELS = HERE / ".cache" / "depth-models"  # the small LM's pruned models, for --latency (a temp folder with --quick)
+
+
+def _models(args) -> Path:
+    if args.quick:
+        import tempfile
+
+        return Path(tempfile.gettempdir()) / "fxprune-bench" / "depth-models"
+    return MODELS
 ONLY = re.compile("")
 TP = "Torch-Pruning: not supported (no depth pruning)"
 
@@ -130,7 +138,7 @@ def task_lm(args, emit) -> None:
             emit("lm", f"{label}{variant}", {"budget": budget, "perplexity": ppl, "vs dense": ppl / dense,
                                              "params kept": fraction, "seconds": seconds, **extra})
             if not variant:
-                pruned.save_pretrained(MODELS / _slug(budget, label))
+                pruned.save_pretrained(_models(args) / _slug(budget, label))
 
 
 def _budget_target(model, budget: str) -> float:
@@ -185,7 +193,7 @@ def task_lm_latency(args, emit) -> None:
                                      "prefill vs dense": 1.0, "generate ms/token": 1e3 * t_gen / new,
                                      "generate vs dense": 1.0})
         for budget, label, _ in lm_methods(args.quick):
-            folder = MODELS / _slug(budget, label)
+            folder = _models(args) / _slug(budget, label)
             if not (folder / "config.json").exists():
                 emit("lm latency", label, {"budget": budget, "error": f"no saved model: run without --latency first"})
                 continue
@@ -352,14 +360,17 @@ def table(records: list[dict], task: str) -> str:
     return "\n".join(lines)
 
 
-def render(records: list[dict], header: dict) -> str:
+def render(runs: list[dict]) -> str:
+    """The report of the log's last run, one table per task."""
+    run = runs[-1]
+    records = run["rows"]
     tasks = list(dict.fromkeys(r["task"] for r in records))
-    text = ("# Depth against width at equal parameters\n\n"
-            f"`python benchmarks/depth.py {header.get('argv', '')}`\n\n")
-    text += "\n\n".join(table(records, t) for t in tasks)
-    text += (f"\n\n{header.get('seconds', 0):.0f} s wall, {header.get('threads')} threads, {header.get('date')}, "
-             f"load average at the start {header.get('load', '?')}\n")
-    return text
+    header = run["header"]
+    return ("# Depth against width at equal parameters\n\n"
+            f"{harness.describe_runs([run])}\n\n{header.get('threads', '?')} torch threads; distillation "
+            f"{header.get('distill_steps', '?')} AdamW steps per LM row, {header.get('finetune_steps', '?')} per "
+            "vision row (the CPU seconds each took are in the rows). Torch-Pruning has no depth pruning.\n\n"
+            + "\n\n".join(table(records, t) for t in tasks) + "\n")
 
 
 def main(argv=None) -> int:
@@ -371,45 +382,35 @@ def main(argv=None) -> int:
                         help="AdamW steps of distillation per LM row (40: about 2 CPU minutes, 3.1 CPU s a step here)")
     parser.add_argument("--finetune-steps", type=int, default=100, help="distillation steps per vision refit row")
     parser.add_argument("--quick", action="store_true", help="a few rows, short training (for tests)")
-    parser.add_argument("--out", help="markdown table file")
-    parser.add_argument("--log", help="jsonl file, one record per row (the header record first)")
+    parser.add_argument("--out", help="markdown report (default benchmarks/depth.md, depth_latency.md with --latency; "
+                                      "a temporary folder with --quick)")
+    parser.add_argument("--log", help="the JSON-lines log the report is rendered from (default: --out with .jsonl)")
     parser.add_argument("--only", default="", help="run only the rows whose label matches this regular expression")
-    parser.add_argument("--from-log", help="rebuild the markdown from a jsonl log, running nothing")
+    parser.add_argument("--render", action="store_true", help="only render --out from --log, measuring nothing")
     args = parser.parse_args(argv)
-    if args.from_log:
-        lines = [json.loads(line) for line in Path(args.from_log).read_text().splitlines() if line.strip()]
-        header = ([r for r in lines if r.get("task") == "header"] or [{}])[-1]  # the last one has the wall time
-        harness.publish(render([r for r in lines if r.get("task") != "header"], header), args.out)
+    name = "depth_latency.md" if args.latency else "depth.md"
+    out = Path(args.out) if args.out else harness.default_out(args.quick, name)
+    log_path = Path(args.log) if args.log else out.with_suffix(".jsonl")
+    if args.render:
+        harness.write_report(render, log_path, out)
         return 0
     global ONLY
     ONLY = re.compile(args.only)
     torch.set_num_threads(args.threads)
-    import os
-
-    header = {"task": "header", "argv": " ".join(argv if argv is not None else sys.argv[1:]),
-              "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
-              "load": f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "?"}
-    records = []
+    log = harness.Log(log_path, harness.run_header("depth.py", list(sys.argv[1:] if argv is None else argv),
+                                                   threads=args.threads, distill_steps=args.distill_steps,
+                                                   finetune_steps=args.finetune_steps))
 
     def emit(task, row, values):
         record = {"task": task, "row": row, **values}
-        records.append(record)
+        log.write(record)
         print(json.dumps(record), flush=True)
-        if args.log:
-            with open(args.log, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
-    if args.log:
-        with open(args.log, "a") as f:
-            f.write(json.dumps(header) + "\n")
     start = time.perf_counter()
     for task in args.tasks.split(","):
         (task_lm_latency if args.latency and task == "lm" else TASKS[task])(args, emit)
-    header["seconds"] = time.perf_counter() - start
-    if args.log:
-        with open(args.log, "a") as f:
-            f.write(json.dumps({**header, "task": "header"}) + "\n")
-    harness.publish(render(records, header), args.out)
+    log.finish(wall_s=time.perf_counter() - start)
+    harness.publish(harness.write_report(render, log_path, out), None)
     return 0
 
 

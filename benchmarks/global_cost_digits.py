@@ -32,7 +32,7 @@ from accuracy_digits import SmallResNet, accuracy, load_digits_16, train
 from fxprune.importance import resolve_importance, score_groups
 from fxprune.planning.alignment import removal_steps
 from fxprune.planning.costs import group_types
-from fxprune.planning.selection import make_plan
+from fxprune.planning.planner import make_plan
 from fxprune.planning.target import search_by_cost, search_ratio
 
 

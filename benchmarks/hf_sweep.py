@@ -18,19 +18,26 @@ freshly built copy:
    (relative difference <= 1e-5; the largest absolute difference is logged);
 6. **generate**: generative models only: the pruned and the reloaded model generate the same tokens;
 7. **Torch-Pruning**: its documented recipe (``tp_recipe.py``, as ``coverage.py`` uses it) at the same ratio,
-   and whether the result runs with the original output shapes.
+   checked as the in-place model is: it runs on both inputs with its first output's shape, finite.
 
-Parameters kept are logged for both libraries (fxprune: the in-place model). Every step
-gets ``--step-timeout`` seconds and ``--max-gib`` of memory; every worker ``--timeout``.
+Parameters kept are logged for both libraries (fxprune: the in-place model). Every step of both libraries
+gets the same limit, ``harness.step_seconds`` (300 s; ``--step-timeout`` changes it for all) and ``--max-gib``
+of memory; every worker ``--timeout`` (default: all its steps' limits plus 300 s). A failed check is logged
+with its class (``harness.CLASSES``: timeout with the seconds it ran, memory, error with its message, wrong
+output, shape changed).
 
 Usage::
 
     python benchmarks/hf_sweep.py --quick                      # llama and bert, a temp dir
     python benchmarks/hf_sweep.py --models llama,bart,whisper
     python benchmarks/hf_sweep.py --jobs 2                     # every type in MODELS, benchmarks/hf_sweep.md
+    python benchmarks/hf_sweep.py --redo llama,bert            # measure again: a run added to the log
+    python benchmarks/hf_sweep.py --render                     # hf_sweep.md again from hf_sweep.jsonl
 
-The markdown table and the totals line (``fxprune: N/M all checks; Torch-Pruning: K/M runs``)
-are written to ``--out`` after every model, one JSON line per model to ``--log``.
+One JSON line per model goes to ``--log`` (default: ``--out`` with ``.jsonl``) after a header naming the run
+(command, date, versions, limits); the markdown table and the totals line (``fxprune: N/M all checks;
+Torch-Pruning: K/M runs``) are rendered from that log after every model (:func:`render`, also called by
+``results.py``).
 """
 
 from __future__ import annotations
@@ -79,6 +86,7 @@ SIZES = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_
              num_local_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=48, max_window_layers=2,
              rotary_dim=8, max_source_positions=32, max_target_positions=64, num_mel_bins=16, decoder_start_token_id=0,
              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+SIZE_CHANGES: dict = {}  # --sizes KEY=VALUE: changes to SIZES for one run (e.g. num_key_value_heads=1)
 OVERRIDES = {
     "swin": dict(patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4),
     "convnext": dict(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2),
@@ -108,7 +116,8 @@ def config_for(model_type: str):
     default = transformers.AutoConfig.for_model(model_type)
     overrides = OVERRIDES.get(model_type, {})
     aliases = getattr(default, "attribute_map", {})  # Swin's num_attention_heads is its num_heads list
-    sizes = {k: v for k, v in SIZES.items() if hasattr(default, k) and aliases.get(k) not in overrides
+    table = {**SIZES, **SIZE_CHANGES}
+    sizes = {k: v for k, v in table.items() if hasattr(default, k) and aliases.get(k) not in overrides
              and not isinstance(getattr(type(default), k, None), property)}  # Falcon's head_dim: read-only
     return transformers.AutoConfig.for_model(model_type, **{**sizes, **overrides})
 
@@ -154,18 +163,13 @@ def _run(model, args, kwargs):
 def _same_shapes(got, expected) -> dict:
     import measure
 
-    if measure.shapes(got) != measure.shapes(expected):
-        return {"status": "fail", "reason": f"output shapes {measure.shapes(got)} != {measure.shapes(expected)}"[:240]}
-    return {"status": "ok"}
+    return harness.classify_outputs(got, measure.shapes(expected), measure)
 
 
 def _same_first_shape(got, expected) -> dict:
     import measure
 
-    mine, theirs = measure.shapes(got)[:1], measure.shapes(expected)[:1]
-    if mine != theirs:
-        return {"status": "fail", "reason": f"first output's shape {mine} != {theirs}"}
-    return {"status": "ok"}
+    return harness.classify_outputs(got, measure.shapes(expected), measure, first_only=True)
 
 
 def _params(model) -> int:
@@ -180,8 +184,8 @@ def step_analysis(t):
     unsupported = sorted({str(where) for _, where in dg.state.unsupported})
     row = {"groups": len(dg.groups), "prunable": len(dg.prunable_groups), "unsupported": unsupported[:3]}
     if not dg.prunable_groups:
-        return {**row, "status": "fail", "reason": "no prunable group"}
-    return {**row, "status": "ok"}
+        return {**row, **harness.failed("error", "no prunable group")}
+    return {**row, "status": "ok", "class": "ok"}
 
 
 def step_oracle(t):
@@ -193,16 +197,16 @@ def step_oracle(t):
     dg = fxprune.analyze(model, args, kwargs=kwargs or None, prune_head_dims=True)
     removal = plant_dead_units(dg, seed=0)
     if not removal:
-        return {"status": "fail", "reason": "no group to plant dead units in"}
+        return harness.failed("error", "no group to plant dead units in")
     before = _run(model, args, kwargs)
     after = _run(fxprune.apply(dg, removal), args, kwargs)
     row = {"oracle_groups": len(removal), "oracle_diff": measure.relative_diff(after, before)}
     try:
         assert_close_to_scale(measure.tensors(after), measure.tensors(before))
     except AssertionError as exc:
-        return {**row, "status": "fail", "reason": f"inexact: relative difference {row['oracle_diff']:.1e}: "
-                                                   f"{harness.first_line(exc)}"[:240]}
-    return {**row, "status": "ok"}
+        return {**row, **harness.failed("wrong output", f"inexact: relative difference {row['oracle_diff']:.1e}: "
+                                                         f"{harness.first_line(exc)}"[:240])}
+    return {**row, "status": "ok", "class": "ok"}
 
 
 def step_prune(t):
@@ -216,7 +220,7 @@ def step_prune(t):
     try:
         other = _same_shapes(_run(pruned, other_args, other_kwargs), other_reference)
     except Exception as exc:  # runs on the example only: a shape was baked into the graph
-        other = {"status": "fail", "reason": harness.first_line(exc)}
+        other = harness.failed("error", harness.first_line(exc), stage="forward")
     return {"prune": row, "prune_other": other}
 
 
@@ -240,7 +244,7 @@ def step_inplace(t):
     reference, other_reference = _run(model, args, kwargs), _run(model, other_args, other_kwargs)
     result = fxprune.prune(model, RATIO, example_inputs=args, kwargs=kwargs or None, inplace=True)
     if result is not model:
-        return {"inplace": {"status": "fail", "reason": "prune(inplace=True) returned another object"}}
+        return {"inplace": harness.failed("error", "prune(inplace=True) returned another object")}
     # the first output (logits, or a base model's last hidden state) keeps its shape; later outputs may carry the
     # pruned hidden size (an encoder-decoder's encoder_last_hidden_state: the decoder reads it)
     inplace = {"params_kept": _params(model) / before, **_same_first_shape(_run(model, args, kwargs), reference)}
@@ -256,9 +260,10 @@ def step_inplace(t):
     diff = max(float((a - b).abs().max()) for a, b in pairs)
     rel = measure.relative_diff(again, got)
     ok = len(measure.tensors(again)) == len(measure.tensors(got)) and rel <= RELOAD_TOL
-    rows["reload"] = {"status": "ok" if ok else "fail", "max_abs_diff": diff, "relative_diff": rel}
+    rows["reload"] = {"status": "ok", "class": "ok", "max_abs_diff": diff, "relative_diff": rel}
     if not ok:
-        rows["reload"]["reason"] = f"reloaded model differs: max abs diff {diff:.1e} (relative {rel:.1e})"
+        rows["reload"].update(harness.failed("wrong output", f"reloaded model differs: max abs diff {diff:.1e} "
+                                                             f"(relative {rel:.1e})"))
     kind = MODELS[t]
     if not model.can_generate():
         rows["generate"] = {"status": "n/a"}
@@ -267,36 +272,44 @@ def step_inplace(t):
         tokens = _generate(model, kind, args)
         same = bool((tokens.shape == _generate(reloaded, kind, args).shape)
                     and (tokens == _generate(reloaded, kind, args)).all())
-        rows["generate"] = {"status": "ok" if same else "fail", "tokens": tokens.shape[-1]}
+        rows["generate"] = {"status": "ok", "class": "ok", "tokens": tokens.shape[-1]}
         if not same:
-            rows["generate"]["reason"] = "the reloaded model generates other tokens"
+            rows["generate"].update(harness.failed("wrong output", "the reloaded model generates other tokens"))
     except Exception as exc:
-        rows["generate"] = {"status": "fail", "reason": harness.first_line(exc)}
+        rows["generate"] = harness.failed("error", harness.first_line(exc))
     return rows
 
 
 def step_tp(t):
+    """Torch-Pruning's recipe at the same ratio, checked as ``prune(..., inplace=True)`` is: the model runs on both
+    inputs and its first output keeps its shape (and is finite)."""
     import tp_recipe
 
     if not tp_recipe.available():
-        return {"status": "skipped", "reason": "torch-pruning is not installed"}
-    model, args, kwargs = build(t)[:3]
+        return {"status": "skipped", "class": "skipped", "reason": "torch-pruning is not installed"}
+    model, args, kwargs, other_args, other_kwargs = build(t)
     if getattr(model.config, "use_cache", False):  # as coverage.py's zoo: Torch-Pruning cannot trace a cache
         model.config.use_cache = False
-    before, reference = _params(model), _run(model, args, kwargs)
-    tp_recipe.prune(f"hf:{t}", model, args, kwargs, RATIO)
-    row = {"params_kept": _params(model) / before}
-    try:
-        return {**row, **_same_shapes(_run(model, args, kwargs), reference)}
-    except Exception as exc:
-        return {**row, "status": "fail", "reason": "forward failed: " + harness.first_line(exc)}
+    before = _params(model)
+    reference, other_reference = _run(model, args, kwargs), _run(model, other_args, other_kwargs)
+    start = time.perf_counter()
+    tp_recipe.prune(f"hf:{t}", model, args, kwargs, RATIO, outputs="first")
+    row = {"params_kept": _params(model) / before, "prune_s": time.perf_counter() - start}
+    for inputs, expected in (((args, kwargs), reference), ((other_args, other_kwargs), other_reference)):
+        try:
+            result = _same_first_shape(_run(model, *inputs), expected)
+        except Exception as exc:
+            return {**row, **harness.failed("error", "forward failed: " + harness.first_line(exc), stage="forward")}
+        if result["status"] != "ok":
+            return {**row, **result}
+    return {**row, "status": "ok", "class": "ok"}
 
 
 STEPS = [("analysis", step_analysis, False), ("oracle", step_oracle, False), ("prune", step_prune, True),
          ("inplace", step_inplace, True), ("torch-pruning", step_tp, False)]
 
 
-def measure_type(t: str, step_timeout: float, max_gib: float, tp_timeout: float) -> dict:
+def measure_type(t: str, step_timeout: float, max_gib: float) -> dict:
     """Every check of one model type (inside a worker process); emits the row after each step."""
     import torch
 
@@ -307,7 +320,7 @@ def measure_type(t: str, step_timeout: float, max_gib: float, tp_timeout: float)
     del model
     for key, step, several in STEPS:
         start = time.perf_counter()
-        with harness.time_limit(tp_timeout if key == "torch-pruning" else step_timeout, max_gib):
+        with harness.time_limit(step_timeout, max_gib):  # the same limit for every step, both libraries
             result = harness.guarded(step, t)
         seconds = time.perf_counter() - start
         if several and result.get("status") != "error":
@@ -316,7 +329,7 @@ def measure_type(t: str, step_timeout: float, max_gib: float, tp_timeout: float)
             first, *later = {"prune": ["prune", "prune_other"], "inplace": ["inplace", "reload", "generate"]}[key]
             row[first] = result
             for k in later:
-                row[k] = {"status": "fail", "reason": f"not reached: {key} failed"}
+                row[k] = harness.failed("error", f"not reached: {key} failed")
             if "generate" in later and MODELS[t] in ("encoder", "vision", "ctc"):
                 row["generate"] = {"status": "n/a"}
         else:
@@ -326,14 +339,14 @@ def measure_type(t: str, step_timeout: float, max_gib: float, tp_timeout: float)
     return row
 
 
-def worker(t: str, step_timeout: float, max_gib: float, threads: int, tp_timeout: float) -> None:
+def worker(t: str, step_timeout: float, max_gib: float, threads: int) -> None:
     import warnings
 
     import torch
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
-    row = harness.guarded(measure_type, t, step_timeout, max_gib, tp_timeout)
+    row = harness.guarded(measure_type, t, step_timeout, max_gib)
     row.setdefault("model", t)
     harness.emit(row)
 
@@ -341,7 +354,7 @@ def worker(t: str, step_timeout: float, max_gib: float, threads: int, tp_timeout
 # ---------------------------------------------------------------------------------------------- parent side
 
 def passed(row: dict, check: str) -> bool:
-    return row.get(check, {}).get("status") in ("ok", "n/a")
+    return harness.failure_class(row.get(check)) == "ok" if row.get(check) else False
 
 
 def all_fxprune(row: dict) -> bool:
@@ -349,10 +362,13 @@ def all_fxprune(row: dict) -> bool:
 
 
 def _mark(row: dict, check: str) -> str:
-    status = row.get(check, {}).get("status")
-    if status is None:
+    result = row.get(check)
+    if not result:
         return "✗" if row.get("status") == "error" else ""
-    return {"ok": "✓", "n/a": "n/a", "skipped": "skipped"}.get(status, "✗")
+    if result.get("status") in ("n/a", "skipped"):
+        return result["status"]
+    kind = harness.failure_class(result)
+    return "✓" if kind == "ok" else f"✗ {kind}"
 
 
 def _pct(v) -> str:
@@ -362,25 +378,33 @@ def _pct(v) -> str:
 def table(rows: list[dict]) -> str:
     cols = list(CHECKS) + ["torch-pruning"]
     lines = ["| model type | kind | " + " | ".join(HEADERS[c] for c in cols) + " | params kept fxprune | "
-             "params kept Torch-Pruning | reload max abs diff |",
-             "| --- | --- |" + " :---: |" * len(cols) + " ---: | ---: | ---: |"]
+             "params kept Torch-Pruning | Torch-Pruning s | reload max abs diff |",
+             "| --- | --- |" + " :---: |" * len(cols) + " ---: | ---: | ---: | ---: |"]
     for r in rows:
         diff = r.get("reload", {}).get("max_abs_diff")
+        tp = r.get("torch-pruning", {})
+        seconds = tp.get("prune_s", tp.get("step_s"))
         lines.append(f"| {r['model']} | {r.get('kind', '')} | " + " | ".join(_mark(r, c) for c in cols) +
                      f" | {_pct(r.get('inplace', {}).get('params_kept') or r.get('prune', {}).get('params_kept'))}"
-                     f" | {_pct(r.get('torch-pruning', {}).get('params_kept'))} | "
+                     f" | {_pct(tp.get('params_kept'))} | {'' if seconds is None else f'{seconds:.1f}'} | "
                      f"{'' if diff is None else f'{diff:.1e}'} |")
     return "\n".join(lines)
 
 
 def failures(rows: list[dict]) -> str:
+    """Per check: how many failed in each class, then one line per failing model with its class and reason."""
     lines = []
     for check in list(CHECKS) + ["torch-pruning"]:
-        bad = [r for r in rows if not passed(r, check) and r.get(check, {}).get("status") != "skipped"]
-        lines.append(f"\n**{HEADERS[check]}**: {len(bad)} failing" + (":" if bad else "."))
+        bad = [r for r in rows if not passed(r, check) and r.get(check, {}).get("status") not in ("skipped", "n/a")]
+        classes = {}
         for r in bad:
-            res = r.get(check) or {"reason": r.get("reason", r.get("died", "not measured"))}
-            lines.append(f"- {r['model']}: {res.get('reason', res.get('status', ''))}".replace("|", "/"))
+            kind = harness.failure_class(r.get(check) or {"status": "error"})
+            classes[kind] = classes.get(kind, 0) + 1
+        by_class = ", ".join(f"{n} {kind}" for kind, n in sorted(classes.items(), key=lambda kv: -kv[1]))
+        lines.append(f"\n**{HEADERS[check]}**: {len(bad)} failing" + (f" ({by_class}):" if bad else "."))
+        for r in bad:
+            res = r.get(check) or {"status": "error", "reason": r.get("reason", r.get("died", "not measured"))}
+            lines.append(f"- {r['model']}: {harness.describe_failure(res)}")
     return "\n".join(lines)
 
 
@@ -395,24 +419,43 @@ def totals(rows: list[dict]) -> str:
     return f"{line}\n\nfxprune per check: {per}."
 
 
-def report(rows: list[dict], command: str, wall: float | None = None, note: str = "") -> str:
-    import platform
+def summary(runs: list[dict]) -> str:
+    """The README's sentence on this report, every number from the log."""
+    rows, _ = harness.latest_rows(runs, "model")
+    n = len(rows)
+    counts: dict[str, list] = {}
+    for r in rows:
+        kind = harness.failure_class(r.get("torch-pruning"))
+        if kind not in ("ok", "skipped"):
+            counts.setdefault(kind, []).append(r["model"])
+    failures = "; ".join(f"{len(models)} {kind}" + (f" ({', '.join(models)})" if kind == "timeout" else "")
+                         for kind, models in sorted(counts.items(), key=lambda kv: -len(kv[1])))
+    diffs = [r["reload"]["max_abs_diff"] for r in rows if "max_abs_diff" in r.get("reload", {})]
+    return (f"fxprune {sum(all_fxprune(r) for r in rows)}/{n} transformers model types pass every check "
+            f"(analysis, dead-unit oracle, prune on two input sizes, in place, save + load_pretrained"
+            + (f" with largest difference {max(diffs):.1e}" if diffs else "") + ", generate); Torch-Pruning's "
+            f"recipe runs on {sum(passed(r, 'torch-pruning') for r in rows)}/{n}; its failures: {failures or 'none'}.")
 
-    import torch
 
-    versions = f"torch {torch.__version__}"
-    for mod in ("transformers", "torch_pruning"):
-        try:
-            versions += f", {mod} {__import__(mod).__version__}"
-        except ImportError:
-            pass
-    took = (f" Wall time {wall / 60:.0f} min." if wall else "") + (f" {note}" if note else "")
+def render(runs: list[dict]) -> str:
+    """The report, from the log's runs (a later run's row of a model type replaces an earlier one)."""
+    rows, _ = harness.latest_rows(runs, "model")
+    order = {name: i for i, name in enumerate(MODELS)}
+    rows.sort(key=lambda r: order.get(r["model"], len(order)))
+    header = runs[-1]["header"] if runs else {}
+    changes = header.get("sizes") or {}
+    sizes = ", ".join(f"{k}={v}" for k, v in changes.items())
+    limit = header.get("step_limit_note") or "step limits not recorded (log from before harness limits)"
     return (f"# Hugging Face sweep: {len(rows)} transformers model types, fxprune and Torch-Pruning at ratio "
-            f"{RATIO}\n\n`{command}`\n\n{versions}; {platform.machine()}, {os.cpu_count()} CPUs.{took} Tiny "
+            f"{RATIO}\n\nRuns (every row comes from the run named with it when there are several):\n\n"
+            f"{harness.describe_runs(runs, 'model')}\n\n{limit} Tiny "
             f"random-init models (hidden 64, 2 layers, 4 heads, 2 kv heads where the config has them; "
-            f"`AutoConfig.for_model`); see `hf_sweep.py` for the checks. ✓ passed, ✗ failed (reasons below), "
-            f"n/a: not a generative model. Params kept: fxprune in place, Torch-Pruning with its recipe "
-            f"(`tp_recipe.py`); reload max abs diff: saved and reloaded vs the pruned model, same inputs.\n\n"
+            f"`AutoConfig.for_model`{'; changed for this run: ' + sizes if sizes else ''}); see `hf_sweep.py` for "
+            f"the checks. ✓ passed; ✗ failed, with the class of the failure (timeout, memory, error, wrong output, "
+            f"shape changed; reasons below); n/a: not a generative model. Params kept: fxprune in place, "
+            f"Torch-Pruning with its recipe (`tp_recipe.py`), both checked alike (the model runs on two input "
+            f"sizes with its first output's shape); Torch-Pruning s: its prune call (for a failed step, how long "
+            f"the step ran); reload max abs diff: saved and reloaded vs the pruned model, same inputs.\n\n"
             f"{totals(rows)}\n\n{table(rows)}\n\n## Failures\n{failures(rows)}\n")
 
 
@@ -420,69 +463,74 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CI subset: " + ", ".join(QUICK))
     parser.add_argument("--models", help="comma-separated model types (default: every type in MODELS)")
-    parser.add_argument("--step-timeout", type=float, default=300, help="seconds per check step")
-    parser.add_argument("--tp-timeout", type=float, default=60,
-                        help="seconds for Torch-Pruning's step (it hangs on LLaMA-style decoders: coverage.md)")
-    parser.add_argument("--timeout", type=float, default=1200, help="seconds per worker process")
-    parser.add_argument("--max-gib", type=float, default=4, help="RSS cap per worker step, GiB")
+    harness.add_limit_arguments(parser, max_gib=4)
+    parser.add_argument("--timeout", type=float, help="seconds per worker process (default: every step's limit "
+                                                      "plus 300 s)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--jobs", type=int, default=1, help="workers at the same time")
+    parser.add_argument("--sizes", default="", help="comma-separated KEY=VALUE changes to the tiny sizes (SIZES), "
+                        "e.g. num_key_value_heads=1")
     parser.add_argument("--out", help="markdown report (default benchmarks/hf_sweep.md; a temp dir with --quick)")
-    parser.add_argument("--log", help="one JSON line per model (overwritten)")
-    parser.add_argument("--redo", default="", help="comma-separated types to measure again; the other rows "
-                        "are read from --log, which is then rewritten")
+    parser.add_argument("--log", help="the JSON-lines log the report is rendered from (default: --out with .jsonl)")
+    parser.add_argument("--redo", default="", help="comma-separated types to measure again, as a new run added to "
+                        "--log; the report takes each type's latest row")
+    parser.add_argument("--render", action="store_true", help="only render --out from --log, measuring nothing")
     parser.add_argument("--note", default="", help="text for the report's header (how the rows were made)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    changes = {k: int(v) for k, v in (item.split("=") for item in args.sizes.split(",") if item)}
+    SIZE_CHANGES.update(changes)
     if args.worker:
-        worker(args.worker, args.step_timeout, args.max_gib, args.threads, args.tp_timeout)
+        worker(args.worker, harness.step_seconds("hf_sweep", args.worker, args.step_timeout), args.max_gib,
+               args.threads)
         return 0
     names = args.models.split(",") if args.models else (QUICK if args.quick else list(MODELS))
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         parser.error(f"unknown model types {unknown}: {', '.join(MODELS)}")
     out = Path(args.out) if args.out else harness.default_out(args.quick, "hf_sweep.md")
-    given = list(sys.argv[1:] if argv is None else argv)
-    shown = [a for i, a in enumerate(given) if a != "--note" and (i == 0 or given[i - 1] != "--note")]
-    command = "python benchmarks/hf_sweep.py " + " ".join(shown)  # the note is printed after it
-    earlier = {}
-    if args.redo:
-        if not args.log or not Path(args.log).exists():
-            parser.error("--redo needs an existing --log")
-        earlier = {r["model"]: r for r in map(json.loads, Path(args.log).read_text().splitlines())}
-        names = [n for n in names if n in earlier or n in args.redo.split(",")]
-    log = open(args.log, "w") if args.log else None
-    for row in earlier.values():
-        if log and row["model"] not in args.redo.split(","):
-            log.write(json.dumps(row, default=str) + "\n")
-    extra = ["--step-timeout", str(args.step_timeout), "--tp-timeout", str(args.tp_timeout),
-             "--max-gib", str(args.max_gib), "--threads", str(args.threads)]
+    log_path = Path(args.log) if args.log else out.with_suffix(".jsonl")
+    if args.render:
+        harness.write_report(render, log_path, out)
+        print(f"wrote {out} from {log_path}")
+        return 0
+    if args.redo and not log_path.exists():
+        parser.error("--redo needs an existing --log")
     todo = args.redo.split(",") if args.redo else names
-    start, done = time.perf_counter(), {n: r for n, r in earlier.items() if n not in todo}
+    header = harness.run_header("hf_sweep.py", list(sys.argv[1:] if argv is None else argv), args.note,
+                                sizes=changes, step_limit_note=harness.limits_note("hf_sweep", todo, args.step_timeout))
+    log = harness.Log(log_path, header, mode="a" if args.redo else "w")
+    extra = ["--max-gib", str(args.max_gib), "--threads", str(args.threads)]
+    extra += ["--step-timeout", str(args.step_timeout)] if args.step_timeout else []
+    extra += ["--sizes", args.sizes] if args.sizes else []
+    start, done = time.perf_counter(), 0
 
     def one(name: str) -> dict:
-        row = harness.run_worker([harness.python(), __file__, "--worker", name] + extra, args.timeout,
-                                 {"model": name})
+        step = harness.step_seconds("hf_sweep", name, args.step_timeout)
+        row = harness.run_worker([harness.python(), __file__, "--worker", name] + extra,
+                                 args.timeout or harness.worker_seconds(len(STEPS), step), {"model": name})
         for check in list(CHECKS) + ["analysis", "torch-pruning"]:
             if check not in row and ("died" in row or row.get("status") == "error"):
-                row[check] = {"status": "error", "reason": row.get("died") or row.get("reason", "")}
+                reason = row.get("died") or row.get("reason", "")
+                kind = row.get("class") if row.get("class") in harness.CLASSES[1:] else \
+                    "memory" if "SIGKILL" in reason else "error"
+                row[check] = harness.failed(kind, reason)
         return row
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(one, name): name for name in todo}
         for future in concurrent.futures.as_completed(futures):
-            row = done[futures[future]] = future.result()
-            if log:
-                log.write(json.dumps(row, default=str) + "\n")
-                log.flush()
+            row = future.result()
+            done += 1
+            log.write(row)
             marks = " ".join(f"{c}:{_mark(row, c)}" for c in list(CHECKS) + ["torch-pruning"])
-            print(f"[{len(done)}/{len(names)}] {row['model']}: {marks} ({row['seconds']:.0f} s)", flush=True)
-            rows = [done[n] for n in names if n in done]
-            out.write_text(report(rows, command, note=args.note))
-    rows = [done[n] for n in names if n in done]
-    wall = time.perf_counter() - start
-    out.write_text(report(rows, command, None if args.redo else wall, args.note))
-    print(f"\n{totals(rows)}\nwall time {wall:.0f} s; wrote {out}")
+            print(f"[{done}/{len(todo)}] {row['model']}: {marks} ({row['seconds']:.0f} s)", flush=True)
+            harness.write_report(render, log_path, out)
+    log.finish(wall_s=time.perf_counter() - start)
+    runs = harness.read_runs(log_path)
+    harness.write_report(render, log_path, out)
+    print(f"\n{totals(harness.latest_rows(runs, 'model')[0])}\nwall time {time.perf_counter() - start:.0f} s; "
+          f"wrote {out} from {log_path}")
     return 0
 
 

@@ -19,6 +19,9 @@ Columns: the measures, the parameters kept, the heads and MLP units left per lay
 Run (about 20 s per row on 2 shared cores; ``--ratios``/``--importances`` choose the rows)::
 
     python benchmarks/isomorphic_minilm.py --ratios 0.3 --target-params 0.85,0.7 --importances l2,activation
+
+One row per line of the log (``--log``, default ``--out`` with ``.jsonl``) after a header naming the run; the
+report is rendered from it (:func:`render`, also called by ``results.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import fxprune
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
+import harness  # noqa: E402
 from quality import _neighbours, _sentence_embeddings, parameters  # noqa: E402
 
 MODES = {"uniform": {}, "global": {"global_pruning": True},
@@ -68,21 +72,49 @@ def widths(model) -> tuple[list, list]:
     return heads, [params[f"encoder.layer.{i}.intermediate.dense.weight"].shape[0] for i in layers]
 
 
+COLUMNS = ("importance", "budget", "ranking", "mean cosine", "NN agreement", "params kept", "heads per layer",
+           "MLP units per layer", "seconds")
+
+
+def render(runs: list[dict]) -> str:
+    """The report of the log's last run."""
+    run = runs[-1]
+    fmt = {"mean cosine": "{:.4f}", "NN agreement": "{:.3f}", "params kept": "{:.3f}", "seconds": "{:.0f}"}
+    lines = ["# Uniform, global and isomorphic ranking on all-MiniLM-L6-v2", "", harness.describe_runs([run]), "",
+             "Right after pruning, no refit or distillation; hidden size kept, heads (their head dim kept whole) and "
+             "MLP units pruned. Mean cosine between the original and pruned sentence embeddings of the evaluation "
+             "sentences, nearest-neighbour agreement (see `benchmarks/quality.py`'s minilm task). `global` with a "
+             "ratio ranks by count (it then keeps more parameters, not the same budget); with `target_params` by "
+             "score per parameter saved. `isomorphic`: every layer's heads one class, every layer's MLP units "
+             "another, each losing the ratio (with a target, the one searched ratio).", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in run["rows"]:
+        lines.append("| " + " | ".join(fmt.get(c, "{}").format(r[c]) if c in r else "" for c in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", default="0.3")
     parser.add_argument("--target-params", default="0.85",
                         help="fractions of the parameters to keep, searched per ranking (global: by cost)")
     parser.add_argument("--importances", default="l2,activation")
+    parser.add_argument("--out", default=str(HERE / "isomorphic_minilm.md"), help="markdown report")
+    parser.add_argument("--log", help="the JSON-lines log the report is rendered from (default: --out with .jsonl)")
+    parser.add_argument("--render", action="store_true", help="only render --out from --log, measuring nothing")
     args = parser.parse_args(argv)
+    log_path = Path(args.log) if args.log else Path(args.out).with_suffix(".jsonl")
+    if args.render:
+        harness.write_report(render, log_path, args.out)
+        return 0
+    log = harness.Log(log_path, harness.run_header("isomorphic_minilm.py", list(sys.argv[1:] if argv is None
+                                                                                else argv)))
     model, calibration, evaluation, example = setup()
     reference = _sentence_embeddings(model, evaluation)
     reference_nn, params0 = _neighbours(reference), parameters(model)
     budgets = [("ratio", float(r)) for r in args.ratios.split(",") if r] + \
               [("target_params", float(t)) for t in args.target_params.split(",") if t]
-    print("| importance | budget | ranking | mean cosine | NN agreement | params kept | heads per layer | "
-          "MLP units per layer | seconds |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    start_all = time.perf_counter()
     for importance in args.importances.split(","):
         for budget, value in budgets:
             for mode, options in MODES.items():
@@ -95,9 +127,15 @@ def main(argv=None) -> int:
                 seconds = time.perf_counter() - start
                 e = _sentence_embeddings(pruned, evaluation)
                 heads, mlp = widths(pruned)
-                print(f"| {importance} | {budget}={value:g} | {mode} | {(e * reference).sum(-1).mean().item():.4f} | "
-                      f"{(_neighbours(e) == reference_nn).float().mean().item():.3f} | "
-                      f"{parameters(pruned) / params0:.3f} | {heads} | {mlp} | {seconds:.0f} |", flush=True)
+                row = {"importance": importance, "budget": f"{budget}={value:g}", "ranking": mode,
+                       "mean cosine": (e * reference).sum(-1).mean().item(),
+                       "NN agreement": (_neighbours(e) == reference_nn).float().mean().item(),
+                       "params kept": parameters(pruned) / params0, "heads per layer": heads,
+                       "MLP units per layer": mlp, "seconds": seconds}
+                log.write(row)
+                print(row, flush=True)
+    log.finish(wall_s=time.perf_counter() - start_all)
+    print(harness.write_report(render, log_path, args.out))
     return 0
 
 

@@ -244,7 +244,8 @@ def run_model(spec: dict) -> None:
     rows: list[dict] = []
     base = {"model": case.name, "device": case.device, "dtype": spec["dtype"], "labels": case.labels,
             "batches": case.batches, "seq": case.seq if case.llama else None, "hardware": hardware(case.device),
-            "torch": torch.__version__, **{k: spec[k] for k in ("repeats", "warmup", "threads", "command", "started")}}
+            "torch": torch.__version__,
+            **{k: spec[k] for k in ("repeats", "warmup", "threads", "command", "started", "note")}}
 
     def record(row: dict) -> None:
         rows.append({**base, **row})
@@ -252,7 +253,7 @@ def run_model(spec: dict) -> None:
         harness.emit({"rows": rows})
 
     def step(fn, *args):
-        with harness.time_limit(spec["step_timeout"]):
+        with harness.time_limit(harness.step_seconds("latency", spec["model"], spec["step_timeout"])):
             return fn(*args)
 
     start = time.perf_counter()
@@ -422,11 +423,12 @@ def header(rows: list[dict]) -> str:
 
     threads = f", {every('threads')} torch threads" if first["device"] == "cpu" else ""
     commands = "\n".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows if r.get("command")))
+    notes = " ".join(dict.fromkeys(r["note"] for r in rows if r.get("note")))
     return (f"# Latency of pruned models against the original ({first['device'].upper()}, {every('dtype')})\n\n"
             f"{commands}\n\n"
             f"Measured {every('started')} on {every('hardware')}{threads}; torch {every('torch')}, dtype "
             f"{every('dtype')}; median of {every('repeats')} runs after {every('warmup')} warm-up runs; "
-            "random weights. "
+            "random weights. " + (notes + " " if notes else "") +
             "Settings: `defaults` = `fxprune.prune(model, ratio)` (aligned widths, whole heads), `round_to=1` = "
             "alignment off; ratio 0.0 is the unpruned original. Speed-up = original latency / pruned latency; the "
             "last column flags a pruned model slower than the original. Images are 224 px (resnet18: 64 px)."
@@ -469,6 +471,29 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def readme_summary(runs: list[dict]) -> str:
+    """The README's sentence on this report: which pruned models are slower than the original, per setting."""
+    rows = [r for run in runs for r in run["rows"]]
+    speedups(rows)
+    parts = []
+    for setting in SETTINGS:
+        mine = [r for r in rows if r["setting"] == setting and "speedup" in r]
+        slow = [f"{r['model']} {r['ratio']:.1f} {lb} ({sp:.2f}x)" for r in mine for lb, sp in r["speedup"].items()
+                if sp < 1.0]
+        ratios = sorted({r["ratio"] for r in mine})
+        if ratios:
+            parts.append(f"{setting}: {len(mine)} pruned models (ratios {ratios[0]:g}..{ratios[-1]:g}), slower than "
+                         f"the original: {', '.join(slow) or 'none'}")
+    return "; ".join(parts) + "."
+
+
+def render(runs: list[dict]) -> str:
+    """The report from the raw rows of a log (each row names its command and start; results.py calls this)."""
+    rows = [r for run in runs for r in run["rows"]]
+    speedups(rows)
+    return header(rows) + "\n" + table(rows) + "\n"
+
+
 def write(rows: list[dict], out: Path, raw: Path, png: Path | None) -> None:
     speedups(rows)
     out.write_text(header(rows) + "\n" + table(rows) + "\n")
@@ -501,13 +526,15 @@ def main(argv=None) -> int:
                         help="time the original in turns with every pruned model (twice the timing; fair speed-ups "
                              "on a machine whose load changes; keeps a second LLaMA in memory)")
     parser.add_argument("--warmup", type=int, help="untimed runs first (default 1 on CPU, 3 on CUDA)")
-    parser.add_argument("--step-timeout", type=float, default=900, help="seconds per build, prune or measurement")
+    parser.add_argument("--step-timeout", type=float, help="seconds per build, prune or measurement (default "
+                                                          "harness.step_seconds: 300 s, 900 s for llama-7b)")
     parser.add_argument("--timeout", type=float, default=7200, help="seconds per model (one worker process)")
     parser.add_argument("--out", help="markdown (default benchmarks/latency_DEVICE.md; a temp dir with --quick)")
     parser.add_argument("--raw", help="JSON lines of the rows (default: --out with .jsonl)")
     parser.add_argument("--plot", help="PNG (default: --out with .png)")
     parser.add_argument("--from-raw", help="comma-separated .jsonl files of earlier runs: write the report "
                                            "(--out, --raw, --plot) from their rows, measuring nothing")
+    parser.add_argument("--note", default="", help="conditions of the run for the report (e.g. pinned to a core)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -517,7 +544,7 @@ def main(argv=None) -> int:
     cfg = dict(device=args.device, dtype=args.dtype or ("bfloat16" if cuda else "float32"), threads=args.threads,
                models=DEFAULT_MODELS[args.device], ratios=RATIOS, batches=[1, 64], llama_batches=[1, 4],
                seq=args.seq, repeats=args.repeats or (20 if cuda else 5), warmup=args.warmup or (3 if cuda else 1),
-               step_timeout=args.step_timeout, paired=args.paired)
+               step_timeout=args.step_timeout, paired=args.paired, note=args.note)
     if args.quick:
         cfg.update(QUICK, repeats=args.repeats or 2)
         if importlib.util.find_spec("transformers") is None:  # LLaMA needs transformers: images only

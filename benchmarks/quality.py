@@ -24,9 +24,14 @@ refit on the pruned model's own inputs), ``+ distill`` then runs ``fxprune.disti
 for the stated CPU seconds. ``Torch-Pruning L2`` is ``tp.pruner.MetaPruner`` with
 ``GroupMagnitudeImportance(p=2)`` and the same budget (heads and MLP units, hidden kept).
 
+Every pruning (fxprune's row with its refit or distillation, Torch-Pruning's) gets the same limit,
+``harness.step_seconds("quality", task)`` (300 s; 1200 s on MiniLM, whose sequential refit took 736 s); a row
+that fails says why, with its class. The log (``--log``, default ``--out`` with ``.jsonl``) starts with a
+header naming the run; the report is rendered from it (:func:`render`, also called by ``results.py``).
+
 Run (``--quick``: fewer rows, for tests)::
 
-    python benchmarks/quality.py --out benchmarks/quality.md --log benchmarks/quality.jsonl
+    python benchmarks/quality.py --out benchmarks/quality.md
 """
 
 from __future__ import annotations
@@ -52,8 +57,23 @@ from harness import StepLimit, time_limit  # noqa: E402
 
 DISTILL_SECONDS = {"minilm": 300, "lm": 120}  # CPU seconds of fxprune.distill per distilled row
 DISTILL_LR = {"minilm": 1e-4, "lm": 5e-4}
-TP_SECONDS = 240  # Torch-Pruning's time limit per pruning (the coverage benchmark's)
 ONLY = re.compile("")  # --only: the rows to run (a regular expression on their labels)
+STEP_TIMEOUT = None  # --step-timeout: overrides harness.step_seconds for every row
+
+
+def limited(task: str, emit, label: str, base: dict, fn):
+    """``fn()`` (a pruning: fxprune's row, with its distillation, or Torch-Pruning's) under the task's step limit,
+    the same for every library (``harness.step_seconds("quality", task)``); a failure is emitted as the row, with
+    its class and how long it ran, and gives None."""
+    start = time.perf_counter()
+    try:
+        with time_limit(harness.step_seconds("quality", task, STEP_TIMEOUT)):
+            return fn()
+    except (Exception, StepLimit) as exc:  # reported, not hidden: the row says why it has no number
+        kind = exc.kind if isinstance(exc, StepLimit) else "error"
+        emit(task, label, {**base, "error": harness.first_line(exc, 200), "class": kind,
+                           "seconds": time.perf_counter() - start})
+        return None
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -171,9 +191,10 @@ def task_minilm(args, emit) -> None:
 
     hidden_writers = [model.embeddings.word_embeddings]
     for label, options in fxprune_rows(args.quick, distill=DISTILL_SECONDS["minilm"]):
-        pruned, seconds = run_fxprune(model, options, example, calibration, args.ratio, ignore=hidden_writers,
-                                      lr=DISTILL_LR["minilm"])
-        report(label, pruned, seconds)
+        got = limited("minilm", emit, label, {}, lambda: run_fxprune(
+            model, options, example, calibration, args.ratio, ignore=hidden_writers, lr=DISTILL_LR["minilm"]))
+        if got:
+            report(label, *got)
     if _tp_available() and ONLY.search("Torch-Pruning L2"):
         def layers(m):
             attention = [(a.query, a.key, a.value, a.num_attention_heads, a.num_attention_heads)
@@ -183,13 +204,16 @@ def task_minilm(args, emit) -> None:
             return attention, residual
 
         start = time.perf_counter()
-        pruned, pruner = tp_heads_and_mlp(model, example, args.ratio, layers)
-        for m in pruned.modules():  # the recipe's own size fix-ups (examples/transformers)
-            if hasattr(m, "query") and hasattr(m, "num_attention_heads"):
-                m.num_attention_heads = pruner.num_heads[m.query]
-                m.attention_head_size = m.query.out_features // m.num_attention_heads
-                m.all_head_size = m.query.out_features
-        report("Torch-Pruning L2", pruned, time.perf_counter() - start)
+        got = limited("minilm", emit, "Torch-Pruning L2", {}, lambda: tp_heads_and_mlp(model, example, args.ratio,
+                                                                                        layers))
+        if got:
+            pruned, pruner = got
+            for m in pruned.modules():  # the recipe's own size fix-ups (examples/transformers)
+                if hasattr(m, "query") and hasattr(m, "num_attention_heads"):
+                    m.num_attention_heads = pruner.num_heads[m.query]
+                    m.attention_head_size = m.query.out_features // m.num_attention_heads
+                    m.all_head_size = m.query.out_features
+            report("Torch-Pruning L2", pruned, time.perf_counter() - start)
 
 
 # ------------------------------------------------------------------------------------------ small LM
@@ -216,31 +240,37 @@ def task_lm(args, emit) -> None:
     emit("lm", "dense", {"ratio": 0.0, "perplexity": dense, "vs dense": 1.0, "params kept": 1.0, "seconds": 0.0})
     for ratio in (0.2,) if args.quick else (0.2, 0.3, 0.5):
         for label, options in fxprune_rows(args.quick, distill=DISTILL_SECONDS["lm"]):
-            pruned, seconds = run_fxprune(model, options, example, calibration, ratio,
-                                          ignore=[model.model.embed_tokens], lr=DISTILL_LR["lm"])
+            got = limited("lm", emit, label, {"ratio": ratio}, lambda: run_fxprune(
+                model, options, example, calibration, ratio, ignore=[model.model.embed_tokens], lr=DISTILL_LR["lm"]))
+            if not got:
+                continue
+            pruned, seconds = got
             ppl = tiny_lm.perplexity(pruned, evaluation)
             emit("lm", label, {"ratio": ratio, "perplexity": ppl, "vs dense": ppl / dense,
                                "params kept": parameters(pruned) / params0, "seconds": seconds})
         if _tp_available() and ONLY.search("Torch-Pruning L2") and tp_timed_out:
-            emit("lm", "Torch-Pruning L2", {"ratio": ratio, "error": f"not run: {tp_timed_out}"})
+            # its pruner loops while it is built, before the ratio is read (benchmarks/tp_hang.md): another ratio
+            # would loop the same way
+            emit("lm", "Torch-Pruning L2", {"ratio": ratio, "error": f"not run: {tp_timed_out}", "class": "timeout"})
         elif _tp_available() and ONLY.search("Torch-Pruning L2"):
             start = time.perf_counter()
-            try:
-                with time_limit(TP_SECONDS):  # Torch-Pruning loops for minutes on LLaMA-style graphs
-                    pruned, pruner = tp_heads_and_mlp(model, example, ratio, _lm_layers)
-                for layer in pruned.model.layers:
-                    a = layer.self_attn
-                    n, kv = a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim
-                    a.num_key_value_groups = n // kv
-                    a.config = copy.copy(a.config)
-                ppl = tiny_lm.perplexity(pruned, evaluation)
-                emit("lm", "Torch-Pruning L2", {"ratio": ratio, "perplexity": ppl, "vs dense": ppl / dense,
-                                                "params kept": parameters(pruned) / params0,
-                                                "seconds": time.perf_counter() - start})
-            except (Exception, StepLimit) as exc:  # reported, not hidden: the row says why it has no number
-                emit("lm", "Torch-Pruning L2", {"ratio": ratio, "error": f"{type(exc).__name__}: {exc}"[:200]})
-                if isinstance(exc, StepLimit):
-                    tp_timed_out = f"timed out after {TP_SECONDS} s at ratio {ratio}"
+            got = limited("lm", emit, "Torch-Pruning L2", {"ratio": ratio},
+                          lambda: tp_heads_and_mlp(model, example, ratio, _lm_layers))
+            if got is None:
+                limit = harness.step_seconds("quality", "lm", STEP_TIMEOUT)
+                if time.perf_counter() - start >= limit - 1:
+                    tp_timed_out = f"timed out after {limit:.0f} s at ratio {ratio}"
+                continue
+            pruned, pruner = got
+            for layer in pruned.model.layers:
+                a = layer.self_attn
+                n, kv = a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim
+                a.num_key_value_groups = n // kv
+                a.config = copy.copy(a.config)
+            ppl = tiny_lm.perplexity(pruned, evaluation)
+            emit("lm", "Torch-Pruning L2", {"ratio": ratio, "perplexity": ppl, "vs dense": ppl / dense,
+                                            "params kept": parameters(pruned) / params0,
+                                            "seconds": time.perf_counter() - start})
 
 
 # ------------------------------------------------------------------------------------------- digits
@@ -254,13 +284,17 @@ def task_digits(args, emit) -> None:
     calibration = [x_train[i:i + 64] for i in range(0, 512, 64)]
     macs0 = fxprune.count(base, (x_test[:1],))[0]
     emit("digits", "unpruned", {"accuracy": accuracy(base, x_test, y_test), "MACs kept": 1.0, "seconds": 0.0})
-    for label, options in fxprune_rows(args.quick, reestimate_bn=True):
-        options = dict(options)
-        start = time.perf_counter()
+    def prune_digits(options):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pruned = fxprune.prune(base, example_inputs=(x_test[:2],), target_macs=0.5, calibration=calibration,
-                                   **options)
+            return fxprune.prune(base, example_inputs=(x_test[:2],), target_macs=0.5, calibration=calibration,
+                                 **options)
+
+    for label, options in fxprune_rows(args.quick, reestimate_bn=True):
+        start = time.perf_counter()
+        pruned = limited("digits", emit, label, {}, lambda: prune_digits(dict(options)))
+        if pruned is None:
+            continue
         emit("digits", label, {"accuracy": accuracy(pruned, x_test, y_test),
                                "MACs kept": fxprune.count(pruned, (x_test[:1],))[0] / macs0,
                                "seconds": time.perf_counter() - start})
@@ -268,7 +302,10 @@ def task_digits(args, emit) -> None:
         from accuracy_digits import tp_magnitude
 
         start = time.perf_counter()
-        model = tp_magnitude(copy.deepcopy(base), (x_test,), None)  # bisects its ratio to half the MACs
+        model = limited("digits", emit, "Torch-Pruning L2", {},  # bisects its ratio to half the MACs
+                        lambda: tp_magnitude(copy.deepcopy(base), (x_test,), None))
+        if model is None:
+            return
         emit("digits", "Torch-Pruning L2", {"accuracy": accuracy(model.eval(), x_test, y_test),
                                             "MACs kept": fxprune.count(model, (x_test[:1],))[0] / macs0,
                                             "seconds": time.perf_counter() - start})
@@ -301,37 +338,94 @@ def table(records: list[dict], task: str) -> str:
     return "\n".join(lines)
 
 
+SHORT = {"minilm": "all-MiniLM-L6-v2, 30% of heads and MLP units", "lm": "small LLaMA (tiny_lm.py)",
+         "digits": "digits ResNet at 50% of the MACs"}
+
+
+def summary(runs: list[dict]) -> str:
+    """The README's sentence on this report: per task (and ratio), the best fxprune row without distillation, the best
+    with it, fxprune's L2 and Torch-Pruning's L2 (or why it has no number)."""
+    rows = runs[-1]["rows"]
+    measure = {"minilm": ("mean cosine", max), "lm": ("perplexity", min), "digits": ("accuracy", max)}
+    parts = []
+    for task, (key, best) in measure.items():
+        base = next((r for r in rows if r["task"] == task and r["row"] in ("dense", "unpruned")), None)
+        for ratio in dict.fromkeys(r.get("ratio") for r in rows if r["task"] == task and r.get("ratio") != 0.0):
+            mine = [r for r in rows if r["task"] == task and r.get("ratio") == ratio and key in r
+                    and r["row"] not in ("dense", "unpruned", "Torch-Pruning L2")]
+            if not mine:
+                continue
+            plain = [r for r in mine if "distill" not in r["row"]]
+            distilled = [r for r in mine if "distill" in r["row"]]
+            cells = [f"{key} {(top := best(plain, key=lambda r: r[key]))[key]:.3g} ({top['row']})"] if plain else []
+            if distilled:
+                top = best(distilled, key=lambda r: r[key])
+                cells.append(f"{top[key]:.3g} with distillation ({top['row']})")
+            if base:
+                cells.append(f"unpruned {base[key]:.3g}")
+            l2 = next((r for r in mine if r["row"] == "L2"), None)
+            if l2:
+                cells.append(f"fxprune L2 {l2[key]:.3g}")
+            tp = next((r for r in rows if r["task"] == task and r.get("ratio") == ratio
+                       and r["row"] == "Torch-Pruning L2"), None)
+            if tp is not None:
+                kind = tp.get("class") or harness.failure_class({"status": "error", "reason": tp.get("error", "")})
+                cells.append(f"Torch-Pruning L2 {tp[key]:.3g}" if key in tp else
+                             f"Torch-Pruning L2 {kind} ({tp.get('error', '')})")
+            where = f" at ratio {ratio}" if ratio is not None else ""
+            parts.append(f"{SHORT[task]}{where}: " + ", ".join(cells))
+    return "; ".join(parts) + "."
+
+
+def render(runs: list[dict]) -> str:
+    """The report of the log's last run, one table per task (a row that failed says why, with its class)."""
+    run = runs[-1]
+    records = run["rows"]
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    header = run["header"]
+    limit = header.get("step_limit_note") or "Step limits not recorded (log from before harness limits)."
+    return ("# Quality right after pruning, without retraining: fxprune against Torch-Pruning\n\n"
+            f"{harness.describe_runs([run])}\n\n{limit} {header.get('threads', '?')} torch threads.\n\n"
+            + "\n\n".join(table(records, t) for t in tasks) + "\n")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="minilm,lm,digits")
     parser.add_argument("--ratio", type=float, default=0.3, help="MiniLM: fraction of heads and MLP units removed")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a few rows, fewer epochs (for tests)")
-    parser.add_argument("--out", help="markdown table file")
-    parser.add_argument("--log", help="jsonl file, one record per row")
+    harness.add_limit_arguments(parser)
+    parser.add_argument("--out", help="markdown report (default benchmarks/quality.md; a temp dir with --quick)")
+    parser.add_argument("--log", help="the JSON-lines log the report is rendered from (default: --out with .jsonl)")
+    parser.add_argument("--render", action="store_true", help="only render --out from --log, measuring nothing")
     parser.add_argument("--only", default="", help="run only the rows whose label matches this regular expression")
     args = parser.parse_args(argv)
-    global ONLY
-    ONLY = re.compile(args.only)
+    global ONLY, STEP_TIMEOUT
+    ONLY, STEP_TIMEOUT = re.compile(args.only), args.step_timeout
+    out = Path(args.out) if args.out else harness.default_out(args.quick, "quality.md")
+    log_path = Path(args.log) if args.log else out.with_suffix(".jsonl")
+    if args.render:
+        harness.write_report(render, log_path, out)
+        print(f"wrote {out} from {log_path}")
+        return 0
     torch.set_num_threads(args.threads)
-    records = []
+    tasks = args.tasks.split(",")
+    log = harness.Log(log_path, harness.run_header("quality.py", list(sys.argv[1:] if argv is None else argv),
+                                                   step_limit_note=harness.limits_note("quality", tasks,
+                                                                                       args.step_timeout),
+                                                   threads=args.threads))
 
     def emit(task, row, values):
         record = {"task": task, "row": row, **values}
-        records.append(record)
         print(json.dumps(record), flush=True)
-        if args.log:
-            with open(args.log, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        log.write(record)
 
     start = time.perf_counter()
-    for task in args.tasks.split(","):
+    for task in tasks:
         TASKS[task](args, emit)
-    text = ("# Quality right after pruning, without retraining: fxprune against Torch-Pruning\n\n"
-            f"`python benchmarks/quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n")
-    text += "\n\n".join(table(records, t) for t in args.tasks.split(","))
-    text += f"\n\n{time.perf_counter() - start:.0f} s wall, {args.threads} threads, {time.strftime('%Y-%m-%d')}\n"
-    harness.publish(text, args.out)
+    log.finish(wall_s=time.perf_counter() - start)
+    harness.publish(harness.write_report(render, log_path, out), None)
     return 0
 
 

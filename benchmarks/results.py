@@ -1,14 +1,17 @@
-"""Assemble benchmarks/RESULTS.md from the reports the three benchmark scripts wrote (nothing is typed by hand).
+"""Rebuild every benchmark report from its committed log, then assemble benchmarks/RESULTS.md (nothing typed by hand).
 
-Reads ``coverage.md``, ``speed.md``, ``latency_cpu.md``, ``latency_cuda.md``, ``quality.md`` and
-``calibration_memory.md``, ``scale.md``, ``checkpoint_streaming.md``, ``checkpoint_layerwise.md``, ``isomorphic_minilm.md``, ``depth.md``, ``depth_latency.md``, ``hf_sweep.md`` (each script's ``--out``; ``latency.py --device cuda`` writes the GPU one, on a GPU
-machine) and writes them one after another under a header naming the machine, with
-the latency plots linked. A missing report is named as not run (the latency of the
-old single-table script, ``latency.md``, stands in for ``latency_cpu.md`` until that exists).
-Run it after the scripts:
+Each benchmark script writes a JSON-lines log (a header naming each run: command, date, versions, machine, load,
+limits; then its rows) and renders its markdown report from that log with its ``render(runs)`` function.
+This script calls those functions on the committed logs (:data:`REPORTS`), so every markdown report is what its
+log says, and writes RESULTS.md: the reports one after another under a header naming the machine, the latency
+plots linked. A report whose log is missing is named as not run; a report with no log behind it is left out with
+the command that makes one.
 
-    python benchmarks/coverage.py --jobs 2 && python benchmarks/speed.py && python benchmarks/latency.py
-    python benchmarks/results.py            # -> benchmarks/RESULTS.md
+Run it after the scripts (see each script's docstring for its command)::
+
+    python benchmarks/results.py              # rebuild every report from its log, then RESULTS.md
+    python benchmarks/results.py --check      # rebuild in memory and fail if a committed report differs
+    python benchmarks/results.py --readme     # also the README's "Against Torch-Pruning" bullets, from the logs
 
 Example of the header it writes::
 
@@ -19,23 +22,96 @@ Example of the header it writes::
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import platform
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = [("coverage.md", "Coverage"), ("speed.md", "Speed and memory"), ("latency_cpu.md", "Latency on CPU"),
-            ("latency_cuda.md", "Latency on GPU"), ("quality.md", "Quality without retraining"),
-            ("calibration_memory.md", "Calibration statistics of a 1B LLaMA"),
-            ("scale.md", "Scale: planning a 70B-class LLaMA on the meta device"),
-            ("checkpoint_streaming.md", "prune_checkpoint on random LLaMA checkpoints"),
-            ("checkpoint_layerwise.md", "Layer-by-layer calibration from checkpoint shards"),
-            ("isomorphic_minilm.md", "Isomorphic global ranking on MiniLM"),
-            ("depth.md", "Depth against width at equal parameters"),
-            ("depth_latency.md", "Depth against width: CPU latency of the small LLaMA"),
-            ("hf_sweep.md", "Hugging Face model types: every fxprune check, and Torch-Pruning")]
-LEGACY = {"latency_cpu.md": "latency.md"}  # the report of latency.py before --device
+sys.path.insert(0, str(HERE))
+
+# (report, its log, the script whose render() makes the report, RESULTS.md section title, the command that makes it)
+REPORTS = [
+    ("coverage.md", "coverage.jsonl", "coverage", "Coverage", "python benchmarks/coverage.py --jobs 2"),
+    ("speed.md", "speed.jsonl", "speed", "Speed and memory", "python benchmarks/speed.py"),
+    ("latency_cpu.md", "latency_cpu.jsonl", "latency", "Latency on CPU", "python benchmarks/latency.py"),
+    ("latency_cuda.md", "latency_cuda.jsonl", "latency", "Latency on GPU",
+     "python benchmarks/latency.py --device cuda"),
+    ("quality.md", "quality.jsonl", "quality", "Quality without retraining", "python benchmarks/quality.py"),
+    ("calibration_memory.md", "calibration_memory.jsonl", "calibration_memory",
+     "Calibration statistics of a 1B LLaMA", "python benchmarks/calibration_memory.py"),
+    ("scale.md", "scale.jsonl", "scale", "Scale: planning a 70B-class LLaMA on the meta device",
+     "python benchmarks/scale.py --plan-70b"),
+    ("checkpoint_streaming.md", "checkpoint_streaming.jsonl", "checkpoint_streaming",
+     "prune_checkpoint on random LLaMA checkpoints",
+     "python benchmarks/checkpoint_streaming.py --sizes 1b,7b --torch-pruning "
+     "--out benchmarks/checkpoint_streaming.md"),
+    ("checkpoint_layerwise.md", "checkpoint_layerwise.jsonl", "checkpoint_streaming",
+     "Layer-by-layer calibration from checkpoint shards",
+     "python benchmarks/checkpoint_streaming.py --sizes 1b --calibration 4x128 "
+     "--out benchmarks/checkpoint_layerwise.md"),
+    ("isomorphic_minilm.md", "isomorphic_minilm.jsonl", "isomorphic_minilm", "Isomorphic global ranking on MiniLM",
+     "python benchmarks/isomorphic_minilm.py --ratios 0.3 --target-params 0.85,0.7 --importances l2,activation"),
+    ("depth.md", "depth.jsonl", "depth", "Depth against width at equal parameters", "python benchmarks/depth.py"),
+    ("depth_latency.md", "depth_latency.jsonl", "depth", "Depth against width: CPU latency of the small LLaMA",
+     "python benchmarks/depth.py --tasks lm --latency"),
+    ("hf_sweep.md", "hf_sweep.jsonl", "hf_sweep", "Hugging Face model types: every fxprune check, and Torch-Pruning",
+     "python benchmarks/hf_sweep.py --jobs 2"),
+    ("tp_hang.md", "tp_hang.jsonl", "tp_hang", "Why Torch-Pruning times out on tiny decoders",
+     "python benchmarks/tp_hang.py"),
+    ("alignment_cpu.md", "alignment_cpu.jsonl", "alignment", "Latency of aligned and unaligned widths (CPU)",
+     "python benchmarks/alignment.py"),
+    ("torchvision_results.md", "torchvision_results.jsonl", "torchvision_sweep", "The torchvision zoo, fxprune alone",
+     "python benchmarks/torchvision_sweep.py"),
+    ("RESULTS_accuracy.md", "RESULTS_accuracy.jsonl", "accuracy_digits", "Accuracy after pruning and fine-tuning",
+     "python benchmarks/accuracy_digits.py"),
+    ("RESULTS_macs.md", "RESULTS_macs.jsonl", "macs_vs_fvcore", "fxprune.count against fvcore",
+     "python benchmarks/macs_vs_fvcore.py"),
+    ("RESULTS_targets.md", "RESULTS_targets.jsonl", "targets", "MACs and parameter targets",
+     "python benchmarks/targets.py"),
+]
+
+
+# the README's "Against Torch-Pruning" bullets: (bold title, report, its log, the script whose summary() says it)
+README_BULLETS = [
+    ("Coverage", "coverage.md", "coverage.jsonl", "coverage"),
+    ("Hugging Face breadth", "hf_sweep.md", "hf_sweep.jsonl", "hf_sweep"),
+    ("Why Torch-Pruning times out", "tp_hang.md", "tp_hang.jsonl", "tp_hang"),
+    ("Speed and memory", "speed.md", "speed.jsonl", "speed"),
+    ("Latency of the pruned models (fxprune alone)", "latency_cpu.md", "latency_cpu.jsonl", "latency"),
+    ("Quality without retraining", "quality.md", "quality.jsonl", "quality"),
+]
+BEGIN, END = "<!-- benchmarks:begin (python benchmarks/results.py --readme) -->", "<!-- benchmarks:end -->"
+
+
+def readme_block(folder: Path) -> str:
+    """The bullets between the README's markers: each generated from its log by its script's ``summary(runs)``,
+    naming the report, the command and the date of the run (or saying that the log is missing)."""
+    import harness
+
+    lines = []
+    for title, report, log, script in README_BULLETS:
+        if not (folder / log).exists():
+            lines.append(f"- **{title}**: not measured yet (`{log}` is missing).")
+            continue
+        runs = harness.read_runs(folder / log)
+        header = runs[-1]["header"] or runs[-1]["rows"][-1]  # latency's rows name their command themselves
+        source = f"`{header['command']}`, {header['started']}" if header.get("command") else \
+            "run before logs named their command"
+        module = importlib.import_module(script)
+        text = (getattr(module, "readme_summary", None) or module.summary)(runs)
+        lines.append(f"- **{title}** ([{report}](benchmarks/{report}); {source}): {text}")
+    return "\n".join(lines)
+
+
+def write_readme(readme: Path, folder: Path) -> None:
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{readme} has no {BEGIN} ... {END} block to fill")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{BEGIN}\n{readme_block(folder)}\n{END}{tail}")
 
 
 def _memory_gib() -> str:
@@ -52,38 +128,70 @@ def _demote(text: str) -> str:
     return "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
 
 
-def assemble(folder: Path, notes: str = "") -> str:
+def rebuild(folder: Path, write: bool = True) -> dict[str, str]:
+    """``{report: text}`` rendered from each report's log (written to the report when ``write``); a report without
+    its log is not in the result."""
+    import harness
+
+    texts = {}
+    for report, log, script, _, _ in REPORTS:
+        if not (folder / log).exists():
+            continue
+        module = importlib.import_module(script)
+        texts[report] = module.render(harness.read_runs(folder / log))
+        if write:
+            (folder / report).write_text(texts[report])
+    return texts
+
+
+def assemble(folder: Path, texts: dict[str, str], notes: str = "") -> str:
     load = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "unknown"
     parts = ["# fxprune benchmarks against Torch-Pruning\n",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {_memory_gib()}, {platform.system()} "
-             f"{platform.release()}; load average when assembled: {load}. Every number below was measured by the "
-             "script named in its section; the README's \"Against Torch-Pruning\" section summarises them.\n"]
+             f"{platform.release()}; load average when assembled: {load}. Every report below is rendered from its "
+             "committed log (`benchmarks/*.jsonl`) by the script named in it; each run's command, date, machine and "
+             "versions are in its section. The README's \"Against Torch-Pruning\" section summarises them.\n"]
     if notes:
         parts.append(notes.strip() + "\n")
-    for filename, title in SECTIONS:
-        path = folder / filename
-        if not path.exists() and filename in LEGACY and (folder / LEGACY[filename]).exists():
-            path = folder / LEGACY[filename]
-        if not path.exists():
-            parts.append(f"## {title}\n\nNot run: {filename} is missing.\n")
+    missing = []
+    for report, log, _, title, command in REPORTS:
+        if report not in texts:
+            if (folder / report).exists():
+                missing.append(f"- {report}: no log ({log}) behind it: left out until `{command}` makes one")
             continue
-        body = _demote(path.read_text())
-        png = path.with_suffix(".png")
-        if path.name.startswith("latency") and png.exists():
+        body = _demote(texts[report])
+        png = (folder / report).with_suffix(".png")
+        if report.startswith("latency") and png.exists():
             body += f"\n\n![{title.lower()}]({png.name})\n"
-        parts.append(body + "\n")
+        parts.append((f"## {title}\n\n" + body.split("\n", 1)[1]) if body.startswith("## ") else body)
+    if missing:
+        parts.append("## Reports without a log\n\n" + "\n".join(missing) + "\n")
     return "\n".join(parts)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--folder", default=str(HERE), help="where the reports are (default benchmarks/)")
+    parser.add_argument("--folder", default=str(HERE), help="where the reports and logs are (default benchmarks/)")
     parser.add_argument("--notes", help="a markdown file whose text goes under the header (conditions, caveats)")
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    parser.add_argument("--readme", nargs="?", const=str(HERE.parent / "README.md"), metavar="README",
+                        help="also fill the README's generated block (default README.md) from the logs")
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; fail if a committed report is not what its log renders")
     args = parser.parse_args(argv)
+    folder = Path(args.folder)
+    if args.check:
+        texts = rebuild(folder, write=False)
+        stale = [r for r, text in texts.items() if (folder / r).read_text() != text]
+        print("\n".join(f"{r} differs from what its log renders" for r in stale) or "every report is its log's")
+        return 1 if stale else 0
+    texts = rebuild(folder)
     notes = Path(args.notes).read_text() if args.notes else ""
-    Path(args.out).write_text(assemble(Path(args.folder), notes))
-    print(f"wrote {args.out}")
+    Path(args.out).write_text(assemble(folder, texts, notes))
+    print(f"rebuilt {', '.join(texts)}; wrote {args.out}")
+    if args.readme:
+        write_readme(Path(args.readme), folder)
+        print(f"filled the generated block of {args.readme}")
     return 0
 
 

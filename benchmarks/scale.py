@@ -22,6 +22,11 @@ Usage::
     python benchmarks/scale.py --plan-70b --dynamic          # analyze's default capture (symbolic sizes)
     python benchmarks/scale.py --plan-70b --profile /tmp/p   # also a cProfile run, stats in /tmp/p
     python benchmarks/scale.py --quick                       # CI: the tiny config, a report in a temp dir
+    python benchmarks/scale.py --render                      # scale.md again from scale.jsonl
+
+The worker gets ``harness.step_seconds("scale", config)`` (1800 s for the 70B-class plan). The log (``--log``,
+default ``--out`` with ``.jsonl``) holds a header naming the run and its row; the report is rendered from it
+(:func:`render`, also called by ``results.py``); ``--append`` adds a measurement as another section.
 """
 
 from __future__ import annotations
@@ -210,20 +215,18 @@ def plan_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
 
 
-def report(rows: list[dict], command: str) -> str:
-    import platform
-
-    import torch
-    import transformers
-
-    return (f"# Scale: planning and pruning LLMs at the sizes people prune\n\n`{command}`\n\n"
-            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, transformers "
-            f"{transformers.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-            f"load average {os.getloadavg()[0]:.1f} at the end.\n\n"
+def render(runs: list[dict]) -> str:
+    """The report: one plan table per run of the log (each run is one measurement)."""
+    sections = []
+    for run in runs:
+        rows = run["rows"]
+        sections.append(f"{harness.describe_runs([run])}\n\n{run['header'].get('step_limit_note', '')}\n\n"
+                        f"{plan_table(rows)}\n")
+    return ("# Scale: planning and pruning LLMs at the sizes people prune\n\n"
             "## Plan of a 70B-class LLaMA on the meta device\n\n"
             f"Analysis as in-place pruning runs it, `importance={IMPORTANCE!r}` (meta weights cannot be scored), "
             f"plan at ratio {RATIO}. RSS = peak resident memory above the start of the phase (solve and groups "
-            f"share one: the solve pass's); total RSS = the largest of those.\n\n{plan_table(rows)}\n")
+            f"share one: the solve pass's); total RSS = the largest of those.\n\n" + "\n".join(sections))
 
 
 def main(argv=None) -> int:
@@ -234,9 +237,11 @@ def main(argv=None) -> int:
     parser.add_argument("--dynamic", action="store_true",
                         help="capture as analyze() does by default (symbolic sizes), not as in-place pruning")
     parser.add_argument("--profile", help="also profile the plan with cProfile: stats file (+ .txt summary)")
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
+    harness.add_limit_arguments(parser)
     parser.add_argument("--out", help="markdown report (default benchmarks/scale.md; a temp dir with --quick)")
-    parser.add_argument("--log", help="append one JSON line per measurement")
+    parser.add_argument("--log", help="the JSON-lines log the report is rendered from (default: --out with .jsonl)")
+    parser.add_argument("--append", action="store_true", help="add this measurement to --log (another section)")
+    parser.add_argument("--render", action="store_true", help="only render --out from --log, measuring nothing")
     parser.add_argument("--worker", metavar="JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -244,18 +249,25 @@ def main(argv=None) -> int:
         row = harness.guarded(MODES[options["mode"]], options)
         harness.emit({"mode": options["mode"], "config": options["config"], **row})
         return 0
+    out = Path(args.out) if args.out else harness.default_out(args.quick, "scale.md")
+    log_path = Path(args.log) if args.log else out.with_suffix(".jsonl")
+    if args.render:
+        harness.write_report(render, log_path, out)
+        print(f"wrote {out} from {log_path}")
+        return 0
     if not (args.plan_70b or args.quick):
         parser.error("choose a measurement: --plan-70b (or --quick)")
     options = {"mode": "plan-70b", "config": "llama-tiny" if args.quick else "llama-70b", "layers": args.layers,
                "dynamic": args.dynamic, "profile": args.profile}
-    out = Path(args.out) if args.out else harness.default_out(args.quick, "scale.md")
-    command = "python benchmarks/scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    row = harness.run_worker([harness.python(), __file__, "--worker", json.dumps(options)], args.timeout,
+    limit = harness.step_seconds("scale", options["config"], args.step_timeout)
+    header = harness.run_header("scale.py", list(sys.argv[1:] if argv is None else argv),
+                                step_limit_note=harness.limits_note("scale", [options["config"]], args.step_timeout))
+    log = harness.Log(log_path, header, mode="a" if args.append else "w")
+    row = harness.run_worker([harness.python(), __file__, "--worker", json.dumps(options)], limit,
                              {"mode": options["mode"], "config": options["config"]})
-    if args.log:
-        with open(args.log, "a") as log:
-            log.write(json.dumps(row, default=str) + "\n")
-    out.write_text(report([row], command))
+    log.write(row)
+    log.finish(wall_s=row["seconds"])
+    harness.write_report(render, log_path, out)
     print(plan_table([row]))
     return 0
 

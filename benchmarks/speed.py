@@ -17,6 +17,11 @@ Python allocations (tracemalloc slows Python down, so it never overlaps the timi
 The ``llama-1b-meta`` case builds the 1B LLaMA on the meta device (no weights) and
 measures analysis only: pruning needs weights to score units.
 
+Every step of both libraries gets the same limit, ``harness.step_seconds`` (300 s; 900 s for llama-1b, whose
+traced pass is slow; ``--step-timeout`` changes it for all). Each (case, library) is measured ``--repeat``
+times (default 3), each in a fresh worker, the libraries in turns; the log (``--log``, default ``--out`` with
+``.jsonl``) holds every repeat and the report (:func:`render`, also called by ``results.py``) gives medians.
+
 Usage::
 
     python benchmarks/speed.py --quick       # CI: small models, < 2 minutes
@@ -28,9 +33,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -114,6 +119,7 @@ def _step(row: dict, key: str, limit: tuple, fn, *args) -> object:
             result = fn(*args)
     except (Exception, harness.StepLimit) as exc:  # a library that fails or hangs on a case is a result
         row[f"{key}_error"] = harness.first_line(exc)
+        row[f"{key}_class"] = exc.kind if isinstance(exc, harness.StepLimit) else "error"
         return None
     row[f"{key}_s"], row[f"{key}_rss_mb"] = m.seconds, m.rss_peak_mb
     return result
@@ -143,6 +149,7 @@ def measure_case(case: str, library: str, limit: tuple, python_memory: bool) -> 
                 row["params_kept"] = measure.params(pruned) / row["params"]
             except Exception as exc:  # pruned, but no longer runs
                 row["prune_error"] = "pruned model fails to run: " + harness.first_line(exc)
+                row["prune_class"] = "error"
         del pruned
         harness.emit(row)
     del model
@@ -175,8 +182,38 @@ def worker(case: str, library: str, limit: tuple, python_memory: bool) -> None:
     harness.emit(row)
 
 
+NUMBERS = ("analysis_s", "analysis_rss_mb", "analysis_py_mb", "prune_s", "prune_rss_mb", "prune_py_mb",
+           "params_kept")
+
+
+def median_rows(rows: list[dict]) -> list[dict]:
+    """One row per (case, library): the median of every quantity over the repeats that measured it (``repeats``:
+    how many did), the other fields from the last repeat, and the distinct failures of any repeat."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["case"], r["library"]), []).append(r)
+    merged = []
+    for group in groups.values():
+        row = dict(group[-1])
+        for key in NUMBERS:
+            values = [r[key] for r in group if key in r]
+            if values:
+                row[key] = statistics.median(values)
+                row[key + "_runs"] = len(values)
+            else:
+                row.pop(key, None)
+        row["repeats"] = len(group)
+        row["shapes_kept"] = all(r.get("shapes_kept", True) for r in group if "prune_s" in r) and \
+            any("shapes_kept" in r for r in group)
+        merged.append(row)
+    return merged
+
+
 def _num(row, key, fmt="{:.2f}"):
-    return fmt.format(row[key]) if key in row else ""
+    if key not in row:
+        return ""
+    runs = row.get(key + "_runs", 1)
+    return fmt.format(row[key]) + ("" if runs == row.get("repeats", 1) else f" ({runs}/{row['repeats']})")
 
 
 def _status(row) -> str:
@@ -186,7 +223,8 @@ def _status(row) -> str:
         return f"{row['died']} after the steps shown".replace("|", "/")
     for key in ("analysis_error", "prune_error", "reason"):
         if key in row:
-            return f"{key.split('_')[0]} failed: {row[key]}".replace("|", "/")
+            kind = row.get(key.split("_")[0] + "_class") or harness.failure_class({"reason": row[key]})
+            return f"{key.split('_')[0]} failed ({kind}): {row[key]}".replace("|", "/")
     if row.get("meta"):
         return "ok (analysis only, meta device)"
     return "ok" if row.get("shapes_kept") else "output shapes changed"
@@ -206,7 +244,7 @@ def table(rows: list[dict]) -> str:
 
 
 def ratios(rows: list[dict]) -> str:
-    """fxprune / Torch-Pruning for every quantity both measured on a case."""
+    """fxprune / Torch-Pruning for every quantity both measured on a case (medians over the repeats)."""
     keys = [("analysis_s", "analysis time"), ("prune_s", "prune time"), ("analysis_rss_mb", "analysis RSS"),
             ("prune_rss_mb", "prune RSS"), ("analysis_py_mb", "analysis Python"), ("prune_py_mb", "prune Python")]
     lines = ["| case | " + " | ".join(label for _, label in keys) + " |", "| --- |" + " ---: |" * len(keys)]
@@ -223,15 +261,43 @@ def ratios(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def report(rows: list[dict], command: str) -> str:
-    import torch
+def summary(runs: list[dict]) -> str:
+    """The README's sentence on this report: per case, the medians of both libraries."""
+    rows = median_rows(runs[-1]["rows"])
+    by = {(r["case"], r["library"]): r for r in rows}
+    repeats = sorted({r["repeats"] for r in rows})
+    parts = []
+    for case in dict.fromkeys(r["case"] for r in rows):
+        fx, tp = by.get((case, "fxprune"), {}), by.get((case, "torch-pruning"), {})
+        cells = []
+        for key, label, unit, digits in (("analysis_s", "analysis", "s", 2), ("prune_s", "prune", "s", 2),
+                                         ("prune_rss_mb", "prune peak RSS", "MB", 0)):
+            if key in fx or key in tp:
+                mine = f"{fx[key]:.{digits}f}" if key in fx else "failed"
+                theirs = f"{tp[key]:.{digits}f}" if key in tp else ("failed" if tp else "not run")
+                cells.append(f"{label} {mine} {unit} against {theirs}")
+        if "analysis_error" in tp:
+            cells.append(f"Torch-Pruning: {tp['analysis_error']}")
+        parts.append(f"{case}: " + ", ".join(cells))
+    return (f"fxprune against Torch-Pruning, medians of {'/'.join(map(str, repeats))} repeats: "
+            + "; ".join(parts) + ".")
 
-    return (f"# Speed and memory: fxprune vs Torch-Pruning (ratio {RATIO})\n\n`{command}`\n\n"
-            f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads. "
+
+def render(runs: list[dict]) -> str:
+    """The report of the log's last run: the median of each quantity over its repeats."""
+    run = runs[-1]
+    rows = median_rows(run["rows"])
+    header = run["header"]
+    repeats = sorted({r["repeats"] for r in rows})
+    limit = header.get("step_limit_note") or "Step limits not recorded (log from before harness limits)."
+    return (f"# Speed and memory: fxprune vs Torch-Pruning (ratio {RATIO})\n\n"
+            f"{harness.describe_runs([run])}\n\n{limit} {header.get('threads', '?')} torch threads. Each number is "
+            f"the median over {'/'.join(map(str, repeats))} repeats, each a fresh worker process, the libraries in "
+            "turns (a number measured by fewer repeats says how many, e.g. (2/3)). "
             "Both libraries prune in place; each worker first analyses a 3-layer CNN, unmeasured (lazy imports, "
             "dispatcher caches). RSS = peak resident memory above the start of the step "
             "(tensors included); Python = tracemalloc peak (Python allocations only, measured in a separate "
-            "pass). Ratios are fxprune / Torch-Pruning (below 1: fxprune is faster or smaller).\n\n"
+            "pass). Ratios are fxprune / Torch-Pruning of the medians (below 1: fxprune is faster or smaller).\n\n"
             f"{table(rows)}\n\n### Ratios fxprune / Torch-Pruning\n\n{ratios(rows)}\n")
 
 
@@ -240,38 +306,55 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="CI cases: " + ", ".join(QUICK))
     parser.add_argument("--cases", help="comma-separated cases (default: " + ", ".join(FULL) + ")")
     parser.add_argument("--libraries", default=",".join(LIBRARIES))
+    parser.add_argument("--repeat", type=int, help="measurements of every (case, library), each in a fresh worker; "
+                                                   "the report gives medians (default 3; 1 with --quick)")
     parser.add_argument("--no-python-memory", action="store_true", help="skip the tracemalloc pass")
-    parser.add_argument("--step-timeout", type=float, default=900, help="seconds per step (analysis, prune)")
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds per worker process")
-    parser.add_argument("--max-gib", type=float, default=14, help="RSS cap of a worker during a step (default 14)")
+    harness.add_limit_arguments(parser, max_gib=14)
+    parser.add_argument("--timeout", type=float, help="seconds per worker process (default: its steps' limits "
+                                                      "plus 300 s)")
     parser.add_argument("--out", help="markdown report (default benchmarks/speed.md; a temp dir with --quick)")
-    parser.add_argument("--log", help="append one JSON line per (case, library)")
+    parser.add_argument("--log", help="the JSON-lines log the report is rendered from (default: --out with .jsonl)")
+    parser.add_argument("--render", action="store_true", help="only render --out from --log, measuring nothing")
     parser.add_argument("--worker", nargs=2, metavar=("CASE", "LIBRARY"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.repeat = args.repeat or (1 if args.quick else 3)
     if args.worker:
-        worker(*args.worker, (args.step_timeout, args.max_gib), not args.no_python_memory)
+        limit = (harness.step_seconds("speed", args.worker[0], args.step_timeout), args.max_gib)
+        worker(*args.worker, limit, not args.no_python_memory)
         return 0
     cases = args.cases.split(",") if args.cases else (QUICK if args.quick else FULL)
     libraries = [lib for lib in args.libraries.split(",") if lib]
     out = Path(args.out) if args.out else harness.default_out(args.quick, "speed.md")
-    command = "python benchmarks/speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    rows = []
-    log = open(args.log, "a") if args.log else None
-    for case in cases:
-        for library in libraries:
-            cmd = [harness.python(), __file__, "--worker", case, library, "--step-timeout", str(args.step_timeout),
-                   "--max-gib", str(args.max_gib)]
-            cmd += ["--no-python-memory"] if args.no_python_memory else []
-            row = harness.run_worker(cmd, args.timeout, {"case": case, "library": library})
-            rows.append(row)
-            if log:
-                log.write(json.dumps(row, default=str) + "\n")
-                log.flush()
-            print(f"{case} / {library}: analysis {_num(row, 'analysis_s')} s, prune {_num(row, 'prune_s')} s, "
-                  f"{_status(row)} ({row['seconds']:.0f} s)", flush=True)
-            out.write_text(report(rows, command))
+    log_path = Path(args.log) if args.log else out.with_suffix(".jsonl")
+    if args.render:
+        harness.write_report(render, log_path, out)
+        print(f"wrote {out} from {log_path}")
+        return 0
+    import torch
+
+    header = harness.run_header("speed.py", list(sys.argv[1:] if argv is None else argv),
+                                step_limit_note=harness.limits_note("speed", cases, args.step_timeout),
+                                threads=torch.get_num_threads())
+    log = harness.Log(log_path, header)
+    start = time.perf_counter()
+    for repeat in range(args.repeat):  # repeats in turns: a change of load falls on every case and library alike
+        for case in cases:
+            for library in libraries:
+                step = harness.step_seconds("speed", case, args.step_timeout)
+                cmd = [harness.python(), __file__, "--worker", case, library, "--max-gib", str(args.max_gib)]
+                cmd += ["--step-timeout", str(args.step_timeout)] if args.step_timeout else []
+                cmd += ["--no-python-memory"] if args.no_python_memory else []
+                row = harness.run_worker(cmd, args.timeout or harness.worker_seconds(4, step),
+                                         {"case": case, "library": library})
+                row["repeat"] = repeat
+                log.write(row)
+                print(f"[{repeat + 1}/{args.repeat}] {case} / {library}: analysis {_num(row, 'analysis_s')} s, "
+                      f"prune {_num(row, 'prune_s')} s, {_status(row)} ({row['seconds']:.0f} s)", flush=True)
+                harness.write_report(render, log_path, out)
+    log.finish(wall_s=time.perf_counter() - start)
+    harness.write_report(render, log_path, out)
     print()
-    print(ratios(rows))
+    print(ratios(median_rows(harness.read_runs(log_path)[-1]["rows"])))
     return 0
 
 

@@ -22,7 +22,7 @@ Usage::
     python benchmarks/torchvision_sweep.py --quick              # the CI subset
     python benchmarks/torchvision_sweep.py --models resnet18,swin_t --size 64
     python benchmarks/torchvision_sweep.py --out results.md --log results.jsonl --timeout 1800
-    python benchmarks/torchvision_sweep.py --render results.jsonl   # the table again, from a log
+    python benchmarks/torchvision_sweep.py --render --log results.jsonl --out results.md   # from a log
 
 The table (model | status | MACs kept | params kept | oracle max diff | seconds) is
 printed and written to ``benchmarks/torchvision_results.md`` (``--out``) after every
@@ -40,6 +40,9 @@ import sys
 import time
 import traceback
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 
 RATIO = 0.5
 ORACLE_TOL = 1e-4  # max |pruned - original| / max |original| for the dead-unit oracle
@@ -240,6 +243,15 @@ def all_models() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
+def render(runs: list[dict]) -> str:
+    """The report from the log: the latest row per model over its runs."""
+    rows, _ = harness.latest_rows(runs, "model")
+    size = runs[-1]["header"].get("size") if runs else None
+    return (f"# torchvision sweep: prune at ratio {RATIO}\n\n{harness.describe_runs(runs, 'model')}\n\n"
+            + (f"Input: {size}x{size} where the model accepts it.\n\n" if size else f"{INPUTS}\n\n")
+            + table(rows, len(rows)) + "\n")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the CI subset: " + ", ".join(QUICK))
@@ -249,40 +261,43 @@ def main(argv=None) -> int:
     parser.add_argument("--no-oracle", action="store_true", help="skip the dead-unit oracle")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per model (default 1800)")
     parser.add_argument("--out", default=str(HERE / "torchvision_results.md"), help="markdown file for the table")
-    parser.add_argument("--log", default=None, help="append one JSON line per model to this file")
-    parser.add_argument("--render", metavar="LOG", help="only re-render the table of an earlier --log file")
+    parser.add_argument("--log", default=None, help="the JSON-lines log (default: --out with .jsonl)")
+    parser.add_argument("--append", action="store_true", help="add this run to --log (its rows replace earlier ones)")
+    parser.add_argument("--render", action="store_true", help="only render --out from --log")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args.worker, args.size, not args.no_oracle)
         return 0
+    log_path = Path(args.log) if args.log else Path(args.out).with_suffix(".jsonl")
+    if args.render:
+        print(harness.write_report(render, log_path, args.out))
+        return 0
     names = QUICK if args.quick else (args.models.split(",") if args.models else all_models())
     skip = set(filter(None, args.skip.split(",")))
     names = [n for n in names if n not in skip]
-    log = open(args.log, "a") if args.log else None
+    log = harness.Log(log_path, harness.run_header("torchvision_sweep.py", list(argv if argv is not None
+                                                                                else sys.argv[1:]), size=args.size),
+                      mode="a" if args.append else "w")
     rows = []
-    given, shown = list(argv if argv is not None else sys.argv[1:]), []
-    for a, before in zip(given, [None] + given):
-        if a.split("=")[0] not in ("--log", "--out", "--render") and before not in ("--log", "--out", "--render"):
-            shown.append(a)
-    header = (f"# torchvision sweep: prune at ratio {RATIO}\n\n"
-              f"`{' '.join(['python benchmarks/torchvision_sweep.py'] + shown)}`"
-              + f" (torch {_versions()}, {os.cpu_count()} CPUs). "
-              + (f"Input: {args.size}x{args.size} where the model accepts it.\n\n" if args.size else f"{INPUTS}\n\n"))
-    if args.render:  # re-render a table from an earlier --log
-        rows = [json.loads(line) for line in Path(args.render).read_text().splitlines() if line.strip()]
-        Path(args.out).write_text(header + table(rows, len(rows)) + "\n")
-        print(table(rows, len(rows)))
-        return 0
+
+    class _Sink:  # run_one writes JSON text lines; the log wants rows
+        def write(self, text):
+            log.write(json.loads(text))
+
+        def flush(self):
+            pass
+
+    start = time.perf_counter()
     for i, name in enumerate(names, 1):
-        row = run_one(name, args.size, not args.no_oracle, args.timeout, log)
+        row = run_one(name, args.size, not args.no_oracle, args.timeout, _Sink())
         rows.append(row)
         extra = "" if row["status"] == "ok" else f" ({row.get('reason', '')})"
         print(f"[{i}/{len(names)}] {name}: {row['status']}{extra}, MACs kept {fmt_pct(row.get('macs_kept'))}, "
               f"oracle {row.get('oracle_diff', float('nan')):.1e}, {row['seconds']:.0f} s", flush=True)
-        Path(args.out).write_text(header + table(rows, len(names)) + "\n")
-    print()
-    print(table(rows, len(names)))
+        harness.write_report(render, log_path, args.out)
+    log.finish(wall_s=time.perf_counter() - start)
+    print(harness.write_report(render, log_path, args.out))
     return 0 if all(r["status"] in ("ok", "untraceable") for r in rows) else 1
 
 

@@ -64,6 +64,8 @@ from fxprune.calibration import (collect_statistics, load_refit, plan_sequential
                                  refit_consumers, run_sequential)
 from fxprune.huggingface.freezes import freeze_computed_constants, freeze_head_dims, internal_outputs
 from fxprune.calibration.depth_refit import refit_after_depth
+from fxprune.calibration.depth_scores import OutputError, block_influence
+from fxprune.importance.depth import depth_magnitude
 from fxprune.huggingface.inplace import prune_in_place
 from fxprune.huggingface.layers import remove_in_place
 from fxprune.huggingface.layers import renamed as renamed_parameters
@@ -71,12 +73,13 @@ from fxprune.importance import named_tensors, resolve_importance, score_groups
 from fxprune.io.plans import PruningPlan, attach_plan
 from fxprune.planning.alignment import default_alignment, removal_steps
 from fxprune.planning.costs import group_types
-from fxprune.planning.depth import plan_depth
+from fxprune.planning.depth import criterion_for, plan_depth
 from fxprune.planning.isomorphic import class_ids
 from fxprune.planning.latency_target import search_latency
 from fxprune.planning.minimum import keep_minimum
 from fxprune.planning.ratios import group_ratios
-from fxprune.planning.selection import make_plan, units_to_keep
+from fxprune.planning.planner import make_plan
+from fxprune.planning.selection import units_to_keep
 from fxprune.planning.target import METRICS, search_by_cost, search_ratio
 from fxprune.rewriting.depth import remove_depth
 from fxprune.rewriting.recompose import recompose
@@ -367,10 +370,21 @@ def _record_plan(job: Job) -> None:
                                                     settings=settings))
 
 
+def depth_plan(dg: DependencyGraph, depth=None, layers=None, criterion: str | None = None, calibration=None):
+    """The :class:`~fxprune.planning.depth.DepthPlan` of ``depth``/``layers`` on ``dg``, scored by ``criterion``
+    (``"block_influence"``, ``"output_error"``, ``"magnitude"``; default by ``calibration``)."""
+    criterion = criterion_for(criterion, calibration)
+    if criterion == "output_error":
+        return plan_depth(dg, depth, layers, criterion, error=OutputError(dg, calibration))
+    if criterion == "block_influence":
+        return plan_depth(dg, depth, layers, criterion, score=lambda c: block_influence(dg, c, calibration))
+    return plan_depth(dg, depth, layers, criterion, score=lambda c: depth_magnitude(dg, c))
+
+
 def _depth_plan(job: Job) -> None:
     """The residual branches or whole layers to remove (``depth``/``layers``), scored by ``depth_importance``."""
     s = job.settings
-    job.depth_plan = plan_depth(job.dg, s.depth, s.layers, s.depth_importance, s.calibration)
+    job.depth_plan = depth_plan(job.dg, s.depth, s.layers, s.depth_importance, s.calibration)
 
 
 def _depth_rewrite(job: Job) -> None:

@@ -260,3 +260,46 @@ class BlockStack(nn.Module):
 
     def forward(self, x):
         return self.head(self.blocks(self.embed(x)))
+
+
+class ReadsValues(nn.Module):
+    """A forward whose shapes depend on tensor values, as detection and token-dropping heads have: a bound read
+    with ``.item()``, the pixels a mask from the data keeps, a count from ``nonzero``. FakeTensor cannot
+    propagate it; fxprune runs those nodes for real on the example inputs. The 8 channels stay prunable."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.mix = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        y = self.mix(y).clamp(max=x.abs().amax().item()) + y      # a bound read from the data
+        pixels = y.flatten(2).transpose(1, 2)                       # (B, HW, C)
+        kept = pixels[pixels.amax(-1) > 0.1]                        # (N, C): N is data, C is not
+        count = (x > 0).nonzero().shape[0]                          # a size read from the data
+        return self.fc(kept).sum(0, keepdim=True) * (1 + count / 1000)
+
+
+class CachesOnSelf(nn.Module):
+    """A forward that caches what it computes on ``self``, as ultralytics' Detect head caches its anchors and the
+    input shape they were made for. ``branch=True``: behind a test on a size that symbolic_trace cannot follow
+    (captured with torch.export); ``branch=False``: every call (traced)."""
+
+    def __init__(self, branch: bool = True):
+        super().__init__()
+        self.branch = branch
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+        self.shape = None
+
+    def forward(self, x):
+        y = self.head(torch.relu(self.conv(x)))
+        if not self.branch:
+            self.last = y
+            return y
+        if self.shape != y.shape:
+            self.grid = torch.arange(y.shape[-1]).to(y)
+            self.shape = y.shape
+        return y + self.grid

@@ -24,9 +24,11 @@ MODEL = ["tests.models:ResidualCNN", "--input-shape", "1,3,16,16"]
 
 
 def command() -> list[str]:
-    """The installed console script when there is one (it is what users run), else ``python -m``."""
-    script = shutil.which("fxprune")
-    return [script] if script else [sys.executable, "-m", "fxprune.cli"]
+    """The console script installed with this interpreter when there is one (it is what users run), else
+    ``python -m``. Not the first ``fxprune`` on PATH: in a virtual environment that is not activated
+    (``.ci/lower-bound``'s) that is another installation, with another torch."""
+    script = Path(sys.executable).parent / "fxprune"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "fxprune.cli"]
 
 
 def run_all(commands: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:

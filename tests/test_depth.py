@@ -14,7 +14,7 @@ import torch.nn as nn
 
 import fxprune
 from fxprune.analysis.branches import BRANCH, RESIDUAL
-from fxprune.planning.depth import plan_depth
+from fxprune.pipeline import depth_plan as plan_depth
 from fxprune.rewriting.depth import remove_depth
 from fxprune.rewriting.verify import verify
 from fxprune.testing import assert_same_outputs, plant_zero_branches, run_depth_oracle, tiny_llama

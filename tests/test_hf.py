@@ -879,9 +879,6 @@ def test_olmo_weightless_norms_follow_the_hidden_size_when_a_query_width_of_the_
         assert_same_outputs(fxprune.load_pretrained(str(tmp_path))(ids).logits, logits)
 
 
-@pytest.mark.xfail(tuple(int(v) for v in transformers.__version__.split(".")[:2]) < (5, 24), strict=False,
-                   reason="on transformers 5.0 CodeGen and T5 pruned in place fail their output check (a clear error, "
-                          "the model put back); not investigated on versions before 5.24")
 @pytest.mark.parametrize("name", ["codegen", "t5"])
 def test_attributes_a_rebuild_would_change_stay_where_the_model_needs_its_own(name, tmp_path):
     """A rebuild from the pruned config gives CodeGen's attention ``embed_dim`` and T5's attention widths the new

@@ -93,7 +93,8 @@ def test_only_one_decoder_layer_is_read_at_a_time(tmp_path, monkeypatch):
         return tensor
 
     monkeypatch.setattr(Checkpoint, "read", tracked)
-    monkeypatch.setattr(fxprune.io.checkpoint.streaming, "write_shards", lambda *a, **k: writing.append(1) or write(*a, **k))
+    monkeypatch.setattr(fxprune.io.checkpoint.streaming, "write_shards",
+                        lambda *a, **k: writing.append(1) or write(*a, **k))
     fxprune.prune_checkpoint(src, out, ratio=0.5, importance="activation", calibration=_batches(), reconstruct=True,
                              progress=False)
     layer = sizes[segment_of["model.layers.1.mlp.up_proj.weight"]]

@@ -12,7 +12,8 @@ import fxprune
 import fxprune.testing
 from fxprune.analysis.macs import estimate
 from fxprune.planning.costs import group_types, unit_costs
-from fxprune.planning.selection import cost_plan, make_plan
+from fxprune.planning.planner import make_plan
+from fxprune.planning.selection import cost_plan
 from fxprune.planning.target import search_by_cost, search_ratio
 from tests import models
 

@@ -94,12 +94,13 @@ def test_final_state_shares_the_hidden_group(cls):
     hidden = dg.group_of("out.weight", 1)
     assert dg.groups_of("rnn.weight_hh_l0", 0)[-1] is hidden
     assert dg.groups_of("rnn.weight_hh_l1", 0)[-1] is hidden  # one hidden_size for every layer
-    # the state's first axis is layers x directions: frozen
+    # the state's first axis is layers x directions: frozen (``state[-1]`` makes the last layer a unit of its own)
     state = ("v", "rnn", (1, 1) if cls is nn.LSTM else (1,))
     assert dg.solver.final_atoms(dg.layouts[(state, 2)]) == [hidden.atom]
-    (layers,) = dg.solver.final_atoms(dg.layouts[(state, 0)])
-    layers = next(g for g in dg.groups if g.atom == layers)
-    assert layers.units == 2 and any("RNN layers x directions" in w for w in layers.frozen)
+    layers = [next(g for g in dg.groups if g.atom == a) for a in dg.solver.final_atoms(dg.layouts[(state, 0)])]
+    assert [g.units for g in layers] == [1, 1]
+    assert all(any("RNN layers x directions" in w for w in g.frozen) for g in layers)
+    assert any("integer index" in w for w in layers[-1].frozen)
     _oracle(Seq(cls, use_state=use_state, batch_first=True, num_layers=2), x)
 
 

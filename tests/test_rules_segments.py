@@ -155,6 +155,28 @@ def test_slices_and_narrow_rewrite_bounds():
     assert pruned.fc.out_features == 1 + 1 + 1 + 1
 
 
+
+class EllipsisSlice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 8)
+        self.m = nn.Linear(3, 2)
+        self.all = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return self.m(y[..., 1:4]) + self.all(y)
+
+
+def test_a_slice_after_an_ellipsis_rewrites_the_entry_written():
+    """``y[..., 1:4]`` on a 3-d ``y``: the ellipsis stands for two axes, the slice is still entry 1 of the index."""
+    x = torch.randn(2, 5, 3)
+    dg = fxprune.analyze(EllipsisSlice().eval(), (x,))
+    first, mid, tail = dg.groups_of("fc.weight", 0)
+    assert [g.units for g in (first, mid, tail)] == [1, 3, 4]
+    dg, pruned, removal = _oracle(EllipsisSlice(), x, groups=[mid], fraction=0.34)
+    assert pruned.m.in_features == 2 and "fc[(Ellipsis, slice(1, 3, None))]" in pruned.code
+
 class Frozen(nn.Module):
     def __init__(self, kind):
         super().__init__()
@@ -188,8 +210,7 @@ def test_stack_ties_operands_and_freezes_the_new_axis():
     _oracle(Frozen("stack"), torch.randn(2, 3))
 
 
-@pytest.mark.parametrize("kind,why", [("strided", "strided slice"), ("advanced", "advanced indexing"),
-                                      ("int", "integer index")])
+@pytest.mark.parametrize("kind,why", [("strided", "strided slice"), ("advanced", "advanced indexing")])
 def test_data_dependent_or_strided_indexing_freezes(kind, why):
     dg = fxprune.analyze(Frozen(kind).eval(), (torch.randn(2, 3),))
     g = dg.group_of("a.weight", 0)
@@ -199,18 +220,58 @@ def test_data_dependent_or_strided_indexing_freezes(kind, why):
         warnings.simplefilter("always")
         pruned = fxprune.prune(Frozen(kind).eval(), 0.5, example_inputs=(x,))
     assert pruned(x).shape == (2, 2) and pruned.a.out_features == 4
-    if kind != "int":  # nothing else to prune: said so, with the reason
-        assert any("fxprune removed 0%" in str(w.message) and why in str(w.message) for w in caught)
+    # nothing else to prune: said so, with the reason
+    assert any("fxprune removed 0%" in str(w.message) and why in str(w.message) for w in caught)
 
 
-def test_unbind_freezes_the_unbound_axis_only():
-    dg = fxprune.analyze(Frozen("unbind").eval(), (torch.randn(2, 3),))
-    g = dg.group_of("a.weight", 0)
-    assert g is dg.group_of("b.weight", 0) is dg.group_of("getitem", 1) and g.prunable
-    stacked = dg.group_of("stack", 2)
-    assert stacked.units == 2 and any("unbind index" in w for w in stacked.frozen)
-    _oracle(Frozen("unbind"), torch.randn(2, 3))
+def test_integer_index_keeps_the_picked_unit_and_leaves_the_rest_prunable():
+    """``ya[:, 1]`` reads one unit of ``a``: that unit is a frozen group of its own, the units after it are one
+    prunable group (read nowhere else: dead, the oracle prunes them exactly), and the index stays 1."""
+    dg = fxprune.analyze(Frozen("int").eval(), (torch.randn(2, 3),))
+    before, picked, after = dg.groups_of("a.weight", 0)
+    assert [g.units for g in (before, picked, after)] == [1, 1, 2]  # a one-unit group keeps its unit
+    assert after.prunable and not picked.prunable and any("integer index" in w for w in picked.frozen)
+    dg, pruned, removal = _oracle(Frozen("int"), torch.randn(2, 3), groups=[after], fraction=0.5)
+    assert pruned.a.out_features == 3 and "getitem = a[(slice(None, None, None), 1)]" in pruned.code
 
+
+class PickedHeads(nn.Module):
+    """Falcon's kv group: a fused projection viewed as ``(B, S, H + 2, D)``, the query heads sliced ``[..., :-2, :]``,
+    the key and value heads picked by integer indices (``aten.select.int`` once exported)."""
+
+    def __init__(self, key):
+        super().__init__()
+        self.key = key
+        self.qkv = nn.Linear(4, 5 * 2)  # 3 query heads, a key head and a value head, head_dim 2
+        self.out = nn.Linear(3 * 2, 3)
+
+    def forward(self, x):
+        grouped = self.qkv(x).unflatten(-1, (5, 2))
+        q, k, v = grouped[..., :-2, :], grouped[..., self.key, :], grouped[..., -1, :]
+        return self.out((q * k.unsqueeze(-2) + v.unsqueeze(-2)).flatten(-2))
+
+
+@pytest.mark.parametrize("exported", [False, True])
+@pytest.mark.parametrize("key", [3, -2])
+def test_integer_index_of_a_head_keeps_the_other_heads_prunable(key, exported):
+    x = torch.randn(1, 3, 4)
+    model = PickedHeads(key).eval()
+    if exported:
+        model = fxprune.testing.exported(model, x)
+        assert "aten.select.int" in str(model.graph)
+    dg = fxprune.analyze(model, (x,))
+    queries, k, v, dim = dg.groups_of("qkv.weight", 0)
+    assert dg.describe(dg.layout_of("qkv.weight", 0)) == \
+        f"((G{queries.id}(3) ++ G{k.id}(1) ++ G{v.id}(1)) x G{dim.id}(2))"
+    assert queries.prunable and queries.units == 3
+    assert not k.prunable and not v.prunable  # one unit each: kept
+    removal = plant_dead_units(dg, [queries], fraction=0.34)  # one query head
+    pruned = fxprune.apply(dg, removal)
+    torch.testing.assert_close(pruned(x), dg.gm(x), atol=1e-5, rtol=0)
+    assert pruned.get_parameter("qkv.weight").shape[0] == 4 * 2
+    # the key is still the unit after the query heads: 3 moves to 2, -2 stays -2
+    moved = 2 if key == 3 else -2
+    assert (f"select.int(unflatten, 2, {moved})" if exported else f"unflatten[(Ellipsis, {moved}, ") in pruned.code
 
 class TailRows(nn.Module):
     def __init__(self):

@@ -13,13 +13,16 @@ Example::
 
 from __future__ import annotations
 
+import warnings
+
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
 from fxprune.testing import plant_dead_units
-from tests.models import skip_unless_symbolically_traceable
+from tests.models import CachesOnSelf, skip_unless_symbolically_traceable
 
 
 def add_into(x, shortcut):
@@ -88,3 +91,21 @@ def test_helper_that_assigns_into_its_list_argument_propagates():
     pruned = fxprune.prune(model, 0.5, example_inputs=(x,), round_to=1)
     assert pruned(x).shape == model(x).shape == (2, 4, 1, 1)
     assert pruned.get_submodule("conv1").out_channels == 4
+
+
+@pytest.mark.parametrize("branch", [True, False], ids=["export", "trace"])
+def test_capture_leaves_no_attribute_on_the_callers_model(branch):
+    # ultralytics' Detect head caches anchors and the input shape on its first call; run by torch.export those
+    # were FakeTensors left on the caller's model, and its next real call reused them and failed
+    model, x = CachesOnSelf(branch).eval(), torch.randn(1, 3, 8, 8)
+    attributes = {name: dict(vars(m)) for name, m in model.named_modules()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the export fallback's note
+        dg = fxprune.analyze(model, (x,))
+    assert dg.gm.meta.get("fxprune_capture") == ("export" if branch else None)
+    for name, m in model.named_modules():
+        assert vars(m).keys() == attributes[name].keys(), name
+        assert all(vars(m)[k] is v for k, v in attributes[name].items()), name
+    expected = CachesOnSelf(branch).eval()
+    expected.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(x), expected(x), atol=1e-6, rtol=0)

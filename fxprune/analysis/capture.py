@@ -19,6 +19,7 @@ raises :class:`CaptureError` with the failing source line and a pointer to
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import linecache
 import operator
@@ -105,7 +106,9 @@ def capture(model: torch.nn.Module, example_inputs=None, kwargs=None, dynamic: b
         return export_capture(model, example_inputs, kwargs, dynamic=dynamic)
     tracer = _Tracer()
     try:
-        graph = tracer.trace(model)
+        with attributes_restored(model):
+            graph = tracer.trace(model)
+            gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as exc:  # any tracing failure becomes one clear error, or an export fallback
         explanation = _explain(model, exc)
         if example_inputs is None:
@@ -113,8 +116,6 @@ def capture(model: torch.nn.Module, example_inputs=None, kwargs=None, dynamic: b
         warnings.warn(f"fxprune: symbolic_trace failed ({type(exc).__name__}); captured with torch.export instead",
                       stacklevel=3)
         return export_capture(model, example_inputs, kwargs, explanation, dynamic=dynamic)
-    name = type(model).__name__
-    gm = fx.GraphModule(tracer.root, graph, name)
     keep_user_attributes(model, gm)
     return gm
 
@@ -132,6 +133,42 @@ def offloaded_modules(model: torch.nn.Module) -> list[str]:
         if any(getattr(h, "offload", False) for h in hooks):
             names.append(name)
     return names
+
+
+@contextlib.contextmanager
+def attributes_restored(model: torch.nn.Module):
+    """Every module's attributes put back as they were once a capture has run ``model``'s forward.
+
+    A forward may cache what it computes on ``self``: ultralytics' Detect head sets ``self.anchors``,
+    ``self.strides`` and ``self.shape`` on its first call. Run by ``torch.export`` those are FakeTensors (by
+    symbolic_trace, Proxies), left on the caller's model: its next real call reuses them and fails, or the next
+    capture meets another trace's fakes. Attributes added are removed, replaced ones put back, and the
+    parameter, buffer and submodule tables restored (the tensors themselves: a capture does not write into them).
+
+    Example::
+
+        >>> with attributes_restored(yolo):
+        ...     torch.export.export(yolo, (x,), strict=False)       # doctest: +SKIP
+        >>> hasattr(yolo.model[-1], "anchors")                       # doctest: +SKIP
+        False
+    """
+    tables = ("_parameters", "_buffers", "_modules")
+    saved = [(m, dict(vars(m)), {t: dict(vars(m)[t]) for t in tables if t in vars(m)}) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, attributes, contents in saved:
+            current = vars(module)
+            for key in [k for k in current if k not in attributes]:
+                del current[key]
+            for key, value in attributes.items():
+                if current.get(key, current) is not value:
+                    current[key] = value
+            for table, entries in contents.items():
+                now = current[table]
+                if now.keys() != entries.keys() or any(now[k] is not v for k, v in entries.items()):
+                    now.clear()
+                    now.update(entries)
 
 
 def keep_user_attributes(model: torch.nn.Module, gm: fx.GraphModule) -> None:
@@ -167,12 +204,14 @@ def export_capture(model: torch.nn.Module, example_inputs, kwargs=None, trace_er
             if dynamic:
                 try:  # batch and sequence sizes stay symbolic where the model allows, so the graph takes other shapes
                     dims = _automatic_dims(model, args, kwargs, batch_only=not is_hf_model(model))
-                    program = torch.export.export(model, args, kwargs=kwargs, strict=False, dynamic_shapes=dims)
+                    with attributes_restored(model):
+                        program = torch.export.export(model, args, kwargs=kwargs, strict=False, dynamic_shapes=dims)
                 except Exception as exc:  # a static graph is still a good graph, but the caller must know
                     lines = str(exc).strip().splitlines()
                     static = f"{type(exc).__name__}: {lines[0] if lines else ''}"
             if program is None:
-                program = torch.export.export(model, args, kwargs=kwargs, strict=False)
+                with attributes_restored(model):
+                    program = torch.export.export(model, args, kwargs=kwargs, strict=False)
     except Exception as exc:  # export's own message is the useful part
         message = str(exc).strip().splitlines()
         raise CaptureError(

@@ -11,19 +11,39 @@ Example::
 Inputs may be real tensors, meta tensors or ``torch.Size``/tuples (a shape:
 a float32 tensor of that shape is assumed). A model whose parameters live on
 the meta device is analysed with meta inputs, so nothing is allocated.
+
+Nodes whose output depends on tensor *values* (``.item()``, ``.tolist()``,
+``nonzero``, ``unique``, ``x[mask]``, a branch on ``x.sum() > 0`` inside a leaf
+module) have no shape without data: those alone are run for real on the example
+inputs (with the model's own weights), everything else stays FakeTensor. The
+nodes are marked ``node.meta["fxprune_concrete"]``, their names kept in
+``gm.meta["fxprune_value_dependent"]``, and one warning names them with their
+source lines: shapes that follow from them hold for these example inputs.
+ultralytics' Detect head in eval mode reads its stride buffer with ``.item()``::
+
+    >>> propagate(yolo_graph, (torch.randn(1, 3, 64, 64),))      # doctest: +SKIP
+    UserWarning: fxprune: 3 node(s) read tensor values ... 'item' at .../head.py:201 ...
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException, FakeTensor,
+                                           FakeTensorMode, unset_fake_temporarily)
+from torch.fx.experimental.proxy_tensor import snapshot_fake
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.fx.node import map_aggregate
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from fxprune.errors import ShapeError, describe_node
+from fxprune.analysis.capture import attributes_restored
+from fxprune.errors import ShapeError, describe_node, source_line
+
+# what FakeTensor raises where an output (its value, or its shape) depends on the data
+VALUE_DEPENDENT = (DataDependentOutputException, DynamicOutputShapeException, GuardOnDataDependentSymNode)
 
 
 def example_from_meta(gm: fx.GraphModule) -> tuple | None:
@@ -48,6 +68,13 @@ def propagate(gm: fx.GraphModule, example_inputs) -> None:
             )
     for node in gm.graph.nodes:
         node.meta.pop("val", None)
+        node.meta.pop("fxprune_concrete", None)
+    with attributes_restored(gm):  # a leaf module's forward may cache on self: not these stand-ins
+        _propagate(gm, example_inputs)
+
+
+def _propagate(gm: fx.GraphModule, example_inputs) -> None:
+    """Meta tensors first, else FakeTensorProp, else FakeTensorProp running value-dependent nodes for real."""
     if _propagate_on_meta(gm, example_inputs):
         return
     device = _device_of(gm)
@@ -56,10 +83,57 @@ def propagate(gm: fx.GraphModule, example_inputs) -> None:
     try:
         with _swapped_tensors(gm, lambda t: mode.from_tensor(t, static_shapes=True)):
             _MutableArgsProp(gm, mode).propagate(*fakes)
+    except VALUE_DEPENDENT:  # .item(), nonzero, masks: those nodes run for real on the example inputs
+        _propagate_with_values(gm, example_inputs, device)
     except Exception as exc:  # report the node, not FakeTensorProp's internals
-        node = _failing_node(gm)
-        where = describe_node(node) if node is not None else "the graph"
-        raise ShapeError(f"shape propagation failed at {where}: {type(exc).__name__}: {_first_line(exc)}") from exc
+        raise _failure(gm, exc) from exc
+
+
+def _failure(gm: fx.GraphModule, exc: Exception) -> ShapeError:
+    node = _failing_node(gm)
+    where = describe_node(node) if node is not None else "the graph"
+    return ShapeError(f"shape propagation failed at {where}: {type(exc).__name__}: {_first_line(exc)}")
+
+
+def _propagate_with_values(gm: fx.GraphModule, example_inputs, device: torch.device) -> None:
+    """FakeTensor propagation in which the nodes FakeTensor cannot compute (their output depends on values) are
+    run for real on ``example_inputs``; records them and warns once per graph (see the module docstring).
+
+    Parameters stay real (the real runs read them; FakeTensorMode converts them for the other nodes), buffers are
+    swapped for copies (a train-mode BatchNorm that runs for real updates only the copy's statistics).
+    """
+    for node in gm.graph.nodes:
+        node.meta.pop("val", None)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes = tuple(_fake(mode, x, device) for x in example_inputs)
+    prop = _ValueDependentProp(gm, mode, example_inputs)
+    try:
+        with _swapped_tensors(gm, lambda t: t.clone(), buffers_only=True):
+            prop.propagate(*fakes)
+    except ShapeError:
+        raise
+    except Exception as exc:
+        raise _failure(gm, exc) from exc
+    names = list(prop.concrete)
+    if gm.meta.get("fxprune_value_dependent") != names:  # once per graph: not again for its re-propagations
+        gm.meta["fxprune_value_dependent"] = names
+        warnings.warn(f"fxprune: {len(names)} node(s) read tensor values, so FakeTensor cannot give their shapes: "
+                      f"{_by_source_line(prop.concrete.values())}. They were run for real on the example inputs; "
+                      f"the shapes that follow from them hold for these inputs (node.meta['fxprune_concrete'])",
+                      stacklevel=4)
+
+
+def _by_source_line(nodes, limit: int = 4) -> str:
+    """``'item', 'item_1' (item) at head.py:201: y = ...; 'nonzero' (nonzero) at ...``: nodes grouped by line."""
+    lines: dict[str, list[fx.Node]] = {}
+    for node in nodes:
+        lines.setdefault(source_line(node), []).append(node)
+    parts = []
+    for where, group in list(lines.items())[:limit]:
+        ops = ", ".join(dict.fromkeys(str(getattr(n.target, "__name__", n.target)) for n in group))
+        parts.append(", ".join(repr(n.name) for n in group) + f" ({ops})" + (f" at {where}" if where else ""))
+    more = f"; and {len(lines) - limit} more source line(s)" if len(lines) > limit else ""
+    return "; ".join(parts) + more
 
 
 def reuse_export_values(gm: fx.GraphModule) -> bool:
@@ -125,6 +199,88 @@ class _MutableArgs:
 
 class _MutableArgsProp(_MutableArgs, FakeTensorProp):
     pass
+
+
+class _ValueDependentProp(_MutableArgsProp):
+    """FakeTensorProp that runs a node for real where FakeTensor raises :data:`VALUE_DEPENDENT` for it.
+
+    The real value of such a node needs the real values of its ancestors: they are computed on demand
+    (:class:`_RealValues`, each node at most once), so a graph whose only value read is ``stride[i].item()``
+    on a buffer runs three tiny real ops, not the model. ``concrete``: ``{node name: node}`` run for real.
+    """
+
+    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, example_inputs) -> None:
+        super().__init__(gm, mode)
+        self.extra_traceback = False  # our ShapeError names the node already
+        self.real = _RealValues(gm, example_inputs)
+        self.concrete: dict[str, fx.Node] = {}
+
+    def run_node(self, n: fx.Node):
+        try:
+            return super().run_node(n)
+        except VALUE_DEPENDENT as exc:
+            reason = f"{type(exc).__name__}: {_first_line(exc)}"
+        with unset_fake_temporarily(), torch.no_grad():
+            real = self.real.value(n, reason)
+        result = map_aggregate(real, lambda v: self._mode.from_tensor(v, static_shapes=True)
+                               if isinstance(v, torch.Tensor) else v)
+        val = map_aggregate(result, lambda v: snapshot_fake(v) if isinstance(v, torch.Tensor) else
+                            v if isinstance(v, (int, float, bool)) else None)
+        if val is not None:
+            n.meta["val"] = val
+        n.meta["fxprune_concrete"] = reason
+        self.concrete[n.name] = n
+        return result
+
+
+class _RealValues(_MutableArgs, fx.Interpreter):
+    """Real values of nodes, computed on demand from the example inputs and the module's own tensors.
+
+    ``value(node)`` runs the node's ancestors that have no value yet, in graph order, under ``no_grad``;
+    values are kept for later requests (only ancestors of value-dependent nodes are ever computed).
+    """
+
+    def __init__(self, gm: fx.GraphModule, example_inputs) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+        self.env = {}
+        self.inputs = example_inputs
+        self.order = {node: i for i, node in enumerate(gm.graph.nodes)}
+
+    def value(self, node: fx.Node, reason: str):
+        if node not in self.env:
+            needed, stack = set(), [node]
+            while stack:
+                current = stack.pop()
+                if current in self.env or current in needed:
+                    continue
+                needed.add(current)
+                stack.extend(current.all_input_nodes)
+            if any(n.op == "placeholder" for n in needed):
+                self._bind_inputs(node, reason)
+            for current in sorted(needed, key=self.order.__getitem__):
+                if current not in self.env:
+                    try:
+                        self.env[current] = self.run_node(current)
+                    except Exception as exc:
+                        at = "" if current is node else f" at {describe_node(current)}"
+                        raise ShapeError(
+                            f"{describe_node(node)} reads tensor values ({reason}), so fxprune runs it for real on "
+                            f"the example inputs, which failed{at}: {type(exc).__name__}: {_first_line(exc)}") from exc
+        return self.env[node]
+
+    def _bind_inputs(self, node: fx.Node, reason: str) -> None:
+        """The real example inputs as the placeholders' values (once); a shape or a meta tensor has no values."""
+        if any(n.op == "placeholder" for n in self.env):
+            return
+        if any(_is_shape(x) or isinstance(x, FakeTensor) or (isinstance(x, torch.Tensor) and x.device.type == "meta")
+               for x in self.inputs):
+            raise ShapeError(
+                f"{describe_node(node)} reads tensor values ({reason}): fxprune runs such nodes for real on the "
+                f"example inputs, so it needs real tensors (and real weights), not shapes, meta or fake tensors: "
+                f"pass example_inputs=(torch.randn(...),)")
+        inputs = self.graph.process_inputs(*self.inputs)  # as Interpreter.run binds them (an export's pytree)
+        for placeholder, value in zip(self.graph.find_nodes(op="placeholder"), inputs):
+            self.env[placeholder] = value
 
 
 class _MetaProp(_MutableArgs, fx.Interpreter):
@@ -198,7 +354,7 @@ def _mutable(value, leaf):
 
 
 @contextlib.contextmanager
-def _swapped_tensors(gm: fx.GraphModule, convert):
+def _swapped_tensors(gm: fx.GraphModule, convert, buffers_only: bool = False):
     """Every parameter and buffer replaced by ``convert(tensor)`` while propagating, then the originals put back.
 
     Propagating over meta or fake parameters never touches the real ones (a train-mode
@@ -206,14 +362,14 @@ def _swapped_tensors(gm: fx.GraphModule, convert):
     fake parameters also let it hit its dispatch cache instead of converting real ones
     on every op (and rerunning, e.g., the batch-norm decomposition): ~1.5x faster.
     Tied tensors stay tied (one stand-in per tensor). RNN modules keep theirs: they
-    cache their weights in a list (the meta path does not run on them).
+    cache their weights in a list (the meta path does not run on them). ``buffers_only``: parameters stay.
     """
     saved, memo = [], {}
     try:
         for module in gm.modules():
             if hasattr(module, "_flat_weights"):
                 continue
-            for store in (module._parameters, module._buffers):
+            for store in (module._buffers,) if buffers_only else (module._parameters, module._buffers):
                 for name, t in list(store.items()):
                     if isinstance(t, torch.Tensor):
                         saved.append((store, name, t))

@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from fxprune.algebra.layout import new_size
+from fxprune.analysis.removal import kept_units
 
 
 class GraphShapes:
@@ -55,10 +56,8 @@ class PlannedShapes(GraphShapes):
 
     def __init__(self, dg, removal: dict):
         super().__init__(dg.gm)
-        from fxprune.rewriting.rewrite import kept_units  # validates the plan exactly as rewrite will
-
         self.dg = dg
-        self.kept = kept_units(dg, removal)
+        self.kept = kept_units(dg, removal)  # validates the plan exactly as rewrite will
         self._cache: dict[tuple, tuple] = {}
 
     def _resize(self, key: tuple, shape: tuple | None) -> tuple | None:

@@ -16,7 +16,10 @@ With ``inplace=True`` a Hugging Face model gets the refit weights by parameter n
 refits the consumers front to back on the pruned model's own inputs (:mod:`fxprune.calibration.sequential`);
 ``reestimate_bn=True`` re-estimates the pruned model's BatchNorm running statistics
 (:mod:`fxprune.calibration.batchnorm`). After pruning, :func:`distill` trains the pruned model a short while
-to match the original on the same batches (:mod:`fxprune.calibration.distill`).
+to match the original on the same batches (:mod:`fxprune.calibration.distill`). Its criteria register
+themselves in :mod:`fxprune.importance`; it may import ``fxprune.errors``, ``fxprune.modules``,
+``fxprune.algebra``, ``fxprune.rules``, ``fxprune.analysis``, ``fxprune.importance``, ``fxprune.planning`` and
+``fxprune.rewriting``; the pipeline calls it.
 
 Example::
 

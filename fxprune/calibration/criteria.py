@@ -39,6 +39,7 @@ import numpy as np
 
 from fxprune.calibration.consumers import calibrated_consumers
 from fxprune.calibration.statistics import collect_statistics
+from fxprune.importance import register_criterion
 from fxprune.importance.base import Criterion
 from fxprune.importance.magnitude import Magnitude
 from fxprune.importance.reduce import check_normalizer, normalize
@@ -167,6 +168,7 @@ class ActivationCriterion(Criterion):
                       f"{' ...' if len(missing) > 3 else ''}", stacklevel=4)
 
 
+@register_criterion("activation")
 class Activation(ActivationCriterion):
     name = "activation"
 
@@ -174,6 +176,7 @@ class Activation(ActivationCriterion):
         return (stats.var.cpu() * w.double().square().sum(0).cpu()).numpy()
 
 
+@register_criterion("wanda")
 class Wanda(ActivationCriterion):
     name = "wanda"
 

@@ -40,6 +40,7 @@ import torch
 
 from fxprune.calibration.criteria import ActivationCriterion, unit_columns
 from fxprune.calibration.reconstruct import DAMPING
+from fxprune.importance import register_criterion
 
 
 def damped_inverse(gram: torch.Tensor, damping: float = DAMPING, name: str = "") -> torch.Tensor:
@@ -85,6 +86,7 @@ def obs_scores(weight: torch.Tensor, bias: torch.Tensor | None, hinv: torch.Tens
     return error.clamp_min(0).cpu().numpy()
 
 
+@register_criterion("obs")
 class OBS(ActivationCriterion):
     """Structured OBS from the calibration Gram matrices; ``damping`` as in :func:`fxprune.calibration.refit`."""
 

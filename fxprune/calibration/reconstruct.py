@@ -38,7 +38,8 @@ import torch
 
 from fxprune.calibration.consumers import calibrated_consumers
 from fxprune.calibration.statistics import collect_statistics
-from fxprune.rewriting.rewrite import Sizes, kept_units
+from fxprune.analysis.removal import kept_units
+from fxprune.rewriting.rewrite import Sizes
 
 DAMPING = 1e-4
 

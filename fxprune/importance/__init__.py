@@ -23,6 +23,11 @@ or any callable ``f(group, weights) -> scores`` where ``weights`` maps ``"name[d
 parameter member to a ``(units, k)`` matrix whose row u is what removing unit u deletes. The
 form ``f(dg, group, tensors)`` (tensors by name) is accepted too.
 
+The criteria that read calibration batches of model inputs (``"activation"``, ``"wanda"``, ``"obs"``) live in
+:mod:`fxprune.calibration` and register their names here (:func:`register_criterion`). This package may import
+``fxprune.errors``, ``fxprune.modules``, ``fxprune.algebra``, ``fxprune.rules`` and ``fxprune.analysis``; never
+calibration, planning or anything that runs the pipeline.
+
 Example::
 
     >>> fxprune.prune(model, 0.5, example_inputs=(x,),
@@ -50,8 +55,35 @@ _BY_NAME = {
     "bn_scale": BNScale, "slimming": BNScale,
 }
 _NEEDS_DATA = {"taylor": Taylor, "hessian": Hessian}
-_NEEDS_INPUTS = ("activation", "wanda", "obs")  # calibration batches of model inputs, no loss
-CRITERIA = sorted(list(_BY_NAME) + list(_NEEDS_DATA) + list(_NEEDS_INPUTS))
+# calibration batches of model inputs, no loss: {name: criterion class}, filled by register_criterion
+_NEEDS_INPUTS: dict[str, type] = {}
+CRITERIA = sorted(list(_BY_NAME) + list(_NEEDS_DATA))  # every name; the registered ones are added in place
+
+
+def register_criterion(name: str):
+    """Class decorator: ``importance=name`` builds ``cls(calibration, progress=progress)``.
+
+    For criteria that read calibration batches of model inputs (``"activation"``, ``"wanda"``, ``"obs"``). They
+    live with the statistics they read, in :mod:`fxprune.calibration`, which builds on this package; so they
+    register themselves here, as rules do in :mod:`fxprune.rules.registry`, and this package never imports
+    calibration. Importing ``fxprune`` imports both, so every name is known before the first ``prune``.
+
+    Example::
+
+        >>> @register_criterion("wanda")
+        ... class Wanda(ActivationCriterion): ...
+        >>> type(resolve_importance("wanda", calibration=batches)).__name__
+        'Wanda'
+    """
+    def register(cls: type) -> type:
+        if name in CRITERIA:
+            raise ValueError(f"importance {name!r} is taken (by {_NEEDS_INPUTS.get(name, 'a built-in criterion')})")
+        _NEEDS_INPUTS[name] = cls
+        CRITERIA.append(name)
+        CRITERIA.sort()
+        return cls
+
+    return register
 
 
 class UserCriterion(Criterion):
@@ -78,9 +110,7 @@ def resolve_importance(importance, calibration=None, loss_fn=None, progress=None
                                  f"(and loss_fn=f(model, batch) unless batches are (inputs, targets))")
             return _NEEDS_DATA[importance](calibration, loss_fn, progress=progress)
         if importance in _NEEDS_INPUTS:
-            from fxprune.calibration import OBS, Activation, Wanda  # fxprune.calibration imports this package
-
-            return {"activation": Activation, "wanda": Wanda, "obs": OBS}[importance](calibration, progress=progress)
+            return _NEEDS_INPUTS[importance](calibration, progress=progress)
         if importance in _BY_NAME:
             return _BY_NAME[importance]()
         raise ValueError(f"unknown importance {importance!r}; choose one of {CRITERIA}, a Criterion or a callable")
@@ -127,6 +157,7 @@ def _positional_count(fn) -> int:
 __all__ = [
     "BNScale", "CRITERIA", "Criterion", "FPGM", "Hessian", "LAMP", "Magnitude", "Random", "Taylor", "UserCriterion",
     "as_scores", "calibrate", "classification_loss", "named_tensors", "normalize", "parameter_slices",
-    "reduce_members", "resolve_importance", "score_groups", "unit_indices", "unit_matrix", "unit_scores",
+    "reduce_members", "register_criterion", "resolve_importance", "score_groups", "unit_indices", "unit_matrix",
+    "unit_scores",
 ]
 

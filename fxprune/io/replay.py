@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 
+from fxprune.api import analyze, apply
 from fxprune.errors import PlanError
 from fxprune.io.plans import PruningPlan
 
@@ -32,8 +33,6 @@ def replay(plan, model, example_inputs=None, *, kwargs=None, inplace: bool | Non
     (a Hugging Face model pruned in place is replayed in place). Returns what
     ``fxprune.apply`` returns: a verified GraphModule, or the model itself in place.
     """
-    from fxprune.api import analyze, apply  # api records plans, so import it lazily
-
     if isinstance(plan, (str, os.PathLike)):
         plan = PruningPlan.load(plan)
     if not isinstance(plan, PruningPlan):

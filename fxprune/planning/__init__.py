@@ -12,5 +12,8 @@ structure (every layer's heads, every same-width MLP) that each lose the ratio, 
 per-layer latency tables on the model's device and ``latency_target`` searches
 the plan that reaches a latency target with the least importance lost. For
 example, ``prune(llama, 0.3)`` keeps 2864 of 4096 hidden channels (a multiple of
-8), not 2867, and leaves every head's width whole.
+8), not 2867, and leaves every head's width whole. ``planner.make_plan`` is the one entry point over the
+planners; ``interactive`` hands the scores to the caller, who chooses. Planning may import ``fxprune.errors``,
+``fxprune.modules``, ``fxprune.algebra``, ``fxprune.rules``, ``fxprune.analysis`` and ``fxprune.importance``;
+never rewriting, calibration or the pipeline.
 """

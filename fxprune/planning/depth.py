@@ -14,9 +14,12 @@ removed; one forward per candidate, batch and removal), ``"magnitude"`` (no data
 :mod:`fxprune.importance.depth`). Without a criterion: block influence with calibration batches, magnitude
 without. Lowest scores go first; a branch inside a removed one (nested residuals) is not counted twice.
 
+The scores come from the stage below (``score``: a function of the candidates, ``error``: a function of the removed
+candidates for the greedy search); :func:`fxprune.pipeline.depth_plan` passes the criterion's.
+
 Example::
 
-    >>> plan = plan_depth(dg, depth={"attention": 0.5}, calibration=batches)
+    >>> plan = fxprune.pipeline.depth_plan(dg, depth={"attention": 0.5}, calibration=batches)
     >>> [b.owner for b in plan.branches]
     ['model.layers.2', 'model.layers.1']
 """
@@ -25,9 +28,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-
-from fxprune.calibration.depth_scores import OutputError, block_influence
-from fxprune.importance.depth import depth_magnitude
 
 CRITERIA = ("block_influence", "output_error", "magnitude")
 ALL = "*"  # quota key: any kind
@@ -148,34 +148,41 @@ def greedy_removal(cands: list, quotas: dict, error) -> tuple[list, dict]:
     return chosen, first
 
 
-def plan_depth(dg, depth=None, layers=None, criterion: str | None = None, calibration=None) -> DepthPlan:
-    """The branches or layers to remove (see module docstring); an empty plan when nothing is asked."""
-    depth, layers = check_depth(depth, layers)
-    if depth is None and layers is None:
-        return DepthPlan()
+def criterion_for(criterion: str | None, calibration) -> str:
+    """The depth criterion asked (checked), or the default: block influence with calibration, magnitude without."""
     criterion = criterion or ("block_influence" if calibration is not None else "magnitude")
     if criterion not in CRITERIA:
         raise ValueError(f"depth_importance must be one of {CRITERIA}, got {criterion!r}")
     if criterion != "magnitude" and calibration is None:
         raise ValueError(f"depth_importance={criterion!r} needs calibration batches: pass calibration=[batch, ...]")
+    return criterion
+
+
+def plan_depth(dg, depth=None, layers=None, criterion: str = "magnitude", score=None, error=None) -> DepthPlan:
+    """The branches or layers to remove (see module docstring); an empty plan when nothing is asked.
+
+    ``score(candidates) -> {candidate: score}`` ranks them (lowest removed first); with ``error(removed) -> float``
+    instead, the greedy search picks them (``error.forwards``, if it counts them, goes into the plan).
+    """
+    depth, layers = check_depth(depth, layers)
+    if depth is None and layers is None:
+        return DepthPlan()
     cands = candidates(dg, depth, layers)
     quotas = quota(cands, depth, layers)
     what = "layers" if layers is not None else "residual branches"
+    plan = DepthPlan(criterion=criterion)
     if sum(quotas.values()) == 0:
         if (layers or 0) > 0 or (depth and (not isinstance(depth, dict) or any(depth.values()))):
             kept = [b for b in dg.branches if not b.removable]
             why = f"; {len(kept)} are not removable: {kept[0].reason}" if kept else ""
             warnings.warn(f"fxprune: depth={depth!r} removes no {what}: the model has {len(cands)} removable "
                           f"{what}{why} (see dg.depth_report())", stacklevel=3)
-        return DepthPlan(criterion=criterion)
-    plan = DepthPlan(criterion=criterion)
-    if criterion == "output_error":
-        error = OutputError(dg, calibration)
+        return plan
+    if error is not None:
         chosen, plan.scores = greedy_removal(cands, quotas, error)
-        plan.forwards = error.forwards
+        plan.forwards = getattr(error, "forwards", 0)
     else:
-        plan.scores = block_influence(dg, cands, calibration) if criterion == "block_influence" else \
-            depth_magnitude(dg, cands)
+        plan.scores = score(cands)
         chosen = select(cands, plan.scores, quotas)
     if layers is not None:
         plan.layers = chosen

@@ -189,23 +189,3 @@ def _normalise_per_type(ranked, scores: dict, types: dict, normalizer) -> dict:
         for group, part in zip(members, np.split(pooled, np.cumsum([g.units for g in members])[:-1])):
             out[group] = part
     return out
-
-
-def make_plan(groups, scores: dict, ratio: float, *, steps: dict | None = None, global_pruning: bool = False,
-              max_ratio: float = 0.9, fixed: dict | None = None, caps: dict | None = None,
-              costs: dict | None = None, types: dict | None = None, classes: dict | None = None) -> dict:
-    """The plan for one ratio, local or global (what ``fxprune.prune`` and the target search call).
-
-    Global with ``classes`` (``{group: isomorphic class}``): every class loses ``ratio`` of its units, ranked
-    within the class (:func:`fxprune.planning.isomorphic.isomorphic_plan`; ``ratio`` may be ``{class: ratio}``);
-    with ``costs``: by cost (:func:`cost_plan`, ``ratio`` is a fraction of the cost); else by count.
-    """
-    if global_pruning and classes is not None:
-        from fxprune.planning.isomorphic import isomorphic_plan  # it builds on this module's planners
-
-        return isomorphic_plan(groups, scores, ratio, classes, steps, max_ratio, fixed=fixed, caps=caps)
-    if global_pruning and costs is not None:
-        return cost_plan(groups, scores, ratio, costs, types, steps, max_ratio, fixed=fixed, caps=caps)
-    if global_pruning:
-        return global_plan(groups, scores, ratio, steps, max_ratio, fixed=fixed, caps=caps)
-    return local_plan(groups, scores, ratio, steps, fixed)

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from fxprune.errors import PlanError
 from fxprune.algebra.layout import kept_indices, new_size
+from fxprune.analysis.removal import kept_units
 
 
 class Sizes:
@@ -38,28 +38,6 @@ class Sizes:
 
     def indices(self, layout) -> np.ndarray:
         return kept_indices(self.solver.resolve(layout), self.kept, self.solver)
-
-
-def kept_units(dg, removal: dict) -> dict[int, np.ndarray]:
-    """Validate a removal plan ``{group or group id: units}`` and turn it into kept units per atom."""
-    by_id = {g.id: g for g in dg.groups}
-    kept = {}
-    for group, units in removal.items():
-        group = by_id[group] if isinstance(group, int) else group
-        units = np.unique(np.asarray(list(units), dtype=np.int64))
-        if units.size == 0:
-            continue
-        if group.frozen:
-            raise PlanError(f"group G{group.id} is frozen and cannot lose units: {group.frozen[0]}")
-        if units.min() < 0 or units.max() >= group.units:
-            raise PlanError(f"group G{group.id} has units 0..{group.units - 1}; got {units.tolist()}")
-        if units.size >= group.units:
-            raise PlanError(f"group G{group.id} would lose all {group.units} units; at least one must stay")
-        if group.units - units.size < group.min_kept:  # top-k over a router's experts needs k of them
-            raise PlanError(f"group G{group.id} must keep at least {group.min_kept} of its {group.units} units "
-                            f"({group.min_kept_reason}); the removal leaves {group.units - units.size}")
-        kept[group.atom] = np.setdiff1d(np.arange(group.units), units)
-    return kept
 
 
 def rewrite(dg, removal: dict, inplace: bool = False, share_tensors: bool = False) -> fx.GraphModule:

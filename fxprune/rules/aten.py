@@ -56,6 +56,9 @@ aten_family(elementwise.softmax, *_packets("softmax", "_softmax", "log_softmax",
 aten_family(elementwise.triangular, *_packets("triu", "tril"))
 aten_family(misc.metadata, *_packets("_assert_tensor_metadata", "sym_size", "size", "sym_numel", "sym_stride",
                                      "_assert_scalar", "sym_constrain_range_for_size"))
+aten_family(misc.values_read, *_packets("item", "_local_scalar_dense", "nonzero", "nonzero_static", "argwhere",
+                                        "_unique", "_unique2", "unique_dim", "unique_consecutive",
+                                        "unique_dim_consecutive", "masked_select"))
 
 aten_family(shape.view, *_packets("view", "reshape", "_unsafe_view"))
 aten_family(shape.reshape_family, *_packets("unsqueeze", "squeeze", "flatten"))

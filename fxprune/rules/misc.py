@@ -38,6 +38,20 @@ def metadata(r) -> None:
 family(metadata, "size", "dim", "numel", "get_device", "element_size", "is_contiguous",
        builtins.len, torch.numel, torch.is_tensor, builtins.isinstance)
 
+def values_read(r) -> None:
+    """An op whose result is values or positions read from its input (``.item()``, ``.tolist()``, ``nonzero``,
+    ``unique``, ``masked_select``): every axis on both sides is data, so it freezes, with that reason.
+
+    Example: ``boxes[(scores > 0.5).nonzero()[:, 0]]``: the score axis freezes; whatever carries the kept
+    positions (``index_select``, a gather) relates the other axes. Propagation runs these ops for real
+    on the example inputs (:mod:`fxprune.analysis.propagate`): their output sizes are data.
+    """
+    r.freeze_all(f"values read as data ({r.node.target if isinstance(r.node.target, str) else r.node.target.__name__})")
+
+
+family(values_read, "item", "tolist", "nonzero", "argwhere", "unique", "unique_consecutive", "masked_select",
+       torch.nonzero, torch.argwhere, torch.unique, torch.unique_consecutive, torch.masked_select)
+
 _METADATA_ATTRIBUTES = ("shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout")
 
 
@@ -59,24 +73,44 @@ def values_unused(node) -> bool:
 
 
 def integer_index(r, axis, read, write) -> None:
-    """An integer index into ``axis`` (``x.select(d, i)``, ``x[:, i]``): the axis is frozen where the selected
-    values are read; where only the result's shape is (:func:`values_unused`), the axis stays prunable and the
-    index is clamped into the pruned axis when rewriting (``read(node)`` / ``write(node, i)``: the index
-    argument), so that it stays valid.
+    """An integer index into ``axis`` (``x.select(d, i)``, ``x[:, i]``): the picked position becomes a unit of its
+    own (a frozen size-1 segment of the axis) and the rest of the axis stays prunable; rewriting moves the index
+    to where that unit lands (one counted from the end stays counted from the end), as a constant list index
+    does (:func:`fxprune.rules.constants.constant_positions`). ``read(node)`` / ``write(node, i)``: the index
+    argument. Where only the result's shape is read (:func:`values_unused`), nothing is picked: the whole axis
+    stays prunable and the index is clamped into the pruned axis so that it stays valid. An index that is no
+    literal int freezes the axis.
 
-    Example: ``inputs_embeds[:, :, -1]`` taken for its shape leaves the hidden size prunable; ``x[:, 40]``
-    read for its values freezes the axis.
+    Example: Falcon's ``grouped[..., -2, :]`` (its one key head after the query heads of a kv group,
+    ``aten.select.int``) splits ``Cat(queries(4), kv(2))`` into ``Cat(queries(4), k(1), v(1))``: the query
+    heads stay prunable and ``-2`` still picks the key head. ``inputs_embeds[:, :, -1]`` taken for its shape
+    leaves the whole hidden size prunable.
     """
-    if not isinstance(read(r.node), int) or not values_unused(r.node):
+    index = read(r.node)
+    size = axis.size(r.state.solver)
+    if not isinstance(index, int) or not -size <= index < size:
         r.freeze(axis, "integer index")
         return
+    if values_unused(r.node):
+        def clamp(node, sizes) -> None:
+            old, new = read(node), sizes.new(axis)
+            if old >= new or old < -new:
+                write(node, new - 1 if old >= 0 else -new)
 
-    def clamp(node, sizes) -> None:
-        index, size = read(node), sizes.new(axis)
-        if index >= size or index < -size:
-            write(node, size - 1 if index >= 0 else -size)
+        r.on_rewrite(clamp)
+        return
+    position = index % size
+    before, picked, after = (r.fresh(n, f"segments around an integer index {r.where}")
+                             for n in (position, 1, size - position - 1))
+    r.concat(axis, [before, picked, after])
+    r.freeze(picked, "integer index")
 
-    r.on_rewrite(clamp)
+    def move(node, sizes) -> None:
+        moved = sizes.new(before) if index >= 0 else -1 - sizes.new(after)
+        if moved != read(node):
+            write(node, moved)
+
+    r.on_rewrite(move)
 
 
 @register(builtins.getattr)

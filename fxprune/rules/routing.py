@@ -23,6 +23,7 @@ import torch
 
 from fxprune.algebra.context import TensorRef
 from fxprune.rules import constants
+from fxprune.rules.segments import mask_select
 from fxprune.rules.registry import aten_overloads, register
 
 aten = torch.ops.aten
@@ -138,8 +139,9 @@ def index(r) -> None:
     there, otherwise B comes first (numpy's rule). Example: ``x (T, H)[perm (S,)]`` is ``(S, H)`` with H
     carried over; ``W (E, 2I, H)[ids (S,)]`` is ``(S, 2I, H)``: an expert weight picked per token keeps
     its unit axes. One constant index (``qkv[..., [-2], :]``) picks units of their own and the rest of its
-    axis stays prunable (:func:`fxprune.rules.constants.constant_positions`). Boolean masks (data-dependent
-    length) freeze every axis.
+    axis stays prunable (:func:`fxprune.rules.constants.constant_positions`). One boolean mask among full
+    slices (``x[:, mask]``, of data-dependent length) freezes the axes it masks and carries the others
+    (:func:`fxprune.rules.segments.mask_select`); any other use of a mask freezes every axis.
     """
     a = r.bind(_index_signature)
     x, indices, out = a["input"], list(a["indices"]), r.out
@@ -149,8 +151,11 @@ def index(r) -> None:
         r.state.from_input.discard(r.node.name)
     refs = [r.tensor(i) if i is not None else None for i in indices]
     values = [r.node.args[1][p] for p in range(len(indices))]
-    if out is None or any(v is not None and (_dtype(v) in (torch.bool, torch.uint8)) for v in values):
-        r.freeze_all("indexing by a mask")
+    masks = [p for p, v in enumerate(values) if v is not None and _dtype(v) in (torch.bool, torch.uint8)]
+    if out is None or masks:
+        lone = len(masks) == 1 and all(v is None for p, v in enumerate(values) if p != masks[0])
+        if not (lone and refs[masks[0]] is not None and mask_select(r, x, out, masks[0], refs[masks[0]])):
+            r.freeze_all("indexing by a mask")
         return
     used = [p for p, t in enumerate(refs) if t is not None]
     if not used or any(values[p] is not None and refs[p] is None for p in range(len(values))):

@@ -161,26 +161,28 @@ def _tuple_item(r, source: fx.Node, index) -> None:
 
 
 def _tensor_index(r, x: TensorRef, index) -> None:
-    """Basic indexing: slices with step 1 cut segments, ints freeze, None adds an axis."""
+    """Basic indexing: slices with step 1 cut segments, an int picks a unit of its own
+    (:func:`~fxprune.rules.misc.integer_index`), None adds an axis."""
     out = r.out
     entries = list(index) if isinstance(index, tuple) else [index]
     if any(not isinstance(e, (int, slice, type(None), type(Ellipsis))) for e in entries):
-        if not _gather_index(r, x, out, entries):
+        if not (_gather_index(r, x, out, entries) or _mask_entry(r, x, out, entries)):
             r.freeze_all("advanced indexing")
         return
-    ellipsis = Ellipsis in entries
-    if ellipsis:
+    # each entry's place in the written index (None: a full slice that the ellipsis or the end stands for), so that
+    # rewriting changes the entry the code wrote
+    positions = list(range(len(entries)))
+    if Ellipsis in entries:
         at = entries.index(Ellipsis)
-        used = sum(isinstance(e, (int, slice)) for e in entries)
-        entries = entries[:at] + [slice(None)] * (x.ndim - used) + entries[at + 1:]
-    entries += [slice(None)] * (x.ndim - sum(isinstance(e, (int, slice)) for e in entries))
+        fill = x.ndim - sum(isinstance(e, (int, slice)) for e in entries)
+        entries = entries[:at] + [slice(None)] * fill + entries[at + 1:]
+        positions = positions[:at] + [None] * fill + positions[at + 1:]
+    fill = x.ndim - sum(isinstance(e, (int, slice)) for e in entries)
+    entries, positions = entries + [slice(None)] * fill, positions + [None] * fill
     din = dout = 0
-    for position, e in enumerate(entries):
+    for position, e in zip(positions, entries):
         if e is None:
             dout += 1
-        elif isinstance(e, int) and ellipsis:  # positions moved: the entry cannot be rewritten
-            r.freeze(x[din], "integer index")
-            din += 1
         elif isinstance(e, int):
             misc.integer_index(r, x[din], *_index_entry(position, isinstance(index, tuple)))
             din += 1
@@ -231,6 +233,50 @@ def _gather_index(r, x: TensorRef, out: TensorRef, entries: list) -> bool:
         r.same(idx[j], out[p + j])
     for d in range(p + 1, x.ndim):
         r.same(x[d], out[d - 1 + idx.ndim])
+    return True
+
+
+def _mask_entry(r, x: TensorRef, out: TensorRef, entries: list) -> bool:
+    """``x[mask]``, ``x[:, mask]``, ``x[..., mask]``: one boolean tensor among full slices (see :func:`mask_select`)."""
+    tensors = [i for i, e in enumerate(entries) if isinstance(e, fx.Node)]
+    if len(tensors) != 1 or out is None:
+        return False
+    p = tensors[0]
+    value = tensor_value(entries[p])
+    if value is None or value.dtype not in (torch.bool, torch.uint8):
+        return False
+    if Ellipsis in entries:  # the ellipsis stands for the axes the other entries and the mask leave
+        at = entries.index(Ellipsis)
+        fill = x.ndim - (len(entries) - 2) - value.ndim
+        if fill < 0:
+            return False
+        entries = entries[:at] + [slice(None)] * fill + entries[at + 1:]
+        p = next(i for i, e in enumerate(entries) if isinstance(e, fx.Node))
+    if any(e != slice(None) for i, e in enumerate(entries) if i != p):
+        return False
+    return mask_select(r, x, out, p, r.tensor(entries[p]))
+
+
+def mask_select(r, x: TensorRef, out: TensorRef, at: int, mask: TensorRef) -> bool:
+    """``x[..., mask]``: a boolean ``mask`` over axes ``at .. at + k - 1`` of ``x`` picks positions.
+
+    The masked axes become one output axis whose length is data (how many positions the mask keeps): they
+    freeze, with the mask's own axes and that output axis; every other axis carries over. Example:
+    ``pooled (B, C)[keep (B,)]`` is ``(N, C)``: N is data, C stays prunable (a kept row keeps its channels);
+    ``tokens (B, T, H)[padding_mask (B, T)]`` is ``(N, H)``: H stays prunable. Returns False (the caller
+    freezes) when the mask does not match those axes (a broadcast mask) or the output has another rank.
+    """
+    k = mask.ndim
+    if k == 0 or at + k > x.ndim or out.ndim != x.ndim - k + 1 or mask.shape != x.shape[at:at + k]:
+        return False
+    for j in range(k):
+        r.freeze(x[at + j], "indexed by a mask")
+        r.freeze(mask[j], "indexed by a mask")
+    r.freeze(out[at], "positions a mask picked")
+    for d in range(at):
+        r.same(x[d], out[d])
+    for d in range(at + k, x.ndim):
+        r.same(x[d], out[d - k + 1])
     return True
 
 

@@ -28,7 +28,7 @@ from fxprune.analysis.depgraph import DependencyGraph
 from fxprune.importance import named_tensors
 from fxprune.io.plans import PruningPlan
 from fxprune.pipeline import PRUNING, Job, Settings, run
-from fxprune.rewriting.rewrite import kept_units
+from fxprune.analysis.removal import kept_units
 
 
 def zero_units(dg, removal: dict) -> None:

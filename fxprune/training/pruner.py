@@ -48,7 +48,8 @@ from fxprune.io.plans import PruningPlan, attach_plan, group_key
 from fxprune.pipeline import PRUNING, Job, Settings, run
 from fxprune.analysis.macs import count_graph
 from fxprune.planning.alignment import default_alignment, removal_steps
-from fxprune.planning.selection import make_plan, units_to_keep
+from fxprune.planning.planner import make_plan
+from fxprune.planning.selection import units_to_keep
 from fxprune.planning.ratios import group_ratios
 from fxprune.training.regularize import make_regularizer
 from fxprune.planning.costs import group_types

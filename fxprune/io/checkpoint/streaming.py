@@ -53,7 +53,8 @@ from fxprune.io.checkpoint.writer import write_shards
 from fxprune.importance import Magnitude, resolve_importance
 from fxprune.io.plans import PruningPlan
 from fxprune.pipeline import ANALYSIS, PRUNING, Job, Settings, run
-from fxprune.rewriting.rewrite import Sizes, changed_axes, kept_units, rewrite, sliced
+from fxprune.analysis.removal import kept_units
+from fxprune.rewriting.rewrite import Sizes, changed_axes, rewrite, sliced
 from fxprune.rewriting.verify import verify
 
 # weights in formats this module does not rewrite: never copied next to the pruned shards

@@ -1,0 +1,41 @@
+"""The plan for one ratio: one entry point over the planners (local, global by count or by cost, isomorphic).
+
+``fxprune.prune``'s ``plan`` pass, the target searches (:mod:`fxprune.planning.target`) and the iterative
+``Pruner`` call :func:`make_plan` with the settings they have; it picks the planner:
+:func:`~fxprune.planning.selection.local_plan` (every group loses the ratio),
+:func:`~fxprune.planning.selection.global_plan` (all units ranked together),
+:func:`~fxprune.planning.selection.cost_plan` (ranked by score per MAC or parameter saved) or
+:func:`~fxprune.planning.isomorphic.isomorphic_plan` (ranked within each class of same-structure groups). It
+sits above both modules, so that isomorphic planning, which builds on selection's planners, needs no import
+back.
+
+Example::
+
+    >>> removal = make_plan(groups, scores, 0.3)      # local, groups of 64 units: each loses round(0.3 * 64)
+    >>> {len(units) for units in removal.values()}
+    {19}
+"""
+
+from __future__ import annotations
+
+from fxprune.planning.isomorphic import isomorphic_plan
+from fxprune.planning.selection import cost_plan, global_plan, local_plan
+
+
+def make_plan(groups, scores: dict, ratio: float, *, steps: dict | None = None, global_pruning: bool = False,
+              max_ratio: float = 0.9, fixed: dict | None = None, caps: dict | None = None,
+              costs: dict | None = None, types: dict | None = None, classes: dict | None = None) -> dict:
+    """The plan for one ratio, local or global (what ``fxprune.prune`` and the target search call).
+
+    Global with ``classes`` (``{group: isomorphic class}``): every class loses ``ratio`` of its units, ranked
+    within the class (:func:`fxprune.planning.isomorphic.isomorphic_plan`; ``ratio`` may be ``{class: ratio}``);
+    with ``costs``: by cost (:func:`~fxprune.planning.selection.cost_plan`, ``ratio`` is a fraction of the
+    cost); else by count.
+    """
+    if global_pruning and classes is not None:
+        return isomorphic_plan(groups, scores, ratio, classes, steps, max_ratio, fixed=fixed, caps=caps)
+    if global_pruning and costs is not None:
+        return cost_plan(groups, scores, ratio, costs, types, steps, max_ratio, fixed=fixed, caps=caps)
+    if global_pruning:
+        return global_plan(groups, scores, ratio, steps, max_ratio, fixed=fixed, caps=caps)
+    return local_plan(groups, scores, ratio, steps, fixed)
