@@ -26,7 +26,7 @@ from fxprune.io.plans import PruningPlan, attach_plan
 from fxprune.analysis.macs import count_graph
 from fxprune.calibration import reestimate_batchnorm
 from fxprune.pipeline import ANALYSIS, DEPTH, PIPELINE, Job, Settings, prunes_hf_in_place, rewritten, run
-from fxprune.planning.depth import check_depth
+from fxprune.planning.depth import check_depth, criterion_for
 from fxprune.planning.latency import ratio_of
 from fxprune.planning.target import METRICS
 from fxprune.rewriting.depth import DEPTH_META, remove_depth
@@ -152,6 +152,7 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     calibration = check_calibration_settings(calibration, reconstruct, sequential, reestimate_bn)
     depth, layers = check_depth(depth, layers)
     if depth is not None or layers is not None:
+        criterion_for(depth_importance, calibration)  # a wrong name or missing batches fail before any analysis
         return _prune_depth(model, ratio, example_inputs, kwargs, dict(
             importance=importance, ignore=tuple(ignore), round_to=round_to, prune_head_dims=bool(prune_head_dims),
             inplace=inplace, global_pruning=bool(global_pruning), isomorphic=bool(isomorphic), ratios=ratios,
