@@ -190,6 +190,9 @@ def _prune_depth(model, ratio, example_inputs, kwargs, options: dict, targets: t
                         layers=layers, depth_importance=depth_importance)
     job = run(Job(model, example_inputs, kwargs, settings), ANALYSIS + DEPTH)
     result = job.result
+    if options["inplace"] and not job.hf_in_place and job.depth_plan:
+        warnings.warn(f"fxprune: depth pruning in place rebuilds Hugging Face models only; {type(model).__name__} "
+                      "keeps its layers and the returned GraphModule is the depth-pruned model", stacklevel=3)
     if not width:  # depth only: what width's passes would have done after the refit
         if options["sequential"]:
             warnings.warn("fxprune: sequential=True refits the consumers of width pruning; with depth alone the "
