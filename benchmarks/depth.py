@@ -8,9 +8,9 @@ Three tasks (``--tasks``); every row prunes the same original model; "params kep
   kept, ``target_params`` set to the depth row's kept fraction), ``layers`` (whole layers, block influence),
   ``attention`` (attention branches only, block influence), ``attention (SLEB)`` (the output-error greedy search),
   ``both`` (half the budget in attention branches, width for the rest). Each plain, ``+ refit``
-  (``reconstruct=True``) and ``+ refit + distill`` (``fxprune.distill`` against the original for a fixed number of
-  AdamW steps, the same for every row: ``--distill-steps``, about 2 CPU minutes; the CPU seconds each took, read
-  with ``time.process_time``, are in the log). Byte-level perplexity on held-out topics (calibration: other
+  (``reconstruct=True``) and ``+ refit + distill`` (that refit model, then ``fxprune.distill`` against the original
+  for a fixed number of AdamW steps, the same for every row: ``--distill-steps``, about 2 CPU minutes; the CPU
+  seconds each took, read with ``time.process_time``, are in the log; "seconds" is the pruning's wall time). Byte-level perplexity on held-out topics (calibration: other
   topics). With ``--latency`` (run on a quiet machine) the models saved by the quality run (the plain row of
   each method: refit and distillation change no shape) are timed on the CPU against the dense model,
   alternately: prefill of one 128-byte sequence, and batch-1 generation (16-byte prompt, 64 new bytes, KV cache),
@@ -116,22 +116,31 @@ def task_lm(args, emit) -> None:
     emit("lm", TP, {"budget": "-"})
     kept = {}
     for budget, label, options in lm_methods(args.quick):
+        refit = None
         for variant in ("", " + refit", " + refit + distill"):
             if not ONLY.search(f"{label}{variant}") or (args.quick and variant.endswith("distill")):
                 continue
             start = time.perf_counter()
-            pruned = copy.deepcopy(model)
-            if options == "width":
-                opts = dict(importance="obs", target_params=kept[budget], ignore=[pruned.model.embed_tokens])
+            extra = {}
+            if variant.endswith("distill"):  # the refit row's model, distilled (the same pruning, not redone)
+                if refit is None:
+                    continue
+                pruned, seconds = copy.deepcopy(refit[0]), refit[1]
+                extra = _distill(pruned, model, calibration, args.distill_steps, 5e-4)
             else:
-                opts = dict(options)
-                if "importance" in opts:  # both: width for the rest of the budget
-                    opts["target_params"] = kept.get(budget, None) or _budget_target(model, budget)
-                    opts["ignore"] = [pruned.model.embed_tokens]
-            _quiet(fxprune.prune, pruned, example_inputs=(), kwargs=example, calibration=calibration, inplace=True,
-                   reconstruct=bool(variant), **opts)
-            seconds = time.perf_counter() - start
-            extra = _distill(pruned, model, calibration, args.distill_steps, 5e-4) if "distill" in variant else {}
+                pruned = copy.deepcopy(model)
+                if options == "width":
+                    opts = dict(importance="obs", target_params=kept[budget], ignore=[pruned.model.embed_tokens])
+                else:
+                    opts = dict(options)
+                    if "importance" in opts:  # both: width for the rest of the budget
+                        opts["target_params"] = kept.get(budget, None) or _budget_target(model, budget)
+                        opts["ignore"] = [pruned.model.embed_tokens]
+                _quiet(fxprune.prune, pruned, example_inputs=(), kwargs=example, calibration=calibration,
+                       inplace=True, reconstruct=bool(variant), **opts)
+                seconds = time.perf_counter() - start
+                if variant:
+                    refit = (pruned, seconds)
             ppl = tiny_lm.perplexity(pruned, evaluation)
             fraction = parameters(pruned) / params0
             kept.setdefault(budget, fraction)
