@@ -89,6 +89,14 @@ def test_vit_branches(make):
     assert len({b.layer for b in dg.branches}) == 2 and all(layer.removable for layer in dg.layers)
 
 
+def test_gpt2_branches():
+    config = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                                     eos_token_id=0)
+    dg = fxprune.analyze(transformers.GPT2LMHeadModel(config).eval(), (_ids(),))
+    assert _kinds(dg) == [(f"transformer.h.{i}", kind, True) for i in range(2) for kind in ("attention", "mlp")]
+    assert [layer.name for layer in dg.layers if layer.removable] == ["transformer.h.0", "transformer.h.1"]
+
+
 def test_resnet50_bottlenecks():
     dg = fxprune.analyze(torchvision.models.resnet50().eval(), (torch.randn(1, 3, 32, 32),))
     removable = [b.owner for b in dg.branches if b.removable]
