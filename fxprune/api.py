@@ -32,19 +32,32 @@ from fxprune.planning.target import METRICS
 from fxprune.rewriting.depth import DEPTH_META, remove_depth
 from fxprune.planning.ratios import check_ratio
 from fxprune.rewriting.rewrite import rewrite
-from fxprune.rewriting.verify import verify
+from fxprune.rewriting.verify import verify, verify_other_sizes
 
 
 def analyze(model, example_inputs=None, *, kwargs=None, ignore=(), inplace: bool = False,
-            prune_head_dims: bool = False) -> DependencyGraph:
+            prune_head_dims: bool = False, dynamic_shapes=None) -> DependencyGraph:
     """Capture ``model`` and build its dependency graph (groups, members, frozen reasons).
 
     Attention's per-head widths are frozen unless ``prune_head_dims=True`` (heads
     and kv heads stay prunable). ``inplace=True`` prepares a later
     ``apply(dg, ..., inplace=True)`` on a Hugging Face model: groups its modules
     cannot express (head dims) are frozen whatever ``prune_head_dims`` says.
+
+    The graph takes other batch sizes and (for token inputs) sequence lengths than the example's, also from
+    an example of batch 1; an image's height and width stay the example's unless ``dynamic_shapes``
+    (``torch.export``'s format, passed to export) asks for them (:mod:`fxprune.analysis.dynamic`).
+    ``dg.meta["times"]`` / ``dg.meta["cpu_times"]`` hold each pass's wall / CPU seconds (capture, propagate,
+    decompose, relate, solve), ``dg.meta["capture"]`` how the graph was captured and which input sizes it takes.
+
+    Example::
+
+        >>> dg = fxprune.analyze(bert, (torch.randint(0, 100, (1, 16)),))
+        >>> dg.meta["capture"]["shapes"], sorted(dg.meta["times"])
+        ('dynamic', ['capture', 'decompose', 'propagate', 'relate', 'solve'])
     """
-    settings = Settings(ignore=tuple(ignore), inplace=inplace, prune_head_dims=prune_head_dims)
+    settings = Settings(ignore=tuple(ignore), inplace=inplace, prune_head_dims=prune_head_dims,
+                        dynamic_shapes=dynamic_shapes)
     return run(Job(model, example_inputs, kwargs, settings), ANALYSIS).dg
 
 
@@ -58,6 +71,7 @@ def apply(dg: DependencyGraph, removal: dict, *, inplace: bool = False) -> fx.Gr
         gm = prune_in_place(dg, removal, rewrite, verify)
     else:
         gm = rewritten(dg, removal, inplace)
+        verify_other_sizes(gm, dg.example_inputs, type(getattr(dg, "model", None) or gm).__name__)
         verify(gm, dg.example_inputs, dg.expected_shapes)
     attach_plan(gm, PruningPlan.from_removal(dg, removal, inplace=inplace))
     return gm
@@ -69,7 +83,7 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
           target_params: float | None = None, target_latency: float | None = None, calibration=None,
           loss_fn=None, reconstruct: bool = False, sequential: bool = False,
           reestimate_bn: bool = False, isomorphic: bool = False, depth=None, layers: int | None = None,
-          depth_importance: str | None = None) -> fx.GraphModule:
+          depth_importance: str | None = None, dynamic_shapes=None) -> fx.GraphModule:
     """Remove ``ratio`` (default 0.3) of the units of every prunable group; returns a verified GraphModule.
 
     ``model`` is an ``nn.Module`` (traced here) or a ``torch.fx.GraphModule``.
@@ -118,6 +132,13 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     for a narrow one (:mod:`fxprune.planning.isomorphic`). With ``target_macs``/``target_params`` the search
     finds the one ratio every class loses (by count, not by cost: within a class units cost the same);
     ``target_latency`` is not supported with it.
+    ``dynamic_shapes`` (``torch.export``'s format) sets which input dimensions the pruned graph takes at other
+    sizes than the example's; by default the batch and a token input's sequence (also from an example of batch 1
+    or length 1), not an image's height and width (:mod:`fxprune.analysis.dynamic`). A dimension meant to vary
+    that the graph fixes anyway gives one warning naming it, is listed in
+    ``pruned.meta["fxprune_input_shapes"]``, and another size fails at the graph's entry with a message saying
+    which size it was captured for.
+    ``pruned.meta["fxprune_times"]`` holds each pass's wall and CPU seconds.
     ``target_latency=0.5`` measures per-layer latency tables on the model's device and
     searches the plan that runs in half the time with the least importance lost, each
     candidate measured against the original (:mod:`fxprune.planning.latency_target`).
@@ -157,7 +178,8 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
             importance=importance, ignore=tuple(ignore), round_to=round_to, prune_head_dims=bool(prune_head_dims),
             inplace=inplace, global_pruning=bool(global_pruning), isomorphic=bool(isomorphic), ratios=ratios,
             calibration=calibration, loss_fn=loss_fn, reconstruct=bool(reconstruct), sequential=bool(sequential),
-            reestimate_bn=bool(reestimate_bn)), (target_macs, target_params, target_latency), max_ratio,
+            reestimate_bn=bool(reestimate_bn), dynamic_shapes=dynamic_shapes),
+            (target_macs, target_params, target_latency), max_ratio,
             depth, layers, depth_importance)
     ratio, target, max_ratio = check_prune_settings(ratio, target_macs, target_params, round_to, max_ratio,
                                                     target_latency, global_pruning=global_pruning,
@@ -168,7 +190,8 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
                         prune_head_dims=bool(prune_head_dims), inplace=inplace, global_pruning=bool(global_pruning),
                         isomorphic=bool(isomorphic), max_ratio=max_ratio, ratios=ratios, target=target,
                         calibration=calibration, loss_fn=loss_fn, reconstruct=bool(reconstruct),
-                        sequential=bool(sequential), reestimate_bn=bool(reestimate_bn))
+                        sequential=bool(sequential), reestimate_bn=bool(reestimate_bn),
+                        dynamic_shapes=dynamic_shapes)
     job = Job(model, example_inputs, kwargs, settings)
     return run(job, PIPELINE).result
 
@@ -187,7 +210,7 @@ def _prune_depth(model, ratio, example_inputs, kwargs, options: dict, targets: t
         raise ValueError("target_latency needs example_inputs: latency is measured on real inputs")
     settings = Settings(ignore=options["ignore"], inplace=options["inplace"], prune_head_dims=options["prune_head_dims"],
                         calibration=options["calibration"], reconstruct=options["reconstruct"], depth=depth,
-                        layers=layers, depth_importance=depth_importance)
+                        layers=layers, depth_importance=depth_importance, dynamic_shapes=options["dynamic_shapes"])
     job = run(Job(model, example_inputs, kwargs, settings), ANALYSIS + DEPTH)
     result = job.result
     if options["inplace"] and not job.hf_in_place and job.depth_plan:
