@@ -32,6 +32,7 @@ Run (``--quick``: one budget, few rows, short training, written to a temporary f
 
     python benchmarks/depth.py                            # -> benchmarks/depth.md and depth.jsonl (quality)
     python benchmarks/depth.py --tasks lm --latency       # -> benchmarks/depth_latency.md (quiet machine)
+    python benchmarks/depth.py --tasks vision --append    # adds a run to depth.jsonl; its rows replace earlier ones
     python benchmarks/depth.py --render                   # depth.md again from depth.jsonl (results.py does it)
 """
 
@@ -371,14 +372,27 @@ def table(records: list[dict], task: str) -> str:
     return "\n".join(lines)
 
 
+def merged_rows(runs: list[dict]) -> list[dict]:
+    """The rows of every run in the log, a later run's row replacing an earlier one of the same task, row, budget
+    and model (``--append`` runs add or redo rows); grouped by task, then budget, in first-seen order."""
+    rows: dict[tuple, dict] = {}
+    for run in runs:
+        for r in run["rows"]:
+            rows[(r["task"], r["row"], r.get("budget"), r.get("model"))] = r
+    order: dict[tuple, int] = {}
+    for key in rows:
+        order.setdefault(key[0], len(order))
+        order.setdefault(key[:3:2], len(order))  # (task, budget)
+    return sorted(rows.values(), key=lambda r: (order[r["task"]], order[(r["task"], r.get("budget"))]))
+
+
 def render(runs: list[dict]) -> str:
-    """The report of the log's last run, one table per task."""
-    run = runs[-1]
-    records = run["rows"]
+    """The report of the log's runs (one unless ``--append`` added more), one table per task."""
+    records = merged_rows(runs)
     tasks = list(dict.fromkeys(r["task"] for r in records))
-    header = run["header"]
+    header = runs[-1]["header"]
     return ("# Depth against width at equal parameters\n\n"
-            f"{harness.describe_runs([run])}\n\n{header.get('threads', '?')} torch threads; distillation "
+            f"{harness.describe_runs(runs)}\n\n{header.get('threads', '?')} torch threads; distillation "
             f"{header.get('distill_steps', '?')} AdamW steps per LM row, {header.get('finetune_steps', '?')} per "
             "vision row (the CPU seconds each took are in the rows). Torch-Pruning has no depth pruning.\n\n"
             + "\n\n".join(table(records, t) for t in tasks) + "\n")
@@ -398,6 +412,9 @@ def main(argv=None) -> int:
     parser.add_argument("--log", help="the JSON-lines log the report is rendered from (default: --out with .jsonl)")
     parser.add_argument("--only", default="", help="run only the rows whose label matches this regular expression")
     parser.add_argument("--render", action="store_true", help="only render --out from --log, measuring nothing")
+    parser.add_argument("--append", action="store_true",
+                        help="add this run to the log instead of starting a new one (its rows replace the same "
+                             "rows of earlier runs): tasks or rows run separately")
     args = parser.parse_args(argv)
     name = "depth_latency.md" if args.latency else "depth.md"
     out = Path(args.out) if args.out else harness.default_out(args.quick, name)
@@ -410,7 +427,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     log = harness.Log(log_path, harness.run_header("depth.py", list(sys.argv[1:] if argv is None else argv),
                                                    threads=args.threads, distill_steps=args.distill_steps,
-                                                   finetune_steps=args.finetune_steps))
+                                                   finetune_steps=args.finetune_steps),
+                    mode="a" if args.append else "w")
 
     def emit(task, row, values):
         record = {"task": task, "row": row, **values}
