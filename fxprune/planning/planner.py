@@ -24,18 +24,21 @@ from fxprune.planning.selection import cost_plan, global_plan, local_plan
 
 def make_plan(groups, scores: dict, ratio: float, *, steps: dict | None = None, global_pruning: bool = False,
               max_ratio: float = 0.9, fixed: dict | None = None, caps: dict | None = None,
-              costs: dict | None = None, types: dict | None = None, classes: dict | None = None) -> dict:
+              costs: dict | None = None, types: dict | None = None, classes: dict | None = None,
+              normalizer="mean") -> dict:
     """The plan for one ratio, local or global (what ``fxprune.prune`` and the target search call).
 
     Global with ``classes`` (``{group: isomorphic class}``): every class loses ``ratio`` of its units, ranked
     within the class (:func:`fxprune.planning.isomorphic.isomorphic_plan`; ``ratio`` may be ``{class: ratio}``);
     with ``costs``: by cost (:func:`~fxprune.planning.selection.cost_plan`, ``ratio`` is a fraction of the
-    cost); else by count.
+    cost); else by count. ``normalizer``: how a global ranking puts each group's scores on one scale (``None``
+    for scores that already are, such as ``"obs-output"``'s, in units of the model's output).
     """
     if global_pruning and classes is not None:
-        return isomorphic_plan(groups, scores, ratio, classes, steps, max_ratio, fixed=fixed, caps=caps)
+        return isomorphic_plan(groups, scores, ratio, classes, steps, max_ratio, fixed=fixed, caps=caps,
+                               normalizer=normalizer)
     if global_pruning and costs is not None:
-        return cost_plan(groups, scores, ratio, costs, types, steps, max_ratio, fixed=fixed, caps=caps)
+        return cost_plan(groups, scores, ratio, costs, types, steps, max_ratio, normalizer, fixed=fixed, caps=caps)
     if global_pruning:
-        return global_plan(groups, scores, ratio, steps, max_ratio, fixed=fixed, caps=caps)
+        return global_plan(groups, scores, ratio, steps, max_ratio, normalizer, fixed=fixed, caps=caps)
     return local_plan(groups, scores, ratio, steps, fixed)
