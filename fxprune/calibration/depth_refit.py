@@ -37,7 +37,7 @@ from fxprune.analysis.branches import RESIDUAL, alias_root
 from fxprune.calibration.consumers import Consumer, _call
 from fxprune.calibration.reconstruct import DAMPING
 from fxprune.calibration.sequential import StagePairs, _with_one
-from fxprune.calibration.statistics import placeholder_values
+from fxprune.calibration.statistics import placeholder_values, token_mask
 
 
 def _consumers_at(gm: fx.GraphModule, node: fx.Node) -> dict[str, tuple]:
@@ -140,9 +140,9 @@ def _refit_readers(dg, pruned, readers, original_nodes, params, original, batche
         watched_o.setdefault(original_nodes[x.name], []).append(w)
     pairs = StagePairs(list(readers), consumers)
     for batch in batches:
-        pairs.begin()
-        _run(dg.gm, watched_o, lambda w, v: pairs.original(w, consumers[w].features(v)), batch)
-        _run(pruned, watched_p, lambda w, v: pairs.pruned(w, consumers[w].features(v)), batch)
+        pairs.begin(token_mask(batch))  # padding positions left out of both graphs' rows
+        _run(dg.gm, watched_o, pairs.original, batch)
+        _run(pruned, watched_p, lambda w, v: pairs.pruned(w, v, consumers[w]), batch)
     rows = {w: torch.arange(params[w].shape[consumers[w].out_axis]) for w in readers}
     names = pairs.refit(original, params, rows, damping)
     return {n: params[n].detach().clone() for n in names}
