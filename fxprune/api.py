@@ -21,17 +21,15 @@ from collections.abc import Iterator
 import torch.fx as fx
 
 from fxprune.analysis.depgraph import DependencyGraph
-from fxprune.huggingface.inplace import prune_in_place
 from fxprune.io.plans import PruningPlan, attach_plan
 from fxprune.analysis.macs import count_graph
 from fxprune.calibration import reestimate_batchnorm
-from fxprune.pipeline import ANALYSIS, DEPTH, PIPELINE, Job, Settings, prunes_hf_in_place, rewritten, run
+from fxprune.pipeline import ANALYSIS, DEPTH, PIPELINE, Job, Settings, in_place, rewritten, run
 from fxprune.planning.depth import check_depth, criterion_for
 from fxprune.planning.latency import ratio_of
 from fxprune.planning.target import METRICS
 from fxprune.rewriting.depth import DEPTH_META, remove_depth
 from fxprune.planning.ratios import check_ratio
-from fxprune.rewriting.rewrite import rewrite
 from fxprune.rewriting.verify import verify, verify_other_sizes
 
 
@@ -41,8 +39,8 @@ def analyze(model, example_inputs=None, *, kwargs=None, ignore=(), inplace: bool
 
     Attention's per-head widths are frozen unless ``prune_head_dims=True`` (heads
     and kv heads stay prunable). ``inplace=True`` prepares a later
-    ``apply(dg, ..., inplace=True)`` on a Hugging Face model: groups its modules
-    cannot express (head dims) are frozen whatever ``prune_head_dims`` says.
+    ``apply(dg, ..., inplace=True)``: axes the model's own forward recomputes are frozen, and on a Hugging Face
+    model the groups its modules cannot express (head dims) whatever ``prune_head_dims`` says.
 
     The graph takes other batch sizes and (for token inputs) sequence lengths than the example's, also from
     an example of batch 1; an image's height and width stay the example's unless ``dynamic_shapes``
@@ -64,13 +62,13 @@ def analyze(model, example_inputs=None, *, kwargs=None, ignore=(), inplace: bool
 def apply(dg: DependencyGraph, removal: dict, *, inplace: bool = False) -> fx.GraphModule:
     """Remove exactly the given units ``{group (or its id): unit indices}``; verified before returning.
 
-    With ``inplace=True`` on a Hugging Face model (analysed with ``inplace=True``
-    so that head dims are kept), the model itself is pruned and returned.
+    With ``inplace=True`` (``dg`` analysed with ``inplace=True``) the model itself is pruned, checked against
+    the pruned graph and returned (:mod:`fxprune.rewriting.inplace`).
     """
-    if prunes_hf_in_place(getattr(dg, "model", None), inplace):
-        gm = prune_in_place(dg, removal, rewrite, verify)
+    if inplace:
+        gm = in_place(dg, removal)
     else:
-        gm = rewritten(dg, removal, inplace)
+        gm = rewritten(dg, removal)
         verify_other_sizes(gm, dg.example_inputs, type(getattr(dg, "model", None) or gm).__name__)
         verify(gm, dg.example_inputs, dg.expected_shapes)
     attach_plan(gm, PruningPlan.from_removal(dg, removal, inplace=inplace))
@@ -89,8 +87,11 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     ``model`` is an ``nn.Module`` (traced here) or a ``torch.fx.GraphModule``.
     ``ignore`` lists modules, module names or parameter names whose axes must not
     change. Without ``inplace=True`` the caller's model is left untouched. With
-    ``inplace=True`` a Hugging Face model is pruned in place and returned (it
-    still generates, saves and reloads; see :mod:`fxprune.huggingface`).
+    ``inplace=True`` the caller's own model is pruned, its own forward checked against the pruned graph at two
+    batch sizes, and returned (``prune(model, ..., inplace=True) is model``; any ``nn.Module``:
+    :mod:`fxprune.rewriting.inplace`); if that check fails, the model is put back exactly and an error names
+    what still holds an old width. A Hugging Face model still generates, saves and reloads
+    (:mod:`fxprune.huggingface`).
 
     ``importance``: a name (``"l2"``, ``"l1"``, ``"lamp"``, ``"fpgm"``, ``"bn_scale"``, ``"taylor"``, ``"hessian"``,
     ``"activation"``, ``"wanda"``, ``"obs"``, ``"obs-output"``, ``"random"``), a criterion object or a callable (see
@@ -161,9 +162,10 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     target only depth is pruned; with them width pruning then runs on the depth-pruned model
     (``prune(model, 0.2, depth=0.2)``), and a target counts from the original model: depth removes its
     share first and width searches the rest (``target_latency`` measures what the depth pruning saved). In place
-    on a Hugging Face model, layers leave their ``ModuleList`` (config and layer indices follow: plain
-    ``from_pretrained`` reloads it) and a removed branch becomes a ``ZeroBranch`` module
-    (:mod:`fxprune.huggingface.layers`; reload with ``fxprune.load_pretrained``).
+    (any model: :mod:`fxprune.rewriting.inplace.depth`), layers leave their ``ModuleList`` or ``Sequential``
+    (layer indices follow) and a removed branch becomes a ``ZeroBranch`` module; on a Hugging Face model the
+    config follows too (:mod:`fxprune.huggingface.layers`: plain ``from_pretrained`` reloads removed layers,
+    ``fxprune.load_pretrained`` removed branches).
 
     Example::
 
@@ -215,9 +217,6 @@ def _prune_depth(model, ratio, example_inputs, kwargs, options: dict, targets: t
                         layers=layers, depth_importance=depth_importance, dynamic_shapes=options["dynamic_shapes"])
     job = run(Job(model, example_inputs, kwargs, settings), ANALYSIS + DEPTH)
     result = job.result
-    if options["inplace"] and not job.hf_in_place and job.depth_plan:
-        warnings.warn(f"fxprune: depth pruning in place rebuilds Hugging Face models only; {type(model).__name__} "
-                      "keeps its layers and the returned GraphModule is the depth-pruned model", stacklevel=3)
     if not width:  # depth only: what width's passes would have done after the refit
         if options["sequential"]:
             warnings.warn("fxprune: sequential=True refits the consumers of width pruning; with depth alone the "

@@ -401,20 +401,40 @@ def test_branch_removed_in_place_is_zero_module():
 
 
 def test_in_place_failure_puts_everything_back(monkeypatch):
-    import fxprune.huggingface.layers as layers
+    import fxprune.huggingface.inplace as hf_inplace
 
     model = tiny_llama(num_hidden_layers=3)
     state = {k: v.clone() for k, v in model.state_dict().items()}
 
     def broken(*args, **kwargs):
-        raise fxprune.FxPruneError("simulated failure of the run check")
+        raise fxprune.FxPruneError("simulated failure of generate")
 
-    monkeypatch.setattr(layers, "check_runs", broken)
-    with pytest.raises(fxprune.FxPruneError, match="the original was put back"):
+    monkeypatch.setattr(hf_inplace, "generates", broken)
+    with pytest.raises(fxprune.FxPruneError, match="put back"):
         fxprune.prune(model, layers=1, example_inputs=(_ids(),), inplace=True, depth_importance="magnitude")
     assert len(model.model.layers) == 3 and model.config.num_hidden_layers == 3
     assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2]
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_depth_in_place_on_a_plain_module():
+    """Any nn.Module: a layer leaves its Sequential, a branch becomes a ZeroBranch; the caller's forward computes
+    the depth-pruned graph."""
+    from fxprune.modules import ZeroBranch
+    from tests.models import BlockStack
+
+    torch.manual_seed(0)
+    model = BlockStack(mlps=(64, 64, 64)).eval()
+    x = torch.randn(2, 6, 12)
+    graph = fxprune.prune(model, layers=1, depth_importance="magnitude", example_inputs=(x,))
+    assert fxprune.prune(model, layers=1, depth_importance="magnitude", example_inputs=(x,), inplace=True) is model
+    assert len(model.blocks) == 2 and list(model.blocks._modules) == ["0", "1"]
+    assert_same_outputs(model(x), graph(x))
+    x3 = torch.randn(3, 6, 12)
+    graph = fxprune.prune(model, depth={"attention": 0.5}, depth_importance="magnitude", example_inputs=(x,))
+    fxprune.prune(model, depth={"attention": 0.5}, depth_importance="magnitude", example_inputs=(x,), inplace=True)
+    assert sum(isinstance(m, ZeroBranch) for m in model.modules()) >= 1
+    assert_same_outputs(model(x3), graph(x3))
 
 
 def test_command_line_depth(tmp_path, capsys):
