@@ -374,16 +374,17 @@ def table(records: list[dict], task: str) -> str:
 
 def merged_rows(runs: list[dict]) -> list[dict]:
     """The rows of every run in the log, a later run's row replacing an earlier one of the same task, row, budget
-    and model (``--append`` runs add or redo rows); grouped by task, then budget, in first-seen order."""
+    and model (``--append`` runs add or redo rows); grouped by task, model, then budget, in first-seen order."""
     rows: dict[tuple, dict] = {}
     for run in runs:
         for r in run["rows"]:
             rows[(r["task"], r["row"], r.get("budget"), r.get("model"))] = r
     order: dict[tuple, int] = {}
-    for key in rows:
-        order.setdefault(key[0], len(order))
-        order.setdefault(key[:3:2], len(order))  # (task, budget)
-    return sorted(rows.values(), key=lambda r: (order[r["task"]], order[(r["task"], r.get("budget"))]))
+    for task, _, budget, model in rows:
+        for key in ((task,), (task, model), (task, model, budget)):
+            order.setdefault(key, len(order))
+    return sorted(rows.values(), key=lambda r: tuple(order[k] for k in (
+        (r["task"],), (r["task"], r.get("model")), (r["task"], r.get("model"), r.get("budget")))))
 
 
 def render(runs: list[dict]) -> str:
