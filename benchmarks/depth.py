@@ -11,8 +11,9 @@ Three tasks (``--tasks``); every row prunes the same original model; "params kep
   batches. Each plain (SLEB's row only plain: it compares the criterion), ``+ refit``
   (``reconstruct=True``) and ``+ refit + distill`` (that refit model, then ``fxprune.distill`` against the original
   for a fixed number of AdamW steps, the same for every row: ``--distill-steps``, about 2 CPU minutes; the CPU
-  seconds each took, read with ``time.process_time``, are in the log; "seconds" is the pruning's wall time). Byte-level perplexity on held-out topics (calibration: other
-  topics). With ``--latency`` (run on a quiet machine) the models saved by the quality run (the plain row of
+  seconds each took, read with ``time.process_time``, are in the log; "seconds" is the pruning's wall time).
+  Byte-level perplexity on held-out topics (calibration: other topics). With ``--latency`` (run on a quiet machine)
+  the models saved by the quality run (the plain row of
   each method: refit and distillation change no shape) are timed on the CPU against the dense model,
   alternately: prefill of one 128-byte sequence, and batch-1 generation (16-byte prompt, 64 new bytes, KV cache),
   median of per-round ratios of the best of 3 runs.

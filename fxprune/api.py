@@ -212,7 +212,8 @@ def _prune_depth(model, ratio, example_inputs, kwargs, options: dict, targets: t
                                                      isomorphic=options["isomorphic"])
     if target and target[0] == "latency" and example_inputs is None and kwargs is None:
         raise ValueError("target_latency needs example_inputs: latency is measured on real inputs")
-    settings = Settings(ignore=options["ignore"], inplace=options["inplace"], prune_head_dims=options["prune_head_dims"],
+    settings = Settings(ignore=options["ignore"], inplace=options["inplace"],
+                        prune_head_dims=options["prune_head_dims"],
                         calibration=options["calibration"], reconstruct=options["reconstruct"], depth=depth,
                         layers=layers, depth_importance=depth_importance, dynamic_shapes=options["dynamic_shapes"])
     job = run(Job(model, example_inputs, kwargs, settings), ANALYSIS + DEPTH)

@@ -486,7 +486,9 @@ def _depth_reconstruct(job: Job) -> None:
 
 
 def _depth_verify(job: Job) -> None:
-    if not job.settings.inplace:  # in place: checked against the caller's own forward in depth_rewrite  # other sizes first: verify leaves the example's shapes in the graph
+    # in place: checked against the caller's own forward in depth_rewrite; other sizes first: verify leaves the
+    # example's shapes in the graph
+    if not job.settings.inplace:
         verify_other_sizes(job.result, job.dg.example_inputs, type(job.model).__name__)
         verify(job.result, job.dg.example_inputs, job.dg.expected_shapes)
 

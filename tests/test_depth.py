@@ -62,7 +62,8 @@ def test_llama_branches_and_layers():
     assert mlp.params == 32 + 3 * 64 * 32
     assert "model.layers.0.self_attn.o_proj.weight" in attention.parameters
     assert [(layer.name, layer.removable, layer.params) for layer in dg.layers] == [
-        ("model.layers.0", True, attention.params + mlp.params), ("model.layers.1", True, attention.params + mlp.params)]
+        ("model.layers.0", True, attention.params + mlp.params),
+        ("model.layers.1", True, attention.params + mlp.params)]
     # the documented meta keys: the add knows its branch, every node of a branch its branch id
     nodes = {n.name: n for n in dg.gm.graph.nodes}
     assert nodes[attention.add].meta[RESIDUAL] == {"branch": 0, "stream": attention.stream, "removable": True,
