@@ -5,6 +5,11 @@
     capture -> propagate -> decompose -> relate -> solve     (ANALYSIS: fxprune.analyze)
             -> score -> plan -> check -> [refit] -> rewrite -> recompose -> [reconstruct] -> [sequential]
             -> [reestimate_bn] -> verify -> measure -> record     (PRUNING: fxprune.prune runs PIPELINE, both)
+            -> depth_plan -> depth_rewrite -> [depth_reconstruct] -> depth_verify     (DEPTH, after ANALYSIS)
+
+With ``depth=``/``layers=``, ``fxprune.prune`` runs ANALYSIS + DEPTH first (residual branches or whole layers
+scored and removed: :mod:`fxprune.planning.depth`, :mod:`fxprune.rewriting.depth`, in place
+:mod:`fxprune.huggingface.layers`), then, when a width ratio or a target is also asked, PIPELINE on the result.
 
 ``score`` runs the importance criterion over every prunable group
 (:mod:`fxprune.importance`); ``plan`` turns scores into units to remove (local or
@@ -60,12 +65,17 @@ from fxprune.analysis.untie import untie_constants
 from fxprune.calibration import (collect_statistics, load_refit, plan_sequential, reestimate_batchnorm,
                                  refit_consumers, run_sequential)
 from fxprune.calibration.reconstruct import attach_refit_report
+from fxprune.calibration.depth_refit import refit_after_depth
+from fxprune.calibration.depth_scores import OutputError, block_influence
 from fxprune.huggingface.freezes import freeze_head_dims, internal_outputs
 from fxprune.huggingface.inplace import HuggingFace
+from fxprune.huggingface.layers import HuggingFaceDepth
+from fxprune.importance.depth import depth_magnitude
 from fxprune.importance import named_tensors, resolve_importance, score_groups
 from fxprune.io.plans import PruningPlan, attach_plan
 from fxprune.planning.alignment import default_alignment, removal_steps
 from fxprune.planning.costs import group_types
+from fxprune.planning.depth import criterion_for, plan_depth
 from fxprune.planning.isomorphic import class_ids
 from fxprune.planning.latency_target import search_latency
 from fxprune.planning.minimum import keep_minimum
@@ -73,7 +83,9 @@ from fxprune.planning.ratios import group_ratios
 from fxprune.planning.planner import make_plan
 from fxprune.planning.selection import units_to_keep
 from fxprune.planning.target import METRICS, search_by_cost, search_ratio
+from fxprune.rewriting.depth import remove_depth
 from fxprune.rewriting.inplace import prune_in_place
+from fxprune.rewriting.inplace.depth import remove_in_place, renamed_parameters
 from fxprune.rewriting.inplace.freezes import freeze_computed_constants, freeze_module
 from fxprune.rewriting.inplace.mechanism import InPlaceError
 from fxprune.rewriting.recompose import recompose
@@ -102,6 +114,9 @@ class Settings:
     reconstruct: bool = False  # refit the consumers of pruned units on calibration statistics
     sequential: bool = False  # refit front to back on the pruned model's inputs (needs reconstruct)
     reestimate_bn: bool = False  # re-estimate BatchNorm running statistics of the pruned model
+    depth: object = None  # a fraction of the residual branches, or {kind: fraction} (planning/depth.py)
+    layers: int | None = None  # whole layers to remove
+    depth_importance: str | None = None  # "block_influence" | "output_error" | "magnitude" (None: by calibration)
     dynamic_shapes: object = None  # torch.export's dynamic_shapes (None: analysis/dynamic.py decides what varies)
 
 
@@ -139,6 +154,8 @@ class Job:
     sequential_plan: object = None  # refit: calibration.SequentialPlan, read before rewriting
     result: fx.GraphModule | None = None  # rewrite: the pruned graph, or the model itself pruned in place
     achieved: dict = field(default_factory=dict)  # measure: {"macs": fraction kept, "params": ...} with a target
+    depth_plan: object = None  # depth_plan: planning.depth.DepthPlan (branches and layers to remove)
+    depth_names: dict = field(default_factory=dict)  # depth_rewrite in place: {old parameter name: new or None}
     hf_in_place: bool = field(init=False)  # decided once: prunes_hf_in_place(model, settings.inplace)
     times: dict = field(default_factory=dict)  # run: {pass name: wall seconds} of the passes run so far
     cpu_times: dict = field(default_factory=dict)  # run: {pass name: CPU seconds of this process}
@@ -423,12 +440,68 @@ def _record_plan(job: Job) -> None:
                                                     settings=settings))
 
 
+def depth_plan(dg: DependencyGraph, depth=None, layers=None, criterion: str | None = None, calibration=None):
+    """The :class:`~fxprune.planning.depth.DepthPlan` of ``depth``/``layers`` on ``dg``, scored by ``criterion``
+    (``"block_influence"``, ``"output_error"``, ``"magnitude"``; default by ``calibration``)."""
+    criterion = criterion_for(criterion, calibration)
+    if criterion == "output_error":
+        return plan_depth(dg, depth, layers, criterion, error=OutputError(dg, calibration))
+    if criterion == "block_influence":
+        return plan_depth(dg, depth, layers, criterion, score=lambda c: block_influence(dg, c, calibration))
+    return plan_depth(dg, depth, layers, criterion, score=lambda c: depth_magnitude(dg, c))
+
+
+def _depth_plan(job: Job) -> None:
+    """The residual branches or whole layers to remove (``depth``/``layers``), scored by ``depth_importance``."""
+    s = job.settings
+    job.depth_plan = depth_plan(job.dg, s.depth, s.layers, s.depth_importance, s.calibration)
+
+
+def _depth_rewrite(job: Job) -> None:
+    """The add of each removed branch becomes its stream, a removed layer's output the stream entering it; in
+    place, layers leave their lists and removed branches become ``ZeroBranch`` modules
+    (:mod:`fxprune.rewriting.inplace.depth`, with the Hugging Face layer for a transformers model)."""
+    plan = job.depth_plan
+    if job.settings.inplace:
+        job.depth_names = renamed_parameters(job.dg, plan.layers)  # before the layers leave their lists
+        extension = HuggingFaceDepth(job.dg) if job.hf_in_place else None
+        job.result = remove_in_place(job.dg, plan.branches, plan.layers, extension) if plan else job.model
+    else:
+        job.result = remove_depth(job.dg, plan.branches, plan.layers)
+
+
+def _depth_reconstruct(job: Job) -> None:
+    """With ``reconstruct=True``: the layers next to each removed branch refit on the calibration batches
+    (:mod:`fxprune.calibration.depth_refit`); in place, on a pruned copy of the graph, copied by (new) name."""
+    plan = job.depth_plan
+    if not (job.settings.reconstruct and plan):
+        return
+    if not job.settings.inplace:
+        refit_after_depth(job.dg, job.result, plan.removed, job.settings.calibration)
+        return
+    graph = remove_depth(job.dg, plan.branches, plan.layers)
+    refit = refit_after_depth(job.dg, graph, plan.removed, job.settings.calibration)
+    names = job.depth_names
+    load_refit(job.result, {names.get(n, n): t for n, t in refit.items() if names.get(n, n) is not None})
+
+
+def _depth_verify(job: Job) -> None:
+    # in place: checked against the caller's own forward in depth_rewrite; other sizes first: verify leaves the
+    # example's shapes in the graph
+    if not job.settings.inplace:
+        verify_other_sizes(job.result, job.dg.example_inputs, type(job.model).__name__)
+        verify(job.result, job.dg.example_inputs, job.dg.expected_shapes)
+
+
 ANALYSIS = [("capture", _capture), ("propagate", _propagate), ("decompose", _decompose), ("relate", _relate),
             ("solve", _solve)]
 PRUNING = [("score", _score), ("plan", _plan), ("check", _check_removed), ("refit", _refit), ("rewrite", _rewrite),
            ("recompose", _recompose), ("reconstruct", _reconstruct), ("sequential", _sequential),
            ("reestimate_bn", _reestimate_bn), ("verify", _verify), ("measure", _measure), ("record", _record_plan)]
 PIPELINE = ANALYSIS + PRUNING
+# depth pruning (fxprune.prune(..., depth= | layers=)): after ANALYSIS; width pruning then runs PIPELINE on the result
+DEPTH = [("depth_plan", _depth_plan), ("depth_rewrite", _depth_rewrite), ("depth_reconstruct", _depth_reconstruct),
+         ("depth_verify", _depth_verify)]
 
 
 def run(job: Job, passes) -> Job:

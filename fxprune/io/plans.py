@@ -245,6 +245,8 @@ def plan_of(pruned) -> PruningPlan:
     plan = meta.get(PLAN_META) if isinstance(meta, dict) else None
     plan = plan if plan is not None else getattr(pruned, "__dict__", {}).get(PLAN_META)
     if plan is None:
-        raise PlanError(f"{type(pruned).__name__} carries no pruning plan: only what fxprune.prune, "
+        depth = " (depth pruning, gm.meta['fxprune_depth'], is not recorded as a plan: save the model)" if \
+            isinstance(meta, dict) and meta.get("fxprune_depth") else ""
+        raise PlanError(f"{type(pruned).__name__} carries no pruning plan{depth}: only what fxprune.prune, "
                         "fxprune.apply, fxprune.replay or fxprune.load (of a pruned model) return does")
     return plan
