@@ -21,6 +21,7 @@ import torch.fx as fx
 
 from fxprune.analysis.depgraph import DependencyGraph
 from fxprune.huggingface.inplace import prune_in_place
+from fxprune.huggingface.portable import fit_removal
 from fxprune.io.plans import PruningPlan, attach_plan
 from fxprune.pipeline import ANALYSIS, PIPELINE, Job, Settings, prunes_hf_in_place, rewritten, run
 from fxprune.planning.ratios import check_ratio
@@ -29,15 +30,19 @@ from fxprune.rewriting.verify import verify
 
 
 def analyze(model, example_inputs=None, *, kwargs=None, ignore=(), inplace: bool = False,
-            prune_head_dims: bool = False) -> DependencyGraph:
+            prune_head_dims: bool = False, portable: bool = False) -> DependencyGraph:
     """Capture ``model`` and build its dependency graph (groups, members, frozen reasons).
 
     Attention's per-head widths are frozen unless ``prune_head_dims=True`` (heads
     and kv heads stay prunable). ``inplace=True`` prepares a later
     ``apply(dg, ..., inplace=True)`` on a Hugging Face model: groups its modules
     cannot express (head dims) are frozen whatever ``prune_head_dims`` says.
+    ``portable=True`` keeps only what the model's config can state (see ``prune``): groups it cannot are frozen
+    with a reason starting ``"portable: "``, and ``dg.count_ties`` lists the groups that must lose units
+    together; ``apply`` refuses a removal that breaks them.
     """
-    settings = Settings(ignore=tuple(ignore), inplace=inplace, prune_head_dims=prune_head_dims)
+    settings = Settings(ignore=tuple(ignore), inplace=inplace, prune_head_dims=prune_head_dims,
+                        portable=bool(portable))
     return run(Job(model, example_inputs, kwargs, settings), ANALYSIS).dg
 
 
@@ -47,8 +52,9 @@ def apply(dg: DependencyGraph, removal: dict, *, inplace: bool = False) -> fx.Gr
     With ``inplace=True`` on a Hugging Face model (analysed with ``inplace=True``
     so that head dims are kept), the model itself is pruned and returned.
     """
+    config_fit = fit_removal(dg, removal) if getattr(dg, "portable", None) is not None else None
     if prunes_hf_in_place(getattr(dg, "model", None), inplace):
-        gm = prune_in_place(dg, removal, rewrite, verify)
+        gm = prune_in_place(dg, removal, rewrite, verify, config_fit=config_fit)
     else:
         gm = rewritten(dg, removal, inplace)
         verify(gm, dg.example_inputs, dg.expected_shapes)
@@ -61,7 +67,7 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
           max_ratio: float = 0.9, ratios: dict | None = None, target_macs: float | None = None,
           target_params: float | None = None, target_latency: float | None = None, calibration=None,
           loss_fn=None, reconstruct: bool = False, sequential: bool = False,
-          reestimate_bn: bool = False, isomorphic: bool = False) -> fx.GraphModule:
+          reestimate_bn: bool = False, isomorphic: bool = False, portable: bool = False) -> fx.GraphModule:
     """Remove ``ratio`` (default 0.3) of the units of every prunable group; returns a verified GraphModule.
 
     ``model`` is an ``nn.Module`` (traced here) or a ``torch.fx.GraphModule``.
@@ -110,6 +116,15 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     for a narrow one (:mod:`fxprune.planning.isomorphic`). With ``target_macs``/``target_params`` the search
     finds the one ratio every class loses (by count, not by cost: within a class units cost the same);
     ``target_latency`` is not supported with it.
+    ``portable=True`` (a model with a config it is built from: transformers, diffusers) plans only widths that
+    config can state, so that the library's own ``from_pretrained`` reloads the model saved after in-place
+    pruning: the same width in every layer (every layer's MLP group loses the same units count, and so on),
+    head widths as the class derives them (BERT and GPT-2 derive the head size from hidden / heads, so heads go
+    only together with hidden units, 16 per head for GPT-2's 64 / 4), values the class accepts (LLaMA validates
+    hidden % heads even with an explicit head_dim); groups it cannot hold are frozen with a ``"portable: ..."``
+    reason in ``dg.report()``, and units given back to fit the class are named in a warning
+    (:mod:`fxprune.huggingface.portable`). Without it, widths the config cannot state are recorded in
+    ``config.fxprune_shapes`` for :func:`fxprune.load_pretrained` (with a warning).
     ``target_latency=0.5`` measures per-layer latency tables on the model's device and
     searches the plan that runs in half the time with the least importance lost, each
     candidate measured against the original (:mod:`fxprune.planning.latency_target`).
@@ -135,7 +150,7 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
                         prune_head_dims=bool(prune_head_dims), inplace=inplace, global_pruning=bool(global_pruning),
                         isomorphic=bool(isomorphic), max_ratio=max_ratio, ratios=ratios, target=target,
                         calibration=calibration, loss_fn=loss_fn, reconstruct=bool(reconstruct),
-                        sequential=bool(sequential), reestimate_bn=bool(reestimate_bn))
+                        sequential=bool(sequential), reestimate_bn=bool(reestimate_bn), portable=bool(portable))
     job = Job(model, example_inputs, kwargs, settings)
     return run(job, PIPELINE).result
 

@@ -59,6 +59,8 @@ from fxprune.calibration import (collect_statistics, load_refit, plan_sequential
                                  refit_consumers, run_sequential)
 from fxprune.huggingface.freezes import freeze_computed_constants, freeze_head_dims, internal_outputs
 from fxprune.huggingface.inplace import prune_in_place
+from fxprune.huggingface import portable as portable_plans
+from fxprune.huggingface.config_fields import field_name
 from fxprune.importance import named_tensors, resolve_importance, score_groups
 from fxprune.io.plans import PruningPlan, attach_plan
 from fxprune.planning.alignment import default_alignment, removal_steps
@@ -68,6 +70,7 @@ from fxprune.planning.latency_target import search_latency
 from fxprune.planning.minimum import keep_minimum
 from fxprune.planning.ratios import group_ratios
 from fxprune.planning.planner import make_plan
+from fxprune.planning.ties import honour_ties
 from fxprune.planning.selection import units_to_keep
 from fxprune.planning.target import METRICS, search_by_cost, search_ratio
 from fxprune.rewriting.recompose import recompose
@@ -96,6 +99,7 @@ class Settings:
     reconstruct: bool = False  # refit the consumers of pruned units on calibration statistics
     sequential: bool = False  # refit front to back on the pruned model's inputs (needs reconstruct)
     reestimate_bn: bool = False  # re-estimate BatchNorm running statistics of the pruned model
+    portable: bool = False  # only plans the model's config can state (huggingface/portable.py)
 
 
 def prunes_hf_in_place(model, inplace: bool) -> bool:
@@ -125,6 +129,7 @@ class Job:
     alignment: int = 1  # plan: the channel alignment the plan used (resolved from round_to)
     steps: dict = field(default_factory=dict)  # plan: {group: units it loses at a time} that keep widths aligned
     removal: dict = field(default_factory=dict)  # plan: {group: units to remove}
+    config_fit: object = None  # plan, portable=True: huggingface.portable.Fit (config values the plan needs)
     search: object = None  # plan: target.SearchResult when a target was searched
     refit: dict = field(default_factory=dict)  # refit: {parameter name: refit tensor} when reconstructing
     sequential_plan: object = None  # refit: calibration.SequentialPlan, read before rewriting
@@ -191,6 +196,8 @@ def _solve(job: Job) -> None:
     if job.hf_in_place:
         freeze_head_dims(dg, job.model)
         freeze_computed_constants(dg)
+    if job.settings.portable:  # after every other freeze: ties among what is still prunable
+        portable_plans.prepare(dg, job.model)
 
 
 def _dependency_graph(job: Job) -> DependencyGraph:
@@ -214,7 +221,8 @@ def _plan(job: Job) -> None:
 
     def plan_for(ratio: float, costs: dict | None = None) -> dict:
         return make_plan(groups, job.scores, ratio, steps=job.steps, global_pruning=s.global_pruning,
-                         max_ratio=s.max_ratio, fixed=fixed, costs=costs, types=types, classes=classes)
+                         max_ratio=s.max_ratio, fixed=fixed, costs=costs, types=types, classes=classes,
+                         ties=job.dg.count_ties)
 
     types = None
     # isomorphic: each class of same-structure groups loses the ratio, so a target searches that one ratio
@@ -236,7 +244,11 @@ def _plan(job: Job) -> None:
     else:
         job.search = search_ratio(job.dg, plan_for, *s.target)
         job.removal, job.ratio = job.search.removal, job.search.ratio
+    if job.dg.count_ties:  # the latency search plans without make_plan; tied plans stay as they are
+        job.removal = honour_ties(job.removal, job.dg.count_ties, job.scores, job.steps)
     job.removal = keep_minimum(job.removal, job.scores)  # a router keeps its top-k experts
+    if job.settings.portable:  # the config values the plan needs; units given back where it cannot state them
+        job.removal, job.config_fit = portable_plans.fit(job.dg, job.removal, job.scores, job.steps)
 
 
 def _check_removed(job: Job) -> None:
@@ -273,7 +285,7 @@ def _refit(job: Job) -> None:
 
 def _rewrite(job: Job) -> None:
     if job.hf_in_place:  # rewritten, verified and written back in one step
-        job.result = prune_in_place(job.dg, job.removal, rewrite, verify)
+        job.result = prune_in_place(job.dg, job.removal, rewrite, verify, config_fit=job.config_fit)
     else:
         job.result = rewrite(job.dg, job.removal, inplace=job.settings.inplace)
 
@@ -346,9 +358,11 @@ def _record_plan(job: Job) -> None:
     settings = {"ratio": job.ratio, "importance": job.settings.importance, "round_to": job.settings.round_to,
                 "alignment": job.alignment, "prune_head_dims": job.settings.prune_head_dims}
     # a replay removes the same units but neither refits nor re-estimates: say so in the plan (and how it ranked)
-    for name in ("reconstruct", "sequential", "reestimate_bn", "isomorphic"):
+    for name in ("reconstruct", "sequential", "reestimate_bn", "isomorphic", "portable"):
         if getattr(job.settings, name):
             settings[name] = True
+    if job.config_fit is not None:  # the config values a model built for this plan needs
+        settings["config"] = {field_name(f): v for f, v in job.config_fit.values.items()}
     attach_plan(job.result, PruningPlan.from_removal(job.dg, job.removal, inplace=job.settings.inplace,
                                                     settings=settings))
 
