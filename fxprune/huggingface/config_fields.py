@@ -252,7 +252,11 @@ def _probe(dg, model, config, fields: tuple, value: int, baseline, axes) -> Fiel
     result = FieldWidths(fields, value)
     base_shapes, base_attributes = baseline
     for probe in probe_values(value):
-        fresh = rebuild(model, edited(config, {f: probe for f in fields}))
+        try:
+            changed_config = edited(config, {f: probe for f in fields})
+        except Exception:  # a typed field refuses the value (a strict transformers config)
+            continue
+        fresh = rebuild(model, changed_config)
         if fresh is None:
             continue
         shapes = _shapes(fresh)

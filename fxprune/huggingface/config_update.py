@@ -121,7 +121,19 @@ def _warn_if_recorded(model: nn.Module, portable: bool) -> None:
                    f"writes them as records, and plain from_pretrained (pipelines, vLLM, TGI ...) will not load the "
                    f"checkpoint: reload it with fxprune.load_pretrained, or prune with portable=True for a plan "
                    f"the config states")
-    warnings.warn(message, stacklevel=5)
+    warnings.warn(message, stacklevel=_callers_level())
+
+
+def _callers_level() -> int:
+    """The ``stacklevel`` of the first frame outside fxprune: the warning points at the caller's line."""
+    import sys
+    from pathlib import Path
+
+    package = str(Path(__file__).resolve().parent.parent)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def unfollow(model: nn.Module, followed: dict) -> None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field as dc_field
 from fractions import Fraction
 
@@ -114,9 +115,35 @@ def _shape_mismatches(theirs: dict, mine: dict) -> list[str]:
 
 
 def _read_but_absent(dg, model: nn.Module, config) -> dict:
-    """``{(name,): head dim}`` for each integer attribute of the attention modules that equals their head dim,
-    is no field of the config, and changes the rebuilt shapes when added to it with another value (the class
-    reads it: Qwen2's ``getattr(config, "head_dim", hidden // heads)``); empty if none."""
+    """Fields to add to the config so that it states widths it now derives (``{(name,): value}``):
+
+    - a field that is None (GPT-2's ``n_inner``: the MLP is then 4 x ``n_embd``) set to the width of a prunable
+      group (a whole axis) when a rebuild with it is the model itself (the class reads it: it stops deriving);
+    - an integer attribute of the attention modules equal to their head dim under a name the config lacks
+      (Qwen2's attention reads ``getattr(config, "head_dim", hidden // heads)``), when a rebuild with it is the
+      model itself and one with another value is not.
+
+    Then a field no longer drags a width that another states along (GPT-2's MLP would lose 64 units per head).
+    A mapping config (diffusers) is left alone: ``from_config`` ignores keys its class does not take.
+    """
+    if isinstance(config, Mapping):
+        return {}
+    base = baseline_of(model, config)
+    if base is None:
+        return {}
+    out = {}
+    widths = sorted({g.units for g in dg.prunable_groups if any(
+        m.layout.size(dg.solver) == g.units for m in g.parameters)}, reverse=True)
+    for key, value in vars(config).items():
+        if value is not None or key.startswith("_"):
+            continue
+        for width in widths:
+            if _rebuilt_shapes(model, config, {(key,): width}) != base[0]:
+                continue  # read, but this is not the width it derives
+            other = _rebuilt_shapes(model, config, {(key,): max(1, width // 2)})
+            if other is not None and other != base[0]:  # read as a width: it derives this one
+                out[(key,)] = width
+            break  # the same model whatever the value: not a width
     sites = attention_sites(dg.gm)
     modules = {path: site.head_dim for path, site in sites.items()}
     for path, module in attention_modules(model):
@@ -130,21 +157,26 @@ def _read_but_absent(dg, model: nn.Module, config) -> dict:
         for attr, value in vars(module).items():
             if type(value) is int and value == head_dim and not attr.startswith("_"):
                 names.setdefault(attr, value)
-    fields = {f[0] for f in integer_fields(config)}
-    base = baseline_of(model, config)
-    out = {}
+    fields = set(vars(config))
     for attr, value in names.items():
-        if attr in fields or base is None:
-            continue
-        same = baseline_of(model, edited(config, {(attr,): value}))
-        if same is None or same[0] != base[0]:
+        if attr in fields or _rebuilt_shapes(model, config, {(attr,): value}) != base[0]:
             continue
         for probe in probe_values(value)[:2]:
-            other = baseline_of(model, edited(config, {(attr,): probe}))
-            if other is not None and other[0] != base[0]:
+            shapes = _rebuilt_shapes(model, config, {(attr,): probe})
+            if shapes is not None and shapes != base[0]:  # the class reads it
                 out[(attr,)] = value
                 break
     return out
+
+
+def _rebuilt_shapes(model, config, changes: dict) -> dict | None:
+    """The tensor shapes of a rebuild with ``changes``, or None if the class refuses them."""
+    try:
+        changed = edited(config, changes)
+    except Exception:  # a typed field refuses the value (a strict transformers config)
+        return None
+    other = baseline_of(model, changed)
+    return None if other is None else other[0]
 
 
 def _groups_of_term(dg, term) -> list:

