@@ -3,6 +3,7 @@ sentence-transformers' own ``SentenceTransformer(path)``, diffusers' ``save_pret
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -32,7 +33,7 @@ def test_load_pruned_resizes_a_fresh_torchvision_model_and_checks_the_stored_out
     assert model.layer1[0].conv1.out_channels == model.layer1[0].bn1.num_features < 64
     with torch.no_grad():
         assert_same_outputs(model(x), pruned(x))
-        assert_same_outputs(model(torch.randn(2, 3, 96, 96)).shape, (2, 10))  # its own forward, other sizes
+        assert model(torch.randn(2, 3, 96, 96)).shape == (2, 10)  # its own forward, at other sizes
 
 
 def test_load_pruned_of_a_plain_state_dict_resizes_by_name(tmp_path):
@@ -82,7 +83,8 @@ def test_pruned_sentence_transformer_reloads_with_its_own_loader(tmp_path, monke
     st.save(str(tmp_path))
     reloaded = sentence_transformers.SentenceTransformer(str(tmp_path), device="cpu")
     assert reloaded[0].auto_model.config.intermediate_size == transformer.config.intermediate_size
-    assert reloaded.get_sentence_embedding_dimension() == 384
+    pooling = json.loads((tmp_path / "1_Pooling" / "config.json").read_text())
+    assert [v for k, v in pooling.items() if k.endswith("embedding_dimension")] == [transformer.config.hidden_size]
     with torch.no_grad():
         assert_same_outputs(reloaded.encode(sentences, convert_to_tensor=True), pruned)
 

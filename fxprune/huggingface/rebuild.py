@@ -69,15 +69,32 @@ def try_rebuild(model: nn.Module, config=None) -> tuple:
     (diffusers' FrozenDict) is ``type(model).from_config(dict(config))``. Parameters go to the meta device."""
     config = model.config if config is None else config
     try:
-        if isinstance(config, Mapping):
+        with _quiet():  # probes try values no user chose (a pad token of 256): their warnings are not the user's
+            if isinstance(config, Mapping):
+                with parameters_on_meta():
+                    return type(model).from_config(dict(config)), ""
+            config = copy.deepcopy(config)
+            getattr(config, "validate", lambda: None)()
             with parameters_on_meta():
-                return type(model).from_config(dict(config)), ""
-        config = copy.deepcopy(config)
-        getattr(config, "validate", lambda: None)()
-        with parameters_on_meta():
-            return type(model)(config), ""
+                return type(model)(config), ""
     except Exception as exc:  # e.g. a ValueError from the class's own consistency checks
         return None, f"{type(exc).__name__}: {exc}"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Log records up to WARNING and Python warnings are dropped inside (a rebuild is fxprune's own business)."""
+    import logging
+    import warnings
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def differences(model: nn.Module, config=None) -> Differences | None:
