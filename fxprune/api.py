@@ -52,9 +52,10 @@ def apply(dg: DependencyGraph, removal: dict, *, inplace: bool = False) -> fx.Gr
     With ``inplace=True`` on a Hugging Face model (analysed with ``inplace=True``
     so that head dims are kept), the model itself is pruned and returned.
     """
-    config_fit = fit_removal(dg, removal) if getattr(dg, "portable", None) is not None else None
+    if getattr(dg, "portable", None) is not None:  # the config values the removal needs (read when in place)
+        dg.config_fit = fit_removal(dg, removal)
     if prunes_hf_in_place(getattr(dg, "model", None), inplace):
-        gm = prune_in_place(dg, removal, rewrite, verify, config_fit=config_fit)
+        gm = prune_in_place(dg, removal, rewrite, verify)
     else:
         gm = rewritten(dg, removal, inplace)
         verify(gm, dg.example_inputs, dg.expected_shapes)

@@ -249,6 +249,7 @@ def _plan(job: Job) -> None:
     job.removal = keep_minimum(job.removal, job.scores)  # a router keeps its top-k experts
     if job.settings.portable:  # the config values the plan needs; units given back where it cannot state them
         job.removal, job.config_fit = portable_plans.fit(job.dg, job.removal, job.scores, job.steps)
+        job.dg.config_fit = job.config_fit  # read where the config is updated (in place)
 
 
 def _check_removed(job: Job) -> None:
@@ -285,7 +286,7 @@ def _refit(job: Job) -> None:
 
 def _rewrite(job: Job) -> None:
     if job.hf_in_place:  # rewritten, verified and written back in one step
-        job.result = prune_in_place(job.dg, job.removal, rewrite, verify, config_fit=job.config_fit)
+        job.result = prune_in_place(job.dg, job.removal, rewrite, verify)
     else:
         job.result = rewrite(job.dg, job.removal, inplace=job.settings.inplace)
 

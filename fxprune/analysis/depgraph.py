@@ -104,6 +104,7 @@ class DependencyGraph:
         # why (huggingface/portable.py for portable=True); every planner honours them
         self.count_ties: list = []
         self.portable = None  # huggingface.portable.Portable when analysed with portable=True
+        self.config_fit = None  # huggingface.portable.Fit: the config values the plan being applied needs
 
     def _partition(self, frozen: dict[int, list[str]]) -> dict[int, "Group"]:
         """One empty group per connected component of the atom graph (``self.graph``), keyed by its root atom."""

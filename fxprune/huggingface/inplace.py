@@ -48,12 +48,12 @@ from fxprune.huggingface.snapshot import restore, snapshot
 from fxprune.huggingface.write_back import tensors_by_name, write_back
 
 
-def prune_in_place(dg, removal: dict, rewrite, verify, run: bool = True, config_fit=None):
+def prune_in_place(dg, removal: dict, rewrite, verify, run: bool = True):
     """Prune ``dg.model`` itself: rewrite a copy, verify it, write it back, update attributes and config.
 
     ``run=False`` skips running the result (forward and ``generate``): a model on the meta device, which
     :func:`fxprune.prune_checkpoint` resizes for its shapes and config, cannot run; its shapes are still
-    verified. ``config_fit`` (:class:`fxprune.huggingface.portable.Fit`, ``portable=True``): the config values
+    verified. ``dg.config_fit`` (:class:`fxprune.huggingface.portable.Fit`, ``portable=True``): the config values
     the plan was made for, set before the config is checked against a rebuild.
     """
     model = dg.model
@@ -77,7 +77,7 @@ def prune_in_place(dg, removal: dict, rewrite, verify, run: bool = True, config_
                                                                     for attr, value in plain.items()})
         followed = update_config(model, original, dg, removal,
                                  {p: (before[p], after[p]) for p in before.keys() & after.keys()}, decided,
-                                 fitted=config_fit.values if config_fit is not None else None)
+                                 fitted=dg.config_fit.values if dg.config_fit is not None else None)
         if run:
             try:
                 check_runs(model, dg.model_inputs, dg.model_kwargs, expected)

@@ -226,12 +226,20 @@ PLAN_META = "fxprune_plan"
 
 
 def attach_plan(result, plan: PruningPlan) -> None:
-    """Keep ``plan`` on what prune/apply returned: ``gm.meta["fxprune_plan"]``, else ``model.fxprune_plan``."""
+    """Keep ``plan`` on what prune/apply returned: ``gm.meta["fxprune_plan"]``, else ``model.fxprune_plan``.
+
+    A model pruned in place whose config is registered the diffusers way (``register_to_config``) gets the plan
+    in its config too, so that ``save_pretrained`` writes it into ``config.json`` for
+    :func:`fxprune.load_pruned` (``UNet2DModel.from_config(config)`` then takes the pruned weights).
+    """
     meta = getattr(result, "meta", None)
     if isinstance(meta, dict):
         meta[PLAN_META] = plan
-    else:  # a Hugging Face model pruned in place
+    else:  # a model pruned in place
         object.__setattr__(result, PLAN_META, plan)
+        register = getattr(result, "register_to_config", None)
+        if callable(register):
+            register(**{PLAN_META: plan.to_dict()})
 
 
 def plan_of(pruned) -> PruningPlan:

@@ -72,8 +72,9 @@ def load_pruned(fresh: nn.Module, source, example_inputs=None, *, kwargs=None, e
                 plan: PruningPlan | None = None) -> nn.Module:
     """Resize ``fresh`` (a newly built model of the original class) to a pruned state dict, load it, verify it.
 
-    ``source``: a file written by :func:`save_pruned`, a ``.safetensors`` file or a folder holding one (a plain
-    state dict, then), or a state dict. ``plan``: the pruning plan, where ``source`` does not carry one. The
+    ``source``: a file written by :func:`save_pruned`, a ``.safetensors`` file or a folder holding one (its plan
+    from ``config.json``'s ``fxprune_plan``, which a diffusers model pruned in place saves, or ``plan.json``; else a
+    plain state dict), or a state dict. ``plan``: the pruning plan, where ``source`` does not carry one. The
     check compares the model's outputs with the stored ones (or ``expected``, on ``example_inputs``/``kwargs``)
     within sqrt(eps) of their scale. Returns ``fresh`` itself, pruned, in eval mode.
     """
@@ -104,10 +105,12 @@ def _read(source):
         return ({k: v for k, v in state.items() if not k.startswith(CHECK)}, None,
                 {k: v for k, v in state.items() if k.startswith(CHECK)})
     path = Path(source)
+    folder_plan = None
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
         if len(files) != 1:
             raise FxPruneError(f"load_pruned: {path} holds {len(files)} .safetensors files; pass the file")
+        folder_plan = _folder_plan(path)
         path = files[0]
     if path.suffix == ".safetensors":
         from safetensors import safe_open
@@ -120,7 +123,19 @@ def _read(source):
     else:
         tensors, plan = torch.load(str(path), map_location="cpu", weights_only=True), None
     state = {k: v for k, v in tensors.items() if not k.startswith(CHECK)}
-    return state, plan, {k: v for k, v in tensors.items() if k.startswith(CHECK)}
+    return state, plan if plan is not None else folder_plan, {k: v for k, v in tensors.items() if k.startswith(CHECK)}
+
+
+def _folder_plan(folder: Path) -> PruningPlan | None:
+    """The plan a saved folder carries: ``config.json``'s ``fxprune_plan`` (a diffusers model pruned in place and
+    saved with ``save_pretrained``), or a ``plan.json`` next to the weights; None if neither."""
+    config = folder / "config.json"
+    if config.exists():
+        data = json.loads(config.read_text()).get(PLAN_KEY)
+        if data:
+            return PruningPlan.from_dict(data)
+    plan = folder / "plan.json"
+    return PruningPlan.load(plan) if plan.exists() else None
 
 
 def _replay_in_place(plan: PruningPlan, fresh: nn.Module, state: dict) -> None:
