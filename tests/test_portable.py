@@ -189,3 +189,23 @@ def test_portable_needs_a_config():
     with pytest.raises(ValueError, match="no config"):
         fxprune.prune(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), 0.3,
                       example_inputs=(torch.randn(1, 4),), portable=True)
+
+
+def test_prune_checkpoint_portable_reloads_with_plain_from_pretrained(tmp_path):
+    """Shard by shard (the model never loaded), a portable plan: config.json states it, from_pretrained reads it."""
+    model = tiny_llama(hidden_size=64, num_hidden_layers=2, intermediate_size=128)
+    model.save_pretrained(tmp_path / "src", max_shard_size="40KB")
+    plan = fxprune.prune_checkpoint(tmp_path / "src", tmp_path / "out", 0.3, global_pruning=True, portable=True,
+                                    progress=False)
+    assert plan.settings["portable"]
+    reloaded = type(model).from_pretrained(tmp_path / "out").eval()
+    config = reloaded.config
+    assert not any(getattr(config, key, None) for key in RECORDED)
+    assert config.hidden_size % config.num_attention_heads == 0
+    assert len({layer.mlp.up_proj.out_features for layer in reloaded.model.layers}) == 1
+    in_memory = tiny_llama(hidden_size=64, num_hidden_layers=2, intermediate_size=128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fxprune.replay(plan, in_memory, inplace=True)  # the same plan in memory: the same model
+    with torch.no_grad():
+        assert_same_outputs(reloaded(_ids()).logits, in_memory(_ids()).logits)
