@@ -59,6 +59,7 @@ from fxprune.calibration import (collect_statistics, load_refit, plan_sequential
                                  refit_consumers, run_sequential)
 from fxprune.huggingface.freezes import freeze_computed_constants, freeze_head_dims, internal_outputs
 from fxprune.huggingface.inplace import prune_in_place
+from fxprune.huggingface.snapshot import restore, snapshot
 from fxprune.huggingface import portable as portable_plans
 from fxprune.huggingface.config_fields import field_name
 from fxprune.importance import named_tensors, resolve_importance, score_groups
@@ -285,10 +286,36 @@ def _refit(job: Job) -> None:
 
 
 def _rewrite(job: Job) -> None:
-    if job.hf_in_place:  # rewritten, verified and written back in one step
+    if job.hf_in_place and job.settings.portable:
+        job.result = _portable_in_place(job)
+    elif job.hf_in_place:  # rewritten, verified and written back in one step
         job.result = prune_in_place(job.dg, job.removal, rewrite, verify)
     else:
         job.result = rewrite(job.dg, job.removal, inplace=job.settings.inplace)
+
+
+def _portable_in_place(job: Job, attempts: int = 3):
+    """In place with ``portable=True``: where the updated config still cannot state the pruned model (records a
+    rebuild would get wrong that no shape showed before pruning: T5's ``model_dim``, a scale of its tied output),
+    the model is put back, the groups responsible frozen with the reason, and the plan made again."""
+    for attempt in range(attempts):
+        saved = snapshot(job.model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = prune_in_place(job.dg, job.removal, rewrite, verify)
+        culprits = portable_plans.unstated(job.dg, job.model) if attempt < attempts - 1 else {}
+        if not culprits:
+            for w in caught:  # the warnings of the attempt that stays
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            return result
+        restore(job.model, saved)
+        for group, reason in culprits.items():
+            group.frozen.append(reason)
+        job.dg.count_ties = [t for t in job.dg.count_ties if all(g.prunable for g in t.members)]
+        warnings.warn(f"fxprune portable=True: {len(culprits)} groups kept whole after all, the plan made again: "
+                      f"{next(iter(culprits.values()))}", stacklevel=4)
+        _plan(job)
+    return result
 
 
 def _recompose(job: Job) -> None:

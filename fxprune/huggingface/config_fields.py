@@ -290,13 +290,15 @@ def _probe(dg, model, config, fields: tuple, value: int, baseline, axes) -> Fiel
 
 
 def _attribute_occurrences(fresh, base_attributes: dict, value: int, probe: int, axes: dict, dg) -> list:
-    """Terms of size ``value`` in the parameter axes of modules whose integer attribute went ``value -> probe``."""
+    """Terms of size ``value`` in the parameter axes of modules whose integer attribute went ``value -> probe``
+    (their own tensors and their children's: GPT-2's ``attn.num_heads`` and ``attn.c_attn.weight``); attributes of
+    the root module (Mixtral's ``num_experts_per_tok``, kept for its loss) point at no place in particular."""
     modules = {name for (name, attr), v in _int_attributes(fresh).items()
-               if v == probe and base_attributes.get((name, attr)) == value}
+               if v == probe and base_attributes.get((name, attr)) == value and name}
     out = []
     for (tensor, axis), layout in axes.items():
-        owner = tensor.rpartition(".")[0]
-        if not any(owner == m or owner.startswith(m + ".") or m == "" for m in modules):
+        owner = tensor.rpartition(".")[0]  # the tensor's module, or a child of the module whose attribute changed:
+        if owner not in modules and owner.rpartition(".")[0] not in modules:  # the root's say nothing of where
             continue
         for term in terms(layout):
             if term.size(dg.solver) == value:

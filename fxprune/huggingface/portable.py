@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from fxprune.algebra.layout import new_size
+from fxprune.algebra.layout import kept_indices, new_size
 from fxprune.analysis.removal import kept_units
 from fxprune.analysis.shapes import PlannedShapes
 from fxprune.errors import FxPruneError, PlanError
@@ -55,7 +55,7 @@ from fxprune.huggingface.attention_names import HEAD_DIM, attention_modules
 from fxprune.huggingface.attention_sites import attention_sites
 from fxprune.huggingface.config_fields import (_shapes, baseline_of, config_of, edited, field_occurrences,
                                                fields_name, integer_fields, probe_values)
-from fxprune.huggingface.rebuild import try_rebuild, unsaved
+from fxprune.huggingface.rebuild import _initialised, try_rebuild, unsaved
 from fxprune.planning.ties import CountTie, check_ties
 
 PORTABLE = "portable: "  # every reason this module freezes a group with starts so
@@ -70,6 +70,7 @@ class Portable:
     fields: dict  # {(field, ...): config_fields.FieldWidths}
     ties: list  # [CountTie]
     name: str  # "LlamaConfig", for messages
+    scalars: dict = dc_field(default_factory=dict)  # {(module, attr): float} the config derives (:func:`_scalars`)
 
 
 @dataclass
@@ -105,7 +106,7 @@ def prepare(dg, model: nn.Module) -> Portable:
     _freeze_unstated(dg, fields, name)
     ties = [t for t in ties if all(g.prunable for g in t.members)]
     dg.count_ties = ties
-    dg.portable = Portable(probed, added, fields, ties, name)
+    dg.portable = Portable(probed, added, fields, ties, name, _scalars(model, fresh))
     return dg.portable
 
 
@@ -347,18 +348,58 @@ def check(dg, portable: Portable, model: nn.Module, removal: dict, values: dict)
     planned = planned_shapes(dg, removal, model)
     built = _shapes(fresh)
     out = _shape_mismatches(built, planned)
+    if out:
+        return out, ""
+    kept = kept_units(dg, removal)
     mine = dict(model.named_buffers(remove_duplicate=False))
     mine.update(dict(model.named_parameters(remove_duplicate=False)))
     theirs = dict(fresh.named_buffers(remove_duplicate=False))
     for name in unsaved(model):  # recomputed by the loader from the config: must come out as the model has it
         value, other = mine.get(name), theirs.get(name)
+        if other is None:
+            other = dict(fresh.named_parameters(remove_duplicate=False)).get(name)
+        if value is not None and other is not None and other.device.type == "meta" and value.device.type != "meta":
+            other = _initialised(fresh, name)  # a parameter never saved (Marian's sinusoidal positions)
         if value is None or other is None or other.device.type == "meta" or value.device.type == "meta":
             continue
-        if tuple(value.shape) != planned.get(name):
-            continue  # resized by the plan: compared after pruning (update_config)
-        if other.shape != value.shape or not torch.equal(other.to(value.dtype), value.detach().cpu()):
+        value = _sliced(dg, name, value.detach().cpu(), kept)  # the kept part, where the plan resizes it
+        if value is None or other.shape != value.shape or not torch.equal(other.to(value.dtype), value):
             out.append(f"{name} (not saved) would be recomputed as another value")
+    theirs_modules = dict(fresh.named_modules())
+    for (path, attr), value in portable.scalars.items():  # floats the class computes from the config
+        other = getattr(theirs_modules.get(path), attr, None)
+        if other is not None and other != value:
+            out.append(f"{path + '.' if path else ''}{attr} would be {other:.6g} where the model computes with "
+                       f"{value:.6g}")
     return out, ""
+
+
+def _sliced(dg, name: str, value: torch.Tensor, kept: dict) -> torch.Tensor | None:
+    """``value`` (a tensor of the model) with only the units the plan keeps on each axis; None where an axis it
+    resizes has no layout in the graph (nothing to compare with)."""
+    key = dg.state.param_key(name)
+    for axis in range(value.ndim):
+        layout = dg.layouts.get((key, axis))
+        if layout is None:
+            continue
+        indices = kept_indices(layout, kept, dg.solver)
+        if len(indices) != value.shape[axis]:
+            value = value.index_select(axis, torch.as_tensor(indices, dtype=torch.long))
+    return value
+
+
+def _scalars(model: nn.Module, fresh: nn.Module) -> dict:
+    """``{(module path, attribute): value}`` of float attributes a rebuild from the config computes exactly as the
+    model has them (Gemma's and XGLM's ``embed_scale``, sqrt of the hidden size): config-derived scalars, which
+    in-place pruning leaves as they are (the pruned graph computed with them) and a loader would recompute."""
+    theirs = dict(fresh.named_modules())
+    out = {}
+    for path, module in model.named_modules():
+        other = theirs.get(path)
+        for attr, value in vars(module).items():
+            if type(value) is float and other is not None and getattr(other, attr, None) == value:
+                out[(path, attr)] = value
+    return out
 
 
 def _values_for(dg, portable: Portable, model, removal: dict, limit: int = 64):
@@ -485,3 +526,47 @@ def fit_removal(dg, removal: dict) -> Fit:
     if problems:
         raise PlanError(f"portable=True: {dg.portable.name} cannot state the removal: {'; '.join(problems[:3])}")
     return Fit(values)
+
+
+def unstated(dg, model: nn.Module) -> dict:
+    """After in-place pruning with ``portable=True``: ``{group: reason}`` of the groups whose removal left records
+    in the config (``fxprune_shapes`` / ``fxprune_attributes`` / ``fxprune_buffers``: what a model built from
+    it would get wrong), so that the plan is made again without them; empty when the config states the model.
+
+    A recorded integer attribute that still holds a changed field's original value points at that field (T5's
+    ``model_dim`` = ``d_model``, a scale of its tied output, stays 64 where the rebuild says 48); a recorded tensor
+    at the groups of its resized axes; anything else at every field the plan changed.
+    """
+    from fxprune.huggingface.config_update import RECORDED
+
+    config = model.config
+    records = {key: getattr(config, key, None) or {} for key in RECORDED}
+    if not any(records.values()):
+        return {}
+    portable, fit = dg.portable, dg.config_fit
+    changed = {key: widths for key, widths in portable.fields.items()
+               if any(fit is not None and fit.values.get(f, widths.value) != widths.value for f in key)}
+    culprits: dict = {}
+
+    def blame(keys, why: str) -> None:
+        for key in keys:
+            for occ in changed[key].occurrences:
+                for group in _groups_of_term(dg, occ.term):
+                    if group.prunable:
+                        culprits.setdefault(group, f"{PORTABLE}a model built from {portable.name}."
+                                                   f"{fields_name(key)}={fit.values[key[0]]} {why}")
+
+    for name, value in records["fxprune_attributes"].items():
+        keys = [key for key, widths in changed.items() if type(value) is int and widths.value == value]
+        blame(keys or list(changed), f"has {name} = another value than the pruned model's {value}")
+    for name in records["fxprune_buffers"]:
+        blame(list(changed), f"recomputes {name} (not saved) otherwise")
+    for name in records["fxprune_shapes"]:
+        for axis in range(8):
+            layout = dg.layouts.get((dg.state.param_key(name), axis))
+            if layout is None:
+                continue
+            for group in dg.groups_of_layout(layout):
+                if group.prunable:
+                    culprits.setdefault(group, f"{PORTABLE}{name} keeps a width {portable.name} cannot state")
+    return culprits
