@@ -5,7 +5,9 @@ For every model (torchvision zoo, timm families, tiny Hugging Face configs; see
 
 1. prunes a copy at ratio 0.5 (fxprune: ``fxprune.prune``; Torch-Pruning: its README
    recipe plus the output layers, see ``tp_recipe.py``), timed;
-2. runs the pruned model on the example input and compares every output shape;
+2. runs the pruned model on the example input (one example of batch 1, as users call it) and compares every
+   output shape; then on inputs of batch 3 (token ids also of another length: ``zoo.other_inputs``), whose
+   output shapes must be the original model's there ("other sizes"; a failure is noted in the library's cell);
 3. counts MACs before and after (one counter for both, see ``measure.py``);
 4. fxprune only: the dead-unit oracle (plant all-zero units, remove exactly them
    with ``fxprune.apply``, compare outputs; exact means relative difference <= 1e-4).
@@ -85,10 +87,26 @@ def _check(row, name, pruned, args, kwargs, out_shapes, measure) -> dict:
     if checked["status"] != "ok":
         return {**row, **checked}
     original = zoo.build(name)[0]  # untouched by either library, for parameter and MAC counts
+    row["other_sizes"] = _other_sizes(pruned, original, args, kwargs, measure)
     row["params_kept"] = measure.params(pruned) / measure.params(original)
     row["macs_kept"], row["macs_counter"] = measure.macs_ratio(original, pruned, args, kwargs)
     row.update(status="ok", **{"class": "ok"})
     return row
+
+
+def _other_sizes(pruned, original, args, kwargs, measure) -> str:
+    """"ok" when the pruned model runs at another batch size (and token length) with the original's output shapes
+    there; else why not."""
+    other_args, other_kwargs = zoo.other_inputs(args, kwargs)
+    try:
+        expected = measure.shapes(measure.run(original, other_args, other_kwargs))
+    except Exception as exc:  # the model itself takes only the example's sizes
+        return f"n/a: the original fails there too: {harness.first_line(exc)}"[:240]
+    try:
+        got = measure.shapes(measure.run(pruned, other_args, other_kwargs))
+    except Exception as exc:
+        return f"fails: {harness.first_line(exc)}"[:240]
+    return "ok" if got == expected else f"shapes {got} != {expected}"[:240]
 
 
 def _oracle_step(name, model, args, kwargs, reference, out_shapes) -> dict:
@@ -179,7 +197,9 @@ def _cell(row: dict, library: str) -> str:
     if result is None:
         return f"error: {row.get('reason', '')}" if row.get("status") == "error" else ""
     kind = harness.failure_class(result)
-    return "ok" if kind == "ok" else "skipped" if kind == "skipped" else kind
+    cell = "ok" if kind == "ok" else "skipped" if kind == "skipped" else kind
+    other = result.get("other_sizes", "ok")
+    return cell if other == "ok" or other.startswith("n/a") else f"{cell}, example's batch only"
 
 
 def _seconds(result: dict) -> str:
@@ -220,6 +240,11 @@ def failures(rows: list[dict]) -> str:
             if key == "oracle" and "oracle_diff" in res:
                 res["reason"] = f"relative difference {res['oracle_diff']:.1e}"
             lines.append(f"- {r['model']}: {harness.describe_failure(res)}")
+    for library, key in (("fxprune", "fxprune"), ("Torch-Pruning", "torch-pruning")):
+        other = [(r["model"], r[key]["other_sizes"]) for r in rows if key in r
+                 and r[key].get("other_sizes", "ok") != "ok" and not r[key]["other_sizes"].startswith("n/a")]
+        lines.append(f"\n**{library} at another batch size / length**: {len(other)} failing" + (":" if other else "."))
+        lines += [f"- {model}: {why}".replace("|", "/") for model, why in other]
     return "\n".join(lines)
 
 

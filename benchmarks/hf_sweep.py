@@ -140,7 +140,8 @@ def build(model_type: str):
     kind = MODELS[model_type]
     cls = getattr(transformers, AUTO[kind])._model_mapping[type(config)]
     model = (cls[0] if isinstance(cls, tuple) else cls)(config).eval()  # DeiT maps to two classes: the first
-    example, other = _inputs(kind, config, 2, 7, 0), _inputs(kind, config, 3, 5, 2)
+    # one example of batch 1, as users call it; the other inputs: another batch size and length
+    example, other = _inputs(kind, config, 1, 7, 0), _inputs(kind, config, 3, 5, 2)
     return model, *example, *other
 
 
@@ -189,10 +190,20 @@ def step_analysis(t):
     model, args, kwargs = build(t)[:3]
     dg = fxprune.analyze(model, args, kwargs=kwargs or None)
     unsupported = sorted({str(where) for _, where in dg.state.unsupported})
-    row = {"groups": len(dg.groups), "prunable": len(dg.prunable_groups), "unsupported": unsupported[:3]}
+    row = {"groups": len(dg.groups), "prunable": len(dg.prunable_groups), "unsupported": unsupported[:3],
+           **analysis_times(dg)}
     if not dg.prunable_groups:
         return {**row, **harness.failed("error", "no prunable group")}
     return {**row, "status": "ok", "class": "ok"}
+
+
+def analysis_times(dg) -> dict:
+    """CPU seconds of the analysis and of each of its passes (``dg.meta``; CPU time: other processes on the
+    machine do not count), and the capture's shapes."""
+    cpu = dg.meta.get("cpu_times", {})
+    capture = dg.meta.get("capture") or {}
+    return {"analysis_cpu_s": round(sum(cpu.values()), 3), "pass_cpu_s": {k: round(v, 3) for k, v in cpu.items()},
+            "shapes": capture.get("shapes"), "static_why": capture.get("why") or None}
 
 
 def step_oracle(t):
@@ -223,7 +234,8 @@ def step_prune(t):
     model, args, kwargs, other_args, other_kwargs = build(t)
     reference, other_reference = _run(model, args, kwargs), _run(model, other_args, other_kwargs)
     pruned = fxprune.prune(model, RATIO, example_inputs=args, kwargs=kwargs or None)
-    row = {"params_kept": _params(pruned) / _params(model), **_same_shapes(_run(pruned, args, kwargs), reference)}
+    row = {"params_kept": _params(pruned) / _params(model), **_same_shapes(_run(pruned, args, kwargs), reference),
+           "pass_cpu_s": {k: round(v, 3) for k, v in pruned.meta.get("fxprune_times", {}).get("cpu", {}).items()}}
     try:
         other = _same_shapes(_run(pruned, other_args, other_kwargs), other_reference)
     except Exception as exc:  # runs on the example only: a shape was baked into the graph
@@ -461,7 +473,24 @@ def totals(rows: list[dict]) -> str:
     plain = (f" Reloaded by plain from_pretrained (no fxprune at load time): {sum(passed(r, 'plain') for r in rows)}"
              f"/{len(measured)} pruned as usual, {sum(passed(r, 'portable') for r in rows)}/{len(measured)} pruned "
              f"with portable=True." if measured else "")
-    return f"{line}\n\nfxprune per check: {per}.{plain}"
+    return f"{line}\n\nfxprune per check: {per}.{plain}\n\n{analysis_budget(rows)}"
+
+
+def analysis_cpu(row: dict):
+    return row.get("analysis", {}).get("analysis_cpu_s")
+
+
+def analysis_budget(rows: list[dict], limit: float = 5.0) -> str:
+    """How many models ``fxprune.analyze`` analysed in under ``limit`` CPU seconds (issue 23), the slowest with
+    their per-pass split."""
+    timed = sorted((r for r in rows if analysis_cpu(r) is not None), key=analysis_cpu, reverse=True)
+    if not timed:
+        return ""
+    under = sum(analysis_cpu(r) < limit for r in timed)
+    slowest = "; ".join(f"{r['model']} {analysis_cpu(r):.1f} s (" + ", ".join(
+        f"{k} {v:.1f}" for k, v in r["analysis"].get("pass_cpu_s", {}).items()) + ")" for r in timed[:3])
+    return (f"Analysis (`fxprune.analyze`, example of batch 1) under {limit:g} s of CPU: {under}/{len(timed)} "
+            f"models; slowest: {slowest}.")
 
 
 def summary(runs: list[dict]) -> str:
@@ -572,7 +601,9 @@ def main(argv=None) -> int:
             done += 1
             log.write(row)
             marks = " ".join(f"{c}:{_mark(row, c)}" for c in list(CHECKS) + ["torch-pruning"] + list(PLAIN))
-            print(f"[{done}/{len(todo)}] {row['model']}: {marks} ({row['seconds']:.0f} s)", flush=True)
+            cpu = analysis_cpu(row)
+            took = f"analysis {cpu:.1f} s CPU, " if cpu is not None else ""
+            print(f"[{done}/{len(todo)}] {row['model']}: {marks} ({took}{row['seconds']:.0f} s)", flush=True)
             harness.write_report(render, log_path, out)
     log.finish(wall_s=time.perf_counter() - start)
     runs = harness.read_runs(log_path)

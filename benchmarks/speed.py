@@ -8,6 +8,9 @@ the start of the step):
 * analysis: ``fxprune.analyze(model, inplace=True)`` (the analysis that in-place pruning runs;
   Hugging Face models are then exported with static sizes, since the graph is never handed out)
   / Torch-Pruning's ``DependencyGraph().build_dependency``;
+* graph analysis (fxprune only): ``fxprune.analyze(model)``, the analysis ``prune`` runs when it returns a graph
+  (batch and sequence sizes symbolic), with its CPU seconds per pass (``dg.meta["cpu_times"]``: capture,
+  propagate, decompose, relate, solve);
 * prune: ``fxprune.prune(model, 0.5, inplace=True)`` / Torch-Pruning's recipe
   (``tp_recipe.prune``, in place too), then checks that the pruned model runs with
   every output shape kept;
@@ -15,7 +18,13 @@ the start of the step):
 then rebuilds the model and repeats both steps under tracemalloc for the peak of
 Python allocations (tracemalloc slows Python down, so it never overlaps the timing).
 The ``llama-1b-meta`` case builds the 1B LLaMA on the meta device (no weights) and
-measures analysis only: pruning needs weights to score units.
+measures analysis only: pruning needs weights to score units. Every example is one input of batch 1 (the
+usual call): 16 tokens, or one 224 px image.
+
+Cases: torchvision ``resnet50``, ``densenet121``, ``vit_b_16``, ``swin_b``; timm ``timm-vit-b``
+(``vit_base_patch16_224``), ``timm-swin-b`` (``swin_base_patch4_window7_224``); Hugging Face ``bert-base``,
+``hf-swin-b`` (Swin-B: embed 128, depths 2-2-18-2, window 7), ``hf-convnext-t`` (ConvNeXt-T), ``hf-deit-b``
+(DeiT-B), ``llama-1b`` and ``llama-1b-meta``; random weights, eval mode.
 
 Every step of both libraries gets the same limit, ``harness.step_seconds`` (300 s; 900 s for llama-1b, whose
 traced pass is slow; ``--step-timeout`` changes it for all). Each (case, library) is measured ``--repeat``
@@ -25,7 +34,7 @@ times (default 3), each in a fresh worker, the libraries in turns; the log (``--
 Usage::
 
     python benchmarks/speed.py --quick       # CI: small models, < 2 minutes
-    python benchmarks/speed.py               # resnet50, densenet121, vit_b_16, bert-base, llama-1b (+ meta)
+    python benchmarks/speed.py               # every case in FULL
     python benchmarks/speed.py --cases resnet50,llama-1b-meta --libraries fxprune
 """
 
@@ -45,8 +54,9 @@ import harness  # noqa: E402
 
 RATIO = 0.5
 LIBRARIES = ("fxprune", "torch-pruning")
-FULL = ["resnet50", "densenet121", "vit_b_16", "bert-base", "llama-1b", "llama-1b-meta"]
-QUICK = ["resnet18", "bert-tiny", "llama-tiny-meta"]
+FULL = ["resnet50", "densenet121", "vit_b_16", "swin_b", "timm-vit-b", "timm-swin-b", "bert-base", "hf-swin-b",
+        "hf-convnext-t", "hf-deit-b", "llama-1b", "llama-1b-meta"]
+QUICK = ["resnet18", "bert-tiny", "llama-tiny-meta"]  # hf-swin-tiny: the tiny Swin of issue 23, by --cases
 # About 1.1B parameters (TinyLlama's shape): hidden 2048, 22 layers, 32 heads, 4 kv heads, MLP 5632, vocab 32000.
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                 num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, use_cache=False)
@@ -61,11 +71,28 @@ def build(case: str):
     torch.manual_seed(0)
     ids = torch.randint(0, 100, (1, 16), generator=torch.Generator().manual_seed(0))
     image = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    if case in ("resnet18", "resnet50", "densenet121", "vit_b_16"):
+    if case in ("resnet18", "resnet50", "densenet121", "vit_b_16", "swin_b"):
         import torchvision
 
         return torchvision.models.get_model(case, weights=None).eval(), (image,), {}, False
+    if case.startswith("timm-"):
+        import timm
+
+        name = {"timm-vit-b": "vit_base_patch16_224", "timm-swin-b": "swin_base_patch4_window7_224"}[case]
+        return timm.create_model(name, pretrained=False).eval(), (image,), {}, False
     import transformers as T
+
+    if case.startswith("hf-"):
+        configs = {  # Swin-B, ConvNeXt-T and DeiT-B; the tiny Swin of issue 23
+            "hf-swin-b": lambda: T.SwinForImageClassification(T.SwinConfig(
+                embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=7)),
+            "hf-swin-tiny": lambda: T.SwinForImageClassification(T.SwinConfig(
+                image_size=32, patch_size=4, embed_dim=32, depths=[1, 1], num_heads=[2, 4], window_size=4)),
+            "hf-convnext-t": lambda: T.ConvNextForImageClassification(T.ConvNextConfig()),
+            "hf-deit-b": lambda: T.DeiTForImageClassification(T.DeiTConfig()),
+        }
+        side = 32 if case == "hf-swin-tiny" else 224
+        return configs[case]().eval(), (image[..., :side, :side].contiguous(),), {}, False
 
     if case == "bert-base":  # BertConfig's defaults are bert-base: hidden 768, 12 layers, 12 heads
         return T.BertModel(T.BertConfig()).eval(), (ids,), {}, False
@@ -90,6 +117,17 @@ def _analyze(library: str, case: str, model, args, kwargs):
     import tp_recipe
 
     return tp_recipe.analyze(model, args, kwargs)
+
+
+def _graph_analysis(case: str, model, args, kwargs):
+    """fxprune's analysis as ``prune`` runs it to return a graph (dynamic batch and sequence sizes)."""
+    import fxprune
+
+    return fxprune.analyze(model, args, kwargs=kwargs or None)
+
+
+def _passes(dg) -> dict:
+    return {k: round(v, 3) for k, v in getattr(dg, "meta", {}).get("cpu_times", {}).items()}
 
 
 def _prune(library: str, case: str, model, args, kwargs):
@@ -137,8 +175,17 @@ def measure_case(case: str, library: str, limit: tuple, python_memory: bool) -> 
     row = {"case": case, "library": library, "params": measure.params(model), "meta": on_meta}
     expected = None if on_meta else measure.shapes(measure.run(model, args, kwargs))
     dg = _step(row, "analysis", limit, _analyze, library, case, model, args, kwargs)
+    if dg is not None and library == "fxprune":
+        row["analysis_passes_cpu_s"] = _passes(dg)
     del dg
     gc.collect()
+    if library == "fxprune" and "analysis_error" not in row:
+        dg = _step(row, "graph_analysis", limit, _graph_analysis, case, model, args, kwargs)
+        if dg is not None:
+            row["graph_analysis_passes_cpu_s"] = _passes(dg)
+            row["graph_shapes"] = (dg.meta.get("capture") or {}).get("shapes")
+        del dg
+        gc.collect()
     harness.emit(row)  # partial rows: a step that kills the worker leaves the ones before it
     if not on_meta and "analysis_error" not in row:
         pruned = _step(row, "prune", limit, _prune, library, case, model, args, kwargs)
@@ -182,8 +229,8 @@ def worker(case: str, library: str, limit: tuple, python_memory: bool) -> None:
     harness.emit(row)
 
 
-NUMBERS = ("analysis_s", "analysis_rss_mb", "analysis_py_mb", "prune_s", "prune_rss_mb", "prune_py_mb",
-           "params_kept")
+NUMBERS = ("analysis_s", "graph_analysis_s", "analysis_rss_mb", "analysis_py_mb", "prune_s", "prune_rss_mb",
+           "prune_py_mb", "params_kept")
 
 
 def median_rows(rows: list[dict]) -> list[dict]:
@@ -231,12 +278,13 @@ def _status(row) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| case | params | library | analysis s | analysis RSS MB | analysis Python MB | prune s | "
-             "prune RSS MB | prune Python MB | status |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| case | params | library | analysis s | graph analysis s | analysis RSS MB | analysis Python MB | "
+             "prune s | prune RSS MB | prune Python MB | status |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         params = f"{r['params'] / 1e6:.1f}M" if "params" in r else ""
         lines.append(f"| {r['case']} | {params} | {r['library']} | {_num(r, 'analysis_s')} | "
+                     f"{_num(r, 'graph_analysis_s')} | "
                      f"{_num(r, 'analysis_rss_mb', '{:.1f}')} | {_num(r, 'analysis_py_mb', '{:.1f}')} | "
                      f"{_num(r, 'prune_s')} | {_num(r, 'prune_rss_mb', '{:.1f}')} | "
                      f"{_num(r, 'prune_py_mb', '{:.1f}')} | {_status(r)} |")
@@ -298,7 +346,20 @@ def render(runs: list[dict]) -> str:
             "dispatcher caches). RSS = peak resident memory above the start of the step "
             "(tensors included); Python = tracemalloc peak (Python allocations only, measured in a separate "
             "pass). Ratios are fxprune / Torch-Pruning of the medians (below 1: fxprune is faster or smaller).\n\n"
-            f"{table(rows)}\n\n### Ratios fxprune / Torch-Pruning\n\n{ratios(rows)}\n")
+            f"{table(rows)}\n\n### Ratios fxprune / Torch-Pruning\n\n{ratios(rows)}\n\n"
+            f"### fxprune's passes (CPU seconds, last repeat)\n\n{passes_table(rows)}\n")
+
+
+def passes_table(rows: list[dict]) -> str:
+    """fxprune's CPU seconds per analysis pass, in place (static capture for Hugging Face) and as a graph."""
+    names = ["capture", "propagate", "decompose", "relate", "solve"]
+    lines = ["| case | analysis | " + " | ".join(names) + " |", "| --- | --- |" + " ---: |" * len(names)]
+    for r in rows:
+        for label, key in (("in place", "analysis_passes_cpu_s"), ("graph", "graph_analysis_passes_cpu_s")):
+            if key in r:
+                lines.append(f"| {r['case']} | {label} | " + " | ".join(f"{r[key].get(n, 0):.2f}" for n in names)
+                             + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -349,7 +410,8 @@ def main(argv=None) -> int:
                 row["repeat"] = repeat
                 log.write(row)
                 print(f"[{repeat + 1}/{args.repeat}] {case} / {library}: analysis {_num(row, 'analysis_s')} s, "
-                      f"prune {_num(row, 'prune_s')} s, {_status(row)} ({row['seconds']:.0f} s)", flush=True)
+                      f"graph analysis {_num(row, 'graph_analysis_s')} s, prune {_num(row, 'prune_s')} s, "
+                      f"{_status(row)} ({row['seconds']:.0f} s)", flush=True)
                 harness.write_report(render, log_path, out)
     log.finish(wall_s=time.perf_counter() - start)
     harness.write_report(render, log_path, out)

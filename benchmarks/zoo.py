@@ -188,16 +188,36 @@ def hf_tiny(family: str):
     return configs[family]()
 
 
-def _ids(batch: int = 2, length: int = 7, seed: int = 0):
+def _ids(batch: int = 1, length: int = 7, seed: int = 0):
     import torch
 
     return torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def _hf(family: str):
+    """One example of batch 1, as users call it."""
     model = hf_tiny(family)
     if family == "vit":
-        return model, (_image(32, batch=2),), {}
+        return model, (_image(32),), {}
     if family == "t5":
-        return model, (_ids(),), {"decoder_input_ids": _ids(2, 5, seed=1)}
+        return model, (_ids(),), {"decoder_input_ids": _ids(1, 5, seed=1)}
     return model, (_ids(),), {}
+
+
+def other_inputs(args: tuple, kwargs: dict, batch: int = 3, length: int = 5) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of another batch size (every tensor whose first axis is the example's batch) and, for
+    token ids (2-d integer tensors), another length: the sizes a pruned model meets after its one example."""
+    import torch
+
+    tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.ndim >= 1]
+    first = tensors[0].shape[0] if tensors else None
+
+    def other(v):
+        if not isinstance(v, torch.Tensor) or v.ndim == 0 or v.shape[0] != first:
+            return v
+        v = torch.cat([v] * batch, 0)[:batch] if v.shape[0] else v
+        if v.ndim == 2 and not v.is_floating_point():
+            v = torch.cat([v] * length, 1)[:, :length]
+        return v
+
+    return tuple(other(a) for a in args), {k: other(v) for k, v in kwargs.items()}

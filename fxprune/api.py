@@ -26,11 +26,11 @@ from fxprune.io.plans import PruningPlan, attach_plan
 from fxprune.pipeline import ANALYSIS, PIPELINE, Job, Settings, prunes_hf_in_place, rewritten, run
 from fxprune.planning.ratios import check_ratio
 from fxprune.rewriting.rewrite import rewrite
-from fxprune.rewriting.verify import verify
+from fxprune.rewriting.verify import verify, verify_other_sizes
 
 
 def analyze(model, example_inputs=None, *, kwargs=None, ignore=(), inplace: bool = False,
-            prune_head_dims: bool = False, portable: bool = False) -> DependencyGraph:
+            prune_head_dims: bool = False, portable: bool = False, dynamic_shapes=None) -> DependencyGraph:
     """Capture ``model`` and build its dependency graph (groups, members, frozen reasons).
 
     Attention's per-head widths are frozen unless ``prune_head_dims=True`` (heads
@@ -40,9 +40,21 @@ def analyze(model, example_inputs=None, *, kwargs=None, ignore=(), inplace: bool
     ``portable=True`` keeps only what the model's config can state (see ``prune``): groups it cannot are frozen
     with a reason starting ``"portable: "``, and ``dg.count_ties`` lists the groups that must lose units
     together; ``apply`` refuses a removal that breaks them.
+
+    The graph takes other batch sizes and (for token inputs) sequence lengths than the example's, also from
+    an example of batch 1; an image's height and width stay the example's unless ``dynamic_shapes``
+    (``torch.export``'s format, passed to export) asks for them (:mod:`fxprune.analysis.dynamic`).
+    ``dg.meta["times"]`` / ``dg.meta["cpu_times"]`` hold each pass's wall / CPU seconds (capture, propagate,
+    decompose, relate, solve), ``dg.meta["capture"]`` how the graph was captured and which input sizes it takes.
+
+    Example::
+
+        >>> dg = fxprune.analyze(bert, (torch.randint(0, 100, (1, 16)),))
+        >>> dg.meta["capture"]["shapes"], sorted(dg.meta["times"])
+        ('dynamic', ['capture', 'decompose', 'propagate', 'relate', 'solve'])
     """
     settings = Settings(ignore=tuple(ignore), inplace=inplace, prune_head_dims=prune_head_dims,
-                        portable=bool(portable))
+                        portable=bool(portable), dynamic_shapes=dynamic_shapes)
     return run(Job(model, example_inputs, kwargs, settings), ANALYSIS).dg
 
 
@@ -58,6 +70,7 @@ def apply(dg: DependencyGraph, removal: dict, *, inplace: bool = False) -> fx.Gr
         gm = prune_in_place(dg, removal, rewrite, verify)
     else:
         gm = rewritten(dg, removal, inplace)
+        verify_other_sizes(gm, dg.example_inputs, type(getattr(dg, "model", None) or gm).__name__)
         verify(gm, dg.example_inputs, dg.expected_shapes)
     attach_plan(gm, PruningPlan.from_removal(dg, removal, inplace=inplace))
     return gm
@@ -68,7 +81,8 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
           max_ratio: float = 0.9, ratios: dict | None = None, target_macs: float | None = None,
           target_params: float | None = None, target_latency: float | None = None, calibration=None,
           loss_fn=None, reconstruct: bool = False, sequential: bool = False,
-          reestimate_bn: bool = False, isomorphic: bool = False, portable: bool = False) -> fx.GraphModule:
+          reestimate_bn: bool = False, isomorphic: bool = False, portable: bool = False,
+          dynamic_shapes=None) -> fx.GraphModule:
     """Remove ``ratio`` (default 0.3) of the units of every prunable group; returns a verified GraphModule.
 
     ``model`` is an ``nn.Module`` (traced here) or a ``torch.fx.GraphModule``.
@@ -126,6 +140,13 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     reason in ``dg.report()``, and units given back to fit the class are named in a warning
     (:mod:`fxprune.huggingface.portable`). Without it, widths the config cannot state are recorded in
     ``config.fxprune_shapes`` for :func:`fxprune.load_pretrained` (with a warning).
+    ``dynamic_shapes`` (``torch.export``'s format) sets which input dimensions the pruned graph takes at other
+    sizes than the example's; by default the batch and a token input's sequence (also from an example of batch 1
+    or length 1), not an image's height and width (:mod:`fxprune.analysis.dynamic`). A dimension meant to vary
+    that the graph fixes anyway gives one warning naming it, is listed in
+    ``pruned.meta["fxprune_input_shapes"]``, and another size fails at the graph's entry with a message saying
+    which size it was captured for.
+    ``pruned.meta["fxprune_times"]`` holds each pass's wall and CPU seconds.
     ``target_latency=0.5`` measures per-layer latency tables on the model's device and
     searches the plan that runs in half the time with the least importance lost, each
     candidate measured against the original (:mod:`fxprune.planning.latency_target`).
@@ -151,7 +172,8 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
                         prune_head_dims=bool(prune_head_dims), inplace=inplace, global_pruning=bool(global_pruning),
                         isomorphic=bool(isomorphic), max_ratio=max_ratio, ratios=ratios, target=target,
                         calibration=calibration, loss_fn=loss_fn, reconstruct=bool(reconstruct),
-                        sequential=bool(sequential), reestimate_bn=bool(reestimate_bn), portable=bool(portable))
+                        sequential=bool(sequential), reestimate_bn=bool(reestimate_bn), portable=bool(portable),
+                        dynamic_shapes=dynamic_shapes)
     job = Job(model, example_inputs, kwargs, settings)
     return run(job, PIPELINE).result
 

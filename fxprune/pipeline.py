@@ -40,12 +40,14 @@ Example::
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
+from fxprune.analysis import dynamic
 from fxprune.analysis.capture import (EXPORTED, capture, flat_inputs, inline_mode_regions, is_hf_model,
                                       keep_user_attributes, module_names, name_of_key, split_inputs)
 from fxprune.analysis.decompose import decompose
@@ -76,7 +78,7 @@ from fxprune.planning.selection import units_to_keep
 from fxprune.planning.target import METRICS, search_by_cost, search_ratio
 from fxprune.rewriting.recompose import recompose
 from fxprune.rewriting.rewrite import rewrite
-from fxprune.rewriting.verify import output_shapes, verify
+from fxprune.rewriting.verify import output_shapes, verify, verify_other_sizes
 
 
 @dataclass
@@ -101,6 +103,7 @@ class Settings:
     sequential: bool = False  # refit front to back on the pruned model's inputs (needs reconstruct)
     reestimate_bn: bool = False  # re-estimate BatchNorm running statistics of the pruned model
     portable: bool = False  # only plans the model's config can state (huggingface/portable.py)
+    dynamic_shapes: object = None  # torch.export's dynamic_shapes (None: analysis/dynamic.py decides what varies)
 
 
 def prunes_hf_in_place(model, inplace: bool) -> bool:
@@ -137,6 +140,8 @@ class Job:
     result: fx.GraphModule | None = None  # rewrite: the pruned graph, or the model itself pruned in place
     achieved: dict = field(default_factory=dict)  # measure: {"macs": fraction kept, "params": ...} with a target
     hf_in_place: bool = field(init=False)  # decided once: prunes_hf_in_place(model, settings.inplace)
+    times: dict = field(default_factory=dict)  # run: {pass name: wall seconds} of the passes run so far
+    cpu_times: dict = field(default_factory=dict)  # run: {pass name: CPU seconds of this process}
 
     def __post_init__(self):
         self.ratio = self.settings.ratio
@@ -148,7 +153,8 @@ def _capture(job: Job) -> None:
     # pruned in place, a Hugging Face model keeps its own forward: the graph is analysed, never returned, so
     # static sizes do (half the export time), unless calibration batches of other sizes must run through it
     static = job.hf_in_place and job.settings.calibration is None
-    gm = capture(job.model, job.example_inputs, job.kwargs, dynamic=not static)
+    gm = capture(job.model, job.example_inputs, job.kwargs, dynamic=not static,
+                 dynamic_shapes=job.settings.dynamic_shapes)
     job.fresh_export = gm is not job.model and gm.meta.get("fxprune_capture") == EXPORTED
     if gm is job.model:  # never edit the caller's graph: a fresh graph over the same modules
         fresh = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
@@ -158,6 +164,9 @@ def _capture(job: Job) -> None:
         inline_mode_regions(gm)  # a graph the caller exported may hold no_grad / autocast regions
     job.gm = gm
     job.flat_inputs = flat_inputs(gm, job.example_inputs, job.kwargs)
+    if dynamic.SHAPES_META not in gm.meta and job.flat_inputs is not None:  # traced: symbolic sizes by construction
+        dynamic.record_traced(gm, job.flat_inputs, job.settings.dynamic_shapes,
+                              "torch.fx.symbolic_trace" if gm is not job.model else "the caller's GraphModule")
 
 
 def _propagate(job: Job) -> None:
@@ -192,6 +201,7 @@ def _solve(job: Job) -> None:
         dg = job.dg = _dependency_graph(job)
     dg.expected_shapes = job.expected_shapes
     dg.model, dg.model_inputs, dg.model_kwargs = job.model, job.example_inputs, job.kwargs
+    dg.meta["capture"] = job.gm.meta.get(dynamic.SHAPES_META)
     if not job.settings.prune_head_dims:
         dg.keep_head_dims()
     if job.hf_in_place:
@@ -355,7 +365,8 @@ def _reestimate_bn(job: Job) -> None:
 
 
 def _verify(job: Job) -> None:
-    if not job.hf_in_place:
+    if not job.hf_in_place:  # other sizes first: verify leaves the example's shapes in the graph
+        verify_other_sizes(job.result, job.dg.example_inputs, type(job.model).__name__)
         verify(job.result, job.dg.example_inputs, job.dg.expected_shapes)
 
 
@@ -404,9 +415,30 @@ PIPELINE = ANALYSIS + PRUNING
 
 
 def run(job: Job, passes) -> Job:
-    for _name, fn in passes:
+    """Run ``passes`` on ``job`` in order; each pass's wall and CPU seconds go to ``job.times`` /
+    ``job.cpu_times``, and from there to ``dg.meta["times"]`` / ``dg.meta["cpu_times"]`` and the result's
+    ``fxprune_times`` (:func:`attach_times`)."""
+    for name, fn in passes:
+        wall, cpu = time.perf_counter(), time.process_time()
         fn(job)
+        job.times[name] = job.times.get(name, 0.0) + time.perf_counter() - wall
+        job.cpu_times[name] = job.cpu_times.get(name, 0.0) + time.process_time() - cpu
+        if job.dg is not None:
+            job.dg.meta.update(times=job.times, cpu_times=job.cpu_times)
+    if job.result is not None:
+        attach_times(job.result, job.times, job.cpu_times)
     return job
+
+
+def attach_times(result, times: dict, cpu_times: dict) -> None:
+    """``{"wall": {pass: s}, "cpu": {pass: s}}`` on what prune returned: ``gm.meta["fxprune_times"]``, else (a
+    Hugging Face model pruned in place) its ``fxprune_times`` attribute."""
+    value = {"wall": {k: round(v, 4) for k, v in times.items()}, "cpu": {k: round(v, 4) for k, v in cpu_times.items()}}
+    meta = getattr(result, "meta", None)
+    if isinstance(meta, dict):
+        meta["fxprune_times"] = value
+    else:
+        object.__setattr__(result, "fxprune_times", value)
 
 
 def rewritten(dg: DependencyGraph, removal: dict, inplace: bool = False) -> fx.GraphModule:

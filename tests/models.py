@@ -303,3 +303,65 @@ class CachesOnSelf(nn.Module):
             self.grid = torch.arange(y.shape[-1]).to(y)
             self.shape = y.shape
         return y + self.grid
+
+
+class FixedLength(nn.Module):
+    """Token ids through an embedding plus a position table of exactly 8 rows: the sequence length is fixed at 8
+    by the model's own forward (``(B, S, 16) + (8, 16)``). ``branch=True`` adds a branch on the rank that
+    symbolic_trace rejects, so that fxprune captures it with torch.export (which then fixes the length)."""
+
+    def __init__(self, branch: bool = False):
+        super().__init__()
+        self.branch = branch
+        self.embed = nn.Embedding(50, 16)
+        self.pos = nn.Parameter(torch.randn(8, 16))
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 4)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        if self.branch and ids.dim() == 3:
+            h = h.mean(2)
+        return self.fc2(F.relu(self.fc1(h + self.pos)))
+
+
+def tiny_transformers(name: str):
+    """``(model in eval mode, example(batch, length) -> (args, kwargs))`` for a tiny random Hugging Face model
+    (seeded): ``"bert"``, ``"gpt2"``, ``"llama"``, ``"vit"``, ``"swin"`` (the configuration of issue 23) or
+    ``"whisper"`` (16 mel bins, 64 frames). ``length`` is the token sequence's (Whisper: the decoder's); an image
+    or a spectrogram keeps its size. Needs transformers."""
+    T = pytest.importorskip("transformers")
+    from fxprune.testing import tiny_llama
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+
+    def ids(batch, length):
+        return torch.randint(0, 100, (batch, length), generator=gen)
+
+    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    if name == "bert":
+        model = T.BertModel(T.BertConfig(vocab_size=100, **small))
+        return model.eval(), lambda batch, length: ((ids(batch, length),), {})
+    if name == "gpt2":
+        model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=64))
+        return model.eval(), lambda batch, length: ((ids(batch, length),), {})
+    if name == "llama":
+        return tiny_llama(), lambda batch, length: ((ids(batch, length),), {})
+    if name in ("vit", "swin"):
+        if name == "vit":
+            model = T.ViTForImageClassification(T.ViTConfig(image_size=32, patch_size=8, num_labels=3, **small))
+        else:
+            model = T.SwinForImageClassification(T.SwinConfig(image_size=32, patch_size=4, embed_dim=32, depths=[1, 1],
+                                                              num_heads=[2, 4], window_size=4, num_labels=3))
+        return model.eval(), lambda batch, length=None: ((torch.randn(batch, 3, 32, 32, generator=gen),), {})
+    if name == "whisper":
+        config = T.WhisperConfig(vocab_size=100, d_model=64, encoder_layers=1, decoder_layers=1,
+                                 encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                                 decoder_ffn_dim=128, num_mel_bins=16, max_source_positions=32,
+                                 max_target_positions=64, decoder_start_token_id=0, pad_token_id=0,
+                                 begin_suppress_tokens=None, suppress_tokens=None)
+        model = T.WhisperForConditionalGeneration(config)
+        return model.eval(), lambda batch, length: ((torch.randn(batch, 16, 64, generator=gen),),
+                                                    {"decoder_input_ids": ids(batch, length)})
+    raise KeyError(name)

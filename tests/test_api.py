@@ -340,10 +340,16 @@ def test_a_capture_that_must_be_static_warns_and_says_so_in_meta(monkeypatch):
     def no_dynamic_shapes(*args, **kwargs):
         raise ValueError("simulated: no dynamic shapes for this model")
 
-    monkeypatch.setattr(importlib.import_module("fxprune.analysis.capture"), "_automatic_dims", no_dynamic_shapes)
-    with pytest.warns(UserWarning, match="BranchesOnRank captured with static shapes.*simulated"):
+    monkeypatch.setattr(importlib.import_module("fxprune.analysis.capture"), "_by_signature", no_dynamic_shapes)
+    with pytest.warns(UserWarning, match="BranchesOnRank captured with static shapes on x dimension 0 .batch. = 2"
+                                         ".*simulated"):
         pruned = fxprune.prune(BranchesOnRank().eval(), 0.5, example_inputs=(torch.randn(2, 4),))
-    assert pruned.meta["fxprune_static_shapes"] == "ValueError: simulated: no dynamic shapes for this model"
+    why = "dynamic export failed: ValueError: simulated: no dynamic shapes for this model"
+    assert pruned.meta["fxprune_static_shapes"] == why
+    assert pruned.meta["fxprune_input_shapes"]["dims"] == [{"input": "x", "placeholder": "x", "axis": 0, "role": "batch",
+                                                       "size": 2, "static": True}]
+    with pytest.raises(fxprune.ShapeError, match="x dimension 0 .batch. is 3, but this graph was captured for 2 only"):
+        pruned(torch.randn(3, 4))
 
 
 def test_attributes_the_user_set_on_modules_survive_pruning(tmp_path):

@@ -107,6 +107,10 @@ def test_speed_quick_fxprune_times_memory_and_meta_analysis(speed):
         r = fx[case]
         assert r["analysis_s"] > 0 and r["prune_s"] > 0 and r["shapes_kept"], r
         assert r["analysis_py_mb"] > 0 and r["prune_py_mb"] > 0 and "analysis_rss_mb" in r
+    passes = {"capture", "propagate", "decompose", "relate", "solve"}  # CPU seconds per pass, both analyses
+    assert set(fx["bert-tiny"]["analysis_passes_cpu_s"]) == set(fx["bert-tiny"]["graph_analysis_passes_cpu_s"]) == passes
+    assert fx["bert-tiny"]["graph_shapes"] == "dynamic" and fx["bert-tiny"]["graph_analysis_s"] > 0
+    assert "### fxprune's passes (CPU seconds" in text
     # resnet18 loses every hidden width; BertModel returns its hidden states, so only heads and MLP shrink
     assert fx["resnet18"]["params_kept"] < 0.6 and fx["bert-tiny"]["params_kept"] < 0.8
     meta = fx["llama-tiny-meta"]

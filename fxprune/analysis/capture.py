@@ -23,6 +23,7 @@ import contextlib
 import inspect
 import linecache
 import operator
+import time
 import traceback
 import warnings
 
@@ -31,6 +32,7 @@ import torch.fx as fx
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils._pytree import tree_leaves, tree_map, tree_structure, tree_unflatten
 
+from fxprune.analysis import dynamic as dyn
 from fxprune.analysis.experts_capture import grouped_experts
 from fxprune.errors import CaptureError, ShapeError
 from fxprune.modules import PrunedMultiheadAttention
@@ -77,10 +79,13 @@ def _static_length(node: fx.Node) -> int | None:
     return None
 
 
-def capture(model: torch.nn.Module, example_inputs=None, kwargs=None, dynamic: bool = True) -> fx.GraphModule:
+def capture(model: torch.nn.Module, example_inputs=None, kwargs=None, dynamic: bool = True,
+            dynamic_shapes=None) -> fx.GraphModule:
     """Trace ``model`` into a GraphModule; a GraphModule is returned as it is.
 
-    ``dynamic=False`` exports with the example's static sizes: half the export time, for
+    An exported graph keeps the input dimensions that vary in use symbolic (batch, a token input's
+    sequence: :mod:`fxprune.analysis.dynamic`), or those of ``dynamic_shapes`` (``torch.export``'s format) when
+    given. ``dynamic=False`` exports with the example's static sizes: half the export time, for
     graphs that are only analysed or counted and never handed to the user (in-place
     Hugging Face pruning, ``fxprune.count``). Symbolically traced graphs take any size either way.
     """
@@ -103,7 +108,7 @@ def capture(model: torch.nn.Module, example_inputs=None, kwargs=None, dynamic: b
             warnings.warn("fxprune: use_cache=True ignored for capture: a cache object is not a graph output; "
                           "the model keeps its cache when pruned in place", stacklevel=3)
         kwargs["use_cache"] = False  # last, so that the unused placeholder can be dropped
-        return export_capture(model, example_inputs, kwargs, dynamic=dynamic)
+        return export_capture(model, example_inputs, kwargs, dynamic=dynamic, dynamic_shapes=dynamic_shapes)
     tracer = _Tracer()
     try:
         with attributes_restored(model):
@@ -115,7 +120,8 @@ def capture(model: torch.nn.Module, example_inputs=None, kwargs=None, dynamic: b
             raise CaptureError(explanation) from exc
         warnings.warn(f"fxprune: symbolic_trace failed ({type(exc).__name__}); captured with torch.export instead",
                       stacklevel=3)
-        return export_capture(model, example_inputs, kwargs, explanation, dynamic=dynamic)
+        return export_capture(model, example_inputs, kwargs, explanation, dynamic=dynamic,
+                              dynamic_shapes=dynamic_shapes)
     keep_user_attributes(model, gm)
     return gm
 
@@ -192,26 +198,44 @@ def keep_user_attributes(model: torch.nn.Module, gm: fx.GraphModule) -> None:
 
 
 def export_capture(model: torch.nn.Module, example_inputs, kwargs=None, trace_error: str = "",
-                   dynamic: bool = True) -> fx.GraphModule:
-    """``torch.export.export(model, args, kwargs, strict=False).module()``, or a CaptureError quoting export."""
+                   dynamic: bool = True, dynamic_shapes=None) -> fx.GraphModule:
+    """``torch.export.export(model, args, kwargs, strict=False).module()``, or a CaptureError quoting export.
+
+    With ``dynamic`` the input dimensions that vary in use (:mod:`fxprune.analysis.dynamic`: batch, a token
+    input's sequence, raw audio's samples; or the caller's ``dynamic_shapes``) stay symbolic: an example of size 1
+    there is repeated to size 2 for export (which specialises sizes 0 and 1; the graph is then propagated at the
+    caller's sizes), and the export runs under a CPU budget (:func:`capture_budget`). Where the dynamic export
+    fails or runs past the budget, or fixes a dimension meant to vary, the graph is static there: one warning
+    names the dimensions, ``gm.meta["fxprune_input_shapes"]`` lists them with the reason, and a check at the
+    graph's entry (:func:`fxprune.analysis.dynamic.expect_size`) refuses other sizes with that reason.
+    ``dynamic=False`` exports the example's sizes as asked (a graph only analysed or counted), without a word.
+    """
     args, kwargs = tuple(example_inputs), dict(kwargs or {})
-    static = None
     if _on_meta_device(model):  # FakeTensor of torch 2.11 and earlier refuses meta weights with CPU inputs
         args, kwargs = tree_map(_to_meta, (args, kwargs))
+    names = _argument_names(model, args, kwargs)
+    named = dict(zip(names, (*args, *kwargs.values())))
+    if dynamic_shapes is not None:
+        dims = dyn.requested_dims(named, dynamic_shapes)
+    else:
+        dims = dyn.varying_dims(named, getattr(model, "main_input_name", None) if is_hf_model(model) else None)
+    start, why, grown = time.process_time(), "", []
     try:
         with grouped_experts(model):  # transformers' eager experts loop over data; grouped_mm does not
             program = None
-            if dynamic:
-                try:  # batch and sequence sizes stay symbolic where the model allows, so the graph takes other shapes
-                    dims = _automatic_dims(model, args, kwargs, batch_only=not is_hf_model(model))
-                    with attributes_restored(model):
-                        program = torch.export.export(model, args, kwargs=kwargs, strict=False, dynamic_shapes=dims)
-                except Exception as exc:  # a static graph is still a good graph, but the caller must know
-                    lines = str(exc).strip().splitlines()
-                    static = f"{type(exc).__name__}: {lines[0] if lines else ''}"
-            if program is None:
+            if dynamic and dims:
+                program, why, grown = _dynamic_export(model, args, kwargs, names, named, dims, dynamic_shapes)
+            gm = _module(program) if program is not None else None
+            if gm is not None and grown:  # a dimension repeated to 2 that export fixed would take size 2 only
+                fixed = [r for r in dyn.placeholder_dims(gm, grown, _placeholder_names(gm, names, len(args)))
+                         if r["static"]]
+                if fixed:
+                    gm, why = None, (f"torch.export fixed {dyn.describe(fixed)} of the example repeated to "
+                                     "size 2 (export specialises sizes 0 and 1), so the graph is captured at the "
+                                     "example's size")
+            if gm is None:
                 with attributes_restored(model):
-                    program = torch.export.export(model, args, kwargs=kwargs, strict=False)
+                    gm = _module(torch.export.export(model, *_fresh(args, kwargs), strict=False))
     except Exception as exc:  # export's own message is the useful part
         message = str(exc).strip().splitlines()
         raise CaptureError(
@@ -220,15 +244,98 @@ def export_capture(model: torch.nn.Module, example_inputs, kwargs=None, trace_er
             + f"{type(exc).__name__}: "
             + (message[0] if message else "")
         ) from exc
-    gm = program.module(check_guards=False) if "check_guards" in _parameters(program.module) else program.module()
     inline_mode_regions(gm)
     gm.meta["fxprune_capture"] = EXPORTED
-    if static:  # warned once the static export worked; the reason stays with the (pruned) graph
-        warnings.warn(f"fxprune: {type(model).__name__} captured with static shapes: the graph takes only the "
-                      f"example inputs' sizes (dynamic export failed: {static})", stacklevel=4)
-        gm.meta["fxprune_static_shapes"] = static
+    records = dyn.placeholder_dims(gm, dims, _placeholder_names(gm, names, len(args)))
+    static = [r for r in records if r["static"]]
+    if not dynamic:
+        shapes, why = "static", "a static export was asked for: the graph is only analysed or counted"
+    elif static:
+        why = why or "torch.export fixed them: the model's forward computes with these sizes as constants"
+        shapes = "static" if len(static) == len(records) else "partly static"
+        warnings.warn(f"fxprune: {type(model).__name__} captured with static shapes on {dyn.describe(static)}: "
+                      f"the graph takes only these sizes and refuses others at its entry ({why})", stacklevel=4)
+        gm.meta["fxprune_static_shapes"] = why
+        dyn.add_size_checks(gm, static, why)
+    else:
+        shapes = "dynamic"
+    dyn.record(gm, "torch.export", why, records, shapes=shapes, repeated=[d.describe() for d in grown],
+               budget_s=round(capture_budget(model), 1), cpu_s=round(time.process_time() - start, 3))
     gm.meta["fxprune_kwargs"] = _drop_constant_kwargs(gm, example_inputs, dict(kwargs or {}))
     return gm
+
+
+def _fresh(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """New tensor objects over the same data for one export: export marks the dynamic dimensions on the input
+    tensors it is given (``_dynamo_dynamic_indices``) and leaves the marks there (for good after an interrupted
+    export), and a later export of the same tensors would treat them dynamic (a static export of the tiny Swin
+    took 60 s instead of 0.3 s); the caller's tensors keep no marks either."""
+    return tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, (args, kwargs))
+
+
+def _module(program) -> fx.GraphModule:
+    return program.module(check_guards=False) if "check_guards" in _parameters(program.module) else program.module()
+
+
+def capture_budget(model: torch.nn.Module) -> float:
+    """CPU seconds a dynamic export may take before capture falls back to a static one: 4 s plus 0.1 s per leaf
+    module. A dynamic export normally takes 1.5 to 3 times a static one, about 0.02 s per leaf module (a
+    22-layer 1B LLaMA: 5.6 s, its budget 26 s); Hugging Face Swin with symbolic image sizes took 65 s for its 32
+    leaf modules (budget 7 s)."""
+    leaves = sum(1 for m in model.modules() if next(m.children(), None) is None)
+    return 4.0 + 0.1 * leaves
+
+
+def _dynamic_export(model, args, kwargs, names, named, dims, dynamic_shapes):
+    """``(program or None, why it is None or partly static, the dims repeated to size 2)``: export with ``dims``
+    symbolic; where that runs past the CPU budget, again with only the batch dimensions symbolic."""
+    wide, grown = dyn.widened(named, dims)
+    w_args, w_kwargs = tuple(wide[n] for n in names[:len(args)]), {n: wide[n] for n in names[len(args):]}
+    by_name = dyn.by_input(named, dynamic_shapes) if dynamic_shapes is not None else dyn.export_spec(wide, dims)
+    batch = [d for d in dims if d.axis == 0 and d.role in (dyn.BATCH, dyn.REQUESTED)]
+    attempts = [(by_name, "")]
+    if len(batch) < len(dims) and batch:
+        attempts.append((dyn.export_spec(wide, batch, only=True), "; captured with the batch dimension symbolic only"))
+    why = ""
+    for by_name, fallback in attempts:
+        try:
+            spec = _by_signature(model, w_args, w_kwargs, by_name)
+            with attributes_restored(model), dyn.cpu_budget(capture_budget(model)):
+                program = torch.export.export(model, *_fresh(w_args, w_kwargs), strict=False, dynamic_shapes=spec)
+            return program, why + fallback, grown
+        except dyn.OverBudget as exc:  # symbolic reasoning is what costs: a cheaper capture may do
+            why = why or f"the dynamic export ran {exc} (symbolic shape reasoning)"
+        except Exception as exc:  # a static graph is still a good graph, but the caller must know
+            lines = str(exc).strip().splitlines()
+            return None, why or f"dynamic export failed: {type(exc).__name__}: {lines[0] if lines else ''}", grown
+    return None, why + "; the static export is cheaper", grown
+
+
+def _argument_names(model, args: tuple, kwargs: dict) -> list[str]:
+    """A name for every top-level input: forward's parameter name for a positional one (``args[i]`` past them,
+    into ``*args``), the keyword for a keyword one."""
+    positional = [p.name for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    return [positional[i] if i < len(positional) else f"args[{i}]" for i in range(len(args))] + list(kwargs)
+
+
+def _leaf_positions(in_spec, names: list[str], n_args: int) -> dict[str, int]:
+    """``{input name: index of its flat leaf}`` for top-level inputs that are one leaf (tensors)."""
+    args, kwargs = tree_unflatten(list(range(in_spec.num_leaves)), in_spec)
+    out = {name: pos for name, pos in zip(names[:n_args], args) if isinstance(pos, int)}
+    out.update({k: v for k, v in kwargs.items() if isinstance(v, int)})
+    return out
+
+
+def _placeholder_names(gm: fx.GraphModule, names: list[str], n_args: int) -> dict[str, str]:
+    """``{input name: placeholder name}`` of a graph ``torch.export`` just made (before constants are dropped)."""
+    codegen = gm.graph._codegen
+    if not isinstance(codegen, _PyTreeCodeGen):
+        return {}
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    return {name: placeholders[pos].name for name, pos in _leaf_positions(codegen.pytree_info.in_spec, names,
+                                                                          n_args).items()
+            if pos < len(placeholders)}
 
 
 def _mode_wrappers() -> set:
@@ -321,29 +428,21 @@ def _drop_constant_kwargs(gm: fx.GraphModule, example_inputs, kwargs: dict) -> d
     return kept
 
 
-def _automatic_dims(model: torch.nn.Module, args: tuple, kwargs: dict, batch_only: bool = False) -> dict:
-    """``Dim.AUTO`` for every axis (or only the first) of every tensor input, keyed by forward's parameter names.
-
-    Hugging Face inputs are (batch, sequence) ids: both stay symbolic. Other models
-    reach export only when symbolic_trace failed, often on size arithmetic (TF "same"
-    padding), where symbolic image sizes make export's sympy reasoning take minutes
-    (timm's tf_efficientnetv2_b0: 157 s instead of 2 s); there only the batch axis is symbolic.
-    """
-    def dims(value):
-        if not isinstance(value, torch.Tensor):
-            return None
-        return {d: torch.export.Dim.AUTO for d in range(min(value.ndim, 1) if batch_only else value.ndim)}
-
+def _by_signature(model: torch.nn.Module, args: tuple, kwargs: dict, by_name: dict) -> dict:
+    """Export's ``dynamic_shapes`` for ``forward(*args, **kwargs)`` from ``{input name: spec}`` (the names of
+    :func:`_argument_names`): keyed by forward's parameter names, one spec per keyword for a ``forward(**kwargs)``,
+    a tuple for ``*args``."""
     signature = inspect.signature(model.forward)
     out = {}
     for name, value in signature.bind(*args, **kwargs).arguments.items():
         kind = signature.parameters[name].kind
         if kind == inspect.Parameter.VAR_KEYWORD:  # forward(**kwargs): a spec per keyword, as export wants
-            out[name] = {k: dims(v) for k, v in value.items()}
+            out[name] = {k: by_name.get(k) for k in value}
         elif kind == inspect.Parameter.VAR_POSITIONAL:
-            out[name] = tuple(dims(v) for v in value)
+            first = len(args) - len(value)
+            out[name] = tuple(by_name.get(f"args[{first + i}]") for i in range(len(value)))
         else:
-            out[name] = dims(value)
+            out[name] = by_name.get(name)
     return out
 
 

@@ -88,6 +88,7 @@ class DependencyGraph:
 
     def __init__(self, gm: fx.GraphModule, state: AnalysisState, example_inputs, ignore=()):
         self.gm, self.state, self.example_inputs = gm, state, example_inputs
+        self.meta: dict = {}  # "times", "cpu_times": seconds per pass; "capture": analysis/dynamic.py's record
         self.solver = state.solver
         kinds = self.kinds = _tensor_kinds(gm)  # tensor name -> "parameter" | "buffer"
         frozen = self._frozen_atoms(state.freezes)

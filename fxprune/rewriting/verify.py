@@ -7,11 +7,14 @@ of failing later in the user's hands.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.fx as fx
 
-from fxprune.errors import ShapeError
+from fxprune.analysis import dynamic
 from fxprune.analysis.propagate import propagate
+from fxprune.errors import ShapeError
 
 
 def output_shapes(gm: fx.GraphModule, free=()) -> list:
@@ -39,6 +42,56 @@ def verify(gm: fx.GraphModule, example_inputs, expected_shapes: list) -> None:
     got = output_shapes(gm)
     if len(got) != len(expected_shapes) or any(e is not None and e != g for e, g in zip(expected_shapes, got)):
         raise ShapeError(f"pruning changed the output shapes from {expected_shapes} to {got} ({_culprit(gm)})")
+
+
+def verify_other_sizes(gm: fx.GraphModule, example_inputs, model_name: str) -> list[dict]:
+    """Propagate ``gm`` at other sizes of its input dimensions that vary in use (``gm.meta["fxprune_input_shapes"]``:
+    batch, sequence ...) and not yet known static; those where it fails become static: one warning naming them,
+    their records marked, a check at the graph's entry. Returns the records made static.
+
+    A size may be fixed by the model's code (a traced ``x.view(2, -1)``), by export without a guard on the
+    input (DeBERTa-v2's relative positions under torch 2.6) or by a rewrite; the pruned graph then runs at the
+    example's size only, and says so. Run it before :func:`verify`, which leaves the example's shapes in the graph.
+    """
+    info = gm.meta.get(dynamic.SHAPES_META)
+    dims = [r for r in (info or {}).get("dims", []) if not r["static"]]
+    if not dims or example_inputs is None:
+        return []
+    index = {n.name: i for i, n in enumerate(gm.graph.find_nodes(op="placeholder"))}
+    dims = [r for r in dims if r["placeholder"] in index and isinstance(example_inputs[index[r["placeholder"]]],
+                                                                         torch.Tensor)]
+
+    def failure(records: list[dict]) -> str | None:
+        values = list(example_inputs)
+        for r in records:
+            i = index[r["placeholder"]]
+            values[i] = dynamic.resized(values[i], r["axis"], dynamic.other_sizes(values[i].shape[r["axis"]]))
+        try:
+            propagate(gm, tuple(values))
+        except Exception as exc:  # noqa: BLE001 - any failure at another size means a fixed size
+            text = str(exc).strip().splitlines()
+            return text[0] if text else type(exc).__name__
+        return None
+
+    found = failure(dims)
+    if found is None:
+        return []
+    roles, static = list(dict.fromkeys(r["role"] for r in dims)), []
+    for role in roles if len(roles) > 1 else ():  # which of batch, sequence ... is fixed
+        group = [r for r in dims if r["role"] == role]
+        if failure(group) is not None:
+            static += group
+    static = static or dims
+    why = f"the graph fails at other sizes: {found}"
+    for r in static:
+        r["static"] = True
+    info["shapes"] = "static" if all(r["static"] for r in info["dims"]) else "partly static"
+    info["why"] = "; ".join(w for w in (info.get("why"), why) if w)
+    gm.meta["fxprune_static_shapes"] = info["why"]
+    dynamic.add_size_checks(gm, static, why)
+    warnings.warn(f"fxprune: the pruned {model_name} has static shapes on {dynamic.describe(static)}: it takes only "
+                  f"these sizes and refuses others at its entry ({why})", stacklevel=4)
+    return static
 
 
 def _culprit(gm: fx.GraphModule) -> str:

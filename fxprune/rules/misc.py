@@ -36,7 +36,8 @@ def metadata(r) -> None:
 
 
 family(metadata, "size", "dim", "numel", "get_device", "element_size", "is_contiguous",
-       builtins.len, torch.numel, torch.is_tensor, builtins.isinstance)
+       builtins.len, torch.numel, torch.is_tensor, builtins.isinstance,
+       "fxprune.analysis.dynamic:expect_size")  # the check at a graph's entry of an input's size
 
 def values_read(r) -> None:
     """An op whose result is values or positions read from its input (``.item()``, ``.tolist()``, ``nonzero``,
