@@ -77,8 +77,9 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
     :class:`fxprune.importance.Magnitude`: data-aware criteria need the model to run and are refused),
     ``ignore``, ``round_to``, ``global_pruning``, ``isomorphic``, ``max_ratio``, ``ratios``, ``target_macs`` and
     ``target_params`` mean what they mean for :func:`fxprune.prune` with ``inplace=True``, and give the same
-    plan; so does ``portable=True`` (a plan ``config.json`` states: ``from_pretrained`` reloads ``out_dir``). ``plan`` (a :class:`fxprune.PruningPlan` or its JSON file, e.g. ``fxprune.plan_of(model)`` of a
-    model pruned in place) replaces the scoring and planning. ``out_dir`` gets the pruned shards
+    plan; so does ``portable=True`` (a plan ``config.json`` states: ``from_pretrained`` reloads ``out_dir``).
+    ``plan`` (a :class:`fxprune.PruningPlan` or its JSON file, e.g. ``fxprune.plan_of(model)`` of a model pruned
+    in place) replaces the scoring and planning. ``out_dir`` gets the pruned shards
     (at most ``max_shard_size`` each: bytes or a string such as ``"2GB"``; default the largest source shard's
     size, at most 1 GB: one output shard is held in memory), the index, the
     updated ``config.json`` and the folder's other files; it must hold no safetensors yet.
