@@ -148,8 +148,8 @@ def _read_but_absent(dg, model: nn.Module, config) -> dict:
     sites = attention_sites(dg.gm)
     modules = {path: site.head_dim for path, site in sites.items()}
     for path, module in attention_modules(model):
-        modules.setdefault(path, next(getattr(module, a) for a in HEAD_DIM
-                                      if isinstance(getattr(module, a, None), int)), None)
+        modules.setdefault(path, next((getattr(module, a) for a in HEAD_DIM
+                                       if isinstance(getattr(module, a, None), int)), None))
     names: dict[str, int] = {}
     for path, head_dim in modules.items():
         try:
