@@ -110,14 +110,41 @@ def test_unet_config_cannot_state_a_pruned_width_and_portable_says_why(monkeypat
     assert any("block_out_channels[0]" in r for r in reasons)
 
 
-def test_unet_saves_and_reloads_into_a_model_built_from_its_config(tmp_path, monkeypatch):
+def test_unet_pruned_in_place_saves_with_save_pretrained_and_reloads_into_its_class(tmp_path, monkeypatch):
+    """diffusers: the caller's UNet2DModel pruned in place, ``save_pretrained`` (its config.json carries the plan
+    under ``_fxprune_plan``, which diffusers' loaders ignore), then the class built from the saved config as
+    usual and resized by ``load_pruned`` from the folder: same class, same outputs, also at another batch size."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    diffusers, unet, inputs = _unet()
+    fxprune.prune(unet, 0.3, example_inputs=inputs, inplace=True)
+    assert unet.conv_in.out_channels < 32
+    with torch.no_grad():
+        expected = unet(*inputs).sample
+    unet.save_pretrained(tmp_path)
+    assert "_fxprune_plan" in json.loads((tmp_path / "config.json").read_text())
+    config = diffusers.UNet2DModel.load_config(tmp_path)
+    fresh = diffusers.UNet2DModel.from_config(config)
+    model = fxprune.load_pruned(fresh, tmp_path, inputs)
+    assert model is fresh and type(model) is diffusers.UNet2DModel
+    assert model.conv_in.out_channels == unet.conv_in.out_channels
+    with torch.no_grad():
+        assert_same_outputs(model(*inputs).sample, expected, rel=1e-4)
+        assert model(torch.randn(2, 3, 16, 16), torch.tensor([3, 5])).sample.shape == (2, 3, 16, 16)
+
+
+def test_a_plan_that_prunes_what_the_forward_recomputes_is_refused_and_the_fresh_unet_put_back(tmp_path,
+                                                                                               monkeypatch):
+    """A graph-mode plan (``inplace=False``) prunes the UNet's sinusoidal timestep projection, which the class
+    recomputes from its config in its own forward: it cannot be replayed into a fresh UNet2DModel, and
+    ``load_pruned`` says so and leaves the model as built (prune with ``inplace=True`` to ship a UNet)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     diffusers, unet, inputs = _unet()
     pruned = fxprune.prune(unet, 0.3, example_inputs=inputs)
     path = fxprune.save_pruned(pruned, tmp_path / "unet.safetensors")
-    fresh = diffusers.UNet2DModel.from_config(unet.config)
-    model = fxprune.load_pruned(fresh, path)
-    assert type(model) is diffusers.UNet2DModel
-    with torch.no_grad():
-        assert_same_outputs(model(*inputs).sample, pruned(*inputs)[0], rel=1e-4)
     assert os.path.getsize(path) < sum(p.numel() * 4 for p in unet.parameters())
+    fresh = diffusers.UNet2DModel.from_config(unet.config)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(fxprune.FxPruneError, match="computed in forward from constants"):
+        fxprune.load_pruned(fresh, path)
+    after = fresh.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -87,7 +87,8 @@ def prepare(dg, model: nn.Module) -> Portable:
     :class:`Portable` also stored as ``dg.portable``. Raises ``ValueError`` for a model without a config it can
     be rebuilt from."""
     config = config_of(model)
-    name = type(config).__name__ if config is not None else type(model).__name__
+    # a diffusers config is a FrozenDict: named after its model ("UNet2DModel.config")
+    name = f"{type(model).__name__}.config" if isinstance(config, Mapping) or config is None else type(config).__name__
     if config is None:
         raise ValueError(f"portable=True keeps the pruned widths expressible by the model's config, but "
                          f"{type(model).__name__} has no config it is built from (a transformers PreTrainedModel, a "

@@ -36,7 +36,7 @@ from fxprune.huggingface.run_check import _first_float
 from fxprune.huggingface.snapshot import restore, snapshot
 from fxprune.huggingface.write_back import set_tensor, tensors_by_name, write_back
 from fxprune.huggingface.attributes import update_attributes
-from fxprune.io.plans import PruningPlan, plan_of
+from fxprune.io.plans import CONFIG_PLAN, PruningPlan, plan_of
 from fxprune.io.replay import replay
 
 PLAN_KEY = "fxprune_plan"  # safetensors metadata: the plan as JSON
@@ -73,7 +73,7 @@ def load_pruned(fresh: nn.Module, source, example_inputs=None, *, kwargs=None, e
     """Resize ``fresh`` (a newly built model of the original class) to a pruned state dict, load it, verify it.
 
     ``source``: a file written by :func:`save_pruned`, a ``.safetensors`` file or a folder holding one (its plan
-    from ``config.json``'s ``fxprune_plan``, which a diffusers model pruned in place saves, or ``plan.json``; else a
+    from ``config.json``'s ``_fxprune_plan``, which a diffusers model pruned in place saves, or ``plan.json``; else a
     plain state dict), or a state dict. ``plan``: the pruning plan, where ``source`` does not carry one. The
     check compares the model's outputs with the stored ones (or ``expected``, on ``example_inputs``/``kwargs``)
     within sqrt(eps) of their scale. Returns ``fresh`` itself, pruned, in eval mode.
@@ -127,11 +127,11 @@ def _read(source):
 
 
 def _folder_plan(folder: Path) -> PruningPlan | None:
-    """The plan a saved folder carries: ``config.json``'s ``fxprune_plan`` (a diffusers model pruned in place and
+    """The plan a saved folder carries: ``config.json``'s ``_fxprune_plan`` (a diffusers model pruned in place and
     saved with ``save_pretrained``), or a ``plan.json`` next to the weights; None if neither."""
     config = folder / "config.json"
     if config.exists():
-        data = json.loads(config.read_text()).get(PLAN_KEY)
+        data = json.loads(config.read_text()).get(CONFIG_PLAN)
         if data:
             return PruningPlan.from_dict(data)
     plan = folder / "plan.json"
