@@ -116,8 +116,9 @@ def test_unet_pruned_in_place_saves_with_save_pretrained_and_reloads_into_its_cl
     usual and resized by ``load_pruned`` from the folder: same class, same outputs, also at another batch size."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     diffusers, unet, inputs = _unet()
+    before = sum(p.numel() for p in unet.parameters())
     fxprune.prune(unet, 0.3, example_inputs=inputs, inplace=True)
-    assert unet.conv_in.out_channels < 32
+    assert sum(p.numel() for p in unet.parameters()) < 0.8 * before
     with torch.no_grad():
         expected = unet(*inputs).sample
     unet.save_pretrained(tmp_path)
@@ -126,7 +127,7 @@ def test_unet_pruned_in_place_saves_with_save_pretrained_and_reloads_into_its_cl
     fresh = diffusers.UNet2DModel.from_config(config)
     model = fxprune.load_pruned(fresh, tmp_path, inputs)
     assert model is fresh and type(model) is diffusers.UNet2DModel
-    assert model.conv_in.out_channels == unet.conv_in.out_channels
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in unet.state_dict().items()}
     with torch.no_grad():
         assert_same_outputs(model(*inputs).sample, expected, rel=1e-4)
         assert model(torch.randn(2, 3, 16, 16), torch.tensor([3, 5])).sample.shape == (2, 3, 16, 16)
