@@ -89,6 +89,32 @@ def test_pruned_sentence_transformer_reloads_with_its_own_loader(tmp_path, monke
         assert_same_outputs(reloaded.encode(sentences, convert_to_tensor=True), pruned)
 
 
+def test_diffusers_model_pruned_with_portable_reloads_with_its_plain_from_pretrained(tmp_path, monkeypatch):
+    """A diffusers ``ModelMixin`` whose config states its widths (``register_to_config``): pruned in place with
+    ``portable=True``, its config takes the fitted value, ``save_pretrained``, and the class's own
+    ``from_pretrained`` (no fxprune) computes what the pruned model computes."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    diffusers = pytest.importorskip("diffusers")
+
+    class Mixer(diffusers.ModelMixin, diffusers.ConfigMixin):
+        @diffusers.configuration_utils.register_to_config
+        def __init__(self, channels: int = 8, inner: int = 32):
+            super().__init__()
+            self.up, self.down = nn.Linear(channels, inner), nn.Linear(inner, channels)
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(x)))
+
+    torch.manual_seed(0)
+    model, x = Mixer().eval(), torch.randn(1, 8)
+    fxprune.prune(model, 0.3, example_inputs=(x,), inplace=True, portable=True)
+    assert model.config.inner == model.up.out_features < 32
+    model.save_pretrained(tmp_path)
+    reloaded = Mixer.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert_same_outputs(reloaded(x), model(x))
+
+
 def _unet():
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
