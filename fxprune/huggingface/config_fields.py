@@ -105,11 +105,23 @@ def edited(config, changes: dict):
     """
     top = _top_level(config, changes)
     if isinstance(config, Mapping):
-        return {**dict(config), **top}
+        return {**dict(config), **top, **_defaults_left(config, top)}
     out = copy.deepcopy(config)
     for key, value in top.items():
         setattr(out, key, value)
     return out
+
+
+_DEFAULTS = "_use_default_values"  # diffusers: fields the loader takes from the class's defaults, not the file
+
+
+def _defaults_left(config: Mapping, top: dict) -> dict:
+    """``{"_use_default_values": [...]}`` without the fields set now (a field left there would be reloaded at
+    the class's default, whatever value the config holds), or ``{}`` when the config has no such list."""
+    defaults = config.get(_DEFAULTS)
+    if not isinstance(defaults, (list, tuple)):
+        return {}
+    return {_DEFAULTS: [key for key in defaults if key not in top]}
 
 
 def set_fields(model: nn.Module, changes: dict) -> dict:
@@ -123,7 +135,7 @@ def set_fields(model: nn.Module, changes: dict) -> dict:
     top = _top_level(config, changes)
     before = {key: _items(config).get(key) for key in top}
     if isinstance(config, Mapping):
-        model.register_to_config(**top)
+        model.register_to_config(**top, **_defaults_left(config, top))
         return before
     for key, value in top.items():
         try:
