@@ -282,20 +282,19 @@ class ReadsValues(nn.Module):
         return self.fc(kept).sum(0, keepdim=True) * (1 + count / 1000)
 
 
-class CachesOnSelf(nn.Module):
-    """A forward that caches what it computes on ``self``, as ultralytics' Detect head caches its anchors and the
+class CachingHead(nn.Module):
+    """A head that caches on ``self`` what it computes, as ultralytics' Detect head caches its anchors and the
     input shape they were made for. ``branch=True``: behind a test on a size that symbolic_trace cannot follow
     (captured with torch.export); ``branch=False``: every call (traced)."""
 
     def __init__(self, branch: bool = True):
         super().__init__()
         self.branch = branch
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.head = nn.Conv2d(8, 2, 1)
+        self.conv = nn.Conv2d(8, 2, 1)
         self.shape = None
 
     def forward(self, x):
-        y = self.head(torch.relu(self.conv(x)))
+        y = self.conv(x)
         if not self.branch:
             self.last = y
             return y
@@ -303,6 +302,20 @@ class CachesOnSelf(nn.Module):
             self.grid = torch.arange(y.shape[-1]).to(y)
             self.shape = y.shape
         return y + self.grid
+
+
+class CachesOnSelf(nn.Module):
+    """A convolution and a :class:`CachingHead`, a child module as ultralytics' Detect is (the torch.export of
+    torch 2.6-2.9, at least, cannot capture a root module that adds attributes to itself: it compares the root's
+    attributes)."""
+
+    def __init__(self, branch: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = CachingHead(branch)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)))
 
 
 class FixedLength(nn.Module):

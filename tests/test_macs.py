@@ -51,7 +51,10 @@ CASES = [
      (torch.randn(3, 7, 6),), 3 * 7 * 4 * 5 * (6 + 5) + 3 * 7 * 4 * 5 * (5 + 5)),
     # a bare module is captured with torch.export: aten ops are counted alike
     ("exported conv transpose", nn.ConvTranspose2d(4, 6, 2, stride=2), (torch.randn(1, 4, 3, 3),), 4 * 3 * 3 * 6 * 4),
-    ("exported lstm", nn.LSTM(6, 5, num_layers=2, batch_first=True), (torch.randn(3, 7, 6),),
+    # a size test symbolic_trace cannot follow: captured with torch.export (a bare nn.LSTM as the root module
+    # cannot be exported by torch 2.6-2.9 at least, which take its _flat_weights for assigned tensor attributes)
+    ("exported lstm", Wrap(lambda m, x: m.lstm(x)[0] if x.shape[1] > 1 else x,
+                           lstm=nn.LSTM(6, 5, num_layers=2, batch_first=True)), (torch.randn(3, 7, 6),),
      3 * 7 * 4 * 5 * (6 + 5) + 3 * 7 * 4 * 5 * (5 + 5)),
     # Swin's attention is one wrapped call: norm1 640, qkv 16*8*24, proj 16*8*8, q.k and attn.v 2*16*4*8,
     # norm2 640, MLP 2*16*8*32 (16 tokens after padding to the 2x2 windows)
