@@ -448,11 +448,24 @@ def rewritten(dg: DependencyGraph, removal: dict, inplace: bool = False) -> fx.G
     return gm
 
 
+def _module_named(model, name: str) -> torch.nn.Module | None:
+    """The caller's submodule called ``name``, or None (no module of that name, or no model)."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def _ignored_keys(gm: fx.GraphModule, state, ignore, model=None) -> list[tuple]:
     """(tensor key, reason) for every parameter or buffer named by ``ignore``.
 
     Modules are found by identity in the caller's ``model`` (whatever the capture path made of them), names
     among its tensors as well as the graph's; a tensor the graph does not use (export drops them) needs no key.
+    A module without tensors (``nn.Identity``) has nothing to keep: a warning names it. Example: timm's
+    ``eva02_tiny_patch14_224`` with ``num_classes=0`` has an ``nn.Identity`` head, so
+    ``ignore=[model.get_classifier()]`` warns "module 'head' (Identity) has no parameters or buffers".
     """
     names = module_names(gm, model)
     tensors = named_tensors(gm)
@@ -462,6 +475,11 @@ def _ignored_keys(gm: fx.GraphModule, state, ignore, model=None) -> list[tuple]:
     for item in ignore:
         prefix = name_of_key(item, names, "ignore", "ignore takes modules, module names or parameter names, got ")
         found = [n for n in known if n == prefix or n.startswith(prefix + ".") or prefix == ""]
+        module = _module_named(model, prefix) if not found else None
+        if module is not None:  # nn.Identity (timm's head with num_classes=0): its axes have nothing to keep
+            warnings.warn(f"fxprune: ignore: module {prefix!r} ({type(module).__name__}) has no parameters or "
+                          f"buffers, so there is nothing of it to keep: the entry changes nothing", stacklevel=5)
+            continue
         if not found:
             raise ValueError(f"ignore: no parameter or buffer named {prefix!r} (or inside a module of that name)")
         out.extend((state.param_key(n), f"ignored by the caller ({item if isinstance(item, str) else prefix})")

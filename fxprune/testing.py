@@ -5,13 +5,15 @@ are all zero contributes nothing, so removing it must leave the output
 unchanged (up to float rounding) — unless some op normalises over its axis
 (LayerNorm, softmax, mean), which ``Group.normalized`` flags.
 
-Example::
+Tests call :func:`run_oracle`, the one oracle of the suite (its options cover what test files used to copy);
+it does what this example spells out::
 
     >>> dg = fxprune.analyze(model, (x,))
     >>> removal = plant_dead_units(dg, seed=0)      # zeroes slices in the model itself
     >>> before = model(x)
     >>> pruned = fxprune.apply(dg, removal)
     >>> torch.testing.assert_close(pruned(x), before, atol=1e-5, rtol=0)
+    >>> dg, removal, pruned = run_oracle(model, (x,), absolute=True)     # as above, with more checks
 """
 
 from __future__ import annotations
@@ -25,6 +27,28 @@ from fxprune.training.masking import zero_units
 def oracle_groups(dg) -> list:
     """Prunable groups on which the oracle is exact (no normalisation over the group's axis)."""
     return [g for g in dg.prunable_groups if not g.normalized]
+
+
+def group_ids(dg, name: str, axis: int) -> list[int]:
+    """The ids of the groups that axis ``axis`` of tensor ``name`` belongs to, for comparing groups across tensors.
+
+    Example::
+
+        >>> group_ids(dg, "conv1.weight", 0) == group_ids(dg, "bn1.weight", 0)    # one group: conv1 and its norm
+        True
+    """
+    return [g.id for g in dg.groups_of(name, axis)]
+
+
+def kept_units(plan) -> dict:
+    """``{group key: kept unit indices}`` of a :class:`fxprune.PruningPlan`: two plans keep the same units when
+    these are equal (whatever order or settings they were written in).
+
+    Example::
+
+        >>> assert kept_units(fxprune.prune_checkpoint(src, out, ratio=0.5)) == kept_units(fxprune.plan_of(pruned))
+    """
+    return {str(g.key): g.kept for g in plan.groups}
 
 
 def plant_dead_units(dg, groups=None, fraction: float = 0.34, seed: int = 0) -> dict:
@@ -62,6 +86,21 @@ def assert_same_outputs(got, expected, rel: float = 1e-5, floor: float = 0.0) ->
     expected leaf (a wrong weight moves outputs by about their own size, even outputs of 1e-10); every other leaf
     exactly. Tuples, lists and dicts (model outputs) are compared leaf by leaf. ``floor`` is the least scale.
     """
+    _assert_leaves_close(got, expected, lambda b: rel * max(floor, b.detach().abs().max().item() if b.numel() else 0.0))
+
+
+def assert_within(got, expected, atol: float = 1e-5) -> None:
+    """Outputs equal up to the absolute tolerance ``atol`` (float leaves; every other leaf exactly).
+
+    For a rule's table test whose outputs are of order 1: stricter than :func:`assert_close_to_scale` wherever an
+    output exceeds 1. Example: ``assert_within(pruned(x), model(x))`` passes on ``1.000004`` against ``1.0`` and
+    fails on ``100.0004`` against ``100.0``, which :func:`assert_close_to_scale` lets through.
+    """
+    _assert_leaves_close(got, expected, lambda b: atol)
+
+
+def _assert_leaves_close(got, expected, tolerance) -> None:
+    """Leaf by leaf: float tensors within ``tolerance(expected leaf)`` (an absolute tolerance), the rest equal."""
     from torch.utils._pytree import tree_flatten
 
     got_leaves, got_spec = tree_flatten(got)
@@ -69,8 +108,7 @@ def assert_same_outputs(got, expected, rel: float = 1e-5, floor: float = 0.0) ->
     assert got_spec == expected_spec, f"output structure {got_spec} != {expected_spec}"
     for i, (a, b) in enumerate(zip(got_leaves, expected_leaves)):
         if isinstance(b, torch.Tensor) and b.is_floating_point():
-            scale = max(floor, b.detach().abs().max().item() if b.numel() else 0.0)
-            torch.testing.assert_close(a, b, atol=rel * scale, rtol=0, msg=lambda m: f"output leaf {i}: {m}")
+            torch.testing.assert_close(a, b, atol=tolerance(b), rtol=0, msg=lambda m: f"output leaf {i}: {m}")
         elif isinstance(b, torch.Tensor):
             assert torch.equal(a, b), f"output leaf {i} differs"
         else:
@@ -86,26 +124,95 @@ def assert_close_to_scale(got, expected, atol: float = 1e-5) -> None:
 
 
 @torch.no_grad()
+def state_snapshot(model) -> dict:
+    """A detached copy of every parameter and buffer of ``model`` (its ``state_dict``), for
+    :func:`assert_same_state` after something that must not change the model.
+
+    Example::
+
+        >>> before = state_snapshot(model)
+        >>> pruned = fxprune.prune(model, 0.5, example_inputs=(x,))
+        >>> assert_same_state(model, before, "prune modified the caller's model")
+    """
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(model, expected, what: str = "the state changed") -> None:
+    """``model`` has exactly the tensors of ``expected`` (a :func:`state_snapshot` or another module): the same
+    names in the same order, shapes and values (bit for bit: nothing may have computed them anew)."""
+    before = expected.state_dict() if isinstance(expected, torch.nn.Module) else expected
+    after = model.state_dict()
+    assert list(after) == list(before), f"{what}: tensors added, removed or reordered: " \
+        f"{sorted(set(after) ^ set(before)) or 'reordered'}"
+    for name, tensor in before.items():
+        assert after[name].shape == tensor.shape, f"{what}: {name} changed shape {tensor.shape} -> {after[name].shape}"
+        assert torch.equal(after[name], tensor), f"{what}: {name} changed values"
+
+
 def run_oracle(model, inputs: tuple, groups=None, fraction: float = 0.34, seed: int = 0,
-               prune_head_dims: bool = True):
+               prune_head_dims: bool = True, *, min_groups: int = 1, atol: float = 1e-5, absolute: bool = False,
+               all_supported: bool = False):
     """Analyse ``model`` (eval), plant dead units, prune exactly them and check the outputs did not change.
 
-    Head dims are prunable here by default (the oracle checks the engine, not the speed policy).
+    The one dead-unit oracle of the suite. It checks that at least ``min_groups`` groups got dead units, that the
+    unpruned output is not trivially small (else the comparison says nothing), that the pruned graph computes the
+    model's output (with the dead units planted) on ``inputs``, and that the pruned graph has fewer parameters.
+    Returns ``(dg, removal, pruned)``; ``model`` may be a ``torch.fx.GraphModule`` (a graph from :func:`exported`,
+    run as given: an exported graph cannot switch to eval mode). Example::
 
-    ``groups``: as for :func:`plant_dead_units`, or a function of the dependency graph
-    returning them. Returns ``(dg, removal, pruned)``.
+        >>> dg, removal, pruned = run_oracle(model, (x,))            # every group the oracle is exact on
+
+    Options, each with an example:
+
+    - ``groups``: the groups to plant dead units in (as for :func:`plant_dead_units`), or a function of the
+      dependency graph returning them, for groups found only once the model is analysed::
+
+        >>> run_oracle(model, (x,), lambda dg: dg.groups_of("conv1.weight", 0)[1:])   # conv1's per-group channels
+
+    - ``fraction`` and ``seed``: how many units of each group die, and which (as for :func:`plant_dead_units`)::
+
+        >>> run_oracle(Chunk(), (x,), fraction=0.5, seed=3)          # half of each group, another draw
+
+    - ``prune_head_dims``: head dims are prunable by default here (the oracle checks the engine, not the speed
+      policy); ``False`` plants dead units only where ``fxprune.prune`` prunes by default::
+
+        >>> run_oracle(swin_block, (x,), prune_head_dims=False)      # heads die, head dims stay whole
+
+    - ``min_groups``: at least this many groups get dead units (a block with heads and MLP units gives more than
+      one; fewer means the analysis froze something it should not have)::
+
+        >>> run_oracle(models.ViTBlock(), (x,), min_groups=3)
+
+    - ``atol`` and ``absolute``: outputs must agree within ``atol`` (default 1e-5) times the largest magnitude of
+      the expected output (at least 1), the tolerance of two code paths (BLAS may order a sum differently); with
+      ``absolute=True`` within ``atol`` itself (:func:`assert_within`), which a rule's table test whose outputs
+      are of order 1 asks for: it is stricter wherever an output exceeds 1::
+
+        >>> run_oracle(FunctionalConvs(), (x,), absolute=True)       # |pruned(x) - model(x)| <= 1e-5 everywhere
+        >>> run_oracle(mlp, (x,), atol=1e-6, absolute=True)          # ... <= 1e-6
+
+    - ``all_supported``: also fail, with the report, when some node of the graph has no rule
+      (``dg.state.unsupported``), for a test whose point is that an op is covered rather than frozen around::
+
+        >>> run_oracle(exported(Gathered().eval(), x), (x,), absolute=True, all_supported=True)
     """
     from fxprune.api import analyze, apply
 
-    model.eval()
+    if not isinstance(model, torch.fx.GraphModule):
+        model.eval()
     dg = analyze(model, inputs, prune_head_dims=prune_head_dims)
+    if all_supported:
+        assert not dg.state.unsupported, dg.report()
     removal = plant_dead_units(dg, groups(dg) if callable(groups) else groups, fraction=fraction, seed=seed)
-    assert removal, "no group to plant dead units in"
+    assert removal, "no group to plant dead units in: the test model is too small"
+    assert len(removal) >= min_groups, f"dead units in {len(removal)} groups, expected {min_groups}:\n{dg.report()}"
     expected = model(*inputs)
-    assert max(t.abs().max().item() for t in torch.utils._pytree.tree_leaves(expected) if t is not None) > 1e-3, \
-        "a trivially small output would make the oracle vacuous"
+    leaves = [t for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor) and t.numel()]
+    assert max(t.abs().max().item() for t in leaves) > 1e-3, "a trivially small output would make the oracle vacuous"
     pruned = apply(dg, removal)
-    assert_close_to_scale(pruned(*inputs), expected)
+    (assert_within if absolute else assert_close_to_scale)(pruned(*inputs), expected, atol=atol)
+    before, after = (sum(p.numel() for p in m.parameters()) for m in (dg.gm, pruned))
+    assert after < before, f"the pruned graph has {after} parameters, no fewer than the model's {before}"
     return dg, removal, pruned
 
 

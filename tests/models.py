@@ -1,4 +1,4 @@
-"""Small models that exercise the hard cases of structural pruning (shared by the end-to-end tests)."""
+"""Small models shared by the tests: hard cases of structural pruning, the importance and calibration MLPs."""
 
 from __future__ import annotations
 
@@ -260,6 +260,115 @@ class BlockStack(nn.Module):
 
     def forward(self, x):
         return self.head(self.blocks(self.embed(x)))
+
+
+def first_output(output):
+    """A model output's first tensor: the tensor itself, the first of a tuple, or a ``ModelOutput``'s first field
+    (logits or last hidden state).
+
+    Example::
+
+        >>> first_output(hf_model(ids)).shape        # (batch, length, vocabulary) for a causal LM
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    return output[0] if isinstance(output, (tuple, list)) else next(iter(output.values()))
+
+
+CHECKPOINT_LLAMA = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128)  # tiny_llama's sizes, ~300KB
+
+
+def saved_tiny_llama(folder, **config):
+    """A tiny LLaMA (:func:`fxprune.testing.tiny_llama` over :data:`CHECKPOINT_LLAMA` and ``config``) saved in
+    ``folder`` in shards of at most 20KB, for checkpoint tests; returns the model. Needs transformers.
+
+    Example::
+
+        >>> model = saved_tiny_llama(tmp_path / "src")
+        >>> fxprune.prune_checkpoint(tmp_path / "src", tmp_path / "out", ratio=0.5)
+    """
+    from fxprune.testing import tiny_llama
+
+    model = tiny_llama(**{**CHECKPOINT_LLAMA, **config})
+    model.save_pretrained(folder, max_shard_size="20KB")
+    return model
+
+
+def fixed_mlp():
+    """Linear(3 -> 4) -> ReLU -> Linear(4 -> 2): one prunable group, the 4 hidden units."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1., 0, 0], [0, 2, 0], [0, 0, 3], [1, 1, 1]]))
+        model[0].bias.copy_(torch.tensor([0.5, 0, 0, 0]))
+        model[2].weight.copy_(torch.tensor([[1., 0, 0, 2], [0, 1, 0, 0]]))
+        model[2].bias.zero_()
+    return model
+
+
+def bn_mlp(gamma):
+    """Linear(3 -> 4) -> BatchNorm(gamma) -> ReLU -> Linear(4 -> 5) -> ReLU -> Linear(5 -> 2), eval mode."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor(gamma))
+    return model.eval()
+
+
+class MLP(nn.Module):
+    """Linear -> activation -> Linear; ``forward(x)`` so that dict batches say ``{"x": ...}``."""
+
+    producer, consumer = "fc1", "fc2"  # for the redundant-unit oracle: the hidden units' producer and consumer
+
+    def __init__(self, d_in=3, hidden=5, d_out=2, act=nn.ReLU, bias=True):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(d_in, hidden), act(), nn.Linear(hidden, d_out, bias=bias)
+        self.sample = (d_in,)  # one input's shape
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Conv1D(nn.Module):
+    """GPT-2's Conv1D: ``addmm(bias, x.view(-1, nx), weight)`` with the weight stored (in, out)."""
+
+    def __init__(self, nx, nf):
+        super().__init__()
+        self.nx, self.weight = nx, nn.Parameter(torch.randn(nx, nf) / nx ** 0.5)
+        self.bias = nn.Parameter(torch.randn(nf))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.view(-1, self.nx), self.weight)
+
+
+def tanh_cnn():
+    """Conv -> BatchNorm -> tanh -> conv -> tanh -> flatten -> linear -> tanh -> linear, on (2, 6, 6) inputs."""
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Tanh(), nn.Conv2d(6, 4, 3),
+                         nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def plant_redundant_units(model, planted: dict) -> None:
+    """Make each planted hidden unit k redundant: ``planted[k] = m`` copies unit m's producer row and bias
+    (and BatchNorm entries: equal activations), ``planted[k] = None`` makes its activation a constant (zero
+    row, a bias). Before a grouped consumer, k and m are channel ranks within every block. ``model`` names its
+    producer in ``model.producer`` (and ``producer_axis = 1`` where its weight is stored (in, out), ``bn`` a
+    BatchNorm after it, ``blocks`` the consumer's groups), as :class:`MLP` does.
+
+    Example: ``plant_redundant_units(MLP(4, 8, 3), {2: 5, 6: None})``: hidden unit 2 computes what unit 5 does and
+    unit 6 is constant, so a consumer can absorb both (the redundant-unit oracle of reconstruction)."""
+    producer, bn = getattr(model, model.producer), getattr(model, "bn", None)
+    rows = producer.weight.T if getattr(model, "producer_axis", 0) else producer.weight  # unit k: rows[k]
+    blocks = getattr(model, "blocks", 1)  # a grouped consumer: channel rank k of every block
+    width = len(rows) // blocks
+    planted = {b * width + k: None if m is None else b * width + m for k, m in planted.items() for b in range(blocks)}
+    with torch.no_grad():
+        for k, m in planted.items():
+            if m is None:
+                rows[k] = 0
+                producer.bias[k] = 0.7
+                continue
+            rows[k] = rows[m]
+            producer.bias[k] = producer.bias[m]
+            for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if bn is not None else ():
+                t[k] = t[m]
 
 
 class ReadsValues(nn.Module):

@@ -6,6 +6,7 @@ import copy
 import importlib
 import io
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -186,6 +187,23 @@ def test_ignore_by_module_name_and_parameter():
         fxprune.prune(model, 0.5, example_inputs=x, ignore=["nonexistent"], round_to=1)
 
 
+def test_ignore_a_module_without_tensors_warns_and_changes_nothing():
+    """An ``nn.Identity`` head (a timm model built with num_classes=0) has nothing to keep: by module or by name,
+    ``ignore`` says so and the model is pruned as without it; a name of nothing still fails."""
+    model = nn.Sequential(OrderedDict(fc1=nn.Linear(8, 32), act=nn.ReLU(), fc2=nn.Linear(32, 6), head=nn.Identity()))
+    x = (torch.randn(1, 8),)
+    plain = fxprune.prune(model, 0.5, example_inputs=x, round_to=1)
+    for item in (model.head, "head"):
+        with pytest.warns(UserWarning, match=r"ignore: module 'head' \(Identity\) has no parameters or buffers, so "
+                                             r"there is nothing of it to keep"):
+            pruned = fxprune.prune(model, 0.5, example_inputs=x, ignore=[item], round_to=1)
+        assert pruned.get_submodule("fc1").out_features == plain.get_submodule("fc1").out_features == 16
+        with torch.no_grad():
+            torch.testing.assert_close(pruned(*x), plain(*x), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="no parameter or buffer named 'heads'"):
+        fxprune.prune(model, 0.5, example_inputs=x, ignore=["heads"])
+
+
 def test_round_to_keeps_multiples():
     model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 40), nn.ReLU(), nn.Linear(40, 3))
     pruned = fxprune.prune(model, 0.3, example_inputs=(torch.randn(2, 8),), round_to=8)
@@ -336,6 +354,23 @@ def test_ignore_a_timm_head_after_an_export_fallback():
     assert any("ignored by the caller (conv_head)" in why for why in dg.group_of("conv_head.weight", 0).frozen)
 
 
+def test_ignore_a_head_without_tensors_warns_and_prunes():
+    """timm's EVA-02 tiny has an ``nn.Identity`` head (num_classes=0): ``ignore=[model.get_classifier()]``, as a
+    user writes it for any timm model, has nothing to keep; it says so and prunes, as the same call without it."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=0, img_size=28, depth=1).eval()
+    x = torch.randn(1, 3, 28, 28)
+    assert isinstance(model.get_classifier(), nn.Identity)
+    for item in (model.get_classifier(), "head"):
+        with pytest.warns(UserWarning, match=r"ignore: module 'head' \(Identity\) has no parameters or buffers"):
+            pruned = fxprune.prune(model, 0.3, example_inputs=(x,), ignore=[item])
+        assert sum(p.numel() for p in pruned.parameters()) < 0.9 * sum(p.numel() for p in model.parameters())
+        assert pruned(x).shape == model(x).shape == (1, 192)
+    with pytest.raises(ValueError, match="no parameter or buffer named 'heads'"):  # a name of nothing still fails
+        fxprune.prune(model, 0.3, example_inputs=(x,), ignore=["heads"])
+
+
 def test_a_capture_that_must_be_static_warns_and_says_so_in_meta(monkeypatch):
     def no_dynamic_shapes(*args, **kwargs):
         raise ValueError("simulated: no dynamic shapes for this model")
@@ -368,7 +403,7 @@ def test_attributes_the_user_set_on_modules_survive_pruning(tmp_path):
 
 def test_shapes_are_propagated_again_for_a_graph_the_caller_exported():
     # the caller's graph was exported from other inputs (batch 1) than it is analysed with (batch 3): its shapes
-    # are not reused (a graph fxprune exports itself from the analysed inputs keeps them: tests/test_hf.py)
+    # are not reused (a graph fxprune exports itself from the analysed inputs keeps them: tests/test_hf_families.py)
     from fxprune.testing import exported
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()

@@ -19,20 +19,7 @@ from fxprune.calibration import (OBS, calibrated_consumers, collect_statistics, 
                                  reconstruct, refit)
 from fxprune.importance import resolve_importance, score_groups
 from fxprune.testing import assert_close_to_scale, assert_same_outputs, exported, plant_dead_units
-
-
-class MLP(nn.Module):
-    """Linear -> activation -> Linear; ``forward(x)`` so that dict batches say ``{"x": ...}``."""
-
-    producer, consumer = "fc1", "fc2"  # for the redundant-unit oracle: the hidden units' producer and consumer
-
-    def __init__(self, d_in=3, hidden=5, d_out=2, act=nn.ReLU, bias=True):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(d_in, hidden), act(), nn.Linear(hidden, d_out, bias=bias)
-        self.sample = (d_in,)  # one input's shape
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+from tests.models import MLP, Conv1D, plant_redundant_units, tanh_cnn
 
 
 class FunctionalMLP(nn.Module):
@@ -78,18 +65,6 @@ class CNN(nn.Module):
 
     def forward(self, x):
         return self.conv2(torch.relu(self.bn(self.conv1(x))))
-
-
-class Conv1D(nn.Module):
-    """GPT-2's Conv1D: ``addmm(bias, x.view(-1, nx), weight)`` with the weight stored (in, out)."""
-
-    def __init__(self, nx, nf):
-        super().__init__()
-        self.nx, self.weight = nx, nn.Parameter(torch.randn(nx, nf) / nx ** 0.5)
-        self.bias = nn.Parameter(torch.randn(nf))
-
-    def forward(self, x):
-        return torch.addmm(self.bias, x.view(-1, self.nx), self.weight)
 
 
 class AddmmMLP(nn.Module):
@@ -277,27 +252,6 @@ def test_statistics_stream_token_axes_and_keep_buffers():
     assert collect_statistics(dg, [torch.randn(2, 3, 6)])["fc2.weight"].count == 6
 
 
-def _planted(model, planted: dict):
-    """Make each planted hidden unit k redundant: ``planted[k] = m`` copies unit m's producer row and bias
-    (and BatchNorm entries: equal activations), ``planted[k] = None`` makes its activation a constant (zero
-    row, a bias). Before a grouped consumer, k and m are channel ranks within every block."""
-    producer, bn = getattr(model, model.producer), getattr(model, "bn", None)
-    rows = producer.weight.T if getattr(model, "producer_axis", 0) else producer.weight  # unit k: rows[k]
-    blocks = getattr(model, "blocks", 1)  # a grouped consumer: channel rank k of every block
-    width = len(rows) // blocks
-    planted = {b * width + k: None if m is None else b * width + m for k, m in planted.items() for b in range(blocks)}
-    with torch.no_grad():
-        for k, m in planted.items():
-            if m is None:
-                rows[k] = 0
-                producer.bias[k] = 0.7
-                continue
-            rows[k] = rows[m]
-            producer.bias[k] = producer.bias[m]
-            for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if bn is not None else ():
-                t[k] = t[m]
-
-
 def _redundancy(draw, hidden, constants=True):
     """Planted units (each copying a unit that stays, or constant) for a hidden width."""
     count = draw(st.integers(1, max(1, hidden // 2)))
@@ -325,7 +279,7 @@ def redundant_models(draw):
     else:
         model = MLP(draw(st.integers(2, 6)), hidden, draw(st.integers(1, 4)), act=nn.GELU, bias=kind == "mlp")
     planted = _redundancy(draw, units, constants=kind != "mlp-nobias")  # no bias: a constant cannot move
-    _planted(model, planted)
+    plant_redundant_units(model, planted)
     return model.eval(), planted
 
 
@@ -356,7 +310,7 @@ def test_reconstruction_with_default_damping_through_prune():
     """``prune(..., reconstruct=True)`` with a criterion that picks the planted units, default damping."""
     torch.manual_seed(1)
     model = MLP(4, 8, 3, act=nn.GELU).eval()
-    _planted(model, {2: 5, 6: None})
+    plant_redundant_units(model, {2: 5, 6: None})
     planted = lambda group, weights: torch.tensor([1.0, 1, 0, 1, 1, 1, 0, 1])  # noqa: E731
     batches = [torch.randn(32, 4) for _ in range(4)]
     test = torch.randn(64, 4)
@@ -365,11 +319,6 @@ def test_reconstruction_with_default_damping_through_prune():
     assert pruned.get_submodule("fc1").out_features == 6
     with torch.no_grad():
         assert_close_to_scale(pruned(test), model(test), atol=1e-3)
-
-
-def _tanh_cnn():
-    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Tanh(), nn.Conv2d(6, 4, 3),
-                         nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 8), nn.Tanh(), nn.Linear(8, 3))
 
 
 def _grouped_cnn():
@@ -384,7 +333,7 @@ def _conv1d_net():
 
 @pytest.mark.parametrize("criterion", ["activation", "wanda", "obs"])
 @pytest.mark.parametrize("make, shape", [(lambda: MLP(5, 9, 3, act=nn.Tanh), (5,)), (Block, (3, 6)),
-                                         (_tanh_cnn, (2, 6, 6)), (_grouped_cnn, (2, 6, 6)), (_conv1d_net, (2, 6)),
+                                         (tanh_cnn, (2, 6, 6)), (_grouped_cnn, (2, 6, 6)), (_conv1d_net, (2, 6)),
                                          (lambda: AddmmMLP(4, 9, 3), (4,))])
 def test_dead_unit_oracle(criterion, make, shape):
     """Dead units (every slice zero) score lowest (0); removing the lowest-scoring units keeps the outputs."""
@@ -598,7 +547,7 @@ def test_consumer_without_bias_refits_kept_columns_only():
     inputs (error there no larger than plain pruning's), and no bias appears."""
     torch.manual_seed(0)
     model = MLP(3, 6, 2, act=nn.GELU, bias=False).eval()
-    _planted(model, {1: None, 4: None})
+    plant_redundant_units(model, {1: None, 4: None})
     calibration = torch.randn(64, 3)
     dg = fxprune.analyze(model, (calibration[:2],))
     removal = {dg.group_of("fc1.weight", 0): [1, 4]}
@@ -700,7 +649,7 @@ def test_obs_scores_equal_the_refit_error_through_the_graph():
     """Through prune's scoring: conv channels (9 columns each of the next conv), conv channels flattened into
     a Linear (16 columns each) and Linear units (1 column): each score is its consumer's refit error."""
     torch.manual_seed(0)
-    model, damping = _tanh_cnn().eval(), 1e-12
+    model, damping = tanh_cnn().eval(), 1e-12
     batches = [torch.randn(32, 2, 6, 6) for _ in range(4)]
     dg = fxprune.analyze(model, (batches[0][:2],))
     stats = collect_statistics(dg, batches, gram=True)
@@ -723,7 +672,7 @@ def test_obs_scores_a_copied_unit_near_zero():
     lowest; activation, which looks at one column at a time, does not."""
     torch.manual_seed(0)
     model = MLP(4, 8, 3, act=nn.GELU).eval()
-    _planted(model, {2: 5})
+    plant_redundant_units(model, {2: 5})
     batches = [torch.randn(32, 4) for _ in range(4)]
     dg = fxprune.analyze(model, (batches[0][:2],))
     (group,) = dg.prunable_groups

@@ -18,13 +18,10 @@ from fxprune.testing import assert_close_to_scale
 
 transformers = pytest.importorskip("transformers")
 from fxprune.testing import tiny_moe  # noqa: E402  (after the skip: it builds transformers models)
+from tests.hf_models import token_ids  # noqa: E402
 
 EXPERTS = "model.layers.0.mlp.experts"
 IMPLEMENTATIONS = [None, "batched_mm"]  # grouped matmul over offsets (transformers' default) / W[ids] then bmm
-
-
-def _ids(batch, length, seed):
-    return torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def _routed(model, batches):
@@ -46,7 +43,7 @@ def test_expert_weights_are_consumers_with_each_experts_tokens(name, implementat
     """Both expert weights are consumers (gate_up_proj of the hidden size, down_proj of the expert-MLP units);
     expert e's statistics are those of the tokens routed to e, counted tokens x top-k over the experts."""
     model = tiny_moe(name, implementation)
-    batches = [_ids(2, 7, seed) for seed in (1, 2)]
+    batches = [token_ids(2, 7, seed) for seed in (1, 2)]
     dg = fxprune.analyze(model, (batches[0],))
     consumers = calibrated_consumers(dg)
     for weight in ("gate_up_proj", "down_proj"):
@@ -81,8 +78,8 @@ def test_reconstruction_removes_planted_redundant_expert_units_exactly(name, imp
     its own tokens moves their columns onto the copies, so the output comes back."""
     model = tiny_moe(name, implementation)
     _plant_copies(model, {3: 7, 10: 1})
-    batches = [_ids(4, 16, seed) for seed in range(1, 5)]
-    test = _ids(2, 9, 99)
+    batches = [token_ids(4, 16, seed) for seed in range(1, 5)]
+    test = token_ids(2, 9, 99)
     dg = fxprune.analyze(model, (batches[0],))
     removal = {dg.group_of(f"{EXPERTS}.down_proj", 2): [3, 10]}
     with torch.no_grad():
@@ -100,7 +97,7 @@ def test_obs_ranks_redundant_expert_units_lowest_and_scores_are_not_magnitude(im
     ``wanda`` and ``obs`` score expert-MLP units and whole experts from the data, not by magnitude."""
     model = tiny_moe("mixtral", implementation)
     _plant_copies(model, {3: 7, 10: 1})
-    batches = [_ids(4, 16, seed) for seed in range(1, 5)]
+    batches = [token_ids(4, 16, seed) for seed in range(1, 5)]
     dg = fxprune.analyze(model, (batches[0],))
     units = dg.group_of(f"{EXPERTS}.down_proj", 2)
     experts = dg.group_of("model.layers.0.mlp.gate.weight", 0)
@@ -117,8 +114,8 @@ def test_obs_ranks_redundant_expert_units_lowest_and_scores_are_not_magnitude(im
 def test_whole_experts_and_units_refit_in_place_lowers_the_error():
     """A plan that removes experts and expert-MLP units: the kept experts are refit (sliced to the kept
     experts), in place into the Hugging Face model, and the output error falls."""
-    batches = [_ids(4, 16, seed) for seed in range(1, 5)]
-    test = _ids(2, 9, 99)
+    batches = [token_ids(4, 16, seed) for seed in range(1, 5)]
+    test = token_ids(2, 9, 99)
     errors, down = [], []
     for refit in (False, True):
         model = tiny_moe("qwen2_moe")
@@ -139,7 +136,7 @@ def test_no_magnitude_fallback_warning_for_experts_but_for_other_uncalibrated_co
     """The mixture-of-experts model has every prunable group calibrated: no warning. A group read only by a
     transposed convolution (not calibrated) is scored by magnitude, and says so."""
     model = tiny_moe("qwen2_moe", "batched_mm")
-    batches = [_ids(2, 7, 1)]
+    batches = [token_ids(2, 7, 1)]
     dg = fxprune.analyze(model, (batches[0],))
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*magnitude")

@@ -10,50 +10,34 @@ import torch
 
 import fxprune
 from fxprune.io.checkpoint.shards import Checkpoint
-from fxprune.testing import assert_same_outputs, tiny_llama
+from fxprune.testing import assert_same_outputs, kept_units, tiny_llama
+from tests.models import CHECKPOINT_LLAMA, saved_tiny_llama
 
 transformers = pytest.importorskip("transformers")
 if tuple(int(v) for v in transformers.__version__.split(".")[:2]) < (5, 4):
     # transformers 5.0-5.3: LLaMA's rotary embedding asks torch.autocast about the meta device, which torch refuses
     pytest.skip("a LLaMA on the meta device needs transformers >= 5.4 (README: tested versions)",
                 allow_module_level=True)
-
-SIZES = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128)
-
-
-def _ids():
-    return torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
-
-
-def _saved(folder, **config):
-    """A tiny LLaMA saved in shards of at most 20KB (the whole model is about 300KB); returns the model."""
-    model = tiny_llama(**{**SIZES, **config})
-    model.save_pretrained(folder, max_shard_size="20KB")
-    return model
-
+from tests.hf_models import token_ids  # noqa: E402 (after the skip: it imports transformers)
 
 def _in_memory(model, ratio=0.5, **options):
     """The same model pruned in memory, in place (the reference); returns its plan."""
-    fxprune.prune(model, ratio, example_inputs=(_ids(),), inplace=True, **options)
+    fxprune.prune(model, ratio, example_inputs=(token_ids(),), inplace=True, **options)
     return fxprune.plan_of(model)
-
-
-def _kept(plan):
-    return {str(g.key): g.kept for g in plan.groups}
 
 
 def _logits(model):
     with torch.no_grad():
-        return model(_ids()).logits
+        return model(token_ids()).logits
 
 
 def test_sharded_checkpoint_pruned_like_the_model_in_memory(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
-    model = _saved(src)
+    model = saved_tiny_llama(src)
     assert len(list(src.glob("*.safetensors"))) >= 2
     plan = fxprune.prune_checkpoint(src, out, ratio=0.5, progress=False)
     reference = _in_memory(model)
-    assert _kept(plan) == _kept(reference)
+    assert kept_units(plan) == kept_units(reference)
     assert any(len(g.kept) < g.units for g in plan.groups)
     assert len(list(out.glob("*.safetensors"))) >= 2 and (out / "model.safetensors.index.json").exists()
     assert (out / "generation_config.json").exists()
@@ -68,12 +52,12 @@ def test_sharded_checkpoint_pruned_like_the_model_in_memory(tmp_path):
 
 def test_plan_argument_writes_the_same_checkpoint(tmp_path):
     src = tmp_path / "src"
-    model = _saved(src)
+    model = saved_tiny_llama(src)
     reference = _in_memory(model, global_pruning=True)  # non-uniform: kept units differ per layer
     reference.save(tmp_path / "plan.json")
     fxprune.prune_checkpoint(src, tmp_path / "a", plan=reference, progress=False)
     again = fxprune.prune_checkpoint(src, tmp_path / "b", plan=str(tmp_path / "plan.json"), progress=False)
-    assert _kept(again) == _kept(reference)
+    assert kept_units(again) == kept_units(reference)
     a, b = Checkpoint(tmp_path / "a"), Checkpoint(tmp_path / "b")
     assert a.keys() == b.keys()
     expected = model.state_dict()
@@ -86,7 +70,7 @@ def test_plan_argument_writes_the_same_checkpoint(tmp_path):
 
 def test_non_uniform_widths_are_recorded_and_reload(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
-    model = _saved(src)
+    model = saved_tiny_llama(src)
     ratios = {"model.layers.1.mlp.up_proj": 0.25}
     fxprune.prune_checkpoint(src, out, ratio=0.5, ratios=ratios, progress=False)
     _in_memory(model, ratios=ratios)
@@ -99,7 +83,7 @@ def test_non_uniform_widths_are_recorded_and_reload(tmp_path):
 
 def test_at_most_one_source_tensor_is_held(tmp_path, monkeypatch):
     src, out = tmp_path / "src", tmp_path / "out"
-    _saved(src)
+    saved_tiny_llama(src)
     total = sum(Checkpoint(src).read(k).nbytes for k in Checkpoint(src).keys())
     alive, reads, largest_held = [], [], [0]
     read = Checkpoint.read
@@ -123,10 +107,10 @@ def test_at_most_one_source_tensor_is_held(tmp_path, monkeypatch):
 
 def test_tied_embeddings_stay_tied(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
-    model = _saved(src, tie_word_embeddings=True)
+    model = saved_tiny_llama(src, tie_word_embeddings=True)
     assert "lm_head.weight" not in Checkpoint(src)
     plan = fxprune.prune_checkpoint(src, out, ratio=0.5, progress=False)
-    assert _kept(plan) == _kept(_in_memory(model))
+    assert kept_units(plan) == kept_units(_in_memory(model))
     assert "lm_head.weight" not in Checkpoint(out)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert reloaded.lm_head.weight.shape == (100, 32)
@@ -136,7 +120,7 @@ def test_tied_embeddings_stay_tied(tmp_path):
 
 def test_untied_embedding_and_head_lose_the_same_hidden_channels(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
-    _saved(src)
+    saved_tiny_llama(src)
     plan = fxprune.prune_checkpoint(src, out, ratio=0.5, progress=False)
     hidden = next(g for g in plan.groups if "model.embed_tokens.weight[1]" in g.members)
     assert "lm_head.weight[1]" in hidden.members and len(hidden.kept) == 32
@@ -147,7 +131,7 @@ def test_untied_embedding_and_head_lose_the_same_hidden_channels(tmp_path):
 
 def test_clear_errors(tmp_path):
     src = tmp_path / "src"
-    _saved(src)
+    saved_tiny_llama(src)
     with pytest.raises(ValueError, match="importance='activation' needs calibration batches"):
         fxprune.prune_checkpoint(src, tmp_path / "out", ratio=0.5, importance="activation")
     with pytest.raises(ValueError, match="plan= or a ratio"):
@@ -169,13 +153,13 @@ def test_command_line_streaming(tmp_path, capsys):
     from fxprune.cli import commands as cli
 
     src, out = tmp_path / "src", tmp_path / "out"
-    model = _saved(src)
+    model = saved_tiny_llama(src)
     code = cli.main(["prune", f"hf:{src}", "--ratio", "0.5", "--streaming", "--quiet", "--out", str(out),
                      "--plan", str(tmp_path / "plan.json"), "--max-shard-size", "30KB"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "pruned shard by shard" in captured.out and "parameters" in captured.out
-    assert _kept(fxprune.PruningPlan.load(tmp_path / "plan.json")) == _kept(_in_memory(model))
+    assert kept_units(fxprune.PruningPlan.load(tmp_path / "plan.json")) == kept_units(_in_memory(model))
     assert max(p.stat().st_size for p in out.glob("*.safetensors")) < 40_000
     assert_same_outputs(_logits(transformers.AutoModelForCausalLM.from_pretrained(out).eval()), _logits(model))
     code = cli.main(["prune", f"hf:{src}", "--ratio", "0.5", "--streaming", "--distill-steps", "2", "--quiet"])
@@ -184,10 +168,10 @@ def test_command_line_streaming(tmp_path, capsys):
 
 def test_bfloat16_checkpoint_stays_bfloat16(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
-    model = tiny_llama(**SIZES).to(torch.bfloat16)
+    model = tiny_llama(**CHECKPOINT_LLAMA).to(torch.bfloat16)
     model.save_pretrained(src, max_shard_size="20KB")
     plan = fxprune.prune_checkpoint(src, out, ratio=0.5, progress=False)
-    assert _kept(plan) == _kept(_in_memory(model))  # scored on the bfloat16 weights, as the loaded model is
+    assert kept_units(plan) == kept_units(_in_memory(model))  # scored on the bfloat16 weights, as the loaded model is
     written = Checkpoint(out)
     assert {written.dtype(k) for k in written.keys()} == {torch.bfloat16}
     expected = model.state_dict()
@@ -198,7 +182,7 @@ def test_bfloat16_checkpoint_stays_bfloat16(tmp_path):
                                      dict(ratio=0.4, global_pruning=True, isomorphic=True)])
 def test_targets_and_global_ranking_plan_as_in_memory(tmp_path, options):
     src = tmp_path / "src"
-    model = _saved(src)
+    model = saved_tiny_llama(src)
     plan = fxprune.prune_checkpoint(src, tmp_path / "out", progress=False, **options)
     ratio = options.pop("ratio", None)
-    assert _kept(plan) == _kept(_in_memory(model, ratio, **options))
+    assert kept_units(plan) == kept_units(_in_memory(model, ratio, **options))

@@ -281,7 +281,7 @@ def test_text_batches_pad_truncate_and_leave_the_tokenizer_alone():
 
 def test_text_calibration_for_a_hugging_face_folder(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    from tests.test_hf import DECODER
+    from tests.hf_models import DECODER
 
     torch.manual_seed(0)
     folder = tmp_path / "llama"

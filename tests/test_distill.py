@@ -11,22 +11,12 @@ from torch import nn
 
 import fxprune
 from fxprune.calibration import distill_loss
+from fxprune.testing import assert_same_state, state_snapshot
 from tests import models
 
 
 def _mlp():
     return nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8))
-
-
-def _state(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _assert_unchanged(model, before: dict) -> None:
-    after = model.state_dict()
-    assert after.keys() == before.keys()
-    for name, value in before.items():
-        assert torch.equal(after[name], value), f"the teacher's {name} changed"
 
 
 def _held_out_mse(student, teacher, x) -> float:
@@ -48,14 +38,14 @@ def test_distill_lowers_the_held_out_loss_and_leaves_the_teacher_alone(name, see
     held_out = torch.randn(256, *shape)
     student = fxprune.prune(teacher, 0.5, example_inputs=(batches[0][:1],), round_to=1)
     assert sum(p.numel() for p in student.parameters()) < 0.6 * sum(p.numel() for p in teacher.parameters())
-    before, teacher_state = _held_out_mse(student, teacher, held_out), _state(teacher)
+    before, teacher_state = _held_out_mse(student, teacher, held_out), state_snapshot(teacher)
     assert before > 0.05  # pruning half the units did hurt: there is something to recover
     result = fxprune.distill(student, teacher, batches, steps=150, lr=3e-3, progress=False)
     after = _held_out_mse(student, teacher, held_out)
     assert result.steps == 150 and result.loss == "mse" and len(result.losses) == 150
     assert after < 0.7 * before, (before, after)
     assert result.last_loss < result.first_loss
-    _assert_unchanged(teacher, teacher_state)
+    assert_same_state(teacher, teacher_state, "the teacher changed")
     assert not student.training and not teacher.training
     assert distill_loss(student, teacher, [held_out]) == pytest.approx(after, rel=1e-3)
 
@@ -110,9 +100,9 @@ def test_shared_parameters_are_copied_so_the_teacher_never_moves():
     first = nn.Linear(16, 64)
     first.weight = teacher[0].weight  # the same Parameter in a module of the student's own
     student = nn.Sequential(first, nn.GELU(), nn.Linear(64, 8))
-    state = _state(teacher)
+    state = state_snapshot(teacher)
     fxprune.distill(student, teacher, [torch.randn(16, 16)], steps=3, lr=1e-2, progress=False)
-    _assert_unchanged(teacher, state)
+    assert_same_state(teacher, state, "the teacher changed")
     assert not torch.equal(student[0].weight, teacher[0].weight)  # the student's copy did train
     optimizer = torch.optim.SGD(teacher.parameters(), lr=1.0)
     with pytest.raises(ValueError, match="the optimizer holds parameters of the teacher"):
@@ -120,14 +110,14 @@ def test_shared_parameters_are_copied_so_the_teacher_never_moves():
     with pytest.raises(ValueError, match="module '0' is one of the teacher's modules"):
         fxprune.distill(nn.Sequential(teacher[0], nn.GELU(), nn.Linear(64, 8)), teacher, [torch.randn(4, 16)],
                         steps=1)
-    _assert_unchanged(teacher, state)
+    assert_same_state(teacher, state, "the teacher changed")
 
 
 # -- Hugging Face ---------------------------------------------------------------
 
 def _tiny_llama():
     transformers = pytest.importorskip("transformers")
-    from tests.test_hf import DECODER
+    from tests.hf_models import DECODER
 
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER)).eval()
 
@@ -143,7 +133,7 @@ def test_in_place_pruned_llama_distills_with_kl_generates_and_reloads(tmp_path):
     batches[0]["attention_mask"][0, :5] = 0  # left padding: those positions are left out of the loss
     fxprune.prune(student, 0.5, example_inputs=(batches[0]["input_ids"][:1],), inplace=True)
     assert student.config.intermediate_size < teacher.config.intermediate_size
-    state = _state(teacher)
+    state = state_snapshot(teacher)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = fxprune.distill(student, teacher, batches, steps=30, lr=3e-3, progress=False)
@@ -155,7 +145,7 @@ def test_in_place_pruned_llama_distills_with_kl_generates_and_reloads(tmp_path):
         assert sum("hidden states differ in shape" in str(w.message) for w in caught) == 1
     else:
         assert result.hidden_states == teacher.config.num_hidden_layers + 1
-    _assert_unchanged(teacher, state)
+    assert_same_state(teacher, state, "the teacher changed")
     ids = batches[1]["input_ids"][:1]
     with torch.no_grad():
         tokens = student.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
@@ -188,8 +178,8 @@ def test_a_captured_student_of_a_hugging_face_teacher_matches_logits_and_says_hi
     teacher = _tiny_llama()
     ids = torch.randint(0, 100, (2, 8))
     student = fxprune.prune(teacher, 0.3, example_inputs=(ids,))  # a GraphModule returning the captured outputs
-    state = _state(teacher)
+    state = state_snapshot(teacher)
     with pytest.warns(UserWarning, match="hidden states are matched only when the student is a Hugging Face"):
         result = fxprune.distill(student, teacher, [ids], steps=2, lr=1e-3, progress=False)
     assert result.loss == "kl" and result.hidden_states == 0
-    _assert_unchanged(teacher, state)
+    assert_same_state(teacher, state, "the teacher changed")

@@ -20,16 +20,10 @@ from tests import models
 STATIC = "fxprune: .*static shapes"
 
 
-def _first(output):
-    if isinstance(output, torch.Tensor):
-        return output
-    return output[0] if isinstance(output, (tuple, list)) else next(iter(output.values()))
-
-
 def _run(model, inputs):
     args, kwargs = inputs
     with torch.no_grad():
-        return _first(model(*args, **kwargs))
+        return models.first_output(model(*args, **kwargs))
 
 
 # ------------------------------------------------------------------------------------- which dimensions vary

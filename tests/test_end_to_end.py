@@ -6,31 +6,8 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.testing import oracle_groups, plant_dead_units
+from fxprune.testing import oracle_groups, plant_dead_units, run_oracle
 from tests import models
-
-
-def _oracle(model, inputs, min_groups: int = 1, seed: int = 0):
-    """Plant dead units in every oracle group, prune exactly them, compare with the unpruned output."""
-    torch.manual_seed(seed)
-    model.eval()
-    dg = fxprune.analyze(model, inputs, prune_head_dims=True)
-    removal = plant_dead_units(dg, seed=seed)
-    assert len(removal) >= min_groups, dg.report()
-    with torch.no_grad():
-        expected = model(*inputs)
-        pruned = fxprune.apply(dg, removal)
-        got = pruned(*inputs)
-    assert got.shape == expected.shape
-    scale = expected.abs().max().item()
-    assert scale > 1e-3, "a trivially small output would make the oracle vacuous"
-    torch.testing.assert_close(got, expected, atol=1e-5 * max(1.0, scale), rtol=0)
-    removed = sum(len(u) for u in removal.values())
-    assert removed > 0
-    params_before = sum(p.numel() for p in model.parameters())
-    params_after = sum(p.numel() for p in pruned.parameters())
-    assert params_after < params_before
-    return dg, pruned
 
 
 def test_worked_example_groups():
@@ -84,7 +61,7 @@ def test_dead_unit_oracle(name):
     factory, inputs, min_groups = CASES[name]
     for seed in range(3):
         torch.manual_seed(seed)
-        _oracle(factory(), inputs(), min_groups=min_groups, seed=seed)
+        run_oracle(factory(), inputs(), seed=seed, min_groups=min_groups)
 
 
 def test_vit_attention_heads_are_found_without_num_heads():
@@ -104,7 +81,7 @@ def test_multihead_attention_variants():
             torch.manual_seed(0)
             model = models.MHAModel(batch_first, need_weights)
             shape = (2, 5, 10) if batch_first else (5, 2, 10)
-            dg, pruned = _oracle(model, (torch.randn(*shape),), min_groups=3)
+            dg, _, pruned = run_oracle(model, (torch.randn(*shape),), min_groups=3)
             heads = dg.groups_of("attn.in_proj_weight", 0)
             assert [g.units for g in heads[:2]] == [4, 8]
 
@@ -140,7 +117,7 @@ def test_plant_dead_units_indexes_on_the_parameters_device():
 
 def test_multihead_attention_pooling_head_under_export():
     with pytest.warns(UserWarning, match="captured with torch.export"):
-        dg, pruned = _oracle(models.MHAPoolExported(), (torch.randn(2, 5, 6),), min_groups=3)
+        dg, _, pruned = run_oracle(models.MHAPoolExported(), (torch.randn(2, 5, 6),), min_groups=3)
     assert dg.gm.meta.get("fxprune_capture") == "export"
     assert any(n.target is torch.ops.aten.bmm.default for n in dg.gm.graph.nodes)
     assert dg.group_of("attn.out_proj.weight", 0).prunable and dg.group_of("proj.weight", 0).prunable

@@ -13,21 +13,11 @@ import torch.nn as nn
 import fxprune
 from fxprune.importance import (FPGM, LAMP, BNScale, Hessian, Magnitude, Random, Taylor, resolve_importance,
                                 score_groups, unit_matrix)
-
-
-def mlp():
-    """Linear(3 -> 4) -> ReLU -> Linear(4 -> 2): one prunable group, the 4 hidden units."""
-    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
-    with torch.no_grad():
-        model[0].weight.copy_(torch.tensor([[1., 0, 0], [0, 2, 0], [0, 0, 3], [1, 1, 1]]))
-        model[0].bias.copy_(torch.tensor([0.5, 0, 0, 0]))
-        model[2].weight.copy_(torch.tensor([[1., 0, 0, 2], [0, 1, 0, 0]]))
-        model[2].bias.zero_()
-    return model
+from tests.models import bn_mlp, fixed_mlp
 
 
 def hidden_scores(criterion, model=None):
-    model = model or mlp()
+    model = model or fixed_mlp()
     dg = fxprune.analyze(model, (torch.randn(2, 3),))
     (group,) = dg.prunable_groups
     return score_groups(resolve_importance(criterion), dg, [group]).get(group)
@@ -82,13 +72,6 @@ def test_random_is_reproducible_and_seeded():
     assert not np.array_equal(a, c) and a.shape == (4,) and ((0 <= a) & (a < 1)).all()
 
 
-def bn_mlp(gamma):
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
-    with torch.no_grad():
-        model[1].weight.copy_(torch.tensor(gamma))
-    return model.eval()
-
-
 def test_bn_scale_is_abs_gamma_and_skips_groups_without_batchnorm():
     model = bn_mlp([0.1, -2.0, 0.5, 1.0])
     dg = fxprune.analyze(model, (torch.randn(2, 3),))
@@ -103,7 +86,7 @@ def test_bn_scale_is_abs_gamma_and_skips_groups_without_batchnorm():
 
 
 def gradient_setup(batches):
-    model = mlp()
+    model = fixed_mlp()
     loss_fn = lambda m, batch: (m(batch) ** 2).sum()  # noqa: E731
     grads, squares = [], []
     for batch in batches:  # independent reference: plain autograd on a copy
@@ -163,9 +146,9 @@ def test_calibration_leaves_the_model_as_it_was():
 
 def test_gradient_criteria_need_data():
     with pytest.raises(ValueError, match="calibration"):
-        fxprune.prune(mlp(), 0.5, example_inputs=(torch.randn(2, 3),), importance="hessian")
+        fxprune.prune(fixed_mlp(), 0.5, example_inputs=(torch.randn(2, 3),), importance="hessian")
     with pytest.raises(ValueError, match="empty"):
-        fxprune.prune(mlp(), 0.5, example_inputs=(torch.randn(2, 3),), importance=Taylor([]))
+        fxprune.prune(fixed_mlp(), 0.5, example_inputs=(torch.randn(2, 3),), importance=Taylor([]))
 
 
 def test_user_callable_gets_slice_matrices_per_member():
@@ -175,19 +158,19 @@ def test_user_callable_gets_slice_matrices_per_member():
         seen.update({k: tuple(v.shape) for k, v in weights.items()})
         return weights["0.weight[0]"].abs().sum(1)  # 1, 2, 3, 3
 
-    pruned = fxprune.prune(mlp(), 0.5, example_inputs=(torch.randn(2, 3),), importance=by_first_member)
+    pruned = fxprune.prune(fixed_mlp(), 0.5, example_inputs=(torch.randn(2, 3),), importance=by_first_member)
     assert seen == {"0.weight[0]": (4, 3), "0.bias[0]": (4, 1), "2.weight[1]": (4, 2)}
-    torch.testing.assert_close(pruned.get_submodule("0").weight, mlp()[0].weight[2:])
-    legacy = fxprune.prune(mlp(), 0.5, example_inputs=(torch.randn(2, 3),),
+    torch.testing.assert_close(pruned.get_submodule("0").weight, fixed_mlp()[0].weight[2:])
+    legacy = fxprune.prune(fixed_mlp(), 0.5, example_inputs=(torch.randn(2, 3),),
                            importance=lambda dg, group, tensors: -np.arange(group.units))  # last units lowest
-    torch.testing.assert_close(legacy.get_submodule("0").weight, mlp()[0].weight[:2])
+    torch.testing.assert_close(legacy.get_submodule("0").weight, fixed_mlp()[0].weight[:2])
 
 
 def test_bad_importance_results_and_names_are_clear_errors():
     with pytest.raises(ValueError, match="returned 3 scores for group G.*4 units"):
-        fxprune.prune(mlp(), 0.5, example_inputs=(torch.randn(2, 3),), importance=lambda g, w: [1, 2, 3])
+        fxprune.prune(fixed_mlp(), 0.5, example_inputs=(torch.randn(2, 3),), importance=lambda g, w: [1, 2, 3])
     with pytest.raises(ValueError, match="unknown importance 'l3'"):
-        fxprune.prune(mlp(), 0.5, example_inputs=(torch.randn(2, 3),), importance="l3")
+        fxprune.prune(fixed_mlp(), 0.5, example_inputs=(torch.randn(2, 3),), importance="l3")
     with pytest.raises(ValueError, match="unknown reduction"):
         Magnitude(2, reduction="median")
 

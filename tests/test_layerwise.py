@@ -10,29 +10,16 @@ import torch
 
 import fxprune
 from fxprune.io.checkpoint.shards import Checkpoint
-from fxprune.testing import assert_same_outputs, tiny_llama
+from fxprune.testing import assert_same_outputs, kept_units, tiny_llama
+from tests.models import CHECKPOINT_LLAMA, saved_tiny_llama
 
 transformers = pytest.importorskip("transformers")
 if tuple(int(v) for v in transformers.__version__.split(".")[:2]) < (5, 4):
     pytest.skip("a LLaMA on the meta device needs transformers >= 5.4 (README: tested versions)",
                 allow_module_level=True)
 
-SIZES = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128)
-
-
 def _batches(n=3, rows=2, length=9):
     return [torch.randint(0, 100, (rows, length), generator=torch.Generator().manual_seed(i)) for i in range(n)]
-
-
-def _saved(folder, **config):
-    """A tiny LLaMA saved in shards of at most 20KB (about 300KB in all); returns the model."""
-    model = tiny_llama(**{**SIZES, **config})
-    model.save_pretrained(folder, max_shard_size="20KB")
-    return model
-
-
-def _kept(plan):
-    return {str(g.key): g.kept for g in plan.groups}
 
 
 def _logits(model, ids):
@@ -46,14 +33,14 @@ def test_layer_by_layer_equals_the_in_memory_sequential_refit(tmp_path, importan
     model: the same statistics (the original model's, layer after layer), the same consumers refit stage for stage
     on the same pairs of inputs, in float32 both."""
     src, out = tmp_path / "src", tmp_path / "out"
-    model = _saved(src)
-    original = tiny_llama(**SIZES)
+    model = saved_tiny_llama(src)
+    original = tiny_llama(**CHECKPOINT_LLAMA)
     batches = _batches()
     plan = fxprune.prune_checkpoint(src, out, ratio=0.5, importance=importance, calibration=batches,
                                     reconstruct=True, progress=False)
     fxprune.prune(model, 0.5, example_inputs=(batches[0],), importance=importance, calibration=batches,
                   reconstruct=True, sequential=True, inplace=True)
-    assert _kept(plan) == _kept(fxprune.plan_of(model))
+    assert kept_units(plan) == kept_units(fxprune.plan_of(model))
     assert any(len(g.kept) < g.units for g in plan.groups)
     assert plan.settings["sequential"] and plan.settings["streamed"]
     reloaded = fxprune.load_pretrained(str(out))
@@ -68,7 +55,7 @@ def test_only_one_decoder_layer_is_read_at_a_time(tmp_path, monkeypatch):
     from fxprune.io.checkpoint.blocks import segments_of
 
     src, out = tmp_path / "src", tmp_path / "out"
-    model = _saved(src, num_hidden_layers=3)
+    model = saved_tiny_llama(src, num_hidden_layers=3)
     dg = fxprune.analyze(meta_model(model.config), (_batches()[0],), inplace=True)
     segments = segments_of(dg.gm, dg.model)
     assert [s.name for s in segments] == ["<head>", "model.layers.0", "model.layers.1", "model.layers.2", "<tail>"]
@@ -105,7 +92,7 @@ def test_only_one_decoder_layer_is_read_at_a_time(tmp_path, monkeypatch):
 
 def test_errors_name_what_is_missing(tmp_path):
     src = tmp_path / "src"
-    _saved(src)
+    saved_tiny_llama(src)
     with pytest.raises(ValueError, match="needs calibration batches"):
         fxprune.prune_checkpoint(src, tmp_path / "a", ratio=0.5, importance="wanda")
     with pytest.raises(ValueError, match="reconstruct=True needs calibration"):
@@ -121,7 +108,7 @@ def test_command_line_streaming_with_calibration(tmp_path, capsys):
     from fxprune.cli import commands as cli
 
     src, out = tmp_path / "src", tmp_path / "out"
-    model = tiny_llama(**SIZES).to(torch.bfloat16)  # refit in float32, written back in bfloat16
+    model = tiny_llama(**CHECKPOINT_LLAMA).to(torch.bfloat16)  # refit in float32, written back in bfloat16
     model.save_pretrained(src, max_shard_size="20KB")
     torch.save(torch.cat(_batches(4)), tmp_path / "ids.pt")
     code = cli.main(["prune", f"hf:{src}", "--ratio", "0.5", "--streaming", "--calibration", str(tmp_path / "ids.pt"),
@@ -147,13 +134,13 @@ def test_command_line_streaming_with_calibration(tmp_path, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_layer_by_layer_on_cuda_plans_as_on_cpu(tmp_path):
     src = tmp_path / "src"
-    _saved(src)
+    saved_tiny_llama(src)
     batches = _batches()
     on_cpu = fxprune.prune_checkpoint(src, tmp_path / "cpu", ratio=0.5, importance="activation",
                                       calibration=batches, reconstruct=True, progress=False)
     on_cuda = fxprune.prune_checkpoint(src, tmp_path / "cuda", ratio=0.5, importance="activation",
                                        calibration=batches, reconstruct=True, device="cuda", progress=False)
-    assert _kept(on_cuda) == _kept(on_cpu)
+    assert kept_units(on_cuda) == kept_units(on_cpu)
     ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(5))
     assert_same_outputs(_logits(fxprune.load_pretrained(str(tmp_path / "cuda")), ids),
                         _logits(fxprune.load_pretrained(str(tmp_path / "cpu")), ids))

@@ -10,7 +10,7 @@ import torch.nn as nn
 import fxprune
 import fxprune.testing
 from tests import models
-from tests.test_importance import bn_mlp, mlp
+from tests.models import bn_mlp, fixed_mlp
 
 X = (torch.randn(2, 3, 8, 8),)
 NAMES = ("stem.0", "block.0", "down")
@@ -75,7 +75,7 @@ def test_custom_schedule_and_bad_settings():
 
 
 def test_group_norm_regularizer_adds_adaptive_strength_times_weight():
-    model = mlp()  # group norms of the 4 hidden units: sqrt(2.25, 5, 9, 7)
+    model = fixed_mlp()  # group norms of the 4 hidden units: sqrt(2.25, 5, 9, 7)
     pruner = fxprune.Pruner(model, (torch.randn(2, 3),), ratio=0.5, regularizer="group_norm", reg=0.1, alpha=4, round_to=1)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)

@@ -11,7 +11,7 @@ import torch
 import fxprune
 import fxprune.testing
 from fxprune.io.plans import GroupKey
-from fxprune.testing import assert_same_outputs
+from fxprune.testing import assert_same_outputs, assert_same_state
 from tests import models
 
 CASES = {  # name: (factory, example input shape); together they cover whole axes, products, segments, heads
@@ -26,13 +26,6 @@ def build(name):
     factory, shape = CASES[name]
     torch.manual_seed(0)
     return factory().eval(), (torch.randn(shape, generator=torch.Generator().manual_seed(1)),)
-
-
-def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert list(sa) == list(sb)
-    for key in sa:
-        assert torch.equal(sa[key], sb[key]), key
 
 
 @pytest.mark.parametrize("name", list(CASES))

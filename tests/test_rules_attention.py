@@ -8,26 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
-from fxprune.testing import plant_dead_units
-
-
-def _oracle(model, *inputs, seed=0, groups=None):
-    """Plant dead units in every oracle group, prune exactly them, compare with the unpruned graph."""
-    model.eval()
-    dg = fxprune.analyze(model, inputs, prune_head_dims=True)
-    removal = plant_dead_units(dg, groups, seed=seed)
-    assert removal, "nothing to prune: the test model is too small"
-    before = dg.gm(*inputs)
-    pruned = fxprune.apply(dg, removal)
-    after = pruned(*inputs)
-    assert after.shape == before.shape
-    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
-    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in dg.gm.parameters())
-    return dg, pruned, removal
-
-
-def _ids(dg, name, axis):
-    return [g.id for g in dg.groups_of(name, axis)]
+from fxprune.testing import group_ids, run_oracle
 
 
 class Sdpa(nn.Module):
@@ -57,12 +38,12 @@ def test_sdpa_ties_heads_and_splits_qk_and_v_head_dims(mask):
     dg = fxprune.analyze(Sdpa(mask=mask).eval(), (torch.randn(1, 3, 8),), prune_head_dims=True)
     heads, qk = dg.groups_of("q.weight", 0)
     assert (heads.units, qk.units) == (4, 2)
-    assert _ids(dg, "k.weight", 0) == [heads.id, qk.id]
+    assert group_ids(dg, "k.weight", 0) == [heads.id, qk.id]
     h2, v = dg.groups_of("v.weight", 0)
     assert h2 is heads and v is not qk and v.units == 2
-    assert _ids(dg, "o.weight", 1) == [heads.id, v.id]
+    assert group_ids(dg, "o.weight", 1) == [heads.id, v.id]
     # the attention output is (B, H, N, Dv); the key/query sequence axes are the input's, frozen
-    assert _ids(dg, "scaled_dot_product_attention", 1) == [heads.id]
+    assert group_ids(dg, "scaled_dot_product_attention", 1) == [heads.id]
     assert dg.group_of("scaled_dot_product_attention", 3) is v
     assert dg.group_of("scaled_dot_product_attention", 2).frozen
     assert {g.id for g in dg.prunable_groups} == {heads.id, qk.id, v.id}
@@ -74,7 +55,7 @@ def test_sdpa_ties_heads_and_splits_qk_and_v_head_dims(mask):
 @pytest.mark.parametrize("mask", [False, True])
 def test_sdpa_prunes_exactly_and_pins_the_scale(mask):
     x = torch.randn(1, 3, 8)
-    dg, pruned, removal = _oracle(Sdpa(mask=mask), x)
+    dg, removal, pruned = run_oracle(Sdpa(mask=mask), (x,), absolute=True)
     heads, qk = dg.groups_of("q.weight", 0)
     assert len(removal[qk]) == 1  # the q/k head dim shrinks from 2 to 1 ...
     node = next(n for n in pruned.graph.nodes if n.target is F.scaled_dot_product_attention)
@@ -88,12 +69,12 @@ def test_gqa_makes_query_heads_a_product_of_kv_groups_and_ranks():
     dg = fxprune.analyze(Sdpa(kv=2).eval(), (x,), prune_head_dims=True)
     kv, rank, qk = dg.groups_of("q.weight", 0)
     assert (kv.units, rank.units, qk.units) == (2, 2, 2)
-    assert _ids(dg, "k.weight", 0) == [kv.id, qk.id]
+    assert group_ids(dg, "k.weight", 0) == [kv.id, qk.id]
     kv2, v = dg.groups_of("v.weight", 0)
     assert kv2 is kv and v.units == 2
-    assert _ids(dg, "o.weight", 1) == [kv.id, rank.id, v.id]
+    assert group_ids(dg, "o.weight", 1) == [kv.id, rank.id, v.id]
     assert {g.id for g in dg.prunable_groups} == {kv.id, rank.id, qk.id, v.id}
-    dg, pruned, removal = _oracle(Sdpa(kv=2), x)
+    dg, removal, pruned = run_oracle(Sdpa(kv=2), (x,), absolute=True)
     kv, rank, qk = dg.groups_of("q.weight", 0)
     assert pruned.q.out_features == (2 - len(removal[kv])) * (2 - len(removal[rank])) * (2 - len(removal[qk]))
     assert pruned.k.out_features == (2 - len(removal[kv])) * (2 - len(removal[qk]))
@@ -124,8 +105,8 @@ def test_multihead_attention_is_decomposed_into_heads():
     assert [g.units for g in (heads, qk, v)] == [2, 4, 4] and qk is not v
     assert dg.describe(dg.layout_of("attn.in_proj_weight", 0)) == (
         f"((G{heads.id}(2) x G{qk.id}(4)) ++ (G{heads.id}(2) x G{qk.id}(4)) ++ (G{heads.id}(2) x G{v.id}(4)))")
-    assert _ids(dg, "attn.out_proj.weight", 1) == [heads.id, v.id]
-    dg, pruned, removal = _oracle(Mha(), x)
+    assert group_ids(dg, "attn.out_proj.weight", 1) == [heads.id, v.id]
+    dg, removal, pruned = run_oracle(Mha(), (x,), absolute=True)
     assert len(removal) == 4
 
 

@@ -5,57 +5,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
-from fxprune.testing import plant_dead_units
+from fxprune.testing import group_ids, run_oracle
+from tests.models import WorkedExample
 
 
 def _units(dg, name, axis):
     return [g.units for g in dg.groups_of(name, axis)]
 
 
-def _ids(dg, name, axis):
-    return [g.id for g in dg.groups_of(name, axis)]
-
-
-def _oracle(model, *inputs, seed=0):
-    """Plant dead units in every oracle group, prune exactly them, compare with the unpruned graph."""
-    model.eval()
-    dg = fxprune.analyze(model, inputs)
-    removal = plant_dead_units(dg, seed=seed)
-    assert removal, "nothing to prune: the test model is too small"
-    before = dg.gm(*inputs)
-    pruned = fxprune.apply(dg, removal)
-    after = pruned(*inputs)
-    assert after.shape == before.shape
-    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
-    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in dg.gm.parameters())
-    return dg, pruned, removal
-
-
-class GroupedConvBlock(nn.Module):
-    """The worked example of DESIGN.md: conv1 -> bn1 -> relu -> grouped conv2 + residual -> flatten -> fc."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
-        self.fc = nn.Linear(8 * 4 * 4, 10)
-
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.conv1(x)))
-        z = self.conv2(y) + y
-        return self.fc(torch.flatten(z, 1))
-
-
 def test_grouped_conv_worked_example_groups():
-    dg = fxprune.analyze(GroupedConvBlock().eval(), (torch.randn(2, 3, 4, 4),))
+    dg = fxprune.analyze(WorkedExample().eval(), (torch.randn(2, 3, 4, 4),))
     # conv2's groups split every member of the channel stream into (G: 2) x (per group: 4)
     assert _units(dg, "conv1.weight", 0) == [2, 4]
     g, c = dg.groups_of("conv1.weight", 0)
     for name, axis in [("conv1.bias", 0), ("bn1.weight", 0), ("bn1.bias", 0), ("bn1.running_mean", 0),
                        ("bn1.running_var", 0), ("conv2.weight", 0), ("conv2.bias", 0), ("conv1", 1), ("conv2", 1),
                        ("relu", 1), ("add", 1)]:
-        assert _ids(dg, name, axis) == [g.id, c.id], name
+        assert group_ids(dg, name, axis) == [g.id, c.id], name
     # conv2's weight axis 1 (input channels per group) is exactly the per-group atom
     assert dg.group_of("conv2.weight", 1) is c
     # fc columns are (G x C x H x W); H and W are spatial and frozen
@@ -75,13 +41,10 @@ def test_grouped_conv_worked_example_groups():
 
 def test_grouped_conv_worked_example_prunes_exactly():
     x = torch.randn(2, 3, 4, 4)
-    dg = fxprune.analyze(GroupedConvBlock().eval(), (x,))
+    dg, removal, pruned = run_oracle(WorkedExample(), (x,), lambda dg: dg.groups_of("conv1.weight", 0),
+                                     fraction=0.5, seed=1, absolute=True)
     g, c = dg.groups_of("conv1.weight", 0)
-    removal = plant_dead_units(dg, [g, c], fraction=0.5, seed=1)
     assert [len(removal[g]), len(removal[c])] == [1, 2]
-    before = dg.gm(x)
-    pruned = fxprune.apply(dg, removal)
-    torch.testing.assert_close(pruned(x), before, atol=1e-5, rtol=0)
     # one conv group left with 2 channels: groups shrinks from 2 to 1
     assert pruned.conv2.groups == 1
     assert tuple(pruned.conv2.weight.shape) == (2, 2, 3, 3)
@@ -91,12 +54,8 @@ def test_grouped_conv_worked_example_prunes_exactly():
 
 def test_removing_a_rank_keeps_every_conv_group():
     x = torch.randn(2, 3, 4, 4)
-    dg = fxprune.analyze(GroupedConvBlock().eval(), (x,))
-    _, c = dg.groups_of("conv1.weight", 0)
-    removal = plant_dead_units(dg, [c], fraction=0.25, seed=0)
-    before = dg.gm(x)
-    pruned = fxprune.apply(dg, removal)
-    torch.testing.assert_close(pruned(x), before, atol=1e-5, rtol=0)
+    _, _, pruned = run_oracle(WorkedExample(), (x,), lambda dg: dg.groups_of("conv1.weight", 0)[1:], fraction=0.25,
+                              absolute=True)
     assert pruned.conv2.groups == 2
     assert tuple(pruned.conv2.weight.shape) == (6, 3, 3, 3)
 
@@ -119,16 +78,16 @@ def test_grouped_conv_transpose_relations():
     assert _units(dg, "ct.weight", 1) == [3]
     g, cin = dg.groups_of("ct.weight", 0)
     cout = dg.group_of("ct.weight", 1)
-    assert _ids(dg, "c1.weight", 0) == [g.id, cin.id]
-    assert _ids(dg, "ct", 1) == [g.id, cout.id]
-    assert _ids(dg, "ct.bias", 0) == [g.id, cout.id]
-    assert _ids(dg, "c2.weight", 1) == [g.id, cout.id]
+    assert group_ids(dg, "c1.weight", 0) == [g.id, cin.id]
+    assert group_ids(dg, "ct", 1) == [g.id, cout.id]
+    assert group_ids(dg, "ct.bias", 0) == [g.id, cout.id]
+    assert group_ids(dg, "c2.weight", 1) == [g.id, cout.id]
     assert dg.describe(dg.layout_of("c2.weight", 1)) == f"(G{g.id}(2) x G{cout.id}(3))"
     assert all(x.prunable for x in (g, cin, cout))
 
 
 def test_grouped_conv_transpose_prunes_exactly():
-    dg, pruned, removal = _oracle(ConvTransposeChain(), torch.randn(1, 2, 4, 4))
+    dg, removal, pruned = run_oracle(ConvTransposeChain(), (torch.randn(1, 2, 4, 4),), absolute=True)
     assert len(removal) == 3
     assert pruned.ct.groups == 1
     assert tuple(pruned.ct.weight.shape) == (1, 2, 3, 3)
@@ -166,7 +125,7 @@ def test_functional_and_depthwise_conv_relations():
 
 def test_functional_depthwise_conv_rewrites_groups_argument():
     x = torch.randn(2, 2, 5)
-    dg, pruned, removal = _oracle(FunctionalConvs(), x)
+    dg, removal, pruned = run_oracle(FunctionalConvs(), (x,), absolute=True)
     (units,) = removal.values()
     kept = 4 - len(units)
     assert tuple(pruned.w1.shape) == (kept, 2, 3) and tuple(pruned.w2.shape) == (kept, 1, 3)
@@ -189,24 +148,19 @@ class Conv3dAndUnbatched(nn.Module):
 def test_conv3d_and_unbatched_conv1d():
     x, s = torch.randn(1, 2, 2, 2, 2), torch.randn(3, 5)  # s is an unbatched (C, L) input
     model = Conv3dAndUnbatched().eval()
-    dg = fxprune.analyze(model, (x, s))
+    dg, removal, pruned = run_oracle(model, (x, s), seed=2, prune_head_dims=False, absolute=True)
     assert dg.group_of("a.weight", 0) is dg.group_of("b.weight", 1)
     assert dg.group_of("a.weight", 0).units == 4
     assert dg.group_of("c.weight", 0) is dg.group_of("d.weight", 1) is dg.group_of("c", 0)
     assert "spatial axis" in dg.group_of("c", 1).frozen[0]
     assert sorted(g.units for g in dg.prunable_groups) == [4, 6]
-    removal = plant_dead_units(dg, seed=2)
-    before = dg.gm(x, s)
-    pruned = fxprune.apply(dg, removal)
-    for got, want in zip(pruned(x, s), before):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert pruned.a.out_channels == 4 - len(removal[dg.group_of("a.weight", 0)])
     assert pruned.c.out_channels == 6 - len(removal[dg.group_of("c.weight", 0)])
 
 
 def test_prune_ratio_grouped_conv_runs():
     x = torch.randn(2, 3, 4, 4)
-    model = GroupedConvBlock().eval()
+    model = WorkedExample().eval()
     pruned = fxprune.prune(model, 0.5, example_inputs=(x,), round_to=1)
     assert pruned(x).shape == (2, 10)
     assert pruned.conv2.groups == 1 and pruned.conv2.out_channels == 2

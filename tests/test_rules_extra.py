@@ -7,19 +7,7 @@ import torch.nn.functional as F
 
 import fxprune
 from fxprune.algebra.context import AnalysisState, RuleContext
-from fxprune.testing import exported, plant_dead_units
-
-
-def _oracle(model, *inputs):
-    """Plant dead units in every oracle group, prune exactly them, compare with the unpruned graph."""
-    dg = fxprune.analyze(model, inputs, prune_head_dims=True)
-    assert not dg.state.unsupported, dg.report()
-    removal = plant_dead_units(dg)
-    assert removal, "nothing to prune"
-    before = dg.gm(*inputs)
-    after = fxprune.apply(dg, removal)(*inputs)
-    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
-    return dg
+from fxprune.testing import exported, plant_dead_units, run_oracle
 
 
 class InplaceActs(nn.Module):
@@ -38,7 +26,7 @@ def test_inplace_aten_activations_are_elementwise():
     gm = exported(InplaceActs().eval(), x)  # keeps aten.silu_ / hardswish_ / detach_
     ops = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
     assert {"aten.silu_.default", "aten.hardswish_.default"} <= ops
-    dg = _oracle(gm, x)
+    dg, _, _ = run_oracle(gm, (x,), absolute=True, all_supported=True)
     assert dg.group_of("a.weight", 0).prunable and dg.group_of("b.weight", 0).prunable
 
 
@@ -55,7 +43,7 @@ def test_aten_grid_sampler_carries_channels_and_freezes_positions():
     x, grid = torch.randn(1, 3, 5, 5), torch.rand(1, 3, 3, 2) * 2 - 1
     gm = exported(Sampler().eval(), x, grid)
     assert any("grid_sampler" in str(n.target) for n in gm.graph.nodes)
-    dg = _oracle(gm, x, grid)
+    dg, _, _ = run_oracle(gm, (x, grid), absolute=True, all_supported=True)
     assert dg.group_of("a.weight", 0).units == 6 and dg.group_of("a.weight", 0).prunable
 
 
@@ -69,7 +57,7 @@ class Scan(nn.Module):
 
 
 def test_cumsum_method_keeps_channels_and_freezes_the_scanned_axis():
-    dg = _oracle(Scan().eval(), torch.randn(2, 5, 4))
+    dg, _, _ = run_oracle(Scan().eval(), (torch.randn(2, 5, 4),), absolute=True, all_supported=True)
     assert dg.group_of("a.weight", 0).prunable
     assert dg.group_of("cumsum", 1).frozen
 
@@ -82,7 +70,7 @@ def test_timm_vit_attention_heads_are_prunable():
     model = VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=4, num_classes=5).eval()
     assert timm.layers.use_fused_attn() in (True, False)
     model.blocks[0].attn.fused_attn = False  # the explicit q @ k path, with maybe_add_mask around the scores
-    dg = _oracle(model, torch.randn(2, 3, 16, 16))
+    dg, _, _ = run_oracle(model, (torch.randn(2, 3, 16, 16),), absolute=True, all_supported=True)
     groups = dg.groups_of("blocks.0.attn.qkv.weight", 0)
     heads = [g for g in groups if g.units == 4]
     assert heads and heads[0].prunable, dg.report()
@@ -110,7 +98,7 @@ def test_aten_mm_bmm_baddbmm_bind_their_schema_names():
     gm = exported(Products().eval(), x)
     ops = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
     assert {"aten.mm.default", "aten.bmm.default", "aten.baddbmm.default"} <= ops
-    dg = _oracle(gm, x)
+    dg, _, _ = run_oracle(gm, (x,), absolute=True, all_supported=True)
     hidden = dg.group_of("w", 1)
     assert hidden.units == 6 and hidden.prunable
     assert dg.group_of("q.weight", 1) is hidden and dg.group_of("k.weight", 1) is hidden

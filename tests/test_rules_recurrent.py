@@ -5,22 +5,7 @@ import torch
 import torch.nn as nn
 
 import fxprune
-from fxprune.testing import plant_dead_units
-
-
-def _oracle(model, *inputs, seed=0, groups=None):
-    """Plant dead units in every oracle group, prune exactly them, compare with the unpruned graph."""
-    model.eval()
-    dg = fxprune.analyze(model, inputs)
-    removal = plant_dead_units(dg, groups, seed=seed)
-    assert removal, "nothing to prune: the test model is too small"
-    before = dg.gm(*inputs)
-    pruned = fxprune.apply(dg, removal)
-    after = pruned(*inputs)
-    assert after.shape == before.shape
-    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
-    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in dg.gm.parameters())
-    return dg, pruned, removal
+from fxprune.testing import run_oracle
 
 
 class Seq(nn.Module):
@@ -62,7 +47,7 @@ def test_hidden_units_are_one_group_and_gate_blocks_are_frozen(cls, gates):
 @pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU, nn.RNN])
 def test_recurrent_prunes_exactly(cls):
     x = torch.randn(2, 3, 3)
-    dg, pruned, removal = _oracle(Seq(cls, batch_first=True), x)
+    dg, removal, pruned = run_oracle(Seq(cls, batch_first=True), (x,), absolute=True)
     hidden = dg.group_of("out.weight", 1)
     kept = 5 - len(removal[hidden])
     assert pruned.rnn.hidden_size == kept and pruned.rnn.input_size == 4 - len(removal[dg.group_of("inp.weight", 0)])
@@ -81,7 +66,7 @@ def test_bidirectional_two_layer_gru():
     member = next(m for m in hidden.members if m.name == "out.weight")
     assert member.indices(hidden, [1]).tolist() == [1, 6]
     assert dg.group_of("rnn.weight_ih_l0_reverse", 1) is dg.group_of("inp.weight", 0)
-    dg, pruned, removal = _oracle(Seq(nn.GRU, num_layers=2, bidirectional=True), x)
+    dg, removal, pruned = run_oracle(Seq(nn.GRU, num_layers=2, bidirectional=True), (x,), absolute=True)
     kept = 5 - len(removal[dg.groups_of("rnn.weight_hh_l1_reverse", 0)[1]])
     assert pruned.out.in_features == 2 * kept and pruned.rnn.weight_ih_l1.shape[1] == 2 * kept
 
@@ -101,7 +86,7 @@ def test_final_state_shares_the_hidden_group(cls):
     assert [g.units for g in layers] == [1, 1]
     assert all(any("RNN layers x directions" in w for w in g.frozen) for g in layers)
     assert any("integer index" in w for w in layers[-1].frozen)
-    _oracle(Seq(cls, use_state=use_state, batch_first=True, num_layers=2), x)
+    run_oracle(Seq(cls, use_state=use_state, batch_first=True, num_layers=2), (x,), absolute=True)
 
 
 @pytest.mark.filterwarnings("ignore:LSTM with projections")

@@ -8,22 +8,9 @@ import torch
 import torch.nn as nn
 
 import fxprune
-from fxprune.testing import exported, plant_dead_units
+from fxprune.testing import exported, run_oracle
 
 T, E, K = 5, 3, 2  # tokens, experts, experts per token
-
-
-def _oracle(gm, *inputs):
-    """Plant dead units in every oracle group, prune exactly them, compare with the unpruned graph."""
-    dg = fxprune.analyze(gm, inputs)
-    assert not dg.state.unsupported, dg.report()
-    removal = plant_dead_units(dg)
-    assert removal, "nothing to prune"
-    with torch.no_grad():
-        before = dg.gm(*inputs)
-        after = fxprune.apply(dg, removal)(*inputs)
-    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
-    return dg
 
 
 class Gathered(nn.Module):
@@ -98,7 +85,7 @@ def test_removing_experts_matches_the_smaller_model_and_keeps_top_k():
 
 def test_topk_index_and_index_add_prune_exactly():
     x = torch.randn(T, 4)
-    dg = _oracle(exported(Gathered().eval(), x), x)
+    dg, _, _ = run_oracle(exported(Gathered().eval(), x), (x,), absolute=True, all_supported=True)
     assert {g.units for g in dg.prunable_groups} == {6, 5, E}  # the experts: prunable, not in the oracle
 
 
@@ -127,7 +114,7 @@ def test_index_select_index_put_scatter_add_relations_and_oracle():
     ops = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
     assert {"aten.index_select.default", "aten.index_put_.default", "aten.scatter_add.default",
             "aten.histc.default", "aten.sort.default"} <= ops
-    dg = _oracle(gm, x, ids)
+    dg, _, _ = run_oracle(gm, (x, ids), absolute=True, all_supported=True)
     first = dg.group_of("a.weight", 0)  # gathered by index_select, carried into b
     assert first.units == 6 and first.prunable and dg.group_of("b.weight", 1) is first
     second = dg.group_of("b.weight", 0)  # index_put_ values and scatter_add's source/index (same width) into out
@@ -192,7 +179,10 @@ def test_grouped_mm_ties_the_contraction_and_the_expert_units(fallback):
     x, ids = torch.randn(T, 4, dtype=dtype), torch.tensor([2, 0, 1, 0, 2])
     gm = exported(Grouped(fallback).eval().to(dtype), x, ids)
     assert any("grouped_mm" in str(n.target) for n in gm.graph.nodes)
-    dg = _oracle(gm, x, ids) if fallback else fxprune.analyze(gm, (x, ids))
+    if fallback:
+        dg, _, _ = run_oracle(gm, (x, ids), absolute=True, all_supported=True)
+    else:
+        dg = fxprune.analyze(gm, (x, ids))
     assert not dg.state.unsupported, dg.report()
     assert dg.group_of("w", 0).frozen  # offsets counted from ids that no router ranked: the experts stay
     hidden = dg.group_of("a.weight", 0)
@@ -218,6 +208,6 @@ def test_index_put_ties_the_unindexed_leading_axis():
     x, idx = torch.randn(T, 4), torch.tensor([4, 0, 2])
     gm = exported(LeadingPut().eval(), x, idx)
     assert any("index_put" in str(n.target) for n in gm.graph.nodes)
-    dg = _oracle(gm, x, idx)
+    dg, _, _ = run_oracle(gm, (x, idx), absolute=True, all_supported=True)
     channels = dg.group_of("a.weight", 0)
     assert channels.units == 6 and channels.prunable and dg.group_of("out.weight", 1) is channels

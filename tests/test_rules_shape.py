@@ -5,27 +5,8 @@ import torch
 import torch.nn as nn
 
 import fxprune
-from fxprune.testing import plant_dead_units
+from fxprune.testing import group_ids, run_oracle
 from tests.models import skip_unless_symbolically_traceable
-
-
-def _oracle(model, *inputs, seed=0, groups=None):
-    """Plant dead units in every oracle group, prune exactly them, compare with the unpruned graph."""
-    model.eval()
-    dg = fxprune.analyze(model, inputs, prune_head_dims=True)
-    removal = plant_dead_units(dg, groups, seed=seed)
-    assert removal, "nothing to prune: the test model is too small"
-    before = dg.gm(*inputs)
-    pruned = fxprune.apply(dg, removal)
-    after = pruned(*inputs)
-    assert after.shape == before.shape
-    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
-    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in dg.gm.parameters())
-    return dg, pruned, removal
-
-
-def _ids(dg, name, axis):
-    return [g.id for g in dg.groups_of(name, axis)]
 
 
 class Heads(nn.Module):
@@ -63,7 +44,7 @@ def test_view_to_heads_is_a_product_of_heads_and_head_dim(form):
     assert (heads.units, dim.units) == (2, 4)
     assert dg.describe(dg.layout_of("q.weight", 0)) == f"(G{heads.id}(2) x G{dim.id}(4))"
     for name, axis in [("q.bias", 0), ("k.weight", 0), ("k.bias", 0), ("o.weight", 1)]:
-        assert _ids(dg, name, axis) == [heads.id, dim.id], name
+        assert group_ids(dg, name, axis) == [heads.id, dim.id], name
     assert heads.prunable and dim.prunable
     assert "graph output" in dg.group_of("o.weight", 0).frozen[0]
     assert "graph input" in dg.group_of("q.weight", 1).frozen[0]
@@ -74,12 +55,8 @@ def test_view_to_heads_is_a_product_of_heads_and_head_dim(form):
 def test_view_to_heads_rewrites_shape_constants(form):
     skip_unless_symbolically_traceable(Heads(form))
     x = torch.randn(1, 3, 8)
-    dg = fxprune.analyze(Heads(form).eval(), (x,), prune_head_dims=True)
-    heads, dim = dg.groups_of("q.weight", 0)
-    removal = plant_dead_units(dg, [heads, dim], fraction=0.5, seed=0)
-    before = dg.gm(x)
-    pruned = fxprune.apply(dg, removal)
-    torch.testing.assert_close(pruned(x), before, atol=1e-5, rtol=0)
+    _, _, pruned = run_oracle(Heads(form), (x,), lambda dg: dg.groups_of("q.weight", 0), fraction=0.5,
+                              absolute=True)  # heads and head dims
     assert pruned.q.out_features == pruned.k.out_features == pruned.o.in_features == 1 * 2
     code = pruned.code
     if form == "view":
@@ -112,8 +89,8 @@ def test_channel_shuffle_permutes_factors():
     dg = fxprune.analyze(ChannelShuffle().eval(), (x,), prune_head_dims=True)
     g, c = dg.groups_of("a.weight", 0)
     assert (g.units, c.units) == (2, 4)
-    assert _ids(dg, "b.weight", 1) == [c.id, g.id]  # the shuffled order
-    dg, pruned, removal = _oracle(ChannelShuffle(), x)
+    assert group_ids(dg, "b.weight", 1) == [c.id, g.id]  # the shuffled order
+    dg, removal, pruned = run_oracle(ChannelShuffle(), (x,), absolute=True)
     g, c = dg.groups_of("a.weight", 0)
     assert set(removal) == {g, c}
     kept = (2 - len(removal[g])) * (4 - len(removal[c]))
@@ -151,7 +128,7 @@ def test_flatten_unsqueeze_movedim_and_unflatten_module():
     assert dg.group_of("unflat", 1) is dg.group_of("fc1.weight", 0)
     assert not ch.normalized  # the mean is over H and W, the sums over channels are exact
     assert dg.group_of("x", 2).frozen  # H, W
-    dg, pruned, removal = _oracle(FlattenForms(), x)
+    dg, removal, pruned = run_oracle(FlattenForms(), (x,), absolute=True)
     kept = 4 - len(removal[dg.group_of("conv.weight", 0)])
     assert pruned.conv.out_channels == pruned.fc2.in_features == kept
     assert pruned.fc1.in_features == kept * 4
@@ -195,7 +172,7 @@ def test_repeat_expand_and_factories_relations():
 
 def test_repeat_expand_and_factories_prune_exactly():
     x = torch.randn(2, 3)
-    dg, pruned, removal = _oracle(RepeatExpandFactories(), x)
+    dg, removal, pruned = run_oracle(RepeatExpandFactories(), (x,), absolute=True)
     ch = dg.group_of("a.weight", 0)
     copies = dg.groups_of("b.weight", 1)[0]
     kept_c, kept_r = 4 - len(removal[ch]), 2 - len(removal[copies])
@@ -226,7 +203,7 @@ def test_repeat_interleave_is_a_product_of_the_axis_and_its_copies():
     assert dg.describe(dg.layout_of("repeat_interleave", 1)) == f"(G{ch.id}(4) x G{copies.id}(2))"
     assert "no dim" in dg.group_of("b.weight", 0).frozen[0]
     x = torch.randn(2, 3)
-    dg, pruned, removal = _oracle(RepeatInterleave(), x, groups=[ch, copies])
+    dg, removal, pruned = run_oracle(RepeatInterleave(), (x,), groups=[ch, copies], absolute=True)
     kept_r = 2 - len(removal[copies])
     assert f"repeat_interleave(a, {kept_r}, dim = 1)" in pruned.code
     assert pruned.b.in_features == (4 - len(removal[ch])) * kept_r
@@ -250,7 +227,7 @@ def test_arange_freezes_positions():
     if "aten.arange" in dg.gm.code:  # exported (symbolic_trace fails on torch < 2.7): a literal arange is a
         # constant that rules/constants.py slices with the units it is multiplied with, exactly
         assert g.prunable
-        _oracle(M(), x, groups=[g])
+        run_oracle(M(), (x,), groups=[g], absolute=True)
         return
     assert g.frozen and any("torch.arange" in why for why in g.frozen)
     assert dg.prunable_groups == []
@@ -279,6 +256,6 @@ def test_a_whole_shape_argument_follows_its_tensor():
         assert dg.group_of(name, 1) is g, name
     # no shape constant for them: the shape node is re-read from the pruned tensor at run time
     assert [c.node.name for c in dg.state.constants if c.node.op != "call_module"] == []
-    dg, pruned, removal = _oracle(ShapeOfAnother(), x)
+    dg, removal, pruned = run_oracle(ShapeOfAnother(), (x,), absolute=True)
     assert "new_zeros(getattr_3)" in pruned.code and "view(getattr_2)" in pruned.code
     assert pruned.a.out_features == 4 - len(removal[dg.group_of("a.weight", 0)])

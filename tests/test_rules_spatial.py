@@ -6,22 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxprune
-from fxprune.testing import exported, plant_dead_units
-
-
-def _oracle(model, *inputs, seed=0, groups=None):
-    """Plant dead units in every oracle group, prune exactly them, compare with the unpruned graph."""
-    model.eval()
-    dg = fxprune.analyze(model, inputs)
-    removal = plant_dead_units(dg, groups, seed=seed)
-    assert removal, "nothing to prune: the test model is too small"
-    before = dg.gm(*inputs)
-    pruned = fxprune.apply(dg, removal)
-    after = pruned(*inputs)
-    assert after.shape == before.shape
-    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
-    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in dg.gm.parameters())
-    return dg, pruned, removal
+from fxprune.testing import exported, run_oracle
 
 
 class Pools2d(nn.Module):
@@ -55,7 +40,7 @@ def test_pools_resample_and_pads_carry_channels_and_freeze_spatial_axes():
         for d in (2, 3):
             assert any(why in w for w in dg.group_of(name, d).frozen), (name, d)
     assert [g.units for g in dg.prunable_groups] == [4]
-    _oracle(Pools2d(), torch.randn(2, 2, 4, 4))
+    run_oracle(Pools2d(), (torch.randn(2, 2, 4, 4),), absolute=True)
 
 
 class Pools1d3d(nn.Module):
@@ -78,7 +63,7 @@ def test_pools_1d_and_3d():
     assert dg.groups_of("fc.weight", 1) == [a, b]
     assert dg.group_of("max_pool1d", 1) is a and dg.group_of("avg_pool3d", 1) is b
     assert dg.group_of("avg_pool3d", 4).frozen and dg.group_of("max_pool1d", 2).frozen
-    _oracle(Pools1d3d(), x, v)
+    run_oracle(Pools1d3d(), (x, v), absolute=True)
 
 
 class ChannelPad(nn.Module):
@@ -121,7 +106,7 @@ def test_pixel_shuffle_is_a_product_with_frozen_spatial_factors():
     m, s1, s2 = dg.groups_of("down.weight", 1)
     assert m is dg.group_of("mid.weight", 0) and m.units == 3 and s1.frozen and s2.frozen
     assert sorted(g.units for g in dg.prunable_groups) == [2, 3]
-    dg, pruned, removal = _oracle(PixelShuffles(), torch.randn(1, 2, 2, 2))
+    dg, removal, pruned = run_oracle(PixelShuffles(), (torch.randn(1, 2, 2, 2),), absolute=True)
     c, m = dg.groups_of("up.weight", 0)[0], dg.group_of("mid.weight", 0)
     assert pruned.up.out_channels == 4 * (2 - len(removal[c]))
     assert pruned.down.in_channels == 4 * (3 - len(removal[m]))

@@ -14,7 +14,7 @@ import fxprune
 from fxprune.calibration import (plan_sequential, reconstruct, reconstruct_sequential, reestimate_batchnorm,
                                  stages_of)
 from fxprune.testing import assert_close_to_scale, exported
-from tests.test_calibration import MLP, _planted, _tanh_cnn
+from tests.models import MLP, Conv1D, plant_redundant_units, tanh_cnn
 
 
 def _mlp3():
@@ -71,7 +71,7 @@ def test_sequential_beats_one_shot_where_pruning_compounds(seed, kind):
     must only beat plain pruning, and sequential stay within 10% of one-shot.
     """
     torch.manual_seed(seed)
-    model, shape = (_mlp3(), (8,)) if kind == "mlp" else (_tanh_cnn().eval(), (2, 6, 6))
+    model, shape = (_mlp3(), (8,)) if kind == "mlp" else (tanh_cnn().eval(), (2, 6, 6))
     calibration = [torch.randn(64, *shape) for _ in range(8)]
     held_out = torch.randn(256, *shape)
     errors, pruned = _three_ways(model, calibration, held_out)
@@ -87,7 +87,7 @@ def test_sequential_equals_one_shot_when_only_the_first_group_is_pruned():
     """A planted copy in the first group, nothing pruned later: both refits move its column onto the copy."""
     torch.manual_seed(0)
     model = MLP(4, 8, 3, act=nn.GELU).eval()
-    _planted(model, {2: 5, 6: None})
+    plant_redundant_units(model, {2: 5, 6: None})
     model = nn.Sequential(model, nn.Tanh(), nn.Linear(3, 2)).eval()  # a later consumer (of a group left whole)
     x = torch.randn(2, 4)
     dg = fxprune.analyze(model, (x,))
@@ -148,7 +148,7 @@ def test_sequential_needs_reconstruct_and_a_reusable_list():
 def test_sequential_in_place_and_on_device(device):
     """In place (the original graph is copied before rewriting edits it) equals a copy; CUDA batches work."""
     torch.manual_seed(0)
-    model = _tanh_cnn().eval().to(device)
+    model = tanh_cnn().eval().to(device)
     batches = [torch.randn(16, 2, 6, 6, device=device) for _ in range(3)]
     x = torch.randn(8, 2, 6, 6, device=device)
     options = dict(example_inputs=(x[:2],), calibration=batches, reconstruct=True, sequential=True, round_to=1,
@@ -176,7 +176,7 @@ def _by_hand(module, model, batches):
 
 def test_reestimate_batchnorm_equals_batch_statistics_by_hand():
     torch.manual_seed(0)
-    model = _tanh_cnn().eval()
+    model = tanh_cnn().eval()
     with torch.no_grad():  # statistics of some other data: stale after pruning
         model[1].running_mean.uniform_(-1, 1)
         model[1].running_var.uniform_(0.5, 2)
@@ -203,7 +203,7 @@ def test_reestimate_batchnorm_equals_batch_statistics_by_hand():
 
 def test_reestimate_batchnorm_refuses_functional_batch_norm_and_warns_without_any():
     torch.manual_seed(0)
-    model = _tanh_cnn().eval()
+    model = tanh_cnn().eval()
     x = torch.randn(2, 2, 6, 6)
     with pytest.raises(NotImplementedError, match="symbolic_trace"):
         reestimate_batchnorm(exported(model, x), [x])
@@ -214,7 +214,7 @@ def test_reestimate_batchnorm_refuses_functional_batch_norm_and_warns_without_an
 def test_sequential_on_an_exported_graph_equals_the_traced_one():
     """aten.linear / aten.conv2d consumers are found in the pruned exported graph by weight name too."""
     torch.manual_seed(0)
-    model = _tanh_cnn().eval()
+    model = tanh_cnn().eval()
     batches = [torch.randn(16, 2, 6, 6) for _ in range(3)]
     x = torch.randn(8, 2, 6, 6)
     options = dict(example_inputs=(x[:2],), calibration=batches, reconstruct=True, sequential=True, round_to=1)
@@ -254,8 +254,6 @@ def test_a_consumer_inside_a_recomposed_module_keeps_its_one_shot_refit():
 
 def test_sequential_refits_weight_operand_consumers():
     """GPT-2-style ``addmm(b, x, W)`` consumers (weight stored (in, out)) are refit in their own layout."""
-    from tests.test_calibration import Conv1D
-
     torch.manual_seed(0)
     model = nn.Sequential(Conv1D(8, 32), nn.Tanh(), Conv1D(32, 32), nn.Tanh(), Conv1D(32, 4)).eval()
     calibration = [torch.randn(64, 8) for _ in range(8)]

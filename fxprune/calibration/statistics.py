@@ -26,11 +26,14 @@ Example: two batches of 3 and 1 rows through ``Linear(2, 2) -> ReLU -> Linear(2,
 from __future__ import annotations
 
 import warnings
+import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.fx as fx
+from torch.fx.graph import _PyTreeCodeGen
 from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
@@ -189,8 +192,16 @@ class _Recorder(fx.Interpreter):
 
 
 def placeholder_values(gm: fx.GraphModule, batch) -> tuple:
-    """The graph's placeholder values for one batch (tensor, tuple of positional inputs, or dict of keywords)."""
-    args, kwargs = split_inputs(batch if isinstance(batch, (dict, torch.Tensor)) else tuple(batch))
+    """The graph's placeholder values for one batch (tensor, tuple of positional inputs, or dict of keywords).
+
+    A dict batch (a tokenizer's output, also as its ``BatchEncoding``) feeds the inputs by name
+    (:func:`dict_batch_inputs`), also those the model was captured with positionally: ``example_inputs=(input_ids,)``
+    takes ``{"input_ids": ..., ...}``.
+    """
+    if isinstance(batch, Mapping):  # a dict, or a tokenizer's BatchEncoding (a UserDict)
+        args, kwargs = dict_batch_inputs(gm, dict(batch))
+    else:
+        args, kwargs = split_inputs(batch if isinstance(batch, torch.Tensor) else tuple(batch))
     exported = gm.meta.get("fxprune_kwargs")
     if exported is not None:  # an exported graph takes (args, kwargs) flattened, with the kwargs it was exported with
         kwargs = {k: (kwargs or {}).get(k, v) for k, v in exported.items()}
@@ -203,6 +214,46 @@ def placeholder_values(gm: fx.GraphModule, batch) -> tuple:
                          f"activation statistics need batches of model inputs (a tensor, a tuple of positional "
                          f"inputs or a dict of keyword inputs), not (inputs, targets)")
     return values
+
+
+_warned_keys: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # graph -> ignored key sets said once
+
+
+def dict_batch_inputs(gm: fx.GraphModule, batch: dict) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of the graph for a dict batch: the keys named like the inputs the model was captured with
+    positionally feed them, in order; keys the graph takes as keywords feed those; other keys are left out, with
+    one warning per graph naming them (and, for ``attention_mask``, what that means for padding).
+
+    Example: a BERT analysed with ``example_inputs=(input_ids,)`` and calibrated on
+    ``tokenizer(texts, padding=True, return_tensors="pt")`` runs on ``args = (batch["input_ids"],)``; it warns
+    once that ``attention_mask`` and ``token_type_ids`` are left out. Analysed with ``example_inputs=()`` and
+    ``kwargs=dict(tokenizer(text, return_tensors="pt"))`` it takes every key by name and warns of nothing.
+    """
+    names = [n.target.lstrip("*") for n in gm.graph.find_nodes(op="placeholder")]
+    if gm.meta.get("fxprune_kwargs") is not None and isinstance(gm.graph._codegen, _PyTreeCodeGen):
+        # exported: placeholders are the leaves of (args, kwargs); each tensor argument is one, named as in forward
+        spec = gm.graph._codegen.pytree_info.in_spec
+        positional = names[:(spec.child(0) if hasattr(spec, "child") else spec.children_specs[0]).num_leaves]
+        keywords = set(gm.meta["fxprune_kwargs"])
+    else:  # traced: every placeholder is a forward parameter, which a keyword fills by name
+        positional, keywords = [], set(names)
+    missing = [name for name in positional if name not in batch]
+    if missing:
+        raise ValueError(f"a calibration batch is a dict with keys {sorted(batch)}, but the model was captured with "
+                         f"positional inputs {positional} and the batch has no {missing[0]!r}: pass batches of "
+                         f"positional inputs (tuples), or analyse with the batch's keys (example_inputs=(), "
+                         f"kwargs=one such dict) so that every key is an input by name")
+    ignored = sorted(k for k in batch if k not in positional and k not in keywords)
+    said = _warned_keys.setdefault(gm, set())
+    if ignored and tuple(ignored) not in said:
+        said.add(tuple(ignored))
+        padding = (" Without attention_mask the model runs padded positions as ordinary tokens: a causal model's "
+                   "real tokens before right padding are unaffected, a bidirectional model's attend to the padding."
+                   if "attention_mask" in ignored else "")
+        warnings.warn(f"fxprune: calibration batches have keys the analysed model does not take as inputs, left out: "
+                      f"{', '.join(ignored)} (its inputs: {', '.join(names)}).{padding} To feed them, analyse with "
+                      f"them: example_inputs=(), kwargs=one batch (a dict of its keys)", stacklevel=4)
+    return tuple(batch[name] for name in positional), {k: v for k, v in batch.items() if k in keywords}
 
 
 def _size_hint(dg, values) -> str | None:

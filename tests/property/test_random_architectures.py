@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 import fxprune
 from fxprune.planning.alignment import default_alignment, removal_steps
 from fxprune.planning.selection import units_to_keep
-from fxprune.testing import oracle_groups, plant_dead_units
+from fxprune.testing import assert_same_state, oracle_groups, plant_dead_units, state_snapshot
 from tests.property import archs
 from tests.property.archs import (BN, MHA, MLP, SE, Act, Arch, Attention, ChannelLN, Concat, Conv, GroupNormB,
                                   Head, LayerNormB, Linear, Pool, Residual, Shuffle, Split, ToTokens)
@@ -94,18 +94,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _assert_same_state(before: dict, model: torch.nn.Module, what: str) -> None:
-    after = model.state_dict()
-    assert after.keys() == before.keys(), f"{what}: tensors were added or removed"
-    for name, tensor in before.items():
-        assert after[name].shape == tensor.shape, f"{what}: {name} changed shape {tensor.shape} -> {after[name].shape}"
-        assert torch.equal(after[name], tensor), f"{what}: {name} changed values"
-
-
 def _n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -151,7 +139,7 @@ def _check_nontrivial(out) -> float:
 def test_prune_runs_keeps_shapes_and_leaves_the_original(arch: Arch, ratio: float):
     note(archs.describe(arch))
     model, inputs = archs.build(arch)
-    before = _state(model)
+    before = state_snapshot(model)
     with torch.no_grad():
         expected = model(*inputs)
     _check_nontrivial(expected)
@@ -182,7 +170,7 @@ def test_prune_runs_keeps_shapes_and_leaves_the_original(arch: Arch, ratio: floa
         assert n_after == n_before
         _assert_close(got, expected, 1e-5, "ratio removes no unit, yet the output changed")
     # (4) the original model is not modified
-    _assert_same_state(before, model, "prune modified the original model")
+    assert_same_state(model, before, "prune modified the original model")
     with torch.no_grad():
         torch.testing.assert_close(model(*inputs), expected, atol=0, rtol=0)
 
@@ -196,7 +184,7 @@ def test_prune_options_run_and_keep_shapes(arch: Arch, ratio: float, importance:
     GraphModule again (its rewritten shape constants must analyse like hand-written ones)."""
     note(archs.describe(arch))
     model, inputs = archs.build(arch)
-    before = _state(model)
+    before = state_snapshot(model)
     with torch.no_grad():
         expected = model(*inputs)
     with warnings.catch_warnings():
@@ -209,9 +197,9 @@ def test_prune_options_run_and_keep_shapes(arch: Arch, ratio: float, importance:
     assert [o.shape for o in _outs(got)] == [o.shape for o in _outs(expected)]
     assert all(torch.isfinite(o).all() for o in _outs(got))
     assert _n_params(pruned) <= _n_params(model)
-    _assert_same_state(before, model, "prune modified the original model")
+    assert_same_state(model, before, "prune modified the original model")
     if again:
-        first = _state(pruned)
+        first = state_snapshot(pruned)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             twice = fxprune.prune(pruned, ratio, example_inputs=inputs, importance=importance, round_to=round_to,
@@ -220,7 +208,7 @@ def test_prune_options_run_and_keep_shapes(arch: Arch, ratio: float, importance:
             got_twice = twice(*inputs)
         assert [o.shape for o in _outs(got_twice)] == [o.shape for o in _outs(expected)]
         assert _n_params(twice) <= _n_params(pruned)
-        _assert_same_state(first, pruned, "pruning a GraphModule modified it")
+        assert_same_state(pruned, first, "pruning a GraphModule modified it")
 
 
 @settings(max_examples=ORACLE_EXAMPLES, **SETTINGS)
@@ -250,7 +238,7 @@ def test_dead_unit_oracle(arch: Arch, fraction: float, seed: int, data):
         analysed = dg.gm(*inputs)  # the captured graph (nn.MultiheadAttention decomposed): the same function
     assert all(torch.isfinite(o).all() for o in _outs(expected))
     _assert_close(analysed, expected, 1e-5, "the captured graph is not the model")
-    planted = _state(model)
+    planted = state_snapshot(model)
 
     # which flat indices every parameter and buffer axis must lose: the union over the planted groups
     lost: dict[tuple, set] = {}
@@ -286,4 +274,4 @@ def test_dead_unit_oracle(arch: Arch, fraction: float, seed: int, data):
     else:  # no oracle group (all frozen or normalised): apply of nothing is the identity
         assert _n_params(pruned) == _n_params(model)
     # apply leaves the analysed (planted) model alone
-    _assert_same_state(planted, model, "apply modified the analysed model")
+    assert_same_state(model, planted, "apply modified the analysed model")

@@ -1,9 +1,9 @@
-"""Hugging Face transformers through torch.export: families, heads/GQA/RoPE, in-place pruning, save/reload."""
+"""Hugging Face models pruned in place: config, attributes and buffers written back, generate, save and reload
+(``load_pretrained``), and the model put back when something fails."""
 
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
@@ -12,166 +12,7 @@ import fxprune
 from fxprune.testing import assert_same_outputs, plant_dead_units
 
 transformers = pytest.importorskip("transformers")
-
-TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
-DECODER = dict(vocab_size=100, num_key_value_heads=2, max_position_embeddings=64, **TINY)
-
-
-def _ids(batch=2, length=7, seed=0):
-    return torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def _family(name):
-    """(model, args, kwargs) of a tiny random-init model of each family."""
-    T = transformers
-    if name == "bert":
-        return T.BertModel(T.BertConfig(vocab_size=100, **TINY)), (_ids(),), {}
-    if name == "vit":
-        return T.ViTModel(T.ViTConfig(image_size=32, patch_size=8, **TINY)), (torch.randn(2, 3, 32, 32),), {}
-    if name == "gpt2":
-        config = T.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
-                              eos_token_id=0)
-        return T.GPT2LMHeadModel(config), (_ids(),), {}
-    if name == "llama":
-        return T.LlamaForCausalLM(T.LlamaConfig(**DECODER)), (_ids(),), {}
-    if name == "qwen2":
-        return T.Qwen2ForCausalLM(T.Qwen2Config(**DECODER)), (_ids(),), {}
-    if name == "mistral":
-        return T.MistralForCausalLM(T.MistralConfig(**DECODER)), (_ids(),), {}
-    if name == "t5":
-        config = T.T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
-        return T.T5ForConditionalGeneration(config), (_ids(),), {"decoder_input_ids": _ids(2, 5, seed=1)}
-    if name == "deberta_v2":  # relative attention through aten.bmm (self, mat2)
-        return T.DebertaV2Model(T.DebertaV2Config(vocab_size=100, **TINY)), (_ids(),), {}
-    if name == "bloom":  # ALiBi scores through aten.baddbmm (self, batch1, batch2)
-        return T.BloomModel(T.BloomConfig(vocab_size=100, hidden_size=64, n_layer=2, n_head=4)), (_ids(),), {}
-    if name == "marian":  # sinusoidal position tables: parameters that save_pretrained leaves out
-        config = T.MarianConfig(vocab_size=100, d_model=64, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=128,
-                                decoder_ffn_dim=128, encoder_attention_heads=4, decoder_attention_heads=4,
-                                max_position_embeddings=64, decoder_start_token_id=0, pad_token_id=1)
-        return T.MarianMTModel(config), {"decoder_input_ids": _ids(1, 4, seed=1)}
-    if name == "falcon":  # projections as input @ self.weight.T: aten.numpy_T
-        config = T.FalconConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                num_kv_heads=2, new_decoder_architecture=False)
-        return T.FalconForCausalLM(config), (_ids(),), {}
-    raise KeyError(name)
-
-
-def _other_sizes(name, args, kwargs):
-    """Inputs of another batch size and sequence length than ``_family``'s."""
-    if name == "vit":
-        return (torch.randn(3, 3, 32, 32),), {}
-    return (_ids(3, 5, seed=2),), {k: _ids(3, 4, seed=3) for k in kwargs}
-
-
-FAMILIES = ["bert", "vit", "gpt2", "llama", "qwen2", "mistral", "t5", "deberta_v2", "bloom"]
-
-
-def _first(output):
-    return output[0] if isinstance(output, (tuple, list)) else next(iter(output.values()))
-
-
-@pytest.mark.parametrize("name", FAMILIES)
-def test_family_prunes_and_dead_units_are_exact(name):
-    torch.manual_seed(0)
-    model, args, kwargs = _family(name)
-    model.eval()
-    dg = fxprune.analyze(model, args, kwargs=kwargs, prune_head_dims=True)
-    assert not dg.state.unsupported, dg.report()
-    removal = plant_dead_units(dg)
-    assert len(removal) >= 4  # heads / kv groups and MLP units in every layer at least
-    with torch.no_grad():
-        expected = _first(model(*args, **kwargs))
-        pruned = fxprune.apply(dg, removal)
-        got = _first(pruned(*args, **kwargs))
-    assert got.shape == expected.shape
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        smaller = fxprune.prune(model, 0.5, example_inputs=args, kwargs=kwargs)
-    static = [str(w.message) for w in caught if "static shapes" in str(w.message)]
-    old_torch = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 7)
-    assert not static or (name == "deberta_v2" and old_torch), static  # never static, but where it is said
-    assert ("fxprune_static_shapes" in smaller.meta) == bool(static)
-    other_args, other_kwargs = _other_sizes(name, args, kwargs)  # batch 3, sequence 5: the graph is dynamic
-    with torch.no_grad():
-        assert _first(smaller(*args, **kwargs)).shape == expected.shape
-        if static:  # torch 2.6 may bake DeBERTa-v2's relative-position length into a view: fxprune says so
-            with pytest.raises(fxprune.ShapeError, match="captured for"):
-                smaller(*other_args, **other_kwargs)
-            return
-        if name == "deberta_v2" and old_torch:
-            pytest.xfail("torch 2.6's export bakes DeBERTa-v2's relative-position sequence length into a view, "
-                         "without a guard or a warning (known limit, README)")
-        assert _first(smaller(*other_args, **other_kwargs)).shape == _first(model(*other_args, **other_kwargs)).shape
-    assert sum(p.numel() for p in smaller.parameters()) < 0.8 * sum(p.numel() for p in model.parameters())
-
-
-def test_falcon_projections_as_weight_transpose_are_pruned():
-    """``input @ self.weight.T`` (aten.numpy_T) had no rule: every group froze and prune changed nothing, silently."""
-    torch.manual_seed(0)
-    model, args, _ = _family("falcon")
-    model.eval()
-    dg = fxprune.analyze(model, args)
-    assert not dg.state.unsupported, dg.report()
-    mlp = dg.group_of("transformer.h.0.mlp.dense_h_to_4h.weight", 0)
-    assert mlp.prunable and dg.group_of("transformer.h.0.mlp.dense_4h_to_h.weight", 1) is mlp
-    removal = plant_dead_units(dg)
-    with torch.no_grad():
-        expected = model(*args).logits
-        got = fxprune.apply(dg, removal)(*args).logits
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="fxprune removed")  # pruned as asked: no shortfall warning
-        smaller = fxprune.prune(model, 0.5, example_inputs=args)
-    assert sum(p.numel() for p in smaller.parameters()) < 0.5 * sum(p.numel() for p in model.parameters())
-
-
-def _alibi_or_multi_query(name):
-    """A tiny causal LM whose attention heads meet ALiBi slopes (``arange`` over the heads) or one key/value head
-    shared by the query heads (a constant ``[-2]`` index, ``broadcast_to``); ``use_cache=False``."""
-    T = transformers
-    falcon = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, use_cache=False)
-    if name == "bloom":
-        return T.BloomForCausalLM(T.BloomConfig(vocab_size=100, hidden_size=64, n_layer=2, n_head=4, use_cache=False))
-    if name == "falcon_multi_query":  # q heads, then one k and one v head in one fused projection
-        return T.FalconForCausalLM(T.FalconConfig(multi_query=True, new_decoder_architecture=False, **falcon))
-    if name.startswith("falcon_kv"):  # (kv groups, q heads per group + k + v): k and v broadcast to the group
-        return T.FalconForCausalLM(T.FalconConfig(new_decoder_architecture=True, num_kv_heads=int(name[-1]), **falcon))
-    if name == "falcon_alibi":
-        return T.FalconForCausalLM(T.FalconConfig(multi_query=True, alibi=True, new_decoder_architecture=False,
-                                                  **falcon))
-    if name == "mpt":
-        if not hasattr(T, "MptForCausalLM"):
-            pytest.skip(f"transformers {T.__version__} has no MPT")
-        return T.MptForCausalLM(T.MptConfig(vocab_size=100, d_model=64, n_layers=2, n_heads=4, max_seq_len=64,
-                                            use_cache=False))
-    raise KeyError(name)
-
-
-def _head_groups(dg, model, layer=0):
-    """Prunable groups of whole heads (query heads, or kv groups) on a layer's fused q|k|v weight."""
-    fused = next(n for n in (f"transformer.h.{layer}.self_attention.query_key_value.weight",
-                             f"transformer.blocks.{layer}.attn.Wqkv.weight") if n in dict(model.named_parameters()))
-    return [g for g in dg.groups_of(fused, 0) if g.prunable and g.units <= 4]
-
-
-@pytest.mark.parametrize("name", ["bloom", "falcon_multi_query", "falcon_kv1", "falcon_kv2", "falcon_alibi", "mpt"])
-def test_alibi_and_multi_query_heads_are_prunable_and_exact(name):
-    """ALiBi slopes (``pow(base, arange(1, 1 + heads))``) froze every head; so did Falcon's one key/value head,
-    cut out of the fused projection by a constant index and broadcast to the query heads. The slopes are sliced
-    to the kept heads (each layer reads its own copy of them); the key/value position is a unit of its own."""
-    torch.manual_seed(0)
-    model = _alibi_or_multi_query(name).eval()
-    ids = _ids()
-    dg, removal, pruned = fxprune.testing.run_oracle(model, (ids,))  # exact, heads and MLP units planted dead
-    assert not dg.state.unsupported, dg.report()
-    heads = _head_groups(dg, model)
-    assert heads and all(g in removal for g in heads), dg.report()
-    assert not set(heads) & set(_head_groups(dg, model, 1))  # each layer its own heads (ALiBi: its own slopes)
-    other = _ids(3, 5, seed=2)  # another batch and length: the head count inside batch * heads was rewritten
-    with torch.no_grad():
-        assert_same_outputs(pruned(other).logits, model(other).logits, rel=1e-5)
+from tests.hf_models import TINY, alibi_or_multi_query, tiny_decoder, token_ids  # noqa: E402 (after the importorskip)
 
 
 @pytest.mark.parametrize("name", ["bloom", "falcon_multi_query", "falcon_kv1", "mpt"])
@@ -180,9 +21,9 @@ def test_alibi_and_multi_query_in_place_generate_and_reload(name, tmp_path):
     count by the model's own forward (pruning head i changes the others' slopes), so in place the heads stay whole,
     with the reason, while the MLP units and the hidden size are pruned."""
     torch.manual_seed(0)
-    model = _alibi_or_multi_query(name).eval()
+    model = alibi_or_multi_query(name).eval()
     original = copy.deepcopy(model)
-    ids = _ids(1, 6)
+    ids = token_ids(1, 6)
     dg = fxprune.analyze(model, (ids,), inplace=True)
     heads = [g for g in dg.groups if g.units == 4 and any(m.dim == 0 and ".0." in m.name and "dense" not in m.name
                                                           and m.name.endswith(("query_key_value.weight", "Wqkv.weight"))
@@ -204,72 +45,11 @@ def test_alibi_and_multi_query_in_place_generate_and_reload(name, tmp_path):
         assert torch.equal(reloaded.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0), tokens)
 
 
-def test_llama_groups_heads_kv_rope_mlp_hidden():
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER)).eval()
-    dg = fxprune.analyze(model, (_ids(),), prune_head_dims=True)
-    q = "model.layers.{}.self_attn.q_proj.weight"
-    kv, rank, rope = dg.groups_of(q.format(0), 0)
-    assert (kv.units, rank.units, rope.units) == (2, 2, 8)
-    assert dg.role(kv) == "outer factor" and dg.role(rank) == "repeated" and dg.role(rope) == "rotary pairs"
-    # one inv_freq feeds every layer's cos/sin: one RoPE pair group across layers, with the buffer in it
-    assert dg.groups_of(q.format(1), 0)[2] is rope
-    assert any(m.name == "model.rotary_emb.inv_freq" for m in rope.members)
-    # v's head dim is its own group; k has no rank factor
-    assert [g.units for g in dg.groups_of("model.layers.0.self_attn.v_proj.weight", 0)] == [2, 16]
-    assert dg.groups_of("model.layers.0.self_attn.k_proj.weight", 0) == [kv, rope]
-    mlp = dg.group_of("model.layers.0.mlp.up_proj.weight", 0)
-    assert mlp.units == 128 and dg.group_of("model.layers.0.mlp.down_proj.weight", 1) is mlp
-    hidden = dg.group_of("model.embed_tokens.weight", 1)
-    assert hidden.units == 64 and hidden.normalized and dg.group_of("lm_head.weight", 1) is hidden
-    assert len(dg.prunable_groups) == 1 + 1 + 2 * 4  # hidden, RoPE pairs, per layer kv/rank/v-dim/MLP
-    text = dg.report()
-    for expected in ("rotary pairs", "repeated", "outer factor", "inner factor", " 128 ", "  64 "):
-        assert expected in text
-
-
-def test_llama_on_the_meta_device_is_analysed_with_cpu_ids():
-    # export gets the ids on meta too: FakeTensor of torch 2.11 and earlier refuses meta weights with CPU ids
-    maybe_autocast = getattr(transformers.utils.generic, "maybe_autocast", None)
-    try:  # LLaMA's rotary embedding enters maybe_autocast(x.device.type); transformers 5.4 made it skip meta
-        maybe_autocast and maybe_autocast("meta", enabled=False)
-    except RuntimeError as exc:  # earlier 5.x asks torch.autocast, which does not know the meta device
-        pytest.skip(f"transformers {transformers.__version__}: {exc}")
-    with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER)).eval()
-    dg = fxprune.analyze(model, (_ids(),), inplace=True)
-    assert not dg.state.unsupported, dg.report()
-    assert len(dg.prunable_groups) >= 4
-
-
-def test_rope_pairs_are_pruned_together_with_inv_freq():
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER)).eval()
-    args = (_ids(),)
-    dg = fxprune.analyze(model, args, prune_head_dims=True)
-    rope = dg.groups_of("model.layers.0.self_attn.q_proj.weight", 0)[2]
-    removal = plant_dead_units(dg, groups=[rope], fraction=0.25)
-    with torch.no_grad():
-        expected = model(*args).logits
-        pruned = fxprune.apply(dg, removal)
-        got = pruned(*args).logits
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    units = removal[rope]
-    kept = [u for u in range(8) if u not in units]
-    assert pruned.model.rotary_emb.inv_freq.shape == (len(kept),)
-    torch.testing.assert_close(pruned.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq[kept])
-    assert pruned.get_submodule("model.layers.0.self_attn.k_proj").weight.shape[0] == 2 * 2 * len(kept)
-
-
-def _decoder(cls_name):
-    config_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))
-    return getattr(transformers, cls_name)(config_cls(**DECODER)).eval()
-
-
 @pytest.mark.parametrize("cls_name", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
 def test_inplace_generate_with_dead_units_gives_the_same_tokens(cls_name, tmp_path):
     torch.manual_seed(0)
-    model = _decoder(cls_name)
-    ids = _ids(1, 6)
+    model = tiny_decoder(cls_name)
+    ids = token_ids(1, 6)
     dg = fxprune.analyze(model, (ids,), inplace=True)
     removal = plant_dead_units(dg)
     with torch.no_grad():
@@ -291,8 +71,8 @@ def test_inplace_generate_with_dead_units_gives_the_same_tokens(cls_name, tmp_pa
 @pytest.mark.parametrize("cls_name", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
 def test_inplace_uniform_ratio_updates_config_and_reloads(cls_name, tmp_path):
     torch.manual_seed(0)
-    model = _decoder(cls_name)
-    ids = _ids(1, 6)
+    model = tiny_decoder(cls_name)
+    ids = token_ids(1, 6)
     fxprune.prune(model, 0.5, example_inputs=(ids,), inplace=True)
     c = model.config
     assert (c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == \
@@ -310,8 +90,8 @@ def test_inplace_uniform_ratio_updates_config_and_reloads(cls_name, tmp_path):
 @pytest.mark.parametrize("cls_name", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
 def test_inplace_non_uniform_reloads_with_load_pretrained(cls_name, tmp_path):
     torch.manual_seed(0)
-    model = _decoder(cls_name)
-    ids = _ids(1, 6)
+    model = tiny_decoder(cls_name)
+    ids = token_ids(1, 6)
     dg = fxprune.analyze(model, (ids,), inplace=True)
     kv0 = dg.groups_of("model.layers.0.self_attn.k_proj.weight", 0)[0]
     mlp1 = dg.group_of("model.layers.1.mlp.up_proj.weight", 0)
@@ -329,31 +109,10 @@ def test_inplace_non_uniform_reloads_with_load_pretrained(cls_name, tmp_path):
         reloaded.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
 
 
-class _NeedsData(torch.nn.Module):
-    def forward(self, x):
-        return x[: int(x.sum().item() > 0) + 1] if x.sum() > 0 else x  # data-dependent on both paths
-
-
-def test_export_failure_shows_exports_message():
-    with pytest.raises(fxprune.CaptureError) as info:
-        fxprune.analyze(_NeedsData(), (torch.randn(3, 4),))
-    assert "torch.export could not capture _NeedsData" in str(info.value)
-
-
-def test_use_cache_true_is_handled():
-    torch.manual_seed(0)
-    model = _decoder("LlamaForCausalLM")
-    model.config.use_cache = True
-    ids = _ids()
-    pruned = fxprune.prune(model, 0.25, example_inputs=(ids,), kwargs={"use_cache": True})
-    with torch.no_grad():
-        assert pruned(ids).logits.shape == (2, 7, 100)
-
-
 def test_inplace_failure_puts_the_original_model_back(monkeypatch):
     torch.manual_seed(0)
-    model = _decoder("LlamaForCausalLM")
-    ids = _ids(1, 6)
+    model = tiny_decoder("LlamaForCausalLM")
+    ids = token_ids(1, 6)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     config, attention = model.config.to_dict(), vars(model.model.layers[0].self_attn).copy()
     with torch.no_grad():
@@ -378,7 +137,7 @@ def test_gpt2_fused_qkv_in_place_generates_and_reloads(tmp_path):
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=32)).eval()
-    ids = _ids(1, 6)
+    ids = token_ids(1, 6)
     dg = fxprune.analyze(model, (ids,), inplace=True)
     frozen = [g for g in dg.groups if any("head dim of transformer.h.0.attn" in r for r in g.frozen)]
     assert [g.units for g in frozen] == [16, 16]  # q|k and v head dims of the fused c_attn
@@ -463,12 +222,12 @@ def _in_place_family(name):
         config = T.BartConfig(vocab_size=100, d_model=64, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=128,
                               decoder_ffn_dim=128, encoder_attention_heads=4, decoder_attention_heads=4,
                               max_position_embeddings=64)
-        return T.BartForConditionalGeneration(config), {"decoder_input_ids": _ids(1, 4, seed=1)}
+        return T.BartForConditionalGeneration(config), {"decoder_input_ids": token_ids(1, 4, seed=1)}
     if name == "marian":  # sinusoidal position tables: parameters that save_pretrained leaves out
         config = T.MarianConfig(vocab_size=100, d_model=64, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=128,
                                 decoder_ffn_dim=128, encoder_attention_heads=4, decoder_attention_heads=4,
                                 max_position_embeddings=64, decoder_start_token_id=0, pad_token_id=1)
-        return T.MarianMTModel(config), {"decoder_input_ids": _ids(1, 4, seed=1)}
+        return T.MarianMTModel(config), {"decoder_input_ids": token_ids(1, 4, seed=1)}
     if name == "olmo":  # a LayerNorm without weights: its normalized_shape attribute restates the hidden size
         return T.OlmoForCausalLM(T.OlmoConfig(pad_token_id=0, eos_token_id=1, **decoder)), {}
     if name == "xglm":  # embed_dim attributes; sinusoidal positions in a buffer rebuilt from embedding_dim
@@ -494,7 +253,7 @@ def _prune_save_reload(name, tmp_path):
     model, kwargs = _in_place_family(name)
     model.eval()
     original = copy.deepcopy(model)
-    ids = _ids(1, 6)
+    ids = token_ids(1, 6)
     assert fxprune.prune(model, 0.3, example_inputs=(ids,), kwargs=kwargs, inplace=True) is model
     model.save_pretrained(tmp_path)
     reloaded = fxprune.load_pretrained(str(tmp_path))
@@ -541,7 +300,7 @@ def test_stale_head_count_is_caught_by_comparing_with_the_pruned_graph(monkeypat
     before = {k: v.clone() for k, v in model.state_dict().items()}
     monkeypatch.setattr(fxprune.huggingface.inplace, "update_head_counts", lambda *args: None)
     with pytest.raises(fxprune.FxPruneError, match="in place"):
-        fxprune.prune(model, 0.3, example_inputs=(_ids(1, 6),), inplace=True)
+        fxprune.prune(model, 0.3, example_inputs=(token_ids(1, 6),), inplace=True)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
 
@@ -555,7 +314,7 @@ def test_in_place_reload_is_identical(name, tmp_path):
             # model put back), never a silently different model
             before = {k: v.clone() for k, v in model.state_dict().items()}
             with pytest.raises(fxprune.FxPruneError, match="computes something else"):
-                fxprune.prune(model.eval(), 0.3, example_inputs=(_ids(1, 6),), inplace=True)
+                fxprune.prune(model.eval(), 0.3, example_inputs=(token_ids(1, 6),), inplace=True)
             assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
             return
     original, model, reloaded, ids, kwargs = _prune_save_reload(name, tmp_path)
@@ -600,7 +359,7 @@ def test_gpt_neox_heads_pruned_in_one_layer_only_reload_with_load_pretrained(tmp
     torch.manual_seed(0)
     model, _ = _in_place_family("gpt_neox")
     model.eval()
-    ids = _ids(1, 6)
+    ids = token_ids(1, 6)
     dg = fxprune.analyze(model, (ids,), inplace=True)
     heads = next(g for g in dg.groups_of("gpt_neox.layers.0.attention.query_key_value.weight", 0) if g.prunable)
     removal = plant_dead_units(dg, groups=[heads], fraction=0.5)
@@ -616,192 +375,6 @@ def test_gpt_neox_heads_pruned_in_one_layer_only_reload_with_load_pretrained(tmp
         assert_same_outputs(reloaded(ids).logits, model(ids).logits)
 
 
-def _moe(name, implementation=None):
-    """A tiny mixture-of-experts decoder: 4 experts, top-2, one layer (Qwen2-MoE with a shared expert)."""
-    from fxprune.testing import tiny_moe
-
-    return tiny_moe(name, implementation)
-
-
-def _expert_units(dg):
-    """The experts' MLP units (one group across the experts: a 3-d expert weight stays rectangular)."""
-    down = "model.layers.0.mlp.experts.down_proj"
-    return dg.group_of(down, 2)
-
-
-# grouped matmul (the default), W[ids] + bmm, and the per-expert loop over data (captured as grouped matmul)
-@pytest.mark.parametrize("implementation", [None, "batched_mm", "eager"])
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
-def test_moe_expert_and_shared_expert_units_dead_units_are_exact(name, implementation):
-    from fxprune.testing import run_oracle
-
-    model = _moe(name, implementation)
-    default = model.config._experts_implementation  # grouped_mm (transformers 5.24), eager (5.0)
-    ids = _ids()
-    dg = fxprune.analyze(model, (ids,))
-    assert not dg.state.unsupported, dg.report()
-    units = _expert_units(dg)
-    width = 48 if name == "mixtral" else 24
-    assert units.units == width and units.prunable
-    assert dg.describe(dg.layout_of("model.layers.0.mlp.experts.gate_up_proj", 1)) == \
-        f"(G{units.id}({width}) ++ G{units.id}({width}))"  # gate and up halves, unit by unit
-    hidden = dg.group_of("model.embed_tokens.weight", 1)  # the residual stream reaches the router and the experts
-    assert dg.group_of("model.layers.0.mlp.gate.weight", 1) is hidden
-    assert dg.group_of("model.layers.0.mlp.experts.down_proj", 1) is hidden and not hidden.frozen
-    experts = dg.group_of("model.layers.0.mlp.gate.weight", 0)  # router rows and both expert weights
-    assert experts.units == 4 and experts.prunable and experts.min_kept == 2
-    assert dg.group_of("model.layers.0.mlp.experts.gate_up_proj", 0) is experts
-    assert dg.group_of("model.layers.0.mlp.experts.down_proj", 0) is experts
-    chosen = [units]
-    if name == "qwen2_moe":
-        shared = dg.group_of("model.layers.0.mlp.shared_expert.up_proj.weight", 0)
-        assert shared.units == 40 and shared.prunable
-        assert dg.group_of("model.layers.0.mlp.shared_expert.down_proj.weight", 1) is shared
-        chosen.append(shared)
-    with torch.no_grad():
-        _, removal, pruned = run_oracle(model, (ids,))  # every group but the RMS-normalised hidden size
-    assert sorted(g.units for g in removal if g.units in (width, 40)) == sorted(g.units for g in chosen)
-    assert pruned.get_parameter("model.layers.0.mlp.experts.down_proj").shape[2] < width
-    assert model.config._experts_implementation == (implementation or default)  # put back after capture
-
-
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe"])
-def test_moe_in_place_generates_and_reloads(name, tmp_path):
-    model = _moe(name)
-    ids = _ids(1, 6)
-    dg = fxprune.analyze(model, (ids,), inplace=True)
-    removal = plant_dead_units(dg)
-    assert _expert_units(dg) in removal
-    with torch.no_grad():
-        tokens = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        logits = model(ids).logits
-    assert fxprune.apply(dg, removal, inplace=True) is model
-    experts = model.model.layers[0].mlp.experts
-    width = experts.down_proj.shape[2]
-    assert width < (48 if name == "mixtral" else 24) and experts.intermediate_dim == width
-    assert not dg.state.unsupported, dg.report()
-    key = "intermediate_size" if name == "mixtral" else "moe_intermediate_size"
-    assert getattr(model.config, key) == width
-    with torch.no_grad():
-        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0), tokens)
-        assert_same_outputs(model(ids).logits, logits)
-    model.save_pretrained(tmp_path / "dead")  # transformers saves experts one by one; loading stacks them again
-    assert_same_outputs(fxprune.load_pretrained(str(tmp_path / "dead"))(ids).logits, logits)
-
-    smaller = _moe(name)  # a plain ratio: the hidden size and experts too, every width uniform: the config says all
-    fxprune.prune(smaller, 0.5, example_inputs=(ids,), inplace=True)
-    assert smaller.config.hidden_size == 16 and smaller.model.layers[0].mlp.gate.hidden_dim == 16
-    count = "num_local_experts" if name == "mixtral" else "num_experts"
-    assert getattr(smaller.config, count) == 2 == smaller.num_experts == smaller.model.layers[0].mlp.experts.num_experts
-    if name == "qwen2_moe":
-        assert smaller.config.shared_expert_intermediate_size < 40
-    with torch.no_grad():
-        logits = smaller(ids).logits
-        smaller.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    smaller.save_pretrained(tmp_path / "ratio")
-    reloaded = type(smaller).from_pretrained(tmp_path / "ratio").eval()
-    with torch.no_grad():
-        assert_same_outputs(reloaded(ids).logits, logits)
-
-
-@pytest.mark.parametrize("implementation", [None, "batched_mm"])  # expert ids as offsets' bins / as W[ids]
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
-def test_moe_whole_experts_match_the_model_built_with_fewer_and_keep_top_k(name, implementation):
-    """Removing expert 1 (router row, its slices of both expert weights) is the model built with 3 experts and
-    the other weights; more than ``num_experts - top_k`` experts never go."""
-    model, ids = _moe(name, implementation), _ids()
-    dg = fxprune.analyze(model, (ids,))
-    experts = dg.group_of("model.layers.0.mlp.gate.weight", 0)
-    config = model.config.to_dict()
-    count = "num_local_experts" if name == "mixtral" else "num_experts"
-    config[count] = 3
-    fewer = type(model)(type(model.config).from_dict(config)).eval()
-    state = model.state_dict()
-    fewer.load_state_dict({k: v[[0, 2, 3]] if ".mlp.gate." in k or ".mlp.experts." in k else v
-                           for k, v in state.items()})
-    with torch.no_grad():
-        pruned = fxprune.apply(dg, {experts: [1]})
-        assert_same_outputs(_first(pruned(ids)), fewer(ids).logits)
-    with pytest.raises(fxprune.PlanError, match="must keep at least 2 of its 4 units"):
-        fxprune.apply(dg, {experts: [0, 1, 2]})
-    with pytest.warns(UserWarning, match="keeps at least 2"):
-        smaller = fxprune.prune(model, 0.3, example_inputs=(ids,), ratios={model.model.layers[0].mlp.gate: 0.9})
-    assert smaller.get_parameter("model.layers.0.mlp.gate.weight").shape[0] == 2
-
-
-def test_moe_non_uniform_in_place_reloads_with_load_pretrained(tmp_path):
-    """One layer loses an expert, the other expert MLP units: recorded in ``fxprune_shapes``; transformers saves
-    the experts one by one, and ``load_pretrained`` lets its loader stack them into the resized 3-d tensors."""
-    model = _moe("mixtral")
-    model = type(model)(type(model.config).from_dict({**model.config.to_dict(), "num_hidden_layers": 2})).eval()
-    ids = _ids(1, 6)
-    dg = fxprune.analyze(model, (ids,), inplace=True)
-    removal = plant_dead_units(dg, groups=[dg.group_of("model.layers.1.mlp.experts.down_proj", 2)])
-    removal[dg.group_of("model.layers.0.mlp.gate.weight", 0)] = [3]
-    fxprune.apply(dg, removal, inplace=True)
-    assert model.config.fxprune_shapes["model.layers.0.mlp.experts.down_proj"] == [3, 32, 48]
-    assert model.model.layers[0].mlp.experts.num_experts == 3 == model.model.layers[0].mlp.gate.num_experts
-    with torch.no_grad():
-        logits = model(ids).logits
-    model.save_pretrained(tmp_path)
-    reloaded = fxprune.load_pretrained(str(tmp_path))
-    assert reloaded.model.layers[0].mlp.experts.gate_up_proj.shape == (3, 96, 32)
-    with torch.no_grad():
-        assert_same_outputs(reloaded(ids).logits, logits)
-        reloaded.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
-
-
-def _group_signature(dg) -> list:
-    """Every group as (units, status, role, frozen reasons, members with their layouts in group terms)."""
-    return [(g.units, g.prunable, dg.role(g), tuple(g.frozen), g.broadcast, g.normalized, g.head_dim,
-             tuple((m.name, m.kind, m.dim, dg.describe(m.layout)) for m in g.members)) for g in dg.groups]
-
-
-def _value_shapes(gm) -> list:
-    def shape(v):
-        if isinstance(v, torch.Tensor):
-            return ("tensor", tuple(v.shape), v.dtype)
-        return tuple(shape(x) for x in v) if isinstance(v, (tuple, list)) else v
-    return [(n.name, shape(n.meta.get("val"))) for n in gm.graph.nodes]
-
-
-@pytest.mark.parametrize("name,inplace", [("llama", True), ("gpt2", True), ("t5", True), ("bloom", True),
-                                          ("llama", False)])
-def test_shapes_of_a_static_export_are_reused_with_the_same_groups(name, inplace, monkeypatch):
-    # the propagate pass keeps the shapes a static export left instead of propagating again; the groups, their
-    # members and every node's shape must be those of a fresh propagation
-    import fxprune.pipeline as api
-
-    torch.manual_seed(0)
-    model, args, kwargs = _family(name)
-    model.eval()
-    reused = []
-    original = api.reuse_export_values
-    monkeypatch.setattr(api, "reuse_export_values", lambda gm: reused.append(original(gm)) or reused[-1])
-    fast = fxprune.analyze(model, args, kwargs=kwargs or None, inplace=inplace)
-    # a dynamic export's sizes are symbols: propagated as before
-    assert reused == [inplace]
-    monkeypatch.setattr(api, "reuse_export_values", lambda gm: False)
-    slow = fxprune.analyze(model, args, kwargs=kwargs or None, inplace=inplace)
-    assert _group_signature(fast) == _group_signature(slow)
-    assert _value_shapes(fast.gm) == _value_shapes(slow.gm)
-    assert fast.expected_shapes == slow.expected_shapes and len(fast.prunable_groups) > 1
-
-
-def test_count_reuses_the_static_export_shapes_with_the_same_numbers(monkeypatch):
-    import fxprune.analysis.macs as macs
-
-    model, args, _ = _family("llama")
-    reused = []
-    original = macs.reuse_export_values
-    monkeypatch.setattr(macs, "reuse_export_values", lambda gm: reused.append(original(gm)) or reused[-1])
-    fast = fxprune.count(model.eval(), args, by_module=True)
-    assert reused == [True]
-    monkeypatch.setattr(macs, "reuse_export_values", lambda gm: False)
-    assert fast == fxprune.count(model, args, by_module=True)
-    assert fast["model.layers.0.mlp.up_proj"][0] > 0
-
-
 def test_xglm_hidden_size_alone_pruned_in_place_keeps_the_reshape_width(tmp_path):
     """XGLM reshapes its attention output by ``self.embed_dim``, the query width: with the hidden size alone
     pruned it is no longer the hidden size, which the rewritten graph's reshape shows (and a rebuild from the
@@ -809,7 +382,7 @@ def test_xglm_hidden_size_alone_pruned_in_place_keeps_the_reshape_width(tmp_path
     torch.manual_seed(0)
     model, _ = _in_place_family("xglm")
     model.eval()
-    ids = _ids(1, 6)
+    ids = token_ids(1, 6)
     dg = fxprune.analyze(model, (ids,), inplace=True)
     hidden = dg.group_of("model.embed_tokens.weight", 1)
     fxprune.apply(dg, {hidden: list(range(0, 64, 4))}, inplace=True)
@@ -833,7 +406,7 @@ def test_phi3_heads_pruned_in_one_layer_only_is_a_clear_error_and_the_model_is_p
     torch.manual_seed(0)
     model, _ = _in_place_family("phi3")
     model.eval()
-    dg = fxprune.analyze(model, (_ids(1, 6),), inplace=True)
+    dg = fxprune.analyze(model, (token_ids(1, 6),), inplace=True)
     heads = next(g for g in dg.groups_of("model.layers.0.self_attn.qkv_proj.weight", 0) if g.prunable)
     removal = plant_dead_units(dg, groups=[heads], fraction=0.5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -875,7 +448,7 @@ def test_olmo_weightless_norms_follow_the_hidden_size_when_a_query_width_of_the_
                                      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
                                      pad_token_id=0, eos_token_id=1)
     model = transformers.OlmoForCausalLM(config).eval()
-    ids = _ids(2, 7)
+    ids = token_ids(2, 7)
     fxprune.prune(model, 0.3, example_inputs=(ids,), inplace=True)
     assert model.model.layers[0].self_attn.q_proj.weight.shape[0] != model.config.hidden_size
     assert model.model.norm.normalized_shape == (model.config.hidden_size,) and model.config.hidden_size < 64
@@ -900,9 +473,9 @@ def test_attributes_a_rebuild_would_change_stay_where_the_model_needs_its_own(na
     else:
         model = T.T5ForConditionalGeneration(T.T5Config(vocab_size=100, d_model=64, d_ff=128, d_kv=16, num_layers=2,
                                                         num_heads=4, decoder_start_token_id=0))
-        kwargs = {"decoder_input_ids": _ids(2, 4, seed=1)}
+        kwargs = {"decoder_input_ids": token_ids(2, 4, seed=1)}
     model.eval()
-    ids = _ids(2, 7)
+    ids = token_ids(2, 7)
     before = sum(p.numel() for p in model.parameters())
     fxprune.prune(model, 0.3, example_inputs=(ids,), kwargs=kwargs or None, inplace=True)
     assert sum(p.numel() for p in model.parameters()) < 0.8 * before
