@@ -24,11 +24,12 @@ from fxprune.testing import assert_same_outputs, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
-DECODER = dict(vocab_size=100, num_hidden_layers=2, max_position_embeddings=64)
+from tests.hf_models import DECODER, TINY, token_ids  # noqa: E402
 
 
-def _ids(length=6, seed=0):
-    return torch.randint(0, 100, (1, length), generator=torch.Generator().manual_seed(seed))
+def _ids():
+    """One example of 6 tokens: batch 1, as users call."""
+    return token_ids(batch=1, length=6)
 
 
 def _reload_plainly(model, tmp_path):
@@ -106,8 +107,7 @@ def test_qwen2_portable_global_plan_is_uniform_and_adds_the_head_dim_its_attenti
     field is added, so the hidden size is pruned without dragging the head width along; a global plan (per-layer
     widths otherwise) is tied to one width per field."""
     torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, **DECODER)).eval()
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**DECODER)).eval()
     ids = _ids()
     dg = fxprune.analyze(model, (ids,), inplace=True, portable=True)
     assert dg.portable.added == {("head_dim",): 16}
@@ -147,8 +147,7 @@ def test_bert_heads_frozen_with_the_reason_and_mlp_reloads(tmp_path):
     """BertModel in place: the hidden size is the graph's output, and hidden_size also states the query width
     (heads x 16): heads stay whole, with a reason in the report; the MLP is pruned and reloads."""
     torch.manual_seed(0)
-    model = transformers.BertModel(transformers.BertConfig(hidden_size=64, num_attention_heads=4,
-                                                           intermediate_size=128, **DECODER)).eval()
+    model = transformers.BertModel(transformers.BertConfig(vocab_size=100, **TINY)).eval()
     ids = _ids()
     dg = fxprune.analyze(model, (ids,), inplace=True, portable=True)
     heads = dg.groups_of("encoder.layer.0.attention.self.query.weight", 0)[0]

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import fxprune
-from fxprune.testing import assert_same_outputs
+from fxprune.testing import assert_same_outputs, assert_same_state, state_snapshot
 
 
 def _resnet_pruned(tmp_path):
@@ -49,11 +49,10 @@ def test_load_pruned_of_a_plain_state_dict_resizes_by_name(tmp_path):
 def test_load_pruned_puts_the_fresh_model_back_when_it_does_not_fit(tmp_path):
     torchvision, pruned, path, x = _resnet_pruned(tmp_path)
     other = torchvision.models.resnet34(num_classes=10)  # another architecture: the plan's groups are not there
-    before = {k: v.clone() for k, v in other.state_dict().items()}
+    before = state_snapshot(other)
     with pytest.raises(fxprune.FxPruneError):
         fxprune.load_pruned(other, path)
-    after = other.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert_same_state(other, before, "load_pruned did not put the fresh model back")
 
 
 def test_load_pruned_refuses_outputs_that_differ(tmp_path):
@@ -170,8 +169,7 @@ def test_a_plan_that_prunes_what_the_forward_recomputes_is_refused_and_the_fresh
     path = fxprune.save_pruned(pruned, tmp_path / "unet.safetensors")
     assert os.path.getsize(path) < sum(p.numel() * 4 for p in unet.parameters())
     fresh = diffusers.UNet2DModel.from_config(unet.config)
-    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    before = state_snapshot(fresh)
     with pytest.raises(fxprune.FxPruneError, match="computed in forward from constants"):
         fxprune.load_pruned(fresh, path)
-    after = fresh.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert_same_state(fresh, before, "load_pruned did not put the fresh UNet back")
