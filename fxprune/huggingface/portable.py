@@ -54,7 +54,7 @@ from fxprune.errors import FxPruneError, PlanError
 from fxprune.huggingface.attention_names import HEAD_DIM, attention_modules
 from fxprune.huggingface.attention_sites import attention_sites
 from fxprune.huggingface.config_fields import (_shapes, baseline_of, config_of, edited, field_occurrences,
-                                               fields_name, integer_fields, probe_values)
+                                               fields_name, probe_values)
 from fxprune.huggingface.rebuild import _initialised, try_rebuild, unsaved
 from fxprune.planning.ties import CountTie, check_ties
 
