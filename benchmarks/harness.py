@@ -436,6 +436,15 @@ def describe_runs(runs: list[dict], key: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def stopped_runs(runs: list[dict]) -> str:
+    """A sentence naming the runs (1-based, as listed) that have a header but no end record: stopped before they
+    finished, so they measured only the rows they logged; empty when every run ended."""
+    stopped = [str(i + 1) for i, run in enumerate(runs) if run["header"] and not run.get("end")
+               and not run["header"].get("recovered")]
+    return (f"Run(s) {', '.join(stopped)} of the list were stopped before they finished (no end record): they "
+            "measured only the rows they logged.") if stopped else ""
+
+
 def write_report(render, log: str | Path, out: str | Path | None) -> str:
     """``render(read_runs(log))`` written to ``out``: a report is always rebuilt from its log, never kept apart."""
     text = render(read_runs(log))

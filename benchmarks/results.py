@@ -39,6 +39,8 @@ REPORTS = [
     ("latency_cuda.md", "latency_cuda.jsonl", "latency", "Latency on GPU",
      "python benchmarks/latency.py --device cuda"),
     ("quality.md", "quality.jsonl", "quality", "Quality without retraining", "python benchmarks/quality.py"),
+    ("recovery.md", "recovery.jsonl", "recovery", "Recovery by distillation, per CPU budget",
+     "python benchmarks/recovery.py --threads 1"),
     ("calibration_memory.md", "calibration_memory.jsonl", "calibration_memory",
      "Calibration statistics of a 1B LLaMA", "python benchmarks/calibration_memory.py"),
     ("scale.md", "scale.jsonl", "scale", "Scale: planning a 70B-class LLaMA on the meta device",

@@ -91,25 +91,27 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     ``inplace=True`` a Hugging Face model is pruned in place and returned (it
     still generates, saves and reloads; see :mod:`fxprune.huggingface`).
 
-    ``importance``: a name (``"l2"``, ``"l1"``, ``"lamp"``, ``"fpgm"``, ``"bn_scale"``,
-    ``"taylor"``, ``"hessian"``, ``"activation"``, ``"wanda"``, ``"obs"``, ``"random"``), a criterion object
-    or a callable (see :mod:`fxprune.importance`); ``"taylor"``/``"hessian"`` need ``calibration`` batches
-    and ``loss_fn(model, batch)`` (default: cross-entropy of ``(inputs, targets)`` batches);
-    ``"activation"``/``"wanda"``/``"obs"`` need ``calibration`` batches of model inputs (a tensor, a tuple of
-    positional inputs or a dict of keyword inputs each); ``"obs"`` (structured Optimal Brain Surgeon) scores
-    a unit by the output error its consumers keep after refitting without it, the natural partner of
-    ``reconstruct=True`` (both read one pass of statistics). ``reconstruct=True`` refits every Linear, weight
-    matmul (``x @ W``, GPT-2's addmm) or convolution that loses input columns (kept columns and bias, ridge
-    least squares on the calibration inputs) so the pruned model's outputs stay close without retraining
-    (:mod:`fxprune.calibration`); it needs ``calibration``; with ``inplace=True`` on a Hugging Face model the
-    refit weights are written into the model (which still generates, saves and reloads).
-    ``sequential=True`` (with ``reconstruct=True``) refits those layers front to back instead, each on the
-    pruned model's own inputs after the layers before it were refit, to reproduce the original model's
-    outputs of that layer (one pass over the calibration batches per stage of layers:
-    :mod:`fxprune.calibration.sequential`). ``reestimate_bn=True`` resets the pruned model's BatchNorm
-    running statistics and re-estimates them on ``calibration`` (after any refit;
-    :func:`fxprune.calibration.reestimate_batchnorm`; BatchNorm modules only, not an exported graph's ops). To recover more,
-    train the result a short while against the original: ``fxprune.distill(pruned, model, calibration,
+    ``importance``: a name (``"l2"``, ``"l1"``, ``"lamp"``, ``"fpgm"``, ``"bn_scale"``, ``"taylor"``, ``"hessian"``,
+    ``"activation"``, ``"wanda"``, ``"obs"``, ``"obs-output"``, ``"random"``), a criterion object or a callable (see
+    :mod:`fxprune.importance`); ``"taylor"``/``"hessian"`` need ``calibration`` batches and ``loss_fn(model,
+    batch)`` (default: cross-entropy of ``(inputs, targets)`` batches); ``"activation"``/``"wanda"``/``"obs"`` need
+    ``calibration`` batches of model inputs (a tensor, a tuple of positional inputs or a dict of keyword inputs
+    each); ``"obs"`` (structured Optimal Brain Surgeon) scores a unit by the output error its consumers keep after
+    refitting without it, the natural partner of ``reconstruct=True`` (both read one pass of statistics);
+    ``"obs-output"`` weighs that error by how much the model's output moves with it and removes units greedily, so
+    its scores compare across layers: use it with ``global_pruning=True, isomorphic=True`` (each kind of group loses
+    the ratio where the output moves least). ``reconstruct=True`` refits every Linear, weight matmul (``x @ W``,
+    GPT-2's addmm) or convolution that loses input columns (kept columns and bias, ridge least squares on the
+    calibration inputs, its strength chosen per layer on held-out calibration tokens; what was chosen is in
+    ``result.meta["fxprune_refit"]``) so the pruned model's outputs stay close without retraining
+    (:mod:`fxprune.calibration`); it needs ``calibration``; with ``inplace=True`` on a Hugging Face model the refit
+    weights are written into the model (which still generates, saves and reloads). ``sequential=True`` (with
+    ``reconstruct=True``) refits those layers front to back instead, each on the pruned model's own inputs after the
+    layers before it were refit, to reproduce the original model's outputs of that layer (one pass over the
+    calibration batches per stage of layers: :mod:`fxprune.calibration.sequential`). ``reestimate_bn=True`` resets
+    the pruned model's BatchNorm running statistics and re-estimates them on ``calibration`` (after any refit;
+    :func:`fxprune.calibration.reestimate_batchnorm`; BatchNorm modules only, not an exported graph's ops). To
+    recover more, train the result a short while against the original: ``fxprune.distill(pruned, model, calibration,
     steps=200)`` (:mod:`fxprune.calibration.distill`).
     ``global_pruning=True`` ranks units of all groups together (at most ``max_ratio``
     of one group). ``ratios={"layer4": 0.7, model.fc: 0.0}`` sets ratios per module or group.

@@ -59,6 +59,7 @@ from fxprune.analysis.shapes import GraphShapes, PlannedShapes
 from fxprune.analysis.untie import untie_constants
 from fxprune.calibration import (collect_statistics, load_refit, plan_sequential, reestimate_batchnorm,
                                  refit_consumers, run_sequential)
+from fxprune.calibration.reconstruct import attach_refit_report
 from fxprune.huggingface.freezes import freeze_computed_constants, freeze_head_dims, internal_outputs
 from fxprune.huggingface.inplace import prune_in_place
 from fxprune.huggingface.snapshot import restore, snapshot
@@ -135,7 +136,9 @@ class Job:
     removal: dict = field(default_factory=dict)  # plan: {group: units to remove}
     config_fit: object = None  # plan, portable=True: huggingface.portable.Fit (config values the plan needs)
     search: object = None  # plan: target.SearchResult when a target was searched
+    plan_normalizer: object = "mean"  # score: how a global plan puts groups' scores on one scale (the criterion's)
     refit: dict = field(default_factory=dict)  # refit: {parameter name: refit tensor} when reconstructing
+    refit_report: dict = field(default_factory=dict)  # refit, sequential: {"one-shot"/"sequential": {weight: choice}}
     sequential_plan: object = None  # refit: calibration.SequentialPlan, read before rewriting
     result: fx.GraphModule | None = None  # rewrite: the pruned graph, or the model itself pruned in place
     achieved: dict = field(default_factory=dict)  # measure: {"macs": fraction kept, "params": ...} with a target
@@ -222,6 +225,8 @@ def _score(job: Job) -> None:
         collect_statistics(job.dg, s.calibration, gram=True)
     criterion = resolve_importance(s.importance, s.calibration, s.loss_fn)
     job.scores = score_groups(criterion, job.dg, job.dg.prunable_groups)
+    # a criterion whose scores are on one scale across groups (in units of the model's output) is ranked as it is
+    job.plan_normalizer = getattr(criterion, "plan_normalizer", "mean")
 
 
 def _plan(job: Job) -> None:
@@ -233,7 +238,7 @@ def _plan(job: Job) -> None:
     def plan_for(ratio: float, costs: dict | None = None) -> dict:
         return make_plan(groups, job.scores, ratio, steps=job.steps, global_pruning=s.global_pruning,
                          max_ratio=s.max_ratio, fixed=fixed, costs=costs, types=types, classes=classes,
-                         ties=job.dg.count_ties)
+                         normalizer=job.plan_normalizer, ties=job.dg.count_ties)
 
     types = None
     # isomorphic: each class of same-structure groups loses the ratio, so a target searches that one ratio
@@ -290,7 +295,8 @@ def _refit(job: Job) -> None:
     convolution) kept
     columns and bias, from the original weights (before rewriting, which may edit them in place)."""
     if job.settings.reconstruct:
-        job.refit = refit_consumers(job.dg, job.removal, job.settings.calibration)
+        job.refit = refit_consumers(job.dg, job.removal, job.settings.calibration,
+                                    report=job.refit_report.setdefault("one-shot", {}))
         if job.settings.sequential:  # the original graph and weights are the targets: read them before rewriting
             job.sequential_plan = plan_sequential(job.dg, job.removal, inplace=job.settings.inplace)
 
@@ -340,6 +346,8 @@ def _reconstruct(job: Job) -> None:
     the model's own parameter names (a refit consumer without a bias gets none)."""
     if job.refit:
         load_refit(job.result, job.refit)
+    if job.refit_report:
+        attach_refit_report(job.result, job.refit_report)
 
 
 def _sequential(job: Job) -> None:
@@ -355,6 +363,7 @@ def _sequential(job: Job) -> None:
                                if n in weights})  # the one-shot refit and the sliced weights, as the model has them
             done = run_sequential(job.sequential_plan, graph, job.settings.calibration)
             load_refit(job.result, {name: weights[name].detach() for name in done})
+        job.refit_report["sequential"] = {name: c.as_dict() for name, c in job.sequential_plan.choices.items()}
         job.sequential_plan = None  # frees the copy of the original graph an in-place pruning keeps
 
 

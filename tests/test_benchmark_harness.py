@@ -143,6 +143,36 @@ def test_speed_report_gives_medians_of_the_repeats(tmp_path):
     assert "| resnet18 | 10.0M | fxprune | 2.00 |" in text  # the median, not the last repeat (2.0 of 3.0, 1.0, 2.0)
 
 
+def test_quality_and_recovery_reports_show_every_run_of_a_log_measured_in_parts(tmp_path):
+    """A subset measured as several runs (``--append``) renders as one report: every run named, every task's table,
+    a later row replacing an earlier one of the same task, method and ratio."""
+    quality, recovery = importlib.import_module("quality"), importlib.import_module("recovery")
+    path = tmp_path / "quality.jsonl"
+    first = harness.Log(path, harness.run_header("quality.py", ["--tasks", "minilm"], threads=1, ratio=0.3))
+    first.write({"task": "minilm:english", "row": None, "meta": {"calibration": "general English, 16 sentences"}})
+    first.write({"task": "minilm:english", "row": "L2", "everyday: everyday sentences": 0.61})
+    first.write({"task": "minilm:english", "row": "obs + reconstruct", "everyday: everyday sentences": 0.81})
+    first.finish(wall_s=60.0)
+    again = harness.Log(path, harness.run_header("quality.py", ["--tasks", "lm", "--append"], threads=1), mode="a")
+    again.write({"task": "minilm:english", "row": "obs + reconstruct", "everyday: everyday sentences": 0.83})
+    again.write({"task": "lm:english", "row": "L2", "ratio": 0.2, "other text: reference": 1.07})
+    text = quality.render(harness.read_runs(path))
+    assert "--tasks minilm`" in text and "--tasks lm --append`" in text and "general English, 16 sentences" in text
+    assert "| obs + reconstruct | 0.8300 |" in text and "0.8100" not in text and "| L2 | 0.2000 | 1.0700 |" in text
+    assert "everyday 0.83 (obs + reconstruct)" in quality.summary(harness.read_runs(path))
+
+    path = tmp_path / "recovery.jsonl"
+    first = harness.Log(path, harness.run_header("recovery.py", ["--tasks", "minilm"], threads=1))
+    first.write({"task": "minilm", "ratio": 0.3, "budget (CPU s)": 300, "everyday (other)": 0.93})
+    again = harness.Log(path, harness.run_header("recovery.py", ["--tasks", "lm", "--append"], threads=1), mode="a")
+    again.write({"task": "lm", "ratio": 0.5, "budget (CPU s)": 300, "general English (other)": 1.12})
+    runs = harness.read_runs(path)
+    text = recovery.render(runs)
+    assert "### all-MiniLM" in text and "### small LLaMA" in text and "--tasks lm --append`" in text
+    assert recovery.summary(runs) == ("minilm at 30%, everyday (other): 300 CPU s: 0.930; "
+                                      "lm at 50%, general English (other): 300 CPU s: 1.120.")
+
+
 def test_results_rebuilds_every_report_that_has_a_log():
     """Every script that renders a report is in results.REPORTS, and every report in benchmarks/ is one of REPORTS
     (rendered from its log) or prose without measurements."""

@@ -707,3 +707,174 @@ def test_obs_and_reconstruction_share_one_pass(reconstruct):
                            calibration=batches, reconstruct=reconstruct)
     assert batches.taken == len(batches)  # one pass
     assert pruned.get_submodule("fc1").out_features == 4
+
+
+# -- validated refits (fxprune.calibration.ridge) and padding ---------------------------------------------------
+
+def _low_rank_inputs(n: int, basis: torch.Tensor, generator) -> torch.Tensor:
+    """Inputs near a few directions (``basis``), so that hidden units are correlated: a refit has something to
+    move onto kept units, and with few tokens also noise to fit."""
+    z = torch.randn(n, basis.shape[0], generator=generator)
+    return z @ basis + 0.3 * torch.randn(n, basis.shape[1], generator=generator)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_validated_refit_beats_no_refit_and_fixed_damping_on_fresh_inputs_when_tokens_are_few(seed):
+    """60 calibration tokens for a consumer that keeps 64 inputs: the least-squares refit at today's fixed damping
+    fits the calibration tokens' noise; the strength validated on their held-out fifth shrinks it, and on fresh
+    inputs its output error is below both the unrefit model's and the fixed damping's. The too-few-tokens warning
+    says so with the counts, and meta records the choice."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    basis = torch.randn(6, 16, generator=g)
+    model = nn.Sequential(nn.Linear(16, 96), nn.Tanh(), nn.Linear(96, 8)).eval()
+    batches = [_low_rank_inputs(12, basis, g) for _ in range(5)]
+    fresh = _low_rank_inputs(2000, basis, g)
+    dg = fxprune.analyze(model, (batches[0],))
+    removal = {dg.group_of("2.weight", 1): list(range(0, 96, 3))}  # 32 of 96 hidden units
+    with torch.no_grad():
+        expected = model(fresh)
+
+    def error(pruned) -> float:
+        with torch.no_grad():
+            return ((pruned(fresh) - expected) ** 2).mean().item() / expected.var().item()
+
+    fixed = fxprune.apply(dg, removal)
+    reconstruct(dg, removal, fixed, batches, damping=1e-4)
+    report = {}
+    validated = fxprune.apply(dg, removal)
+    with pytest.warns(UserWarning, match=r"2\.weight: 60 tokens for 64 kept inputs"):
+        reconstruct(dg, removal, validated, batches, report=report)
+    unrefit = error(fxprune.apply(dg, removal))
+    assert error(validated) < 0.8 * min(unrefit, error(fixed)), (error(validated), unrefit, error(fixed))
+    choice = report["2.weight"]
+    assert choice["tokens"] == 60 and choice["held_out_tokens"] == 10 and choice["width"] == 64
+    assert float(choice["strength"]) > 1e-4  # shrunk more than the fixed damping
+    assert choice["held_out_error_after"] < choice["held_out_error_before"]
+    pruned = fxprune.prune(model, 1 / 3, example_inputs=(batches[0],), importance="l2", round_to=1,
+                           calibration=batches, reconstruct=True)
+    assert set(pruned.meta["fxprune_refit"]["one-shot"]) == {"2.weight"}
+
+
+def test_validated_refit_is_the_least_squares_one_when_tokens_are_plenty():
+    """Planted copies with plenty of tokens: the held-out tokens ask for (almost) no shrinkage, and the outputs do
+    not change (the redundant-unit oracle at the default, validated strength)."""
+    torch.manual_seed(0)
+    model = MLP(4, 8, 3, act=nn.GELU).eval()
+    plant_redundant_units(model, {2: 5, 6: None})
+    batches = [torch.randn(64, 4) for _ in range(8)]
+    test = torch.randn(64, 4)
+    dg = fxprune.analyze(model, (test[:2],))
+    removal = {dg.group_of("fc2.weight", 1): [2, 6]}
+    pruned, report = fxprune.apply(dg, removal), {}
+    reconstruct(dg, removal, pruned, batches, report=report)
+    with torch.no_grad():
+        assert_close_to_scale(pruned(test), model(test), atol=1e-3)
+    assert report["fc2.weight"]["held_out_error_after"] < 1e-4
+
+
+class Tokens(nn.Module):
+    """Token ids -> embedding -> Linear -> ReLU -> Linear; the mask is an input the layers do not read."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.fc1, self.fc2 = nn.Embedding(20, 6), nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask):
+        return self.fc2(torch.relu(self.fc1(self.embed(input_ids))))
+
+
+def test_padding_positions_do_not_count_in_the_statistics():
+    """A tokenizer-style dict batch: the rows at attention_mask == 0 are left out of every sum (whatever their
+    ids), so the statistics equal those of the unpadded tokens alone, counted by brute force."""
+    torch.manual_seed(0)
+    model = Tokens().eval()
+    ids = torch.randint(1, 20, (6, 5))
+    mask = torch.ones(6, 5, dtype=torch.int64)
+    mask[1, 3:], mask[4, 1:] = 0, 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    dg = fxprune.analyze(model, (), kwargs=batch)
+    stats = collect_statistics(dg, [batch], gram=True)["fc2.weight"]
+    other = dict(batch, input_ids=torch.where(mask.bool(), ids, torch.randint(1, 20, ids.shape)))
+    again = collect_statistics(fxprune.analyze(model, (), kwargs=batch), [other], gram=True)["fc2.weight"]
+    with torch.no_grad():
+        x = torch.relu(model.fc1(model.embed(ids)))[mask.bool()].double()  # (tokens, 8): the unpadded rows
+    assert stats.count == again.count == int(mask.sum()) == 24
+    torch.testing.assert_close(stats.total, x.sum(0))
+    torch.testing.assert_close(stats.gram_sum[:8, :8], x.T @ x)
+    torch.testing.assert_close(again.gram_sum, stats.gram_sum)
+    assert stats.held == 1  # sequence 4 (of 6), one token unpadded
+
+
+# -- "obs-output": OBS in units of the model's output ------------------------------------------------------------
+
+class Scaled(nn.Module):
+    """fc1 -> tanh -> fc2, the output times ``scale`` (a downstream factor the consumer's own output does not see)."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.fc1, self.fc2, self.scale = nn.Linear(4, 12), nn.Linear(12, 3), scale
+
+    def forward(self, x):
+        return self.scale * self.fc2(torch.tanh(self.fc1(x)))
+
+
+def test_output_sensitivity_scales_with_what_follows_the_consumer():
+    """F = E[g g^T], g the gradient of r . output at the consumer's output: a factor 3 after the consumer makes F
+    nine times larger (same random directions), and F is symmetric positive semi-definite."""
+    from fxprune.calibration import output_sensitivity
+
+    torch.manual_seed(0)
+    one, three = Scaled(1.0).eval(), Scaled(3.0).eval()
+    three.load_state_dict(one.state_dict())
+    batches = [torch.randn(16, 4) for _ in range(3)]
+    f1 = output_sensitivity(fxprune.analyze(one, (batches[0],)), batches)["fc2.weight"]
+    f3 = output_sensitivity(fxprune.analyze(three, (batches[0],)), batches)["fc2.weight"]
+    torch.testing.assert_close(f3, 9 * f1, rtol=1e-5, atol=1e-9 * float(f3.abs().max()))
+    assert f1.shape == (3, 3) and torch.linalg.eigvalsh(f1).min() > -1e-9
+
+
+class Damped(nn.Module):
+    """Two MLP blocks of one structure side by side, the first one's output scaled down by 0.01 before the sum: the
+    model's output hardly moves with it, whatever its consumer's (a2's) own output error."""
+
+    def __init__(self):
+        super().__init__()
+        self.a1, self.a2, self.b1, self.b2 = nn.Linear(6, 24), nn.Linear(24, 6), nn.Linear(6, 24), nn.Linear(24, 6)
+
+    def forward(self, x):
+        return self.b2(torch.tanh(self.b1(x))) + 0.01 * self.a2(torch.tanh(self.a1(x)))
+
+
+def test_obs_output_takes_units_where_the_output_moves_least():
+    """Globally within the isomorphic class of the two MLP blocks, "obs-output" takes most units from the block
+    scaled down, and its pruned model is closer to the original than "obs"'s at the same budget
+    ("obs" ranks each block's scores divided by their mean: about half from each)."""
+    torch.manual_seed(0)
+    model = Damped().eval()
+    batches = [torch.randn(32, 6) for _ in range(6)]
+    test = torch.randn(256, 6)
+    kept, error = {}, {}
+    for importance in ("obs", "obs-output"):
+        pruned = fxprune.prune(model, 0.5, example_inputs=(batches[0],), importance=importance, calibration=batches,
+                               reconstruct=True, global_pruning=True, isomorphic=True, round_to=1)
+        kept[importance] = (pruned.get_submodule("a1").out_features, pruned.get_submodule("b1").out_features)
+        with torch.no_grad():
+            error[importance] = ((pruned(test) - model(test)) ** 2).mean().item()
+    assert sum(kept["obs-output"]) == sum(kept["obs"]) == 24
+    assert kept["obs-output"][0] < 8 < kept["obs-output"][1], kept
+    assert error["obs-output"] < 0.5 * error["obs"], error
+
+
+def test_greedy_scores_by_hand():
+    """Uncorrelated inputs: units go cheapest first; correlated copies: once one copy is gone the other costs its
+    full norm (a one-shot score would call both free)."""
+    from fxprune.calibration.obs import greedy_scores
+
+    eye = torch.eye(3, dtype=torch.float64)
+    np.testing.assert_allclose(greedy_scores(torch.tensor([[1.0, 3.0, 2.0]]), eye, np.array([[0], [1], [2]])),
+                               [1.0, 40.0, 4.0])
+    gram = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    hinv = damped_inverse(gram, 1e-6)
+    scores = greedy_scores(torch.tensor([[1.0, 1.0, 5.0]]), hinv, np.array([[0], [1], [2]]))
+    assert min(scores[:2]) < 1e-4 and max(scores[:2]) == pytest.approx(4.0, rel=1e-3)  # the copy, then 2^2

@@ -140,11 +140,10 @@ def test_in_place_pruned_llama_distills_with_kl_generates_and_reloads(tmp_path):
     assert result.loss == "kl" and result.steps == 30
     assert sum(result.losses[-5:]) < 0.8 * sum(result.losses[:5]), result.losses
     hidden_pruned = student.config.hidden_size < teacher.config.hidden_size
-    if hidden_pruned:  # the residual stream was pruned: hidden states cannot be compared, and distill says so
-        assert result.hidden_states == 0
-        assert sum("hidden states differ in shape" in str(w.message) for w in caught) == 1
-    else:
-        assert result.hidden_states == teacher.config.num_hidden_layers + 1
+    # every layer boundary is matched; where the residual stream was pruned, through a learned map
+    assert result.hidden_states == teacher.config.num_hidden_layers + 1
+    assert result.mapped == (result.hidden_states if hidden_pruned else 0)
+    assert not [w for w in caught if "fxprune.distill" in str(w.message)]
     assert_same_state(teacher, state, "the teacher changed")
     ids = batches[1]["input_ids"][:1]
     with torch.no_grad():
@@ -173,13 +172,84 @@ def test_hidden_states_are_matched_when_shapes_agree():
     assert without.hidden_states == 0
 
 
-def test_a_captured_student_of_a_hugging_face_teacher_matches_logits_and_says_hidden_states_are_not_matched():
+def test_a_captured_student_of_a_hugging_face_teacher_matches_logits_and_the_residual_stream_from_the_graphs():
+    """The student is a GraphModule (no hidden_states output): the residual boundaries are found in its graph and
+    in the teacher's (captured here), two per decoder layer, and matched in order."""
     torch.manual_seed(0)
     teacher = _tiny_llama()
     ids = torch.randint(0, 100, (2, 8))
     student = fxprune.prune(teacher, 0.3, example_inputs=(ids,))  # a GraphModule returning the captured outputs
     state = state_snapshot(teacher)
-    with pytest.warns(UserWarning, match="hidden states are matched only when the student is a Hugging Face"):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fxprune.distill")
         result = fxprune.distill(student, teacher, [ids], steps=2, lr=1e-3, progress=False)
-    assert result.loss == "kl" and result.hidden_states == 0
+    assert result.loss == "kl" and result.hidden_states == 2 * teacher.config.num_hidden_layers
     assert_same_state(teacher, state, "the teacher changed")
+
+
+# -- intermediate states, schedule, CPU budget -----------------------------------------------------------------
+
+@pytest.mark.parametrize("hidden", ["kept", "pruned"])
+def test_intermediate_states_are_found_from_the_graph_and_distilling_them_lowers_a_held_out_loss(hidden):
+    """A stack of three pre-norm transformer blocks (tests.models.BlockStack), half its heads and MLP units pruned
+    (and with ``hidden="pruned"`` half its residual width too): the six residual boundaries (attention and MLP of
+    each block) are found in both graphs and matched, through learned maps when the width was pruned; the held-out
+    loss on the residual stream (and on the outputs) falls."""
+    torch.manual_seed(0)
+    teacher = models.BlockStack(mlps=(64, 64, 64)).eval()
+    batches = [torch.randn(16, 6, 12) for _ in range(8)]
+    held_out = [torch.randn(64, 6, 12)]
+    ignore = [] if hidden == "pruned" else [teacher.embed]
+    student = fxprune.prune(teacher, 0.5, example_inputs=(batches[0][:1],), round_to=1, ignore=ignore)
+    assert (student.get_submodule("embed").out_features < 32) == (hidden == "pruned")
+    before = distill_loss(student, teacher, held_out, hidden_states=True)
+    outputs_before = distill_loss(student, teacher, held_out)
+    result = fxprune.distill(student, teacher, batches, steps=120, lr=3e-3, progress=False)
+    assert result.hidden_states == 6 and result.mapped == (6 if hidden == "pruned" else 0)
+    assert distill_loss(student, teacher, held_out) < 0.7 * outputs_before
+    if hidden == "kept":  # the states compare without maps: their held-out loss falls too
+        assert distill_loss(student, teacher, held_out, hidden_states=True) < 0.7 * before
+
+
+def test_the_schedule_warms_up_then_decays_and_a_cpu_budget_stops_the_loop():
+    from fxprune.calibration.distill import _schedule
+
+    assert [round(_schedule(p, 0.1, "cosine", 0.1), 3) for p in (0.0, 0.05, 0.1, 0.55, 1.0)] == \
+        [0.1, 0.55, 1.0, 0.55, 0.1]
+    assert _schedule(0.5, 0.1, "constant", 0.1) == 1.0
+    torch.manual_seed(0)
+    teacher = _mlp().eval()
+    batches = [torch.randn(8, 16)]
+    student = fxprune.prune(teacher, 0.5, example_inputs=(batches[0],), round_to=1)
+    result = fxprune.distill(student, teacher, batches, cpu_budget=0.5, progress=False)
+    assert 0.5 <= result.cpu_seconds < 5.0 and result.steps >= 1
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        fxprune.distill(student, teacher, batches, steps=1, schedule="linear")
+
+
+def test_residual_boundaries_are_the_adds_of_a_branch_with_weights():
+    """x + f(x) with a Linear on the branch is a boundary; the tanh GELU's x + 0.044715 x^3 (no weights between)
+    and the add of two unrelated branches are not. GPT-2: two boundaries per decoder layer (LLaMA's: the captured
+    student test above)."""
+    import torch.fx as fx
+
+    from fxprune.calibration.boundaries import residual_boundaries
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.side = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = x + self.fc2(nn.functional.gelu(self.fc1(x), approximate="tanh"))
+            return h, torch.tanh(h) + self.side(x)  # two branches of x meet: not the stream plus a branch of it
+
+    gm = fx.symbolic_trace(nn.Sequential(Block()))
+    assert [n.name for n in residual_boundaries(gm)] == ["add"]
+    ids = torch.randint(0, 100, (2, 7))
+    transformers = pytest.importorskip("transformers")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100,
+                                                                bos_token_id=0, eos_token_id=0)).eval()
+    boundaries = residual_boundaries(fxprune.prune(gpt2, 0.3, example_inputs=(ids,)))
+    assert len(boundaries) == 4  # the GELU's adds are not among them
+    assert all("residual" in n.meta.get("stack_trace", "").splitlines()[-1] for n in boundaries)

@@ -39,12 +39,13 @@ from fxprune.calibration.batchnorm import reestimate_batchnorm
 from fxprune.calibration.consumers import Consumer, calibrated_consumers
 from fxprune.calibration.criteria import Activation, Wanda
 from fxprune.calibration.distill import DistillResult, distill, distill_loss
-from fxprune.calibration.obs import OBS, damped_inverse, obs_scores
+from fxprune.calibration.obs import OBS, OutputOBS, damped_inverse, obs_scores
 from fxprune.calibration.reconstruct import load_refit, reconstruct, refit, refit_consumers
+from fxprune.calibration.sensitivity import output_sensitivity
 from fxprune.calibration.sequential import plan_sequential, reconstruct_sequential, run_sequential, stages_of
 from fxprune.calibration.statistics import ExpertStats, InputStats, collect_statistics
 
-__all__ = ["Activation", "Consumer", "DistillResult", "ExpertStats", "InputStats", "OBS", "Wanda",
+__all__ = ["Activation", "Consumer", "DistillResult", "ExpertStats", "InputStats", "OBS", "OutputOBS", "Wanda",
            "calibrated_consumers", "collect_statistics", "damped_inverse", "distill", "distill_loss", "load_refit",
-           "obs_scores", "plan_sequential", "reconstruct", "reconstruct_sequential", "reestimate_batchnorm", "refit",
-           "refit_consumers", "run_sequential", "stages_of"]
+           "obs_scores", "output_sensitivity", "plan_sequential", "reconstruct", "reconstruct_sequential",
+           "reestimate_batchnorm", "refit", "refit_consumers", "run_sequential", "stages_of"]

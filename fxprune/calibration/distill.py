@@ -3,12 +3,28 @@
 The teacher (the original model) runs in eval mode under ``no_grad`` and is never changed; the student
 (``fxprune.prune``'s GraphModule, or a Hugging Face model pruned with ``inplace=True``) is trained with
 AdamW, in eval mode so that dropout is off and BatchNorm uses its running statistics, then left in eval
-mode. The loss compares the outputs: KL divergence of the softmax at ``temperature`` for logits (a Hugging
-Face output's ``logits``, or every output with ``loss="kl"``), else the squared error divided by the
-teacher output's variance (``loss="mse"``, 1.0 for a student that outputs the teacher's mean). With
-``hidden_states=True`` and Hugging Face models, the hidden states whose shapes agree are matched the same
-way (normalised squared error), averaged and added. Padding positions (``attention_mask == 0``) are
-left out of both. Batches cycle until ``steps`` optimizer steps are done or ``time_budget`` seconds pass.
+mode. The loss is a sum of three parts:
+
+- outputs: KL divergence of the softmax at ``temperature`` for logits (a Hugging Face output's ``logits``, or
+  every output with ``loss="kl"``), else the squared error divided by the teacher output's variance
+  (``loss="mse"``, 1.0 for a student that outputs the teacher's mean);
+- intermediate states (``hidden_states=True``): the residual stream at every layer boundary, each the squared
+  error over the teacher state's variance, averaged over boundaries and weighted by ``hidden_weight``. For a
+  Hugging Face student and teacher these are the model's ``hidden_states``; otherwise the boundaries are found
+  from the graphs (:mod:`fxprune.calibration.boundaries`: every ``x + f(x)`` whose branch holds a layer with
+  weights) of the student (a GraphModule, or a module ``symbolic_trace`` takes) and of the teacher (captured
+  with the first batch when it is not a GraphModule), and paired in graph order. Where the student's width
+  differs (the residual stream was pruned), a learned linear map (student width -> teacher width, initialised
+  by least squares on the first batch, trained with the student) carries the student's state first;
+- pooled embeddings (``pooled=True``; ``"auto"``: when the teacher returns hidden states, not logits, as an
+  embedding model does): ``1 - cos`` between the student's and the teacher's first output mean-pooled over
+  the unpadded positions.
+
+Padding positions (``attention_mask == 0``) are left out of all three. The learning rate warms up linearly
+over the first ``warmup`` of the run and then follows a cosine down to ``min_lr`` times ``lr``; the run's
+progress is the largest of steps done / ``steps``, wall seconds / ``time_budget`` and process CPU seconds /
+``cpu_budget`` (CPU time is what a shared machine's load does not inflate), so a budget in CPU seconds
+gets the whole schedule. Batches cycle until the first of the three is reached.
 
 Example::
 
@@ -29,18 +45,25 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_map
 from tqdm.auto import tqdm
 
-from fxprune.analysis.capture import is_hf_model, split_inputs
+from fxprune.analysis.capture import capture, is_hf_model, split_inputs
+from fxprune.calibration.boundaries import residual_boundaries
+from fxprune.calibration.statistics import placeholder_values
 
 LOSSES = ("auto", "kl", "mse")
+SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
 class DistillResult:
-    """What :func:`distill` did: optimizer steps, seconds, the loss it used and the training loss per step."""
+    """What :func:`distill` did: optimizer steps, seconds (wall and process CPU), the loss it used and the
+    training loss per step; ``hidden_states``: intermediate states matched per batch (0: outputs only),
+    ``mapped`` of them through a learned map (widths differ); ``pooled``: whether the pooled-embedding cosine
+    loss was on."""
 
     steps: int
     seconds: float
@@ -49,80 +72,310 @@ class DistillResult:
     loss: str  # "kl" or "mse": what "auto" picked
     losses: list[float] = field(default_factory=list)
     hidden_states: int = 0  # hidden states matched per batch (0: outputs only)
+    cpu_seconds: float = 0.0
+    mapped: int = 0
+    pooled: bool = False
 
 
 def distill(student: torch.nn.Module, teacher: torch.nn.Module, batches, *, steps: int | None = None,
-            time_budget: float | None = None, lr: float = 1e-4, loss: str = "auto", temperature: float = 1.0,
-            hidden_states: bool = True, progress=None, optimizer=None) -> DistillResult:
+            time_budget: float | None = None, cpu_budget: float | None = None, lr: float = 1e-4,
+            loss: str = "auto", temperature: float = 1.0, hidden_states: bool = True, hidden_weight: float = 1.0,
+            pooled="auto", warmup: float = 0.05, schedule: str = "cosine", min_lr: float = 0.1, progress=None,
+            optimizer=None) -> DistillResult:
     """Train ``student`` in place to match the frozen ``teacher`` on ``batches``; returns a :class:`DistillResult`.
 
     ``batches``: calibration batches of model inputs (each a tensor, a tuple of positional inputs or a dict of
-    keyword inputs such as a tokenizer's output), cycled over. ``steps`` and/or ``time_budget`` (seconds) say
-    when to stop (whichever comes first; at least one step is always taken). ``loss``: ``"kl"`` (KL at
+    keyword inputs such as a tokenizer's output), cycled over. ``steps``, ``time_budget`` (wall seconds) and
+    ``cpu_budget`` (seconds of this process's CPU time, all threads) say when to stop (the first reached; at
+    least one step is always taken) and set the schedule's length. ``loss``: ``"kl"`` (KL at
     ``temperature``, scaled by ``temperature**2``), ``"mse"`` (squared error over the teacher's variance) or
-    ``"auto"`` (KL on a Hugging Face output's ``logits``, else MSE). ``optimizer``: a ready optimizer over the
-    student's parameters (default ``AdamW(lr=lr, weight_decay=0)`` over those that require grad).
+    ``"auto"`` (KL on a Hugging Face output's ``logits``, else MSE). ``hidden_states``, ``hidden_weight``,
+    ``pooled``: the intermediate-state and pooled-embedding losses (see the module). ``warmup`` (a fraction of
+    the run), ``schedule`` (``"cosine"`` or ``"constant"``) and ``min_lr`` (the cosine's end, a fraction of
+    ``lr``) shape the learning rate. ``optimizer``: a ready optimizer over the student's parameters (default
+    ``AdamW(lr=lr, weight_decay=0)`` over those that require grad; the schedule scales its groups' ``lr``).
     ``progress``: ``True``/``False`` forces the tqdm bar on or off; ``None`` shows it on a terminal.
 
     Example::
 
-        >>> result = fxprune.distill(pruned, model, [x[i:i + 32] for i in range(0, 512, 32)], time_budget=60)
+        >>> result = fxprune.distill(pruned, model, [x[i:i + 32] for i in range(0, 512, 32)], cpu_budget=300)
         >>> print(f"{result.steps} steps, loss {result.first_loss:.3f} -> {result.last_loss:.3f}")
     """
-    batches = _check(student, teacher, batches, steps, time_budget, loss, temperature)
+    batches = _check(student, teacher, batches, steps, time_budget, loss, temperature, cpu_budget)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"distill: schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if not 0 <= warmup < 1 or not 0 <= min_lr <= 1:
+        raise ValueError(f"distill: warmup must be in [0, 1) and min_lr in [0, 1], got {warmup!r} and {min_lr!r}")
     _untie_from(student, teacher)
     params = [p for p in student.parameters() if p.requires_grad]
     if optimizer is not None and _shared(teacher, [p for g in optimizer.param_groups for p in g["params"]]):
         raise ValueError("distill: the optimizer holds parameters of the teacher (ones the student shared with it "
                          "are copied first); build the optimizer over student.parameters() after distill's copy, "
                          "or leave optimizer=None")
-    if optimizer is None:
-        if not params:
-            raise ValueError("distill: no parameter of the student requires grad")
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)  # no decay: a short run should only fit
-    match_hidden = hidden_states and is_hf_model(teacher)
-    if hidden_states and is_hf_model(teacher) and not is_hf_model(student):
-        warnings.warn("fxprune.distill: hidden states are matched only when the student is a Hugging Face model "
-                      "(a captured graph returns what it was captured with); matching the outputs only",
-                      stacklevel=2)
-        match_hidden = False
+    if optimizer is None and not params:
+        raise ValueError("distill: no parameter of the student requires grad")
     was_training = teacher.training
     teacher.eval()
     student.eval()  # dropout off, BatchNorm on its running statistics: deterministic steps
-    losses: list[float] = []
-    chosen, matched, warned = None, 0, [False]
-    start = time.perf_counter()
-    bar = tqdm(total=steps, desc="fxprune distill", disable=None if progress is None else not progress)
     try:
-        with torch.enable_grad():
-            for step, batch in enumerate(itertools.cycle(batches)):
-                with torch.no_grad():
-                    target = _call(teacher, batch, match_hidden)
-                value, chosen, matched = _loss(_call(student, batch, match_hidden), target, batch, loss, temperature,
-                                               warned)
-                if not torch.isfinite(value):
-                    raise ValueError(f"distill: the loss is {value.item()} at step {step + 1} "
-                                     f"(lr={lr:g} too high, or the student diverged)")
-                optimizer.zero_grad(set_to_none=True)
-                value.backward()
-                optimizer.step()
-                losses.append(value.item())
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4g}")
-                if (steps is not None and len(losses) >= steps) or (
-                        time_budget is not None and time.perf_counter() - start >= time_budget):
-                    break
+        matcher = _Matcher(student, teacher, batches[0], hidden_states, pooled, loss, temperature, hidden_weight,
+                           warn=True)
+        optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=0.0)  # no decay: only fit
+        maps = [p for m in matcher.maps.values() for p in m.parameters()]
+        if maps:  # the learned maps train with the student, at the same learning rate
+            optimizer.add_param_group({"params": maps, "lr": optimizer.param_groups[0]["lr"], "weight_decay": 0.0})
+        base = [g["lr"] for g in optimizer.param_groups]
+        losses: list[float] = []
+        start, cpu_start = time.perf_counter(), time.process_time()
+        bar = tqdm(total=steps, desc="fxprune distill", disable=None if progress is None else not progress)
+
+        def done() -> float:
+            parts = [len(losses) / steps if steps else 0.0]
+            if time_budget:
+                parts.append((time.perf_counter() - start) / time_budget)
+            if cpu_budget:
+                parts.append((time.process_time() - cpu_start) / cpu_budget)
+            return max(parts)
+
+        try:
+            with torch.enable_grad():
+                for step, batch in enumerate(itertools.cycle(batches)):
+                    scale = _schedule(done(), warmup, schedule, min_lr)
+                    for group, lr0 in zip(optimizer.param_groups, base):
+                        group["lr"] = lr0 * scale
+                    value = matcher.loss(batch)
+                    if not torch.isfinite(value):
+                        raise ValueError(f"distill: the loss is {value.item()} at step {step + 1} "
+                                         f"(lr={lr:g} too high, or the student diverged)")
+                    optimizer.zero_grad(set_to_none=True)
+                    value.backward()
+                    optimizer.step()
+                    losses.append(value.item())
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{losses[-1]:.4g}")
+                    if done() >= 1.0:
+                        break
+        finally:
+            bar.close()
+            optimizer.zero_grad(set_to_none=True)
+            for group, lr0 in zip(optimizer.param_groups, base):
+                group["lr"] = lr0
+            if maps:
+                optimizer.param_groups.pop()
     finally:
-        bar.close()
-        optimizer.zero_grad(set_to_none=True)
         student.eval()
         teacher.train(was_training)
-    return DistillResult(len(losses), time.perf_counter() - start, losses[0], losses[-1], chosen, losses, matched)
+    return DistillResult(len(losses), time.perf_counter() - start, losses[0], losses[-1], matcher.kind, losses,
+                         matcher.matched, time.process_time() - cpu_start, len(matcher.maps), matcher.pooled)
 
 
-def _check(student, teacher, batches, steps, time_budget, loss, temperature) -> list:
-    if steps is None and time_budget is None:
-        raise ValueError("distill needs steps (optimizer steps) or time_budget (seconds), or both")
+def _schedule(progress: float, warmup: float, schedule: str, min_lr: float) -> float:
+    """The learning-rate factor at ``progress`` (0 to 1) of the run: linear warm-up, then cosine (or constant).
+
+    Example::
+
+        >>> [round(_schedule(p, 0.1, "cosine", 0.1), 3) for p in (0.0, 0.05, 0.1, 0.55, 1.0)]
+        [0.1, 0.55, 1.0, 0.55, 0.1]
+    """
+    if warmup and progress < warmup:
+        return min_lr + (1 - min_lr) * progress / warmup
+    if schedule == "constant":
+        return 1.0
+    t = min(1.0, (progress - warmup) / max(1 - warmup, 1e-12))
+    return min_lr + (1 - min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+class _Tap(fx.Interpreter):
+    """Runs a graph and keeps the values of some nodes."""
+
+    def __init__(self, gm: fx.GraphModule, nodes):
+        super().__init__(gm)
+        self.nodes, self.found = set(nodes), {}
+
+    def run_node(self, n: fx.Node):
+        value = super().run_node(n)
+        if n in self.nodes:
+            self.found[n] = value
+        return value
+
+
+class _Side:
+    """How one model (student or teacher) runs: ``(outputs, intermediate states)`` of a batch."""
+
+    def __init__(self, model, graph: fx.GraphModule | None, nodes: list, hf_hidden: bool):
+        self.model, self.graph, self.nodes, self.hf_hidden = model, graph, nodes, hf_hidden
+
+    def run(self, batch) -> tuple:
+        if self.graph is None or not self.nodes:
+            out = _call(self.model, batch, self.hf_hidden)
+            states = list(getattr(out, "hidden_states", None) or []) if self.hf_hidden else []
+            return out, states
+        batch = _to_device(self.graph, batch)
+        tap = _Tap(self.graph, self.nodes)
+        out = tap.run(*placeholder_values(self.graph, batch), enable_io_processing=False)
+        return self.graph.graph.process_outputs(out), [tap.found[n] for n in self.nodes]
+
+
+class _Matcher:
+    """The distillation loss of one student against one teacher: which states are paired, their maps."""
+
+    def __init__(self, student, teacher, first_batch, hidden: bool, pooled, loss: str, temperature: float,
+                 hidden_weight: float, warn: bool):
+        self.loss_name, self.temperature, self.hidden_weight = loss, temperature, hidden_weight
+        self.kind, self.maps = None, {}
+        self.student, self.teacher = self._sides(student, teacher, first_batch, hidden, warn)
+        self.matched = 0
+        with torch.no_grad():
+            t_out, t_states = self.teacher.run(first_batch)
+            s_out, s_states = self.student.run(first_batch)
+        self.pairs = self._pair(s_states, t_states, first_batch, warn)
+        self.matched = len(self.pairs)
+        self.pooled = _embedding_output(t_out) is not None if pooled == "auto" else bool(pooled)
+        if self.pooled and _embedding_output(t_out) is None:
+            raise ValueError("distill: pooled=True needs a teacher whose first output is a (batch, sequence, "
+                             "features) hidden state")
+
+    def _sides(self, student, teacher, batch, hidden: bool, warn: bool) -> tuple[_Side, _Side]:
+        if not hidden:
+            return _Side(student, None, [], False), _Side(teacher, None, [], False)
+        if is_hf_model(student) and is_hf_model(teacher):
+            return _Side(student, None, [], True), _Side(teacher, None, [], True)
+        s_graph = student if isinstance(student, fx.GraphModule) else _traced(student)
+        t_graph = teacher if isinstance(teacher, fx.GraphModule) else None
+        s_nodes = residual_boundaries(s_graph) if s_graph is not None else []
+        if s_nodes and t_graph is None:
+            t_graph = _captured(teacher, batch)
+        t_nodes = residual_boundaries(t_graph) if t_graph is not None else []
+        if len(s_nodes) != len(t_nodes) or s_graph is None or t_graph is None:
+            if warn and (s_nodes or t_nodes or s_graph is None):
+                why = (f"the student's graph has {len(s_nodes)} residual boundaries and the teacher's {len(t_nodes)}"
+                       if s_graph is not None and t_graph is not None else
+                       "the student could not be traced into a graph" if s_graph is None else
+                       "the teacher could not be captured into a graph")
+                warnings.warn(f"fxprune.distill: intermediate states are not matched ({why}); matching the outputs "
+                              "only", stacklevel=4)
+            return _Side(student, None, [], False), _Side(teacher, None, [], False)
+        return _Side(student, s_graph, s_nodes, False), _Side(teacher, t_graph, t_nodes, False)
+
+    def _pair(self, ours: list, theirs: list, batch, warn: bool) -> list:
+        """The indices of the states to match: equal shapes, or shapes differing in one (width) axis, matched
+        through a learned map along that axis, initialised here by least squares on ``batch``."""
+        if not ours or not theirs or len(ours) != len(theirs):
+            if warn and (ours or theirs):
+                warnings.warn(f"fxprune.distill: the student has {len(ours)} hidden states and the teacher "
+                              f"{len(theirs)}; none are matched", stacklevel=4)
+            return []
+        pairs, skipped = [], 0
+        mask = _mask(batch)
+        for i, (s, t) in enumerate(zip(ours, theirs)):
+            differ = [d for d in range(t.dim()) if s.shape[d] != t.shape[d]] if (
+                isinstance(s, torch.Tensor) and isinstance(t, torch.Tensor) and s.dim() == t.dim()) else None
+            if differ == []:
+                pairs.append(i)
+            elif differ is not None and len(differ) == 1:
+                self.maps[i] = _WidthMap(s.detach(), t.detach(), differ[0], mask)
+                pairs.append(i)
+            else:
+                skipped += 1
+        if skipped and warn:
+            warnings.warn(f"fxprune.distill: {skipped} of {len(ours)} hidden states differ in more than one axis "
+                          "between student and teacher; those are not matched", stacklevel=4)
+        return pairs
+
+    def loss(self, batch) -> torch.Tensor:
+        with torch.no_grad():
+            t_out, t_states = self.teacher.run(batch)
+        s_out, s_states = self.student.run(batch)
+        mask = _mask(batch)
+        total, self.kind = _output_loss(s_out, t_out, mask, self.loss_name, self.temperature)
+        if self.pairs:
+            hidden = [_mse(self.maps[i](s_states[i]) if i in self.maps else s_states[i], t_states[i], mask)
+                      for i in self.pairs]
+            total = total + self.hidden_weight * sum(hidden) / len(hidden)
+        if self.pooled:
+            total = total + _pooled_cosine(_embedding_output(s_out), _embedding_output(t_out), mask)
+        return total
+
+
+class _WidthMap(torch.nn.Module):
+    """A learned linear map of a student state's width axis (``dim``) to the teacher's, initialised by ridge
+    least squares on one batch's states (tokens, or positions of a feature map, as rows)."""
+
+    def __init__(self, s: torch.Tensor, t: torch.Tensor, dim: int, mask=None):
+        super().__init__()
+        self.dim = dim
+        a, b = s.movedim(dim, -1).double(), t.movedim(dim, -1).double()
+        if mask is not None and dim == s.dim() - 1 and tuple(mask.shape) == tuple(t.shape[:-1]):
+            keep = mask.to(t.device).reshape(-1) != 0
+            a, b = a.reshape(-1, a.shape[-1])[keep], b.reshape(-1, b.shape[-1])[keep]
+        a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+        gram = a.T @ a
+        gram += 1e-3 * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(len(gram), dtype=gram.dtype,
+                                                                             device=gram.device)
+        fit = torch.linalg.solve(gram, a.T @ b).T  # (teacher width, student width)
+        self.linear = torch.nn.Linear(s.shape[dim], t.shape[dim], bias=False).to(s.device)
+        with torch.no_grad():
+            self.linear.weight.copy_(fit.to(self.linear.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.movedim(self.dim, -1)).movedim(-1, self.dim)
+
+
+def _traced(model) -> fx.GraphModule | None:
+    """A symbolic trace of ``model`` over its own modules (training it trains ``model``), or None."""
+    try:
+        return fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - an untraceable student is matched on its outputs, with a warning
+        return None
+
+
+def _captured(teacher, batch) -> fx.GraphModule | None:
+    """The teacher captured as fxprune captures models (export for Hugging Face), from one batch; None if that
+    fails."""
+    args, kwargs = split_inputs(batch if isinstance(batch, (dict, torch.Tensor)) else tuple(batch))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gm = capture(teacher, tuple(args), dict(kwargs or {}))
+    except Exception:  # noqa: BLE001
+        return None
+    from fxprune.analysis.propagate import propagate
+
+    try:
+        propagate(gm, tuple(args), dict(kwargs or {}))  # shapes for residual_boundaries
+    except Exception:  # noqa: BLE001 - boundaries are then found without shapes
+        pass
+    return gm
+
+
+def _to_device(gm, batch):
+    device = next(itertools.chain(gm.parameters(), gm.buffers()), torch.empty(0)).device
+    return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch)
+
+
+def _embedding_output(out) -> torch.Tensor | None:
+    """The first output when it is a (batch, sequence, features) hidden state and there are no logits."""
+    if getattr(out, "logits", None) is not None or (isinstance(out, dict) and "logits" in out):
+        return None
+    first = next(iter(_outputs(out).values()), None)
+    return first if isinstance(first, torch.Tensor) and first.dim() == 3 else None
+
+
+def _pooled_cosine(s: torch.Tensor, t: torch.Tensor, mask) -> torch.Tensor:
+    """``1 - cos`` of the mean over unpadded positions, averaged over the batch."""
+    if mask is not None and tuple(mask.shape) == tuple(t.shape[:2]):
+        weight = mask.to(t.device, torch.float32)[..., None]
+    else:
+        weight = torch.ones(*t.shape[:2], 1, device=t.device)
+    pool = lambda x: (x.float() * weight).sum(1) / weight.sum(1).clamp_min(1e-9)  # noqa: E731
+    return (1 - F.cosine_similarity(pool(s), pool(t), dim=-1)).mean()
+
+
+def _check(student, teacher, batches, steps, time_budget, loss, temperature, cpu_budget=None) -> list:
+    if steps is None and time_budget is None and cpu_budget is None:
+        raise ValueError("distill needs steps (optimizer steps) or time_budget / cpu_budget (seconds), or several")
+    if cpu_budget is not None and not (isinstance(cpu_budget, (int, float)) and cpu_budget > 0):
+        raise ValueError(f"distill: cpu_budget must be a positive number of seconds, got {cpu_budget!r}")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"distill: steps must be a positive int, got {steps!r}")
     if time_budget is not None and not (isinstance(time_budget, (int, float)) and time_budget > 0):
@@ -180,10 +433,11 @@ def _call(model, batch, hidden: bool):
     return model(*args, **kwargs)
 
 
-def _loss(out, target, batch, loss: str, temperature: float, warned: list) -> tuple:
-    """``(loss tensor, "kl" | "mse", hidden states matched)`` of the student's output against the teacher's."""
+def _output_loss(out, target, mask, loss: str, temperature: float) -> tuple:
+    """``(loss tensor, "kl" | "mse")`` of the student's outputs against the teacher's."""
     logits = getattr(target, "logits", None)
-    mask = _mask(batch)
+    if logits is None and isinstance(target, dict):
+        logits = target.get("logits")
     if isinstance(logits, torch.Tensor):
         pairs = [(_field(out, "logits"), logits)]
         kind = "mse" if loss == "mse" else "kl"
@@ -196,10 +450,7 @@ def _loss(out, target, batch, loss: str, temperature: float, warned: list) -> tu
         pairs = [(got[k], expected[k]) for k in names]
         kind = "kl" if loss == "kl" else "mse"
     total = sum(_kl(s, t, temperature, mask) if kind == "kl" else _mse(s, t, mask) for s, t in pairs) / len(pairs)
-    hidden = _hidden_pairs(out, target, warned)
-    if hidden:
-        total = total + sum(_mse(s, t, mask) for s, t in hidden) / len(hidden)
-    return total, kind, len(hidden)
+    return total, kind
 
 
 def _field(out, name: str) -> torch.Tensor:
@@ -251,28 +502,12 @@ def _mse(s, t, mask):
     return F.mse_loss(s, t) / var.clamp_min(1e-8)
 
 
-def _hidden_pairs(out, target, warned: list) -> list:
-    """(student, teacher) hidden states of the same shape; one warning when some differ (a pruned hidden size)."""
-    theirs = getattr(target, "hidden_states", None)
-    ours = getattr(out, "hidden_states", None)
-    if not theirs or not ours:
-        return []
-    if len(ours) != len(theirs):
-        pairs = []
-    else:
-        pairs = [(s, t) for s, t in zip(ours, theirs) if s.shape == t.shape]
-    if len(pairs) < len(theirs) and not warned[0]:
-        warned[0] = True
-        warnings.warn(f"fxprune.distill: {len(theirs) - len(pairs)} of {len(theirs)} hidden states differ in shape "
-                      "between student and teacher (hidden size or layers pruned); those are not matched",
-                      stacklevel=4)
-    return pairs
-
-
 # the loss a caller may want on held-out batches, without training (no grad)
 def distill_loss(student, teacher, batches, *, loss: str = "auto", temperature: float = 1.0,
-                 hidden_states: bool = False) -> float:
-    """Mean :func:`distill` loss of ``student`` against ``teacher`` over ``batches`` (no training, no grad).
+                 hidden_states: bool = False, hidden_weight: float = 1.0, pooled=False) -> float:
+    """Mean :func:`distill` loss of ``student`` against ``teacher`` over ``batches`` (no training, no grad). With
+    ``hidden_states=True`` the intermediate states of equal shapes are matched too (states of other widths, which
+    :func:`distill` maps with maps it learns, are left out here).
 
     Example::
 
@@ -282,13 +517,14 @@ def distill_loss(student, teacher, batches, *, loss: str = "auto", temperature: 
         True
     """
     batches = _check(student, teacher, batches, 1, None, loss, temperature)
-    match_hidden = hidden_states and is_hf_model(teacher) and is_hf_model(student)
     modes = teacher.training, student.training
     teacher.eval(), student.eval()
     try:
         with torch.no_grad():
-            values = [_loss(_call(student, b, match_hidden), _call(teacher, b, match_hidden), b, loss, temperature,
-                            [True])[0].item() for b in batches]
+            matcher = _Matcher(student, teacher, batches[0], hidden_states, pooled, loss, temperature, hidden_weight,
+                               warn=False)
+            matcher.pairs = [i for i in matcher.pairs if i not in matcher.maps]
+            values = [matcher.loss(b).item() for b in batches]
     finally:
         teacher.train(modes[0]), student.train(modes[1])
     return math.fsum(values) / len(values)

@@ -4,21 +4,26 @@ The one-shot refit (:mod:`fxprune.calibration.reconstruct`) fits every consumer 
 inputs, but a consumer deep in the network sees inputs that earlier pruning (and earlier refits) changed.
 Here each consumer ``y = W x + b`` that loses input columns is refit so that, fed with the PRUNED model's
 inputs ``x_p`` (after every consumer upstream of it was refit), it reproduces the ORIGINAL model's output
-for the same batch, computed from the original inputs ``x_o``. With ``x~ = [x, 1]`` (the constant for the
-bias), the ridge least-squares solution of ``min E|| [W', b'] x~_p - [W, b] x~_o ||^2`` is::
+for the same batch, computed from the original inputs ``x_o``. It is the ridge refit of
+:mod:`fxprune.calibration.ridge` with ``o = x_o``, ``p = x_p`` and the one-shot refit ``[W1, b1]`` (what the
+pruned model holds when this runs) as the weights it shrinks towards, the bias free::
 
-    [W', b'] = [W, b] E[x~_o x~_p^T] (E[x~_p x~_p^T] + lam I)^-1,    lam = damping * mean(diag E[x~_p x~_p^T])
+    W' = W1 + (W C_op - W1 C_pp) (C_pp + lam I)^-1,      b' = b + W mu_o - W' mu_p
 
-(the damping convention of :func:`~fxprune.calibration.reconstruct.refit`). Rows of a pruned output axis
-are dropped (the kept output indices), a consumer without a bias gets no bias (no constant column), and a
-convolution is the Linear ``W.reshape(out, -1)`` over its unfolded patches (the pruned graph's patches hold
-the kept channels only). When ``x_o`` is a linear function of ``x_p`` (a pruned unit copies kept ones) this
-is the one-shot refit, and exact.
+(``mu`` means, ``C`` centred moments over the calibration tokens; uncentred and no bias for a consumer without
+one). The strength is chosen per consumer on held-out tokens (every fifth sequence), among the grid, ``inf``
+(the one-shot weights, the bias corrected for the drift of the mean) and the one-shot refit unchanged, so on
+those tokens the sequential refit is never worse than the one-shot one; ``damping=`` a number fixes it.
+Rows of a pruned output axis are dropped (the kept output indices), and a convolution is the Linear
+``W.reshape(out, -1)`` over its unfolded patches (the pruned graph's patches hold the kept channels only).
+When ``x_o`` is a linear function of ``x_p`` (a pruned unit copies kept ones) this is the one-shot refit, and
+exact (as the strength goes to 0).
 
 Pairing needs the same token in both graphs: every calibration batch runs through the original graph and
 the pruned graph; the inputs of the current stage's consumers are recorded for THIS batch only, folded into
 the float64 cross-Gram ``sum x~_o x~_p^T`` and Gram ``sum x~_p x~_p^T`` on the activations' device, and
-discarded. Consumers are ordered into stages: a consumer's stage is 1 + the largest stage of the refit
+discarded; padding positions (a dict batch's 2-d ``attention_mask``) are left out. Consumers are ordered into
+stages: a consumer's stage is 1 + the largest stage of the refit
 consumers upstream of it in the original graph, so consumers of one stage never feed each other and one
 pass over the batches (both graphs, each run only as far as the stage's last consumer) refits a whole stage
 (a transformer block: about two stages). A layer called several times (shared weights) is one consumer, at
@@ -51,8 +56,9 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from fxprune.calibration.consumers import Consumer, _call
-from fxprune.calibration.reconstruct import DAMPING, losing_consumers
-from fxprune.calibration.statistics import placeholder_values
+from fxprune.calibration.reconstruct import DAMPING, losing_consumers, warn_short
+from fxprune.calibration.ridge import Choice, Moments, ridge_refit
+from fxprune.calibration.statistics import placeholder_values, token_mask, token_rows
 
 
 @dataclass
@@ -68,6 +74,7 @@ class SequentialPlan:
     consumers: dict[str, Consumer]
     rows: dict[str, torch.Tensor]
     stages: list[list[str]] = field(default_factory=list)  # filled by run_sequential (the ones it refit)
+    choices: dict = field(default_factory=dict)  # filled by run_sequential: {weight name: ridge Choice}
 
 
 def plan_sequential(dg, removal: dict, inplace: bool = False) -> SequentialPlan:
@@ -126,7 +133,7 @@ class _Inputs(fx.Interpreter):
     def run_node(self, n: fx.Node):
         if n in self.watched:
             name, source, consumer = self.watched[n]
-            self.take(name, consumer.features(self.env[source]))
+            self.take(name, self.env[source], consumer)
         if n is self.last:
             raise _Stop
         return super().run_node(n)
@@ -156,14 +163,7 @@ def _with_one(x: torch.Tensor, bias: bool) -> torch.Tensor:
     return torch.cat([x, x.new_ones(x.shape[0], 1)], 1) if bias else x
 
 
-def _solve(target: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor, damping: float) -> torch.Tensor:
-    """``target @ cross @ (gram + lam I)^-1`` with ``lam = damping * mean(diag gram)``."""
-    lam = damping * gram.diagonal().mean().clamp_min(1e-300)
-    inner = gram + lam * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
-    return torch.linalg.solve(inner, (target @ cross).T).T  # inner is symmetric
-
-
-def run_sequential(plan: SequentialPlan, pruned: fx.GraphModule, batches, damping: float = DAMPING,
+def run_sequential(plan: SequentialPlan, pruned: fx.GraphModule, batches, damping: float | None = None,
                    progress=None) -> list[str]:
     """Refit, in ``pruned``, the plan's consumers stage by stage; returns the refit parameter names.
 
@@ -203,12 +203,13 @@ def _refit_stage(plan, stage, consumers, calls, pruned, params, original, batche
     watched_o = {n: (name, x, consumers[name]) for name in stage for n, x in consumers[name].calls}
     watched_p = {n: (name, x, c) for name in stage for n, x, c in calls[name]}
     pairs = StagePairs(stage, consumers)
+    original_input = lambda name, value, consumer: pairs.original(name, value)  # noqa: E731
     saved = [{k: b.detach().clone() for k, b in gm.named_buffers()} for gm in (plan.original, pruned)]
     try:
         with torch.no_grad():
             for batch in batches:
-                pairs.begin()
-                _run(plan.original, watched_o, pairs.original, batch)
+                pairs.begin(token_mask(batch))
+                _run(plan.original, watched_o, original_input, batch)
                 _run(pruned, watched_p, pairs.pruned, batch)
                 bar.update(1)
     finally:
@@ -216,80 +217,112 @@ def _refit_stage(plan, stage, consumers, calls, pruned, params, original, batche
             for gm, buffers in zip((plan.original, pruned), saved):
                 for k, b in gm.named_buffers():
                     b.copy_(buffers[k])
-    return pairs.refit(original, params, plan.rows, damping)
+    done = pairs.refit(original, params, plan.rows, damping)
+    plan.choices.update(pairs.choices)
+    return done
 
 
 class StagePairs:
-    """The float64 cross-Gram ``sum x~_o x~_p^T`` and Gram ``sum x~_p x~_p^T`` of one stage's consumers, fed one
-    batch at a time (the original graph's inputs first, then the pruned graph's, paired call by call), and the
+    """The float64 cross-Gram ``sum x~_o x~_p^T`` and Gram ``sum x~_p x~_p^T`` of one stage's consumers (and over
+    the held-out tokens, also ``sum x~_o x~_o^T``), fed one batch at a time (the original graph's inputs first,
+    then the pruned graph's, paired call by call; padding rows of the batch's mask left out), and the validated
     refit they give. Shared by :func:`run_sequential` (whole graphs) and the layer-by-layer refit of a checkpoint
     (:mod:`fxprune.io.checkpoint.layerwise`: one decoder layer at a time).
 
     Example::
 
         >>> pairs = StagePairs(["fc2.weight"], consumers)
-        >>> pairs.begin(); pairs.original("fc2.weight", x_o); pairs.pruned("fc2.weight", x_p)
-        >>> pairs.refit(original_tensors, pruned_tensors, rows, damping=1e-4)   # writes into pruned_tensors
+        >>> pairs.begin(mask); pairs.original("fc2.weight", x_o); pairs.pruned("fc2.weight", x_p, pruned_consumer)
+        >>> pairs.refit(original_tensors, pruned_tensors, rows)   # writes into pruned_tensors
         ['fc2.weight', 'fc2.bias']
+        >>> pairs.choices["fc2.weight"].strength
+        0.01
     """
 
     def __init__(self, stage: list[str], consumers: dict[str, Consumer]):
         self.stage, self.consumers = stage, consumers
-        self.cross, self.gram, self.count = {}, {}, 0
-        self.inputs, self.position = {}, {}
+        self.cross, self.gram, self.tokens, self.count = {}, {}, {}, 0
+        self.held_cross, self.held_gram, self.held_oo, self.held = {}, {}, {}, {}
+        self.inputs, self.position, self.mask = {}, {}, None
+        self.choices: dict[str, Choice] = {}
 
-    def begin(self) -> None:
-        """A new batch: its original inputs are recorded, then paired with the pruned ones, then dropped."""
+    def begin(self, mask: torch.Tensor | None = None) -> None:
+        """A new batch (``mask``: its attention mask, or None): its original inputs are recorded, then paired with
+        the pruned ones, then dropped."""
         self.inputs = {name: [] for name in self.stage}  # this batch's original inputs, per call
         self.position = dict.fromkeys(self.stage, 0)
+        self.mask = mask
         self.count += 1
 
-    def original(self, name: str, x_o: torch.Tensor) -> None:
-        self.inputs[name].append(x_o)
+    def original(self, name: str, value: torch.Tensor) -> None:
+        """The input the original graph's call of ``name`` reads (the tensor, not its features)."""
+        self.inputs[name].append(token_rows(self.consumers[name], value, self.mask))
 
-    def pruned(self, name: str, x_p: torch.Tensor) -> None:
+    def pruned(self, name: str, value: torch.Tensor, consumer: Consumer) -> None:
+        """The input the pruned graph's matching call reads; ``consumer``: that call's (its unfold arguments)."""
         bias = self.consumers[name].bias is not None
-        x_o = _with_one(self.inputs[name][self.position[name]], bias)
+        x_o, held = self.inputs[name][self.position[name]]
         self.inputs[name][self.position[name]] = None  # discarded as soon as it is paired
         self.position[name] += 1
-        x_p = _with_one(x_p, bias)
+        x_o, x_p = _with_one(x_o, bias), _with_one(token_rows(consumer, value, self.mask)[0], bias)
         if x_o.shape[0] != x_p.shape[0]:
             raise ValueError(f"sequential reconstruction: {name} sees {x_o.shape[0]} tokens in the "
                              f"original model and {x_p.shape[0]} in the pruned one")
         if name not in self.gram:
             self.cross[name] = x_o.new_zeros(x_o.shape[1], x_p.shape[1])
             self.gram[name] = x_p.new_zeros(x_p.shape[1], x_p.shape[1])
+            self.held_cross[name], self.held_gram[name] = torch.zeros_like(self.cross[name]), torch.zeros_like(
+                self.gram[name])
+            self.held_oo[name] = x_o.new_zeros(x_o.shape[1], x_o.shape[1])
+            self.tokens[name], self.held[name] = 0, 0
         self.cross[name] += x_o.T @ x_p
         self.gram[name] += x_p.T @ x_p
+        self.tokens[name] += x_o.shape[0]
+        held = held.to(x_o.device)
+        h_o, h_p = x_o[held], x_p[held]
+        self.held_cross[name] += h_o.T @ h_p
+        self.held_gram[name] += h_p.T @ h_p
+        self.held_oo[name] += h_o.T @ h_o
+        self.held[name] += h_o.shape[0]
 
-    def refit(self, original: dict, params: dict, rows: dict, damping: float) -> list[str]:
+    def refit(self, original: dict, params: dict, rows: dict, damping: float | None = None) -> list[str]:
         """Solve every consumer of the stage from ``original`` (``{name: tensor}`` of the original weights and
-        biases) and copy the result into ``params`` (the pruned ones, same names); returns the names written."""
+        biases), shrunk towards the current ``params`` (the pruned ones, same names: the one-shot refit) and
+        copy the result into ``params``; returns the names written. ``damping``: None validates the strength
+        on the held-out tokens (the current weights are a candidate, so on those tokens the result is never
+        worse than them), a number fixes it. ``self.choices`` gets what was chosen per consumer."""
         if self.count == 0:
             raise ValueError("calibration data is empty: pass at least one batch")
         done = []
         with torch.no_grad():
             for name in self.stage:
+                if name not in self.gram:
+                    continue  # no token reached this consumer (every position padding)
                 c, weight, target = self.consumers[name], original[name], params[name]
-                gram = self.gram[name]
-                w = c.matrices(weight.detach())[0].double().to(gram.device)  # (out, features); x @ W: W.T
-                if c.bias is not None:
-                    w = torch.cat([w, original[c.bias].detach().double().to(w.device)[:, None]], 1)
-                fitted = _solve(w.index_select(0, rows[name].to(gram.device)), self.cross[name], gram, damping)
-                new_w = fitted[:, :-1] if c.bias is not None else fitted
-                if new_w.numel() != target.numel():
-                    raise ValueError(f"sequential reconstruction: refit {name} has {tuple(new_w.shape)} entries "
-                                     f"where the pruned weight is {tuple(target.shape)}")
+                dev = self.gram[name].device
+                keep = rows[name].to(dev)
+                w = c.matrices(weight.detach())[0].double().to(dev).index_select(0, keep)  # (out, features)
+                b = original[c.bias].detach().double().to(dev).index_select(0, keep) if c.bias is not None else None
+                w1 = c.matrices(target.detach())[0].double().to(dev)
+                b1 = params[c.bias].detach().double().to(dev) if c.bias is not None else None
+                if w1.shape != (w.shape[0], self.gram[name].shape[0] - (b is not None)):
+                    raise ValueError(f"sequential reconstruction: {name} has {tuple(w1.shape)} entries in the pruned "
+                                     f"model where its inputs there have {self.gram[name].shape[0]} features")
+                every = Moments.of_sums(self.tokens[name], self.gram[name], self.cross[name])
+                held = Moments.of_sums(self.held[name], self.held_gram[name], self.held_cross[name],
+                                       self.held_oo[name])
+                new_w, new_b, self.choices[name] = ridge_refit(w, b, w1, b1, every.minus(held), held, every,
+                                                               strength=damping, default=DAMPING)
                 new_w = new_w.T if c.in_axis == 0 else new_w  # back to the weight's own layout
                 target.copy_(new_w.reshape(target.shape).to(target.device, target.dtype))
                 done.append(name)
                 if c.bias is not None:
-                    params[c.bias].copy_(fitted[:, -1].to(params[c.bias].device, params[c.bias].dtype))
+                    params[c.bias].copy_(new_b.to(params[c.bias].device, params[c.bias].dtype))
                     done.append(c.bias)
         return done
 
 
-def reconstruct_sequential(dg, removal: dict, pruned: fx.GraphModule, batches, damping: float = DAMPING,
+def reconstruct_sequential(dg, removal: dict, pruned: fx.GraphModule, batches, damping: float | None = None,
                            progress=None) -> list[str]:
     """Refit, in ``pruned`` (``fxprune.apply(dg, removal)``), every consumer that lost input columns, front to
     back on the pruned model's inputs; returns the refit parameter names. Consumers whose call is not a node of

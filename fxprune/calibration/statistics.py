@@ -5,7 +5,15 @@ The batches run through ``dg.gm`` (the analysed graph, real weights) in an fx In
 each consumer call, adds the call's input as ``(tokens, in_features)`` (a convolution's patches,
 see :mod:`fxprune.calibration.consumers`) into float64 sums on
 the input's device: ``sum x``, ``sum x^2`` and, with ``gram=True``, ``sum x~ x~^T`` for ``x~ = [x, 1]``
-(the constant column for the bias). A grouped convolution of g blocks keeps g Gram matrices, one per block
+(the constant column for the bias), and the same Gram sum over the held-out tokens only (``held_sum``), on
+which reconstruction chooses each refit's ridge strength (:mod:`fxprune.calibration.ridge`). Held out: every
+fifth sequence (image, sample) of a call's leading axis when it has at least five, else the last fifth of its
+token rows (:func:`held_out_rows`); a mixture-of-experts weight's routed rows, every fifth row.
+
+Padding does not count: when a batch is a dict with a 2-d ``attention_mask`` (a tokenizer's output), the rows
+of a consumer input shaped ``(batch, sequence, features)`` at masked positions (``attention_mask == 0``) are
+left out of every sum (:func:`token_rows`). Inputs of other shapes (a convolution's patches, the routed rows
+of experts) are taken whole. A grouped convolution of g blocks keeps g Gram matrices, one per block
 of features (``(g, d / g + 1, d / g + 1)``): an output block never reads another block's inputs, so the
 cross-block products are never needed. A mixture-of-experts weight (``Consumer.experts``) keeps one
 ``InputStats`` per expert over the rows routed to that expert (:class:`ExpertStats`): expert e is refit and
@@ -50,6 +58,8 @@ class InputStats:
     squares: torch.Tensor  # (d,) sum of x^2
     gram_sum: torch.Tensor | None = None  # (d + 1, d + 1) sum of [x, 1] [x, 1]^T, None without gram=True
     blocks: int = 1  # a grouped convolution's blocks: then gram_sum is (blocks, d / blocks + 1, d / blocks + 1)
+    held_sum: torch.Tensor | None = None  # gram_sum over the held-out tokens only (a subset of count)
+    held: int = 0  # held-out tokens
 
     @property
     def mean(self) -> torch.Tensor:
@@ -77,6 +87,14 @@ class InputStats:
         """Block b's ``E[x~ x~^T]`` (the whole Gram matrix when there is one block)."""
         return self.gram if self.blocks == 1 else self.gram[b]
 
+    def block_sums(self, b: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Block b's Gram sums ``(all tokens, held-out tokens)`` (the whole ones when there is one block)."""
+        if self.gram_sum is None:
+            raise ValueError("these statistics were collected without gram=True")
+        if self.blocks == 1:
+            return self.gram_sum, self.held_sum
+        return self.gram_sum[b], None if self.held_sum is None else self.held_sum[b]
+
     def features(self, index) -> InputStats:
         """The statistics of some features only (no Gram matrix): ``stats.features(slice(0, 4))``."""
         return InputStats(self.count, self.total[index], self.squares[index])
@@ -86,23 +104,34 @@ class InputStats:
         """Zero sums for ``d`` features (in ``blocks`` blocks of ``d / blocks``)."""
         zeros = partial(torch.zeros, dtype=torch.float64, device=device)
         size = d // blocks + 1
-        g = (zeros(size, size) if blocks == 1 else zeros(blocks, size, size)) if gram else None
-        return cls(0, zeros(d), zeros(d), g, blocks)
+        shape = (size, size) if blocks == 1 else (blocks, size, size)
+        return cls(0, zeros(d), zeros(d), zeros(shape) if gram else None, blocks, zeros(shape) if gram else None)
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add the rows of ``x`` (tokens, in_features)."""
+    def add(self, x: torch.Tensor, held: torch.Tensor | None = None) -> None:
+        """Add the rows of ``x`` (tokens, in_features); ``held``: which rows are held out (bool, (tokens,))."""
         x = x.detach().double()
         self.count += x.shape[0]
         self.total += x.sum(0)
         self.squares += x.square().sum(0)
         if self.gram_sum is not None:
-            gram = self.gram_sum if self.blocks > 1 else self.gram_sum[None]
-            xb = x.reshape(x.shape[0], self.blocks, -1).transpose(0, 1)  # (blocks, tokens, d / blocks)
-            d = xb.shape[2]
-            gram[:, :d, :d] += xb.transpose(1, 2) @ xb
-            gram[:, :d, d] += xb.sum(1)
-            gram[:, d, :d] += xb.sum(1)
-            gram[:, d, d] += x.shape[0]
+            _add_gram(self.gram_sum, x, self.blocks)
+            if held is not None and self.held_sum is not None:
+                rows = x[held.to(x.device)]
+                self.held += rows.shape[0]
+                _add_gram(self.held_sum, rows, self.blocks)
+
+
+def _add_gram(target: torch.Tensor, x: torch.Tensor, blocks: int) -> None:
+    """``target += sum [x, 1] [x, 1]^T`` (per block of features when ``blocks > 1``)."""
+    if x.shape[0] == 0:
+        return
+    gram = target if blocks > 1 else target[None]
+    xb = x.reshape(x.shape[0], blocks, -1).transpose(0, 1)  # (blocks, tokens, d / blocks)
+    d = xb.shape[2]
+    gram[:, :d, :d] += xb.transpose(1, 2) @ xb
+    gram[:, :d, d] += xb.sum(1)
+    gram[:, d, :d] += xb.sum(1)
+    gram[:, d, d] += x.shape[0]
 
 
 @dataclass
@@ -133,16 +162,63 @@ class ExpertStats:
         return cls([InputStats.empty(d, device, gram) for _ in range(experts)])
 
     def add(self, x: torch.Tensor, ids: torch.Tensor) -> None:
-        """Add the rows of ``x`` (rows, in_features), row r to expert ``ids[r]``."""
+        """Add the rows of ``x`` (rows, in_features), row r to expert ``ids[r]``; every fifth row is held out."""
+        held = torch.arange(x.shape[0], device=x.device) % HOLD_OUT == HOLD_OUT - 1
         for e in ids.unique().tolist():
-            self.experts[e].add(x[ids == e])
+            self.experts[e].add(x[ids == e], held[ids == e])
 
 
-def record_input(stats: dict, consumer, value: torch.Tensor, gram: bool, route: tuple | None = None) -> None:
+HOLD_OUT = 5  # one sequence (or token row) in HOLD_OUT is held out to validate the refits
+
+
+def held_out_rows(value: torch.Tensor, rows: int) -> torch.Tensor:
+    """Which of the ``rows`` feature rows of a consumer input ``value`` are held out (bool, (rows,)): whole
+    sequences (images, samples: the leading axis) ``i % 5 == 4`` when there are at least five, else the last
+    fifth of the rows.
+
+    Example: a (10, 3, d) input's rows 12-14 and 27-29 (sequences 4 and 9) are held out::
+
+        >>> held_out_rows(torch.zeros(10, 3, 8), 30).nonzero().flatten().tolist()
+        [12, 13, 14, 27, 28, 29]
+    """
+    lead = value.shape[0] if value.dim() >= 2 else 1
+    if lead >= HOLD_OUT and rows % lead == 0:
+        index = torch.arange(lead, device=value.device) % HOLD_OUT == HOLD_OUT - 1
+        return index.repeat_interleave(rows // lead)
+    return torch.arange(rows, device=value.device) >= rows - rows // HOLD_OUT
+
+
+def token_mask(batch) -> torch.Tensor | None:
+    """A batch's 2-d ``attention_mask`` (a dict batch, a tokenizer's output), else None."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def token_rows(consumer, value: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(features (rows, in_features), held-out flags (rows,))`` of one call's input ``value`` (not an expert
+    weight's), the rows at padding positions left out: those where ``mask == 0`` when ``value`` is
+    ``(*mask.shape, features)`` and the consumer reads it row by row (not a convolution's patches).
+
+    Example: two sequences of 3 tokens, the second padded after one token::
+
+        >>> x, held = token_rows(consumer, torch.randn(2, 3, 8), torch.tensor([[1, 1, 1], [1, 0, 0]]))
+        >>> x.shape
+        torch.Size([4, 8])
+    """
+    x = consumer.features(value)
+    held = held_out_rows(value, x.shape[0])
+    if mask is not None and consumer.patches is None and tuple(value.shape[:-1]) == tuple(mask.shape):
+        keep = mask.reshape(-1).to(x.device) != 0
+        x, held = x[keep], held[keep]
+    return x, held
+
+
+def record_input(stats: dict, consumer, value: torch.Tensor, gram: bool, route: tuple | None = None,
+                 mask: torch.Tensor | None = None) -> None:
     """Add one call's input ``value`` (the tensor the call node reads) to ``stats[consumer.weight]`` (made on
-    first use). Shared by the whole-graph pass here and the layer-by-layer pass of
-    :mod:`fxprune.io.checkpoint.layerwise`.
-    An expert weight's call also needs ``route``: ``(kind, offsets or ids tensor)`` (see ``Consumer.expert_rows``).
+    first use), leaving out padding positions of the batch's ``mask`` (see :func:`token_rows`). Shared by the
+    whole-graph pass here and the layer-by-layer pass of :mod:`fxprune.io.checkpoint.layerwise`. An expert
+    weight's call also needs ``route``: ``(kind, offsets or ids tensor)`` (see ``Consumer.expert_rows``).
 
     Example::
 
@@ -161,18 +237,19 @@ def record_input(stats: dict, consumer, value: torch.Tensor, gram: bool, route: 
             stats[weight] = ExpertStats.empty(consumer.experts, x.shape[-1], x.device, gram)
         stats[weight].add(x, ids)
         return
-    x = consumer.features(value)
+    x, held = token_rows(consumer, value, mask)
     if weight not in stats:
         stats[weight] = InputStats.empty(x.shape[-1], x.device, gram, consumer.blocks)
-    stats[weight].add(x)
+    stats[weight].add(x, held)
 
 
 class _Recorder(fx.Interpreter):
     """Runs the graph; before each consumer call, adds its input to the consumer's statistics."""
 
-    def __init__(self, gm, watched: dict, stats: dict, gram: bool):
+    def __init__(self, gm, watched: dict, stats: dict, gram: bool, mask: torch.Tensor | None = None):
         super().__init__(gm)
         self.watched, self.stats, self.gram = watched, stats, gram  # watched: {call node: (consumer, input node)}
+        self.mask = mask  # the batch's attention mask: padding rows are left out
         # expert ids or offsets are read at the expert weight's call, which may come after the interpreter freed
         # them (batched_mm's ids feed the gather before the bmm): kept until the pass ends
         self.routes = {source: None for consumer, _ in watched.values() for _, source in consumer.routes.values()}
@@ -184,7 +261,7 @@ class _Recorder(fx.Interpreter):
             if consumer.experts:
                 kind, node = consumer.routes[n]
                 route = (kind, self.routes[node])
-            record_input(self.stats, consumer, self.env[source], self.gram, route)
+            record_input(self.stats, consumer, self.env[source], self.gram, route, self.mask)
         value = super().run_node(n)
         if n in self.routes:
             self.routes[n] = value
@@ -270,7 +347,8 @@ def _size_hint(dg, values) -> str | None:
 
 def _warn_if_large(consumers, gram: bool, limit: float = 4 * 2 ** 30) -> None:
     """One warning when the float64 accumulators would take more than ``limit`` bytes."""
-    size = sum(8 * max(c.experts, 1) * (c.blocks * (c.in_features // c.blocks + 1) ** 2 if gram
+    # with gram=True: the Gram sums over all tokens and over the held-out ones
+    size = sum(8 * max(c.experts, 1) * (2 * c.blocks * (c.in_features // c.blocks + 1) ** 2 if gram
                                         else 2 * c.in_features) for c in consumers)
     if size > limit:
         warnings.warn(f"fxprune: activation statistics of {len(consumers)} layers take {size / 2 ** 30:.1f} GiB "
@@ -307,7 +385,7 @@ def collect_statistics(dg, batches, gram: bool = False, progress=None) -> dict[s
                               disable=None if progress is None else not progress):
                 values = placeholder_values(gm, batch)
                 try:
-                    _Recorder(gm, watched, stats, gram).run(*values, enable_io_processing=False)
+                    _Recorder(gm, watched, stats, gram, token_mask(batch)).run(*values, enable_io_processing=False)
                 except Exception as exc:
                     hint = _size_hint(dg, values)
                     if hint is None:

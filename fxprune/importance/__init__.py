@@ -15,6 +15,9 @@ Criteria by name (``fxprune.prune(..., importance=NAME)``):
 ``"wanda"``   ||x_j|| ||W[:, j]||_1 over the same columns (needs ``calibration``)
 ``"obs"``     structured Optimal Brain Surgeon: the consumers' output error after removing the unit's
               columns and refitting the rest, from the inverse input Gram (needs ``calibration``)
+``"obs-output"``  the same in units of the model's output (each consumer's error weighed by the output's
+              sensitivity to it), units removed greedily: comparable across layers, for
+              ``global_pruning=True, isomorphic=True`` (needs ``calibration``)
 ``"random"``  a baseline
 ============  ===============================================================
 

