@@ -20,12 +20,10 @@ from collections.abc import Iterator
 import torch.fx as fx
 
 from fxprune.analysis.depgraph import DependencyGraph
-from fxprune.huggingface.inplace import prune_in_place
 from fxprune.huggingface.portable import fit_removal
 from fxprune.io.plans import PruningPlan, attach_plan
-from fxprune.pipeline import ANALYSIS, PIPELINE, Job, Settings, prunes_hf_in_place, rewritten, run
+from fxprune.pipeline import ANALYSIS, PIPELINE, Job, Settings, in_place, rewritten, run
 from fxprune.planning.ratios import check_ratio
-from fxprune.rewriting.rewrite import rewrite
 from fxprune.rewriting.verify import verify, verify_other_sizes
 
 
@@ -35,8 +33,8 @@ def analyze(model, example_inputs=None, *, kwargs=None, ignore=(), inplace: bool
 
     Attention's per-head widths are frozen unless ``prune_head_dims=True`` (heads
     and kv heads stay prunable). ``inplace=True`` prepares a later
-    ``apply(dg, ..., inplace=True)`` on a Hugging Face model: groups its modules
-    cannot express (head dims) are frozen whatever ``prune_head_dims`` says.
+    ``apply(dg, ..., inplace=True)``: axes the model's own forward recomputes are frozen, and on a Hugging Face
+    model the groups its modules cannot express (head dims) whatever ``prune_head_dims`` says.
     ``portable=True`` keeps only what the model's config can state (see ``prune``): groups it cannot are frozen
     with a reason starting ``"portable: "``, and ``dg.count_ties`` lists the groups that must lose units
     together; ``apply`` refuses a removal that breaks them.
@@ -61,15 +59,15 @@ def analyze(model, example_inputs=None, *, kwargs=None, ignore=(), inplace: bool
 def apply(dg: DependencyGraph, removal: dict, *, inplace: bool = False) -> fx.GraphModule:
     """Remove exactly the given units ``{group (or its id): unit indices}``; verified before returning.
 
-    With ``inplace=True`` on a Hugging Face model (analysed with ``inplace=True``
-    so that head dims are kept), the model itself is pruned and returned.
+    With ``inplace=True`` (``dg`` analysed with ``inplace=True``) the model itself is pruned, checked against
+    the pruned graph and returned (:mod:`fxprune.rewriting.inplace`).
     """
     if getattr(dg, "portable", None) is not None:  # the config values the removal needs (read when in place)
         dg.config_fit = fit_removal(dg, removal)
-    if prunes_hf_in_place(getattr(dg, "model", None), inplace):
-        gm = prune_in_place(dg, removal, rewrite, verify)
+    if inplace:
+        gm = in_place(dg, removal)
     else:
-        gm = rewritten(dg, removal, inplace)
+        gm = rewritten(dg, removal)
         verify_other_sizes(gm, dg.example_inputs, type(getattr(dg, "model", None) or gm).__name__)
         verify(gm, dg.example_inputs, dg.expected_shapes)
     attach_plan(gm, PruningPlan.from_removal(dg, removal, inplace=inplace))
@@ -88,8 +86,11 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     ``model`` is an ``nn.Module`` (traced here) or a ``torch.fx.GraphModule``.
     ``ignore`` lists modules, module names or parameter names whose axes must not
     change. Without ``inplace=True`` the caller's model is left untouched. With
-    ``inplace=True`` a Hugging Face model is pruned in place and returned (it
-    still generates, saves and reloads; see :mod:`fxprune.huggingface`).
+    ``inplace=True`` the caller's own model is pruned, its own forward checked against the pruned graph at two
+    batch sizes, and returned (``prune(model, ..., inplace=True) is model``; any ``nn.Module``:
+    :mod:`fxprune.rewriting.inplace`); if that check fails, the model is put back exactly and an error names
+    what still holds an old width. A Hugging Face model still generates, saves and reloads
+    (:mod:`fxprune.huggingface`).
 
     ``importance``: a name (``"l2"``, ``"l1"``, ``"lamp"``, ``"fpgm"``, ``"bn_scale"``, ``"taylor"``, ``"hessian"``,
     ``"activation"``, ``"wanda"``, ``"obs"``, ``"obs-output"``, ``"random"``), a criterion object or a callable (see

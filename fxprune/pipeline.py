@@ -60,9 +60,8 @@ from fxprune.analysis.untie import untie_constants
 from fxprune.calibration import (collect_statistics, load_refit, plan_sequential, reestimate_batchnorm,
                                  refit_consumers, run_sequential)
 from fxprune.calibration.reconstruct import attach_refit_report
-from fxprune.huggingface.freezes import freeze_computed_constants, freeze_head_dims, internal_outputs
-from fxprune.huggingface.inplace import prune_in_place
-from fxprune.huggingface.snapshot import restore, snapshot
+from fxprune.huggingface.freezes import freeze_head_dims, internal_outputs
+from fxprune.huggingface.inplace import FittedConfig, HuggingFace
 from fxprune.huggingface import portable as portable_plans
 from fxprune.huggingface.config_fields import field_name
 from fxprune.importance import named_tensors, resolve_importance, score_groups
@@ -77,6 +76,9 @@ from fxprune.planning.planner import make_plan
 from fxprune.planning.ties import honour_ties
 from fxprune.planning.selection import units_to_keep
 from fxprune.planning.target import METRICS, search_by_cost, search_ratio
+from fxprune.rewriting.inplace import Snapshot, prune_in_place
+from fxprune.rewriting.inplace.freezes import freeze_computed_constants, freeze_module
+from fxprune.rewriting.inplace.mechanism import InPlaceError
 from fxprune.rewriting.recompose import recompose
 from fxprune.rewriting.rewrite import rewrite
 from fxprune.rewriting.verify import output_shapes, verify, verify_other_sizes
@@ -199,7 +201,7 @@ def _solve(job: Job) -> None:
     # where these axes freeze: the model recomputes them)
     shared = [node for layout, node in dg.state.sliced_constants
               if any(g.prunable for g in dg.groups_of_layout(layout))]
-    if shared and not job.hf_in_place and untie_constants(job.gm, shared):
+    if shared and not job.settings.inplace and untie_constants(job.gm, shared):
         _relate(job)
         dg = job.dg = _dependency_graph(job)
     dg.expected_shapes = job.expected_shapes
@@ -207,9 +209,10 @@ def _solve(job: Job) -> None:
     dg.meta["capture"] = job.gm.meta.get(dynamic.SHAPES_META)
     if not job.settings.prune_head_dims:
         dg.keep_head_dims()
+    if job.settings.inplace:  # the model's own forward recomputes these: it cannot hold their kept values
+        freeze_computed_constants(dg)
     if job.hf_in_place:
         freeze_head_dims(dg, job.model)
-        freeze_computed_constants(dg)
     if job.settings.portable:  # after every other freeze: ties among what is still prunable
         portable_plans.prepare(dg, job.model)
 
@@ -301,42 +304,88 @@ def _refit(job: Job) -> None:
             job.sequential_plan = plan_sequential(job.dg, job.removal, inplace=job.settings.inplace)
 
 
+_REPLANS = 3  # in place: plans made again with the widths of a module whose own forward could not hold them
+
+
 def _rewrite(job: Job) -> None:
-    if job.hf_in_place and job.settings.portable:
-        job.result = _portable_in_place(job)
-    elif job.hf_in_place:  # rewritten, verified and written back in one step
-        job.result = prune_in_place(job.dg, job.removal, rewrite, verify)
+    if not job.settings.inplace:
+        job.result = rewrite(job.dg, job.removal)
+        return
+    for attempt in range(_REPLANS + 1):  # rewritten, recomposed, verified, written into the model and checked
+        try:
+            if not job.settings.portable:
+                job.result = in_place(job.dg, job.removal)
+                return
+            if _portable_in_place(job, last=attempt == _REPLANS):
+                return
+        except InPlaceError as exc:
+            if attempt == _REPLANS or not _keep_failing_module(job, exc):
+                raise
+        _plan(job)  # the same ratio or target over the groups still prunable
+        _check_removed(job)
+        _refit(job)
+
+
+def _keep_failing_module(job: Job, exc) -> bool:
+    """After an in-place failure inside the model's own code: the widths of the innermost submodule on the failing
+    traceback that has prunable ones stay whole (with a warning that says why), so that the plan can be made
+    again. False when there is none, or the failure is in the model's own top-level forward (a width it
+    hard-codes there): the error stands."""
+    line = str(exc).split("it failed at ", 1)[-1].split(" <- ")[0] if "it failed at " in str(exc) else ""
+    for path in exc.modules:
+        if not path:  # the model's own top-level forward: keeping all its widths is no plan
+            return False
+        reason = (f"kept whole in place: {path}'s own forward cannot hold its pruned widths "
+                  f"({line or 'its forward fails'}); inplace=False prunes it")
+        frozen = freeze_module(job.dg, path, reason)
+        if frozen:
+            warnings.warn(f"fxprune: {type(job.model).__name__} pruned in place: {len(frozen)} groups with tensors "
+                          f"in {path or 'the model'} keep all their units, because its own forward cannot hold "
+                          f"their pruned widths ({line or str(exc)[:200]}); the rest is planned again. "
+                          f"inplace=False returns a graph that prunes them too", stacklevel=5)
+            return True
+    return False
+
+
+def _portable_in_place(job: Job, last: bool) -> bool:
+    """In place with ``portable=True``; False (the model put back as it was, plan again) where the updated config
+    still cannot state the pruned model: records a rebuild would get wrong that no shape showed before pruning
+    (T5's ``model_dim``, a scale of its tied output). The groups responsible keep their units, with the reason.
+    Only the warnings of the try that stays are shown."""
+    saved = Snapshot(job.model, getattr(job.model, "config", None))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        job.result = in_place(job.dg, job.removal)
+    culprits = {} if last or not is_hf_model(job.model) else portable_plans.unstated(job.dg, job.model)
+    if not culprits:
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return True
+    saved.restore()
+    for group, reason in culprits.items():
+        group.frozen.append(reason)
+    job.dg.count_ties = [t for t in job.dg.count_ties if all(g.prunable for g in t.members)]
+    warnings.warn(f"fxprune portable=True: {len(culprits)} groups kept whole after all, the plan made again: "
+                  f"{next(iter(culprits.values()))}", stacklevel=5)
+    return False
+
+
+def in_place(dg: DependencyGraph, removal: dict, run: bool = True):
+    """The caller's model pruned in place (:mod:`fxprune.rewriting.inplace`), with the Hugging Face layer on top
+    for a transformers model (:mod:`fxprune.huggingface.inplace`), or the fitted config of a ``portable=True`` plan
+    for a diffusers model (:class:`~fxprune.huggingface.inplace.FittedConfig`); returns the model."""
+    if is_hf_model(dg.model):
+        extension = HuggingFace(dg, removal)
+    elif getattr(dg, "config_fit", None) is not None:
+        extension = FittedConfig(dg)
     else:
-        job.result = rewrite(job.dg, job.removal, inplace=job.settings.inplace)
-
-
-def _portable_in_place(job: Job, attempts: int = 3):
-    """In place with ``portable=True``: where the updated config still cannot state the pruned model (records a
-    rebuild would get wrong that no shape showed before pruning: T5's ``model_dim``, a scale of its tied output),
-    the model is put back, the groups responsible frozen with the reason, and the plan made again."""
-    for attempt in range(attempts):
-        saved = snapshot(job.model)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result = prune_in_place(job.dg, job.removal, rewrite, verify)
-        culprits = portable_plans.unstated(job.dg, job.model) if attempt < attempts - 1 else {}
-        if not culprits:
-            for w in caught:  # the warnings of the attempt that stays
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-            return result
-        restore(job.model, saved)
-        for group, reason in culprits.items():
-            group.frozen.append(reason)
-        job.dg.count_ties = [t for t in job.dg.count_ties if all(g.prunable for g in t.members)]
-        warnings.warn(f"fxprune portable=True: {len(culprits)} groups kept whole after all, the plan made again: "
-                      f"{next(iter(culprits.values()))}", stacklevel=4)
-        _plan(job)
-    return result
+        extension = None
+    return prune_in_place(dg, removal, extension, run=run)
 
 
 def _recompose(job: Job) -> None:
     """Decomposed ``nn.MultiheadAttention`` calls become module calls again (resized), to keep the fused path."""
-    if not job.hf_in_place:
+    if not job.settings.inplace:
         recompose(job.result)
 
 
@@ -374,7 +423,8 @@ def _reestimate_bn(job: Job) -> None:
 
 
 def _verify(job: Job) -> None:
-    if not job.hf_in_place:  # other sizes first: verify leaves the example's shapes in the graph
+    if not job.settings.inplace:  # in place: checked against the caller's own forward (two batch sizes) in rewrite
+        # other sizes first: verify leaves the example's shapes in the graph
         verify_other_sizes(job.result, job.dg.example_inputs, type(job.model).__name__)
         verify(job.result, job.dg.example_inputs, job.dg.expected_shapes)
 
@@ -386,14 +436,18 @@ def _measure(job: Job) -> None:
     metric, fraction = job.settings.target
     if metric == "latency":  # measured while searching; the search warns when it is off
         job.achieved = {"latency": job.search.measured}
-        job.result.meta["fxprune_latency"] = {"target": fraction, "measured": job.search.measured,
-                                              "estimated": job.search.estimated, "tries": job.search.tries}
+        value = {"target": fraction, "measured": job.search.measured, "estimated": job.search.estimated,
+                 "tries": job.search.tries}
+        if isinstance(getattr(job.result, "meta", None), dict):
+            job.result.meta["fxprune_latency"] = value
+        else:  # a model pruned in place: an attribute, as its plan (io.plans.attach_plan)
+            object.__setattr__(job.result, "fxprune_latency", value)
         return
     before = count_graph(job.dg.gm)
     outputs = job.result.graph.find_nodes(op="output") if isinstance(job.result, fx.GraphModule) else []
     if outputs and all("val" in n.meta for n in outputs):
         after = count_graph(job.result)
-    else:  # pruned in place (Hugging Face): the plan's count is exact
+    else:  # pruned in place: the plan's count is exact
         after = estimate(job.dg, job.removal)
     job.achieved = {m: after[i] / before[i] if before[i] else 1.0 for i, m in enumerate(METRICS)}
     if abs(job.achieved[metric] - fraction) > 0.02 * fraction:
@@ -450,9 +504,9 @@ def attach_times(result, times: dict, cpu_times: dict) -> None:
         object.__setattr__(result, "fxprune_times", value)
 
 
-def rewritten(dg: DependencyGraph, removal: dict, inplace: bool = False) -> fx.GraphModule:
+def rewritten(dg: DependencyGraph, removal: dict) -> fx.GraphModule:
     """The passes rewrite + recompose in one call, for ``apply`` and for candidates a latency search measures."""
-    gm = rewrite(dg, removal, inplace=inplace)
+    gm = rewrite(dg, removal)
     recompose(gm)
     return gm
 

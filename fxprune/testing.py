@@ -123,6 +123,40 @@ def assert_close_to_scale(got, expected, atol: float = 1e-5) -> None:
     assert_same_outputs(got, expected, rel=atol, floor=1.0)
 
 
+def another_batch(inputs, size: int = 3, seed: int = 0):
+    """Inputs of batch ``size`` like ``inputs`` (a batch of one): every tensor of at least one dimension is
+    repeated ``size`` times along its first axis, floating-point ones with noise (so the examples differ)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def grow(t):
+        if not isinstance(t, torch.Tensor) or not t.ndim:
+            return t
+        out = torch.cat([t] * size)
+        if out.is_floating_point():
+            out = out + 0.5 * torch.randn(out.shape, generator=generator, dtype=out.dtype)
+        return out
+
+    return torch.utils._pytree.tree_map(grow, inputs)
+
+
+@torch.no_grad()
+def assert_in_place_matches_graph(model, graph, inputs: tuple, size: int = 3, atol: float = 1e-4) -> None:
+    """``model`` (pruned in place) computes what ``graph`` (the same plan, ``inplace=False``) computes: on
+    ``inputs`` (a batch of one) and on a batch of ``size`` (:func:`another_batch`), where the graph is run one
+    example at a time (a graph exported from a batch of one may take only that size) and its outputs are
+    concatenated along their first axis."""
+    assert_close_to_scale(model(*inputs), graph(*inputs), atol=atol)
+    batch = another_batch(inputs, size)
+    one = [torch.utils._pytree.tree_map(lambda t: t[i:i + 1] if isinstance(t, torch.Tensor) and t.ndim else t,
+                                        batch) for i in range(size)]
+    outputs = [graph(*x) for x in one]
+    leaves = [torch.utils._pytree.tree_flatten(o)[0] for o in outputs]
+    joined = [torch.cat(parts) if isinstance(parts[0], torch.Tensor) and parts[0].ndim else parts[0]
+              for parts in zip(*leaves)]
+    expected = torch.utils._pytree.tree_unflatten(joined, torch.utils._pytree.tree_flatten(outputs[0])[1])
+    assert_close_to_scale(model(*batch), expected, atol=atol)
+
+
 @torch.no_grad()
 def state_snapshot(model) -> dict:
     """A detached copy of every parameter and buffer of ``model`` (its ``state_dict``), for
@@ -147,6 +181,62 @@ def assert_same_state(model, expected, what: str = "the state changed") -> None:
     for name, tensor in before.items():
         assert after[name].shape == tensor.shape, f"{what}: {name} changed shape {tensor.shape} -> {after[name].shape}"
         assert torch.equal(after[name], tensor), f"{what}: {name} changed values"
+
+
+def forward_flops(model, inputs: tuple) -> int:
+    """FLOPs of one run of ``model(*inputs)`` as torch's own ``FlopCounterMode`` counts them (matmuls,
+    convolutions, attention): a measure of the model as it runs, independent of fxprune's graph and MAC counting,
+    and with no capture (cheap on models whose export takes seconds). Gradients stay enabled, so that
+    ``nn.MultiheadAttention`` takes its composite path, whose matmuls the counter sees (its fused inference
+    kernel has no FLOP formula), and the counter's module hooks work.
+
+    Example::
+
+        >>> before = forward_flops(model, (x,))
+        >>> fxprune.prune(model, 0.3, example_inputs=(x,), inplace=True)
+        >>> forward_flops(model, (x,)) < 0.85 * before
+        True
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(*inputs)
+    return counter.get_total_flops()
+
+
+def module_snapshot(model) -> dict:
+    """Every module's attributes and its parameter, buffer and submodule tables (the objects themselves, not
+    copies) and a copy of every tensor, for :func:`assert_same_modules` after something that must leave the model
+    exactly as it was, or put it back so (in-place pruning that fails).
+
+    Example::
+
+        >>> before = module_snapshot(model)
+        >>> with pytest.raises(fxprune.FxPruneError):
+        ...     fxprune.prune(model, 0.5, example_inputs=(x,), inplace=True)
+        >>> assert_same_modules(model, before)
+    """
+    return {"modules": {name: (dict(vars(m)), dict(m._parameters), dict(m._buffers), dict(m._modules))
+                        for name, m in model.named_modules()},
+            "values": {name: t.detach().clone()
+                       for name, t in {**dict(model.named_parameters(remove_duplicate=False)),
+                                       **dict(model.named_buffers(remove_duplicate=False))}.items()}}
+
+
+def assert_same_modules(model, snapshot: dict) -> None:
+    """``model`` is what :func:`module_snapshot` saw: the same modules under the same names, each holding the very
+    same objects in its attributes and tables (plain values equal), and every tensor equal bit for bit."""
+    now = module_snapshot(model)
+    assert now["modules"].keys() == snapshot["modules"].keys(), "modules added or removed"
+    for name, tables in snapshot["modules"].items():
+        for saved, current in zip(tables, now["modules"][name]):
+            assert saved.keys() == current.keys(), f"{name or 'the model'}: {sorted(saved.keys() ^ current.keys())}"
+            changed = [k for k, v in saved.items() if not (current[k] is v or (
+                type(v) in (int, float, bool, str, tuple) and current[k] == v))]
+            assert not changed, f"{name or 'the model'}: {changed} are other objects"
+    assert now["values"].keys() == snapshot["values"].keys(), "tensors added or removed"
+    assert all(torch.equal(now["values"][k], v) for k, v in snapshot["values"].items()), "tensor values changed"
 
 
 def run_oracle(model, inputs: tuple, groups=None, fraction: float = 0.34, seed: int = 0,

@@ -427,6 +427,39 @@ class CachesOnSelf(nn.Module):
         return self.head(torch.relu(self.conv(x)))
 
 
+# -- other libraries' models at tiny sizes (random weights, nothing downloaded; skipped without the library) --
+
+def timm_vit() -> tuple[nn.Module, tuple]:
+    """timm's ``vit_tiny_patch16_224`` at 32x32 pixels in patches of 8 (3 heads of 64, width 192), eval mode."""
+    timm = pytest.importorskip("timm", reason="timm is a test extra (pip install timm)")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10)
+    return model.eval(), (torch.randn(1, 3, 32, 32),)
+
+
+def diffusers_unet() -> tuple[nn.Module, tuple]:
+    """diffusers' ``UNet2DConditionModel`` with blocks of 32 and 64 channels, cross-attention over 32-wide
+    states, 16x16 latents, eval mode."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is a test extra (pip install diffusers)")
+    torch.manual_seed(0)
+    model = diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=8, attention_head_dim=8)
+    return model.eval(), (torch.randn(1, 4, 16, 16), torch.tensor([10]), torch.randn(1, 5, 32))
+
+
+def open_clip_vit() -> tuple[nn.Module, tuple]:
+    """The vision tower of an ``open_clip.CLIP`` (width 64, 2 layers, heads of 16, 32x32 pixels), eval mode: its
+    blocks call ``nn.MultiheadAttention`` and open_clip's own ``LayerNorm`` subclass."""
+    open_clip = pytest.importorskip("open_clip", reason="open-clip-torch is a test extra (pip install open-clip-torch)")
+    torch.manual_seed(0)
+    model = open_clip.CLIP(embed_dim=32, vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2,
+                                                         head_width=16, mlp_ratio=2.0),
+                           text_cfg=dict(context_length=8, vocab_size=100, width=32, heads=2, layers=1))
+    return model.visual.eval(), (torch.randn(1, 3, 32, 32),)
+
+
 class FixedLength(nn.Module):
     """Token ids through an embedding plus a position table of exactly 8 rows: the sequence length is fixed at 8
     by the model's own forward (``(B, S, 16) + (8, 16)``). ``branch=True`` adds a branch on the rank that

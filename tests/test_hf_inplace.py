@@ -121,7 +121,7 @@ def test_inplace_failure_puts_the_original_model_back(monkeypatch):
     def broken(*args, **kwargs):
         raise fxprune.FxPruneError("the model pruned in place no longer runs: simulated")
 
-    monkeypatch.setattr(fxprune.huggingface.inplace, "check_runs", broken)
+    monkeypatch.setattr(fxprune.huggingface.inplace, "generates", broken)
     with pytest.raises(fxprune.FxPruneError, match="simulated"):
         fxprune.prune(model, 0.5, example_inputs=(ids,), inplace=True)
     after = model.state_dict()
@@ -279,7 +279,7 @@ def test_fused_qkv_under_other_names_in_place_prunes_heads_generates_and_reloads
     with torch.no_grad():
         tokens = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
         assert torch.equal(reloaded.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0), tokens)
-    heads = fxprune.huggingface.attention_sites.attention_sites(fxprune.analyze(model, (ids,), inplace=True).gm)
+    heads = fxprune.analysis.attention_sites.attention_sites(fxprune.analyze(model, (ids,), inplace=True).gm)
     assert {s.heads for s in heads.values()} == {model.config.num_attention_heads}
     # head dims stay whole in place even when asked to prune them; heads stay prunable
     dg = fxprune.analyze(original, (ids,), inplace=True, prune_head_dims=True)
@@ -299,6 +299,7 @@ def test_stale_head_count_is_caught_by_comparing_with_the_pruned_graph(monkeypat
     model.eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     monkeypatch.setattr(fxprune.huggingface.inplace, "update_head_counts", lambda *args: None)
+    monkeypatch.setattr(fxprune.rewriting.inplace.mechanism, "decide_head_counts", lambda *args: set())
     with pytest.raises(fxprune.FxPruneError, match="in place"):
         fxprune.prune(model, 0.3, example_inputs=(token_ids(1, 6),), inplace=True)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

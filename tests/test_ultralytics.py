@@ -88,3 +88,59 @@ def test_prune_as_users_call_it(yolo):
     assert {name: set(vars(m)) for name, m in model.named_modules()} == attributes
     assert not _cached_fakes(model)
     assert_same_outputs(model(x), before)
+
+
+def _one_training_step(model: torch.nn.Module):
+    """One SGD step with ultralytics' own detection loss (box, class and DFL terms, from ``model.args``) on two
+    64x64 images with one box each; returns the loss items (a tensor, or a dict in newer releases)."""
+    from ultralytics.cfg import get_cfg
+
+    model.args = get_cfg()
+    model.train()
+    batch = {"img": torch.rand(2, 3, 64, 64), "batch_idx": torch.tensor([0.0, 1.0]),
+             "cls": torch.tensor([[3.0], [7.0]]), "bboxes": torch.tensor([[0.5, 0.5, 0.3, 0.4], [0.4, 0.6, 0.2, 0.2]])}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss, items = model.loss(batch)
+    loss.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    optimizer.step()
+    return items
+
+
+def test_pruned_in_place_is_still_a_detection_model_that_computes_the_pruned_graph_and_trains(yolo):
+    """YOLOv8n pruned in place (its Detect head ignored, as users do): the caller's ``DetectionModel`` itself, whose
+    own forward (C2f's ``chunk``; ``self.c``, read only by ``forward_split``, follows) equals the pruned graph at a
+    batch of one and of three, with fewer FLOPs, and then takes a training step with ultralytics' own loss."""
+    model = detector(yolo, "yolov8n.yaml")
+    x = (torch.randn(IMAGE),)
+    original = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="read tensor values"):
+        assert fxprune.prune(model, 0.3, example_inputs=x, ignore=[model.model[-1]], inplace=True) is model
+        graph = fxprune.replay(fxprune.plan_of(model), original, x, inplace=False)
+    assert type(model).__name__ == "DetectionModel"
+    assert fxprune.testing.forward_flops(model, x) < 0.8 * fxprune.testing.forward_flops(original, x)
+    fxprune.testing.assert_in_place_matches_graph(model, graph, x)
+    assert model.model[2].c == model.model[2].cv1.conv.out_channels // 2  # C2f's split width
+    assert not _cached_fakes(model)
+    _trains(model)
+
+
+def test_yolo11_pruned_in_place_takes_a_training_step_with_ultralytics_loss(yolo):
+    """YOLO11n: a block whose own forward cannot hold the plan (its C2PSA attention block) keeps its widths, a
+    warning names the line, and the rest is pruned; the caller's ``DetectionModel`` then trains."""
+    model = detector(yolo, "yolo11n.yaml")
+    with pytest.warns(UserWarning, match="read tensor values"):
+        fxprune.prune(model, 0.3, example_inputs=(torch.randn(IMAGE),), ignore=[model.model[-1]], inplace=True)
+    assert type(model).__name__ == "DetectionModel"
+    assert model.model[2].cv1.conv.out_channels < 32  # C3k2's widths were pruned
+    _trains(model)
+
+
+def _trains(model: torch.nn.Module) -> None:
+    """One training step with ultralytics' loss gives finite box, class and DFL losses, and the model then still
+    detects in eval mode (84 = 4 box coordinates + 80 classes per anchor)."""
+    items = _one_training_step(model)
+    values = torch.as_tensor(list(items.values()) if isinstance(items, dict) else items)
+    assert torch.isfinite(values).all() and values.numel() == 3  # box, class and DFL losses
+    with torch.no_grad():
+        assert model.eval()(torch.randn(IMAGE))[0].shape[:2] == (1, 84)

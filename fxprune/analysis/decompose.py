@@ -156,7 +156,7 @@ def _decompose_mha(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention, 
         if not m.batch_first:
             out = g.call_method("transpose", (out, 0, 1))
         roles[out] = "out"
-    call = {"module": name, "index": index, "config": _config(m),
+    call = {"module": name, "index": index, "config": mha_config(m),
             "arguments": arguments}
     for new in g.nodes:
         if new not in existing:
@@ -172,7 +172,8 @@ def _decompose_mha(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention, 
     return True
 
 
-def _config(m: nn.MultiheadAttention) -> dict:
+def mha_config(m: nn.MultiheadAttention) -> dict:
+    """What recompose needs to rebuild ``m`` at other widths (its class, widths, dropout, layout, scale)."""
     return {"class": type(m), "embed_dim": m.embed_dim, "num_heads": m.num_heads, "head_dim": m.head_dim,
             "kdim": m.kdim, "vdim": m.vdim, "dropout": m.dropout, "batch_first": m.batch_first,
             "bias": m.in_proj_bias is not None, "scale": getattr(m, "scale", None)}

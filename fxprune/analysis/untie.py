@@ -13,7 +13,7 @@ store), and only those whose axis the first analysis found prunable (``api._solv
 again): positions ``arange(S)`` of a static capture, tied to the inputs' sequence axis, are left shared. Never
 anything that reads the inputs' values (sizes may be read: ``arange(kv_length)``), nor a computation with an
 in-place op. Not used in place: a model pruned in place recomputes such tensors itself, so their axes are
-frozen there anyway (:func:`fxprune.huggingface.freezes.freeze_computed_constants`).
+frozen there anyway (:func:`fxprune.rewriting.inplace.freezes.freeze_computed_constants`).
 
 Example::
 

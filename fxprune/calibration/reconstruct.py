@@ -198,8 +198,8 @@ REFIT_META = "fxprune_refit"
 
 
 def attach_refit_report(result, report: dict) -> None:
-    """Keep what the refits chose on the pruned model: ``gm.meta["fxprune_refit"]`` (a Hugging Face model pruned in
-    place: its attribute ``fxprune_refit``), ``{"one-shot": {weight name: choice}, "sequential": {...}}`` with each
+    """Keep what the refits chose on the pruned model: ``gm.meta["fxprune_refit"]`` (a model pruned in place: its
+    attribute ``fxprune_refit``), ``{"one-shot": {weight name: choice}, "sequential": {...}}`` with each
     choice a :meth:`~fxprune.calibration.ridge.Choice.as_dict` (strength, held-out errors before and after, tokens).
 
     Example::

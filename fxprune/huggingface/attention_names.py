@@ -1,14 +1,17 @@
-"""Attention modules found by attribute names: the fallback, kept in this one place.
+"""Attention modules and their projections by attribute names: the fallback, kept in this one place.
 
-The graph is the way to find attention: :mod:`fxprune.huggingface.attention_sites` reads every attention call
-of the captured graph and the projections that feed it (under any name, fused q|k|v included) and gives each
-attention module's heads, kv heads and head dim. The name lists below predate it and are still read in three
-places: :func:`fxprune.huggingface.freezes.freeze_head_dims` merges the modules they find with the graph's
-sites; :mod:`fxprune.huggingface.attributes` recomputes an attention module's head counts (``num_heads``,
-``all_head_size``, GPT-2's ``split_size``) from the projections they name; and
-:func:`fxprune.huggingface.config_update.update_config` reads the config's head counts from those modules as
-well as from the sites. transformers' ``Conv1D`` (GPT-2's transposed linear) is recognised by its class name
-here too. They are a fallback, to be replaced by the graph's attention sites: add no new name here.
+The graph is the way to find attention: :mod:`fxprune.analysis.attention_sites` reads every attention call of the
+captured graph (exported or symbolically traced; heads folded into the batch for a ``bmm`` too) and gives each
+attention module's heads, kv heads and head dim, under any projection names, fused q|k|v included. Analysis-time
+freezes (:func:`fxprune.huggingface.freezes.freeze_head_dims`), the config's head counts
+(:func:`fxprune.huggingface.config_update.update_config`) and which modules get their head-count attributes
+updated in place (:mod:`fxprune.huggingface.attributes`) all come from those sites. The names below remain for
+what the graph does not say: which child of an attention module is its query (key) projection and which
+attribute holds a head count or head dim, to recompute ``num_heads``, ``all_head_size``, GPT-2's
+``split_size`` from the projections' widths (:mod:`fxprune.huggingface.attributes`); and where no graph is at
+hand at all (:func:`fxprune.load_pretrained` resizing a model built from its config), which modules are
+attention modules. transformers' ``Conv1D`` (GPT-2's transposed linear) is recognised by its class name here
+too. Add no new name here: read it from the graph.
 
 Example::
 

@@ -1,13 +1,17 @@
-"""Module attributes that restate tensor shapes, recomputed from the written-back tensors.
+"""Attributes of transformers modules that restate tensor shapes, recomputed from the written-back tensors.
 
-``nn.Linear.in_features``, ``nn.Embedding.embedding_dim``, ``nn.LayerNorm.normalized_shape``, a convolution's
-channels, transformers' ``Conv1D.nf``, mixture-of-experts counts and widths, an MLP's ``intermediate_size``,
-and an attention module's head counts, ``all_head_size``, ``split_size``, ``hidden_size``/``embed_dim`` (from
-its projections' widths and its head dim: :mod:`fxprune.huggingface.attention_names`, the fallback).
+Torch modules' widths are the generic step's (:mod:`fxprune.rewriting.inplace.torch_modules`, run here too, for
+:func:`fxprune.load_pretrained`, which resizes a model built from its config without a graph). On top:
+transformers' ``Conv1D.nf``, mixture-of-experts counts and widths (:mod:`~fxprune.huggingface.experts`), an
+MLP's ``intermediate_size``, and an attention module's head counts, ``all_head_size``, ``split_size``,
+``hidden_size``/``embed_dim`` (from its projections' widths and its head dim). Which modules are attention
+modules is read from the graph (``sites``: :mod:`fxprune.analysis.attention_sites`); which of their attributes
+and children are head counts and projections, from the attribute-name fallback
+(:mod:`~fxprune.huggingface.attention_names`), which alone decides where no graph is at hand (loading).
 
 Example::
 
-    >>> update_attributes(model)     # BERT, after query/key/value lost 2 of 12 heads of 64
+    >>> update_attributes(model, sites)     # BERT, after query/key/value lost 2 of 12 heads of 64
     >>> model.bert.encoder.layer[0].attention.self.num_attention_heads
     10
 """
@@ -21,39 +25,30 @@ from fxprune.huggingface.attention_names import (HEAD_COUNTS, HEAD_DIM, KEY, QUE
                                                  query_width)
 from fxprune.huggingface.experts import (is_experts, is_router, update_expert_attributes, update_expert_count,
                                          update_router_attributes)
+from fxprune.rewriting.inplace.torch_modules import update_widths
 
 
-def update_attributes(model: nn.Module) -> None:
-    """Module attributes that restate tensor shapes, recomputed from the tensors."""
+def update_attributes(model: nn.Module, sites=None) -> None:
+    """Module attributes that restate tensor shapes, recomputed from the tensors. ``sites``: paths of the
+    attention modules the graph found (None: every module with a query projection by name, the fallback)."""
     for name, module in model.named_modules():
         try:
-            _update_module(module)
+            update_widths(module)
+            _update_module(module, sites is None or name in sites)
         except (AttributeError, TypeError, ZeroDivisionError) as exc:
             raise FxPruneError(f"could not update the attributes of {name} ({type(module).__name__}): {exc}") from exc
     update_expert_count(model)  # after the experts modules
 
 
-def _update_module(module: nn.Module) -> None:
+def _update_module(module: nn.Module, attention: bool) -> None:
     weight = getattr(module, "weight", None)
-    if isinstance(module, nn.Linear):
-        module.out_features, module.in_features = weight.shape
-    elif isinstance(module, nn.Embedding):
-        module.num_embeddings, module.embedding_dim = weight.shape
-    elif isinstance(module, nn.LayerNorm) and weight is not None:
-        module.normalized_shape = tuple(weight.shape)
-    elif isinstance(module, nn.modules.conv._ConvNd):  # groups come from the graph (write_back)
-        outer, inner = weight.shape[:2]
-        if module.transposed:
-            module.in_channels, module.out_channels = outer, inner * module.groups
-        else:
-            module.out_channels, module.in_channels = outer, inner * module.groups
-    elif type(module).__name__ == "Conv1D" and weight is not None:  # transformers' transposed linear
+    if type(module).__name__ == "Conv1D" and weight is not None:  # transformers' transposed linear
         module.nf = weight.shape[1]
     elif is_experts(module):  # a mixture-of-experts block's 3-d expert tensors
         update_expert_attributes(module)
     elif is_router(module):
         update_router_attributes(module)
-    if child_projection(module, QUERY) is not None:
+    if attention and child_projection(module, QUERY) is not None:
         _update_attention(module)
     elif isinstance(getattr(module, "intermediate_size", None), int):
         linears = [c for c in module.children() if isinstance(c, nn.Linear)]

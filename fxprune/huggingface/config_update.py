@@ -25,7 +25,7 @@ from fxprune.huggingface.attention_names import (HEAD_DIM, KEY, KV_FIELDS, atten
 from fxprune.huggingface.config_fields import set_fields
 from fxprune.huggingface.experts import expert_widths
 from fxprune.huggingface.rebuild import differences
-from fxprune.huggingface.write_back import tensors_by_name
+from fxprune.rewriting.inplace.tensors import parameters_and_buffers as tensors_by_name
 
 # config fields that record what a model rebuilt from the config would get wrong (read by load_pretrained)
 RECORDED = ("fxprune_shapes", "fxprune_attributes", "fxprune_buffers")
@@ -36,7 +36,7 @@ def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None
     """Uniform widths go into ``model.config``; what a model built from it would still get wrong is recorded.
 
     ``sites``: ``{attention module path: (before, after)}`` head counts read from the graphs
-    (:mod:`fxprune.huggingface.attention_sites`). Config fields derived from a pruned width (OPT's ``word_embed_proj_dim``
+    (:mod:`fxprune.analysis.attention_sites`). Config fields derived from a pruned width (OPT's ``word_embed_proj_dim``
     = the hidden size, ``intermediate_size``, ``ffn_dim``) are found by rebuilding on the meta device: an integer
     field equal to a pruned width's old value takes the new one when a rebuild then differs from the model in
     fewer tensors, attributes and buffers. The rest (``config.fxprune_shapes``, ``fxprune_attributes``,
@@ -60,7 +60,8 @@ def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None
         by_id = {g.id: g for g in dg.groups}
         removed = {by_id[g] if isinstance(g, int) else g: units for g, units in (removal or {}).items()}
         values["hidden_size"] = {hidden - len({int(u) for u in removed.get(carrier, ())})}
-    for _, module in attention_modules(model):
+    # attention modules are the graph's (sites); by attribute names only where no graph was at hand
+    for _, module in attention_modules(model) if sites is None else ():
         head_dim = next(getattr(module, a) for a in HEAD_DIM if isinstance(getattr(module, a, None), int))
         values.setdefault("head_dim", set()).add(head_dim)
         key = child_projection(module, KEY)
@@ -189,8 +190,8 @@ def _follow_rebuild(model: nn.Module, found, changed: dict, decided=frozenset())
     ``embed_dim`` and its positions' ``embedding_dim``): they restate that width, which no tensor of their
     module shows (``changed``: old -> new sizes; several when widths of the same size were pruned apart: a
     hidden size and a query width both 64). Not followed: the attributes the rewritten graph ``decided``
-    (:mod:`fxprune.huggingface.restated_sizes`). Returns ``found`` without those followed, and
-    ``{"module.attr": value before}`` of those followed: a guess, which :func:`prune_in_place` takes back
+    (:mod:`fxprune.rewriting.inplace.restated`). Returns ``found`` without those followed, and
+    ``{"module.attr": value before}`` of those followed: a guess, which in-place pruning takes back
     (:func:`unfollow`) when the model then computes something else than the pruned graph."""
     def restates(mine, theirs) -> bool:
         if type(mine) is int:

@@ -2,9 +2,9 @@
 
 The model pruned in place runs its own forward again, so axes it cannot express stay whole: head dims (one
 ``head_dim`` attribute serves q, k and v, and RoPE's ``inv_freq`` is recomputed from the config on reload:
-:func:`freeze_head_dims`) and axes of tensors the forward computes from constants (BLOOM's ALiBi slopes:
-:func:`freeze_computed_constants`). :func:`internal_outputs` names the graph outputs that are internal states
-(their width may change; the first output's may not). The ``solve`` and ``relate`` passes call these.
+:func:`freeze_head_dims`); axes of tensors the forward computes from constants freeze for any model in place
+(:mod:`fxprune.rewriting.inplace.freezes`). :func:`internal_outputs` names the graph outputs that are internal
+states (their width may change; the first output's may not). The ``solve`` and ``relate`` passes call these.
 
 Example::
 
@@ -16,11 +16,11 @@ Example::
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
 from fxprune.algebra.layout import Cat, Prod
-from fxprune.errors import describe_node
-from fxprune.huggingface.attention_names import HEAD_DIM, attention_modules, is_projection
-from fxprune.huggingface.attention_sites import attention_sites
+from fxprune.analysis.attention_sites import attention_sites
+from fxprune.huggingface.attention_names import is_projection
 
 
 def internal_outputs(gm) -> set:
@@ -41,16 +41,17 @@ def internal_outputs(gm) -> set:
 def freeze_head_dims(dg, model: nn.Module) -> None:
     """Head-dim groups of every attention module keep all their units (see module docstring).
 
-    Attention modules are those the graph calls attention in (:mod:`fxprune.huggingface.attention_sites`, fused q|k|v
-    projections under any name) and those with a head-dim attribute and a query projection. The head dim is
-    the trailing part of a projection's axis whose size is ``head_dim``; where the algebra did not separate
-    it from the heads, the whole axis is kept.
+    Found from the graph only: the groups attention contracts over (marked by the rules, ``Group.head_dim``),
+    and, in each module the graph calls attention in (:mod:`fxprune.analysis.attention_sites`, fused q|k|v
+    projections under any name), the trailing part of each projection's axis whose size is the call's head dim;
+    where the algebra did not separate it from the heads, the whole axis is kept.
     """
-    found = {name: next(getattr(module, a) for a in HEAD_DIM if isinstance(getattr(module, a, None), int))
-             for name, module in attention_modules(model)}
-    for path, site in attention_sites(dg.gm).items():
-        found.setdefault(path, site.head_dim)
-    for name, head_dim in found.items():
+    for group in dg.groups:
+        if group.head_dim:
+            reason = f"head dim of attention (one head_dim attribute for q, k and v in place): {group.head_dim}"
+            if not any(r.startswith("head dim of attention (one") for r in group.frozen):
+                group.frozen.append(reason)
+    for name, site in attention_sites(dg.gm).items():
         try:
             module = model.get_submodule(name)
         except AttributeError:
@@ -64,26 +65,10 @@ def freeze_head_dims(dg, model: nn.Module) -> None:
                     layout = dg.layout_of(f"{name}.{child_name}.weight", axis)
                 except KeyError:
                     continue
-                for part in _head_dim_parts(layout, head_dim, dg.solver):
+                for part in _head_dim_parts(layout, site.head_dim, dg.solver):
                     for group in dg.groups_of_layout(part):
                         if reason not in group.frozen:
                             group.frozen.append(reason)
-
-
-def freeze_computed_constants(dg) -> None:
-    """Axes of tensors the forward computes from constants (:mod:`fxprune.rules.constants`) keep all their units.
-
-    The pruned graph stores the kept values of such a tensor (BLOOM's ALiBi slope of each kept head), but a
-    model pruned in place runs its own forward again, which recomputes the tensor from its attributes and
-    config: ``_get_alibi_slopes(n_head)`` for fewer heads gives the kept heads other slopes, so the model would
-    compute something else. Graph-level pruning (``inplace=False``) keeps these axes prunable.
-    """
-    for layout, node in dg.state.sliced_constants:
-        reason = (f"computed in forward from constants (a model pruned in place recomputes it from its config, "
-                  f"not the kept values; inplace=False prunes it): {describe_node(node)}")
-        for group in dg.groups_of_layout(layout):
-            if not group.frozen:  # positions of a static capture are frozen already (graph input)
-                group.frozen.append(reason)
 
 
 def _head_dim_parts(layout, head_dim: int, solver):

@@ -21,7 +21,8 @@ import torch.nn as nn
 
 from fxprune.errors import FxPruneError
 from fxprune.huggingface.attributes import update_attributes
-from fxprune.huggingface.write_back import set_tensor, tensors_by_name
+from fxprune.rewriting.inplace.tensors import parameters_and_buffers as tensors_by_name
+from fxprune.rewriting.inplace.tensors import set_tensor
 from fxprune.huggingface.rebuild import ignored_on_save
 
 

@@ -52,7 +52,7 @@ from fxprune.analysis.removal import kept_units
 from fxprune.analysis.shapes import PlannedShapes
 from fxprune.errors import FxPruneError, PlanError
 from fxprune.huggingface.attention_names import HEAD_DIM, attention_modules
-from fxprune.huggingface.attention_sites import attention_sites
+from fxprune.analysis.attention_sites import attention_sites
 from fxprune.huggingface.config_fields import (_shapes, baseline_of, config_of, edited, field_occurrences,
                                                fields_name, probe_values)
 from fxprune.huggingface.rebuild import _initialised, try_rebuild, unsaved

@@ -237,7 +237,7 @@ def attach_plan(result, plan: PruningPlan) -> None:
     meta = getattr(result, "meta", None)
     if isinstance(meta, dict):
         meta[PLAN_META] = plan
-    else:  # a model pruned in place
+    else:  # a model pruned in place (any nn.Module)
         object.__setattr__(result, PLAN_META, plan)
         register = getattr(result, "register_to_config", None)
         if callable(register):

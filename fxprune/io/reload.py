@@ -32,12 +32,11 @@ import torch
 import torch.nn as nn
 
 from fxprune.errors import FxPruneError, PlanError
-from fxprune.huggingface.run_check import _first_float
-from fxprune.huggingface.snapshot import restore, snapshot
-from fxprune.huggingface.write_back import set_tensor, tensors_by_name, write_back
-from fxprune.huggingface.attributes import update_attributes
 from fxprune.io.plans import CONFIG_PLAN, PruningPlan, plan_of
 from fxprune.io.replay import replay
+from fxprune.rewriting.inplace import Snapshot
+from fxprune.rewriting.inplace.tensors import set_tensor, tensors_by_name
+from fxprune.rewriting.inplace.torch_modules import update_widths
 
 PLAN_KEY = "fxprune_plan"  # safetensors metadata: the plan as JSON
 CHECK = "fxprune_check."  # tensor keys of the check: CHECK + "args.0", CHECK + "kwargs.input_ids", CHECK + "out.0"
@@ -80,7 +79,7 @@ def load_pruned(fresh: nn.Module, source, example_inputs=None, *, kwargs=None, e
     """
     state, stored_plan, check = _read(source)
     plan = plan if plan is not None else stored_plan
-    saved = snapshot(fresh)
+    saved = Snapshot(fresh)
     try:
         if plan is not None:
             _replay_in_place(plan, fresh, state)
@@ -90,7 +89,7 @@ def load_pruned(fresh: nn.Module, source, example_inputs=None, *, kwargs=None, e
         fresh.eval()
         _verify(fresh, check, example_inputs, kwargs, expected)
     except Exception as exc:
-        restore(fresh, saved)
+        saved.restore()
         if isinstance(exc, FxPruneError):
             raise
         raise FxPruneError(f"load_pruned: {type(fresh).__name__} could not take the pruned state dict (the model "
@@ -139,11 +138,9 @@ def _folder_plan(folder: Path) -> PruningPlan | None:
 
 
 def _replay_in_place(plan: PruningPlan, fresh: nn.Module, state: dict) -> None:
-    """The plan replayed on ``fresh`` itself; tensors the in-place path left in the graph only are written back
-    by name, so that ``fresh`` has the state dict's shapes or the error names the tensors that differ."""
-    result = replay(plan, fresh, inplace=True)
-    if result is not fresh:
-        write_back(fresh, result)
+    """The plan replayed on ``fresh`` itself (:mod:`fxprune.rewriting.inplace`: checked against the pruned graph,
+    or put back); then ``fresh`` has the state dict's shapes, or the error names the tensors that differ."""
+    replay(plan, fresh, inplace=True)
     wrong = _shape_mismatches(fresh, state)
     if wrong:
         raise PlanError(f"load_pruned: after replaying the plan, {type(fresh).__name__} still differs from the "
@@ -157,7 +154,8 @@ def _resize_by_name(fresh: nn.Module, state: dict) -> None:
         old = own.get(name)
         if old is not None and old.shape != tensor.shape:
             set_tensor(fresh, name, torch.empty(tensor.shape, dtype=old.dtype, device=old.device))
-    update_attributes(fresh)
+    for module in fresh.modules():
+        update_widths(module)
 
 
 def _shape_mismatches(model: nn.Module, state: dict) -> list[str]:
@@ -214,6 +212,11 @@ def _verify(model: nn.Module, check: dict, example_inputs, kwargs, expected) -> 
         raise FxPruneError(f"load_pruned: {type(model).__name__} computes something else than the pruned model "
                            f"(largest difference {error:.3g}, allowed {tolerance:.3g}): a module attribute that "
                            f"restates a pruned width did not follow (see fxprune.prune(..., inplace=True))")
+
+
+def _first_float(output):
+    leaves = torch.utils._pytree.tree_leaves(output)
+    return next((t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
 
 
 def _where(exc: BaseException) -> str:

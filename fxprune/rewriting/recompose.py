@@ -68,7 +68,7 @@ def _recompose_call(gm: fx.GraphModule, call: dict, nodes: list, built: dict) ->
     if any(u not in members for n in nodes if n not in outputs for u in n.users):
         return False  # something else reads an intermediate result (never made by decompose itself)
     name = call["module"]
-    module = built.get(name) or _resized_module(gm.get_submodule(name), call["config"], *shapes[0])
+    module = built.get(name) or resized_module(gm.get_submodule(name), call["config"], *shapes[0])
     if module is None:
         return False
     if name not in built:
@@ -99,7 +99,7 @@ def _recompose_call(gm: fx.GraphModule, call: dict, nodes: list, built: dict) ->
     return True
 
 
-def _resized_module(m: nn.MultiheadAttention, config: dict, heads: int, head_dim: int) -> nn.Module | None:
+def resized_module(m: nn.MultiheadAttention, config: dict, heads: int, head_dim: int) -> nn.Module | None:
     """``nn.MultiheadAttention`` if the pruned widths fit it, else a PrunedMultiheadAttention; same parameters."""
     inner = heads * head_dim
     packed = m.in_proj_weight is not None

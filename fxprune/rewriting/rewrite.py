@@ -40,20 +40,17 @@ class Sizes:
         return kept_indices(self.solver.resolve(layout), self.kept, self.solver)
 
 
-def rewrite(dg, removal: dict, inplace: bool = False, share_tensors: bool = False) -> fx.GraphModule:
-    """A new GraphModule (or ``dg.gm`` itself with ``inplace``) with the units removed.
+def rewrite(dg, removal: dict, share_tensors: bool = False) -> fx.GraphModule:
+    """A new GraphModule with the units removed (``dg.gm`` is left as it was).
 
-    ``share_tensors=True`` is for a throwaway copy (in-place Hugging Face pruning writes
-    the resized tensors back and drops it): the copy's unchanged parameters are the
-    original objects instead of clones, which saves copying the whole model (~6 s and
-    4 GB on a 1B LLaMA). Resized tensors are always new (``index_select`` copies).
+    ``share_tensors=True`` is for a throwaway copy (in-place pruning writes the resized tensors into the
+    caller's model and drops it: :mod:`fxprune.rewriting.inplace`): the copy's unchanged parameters are the
+    original objects instead of clones, which saves copying the whole model (~6 s and 4 GB on a 1B LLaMA).
+    Resized tensors are always new (``index_select`` copies).
     """
     sizes = Sizes(dg.solver, kept_units(dg, removal))
-    if inplace:
-        gm = dg.gm
-    else:
-        memo = {id(t): t for t in (*dg.gm.parameters(), *dg.gm.buffers())} if share_tensors else {}
-        gm = copy.deepcopy(dg.gm, memo)
+    memo = {id(t): t for t in (*dg.gm.parameters(), *dg.gm.buffers())} if share_tensors else {}
+    gm = copy.deepcopy(dg.gm, memo)
     nodes = {n.name: n for n in gm.graph.nodes}
     with torch.no_grad():
         _slice_tensors(gm, dg, sizes)

@@ -20,7 +20,7 @@ Example (ALiBi slopes through ``torch.export``)::
 
 In place (``prune(..., inplace=True)``) the model runs its own forward code again, which recomputes such a
 tensor from its attributes and config: the sliced values cannot be stored, so in-place pruning freezes these
-axes (:func:`fxprune.huggingface.freezes.freeze_computed_constants`).
+axes (:func:`fxprune.rewriting.inplace.freezes.freeze_computed_constants`).
 """
 
 from __future__ import annotations

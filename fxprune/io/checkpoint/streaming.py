@@ -55,7 +55,6 @@ from fxprune.io.plans import PruningPlan
 from fxprune.pipeline import ANALYSIS, PRUNING, Job, Settings, run
 from fxprune.analysis.removal import kept_units
 from fxprune.rewriting.rewrite import Sizes, changed_axes, rewrite, sliced
-from fxprune.rewriting.verify import verify
 
 # weights in formats this module does not rewrite: never copied next to the pruned shards
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
@@ -176,7 +175,7 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
 def _write(dg, removal, model, checkpoint: Checkpoint, sizes, changed, refit_dir, out: Path, max_shard_size,
            progress) -> None:
     """Resize the meta model (shapes and config), then write every tensor sliced, or refit (``refit_dir``)."""
-    hf_inplace.prune_in_place(dg, removal, rewrite, verify, run=False)  # the meta model: new shapes and config
+    hf_inplace.prune_in_place(dg, removal, run=False)  # the meta model: new shapes and config
 
     pruned = dict(model.named_buffers()) | dict(model.named_parameters(remove_duplicate=False))
     specs, axes = {}, {}
@@ -259,7 +258,7 @@ def _refit(dg, removal, weights, calibration, cut, damping, device, out: Path, p
 
     out.mkdir(parents=True, exist_ok=True)
     folder = tempfile.TemporaryDirectory(prefix=".fxprune-refit-", dir=out)
-    pruned_gm = rewrite(dg, removal, inplace=False)  # the pruned graph over meta tensors: its shapes and code
+    pruned_gm = rewrite(dg, removal)  # the pruned graph over meta tensors: its shapes and code
 
     def sink(segment, tensors):
         if tensors:

@@ -1,7 +1,8 @@
 """Attention modules found in the captured graph, with their head counts: whatever the projections are called.
 
-A Hugging Face attention module is the module that calls ``scaled_dot_product_attention`` (or softmax between
-two matmuls, for eager attention): the innermost entry of that node's ``nn_module_stack``. Its query, key and
+An attention module is the module that calls ``scaled_dot_product_attention`` (or softmax between two matmuls,
+for eager attention): the innermost entry of that node's ``nn_module_stack``, in an exported graph (aten ops) or
+a symbolically traced one (torch functions and tensor methods, named as the aten ops they compute). Its query, key and
 value operands are ``(batch, heads, sequence, head_dim)``, so the head counts and head dim are read from their
 shapes, before pruning from the analysed graph and after pruning from the rewritten one. This finds fused
 projections under any name (GPT-NeoX ``query_key_value``, Phi-3 ``qkv_proj``) without a list of names.
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import operator
+
 import torch
 import torch.nn as nn
 
@@ -31,12 +34,41 @@ class Site(NamedTuple):
 _MATMULS = ("aten::matmul", "aten::bmm", "aten::einsum")
 # between the score matmul and the softmax: scaling, masks, biases (one tensor operand each)
 _BETWEEN = ("aten::mul", "aten::div", "aten::add", "aten::sub", "aten::masked_fill", "aten::where", "aten::to",
-            "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::expand", "aten::view", "aten::reshape")
+            "aten::_to_copy", "aten::clone", "aten::contiguous", "aten::expand", "aten::view", "aten::reshape",
+            "aten::tanh", "aten::maximum", "aten::minimum", "aten::max", "aten::min", "aten::clamp", "aten::clamp_min")
+# (Gemma 2's soft-capping: tanh(scores / cap) * cap; XGLM's floor at the dtype's minimum: maximum(scores, min))
+
+
+def _torch_names() -> dict:
+    """The torch functions a symbolically traced graph calls, by the aten name of what they compute."""
+    F = torch.nn.functional
+    names = {F.scaled_dot_product_attention: "scaled_dot_product_attention", torch.matmul: "matmul",
+             operator.matmul: "matmul", torch.bmm: "bmm", torch.einsum: "einsum", F.softmax: "softmax",
+             torch.softmax: "softmax", operator.mul: "mul", torch.mul: "mul", operator.truediv: "div",
+             torch.div: "div", operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
+             torch.where: "where", torch.masked_fill: "masked_fill", torch.reshape: "reshape",
+             torch.transpose: "transpose", torch.permute: "permute", torch.flatten: "flatten",
+             torch.unsqueeze: "unsqueeze"}
+    return {fn: f"aten::{name}" for fn, name in names.items()}
+
+
+_TORCH_NAMES = _torch_names()
 
 
 def _schema_name(node) -> str:
+    """The aten name of what a node computes: an aten op's schema name (an exported graph), or the name of the
+    torch function or tensor method a symbolically traced graph calls (``x.softmax(-1)``: ``aten::softmax``)."""
     schema = getattr(node.target, "_schema", None)
-    return schema.name if schema is not None else ""
+    if schema is not None:
+        return schema.name
+    if node.op == "call_method":
+        return f"aten::{node.target}"
+    if node.op == "call_function":
+        try:
+            return _TORCH_NAMES.get(node.target, "")
+        except TypeError:  # an unhashable target
+            return ""
+    return ""
 
 
 def _shape(node):
@@ -53,7 +85,7 @@ def _operands(node):
         return None
     current = node.args[0]
     for _ in range(8):  # walk back from the softmax to the score matmul
-        if not isinstance(current, torch.fx.Node) or current.op != "call_function":
+        if not isinstance(current, torch.fx.Node) or current.op not in ("call_function", "call_method"):
             return None
         name = _schema_name(current)
         if name in _MATMULS and name != "aten::einsum":
@@ -81,7 +113,7 @@ def _kv_heads(key) -> int:
     one expanded from 1."""
     current = key
     for _ in range(12):
-        if not isinstance(current, torch.fx.Node) or current.op != "call_function":
+        if not isinstance(current, torch.fx.Node) or current.op not in ("call_function", "call_method"):
             break
         name = _schema_name(current)
         if name in ("aten::expand", "aten::broadcast_to"):
@@ -97,23 +129,48 @@ def _kv_heads(key) -> int:
     return int(_shape(key)[-3])
 
 
+def _unfolded(node):
+    """``node`` if it is (batch, heads, seq, dim)-shaped; for a (batch x heads, seq, dim) operand, the 4-d value it
+    was reshaped from (walking back through views and transposes), when its first two sizes make the folded
+    batch; else None."""
+    shape = _shape(node)
+    if shape is None or len(shape) >= 4:
+        return node if shape is not None else None
+    if len(shape) != 3:
+        return None
+    current = node
+    for _ in range(6):
+        if not isinstance(current, torch.fx.Node) or current.op not in ("call_function", "call_method") or \
+                _schema_name(current) not in _SHAPE_ONLY or not current.args:
+            return None
+        current = current.args[0]
+        found = _shape(current)
+        if found is None:
+            return None
+        if len(found) == 4:
+            return current if found[0] * found[1] == shape[0] else None
+    return None
+
+
 def attention_sites(gm) -> dict[str, Site]:
     """``{module path: Site}`` of every attention call in ``gm`` whose operands are (batch, heads, seq, dim).
 
     Key operands of eager attention come transposed, (batch, heads, dim, seq): the head count is their
-    third-last size either way. Calls whose operands fold the heads into the batch are skipped.
+    third-last size either way. Operands that fold the heads into the batch, (batch x heads, seq, dim) for a
+    ``bmm`` (XGLM, BART), are read where they were still (batch, heads, seq, dim) (:func:`_unfolded`).
     """
     sites = {}
     for node in gm.graph.nodes:
-        if node.op != "call_function":
+        if node.op not in ("call_function", "call_method"):
             continue
         operands = _operands(node)
         stack = node.meta.get("nn_module_stack")
         if operands is None or not stack:
             continue
-        q, k = (_shape(o) for o in operands)
-        if q is None or k is None or len(q) < 4 or len(k) < 4:
+        operands = [_unfolded(o) for o in operands]
+        if None in operands:
             continue
+        q, k = (_shape(o) for o in operands)
         try:
             site = Site(int(q[-3]), _kv_heads(operands[1]), int(q[-1]))
         except (TypeError, ValueError):  # a symbolic head count: not a per-head layout
