@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import torch.fx as fx
 
 from fxprune.analysis.depgraph import DependencyGraph
+from fxprune.huggingface.portable import fit_removal
 from fxprune.io.plans import PruningPlan, attach_plan
 from fxprune.analysis.macs import count_graph
 from fxprune.calibration import reestimate_batchnorm
@@ -34,13 +35,16 @@ from fxprune.rewriting.verify import verify, verify_other_sizes
 
 
 def analyze(model, example_inputs=None, *, kwargs=None, ignore=(), inplace: bool = False,
-            prune_head_dims: bool = False, dynamic_shapes=None) -> DependencyGraph:
+            prune_head_dims: bool = False, portable: bool = False, dynamic_shapes=None) -> DependencyGraph:
     """Capture ``model`` and build its dependency graph (groups, members, frozen reasons).
 
     Attention's per-head widths are frozen unless ``prune_head_dims=True`` (heads
     and kv heads stay prunable). ``inplace=True`` prepares a later
     ``apply(dg, ..., inplace=True)``: axes the model's own forward recomputes are frozen, and on a Hugging Face
     model the groups its modules cannot express (head dims) whatever ``prune_head_dims`` says.
+    ``portable=True`` keeps only what the model's config can state (see ``prune``): groups it cannot are frozen
+    with a reason starting ``"portable: "``, and ``dg.count_ties`` lists the groups that must lose units
+    together; ``apply`` refuses a removal that breaks them.
 
     The graph takes other batch sizes and (for token inputs) sequence lengths than the example's, also from
     an example of batch 1; an image's height and width stay the example's unless ``dynamic_shapes``
@@ -55,7 +59,7 @@ def analyze(model, example_inputs=None, *, kwargs=None, ignore=(), inplace: bool
         ('dynamic', ['capture', 'decompose', 'propagate', 'relate', 'solve'])
     """
     settings = Settings(ignore=tuple(ignore), inplace=inplace, prune_head_dims=prune_head_dims,
-                        dynamic_shapes=dynamic_shapes)
+                        portable=bool(portable), dynamic_shapes=dynamic_shapes)
     return run(Job(model, example_inputs, kwargs, settings), ANALYSIS).dg
 
 
@@ -65,6 +69,8 @@ def apply(dg: DependencyGraph, removal: dict, *, inplace: bool = False) -> fx.Gr
     With ``inplace=True`` (``dg`` analysed with ``inplace=True``) the model itself is pruned, checked against
     the pruned graph and returned (:mod:`fxprune.rewriting.inplace`).
     """
+    if getattr(dg, "portable", None) is not None:  # the config values the removal needs (read when in place)
+        dg.config_fit = fit_removal(dg, removal)
     if inplace:
         gm = in_place(dg, removal)
     else:
@@ -81,7 +87,8 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
           target_params: float | None = None, target_latency: float | None = None, calibration=None,
           loss_fn=None, reconstruct: bool = False, sequential: bool = False,
           reestimate_bn: bool = False, isomorphic: bool = False, depth=None, layers: int | None = None,
-          depth_importance: str | None = None, dynamic_shapes=None) -> fx.GraphModule:
+          depth_importance: str | None = None, portable: bool = False,
+          dynamic_shapes=None) -> fx.GraphModule:
     """Remove ``ratio`` (default 0.3) of the units of every prunable group; returns a verified GraphModule.
 
     ``model`` is an ``nn.Module`` (traced here) or a ``torch.fx.GraphModule``.
@@ -135,6 +142,15 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     for a narrow one (:mod:`fxprune.planning.isomorphic`). With ``target_macs``/``target_params`` the search
     finds the one ratio every class loses (by count, not by cost: within a class units cost the same);
     ``target_latency`` is not supported with it.
+    ``portable=True`` (a model with a config it is built from: transformers, diffusers) plans only widths that
+    config can state, so that the library's own ``from_pretrained`` reloads the model saved after in-place
+    pruning: the same width in every layer (every layer's MLP group loses the same units count, and so on),
+    head widths as the class derives them (BERT and GPT-2 derive the head size from hidden / heads, so heads go
+    only together with hidden units, 16 per head for GPT-2's 64 / 4), values the class accepts (LLaMA validates
+    hidden % heads even with an explicit head_dim); groups it cannot hold are frozen with a ``"portable: ..."``
+    reason in ``dg.report()``, and units given back to fit the class are named in a warning
+    (:mod:`fxprune.huggingface.portable`). Without it, widths the config cannot state are recorded in
+    ``config.fxprune_shapes`` for :func:`fxprune.load_pretrained` (with a warning).
     ``dynamic_shapes`` (``torch.export``'s format) sets which input dimensions the pruned graph takes at other
     sizes than the example's; by default the batch and a token input's sequence (also from an example of batch 1
     or length 1), not an image's height and width (:mod:`fxprune.analysis.dynamic`). A dimension meant to vary
@@ -182,7 +198,7 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
             importance=importance, ignore=tuple(ignore), round_to=round_to, prune_head_dims=bool(prune_head_dims),
             inplace=inplace, global_pruning=bool(global_pruning), isomorphic=bool(isomorphic), ratios=ratios,
             calibration=calibration, loss_fn=loss_fn, reconstruct=bool(reconstruct), sequential=bool(sequential),
-            reestimate_bn=bool(reestimate_bn), dynamic_shapes=dynamic_shapes),
+            reestimate_bn=bool(reestimate_bn), portable=bool(portable), dynamic_shapes=dynamic_shapes),
             (target_macs, target_params, target_latency), max_ratio,
             depth, layers, depth_importance)
     ratio, target, max_ratio = check_prune_settings(ratio, target_macs, target_params, round_to, max_ratio,
@@ -194,7 +210,7 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
                         prune_head_dims=bool(prune_head_dims), inplace=inplace, global_pruning=bool(global_pruning),
                         isomorphic=bool(isomorphic), max_ratio=max_ratio, ratios=ratios, target=target,
                         calibration=calibration, loss_fn=loss_fn, reconstruct=bool(reconstruct),
-                        sequential=bool(sequential), reestimate_bn=bool(reestimate_bn),
+                        sequential=bool(sequential), reestimate_bn=bool(reestimate_bn), portable=bool(portable),
                         dynamic_shapes=dynamic_shapes)
     job = Job(model, example_inputs, kwargs, settings)
     return run(job, PIPELINE).result

@@ -68,7 +68,9 @@ from fxprune.calibration.reconstruct import attach_refit_report
 from fxprune.calibration.depth_refit import refit_after_depth
 from fxprune.calibration.depth_scores import OutputError, block_influence
 from fxprune.huggingface.freezes import freeze_head_dims, internal_outputs
-from fxprune.huggingface.inplace import HuggingFace
+from fxprune.huggingface import portable as portable_plans
+from fxprune.huggingface.config_fields import field_name
+from fxprune.huggingface.inplace import FittedConfig, HuggingFace
 from fxprune.huggingface.layers import HuggingFaceDepth
 from fxprune.importance.depth import depth_magnitude
 from fxprune.importance import named_tensors, resolve_importance, score_groups
@@ -81,10 +83,11 @@ from fxprune.planning.latency_target import search_latency
 from fxprune.planning.minimum import keep_minimum
 from fxprune.planning.ratios import group_ratios
 from fxprune.planning.planner import make_plan
+from fxprune.planning.ties import honour_ties
 from fxprune.planning.selection import units_to_keep
 from fxprune.planning.target import METRICS, search_by_cost, search_ratio
 from fxprune.rewriting.depth import remove_depth
-from fxprune.rewriting.inplace import prune_in_place
+from fxprune.rewriting.inplace import Snapshot, prune_in_place
 from fxprune.rewriting.inplace.depth import remove_in_place, renamed_parameters
 from fxprune.rewriting.inplace.freezes import freeze_computed_constants, freeze_module
 from fxprune.rewriting.inplace.mechanism import InPlaceError
@@ -117,6 +120,7 @@ class Settings:
     depth: object = None  # a fraction of the residual branches, or {kind: fraction} (planning/depth.py)
     layers: int | None = None  # whole layers to remove
     depth_importance: str | None = None  # "block_influence" | "output_error" | "magnitude" (None: by calibration)
+    portable: bool = False  # only plans the model's config can state (huggingface/portable.py)
     dynamic_shapes: object = None  # torch.export's dynamic_shapes (None: analysis/dynamic.py decides what varies)
 
 
@@ -147,6 +151,7 @@ class Job:
     alignment: int = 1  # plan: the channel alignment the plan used (resolved from round_to)
     steps: dict = field(default_factory=dict)  # plan: {group: units it loses at a time} that keep widths aligned
     removal: dict = field(default_factory=dict)  # plan: {group: units to remove}
+    config_fit: object = None  # plan, portable=True: huggingface.portable.Fit (config values the plan needs)
     search: object = None  # plan: target.SearchResult when a target was searched
     plan_normalizer: object = "mean"  # score: how a global plan puts groups' scores on one scale (the criterion's)
     refit: dict = field(default_factory=dict)  # refit: {parameter name: refit tensor} when reconstructing
@@ -225,6 +230,8 @@ def _solve(job: Job) -> None:
         freeze_computed_constants(dg)
     if job.hf_in_place:
         freeze_head_dims(dg, job.model)
+    if job.settings.portable:  # after every other freeze: ties among what is still prunable
+        portable_plans.prepare(dg, job.model)
 
 
 def _dependency_graph(job: Job) -> DependencyGraph:
@@ -251,7 +258,7 @@ def _plan(job: Job) -> None:
     def plan_for(ratio: float, costs: dict | None = None) -> dict:
         return make_plan(groups, job.scores, ratio, steps=job.steps, global_pruning=s.global_pruning,
                          max_ratio=s.max_ratio, fixed=fixed, costs=costs, types=types, classes=classes,
-                         normalizer=job.plan_normalizer)
+                         normalizer=job.plan_normalizer, ties=job.dg.count_ties)
 
     types = None
     # isomorphic: each class of same-structure groups loses the ratio, so a target searches that one ratio
@@ -273,7 +280,12 @@ def _plan(job: Job) -> None:
     else:
         job.search = search_ratio(job.dg, plan_for, *s.target)
         job.removal, job.ratio = job.search.removal, job.search.ratio
+    if job.dg.count_ties:  # the latency search plans without make_plan; tied plans stay as they are
+        job.removal = honour_ties(job.removal, job.dg.count_ties, job.scores, job.steps)
     job.removal = keep_minimum(job.removal, job.scores)  # a router keeps its top-k experts
+    if job.settings.portable:  # the config values the plan needs; units given back where it cannot state them
+        job.removal, job.config_fit = portable_plans.fit(job.dg, job.removal, job.scores, job.steps)
+        job.dg.config_fit = job.config_fit  # read where the config is updated (in place)
 
 
 def _check_removed(job: Job) -> None:
@@ -318,8 +330,11 @@ def _rewrite(job: Job) -> None:
         return
     for attempt in range(_REPLANS + 1):  # rewritten, recomposed, verified, written into the model and checked
         try:
-            job.result = in_place(job.dg, job.removal)
-            return
+            if not job.settings.portable:
+                job.result = in_place(job.dg, job.removal)
+                return
+            if _portable_in_place(job, last=attempt == _REPLANS):
+                return
         except InPlaceError as exc:
             if attempt == _REPLANS or not _keep_failing_module(job, exc):
                 raise
@@ -349,10 +364,39 @@ def _keep_failing_module(job: Job, exc) -> bool:
     return False
 
 
+def _portable_in_place(job: Job, last: bool) -> bool:
+    """In place with ``portable=True``; False (the model put back as it was, plan again) where the updated config
+    still cannot state the pruned model: records a rebuild would get wrong that no shape showed before pruning
+    (T5's ``model_dim``, a scale of its tied output). The groups responsible keep their units, with the reason.
+    Only the warnings of the try that stays are shown."""
+    saved = Snapshot(job.model, getattr(job.model, "config", None))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        job.result = in_place(job.dg, job.removal)
+    culprits = {} if last or not is_hf_model(job.model) else portable_plans.unstated(job.dg, job.model)
+    if not culprits:
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return True
+    saved.restore()
+    for group, reason in culprits.items():
+        group.frozen.append(reason)
+    job.dg.count_ties = [t for t in job.dg.count_ties if all(g.prunable for g in t.members)]
+    warnings.warn(f"fxprune portable=True: {len(culprits)} groups kept whole after all, the plan made again: "
+                  f"{next(iter(culprits.values()))}", stacklevel=5)
+    return False
+
+
 def in_place(dg: DependencyGraph, removal: dict, run: bool = True):
     """The caller's model pruned in place (:mod:`fxprune.rewriting.inplace`), with the Hugging Face layer on top
-    for a transformers model (:mod:`fxprune.huggingface.inplace`); returns the model."""
-    extension = HuggingFace(dg, removal) if is_hf_model(dg.model) else None
+    for a transformers model (:mod:`fxprune.huggingface.inplace`), or the fitted config of a ``portable=True`` plan
+    for a diffusers model (:class:`~fxprune.huggingface.inplace.FittedConfig`); returns the model."""
+    if is_hf_model(dg.model):
+        extension = HuggingFace(dg, removal)
+    elif getattr(dg, "config_fit", None) is not None:
+        extension = FittedConfig(dg)
+    else:
+        extension = None
     return prune_in_place(dg, removal, extension, run=run)
 
 
@@ -433,9 +477,11 @@ def _record_plan(job: Job) -> None:
     settings = {"ratio": job.ratio, "importance": job.settings.importance, "round_to": job.settings.round_to,
                 "alignment": job.alignment, "prune_head_dims": job.settings.prune_head_dims}
     # a replay removes the same units but neither refits nor re-estimates: say so in the plan (and how it ranked)
-    for name in ("reconstruct", "sequential", "reestimate_bn", "isomorphic"):
+    for name in ("reconstruct", "sequential", "reestimate_bn", "isomorphic", "portable"):
         if getattr(job.settings, name):
             settings[name] = True
+    if job.config_fit is not None:  # the config values a model built for this plan needs
+        settings["config"] = {field_name(f): v for f, v in job.config_fit.values.items()}
     attach_plan(job.result, PruningPlan.from_removal(job.dg, job.removal, inplace=job.settings.inplace,
                                                     settings=settings))
 

@@ -101,6 +101,11 @@ class DependencyGraph:
         self._add_members(by_atom, state, kinds)
         self._by_atom = by_atom
         self.groups: list[Group] = [g for g in by_atom.values() if g.members]
+        # groups that must lose units in fixed proportion (planning/ties.py CountTie), declared by whoever knows
+        # why (huggingface/portable.py for portable=True); every planner honours them
+        self.count_ties: list = []
+        self.portable = None  # huggingface.portable.Portable when analysed with portable=True
+        self.config_fit = None  # huggingface.portable.Fit: the config values the plan being applied needs
 
     def _partition(self, frozen: dict[int, list[str]]) -> dict[int, "Group"]:
         """One empty group per connected component of the atom graph (``self.graph``), keyed by its root atom."""

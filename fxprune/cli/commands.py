@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--depth-importance", choices=("block_influence", "output_error", "magnitude"),
                        help="how removed branches or layers are chosen (default: block_influence with --calibration, "
                             "else magnitude)")
+    prune.add_argument("--portable", action="store_true",
+                       help="only widths the model's config can state (Hugging Face, diffusers): with --streaming, "
+                            "transformers' own from_pretrained reloads the output folder")
     prune.add_argument("--ignore", action="append", default=[], metavar="NAME",
                        help="module or parameter name whose axes must not change (repeatable)")
     calibration = prune.add_argument_group("calibration and distillation")
@@ -259,7 +262,7 @@ def run_streaming(args) -> int:
                                     round_to=args.round_to, global_pruning=args.global_pruning,
                                     isomorphic=args.isomorphic, target_macs=args.target_macs, calibration=batches,
                                     reconstruct=args.reconstruct, max_shard_size=args.max_shard_size,
-                                    progress=False if args.quiet else None)
+                                    progress=False if args.quiet else None, portable=args.portable)
     elapsed = time.perf_counter() - start
     if args.plan_out:
         plan.save(args.plan_out)
@@ -359,7 +362,8 @@ def _prune_options(args) -> dict:
     for flag, name, value in (("--target-macs", "target_macs", args.target_macs),
                               ("--target-latency", "target_latency", args.target_latency),
                               ("--global", "global_pruning", args.global_pruning or None),
-                              ("--isomorphic", "isomorphic", args.isomorphic or None)):
+                              ("--isomorphic", "isomorphic", args.isomorphic or None),
+                              ("--portable", "portable", args.portable or None)):
         if value is None:
             continue
         if name not in supported:
