@@ -18,7 +18,12 @@ freshly built copy:
    (relative difference <= 1e-5; the largest absolute difference is logged);
 6. **generate**: generative models only: the pruned and the reloaded model generate the same tokens;
 7. **Torch-Pruning**: its documented recipe (``tp_recipe.py``, as ``coverage.py`` uses it) at the same ratio,
-   checked as the in-place model is: it runs on both inputs with its first output's shape, finite.
+   checked as the in-place model is: it runs on both inputs with its first output's shape, finite;
+8. **plain reload** (not counted in "all checks"): the checkpoint of 5 reloaded with the class's own
+   ``from_pretrained``, no fxprune at load time (fails where the config cannot state the pruned widths and
+   ``config.fxprune_shapes`` records them), and **portable**: ``prune(..., inplace=True, portable=True)`` on a fresh
+   copy, ``save_pretrained``, plain ``from_pretrained``, the same comparison (params kept logged: what
+   ``portable=True`` costs).
 
 Parameters kept are logged for both libraries (fxprune: the in-place model). Every step of both libraries
 gets the same limit, ``harness.step_seconds`` (300 s; ``--step-timeout`` changes it for all) and ``--max-gib``
@@ -103,8 +108,10 @@ AUTO = {"decoder": "AutoModelForCausalLM", "encoder": "AutoModelForMaskedLM", "s
         "vision": "AutoModelForImageClassification", "ctc": "AutoModelForCTC",
         "speech2seq": "AutoModelForSpeechSeq2Seq"}
 CHECKS = ("analysis", "oracle", "prune", "prune_other", "inplace", "reload", "generate")
+PLAIN = ("plain", "portable")  # reloaded by plain from_pretrained: reported, not part of "all checks"
 HEADERS = {"analysis": "analysis", "oracle": "oracle", "prune": "prune", "prune_other": "other batch/length",
-           "inplace": "in place", "reload": "reload", "generate": "generate", "torch-pruning": "Torch-Pruning"}
+           "inplace": "in place", "reload": "reload", "generate": "generate", "torch-pruning": "Torch-Pruning",
+           "plain": "plain from_pretrained", "portable": "portable=True: plain from_pretrained"}
 
 
 # ---------------------------------------------------------------------------------------------- worker side
@@ -267,6 +274,7 @@ def step_inplace(t):
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         reloaded = fxprune.load_pretrained(folder).eval()
+        rows["plain"] = _plain_reload(model, folder, args, kwargs, got)
     again = _run(reloaded, args, kwargs)
     pairs = list(zip(measure.tensors(again), measure.tensors(got)))
     diff = max(float((a - b).abs().max()) for a, b in pairs)
@@ -290,6 +298,37 @@ def step_inplace(t):
     except Exception as exc:
         rows["generate"] = harness.failed("error", harness.first_line(exc))
     return rows
+
+
+def _plain_reload(model, folder, args, kwargs, got) -> dict:
+    """The class's own ``from_pretrained`` of a saved folder, compared with the pruned model's outputs ``got``."""
+    import measure
+
+    try:
+        plain = type(model).from_pretrained(folder).eval()
+    except Exception as exc:  # the plain loader refuses widths its config does not state
+        return harness.failed("error", harness.first_line(exc)[:240], stage="from_pretrained")
+    again = _run(plain, args, kwargs)
+    rel = measure.relative_diff(again, got)
+    row = {"status": "ok", "class": "ok", "relative_diff": rel}
+    if len(measure.tensors(again)) != len(measure.tensors(got)) or rel > RELOAD_TOL:
+        row.update(harness.failed("wrong output", f"plain from_pretrained computes something else (relative "
+                                                  f"difference {rel:.1e})"))
+    return row
+
+
+def step_portable(t):
+    """``prune(..., inplace=True, portable=True)``, ``save_pretrained``, plain ``from_pretrained``: the same."""
+    import fxprune
+
+    model, args, kwargs = build(t)[:3]
+    before = _params(model)
+    fxprune.prune(model, RATIO, example_inputs=args, kwargs=kwargs or None, inplace=True, portable=True)
+    got = _run(model, args, kwargs)
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        row = _plain_reload(model, folder, args, kwargs, got)
+    return {**row, "params_kept": _params(model) / before}
 
 
 def step_tp(t):
@@ -318,7 +357,7 @@ def step_tp(t):
 
 
 STEPS = [("analysis", step_analysis, False), ("oracle", step_oracle, False), ("prune", step_prune, True),
-         ("inplace", step_inplace, True), ("torch-pruning", step_tp, False)]
+         ("inplace", step_inplace, True), ("portable", step_portable, False), ("torch-pruning", step_tp, False)]
 
 
 def measure_type(t: str, step_timeout: float, max_gib: float) -> dict:
@@ -338,7 +377,8 @@ def measure_type(t: str, step_timeout: float, max_gib: float) -> dict:
         if several and result.get("status") != "error":
             row.update(result)
         elif several:  # the step died: its first check failed, the later ones were never reached
-            first, *later = {"prune": ["prune", "prune_other"], "inplace": ["inplace", "reload", "generate"]}[key]
+            first, *later = {"prune": ["prune", "prune_other"],
+                             "inplace": ["inplace", "reload", "generate", "plain"]}[key]
             row[first] = result
             for k in later:
                 row[k] = harness.failed("error", f"not reached: {key} failed")
@@ -388,16 +428,17 @@ def _pct(v) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    cols = list(CHECKS) + ["torch-pruning"]
+    cols = list(CHECKS) + ["torch-pruning"] + list(PLAIN)
     lines = ["| model type | kind | " + " | ".join(HEADERS[c] for c in cols) + " | params kept fxprune | "
-             "params kept Torch-Pruning | Torch-Pruning s | reload max abs diff |",
-             "| --- | --- |" + " :---: |" * len(cols) + " ---: | ---: | ---: | ---: |"]
+             "params kept portable | params kept Torch-Pruning | Torch-Pruning s | reload max abs diff |",
+             "| --- | --- |" + " :---: |" * len(cols) + " ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         diff = r.get("reload", {}).get("max_abs_diff")
         tp = r.get("torch-pruning", {})
         seconds = tp.get("prune_s", tp.get("step_s"))
         lines.append(f"| {r['model']} | {r.get('kind', '')} | " + " | ".join(_mark(r, c) for c in cols) +
                      f" | {_pct(r.get('inplace', {}).get('params_kept') or r.get('prune', {}).get('params_kept'))}"
+                     f" | {_pct(r.get('portable', {}).get('params_kept'))}"
                      f" | {_pct(tp.get('params_kept'))} | {'' if seconds is None else f'{seconds:.1f}'} | "
                      f"{'' if diff is None else f'{diff:.1e}'} |")
     return "\n".join(lines)
@@ -406,7 +447,7 @@ def table(rows: list[dict]) -> str:
 def failures(rows: list[dict]) -> str:
     """Per check: how many failed in each class, then one line per failing model with its class and reason."""
     lines = []
-    for check in list(CHECKS) + ["torch-pruning"]:
+    for check in list(CHECKS) + ["torch-pruning"] + list(PLAIN):
         bad = [r for r in rows if not passed(r, check) and r.get(check, {}).get("status") not in ("skipped", "n/a")]
         classes = {}
         for r in bad:
@@ -428,7 +469,11 @@ def totals(rows: list[dict]) -> str:
     tp_cell = "not installed" if skipped else f"{tp}/{n} runs"
     line = f"**fxprune: {fx}/{n} all checks; Torch-Pruning: {tp_cell}**"
     per = ", ".join(f"{HEADERS[c]} {sum(passed(r, c) for r in rows)}/{n}" for c in CHECKS)
-    return f"{line}\n\nfxprune per check: {per}.\n\n{analysis_budget(rows)}"
+    measured = [r for r in rows if r.get("portable") or r.get("plain")]
+    plain = (f" Reloaded by plain from_pretrained (no fxprune at load time): {sum(passed(r, 'plain') for r in rows)}"
+             f"/{len(measured)} pruned as usual, {sum(passed(r, 'portable') for r in rows)}/{len(measured)} pruned "
+             f"with portable=True." if measured else "")
+    return f"{line}\n\nfxprune per check: {per}.{plain}\n\n{analysis_budget(rows)}"
 
 
 def analysis_cpu(row: dict):
@@ -484,7 +529,10 @@ def render(runs: list[dict]) -> str:
             f"shape changed; reasons below); n/a: not a generative model. Params kept: fxprune in place, "
             f"Torch-Pruning with its recipe (`tp_recipe.py`), both checked alike (the model runs on two input "
             f"sizes with its first output's shape); Torch-Pruning s: its prune call (for a failed step, how long "
-            f"the step ran); reload max abs diff: saved and reloaded vs the pruned model, same inputs.\n\n"
+            f"the step ran); reload max abs diff: saved and reloaded vs the pruned model, same inputs. Plain "
+            f"from_pretrained: the in-place checkpoint reloaded by the class's own loader (no fxprune at load "
+            f"time); portable=True: pruned with portable=True on a fresh copy, saved and reloaded the same way "
+            f"(params kept portable: its parameters kept). Neither is part of \"all checks\".\n\n"
             f"{totals(rows)}\n\n{table(rows)}\n\n## Failures\n{failures(rows)}\n")
 
 
@@ -538,7 +586,7 @@ def main(argv=None) -> int:
         step = harness.step_seconds("hf_sweep", name, args.step_timeout)
         row = harness.run_worker([harness.python(), __file__, "--worker", name] + extra,
                                  args.timeout or harness.worker_seconds(len(STEPS), step), {"model": name})
-        for check in list(CHECKS) + ["analysis", "torch-pruning"]:
+        for check in list(CHECKS) + ["analysis", "torch-pruning"] + list(PLAIN):
             if check not in row and ("died" in row or row.get("status") == "error"):
                 reason = row.get("died") or row.get("reason", "")
                 kind = row.get("class") if row.get("class") in harness.CLASSES[1:] else \
@@ -552,7 +600,7 @@ def main(argv=None) -> int:
             row = future.result()
             done += 1
             log.write(row)
-            marks = " ".join(f"{c}:{_mark(row, c)}" for c in list(CHECKS) + ["torch-pruning"])
+            marks = " ".join(f"{c}:{_mark(row, c)}" for c in list(CHECKS) + ["torch-pruning"] + list(PLAIN))
             cpu = analysis_cpu(row)
             took = f"analysis {cpu:.1f} s CPU, " if cpu is not None else ""
             print(f"[{done}/{len(todo)}] {row['model']}: {marks} ({took}{row['seconds']:.0f} s)", flush=True)

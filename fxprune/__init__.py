@@ -18,6 +18,7 @@ from fxprune.training.pruner import Pruner
 from fxprune.analysis.report import report
 from fxprune.calibration.distill import DistillResult, distill
 from fxprune.io.checkpoint import prune_checkpoint
+from fxprune.io.reload import load_pruned, save_pruned
 
 __version__ = "0.1.0"
 
@@ -30,3 +31,4 @@ __all__ += ["Pruner", "count", "importance", "report"]  # criteria, targets, ite
 __all__ += ["groups_to_prune", "mask"]  # interactive and soft pruning (issue 12)
 __all__ += ["DistillResult", "distill"]  # short knowledge distillation after pruning
 __all__ += ["prune_checkpoint"]  # checkpoints pruned shard by shard (issue 11)
+__all__ += ["load_pruned", "save_pruned"]  # a pruned state dict into a fresh model of the original class (issue 19)

@@ -15,25 +15,36 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import torch.fx as fx
 
 from fxprune.analysis.depgraph import DependencyGraph
+from fxprune.huggingface.portable import fit_removal
 from fxprune.io.plans import PruningPlan, attach_plan
-from fxprune.pipeline import ANALYSIS, PIPELINE, Job, Settings, in_place, rewritten, run
+from fxprune.analysis.macs import count_graph
+from fxprune.calibration import reestimate_batchnorm
+from fxprune.pipeline import ANALYSIS, DEPTH, PIPELINE, Job, Settings, in_place, rewritten, run
+from fxprune.planning.depth import check_depth, criterion_for
+from fxprune.planning.latency import ratio_of
+from fxprune.planning.target import METRICS
+from fxprune.rewriting.depth import DEPTH_META, remove_depth
 from fxprune.planning.ratios import check_ratio
 from fxprune.rewriting.verify import verify, verify_other_sizes
 
 
 def analyze(model, example_inputs=None, *, kwargs=None, ignore=(), inplace: bool = False,
-            prune_head_dims: bool = False, dynamic_shapes=None) -> DependencyGraph:
+            prune_head_dims: bool = False, portable: bool = False, dynamic_shapes=None) -> DependencyGraph:
     """Capture ``model`` and build its dependency graph (groups, members, frozen reasons).
 
     Attention's per-head widths are frozen unless ``prune_head_dims=True`` (heads
     and kv heads stay prunable). ``inplace=True`` prepares a later
     ``apply(dg, ..., inplace=True)``: axes the model's own forward recomputes are frozen, and on a Hugging Face
     model the groups its modules cannot express (head dims) whatever ``prune_head_dims`` says.
+    ``portable=True`` keeps only what the model's config can state (see ``prune``): groups it cannot are frozen
+    with a reason starting ``"portable: "``, and ``dg.count_ties`` lists the groups that must lose units
+    together; ``apply`` refuses a removal that breaks them.
 
     The graph takes other batch sizes and (for token inputs) sequence lengths than the example's, also from
     an example of batch 1; an image's height and width stay the example's unless ``dynamic_shapes``
@@ -48,7 +59,7 @@ def analyze(model, example_inputs=None, *, kwargs=None, ignore=(), inplace: bool
         ('dynamic', ['capture', 'decompose', 'propagate', 'relate', 'solve'])
     """
     settings = Settings(ignore=tuple(ignore), inplace=inplace, prune_head_dims=prune_head_dims,
-                        dynamic_shapes=dynamic_shapes)
+                        portable=bool(portable), dynamic_shapes=dynamic_shapes)
     return run(Job(model, example_inputs, kwargs, settings), ANALYSIS).dg
 
 
@@ -58,6 +69,8 @@ def apply(dg: DependencyGraph, removal: dict, *, inplace: bool = False) -> fx.Gr
     With ``inplace=True`` (``dg`` analysed with ``inplace=True``) the model itself is pruned, checked against
     the pruned graph and returned (:mod:`fxprune.rewriting.inplace`).
     """
+    if getattr(dg, "portable", None) is not None:  # the config values the removal needs (read when in place)
+        dg.config_fit = fit_removal(dg, removal)
     if inplace:
         gm = in_place(dg, removal)
     else:
@@ -73,7 +86,9 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
           max_ratio: float = 0.9, ratios: dict | None = None, target_macs: float | None = None,
           target_params: float | None = None, target_latency: float | None = None, calibration=None,
           loss_fn=None, reconstruct: bool = False, sequential: bool = False,
-          reestimate_bn: bool = False, isomorphic: bool = False, dynamic_shapes=None) -> fx.GraphModule:
+          reestimate_bn: bool = False, isomorphic: bool = False, depth=None, layers: int | None = None,
+          depth_importance: str | None = None, portable: bool = False,
+          dynamic_shapes=None) -> fx.GraphModule:
     """Remove ``ratio`` (default 0.3) of the units of every prunable group; returns a verified GraphModule.
 
     ``model`` is an ``nn.Module`` (traced here) or a ``torch.fx.GraphModule``.
@@ -127,6 +142,15 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     for a narrow one (:mod:`fxprune.planning.isomorphic`). With ``target_macs``/``target_params`` the search
     finds the one ratio every class loses (by count, not by cost: within a class units cost the same);
     ``target_latency`` is not supported with it.
+    ``portable=True`` (a model with a config it is built from: transformers, diffusers) plans only widths that
+    config can state, so that the library's own ``from_pretrained`` reloads the model saved after in-place
+    pruning: the same width in every layer (every layer's MLP group loses the same units count, and so on),
+    head widths as the class derives them (BERT and GPT-2 derive the head size from hidden / heads, so heads go
+    only together with hidden units, 16 per head for GPT-2's 64 / 4), values the class accepts (LLaMA validates
+    hidden % heads even with an explicit head_dim); groups it cannot hold are frozen with a ``"portable: ..."``
+    reason in ``dg.report()``, and units given back to fit the class are named in a warning
+    (:mod:`fxprune.huggingface.portable`). Without it, widths the config cannot state are recorded in
+    ``config.fxprune_shapes`` for :func:`fxprune.load_pretrained` (with a warning).
     ``dynamic_shapes`` (``torch.export``'s format) sets which input dimensions the pruned graph takes at other
     sizes than the example's; by default the batch and a token input's sequence (also from an example of batch 1
     or length 1), not an image's height and width (:mod:`fxprune.analysis.dynamic`). A dimension meant to vary
@@ -143,13 +167,40 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     in channels, ``round_to=1`` turns it off. Attention's per-head widths are kept
     whole (whole heads are removed) unless ``prune_head_dims=True``.
 
+    Depth: ``depth=0.25`` removes a quarter of the model's removable residual branches (``y = x + f(x)``
+    becomes ``y = x``: a decoder layer's attention or MLP branch, a ResNet bottleneck without downsampling, a
+    ViT or ConvNeXt block; found from the graph, :mod:`fxprune.analysis.branches`, listed by ``dg.report()``),
+    ``depth={"attention": 0.5, "mlp": 0.1}`` a fraction of each kind, ``layers=k`` k whole layers (elements of
+    a list of blocks). They are chosen by ``depth_importance``: ``"block_influence"`` (ShortGPT, the default with
+    ``calibration``), ``"output_error"`` (SLEB's greedy search, one forward per candidate) or ``"magnitude"``
+    (no data; the default without ``calibration``): :mod:`fxprune.planning.depth`. ``reconstruct=True`` refits
+    the layers next to each removed branch (:mod:`fxprune.calibration.depth_refit`). Without ``ratio`` or a
+    target only depth is pruned; with them width pruning then runs on the depth-pruned model
+    (``prune(model, 0.2, depth=0.2)``), and a target counts from the original model: depth removes its
+    share first and width searches the rest (``target_latency`` measures what the depth pruning saved). In place
+    (any model: :mod:`fxprune.rewriting.inplace.depth`), layers leave their ``ModuleList`` or ``Sequential``
+    (layer indices follow) and a removed branch becomes a ``ZeroBranch`` module; on a Hugging Face model the
+    config follows too (:mod:`fxprune.huggingface.layers`: plain ``from_pretrained`` reloads removed layers,
+    ``fxprune.load_pretrained`` removed branches).
+
     Example::
 
         >>> pruned = fxprune.prune(model, example_inputs=(x,), target_macs=0.5, round_to=8)
         >>> pruned = fxprune.prune(model, 0.3, example_inputs=(x,), importance="obs", calibration=batches,
         ...                        reconstruct=True)
+        >>> pruned = fxprune.prune(model, 0.2, depth=0.2, kwargs=batches[0], calibration=batches)
     """
     calibration = check_calibration_settings(calibration, reconstruct, sequential, reestimate_bn)
+    depth, layers = check_depth(depth, layers)
+    if depth is not None or layers is not None:
+        criterion_for(depth_importance, calibration)  # a wrong name or missing batches fail before any analysis
+        return _prune_depth(model, ratio, example_inputs, kwargs, dict(
+            importance=importance, ignore=tuple(ignore), round_to=round_to, prune_head_dims=bool(prune_head_dims),
+            inplace=inplace, global_pruning=bool(global_pruning), isomorphic=bool(isomorphic), ratios=ratios,
+            calibration=calibration, loss_fn=loss_fn, reconstruct=bool(reconstruct), sequential=bool(sequential),
+            reestimate_bn=bool(reestimate_bn), portable=bool(portable), dynamic_shapes=dynamic_shapes),
+            (target_macs, target_params, target_latency), max_ratio,
+            depth, layers, depth_importance)
     ratio, target, max_ratio = check_prune_settings(ratio, target_macs, target_params, round_to, max_ratio,
                                                     target_latency, global_pruning=global_pruning,
                                                     isomorphic=isomorphic)
@@ -159,10 +210,68 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
                         prune_head_dims=bool(prune_head_dims), inplace=inplace, global_pruning=bool(global_pruning),
                         isomorphic=bool(isomorphic), max_ratio=max_ratio, ratios=ratios, target=target,
                         calibration=calibration, loss_fn=loss_fn, reconstruct=bool(reconstruct),
-                        sequential=bool(sequential), reestimate_bn=bool(reestimate_bn),
+                        sequential=bool(sequential), reestimate_bn=bool(reestimate_bn), portable=bool(portable),
                         dynamic_shapes=dynamic_shapes)
     job = Job(model, example_inputs, kwargs, settings)
     return run(job, PIPELINE).result
+
+
+def _prune_depth(model, ratio, example_inputs, kwargs, options: dict, targets: tuple, max_ratio, depth, layers,
+                 depth_importance):
+    """``prune`` with ``depth``/``layers``: ANALYSIS + DEPTH, then (a ratio or a target asked) PIPELINE on the
+    depth-pruned model; a target is the fraction of the original model's metric."""
+    target_macs, target_params, target_latency = targets
+    width = ratio is not None or any(t is not None for t in targets)
+    ratio_, target, max_ratio = check_prune_settings(ratio, target_macs, target_params, options["round_to"],
+                                                     max_ratio, target_latency,
+                                                     global_pruning=options["global_pruning"],
+                                                     isomorphic=options["isomorphic"])
+    if target and target[0] == "latency" and example_inputs is None and kwargs is None:
+        raise ValueError("target_latency needs example_inputs: latency is measured on real inputs")
+    settings = Settings(ignore=options["ignore"], inplace=options["inplace"],
+                        prune_head_dims=options["prune_head_dims"],
+                        calibration=options["calibration"], reconstruct=options["reconstruct"], depth=depth,
+                        layers=layers, depth_importance=depth_importance, dynamic_shapes=options["dynamic_shapes"])
+    job = run(Job(model, example_inputs, kwargs, settings), ANALYSIS + DEPTH)
+    result = job.result
+    if not width:  # depth only: what width's passes would have done after the refit
+        if options["sequential"]:
+            warnings.warn("fxprune: sequential=True refits the consumers of width pruning; with depth alone the "
+                          "refit after depth (reconstruct=True) already runs site by site in graph order",
+                          stacklevel=3)
+        if options["reestimate_bn"]:
+            reestimate_batchnorm(result, options["calibration"], inplace=True)
+        return result
+    if target is not None:
+        target = _remaining_target(job, target)
+        if target is None:
+            return result
+    width_settings = Settings(ratio=ratio_, max_ratio=max_ratio, target=target, **options)
+    pruned = run(Job(result, job.example_inputs, job.kwargs, width_settings), PIPELINE).result
+    if isinstance(pruned, fx.GraphModule) and isinstance(result, fx.GraphModule):
+        pruned.meta[DEPTH_META] = result.meta.get(DEPTH_META)
+    return pruned
+
+
+def _remaining_target(job, target: tuple):
+    """The width target on the depth-pruned model that makes ``target`` of the original: its metric divided by
+    what depth kept (MACs and parameters counted on the graph, latency measured against the original graph);
+    None, with a warning, when depth alone already reached it."""
+    metric, fraction = target
+    plan = job.depth_plan
+    if metric == "latency":
+        graph = remove_depth(job.dg, plan.branches, plan.layers, share_tensors=True)
+        kept = ratio_of(graph, job.dg.gm, job.dg.example_inputs) if plan else 1.0
+    else:
+        before = count_graph(job.dg.gm)[METRICS.index(metric)]
+        removed = sum(getattr(item, metric) for item in plan.removed)
+        kept = (before - removed) / before if before else 1.0
+    if fraction >= kept:
+        warnings.warn(f"fxprune: depth pruning alone kept {kept:.3f} of the {metric}, at or below "
+                      f"target_{metric}={fraction}: no width pruning (ask for less depth to let width share the "
+                      f"budget)", stacklevel=4)
+        return None
+    return metric, fraction / kept
 
 
 def check_calibration_settings(calibration, reconstruct, sequential, reestimate_bn):

@@ -5,6 +5,11 @@
     capture -> propagate -> decompose -> relate -> solve     (ANALYSIS: fxprune.analyze)
             -> score -> plan -> check -> [refit] -> rewrite -> recompose -> [reconstruct] -> [sequential]
             -> [reestimate_bn] -> verify -> measure -> record     (PRUNING: fxprune.prune runs PIPELINE, both)
+            -> depth_plan -> depth_rewrite -> [depth_reconstruct] -> depth_verify     (DEPTH, after ANALYSIS)
+
+With ``depth=``/``layers=``, ``fxprune.prune`` runs ANALYSIS + DEPTH first (residual branches or whole layers
+scored and removed: :mod:`fxprune.planning.depth`, :mod:`fxprune.rewriting.depth`, in place
+:mod:`fxprune.huggingface.layers`), then, when a width ratio or a target is also asked, PIPELINE on the result.
 
 ``score`` runs the importance criterion over every prunable group
 (:mod:`fxprune.importance`); ``plan`` turns scores into units to remove (local or
@@ -60,20 +65,30 @@ from fxprune.analysis.untie import untie_constants
 from fxprune.calibration import (collect_statistics, load_refit, plan_sequential, reestimate_batchnorm,
                                  refit_consumers, run_sequential)
 from fxprune.calibration.reconstruct import attach_refit_report
+from fxprune.calibration.depth_refit import refit_after_depth
+from fxprune.calibration.depth_scores import OutputError, block_influence
 from fxprune.huggingface.freezes import freeze_head_dims, internal_outputs
-from fxprune.huggingface.inplace import HuggingFace
+from fxprune.huggingface import portable as portable_plans
+from fxprune.huggingface.config_fields import field_name
+from fxprune.huggingface.inplace import FittedConfig, HuggingFace
+from fxprune.huggingface.layers import HuggingFaceDepth
+from fxprune.importance.depth import depth_magnitude
 from fxprune.importance import named_tensors, resolve_importance, score_groups
 from fxprune.io.plans import PruningPlan, attach_plan
 from fxprune.planning.alignment import default_alignment, removal_steps
 from fxprune.planning.costs import group_types
+from fxprune.planning.depth import criterion_for, plan_depth
 from fxprune.planning.isomorphic import class_ids
 from fxprune.planning.latency_target import search_latency
 from fxprune.planning.minimum import keep_minimum
 from fxprune.planning.ratios import group_ratios
 from fxprune.planning.planner import make_plan
+from fxprune.planning.ties import honour_ties
 from fxprune.planning.selection import units_to_keep
 from fxprune.planning.target import METRICS, search_by_cost, search_ratio
-from fxprune.rewriting.inplace import prune_in_place
+from fxprune.rewriting.depth import remove_depth
+from fxprune.rewriting.inplace import Snapshot, prune_in_place
+from fxprune.rewriting.inplace.depth import remove_in_place, renamed_parameters
 from fxprune.rewriting.inplace.freezes import freeze_computed_constants, freeze_module
 from fxprune.rewriting.inplace.mechanism import InPlaceError
 from fxprune.rewriting.recompose import recompose
@@ -102,6 +117,10 @@ class Settings:
     reconstruct: bool = False  # refit the consumers of pruned units on calibration statistics
     sequential: bool = False  # refit front to back on the pruned model's inputs (needs reconstruct)
     reestimate_bn: bool = False  # re-estimate BatchNorm running statistics of the pruned model
+    depth: object = None  # a fraction of the residual branches, or {kind: fraction} (planning/depth.py)
+    layers: int | None = None  # whole layers to remove
+    depth_importance: str | None = None  # "block_influence" | "output_error" | "magnitude" (None: by calibration)
+    portable: bool = False  # only plans the model's config can state (huggingface/portable.py)
     dynamic_shapes: object = None  # torch.export's dynamic_shapes (None: analysis/dynamic.py decides what varies)
 
 
@@ -132,6 +151,7 @@ class Job:
     alignment: int = 1  # plan: the channel alignment the plan used (resolved from round_to)
     steps: dict = field(default_factory=dict)  # plan: {group: units it loses at a time} that keep widths aligned
     removal: dict = field(default_factory=dict)  # plan: {group: units to remove}
+    config_fit: object = None  # plan, portable=True: huggingface.portable.Fit (config values the plan needs)
     search: object = None  # plan: target.SearchResult when a target was searched
     plan_normalizer: object = "mean"  # score: how a global plan puts groups' scores on one scale (the criterion's)
     refit: dict = field(default_factory=dict)  # refit: {parameter name: refit tensor} when reconstructing
@@ -139,6 +159,8 @@ class Job:
     sequential_plan: object = None  # refit: calibration.SequentialPlan, read before rewriting
     result: fx.GraphModule | None = None  # rewrite: the pruned graph, or the model itself pruned in place
     achieved: dict = field(default_factory=dict)  # measure: {"macs": fraction kept, "params": ...} with a target
+    depth_plan: object = None  # depth_plan: planning.depth.DepthPlan (branches and layers to remove)
+    depth_names: dict = field(default_factory=dict)  # depth_rewrite in place: {old parameter name: new or None}
     hf_in_place: bool = field(init=False)  # decided once: prunes_hf_in_place(model, settings.inplace)
     times: dict = field(default_factory=dict)  # run: {pass name: wall seconds} of the passes run so far
     cpu_times: dict = field(default_factory=dict)  # run: {pass name: CPU seconds of this process}
@@ -208,6 +230,8 @@ def _solve(job: Job) -> None:
         freeze_computed_constants(dg)
     if job.hf_in_place:
         freeze_head_dims(dg, job.model)
+    if job.settings.portable:  # after every other freeze: ties among what is still prunable
+        portable_plans.prepare(dg, job.model)
 
 
 def _dependency_graph(job: Job) -> DependencyGraph:
@@ -234,7 +258,7 @@ def _plan(job: Job) -> None:
     def plan_for(ratio: float, costs: dict | None = None) -> dict:
         return make_plan(groups, job.scores, ratio, steps=job.steps, global_pruning=s.global_pruning,
                          max_ratio=s.max_ratio, fixed=fixed, costs=costs, types=types, classes=classes,
-                         normalizer=job.plan_normalizer)
+                         normalizer=job.plan_normalizer, ties=job.dg.count_ties)
 
     types = None
     # isomorphic: each class of same-structure groups loses the ratio, so a target searches that one ratio
@@ -256,7 +280,12 @@ def _plan(job: Job) -> None:
     else:
         job.search = search_ratio(job.dg, plan_for, *s.target)
         job.removal, job.ratio = job.search.removal, job.search.ratio
+    if job.dg.count_ties:  # the latency search plans without make_plan; tied plans stay as they are
+        job.removal = honour_ties(job.removal, job.dg.count_ties, job.scores, job.steps)
     job.removal = keep_minimum(job.removal, job.scores)  # a router keeps its top-k experts
+    if job.settings.portable:  # the config values the plan needs; units given back where it cannot state them
+        job.removal, job.config_fit = portable_plans.fit(job.dg, job.removal, job.scores, job.steps)
+        job.dg.config_fit = job.config_fit  # read where the config is updated (in place)
 
 
 def _check_removed(job: Job) -> None:
@@ -301,8 +330,11 @@ def _rewrite(job: Job) -> None:
         return
     for attempt in range(_REPLANS + 1):  # rewritten, recomposed, verified, written into the model and checked
         try:
-            job.result = in_place(job.dg, job.removal)
-            return
+            if not job.settings.portable:
+                job.result = in_place(job.dg, job.removal)
+                return
+            if _portable_in_place(job, last=attempt == _REPLANS):
+                return
         except InPlaceError as exc:
             if attempt == _REPLANS or not _keep_failing_module(job, exc):
                 raise
@@ -332,10 +364,39 @@ def _keep_failing_module(job: Job, exc) -> bool:
     return False
 
 
+def _portable_in_place(job: Job, last: bool) -> bool:
+    """In place with ``portable=True``; False (the model put back as it was, plan again) where the updated config
+    still cannot state the pruned model: records a rebuild would get wrong that no shape showed before pruning
+    (T5's ``model_dim``, a scale of its tied output). The groups responsible keep their units, with the reason.
+    Only the warnings of the try that stays are shown."""
+    saved = Snapshot(job.model, getattr(job.model, "config", None))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        job.result = in_place(job.dg, job.removal)
+    culprits = {} if last or not is_hf_model(job.model) else portable_plans.unstated(job.dg, job.model)
+    if not culprits:
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return True
+    saved.restore()
+    for group, reason in culprits.items():
+        group.frozen.append(reason)
+    job.dg.count_ties = [t for t in job.dg.count_ties if all(g.prunable for g in t.members)]
+    warnings.warn(f"fxprune portable=True: {len(culprits)} groups kept whole after all, the plan made again: "
+                  f"{next(iter(culprits.values()))}", stacklevel=5)
+    return False
+
+
 def in_place(dg: DependencyGraph, removal: dict, run: bool = True):
     """The caller's model pruned in place (:mod:`fxprune.rewriting.inplace`), with the Hugging Face layer on top
-    for a transformers model (:mod:`fxprune.huggingface.inplace`); returns the model."""
-    extension = HuggingFace(dg, removal) if is_hf_model(dg.model) else None
+    for a transformers model (:mod:`fxprune.huggingface.inplace`), or the fitted config of a ``portable=True`` plan
+    for a diffusers model (:class:`~fxprune.huggingface.inplace.FittedConfig`); returns the model."""
+    if is_hf_model(dg.model):
+        extension = HuggingFace(dg, removal)
+    elif getattr(dg, "config_fit", None) is not None:
+        extension = FittedConfig(dg)
+    else:
+        extension = None
     return prune_in_place(dg, removal, extension, run=run)
 
 
@@ -416,11 +477,66 @@ def _record_plan(job: Job) -> None:
     settings = {"ratio": job.ratio, "importance": job.settings.importance, "round_to": job.settings.round_to,
                 "alignment": job.alignment, "prune_head_dims": job.settings.prune_head_dims}
     # a replay removes the same units but neither refits nor re-estimates: say so in the plan (and how it ranked)
-    for name in ("reconstruct", "sequential", "reestimate_bn", "isomorphic"):
+    for name in ("reconstruct", "sequential", "reestimate_bn", "isomorphic", "portable"):
         if getattr(job.settings, name):
             settings[name] = True
+    if job.config_fit is not None:  # the config values a model built for this plan needs
+        settings["config"] = {field_name(f): v for f, v in job.config_fit.values.items()}
     attach_plan(job.result, PruningPlan.from_removal(job.dg, job.removal, inplace=job.settings.inplace,
                                                     settings=settings))
+
+
+def depth_plan(dg: DependencyGraph, depth=None, layers=None, criterion: str | None = None, calibration=None):
+    """The :class:`~fxprune.planning.depth.DepthPlan` of ``depth``/``layers`` on ``dg``, scored by ``criterion``
+    (``"block_influence"``, ``"output_error"``, ``"magnitude"``; default by ``calibration``)."""
+    criterion = criterion_for(criterion, calibration)
+    if criterion == "output_error":
+        return plan_depth(dg, depth, layers, criterion, error=OutputError(dg, calibration))
+    if criterion == "block_influence":
+        return plan_depth(dg, depth, layers, criterion, score=lambda c: block_influence(dg, c, calibration))
+    return plan_depth(dg, depth, layers, criterion, score=lambda c: depth_magnitude(dg, c))
+
+
+def _depth_plan(job: Job) -> None:
+    """The residual branches or whole layers to remove (``depth``/``layers``), scored by ``depth_importance``."""
+    s = job.settings
+    job.depth_plan = depth_plan(job.dg, s.depth, s.layers, s.depth_importance, s.calibration)
+
+
+def _depth_rewrite(job: Job) -> None:
+    """The add of each removed branch becomes its stream, a removed layer's output the stream entering it; in
+    place, layers leave their lists and removed branches become ``ZeroBranch`` modules
+    (:mod:`fxprune.rewriting.inplace.depth`, with the Hugging Face layer for a transformers model)."""
+    plan = job.depth_plan
+    if job.settings.inplace:
+        job.depth_names = renamed_parameters(job.dg, plan.layers)  # before the layers leave their lists
+        extension = HuggingFaceDepth(job.dg) if job.hf_in_place else None
+        job.result = remove_in_place(job.dg, plan.branches, plan.layers, extension) if plan else job.model
+    else:
+        job.result = remove_depth(job.dg, plan.branches, plan.layers)
+
+
+def _depth_reconstruct(job: Job) -> None:
+    """With ``reconstruct=True``: the layers next to each removed branch refit on the calibration batches
+    (:mod:`fxprune.calibration.depth_refit`); in place, on a pruned copy of the graph, copied by (new) name."""
+    plan = job.depth_plan
+    if not (job.settings.reconstruct and plan):
+        return
+    if not job.settings.inplace:
+        refit_after_depth(job.dg, job.result, plan.removed, job.settings.calibration)
+        return
+    graph = remove_depth(job.dg, plan.branches, plan.layers)
+    refit = refit_after_depth(job.dg, graph, plan.removed, job.settings.calibration)
+    names = job.depth_names
+    load_refit(job.result, {names.get(n, n): t for n, t in refit.items() if names.get(n, n) is not None})
+
+
+def _depth_verify(job: Job) -> None:
+    # in place: checked against the caller's own forward in depth_rewrite; other sizes first: verify leaves the
+    # example's shapes in the graph
+    if not job.settings.inplace:
+        verify_other_sizes(job.result, job.dg.example_inputs, type(job.model).__name__)
+        verify(job.result, job.dg.example_inputs, job.dg.expected_shapes)
 
 
 ANALYSIS = [("capture", _capture), ("propagate", _propagate), ("decompose", _decompose), ("relate", _relate),
@@ -429,6 +545,9 @@ PRUNING = [("score", _score), ("plan", _plan), ("check", _check_removed), ("refi
            ("recompose", _recompose), ("reconstruct", _reconstruct), ("sequential", _sequential),
            ("reestimate_bn", _reestimate_bn), ("verify", _verify), ("measure", _measure), ("record", _record_plan)]
 PIPELINE = ANALYSIS + PRUNING
+# depth pruning (fxprune.prune(..., depth= | layers=)): after ANALYSIS; width pruning then runs PIPELINE on the result
+DEPTH = [("depth_plan", _depth_plan), ("depth_rewrite", _depth_rewrite), ("depth_reconstruct", _depth_reconstruct),
+         ("depth_verify", _depth_verify)]
 
 
 def run(job: Job, passes) -> Job:

@@ -306,6 +306,71 @@ def run_oracle(model, inputs: tuple, groups=None, fraction: float = 0.34, seed: 
     return dg, removal, pruned
 
 
+# -- the depth oracle ------------------------------------------------------------------------------------------
+
+def plant_zero_branches(dg, branches=None, fraction: float = 0.5, seed: int = 0) -> list:
+    """Zero the output projection (:func:`last_projection`) of some removable branches, in the model itself;
+    return the branches whose output is now exactly zero (removing them must not change the outputs).
+
+    ``branches`` defaults to ``fraction`` of the removable branches (at least one), chosen with ``seed``.
+    """
+    rng = np.random.default_rng(seed)
+    if branches is None:
+        candidates = [b for b in dg.branches if b.removable]
+        count = max(1, int(round(fraction * len(candidates))))
+        branches = [candidates[i] for i in sorted(rng.choice(len(candidates), size=count, replace=False))]
+    from fxprune.analysis.branches import last_projection
+
+    tensors = dict(dg.gm.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for branch in branches:
+            for name in last_projection(dg.gm, branch):
+                tensors[name].zero_()
+    return list(branches)
+
+
+@torch.no_grad()
+def run_depth_oracle(model, inputs: tuple = (), kwargs: dict | None = None, fraction: float = 0.5,
+                     seed: int = 0):
+    """The depth oracle: analyse ``model`` (eval), zero the output projection of ``fraction`` of its removable
+    residual branches, remove exactly those branches and check the outputs did not change.
+
+    Returns ``(dg, branches, pruned)``.
+
+    Example::
+
+        >>> dg, removed, pruned = run_depth_oracle(torchvision.models.resnet50(), (x,))
+    """
+    from fxprune.api import analyze
+    from fxprune.rewriting.depth import remove_depth
+    from fxprune.rewriting.verify import verify
+
+    model.eval()
+    kwargs = kwargs or {}
+    dg = analyze(model, inputs, kwargs=kwargs)
+    removed = plant_zero_branches(dg, fraction=fraction, seed=seed)
+    assert removed, "no removable branch to plant a zero branch in"
+    expected = model(*inputs, **kwargs)
+    pruned = remove_depth(dg, removed)
+    verify(pruned, dg.example_inputs, dg.expected_shapes)
+    got = pruned(*dg.example_inputs)
+    expected = expected if isinstance(got, (tuple, list)) or not isinstance(expected, (tuple, list, dict)) else \
+        torch.utils._pytree.tree_leaves(expected)[0]
+    if isinstance(got, (tuple, list)) and not isinstance(expected, (tuple, list)):
+        got = got[0]
+    leaves = [t for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
+    assert max(t.abs().max().item() for t in leaves) > 1e-3, "a trivially small output would make the oracle vacuous"
+    assert_close_to_scale(_first(got), _first(expected))
+    return dg, removed, pruned
+
+
+def _first(output):
+    """The first tensor of a model output (logits, last hidden state)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    return next(t for t in torch.utils._pytree.tree_leaves(output) if isinstance(t, torch.Tensor))
+
+
 def tiny_llama(seed: int = 0, **config):
     """A small random ``LlamaForCausalLM`` in eval mode (vocabulary 100, hidden 32, one layer, 4 heads over 2
     key/value heads, MLP 64, unless ``config`` says otherwise), seeded, for tests; needs transformers.

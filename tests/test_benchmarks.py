@@ -298,8 +298,13 @@ def test_hf_sweep_llama_passes_every_fxprune_check(tmp_path):
     assert row["reload"]["relative_diff"] <= 1e-5 and 0 < row["inplace"]["params_kept"] < 0.8
     header = next(line for line in text.splitlines() if line.startswith("| model type |"))
     for column in ("analysis", "oracle", "prune", "other batch/length", "in place", "reload", "generate",
-                   "Torch-Pruning", "params kept fxprune", "params kept Torch-Pruning"):
+                   "Torch-Pruning", "params kept fxprune", "params kept Torch-Pruning", "plain from_pretrained",
+                   "portable=True: plain from_pretrained", "params kept portable"):
         assert f"| {column} |" in header, column
+    # pruned with portable=True, saved, reloaded by LlamaForCausalLM.from_pretrained alone: the same outputs
+    assert row["portable"]["class"] == "ok" and row["portable"]["relative_diff"] <= 1e-5, row["portable"]
+    assert 0 < row["portable"]["params_kept"] < 0.8
+    assert "Reloaded by plain from_pretrained (no fxprune at load time): " in text
     assert "| llama | decoder | ✓ | ✓ | ✓ | ✓ | ✓ | ✓ | ✓ |" in text
     assert "**fxprune: 1/1 all checks; Torch-Pruning: " in text
     assert "at most 200 s (--step-timeout)" in text

@@ -14,7 +14,8 @@ same layer may not import each other. The order is what the code needs, bottom u
   its criteria build on importance, its refit reads rewriting's kept sizes)
 - ``huggingface`` (in-place pruning of transformers models), ``io`` (the plan and model formats, which the
   pipeline records), then ``pipeline`` (Job, passes) and ``api`` (public functions, argument checks)
-- users of the pipeline, side by side: ``io.replay``, ``io.checkpoint`` (checkpoint streaming) and ``training``
+- users of the pipeline, side by side: ``io.replay``, ``io.checkpoint`` (checkpoint streaming) and ``training``;
+  then ``io.reload`` (``load_pruned``: a plan replayed on a fresh model)
 - ``fxprune`` itself (the package ``__init__``, the public face), then ``cli`` and ``testing`` (clients of it)
 
 Criteria that need calibration batches register themselves in ``fxprune.importance`` (``register_criterion``), as
@@ -48,6 +49,7 @@ LAYERS = [
     ["fxprune.pipeline"],
     ["fxprune.api"],
     ["fxprune.io.replay", "fxprune.io.checkpoint", "fxprune.training"],
+    ["fxprune.io.reload"],  # replays plans on a fresh model (load_pruned)
     ["fxprune"],
     ["fxprune.cli", "fxprune.testing"],
 ]

@@ -112,6 +112,11 @@ class DependencyGraph:
         self._add_members(by_atom, state, kinds)
         self._by_atom = by_atom
         self.groups: list[Group] = [g for g in by_atom.values() if g.members]
+        # groups that must lose units in fixed proportion (planning/ties.py CountTie), declared by whoever knows
+        # why (huggingface/portable.py for portable=True); every planner honours them
+        self.count_ties: list = []
+        self.portable = None  # huggingface.portable.Portable when analysed with portable=True
+        self.config_fit = None  # huggingface.portable.Fit: the config values the plan being applied needs
 
     def _partition(self, frozen: dict[int, list[str]]) -> dict[int, "Group"]:
         """One empty group per connected component of the atom graph (``self.graph``), keyed by its root atom."""
@@ -168,6 +173,44 @@ class DependencyGraph:
             if group.head_dim and not group.frozen:
                 group.frozen.append(f"head dim of attention, kept whole by default (prune_head_dims=True prunes it): "
                                     f"{group.head_dim}")
+
+    # -- depth -----------------------------------------------------------
+    @property
+    def branches(self) -> list:
+        """Residual branches ``y = x + f(x)`` of the graph, removable or not (:mod:`fxprune.analysis.branches`);
+        found on first use and kept."""
+        if getattr(self, "_branches", None) is None:
+            from fxprune.analysis.branches import find_branches
+
+            self._branches = find_branches(self.gm)
+        return self._branches
+
+    @property
+    def layers(self) -> list:
+        """Layers (elements of a list of blocks) that own residual branches, each removable whole or not."""
+        if getattr(self, "_layers", None) is None:
+            from fxprune.analysis.branches import find_layers
+
+            self._layers = find_layers(self.gm, self.branches)
+        return self._layers
+
+    def depth_report(self) -> str:
+        """The residual branches and layers as a table: kind, owner, parameters, removable or why not."""
+        if not self.branches:
+            return "residual branches: none"
+        lines = [f"residual branches ({sum(b.removable for b in self.branches)} of {len(self.branches)} "
+                 f"removable):", f"{'branch':>6}  {'kind':<9}  {'params':>9}  {'owner':<28} status"]
+        for b in self.branches:
+            status = "removable" if b.removable else f"kept: {b.reason}"
+            lines.append(f"{'B' + str(b.id):>6}  {b.kind:<9}  {b.params:>9}  {(b.owner or '<root>'):<28} {status}")
+        if self.layers:
+            lines.append(f"layers ({sum(layer.removable for layer in self.layers)} of {len(self.layers)} "
+                         "removable whole):")
+            for layer in self.layers:
+                status = "removable" if layer.removable else f"kept: {layer.reason}"
+                ids = ",".join(f"B{b.id}" for b in layer.branches)
+                lines.append(f"{'':>6}  {layer.name:<28}  {layer.params:>9} params  [{ids}]  {status}")
+        return "\n".join(lines)
 
     # -- queries ---------------------------------------------------------
     @property
@@ -227,8 +270,9 @@ class DependencyGraph:
                 return name
         return "whole axis"
 
-    def report(self, limit: int = 6) -> str:
-        """A readable table of every group, then the ops that had no rule."""
+    def report(self, limit: int = 6, depth: bool = True) -> str:
+        """A readable table of every group, then the ops that had no rule, then (``depth=True``) the residual
+        branches and layers (:meth:`depth_report`)."""
         lines = [f"{'group':>5}  {'units':>5}  {'status':<12}  {'role':<13} members / reason"]
         for g in self.groups:
             if not g.has_parameters:
@@ -244,6 +288,11 @@ class DependencyGraph:
         if self.state.unsupported:
             lines.append("ops without a rule (their axes are frozen):")
             lines.extend(f"  {where}" for _, where in self.state.unsupported)
+        if depth:
+            try:
+                lines.append(self.depth_report())
+            except Exception as exc:  # the group table must not depend on it; say why it is missing
+                lines.append(f"residual branches: not analysed ({type(exc).__name__}: {exc})")
         return "\n".join(lines)
 
     # reasons every model has: graph inputs and outputs, kernel and vocabulary axes, the caller's ``ignore``

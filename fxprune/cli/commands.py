@@ -110,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--isomorphic", action="store_true",
                        help="with --global: rank units only among groups of the same structure (every layer's "
                             "heads, every same-width MLP), each such class losing --ratio of its units")
+    prune.add_argument("--depth", type=float, metavar="FRACTION",
+                       help="also remove this fraction of the removable residual branches (depth pruning)")
+    prune.add_argument("--layers", type=int, metavar="K", help="also remove K whole layers (depth pruning)")
+    prune.add_argument("--depth-importance", choices=("block_influence", "output_error", "magnitude"),
+                       help="how removed branches or layers are chosen (default: block_influence with --calibration, "
+                            "else magnitude)")
+    prune.add_argument("--portable", action="store_true",
+                       help="only widths the model's config can state (Hugging Face, diffusers): with --streaming, "
+                            "transformers' own from_pretrained reloads the output folder")
     prune.add_argument("--ignore", action="append", default=[], metavar="NAME",
                        help="module or parameter name whose axes must not change (repeatable)")
     calibration = prune.add_argument_group("calibration and distillation")
@@ -241,6 +250,7 @@ def run_streaming(args) -> int:
     unsupported = [flag for flag, on in (
         ("--distill-steps", args.distill_steps is not None), ("--distill-seconds", args.distill_seconds is not None),
         ("--target-latency", args.target_latency is not None), ("--prune-head-dims", args.prune_head_dims),
+        ("--depth", args.depth is not None), ("--layers", args.layers is not None),
         ("--input-shape", args.input_shape)) if on]
     if unsupported:
         raise ValueError(f"--streaming reads the weights one tensor (or one decoder layer) at a time: "
@@ -256,7 +266,7 @@ def run_streaming(args) -> int:
                                     round_to=args.round_to, global_pruning=args.global_pruning,
                                     isomorphic=args.isomorphic, target_macs=args.target_macs, calibration=batches,
                                     reconstruct=args.reconstruct, max_shard_size=args.max_shard_size,
-                                    progress=False if args.quiet else None)
+                                    progress=False if args.quiet else None, portable=args.portable)
     elapsed = time.perf_counter() - start
     if args.plan_out:
         plan.save(args.plan_out)
@@ -331,9 +341,10 @@ def _prune_options(args) -> dict:
     """prune() keyword arguments from the flags; --target-macs only if this fxprune's prune() has it."""
     import fxprune
 
-    if args.ratio is None and args.target_macs is None and args.target_latency is None:
-        raise ValueError("give --ratio (fraction of units to remove), --target-macs (fraction of MACs to keep) or "
-                         "--target-latency (fraction of the latency to keep)")
+    depth = getattr(args, "depth", None) is not None or getattr(args, "layers", None) is not None
+    if args.ratio is None and args.target_macs is None and args.target_latency is None and not depth:
+        raise ValueError("give --ratio (fraction of units to remove), --target-macs (fraction of MACs to keep), "
+                         "--target-latency (fraction of the latency to keep), --depth or --layers")
     if (args.reconstruct or args.distill_steps is not None or args.distill_seconds is not None) and \
             not args.calibration:
         raise ValueError("--reconstruct, --distill-steps and --distill-seconds need --calibration PATH "
@@ -348,11 +359,15 @@ def _prune_options(args) -> dict:
         options["prune_head_dims"] = True
     if args.ratio is not None:
         options["ratio"] = args.ratio
+    for name in ("depth", "layers", "depth_importance"):  # depth pruning (with or without width)
+        if getattr(args, name, None) is not None:
+            options[name] = getattr(args, name)
     supported = inspect.signature(fxprune.prune).parameters
     for flag, name, value in (("--target-macs", "target_macs", args.target_macs),
                               ("--target-latency", "target_latency", args.target_latency),
                               ("--global", "global_pruning", args.global_pruning or None),
-                              ("--isomorphic", "isomorphic", args.isomorphic or None)):
+                              ("--isomorphic", "isomorphic", args.isomorphic or None),
+                              ("--portable", "portable", args.portable or None)):
         if value is None:
             continue
         if name not in supported:
@@ -440,7 +455,8 @@ def _save(args, pruned, name: str) -> Path:
     if out.suffix.lower() in PT_SUFFIXES:
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.save(pruned, out)
-        fxprune.plan_of(pruned).save(out.with_suffix(".plan.json"))
+        if _has_plan(pruned):  # depth pruning alone leaves no plan of units to replay
+            fxprune.plan_of(pruned).save(out.with_suffix(".plan.json"))
     else:
         fxprune.save(pruned, out)
     if args.plan_out:
@@ -448,15 +464,21 @@ def _save(args, pruned, name: str) -> Path:
     return out
 
 
+def _has_plan(pruned) -> bool:
+    return isinstance(getattr(pruned, "meta", None), dict) and pruned.meta.get("fxprune_plan") is not None
+
+
 def _report(loaded, before, after, how: str, out: Path) -> None:
     from fxprune.cli.comparison import comparison_table
 
     print(f"{loaded.name}: {how}, input {_inputs(loaded)}")
     print(comparison_table(before, after))
+    planned = (out.with_suffix(".plan.json") if out.suffix.lower() in PT_SUFFIXES else out / "plan.json").exists()
     if out.suffix.lower() in PT_SUFFIXES:
-        print(f"saved to {out} (torch.load(path, weights_only=False)) and {out.with_suffix('.plan.json')}")
+        print(f"saved to {out} (torch.load(path, weights_only=False))"
+              + (f" and {out.with_suffix('.plan.json')}" if planned else ""))
     else:
-        print(f"saved to {out}/ (fxprune.load(path); plan in {out / 'plan.json'})")
+        print(f"saved to {out}/ (fxprune.load(path)" + (f"; plan in {out / 'plan.json'})" if planned else ")"))
 
 
 def _describe(options: dict) -> str:

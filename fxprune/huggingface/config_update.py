@@ -16,10 +16,13 @@ Example::
 
 from __future__ import annotations
 
+import warnings
+
 import torch.nn as nn
 
 from fxprune.huggingface.attention_names import (HEAD_DIM, KEY, KV_FIELDS, attention_modules, child_projection,
                                                  out_width, query_width)
+from fxprune.huggingface.config_fields import set_fields
 from fxprune.huggingface.experts import expert_widths
 from fxprune.huggingface.rebuild import differences
 from fxprune.rewriting.inplace.tensors import parameters_and_buffers as tensors_by_name
@@ -29,7 +32,7 @@ RECORDED = ("fxprune_shapes", "fxprune_attributes", "fxprune_buffers")
 
 
 def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None, sites=None,
-                  decided=frozenset()) -> dict:
+                  decided=frozenset(), fitted: dict | None = None) -> dict:
     """Uniform widths go into ``model.config``; what a model built from it would still get wrong is recorded.
 
     ``sites``: ``{attention module path: (before, after)}`` head counts read from the graphs
@@ -41,6 +44,10 @@ def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None
     is read back by :func:`load_pretrained`; without a record, ``from_pretrained`` rebuilds the pruned model.
     Returns the module attributes that followed a rebuild (``{"module.attr": value before}``, see
     :func:`_follow_rebuild`), for :func:`unfollow` when the model then computes something else.
+
+    ``fitted`` (``{field: value}``, from :func:`fxprune.huggingface.portable.fit` with ``portable=True``): the
+    values the plan was made for, set last; a record left after them is a warning (the plain loader will not
+    reload the model). Without it, a record warns that only :func:`fxprune.load_pretrained` reloads the model.
     """
     config = getattr(model, "config", None)
     if config is None:
@@ -72,6 +79,8 @@ def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None
     for key, found in values.items():
         if len(found) == 1 and (hasattr(config, key) or key == "head_dim"):
             _set(config, key, next(iter(found)))
+    if fitted:
+        set_fields(model, fitted)
     for key in RECORDED:
         config.__dict__.pop(key, None)
     found = differences(model)
@@ -92,7 +101,40 @@ def update_config(model: nn.Module, original_shapes: dict, dg=None, removal=None
     for key, record in zip(RECORDED, found[:3]):
         if record:
             setattr(config, key, record)
+    _warn_if_recorded(model, fitted is not None)
     return followed
+
+
+def _warn_if_recorded(model: nn.Module, portable: bool) -> None:
+    """Say that ``save_pretrained`` will write a checkpoint only :func:`fxprune.load_pretrained` reloads."""
+    config = model.config
+    recorded = {key: getattr(config, key) for key in RECORDED if getattr(config, key, None)}
+    if not recorded:
+        return
+    what = "; ".join(f"{key}: {', '.join(list(value)[:3])}{' ...' if len(value) > 3 else ''}"
+                     for key, value in recorded.items())
+    if portable:
+        message = (f"fxprune portable=True: {type(config).__name__} could not state every pruned width after all "
+                   f"({what}); save_pretrained writes these records and only fxprune.load_pretrained reloads the "
+                   f"checkpoint")
+    else:
+        message = (f"fxprune: {type(config).__name__} cannot state the pruned widths ({what}); save_pretrained "
+                   f"writes them as records, and plain from_pretrained (pipelines, vLLM, TGI ...) will not load the "
+                   f"checkpoint: reload it with fxprune.load_pretrained, or prune with portable=True for a plan "
+                   f"the config states")
+    warnings.warn(message, stacklevel=_callers_level())
+
+
+def _callers_level() -> int:
+    """The ``stacklevel`` of the first frame outside fxprune: the warning points at the caller's line."""
+    import sys
+    from pathlib import Path
+
+    package = str(Path(__file__).resolve().parent.parent)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def unfollow(model: nn.Module, followed: dict) -> None:

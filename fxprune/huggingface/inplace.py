@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from fxprune.analysis.attention_sites import attention_sites, update_head_counts
 from fxprune.huggingface.attributes import update_attributes
+from fxprune.huggingface.config_fields import set_fields
 from fxprune.huggingface.config_update import unfollow, update_config
 from fxprune.huggingface.run_check import generates
 from fxprune.rewriting.inplace import Change, Extension
@@ -70,7 +71,9 @@ class HuggingFace(Extension):
     def update_config(self, change: Change) -> dict:
         sites = {p: (self.before[p], self.after[p]) for p in self.before.keys() & self.after.keys()}
         # torch modules' widths are their tensors': a rebuild's other values are not to be followed
-        return update_config(change.model, self.original, self.dg, self.removal, sites, change.decided | change.owned)
+        fit = getattr(self.dg, "config_fit", None)  # portable=True: the values the plan was made for
+        return update_config(change.model, self.original, self.dg, self.removal, sites, change.decided | change.owned,
+                             fitted=fit.values if fit is not None else None)
 
     def undo(self, change: Change, guesses: dict) -> None:
         if guesses:
@@ -95,8 +98,25 @@ def prune_in_place(dg, removal: dict, run: bool = True):
 
     ``run=False`` runs nothing (forward, ``generate``): a model on the meta device, which
     :func:`fxprune.prune_checkpoint` resizes for its shapes and config, cannot run; its shapes are still verified.
+    ``dg.config_fit`` (:class:`fxprune.huggingface.portable.Fit`, ``portable=True``): the config values the plan
+    was made for, set before the config is checked against a rebuild.
     """
     return _prune_in_place(dg, removal, HuggingFace(dg, removal), run=run)
+
+
+class FittedConfig(Extension):
+    """``portable=True`` on a model that is no transformers model but is built from a config registered the
+    diffusers way (``register_to_config``): the fitted values (``dg.config_fit``) go into its config, so that
+    ``save_pretrained`` writes a ``config.json`` its class's plain ``from_pretrained`` builds the pruned model from.
+    The config object is replaced, not edited (``register_to_config`` makes a new ``FrozenDict``), so the
+    module snapshot puts the old one back on failure."""
+
+    def __init__(self, dg) -> None:
+        self.values = dg.config_fit.values
+
+    def update_config(self, change: Change) -> dict:
+        set_fields(change.model, self.values)
+        return {}
 
 
 def _uneven_head_counts(sites: dict) -> str:

@@ -23,6 +23,7 @@ from fxprune.errors import FxPruneError
 from fxprune.huggingface.attributes import update_attributes
 from fxprune.rewriting.inplace.tensors import parameters_and_buffers as tensors_by_name
 from fxprune.rewriting.inplace.tensors import set_tensor
+from fxprune.huggingface.layers import ZERO_MODULES, restore_zero_modules
 from fxprune.huggingface.rebuild import ignored_on_save
 
 
@@ -37,6 +38,8 @@ def load_pretrained(path: str, **kwargs):
     original-size one), converting checkpoints it converts on loading (Mixtral's experts saved one by one,
     stacked into 3-d tensors). Every unsaved tensor in ``config.fxprune_buffers`` (non-persistent buffers:
     Gemma's embed_scale; ``_keys_to_ignore_on_save``: Marian's sinusoidal positions) gets its recorded value.
+    Modules recorded in ``config.fxprune_zero_modules`` (residual branches removed in place,
+    :mod:`fxprune.huggingface.layers`) are built as the ``ZeroBranch`` that replaced them.
     A weight the checkpoint lacks that is neither tied to a loaded one nor recomputed by transformers is an
     error, never a random initialisation.
 
@@ -50,8 +53,9 @@ def load_pretrained(path: str, **kwargs):
     shapes = getattr(config, "fxprune_shapes", None) or {}
     attributes = getattr(config, "fxprune_attributes", None) or {}
     buffers = getattr(config, "fxprune_buffers", None) or {}
+    zero = getattr(config, ZERO_MODULES, None) or {}  # branches removed in place (huggingface/layers.py)
     cls = getattr(transformers, config.architectures[0])
-    if not shapes and not attributes and not buffers:
+    if not shapes and not attributes and not buffers and not zero:
         return cls.from_pretrained(path, **kwargs)
     info = kwargs.pop("output_loading_info", False)
     model, loading = _from_pretrained_resized(cls, path, config, shapes, attributes, **kwargs)
@@ -81,7 +85,9 @@ def _check_loaded(path: str, model: nn.Module, loading: dict) -> None:
 def _resize(model: nn.Module, shapes: dict, attributes: dict) -> None:
     """The recorded tensor shapes and attributes of a model pruned in place, on a model built from its config
     (on the meta device inside ``from_pretrained``: the new tensors are empty meta tensors of the model's dtype);
-    tied weights tied again (resized parameters replaced the tied ones)."""
+    tied weights tied again (resized parameters replaced the tied ones). Branches removed in place get their
+    ``ZeroBranch`` modules back first."""
+    restore_zero_modules(model, model.config)
     for name, shape in shapes.items():
         old = tensors_by_name(model)[name]
         set_tensor(model, name, torch.empty(shape, dtype=old.dtype, device=old.device))

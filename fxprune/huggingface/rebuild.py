@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -59,13 +60,41 @@ def parameters_on_meta():
 
 def rebuild(model: nn.Module, config=None) -> nn.Module | None:
     """``type(model)(config)`` with parameters on meta, or None if the class refuses the config."""
-    config = copy.deepcopy(model.config if config is None else config)
+    return try_rebuild(model, config)[0]
+
+
+def try_rebuild(model: nn.Module, config=None) -> tuple:
+    """``(rebuilt model or None, why not)``: a transformers model is ``type(model)(config)`` after the config's
+    own ``validate()`` (the checks ``save_pretrained`` runs, transformers >= 5); a model whose config is a mapping
+    (diffusers' FrozenDict) is ``type(model).from_config(dict(config))``. Parameters go to the meta device."""
+    config = model.config if config is None else config
     try:
-        getattr(config, "validate", lambda: None)()  # the checks save_pretrained runs (transformers >= 5)
-        with parameters_on_meta():
-            return type(model)(config)
-    except Exception:  # e.g. a ValueError from the class's own consistency checks
-        return None
+        with _quiet():  # probes try values no user chose (a pad token of 256): their warnings are not the user's
+            if isinstance(config, Mapping):
+                with parameters_on_meta():
+                    return type(model).from_config(dict(config)), ""
+            config = copy.deepcopy(config)
+            getattr(config, "validate", lambda: None)()
+            with parameters_on_meta():
+                return type(model)(config), ""
+    except Exception as exc:  # e.g. a ValueError from the class's own consistency checks
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Log records up to WARNING and Python warnings are dropped inside (a rebuild is fxprune's own business)."""
+    import logging
+    import warnings
+
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def differences(model: nn.Module, config=None) -> Differences | None:

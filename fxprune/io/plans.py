@@ -225,15 +225,25 @@ def _no_node(name):
 
 
 PLAN_META = "fxprune_plan"
+CONFIG_PLAN = "_fxprune_plan"  # the plan in a diffusers config (saved in config.json, ignored by its loaders)
 
 
 def attach_plan(result, plan: PruningPlan) -> None:
-    """Keep ``plan`` on what prune/apply returned: ``gm.meta["fxprune_plan"]``, else ``model.fxprune_plan``."""
+    """Keep ``plan`` on what prune/apply returned: ``gm.meta["fxprune_plan"]``, else ``model.fxprune_plan``.
+
+    A model pruned in place whose config is registered the diffusers way (``register_to_config``) gets the plan
+    in its config too, under ``"_fxprune_plan"``, so that ``save_pretrained`` writes it into ``config.json`` for
+    :func:`fxprune.load_pruned` (``UNet2DModel.from_config(config)`` then takes the pruned weights). A private
+    key: diffusers' loaders drop keys starting with ``_`` without a warning.
+    """
     meta = getattr(result, "meta", None)
     if isinstance(meta, dict):
         meta[PLAN_META] = plan
     else:  # a model pruned in place (any nn.Module)
         object.__setattr__(result, PLAN_META, plan)
+        register = getattr(result, "register_to_config", None)
+        if callable(register):
+            register(**{CONFIG_PLAN: plan.to_dict()})
 
 
 def plan_of(pruned) -> PruningPlan:
@@ -247,6 +257,8 @@ def plan_of(pruned) -> PruningPlan:
     plan = meta.get(PLAN_META) if isinstance(meta, dict) else None
     plan = plan if plan is not None else getattr(pruned, "__dict__", {}).get(PLAN_META)
     if plan is None:
-        raise PlanError(f"{type(pruned).__name__} carries no pruning plan: only what fxprune.prune, "
+        depth = " (depth pruning, gm.meta['fxprune_depth'], is not recorded as a plan: save the model)" if \
+            isinstance(meta, dict) and meta.get("fxprune_depth") else ""
+        raise PlanError(f"{type(pruned).__name__} carries no pruning plan{depth}: only what fxprune.prune, "
                         "fxprune.apply, fxprune.replay or fxprune.load (of a pruned model) return does")
     return plan

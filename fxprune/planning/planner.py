@@ -20,25 +20,30 @@ from __future__ import annotations
 
 from fxprune.planning.isomorphic import isomorphic_plan
 from fxprune.planning.selection import cost_plan, global_plan, local_plan
+from fxprune.planning.ties import honour_ties
 
 
 def make_plan(groups, scores: dict, ratio: float, *, steps: dict | None = None, global_pruning: bool = False,
               max_ratio: float = 0.9, fixed: dict | None = None, caps: dict | None = None,
               costs: dict | None = None, types: dict | None = None, classes: dict | None = None,
-              normalizer="mean") -> dict:
+              normalizer="mean", ties=()) -> dict:
     """The plan for one ratio, local or global (what ``fxprune.prune`` and the target search call).
 
     Global with ``classes`` (``{group: isomorphic class}``): every class loses ``ratio`` of its units, ranked
     within the class (:func:`fxprune.planning.isomorphic.isomorphic_plan`; ``ratio`` may be ``{class: ratio}``);
     with ``costs``: by cost (:func:`~fxprune.planning.selection.cost_plan`, ``ratio`` is a fraction of the
     cost); else by count. ``normalizer``: how a global ranking puts each group's scores on one scale (``None``
-    for scores that already are, such as ``"obs-output"``'s, in units of the model's output).
+    for scores that already are, such as ``"obs-output"``'s, in units of the model's output). ``ties``
+    (:class:`~fxprune.planning.ties.CountTie`, ``dg.count_ties``): groups that must lose units in fixed proportion
+    lose the tie's shared count (:func:`~fxprune.planning.ties.honour_ties`), whichever planner chose the units.
     """
     if global_pruning and classes is not None:
-        return isomorphic_plan(groups, scores, ratio, classes, steps, max_ratio, fixed=fixed, caps=caps,
+        plan = isomorphic_plan(groups, scores, ratio, classes, steps, max_ratio, fixed=fixed, caps=caps,
                                normalizer=normalizer)
-    if global_pruning and costs is not None:
-        return cost_plan(groups, scores, ratio, costs, types, steps, max_ratio, normalizer, fixed=fixed, caps=caps)
-    if global_pruning:
-        return global_plan(groups, scores, ratio, steps, max_ratio, normalizer, fixed=fixed, caps=caps)
-    return local_plan(groups, scores, ratio, steps, fixed)
+    elif global_pruning and costs is not None:
+        plan = cost_plan(groups, scores, ratio, costs, types, steps, max_ratio, normalizer, fixed=fixed, caps=caps)
+    elif global_pruning:
+        plan = global_plan(groups, scores, ratio, steps, max_ratio, normalizer, fixed=fixed, caps=caps)
+    else:
+        plan = local_plan(groups, scores, ratio, steps, fixed)
+    return honour_ties(plan, ties, scores, steps) if ties else plan

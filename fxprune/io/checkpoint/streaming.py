@@ -54,6 +54,7 @@ import torch
 from fxprune.api import check_prune_settings
 from fxprune.huggingface import inplace as hf_inplace
 from fxprune.errors import FxPruneError
+from fxprune.huggingface.portable import fit_removal
 from fxprune.io.checkpoint.scores import stream_scores, streamed_criterion
 from fxprune.io.checkpoint.shards import INDEX, Checkpoint
 from fxprune.io.checkpoint.writer import write_shards
@@ -74,7 +75,7 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
                      ratios: dict | None = None, target_macs: float | None = None,
                      target_params: float | None = None, calibration=None, reconstruct: bool = False,
                      damping: float | None = None, device=None, max_shard_size=None, progress=None,
-                     isomorphic: bool = False) -> PruningPlan:
+                     isomorphic: bool = False, portable: bool = False) -> PruningPlan:
     """Prune the checkpoint in ``src_dir`` into ``out_dir``, one tensor at a time; returns the plan.
 
     ``src_dir`` holds ``config.json`` and ``*.safetensors`` shards (with ``model.safetensors.index.json``
@@ -82,8 +83,9 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
     :class:`fxprune.importance.Magnitude`: data-aware criteria need the model to run and are refused),
     ``ignore``, ``round_to``, ``global_pruning``, ``isomorphic``, ``max_ratio``, ``ratios``, ``target_macs`` and
     ``target_params`` mean what they mean for :func:`fxprune.prune` with ``inplace=True``, and give the same
-    plan. ``plan`` (a :class:`fxprune.PruningPlan` or its JSON file, e.g. ``fxprune.plan_of(model)`` of a
-    model pruned in place) replaces the scoring and planning. ``out_dir`` gets the pruned shards
+    plan; so does ``portable=True`` (a plan ``config.json`` states: ``from_pretrained`` reloads ``out_dir``).
+    ``plan`` (a :class:`fxprune.PruningPlan` or its JSON file, e.g. ``fxprune.plan_of(model)`` of a model pruned
+    in place) replaces the scoring and planning. ``out_dir`` gets the pruned shards
     (at most ``max_shard_size`` each: bytes or a string such as ``"2GB"``; default the largest source shard's
     size, at most 1 GB: one output shard is held in memory), the index, the
     updated ``config.json`` and the folder's other files; it must hold no safetensors yet.
@@ -132,7 +134,7 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
     example = (torch.zeros(1, EXAMPLE_LENGTH, dtype=torch.long),) if calibration is None else calibration[0]
     asked = Settings(ratio=ratio, importance=importance, ignore=tuple(ignore), round_to=round_to, inplace=True,
                      global_pruning=bool(global_pruning), isomorphic=bool(isomorphic), max_ratio=max_ratio,
-                     ratios=ratios, target=target, calibration=calibration)
+                     ratios=ratios, target=target, calibration=calibration, portable=bool(portable))
     job = Job(model, example, settings=asked)
     dg = run(job, ANALYSIS).dg
     aliases = _tied_names(model, checkpoint)
@@ -151,6 +153,8 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
         job.scores = layerwise_scores(dg, weights, calibration, criterion, device or "cpu", progress)
     if plan is None:
         run(job, [(name, fn) for name, fn in PRUNING if name in ("plan", "check")])
+    elif portable:  # a given plan: the config values it needs, or a PlanError naming what the config cannot state
+        dg.config_fit = fit_removal(dg, job.removal)
     removal = job.removal
     sizes = Sizes(dg.solver, kept_units(dg, removal))
     changed = changed_axes(dg, sizes)
@@ -171,6 +175,8 @@ def prune_checkpoint(src_dir, out_dir, ratio: float | None = None, *, plan=None,
         if plan is None else {**plan.settings, "streamed": True}
     if reconstruct:
         settings.update(reconstruct=True, sequential=True)
+    if portable:
+        settings["portable"] = True
     return PruningPlan.from_removal(dg, removal, inplace=True, settings=settings)
 
 

@@ -175,11 +175,13 @@ def write_into(model: nn.Module, graph: fx.GraphModule, pruned: fx.GraphModule, 
     inputs, kwargs = tuple(inputs or ()), dict(kwargs or {})
     expected = check.graph_outputs(pruned, inputs, ext.graph_kwargs(kwargs)) if run else None
     saved = Snapshot(model, *ext.objects(model))
-    original = {(id(m), k): v for m in model.modules() for k, v in vars(m).items() if isinstance(v, _PLAIN)}
-    change = Change(model, graph, pruned, original)
+    change = Change(model, graph, pruned, {})
     try:
         if edit is not None:
             edit(model)
+        # what the edit set (renumbered layer indices) is where the model starts from, not a guess to correct
+        change.original = {(id(m), k): v for m in model.modules() for k, v in vars(m).items()
+                           if isinstance(v, _PLAIN)}
         _write(change, ext)
         if isinstance(model, fx.GraphModule):  # a GraphModule's forward is its graph: it takes the pruned one
             _take_graph(model, pruned)
