@@ -334,35 +334,41 @@ SHORT = {"yolov8": "ultralytics YOLOv8n", "unet2d": "diffusers UNet2DModel", "un
 
 # ---------------------------------------------------------------------------------------------- Torch-Pruning
 
+class SplitC2f(__import__("torch").nn.Module):
+    """ultralytics' ``C2f`` with ``cv1`` split in two convolutions, one per half of its chunk (same weights, same
+    outputs): Torch-Pruning's YOLOv8 example (examples/yolov8/yolov8_pruning.py, its ``C2f_v2``) swaps it in
+    because Torch-Pruning cannot split a chunk. Written here from that description; at module level so that a
+    checkpoint holding it pickles, as the example's does."""
+
+    def __init__(self, c2f):
+        import torch.nn as nn  # noqa: F401
+        from ultralytics.nn.modules import Conv
+
+        super().__init__()
+        c = self.c = c2f.c
+        self.cv0, self.cv1 = (Conv(c2f.cv1.conv.in_channels, c, 1, 1) for _ in range(2))
+        for half, conv in enumerate((self.cv0, self.cv1)):
+            rows = slice(half * c, (half + 1) * c)
+            conv.conv.weight.data = c2f.cv1.conv.weight.data[rows].clone()
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(conv.bn, key).data = getattr(c2f.cv1.bn, key).data[rows].clone()
+            conv.bn.eps, conv.bn.momentum = c2f.cv1.bn.eps, c2f.cv1.bn.momentum
+        self.cv2, self.m = c2f.cv2, c2f.m
+        for key in ("f", "i", "type", "np"):  # ultralytics' routing attributes
+            if hasattr(c2f, key):
+                setattr(self, key, getattr(c2f, key))
+
+    def forward(self, x):
+        import torch
+
+        y = [self.cv0(x), self.cv1(x)]
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
 def _c2f_split(model) -> int:
-    """Torch-Pruning's YOLOv8 example (examples/yolov8/yolov8_pruning.py): every ``C2f`` (whose ``cv1`` output is
-    chunked in two, which Torch-Pruning cannot split) becomes a module with two convolutions for the two halves,
-    same weights and outputs. Written here from that description; returns how many were swapped."""
-    import torch
-    import torch.nn as nn
-    from ultralytics.nn.modules import C2f, Conv
-
-    class SplitC2f(nn.Module):
-        def __init__(self, c2f):
-            super().__init__()
-            c = c2f.c
-            self.c = c
-            self.cv0, self.cv1 = (Conv(c2f.cv1.conv.in_channels, c, 1, 1) for _ in range(2))
-            for half, conv in enumerate((self.cv0, self.cv1)):
-                rows = slice(half * c, (half + 1) * c)
-                conv.conv.weight.data = c2f.cv1.conv.weight.data[rows].clone()
-                for key in ("weight", "bias", "running_mean", "running_var"):
-                    getattr(conv.bn, key).data = getattr(c2f.cv1.bn, key).data[rows].clone()
-                conv.bn.eps, conv.bn.momentum = c2f.cv1.bn.eps, c2f.cv1.bn.momentum
-            self.cv2, self.m = c2f.cv2, c2f.m
-            for key in ("f", "i", "type", "np"):  # ultralytics' routing attributes
-                if hasattr(c2f, key):
-                    setattr(self, key, getattr(c2f, key))
-
-        def forward(self, x):
-            y = [self.cv0(x), self.cv1(x)]
-            y.extend(m(y[-1]) for m in self.m)
-            return self.cv2(torch.cat(y, 1))
+    """Every ``C2f`` of ``model`` swapped for a :class:`SplitC2f`; returns how many."""
+    from ultralytics.nn.modules import C2f
 
     swapped = 0
     for parent in list(model.modules()):
@@ -558,6 +564,8 @@ def library_step(case: Case, library: str) -> dict:
     checks["class"] = _check(same_class)
 
     if library == "fxprune":
+        import torch
+
         def own_equals_graph():
             graph = fxprune.replay(fxprune.plan_of(model), copy.deepcopy(original), args, kwargs=kwargs or None,
                                    inplace=False)
@@ -569,7 +577,8 @@ def library_step(case: Case, library: str) -> dict:
             parts = [_outputs(graph, tuple(a[i:i + 1] for a in big_args),
                               {k: v[i:i + 1] if getattr(v, "ndim", 0) else v for k, v in big_kwargs.items()})
                      for i in range(3)]
-            joined = [__import__("torch").cat(ts) for ts in zip(*(measure.tensors(p) for p in parts))]
+            joined = [torch.cat(ts) if ts[0].ndim else ts[0]  # a scalar output (open_clip's logit scale) is one
+                      for ts in zip(*(measure.tensors(p) for p in parts))]
             why = _close(measure.tensors(one), joined)
             return "batch 3: " + why if why else ""
 
