@@ -4,7 +4,7 @@ Every row builds a model of another library from its config or yaml (random weig
 the installed all-MiniLM-L6-v2 read offline) and, for each pruning library, in one worker process per row:
 
 1. prunes it at ratio 0.3 *in place*, as its user would: fxprune ``prune(model, 0.3, example_inputs=...,
-   inplace=True)`` (``portable=True`` where the model is built from a config: diffusers, transformers), the
+   inplace=True)`` (``portable=True`` for the sentence-transformers row: see the diffusers rows' note), the
    library's output head ignored where a user ignores it (YOLO's Detect head); Torch-Pruning with its documented
    recipe for that library (:data:`RECIPES`, from its examples and its authors' repositories);
 2. checks what the user gets back: **pruned** (MACs kept < 1, one counter for both, ``measure.macs_ratio``),
@@ -786,6 +786,30 @@ def summary(runs: list[dict]) -> str:
     return "; ".join(parts) + " (peft, torch.compile, ONNX, torchao on the pruned timm ViT)."
 
 
+WHY = """## Why (causes found by hand, 2026-12-07; the log has each message)
+
+- The library's own loader of open_clip (`create_model(name, pretrained=file)`), timm
+  (`pretrained_cfg_overlay=dict(file=...)`) and segment-anything (`load_state_dict` into the built encoder) builds
+  every width from code and a model name, so it cannot read a pruned checkpoint whichever library pruned it; the
+  pruner's reload (a fresh model resized) is the way back there.
+- diffusers `from_pretrained`: the config states one width per block (`block_out_channels`), and `portable=True`
+  finds no plan it can state on these UNets and VAE (the GroupNorm ties, see the rows' note), so fxprune prunes
+  without it and `from_pretrained` refuses the shapes; `fxprune.load_pruned(Model.from_config(config), file)`
+  reloads. Torch-Pruning's recipe leaves the config as it was, and `tp.load_state_dict` stops at diffusers'
+  read-only properties (`config`, `attn_processors`).
+- Torch-Pruning on YOLOv8n: the recipe swaps every C2f for its split version (class kept: `DetectionModel`, its
+  C2f modules are not); the Detect head's input feature maps, which the eval forward also returns, lose channels
+  (the predictions keep their shape); `tp.load_state_dict` into a freshly built model stops at Detect's
+  `one2one`; `YOLO(checkpoint)` reloads it (the whole pickled model, as its README saves).
+- Torch-Pruning on segment-anything's encoder: its dependency graph builds in seconds, but
+  `BasePruner.__init__` -> `get_all_groups` -> `_fix_dependency_graph_non_recursive` was still walking at 90 s when
+  run alone (the group expansion of tp_hang.md), so the step times out.
+- Torch-Pruning on MiniLM: its recipe removes 4 of 12 heads in every layer (query/key/value 384 -> 256) and sets
+  `num_attention_heads: 8`, but BERT derives the head size from hidden / heads (384 / 8 = 48), so a model built
+  from that config expects 384-wide projections and `SentenceTransformer(path)` refuses the checkpoint; fxprune's
+  `portable=True` keeps heads whole and prunes the MLP, which the config states (`intermediate_size`).
+"""
+
 _SHORT_CHECKS = {"outputs": "outputs", "pruned": "pruned", "class": "class", "own": "own = graph",
                  "reload": "library's loader", "reload_pruner": "pruner's reload", "downstream": "downstream"}
 
@@ -797,7 +821,9 @@ def _brief(res: dict | None) -> str:
     if "checks" not in res:
         return f"✗ {harness.failure_class(res)}"
     bad = [f"{_SHORT_CHECKS[k]} ({harness.failure_class(v)})" for k, v in res["checks"].items() if v["status"] != "ok"]
-    return "✓ all" if not bad else "✗ " + ", ".join(bad)
+    facts = [f"swapped {', '.join(res['swapped_modules'])}" for _ in [0] if res.get("swapped_modules")]
+    facts += ["other outputs' widths changed" for _ in [0] if res.get("other_outputs", "kept") != "kept"]
+    return ("✓ all" if not bad else "✗ " + ", ".join(bad)) + (f" ({'; '.join(facts)})" if facts else "")
 
 
 def readme_table(runs: list[dict]) -> str:
@@ -823,7 +849,8 @@ def render(runs: list[dict]) -> str:
     return (f"# The pruned model back in its user's stack: fxprune in place and Torch-Pruning\n\n"
             f"Runs:\n\n{harness.describe_runs(runs, 'case')}\n\n{limit} Ratio {RATIO}; random weights from each "
             f"library's config or yaml (MiniLM: the installed real weights), nothing downloaded. fxprune: "
-            f"`prune(model, {RATIO}, example_inputs=..., inplace=True)` (`portable=True` for config-built models); "
+            f"`prune(model, {RATIO}, example_inputs=..., inplace=True)` (with `portable=True` on the "
+            f"sentence-transformers row; the diffusers rows say why not); "
             f"Torch-Pruning: its documented recipe per library (below). MACs kept: pruned / original (one counter "
             f"for both, `measure.macs_ratio`). outputs: runs, every output shape kept, finite. class kept: the "
             f"caller's object, its own class (submodules swapped are listed in the log). own forward = graph "
@@ -834,7 +861,7 @@ def render(runs: list[dict]) -> str:
             f"fresh model; Torch-Pruning tp.state_dict/tp.load_state_dict. downstream rows: the pruned timm ViT "
             f"taken on (merged LoRA = unmerged; compiled = eager; onnxruntime = eager; int8 cosine >= 0.99). "
             f"result: ok = every check passed, partly = pruned but some check failed, else the failure class of "
-            f"the step.\n\n{summary(runs)}\n\n{table(rows)}\n\n## Failures\n{failures(rows)}\n\n"
+            f"the step.\n\n{summary(runs)}\n\n{table(rows)}\n\n## Failures\n{failures(rows)}\n\n{WHY}\n"
             f"## Rows\n{notes}\n\n## Torch-Pruning recipes\n{recipes}\n")
 
 
