@@ -803,7 +803,8 @@ WHY = """## Why (causes found by hand, 2026-12-07; the log has each message)
   `one2one`; `YOLO(checkpoint)` reloads it (the whole pickled model, as its README saves).
 - Torch-Pruning on segment-anything's encoder: its dependency graph builds in seconds, but
   `BasePruner.__init__` -> `get_all_groups` -> `_fix_dependency_graph_non_recursive` was still walking at 90 s when
-  run alone (the group expansion of tp_hang.md), so the step times out.
+  run alone (the group expansion of tp_hang.md), growing in memory, so the step ends at the time (300 s) or the
+  memory (8 GiB) limit, whichever it reaches first on the shared machine.
 - Torch-Pruning on MiniLM: its recipe removes 4 of 12 heads in every layer (query/key/value 384 -> 256) and sets
   `num_attention_heads: 8`, but BERT derives the head size from hidden / heads (384 / 8 = 48), so a model built
   from that config expects 384-wide projections and `SentenceTransformer(path)` refuses the checkpoint; fxprune's
