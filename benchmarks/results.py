@@ -72,6 +72,8 @@ REPORTS = [
      "python benchmarks/macs_vs_fvcore.py"),
     ("RESULTS_targets.md", "RESULTS_targets.jsonl", "targets", "MACs and parameter targets",
      "python benchmarks/targets.py"),
+    ("ecosystem.md", "ecosystem.jsonl", "ecosystem", "The pruned model back in its library (in place, reload, downstream)",
+     "python benchmarks/ecosystem.py"),
 ]
 
 
@@ -83,6 +85,12 @@ README_BULLETS = [
     ("Speed and memory", "speed.md", "speed.jsonl", "speed"),
     ("Latency of the pruned models (fxprune alone)", "latency_cpu.md", "latency_cpu.jsonl", "latency"),
     ("Quality without retraining", "quality.md", "quality.jsonl", "quality"),
+    ("The pruned model back in its library", "ecosystem.md", "ecosystem.jsonl", "ecosystem"),
+]
+# other generated README blocks: (begin marker, end marker, log, script, its function of the runs)
+README_BLOCKS = [
+    ("<!-- ecosystem:begin (python benchmarks/results.py --readme) -->", "<!-- ecosystem:end -->",
+     "ecosystem.jsonl", "ecosystem", "readme_table"),
 ]
 BEGIN, END = "<!-- benchmarks:begin (python benchmarks/results.py --readme) -->", "<!-- benchmarks:end -->"
 
@@ -108,12 +116,23 @@ def readme_block(folder: Path) -> str:
 
 
 def write_readme(readme: Path, folder: Path) -> None:
+    import harness
+
     text = readme.read_text()
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{readme} has no {BEGIN} ... {END} block to fill")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{readme_block(folder)}\n{END}{tail}")
+    text = _fill(text, BEGIN, END, readme_block(folder))
+    for begin, end, log, script, function in README_BLOCKS:  # blocks elsewhere in the README, from their logs
+        if begin in text and end in text and (folder / log).exists():
+            module = importlib.import_module(script)
+            text = _fill(text, begin, end, getattr(module, function)(harness.read_runs(folder / log)))
+    readme.write_text(text)
+
+
+def _fill(text: str, begin: str, end: str, block: str) -> str:
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{block}\n{end}{tail}"
 
 
 def _memory_gib() -> str:

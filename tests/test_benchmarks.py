@@ -313,3 +313,27 @@ def test_hf_sweep_llama_passes_every_fxprune_check(tmp_path):
         assert 0 < row["torch-pruning"]["params_kept"] < 0.8
     else:
         assert row["torch-pruning"]["status"] == "skipped"
+
+
+def test_ecosystem_timm_features_row_checks_both_libraries(tmp_path):
+    """The ecosystem benchmark on one row (timm ``features_only``): both libraries prune in place under the same
+    limit, every check is logged with its class, fxprune's caller-forward check and reload pass, and the report
+    is rendered from the log."""
+    pytest.importorskip("timm", reason="timm is a benchmark extra (pip install timm)")
+    out, log = tmp_path / "ecosystem.md", tmp_path / "ecosystem.jsonl"
+    _run("ecosystem.py", "--cases", "timm-features", "--libraries", LIBRARIES, "--step-timeout", 120, "--out", out,
+         timeout=400)
+    records = _rows(log)
+    assert "@run" in records[0] and "@end" in records[-1]
+    (row,) = _measured(log)
+    fx = row["fxprune"]
+    assert fx["class"] in ("ok", "error"), fx  # the library's own loader rebuilds resnet18 at full width
+    for check in ("outputs", "pruned", "class", "own", "reload_pruner"):
+        assert fx["checks"][check]["status"] == "ok", (check, fx["checks"][check])
+    assert fx["macs_kept"] < 0.9 and fx["returned_caller"]
+    text = out.read_text()
+    assert "| timm features_only | fxprune |" in text and "at most 120 s (--step-timeout)" in text
+    if HAS_TP:
+        assert set(row["torch-pruning"]["checks"]) == {"outputs", "pruned", "class", "reload", "reload_pruner"}
+    else:
+        assert row["torch-pruning"]["status"] == "skipped"

@@ -8,6 +8,7 @@ Runs in about 10 s on 2 cores (the README's use example prunes a ResNet-50 at 22
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import re
 import sys
@@ -132,17 +133,27 @@ def test_readme_use_example_runs_as_written(tmp_path, monkeypatch):
     assert (tmp_path / "resnet50-pruned").is_dir()
 
 
-def test_readme_generated_block_is_what_the_logs_give():
+def test_readme_generated_blocks_are_what_the_logs_give():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
+        import harness
         import results
+        _check_generated_blocks(results, harness)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def _check_generated_blocks(results, harness):
     text = README.read_text()
     assert text.count(results.BEGIN) == 1 and text.count(results.END) == 1
     block = text.split(results.BEGIN, 1)[1].split(results.END, 1)[0].strip()
     assert block == results.readme_block(ROOT / "benchmarks").strip(), \
         "run `python benchmarks/results.py --readme`"
+    for begin, end, log, script, function in results.README_BLOCKS:  # the other generated blocks, from their logs
+        assert text.count(begin) == 1 and text.count(end) == 1, begin
+        module = importlib.import_module(script)
+        expected = getattr(module, function)(harness.read_runs(ROOT / "benchmarks" / log)).strip()
+        assert text.split(begin, 1)[1].split(end, 1)[0].strip() == expected, "run `python benchmarks/results.py --readme`"
 
 
 def test_local_links_in_the_docs_resolve():

@@ -279,3 +279,15 @@ def test_refit_and_batchnorm_reestimation_in_place_give_the_graphs_weights():
     with torch.no_grad():
         fxprune.testing.assert_close_to_scale(model(*x), graph(*x), atol=1e-4)
         assert not torch.allclose(model.eval()(*x), original(*x), atol=1e-3)  # pruned and refit: not the original
+
+
+def test_timm_vit_with_eager_attention_is_pruned_in_place(no_network):
+    """timm's unfused attention (``TIMM_FUSED_ATTN=0``, as Torch-Pruning's timm example sets it): the scores pass
+    through ``maybe_add_mask``, a function the tracer keeps whole, between the matmul and the softmax; the heads
+    are still found there and ``num_heads`` follows."""
+    model, x = models.timm_vit()
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    graph, before = _pruned_both_ways(model, x)
+    assert_in_place_matches_graph(model, graph, x)
+    assert model.blocks[0].attn.num_heads * model.blocks[0].attn.head_dim == model.blocks[0].attn.qkv.out_features // 3

@@ -90,11 +90,21 @@ def _operands(node):
         name = _schema_name(current)
         if name in _MATMULS and name != "aten::einsum":
             return current.args[0], current.args[1]
-        if name not in _BETWEEN:
+        if name not in _BETWEEN and not _keeps_shape(current):
             return None
         current = next((a for a in current.args if isinstance(a, torch.fx.Node) and _shape(a) is not None
                         and len(_shape(a)) >= 3), None)
     return None
+
+
+def _keeps_shape(node) -> bool:
+    """A call the tracer kept whole (a leaf function: timm's ``maybe_add_mask(scores, mask)`` with
+    ``TIMM_FUSED_ATTN=0``) whose output has the shape of its first tensor operand: a mask or bias added to the
+    scores, walked through like ``aten::add``."""
+    if node.op != "call_function" or _schema_name(node):
+        return False
+    first = next((a for a in node.args if isinstance(a, torch.fx.Node)), None)
+    return first is not None and _shape(first) is not None and _shape(first) == _shape(node)
 
 
 _SHAPE_ONLY = ("aten::view", "aten::_unsafe_view", "aten::reshape", "aten::clone", "aten::contiguous",
