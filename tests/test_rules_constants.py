@@ -65,7 +65,7 @@ class SharedSlopes(nn.Module):
 
 
 def test_layers_sharing_computed_slopes_lose_heads_of_their_own():
-    """Each layer reads its own copy of the slopes (fxprune.untie), so layer 1 may lose head 0 and layer 2 head 3."""
+    """Each layer reads its own copy of the slopes (fxprune.analysis.untie), so layer 1 may lose head 0 and layer 2 head 3."""
     torch.manual_seed(0)
     x = torch.randn(3, 8)
     gm = exported(SharedSlopes().eval(), x)
