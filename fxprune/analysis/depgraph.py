@@ -18,9 +18,10 @@ shared by several consumers (ALiBi slopes), ``fxprune.analysis.untie`` gives eac
 and solve run again. A group carries ``Group.head_dim`` where attention contracts over it (marked by rules with
 ``r.head_dim``; frozen unless ``prune_head_dims=True``, by ``keep_head_dims``), ``Group.min_kept`` where it must
 keep more than one unit (``r.keep_at_least``: top-k over a router's experts), and ``Group.structure``, ``None``
-until isomorphic planning computes its signature (``fxprune.planning.isomorphic``). In-place Hugging Face pruning
-freezes more at analysis time (``fxprune.huggingface.freezes``: tensors computed from constants, the head dims of
-every attention module). ``frozen_reasons()`` counts the reasons groups are frozen beyond ``EXPECTED_FREEZES``
+until isomorphic planning computes its signature (``fxprune.planning.isomorphic``). In-place pruning freezes more
+at analysis time: tensors the model's own forward computes from constants
+(``fxprune.rewriting.inplace.freezes.freeze_computed_constants``) and, on a Hugging Face model, the head dims of
+every attention module (``fxprune.huggingface.freezes.freeze_head_dims``). ``frozen_reasons()`` counts the reasons groups are frozen beyond ``EXPECTED_FREEZES``
 (graph inputs/outputs, kernel and vocabulary axes, ``ignore``), for the ``check`` pass's warning.
 """
 
