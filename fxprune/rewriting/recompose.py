@@ -18,9 +18,9 @@ train/eval mode); heads pruned apart from the residual width, or head dims prune
 ``PrunedMultiheadAttention`` (its own ``head_dim``, ``out_dim`` and ``scale``: the original ``1/sqrt(head_dim)``
 when head dims shrank); q/k and v head dims pruned to different sizes (only when the caller prunes head dims) leave
 the call decomposed. Both classes reuse the rewritten ``Parameter`` objects, so unchanged names and ties survive;
-attention weights the caller never reads are not asked for (``need_weights=False``), which keeps the fast path. Not
-on the in-place Hugging Face path. A decomposed attention is a chain of separate ops instead of one fused kernel;
-its cost on a GPU has not been measured with a committed result.
+attention weights the caller never reads are not asked for (``need_weights=False``), which keeps the fast path. A
+decomposed attention is a chain of separate ops instead of one fused kernel; its cost on a GPU has not been measured
+with a committed result.
 """
 
 from __future__ import annotations
