@@ -156,12 +156,23 @@ def _check_generated_blocks(results, harness):
         assert text.split(begin, 1)[1].split(end, 1)[0].strip() == expected, "run `python benchmarks/results.py --readme`"
 
 
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
 def test_local_links_in_the_docs_resolve():
+    """Every relative link names a file that exists and, with a ``#anchor``, a heading of that file."""
     broken = []
     for doc in DOCS:
-        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", doc.read_text()):
-            if not (doc.parent / target).exists():
+        for target, anchor in re.findall(r"\]\(([^)#:]*)(?:#([^)]*))?\)", doc.read_text()):
+            path = doc.parent / target if target else doc
+            if not path.exists():
                 broken.append(f"{doc.name}: {target}")
+            elif anchor and path.suffix == ".md":
+                headings = {_slug(h) for h in re.findall(r"^#+ (.*)$", path.read_text(), flags=re.M)}
+                if anchor not in headings:
+                    broken.append(f"{doc.name}: {target}#{anchor}")
     assert not broken, broken
 
 
