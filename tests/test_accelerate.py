@@ -1,4 +1,8 @@
-"""Models dispatched by accelerate (``device_map=...``): pruned as they are, or refused clearly when offloaded."""
+"""Models dispatched by accelerate (``device_map=...``): pruned as they are, or refused clearly when offloaded.
+
+A model dispatched by accelerate (hooks on every block) prunes in place with calibration and reloads; an offloaded
+one is a ``CaptureError`` pointing to ``prune_checkpoint``.
+"""
 
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ are left out of the coverage run when timm is not installed.
 Example::
 
     python -m pytest -q tests/test_benchmarks.py     # 15 minutes on 2 cores at load average 8 (2026-12-07)
+
+Also the Hugging Face sweep on LLaMA.
 """
 
 from __future__ import annotations

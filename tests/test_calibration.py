@@ -1,5 +1,18 @@
 """Calibration on activations (fxprune.calibration): statistics against brute force, the activation and
-wanda criteria, and the least-squares reconstruction checked by a redundant-unit oracle."""
+wanda criteria, and the least-squares reconstruction checked by a redundant-unit oracle.
+
+Checked: activation statistics against brute force (Linear, addmm with an (in, out) weight, ``x @ W``, ``x @ W.T``;
+tensor, tuple and dict batches; traced, exported and functional graphs; 1-d, 2-d, 3-d and grouped convolution
+patches against one-hot-kernel convolutions, per-block Gram matrices); the redundant-unit oracle (hypothesis: units
+that copy kept units or are constant are pruned with ``reconstruct`` and the outputs do not change, on an MLP, a
+LayerNorm MLP block with residual, Conv-BatchNorm CNNs in 1-d and 2-d, a grouped conv consumer and GPT-2-style
+Conv1D layers); the dead-unit oracle with ``activation`` and ``wanda`` (also grouped/1-d convs and addmm); the
+digits MLP whose output error ``reconstruct=True`` lowers; tiny GPT-2 (its Conv1D consumers calibrated) and
+``reconstruct=True, inplace=True`` on tiny LLaMA and BERT (generate, save/reload, lower output error); ``obs`` in
+the dead-unit oracle and against the brute-force refit error (random statistics with and without a bias; conv
+channels of 9 columns, flattened channels of 16, Linear units of 1), a copied unit scoring ~0 under ``obs`` but not
+``activation``, and ``obs`` + ``reconstruct`` taking one pass over the batches.
+"""
 
 from __future__ import annotations
 

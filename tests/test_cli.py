@@ -3,6 +3,9 @@
 Each subprocess spends most of its time importing torch, so independent commands
 run concurrently: one wave for inspect/prune/graph/an error, then replay, which
 needs prune's plan. Argument checks run in-process.
+
+Also calibration files, ``--reconstruct``, distillation, and a ``.txt`` file for an ``hf:`` folder with a tokenizer
+built offline in process.
 """
 
 from __future__ import annotations

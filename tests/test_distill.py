@@ -1,4 +1,9 @@
-"""fxprune.distill: a pruned model trained to match the original gets closer on inputs it never saw."""
+"""fxprune.distill: a pruned model trained to match the original gets closer on inputs it never saw.
+
+Checked: distillation lowers the held-out student-teacher error of pruned MLPs and CNNs (three seeds) and never
+changes the teacher; an in-place-pruned LLaMA with KL on logits (and hidden states when their shapes agree) still
+generates and reloads; ``time_budget``.
+"""
 
 from __future__ import annotations
 

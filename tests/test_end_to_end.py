@@ -1,4 +1,9 @@
-"""End to end: the worked example's groups, and the dead-unit oracle on the hard architectures."""
+"""End to end: the worked example's groups, and the dead-unit oracle on the hard architectures.
+
+The oracle cases: residual, DenseNet concat, YOLO C2f chunk, channel shuffle, grouped conv, flatten->linear,
+hard-coded view->ConvTranspose2d, ViT attention with reshape/permute/unbind, LSTM, MultiheadAttention. The worked
+example of docs/ARCHITECTURE.md is followed stage by stage in ``tests/test_docs.py``.
+"""
 
 from __future__ import annotations
 

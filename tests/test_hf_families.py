@@ -1,5 +1,10 @@
 """Hugging Face families through torch.export: groups of heads / GQA / RoPE / ALiBi / multi-query, the dead-unit
-oracle, dynamic batch and sequence after pruning, shapes of a static export reused."""
+oracle, dynamic batch and sequence after pruning, shapes of a static export reused.
+
+Checked: DeBERTa-v2 (bmm), BLOOM (baddbmm), Falcon (``x @ w.T``); the heads of ALiBi models (BLOOM, Falcon with
+``alibi=True``, MPT) and of Falcon's multi-query / kv-group attention (one k/v head per group, a constant index and
+``broadcast_to``) found, the oracle exact, the pruned graph at another batch and length.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,13 @@
 """Hugging Face models pruned in place: config, attributes and buffers written back, generate, save and reload
-(``load_pretrained``), and the model put back when something fails."""
+(``load_pretrained``), and the model put back when something fails.
+
+Checked: Falcon's query heads pruned in place and its ALiBi heads kept whole with the reason (generate, reload);
+fused q|k|v under other names (GPT-NeoX, Phi-3); a stale head count caught by the comparison with the pruned graph;
+identical reloads of OPT, BART, Marian (hidden size pruned too), Falcon, Gemma 1-3, OLMo, XGLM (also its hidden size
+alone); Phi-3 with per-layer head counts a clear error; Wav2Vec2 (GroupNorm groups, weight-norm conv groups); OLMo
+with the hidden size and the query width shrinking apart; CodeGen and T5 keeping attention widths a rebuild would
+move (``unfollow``).
+"""
 
 from __future__ import annotations
 

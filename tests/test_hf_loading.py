@@ -1,4 +1,8 @@
-"""``fxprune.load_pretrained``: memory (never the full-size model) and dtype (the saved one, or the caller's)."""
+"""``fxprune.load_pretrained``: memory (never the full-size model) and dtype (the saved one, or the caller's).
+
+``load_pretrained`` allocates nothing but the loaded weights while building (checked by an aten dispatch counter)
+and keeps bfloat16 or the caller's dtype.
+"""
 
 from __future__ import annotations
 

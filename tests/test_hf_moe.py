@@ -1,5 +1,11 @@
 """Hugging Face mixture-of-experts decoders (Mixtral, Qwen2-MoE, Qwen3-MoE): whole experts, expert and
-shared-expert MLP units, the dead-unit oracle per experts implementation, in place, save and reload."""
+shared-expert MLP units, the dead-unit oracle per experts implementation, in place, save and reload.
+
+Checked on Mixtral and Qwen2-MoE (4 experts, top-2): whole experts (router rows + both expert weights; against the
+model built with fewer experts; never fewer than top-k), the experts' MLP units (one group across the experts: a 3-d
+expert weight stays rectangular) and the shared expert's, the dead-unit oracle with grouped-matmul, ``batched_mm``
+and eager experts, in place generate, save and reload.
+"""
 
 from __future__ import annotations
 

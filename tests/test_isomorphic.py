@@ -1,4 +1,11 @@
-"""Isomorphic pruning: classes of same-structure groups, each losing the ratio, ranked globally within it."""
+"""Isomorphic pruning: classes of same-structure groups, each losing the ratio, ranked globally within it.
+
+Checked: the isomorphic classes of a block stack (every layer's heads one class, same-width MLPs one, a wider MLP
+its own) and of an exported LLaMA; plain global ranking leaving whole heads untouched where isomorphic prunes the
+ratio of every class (exact unit counts); uneven dead units within each class found by the ranking across the class
+(dead-unit oracle); raw scales 100x apart; a MACs target with one ratio for all classes; the iterative ``Pruner``;
+errors (no ``global_pruning``, ``target_latency``, ``--isomorphic`` without ``--global``).
+"""
 
 from __future__ import annotations
 

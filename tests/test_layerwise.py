@@ -1,5 +1,11 @@
 """fxprune.prune_checkpoint with calibration: data-aware scores and the sequential refit, one decoder layer at a
-time from the shards (fxprune.io.layerwise, fxprune.io.segments)."""
+time from the shards.
+
+Checked on a tiny LLaMA in 20KB shards (``fxprune.io.checkpoint.layerwise``, ``fxprune.io.checkpoint.blocks``): the
+plan and reloaded logits equal ``prune(..., sequential=True, inplace=True)`` (activation, obs, l2); the graph cut
+into head / layers / tail; no tensor of another layer alive when one is read (an instrumented ``Checkpoint.read``,
+before writing); errors; ``--streaming --calibration --reconstruct`` on a bfloat16 checkpoint.
+"""
 
 from __future__ import annotations
 

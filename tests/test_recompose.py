@@ -4,6 +4,9 @@ The plain class when the pruned widths fit it (ratio 0, or heads and residual
 pruned to the same width), else ``PrunedMultiheadAttention``; a call whose q/k
 and v head dims were pruned apart stays decomposed. Every case passes the
 dead-unit oracle.
+
+Cases: ratio 0 gives the same module; the oracle with heads, residual and head dims pruned; masks, ``need_weights``,
+cross-attention; apply, replay and iterative pruning; saving.
 """
 
 from __future__ import annotations

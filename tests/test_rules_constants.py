@@ -1,5 +1,9 @@
 """Table test for fxprune/rules/constants.py: arange with literal bounds sliced at rewrite, constant index positions,
-and broadcast_to (a shared key head broadcast to the query heads)."""
+and broadcast_to (a shared key head broadcast to the query heads).
+
+Checked: head 0 of four pruned keeps the others' arange-computed slopes, two layers sharing the slopes lose
+different heads, a constant index moved, run-time positions frozen.
+"""
 
 import pytest
 import torch
@@ -61,7 +65,7 @@ class SharedSlopes(nn.Module):
 
 
 def test_layers_sharing_computed_slopes_lose_heads_of_their_own():
-    """Each layer reads its own copy of the slopes (fxprune.untie), so layer 1 may lose head 0 and layer 2 head 3."""
+    """Each layer reads its own copy of the slopes (fxprune.analysis.untie), so layer 1 may lose head 0 and layer 2 head 3."""
     torch.manual_seed(0)
     x = torch.randn(3, 8)
     gm = exported(SharedSlopes().eval(), x)

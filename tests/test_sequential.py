@@ -1,6 +1,11 @@
 """Sequential reconstruction (fxprune.calibration.sequential) and BatchNorm re-estimation
 (fxprune.calibration.batchnorm): lower output error than the one-shot refit where pruning compounds, exact on a
-planted redundancy, one pass over the batches per stage, running statistics computed by hand."""
+planted redundancy, one pass over the batches per stage, running statistics computed by hand.
+
+Checked: sequential against one-shot reconstruction (lower held-out error on a 3-layer MLP with both hidden groups
+pruned; equal where only the first group loses a planted copy), the stages and one pass over the batches per stage,
+in place and on CUDA; BatchNorm re-estimation against per-batch statistics taken by a hook.
+"""
 
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ Each model (``weights=None``, eval mode, a small input) must prune at ratio 0.5
 with its 1000 logits kept, run, keep its output shape, keep at most half of its
 MACs, and pass the dead-unit oracle: removing planted all-zero units changes the
 output by at most 1e-5 of its magnitude.
+
+Also vit_b_16's attention put back as an ``nn.MultiheadAttention``.
 """
 
 from __future__ import annotations

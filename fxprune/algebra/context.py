@@ -14,6 +14,20 @@ indexing one gives the layout of that axis, which is what relations take::
 Keys of tensors: ``("p", "layer.weight")`` for parameters, buffers and other
 attributes (``get_attr``), ``("v", node_name, path)`` for activations, where
 ``path`` indexes into tuple outputs (``()`` for a plain tensor).
+
+Binding. An aten op is bound by its schema's argument names, renamed by ``_SCHEMA_ALIASES`` (``self`` -> ``input``,
+``mat2`` -> ``other`` for mm/bmm, ``batch1``/``batch2`` -> ``mat1``/``mat2`` for baddbmm); a rule argument without a
+default that no schema name matches raises ``FxPruneError`` naming the node, op and line. ``r.param(name)`` and
+``r.module_attr(name, ...)`` take dotted names (``"inner.weight"``), so a rule for a custom leaf module reaches its
+submodules' tensors and attributes (``module_attribute``; rewrite sets a dotted attribute on the submodule).
+
+Shape constants are declarative: ``r.const(arg, layouts)`` / ``r.module_attr(attr, layouts)`` record that an
+argument or attribute equals the size of layouts. At rewrite, a constant whose size did not change is left as
+written (``-1``, ``x.size(0)`` survive); a computed size (``C // heads``) is kept if re-evaluating the graph's size
+arithmetic at the new sizes gives the right value; a run-time size times (or floor-divided by) a literal (``batch *
+heads``, ``mul(sym_size, 4)``) gets a new node with the literal solved for the new size (``mul(sym_size, 3)``), so
+it still follows the batch; otherwise it is replaced by the new int. Anything else (chunk -> split, slice bounds,
+sdpa scale) is an ``r.on_rewrite`` hook.
 """
 
 from __future__ import annotations

@@ -26,6 +26,14 @@ Worked example::
 Where no common refinement exists (``cat(3, 5)`` viewed as ``(2, 4)``), the
 relation cannot be expressed; every atom on both sides is frozen with the reason,
 so nothing that could be inconsistent is ever pruned.
+
+How unification refines (the rules of ``Solver.unify``): products align on common suffix products (a divisibility
+chain), concatenations on the union of their boundaries; a product meets a concatenation by splitting its outer
+factor on row boundaries. Every split works on the layout as resolved at that moment (one side's split may already
+have refined an atom the other side shares). Size-1 factors vanish. ``dg.graph`` (networkx) is a graph over final
+atoms with ``same`` edges and a group is a connected component of it. ``kept_indices`` gives the surviving flat
+indices of any layout under a plan (outer sums over products, offsets over concatenations), ``decode`` the
+coordinate of every flat index on every atom occurrence (for importance and member slices).
 """
 
 from __future__ import annotations

@@ -15,6 +15,45 @@ Example::
 A model symbolic tracing cannot handle (data-dependent control flow, ...)
 raises :class:`CaptureError` with the failing source line and a pointer to
 ``torch.export`` capture.
+
+Details. Symbolic tracing records stack traces, and a chunk/split of a traced tensor is iterated statically. Export
+runs with ``strict=False`` and ``use_cache=False``, with ``Dim.AUTO`` on the input dimensions that vary in use
+(``analysis/dynamic.py``: the batch, a token input's sequence, raw audio's samples; not an image's height and width
+nor a spectrogram's frames unless the caller's ``dynamic_shapes=`` asks), one spec per keyword for a
+``forward(**kwargs)``. An example of size 1 on such a dimension is repeated to 2 for export (which specialises sizes
+0 and 1) and the graph is then propagated at the caller's sizes; every export gets fresh tensor objects (export
+leaves dynamic-dimension marks on its inputs).
+
+The dynamic export runs under a CPU budget (``capture_budget``: 4 s + 0.1 s per leaf module, checked by a global
+forward pre-hook at each module call); past it, capture tries once more with only the batch symbolic, then a static
+export. A dimension meant to vary that ends static (export failed, ran past the budget, or fixed it because the
+forward computes with it) gives one warning naming the input and dimension, is recorded in
+``gm.meta["fxprune_input_shapes"]`` and ``gm.meta["fxprune_static_shapes"]`` (why), which the pruned graph keeps,
+and gets a check at the graph's entry (``dynamic.expect_size`` nodes after the placeholders) that refuses another
+size with a ``ShapeError`` naming the size the graph was captured for. Where the graph is only analysed or counted
+(in-place Hugging Face pruning without calibration, ``fxprune.count``) static sizes pass without a word. A traced
+graph's varying dimensions are recorded too (``dynamic.record_traced``), none static yet.
+
+Example inputs may be a tuple, a dict (keyword arguments) or ``()`` plus ``kwargs``; a traced graph's placeholders
+are filled by name, then from their defaults. A model whose weights are on the meta device is exported with meta
+inputs (the FakeTensor of torch 2.11 and earlier refuses to mix meta and CPU). Export's grad-mode and autocast
+regions (``wrap_with_set_grad_enabled`` / ``wrap_with_autocast`` over a submodule: LLaMA's ``@torch.no_grad()``
+rotary embedding in transformers 5.17) are inlined, as symbolic_trace records no modes either, so that rules see
+their ops; unused constant kwargs (``use_cache``) are dropped by their position in the input spec, not by
+placeholder name. Hugging Face mixture-of-experts blocks whose config asks for ``eager`` experts (a data-dependent
+loop over the experts some token picked, refused by export) are exported with ``grouped_mm`` experts, the same
+function in fixed ops, and the config is put back (``analysis/experts_capture.py``).
+
+Tracing and each export run inside ``attributes_restored(model)``: a forward that caches on ``self`` (ultralytics'
+Detect: ``self.anchors``, ``self.strides``, ``self.shape`` on its first call) would leave FakeTensors or Proxies on
+the caller's model; added attributes are removed, replaced ones and the parameter/buffer/submodule tables put back.
+A GraphModule gets a fresh graph over the same modules (its mode regions inlined too), so the caller's graph is
+never edited. ``fx.GraphModule`` rebuilds the root and every container on the way to a called module as a plain
+``nn.Module``: ``keep_user_attributes`` copies the public attributes the user set on them (root ones also into
+``gm.meta["_user_preserved_attributes"]``, which torch puts back after the deepcopy rewrite makes). Models
+dispatched by accelerate (``device_map=...``, its hooks on every block) are captured through the hooks (torch >=
+2.8); a model with offloaded weights (``cpu``/``disk`` offload: meta placeholders) is a ``CaptureError`` naming the
+modules and pointing to ``prune_checkpoint`` (``offloaded_modules``).
 """
 
 from __future__ import annotations

@@ -28,6 +28,9 @@ query/inner/output widths and scale), so the pruned model keeps the fused path.
 
 A configuration it does not cover (``bias_k``, ``add_zero_attn``, per-head 3-d
 masks, unbatched input) is left as the module, whose rule freezes its axes.
+
+Covered: batched 3-d inputs, a 2-d ``attn_mask``, ``key_padding_mask``, ``need_weights`` both ways, ``batch_first``
+both ways, ``kdim``/``vdim``. The graph is re-propagated after decomposing.
 """
 
 from __future__ import annotations

@@ -11,6 +11,18 @@ Example (the worked example of docs/ARCHITECTURE.md)::
     >>> [g.units for g in dg.groups_of("conv1.weight", 0)]
     [2, 4]                 # conv2's groups, then the channels inside a group
     >>> print(dg.report())  # every group: units, members, and why a frozen one is frozen
+
+Solving makes the final atoms, ``dg.graph`` and one group per connected component (``_partition``), then the members
+(``_add_members``). Where an axis of a tensor computed from a literal ``arange`` is prunable and the tensor is
+shared by several consumers (ALiBi slopes), ``fxprune.analysis.untie`` gives each consumer its own copy and relate
+and solve run again. A group carries ``Group.head_dim`` where attention contracts over it (marked by rules with
+``r.head_dim``; frozen unless ``prune_head_dims=True``, by ``keep_head_dims``), ``Group.min_kept`` where it must
+keep more than one unit (``r.keep_at_least``: top-k over a router's experts), and ``Group.structure``, ``None``
+until isomorphic planning computes its signature (``fxprune.planning.isomorphic``). In-place pruning freezes more
+at analysis time: tensors the model's own forward computes from constants
+(``fxprune.rewriting.inplace.freezes.freeze_computed_constants``) and, on a Hugging Face model, the head dims of
+every attention module (``fxprune.huggingface.freezes.freeze_head_dims``). ``frozen_reasons()`` counts the reasons groups are frozen beyond ``EXPECTED_FREEZES``
+(graph inputs/outputs, kernel and vocabulary axes, ``ignore``), for the ``check`` pass's warning.
 """
 
 from __future__ import annotations

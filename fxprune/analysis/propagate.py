@@ -23,6 +23,26 @@ ultralytics' Detect head in eval mode reads its stride buffer with ``.item()``::
 
     >>> propagate(yolo_graph, (torch.randn(1, 3, 64, 64),))      # doctest: +SKIP
     UserWarning: fxprune: 3 node(s) read tensor values ... 'item' at .../head.py:201 ...
+
+Details. A graph that capture has just exported from these inputs keeps the FakeTensors export left when every node
+has one and every size is an int (a static export: in-place Hugging Face pruning, and ``fxprune.count``'s graph;
+``reuse_export_values``, kept as propagation would record them, the output node given its arguments' values): a
+second propagation would find the same shapes. A dynamic export's symbolic sizes, nodes capture added (inlined
+constants) or a GraphModule the caller passed (exported from other inputs, perhaps) are propagated. Propagation runs
+first on meta tensors (parameters, buffers and devices swapped for meta: plain kernels, faster than a first
+FakeTensorProp run; not measured in a committed result); any failure there (data-dependent ops, CPU constants made
+in forward, RNN weight caches) falls back to FakeTensorProp.
+
+Where FakeTensorProp raises for a node whose output depends on values (``VALUE_DEPENDENT``: FakeTensor's
+``DataDependentOutputException``, ``DynamicOutputShapeException``, ``GuardOnDataDependentSymNode``), propagation
+starts again with those nodes run for real on the example inputs (``_ValueDependentProp``: each such node's
+ancestors are computed on demand, once, under ``no_grad``, with the model's own parameters and copies of its
+buffers, so a train-mode BatchNorm's statistics stay put). A pruned graph's re-propagation does not warn again.
+Shapes, meta or fake example inputs cannot run such nodes: ``ShapeError`` naming the node. Every propagation runs
+inside ``capture.attributes_restored(gm)`` (a leaf module caching on ``self`` keeps no stand-in). Parameters and
+buffers are swapped for fake ones while propagating (dispatch cache hits, and a train-mode BatchNorm cannot bump the
+real ``num_batches_tracked``); list and dict arguments are passed as plain mutable containers, as the generated code
+passes them (Swin3D assigns into its ``window_size`` list).
 """
 
 from __future__ import annotations

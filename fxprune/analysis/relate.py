@@ -6,6 +6,21 @@ missing rule can make pruning less effective but never wrong.
 
 After this pass ``node.meta["fxprune_rule"]`` names the rule that handled the
 node (``"<none>"`` for unsupported ops).
+
+Freezes are collected during relate and applied after solving (so refinements inherit them). What is frozen: graph
+inputs and outputs (in place on a Hugging Face model, not the outputs after the first that the graph also computes
+with: ``huggingface/freezes.internal_outputs``, BART's ``encoder_last_hidden_state``, passed to ``relate(gm,
+free_outputs)``); spatial and kernel axes; the one unit an integer index picks (``x.select(d, i)``, ``x[:, i]``:
+``rules/misc.integer_index`` splits the axis into before ++ picked(1) ++ after, freezes the picked unit and moves
+the index to where it lands, so Falcon's ``grouped[..., -2, :]`` key head leaves the query heads prunable; where the
+result's values are read nowhere, only its size or nothing, nothing is picked and the index is clamped into the
+pruned axis, so BART's ``embed_positions(inputs_embeds[:, :, -1])`` leaves the hidden size prunable); strided
+slices; stack/unbind indices; positions from ``torch.arange`` over a size read at run time; ops without a rule
+(listed in the report); unrefinable relations; ``ignore``d tensors; and parameter axes that appear in no activation
+(kernel, gate, vocabulary axes). A traced module with ``torch.nn.utils.parametrize`` parametrizations (weight norm)
+is related as an op without a rule: its rule would see the computed ``weight``, not ``parametrizations.*`` (an
+exported graph has the ops themselves). A rule that raises anything but an ``FxPruneError`` is reported as an
+``FxPruneError`` naming the rule ("user rule" when registered outside fxprune), the node, its op and source line.
 """
 
 from __future__ import annotations

@@ -41,6 +41,11 @@ Example::
     >>> pruned = fxprune.apply(dg, removal)
     >>> reconstruct_sequential(dg, removal, pruned, batches)     # refit in place, stage by stage
     ['2.weight', '2.bias', '4.weight', '4.bias']
+
+A grouped convolution (solved block by block) and a mixture-of-experts weight (expert by expert, on the tokens the
+original router sent it) keep their one-shot refit. The pairing and the solve are ``StagePairs``, shared with the
+layer-by-layer refit of a checkpoint (``fxprune.io.checkpoint.layerwise``), which leaves expert weights out of its
+statistics with a warning. ``prune`` turns a generator of batches into a list (read once per stage).
 """
 
 from __future__ import annotations

@@ -35,6 +35,10 @@ file tokenized with the folder's tokenizer).
 
 Errors are printed as one paragraph; ``--debug`` shows the traceback instead.
 Progress bars go to stderr when it is a terminal.
+
+A ``.txt`` calibration file is tokenized with ``local_files_only``. ``--isomorphic`` needs ``--global`` (else an
+error naming both flags), also with ``--streaming``. ``--distill-steps``/``--distill-seconds``/``--distill-lr`` run
+``fxprune.distill`` on the pruned copy against the loaded, untouched original.
 """
 
 from __future__ import annotations

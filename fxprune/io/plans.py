@@ -21,6 +21,8 @@ Example::
     >>> plan.groups[0]
     GroupPlan(key=GroupKey(tensor='bn1.bias', axis=0, index=0), units=64, kept=[1, 4, ...], members=[...])
     >>> again = fxprune.replay(fxprune.PruningPlan.load("plan.json"), fresh_model)  # same weights
+
+``attach_plan``/``plan_of``: the ``record`` pass and ``apply`` store the plan in ``gm.meta["fxprune_plan"]``.
 """
 
 from __future__ import annotations

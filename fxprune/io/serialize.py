@@ -34,6 +34,13 @@ Example::
     >>> again = fxprune.load("resnet18-pruned")
     >>> torch.equal(again(x), pruned(x))
     True
+
+Details. Nodes are saved with their ``stack_trace`` and ``is_wrapped``, and exported graphs with their pytree in/out
+specs; a module's recorded attributes are its ``__dict__`` minus ``nn.Module`` internals, with parameter/buffer
+names and aliases. Loaded tensors are copied to 64-byte-aligned memory, as the originals were: safetensors packs
+them at 8-byte offsets, and BLAS kernels may order sums by alignment. A module is rebuilt with ``cls.__new__`` + its
+recorded attributes, then the class's own ``__setstate__`` (RNN flat weights); the root is a fresh ``GraphModule``
+whose ``graph`` is set last.
 """
 
 from __future__ import annotations

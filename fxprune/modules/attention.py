@@ -23,6 +23,9 @@ Example::
     >>> x = torch.randn(1, 197, 768)
     >>> m(x, x, x, need_weights=False)[0].shape
     torch.Size([1, 197, 768])
+
+``fxprune.save``/``load`` and ``torch.save`` handle it like any module; capture keeps it a leaf, so a re-analysed
+pruned model (iterative pruning) decomposes and recomposes it again.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ Example::
 
     >>> group_ratios(dg, {"layer4": 0.7, "layer4.2": 0.2})
     {Group(#40, units=512, ...): 0.7, ..., Group(#52, units=2048, ...): 0.2}
+
+``ratios`` and ``ignore`` find module objects by identity in the caller's model (``capture.module_names``,
+``capture.name_of_key``): an export capture holds copies under the same names.
 """
 
 from __future__ import annotations

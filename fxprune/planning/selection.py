@@ -31,6 +31,11 @@ units of the costly group alone (``tests/test_plan_costs.py``)::
     >>> found = search_ratio(dg, lambda r: cost_plan(groups, scores, r, costs), "macs", 0.6)
     >>> [g.units - len(found.removal.get(g, [])) for g in (wide, narrow)]
     [19, 32]
+
+In ``cost_plan`` units go in whole steps, least normalised score per unit of cost first, up to ``max_ratio`` of a
+group; a chunk that would overshoot the budget is skipped so cheaper ones can still fill it. A plain ratio with
+``global_pruning=True`` stays by count. With ``isomorphic=True`` (``fxprune.planning.isomorphic``) each class of
+groups is ranked by ``global_plan`` on its own.
 """
 
 from __future__ import annotations

@@ -11,6 +11,16 @@ query/inner/output widths and scale), so the pruned model keeps the fused kernel
 Example: a ViT's ``attn`` (12 heads of 64, width 768) that lost 3 heads, its residual width kept, comes back as
 ``PrunedMultiheadAttention(768, 9, 64, 768)`` (q/k/v 768 -> 576, out 576 -> 768); had the residual width been
 pruned to 576 as well, as ``nn.MultiheadAttention(576, 9)``.
+
+Which module: query width = out width = heads x head_dim with the head dim unchanged (so the default scale) and the
+packing unchanged gives a resized ``nn.MultiheadAttention`` (same ``batch_first``, bias, dropout, ``kdim``/``vdim``,
+train/eval mode); heads pruned apart from the residual width, or head dims pruned equally for q/k and v, give a
+``PrunedMultiheadAttention`` (its own ``head_dim``, ``out_dim`` and ``scale``: the original ``1/sqrt(head_dim)``
+when head dims shrank); q/k and v head dims pruned to different sizes (only when the caller prunes head dims) leave
+the call decomposed. Both classes reuse the rewritten ``Parameter`` objects, so unchanged names and ties survive;
+attention weights the caller never reads are not asked for (``need_weights=False``), which keeps the fast path. A
+decomposed attention is a chain of separate ops instead of one fused kernel; its cost on a GPU has not been measured
+with a committed result.
 """
 
 from __future__ import annotations

@@ -8,6 +8,12 @@ so ``-1``, ``x.size(0)`` and other symbolic sizes survive.
 
 Example: pruning 2 of 8 heads of a ``view(B, N, 8, 64)`` rewrites it to
 ``view(B, N, 6, 64)`` and slices 128 rows out of the q/k/v projections.
+
+The result is a new GraphModule (``dg.gm`` is left as it was; in place, a throwaway copy: :func:`rewrite`) with
+sliced tensors, resized module attributes, rewritten shape constants and recompiled code (how each kind of constant
+is rewritten: ``fxprune.algebra.context``). Dead-code elimination removes only the torch/``operator`` size
+arithmetic that rewriting made dead, never a call of the model's own functions or modules (MViT's ``_add_shortcut``
+is called for its in-place side effect).
 """
 
 from __future__ import annotations

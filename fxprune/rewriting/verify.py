@@ -3,6 +3,15 @@
 Example: a rewrite that left a hard-coded ``view(-1, 256, 4, 4)`` unchanged
 after pruning its input would fail here with the node and source line, instead
 of failing later in the user's hands.
+
+First ``verify_other_sizes``: the graph is propagated at other sizes of its varying input dimensions not yet static
+(batch 3, a length one less: ``dynamic.other_sizes``); where that fails (a traced ``x.view(2, -1)``, a size an
+export or a rewrite baked in without a guard) those dimensions become static with one warning, their record in
+``gm.meta["fxprune_input_shapes"]`` and the check at the graph's entry. Then the shapes are re-propagated at the
+example, and a ``ShapeError`` is raised if anything is inconsistent or an output shape changed (except those relate
+was told may change: ``None`` in ``expected_shapes``, a Hugging Face model's internal states pruned in place). The
+error names the user rules (registered outside ``fxprune.``, marked by relate in ``node.meta["fxprune_user_rule"]``)
+that related the graph, else calls it a bug in fxprune.
 """
 
 from __future__ import annotations

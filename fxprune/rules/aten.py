@@ -9,6 +9,9 @@ Every overload of a listed op is registered (``aten.mean.dim``, ``aten.mean.defa
 Only ops whose schema differs from the Python function's get a rule of their own
 here: ``slice``, ``select``, ``embedding`` (weight first), batch-norm variants,
 ``native_layer_norm`` (a tuple output), ``gather`` and scans (top-k and tensor indexing: ``routing.py``).
+
+``aten.max.other``/``min.other`` (``torch.max(a, b)``) are elementwise; the other ``max``/``min`` overloads are
+reductions.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ q, k, v and out, q/k's ``E`` (the contraction) and v/out's ``Ev``. With
 ``E`` would change the default scale ``1/sqrt(E)``, so the rewrite pins the
 original scale as an explicit argument. ``E`` and ``Ev`` are marked as head dims
 (``r.head_dim``): kept whole unless the caller asks for ``prune_head_dims=True``.
+
+GQA goes through ``enable_gqa``.
 """
 
 from __future__ import annotations

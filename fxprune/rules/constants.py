@@ -21,6 +21,10 @@ Example (ALiBi slopes through ``torch.export``)::
 In place (``prune(..., inplace=True)``) the model runs its own forward code again, which recomputes such a
 tensor from its attributes and config: the sliced values cannot be stored, so in-place pruning freezes these
 axes (:func:`fxprune.rewriting.inplace.freezes.freeze_computed_constants`).
+
+The kept values become a non-persistent ``_fxprune_*`` buffer; ``r.sliced_constant(axis)`` records such axes in
+``state.sliced_constants`` (read by ``fxprune.analysis.untie``). A hook moves a constant index to where the picked
+units land; a negative index stays negative.
 """
 
 from __future__ import annotations

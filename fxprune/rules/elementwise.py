@@ -2,6 +2,9 @@
 
 Example: ``x (B, C, H, W) + bias (1, C, 1, 1)`` ties ``bias[1]`` to ``x[1]`` and
 ``out[1]``; the size-1 axes of ``bias`` broadcast and stay unrelated.
+
+Also: activations, dropout, identity, casts, ``*_like``; softmax and normalize (they mark their dim normalised);
+GLU; triu/tril (tied leading axes, the last two frozen: position masks).
 """
 
 from __future__ import annotations

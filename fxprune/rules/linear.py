@@ -2,6 +2,9 @@
 
 Example: ``F.linear(x (B, 16), w (8, 16), b (8))`` ties ``x[1]`` to ``w[1]``
 (the contraction) and ``w[0]`` to ``b[0]`` and ``out[1]``.
+
+A product of two activations (both computed from graph inputs, tracked in ``state.from_input`` by relate) is
+attention written out: its contraction and free non-batch axes are marked ``r.head_dim``.
 """
 
 from __future__ import annotations

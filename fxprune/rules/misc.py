@@ -2,6 +2,11 @@
 
 Example: ``F.embedding(ids (B, S), w (V, D))`` ties ``out[2]`` to ``w[1]``; the
 vocabulary axis ``w[0]`` is indexed by data, so it is frozen.
+
+``values_read`` (``item``, ``tolist``, ``nonzero``, ``argwhere``, ``unique``, ``unique_consecutive``,
+``masked_select``, and their aten overloads): every axis frozen with the reason "values read as data".
+``integer_index`` (``x.select(d, i)``, ``x[:, i]``): the axis is split into before ++ picked(1) ++ after, the picked
+unit frozen and the index moved to where it lands (see ``fxprune.analysis.relate``).
 """
 
 from __future__ import annotations

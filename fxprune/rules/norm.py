@@ -3,6 +3,8 @@
 Example: ``GroupNorm(2, 8)`` states ``x[1] = product(NG, Cg)`` with ``NG`` of 2
 units: removing a unit of ``NG`` drops a whole group (``num_groups`` shrinks),
 removing a unit of ``Cg`` drops one channel in every group.
+
+Also ``_weight_norm`` (``v``'s axes; ``g`` on ``dim``).
 """
 
 from __future__ import annotations

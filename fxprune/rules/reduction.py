@@ -2,6 +2,8 @@
 
 Example: ``x (B, C, H, W).mean((2, 3))`` ties ``out[0]`` to ``x[0]`` and
 ``out[1]`` to ``x[1]``; H and W are simply gone.
+
+Covered: sum/mean/amax/... (mean/std/var mark their dims normalised), norm.
 """
 
 from __future__ import annotations

@@ -18,6 +18,12 @@ Worked example (a user rule for a custom module)::
 
 Registering the same key twice raises :class:`DuplicateRuleError`; pass
 ``replace=True`` to override a built-in rule deliberately.
+
+Keys may also be ``"module:qualname"`` strings for functions of optional libraries (timm, torchvision), which then
+need no import when fxprune is imported. ``register(*targets)`` is a decorator; ``family(rule, *targets)`` registers
+an op family in one line. A module rule *is* the functional rule: ``RuleContext.bind(signature)`` binds the node's
+arguments and fills missing parameters from the module's attributes of the same name (``weight``, ``groups``,
+``normalized_shape`` ...), as ``TensorRef``s for tensors.
 """
 
 from __future__ import annotations

@@ -13,6 +13,16 @@ which keeps at least top-k units. Example (Mixtral through ``torch.export``, tra
     h = x[perm // 2]                               # aten.index: (T*2, H), H carries over
     offs = cumsum(histc(sort(idx.reshape(-1))[0], bins=E, max=E-1))   # (E,): the router's experts
     y = grouped_mm(h, gate_up_proj.transpose(1, 2), offs)   # (T*2, 2I): H = W[1], 2I = W[2], E = W[0]
+
+The rules: ``topk`` (k axis frozen, others carried; the ranked axis stays prunable, keeping k units
+(``r.keep_at_least``), only when the indices, followed through reshapes, casts and sort's values, are read nowhere
+but as positions that the rules below tie to it: a router's expert ids); ``histc`` of expert ids with ``bins = max +
+1`` (bins = the router's experts; ``bins``/``max`` rewritten); ``cumsum`` of such a histogram (grouped matmul's
+offsets: carried, not scanned); ``aten.index`` (indexed axes frozen, the others carried: ``x[perm]`` keeps the
+hidden axis, ``W[expert_ids]`` of a 3-d expert weight keeps its unit axes, ties its expert axis to the router's, and
+is no activation, so its ``bmm`` is a linear layer, not attention); ``index_select``;
+``index_put``/``index_add``/``scatter_add`` (data axis frozen); grouped matmul (``aten._grouped_mm``, transformers'
+``grouped_mm_fallback``: ``(S, K) x (E, K, N)``, K and N one unit axis for every expert, E the offsets' axis).
 """
 
 from __future__ import annotations

@@ -3,6 +3,11 @@
 Example: ``a, b = x.chunk(2, dim=1)`` states ``x[1] = concat(a[1], b[1])``, so
 ``a`` and ``b`` are separate groups; after pruning the chunk becomes a
 ``split`` with the new segment sizes, whatever they are.
+
+Covered: cat, stack, split/chunk (rewritten to ``split`` with new sizes), unbind, narrow, getitem (tuples and basic
+tensor indexing). One boolean mask among full slices (``x[mask]``, ``x[:, mask]``, ``x[..., mask]``):
+``mask_select`` freezes the masked axes, the mask's and the picked-positions axis, and carries the others, so
+``tokens (B, T, H)[keep (B, T)]`` leaves H prunable; it is also used by ``routing.index`` for ``aten.index``.
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@
 Example: ``qkv.reshape(B, N, 3, H, D)`` from ``(B, N, 3*H*D)`` states
 ``qkv[2] = product(out[2], out[3], out[4])``; the reshape's ``H`` and ``D``
 arguments are recorded as shape constants and rewritten after pruning.
+
+Covered: view/reshape/flatten/unflatten/squeeze/unsqueeze (grouped products), permute/transpose/movedim,
+``t``/``.T`` (aten ``numpy_T``), expand and ``broadcast_to`` (broadcast atoms), repeat (copy-major),
+repeat_interleave (index-major: ``product(axis, copies)``), factories.
 """
 
 from __future__ import annotations

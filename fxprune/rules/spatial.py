@@ -2,6 +2,8 @@
 
 Example: ``F.max_pool2d(x (B, C, H, W), 2)`` ties ``out[0:2]`` to ``x[0:2]`` and
 freezes the spatial axes (they never have prunable units).
+
+Also roll (no dims, or aten's ``[]``: every axis).
 """
 
 from __future__ import annotations

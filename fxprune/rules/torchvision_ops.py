@@ -5,6 +5,8 @@ Example: Swin's ``shifted_window_attention(x (B, H, W, C), qkv_weight (3C, C), .
 reshapes its qkv to ``(.., 3, num_heads, C // num_heads)`` and back to ``C``, so
 the embedding axis is ``product(heads, head_dim)``; ``num_heads`` is a shape
 constant rewritten after pruning.
+
+Covered: Swin attention (``shifted_window_attention``), patch merging, stochastic depth.
 """
 
 from __future__ import annotations

@@ -16,6 +16,10 @@ Example::
     ...                        {"lm_head.weight": "model.embed_tokens.weight"})
     >>> scores[dg.group_of("model.layers.0.mlp.up_proj.weight", 0)].shape
     (11008,)
+
+Per member, ``Magnitude.member_score`` gives the per-unit part when its tensor is read, and ``Magnitude.combine``
+(reduction, normaliser) makes each group's score. A tied member absent from the checkpoint (``lm_head.weight``) is
+read under the name it shares a parameter with.
 """
 
 from __future__ import annotations

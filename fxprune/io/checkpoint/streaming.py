@@ -32,6 +32,14 @@ Example::
     >>> plan = fxprune.prune_checkpoint("llama-7b", "llama-7b-pruned", ratio=0.3)
     >>> model = transformers.AutoModelForCausalLM.from_pretrained("llama-7b-pruned")   # uniform widths
     >>> model = fxprune.load_pretrained("llama-7b-pruned")          # any widths (config.fxprune_shapes)
+
+Details. The analysis runs on ``int64`` example ids of one row of ``EXAMPLE_LENGTH`` tokens (with ``calibration``:
+the first batch, and the dynamic capture ``prune`` makes with calibration, so that every batch runs through the
+graph); head dims are frozen as in place. Slicing uses ``rewrite.sliced`` along the axes ``rewrite.changed_axes``
+reports, by canonical name. With a refit, each segment's refit tensors go, in the checkpoint's dtype, into a
+temporary safetensors file in ``out_dir`` that the writer reads instead of slicing. Checkpoints whose tensor names
+transformers converts on loading (fused MoE experts) are refused with the names. Command line: ``fxprune prune
+hf:DIR --streaming [--max-shard-size 2GB] [--calibration FILE --importance activation --reconstruct]``.
 """
 
 from __future__ import annotations
