@@ -169,8 +169,13 @@ class OBS(ActivationCriterion):
             return self._per_column(consumer, w, stats, bias)[index].sum(1)
         if consumer.experts:
             return self._per_expert(consumer, w, stats, index)
-        name = consumer.weight
         matrix = consumer.matrices(w.detach())[0]
+        return obs_scores(matrix, None, self._inverse_of(consumer, matrix, bias, stats), unit_columns(consumer, index))
+
+    def _inverse_of(self, consumer, matrix, bias, stats):
+        """The damped inverse of ``consumer``'s input covariance, its damping validated on held-out tokens (or
+        ``self.damping``), kept for the next unit of the same consumer."""
+        name = consumer.weight
         # one inverse at a time: a consumer usually holds one group, and an LLM's d x d inverses do not all fit
         if self._inverse is None or self._inverse[0] != name:
             if self.damping is None:
@@ -183,7 +188,7 @@ class OBS(ActivationCriterion):
                 strength, hinv = self.damping, damped_inverse(c, self.damping, name)
             self.strengths[name] = strength
             self._inverse = (name, hinv)
-        return obs_scores(matrix, None, self._inverse[1], unit_columns(consumer, index))
+        return self._inverse[1]
 
     def expert_scores(self, consumer, w, stats) -> np.ndarray:
         """Removing a whole expert (every column, nothing left to refit) costs its output's second moment on
@@ -271,19 +276,8 @@ class OutputOBS(OBS):
             return self._mean_scale * super().unit_scores(consumer, w, stats, index, tensors)
         bias = tensors[consumer.bias] if consumer.bias else None
         matrix = consumer.matrices(w.detach())[0]
-        if self._inverse is None or self._inverse[0] != name:
-            if self.damping is None:
-                columns = unit_columns(consumer, np.arange(matrix.shape[1] // consumer.kernel)[:, None])
-                strength, hinv = validated_damping(matrix, bias is not None, stats, columns)
-            else:
-                d = stats.gram.shape[-1] - 1
-                _, _, c, _ = _centred(_moments(stats.gram_sum, stats.count, torch.arange(d), bias is not None),
-                                      bias is not None)
-                strength, hinv = self.damping, damped_inverse(c, self.damping, name)
-            self.strengths[name] = strength
-            self._inverse = (name, hinv)
-        return greedy_scores(matrix, self._inverse[1], unit_columns(consumer, index), self.fisher[name],
-                             self.CHUNKS)
+        return greedy_scores(matrix, self._inverse_of(consumer, matrix, bias, stats), unit_columns(consumer, index),
+                             self.fisher[name], self.CHUNKS)
 
 
 def greedy_scores(weight: torch.Tensor, hinv: torch.Tensor, columns: np.ndarray, fisher: torch.Tensor | None = None,
