@@ -511,6 +511,12 @@ def summary(runs: list[dict]) -> str:
             f"recipe runs on {sum(passed(r, 'torch-pruning') for r in rows)}/{n}; its failures: {failures or 'none'}.")
 
 
+def _stopped(runs: list[dict]) -> str:
+    """A stopped run's sentence and a blank line (its rows replace the earlier run's; the rest stay), else ''."""
+    sentence = harness.stopped_runs(runs)
+    return f"{sentence} The rows it did not reach come from the earlier run.\n\n" if sentence else ""
+
+
 def render(runs: list[dict]) -> str:
     """The report, from the log's runs (a later run's row of a model type replaces an earlier one)."""
     rows, _ = harness.latest_rows(runs, "model")
@@ -522,7 +528,7 @@ def render(runs: list[dict]) -> str:
     limit = header.get("step_limit_note") or "step limits not recorded (log from before harness limits)"
     return (f"# Hugging Face sweep: {len(rows)} transformers model types, fxprune and Torch-Pruning at ratio "
             f"{RATIO}\n\nRuns (every row comes from the run named with it when there are several):\n\n"
-            f"{harness.describe_runs(runs, 'model')}\n\n{limit} Tiny "
+            f"{harness.describe_runs(runs, 'model')}\n\n{_stopped(runs)}{limit} Tiny "
             f"random-init models (hidden 64, 2 layers, 4 heads, 2 kv heads where the config has them; "
             f"`AutoConfig.for_model`{'; changed for this run: ' + sizes if sizes else ''}); see `hf_sweep.py` for "
             f"the checks. ✓ passed; ✗ failed, with the class of the failure (timeout, memory, error, wrong output, "
