@@ -370,6 +370,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, help="measurements of every (case, library), each in a fresh worker; "
                                                    "the report gives medians (default 3; 1 with --quick)")
     parser.add_argument("--no-python-memory", action="store_true", help="skip the tracemalloc pass")
+    parser.add_argument("--threads", type=int, help="torch threads in every worker, both libraries alike (default: "
+                                                    "torch's, one per core); 1 keeps the numbers apart from another "
+                                                    "process on the machine")
     harness.add_limit_arguments(parser, max_gib=14)
     parser.add_argument("--timeout", type=float, help="seconds per worker process (default: its steps' limits "
                                                       "plus 300 s)")
@@ -380,6 +383,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.repeat = args.repeat or (1 if args.quick else 3)
     if args.worker:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         limit = (harness.step_seconds("speed", args.worker[0], args.step_timeout), args.max_gib)
         worker(*args.worker, limit, not args.no_python_memory)
         return 0
@@ -395,7 +402,7 @@ def main(argv=None) -> int:
 
     header = harness.run_header("speed.py", list(sys.argv[1:] if argv is None else argv),
                                 step_limit_note=harness.limits_note("speed", cases, args.step_timeout),
-                                threads=torch.get_num_threads())
+                                threads=args.threads or torch.get_num_threads())
     log = harness.Log(log_path, header)
     start = time.perf_counter()
     for repeat in range(args.repeat):  # repeats in turns: a change of load falls on every case and library alike
@@ -405,6 +412,7 @@ def main(argv=None) -> int:
                 cmd = [harness.python(), __file__, "--worker", case, library, "--max-gib", str(args.max_gib)]
                 cmd += ["--step-timeout", str(args.step_timeout)] if args.step_timeout else []
                 cmd += ["--no-python-memory"] if args.no_python_memory else []
+                cmd += ["--threads", str(args.threads)] if args.threads else []
                 row = harness.run_worker(cmd, args.timeout or harness.worker_seconds(4, step),
                                          {"case": case, "library": library})
                 row["repeat"] = repeat

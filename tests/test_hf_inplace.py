@@ -493,3 +493,26 @@ def test_attributes_a_rebuild_would_change_stay_where_the_model_needs_its_own(na
     model.save_pretrained(tmp_path)
     with torch.no_grad():
         assert_same_outputs(fxprune.load_pretrained(str(tmp_path))(ids, **kwargs).logits, logits)
+
+
+def test_a_head_count_equal_to_a_kept_size_of_the_same_module_is_taken_back_where_the_check_shows_it(tmp_path):
+    """StableLM's attention keeps ``rotary_ndims`` (head_dim 16 x partial_rotary_factor 0.25 = 4), equal to its 4
+    heads: its ops slice ``x[..., :4]`` (kept) and view 4 heads (pruned), so 4 goes to both. The attribute is set
+    with the head counts, the output check fails, and that group (one attribute in every layer) goes back: the
+    model is pruned, not restored."""
+    torch.manual_seed(0)
+    config = transformers.StableLmConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64,
+                                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config.rope_parameters["partial_rotary_factor"] = 0.25
+    model = transformers.StableLmForCausalLM(config).eval()
+    ids = token_ids(1, 7)
+    assert model.model.layers[0].self_attn.rotary_ndims == 4 == config.num_attention_heads
+    fxprune.prune(model, 0.3, example_inputs=(ids,), inplace=True)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight.shape[0] < 64 and attn.rotary_ndims == 4
+    with torch.no_grad():
+        logits = model(ids).logits
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert_same_outputs(fxprune.load_pretrained(str(tmp_path))(ids).logits, logits)

@@ -231,3 +231,30 @@ def test_pruned_module_traces_and_is_pruned_again_inside_another_model(need_weig
     again = fxprune.prune(Holder(pruned), 0.3, example_inputs=x, round_to=1)
     assert type(again.inner.attn) is PrunedMultiheadAttention
     assert again.inner.attn.num_heads * again.inner.attn.head_dim < pruned.attn.num_heads * pruned.attn.head_dim
+
+
+@pytest.mark.parametrize("masks", [False, True], ids=["no_mask", "masks"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}={int(x)}" for k, x in v.items()))
+def test_shapes_of_a_decomposed_attention_are_the_full_propagations(variant, masks, monkeypatch):
+    """Only the decomposed call's new nodes are propagated (``propagate_new``, without propagating the whole graph
+    again): every node's shape must be the one a propagation of the whole graph gives."""
+    from fxprune.analysis import propagate as module
+    from fxprune.analysis.capture import capture
+    from fxprune.analysis.decompose import decompose
+
+    args = inputs(batch_first=variant["batch_first"], cross=variant["cross"], masks=masks)
+    gm = capture(build(**variant), args)
+    whole = module.propagate
+    whole(gm, args)
+    assert decompose(gm)
+    new = [n for n in gm.graph.nodes if n.op not in ("output", "placeholder") and "val" not in n.meta]
+    assert new  # the decomposition's nodes
+    with monkeypatch.context() as m:
+        m.setattr(module, "propagate", lambda *a: pytest.fail("propagate_new propagated the whole graph"))
+        module.propagate_new(gm, args)
+    assert all("val" in n.meta for n in new)
+    shapes = lambda: {n.name: tuple(n.meta["val"].shape) for n in gm.graph.nodes  # noqa: E731
+                      if isinstance(n.meta.get("val"), torch.Tensor)}
+    incremental = shapes()
+    whole(gm, args)
+    assert incremental == shapes()

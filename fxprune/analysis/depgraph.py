@@ -132,12 +132,17 @@ class DependencyGraph:
     def _add_members(self, by_atom: dict[int, "Group"], state: AnalysisState, kinds: dict[str, str]) -> None:
         """Every axis as a member of the groups of its final atoms; broadcast, normalised and head-dim flags."""
         self.layouts: dict[tuple, object] = {}
+        resolved: dict[int, tuple] = {}  # root atom -> (layout, final atoms): many axes share one (the hidden size)
         for (key, dim), atom in state.axis_atoms.items():
-            layout = self.solver.resolve(Atom(atom))
+            root = self.solver.find(atom)
+            if root not in resolved:
+                layout = self.solver.resolve(Atom(root))
+                resolved[root] = layout, self.solver.final_atoms(layout, resolved=True)
+            layout, atoms = resolved[root]
             self.layouts[(key, dim)] = layout
             name = key[1] if key[0] == "p" else key[1] + "".join(f"[{i}]" for i in key[2])
             kind = kinds.get(key[1], "constant") if key[0] == "p" else "activation"
-            for a in self.solver.final_atoms(layout, resolved=True):
+            for a in atoms:
                 by_atom[a].members.append(Member(name, kind, dim, layout))
         for layout in state.broadcasts:
             for a in self.solver.final_atoms(layout):

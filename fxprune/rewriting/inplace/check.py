@@ -8,8 +8,9 @@ compute what the verified pruned graph computes; nothing about it is skipped in 
   ``max(1e-3, sqrt(eps)) x`` their largest magnitude (the same aten ops on the same weights; a stale width moves
   outputs by about their own size), others exactly.
 - :func:`doubled`: the second batch size is the example repeated along its first axis. The model's outputs
-  there must equal the pruned graph's own there (a symbolically traced or dynamically exported graph takes the
-  size) or the example's outputs repeated likewise (a graph exported for batch 1 only). When they equal neither,
+  there must equal the example's outputs repeated likewise (tried first: it costs no run of the graph) or the
+  pruned graph's own there (a symbolically traced or dynamically exported graph takes the size; a batch that
+  mixes its examples, or dropout in training mode, needs it). When they equal neither,
   the caller (:mod:`~fxprune.rewriting.inplace.mechanism`) asks whether the original model itself computes the
   example's outputs twice there; if it does not, the size does not apply to this model and a warning says so.
 - :func:`explain`: what a failure message names: the innermost frames of the traceback in the model's own files,

@@ -74,6 +74,8 @@ class Change:
     followed: dict = field(default_factory=dict)  # "module.attr" -> value before: guesses by value
     guesses: dict = field(default_factory=dict)  # "module.attr" -> value before: the library's guesses
     settled: dict = field(default_factory=dict)  # "module.attr" -> value before: set where the check failed
+    ambiguous: dict = field(default_factory=dict)  # "module.attr" -> value before: head counts that may be another
+    # value the ops also used (restated.decide_head_counts); put back in groups where the check fails
     tries: int = 0  # forward runs spent settling
     phase: str = "writing"  # "writing" back, or "checking" the model's own forward
 
@@ -205,7 +207,7 @@ def _write(change: Change, ext: Extension) -> None:
     change.owned = {f"{n}.{a}" if n else a for n, m in model.named_modules() for a in owned(m)}
     ext.update_attributes(change)
     heads = decide_head_counts(model, attention_sites(graph), attention_sites(pruned), changes, change.original,
-                               change.owned)
+                               change.owned, ambiguous=change.ambiguous)
     change.decided = heads | decide_from_constants(model, graph, pruned, change.original, change.owned | heads,
                                                    unchanged=ext.restate_unchanged)
     guesses = ext.update_config(change) or {}
@@ -285,6 +287,9 @@ def _checked(change: Change, ext: Extension, saved: Snapshot, inputs: tuple, kwa
         error, progressed = _settle(change, error, attempt)
         if progressed:
             continue
+        error, progressed = _untangle(change, ext, error, attempt)
+        if progressed:
+            continue
         guesses = {**change.guesses, **change.followed}
         if undone or not guesses:
             raise error
@@ -316,6 +321,34 @@ def _settle(change: Change, error: BaseException, attempt) -> tuple:
                 change.settled[f"{path}.{attr}" if path else attr] = old
                 return again, True
             setattr(module, attr, old)
+    return error, False
+
+
+def _untangle(change: Change, ext: Extension, error: BaseException, attempt) -> tuple:
+    """Head counts set where the module's ops also used the same value for a size rewriting kept
+    (``change.ambiguous``): each group of them (one attribute of the modules of one class, as in every layer) is
+    put back in turn, and stays back when the check then passes (``ext.undo`` then records it, as a guess taken
+    back). Tried once. Returns ``(error now or None, whether it passed)``."""
+    groups: dict[tuple, list] = {}
+    for key, old in change.ambiguous.items():
+        owner, _, attr = key.rpartition(".")
+        module = change.model.get_submodule(owner) if owner else change.model
+        groups.setdefault((type(module), attr), []).append((module, attr, key, old))
+    change.ambiguous = {}
+    for members in groups.values():
+        if change.tries >= _MAX_TRIES:
+            break
+        change.tries += 1
+        now = [getattr(module, attr) for module, attr, _, _ in members]
+        for module, attr, _, old in members:
+            setattr(module, attr, old)
+        again = attempt()
+        if again is None:
+            change.decided.difference_update(key for _, _, key, _ in members)
+            ext.undo(change, {key: old for _, _, key, old in members})
+            return None, True
+        for (module, attr, _, _), value in zip(members, now):
+            setattr(module, attr, value)
     return error, False
 
 
@@ -365,14 +398,16 @@ def _check(change: Change, ext: Extension, saved: Snapshot, inputs: tuple, kwarg
     ext.check(model, inputs, kwargs)
     inputs2, model_kwargs2 = check.doubled((inputs, model_kwargs))
     references = [check.doubled(expected)]
-    try:  # the graph's own outputs at that size, where it takes the size
-        references.insert(0, check.run(pruned, inputs2, check.doubled(ext.graph_kwargs(kwargs))))
-    except Exception:  # a graph captured for the example's size only: the example's outputs repeated stay the
-        pass  # reference, and the model is still compared with them below (nothing is skipped)
     try:
         got2, error = check.run(model, inputs2, model_kwargs2), None
     except Exception as exc:
         got2, error = None, exc
+    if error is None and not check.compare(got2, references[0]):
+        return  # the example's outputs repeated: the graph is not run there too (one forward less per prune)
+    try:  # the graph's own outputs at that size, where it takes the size
+        references.insert(0, check.run(pruned, inputs2, check.doubled(ext.graph_kwargs(kwargs))))
+    except Exception:  # a graph captured for the example's size only: the example's outputs repeated stay the
+        pass  # reference, and the model is still compared with them below (nothing is skipped)
     if error is None and any(not check.compare(got2, r) for r in references):
         return
     why = _second_size_does_not_apply(change, ext, saved, inputs, inputs2, model_kwargs, model_kwargs2,

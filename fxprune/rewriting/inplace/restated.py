@@ -107,7 +107,7 @@ def _mapped(old, found: dict):
 
 
 def decide_head_counts(model: nn.Module, before: dict, after: dict, changes: dict, original: dict,
-                       skip=frozenset()) -> set:
+                       skip=frozenset(), ambiguous: dict | None = None) -> set:
     """Head counts of the modules the graph calls attention in (``before``/``after``:
     :func:`fxprune.analysis.attention_sites.attention_sites` of the analysed and rewritten graphs): an integer
     attribute of such a module equal to its old head count (kv head count, heads per kv head) takes the new one,
@@ -115,7 +115,12 @@ def decide_head_counts(model: nn.Module, before: dict, after: dict, changes: dic
     :func:`constant_changes`). This settles what the arguments alone leave open: timm's
     ``reshape(B, N, 3, self.num_heads, self.head_dim)`` with 3 heads maps 3 to both 3 and 2. An attribute
     another step changed (``original``), a layer index (:func:`positional`) or one in ``skip`` stays.
-    Returns the ``"module.attr"`` names set."""
+    Returns the ``"module.attr"`` names set.
+
+    Where the module's ops also used that value as an argument rewriting kept (StableLM's ``rotary_ndims`` 4 next
+    to its 4 heads: ``x[..., :4]`` stays, ``view(1, 7, 4, 16)`` goes to 1 head), the attribute may be either:
+    it is set, and ``ambiguous`` (when given) gets ``{"module.attr": old value}`` for the output check to put
+    back if the model then computes something else."""
     decided = set()
     indices = positional(model)
     for path, old in before.items():
@@ -142,6 +147,8 @@ def decide_head_counts(model: nn.Module, before: dict, after: dict, changes: dic
             if target != value and target in found.get(value, ()):
                 setattr(module, attr, target)
                 decided.add(key)
+                if ambiguous is not None and len(found[value]) > 1:
+                    ambiguous[key] = value
     return decided
 
 
