@@ -301,12 +301,21 @@ def ratios(rows: list[dict]) -> str:
         fx, tp = by.get((case, "fxprune"), {}), by.get((case, "torch-pruning"), {})
         cells = []
         for key, _ in keys:
-            if key in fx and key in tp and tp[key] > 0:
+            if _succeeded(fx, key) and _succeeded(tp, key) and tp[key] > 0:
                 cells.append(f"{fx[key] / tp[key]:.2f}")
+            elif _succeeded(fx, key) and key in tp:  # timed, but its pruned model failed: no ratio to a failure
+                cells.append("Torch-Pruning's failed")
             else:
                 cells.append("fxprune only" if key in fx and tp else "")
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _succeeded(row: dict, key: str) -> bool:
+    """``key`` was measured and its step did not fail in any repeat (a prune whose model then fails to run has a
+    time but no result)."""
+    step = next(s for s in ("graph_analysis", "analysis", "prune") if key.startswith(s))
+    return key in row and f"{step}_error" not in row
 
 
 def summary(runs: list[dict]) -> str:
@@ -321,8 +330,8 @@ def summary(runs: list[dict]) -> str:
         for key, label, unit, digits in (("analysis_s", "analysis", "s", 2), ("prune_s", "prune", "s", 2),
                                          ("prune_rss_mb", "prune peak RSS", "MB", 0)):
             if key in fx or key in tp:
-                mine = f"{fx[key]:.{digits}f}" if key in fx else "failed"
-                theirs = f"{tp[key]:.{digits}f}" if key in tp else ("failed" if tp else "not run")
+                mine = f"{fx[key]:.{digits}f}" if _succeeded(fx, key) else "failed"
+                theirs = f"{tp[key]:.{digits}f}" if _succeeded(tp, key) else ("failed" if tp else "not run")
                 cells.append(f"{label} {mine} {unit} against {theirs}")
         if "analysis_error" in tp:
             cells.append(f"Torch-Pruning: {tp['analysis_error']}")
