@@ -80,8 +80,8 @@ class DistillResult:
 def distill(student: torch.nn.Module, teacher: torch.nn.Module, batches, *, steps: int | None = None,
             time_budget: float | None = None, cpu_budget: float | None = None, lr: float = 1e-4,
             loss: str = "auto", temperature: float = 1.0, hidden_states: bool = True, hidden_weight: float = 1.0,
-            pooled="auto", pooled_weight: float = 1.0, warmup: float = 0.05, schedule: str = "cosine",
-            min_lr: float = 0.1, progress=None, optimizer=None) -> DistillResult:
+            pooled="auto", warmup: float = 0.05, schedule: str = "cosine", min_lr: float = 0.1, progress=None,
+            optimizer=None) -> DistillResult:
     """Train ``student`` in place to match the frozen ``teacher`` on ``batches``; returns a :class:`DistillResult`.
 
     ``batches``: calibration batches of model inputs (each a tensor, a tuple of positional inputs or a dict of
@@ -90,8 +90,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, batches, *, step
     least one step is always taken) and set the schedule's length. ``loss``: ``"kl"`` (KL at
     ``temperature``, scaled by ``temperature**2``), ``"mse"`` (squared error over the teacher's variance) or
     ``"auto"`` (KL on a Hugging Face output's ``logits``, else MSE). ``hidden_states``, ``hidden_weight``,
-    ``pooled``, ``pooled_weight``: the intermediate-state and pooled-embedding losses and their weights (see the
-    module). ``warmup`` (a fraction of
+    ``pooled``: the intermediate-state and pooled-embedding losses (see the module). ``warmup`` (a fraction of
     the run), ``schedule`` (``"cosine"`` or ``"constant"``) and ``min_lr`` (the cosine's end, a fraction of
     ``lr``) shape the learning rate. ``optimizer``: a ready optimizer over the student's parameters (default
     ``AdamW(lr=lr, weight_decay=0)`` over those that require grad; the schedule scales its groups' ``lr``).
@@ -120,7 +119,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, batches, *, step
     student.eval()  # dropout off, BatchNorm on its running statistics: deterministic steps
     try:
         matcher = _Matcher(student, teacher, batches[0], hidden_states, pooled, loss, temperature, hidden_weight,
-                           warn=True, pooled_weight=pooled_weight)
+                           warn=True)
         optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=0.0)  # no decay: only fit
         maps = [p for m in matcher.maps.values() for p in m.parameters()]
         if maps:  # the learned maps train with the student, at the same learning rate
@@ -221,9 +220,8 @@ class _Matcher:
     """The distillation loss of one student against one teacher: which states are paired, their maps."""
 
     def __init__(self, student, teacher, first_batch, hidden: bool, pooled, loss: str, temperature: float,
-                 hidden_weight: float, warn: bool, pooled_weight: float = 1.0):
+                 hidden_weight: float, warn: bool):
         self.loss_name, self.temperature, self.hidden_weight = loss, temperature, hidden_weight
-        self.pooled_weight = pooled_weight
         self.kind, self.maps = None, {}
         self.student, self.teacher = self._sides(student, teacher, first_batch, hidden, warn)
         self.matched = 0
@@ -295,8 +293,7 @@ class _Matcher:
                       for i in self.pairs]
             total = total + self.hidden_weight * sum(hidden) / len(hidden)
         if self.pooled:
-            total = total + self.pooled_weight * _pooled_cosine(_embedding_output(s_out), _embedding_output(t_out),
-                                                                mask)
+            total = total + _pooled_cosine(_embedding_output(s_out), _embedding_output(t_out), mask)
         return total
 
 
