@@ -64,8 +64,9 @@ from fxprune.analysis.shapes import GraphShapes, PlannedShapes
 from fxprune.analysis.untie import untie_constants
 from fxprune.calibration import (collect_statistics, load_refit, plan_sequential, reestimate_batchnorm,
                                  refit_consumers, run_sequential)
-from fxprune.calibration.output_check import check_refits, held_out_batches, original_outputs
+from fxprune.calibration.output_check import check_refits, original_outputs
 from fxprune.calibration.reconstruct import attach_refit_report, refit_groups
+from fxprune.calibration.statistics import held_out_calibration
 from fxprune.calibration.depth_refit import refit_after_depth
 from fxprune.calibration.depth_scores import OutputError, block_influence
 from fxprune.huggingface.freezes import freeze_head_dims, internal_outputs
@@ -319,7 +320,7 @@ def _refit(job: Job) -> None:
     if job.settings.reconstruct:
         job.refit = refit_consumers(job.dg, job.removal, job.settings.calibration,
                                     report=job.refit_report.setdefault("one-shot", {}))
-        held = held_out_batches(job.settings.calibration)  # the original's outputs: read before rewriting
+        held = held_out_calibration(job.dg, job.settings.calibration)  # kept by the statistics pass
         targets = original_outputs(job.dg.gm, held) if job.refit and held else []
         if targets:
             job.refit_check = (held[:len(targets)], targets, refit_groups(job.dg, job.removal, job.refit))

@@ -897,7 +897,8 @@ def test_output_check_keeps_a_refit_that_helps_the_output_and_undoes_one_that_hu
     """The one-shot refit is checked at the model's output on the held-out sequences (every fifth of a batch of at
     least five): the validated refit of planted copies lowers it and is kept; a refit that moves the output
     further (a garbage weight) is undone, the pruned weight restored as it was; prune's meta says what ran."""
-    from fxprune.calibration.output_check import check_refits, held_out_batches, original_outputs, output_error
+    from fxprune.calibration.output_check import check_refits, original_outputs, output_error
+    from fxprune.calibration.statistics import held_out_batches
     from fxprune.calibration.reconstruct import refit_consumers
 
     torch.manual_seed(0)
