@@ -326,8 +326,9 @@ def _refit(job: Job) -> None:
             job.refit_check = (held[:len(targets)], targets, refit_groups(job.dg, job.removal, job.refit))
         else:
             job.refit_report["output check"] = (
+                "not run: nothing refit" if not job.refit else
                 "not run: no calibration batch holds 5 sequences to hold out" if not held else
-                "not run: the model has no floating-point output" if job.refit else "not run: nothing refit")
+                "not run: the model has no floating-point output")
         if job.settings.sequential:  # the original graph and weights are the targets: read them before rewriting
             job.sequential_plan = plan_sequential(job.dg, job.removal, inplace=job.settings.inplace)
 
