@@ -111,8 +111,10 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     its scores compare across layers: use it with ``global_pruning=True, isomorphic=True`` (each kind of group loses
     the ratio where the output moves least). ``reconstruct=True`` refits every Linear, weight matmul (``x @ W``,
     GPT-2's addmm) or convolution that loses input columns (kept columns and bias, ridge least squares on the
-    calibration inputs, its strength chosen per layer on held-out calibration tokens; what was chosen is in
-    ``result.meta["fxprune_refit"]``) so the pruned model's outputs stay close without retraining
+    calibration inputs, its strength chosen per layer on held-out calibration tokens, and each layer's refit kept
+    only if it brings the model's output closer to the original's on the held-out calibration sequences,
+    :mod:`fxprune.calibration.output_check`; what was chosen is in ``result.meta["fxprune_refit"]``) so the pruned
+    model's outputs stay close without retraining
     (:mod:`fxprune.calibration`); it needs ``calibration``; with ``inplace=True`` on a Hugging Face model the refit
     weights are written into the model (which still generates, saves and reloads). ``sequential=True`` (with
     ``reconstruct=True``) refits those layers front to back instead, each on the pruned model's own inputs after the

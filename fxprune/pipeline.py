@@ -66,7 +66,9 @@ from fxprune.analysis.shapes import GraphShapes, PlannedShapes
 from fxprune.analysis.untie import untie_constants
 from fxprune.calibration import (collect_statistics, load_refit, plan_sequential, reestimate_batchnorm,
                                  refit_consumers, run_sequential)
-from fxprune.calibration.reconstruct import attach_refit_report
+from fxprune.calibration.output_check import check_refits, original_outputs
+from fxprune.calibration.reconstruct import attach_refit_report, refit_groups
+from fxprune.calibration.statistics import held_out_calibration
 from fxprune.calibration.depth_refit import refit_after_depth
 from fxprune.calibration.depth_scores import OutputError, block_influence
 from fxprune.huggingface.freezes import freeze_head_dims, internal_outputs
@@ -159,6 +161,7 @@ class Job:
     refit: dict = field(default_factory=dict)  # refit: {parameter name: refit tensor} when reconstructing
     refit_report: dict = field(default_factory=dict)  # refit, sequential: {"one-shot"/"sequential": {weight: choice}}
     sequential_plan: object = None  # refit: calibration.SequentialPlan, read before rewriting
+    refit_check: tuple | None = None  # refit: (held-out batches, original outputs, [(weight, names)]) to check
     result: fx.GraphModule | None = None  # rewrite: the pruned graph, or the model itself pruned in place
     achieved: dict = field(default_factory=dict)  # measure: {"macs": fraction kept, "params": ...} with a target
     depth_plan: object = None  # depth_plan: planning.depth.DepthPlan (branches and layers to remove)
@@ -319,6 +322,15 @@ def _refit(job: Job) -> None:
     if job.settings.reconstruct:
         job.refit = refit_consumers(job.dg, job.removal, job.settings.calibration,
                                     report=job.refit_report.setdefault("one-shot", {}))
+        held = held_out_calibration(job.dg, job.settings.calibration)  # kept by the statistics pass
+        targets = original_outputs(job.dg.gm, held) if job.refit and held else []
+        if targets:
+            job.refit_check = (held[:len(targets)], targets, refit_groups(job.dg, job.removal, job.refit))
+        else:
+            job.refit_report["output check"] = (
+                "not run: nothing refit" if not job.refit else
+                "not run: no calibration batch holds 5 sequences to hold out" if not held else
+                "not run: the model has no floating-point output")
         if job.settings.sequential:  # the original graph and weights are the targets: read them before rewriting
             job.sequential_plan = plan_sequential(job.dg, job.removal, inplace=job.settings.inplace)
 
@@ -412,7 +424,13 @@ def _reconstruct(job: Job) -> None:
     """Write the refit weights into the pruned graph (rewriting keeps parameter names), or into a Hugging Face
     model pruned in place: its resized tensors were written back under the exported graph's names, which are
     the model's own parameter names (a refit consumer without a bias gets none)."""
-    if job.refit:
+    if job.refit and job.refit_check is not None:  # each refit kept only where the model's output gains
+        held, targets, groups = job.refit_check
+        job.refit = check_refits(job.result, job.refit, groups, held, targets, job.refit_report["one-shot"])
+        undone = [w for w, names in groups if names and not any(n in job.refit for n in names)]
+        job.refit_report["output check"] = {"held_out_sequences": sum(t.shape[0] for t, _ in targets),
+                                            "consumers": len(groups), "undone": undone}
+    elif job.refit:
         load_refit(job.result, job.refit)
     if job.refit_report:
         attach_refit_report(job.result, job.refit_report)

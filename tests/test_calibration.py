@@ -891,3 +891,43 @@ def test_greedy_scores_by_hand():
     hinv = damped_inverse(gram, 1e-6)
     scores = greedy_scores(torch.tensor([[1.0, 1.0, 5.0]]), hinv, np.array([[0], [1], [2]]))
     assert min(scores[:2]) < 1e-4 and max(scores[:2]) == pytest.approx(4.0, rel=1e-3)  # the copy, then 2^2
+
+
+def test_output_check_keeps_a_refit_that_helps_the_output_and_undoes_one_that_hurts():
+    """The one-shot refit is checked at the model's output on the held-out sequences (every fifth of a batch of at
+    least five): the validated refit of planted copies lowers it and is kept; a refit that moves the output
+    further (a garbage weight) is undone, the pruned weight restored as it was; prune's meta says what ran."""
+    from fxprune.calibration.output_check import check_refits, original_outputs, output_error
+    from fxprune.calibration.statistics import held_out_batches
+    from fxprune.calibration.reconstruct import refit_consumers
+
+    torch.manual_seed(0)
+    model = MLP(4, 8, 3, act=nn.GELU).eval()
+    plant_redundant_units(model, {2: 5, 6: None})
+    batches = [torch.randn(10, 4) for _ in range(4)] + [torch.randn(3, 4)]  # the last one too small to hold out
+    held = held_out_batches(batches)
+    assert [len(b) for b in held] == [2, 2, 2, 2] and torch.equal(held[0], batches[0][[4, 9]])
+    assert [sorted(b) for b in held_out_batches([{"x": torch.randn(5, 4), "n": 1}])] == [["n", "x"]]
+    dg = fxprune.analyze(model, (batches[0][:2],))
+    removal = {dg.group_of("fc2.weight", 1): [2, 6]}
+    targets = original_outputs(dg.gm, held)
+    good = refit_consumers(dg, removal, batches)
+    for refit, kept in ((good, True), ({"fc2.weight": 50 * torch.randn(3, 6)}, False)):
+        pruned, report = fxprune.apply(dg, removal), {"fc2.weight": {}}
+        before = pruned.fc2.weight.detach().clone()
+        unrefit = output_error(pruned, held, targets)
+        out = check_refits(pruned, refit, [("fc2.weight", list(refit))], held, targets, report)
+        assert report["fc2.weight"]["output_check"] == ("kept" if kept else "undone")
+        assert report["fc2.weight"]["output_error_before"] == pytest.approx(unrefit)
+        if kept:
+            assert set(out) == set(good) and output_error(pruned, held, targets) < 1e-3 * unrefit
+        else:
+            assert out == {} and torch.equal(pruned.fc2.weight, before)
+    pruned = fxprune.prune(model, 0.25, example_inputs=(batches[0][:2],), importance="l2", round_to=1,
+                           calibration=batches, reconstruct=True)
+    meta = pruned.meta["fxprune_refit"]
+    assert meta["output check"]["held_out_sequences"] == 8 and meta["output check"]["consumers"] == 1
+    assert meta["one-shot"]["fc2.weight"]["output_check"] in ("kept", "undone")
+    small = fxprune.prune(model, 0.25, example_inputs=(batches[0][:2],), importance="l2", round_to=1,
+                          calibration=[torch.randn(4, 4)] * 3, reconstruct=True)
+    assert small.meta["fxprune_refit"]["output check"].startswith("not run: no calibration batch holds 5")

@@ -29,7 +29,10 @@ not inputs). Depthwise convolutions are not calibrated (nothing to refit). Consu
 tensor under several names) are left alone: refitting one use would change the other.
 
 Every consumer is refit from the original model's inputs (one-shot, not layer by layer), so this is
-exact for a consumer whose kept inputs are unchanged by the pruning (its producers were not refit).
+exact for a consumer whose kept inputs are unchanged by the pruning (its producers were not refit). Through
+``fxprune.prune``, each consumer's refit is then kept only if it brings the whole model's output closer to the
+original's on the held-out calibration sequences (:mod:`fxprune.calibration.output_check`): a layer's own
+error is not what the layers after it make of it.
 
 Example::
 
@@ -102,6 +105,19 @@ def losing_consumers(dg, removal: dict) -> list[tuple]:
             continue
         out.append((name, consumer, kept_in, torch.as_tensor(sizes.indices(dg.layout_of(name, consumer.out_axis)))))
     return out
+
+
+def refit_groups(dg, removal: dict, refit: dict) -> list[tuple[str, list[str]]]:
+    """``[(weight name, [its refit parameter names: the weight, its bias])]`` of the consumers in ``refit``, in
+    graph order (the order :func:`fxprune.calibration.output_check.check_refits` tries them)."""
+    order = {n: i for i, n in enumerate(dg.gm.graph.nodes)}
+    out = []
+    for name, consumer, _, _ in losing_consumers(dg, removal):
+        names = [n for n in (name, consumer.bias) if n and n in refit]
+        if names:
+            first = min((order.get(node, len(order)) for node, _ in consumer.calls), default=len(order))
+            out.append((first, name, names))
+    return [(name, names) for _, name, names in sorted(out, key=lambda t: t[0])]
 
 
 def refit_consumers(dg, removal: dict, batches, damping: float | None = None, progress=None,

@@ -22,6 +22,8 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_leaves
@@ -48,19 +50,28 @@ class _Leaves(fx.Interpreter):
         return value
 
 
-def _output(gm: fx.GraphModule, flat) -> tuple[torch.Tensor | None, bool]:
-    """``(output tensor, is logits)``: the ``logits`` output, else the first floating-point one."""
-    try:
-        structured = gm.graph.process_outputs(flat)
-    except Exception:  # noqa: BLE001 - a graph without an output spec: its flat outputs
-        structured = flat
-    logits = getattr(structured, "logits", None)
-    if logits is None and isinstance(structured, dict):
-        logits = structured.get("logits")
-    if isinstance(logits, torch.Tensor) and logits.requires_grad:
+def output_of(gm: fx.GraphModule | None, flat, need_grad: bool = True,
+              structured: bool = False) -> tuple[torch.Tensor | None, bool]:
+    """``(output tensor, is logits)``: the ``logits`` output, else the first floating-point one (one that requires
+    grad, with ``need_grad``). ``flat``: the graph's flat outputs, or with ``structured`` a model's own output."""
+    if structured:
+        out = flat
+    else:
+        try:
+            out = gm.graph.process_outputs(flat)
+        except Exception:  # noqa: BLE001 - a graph without an output spec: its flat outputs
+            out = flat
+
+    def usable(t) -> bool:
+        return isinstance(t, torch.Tensor) and t.is_floating_point() and (t.requires_grad or not need_grad)
+
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, Mapping):
+        logits = out.get("logits")
+    if usable(logits):
         return logits, True
-    for leaf in tree_leaves(structured):
-        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point() and leaf.requires_grad:
+    for leaf in tree_leaves(dict(out) if isinstance(out, Mapping) else out):
+        if usable(leaf):
             return leaf, False
     return None, False
 
@@ -94,7 +105,7 @@ def output_sensitivity(dg, batches, seed: int = 0) -> dict[str, torch.Tensor]:
             runner = _Leaves(gm, watched)
             with torch.enable_grad():
                 flat = runner.run(*placeholder_values(gm, batch), enable_io_processing=False)
-                out, logits = _output(gm, flat)
+                out, logits = output_of(gm, flat)
                 if out is None:
                     raise ValueError("output sensitivity: the graph has no floating-point output that depends on "
                                      "the calibrated layers")

@@ -188,6 +188,36 @@ def held_out_rows(value: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.arange(rows, device=value.device) >= rows - rows // HOLD_OUT
 
 
+def _lead(batch) -> int | None:
+    """The batch's leading size (sequences, images): its first tensor's dim 0."""
+    leaves = [t for t in tree_leaves(dict(batch) if isinstance(batch, Mapping) else batch)
+              if isinstance(t, torch.Tensor) and t.dim() >= 1]
+    return leaves[0].shape[0] if leaves else None
+
+
+def held_out_batches(batches, limit: int = 64) -> list:
+    """The held-out part of every batch of at least :data:`HOLD_OUT` sequences (sequences ``i % 5 == 4``, the ones
+    the statistics hold out), every tensor with that leading size sliced, at most ``limit`` in all."""
+    out, taken = [], 0
+    for batch in batches or []:
+        n = _lead(batch)
+        if n is None or n < HOLD_OUT or taken >= limit:
+            continue
+        index = (torch.arange(n) % HOLD_OUT == HOLD_OUT - 1).nonzero().flatten()[:limit - taken]
+        taken += len(index)
+
+        def cut(v):
+            return v[index.to(v.device)] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n else v
+
+        if isinstance(batch, Mapping):
+            out.append({k: cut(v) for k, v in batch.items()})
+        elif isinstance(batch, torch.Tensor):
+            out.append(cut(batch))
+        else:
+            out.append(type(batch)(cut(v) for v in batch))
+    return out
+
+
 def token_mask(batch) -> torch.Tensor | None:
     """A batch's 2-d ``attention_mask`` (a dict batch, a tokenizer's output), else None."""
     mask = batch.get("attention_mask") if isinstance(batch, dict) else None
@@ -378,7 +408,7 @@ def collect_statistics(dg, batches, gram: bool = False, progress=None) -> dict[s
     watched = {node: (c, x) for c in consumers for node, x in c.calls}
     stats: dict[str, InputStats] = {}
     saved = {name: b.detach().clone() for name, b in gm.named_buffers()}
-    count = 0
+    count, held = 0, []  # held: the held-out sequences of the batches (for the refit's output check)
     try:
         with torch.no_grad():
             for batch in tqdm(batches, desc="fxprune activation statistics",
@@ -392,11 +422,24 @@ def collect_statistics(dg, batches, gram: bool = False, progress=None) -> dict[s
                         raise
                     raise ValueError(f"{hint} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
                 count += 1
+                if gram and sum(_lead(b) or 0 for b in held) < HELD_SEQUENCES:
+                    held += held_out_batches([batch], HELD_SEQUENCES - sum(_lead(b) or 0 for b in held))
     finally:
         with torch.no_grad():
             for name, b in gm.named_buffers():
                 b.copy_(saved[name])
     if count == 0:
         raise ValueError("calibration data is empty: pass at least one batch")
-    dg._fxprune_input_stats = (batches, gram, stats)
+    dg._fxprune_input_stats = (batches, gram, stats, held)
     return stats
+
+
+HELD_SEQUENCES = 64  # held-out sequences kept by a statistics pass with gram=True (the refit's output check)
+
+
+def held_out_calibration(dg, batches) -> list:
+    """The held-out sequences (:func:`held_out_batches`, at most :data:`HELD_SEQUENCES`) that the last statistics
+    pass with ``gram=True`` over ``batches`` kept, so that checking the refit takes no second pass over them; []
+    if none ran."""
+    cached = getattr(dg, "_fxprune_input_stats", None)
+    return list(cached[3]) if cached is not None and cached[0] is batches and cached[1] else []
