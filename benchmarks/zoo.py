@@ -67,7 +67,7 @@ TIMM = [  # 54 models, one or two per family (small variants: coverage is about 
 HF = ["bert", "vit", "gpt2", "llama", "qwen2", "mistral", "t5"]
 
 # CI: a residual CNN, a mobile net with SE and hardswish, timm ConvNeXt and DeiT, BERT (Torch-Pruning hangs on LLaMA)
-QUICK = ["tv:resnet18", "tv:mobilenet_v3_small", "timm:convnext_atto", "timm:deit_tiny_patch16_224", "hf:bert"]
+QUICK = ["tv:resnet18", "timm:convnext_atto", "timm:deit_tiny_patch16_224", "hf:bert"]
 
 
 def torchvision_names() -> list[str]:

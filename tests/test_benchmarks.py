@@ -239,19 +239,20 @@ def test_scale_plan_times_every_phase_of_a_tiny_meta_llama():
 
 def test_checkpoint_streaming_tiny_rows(tmp_path):
     """The checkpoint benchmark end to end on a tiny LLaMA (one key/value head: Torch-Pruning loops forever on two
-    query heads per key/value head, tp_hang.md): both fxprune paths and Torch-Pruning's measured under the same
-    limit, Torch-Pruning's model runs and is smaller; the report is rendered from the log."""
+    query heads per key/value head, tp_hang.md), in one run (the suite's time): fxprune's calibrated layer-by-layer
+    path and the loaded reference, and Torch-Pruning's, measured under the same limit; Torch-Pruning's model runs
+    and is smaller; the report is rendered from the log."""
     pytest.importorskip("transformers")
     import transformers
 
     if tuple(int(v) for v in transformers.__version__.split(".")[:2]) < (5, 4):
         pytest.skip("prune_checkpoint analyses a LLaMA on the meta device: transformers >= 5.4")
     pytest.importorskip("torch_pruning")
-    out = _run("checkpoint_streaming.py", "--sizes", "tiny", "--torch-pruning", "--step-timeout", "240", "--tmp",
-               tmp_path, "--out", tmp_path / "c.md", timeout=600)
+    out = _run("checkpoint_streaming.py", "--sizes", "tiny", "--calibration", "4x16", "--torch-pruning",
+               "--step-timeout", "240", "--tmp", tmp_path, "--out", tmp_path / "c.md", timeout=600)
     rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert [r["method"] for r in rows] == ["prune_checkpoint", "from_pretrained + prune(inplace) + save_pretrained",
-                                           "Torch-Pruning LLM recipe (bf16 in memory) + save_pretrained"]
+    assert [r["method"].split("(")[0] for r in rows] == ["prune_checkpoint", "from_pretrained + prune",
+                                                         "Torch-Pruning LLM recipe "]
     assert all("error" not in r and r["seconds"] > 0 and r["shards"] >= 2 for r in rows[:2]), rows
     tp = rows[2]
     if "error" in tp:  # not started where less memory is free than the step asks for
@@ -259,25 +260,10 @@ def test_checkpoint_streaming_tiny_rows(tmp_path):
     else:
         assert tp["runs"] and tp["parameters_after"] < tp["parameters"], tp
     text = (tmp_path / "c.md").read_text()
-    assert "| tiny |" in text and "at most 240 s" in text
+    assert "Gram matrices" in text and "at most 240 s" in text
     logged = [r for r in map(json.loads, (tmp_path / "c.jsonl").read_text().splitlines()) if "@run" not in r
               and "@end" not in r]
     assert [r["method"] for r in logged] == [r["method"] for r in rows]
-
-
-def test_checkpoint_streaming_layerwise_tiny_rows(tmp_path):
-    """--calibration: the layer-by-layer run and the loaded reference on a tiny LLaMA, no error row."""
-    pytest.importorskip("transformers")
-    import transformers
-
-    if tuple(int(v) for v in transformers.__version__.split(".")[:2]) < (5, 4):
-        pytest.skip("prune_checkpoint analyses a LLaMA on the meta device: transformers >= 5.4")
-    out = _run("checkpoint_streaming.py", "--sizes", "tiny", "--calibration", "4x16", "--tmp", tmp_path, "--out",
-               tmp_path / "c.md", timeout=300)
-    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert [r["method"].split("(")[0] for r in rows] == ["prune_checkpoint", "from_pretrained + prune"]
-    assert all("error" not in r and r["seconds"] > 0 for r in rows), rows
-    assert "Gram matrices" in (tmp_path / "c.md").read_text()
 
 
 def test_hf_sweep_llama_passes_every_fxprune_check(tmp_path):
