@@ -56,7 +56,6 @@ def rewrite(dg, removal: dict, share_tensors: bool = False) -> fx.GraphModule:
     """
     sizes = Sizes(dg.solver, kept_units(dg, removal))
     memo = {id(t): t for t in (*dg.gm.parameters(), *dg.gm.buffers())} if share_tensors else {}
-    memo.update(_analysis_records(dg.gm))
     gm = copy.deepcopy(dg.gm, memo)
     nodes = {n.name: n for n in gm.graph.nodes}
     with torch.no_grad():
@@ -71,23 +70,6 @@ def rewrite(dg, removal: dict, share_tensors: bool = False) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
-
-
-SHARED_META = ("val", "tensor_meta", "example_value", "from_node")  # records no pass changes in place
-
-
-def _analysis_records(gm: fx.GraphModule) -> dict:
-    """``{id: object}`` of the nodes' recorded values and provenance (:data:`SHARED_META`), for ``deepcopy``'s memo:
-    the copy shares them. Nothing changes them in place (the pruned graph's
-    :func:`~fxprune.rewriting.verify.verify` records new values), and a FakeTensor and a provenance chain per node
-    were most of what the copy made."""
-    shared = {}
-    for node in gm.graph.nodes:
-        for key in SHARED_META:
-            value = node.meta.get(key)
-            if value is not None:
-                shared[id(value)] = value
-    return shared
 
 
 def changed_axes(dg, sizes: Sizes) -> dict[str, dict[int, object]]:
