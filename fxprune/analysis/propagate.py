@@ -48,6 +48,7 @@ passes them (Swin3D assigns into its ``window_size`` list).
 from __future__ import annotations
 
 import contextlib
+import operator
 import warnings
 
 import torch
@@ -409,7 +410,7 @@ def _propagate_missing(gm: fx.GraphModule) -> bool:
                 elif node.op == "call_method":
                     result = getattr(args[0], node.target)(*args[1:], **kwargs)
                 elif node.op == "get_attr":
-                    result = _fetch_attr(gm, node.target)
+                    result = operator.attrgetter(node.target)(gm)
                     result = _on_meta(result) if isinstance(result, torch.Tensor) else result
                 else:
                     raise LookupError(node.op)
@@ -420,11 +421,6 @@ def _propagate_missing(gm: fx.GraphModule) -> bool:
         for node in made:
             node.meta.pop("val", None)
         return False
-
-
-def _fetch_attr(gm: fx.GraphModule, target: str):
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, name)
 
 
 def _is_shape(x) -> bool:

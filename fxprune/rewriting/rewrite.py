@@ -104,7 +104,7 @@ def _slice_tensors(gm: fx.GraphModule, dg, sizes: Sizes) -> None:
     for alias, name in dg.state.canonical.items():
         aliases.setdefault(name, []).append(alias)
     for name, changed in changed_axes(dg, sizes).items():
-        old = _get(gm, name)
+        old = operator.attrgetter(name)(gm)
         new = sliced(old.detach(), changed, sizes)
         if isinstance(old, torch.nn.Parameter):
             new = torch.nn.Parameter(new.contiguous(), requires_grad=old.requires_grad)
@@ -112,11 +112,6 @@ def _slice_tensors(gm: fx.GraphModule, dg, sizes: Sizes) -> None:
             new = new.contiguous()
         for alias in aliases.get(name, [name]):
             _set(gm, alias, new)
-
-
-def _get(gm: fx.GraphModule, name: str) -> torch.Tensor:
-    owner, _, attr = name.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, attr)
 
 
 def _set(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:

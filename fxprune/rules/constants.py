@@ -29,6 +29,8 @@ units land; a negative index stays negative.
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 import torch.fx as fx
@@ -55,9 +57,8 @@ def constant_value(gm: fx.GraphModule, node) -> torch.Tensor | None:
         node = node.args[0]
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         return None
-    owner, _, attr = node.target.rpartition(".")
     try:
-        value = getattr(gm.get_submodule(owner) if owner else gm, attr)
+        value = operator.attrgetter(node.target)(gm)
     except AttributeError:
         return None
     if not isinstance(value, torch.Tensor) or value.is_meta or isinstance(value, torch._subclasses.FakeTensor):

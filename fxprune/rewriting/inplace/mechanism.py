@@ -40,6 +40,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 from dataclasses import dataclass, field
 
@@ -239,20 +240,12 @@ def _take_graph(model: fx.GraphModule, pruned: fx.GraphModule) -> None:
             continue
         owner, _, attr = node.target.rpartition(".")
         try:
-            model.get_submodule(node.target) if node.op == "call_module" else _resolve(model, node.target)
+            model.get_submodule(node.target) if node.op == "call_module" else operator.attrgetter(node.target)(model)
         except AttributeError:
-            value = _resolve(pruned, node.target)
+            value = operator.attrgetter(node.target)(pruned)
             setattr(model.get_submodule(owner) if owner else model, attr, value)
     model.graph = pruned.graph
     model.recompile()
-
-
-def _resolve(module: nn.Module, target: str):
-    owner, _, attr = target.rpartition(".")
-    holder = module.get_submodule(owner) if owner else module
-    if not hasattr(holder, attr):
-        raise AttributeError(target)
-    return getattr(holder, attr)
 
 
 class InPlaceError(FxPruneError):
