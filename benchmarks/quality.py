@@ -203,6 +203,7 @@ def load_minilm():
     def encode(texts):
         return dict(tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt"))
 
+    encode.tokenizer = tokenizer  # for fxprune.calibration.batches.text_batches (recovery.py)
     return model, encode
 
 
