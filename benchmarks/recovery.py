@@ -19,8 +19,9 @@ for both models, without the output check.
   (disjoint), sentences of similar token counts batched together (``text_batches(..., by_length=True)``, the
   batches in shuffled order; less padding), with the vocabulary table frozen (it is not pruned, and AdamW would
   update all its 30522 rows each step; column ``distilled``; rows logged before 2026-12-07 18:00 UTC: batches in
-  text order, every parameter trained); scored by the mean cosine to the original embeddings on the everyday sentences and the language
-  reference (other sources) and on general English's evaluation part (the distillation's source, held out).
+  text order, every parameter trained); scored by the mean cosine to the original embeddings on the everyday
+  sentences and the language reference (other sources) and on general English's evaluation part (the
+  distillation's source, held out).
 - ``lm``: the small LLaMA of ``benchmarks/tiny_lm.py``, MLP units and key/value heads, hidden kept. Calibration:
   the language reference's calibration topics; distillation: batches of 8 windows of 128 bytes of its training
   text (the model's own training text, the reference's training topics and the standard library's source);

@@ -981,3 +981,6 @@ def test_output_check_chooses_each_refits_strength_by_the_model_output():
                            calibration=batches, reconstruct=True)
     entry = pruned.meta["fxprune_refit"]["one-shot"]["fc2.weight"]
     assert set(entry["output_errors"]) == {"1.0", *map(str, STRENGTH_FACTORS)}
+    check = pruned.meta["fxprune_refit"]["output check"]  # the whole pruning's held-out error, before and after
+    assert check["output_error"] == pytest.approx(min(entry["output_errors"].values()))
+    assert check["output_error"] < check["output_error_unrefit"] == pytest.approx(entry["output_error_before"])

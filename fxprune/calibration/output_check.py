@@ -29,8 +29,10 @@ Each consumer's entry of ``result.meta["fxprune_refit"]["one-shot"]`` gains ``"o
 ``"undone"``, with the model's held-out output error before and after loading it (``"output_error_before"``,
 ``"output_error_after"``: the validated strength's), the error of each candidate by its strength factor
 (``"output_errors"``, ``{"1.0": ..., "0.3": ..., "3.0": ..., "inf": ...}``) and the factor kept
-(``"output_strength_factor"``, None when undone); ``result.meta["fxprune_refit"]["output check"]`` says what ran (or why not: no batch
-with five sequences to hold out).
+(``"output_strength_factor"``, None when undone); ``result.meta["fxprune_refit"]["output check"]`` says what
+ran, with the model's held-out output error before any refit (``"output_error_unrefit"``) and after the kept
+ones (``"output_error"``: a calibration-side score of the whole pruning, which can choose between prunings
+without looking at evaluation text), or why it did not run (no batch with five sequences to hold out).
 
 Example (all-MiniLM-L6-v2, calibrated on 256 sentences of Python's language reference)::
 
@@ -106,18 +108,21 @@ def output_error(model, held: list, targets: list) -> float:
 
 
 def check_refits(result, refit: dict, consumers: list, held: list, targets: list, report: dict,
-                 alternatives: dict | None = None) -> dict:
+                 alternatives: dict | None = None, summary: dict | None = None) -> dict:
     """Load into ``result`` (the pruned model, not yet refit) the refits of ``refit`` (``{parameter name:
     tensor}``) consumer by consumer, keeping each only where the held-out output error does not grow (see the
     module); ``consumers``: ``[(weight name, [its parameter names in refit])]`` in graph order. ``report``: the
     one-shot choices by weight name, each given ``"output_check"`` and the errors. ``alternatives``: ``{weight
     name: [(strength factor, {parameter name: tensor})]}``, other refits of a consumer to try after the
     validated one (:func:`~fxprune.calibration.reconstruct.refit_consumers`); the one with the smallest held-out
-    output error is kept (on ties the validated one, then the first given). Returns the kept refits."""
+    output error is kept (on ties the validated one, then the first given). ``summary``, a dict, receives the
+    held-out output error without any refit (``"output_error_unrefit"``) and with the kept ones
+    (``"output_error"``). Returns the kept refits."""
     params = dict(result.named_parameters(remove_duplicate=False))
     alternatives = alternatives or {}
     kept: dict = {}
     current = output_error(result, held, targets)
+    unrefit = current
     for weight, names in consumers:
         names = [n for n in names if n in refit and n in params]
         if not names:
@@ -148,6 +153,8 @@ def check_refits(result, refit: dict, consumers: list, held: list, targets: list
                 entry.update({"output_strength_factor": _clean(factor) if keep else None,
                               "output_errors": {str(f): e for (f, _), e in zip(candidates, errors)}})
         current = errors[best] if keep else current
+    if summary is not None:
+        summary.update({"output_error_unrefit": unrefit, "output_error": current})
     return kept
 
 
