@@ -18,7 +18,7 @@ for both models, without the output check.
   general English (``corpora.py``'s calibration part); distillation: batches of 16 sentences of its training part
   (disjoint), sentences of similar token counts batched together (``text_batches(..., by_length=True)``, the
   batches in shuffled order; less padding), with the vocabulary table frozen (it is not pruned, and AdamW would
-  update all its 30522 rows each step; column ``distilled``; rows logged before 2026-12-07 17:45 UTC: batches in
+  update all its 30522 rows each step; column ``distilled``; rows logged before 2026-12-07 18:00 UTC: batches in
   text order, every parameter trained); scored by the mean cosine to the original embeddings on the everyday
   sentences and the language reference (other sources) and on general English's evaluation part (the
   distillation's source, held out).
@@ -71,7 +71,7 @@ from quality import _sentence_embeddings, lm_windows, load_minilm  # noqa: E402
 # MiniLM: of 1e-3, 3e-4 and 1.5e-4 tried for 150 CPU s (2026-12-07), 1.5e-4 ended with the lowest training loss;
 # with batches by length, 1e-4 (300 CPU s) was below 1.5e-4 on 256 held-out training sentences
 LR = {"minilm": 1.5e-4, "lm": 1e-3}
-# how the MiniLM rows are distilled since 2026-12-07 17:45 UTC (rows logged before say nothing: text order, all trained)
+# how the MiniLM rows are distilled since 2026-12-07 18:00 UTC (rows logged before say nothing: text order, all trained)
 DISTILLED = {"minilm": "batches by length"}
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -935,20 +934,13 @@ def test_output_check_keeps_a_refit_that_helps_the_output_and_undoes_one_that_hu
     assert small.meta["fxprune_refit"]["output check"].startswith("not run: no calibration batch holds 5")
 
 
-def test_output_check_chooses_each_refits_strength_by_the_model_output(monkeypatch):
-    """With ``STRENGTH_FACTORS`` set (off by default), each validated refit is also solved at its strength times
-    each (inf: the kept weights, the mean corrected); the output check keeps, per consumer, the candidate with the
-    smallest held-out output error, and undoes them all when none beats the unrefit weights. The whole pruning's
-    held-out error is in prune's meta."""
-    import fxprune.calibration.reconstruct as _  # noqa: F401 - the module (the package's name is the function)
+def test_output_check_chooses_each_refits_strength_by_the_model_output():
+    """Each validated refit is also solved at its strength times ``STRENGTH_FACTORS`` (inf: the kept weights, the
+    mean corrected); the output check keeps, per consumer, the candidate with the smallest held-out output error,
+    and undoes them all when none beats the unrefit weights."""
     from fxprune.calibration.output_check import check_refits, original_outputs, output_error
-    from fxprune.calibration.reconstruct import refit_consumers
+    from fxprune.calibration.reconstruct import STRENGTH_FACTORS, refit_consumers
     from fxprune.calibration.statistics import held_out_batches
-
-    module = sys.modules["fxprune.calibration.reconstruct"]
-    assert module.STRENGTH_FACTORS == ()  # off by default
-    STRENGTH_FACTORS = (0.3, 3.0, math.inf)
-    monkeypatch.setattr(module, "STRENGTH_FACTORS", STRENGTH_FACTORS)
 
     torch.manual_seed(0)
     model = MLP(4, 8, 3, act=nn.GELU).eval()

@@ -11,24 +11,24 @@ and 40%.)
 
 So the refits are kept consumer by consumer, front to back (graph order), only where they help the whole
 model: starting from the pruned model without refit, each consumer's refit is loaded and kept if the model's
-output error on the held-out sequences does not grow, else undone. The check can also choose each consumer's strength:
-with :data:`~fxprune.calibration.reconstruct.STRENGTH_FACTORS` set (empty by default; e.g. 0.3, 3 and inf: the
-kept weights with the mean corrected), each consumer is also refit at its validated strength times each factor,
-and of these candidates the one with the smallest held-out output error is kept (if it beats no refit): one more
-forward pass per candidate, and one copy of the refit weights per factor held until the check. Measured on
-all-MiniLM-L6-v2 it fitted the calibration text more and lowered the out-of-domain scores, hence off. The held-out sequences are the ones the
+output error on the held-out sequences does not grow, else undone. The locally validated strength is not taken
+as final either: each consumer is also refit at that strength times each of
+:data:`~fxprune.calibration.reconstruct.STRENGTH_FACTORS` (0.3, 3, and inf: the kept weights with the mean
+corrected), and of these candidates the one with the smallest held-out output error is the one kept (if it beats
+no refit). Per consumer that is one more forward pass per candidate; the candidates' weights are held until the
+check (one copy of the refit weights per factor). The held-out sequences are the ones the
 refits were validated on (:data:`~fxprune.calibration.statistics.HOLD_OUT`: every fifth sequence of each batch
 of at least five, kept by the statistics pass, :func:`~fxprune.calibration.statistics.held_out_batches`;
 at most 64 of them and :data:`MAX_VALUES` output values), never fitted on.
 The error is the one the output's kind calls for (as :mod:`fxprune.calibration.sensitivity`): KL divergence of
 the original's softmax to the pruned model's for ``logits``, else the squared error, per unpadded position
-(2-d ``attention_mask``). Cost: one forward pass of the held-out sequences per refit consumer (per candidate),
+(2-d ``attention_mask``). Cost: one forward pass of the held-out sequences per candidate of each refit consumer,
 plus one.
 
 Each consumer's entry of ``result.meta["fxprune_refit"]["one-shot"]`` gains ``"output_check"``: ``"kept"`` or
 ``"undone"``, with the model's held-out output error before and after loading it (``"output_error_before"``,
-``"output_error_after"``: the validated strength's), with candidate strengths, the error of each by its
-factor (``"output_errors"``, ``{"1.0": ..., "0.3": ..., "3.0": ..., "inf": ...}``) and the factor kept
+``"output_error_after"``: the validated strength's), the error of each candidate by its strength factor
+(``"output_errors"``, ``{"1.0": ..., "0.3": ..., "3.0": ..., "inf": ...}``) and the factor kept
 (``"output_strength_factor"``, None when undone); ``result.meta["fxprune_refit"]["output check"]`` says what
 ran, with the model's held-out output error before any refit (``"output_error_unrefit"``) and after the kept
 ones (``"output_error"``: a calibration-side score of the whole pruning, which can choose between prunings
