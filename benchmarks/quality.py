@@ -24,9 +24,8 @@ Every row prunes the same original model. ``fxprune`` rows call ``fxprune.prune`
 named in the row; ``+ reconstruct`` adds ``reconstruct=True`` (the ridge refit of the consumers of pruned
 units, its strength validated per layer on held-out calibration tokens; since 2026-12-07 14:30 UTC each layer's
 refit is also kept only where it brings the model's output closer to the original's on the held-out calibration
-sequences, ``fxprune.calibration.output_check``; since 2026-12-07 18:00 UTC at the strength, of the validated one
-times 0.3, 1, 3 or inf, that brings it closest there; rows of earlier runs were measured without that check or
-choice: the log header's fxprune commit tells them apart), ``+ sequential`` adds
+sequences, ``fxprune.calibration.output_check``; rows of earlier runs were measured without that check: the log
+header's fxprune commit tells them apart), ``+ sequential`` adds
 ``sequential=True`` (front to back, each layer refit on the pruned model's own inputs, same validation).
 ``obs-output (isomorphic)`` rows score units by OBS in units of the model's output (greedy removal) and rank
 each kind of group (heads, MLP units) across layers: each kind loses the ratio overall, unevenly by layer.

@@ -112,8 +112,7 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     the ratio where the output moves least). ``reconstruct=True`` refits every Linear, weight matmul (``x @ W``,
     GPT-2's addmm) or convolution that loses input columns (kept columns and bias, ridge least squares on the
     calibration inputs, its strength chosen per layer on held-out calibration tokens, and each layer's refit kept
-    only if it brings the model's output closer to the original's on the held-out calibration sequences, at the
-    strength, of the validated one times 0.3, 1, 3 or inf, that brings it closest,
+    only if it brings the model's output closer to the original's on the held-out calibration sequences,
     :mod:`fxprune.calibration.output_check`; what was chosen is in ``result.meta["fxprune_refit"]``) so the pruned
     model's outputs stay close without retraining
     (:mod:`fxprune.calibration`); it needs ``calibration``; with ``inplace=True`` on a Hugging Face model the refit

@@ -162,7 +162,6 @@ class Job:
     refit_report: dict = field(default_factory=dict)  # refit, sequential: {"one-shot"/"sequential": {weight: choice}}
     sequential_plan: object = None  # refit: calibration.SequentialPlan, read before rewriting
     refit_check: tuple | None = None  # refit: (held-out batches, original outputs, [(weight, names)]) to check
-    refit_alternatives: dict = field(default_factory=dict)  # refit: {weight: [(strength factor, {name: tensor})]}
     result: fx.GraphModule | None = None  # rewrite: the pruned graph, or the model itself pruned in place
     achieved: dict = field(default_factory=dict)  # measure: {"macs": fraction kept, "params": ...} with a target
     depth_plan: object = None  # depth_plan: planning.depth.DepthPlan (branches and layers to remove)
@@ -321,16 +320,13 @@ def _refit(job: Job) -> None:
     convolution) kept
     columns and bias, from the original weights (before rewriting, which may edit them in place)."""
     if job.settings.reconstruct:
-        job.refit_alternatives = {}
         job.refit = refit_consumers(job.dg, job.removal, job.settings.calibration,
-                                    report=job.refit_report.setdefault("one-shot", {}),
-                                    alternatives=job.refit_alternatives)
+                                    report=job.refit_report.setdefault("one-shot", {}))
         held = held_out_calibration(job.dg, job.settings.calibration)  # kept by the statistics pass
         targets = original_outputs(job.dg.gm, held) if job.refit and held else []
         if targets:
             job.refit_check = (held[:len(targets)], targets, refit_groups(job.dg, job.removal, job.refit))
         else:
-            job.refit_alternatives = {}  # nothing to choose them by
             job.refit_report["output check"] = (
                 "not run: nothing refit" if not job.refit else
                 "not run: no calibration batch holds 5 sequences to hold out" if not held else
@@ -431,9 +427,7 @@ def _reconstruct(job: Job) -> None:
     if job.refit and job.refit_check is not None:  # each refit kept only where the model's output gains
         held, targets, groups = job.refit_check
         summary: dict = {}
-        job.refit = check_refits(job.result, job.refit, groups, held, targets, job.refit_report["one-shot"],
-                                 job.refit_alternatives, summary)
-        job.refit_alternatives = {}  # frees the candidates not kept
+        job.refit = check_refits(job.result, job.refit, groups, held, targets, job.refit_report["one-shot"], summary)
         undone = [w for w, names in groups if names and not any(n in job.refit for n in names)]
         job.refit_report["output check"] = {"held_out_sequences": sum(t.shape[0] for t, _ in targets),
                                             "consumers": len(groups), "undone": undone, **summary}

@@ -11,28 +11,20 @@ and 40%.)
 
 So the refits are kept consumer by consumer, front to back (graph order), only where they help the whole
 model: starting from the pruned model without refit, each consumer's refit is loaded and kept if the model's
-output error on the held-out sequences does not grow, else undone. The locally validated strength is not taken
-as final either: each consumer is also refit at that strength times each of
-:data:`~fxprune.calibration.reconstruct.STRENGTH_FACTORS` (0.3, 3, and inf: the kept weights with the mean
-corrected), and of these candidates the one with the smallest held-out output error is the one kept (if it beats
-no refit). Per consumer that is one more forward pass per candidate; the candidates' weights are held until the
-check (one copy of the refit weights per factor). The held-out sequences are the ones the
+output error on the held-out sequences does not grow, else undone. The held-out sequences are the ones the
 refits were validated on (:data:`~fxprune.calibration.statistics.HOLD_OUT`: every fifth sequence of each batch
 of at least five, kept by the statistics pass, :func:`~fxprune.calibration.statistics.held_out_batches`;
 at most 64 of them and :data:`MAX_VALUES` output values), never fitted on.
 The error is the one the output's kind calls for (as :mod:`fxprune.calibration.sensitivity`): KL divergence of
 the original's softmax to the pruned model's for ``logits``, else the squared error, per unpadded position
-(2-d ``attention_mask``). Cost: one forward pass of the held-out sequences per candidate of each refit consumer,
-plus one.
+(2-d ``attention_mask``). Cost: one forward pass of the held-out sequences per refit consumer, plus one.
 
 Each consumer's entry of ``result.meta["fxprune_refit"]["one-shot"]`` gains ``"output_check"``: ``"kept"`` or
 ``"undone"``, with the model's held-out output error before and after loading it (``"output_error_before"``,
-``"output_error_after"``: the validated strength's), the error of each candidate by its strength factor
-(``"output_errors"``, ``{"1.0": ..., "0.3": ..., "3.0": ..., "inf": ...}``) and the factor kept
-(``"output_strength_factor"``, None when undone); ``result.meta["fxprune_refit"]["output check"]`` says what
-ran, with the model's held-out output error before any refit (``"output_error_unrefit"``) and after the kept
-ones (``"output_error"``: a calibration-side score of the whole pruning, which can choose between prunings
-without looking at evaluation text), or why it did not run (no batch with five sequences to hold out).
+``"output_error_after"``); ``result.meta["fxprune_refit"]["output check"]`` says what ran, with the model's
+held-out output error before any refit (``"output_error_unrefit"``) and after the kept ones (``"output_error"``:
+a calibration-side score of the whole pruning, which can choose between prunings without looking at evaluation
+text), or why it did not run (no batch with five sequences to hold out).
 
 Example (all-MiniLM-L6-v2, calibrated on 256 sentences of Python's language reference)::
 
@@ -44,7 +36,6 @@ Example (all-MiniLM-L6-v2, calibrated on 256 sentences of Python's language refe
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
@@ -108,18 +99,14 @@ def output_error(model, held: list, targets: list) -> float:
 
 
 def check_refits(result, refit: dict, consumers: list, held: list, targets: list, report: dict,
-                 alternatives: dict | None = None, summary: dict | None = None) -> dict:
+                 summary: dict | None = None) -> dict:
     """Load into ``result`` (the pruned model, not yet refit) the refits of ``refit`` (``{parameter name:
     tensor}``) consumer by consumer, keeping each only where the held-out output error does not grow (see the
     module); ``consumers``: ``[(weight name, [its parameter names in refit])]`` in graph order. ``report``: the
-    one-shot choices by weight name, each given ``"output_check"`` and the errors. ``alternatives``: ``{weight
-    name: [(strength factor, {parameter name: tensor})]}``, other refits of a consumer to try after the
-    validated one (:func:`~fxprune.calibration.reconstruct.refit_consumers`); the one with the smallest held-out
-    output error is kept (on ties the validated one, then the first given). ``summary``, a dict, receives the
-    held-out output error without any refit (``"output_error_unrefit"``) and with the kept ones
+    one-shot choices by weight name, each given ``"output_check"`` and the errors. ``summary``, a dict, receives
+    the held-out output error without any refit (``"output_error_unrefit"``) and with the kept ones
     (``"output_error"``). Returns the kept refits."""
     params = dict(result.named_parameters(remove_duplicate=False))
-    alternatives = alternatives or {}
     kept: dict = {}
     current = output_error(result, held, targets)
     unrefit = current
@@ -128,36 +115,22 @@ def check_refits(result, refit: dict, consumers: list, held: list, targets: list
         if not names:
             continue
         saved = {n: params[n].detach().clone() for n in names}
-        candidates = [(1.0, {n: refit[n] for n in names})]
-        candidates += [(f, {n: t[n] for n in names}) for f, t in alternatives.get(weight, [])
-                       if all(n in t for n in names)]
-        errors = []
-        for _, tensors in candidates:
-            with torch.no_grad():
-                for n in names:
-                    params[n].copy_(tensors[n])
-            errors.append(output_error(result, held, targets))
-        best = min(range(len(candidates)), key=lambda i: (errors[i], i))
-        factor, tensors = candidates[best]
-        keep = errors[best] <= current
         with torch.no_grad():
             for n in names:
-                params[n].copy_(tensors[n] if keep else saved[n])
-        if keep:
-            kept.update(tensors)
+                params[n].copy_(refit[n])
+        error = output_error(result, held, targets)
         entry = report.get(weight)
+        keep = error <= current
+        if keep:
+            kept.update({n: refit[n] for n in names})
+        else:
+            with torch.no_grad():
+                for n in names:
+                    params[n].copy_(saved[n])
         if isinstance(entry, dict):
             entry.update({"output_check": "kept" if keep else "undone", "output_error_before": current,
-                          "output_error_after": errors[0]})
-            if len(candidates) > 1:
-                entry.update({"output_strength_factor": _clean(factor) if keep else None,
-                              "output_errors": {str(f): e for (f, _), e in zip(candidates, errors)}})
-        current = errors[best] if keep else current
+                          "output_error_after": error})
+        current = error if keep else current
     if summary is not None:
         summary.update({"output_error_unrefit": unrefit, "output_error": current})
     return kept
-
-
-def _clean(factor: float):
-    """A strength factor as JSON: ``inf`` as the string ``"inf"``."""
-    return factor if math.isfinite(factor) else "inf"

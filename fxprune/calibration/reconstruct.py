@@ -32,9 +32,7 @@ Every consumer is refit from the original model's inputs (one-shot, not layer by
 exact for a consumer whose kept inputs are unchanged by the pruning (its producers were not refit). Through
 ``fxprune.prune``, each consumer's refit is then kept only if it brings the whole model's output closer to the
 original's on the held-out calibration sequences (:mod:`fxprune.calibration.output_check`): a layer's own
-error is not what the layers after it make of it. For that check each validated refit is also solved at its
-strength times :data:`STRENGTH_FACTORS` (``alternatives=``), and the check keeps whichever brings the output
-closest.
+error is not what the layers after it make of it.
 
 Example::
 
@@ -46,7 +44,6 @@ Example::
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections import Counter
 
@@ -59,8 +56,6 @@ from fxprune.analysis.removal import kept_units
 from fxprune.rewriting.rewrite import Sizes
 
 DAMPING = 1e-4  # the fixed ridge strength of OBS's inverse, and of a refit with nothing held out
-# the output check also tries each validated refit at its strength times these (inf: the mean corrected only)
-STRENGTH_FACTORS = (0.3, 3.0, math.inf)
 
 
 def _moments(sums: torch.Tensor, count: int, cols: torch.Tensor, bias: bool) -> Moments:
@@ -126,17 +121,13 @@ def refit_groups(dg, removal: dict, refit: dict) -> list[tuple[str, list[str]]]:
 
 
 def refit_consumers(dg, removal: dict, batches, damping: float | None = None, progress=None,
-                    report: dict | None = None, alternatives: dict | None = None) -> dict:
+                    report: dict | None = None) -> dict:
     """``{parameter name: refit tensor}``, already sliced to the pruned shape, for every calibrated
     consumer that loses input columns under ``removal``. Reads only the original model (``dg.gm``), so it
     runs before rewriting (which may edit ``dg.gm`` in place). ``damping``: None validates each refit's
     strength on held-out tokens, a number fixes it. ``report``, a dict, receives ``{weight name: choice}``
     (:meth:`~fxprune.calibration.ridge.Choice.as_dict`; a list of them, ``{"blocks": [...]}`` or
-    ``{"experts": [...]}``, for a grouped convolution or an expert weight). ``alternatives``, a dict, receives
-    ``{weight name: [(factor, {parameter name: tensor})]}``: the same consumer refit at its validated strength
-    times each factor of :data:`STRENGTH_FACTORS` (``inf``: the kept weights with the mean corrected), for the
-    output check to choose from (:mod:`fxprune.calibration.output_check`); only for validated refits whose
-    strengths are finite (not for expert weights)."""
+    ``{"experts": [...]}``, for a grouped convolution or an expert weight)."""
     if batches is None:
         raise ValueError("reconstruct=True needs calibration batches: pass calibration=[batch, ...] "
                          "(a batch is a tensor, a tuple of positional inputs or a dict of keyword inputs)")
@@ -153,39 +144,27 @@ def refit_consumers(dg, removal: dict, batches, damping: float | None = None, pr
             report[name] = {"experts": [c.as_dict() if c else None for c in choices]}
             short += [(f"{name}[{e}]", c) for e, c in enumerate(choices) if c and c.tokens < c.width]
             continue
-        refit, choices = _refit_blocks(consumer, weight, bias, stats[name], kept_in, rows,
-                                       [damping] * consumer.blocks)
-        out.update(refit)
+        kernel = consumer.kernel  # kernel positions per input channel (1 for a Linear or matmul)
+        columns = (kept_in[:, None] * kernel + torch.arange(kernel)).reshape(-1)
+        biases = bias.chunk(consumer.blocks) if bias is not None else [None] * consumer.blocks
+        s = stats[name]
+        fits = [validated_refit(m, b, *_block(s, i), columns, damping)  # a block reads its own features only
+                for i, (m, b) in enumerate(zip(consumer.matrices(weight), biases))]
+        choices = [c for _, _, c in fits]
         report[name] = choices[0].as_dict() if len(choices) == 1 else {"blocks": [c.as_dict() for c in choices]}
         short += [(name, c) for c in choices[:1] if c.tokens < c.width]
-        strengths = [c.strength for c in choices]
-        if alternatives is not None and damping is None and all(c.error_after is not None for c in choices) \
-                and all(math.isfinite(s) for s in strengths):
-            alternatives[name] = [(f, _refit_blocks(consumer, weight, bias, stats[name], kept_in, rows,
-                                                    [s * f for s in strengths])[0]) for f in STRENGTH_FACTORS]
+        matrix = torch.cat([w for w, _, _ in fits])  # (out, kept columns)
+        if consumer.in_axis == 0:  # x @ W: the weight is (in, out)
+            w_new = matrix.T
+        else:
+            w_new = matrix.reshape(weight.shape[0], len(kept_in), *weight.shape[2:])
+        out[name] = w_new.index_select(consumer.out_axis, rows.to(w_new.device)).contiguous().to(weight.device,
+                                                                                               weight.dtype)
+        if bias is not None:  # the bias's axis is the weight's output axis
+            b_new = torch.cat([b for _, b, _ in fits])
+            out[consumer.bias] = b_new.index_select(0, rows.to(b_new.device)).to(bias.device, bias.dtype)
     warn_short(short, "reconstruct")
     return out
-
-
-def _refit_blocks(consumer, weight, bias, stats, kept_in, rows, strengths: list) -> tuple[dict, list]:
-    """``({weight name: refit, bias name: refit}, [Choice per block])`` of one consumer (a grouped convolution
-    block by block), each block at its strength of ``strengths`` (None: validated)."""
-    kernel = consumer.kernel  # kernel positions per input channel (1 for a Linear or matmul)
-    columns = (kept_in[:, None] * kernel + torch.arange(kernel)).reshape(-1)
-    biases = bias.chunk(consumer.blocks) if bias is not None else [None] * consumer.blocks
-    fits = [validated_refit(m, b, *_block(stats, i), columns, s)  # a block reads its own features only
-            for i, (m, b, s) in enumerate(zip(consumer.matrices(weight), biases, strengths))]
-    matrix = torch.cat([w for w, _, _ in fits])  # (out, kept columns)
-    if consumer.in_axis == 0:  # x @ W: the weight is (in, out)
-        w_new = matrix.T
-    else:
-        w_new = matrix.reshape(weight.shape[0], len(kept_in), *weight.shape[2:])
-    out = {consumer.weight: w_new.index_select(consumer.out_axis, rows.to(w_new.device)).contiguous().to(
-        weight.device, weight.dtype)}
-    if bias is not None:  # the bias's axis is the weight's output axis
-        b_new = torch.cat([b for _, b, _ in fits])
-        out[consumer.bias] = b_new.index_select(0, rows.to(b_new.device)).to(bias.device, bias.dtype)
-    return out, [c for _, _, c in fits]
 
 
 def _block(stats, b: int) -> tuple:
