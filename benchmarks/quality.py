@@ -29,6 +29,10 @@ header's fxprune commit tells them apart), ``+ sequential`` adds
 ``sequential=True`` (front to back, each layer refit on the pruned model's own inputs, same validation).
 ``obs-output (isomorphic)`` rows score units by OBS in units of the model's output (greedy removal) and rank
 each kind of group (heads, MLP units) across layers: each kind loses the ratio overall, unevenly by layer.
+``(isomorphic, max_ratio chosen)`` prunes so once per ``max_ratio`` of ``MAX_RATIOS`` (at most that fraction
+removed from any one layer's group; the default is 0.9) and keeps the pruning whose output error on the held-out
+*calibration* sequences (the output check's) is smallest; the ``note`` column gives each candidate's error, and
+``seconds`` covers all the prunings.
 ``Torch-Pruning L2`` is ``tp.pruner.MetaPruner`` with ``GroupMagnitudeImportance(p=2)`` and the same budget
 (heads and MLP units, hidden kept); it uses no calibration. Recovery by distillation is measured by
 ``benchmarks/recovery.py``.
@@ -88,6 +92,10 @@ def limited(task: str, emit, label: str, base: dict, fn):
 # ---------------------------------------------------------------------------------------------- rows
 
 ISOMORPHIC = dict(global_pruning=True, isomorphic=True)  # each kind of group (heads, MLP units) loses the ratio
+# a row whose max_ratio is this tuple is pruned once per value and keeps the pruning with the smallest held-out
+# *calibration* output error (the output check's, result.meta["fxprune_refit"]["output check"]["output_error"])
+MAX_RATIOS = (0.9, 0.6, 0.45, 0.4, 0.35)
+CHOSEN = "quality.py: chosen"  # the pruned model's meta key for what that choice saw
 
 
 def fxprune_rows(quick: bool, reestimate_bn: bool = False) -> list[tuple[str, dict]]:
@@ -105,7 +113,9 @@ def fxprune_rows(quick: bool, reestimate_bn: bool = False) -> list[tuple[str, di
             ("obs-output (isomorphic)", dict(importance="obs-output", **ISOMORPHIC)),
             ("obs-output + reconstruct (isomorphic)", dict(importance="obs-output", reconstruct=True, **ISOMORPHIC)),
             ("obs-output + reconstruct + sequential (isomorphic)",
-             dict(importance="obs-output", reconstruct=True, sequential=True, **ISOMORPHIC))]
+             dict(importance="obs-output", reconstruct=True, sequential=True, **ISOMORPHIC)),
+            ("obs-output + reconstruct (isomorphic, max_ratio chosen)",
+             dict(importance="obs-output", reconstruct=True, max_ratio=MAX_RATIOS, **ISOMORPHIC))]
     if reestimate_bn:
         rows += [("obs + reconstruct + BN re-estimation", dict(importance="obs", reconstruct=True, reestimate_bn=True)),
                  ("obs + reconstruct + sequential + BN re-estimation",
@@ -117,7 +127,22 @@ def fxprune_rows(quick: bool, reestimate_bn: bool = False) -> list[tuple[str, di
 
 
 def run_fxprune(model, options: dict, example_kwargs: dict, calibration, ratio=None, ignore=(), **extra):
-    """Prune with ``options`` (a row); returns (model, seconds)."""
+    """Prune with ``options`` (a row); returns (model, seconds). A tuple ``max_ratio`` prunes once per value and
+    keeps the pruning whose held-out calibration output error is smallest (seconds: all of them)."""
+    if isinstance(options.get("max_ratio"), tuple):
+        start, errors, best = time.perf_counter(), {}, None
+        for value in options["max_ratio"]:
+            pruned, _ = run_fxprune(model, {**options, "max_ratio": value}, example_kwargs, calibration, ratio,
+                                    ignore, **extra)
+            check = getattr(pruned, "meta", {}).get("fxprune_refit", {}).get("output check")
+            if not isinstance(check, dict):
+                raise RuntimeError(f"max_ratio not chosen: the output check did not run ({check})")
+            errors[value] = check["output_error"]
+            if best is None or errors[value] < errors[best[0]]:
+                best = (value, pruned)
+        best[1].meta[CHOSEN] = (f"max_ratio {best[0]:g} chosen by the held-out calibration output error: "
+                                + ", ".join(f"{v:g}: {e:.4g}" for v, e in errors.items()))
+        return best[1], time.perf_counter() - start
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -202,6 +227,7 @@ def load_minilm():
     def encode(texts):
         return dict(tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt"))
 
+    encode.tokenizer = tokenizer  # for fxprune.calibration.batches.text_batches (recovery.py)
     return model, encode
 
 
@@ -236,8 +262,11 @@ def task_minilm(args, emit) -> None:
             agree = _neighbours(torch.cat(list(embedded.values()))) == reference_nn
             values["NN agreement"] = agree.float().mean().item()
             values.update({"params kept": parameters(pruned) / params0, "seconds": seconds})
-            if missing:
-                values["note"] = "; ".join(f"{k}: {v}" for k, v in missing.items())
+            notes = [f"{k}: {v}" for k, v in missing.items()]
+            if CHOSEN in getattr(pruned, "meta", {}):
+                notes.append(pruned.meta[CHOSEN])
+            if notes:
+                values["note"] = "; ".join(notes)
             emit(task, label, values)
 
         for label, options in fxprune_rows(args.quick):

@@ -426,10 +426,11 @@ def _reconstruct(job: Job) -> None:
     the model's own parameter names (a refit consumer without a bias gets none)."""
     if job.refit and job.refit_check is not None:  # each refit kept only where the model's output gains
         held, targets, groups = job.refit_check
-        job.refit = check_refits(job.result, job.refit, groups, held, targets, job.refit_report["one-shot"])
+        summary: dict = {}
+        job.refit = check_refits(job.result, job.refit, groups, held, targets, job.refit_report["one-shot"], summary)
         undone = [w for w, names in groups if names and not any(n in job.refit for n in names)]
         job.refit_report["output check"] = {"held_out_sequences": sum(t.shape[0] for t, _ in targets),
-                                            "consumers": len(groups), "undone": undone}
+                                            "consumers": len(groups), "undone": undone, **summary}
     elif job.refit:
         load_refit(job.result, job.refit)
     if job.refit_report:

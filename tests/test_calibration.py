@@ -915,10 +915,13 @@ def test_output_check_keeps_a_refit_that_helps_the_output_and_undoes_one_that_hu
     for refit, kept in ((good, True), ({"fc2.weight": 50 * torch.randn(3, 6)}, False)):
         pruned, report = fxprune.apply(dg, removal), {"fc2.weight": {}}
         before = pruned.fc2.weight.detach().clone()
-        unrefit = output_error(pruned, held, targets)
-        out = check_refits(pruned, refit, [("fc2.weight", list(refit))], held, targets, report)
+        unrefit, summary = output_error(pruned, held, targets), {}
+        out = check_refits(pruned, refit, [("fc2.weight", list(refit))], held, targets, report, summary)
         assert report["fc2.weight"]["output_check"] == ("kept" if kept else "undone")
         assert report["fc2.weight"]["output_error_before"] == pytest.approx(unrefit)
+        # the whole pruning's held-out error, before any refit and after the kept ones
+        assert summary["output_error_unrefit"] == pytest.approx(unrefit)
+        assert summary["output_error"] == pytest.approx(output_error(pruned, held, targets))
         if kept:
             assert set(out) == set(good) and output_error(pruned, held, targets) < 1e-3 * unrefit
         else:
@@ -927,6 +930,7 @@ def test_output_check_keeps_a_refit_that_helps_the_output_and_undoes_one_that_hu
                            calibration=batches, reconstruct=True)
     meta = pruned.meta["fxprune_refit"]
     assert meta["output check"]["held_out_sequences"] == 8 and meta["output check"]["consumers"] == 1
+    assert meta["output check"]["output_error"] <= meta["output check"]["output_error_unrefit"]
     assert meta["one-shot"]["fc2.weight"]["output_check"] in ("kept", "undone")
     small = fxprune.prune(model, 0.25, example_inputs=(batches[0][:2],), importance="l2", round_to=1,
                           calibration=[torch.randn(4, 4)] * 3, reconstruct=True)

@@ -282,6 +282,28 @@ def test_text_batches_pad_truncate_and_leave_the_tokenizer_alone():
     assert no_pad.pad_token is None
 
 
+def test_text_batches_by_length_group_similar_lines_and_pad_less():
+    """``by_length=True``: every line in exactly one batch, batches of lines of similar length (fewer padded
+    positions than in text order), their order shuffled by the seed, not short to long."""
+    from fxprune.calibration.batches import text_batches
+
+    words = "the a cat dog sat on mat ran far away and then slept".split()
+    lines = [" ".join(words[(3 * i) % 13:(3 * i) % 13 + 1 + (5 * i) % 8]) for i in range(24)]
+    tok = _tiny_tokenizer()
+    plain = text_batches(tok, lines, batch_size=4)
+    grouped = text_batches(tok, lines, batch_size=4, by_length=True, seed=1)
+    rows = lambda bs: sorted(tuple(r[m.bool()].tolist()) for b in bs  # noqa: E731
+                             for r, m in zip(b["input_ids"], b["attention_mask"]))
+    assert rows(grouped) == rows(plain) and len(grouped) == len(plain) == 6
+    padded = lambda bs: sum(int((b["attention_mask"] == 0).sum()) for b in bs)  # noqa: E731
+    assert padded(grouped) < padded(plain) / 2
+    widths = [b["input_ids"].shape[1] for b in grouped]
+    assert widths != sorted(widths) and sorted(widths) == [b["input_ids"].shape[1] for b in
+                                                            text_batches(tok, sorted(lines, key=lambda t: len(
+                                                                t.split())), batch_size=4)]
+    assert widths == [b["input_ids"].shape[1] for b in text_batches(tok, lines, 4, by_length=True, seed=1)]
+
+
 def test_text_calibration_for_a_hugging_face_folder(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     from tests.hf_models import DECODER

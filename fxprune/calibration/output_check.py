@@ -21,8 +21,10 @@ the original's softmax to the pruned model's for ``logits``, else the squared er
 
 Each consumer's entry of ``result.meta["fxprune_refit"]["one-shot"]`` gains ``"output_check"``: ``"kept"`` or
 ``"undone"``, with the model's held-out output error before and after loading it (``"output_error_before"``,
-``"output_error_after"``); ``result.meta["fxprune_refit"]["output check"]`` says what ran (or why not: no batch
-with five sequences to hold out).
+``"output_error_after"``); ``result.meta["fxprune_refit"]["output check"]`` says what ran, with the model's
+held-out output error before any refit (``"output_error_unrefit"``) and after the kept ones (``"output_error"``:
+a calibration-side score of the whole pruning, which can choose between prunings without looking at evaluation
+text), or why it did not run (no batch with five sequences to hold out).
 
 Example (all-MiniLM-L6-v2, calibrated on 256 sentences of Python's language reference)::
 
@@ -96,14 +98,18 @@ def output_error(model, held: list, targets: list) -> float:
     return total / max(count, 1)
 
 
-def check_refits(result, refit: dict, consumers: list, held: list, targets: list, report: dict) -> dict:
+def check_refits(result, refit: dict, consumers: list, held: list, targets: list, report: dict,
+                 summary: dict | None = None) -> dict:
     """Load into ``result`` (the pruned model, not yet refit) the refits of ``refit`` (``{parameter name:
     tensor}``) consumer by consumer, keeping each only where the held-out output error does not grow (see the
     module); ``consumers``: ``[(weight name, [its parameter names in refit])]`` in graph order. ``report``: the
-    one-shot choices by weight name, each given ``"output_check"`` and the errors. Returns the kept refits."""
+    one-shot choices by weight name, each given ``"output_check"`` and the errors. ``summary``, a dict, receives
+    the held-out output error without any refit (``"output_error_unrefit"``) and with the kept ones
+    (``"output_error"``). Returns the kept refits."""
     params = dict(result.named_parameters(remove_duplicate=False))
     kept: dict = {}
     current = output_error(result, held, targets)
+    unrefit = current
     for weight, names in consumers:
         names = [n for n in names if n in refit and n in params]
         if not names:
@@ -125,4 +131,6 @@ def check_refits(result, refit: dict, consumers: list, held: list, targets: list
             entry.update({"output_check": "kept" if keep else "undone", "output_error_before": current,
                           "output_error_after": error})
         current = error if keep else current
+    if summary is not None:
+        summary.update({"output_error_unrefit": unrefit, "output_error": current})
     return kept
