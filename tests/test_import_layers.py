@@ -5,8 +5,9 @@ functions too, so a lazy import cannot hide an upward one) and attributed to a *
 module's name listed in ``LAYERS``. A unit may import its own modules and any unit of a lower layer; units of the
 same layer may not import each other. The order is what the code needs, bottom up:
 
-- ``errors`` (the exception types every stage raises), then ``modules`` (the torch modules a pruned graph calls:
-  capture must know them as leaves and decompose registers a rule for their mask helper, so they sit below analysis)
+- ``errors`` (the exception types every stage raises) and ``dotted`` (an attribute set by its dotted name), then
+  ``modules`` (the torch modules a pruned graph calls: capture must know them as leaves and decompose registers a
+  rule for their mask helper, so they sit below analysis)
 - ``algebra`` (layouts, solver, what a rule sees), ``rules`` (the op table, stated in the algebra), ``analysis``
   (capture to groups, and what reads groups: shapes, MACs, reports, lineage)
 - ``importance`` (scores of analysed groups), ``planning`` (ranks scores: selection imports importance's
@@ -35,7 +36,7 @@ import networkx as nx
 ROOT = Path(__file__).resolve().parent.parent / "fxprune"
 
 LAYERS = [
-    ["fxprune.errors"],
+    ["fxprune.errors", "fxprune.dotted"],
     ["fxprune.modules"],
     ["fxprune.algebra"],
     ["fxprune.rules"],

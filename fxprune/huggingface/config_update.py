@@ -20,6 +20,7 @@ import warnings
 
 import torch.nn as nn
 
+from fxprune.dotted import set_attribute
 from fxprune.huggingface.attention_names import (HEAD_DIM, KEY, KV_FIELDS, attention_modules, child_projection,
                                                  out_width, query_width)
 from fxprune.huggingface.config_fields import set_fields
@@ -142,8 +143,7 @@ def unfollow(model: nn.Module, followed: dict) -> None:
     rebuild's value was a guess (CodeGen's attention ``embed_dim`` stays 64 in its own arithmetic whatever the
     hidden size), and the model computed something else with it."""
     for key, value in followed.items():
-        owner, _, attr = key.rpartition(".")
-        setattr(model.get_submodule(owner) if owner else model, attr, value)
+        set_attribute(model, key, value)
     config = model.config
     config.fxprune_attributes = {**(getattr(config, "fxprune_attributes", None) or {}), **followed}
 
@@ -206,8 +206,7 @@ def _follow_rebuild(model: nn.Module, found, changed: dict, decided=frozenset())
     followed = {key for key, value in found.attributes.items()
                 if key not in decided and restates(value, found.theirs[key])}
     for key in followed:
-        owner, _, attr = key.rpartition(".")
-        setattr(model.get_submodule(owner) if owner else model, attr, found.theirs[key])
+        set_attribute(model, key, found.theirs[key])
     attributes = {k: v for k, v in found.attributes.items() if k not in followed}
     return (found._replace(attributes=attributes, theirs={k: found.theirs[k] for k in attributes}),
             {k: found.attributes[k] for k in followed})

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from fxprune.dotted import owner_of
 from fxprune.errors import FxPruneError
 from fxprune.huggingface.inplace import HuggingFace
 from fxprune.huggingface.rebuild import rebuild
@@ -75,8 +76,7 @@ def restore_zero_modules(model: nn.Module, config) -> None:
     """Put back the :class:`ZeroBranch` modules recorded in ``config.fxprune_zero_modules`` (``load_pretrained``
     calls this on the model it builds, before loading the checkpoint)."""
     for path, spec in (getattr(config, ZERO_MODULES, None) or {}).items():
-        parent_path, _, name = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
+        parent, name = owner_of(model, path)
         parent._modules[name] = ZeroBranch(spec["outputs"], spec.get("cache"), spec.get("layer_idx"))
 
 

@@ -19,6 +19,7 @@ import re
 import torch
 import torch.nn as nn
 
+from fxprune.dotted import set_attribute
 from fxprune.errors import FxPruneError
 from fxprune.huggingface.attributes import update_attributes
 from fxprune.rewriting.inplace.tensors import parameters_and_buffers as tensors_by_name
@@ -100,9 +101,7 @@ def _resize(model: nn.Module, shapes: dict, attributes: dict) -> None:
 
 def _set_attributes(model: nn.Module, attributes: dict) -> None:
     for name, value in attributes.items():
-        owner, _, attr = name.rpartition(".")
-        value = tuple(value) if isinstance(value, list) else value  # a tuple in the model, a list in JSON
-        setattr(model.get_submodule(owner) if owner else model, attr, value)
+        set_attribute(model, name, tuple(value) if isinstance(value, list) else value)  # a list in JSON
 
 
 def _from_pretrained_resized(cls, path: str, config, shapes: dict, attributes: dict, **kwargs):

@@ -22,6 +22,7 @@ import copy
 
 import torch.fx as fx
 
+from fxprune.dotted import owner_of
 from fxprune.errors import PlanError
 
 DEPTH_META = "fxprune_depth"  # gm.meta key: what depth pruning removed
@@ -103,9 +104,8 @@ def _delete_unused(gm: fx.GraphModule, targets: set) -> None:
     for target in sorted(targets, key=lambda t: -t.count(".")):
         if in_use(target):
             continue
-        owner_path, _, attr = target.rpartition(".")
         try:
-            owner = gm.get_submodule(owner_path) if owner_path else gm
+            owner, attr = owner_of(gm, target)
         except AttributeError:
             continue
         if attr in owner._modules:
@@ -117,12 +117,11 @@ def _delete_unused(gm: fx.GraphModule, targets: set) -> None:
         elif hasattr(owner, attr):
             delattr(owner, attr)
         # modules left without parameters, buffers or children, that nothing calls
-        path = owner_path
+        path = target.rpartition(".")[0]
         while path and not in_use(path):
             module = gm.get_submodule(path)
             if module._parameters or module._buffers or module._modules:
                 break
-            parent_path, _, name = path.rpartition(".")
-            parent = gm.get_submodule(parent_path) if parent_path else gm
+            parent, name = owner_of(gm, path)
             del parent._modules[name]
-            path = parent_path
+            path = path.rpartition(".")[0]

@@ -31,6 +31,7 @@ import operator
 import torch.fx as fx
 import torch.nn as nn
 
+from fxprune.dotted import set_attribute
 from fxprune.analysis.decompose import DECOMPOSED
 from fxprune.modules.attention import PrunedMultiheadAttention
 
@@ -82,8 +83,7 @@ def _recompose_call(gm: fx.GraphModule, call: dict, nodes: list, built: dict) ->
     if module is None:
         return False
     if name not in built:
-        owner, _, attr = name.rpartition(".")
-        setattr(gm.get_submodule(owner) if owner else gm, attr, module)
+        set_attribute(gm, name, module)
         built[name] = module
     g = gm.graph
     env = {n.name: n for n in g.nodes}

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from fxprune.dotted import owner_of
 from fxprune.algebra.layout import kept_indices, new_size
 from fxprune.analysis.removal import kept_units
 
@@ -115,8 +116,7 @@ def _slice_tensors(gm: fx.GraphModule, dg, sizes: Sizes) -> None:
 
 
 def _set(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
-    owner, _, attr = name.rpartition(".")
-    module = gm.get_submodule(owner) if owner else gm
+    module, attr = owner_of(gm, name)
     if attr in module._buffers:
         module._buffers[attr] = value
     else:
@@ -130,8 +130,7 @@ def _rewrite_constant(node: fx.Node, module, c, sizes: Sizes) -> None:
         index = None
     if kind == "attr":
         if module is not None:
-            owner, _, attr = where.rpartition(".")  # a dotted attribute belongs to a submodule
-            owner = module.get_submodule(owner) if owner else module
+            owner, attr = owner_of(module, where)  # a dotted attribute belongs to a submodule
             setattr(owner, attr, _updated(getattr(owner, attr), c.layouts, index, sizes))
         return
     if kind == "kwargs":

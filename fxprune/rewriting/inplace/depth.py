@@ -38,6 +38,7 @@ import inspect
 import torch
 import torch.nn as nn
 
+from fxprune.dotted import owner_of
 from fxprune.analysis.branches import module_path
 from fxprune.errors import FxPruneError
 from fxprune.modules.zero import ZeroBranch
@@ -168,8 +169,7 @@ def _layer_index(module: nn.Module) -> int | None:
 
 
 def _replace(model: nn.Module, path: str, spec: dict) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
+    parent, name = owner_of(model, path)
     parent._modules[name] = ZeroBranch(spec["outputs"], spec["cache"], spec["layer_idx"])
 
 

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 import torch.nn as nn
 
+from fxprune.dotted import owner_of, set_attribute
 from fxprune.errors import FxPruneError
 from fxprune.rewriting.inplace import check
 from fxprune.rewriting.inplace.multihead import update_multihead
@@ -238,12 +239,10 @@ def _take_graph(model: fx.GraphModule, pruned: fx.GraphModule) -> None:
     for node in pruned.graph.nodes:
         if node.op not in ("get_attr", "call_module"):
             continue
-        owner, _, attr = node.target.rpartition(".")
         try:
             model.get_submodule(node.target) if node.op == "call_module" else operator.attrgetter(node.target)(model)
         except AttributeError:
-            value = operator.attrgetter(node.target)(pruned)
-            setattr(model.get_submodule(owner) if owner else model, attr, value)
+            set_attribute(model, node.target, operator.attrgetter(node.target)(pruned))
     model.graph = pruned.graph
     model.recompile()
 
@@ -324,8 +323,7 @@ def _untangle(change: Change, ext: Extension, error: BaseException, attempt) -> 
     back). Tried once. Returns ``(error now or None, whether it passed)``."""
     groups: dict[tuple, list] = {}
     for key, old in change.ambiguous.items():
-        owner, _, attr = key.rpartition(".")
-        module = change.model.get_submodule(owner) if owner else change.model
+        module, attr = owner_of(change.model, key)
         groups.setdefault((type(module), attr), []).append((module, attr, key, old))
     change.ambiguous = {}
     for members in groups.values():

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch.fx as fx
 import torch.nn as nn
 
+from fxprune.dotted import set_attribute
 from fxprune.analysis.attention_sites import attention_sites
 from fxprune.analysis.decompose import DECOMPOSED, mha_config
 from fxprune.errors import FxPruneError
@@ -63,9 +64,8 @@ def update_multihead(model: nn.Module, graph: fx.GraphModule, pruned: fx.GraphMo
         elif type(new) is nn.MultiheadAttention:
             _copy(new, module, _WIDTHS)
         elif type(module) is nn.MultiheadAttention and name:
-            owner, _, attr = name.rpartition(".")
             new._forward_hooks, new._forward_pre_hooks = module._forward_hooks, module._forward_pre_hooks
-            setattr(model.get_submodule(owner) if owner else model, attr, new)
+            set_attribute(model, name, new)
             swapped.append(name)
         else:
             raise FxPruneError(f"{name or 'the model'} ({type(module).__name__}) cannot hold its pruned widths "

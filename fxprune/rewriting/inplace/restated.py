@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch.fx as fx
 import torch.nn as nn
 
+from fxprune.dotted import set_attribute
 from fxprune.rewriting.inplace.tensors import changed_widths
 
 
@@ -181,8 +182,7 @@ def follow_widths(model: nn.Module, changed: dict, skip=frozenset(), original=No
 def unfollow(model: nn.Module, followed: dict) -> None:
     """Put back the attributes :func:`follow_widths` (or a library's own guess) set: ``{"module.attr": value}``."""
     for key, value in followed.items():
-        owner, _, attr = key.rpartition(".")
-        setattr(model.get_submodule(owner) if owner else model, attr, value)
+        set_attribute(model, key, value)
 
 
 def positional(model: nn.Module) -> set[tuple[int, str]]:

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from fxprune.dotted import owner_of
+
 
 def tensors_by_name(module: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter, buffer and plain tensor attribute of ``module``'s tree under each of its names
@@ -69,8 +71,7 @@ def set_tensor(model: nn.Module, name: str, tensor: torch.Tensor, made: torch.Te
     """Put ``tensor`` into ``model`` under the qualified ``name``, as what the old tensor there was (parameter,
     buffer, plain attribute); ``made``: the object a tie of ``name`` already received, reused. Returns the
     object set."""
-    owner, _, attr = name.rpartition(".")
-    module = model.get_submodule(owner) if owner else model
+    module, attr = owner_of(model, name)
     if attr in module._parameters:
         old = module._parameters[attr]
         if not isinstance(made, nn.Parameter):
