@@ -79,6 +79,7 @@ from fxprune.huggingface.layers import HuggingFaceDepth
 from fxprune.importance.depth import depth_magnitude
 from fxprune.importance import named_tensors, resolve_importance, score_groups
 from fxprune.io.plans import PruningPlan, attach_plan
+from fxprune.io.serialize import picklable
 from fxprune.planning.alignment import default_alignment, removal_steps
 from fxprune.planning.costs import group_types
 from fxprune.planning.depth import criterion_for, plan_depth
@@ -189,7 +190,7 @@ def _capture(job: Job) -> None:
         keep_user_attributes(gm, fresh)
         gm = fresh
         inline_mode_regions(gm)  # a graph the caller exported may hold no_grad / autocast regions
-    job.gm = gm
+    job.gm = picklable(gm)  # torch.save of the result (a copy) would fail on load for an exported graph
     job.flat_inputs = flat_inputs(gm, job.example_inputs, job.kwargs)
     if dynamic.SHAPES_META not in gm.meta and job.flat_inputs is not None:  # traced: symbolic sizes by construction
         dynamic.record_traced(gm, job.flat_inputs, job.settings.dynamic_shapes,

@@ -117,6 +117,28 @@ def test_hugging_face_exported_graph_round_trip(tmp_path):
     round_trip(gm, tmp_path, (ids,))
 
 
+def test_torch_save_of_a_pruned_hugging_face_model_loads_back_with_its_output_class(tmp_path):
+    """torch pickles a GraphModule as its code, traced again on load: an exported graph's tracer class could not be
+    built there (torch.load failed on what torch.save wrote) and its ModelOutput came back a dict. The pruned graph
+    (and a copy of it) pickles through fxprune.save instead: same class, outputs, plan; other batch sizes run."""
+    pytest.importorskip("transformers")
+    import copy
+
+    model = fxprune.testing.tiny_llama(vocab_size=50).eval()
+    ids = torch.randint(0, 50, (1, 6))
+    pruned = fxprune.prune(model, 0.5, example_inputs=(ids,))
+    for i, module in enumerate((pruned, copy.deepcopy(pruned))):
+        torch.save(module, tmp_path / f"pruned{i}.pt")
+        loaded = torch.load(tmp_path / f"pruned{i}.pt", weights_only=False)
+        assert type(loaded(ids)) is type(pruned(ids)) and type(pruned(ids)) is not dict
+        assert_same_outputs(loaded(ids), pruned(ids))
+        more = torch.randint(0, 50, (3, 9))
+        assert_same_outputs(loaded(more), pruned(more))
+        assert fxprune.plan_of(loaded).groups == fxprune.plan_of(pruned).groups
+    traced = fxprune.prune(models.ResidualCNN().eval(), 0.5, example_inputs=(torch.randn(1, 3, 8, 8),))
+    assert not isinstance(traced, fxprune.io.serialize.PickledThroughSave)  # torch's own pickling works there
+
+
 class Tied(nn.Module):
     def __init__(self):
         super().__init__()

@@ -23,6 +23,21 @@ both supported (an exported module comes back as a plain ``GraphModule``: the
 input-constraint checks that ``ExportedProgram.module()`` installs as hooks are
 not saved).
 
+``torch.save`` of a module whose graph torch cannot pickle back goes through :func:`save` too
+(:func:`picklable`): torch pickles a GraphModule as its Python code and traces that code again on load, and an
+exported graph (what :func:`fxprune.prune` returns for a Hugging Face model, not in place) does not survive it:
+its tracer class (``_ModuleStackTracer``) cannot be built without arguments, so ``torch.load`` failed on a file
+``torch.save`` wrote without complaint; and traced again, its code returns a ``dict`` where the model returned its
+own output class (the pytree output spec is lost). Such a module gets a class whose ``__reduce__`` carries the
+files :func:`save` writes, as bytes; unpickling loads them back (graph, output class, tensors and the
+``fxprune_*`` meta, the plan included, which torch's own pickle drops). Copies keep the class; traced graphs keep
+torch's own pickling::
+
+    >>> pruned = fxprune.prune(BertModel(config), 0.3, example_inputs=(ids,))   # an exported graph
+    >>> torch.save(pruned, "pruned.pt")
+    >>> type(torch.load("pruned.pt", weights_only=False)(ids)).__name__
+    'BaseModelOutputWithPoolingAndCrossAttentions'
+
 Loading imports the classes and functions that ``model.json`` names, and the
 loaded module runs the graph it describes: load only folders you trust, as you
 would only run code you trust.
@@ -47,6 +62,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import weakref
 from pathlib import Path
 
@@ -116,7 +132,59 @@ def load(directory, device="cpu") -> fx.GraphModule:
         from fxprune.io.plans import PruningPlan
 
         root.meta[PLAN_META] = PruningPlan.load(directory / PLAN_FILE)
-    return root
+    return picklable(root)
+
+
+# -- torch.save / pickle through save -------------------------------------
+
+class PickledThroughSave(fx.GraphModule):
+    """A GraphModule pickled as the files :func:`save` writes (see :func:`picklable`)."""
+
+    def __reduce__(self):
+        with tempfile.TemporaryDirectory() as folder:
+            save(self, folder)
+            files = {p.name: p.read_bytes() for p in Path(folder).iterdir()}
+        return _unpickle, (files,)
+
+
+def _unpickle(files: dict) -> fx.GraphModule:
+    with tempfile.TemporaryDirectory() as folder:
+        for name, data in files.items():
+            (Path(folder) / name).write_bytes(data)
+        return load(folder)
+
+
+def needs_own_pickling(gm: fx.GraphModule) -> bool:
+    """Whether torch's pickling would lose ``gm``: its code takes and returns pytrees (an exported graph's in/out
+    specs), or its tracer class cannot be built without arguments."""
+    return isinstance(gm.graph._codegen, _PyTreeCodeGen) or not _builds_without_arguments(gm._tracer_cls)
+
+
+def picklable(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` itself, pickled through :func:`save` from now on where torch's pickling would lose it
+    (:func:`needs_own_pickling`); only its class changes.
+
+    Example::
+
+        >>> gm = picklable(torch.export.export(model, (x,)).module())
+        >>> type(gm).__mro__[1].__name__
+        'PickledThroughSave'
+    """
+    if needs_own_pickling(gm) and not isinstance(gm, PickledThroughSave):
+        # GraphModule keeps each instance's forward on a class of its own: a new one, then the forward again
+        gm.__class__ = type("GraphModuleImpl", (PickledThroughSave,), {})
+        gm.recompile()
+    return gm
+
+
+def _builds_without_arguments(tracer_cls) -> bool:
+    if tracer_cls is None:
+        return True
+    try:
+        tracer_cls()
+    except TypeError:
+        return False
+    return True
 
 
 # -- saving ---------------------------------------------------------------
