@@ -181,13 +181,15 @@ class Pruner:
                 if classes is not None:  # one ratio for every class, as prune does
                     job.search = search_ratio(self.dg, lambda r: make_plan(
                         groups, job.scores, r, steps=job.steps, global_pruning=True, max_ratio=self.max_ratio,
-                        fixed=fixed, caps=caps, classes=classes), metric, step_fraction)
+                        fixed=fixed, caps=caps, classes=classes, normalizer=job.plan_normalizer), metric,
+                        step_fraction)
                 elif self.global_pruning:  # by cost, as prune does: score per MAC (parameter) saved
                     ranked = [g for g in groups if g in job.scores and g not in fixed]
                     types = group_types(self.dg, ranked)
                     job.search = search_by_cost(self.dg, ranked, lambda r, costs: make_plan(
                         groups, job.scores, r, steps=job.steps, global_pruning=True, max_ratio=self.max_ratio,
-                        fixed=fixed, caps=caps, costs=costs, types=types), metric, step_fraction, steps=job.steps)
+                        fixed=fixed, caps=caps, costs=costs, types=types, normalizer=job.plan_normalizer), metric,
+                        step_fraction, steps=job.steps)
                 else:
                     job.search = search_ratio(self.dg, lambda r: make_plan(
                         groups, job.scores, r, steps=job.steps, max_ratio=self.max_ratio, fixed=fixed),
@@ -202,7 +204,8 @@ class Pruner:
                         members.setdefault(classes[group], []).append(group)
                     ratio = {key: self._global_step_ratio(part, fixed, progress) for key, part in members.items()}
                 job.removal = make_plan(groups, job.scores, ratio, steps=job.steps, global_pruning=True,
-                                        max_ratio=self.max_ratio, fixed=fixed, caps=caps, classes=classes)
+                                        max_ratio=self.max_ratio, fixed=fixed, caps=caps, classes=classes,
+                                        normalizer=job.plan_normalizer)
             else:
                 fixed.update({g: self._step_ratio(g, self.ratio * progress) for g in groups if g not in fixed})
                 job.removal = make_plan(groups, job.scores, 0.0, steps=job.steps, fixed=fixed)
