@@ -43,6 +43,7 @@ from collections.abc import Iterator
 
 from fxprune.api import analyze, check_calibration_settings, check_prune_settings
 from fxprune.importance import resolve_importance
+from fxprune.analysis.capture import module_names
 from fxprune.analysis.lineage import Lineage
 from fxprune.io.plans import PruningPlan, attach_plan, group_key
 from fxprune.pipeline import PRUNING, Job, Settings, run
@@ -96,7 +97,7 @@ class Pruner:
         self.criterion = resolve_importance(importance, self.calibration, loss_fn)
         self.model = model
         self.dg = analyze(model, example_inputs, kwargs=kwargs, ignore=ignore, prune_head_dims=self.prune_head_dims)
-        self.ignore = _names(self.dg, ignore)  # module objects do not survive the copy a step makes
+        self.ignore = _names(self.dg, ignore, model)  # module objects do not survive the copy a step makes
         self.lineage = Lineage(self.dg)
         self.original_ratios = group_ratios(self.dg, ratios)
         self.original_counts = count_graph(self.dg.gm)
@@ -256,6 +257,8 @@ class Pruner:
         self.regularizer.apply(self.model if model is None else model)
 
 
-def _names(dg, items) -> tuple:
-    names = {id(m): name for name, m in dg.gm.named_modules()}
+def _names(dg, items, model=None) -> tuple:
+    """``ignore`` as names: a module of the captured graph or of the caller's ``model`` (an exported capture holds
+    copies of the modules, so the caller's objects are found by their names: ``module_names``) becomes its name."""
+    names = module_names(dg.gm, model)
     return tuple(names.get(id(item), item) if not isinstance(item, str) else item for item in items)
