@@ -20,7 +20,13 @@ of the way (linear by default: k / n):
   every class's current units.
 
 With ``calibration`` batches, ``reconstruct=True`` (and ``sequential``, ``reestimate_bn``) refit each step's
-result as ``prune`` does (:mod:`fxprune.calibration`), against the model the step started from.
+result as ``prune`` does (:mod:`fxprune.calibration`), against the model the step started from. The steps may
+also run back to back, without training: each step's criterion then scores the model the earlier steps pruned and
+refit (the criterion's own plan normaliser ranks, as in ``prune``). Measured on all-MiniLM-L6-v2, 30% of heads and
+MLP units, ``"obs-output"``, ``reconstruct=True``, isomorphic, 1024 general-English calibration sentences
+(``benchmarks/quality.md``, ``(isomorphic, 2 steps)``): 2 steps lower the output error against the original on the
+held-out calibration sequences from 6.22 (one step: the ``max_ratio chosen`` row's 0.9 candidate) to 5.97, and
+score 0.942 on everyday sentences (one step 0.941).
 
 Sparse training: with ``regularizer="group_norm"`` (DepGraph) or ``"bn_scale"``
 (network slimming), call ``pruner.regularize(model)`` after ``loss.backward()``
