@@ -33,6 +33,10 @@ each kind of group (heads, MLP units) across layers: each kind loses the ratio o
 removed from any one layer's group; the default is 0.9) and keeps the pruning whose output error on the held-out
 *calibration* sequences (the output check's) is smallest; the ``note`` column gives each candidate's error, and
 ``seconds`` covers all the prunings.
+``(isomorphic, k steps)`` prunes with ``fxprune.Pruner(..., steps=k)`` and no training between the steps: each
+step removes a k-th of the ratio (of the original units; the isomorphic classes are the original model's), scored
+(obs-output) and refit on the model the step before left; the note gives the whole pruning's output error against
+the original on the held-out calibration sequences (the output check's measure and sequences).
 ``Torch-Pruning L2`` is ``tp.pruner.MetaPruner`` with ``GroupMagnitudeImportance(p=2)`` and the same budget
 (heads and MLP units, hidden kept); it uses no calibration. Recovery by distillation is measured by
 ``benchmarks/recovery.py``.
@@ -96,6 +100,7 @@ ISOMORPHIC = dict(global_pruning=True, isomorphic=True)  # each kind of group (h
 # *calibration* output error (the output check's, result.meta["fxprune_refit"]["output check"]["output_error"])
 MAX_RATIOS = (0.9, 0.6, 0.45, 0.4, 0.35)
 CHOSEN = "quality.py: chosen"  # the pruned model's meta key for what that choice saw
+HELD_OUT = "quality.py: held-out calibration error"  # the meta key of held_out_error's value (rows with steps)
 
 
 def fxprune_rows(quick: bool, reestimate_bn: bool = False) -> list[tuple[str, dict]]:
@@ -115,7 +120,9 @@ def fxprune_rows(quick: bool, reestimate_bn: bool = False) -> list[tuple[str, di
             ("obs-output + reconstruct + sequential (isomorphic)",
              dict(importance="obs-output", reconstruct=True, sequential=True, **ISOMORPHIC)),
             ("obs-output + reconstruct (isomorphic, max_ratio chosen)",
-             dict(importance="obs-output", reconstruct=True, max_ratio=MAX_RATIOS, **ISOMORPHIC))]
+             dict(importance="obs-output", reconstruct=True, max_ratio=MAX_RATIOS, **ISOMORPHIC)),
+            ("obs-output + reconstruct (isomorphic, 2 steps)",
+             dict(importance="obs-output", reconstruct=True, steps=2, **ISOMORPHIC))]
     if reestimate_bn:
         rows += [("obs + reconstruct + BN re-estimation", dict(importance="obs", reconstruct=True, reestimate_bn=True)),
                  ("obs + reconstruct + sequential + BN re-estimation",
@@ -144,11 +151,35 @@ def run_fxprune(model, options: dict, example_kwargs: dict, calibration, ratio=N
                                 + ", ".join(f"{v:g}: {e:.4g}" for v, e in errors.items()))
         return best[1], time.perf_counter() - start
     start = time.perf_counter()
+    if isinstance(options.get("steps"), int):  # fxprune.Pruner: each step scored and refit on the one before's model
+        steps, rest = options["steps"], {k: v for k, v in options.items() if k != "steps"}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pruner = fxprune.Pruner(model, (), kwargs=example_kwargs, ratio=ratio, steps=steps, ignore=ignore,
+                                    calibration=calibration, **rest, **extra)
+            for _ in range(steps):
+                pruned = pruner.step()
+        seconds = time.perf_counter() - start
+        pruned.meta[HELD_OUT] = held_out_error(model, pruned, calibration)
+        return pruned, seconds
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pruned = fxprune.prune(model, ratio, example_inputs=(), kwargs=example_kwargs, ignore=ignore,
                                calibration=calibration, **options, **extra)
     return pruned, time.perf_counter() - start
+
+
+def held_out_error(model, pruned, calibration) -> float:
+    """``pruned``'s output error against ``model`` on the held-out *calibration* sequences: the sequences and the
+    measure of the output check (``fxprune.calibration.output_check``), whose ``output_error`` a one-step pruning
+    reports; a ``Pruner`` step's own check compares with the model the step started from, so the whole pruning's
+    is measured here."""
+    from fxprune.calibration.output_check import model_output, output_error
+    from fxprune.calibration.statistics import HELD_SEQUENCES, held_out_batches
+
+    held = held_out_batches(calibration, HELD_SEQUENCES)
+    targets = [(out.float(), logits) for out, logits in (model_output(model, b) for b in held)]
+    return output_error(pruned, held, targets)
 
 
 def parameters(model) -> int:
@@ -265,6 +296,8 @@ def task_minilm(args, emit) -> None:
             notes = [f"{k}: {v}" for k, v in missing.items()]
             if CHOSEN in getattr(pruned, "meta", {}):
                 notes.append(pruned.meta[CHOSEN])
+            if HELD_OUT in getattr(pruned, "meta", {}):
+                notes.append(f"held-out calibration output error {pruned.meta[HELD_OUT]:.4g}")
             if notes:
                 values["note"] = "; ".join(notes)
             emit(task, label, values)
@@ -399,6 +432,8 @@ def task_digits(args, emit) -> None:
                                  **options)
 
     for label, options in fxprune_rows(args.quick, reestimate_bn=True):
+        if isinstance(options.get("max_ratio"), tuple) or "steps" in options:
+            continue  # run_fxprune's rows (a choice among prunings, the Pruner's steps): not prune(target_macs=)
         start = time.perf_counter()
         pruned = limited("digits", emit, label, {}, lambda: prune_digits(dict(options)))
         if pruned is None:

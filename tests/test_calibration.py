@@ -879,6 +879,21 @@ def test_obs_output_takes_units_where_the_output_moves_least():
     assert error["obs-output"] < 0.5 * error["obs"], error
 
 
+def test_pruner_ranks_obs_output_scores_as_prune_does():
+    """"obs-output"'s scores are on one scale across groups (``plan_normalizer = None``): a one-step ``Pruner``
+    removes the units ``prune`` removes, most of them from the damped block (dividing each group's scores by
+    their mean, as the Pruner once did, takes about half from each block)."""
+    torch.manual_seed(0)
+    model = Damped().eval()
+    batches = [torch.randn(32, 6) for _ in range(6)]
+    options = dict(importance="obs-output", calibration=batches, reconstruct=True, global_pruning=True,
+                   isomorphic=True, round_to=1)
+    once = fxprune.prune(model, 0.5, example_inputs=(batches[0],), **options)
+    stepped = fxprune.Pruner(model, (batches[0],), ratio=0.5, steps=1, **options).step()
+    assert fxprune.plan_of(stepped).groups == fxprune.plan_of(once).groups
+    assert stepped.get_submodule("a1").out_features < 8 < stepped.get_submodule("b1").out_features
+
+
 def test_greedy_scores_by_hand():
     """Uncorrelated inputs: units go cheapest first; correlated copies: once one copy is gone the other costs its
     full norm (a one-shot score would call both free)."""

@@ -169,3 +169,17 @@ def test_steps_with_calibration_refit_each_step():
     assert fxprune.plan_of(pruned).settings.get("reconstruct") is True
     with pytest.raises(ValueError, match="sequential=True .* needs reconstruct=True"):
         fxprune.Pruner(model, (held_out[:2],), ratio=0.5, calibration=batches, sequential=True)
+
+
+def test_steps_keep_ignoring_a_module_of_an_exported_hugging_face_model():
+    """A Hugging Face model is captured by torch.export, whose graph holds copies of its modules: ``ignore`` given
+    as the caller's module object is still found by name, so the second step (a fresh analysis of the pruned graph)
+    keeps it whole too (it once failed: "module Embedding is not part of the model")."""
+    model, example = models.tiny_transformers("bert")
+    args, _ = example(2, 8)
+    pruner = fxprune.Pruner(model, args, ratio=0.5, steps=2, ignore=[model.embeddings.word_embeddings],
+                            round_to=1)
+    pruner.step()
+    pruned = pruner.step()
+    assert pruned.get_parameter("embeddings.word_embeddings.weight").shape == (100, 64)
+    assert pruned.get_parameter("encoder.layer.0.intermediate.dense.weight").shape == (64, 64)  # 128 units, half gone

@@ -20,7 +20,13 @@ of the way (linear by default: k / n):
   every class's current units.
 
 With ``calibration`` batches, ``reconstruct=True`` (and ``sequential``, ``reestimate_bn``) refit each step's
-result as ``prune`` does (:mod:`fxprune.calibration`), against the model the step started from.
+result as ``prune`` does (:mod:`fxprune.calibration`), against the model the step started from. The steps may
+also run back to back, without training: each step's criterion then scores the model the earlier steps pruned and
+refit (the criterion's own plan normaliser ranks, as in ``prune``). Measured on all-MiniLM-L6-v2, 30% of heads and
+MLP units, ``"obs-output"``, ``reconstruct=True``, isomorphic, 1024 general-English calibration sentences
+(``benchmarks/quality.md``, ``(isomorphic, 2 steps)``): 2 steps lower the output error against the original on the
+held-out calibration sequences from 6.22 (one step: the ``max_ratio chosen`` row's 0.9 candidate) to 5.97, and
+score 0.942 on everyday sentences (one step 0.941).
 
 Sparse training: with ``regularizer="group_norm"`` (DepGraph) or ``"bn_scale"``
 (network slimming), call ``pruner.regularize(model)`` after ``loss.backward()``
@@ -43,6 +49,7 @@ from collections.abc import Iterator
 
 from fxprune.api import analyze, check_calibration_settings, check_prune_settings
 from fxprune.importance import resolve_importance
+from fxprune.analysis.capture import module_names
 from fxprune.analysis.lineage import Lineage
 from fxprune.io.plans import PruningPlan, attach_plan, group_key
 from fxprune.pipeline import PRUNING, Job, Settings, run
@@ -96,7 +103,7 @@ class Pruner:
         self.criterion = resolve_importance(importance, self.calibration, loss_fn)
         self.model = model
         self.dg = analyze(model, example_inputs, kwargs=kwargs, ignore=ignore, prune_head_dims=self.prune_head_dims)
-        self.ignore = _names(self.dg, ignore)  # module objects do not survive the copy a step makes
+        self.ignore = _names(self.dg, ignore, model)  # module objects do not survive the copy a step makes
         self.lineage = Lineage(self.dg)
         self.original_ratios = group_ratios(self.dg, ratios)
         self.original_counts = count_graph(self.dg.gm)
@@ -181,13 +188,15 @@ class Pruner:
                 if classes is not None:  # one ratio for every class, as prune does
                     job.search = search_ratio(self.dg, lambda r: make_plan(
                         groups, job.scores, r, steps=job.steps, global_pruning=True, max_ratio=self.max_ratio,
-                        fixed=fixed, caps=caps, classes=classes), metric, step_fraction)
+                        fixed=fixed, caps=caps, classes=classes, normalizer=job.plan_normalizer), metric,
+                        step_fraction)
                 elif self.global_pruning:  # by cost, as prune does: score per MAC (parameter) saved
                     ranked = [g for g in groups if g in job.scores and g not in fixed]
                     types = group_types(self.dg, ranked)
                     job.search = search_by_cost(self.dg, ranked, lambda r, costs: make_plan(
                         groups, job.scores, r, steps=job.steps, global_pruning=True, max_ratio=self.max_ratio,
-                        fixed=fixed, caps=caps, costs=costs, types=types), metric, step_fraction, steps=job.steps)
+                        fixed=fixed, caps=caps, costs=costs, types=types, normalizer=job.plan_normalizer), metric,
+                        step_fraction, steps=job.steps)
                 else:
                     job.search = search_ratio(self.dg, lambda r: make_plan(
                         groups, job.scores, r, steps=job.steps, max_ratio=self.max_ratio, fixed=fixed),
@@ -202,7 +211,8 @@ class Pruner:
                         members.setdefault(classes[group], []).append(group)
                     ratio = {key: self._global_step_ratio(part, fixed, progress) for key, part in members.items()}
                 job.removal = make_plan(groups, job.scores, ratio, steps=job.steps, global_pruning=True,
-                                        max_ratio=self.max_ratio, fixed=fixed, caps=caps, classes=classes)
+                                        max_ratio=self.max_ratio, fixed=fixed, caps=caps, classes=classes,
+                                        normalizer=job.plan_normalizer)
             else:
                 fixed.update({g: self._step_ratio(g, self.ratio * progress) for g in groups if g not in fixed})
                 job.removal = make_plan(groups, job.scores, 0.0, steps=job.steps, fixed=fixed)
@@ -253,6 +263,8 @@ class Pruner:
         self.regularizer.apply(self.model if model is None else model)
 
 
-def _names(dg, items) -> tuple:
-    names = {id(m): name for name, m in dg.gm.named_modules()}
+def _names(dg, items, model=None) -> tuple:
+    """``ignore`` as names: a module of the captured graph or of the caller's ``model`` (an exported capture holds
+    copies of the modules, so the caller's objects are found by their names: ``module_names``) becomes its name."""
+    names = module_names(dg.gm, model)
     return tuple(names.get(id(item), item) if not isinstance(item, str) else item for item in items)
