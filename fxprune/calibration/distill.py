@@ -322,7 +322,6 @@ class _Matcher:
             total = total + _pooled_cosine(_embedding_output(s_out), _embedding_output(t_out), mask)
         return total
 
-
     def _kept(self, out, states: list) -> tuple:
         """What the loss reads of the teacher's ``(outputs, states)``: a ``ModelOutput`` (a dict) reduced to its
         top-level tensors (its ``hidden_states`` tuple is the ``states``), the states that are matched (None for
