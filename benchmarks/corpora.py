@@ -11,7 +11,8 @@
 - ``"everyday"``: the 60 everyday sentences of ``examples/prune_minilm.py`` (evaluation only).
 
 Each source's sentences (deduplicated, in file order) are shuffled once with ``random.Random(SEED)`` and cut
-into consecutive, disjoint parts: ``split(source)`` returns ``{"calibration", "training", "evaluation"}``.
+into consecutive, disjoint parts: ``split(source)`` returns ``{"calibration", "training", "evaluation"}`` (and, for
+general English, ``"more training"``: 6000 more distillation sentences cut after the evaluation part).
 Calibration text feeds statistics and refits, training text feeds distillation, evaluation text is only ever
 scored. A sentence of one source that also occurs in another is removed from the other's parts, so no
 evaluation sentence is seen in calibration or training whatever the sources.
@@ -39,7 +40,8 @@ FORTUNE_CATEGORIES = ("art", "cookie", "definitions", "education", "ethnic", "fo
                       "paradoxum")
 SEED = 0
 # sentences per part, in this order (the language reference has about 2100 sentences)
-PARTS = {"english": {"calibration": 4096, "training": 4096, "evaluation": 512},
+# "more training": sentences after the evaluation part (so the first three parts stay as they were), for recovery.py
+PARTS = {"english": {"calibration": 4096, "training": 4096, "evaluation": 512, "more training": 6000},
          "reference": {"calibration": 1024, "training": 768, "evaluation": 300}}
 SOURCES = ("english", "reference", "everyday")
 NAMES = {"english": "general English (fortunes)", "reference": "Python language reference",

@@ -258,3 +258,67 @@ def test_residual_boundaries_are_the_adds_of_a_branch_with_weights():
     boundaries = residual_boundaries(fxprune.prune(gpt2, 0.3, example_inputs=(ids,)))
     assert len(boundaries) == 4  # the GELU's adds are not among them
     assert all("residual" in n.meta.get("stack_trace", "").splitlines()[-1] for n in boundaries)
+
+
+# -- the teacher's outputs cached per batch ----------------------------------------------------------------------
+
+def test_cache_teacher_runs_the_teacher_once_per_batch_and_trains_as_without_it():
+    """``cache_teacher=True``: over three passes of four batches the teacher runs once per batch (plus the first
+    batch's look at its outputs), and the losses are those of the same run without the cache (a tolerance, not
+    bit for bit); on a graph student with matched residual states too; ``cache_dtype`` stores bfloat16 and the
+    losses stay close."""
+    torch.manual_seed(0)
+    teacher = _mlp().eval()
+    batches = [torch.randn(8, 16) for _ in range(4)]
+    student = fxprune.prune(teacher, 0.5, example_inputs=(batches[0][:1],), round_to=1)
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    runs = {}
+    for cache in (False, True):
+        calls.clear()
+        copy_ = fxprune.prune(teacher, 0.5, example_inputs=(batches[0][:1],), round_to=1)
+        copy_.load_state_dict(student.state_dict())
+        runs[cache] = fxprune.distill(copy_, teacher, batches, steps=12, lr=3e-3, progress=False,
+                                      cache_teacher=cache).losses
+        assert len(calls) == (1 + 4 if cache else 1 + 12)
+    assert runs[True] == pytest.approx(runs[False], rel=1e-4)
+    assert runs[True][-1] < runs[True][0]
+
+    teacher = models.BlockStack(mlps=(64, 64, 64)).eval()
+    batches = [torch.randn(8, 6, 12) for _ in range(3)]
+    student = fxprune.prune(teacher, 0.5, example_inputs=(batches[0][:1],), round_to=1, ignore=[teacher.embed])
+    losses = {}
+    for cache, dtype in ((False, None), (True, None), (True, torch.bfloat16)):
+        copy_ = fxprune.prune(teacher, 0.5, example_inputs=(batches[0][:1],), round_to=1, ignore=[teacher.embed])
+        copy_.load_state_dict(student.state_dict())
+        result = fxprune.distill(copy_, teacher, batches, steps=9, lr=3e-3, progress=False, cache_teacher=cache,
+                                 cache_dtype=dtype)
+        assert result.hidden_states == 6
+        losses[cache, dtype] = result.losses
+    assert losses[True, None] == pytest.approx(losses[False, None], rel=1e-4)
+    assert losses[True, torch.bfloat16] == pytest.approx(losses[False, None], rel=3e-2)
+    with pytest.raises(ValueError, match="cache_dtype must be"):
+        fxprune.distill(copy_, teacher, batches, steps=1, cache_teacher=True, cache_dtype=torch.int8)
+
+
+def test_cache_teacher_on_a_hugging_face_embedding_model_matches_the_uncached_losses():
+    """A tiny BERT (the teacher returns hidden states, so the pooled cosine is on; its ``ModelOutput`` is cached as
+    its tensors, the hidden states as the matched states): cached and uncached runs give the same losses."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16)
+    teacher = transformers.BertModel(config).eval()
+    batches = [{"input_ids": torch.randint(0, 50, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long)}
+               for _ in range(2)]
+    batches[1]["attention_mask"][:, 4:] = 0
+    losses = {}
+    for cache in (False, True):
+        student = transformers.BertModel(config).eval()
+        student.load_state_dict(teacher.state_dict())
+        with torch.no_grad():
+            student.encoder.layer[0].intermediate.dense.weight.mul_(0.5)
+        result = fxprune.distill(student, teacher, batches, steps=6, lr=1e-3, progress=False, cache_teacher=cache)
+        assert result.pooled and result.hidden_states == 3
+        losses[cache] = result.losses
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)

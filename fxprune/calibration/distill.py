@@ -30,6 +30,13 @@ progress is the largest of steps done / ``steps``, wall seconds / ``time_budget`
 ``cpu_budget`` (CPU time is what a shared machine's load does not inflate), so a budget in CPU seconds
 gets the whole schedule. Batches cycle until the first of the three is reached.
 
+``cache_teacher=True`` runs the teacher once per batch and keeps what the loss compares (its output tensors and
+the matched intermediate states) for the later passes over the batches, so that a step after the first pass costs
+only the student's forward and backward. It pays when the run goes over the batches more than once, and it holds
+the teacher's states of every batch in memory (about ``(matched states + 1) x batch x sequence x width`` values
+per batch; ``cache_dtype=torch.bfloat16`` halves that). The teacher is frozen and in eval mode, so its outputs
+for a batch do not change between passes: the loss is the same as without the cache (up to ``cache_dtype``).
+
 Example::
 
     >>> pruned = fxprune.prune(model, 0.3, example_inputs=(x[:1],), importance="activation",
@@ -85,7 +92,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, batches, *, step
             time_budget: float | None = None, cpu_budget: float | None = None, lr: float = 1e-4,
             loss: str = "auto", temperature: float = 1.0, hidden_states: bool = True, hidden_weight: float = 1.0,
             pooled="auto", warmup: float = 0.05, schedule: str = "cosine", min_lr: float = 0.1, progress=None,
-            optimizer=None) -> DistillResult:
+            optimizer=None, cache_teacher: bool = False, cache_dtype: torch.dtype | None = None) -> DistillResult:
     """Train ``student`` in place to match the frozen ``teacher`` on ``batches``; returns a :class:`DistillResult`.
 
     ``batches``: calibration batches of model inputs (each a tensor, a tuple of positional inputs or a dict of
@@ -99,6 +106,8 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, batches, *, step
     ``lr``) shape the learning rate. ``optimizer``: a ready optimizer over the student's parameters (default
     ``AdamW(lr=lr, weight_decay=0)`` over those that require grad; the schedule scales its groups' ``lr``).
     ``progress``: ``True``/``False`` forces the tqdm bar on or off; ``None`` shows it on a terminal.
+    ``cache_teacher``: keep the teacher's outputs and matched states of each batch after its first pass (see the
+    module; memory grows with the number of batches), stored as ``cache_dtype`` (default: as computed).
 
     Example::
 
@@ -108,6 +117,8 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, batches, *, step
     batches = _check(student, teacher, batches, steps, time_budget, loss, temperature, cpu_budget)
     if schedule not in SCHEDULES:
         raise ValueError(f"distill: schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if cache_dtype is not None and not (isinstance(cache_dtype, torch.dtype) and cache_dtype.is_floating_point):
+        raise ValueError(f"distill: cache_dtype must be a floating-point torch.dtype, got {cache_dtype!r}")
     if not 0 <= warmup < 1 or not 0 <= min_lr <= 1:
         raise ValueError(f"distill: warmup must be in [0, 1) and min_lr in [0, 1], got {warmup!r} and {min_lr!r}")
     _untie_from(student, teacher)
@@ -124,6 +135,8 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, batches, *, step
     try:
         matcher = _Matcher(student, teacher, batches[0], hidden_states, pooled, loss, temperature, hidden_weight,
                            warn=True)
+        if cache_teacher:
+            matcher.cache, matcher.cache_dtype = {}, cache_dtype
         optimizer = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=0.0)  # no decay: only fit
         maps = [p for m in matcher.maps.values() for p in m.parameters()]
         if maps:  # the learned maps train with the student, at the same learning rate
@@ -147,7 +160,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, batches, *, step
                     scale = _schedule(done(), warmup, schedule, min_lr)
                     for group, lr0 in zip(optimizer.param_groups, base):
                         group["lr"] = lr0 * scale
-                    value = matcher.loss(batch)
+                    value = matcher.loss(batch, key=step % len(batches))
                     if not torch.isfinite(value):
                         raise ValueError(f"distill: the loss is {value.item()} at step {step + 1} "
                                          f"(lr={lr:g} too high, or the student diverged)")
@@ -286,9 +299,18 @@ class _Matcher:
                           "between student and teacher; those are not matched", stacklevel=4)
         return pairs
 
-    def loss(self, batch) -> torch.Tensor:
-        with torch.no_grad():
-            t_out, t_states = self.teacher.run(batch)
+    cache: dict | None = None  # batch key -> the teacher's (outputs, states), with cache_teacher=True
+    cache_dtype: torch.dtype | None = None
+
+    def loss(self, batch, key=None) -> torch.Tensor:
+        if self.cache is not None and key in self.cache:
+            t_out, t_states = self.cache[key]
+        else:
+            with torch.no_grad():
+                t_out, t_states = self.teacher.run(batch)
+            if self.cache is not None and key is not None:
+                t_out, t_states = self._kept(t_out, t_states)
+                self.cache[key] = (t_out, t_states)
         s_out, s_states = self.student.run(batch)
         mask = _mask(batch)
         total, self.kind = _output_loss(s_out, t_out, mask, self.loss_name, self.temperature)
@@ -299,6 +321,19 @@ class _Matcher:
         if self.pooled:
             total = total + _pooled_cosine(_embedding_output(s_out), _embedding_output(t_out), mask)
         return total
+
+    def _kept(self, out, states: list) -> tuple:
+        """What the loss reads of the teacher's ``(outputs, states)``: a ``ModelOutput`` (a dict) reduced to its
+        top-level tensors (its ``hidden_states`` tuple is the ``states``), the states that are matched (None for
+        the others), each stored as ``cache_dtype``; the rest is dropped from the cache."""
+        keep = (lambda x: x.to(self.cache_dtype) if isinstance(x, torch.Tensor) and x.is_floating_point()
+                and self.cache_dtype is not None else x)
+        if isinstance(out, dict):
+            out = {k: keep(v) for k, v in out.items() if isinstance(v, torch.Tensor)}
+        else:
+            out = tree_map(keep, out)
+        matched = set(self.pairs)
+        return out, [keep(s) if i in matched else None for i, s in enumerate(states)]
 
 
 class _WidthMap(torch.nn.Module):
