@@ -37,6 +37,11 @@ removed from any one layer's group; the default is 0.9) and keeps the pruning wh
 step removes a k-th of the ratio (of the original units; the isomorphic classes are the original model's), scored
 (obs-output) and refit on the model the step before left; the note gives the whole pruning's output error against
 the original on the held-out calibration sequences (the output check's measure and sequences).
+``(isomorphic, measured allocation)`` keeps each class's count from the one-step prune but spreads it across
+layers by *measured* output error (``benchmarks/allocation.py``): probe prunes remove 1/6 ... 2/3 of every group,
+each group is spliced alone into the original model and its held-out calibration output error measured, and the
+counts with the least summed error are pruned (same scores, ``reconstruct``); the note gives the final and the
+one-step errors and the counts; ``seconds`` covers the one-step prune, the 4 probes and the final prune.
 ``Torch-Pruning L2`` is ``tp.pruner.MetaPruner`` with ``GroupMagnitudeImportance(p=2)`` and the same budget
 (heads and MLP units, hidden kept); it uses no calibration. Recovery by distillation is measured by
 ``benchmarks/recovery.py``.
