@@ -37,6 +37,11 @@ removed from any one layer's group; the default is 0.9) and keeps the pruning wh
 step removes a k-th of the ratio (of the original units; the isomorphic classes are the original model's), scored
 (obs-output) and refit on the model the step before left; the note gives the whole pruning's output error against
 the original on the held-out calibration sequences (the output check's measure and sequences).
+``(isomorphic, measured allocation)`` keeps each class's count from the one-step prune but spreads it across
+layers by *measured* output error (``benchmarks/allocation.py``): probe prunes remove 1/6 ... 2/3 of every group,
+each group is spliced alone into the original model and its held-out calibration output error measured, and the
+counts with the least summed error are pruned (same scores, ``reconstruct``); the note gives the final and the
+one-step errors and the counts; ``seconds`` covers the one-step prune, the 4 probes and the final prune.
 ``Torch-Pruning L2`` is ``tp.pruner.MetaPruner`` with ``GroupMagnitudeImportance(p=2)`` and the same budget
 (heads and MLP units, hidden kept); it uses no calibration. Recovery by distillation is measured by
 ``benchmarks/recovery.py``.
@@ -73,6 +78,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 import corpora  # noqa: E402
 import harness  # noqa: E402
 from harness import StepLimit, time_limit  # noqa: E402
+from allocation import NOTE as ALLOCATION_NOTE, measured_allocation  # noqa: E402
 
 ONLY = re.compile("")  # --only: the rows to run (a regular expression on their labels)
 STEP_TIMEOUT = None  # --step-timeout: overrides harness.step_seconds for every row
@@ -122,7 +128,9 @@ def fxprune_rows(quick: bool, reestimate_bn: bool = False) -> list[tuple[str, di
             ("obs-output + reconstruct (isomorphic, max_ratio chosen)",
              dict(importance="obs-output", reconstruct=True, max_ratio=MAX_RATIOS, **ISOMORPHIC)),
             ("obs-output + reconstruct (isomorphic, 2 steps)",
-             dict(importance="obs-output", reconstruct=True, steps=2, **ISOMORPHIC))]
+             dict(importance="obs-output", reconstruct=True, steps=2, **ISOMORPHIC)),
+            ("obs-output + reconstruct (isomorphic, measured allocation)",
+             dict(importance="obs-output", reconstruct=True, allocation="measured", **ISOMORPHIC))]
     if reestimate_bn:
         rows += [("obs + reconstruct + BN re-estimation", dict(importance="obs", reconstruct=True, reestimate_bn=True)),
                  ("obs + reconstruct + sequential + BN re-estimation",
@@ -151,6 +159,9 @@ def run_fxprune(model, options: dict, example_kwargs: dict, calibration, ratio=N
                                 + ", ".join(f"{v:g}: {e:.4g}" for v, e in errors.items()))
         return best[1], time.perf_counter() - start
     start = time.perf_counter()
+    if options.get("allocation") == "measured":  # each class's units allocated by measured output error
+        pruned = measured_allocation(model, example_kwargs, calibration, ratio, ignore, options, held_out_error)
+        return pruned, time.perf_counter() - start
     if isinstance(options.get("steps"), int):  # fxprune.Pruner: each step scored and refit on the one before's model
         steps, rest = options["steps"], {k: v for k, v in options.items() if k != "steps"}
         with warnings.catch_warnings():
@@ -296,6 +307,8 @@ def task_minilm(args, emit) -> None:
             notes = [f"{k}: {v}" for k, v in missing.items()]
             if CHOSEN in getattr(pruned, "meta", {}):
                 notes.append(pruned.meta[CHOSEN])
+            if ALLOCATION_NOTE in getattr(pruned, "meta", {}):
+                notes.append(pruned.meta[ALLOCATION_NOTE])
             if HELD_OUT in getattr(pruned, "meta", {}):
                 notes.append(f"held-out calibration output error {pruned.meta[HELD_OUT]:.4g}")
             if notes:
@@ -432,7 +445,7 @@ def task_digits(args, emit) -> None:
                                  **options)
 
     for label, options in fxprune_rows(args.quick, reestimate_bn=True):
-        if isinstance(options.get("max_ratio"), tuple) or "steps" in options:
+        if isinstance(options.get("max_ratio"), tuple) or "steps" in options or "allocation" in options:
             continue  # run_fxprune's rows (a choice among prunings, the Pruner's steps): not prune(target_macs=)
         start = time.perf_counter()
         pruned = limited("digits", emit, label, {}, lambda: prune_digits(dict(options)))

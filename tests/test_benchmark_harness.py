@@ -218,3 +218,37 @@ def test_tp_recipe_tells_every_attention_its_heads_and_the_pruned_model_runs(fam
     assert all(h * 16 == w for h, w in zip(heads, widths)) and min(heads) < 4, (heads, widths)
     with torch.no_grad():
         assert model(ids)[0].shape == before
+
+
+def test_measured_allocation_splices_groups_back_and_allocates_the_least_summed_error():
+    """benchmarks/allocation.py (quality.py's measured-allocation row): splicing every group of a pruning into the
+    original model gives the pruned model's output (so one group spliced alone is that group pruned alone), and the
+    allocation is the least summed error for the total, as a brute force finds it."""
+    import itertools
+
+    import fxprune
+    from fxprune.calibration.output_check import model_output
+    from fxprune.io.plans import plan_of
+    from tests import models
+
+    allocation = importlib.import_module("allocation")
+    model, example = models.tiny_transformers("bert")
+    (ids,), _ = example(2, 8)
+    pruned = fxprune.prune(model, 0.5, example_inputs=(ids,), ignore=[model.embeddings.word_embeddings], round_to=1)
+    plan = plan_of(pruned)
+    batch = {"input_ids": ids}
+    whole = allocation.splice(model, pruned, plan.groups)
+    torch.testing.assert_close(model_output(whole, batch)[0], model_output(pruned, batch)[0], rtol=1e-4, atol=1e-5)
+    mlp = next(e for e in plan.groups if "encoder.layer.0.intermediate.dense.weight[0]" in e.members)
+    alone = allocation.splice(model, pruned, [mlp])
+    weight = alone.encoder.layer[0].intermediate.dense.weight
+    assert len(mlp.removed) == 64 and not weight[mlp.removed].any()
+    torch.testing.assert_close(weight[mlp.kept], pruned.get_parameter("encoder.layer.0.intermediate.dense.weight"))
+    assert torch.equal(alone.encoder.layer[1].intermediate.dense.weight, model.encoder.layer[1].intermediate.dense.weight)
+
+    costs = {"a": [0, 1, 5, 9, 20], "b": [0, 2, 3, 4, 30], "c": [0, 0.5, 6, 7, 8]}  # error at 0, 2, 4, 6, 8 units
+    curves = {g: (lambda n, c=c: c[n // 2], 8) for g, c in costs.items()}
+    got = allocation.allocate(curves, 10, {g: 2 for g in costs})
+    best = min((p for p in itertools.product(range(5), repeat=3) if 2 * sum(p) == 10),
+               key=lambda p: sum(costs[g][k] for g, k in zip(costs, p)))
+    assert got == {g: 2 * k for g, k in zip(costs, best)} and sum(got.values()) == 10

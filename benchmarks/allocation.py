@@ -1,0 +1,166 @@
+"""Allocation by measured output error (quality.py's ``(isomorphic, measured allocation)`` row, issue 20).
+
+``obs-output`` with ``isomorphic=True`` allocates each class of groups (all heads, all MLP units) across layers by
+a linearised sensitivity taken at the original model. This measures instead what removing units of one group
+alone does to the whole model's output, and allocates by that:
+
+1. the isomorphic one-step prune, scores cached (``CachedScores``): it fixes how many units each class loses;
+2. one probe prune per fraction of ``PROBES``, every group losing that fraction (ranked within the group by the
+   same cached scores, refit with ``reconstruct``); then, per group, the *original* model with only that group's
+   units removed and its consumers' refit weights spliced in (``splice``), and its held-out calibration output
+   error (``held_out_error``: the output check's sequences and measure). A one-shot refit depends only on the
+   original model's statistics and the consumer's own kept units, so the spliced model is exactly "this group
+   pruned and refit alone"; splicing every group must give the probe's own error back, which is checked;
+3. per class, the counts per group (multiples of its alignment step, at most the largest probe) whose summed
+   interpolated errors (monotone cubic through ``(0, 0)`` and the probes) are least, for the class's total from 1;
+4. the final prune with those counts as per-group ``ratios`` (cached scores, ``reconstruct``).
+
+The errors of different groups are treated as additive (each measured with the rest of the model whole).
+
+Example (all-MiniLM-L6-v2, see quality.py)::
+
+    >>> pruned = measured_allocation(model, example_kwargs, calibration, 0.3, ignore,   # doctest: +SKIP
+    ...                              dict(importance="obs-output", reconstruct=True), held_out_error)
+    >>> pruned.meta[NOTE]                                                               # doctest: +SKIP
+    'measured allocation: ...'
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import torch
+
+import fxprune
+from fxprune.importance import Criterion, resolve_importance
+from fxprune.io.plans import find_group, plan_of
+from fxprune.planning.alignment import removal_steps
+from fxprune.planning.isomorphic import class_ids
+
+PROBES = (1 / 6, 1 / 3, 1 / 2, 2 / 3)  # fractions of every group removed by the probe prunes
+NOTE = "quality.py: measured allocation"
+
+
+class CachedScores(Criterion):
+    """``inner``'s scores of the original model, computed once per group (keyed by its parameter members) and
+    reused by every later prune of the same model: the probes and the final prune rank units as step 1 did."""
+
+    def __init__(self, inner: Criterion):
+        self.inner, self.cache, self.name = inner, {}, f"{inner!r} (cached)"
+        self.plan_normalizer = getattr(inner, "plan_normalizer", "mean")
+
+    def score(self, dg, group, tensors):
+        key = tuple(sorted(m.name for m in group.parameters))
+        if key not in self.cache:
+            if getattr(self.inner, "_prepared_for", None) is not dg:
+                self.inner.prepare(dg)
+            self.cache[key] = self.inner(dg, group, tensors)
+        return self.cache[key]
+
+
+def splice(model, pruned, entries):
+    """A copy of ``model`` with the groups of plan ``entries`` (``GroupPlan``s of ``plan_of(pruned)``) taken from
+    ``pruned``: their removed units' slices are zero, their kept slices and their modules' other parameters of
+    unchanged shape (a refit consumer's bias) are ``pruned``'s. A unit is assumed to own a contiguous block of each
+    member axis (heads: head-major); the full-splice check in :func:`measured_allocation` catches a wrong guess."""
+    out = copy.deepcopy(model)
+    params, new = dict(out.named_parameters()), pruned.state_dict()
+    with torch.no_grad():
+        for entry in entries:
+            if not entry.removed:
+                continue
+            for member in entry.members:
+                name, axis = member[:-1].rsplit("[", 1)
+                axis, p, q = int(axis), params[name], new[name]
+                per = p.shape[axis] // entry.units
+                index = torch.tensor([u * per + j for u in entry.kept for j in range(per)])
+                full = torch.zeros_like(p)
+                full.index_copy_(axis, index, q.to(p.dtype))
+                p.copy_(full)
+                module = name.rpartition(".")[0]
+                for other, o in params.items():
+                    if other.rpartition(".")[0] == module and other != name and new[other].shape == o.shape:
+                        o.copy_(new[other])
+    return out
+
+
+def _interpolate(points: dict):
+    from scipy.interpolate import PchipInterpolator
+
+    xs = sorted(points)
+    return PchipInterpolator(xs, [points[x] for x in xs])
+
+
+def allocate(curves: dict, total: int, steps: dict) -> dict:
+    """``{group: units removed}`` summing to ``total`` with the least summed ``curves[group](units)``, each a
+    multiple of ``steps[group]`` in ``[0, max probed]``; dynamic programming over the groups (in units of the
+    class's common step)."""
+    groups = list(curves)
+    unit = int(np.gcd.reduce([steps[g] for g in groups]))
+    if total % unit:
+        raise ValueError(f"{total} units cannot be split in steps of {unit}")
+    best = {0: (0.0, [])}
+    for g in groups:
+        f, top = curves[g]
+        nxt: dict = {}
+        for used, (cost, chosen) in best.items():
+            for n in range(0, top + 1, steps[g]):
+                if used + n // unit > total // unit:
+                    break
+                c = cost + float(f(n))
+                if c < nxt.get(used + n // unit, (float("inf"),))[0]:
+                    nxt[used + n // unit] = (c, chosen + [n])
+        best = nxt
+    if total // unit not in best:
+        raise ValueError(f"the probes reach {max(best) * unit} units, fewer than the {total} to remove")
+    return dict(zip(groups, best[total // unit][1]))
+
+
+def measured_allocation(model, example_kwargs, calibration, ratio, ignore, options: dict, held_out_error):
+    """Prune ``model`` by ``ratio`` per isomorphic class, the class's units allocated across its groups by measured
+    held-out calibration output error (module docstring). ``options``: ``prune``'s (importance, reconstruct, ...);
+    ``held_out_error(model, pruned, calibration)`` is the measure. The result's ``meta[NOTE]`` says what it saw."""
+    options = {k: v for k, v in options.items() if k not in ("global_pruning", "isomorphic", "allocation")}
+    criterion = CachedScores(resolve_importance(options.pop("importance"), calibration))
+
+    def prune(r, **extra):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fxprune.prune(model, r, example_inputs=(), kwargs=example_kwargs, ignore=ignore,
+                                 calibration=calibration, importance=criterion, **options, **extra)
+
+    one_step = prune(ratio, global_pruning=True, isomorphic=True)
+    base = plan_of(one_step)
+    dg = fxprune.analyze(model, (), kwargs=example_kwargs, ignore=ignore)
+    base_removed = {g: len(u) for g, u in base.removal(dg).items()}
+    classes, steps = class_ids(dg), removal_steps(dg, dg.prunable_groups, base.settings.get("alignment", 1))
+    points: dict = {}
+    for fraction in PROBES:
+        probe = prune(fraction)
+        plan = plan_of(probe)
+        entries = {g: e for g, e in zip((find_group(dg, e.key) for e in plan.groups), plan.groups)}
+        whole = held_out_error(model, splice(model, probe, entries.values()), calibration)
+        own = probe.meta["fxprune_refit"]["output check"]["output_error"]
+        if abs(whole - own) > 1e-4 * max(1.0, own):
+            raise RuntimeError(f"splicing every group of the {fraction:.3g} probe gives error {whole:.6g}, the probe "
+                               f"{own:.6g}: a unit is not a contiguous block of its axes here")
+        for g in (g for g, e in entries.items() if e.removed):
+            alone = splice(model, probe, [entries[g]])
+            points.setdefault(g, {0: 0.0})[len(entries[g].removed)] = held_out_error(model, alone, calibration)
+    removal = {}
+    for c in sorted({classes[g] for g in points}):
+        members = [g for g in points if classes[g] == c]
+        curves = {g: (_interpolate(points[g]), max(points[g])) for g in members}
+        removal.update(allocate(curves, sum(base_removed.get(g, 0) for g in members), steps))
+    final = prune(0.0, ratios={g.id: n / g.units for g, n in removal.items() if n})
+    got = {g: len(u) for g, u in plan_of(final).removal(dg).items()}
+    if any(got.get(g, 0) != n for g, n in removal.items()):
+        raise RuntimeError(f"the final prune removed {got}, not the allocation {removal}")
+    one_error = one_step.meta["fxprune_refit"]["output check"]["output_error"]
+    error = final.meta["fxprune_refit"]["output check"]["output_error"]
+    final.meta[NOTE] = (f"measured allocation ({len(PROBES)} probes): held-out calibration output error {error:.4g} "
+                        f"(one step {one_error:.4g}); removed per group "
+                        + ", ".join(f"{n}/{g.units}" for g, n in removal.items()))
+    return final
