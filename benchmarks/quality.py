@@ -185,12 +185,11 @@ def held_out_error(model, pruned, calibration) -> float:
     measure of the output check (``fxprune.calibration.output_check``), whose ``output_error`` a one-step pruning
     reports; a ``Pruner`` step's own check compares with the model the step started from, so the whole pruning's
     is measured here."""
-    from fxprune.calibration.output_check import model_output, output_error
+    from fxprune.calibration.output_check import original_outputs, output_error
     from fxprune.calibration.statistics import HELD_SEQUENCES, held_out_batches
 
     held = held_out_batches(calibration, HELD_SEQUENCES)
-    targets = [(out.float(), logits) for out, logits in (model_output(model, b) for b in held)]
-    return output_error(pruned, held, targets)
+    return output_error(pruned, held, original_outputs(model, held))
 
 
 def parameters(model) -> int:
