@@ -17,8 +17,8 @@ for both models, without the output check.
 - ``minilm``: the real all-MiniLM-L6-v2, heads and MLP units, hidden kept. Calibration: 1024 sentences of
   general English (``corpora.py``'s calibration part); distillation: batches of 16 sentences of its training and
   more-training parts (disjoint from the calibration and evaluation parts; 4096 + 6000 sentences, rows logged before
-  2026-12-07 21:00 UTC: the 4096 of the training part), sentences of similar token counts batched together (``text_batches(..., by_length=True)``, the
-  batches in shuffled order; less padding), with the vocabulary table frozen (it is not pruned, and AdamW would
+  2026-12-07 21:00 UTC: the 4096 of the training part), sentences of similar token counts batched together
+  (``text_batches(..., by_length=True)``, the batches in shuffled order; less padding), with the vocabulary table frozen (it is not pruned, and AdamW would
   update all its 30522 rows each step; column ``distilled``; rows logged before 2026-12-07 18:00 UTC: batches in
   text order, every parameter trained), and the teacher's outputs cached per batch after the first pass
   (``cache_teacher=True``: later steps run only the student, 1.34x the steps in 300 CPU s; rows logged before
@@ -76,7 +76,7 @@ from quality import _sentence_embeddings, lm_windows, load_minilm  # noqa: E402
 LR = {"minilm": 1.5e-4, "lm": 1e-3}
 # how the MiniLM rows are distilled since 2026-12-07 18:00 UTC (rows logged before say nothing: text order, all trained)
 DISTILLED = {"minilm": "batches by length, teacher cached, 10096 sentences"}
-# fxprune.distill options per model: MiniLM's 240 batches are passed over about 5 times in 300 CPU s, so the teacher's
+# fxprune.distill options per model: MiniLM's batches are passed over more than once in 300 CPU s, so the teacher's
 # outputs are kept after the first pass (2026-12-07, 300 CPU s: 1257 steps instead of 914-940, pooled cosine on 256
 # held-out training sentences 0.9682 against 0.9666-0.9672); memory: the 631 batches' 12 matched states and outputs in
 # float32, about 3.8 GiB
