@@ -95,6 +95,24 @@ README_BLOCKS = [
 BEGIN, END = "<!-- benchmarks:begin (python benchmarks/results.py --readme) -->", "<!-- benchmarks:end -->"
 
 
+def run_source(runs: list[dict]) -> str:
+    """Where a bullet's numbers come from: one run's command and date, or, for a log of several runs (each
+    measuring some rows, as quality.jsonl), their count and dates, since one command would not make the bullet's
+    rows (the report lists every run's command).
+
+        >>> run_source([{"header": {"command": "python benchmarks/quality.py", "started": "2026-12-07"}, "rows": []}])
+        '`python benchmarks/quality.py`, 2026-12-07'
+    """
+    headers = [run["header"] or (run["rows"] or [{}])[-1] for run in runs]  # latency's rows name their command
+    if len(headers) > 1:
+        dates = [h["started"] for h in headers if h.get("started")]
+        span = f", {dates[0]} to {dates[-1]}" if dates else ""
+        return f"{len(headers)} runs{span}, each run's command in the report"
+    if headers and headers[-1].get("command"):
+        return f"`{headers[-1]['command']}`, {headers[-1]['started']}"
+    return "run before logs named their command"
+
+
 def readme_block(folder: Path) -> str:
     """The bullets between the README's markers: each generated from its log by its script's ``summary(runs)``,
     naming the report, the command and the date of the run (or saying that the log is missing)."""
@@ -106,9 +124,7 @@ def readme_block(folder: Path) -> str:
             lines.append(f"- **{title}**: not measured yet (`{log}` is missing).")
             continue
         runs = harness.read_runs(folder / log)
-        header = runs[-1]["header"] or runs[-1]["rows"][-1]  # latency's rows name their command themselves
-        source = f"`{header['command']}`, {header['started']}" if header.get("command") else \
-            "run before logs named their command"
+        source = run_source(runs)
         module = importlib.import_module(script)
         text = (getattr(module, "readme_summary", None) or module.summary)(runs)
         lines.append(f"- **{title}** ([{report}](benchmarks/{report}); {source}): {text}")
