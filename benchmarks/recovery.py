@@ -92,8 +92,9 @@ DISTILLED = {"minilm": "batches of 64 by length, teacher cached, bfloat16 autoca
 # held-out training sentences 0.9682 against 0.9666-0.9672); memory: the 158 batches' 12 matched states and outputs in
 # float32, about 3.8 GiB. The student computes in bfloat16 (autocast, float32 weights; since 2026-12-07 23:55 UTC):
 # on this machine's CPU (AMD EPYC with AVX512-BF16) a cached step of 16 sentences took 0.20 CPU s against 0.25 in
-# float32, and 300 CPU s gave 1129 steps and 0.9703 on the held-out training sentences against 1049 and 0.9698. A CPU
-# without bfloat16 instructions may run it slower (the `distilled` column says so for every row that used it).
+# float32 (of 64: 0.48 against 0.72), and 300 CPU s (batches of 16) gave 1129 steps and 0.9703 on the held-out
+# training sentences against 1049 and 0.9698. A CPU without bfloat16 instructions may run it slower (the `distilled`
+# column says so for every row that used it).
 OPTIONS = {"minilm": dict(cache_teacher=True, autocast=torch.bfloat16), "lm": {}}
 
 
