@@ -14,17 +14,21 @@ of ``--budgets`` CPU seconds (0: not distilled), each run from the same freshly 
 Rows logged before the ``pruned by`` column (2026-12-07, before 14:30 UTC) were pruned by ``obs + reconstruct``
 for both models, without the output check.
 
-- ``minilm``: the real all-MiniLM-L6-v2, heads and MLP units, hidden kept. Calibration: 1024 sentences of
-  general English (``corpora.py``'s calibration part); distillation: batches of 16 sentences of its training and
-  more-training parts (disjoint from the calibration and evaluation parts; 4096 + 6000 sentences, rows logged before
-  2026-12-07 21:00 UTC: the 4096 of the training part), sentences of similar token counts batched together
-  (``text_batches(..., by_length=True)``, the batches in shuffled order; less padding), with the vocabulary table frozen (it is not pruned, and AdamW would
-  update all its 30522 rows each step; column ``distilled``; rows logged before 2026-12-07 18:00 UTC: batches in
-  text order, every parameter trained), and the teacher's outputs cached per batch after the first pass
-  (``cache_teacher=True``: later steps run only the student, 1.34x the steps in 300 CPU s; rows logged before
-  2026-12-07 21:00 UTC: the teacher ran every step); scored by the mean cosine to the original embeddings on the
-  everyday sentences and the language reference (other sources) and on general English's evaluation part (the
-  distillation's source, held out).
+- ``minilm``: the real all-MiniLM-L6-v2, heads and MLP units, hidden kept, pruned by the measured allocation
+  (``benchmarks/allocation.py``; column ``prune CPU s``; rows logged before 2026-12-07 23:55 UTC: the one-step
+  ``obs-output + reconstruct (isomorphic)``). Calibration: 1024 sentences of general English (``corpora.py``'s
+  calibration part); distillation: batches of 64 sentences (rows logged before 2026-12-07 23:55 UTC: 16) of its
+  training and more-training parts (disjoint from the calibration and evaluation parts; 4096 + 6000 sentences, rows
+  logged before 2026-12-07 21:00 UTC: the 4096 of the training part), sentences of similar token counts batched
+  together (``text_batches(..., by_length=True)``, the batches in shuffled order; less padding), with the
+  vocabulary table frozen (it is not pruned, and AdamW would update all its 30522 rows each step; column
+  ``distilled``; rows logged before 2026-12-07 18:00 UTC: batches in text order, every parameter trained), the
+  teacher's outputs cached per batch after the first pass (``cache_teacher=True``: later steps run only the
+  student, 1.34x the steps in 300 CPU s; rows logged before 2026-12-07 21:00 UTC: the teacher ran every step), and
+  the student computing in bfloat16 (``autocast=torch.bfloat16``, float32 weights; rows logged before 2026-12-07
+  23:55 UTC: float32; it pays on a CPU with bfloat16 instructions, as this machine's AMD EPYC has, and may be slower
+  on one without); scored by the mean cosine to the original embeddings on the everyday sentences and the language
+  reference (other sources) and on general English's evaluation part (the distillation's source, held out).
 - ``lm``: the small LLaMA of ``benchmarks/tiny_lm.py``, MLP units and key/value heads, hidden kept. Calibration:
   the language reference's calibration topics; distillation: batches of 8 windows of 128 bytes of its training
   text (the model's own training text, the reference's training topics and the standard library's source);
@@ -69,30 +73,49 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 import corpora  # noqa: E402
 import harness  # noqa: E402
-from quality import _sentence_embeddings, lm_windows, load_minilm  # noqa: E402
+from allocation import measured_allocation  # noqa: E402
+from quality import _sentence_embeddings, held_out_error, lm_windows, load_minilm  # noqa: E402
 
 # MiniLM: of 1e-3, 3e-4 and 1.5e-4 tried for 150 CPU s (2026-12-07), 1.5e-4 ended with the lowest training loss;
-# with batches by length, 1e-4 (300 CPU s) was below 1.5e-4 on 256 held-out training sentences
-LR = {"minilm": 1.5e-4, "lm": 1e-3}
+# with batches by length, 1e-4 (300 CPU s) was below 1.5e-4 on 256 held-out training sentences; with batches of 64
+# (since 2026-12-07 23:55 UTC) 3e-4, see BATCH
+LR = {"minilm": 3e-4, "lm": 1e-3}
+# MiniLM's sentences per distillation batch (larger batches: more sentences per CPU second): tried for 300 CPU s
+# (2026-12-07, bfloat16 autocast, teacher cached), pooled cosine on 256 held-out training sentences: from the one-step
+# prune 8 (lr 1.5e-4) 0.9693, 16 (1.5e-4) 0.9703, 32 (2e-4) 0.9706, 64 (3e-4) 0.9718; from the measured allocation
+# 32 0.9747, 64 0.9752, 128 (4e-4) 0.9746. Rows logged before 23:55 UTC: 16 at lr 1.5e-4
+BATCH = {"minilm": 64}
 # how the MiniLM rows are distilled since 2026-12-07 18:00 UTC (rows logged before say nothing: text order, all trained)
-DISTILLED = {"minilm": "batches by length, teacher cached, 10096 sentences"}
+DISTILLED = {"minilm": "batches of 64 by length, teacher cached, bfloat16 autocast, 10096 sentences"}
 # fxprune.distill options per model: MiniLM's batches are passed over more than once in 300 CPU s, so the teacher's
 # outputs are kept after the first pass (2026-12-07, 300 CPU s: 1257 steps instead of 914-940, pooled cosine on 256
-# held-out training sentences 0.9682 against 0.9666-0.9672); memory: the 631 batches' 12 matched states and outputs in
-# float32, about 3.8 GiB
-OPTIONS = {"minilm": dict(cache_teacher=True), "lm": {}}
+# held-out training sentences 0.9682 against 0.9666-0.9672); memory: the 158 batches' 12 matched states and outputs in
+# float32, about 3.8 GiB. The student computes in bfloat16 (autocast, float32 weights; since 2026-12-07 23:55 UTC):
+# on this machine's CPU (AMD EPYC with AVX512-BF16) a cached step of 16 sentences took 0.20 CPU s against 0.25 in
+# float32 (of 64: 0.48 against 0.72), and 300 CPU s (batches of 16) gave 1129 steps and 0.9703 on the held-out
+# training sentences against 1049 and 0.9698. A CPU without bfloat16 instructions may run it slower (the `distilled`
+# column says so for every row that used it).
+OPTIONS = {"minilm": dict(cache_teacher=True, autocast=torch.bfloat16), "lm": {}}
 
 
-PRUNE = {"minilm": ("obs-output + reconstruct (isomorphic)",
-                     dict(importance="obs-output", reconstruct=True, global_pruning=True, isomorphic=True)),
+# MiniLM since 2026-12-07 23:55 UTC: the measured allocation (quality.py's row; allocation.py), a better start for
+# the distillation (pooled cosine on 256 held-out training sentences 0.9568 against 0.9511 before distilling, 0.9752
+# against 0.9718 after 300 CPU s, batches of 64) at about 5x the one-step prune's CPU time (377 against 74 CPU s;
+# column `prune CPU s`); rows logged before: the one-step `obs-output + reconstruct (isomorphic)`
+PRUNE = {"minilm": ("obs-output + reconstruct (isomorphic, measured allocation)",
+                     dict(importance="obs-output", reconstruct=True, global_pruning=True, isomorphic=True,
+                          allocation="measured")),
          "lm": ("obs + reconstruct", dict(importance="obs", reconstruct=True))}
 
 
 def _prune(task, model, ratio, example, calibration, ignore):
+    options = PRUNE[task][1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if options.get("allocation") == "measured":
+            return measured_allocation(model, example, calibration, ratio, ignore, options, held_out_error)
         return fxprune.prune(model, ratio, example_inputs=(), kwargs=example, ignore=ignore,
-                             calibration=calibration, **PRUNE[task][1])
+                             calibration=calibration, **options)
 
 
 def task_minilm(args, emit) -> None:
@@ -107,8 +130,8 @@ def task_minilm(args, emit) -> None:
     # lines of similar length batched together (less padding: 1.7x the steps per CPU second), in shuffled order
     # and 6000 more sentences (after the evaluation part) since 2026-12-07 21:00 UTC: pooled cosine on 256 held-out
     # training sentences 0.9698 against 0.9682 (300 CPU s, teacher cached)
-    training = text_batches(encode.tokenizer, english["training"] + english["more training"], 16, max_length=64,
-                            by_length=True)
+    training = text_batches(encode.tokenizer, english["training"] + english["more training"], BATCH["minilm"],
+                            max_length=64, by_length=True)
     sets = {"everyday (other)": corpora.split("everyday")["evaluation"],
             "language reference (other)": corpora.split("reference")["evaluation"][:200],
             "general English (same, held out)": english["evaluation"][:200]}
@@ -117,9 +140,11 @@ def task_minilm(args, emit) -> None:
     example = encode(sets["everyday (other)"][:2])
     for ratio in args.ratios:
         for budget in args.budgets:
+            cpu = time.process_time()
             pruned = _prune("minilm", model, ratio, example, calibration, [model.embeddings.word_embeddings])
+            cpu = time.process_time() - cpu
             frozen = _freeze_vocabulary(pruned, model)
-            row = {"pruned by": PRUNE["minilm"][0],
+            row = {"pruned by": PRUNE["minilm"][0], "prune CPU s": cpu,
                    **_distill(pruned, model, training, budget, LR["minilm"], **OPTIONS["minilm"]),
                    "distilled": DISTILLED["minilm"] + (f", {frozen} frozen" if frozen else "")}
             for k, b in batches.items():

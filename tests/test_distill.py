@@ -322,3 +322,48 @@ def test_cache_teacher_on_a_hugging_face_embedding_model_matches_the_uncached_lo
         assert result.pooled and result.hidden_states == 3
         losses[cache] = result.losses
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_autocast_runs_the_student_in_bfloat16_with_float32_weights_and_losses_close_to_float32s():
+    """``autocast=torch.bfloat16``: the student's layers compute in bfloat16 (a hook sees their outputs) while its
+    parameters stay float32; on a graph student whose residual width was pruned (learned maps) the losses stay within
+    5% of the float32 run's and fall, and so on a tiny BERT (attention, pooled cosine, teacher cached); another
+    dtype is a clear error."""
+    torch.manual_seed(0)
+    teacher = models.BlockStack(mlps=(64, 64, 64)).eval()
+    batches = [torch.randn(8, 6, 12) for _ in range(3)]
+    student = fxprune.prune(teacher, 0.5, example_inputs=(batches[0][:1],), round_to=1)
+    losses, seen = {}, []
+    for dtype in (None, torch.bfloat16):
+        copy_ = fxprune.prune(teacher, 0.5, example_inputs=(batches[0][:1],), round_to=1)
+        copy_.load_state_dict(student.state_dict())
+        copy_.get_submodule("head").register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        result = fxprune.distill(copy_, teacher, batches, steps=12, lr=3e-3, progress=False, autocast=dtype)
+        assert result.mapped == 6
+        assert all(p.dtype == torch.float32 for p in copy_.parameters())
+        losses[dtype] = result.losses
+    assert seen[-1] == torch.bfloat16 and torch.bfloat16 not in seen[:len(seen) // 2]
+    assert losses[torch.bfloat16] == pytest.approx(losses[None], rel=5e-2)
+    assert losses[torch.bfloat16][-1] < 0.7 * losses[torch.bfloat16][0]
+    assert copy_(batches[0]).dtype == torch.float32  # autocast ends with the run
+    with pytest.raises(ValueError, match="autocast must be one of"):
+        fxprune.distill(copy_, teacher, batches, steps=1, autocast=torch.float64)
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16)
+    teacher = transformers.BertModel(config).eval()
+    batches = [{"input_ids": torch.randint(0, 50, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long)}
+               for _ in range(2)]
+    batches[1]["attention_mask"][:, 4:] = 0
+    losses = {}
+    for dtype in (None, torch.bfloat16):
+        torch.manual_seed(1)  # a student of other random weights: losses far above bfloat16's rounding
+        student = transformers.BertModel(config).eval()
+        student.encoder.layer[0].attention.self.query.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        result = fxprune.distill(student, teacher, batches, steps=6, lr=1e-3, progress=False, cache_teacher=True,
+                                 autocast=dtype)
+        assert result.pooled
+        losses[dtype] = result.losses
+    assert losses[torch.bfloat16] == pytest.approx(losses[None], rel=5e-2)
+    assert seen[-1] == torch.bfloat16 and losses[torch.bfloat16][-1] < losses[torch.bfloat16][1]
