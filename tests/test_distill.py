@@ -7,6 +7,7 @@ generates and reloads; ``time_budget``.
 
 from __future__ import annotations
 
+import importlib
 import time
 import warnings
 
@@ -299,6 +300,29 @@ def test_cache_teacher_runs_the_teacher_once_per_batch_and_trains_as_without_it(
     assert losses[True, torch.bfloat16] == pytest.approx(losses[False, None], rel=3e-2)
     with pytest.raises(ValueError, match="cache_dtype must be"):
         fxprune.distill(copy_, teacher, batches, steps=1, cache_teacher=True, cache_dtype=torch.int8)
+
+
+def test_cache_teacher_warns_once_when_the_cache_passes_its_limit(monkeypatch):
+    """The cache has no cap, so past its limit (a quarter of the machine's memory; lowered here to just under
+    what three of four batches hold) distill warns once, with the size and the batches cached, and names the
+    remedies; below it, no warning. The MLP caches only its output, the same size for every batch."""
+    module = importlib.import_module("fxprune.calibration.distill")  # the package's name `distill` is the function
+    torch.manual_seed(0)
+    teacher = _mlp().eval()
+    batches = [torch.randn(8, 16) for _ in range(4)]
+    student = fxprune.prune(teacher, 0.5, example_inputs=(batches[0][:1],), round_to=1)
+    per_batch = teacher(batches[0]).numel() * 4
+    monkeypatch.setattr(module, "cache_warning_bytes", lambda: 3 * per_batch - 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fxprune.distill(student, teacher, batches, steps=8, progress=False, cache_teacher=True)
+    said = [str(w.message) for w in caught if "cache_teacher holds" in str(w.message)]
+    assert len(said) == 1 and "after 3 batches" in said[0] and "cache_dtype=torch.bfloat16" in said[0]
+    monkeypatch.setattr(module, "cache_warning_bytes", lambda: 4 * per_batch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fxprune.distill(student, teacher, batches, steps=8, progress=False, cache_teacher=True)
+    assert not [w for w in caught if "cache_teacher holds" in str(w.message)]
 
 
 def test_cache_teacher_on_a_hugging_face_embedding_model_matches_the_uncached_losses():

@@ -61,6 +61,7 @@ import contextlib
 import inspect
 import itertools
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -119,7 +120,8 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, batches, *, step
     ``AdamW(lr=lr, weight_decay=0)`` over those that require grad; the schedule scales its groups' ``lr``).
     ``progress``: ``True``/``False`` forces the tqdm bar on or off; ``None`` shows it on a terminal.
     ``cache_teacher``: keep the teacher's outputs and matched states of each batch after its first pass (see the
-    module; memory grows with the number of batches), stored as ``cache_dtype`` (default: as computed).
+    module; memory grows with the number of batches; a warning once it passes a quarter of the machine's memory),
+    stored as ``cache_dtype`` (default: as computed).
     ``autocast``: ``torch.bfloat16`` or ``torch.float16`` runs the student's forward in mixed precision (see the
     module), None (default) as it is.
 
@@ -319,6 +321,7 @@ class _Matcher:
 
     cache: dict | None = None  # batch key -> the teacher's (outputs, states), with cache_teacher=True
     cache_dtype: torch.dtype | None = None
+    cache_bytes: int = 0  # what the cache holds so far; past cache_warning_bytes() it warns once
     autocast: torch.dtype | None = None  # the student's forward under torch.autocast at this dtype
 
     def loss(self, batch, key=None) -> torch.Tensor:
@@ -330,6 +333,7 @@ class _Matcher:
             if self.cache is not None and key is not None:
                 t_out, t_states = self._kept(t_out, t_states)
                 self.cache[key] = (t_out, t_states)
+                self._count_cached(t_out, t_states)
         with _autocast(self.student.model, self.autocast):  # the losses below are computed in float32
             s_out, s_states = self.student.run(batch)
             s_states = [self.maps[i](s) if i in self.maps else s for i, s in enumerate(s_states)]
@@ -341,6 +345,21 @@ class _Matcher:
         if self.pooled:
             total = total + _pooled_cosine(_embedding_output(s_out), _embedding_output(t_out), mask)
         return total
+
+    def _count_cached(self, out, states: list) -> None:
+        """Add one batch's cached tensors to ``cache_bytes``; the first time the total passes
+        :func:`cache_warning_bytes`, warn with the size, the batches cached so far and what to do about it (the
+        cache has no cap: a run over many batches could otherwise fill the machine's memory without a word)."""
+        before = self.cache_bytes
+        self.cache_bytes += sum(x.numel() * x.element_size() for x in tree_flatten((out, states))[0]
+                                if isinstance(x, torch.Tensor))
+        limit = cache_warning_bytes()
+        if before <= limit < self.cache_bytes:
+            warnings.warn(f"fxprune.distill: cache_teacher holds {self.cache_bytes / 2**30:.1f} GiB of the teacher's "
+                          f"outputs after {len(self.cache)} batches, more than {limit / 2**30:.1f} GiB (a quarter of "
+                          "the machine's physical memory), and grows with every new batch; pass "
+                          "cache_dtype=torch.bfloat16 (half the size), fewer batches, or cache_teacher=False",
+                          stacklevel=5)
 
     def _kept(self, out, states: list) -> tuple:
         """What the loss reads of the teacher's ``(outputs, states)``: a ``ModelOutput`` (a dict) reduced to its
@@ -378,6 +397,21 @@ class _WidthMap(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x.movedim(self.dim, -1)).movedim(-1, self.dim)
+
+
+def cache_warning_bytes() -> int:
+    """How much ``cache_teacher`` may hold before :func:`distill` warns: a quarter of the machine's physical memory
+    (``os.sysconf``; 4 GiB where the platform does not report it).
+
+    Example::
+
+        >>> cache_warning_bytes() > 0
+        True
+    """
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (AttributeError, ValueError, OSError):
+        return 4 * 2**30
 
 
 def _autocast(model, dtype) -> contextlib.AbstractContextManager:
