@@ -252,3 +252,49 @@ def test_measured_allocation_splices_groups_back_and_allocates_the_least_summed_
     best = min((p for p in itertools.product(range(5), repeat=3) if 2 * sum(p) == 10),
                key=lambda p: sum(costs[g][k] for g, k in zip(costs, p)))
     assert got == {g: 2 * k for g, k in zip(costs, best)} and sum(got.values()) == 10
+
+
+def test_in_context_swap_measures_equal_a_prune_with_only_that_group_moved():
+    """benchmarks/allocation.py's swap rounds: a group moved by one chunk and spliced into the current pruning has
+    the error of a real prune with only that group moved (one-shot refits are per group), and ``swaps`` pairs the
+    cheapest "more" with the most valuable "less" of the same class, distinct groups, while the sum is negative."""
+    import warnings
+
+    import fxprune
+    from fxprune.calibration.output_check import original_outputs, output_error
+    from fxprune.calibration.statistics import held_out_batches
+    from fxprune.importance import resolve_importance
+    from tests import models
+
+    allocation = importlib.import_module("allocation")
+    model, example = models.tiny_transformers("bert")
+    calibration = [{"input_ids": example(10, 12)[0][0]} for _ in range(4)]
+    kwargs, ignore = {"input_ids": calibration[0]["input_ids"][:2]}, [model.embeddings.word_embeddings]
+    held = held_out_batches(calibration)
+    criterion = allocation.CachedScores(resolve_importance("obs-output", calibration))
+
+    def prune(ratios):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fxprune.prune(model, 0.0, example_inputs=(), kwargs=kwargs, ignore=ignore, calibration=calibration,
+                                 importance=criterion, reconstruct=True, round_to=1,
+                                 ratios={g.id: r for g, r in ratios.items() if r})
+
+    def error(pruned):
+        return pruned.meta["fxprune_refit"]["output check"]["output_error"]
+
+    dg = fxprune.analyze(model, (), kwargs=kwargs, ignore=ignore)
+    removal = {g: g.units // 4 for g in dg.prunable_groups}
+    chunks = {g: max(1, g.units // 16) for g in removal}
+    current = prune({g: n / g.units for g, n in removal.items()})
+    changes = allocation.in_context(model, dg, current, removal, chunks, prune,
+                                    lambda m: output_error(m, held, original_outputs(model, held)))
+    assert len(changes) == 2 * len(removal)
+    mlp = max(removal, key=lambda g: g.units)
+    for sign in (1, -1):
+        moved = prune({g: (n + sign * chunks[g] * (g is mlp)) / g.units for g, n in removal.items()})
+        assert abs(changes[(mlp, sign)] - (error(moved) - error(current))) <= 1e-5 * error(current)
+    a, b, c = (type("G", (), {"id": i})() for i in range(3))  # three groups, a and b of one class
+    synthetic = {(a, 1): 0.1, (a, -1): -0.3, (b, 1): 0.2, (b, -1): -0.05, (c, 1): 0.0, (c, -1): -1.0}
+    assert allocation.swaps(synthetic, {a: 0, b: 0, c: 1}) == [(b, a, 0.2 - 0.3)]
+    assert allocation.swaps({**synthetic, (a, -1): -0.1}, {a: 0, b: 0, c: 1}) == []
