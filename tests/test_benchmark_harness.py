@@ -156,7 +156,11 @@ def test_quality_and_recovery_reports_show_every_run_of_a_log_measured_in_parts(
     again = harness.Log(path, harness.run_header("quality.py", ["--tasks", "lm", "--append"], threads=1), mode="a")
     again.write({"task": "minilm:english", "row": "obs + reconstruct", "everyday: everyday sentences": 0.83})
     again.write({"task": "lm:english", "row": "L2", "ratio": 0.2, "other text: reference": 1.07})
+    again.write({"task": "minilm:english@4096", "row": "obs + reconstruct", "everyday: everyday sentences": 0.85})
     text = quality.render(harness.read_runs(path))
+    assert "calibrated on general English (fortunes), 4096 sentences\n" in text  # another count: its own table
+    assert "| obs + reconstruct | 0.8500 |" in text and "(4096 sentences): everyday 0.85" in quality.summary(
+        harness.read_runs(path))
     assert "--tasks minilm`" in text and "--tasks lm --append`" in text and "general English, 16 sentences" in text
     assert "| obs + reconstruct | 0.8300 |" in text and "0.8100" not in text and "| L2 | 0.2000 | 1.0700 |" in text
     assert "everyday 0.83 (obs + reconstruct)" in quality.summary(harness.read_runs(path))
