@@ -45,6 +45,8 @@ one-step errors and the counts; ``seconds`` covers the one-step prune, the 4 pro
 ``(isomorphic, measured allocation, swap rounds)`` adds up to ``ROUNDS`` rounds of swaps measured in context (each
 group moved by 1/24 of its units with the rest pruned; a swap kept only if the held-out calibration output error
 falls; ``benchmarks/allocation.py``); the note gives the error after each round and the pruning's CPU seconds.
+Run right after the plain row (same calibration), it continues from that row's allocation, and its ``seconds``
+are its own plus the allocation's.
 MiniLM tables are per calibration source and count: a count other than ``SENTENCES``'s has its own table.
 ``Torch-Pruning L2`` is ``tp.pruner.MetaPruner`` with ``GroupMagnitudeImportance(p=2)`` and the same budget
 (heads and MLP units, hidden kept); it uses no calibration. Recovery by distillation is measured by
@@ -82,7 +84,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 import corpora  # noqa: E402
 import harness  # noqa: E402
 from harness import StepLimit, time_limit  # noqa: E402
-from allocation import NOTE as ALLOCATION_NOTE, measured_allocation  # noqa: E402
+from allocation import NOTE as ALLOCATION_NOTE, REUSED as ALLOCATION_REUSED, measured_allocation  # noqa: E402
 
 ONLY = re.compile("")  # --only: the rows to run (a regular expression on their labels)
 STEP_TIMEOUT = None  # --step-timeout: overrides harness.step_seconds for every row
@@ -111,7 +113,7 @@ ISOMORPHIC = dict(global_pruning=True, isomorphic=True)  # each kind of group (h
 MAX_RATIOS = (0.9, 0.6, 0.45, 0.4, 0.35)
 CHOSEN = "quality.py: chosen"  # the pruned model's meta key for what that choice saw
 HELD_OUT = "quality.py: held-out calibration error"  # the meta key of held_out_error's value (rows with steps)
-ROUNDS = 4  # the swap rounds' most (allocation.py); they stop at the first round that does not lower the error
+ROUNDS = 3  # the swap rounds' most (allocation.py); they stop at the first round that does not lower the error
 SENTENCES = {"english": 1024, "reference": 256}  # MiniLM's usual calibration count per source: its table's; another
 # count gets its own table (task "minilm:SOURCE@COUNT")
 
@@ -182,7 +184,8 @@ def run_fxprune(model, options: dict, example_kwargs: dict, calibration, ratio=N
     if options.get("allocation") == "measured":  # each class's units allocated by measured output error
         pruned = measured_allocation(model, example_kwargs, calibration, ratio, ignore, options, held_out_error,
                                      rounds=options.get("rounds", 0))
-        return pruned, time.perf_counter() - start
+        # a swap-rounds row right after the plain row continues from its allocation: that part's seconds count too
+        return pruned, time.perf_counter() - start + pruned.meta.get(ALLOCATION_REUSED, 0.0)
     if isinstance(options.get("steps"), int):  # fxprune.Pruner: each step scored and refit on the one before's model
         steps, rest = options["steps"], {k: v for k, v in options.items() if k != "steps"}
         with warnings.catch_warnings():
