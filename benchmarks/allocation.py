@@ -201,9 +201,9 @@ def measured_allocation(model, example_kwargs, calibration, ratio, ignore, optio
            id(held_out_error))
     if _LAST and _LAST[0] == key:
         state = _LAST[1]
-        final = copy.deepcopy(state["final"])
-        final.meta[REUSED] = state["wall"]
-        return _swap_rounds(model, calibration, held_out_error, final, rounds, state, cpu)
+        result = _swap_rounds(model, calibration, held_out_error, copy.deepcopy(state["final"]), rounds, state, cpu)
+        result.meta[REUSED] = state["wall"]  # on the result: a round's swap returns a new pruning
+        return result
     criterion = CachedScores(resolve_importance(options.pop("importance"), calibration))
 
     def prune(r, **extra):
