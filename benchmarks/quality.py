@@ -42,6 +42,12 @@ layers by *measured* output error (``benchmarks/allocation.py``): probe prunes r
 each group is spliced alone into the original model and its held-out calibration output error measured, and the
 counts with the least summed error are pruned (same scores, ``reconstruct``); the note gives the final and the
 one-step errors and the counts; ``seconds`` covers the one-step prune, the 4 probes and the final prune.
+``(isomorphic, measured allocation, swap rounds)`` adds up to ``ROUNDS`` rounds of swaps measured in context (each
+group moved by 1/24 of its units with the rest pruned; a swap kept only if the held-out calibration output error
+falls; ``benchmarks/allocation.py``); the note gives the error after each round and the pruning's CPU seconds.
+Run right after the plain row (same calibration), it continues from that row's allocation, and its ``seconds``
+are its own plus the allocation's.
+MiniLM tables are per calibration source and count: a count other than ``SENTENCES``'s has its own table.
 ``Torch-Pruning L2`` is ``tp.pruner.MetaPruner`` with ``GroupMagnitudeImportance(p=2)`` and the same budget
 (heads and MLP units, hidden kept); it uses no calibration. Recovery by distillation is measured by
 ``benchmarks/recovery.py``.
@@ -78,7 +84,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 import corpora  # noqa: E402
 import harness  # noqa: E402
 from harness import StepLimit, time_limit  # noqa: E402
-from allocation import NOTE as ALLOCATION_NOTE, measured_allocation  # noqa: E402
+from allocation import NOTE as ALLOCATION_NOTE, REUSED as ALLOCATION_REUSED, measured_allocation  # noqa: E402
 
 ONLY = re.compile("")  # --only: the rows to run (a regular expression on their labels)
 STEP_TIMEOUT = None  # --step-timeout: overrides harness.step_seconds for every row
@@ -107,6 +113,20 @@ ISOMORPHIC = dict(global_pruning=True, isomorphic=True)  # each kind of group (h
 MAX_RATIOS = (0.9, 0.6, 0.45, 0.4, 0.35)
 CHOSEN = "quality.py: chosen"  # the pruned model's meta key for what that choice saw
 HELD_OUT = "quality.py: held-out calibration error"  # the meta key of held_out_error's value (rows with steps)
+ROUNDS = 3  # the swap rounds' most (allocation.py); they stop at the first round that does not lower the error
+SENTENCES = {"english": 1024, "reference": 256}  # MiniLM's usual calibration count per source: its table's; another
+# count gets its own table (task "minilm:SOURCE@COUNT")
+
+
+def split_task(task: str) -> tuple[str, str, str]:
+    """``(kind, calibration source, calibration count or "")`` of a task name.
+
+        >>> split_task("minilm:english@4096"), split_task("minilm:english"), split_task("digits")
+        (('minilm', 'english', '4096'), ('minilm', 'english', ''), ('digits', '', ''))
+    """
+    kind, _, source = task.partition(":")
+    source, _, count = source.partition("@")
+    return kind, source, count
 
 
 def fxprune_rows(quick: bool, reestimate_bn: bool = False) -> list[tuple[str, dict]]:
@@ -130,7 +150,9 @@ def fxprune_rows(quick: bool, reestimate_bn: bool = False) -> list[tuple[str, di
             ("obs-output + reconstruct (isomorphic, 2 steps)",
              dict(importance="obs-output", reconstruct=True, steps=2, **ISOMORPHIC)),
             ("obs-output + reconstruct (isomorphic, measured allocation)",
-             dict(importance="obs-output", reconstruct=True, allocation="measured", **ISOMORPHIC))]
+             dict(importance="obs-output", reconstruct=True, allocation="measured", **ISOMORPHIC)),
+            ("obs-output + reconstruct (isomorphic, measured allocation, swap rounds)",
+             dict(importance="obs-output", reconstruct=True, allocation="measured", rounds=ROUNDS, **ISOMORPHIC))]
     if reestimate_bn:
         rows += [("obs + reconstruct + BN re-estimation", dict(importance="obs", reconstruct=True, reestimate_bn=True)),
                  ("obs + reconstruct + sequential + BN re-estimation",
@@ -160,8 +182,10 @@ def run_fxprune(model, options: dict, example_kwargs: dict, calibration, ratio=N
         return best[1], time.perf_counter() - start
     start = time.perf_counter()
     if options.get("allocation") == "measured":  # each class's units allocated by measured output error
-        pruned = measured_allocation(model, example_kwargs, calibration, ratio, ignore, options, held_out_error)
-        return pruned, time.perf_counter() - start
+        pruned = measured_allocation(model, example_kwargs, calibration, ratio, ignore, options, held_out_error,
+                                     rounds=options.get("rounds", 0))
+        # a swap-rounds row right after the plain row continues from its allocation: that part's seconds count too
+        return pruned, time.perf_counter() - start + pruned.meta.get(ALLOCATION_REUSED, 0.0)
     if isinstance(options.get("steps"), int):  # fxprune.Pruner: each step scored and refit on the one before's model
         steps, rest = options["steps"], {k: v for k, v in options.items() if k != "steps"}
         with warnings.catch_warnings():
@@ -279,7 +303,7 @@ def task_minilm(args, emit) -> None:
     hidden_writers = [model.embeddings.word_embeddings]
     params0 = parameters(model)
     for source in args.calibration.split(","):
-        task = f"minilm:{source}"
+        task = f"minilm:{source}" + ("" if args.sentences == SENTENCES[source] else f"@{args.sentences}")
         try:
             text = corpora.split(source)["calibration"][:args.sentences]
         except corpora.MissingCorpus as exc:
@@ -491,8 +515,9 @@ def table(records: list[dict], task: str, ratio: float = 0.3, runs: list[dict] |
     """One task's table; with ``runs`` (the log's), a line naming the runs its rows come from."""
     rows = [r for r in records if r["task"] == task and "meta" not in r]
     columns = list(dict.fromkeys(c for r in rows for c in r if c not in ("task", "row")))
-    kind, _, source = task.partition(":")
+    kind, source, count = split_task(task)
     calibrated = f" — calibrated on {corpora.NAMES[source]}" if source else ""
+    calibrated += f", {count} sentences" if count else ""
     lines = [f"### {TITLES[kind].format(ratio=ratio)}{calibrated}",
              ""]
     if runs and len(runs) > 1:
@@ -514,7 +539,7 @@ def summary(runs: list[dict]) -> str:
     rows = [r for r in rows_of(runs) if "meta" not in r]
     parts = []
     for task in dict.fromkeys(r["task"] for r in rows):
-        kind, _, source = task.partition(":")
+        kind, source, count = split_task(task)
         best = max if kind in ("minilm", "digits") else min
         keys = ["accuracy"] if kind == "digits" else [
             k for k in dict.fromkeys(c for r in rows if r["task"] == task for c in r)
@@ -541,6 +566,7 @@ def summary(runs: list[dict]) -> str:
                 cells.append(cell)
             where = f" at ratio {ratio}" if ratio is not None else ""
             calibrated = f", calibrated on {corpora.NAMES[source]}" if source else ""
+            calibrated += f" ({count} sentences)" if count else ""
             unit = " (perplexity / dense)" if kind == "lm" else ""
             if cells:
                 parts.append(f"{SHORT[kind]}{calibrated}{where}{unit}: " + "; ".join(cells))

@@ -156,7 +156,11 @@ def test_quality_and_recovery_reports_show_every_run_of_a_log_measured_in_parts(
     again = harness.Log(path, harness.run_header("quality.py", ["--tasks", "lm", "--append"], threads=1), mode="a")
     again.write({"task": "minilm:english", "row": "obs + reconstruct", "everyday: everyday sentences": 0.83})
     again.write({"task": "lm:english", "row": "L2", "ratio": 0.2, "other text: reference": 1.07})
+    again.write({"task": "minilm:english@4096", "row": "obs + reconstruct", "everyday: everyday sentences": 0.85})
     text = quality.render(harness.read_runs(path))
+    assert "calibrated on general English (fortunes), 4096 sentences\n" in text  # another count: its own table
+    assert "| obs + reconstruct | 0.8500 |" in text and "(4096 sentences): everyday 0.85" in quality.summary(
+        harness.read_runs(path))
     assert "--tasks minilm`" in text and "--tasks lm --append`" in text and "general English, 16 sentences" in text
     assert "| obs + reconstruct | 0.8300 |" in text and "0.8100" not in text and "| L2 | 0.2000 | 1.0700 |" in text
     assert "everyday 0.83 (obs + reconstruct)" in quality.summary(harness.read_runs(path))
@@ -252,3 +256,49 @@ def test_measured_allocation_splices_groups_back_and_allocates_the_least_summed_
     best = min((p for p in itertools.product(range(5), repeat=3) if 2 * sum(p) == 10),
                key=lambda p: sum(costs[g][k] for g, k in zip(costs, p)))
     assert got == {g: 2 * k for g, k in zip(costs, best)} and sum(got.values()) == 10
+
+
+def test_in_context_swap_measures_equal_a_prune_with_only_that_group_moved():
+    """benchmarks/allocation.py's swap rounds: a group moved by one chunk and spliced into the current pruning has
+    the error of a real prune with only that group moved (one-shot refits are per group), and ``swaps`` pairs the
+    cheapest "more" with the most valuable "less" of the same class, distinct groups, while the sum is negative."""
+    import warnings
+
+    import fxprune
+    from fxprune.calibration.output_check import original_outputs, output_error
+    from fxprune.calibration.statistics import held_out_batches
+    from fxprune.importance import resolve_importance
+    from tests import models
+
+    allocation = importlib.import_module("allocation")
+    model, example = models.tiny_transformers("bert")
+    calibration = [{"input_ids": example(10, 12)[0][0]} for _ in range(4)]
+    kwargs, ignore = {"input_ids": calibration[0]["input_ids"][:2]}, [model.embeddings.word_embeddings]
+    held = held_out_batches(calibration)
+    criterion = allocation.CachedScores(resolve_importance("obs-output", calibration))
+
+    def prune(ratios):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fxprune.prune(model, 0.0, example_inputs=(), kwargs=kwargs, ignore=ignore, calibration=calibration,
+                                 importance=criterion, reconstruct=True, round_to=1,
+                                 ratios={g.id: r for g, r in ratios.items() if r})
+
+    def error(pruned):
+        return pruned.meta["fxprune_refit"]["output check"]["output_error"]
+
+    dg = fxprune.analyze(model, (), kwargs=kwargs, ignore=ignore)
+    removal = {g: g.units // 4 for g in dg.prunable_groups}
+    chunks = {g: max(1, g.units // 16) for g in removal}
+    current = prune({g: n / g.units for g, n in removal.items()})
+    changes = allocation.in_context(model, dg, current, removal, chunks, prune,
+                                    lambda m: output_error(m, held, original_outputs(model, held)))
+    assert len(changes) == 2 * len(removal)
+    mlp = max(removal, key=lambda g: g.units)
+    for sign in (1, -1):
+        moved = prune({g: (n + sign * chunks[g] * (g is mlp)) / g.units for g, n in removal.items()})
+        assert abs(changes[(mlp, sign)] - (error(moved) - error(current))) <= 1e-5 * error(current)
+    a, b, c = (type("G", (), {"id": i})() for i in range(3))  # three groups, a and b of one class
+    synthetic = {(a, 1): 0.1, (a, -1): -0.3, (b, 1): 0.2, (b, -1): -0.05, (c, 1): 0.0, (c, -1): -1.0}
+    assert allocation.swaps(synthetic, {a: 0, b: 0, c: 1}) == [(b, a, 0.2 - 0.3)]
+    assert allocation.swaps({**synthetic, (a, -1): -0.1}, {a: 0, b: 0, c: 1}) == []
