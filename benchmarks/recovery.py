@@ -17,7 +17,7 @@ for both models, without the output check.
 - ``minilm``: the real all-MiniLM-L6-v2, heads and MLP units, hidden kept, pruned by the measured allocation
   (``benchmarks/allocation.py``; column ``prune CPU s``; rows logged before 2026-12-07 23:55 UTC: the one-step
   ``obs-output + reconstruct (isomorphic)``). Calibration: 1024 sentences of general English (``corpora.py``'s
-  calibration part); distillation: batches of 64 sentences (rows logged before 2026-12-07 23:55 UTC: 16) of its
+  calibration part; ``--calibration-sentences`` up to its 4096, named in ``pruned by``); distillation: batches of 64 sentences (rows logged before 2026-12-07 23:55 UTC: 16) of its
   training and more-training parts (disjoint from the calibration and evaluation parts; 4096 + 6000 sentences, rows
   logged before 2026-12-07 21:00 UTC: the 4096 of the training part), sentences of similar token counts batched
   together (``text_batches(..., by_length=True)``, the batches in shuffled order; less padding), with the
@@ -126,7 +126,7 @@ def task_minilm(args, emit) -> None:
     except corpora.MissingCorpus as exc:
         emit("minilm", {"error": f"not run: {exc}"})
         return
-    calibration = [encode(english["calibration"][i:i + 16]) for i in range(0, 1024, 16)]
+    calibration = [encode(english["calibration"][i:i + 16]) for i in range(0, args.calibration_sentences, 16)]
     # lines of similar length batched together (less padding: 1.7x the steps per CPU second), in shuffled order
     # and 6000 more sentences (after the evaluation part) since 2026-12-07 21:00 UTC: pooled cosine on 256 held-out
     # training sentences 0.9698 against 0.9682 (300 CPU s, teacher cached)
@@ -144,7 +144,8 @@ def task_minilm(args, emit) -> None:
             pruned = _prune("minilm", model, ratio, example, calibration, [model.embeddings.word_embeddings])
             cpu = time.process_time() - cpu
             frozen = _freeze_vocabulary(pruned, model)
-            row = {"pruned by": PRUNE["minilm"][0], "prune CPU s": cpu,
+            counted = "" if args.calibration_sentences == 1024 else f", {args.calibration_sentences} sentences"
+            row = {"pruned by": PRUNE["minilm"][0] + counted, "prune CPU s": cpu,
                    **_distill(pruned, model, training, budget, LR["minilm"], **OPTIONS["minilm"]),
                    "distilled": DISTILLED["minilm"] + (f", {frozen} frozen" if frozen else "")}
             for k, b in batches.items():
@@ -256,6 +257,9 @@ def main(argv=None) -> int:
     parser.add_argument("--budgets", type=lambda s: [float(v) for v in s.split(",")], default=[0, 60, 300, 1200],
                         help="CPU seconds of distillation per run (0: pruned and refit only)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--calibration-sentences", type=int, default=1024,
+                        help="MiniLM: general-English calibration sentences of the prune (at most its calibration "
+                             "part's 4096; the `pruned by` column names a count other than 1024)")
     parser.add_argument("--out", help="markdown report (default benchmarks/recovery.md)")
     parser.add_argument("--log", help="the JSON-lines log the report is rendered from (default: --out with .jsonl)")
     parser.add_argument("--render", action="store_true", help="only render --out from --log, measuring nothing")
