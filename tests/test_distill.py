@@ -325,17 +325,24 @@ def test_cache_teacher_warns_once_when_the_cache_passes_its_limit(monkeypatch):
     assert not [w for w in caught if "cache_teacher holds" in str(w.message)]
 
 
-def test_cache_teacher_on_a_hugging_face_embedding_model_matches_the_uncached_losses():
-    """A tiny BERT (the teacher returns hidden states, so the pooled cosine is on; its ``ModelOutput`` is cached as
-    its tensors, the hidden states as the matched states): cached and uncached runs give the same losses."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
+def _tiny_bert_with_padding(transformers):
+    """A tiny BertModel (the teacher, in eval mode), its config, and two batches of 4 x 6 tokens, the second with
+    its last two positions padded."""
     config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=32, max_position_embeddings=16)
     teacher = transformers.BertModel(config).eval()
     batches = [{"input_ids": torch.randint(0, 50, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long)}
                for _ in range(2)]
     batches[1]["attention_mask"][:, 4:] = 0
+    return config, teacher, batches
+
+
+def test_cache_teacher_on_a_hugging_face_embedding_model_matches_the_uncached_losses():
+    """A tiny BERT (the teacher returns hidden states, so the pooled cosine is on; its ``ModelOutput`` is cached as
+    its tensors, the hidden states as the matched states): cached and uncached runs give the same losses."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config, teacher, batches = _tiny_bert_with_padding(transformers)
     losses = {}
     for cache in (False, True):
         student = transformers.BertModel(config).eval()
@@ -374,12 +381,7 @@ def test_autocast_runs_the_student_in_bfloat16_with_float32_weights_and_losses_c
         fxprune.distill(copy_, teacher, batches, steps=1, autocast=torch.float64)
 
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=16)
-    teacher = transformers.BertModel(config).eval()
-    batches = [{"input_ids": torch.randint(0, 50, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long)}
-               for _ in range(2)]
-    batches[1]["attention_mask"][:, 4:] = 0
+    config, teacher, batches = _tiny_bert_with_padding(transformers)
     losses = {}
     for dtype in (None, torch.bfloat16):
         torch.manual_seed(1)  # a student of other random weights: losses far above bfloat16's rounding
