@@ -17,7 +17,8 @@ for both models, without the output check.
 - ``minilm``: the real all-MiniLM-L6-v2, heads and MLP units, hidden kept, pruned by the measured allocation
   (``benchmarks/allocation.py``; column ``prune CPU s``; rows logged before 2026-12-07 23:55 UTC: the one-step
   ``obs-output + reconstruct (isomorphic)``). Calibration: 1024 sentences of general English (``corpora.py``'s
-  calibration part; ``--calibration-sentences`` up to its 4096, named in ``pruned by``); distillation: batches of 64 sentences (rows logged before 2026-12-07 23:55 UTC: 16) of its
+  calibration part; ``--calibration-sentences`` up to its 4096, named in ``pruned by``); distillation: batches of
+  64 sentences (rows logged before 2026-12-07 23:55 UTC: 16) of its
   training and more-training parts (disjoint from the calibration and evaluation parts; 4096 + 6000 sentences, rows
   logged before 2026-12-07 21:00 UTC: the 4096 of the training part), sentences of similar token counts batched
   together (``text_batches(..., by_length=True)``, the batches in shuffled order; less padding), with the
