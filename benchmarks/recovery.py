@@ -62,7 +62,6 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -74,8 +73,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 import corpora  # noqa: E402
 import harness  # noqa: E402
-from allocation import measured_allocation  # noqa: E402
-from quality import _sentence_embeddings, held_out_error, lm_windows, load_minilm  # noqa: E402
+from quality import _sentence_embeddings, lm_windows, load_minilm, run_fxprune  # noqa: E402
 
 # MiniLM: of 1e-3, 3e-4 and 1.5e-4 tried for 150 CPU s (2026-12-07), 1.5e-4 ended with the lowest training loss;
 # with batches by length, 1e-4 (300 CPU s) was below 1.5e-4 on 256 held-out training sentences; with batches of 64
@@ -109,16 +107,6 @@ PRUNE = {"minilm": ("obs-output + reconstruct (isomorphic, measured allocation)"
          "lm": ("obs + reconstruct", dict(importance="obs", reconstruct=True))}
 
 
-def _prune(task, model, ratio, example, calibration, ignore):
-    options = PRUNE[task][1]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if options.get("allocation") == "measured":
-            return measured_allocation(model, example, calibration, ratio, ignore, options, held_out_error)
-        return fxprune.prune(model, ratio, example_inputs=(), kwargs=example, ignore=ignore,
-                             calibration=calibration, **options)
-
-
 def task_minilm(args, emit) -> None:
     model, encode = load_minilm()
 
@@ -142,7 +130,8 @@ def task_minilm(args, emit) -> None:
     for ratio in args.ratios:
         for budget in args.budgets:
             cpu = time.process_time()
-            pruned = _prune("minilm", model, ratio, example, calibration, [model.embeddings.word_embeddings])
+            pruned = run_fxprune(model, PRUNE["minilm"][1], example, calibration, ratio,
+                                    [model.embeddings.word_embeddings])[0]
             cpu = time.process_time() - cpu
             frozen = _freeze_vocabulary(pruned, model)
             counted = "" if args.calibration_sentences == 1024 else f", {args.calibration_sentences} sentences"
@@ -174,7 +163,7 @@ def task_lm(args, emit) -> None:
     example = {"input_ids": calibration[0]["input_ids"][:2]}
     for ratio in args.ratios:
         for budget in args.budgets:
-            pruned = _prune("lm", model, ratio, example, calibration, [model.model.embed_tokens])
+            pruned = run_fxprune(model, PRUNE["lm"][1], example, calibration, ratio, [model.model.embed_tokens])[0]
             row = {"pruned by": PRUNE["lm"][0],
                    **_distill(pruned, model, training, budget, LR["lm"], **OPTIONS["lm"])}
             for k, w in sets.items():
