@@ -133,6 +133,11 @@ def _entries(dg, pruned) -> dict:
     return {find_group(dg, e.key): e for e in plan.groups}
 
 
+def error_of(pruned) -> float:
+    """The held-out calibration output error ``prune``'s output check measured for ``pruned``."""
+    return pruned.meta["fxprune_refit"]["output check"]["output_error"]
+
+
 def _check_splice(whole: float, own: float, what: str) -> None:
     if abs(whole - own) > 1e-4 * max(1.0, own):
         raise RuntimeError(f"splicing every group of {what} gives error {whole:.6g}, the pruning itself {own:.6g}: "
@@ -147,7 +152,7 @@ def in_context(model, dg, current, removal: dict, chunks: dict, prune, measure) 
     one-shot refit of a group's consumers depends only on the original's statistics and that group's kept units;
     each is spliced into the splice of ``current`` and measured (``measure(model)``: the held-out calibration output
     error). A move that would remove every unit, or fewer than none, is not measured."""
-    own = current.meta["fxprune_refit"]["output check"]["output_error"]
+    own = error_of(current)
     entries = _entries(dg, current)
     base = splice(model, current, entries.values())
     _check_splice(measure(base), own, "the current pruning")
@@ -215,9 +220,6 @@ def measured_allocation(model, example_kwargs, calibration, ratio, ignore, optio
     def prune_counts(ratios: dict):
         return prune(0.0, ratios={g.id: r for g, r in ratios.items() if r})
 
-    def error_of(pruned) -> float:
-        return pruned.meta["fxprune_refit"]["output check"]["output_error"]
-
     one_step = prune(ratio, global_pruning=True, isomorphic=True)
     base = plan_of(one_step)
     dg = fxprune.analyze(model, (), kwargs=example_kwargs, ignore=ignore)
@@ -261,9 +263,6 @@ def _swap_rounds(model, calibration, held_out_error, final, rounds: int, state: 
     """Step 5 (module docstring) from the allocation ``state``; ``final`` is its pruning. Writes the note."""
     dg, classes, steps, removal = state["dg"], state["classes"], state["steps"], state["removal"]
     prune_counts, final_prune = state["prune_counts"], state["final_prune"]
-
-    def error_of(pruned) -> float:
-        return pruned.meta["fxprune_refit"]["output check"]["output_error"]
 
     allocated = error_of(final)
     chunks = {g: -(-max(1, round(g.units * CHUNK)) // steps[g]) * steps[g] for g in removal}
