@@ -68,3 +68,27 @@ def test_ci_watches_the_main_run_only_and_every_listed_skip_exists():
         source = (ROOT / entry.file).read_text()
         assert re.search(entry.reason, source), f"{entry.file} no longer skips for {entry.reason!r}"
         assert entry.why
+
+
+def test_lower_bound_environment_is_locked_at_pyproject_minimums():
+    """.ci/lower-bound installs the rest of its environment from .ci/lower-bound-constraints.txt: that file must
+    hold exactly pyproject.toml's minimum torch, torchvision and transformers (else CI would fail at its start),
+    pin pip, and pin every other line to one version without a local label (PyPI has no "+cu124" builds)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]]
+    minimum = {r.name: Version(s.version) for r in declared for s in r.specifier if s.operator == ">="}
+    locked = {}
+    for line in (ROOT / ".ci" / "lower-bound-constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version and "+" not in version, f"not one plain version: {line!r}"
+            locked[name.lower()] = Version(version)
+    for name in ("torch", "torchvision", "transformers"):
+        assert locked[name] == minimum[name], f"{name}: locked {locked[name]}, pyproject's minimum {minimum[name]}"
+    assert "pip" in locked and "hypothesis" in locked
+    assert all(locked[name] >= low for name, low in minimum.items() if name in locked)
