@@ -139,6 +139,34 @@ def test_torch_save_of_a_pruned_hugging_face_model_loads_back_with_its_output_cl
     assert not isinstance(traced, fxprune.io.serialize.PickledThroughSave)  # torch's own pickling works there
 
 
+def test_a_saved_hugging_face_graph_loads_in_a_fresh_process_that_never_imported_its_output_class(tmp_path):
+    """A user's loading script imports fxprune and loads: transformers imports its ModelOutput classes lazily, so
+    the output's pytree type (BertModel's BaseModelOutputWithPoolingAndCrossAttentions) was not registered there
+    and loading failed ("Deserializing ... in pytree is not registered"); the module the file names is imported."""
+    pytest.importorskip("transformers")
+    import subprocess
+    import sys
+
+    from tests.hf_models import family, token_ids
+
+    model, (ids,), _ = family("bert")
+    pruned = fxprune.prune(model.eval(), 0.5, example_inputs=(ids[:1],))
+    fxprune.save(pruned, tmp_path / "bert")
+    torch.save(pruned(ids).last_hidden_state, tmp_path / "expected.pt")
+    torch.save(ids, tmp_path / "ids.pt")
+    script = f"""
+import sys, torch, fxprune
+assert "transformers.modeling_outputs" not in sys.modules
+loaded = fxprune.load({str(tmp_path / "bert")!r})
+out = loaded(torch.load({str(tmp_path / "ids.pt")!r}))
+assert type(out).__name__ == "BaseModelOutputWithPoolingAndCrossAttentions", type(out)
+torch.testing.assert_close(out.last_hidden_state, torch.load({str(tmp_path / "expected.pt")!r}), rtol=1e-4, atol=1e-5)
+print("loaded")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "loaded" in done.stdout, done.stderr[-3000:]
+
+
 class Tied(nn.Module):
     def __init__(self):
         super().__init__()

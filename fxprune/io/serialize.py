@@ -70,6 +70,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+import torch.utils._pytree as pytree
 from torch.utils._pytree import treespec_dumps, treespec_loads
 
 from fxprune.analysis.capture import PRESERVED
@@ -404,10 +405,41 @@ def _graph_from_json(data: dict) -> fx.Graph:
     code = data["codegen"]
     if code["kind"] == "pytree":
         graph._codegen = _PyTreeCodeGen(_PyTreeInfo(
-            code["orig_args"], treespec_loads(code["in_spec"]) if code["in_spec"] else None,
-            treespec_loads(code["out_spec"]) if code["out_spec"] else None))
+            code["orig_args"], _treespec(code["in_spec"]) if code["in_spec"] else None,
+            _treespec(code["out_spec"]) if code["out_spec"] else None))
     graph.lint()
     return graph
+
+
+def _treespec(spec: str):
+    """The pytree spec ``treespec_dumps`` wrote, its node types imported first: a class registers itself with
+    torch's pytree when its module is imported (a Hugging Face ``ModelOutput`` subclass does, under its dotted
+    name), and a fresh process that loads a saved model has not imported it yet (transformers imports its output
+    classes lazily), so ``treespec_loads`` alone failed there.
+
+    Example::
+
+        >>> from torch.utils._pytree import tree_structure, treespec_dumps
+        >>> _treespec(treespec_dumps(tree_structure((1, {"a": 2})))) == tree_structure((1, {"a": 2}))
+        True
+    """
+    registered = pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE
+
+    def walk(node):
+        if isinstance(node, dict):
+            name = node.get("type")
+            if isinstance(name, str) and name not in registered:
+                import_object(name)  # loading imports what model.json names, as for the classes of the modules
+                if name not in registered:
+                    raise SerializationError(f"the saved graph's inputs or outputs are a {name}, which importing "
+                                             "it did not register with torch's pytree: register it "
+                                             "(torch.utils._pytree.register_pytree_node, serialized_type_name="
+                                             f"{name!r}) before loading")
+            for child in node.get("children_spec", ()):
+                walk(child)
+
+    walk(json.loads(spec)[1])
+    return treespec_loads(spec)
 
 
 def is_saved_model(path) -> bool:
