@@ -4,7 +4,8 @@ sources than the distillation text (nothing downloads).
 Two models, each pruned at 30% and 50% (``--ratios``) by its best one-shot recipe (column ``pruned by``; the
 refit's strength validated on held-out calibration tokens and each layer's refit kept only where it brings the
 model's output closer on the held-out calibration sequences), then distilled against the original for each budget
-of ``--budgets`` CPU seconds (0: not distilled), each run from the same freshly pruned model:
+of ``--budgets`` CPU seconds (0: not distilled), each from its own copy of one prune per ratio (before
+2026-12-08 each budget pruned again, from the same model and calibration):
 
 - MiniLM: ``obs-output + reconstruct (isomorphic)``: ``importance="obs-output", reconstruct=True,
   global_pruning=True, isomorphic=True`` (each kind of group, heads and MLP units, loses the ratio overall,
@@ -59,6 +60,7 @@ or a subset, one run per model added to the same log (``--append``; the report s
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -132,11 +134,12 @@ def task_minilm(args, emit) -> None:
     reference = {k: _sentence_embeddings(model, b) for k, b in batches.items()}
     example = encode(sets["everyday (other)"][:2])
     for ratio in args.ratios:
-        for budget in args.budgets:
-            cpu = time.process_time()
-            pruned = run_fxprune(model, PRUNE["minilm"][1], example, calibration, ratio,
-                                    [model.embeddings.word_embeddings])[0]
-            cpu = time.process_time() - cpu
+        cpu = time.process_time()
+        once = run_fxprune(model, PRUNE["minilm"][1], example, calibration, ratio,
+                           [model.embeddings.word_embeddings])[0]
+        cpu = time.process_time() - cpu
+        for budget in args.budgets:  # each budget distills its own copy of the one prune
+            pruned = copy.deepcopy(once)
             frozen = _freeze_vocabulary(pruned, model)
             counted = "" if args.calibration_sentences == 1024 else f", {args.calibration_sentences} sentences"
             row = {"pruned by": PRUNE["minilm"][0] + counted, "prune CPU s": cpu,
@@ -166,8 +169,9 @@ def task_lm(args, emit) -> None:
     emit("lm", {"ratio": 0.0, "budget (CPU s)": 0, **dense})
     example = {"input_ids": calibration[0]["input_ids"][:2]}
     for ratio in args.ratios:
-        for budget in args.budgets:
-            pruned = run_fxprune(model, PRUNE["lm"][1], example, calibration, ratio, [model.model.embed_tokens])[0]
+        once = run_fxprune(model, PRUNE["lm"][1], example, calibration, ratio, [model.model.embed_tokens])[0]
+        for budget in args.budgets:  # each budget distills its own copy of the one prune
+            pruned = copy.deepcopy(once)
             row = {"pruned by": PRUNE["lm"][0],
                    **_distill(pruned, model, training, budget, LR["lm"], **OPTIONS["lm"])}
             for k, w in sets.items():
