@@ -205,7 +205,6 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
         ...                        reconstruct=True)
         >>> pruned = fxprune.prune(model, 0.2, depth=0.2, kwargs=batches[0], calibration=batches)
     """
-    calibration = check_calibration_settings(calibration, reconstruct, sequential, reestimate_bn)
     if check_allocation(allocation, allocation_rounds, calibration=calibration, reconstruct=reconstruct,
                         isomorphic=isomorphic, sequential=sequential, reestimate_bn=reestimate_bn, inplace=inplace,
                         ratios=ratios, portable=portable, depth=depth, layers=layers,
@@ -213,6 +212,7 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
         return _prune_measured(model, ratio, example_inputs, kwargs, allocation_rounds, dict(
             importance=importance, ignore=tuple(ignore), round_to=round_to, prune_head_dims=prune_head_dims,
             max_ratio=max_ratio, calibration=list(calibration), loss_fn=loss_fn, dynamic_shapes=dynamic_shapes))
+    calibration = check_calibration_settings(calibration, reconstruct, sequential, reestimate_bn)
     depth, layers = check_depth(depth, layers)
     if depth is not None or layers is not None:
         criterion_for(depth_importance, calibration)  # a wrong name or missing batches fail before any analysis

@@ -100,7 +100,7 @@ class _SpliceMismatch(Exception):
     pass
 
 
-def in_context(probe, current, removal: dict, chunks: dict, quiet) -> dict:
+def in_context(probe, current, removal: dict, chunks: dict) -> dict:
     """``{(group, +1 or -1): change of the error}`` when ``group`` alone loses ``chunks[group]`` units more (+1) or
     fewer (-1) than in ``current`` (the pruning of ``removal``, ``{group: units removed}``), the rest as pruned.
     Two prunes (every group one chunk more, then less) give every group's moved version; each is spliced into the
@@ -115,7 +115,7 @@ def in_context(probe, current, removal: dict, chunks: dict, quiet) -> dict:
         moved = {g: n + sign * chunks[g] for g, n in removal.items()}
         moved = {g: n for g, n in moved.items() if 0 <= n < g.units}
         counts = {**removal, **moved}
-        with quiet():
+        with _quiet():
             other = probe.prune(0.0, ratios={g.id: n / g.units for g, n in counts.items() if n})
         got = probe.entries(other)
         for g, n in moved.items():
@@ -178,7 +178,7 @@ def measured_allocation(probe, ratio: float, rounds: int = 0):
     chunks = {g: -(-max(1, round(g.units * CHUNK)) // steps[g]) * steps[g] for g in removal}
     for _ in range(rounds):
         try:
-            changes = in_context(probe, final, removal, chunks, _quiet)
+            changes = in_context(probe, final, removal, chunks)
         except (_SpliceMismatch, SpliceError) as exc:
             info["history"].append(f"stopped: {exc}")
             break
