@@ -96,8 +96,12 @@ def _check_splice(whole: float, own: float, what: str) -> str | None:
     return None
 
 
-class _SpliceMismatch(Exception):
-    pass
+@contextlib.contextmanager
+def _quiet():
+    """The probes' and moved prunes' warnings are the final prune's own, many times over: not repeated."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def in_context(probe, current, removal: dict, chunks: dict) -> dict:
@@ -109,7 +113,7 @@ def in_context(probe, current, removal: dict, chunks: dict) -> dict:
     base = splice(probe.model, current, _parts(probe.entries(current)))
     problem = _check_splice(probe.measure(base), own, "the current pruning")
     if problem:  # the probes' splices matched: this would be new
-        raise _SpliceMismatch(problem)
+        raise SpliceError(problem)
     out = {}
     for sign in (1, -1):
         moved = {g: n + sign * chunks[g] for g, n in removal.items()}
@@ -123,14 +127,6 @@ def in_context(probe, current, removal: dict, chunks: dict) -> dict:
                 raise RuntimeError(f"the moved prune removed {len(got[g].removed)} units of {g.id}, not {n}")
             out[(g, sign)] = probe.measure(splice(base, other, [(g, got[g].kept)])) - own
     return out
-
-
-@contextlib.contextmanager
-def _quiet():
-    """The probes' and moved prunes' warnings are the final prune's own, many times over: not repeated."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 def measured_allocation(probe, ratio: float, rounds: int = 0):
@@ -179,7 +175,7 @@ def measured_allocation(probe, ratio: float, rounds: int = 0):
     for _ in range(rounds):
         try:
             changes = in_context(probe, final, removal, chunks)
-        except (_SpliceMismatch, SpliceError) as exc:
+        except SpliceError as exc:
             info["history"].append(f"stopped: {exc}")
             break
         pairs = swaps(changes, classes)
@@ -191,7 +187,8 @@ def measured_allocation(probe, ratio: float, rounds: int = 0):
             for a, b, _ in tried:
                 counts[a] += chunks[a]
                 counts[b] -= chunks[b]
-            candidate = final_prune(counts)
+            with _quiet():  # the first final prune's warnings were shown
+                candidate = final_prune(counts)
             info["history"].append(f"{len(tried)} swap(s) predicted {sum(t for *_, t in tried):+.3f}, "
                                    f"measured {probe.error(candidate) - probe.error(final):+.3f}")
             if probe.error(candidate) < probe.error(final):
