@@ -311,7 +311,8 @@ def check_allocation(allocation, rounds, **options) -> bool:
         ("calibration", "calibration=[batch, ...]: its held-out sequences measure each group's output error"),
         ("reconstruct", "reconstruct=True: the output check that measures the error runs with the refit"),
         ("isomorphic", "isomorphic=True (and global_pruning=True): the measured allocation spreads each "
-                       "isomorphic class's count")) if not options[name]]
+                       "isomorphic class's count"))
+        if (options[name] is None if name == "calibration" else not options[name])]
     if needs:
         raise ValueError('allocation="measured" needs ' + "; ".join(why for _, why in needs))
     cannot = [name for name in ("sequential", "reestimate_bn", "inplace", "ratios", "portable", "depth", "layers")
