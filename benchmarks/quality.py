@@ -38,15 +38,16 @@ step removes a k-th of the ratio (of the original units; the isomorphic classes 
 (obs-output) and refit on the model the step before left; the note gives the whole pruning's output error against
 the original on the held-out calibration sequences (the output check's measure and sequences).
 ``(isomorphic, measured allocation)`` keeps each class's count from the one-step prune but spreads it across
-layers by *measured* output error (``benchmarks/allocation.py``): probe prunes remove 1/6 ... 2/3 of every group,
+layers by *measured* output error (``fxprune.prune(..., allocation="measured")``, ``fxprune.planning.measured``;
+a benchmark script, ``allocation.py``, until 2026-12-08): probe prunes remove 1/6 ... 2/3 of every group,
 each group is spliced alone into the original model and its held-out calibration output error measured, and the
 counts with the least summed error are pruned (same scores, ``reconstruct``); the note gives the final and the
 one-step errors and the counts; ``seconds`` covers the one-step prune, the 4 probes and the final prune.
 ``(isomorphic, measured allocation, swap rounds)`` adds up to ``ROUNDS`` rounds of swaps measured in context (each
 group moved by 1/24 of its units with the rest pruned; a swap kept only if the held-out calibration output error
-falls; ``benchmarks/allocation.py``); the note gives the error after each round and the pruning's CPU seconds.
-Run right after the plain row (same calibration), it continues from that row's allocation, and its ``seconds``
-are its own plus the allocation's.
+falls; ``allocation_rounds=ROUNDS``); the note gives the error after each round and the pruning's CPU seconds.
+Its ``seconds`` cover the allocation and the rounds (until 2026-12-08 a run right after the plain row continued
+from that row's allocation and added that row's seconds: the same total).
 MiniLM tables are per calibration source and count: a count other than ``SENTENCES``'s has its own table.
 ``Torch-Pruning L2`` is ``tp.pruner.MetaPruner`` with ``GroupMagnitudeImportance(p=2)`` and the same budget
 (heads and MLP units, hidden kept); it uses no calibration. Recovery by distillation is measured by
@@ -84,7 +85,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 import corpora  # noqa: E402
 import harness  # noqa: E402
 from harness import StepLimit, time_limit  # noqa: E402
-from allocation import NOTE as ALLOCATION_NOTE, REUSED as ALLOCATION_REUSED, measured_allocation  # noqa: E402
+from fxprune.planning.measured import REPORT as ALLOCATION_REPORT  # noqa: E402
 
 ONLY = re.compile("")  # --only: the rows to run (a regular expression on their labels)
 STEP_TIMEOUT = None  # --step-timeout: overrides harness.step_seconds for every row
@@ -113,7 +114,7 @@ ISOMORPHIC = dict(global_pruning=True, isomorphic=True)  # each kind of group (h
 MAX_RATIOS = (0.9, 0.6, 0.45, 0.4, 0.35)
 CHOSEN = "quality.py: chosen"  # the pruned model's meta key for what that choice saw
 HELD_OUT = "quality.py: held-out calibration error"  # the meta key of held_out_error's value (rows with steps)
-ROUNDS = 3  # the swap rounds' most (allocation.py); they stop at the first round that does not lower the error
+ROUNDS = 3  # the swap rounds' most (allocation_rounds); they stop at the first round that does not lower the error
 SENTENCES = {"english": 1024, "reference": 256}  # MiniLM's usual calibration count per source: its table's; another
 # count gets its own table (task "minilm:SOURCE@COUNT")
 
@@ -152,7 +153,8 @@ def fxprune_rows(quick: bool, reestimate_bn: bool = False) -> list[tuple[str, di
             ("obs-output + reconstruct (isomorphic, measured allocation)",
              dict(importance="obs-output", reconstruct=True, allocation="measured", **ISOMORPHIC)),
             ("obs-output + reconstruct (isomorphic, measured allocation, swap rounds)",
-             dict(importance="obs-output", reconstruct=True, allocation="measured", rounds=ROUNDS, **ISOMORPHIC))]
+             dict(importance="obs-output", reconstruct=True, allocation="measured", allocation_rounds=ROUNDS,
+                  **ISOMORPHIC))]
     if reestimate_bn:
         rows += [("obs + reconstruct + BN re-estimation", dict(importance="obs", reconstruct=True, reestimate_bn=True)),
                  ("obs + reconstruct + sequential + BN re-estimation",
@@ -181,11 +183,6 @@ def run_fxprune(model, options: dict, example_kwargs: dict, calibration, ratio=N
                                 + ", ".join(f"{v:g}: {e:.4g}" for v, e in errors.items()))
         return best[1], time.perf_counter() - start
     start = time.perf_counter()
-    if options.get("allocation") == "measured":  # each class's units allocated by measured output error
-        pruned = measured_allocation(model, example_kwargs, calibration, ratio, ignore, options, held_out_error,
-                                     rounds=options.get("rounds", 0))
-        # a swap-rounds row right after the plain row continues from its allocation: that part's seconds count too
-        return pruned, time.perf_counter() - start + pruned.meta.get(ALLOCATION_REUSED, 0.0)
     if isinstance(options.get("steps"), int):  # fxprune.Pruner: each step scored and refit on the one before's model
         steps, rest = options["steps"], {k: v for k, v in options.items() if k != "steps"}
         with warnings.catch_warnings():
@@ -330,8 +327,8 @@ def task_minilm(args, emit) -> None:
             notes = [f"{k}: {v}" for k, v in missing.items()]
             if CHOSEN in getattr(pruned, "meta", {}):
                 notes.append(pruned.meta[CHOSEN])
-            if ALLOCATION_NOTE in getattr(pruned, "meta", {}):
-                notes.append(pruned.meta[ALLOCATION_NOTE])
+            if ALLOCATION_REPORT in getattr(pruned, "meta", {}):  # prune(..., allocation="measured")
+                notes.append(pruned.meta[ALLOCATION_REPORT]["note"])
             if HELD_OUT in getattr(pruned, "meta", {}):
                 notes.append(f"held-out calibration output error {pruned.meta[HELD_OUT]:.4g}")
             if notes:

@@ -16,7 +16,7 @@ Rows logged before the ``pruned by`` column (2026-12-07, before 14:30 UTC) were 
 for both models, without the output check.
 
 - ``minilm``: the real all-MiniLM-L6-v2, heads and MLP units, hidden kept, pruned by the measured allocation
-  (``benchmarks/allocation.py``; column ``prune CPU s``; rows logged before 2026-12-07 23:55 UTC: the one-step
+  (``prune(..., allocation="measured")``; column ``prune CPU s``; rows logged before 2026-12-07 23:55 UTC: the one-step
   ``obs-output + reconstruct (isomorphic)``). Calibration: 1024 sentences of general English (``corpora.py``'s
   calibration part; ``--calibration-sentences`` up to its 4096, named in ``pruned by``); distillation: batches of
   64 sentences (rows logged before 2026-12-07 23:55 UTC: 16) of its
@@ -103,8 +103,8 @@ DISTILLED = {"minilm": "batches of 64 by length, teacher cached, bfloat16 autoca
 OPTIONS = {"minilm": dict(cache_teacher=True, autocast=torch.bfloat16), "lm": {}}
 
 
-# MiniLM since 2026-12-07 23:55 UTC: the measured allocation (quality.py's row; allocation.py), a better start for
-# the distillation (pooled cosine on 256 held-out training sentences 0.9568 against 0.9511 before distilling, 0.9752
+# MiniLM since 2026-12-07 23:55 UTC: the measured allocation (quality.py's row; allocation="measured"), a better
+# start for the distillation (pooled cosine on 256 held-out training sentences 0.9568 against 0.9511 before distilling, 0.9752
 # against 0.9718 after 300 CPU s, batches of 64) at about 5x the one-step prune's CPU time (377 against 74 CPU s;
 # column `prune CPU s`); rows logged before: the one-step `obs-output + reconstruct (isomorphic)`
 PRUNE = {"minilm": ("obs-output + reconstruct (isomorphic, measured allocation)",

@@ -26,7 +26,12 @@ from fxprune.io.plans import PruningPlan, attach_plan
 from fxprune.analysis.macs import count_graph
 from fxprune.calibration import reestimate_batchnorm
 from fxprune.pipeline import ANALYSIS, DEPTH, PIPELINE, Job, Settings, in_place, rewritten, run
+from fxprune.calibration.output_check import original_outputs, output_error
+from fxprune.calibration.statistics import HELD_SEQUENCES, held_out_batches
+from fxprune.importance import resolve_importance
+from fxprune.io.plans import find_group, plan_of
 from fxprune.planning.depth import check_depth, criterion_for
+from fxprune.planning.measured import CachedScores, measured_allocation
 from fxprune.planning.latency import ratio_of
 from fxprune.planning.target import METRICS
 from fxprune.rewriting.depth import DEPTH_META, remove_depth
@@ -88,7 +93,7 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
           loss_fn=None, reconstruct: bool = False, sequential: bool = False,
           reestimate_bn: bool = False, isomorphic: bool = False, depth=None, layers: int | None = None,
           depth_importance: str | None = None, portable: bool = False,
-          dynamic_shapes=None) -> fx.GraphModule:
+          dynamic_shapes=None, allocation: str = "one-step", allocation_rounds: int = 0) -> fx.GraphModule:
     """Remove ``ratio`` (default 0.3) of the units of every prunable group; returns a verified GraphModule.
 
     ``model`` is an ``nn.Module`` (traced here) or a ``torch.fx.GraphModule``.
@@ -144,6 +149,14 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
     for a narrow one (:mod:`fxprune.planning.isomorphic`). With ``target_macs``/``target_params`` the search
     finds the one ratio every class loses (by count, not by cost: within a class units cost the same);
     ``target_latency`` is not supported with it.
+    ``allocation="measured"`` (with ``isomorphic=True``, ``reconstruct=True`` and ``calibration``) keeps each
+    class's count of the isomorphic pruning but spreads it across layers by *measured* output error: probe prunes
+    remove 1/6 to 2/3 of every group, each group is put alone into the original and its error on the held-out
+    calibration sequences of the output check measured, and each class is split where the summed errors are
+    least; ``allocation_rounds=3`` adds up to 3 rounds of swaps measured in context. It costs about 5 prunes
+    (MiniLM at 30%: everyday cosine 0.946 against 0.941). If its held-out error is not below the one-step
+    allocation's, the one-step pruning is returned with a warning; what it did (counts per class, both errors,
+    the rounds, CPU seconds) is in ``result.meta["fxprune_allocation"]`` (:mod:`fxprune.planning.measured`).
     ``portable=True`` (a model with a config it is built from: transformers, diffusers) plans only widths that
     config can state, so that the library's own ``from_pretrained`` reloads the model saved after in-place
     pruning: the same width in every layer (every layer's MLP group loses the same units count, and so on),
@@ -192,6 +205,13 @@ def prune(model, ratio: float | None = None, *, example_inputs=None, kwargs=None
         ...                        reconstruct=True)
         >>> pruned = fxprune.prune(model, 0.2, depth=0.2, kwargs=batches[0], calibration=batches)
     """
+    if check_allocation(allocation, allocation_rounds, calibration=calibration, reconstruct=reconstruct,
+                        isomorphic=isomorphic, sequential=sequential, reestimate_bn=reestimate_bn, inplace=inplace,
+                        ratios=ratios, portable=portable, depth=depth, layers=layers,
+                        targets=(target_macs, target_params, target_latency)):
+        return _prune_measured(model, ratio, example_inputs, kwargs, allocation_rounds, dict(
+            importance=importance, ignore=tuple(ignore), round_to=round_to, prune_head_dims=prune_head_dims,
+            max_ratio=max_ratio, calibration=list(calibration), loss_fn=loss_fn, dynamic_shapes=dynamic_shapes))
     calibration = check_calibration_settings(calibration, reconstruct, sequential, reestimate_bn)
     depth, layers = check_depth(depth, layers)
     if depth is not None or layers is not None:
@@ -274,6 +294,75 @@ def _remaining_target(job, target: tuple):
                       f"budget)", stacklevel=4)
         return None
     return metric, fraction / kept
+
+
+def check_allocation(allocation, rounds, **options) -> bool:
+    """True for ``allocation="measured"`` after checking what it needs and what it cannot combine with (errors
+    name the option); False for the one-step allocation."""
+    if allocation not in ("one-step", "measured"):
+        raise ValueError(f'allocation is "one-step" or "measured", got {allocation!r}')
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise ValueError(f"allocation_rounds must be a non-negative int, got {rounds!r}")
+    if allocation == "one-step":
+        if rounds:
+            raise ValueError('allocation_rounds swaps units of a measured allocation: it needs allocation="measured"')
+        return False
+    needs = [(name, why) for name, why in (
+        ("calibration", "calibration=[batch, ...]: its held-out sequences measure each group's output error"),
+        ("reconstruct", "reconstruct=True: the output check that measures the error runs with the refit"),
+        ("isomorphic", "isomorphic=True (and global_pruning=True): the measured allocation spreads each "
+                       "isomorphic class's count"))
+        if (options[name] is None if name == "calibration" else not options[name])]
+    if needs:
+        raise ValueError('allocation="measured" needs ' + "; ".join(why for _, why in needs))
+    cannot = [name for name in ("sequential", "reestimate_bn", "inplace", "ratios", "portable", "depth", "layers")
+              if options[name]] + [t for t, v in zip(("target_macs", "target_params", "target_latency"),
+                                                     options["targets"]) if v is not None]
+    if cannot:
+        raise ValueError(f'allocation="measured" cannot be combined with {", ".join(cannot)}: it splices one-shot '
+                         "refits of single groups into the original model and sets per-group ratios for one ratio")
+    return True
+
+
+class _Prober:
+    """What :func:`fxprune.planning.measured.measured_allocation` asks of a model (its ``Prober``): prunes with the
+    caller's options and one cached criterion, plans read back, held-out output errors (the output check's)."""
+
+    def __init__(self, model, example_inputs, kwargs, options: dict):
+        self.model, self.example_inputs, self.kwargs = model, example_inputs, kwargs
+        self.dg = analyze(model, example_inputs, kwargs=kwargs, ignore=options["ignore"],
+                          prune_head_dims=options["prune_head_dims"], dynamic_shapes=options["dynamic_shapes"])
+        calibration = options["calibration"]
+        criterion = resolve_importance(options["importance"], calibration, options["loss_fn"])
+        self.options = {**options, "importance": CachedScores(criterion), "reconstruct": True}
+        self.held = held_out_batches(calibration, HELD_SEQUENCES)
+        self.targets = original_outputs(model, self.held)
+
+    def prune(self, ratio, **extra):
+        return prune(self.model, ratio, example_inputs=self.example_inputs, kwargs=self.kwargs, **self.options,
+                     **extra)
+
+    def entries(self, pruned) -> dict:
+        return {find_group(self.dg, e.key): e for e in plan_of(pruned).groups}
+
+    def alignment(self, pruned) -> int:
+        return plan_of(pruned).settings.get("alignment", 1)
+
+    def error(self, pruned) -> float:
+        check = pruned.meta.get("fxprune_refit", {}).get("output check")
+        if not isinstance(check, dict):
+            raise ValueError(f'allocation="measured" reads the output check\'s held-out error, which did not run '
+                             f"here ({check!r}): the calibration batches need held-out sequences")
+        return check["output_error"]
+
+    def measure(self, candidate) -> float:
+        return output_error(candidate, self.held, self.targets)
+
+
+def _prune_measured(model, ratio, example_inputs, kwargs, rounds: int, options: dict):
+    """``prune(..., allocation="measured")``: :func:`fxprune.planning.measured.measured_allocation`."""
+    ratio = check_ratio(0.3 if ratio is None else ratio)
+    return measured_allocation(_Prober(model, example_inputs, kwargs, options), ratio, rounds)
 
 
 def check_calibration_settings(calibration, reconstruct, sequential, reestimate_bn):

@@ -8,6 +8,9 @@ the ratio that keeps a fraction of the MACs or parameters (globally, ``costs`` g
 what one unit of each group is worth and its type, and ``selection.cost_plan`` spends the
 budget where it loses least score per MAC); ``isomorphic`` splits the groups into classes of one
 structure (every layer's heads, every same-width MLP) that each lose the ratio, ranked within the class;
+``measured`` (``allocation="measured"``) spreads each class's count across layers by measured held-out output
+error instead, from probe prunes whose groups ``splice`` puts alone into the original and curves that
+``error_curves`` interpolates and allocates (the caller prunes and measures: planning stays below calibration);
 ``latency`` measures
 per-layer latency tables on the model's device and ``latency_target`` searches
 the plan that reaches a latency target with the least importance lost. For
