@@ -104,9 +104,9 @@ OPTIONS = {"minilm": dict(cache_teacher=True, autocast=torch.bfloat16), "lm": {}
 
 
 # MiniLM since 2026-12-07 23:55 UTC: the measured allocation (quality.py's row; allocation="measured"), a better
-# start for the distillation (pooled cosine on 256 held-out training sentences 0.9568 against 0.9511 before distilling, 0.9752
-# against 0.9718 after 300 CPU s, batches of 64) at about 5x the one-step prune's CPU time (377 against 74 CPU s;
-# column `prune CPU s`); rows logged before: the one-step `obs-output + reconstruct (isomorphic)`
+# start for the distillation (pooled cosine on 256 held-out training sentences 0.9568 against 0.9511 before
+# distilling, 0.9752 against 0.9718 after 300 CPU s, batches of 64) at about 5x the one-step prune's CPU time (377
+# against 74 CPU s; column `prune CPU s`); rows logged before: the one-step `obs-output + reconstruct (isomorphic)`
 PRUNE = {"minilm": ("obs-output + reconstruct (isomorphic, measured allocation)",
                      dict(importance="obs-output", reconstruct=True, global_pruning=True, isomorphic=True,
                           allocation="measured")),
