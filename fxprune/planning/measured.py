@@ -140,7 +140,7 @@ def measured_allocation(probe, ratio: float, rounds: int = 0):
     classes = class_ids(dg)
     steps = removal_steps(dg, dg.prunable_groups, probe.alignment(one_step))
     info = dict(one_step=one_step, one_step_removed=base_removed, classes=classes, rounds=rounds, history=[],
-                cpu=cpu)
+                cpu=cpu, error=probe.error)
     points: dict = {}
     for fraction in PROBES:
         with _quiet():
@@ -219,7 +219,7 @@ def report(info: dict, removal: dict | None, final, kept: str, reason: str | Non
     the rounds; None where not reached); ``rounds`` asked and ``history`` of the swaps tried; ``probes``;
     ``cpu_seconds`` of the whole call (process CPU time: every thread); ``note``, one line of all that."""
     one_step, classes = info["one_step"], info["classes"]
-    error_of = one_step.meta["fxprune_refit"]["output check"]["output_error"]
+    error_of = info["error"](one_step)
 
     def per_class(counts: dict | None):
         if counts is None:
@@ -229,7 +229,7 @@ def report(info: dict, removal: dict | None, final, kept: str, reason: str | Non
             out.setdefault(str(classes.get(g, "-")), {})[str(g.id)] = [int(n), int(g.units)]
         return out
 
-    measured = final.meta["fxprune_refit"]["output check"]["output_error"] if final is not None else None
+    measured = info["error"](final) if final is not None else None
     cpu = time.process_time() - info["cpu"]
     history = "; ".join(info["history"])
     note = (f"measured allocation ({len(PROBES)} probes): held-out calibration output error "
